@@ -1,0 +1,43 @@
+// The interface every backend (CPU, CUDA) implements, and the weights it is built from.
+#pragma once
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "config.h"
+
+namespace fmoe {
+
+// Caller-owned weights in the checkpoint layout. The backend copies (packs or uploads) them while it is
+// built, so the caller may free them afterwards.
+struct WeightsView {
+  const float* gate = nullptr;    // [E, H] float32
+  std::vector<const void*> w1;    // E pointers, each [F, H] of weight_dtype
+  std::vector<const void*> w3;    // E pointers, each [F, H]
+  std::vector<const void*> w2;    // E pointers, each [H, F]
+};
+
+// Set by the caller to ask a running forward to stop at its next chunk boundary.
+using CancelFlag = std::atomic<bool>;
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;          // "cpu" or "cuda"
+  virtual std::string kernel_name() const = 0;   // e.g. "avx512bf16", or the CUDA device name
+  virtual size_t native_bytes() const = 0;       // memory this layer holds (for GC accounting)
+  virtual const MoeConfig& config() const = 0;
+
+  // out[T, H] = MoE(x[T, H]). x and out may not overlap. Thread-safe: several forwards may run at once.
+  // Throws MoeException(Aborted) if *cancel becomes true before the work is done.
+  virtual void forward(const float* x, int64_t T, float* out, const CancelFlag* cancel) = 0;
+  // Routing only: experts[T, k], weights[T, k].
+  virtual void route(const float* x, int64_t T, int32_t* experts, float* weights) = 0;
+};
+
+std::unique_ptr<Backend> make_cpu_backend(const MoeConfig& cfg, const WeightsView& weights);
+
+}  // namespace fmoe

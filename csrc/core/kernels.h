@@ -1,0 +1,58 @@
+// The boundary between the MoE pipeline and the per-instruction-set CPU micro-kernels.
+//
+// A KernelSet owns the packed layout of the expert weights it reads: the layer packs each expert once
+// at load with the set chosen at start-up, and only that set reads the packed bytes afterwards.
+//
+// Determinism contract (batch invariance): every output element is one fixed-order reduction over the
+// reduction axis. Its bits must not depend on M (how many tokens an expert got), on which rows share a
+// micro-tile, or on how [begin, end) ranges are split across threads.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "dtype.h"
+
+namespace fmoe {
+
+enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3, Neon = 4 };
+
+const char* isa_name(Isa isa);
+
+struct KernelSet {
+  Isa isa;
+  const char* name;
+  // Output columns come in panels of this many (f or h ranges start on a multiple of it).
+  int64_t panel;
+
+  // Packed bytes of one expert's w1+w3 (both [F, H]) and of its w2 ([H, F]).
+  size_t (*w13_packed_bytes)(int64_t H, int64_t F, DType dt);
+  size_t (*w2_packed_bytes)(int64_t H, int64_t F, DType dt);
+  // Pack one expert. Sources are row-major in the checkpoint layout, elements of type dt.
+  void (*pack_w13)(const void* w1, const void* w3, int64_t H, int64_t F, DType dt, void* dst);
+  void (*pack_w2)(const void* w2, int64_t H, int64_t F, DType dt, void* dst);
+
+  // act[m*ldact + f] = silu(x_m . w1_f) * (x_m . w3_f) for m < M, f in [f_begin, f_end).
+  // x rows are H floats at stride ldx. f_begin is a multiple of panel; f_end is a multiple of panel or F.
+  void (*swiglu)(const float* x, int64_t ldx, int64_t M, int64_t H, int64_t F, const void* w13, DType dt,
+                 int64_t f_begin, int64_t f_end, float* act, int64_t ldact);
+  // y[m*ldy + h] = act_m . w2_h for m < M, h in [h_begin, h_end); same alignment rule on h.
+  void (*down)(const float* act, int64_t ldact, int64_t M, int64_t H, int64_t F, const void* w2, DType dt,
+               int64_t h_begin, int64_t h_end, float* y, int64_t ldy);
+};
+
+// Kernel sets compiled into this binary; each returns nullptr when not built for this architecture.
+const KernelSet* kernels_scalar();
+const KernelSet* kernels_avx2();
+const KernelSet* kernels_avx512();
+const KernelSet* kernels_avx512bf16();
+const KernelSet* kernels_neon();
+
+// What the CPU can run (cpuid / OS support of the wide registers).
+bool cpu_supports(Isa isa);
+// The best set this CPU and binary support, or the one FUSED_MOE_ISA names (throws when that one cannot
+// run here). Chosen once per process.
+const KernelSet* select_kernels();
+// A set by ISA if built and supported, else nullptr (tests and the bench force each one).
+const KernelSet* kernels_for(Isa isa);
+
+}  // namespace fmoe

@@ -1,0 +1,123 @@
+#include "thread_pool.h"
+
+#include <cstdlib>
+#include <fstream>
+#include <set>
+#include <string>
+#include <utility>
+
+namespace fmoe {
+
+// Physical cores from sysfs topology (hyper-threads share FMA units, so they add little here).
+static int physical_cores() {
+  unsigned logical = std::thread::hardware_concurrency();
+  if (logical == 0) logical = 1;
+#ifdef __linux__
+  std::set<std::pair<std::string, std::string>> cores;
+  for (unsigned cpu = 0; cpu < logical; cpu++) {
+    std::string base = "/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/topology/";
+    std::ifstream pkg(base + "physical_package_id"), core(base + "core_id");
+    std::string p, c;
+    if (!(pkg >> p) || !(core >> c)) return int(logical);
+    cores.insert({p, c});
+  }
+  if (!cores.empty()) return int(cores.size());
+#endif
+  return int(logical);
+}
+
+int ThreadPool::default_threads() {
+  if (const char* env = std::getenv("FUSED_MOE_THREADS")) {
+    int v = std::atoi(env);
+    if (v >= 1 && v <= 1024) return v;
+  }
+  return physical_cores();
+}
+
+ThreadPool& ThreadPool::instance() {
+  // Never destroyed: worker threads may still be parked when the process exits.
+  static ThreadPool* pool = new ThreadPool(default_threads());
+  return *pool;
+}
+
+ThreadPool::ThreadPool(int threads) {
+  if (threads < 1) threads = 1;
+  for (int i = 1; i < threads; i++) workers_.emplace_back([this, i] { worker_loop(i); });
+}
+
+ThreadPool::~ThreadPool() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stop_ = true;
+  }
+  wake_.notify_all();
+  for (auto& t : workers_) t.join();
+}
+
+void ThreadPool::run_chunks(int worker) {
+  for (;;) {
+    int64_t begin = next_.fetch_add(chunk_);
+    if (begin >= n_) break;
+    int64_t end = begin + chunk_ < n_ ? begin + chunk_ : n_;
+    try {
+      (*fn_)(begin, end, worker);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!error_) error_ = std::current_exception();
+      next_.store(n_);  // stop handing out work
+    }
+  }
+}
+
+void ThreadPool::worker_loop(int index) {
+  uint64_t seen = 0;
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
+      if (stop_) return;
+      seen = generation_;
+      if (index >= active_limit_) continue;
+      running_++;
+    }
+    run_chunks(index);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (--running_ == 0) done_.notify_all();
+    }
+  }
+}
+
+void ThreadPool::parallel_for(int64_t n, int64_t chunk, int max_threads, const RangeFn& fn) {
+  if (n <= 0) return;
+  if (chunk < 1) chunk = 1;
+  int limit = size();
+  if (max_threads > 0 && max_threads < limit) limit = max_threads;
+  if (limit == 1 || n <= chunk) {
+    fn(0, n, 0);
+    return;
+  }
+  std::lock_guard<std::mutex> job(job_mutex_);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    fn_ = &fn;
+    n_ = n;
+    chunk_ = chunk;
+    active_limit_ = limit;
+    next_.store(0);
+    error_ = nullptr;
+    generation_++;
+  }
+  wake_.notify_all();
+  run_chunks(0);
+  std::exception_ptr err;
+  {
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [&] { return running_ == 0; });
+    err = error_;
+    fn_ = nullptr;
+  }
+  if (err) std::rethrow_exception(err);
+}
+
+}  // namespace fmoe

@@ -1,0 +1,56 @@
+// A small persistent thread pool shared by every layer in the process.
+//
+// One job runs at a time (jobs from several layers queue on a mutex), so two layers forwarding at once
+// never oversubscribe the cores. A job is a range of items handed out in dynamic chunks, so an expert
+// with many tokens does not leave a core idle.
+#pragma once
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace fmoe {
+
+class ThreadPool {
+ public:
+  using RangeFn = std::function<void(int64_t begin, int64_t end, int worker)>;
+
+  // The process-wide pool; its size is the physical core count (or FUSED_MOE_THREADS).
+  static ThreadPool& instance();
+  static int default_threads();
+
+  explicit ThreadPool(int threads);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int size() const { return int(workers_.size()) + 1; }
+
+  // Runs fn over [0, n) in chunks of `chunk` items on at most max_threads threads (0: all), the caller
+  // included. Returns when every item is done. Exceptions from fn are rethrown here (the first one).
+  void parallel_for(int64_t n, int64_t chunk, int max_threads, const RangeFn& fn);
+
+ private:
+  void worker_loop(int index);
+  void run_chunks(int worker);
+
+  std::vector<std::thread> workers_;
+  std::mutex job_mutex_;  // serialises jobs
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::condition_variable done_;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+  // Current job.
+  const RangeFn* fn_ = nullptr;
+  int64_t n_ = 0, chunk_ = 1;
+  int active_limit_ = 0;
+  std::atomic<int64_t> next_{0};
+  int running_ = 0;
+  std::exception_ptr error_;
+};
+
+}  // namespace fmoe

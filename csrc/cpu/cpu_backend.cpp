@@ -1,0 +1,192 @@
+// The CPU backend: the MoE pipeline of DESIGN.md over the kernel set chosen at start-up.
+//
+// Per chunk of tokens: gate logits -> route -> dispatch by expert -> gather each expert's tokens ->
+// SwiGLU (w1, w3) -> down (w2) -> combine in token order. The two expert phases are split over
+// (expert, column tile) items on the shared pool.
+#include <algorithm>
+#include <cstring>
+#include <new>
+#include <vector>
+
+#include "../core/backend.h"
+#include "../core/dispatch.h"
+#include "../core/error.h"
+#include "../core/kernels.h"
+#include "../core/routing.h"
+#include "../core/thread_pool.h"
+
+namespace fmoe {
+namespace {
+
+// Workspace bound per forward chunk: long inputs are processed in chunks so memory stays bounded.
+constexpr size_t kChunkWorkspaceBytes = size_t(128) << 20;
+
+struct AlignedFree {
+  void operator()(void* p) const { ::operator delete(p, std::align_val_t(64)); }
+};
+using AlignedBuffer = std::unique_ptr<void, AlignedFree>;
+
+AlignedBuffer alloc_aligned(size_t bytes, const char* what) {
+  try {
+    return AlignedBuffer(::operator new(bytes == 0 ? 64 : bytes, std::align_val_t(64)));
+  } catch (const std::bad_alloc&) {
+    fail(ErrorCode::OutOfMemory,
+         std::string("could not allocate ") + std::to_string(bytes) + " bytes for " + what);
+  }
+}
+
+struct WorkItem {
+  int64_t expert, begin, end;
+};
+
+class CpuBackend final : public Backend {
+ public:
+  CpuBackend(const MoeConfig& cfg, const WeightsView& w) : cfg_(cfg), kernels_(select_kernels()) {
+    validate_config(cfg);
+    const int64_t H = cfg.hidden, F = cfg.intermediate, E = cfg.num_experts;
+    if (!w.gate || int64_t(w.w1.size()) != E || int64_t(w.w3.size()) != E || int64_t(w.w2.size()) != E)
+      fail(ErrorCode::Shape, "weights: expected gate and " + std::to_string(E) + " w1, w3 and w2 arrays");
+    gate_.assign(w.gate, w.gate + E * H);
+    w13_bytes_ = kernels_->w13_packed_bytes(H, F, cfg.weight_dtype);
+    w2_bytes_ = kernels_->w2_packed_bytes(H, F, cfg.weight_dtype);
+    // One copy of the weights, packed expert by expert straight from the caller's arrays.
+    for (int64_t e = 0; e < E; e++) {
+      w13_.push_back(alloc_aligned(w13_bytes_, "packed w1/w3"));
+      kernels_->pack_w13(w.w1[e], w.w3[e], H, F, cfg.weight_dtype, w13_.back().get());
+      w2_.push_back(alloc_aligned(w2_bytes_, "packed w2"));
+      kernels_->pack_w2(w.w2[e], H, F, cfg.weight_dtype, w2_.back().get());
+    }
+    const size_t per_token = size_t(cfg.top_k) * size_t(2 * H + F) * sizeof(float) + size_t(E) * 8;
+    chunk_tokens_ = std::max<int64_t>(16, int64_t(kChunkWorkspaceBytes / per_token));
+  }
+
+  std::string name() const override { return "cpu"; }
+  std::string kernel_name() const override { return kernels_->name; }
+  size_t native_bytes() const override {
+    return size_t(cfg_.num_experts) * (w13_bytes_ + w2_bytes_) + gate_.size() * sizeof(float);
+  }
+  const MoeConfig& config() const override { return cfg_; }
+
+  void route(const float* x, int64_t T, int32_t* experts, float* weights) override {
+    const int64_t E = cfg_.num_experts;
+    std::vector<float> logits;
+    for (int64_t t0 = 0; t0 < T; t0 += chunk_tokens_) {
+      const int64_t n = std::min(chunk_tokens_, T - t0);
+      logits.resize(size_t(n * E));
+      compute_logits(x + t0 * cfg_.hidden, n, logits.data());
+      route_topk(logits.data(), n, E, cfg_.top_k, cfg_.routing, experts + t0 * cfg_.top_k,
+                 weights + t0 * cfg_.top_k);
+    }
+  }
+
+  void forward(const float* x, int64_t T, float* out, const CancelFlag* cancel) override {
+    for (int64_t t0 = 0; t0 < T; t0 += chunk_tokens_) {
+      if (cancel && cancel->load()) fail(ErrorCode::Aborted, "the operation was aborted");
+      const int64_t n = std::min(chunk_tokens_, T - t0);
+      forward_chunk(x + t0 * cfg_.hidden, n, out + t0 * cfg_.hidden, cancel);
+    }
+  }
+
+ private:
+  int threads() const { return cfg_.threads; }
+
+  void compute_logits(const float* x, int64_t T, float* logits) {
+    const int64_t H = cfg_.hidden, E = cfg_.num_experts;
+    ThreadPool::instance().parallel_for(T, 8, threads(), [&](int64_t b, int64_t e, int) {
+      gate_logits(x + b * H, e - b, H, gate_.data(), E, logits + b * E);
+    });
+  }
+
+  // Splits each expert's columns [0, cols) into tiles so every thread gets several items.
+  std::vector<WorkItem> tile_items(const Dispatch& d, int64_t cols, int64_t total_rows) const {
+    const int64_t P = kernels_->panel;
+    const int64_t nthreads = std::max(1, ThreadPool::instance().size());
+    std::vector<WorkItem> items;
+    for (int64_t e = 0; e < cfg_.num_experts; e++) {
+      const int64_t rows = d.offsets[e + 1] - d.offsets[e];
+      if (rows == 0) continue;
+      // Share of the work this expert has, in tiles: at least 4 per thread over the whole job.
+      int64_t want = std::max<int64_t>(1, (4 * nthreads * rows + total_rows - 1) / total_rows);
+      int64_t tile = (cols + want - 1) / want;
+      tile = std::max<int64_t>(P, (tile + P - 1) / P * P);
+      for (int64_t c = 0; c < cols; c += tile) items.push_back({e, c, std::min(cols, c + tile)});
+    }
+    return items;
+  }
+
+  void forward_chunk(const float* x, int64_t T, float* out, const CancelFlag* cancel) {
+    const int64_t H = cfg_.hidden, F = cfg_.intermediate, E = cfg_.num_experts, k = cfg_.top_k;
+    const DType dt = cfg_.weight_dtype;
+    const int64_t R = T * k;  // rows: (token, pick) pairs
+    std::vector<float> logits(static_cast<size_t>(T * E)), weights(static_cast<size_t>(R));
+    std::vector<int32_t> experts(static_cast<size_t>(R));
+    compute_logits(x, T, logits.data());
+    route_topk(logits.data(), T, E, k, cfg_.routing, experts.data(), weights.data());
+    Dispatch d;
+    dispatch_by_expert(experts.data(), T, k, E, d);
+
+    AlignedBuffer xs_buf = alloc_aligned(size_t(R * H) * sizeof(float), "gathered tokens");
+    AlignedBuffer act_buf = alloc_aligned(size_t(R * F) * sizeof(float), "SwiGLU activations");
+    AlignedBuffer y_buf = alloc_aligned(size_t(R * H) * sizeof(float), "expert outputs");
+    float* xs = static_cast<float*>(xs_buf.get());
+    float* act = static_cast<float*>(act_buf.get());
+    float* ys = static_cast<float*>(y_buf.get());
+    std::vector<int64_t> position(static_cast<size_t>(R));  // row t*k+j -> its place in expert order
+    for (int64_t i = 0; i < R; i++) {
+      position[size_t(d.rows[i])] = i;
+      std::memcpy(xs + i * H, x + (d.rows[i] / k) * H, size_t(H) * sizeof(float));
+    }
+
+    ThreadPool& pool = ThreadPool::instance();
+    std::vector<WorkItem> up = tile_items(d, F, R);
+    pool.parallel_for(int64_t(up.size()), 1, threads(), [&](int64_t b, int64_t e, int) {
+      for (int64_t i = b; i < e; i++) {
+        const WorkItem& it = up[size_t(i)];
+        const int64_t r0 = d.offsets[it.expert], rows = d.offsets[it.expert + 1] - r0;
+        kernels_->swiglu(xs + r0 * H, H, rows, H, F, w13_[it.expert].get(), dt, it.begin, it.end, act + r0 * F, F);
+      }
+    });
+    if (cancel && cancel->load()) fail(ErrorCode::Aborted, "the operation was aborted");
+    std::vector<WorkItem> downs = tile_items(d, H, R);
+    pool.parallel_for(int64_t(downs.size()), 1, threads(), [&](int64_t b, int64_t e, int) {
+      for (int64_t i = b; i < e; i++) {
+        const WorkItem& it = downs[size_t(i)];
+        const int64_t r0 = d.offsets[it.expert], rows = d.offsets[it.expert + 1] - r0;
+        kernels_->down(act + r0 * F, F, rows, H, F, w2_[it.expert].get(), dt, it.begin, it.end, ys + r0 * H, H);
+      }
+    });
+    // Combine: gather-reduce in pick order, one token at a time, so the sum order never changes.
+    pool.parallel_for(T, 16, threads(), [&](int64_t b, int64_t e, int) {
+      for (int64_t t = b; t < e; t++) {
+        float* o = out + t * H;
+        const float* y0 = ys + position[size_t(t * k)] * H;
+        const float w0 = weights[size_t(t * k)];
+        for (int64_t h = 0; h < H; h++) o[h] = w0 * y0[h];
+        for (int64_t j = 1; j < k; j++) {
+          const float* yj = ys + position[size_t(t * k + j)] * H;
+          const float wj = weights[size_t(t * k + j)];
+          for (int64_t h = 0; h < H; h++) o[h] += wj * yj[h];
+        }
+      }
+    });
+  }
+
+  MoeConfig cfg_;
+  const KernelSet* kernels_;
+  std::vector<float> gate_;
+  std::vector<AlignedBuffer> w13_, w2_;
+  size_t w13_bytes_ = 0, w2_bytes_ = 0;
+  int64_t chunk_tokens_ = 256;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend(const MoeConfig& cfg, const WeightsView& weights) {
+  try {
+    return std::unique_ptr<Backend>(new CpuBackend(cfg, weights));
+  } catch (const std::bad_alloc&) {
+    fail(ErrorCode::OutOfMemory, "not enough memory to build the layer's packed weights");
+  }
+}
+
+}  // namespace fmoe

@@ -1,0 +1,6 @@
+// avx512bf16 kernel set: not written yet, so the set reports "not built".
+#include "../core/kernels.h"
+
+namespace fmoe {
+const KernelSet* kernels_avx512bf16() { return nullptr; }
+}  // namespace fmoe

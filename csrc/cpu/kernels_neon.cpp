@@ -1,0 +1,6 @@
+// neon kernel set: not written yet, so the set reports "not built".
+#include "../core/kernels.h"
+
+namespace fmoe {
+const KernelSet* kernels_neon() { return nullptr; }
+}  // namespace fmoe

@@ -1,0 +1,10 @@
+// Machine ceilings measured by the benchmark in the same run: read bandwidth and FMA peak.
+#pragma once
+#include "../core/kernels.h"
+
+namespace fmoe {
+// GB/s of streaming reads over `bytes` of memory by `threads` threads (median of a few passes).
+double probe_read_bandwidth(size_t bytes, int threads);
+// float32 GFLOP/s (2 per FMA lane) of the given ISA's FMA units on `threads` threads; 0 if unsupported.
+double probe_fma_peak(Isa isa, int threads);
+}  // namespace fmoe

@@ -1,0 +1,79 @@
+/* C ABI of the CUDA backend library (libfused_moe_cuda.so), opened at run time by the addon.
+ * No C++ exception crosses this boundary: every call returns a status (0 = ok, otherwise one of the
+ * FMOE_CUDA_ERR_* values, which the loader maps to the core's fmoe::ErrorCode) and writes a
+ * NUL-terminated message into err.
+ * Bump FMOE_CUDA_ABI_VERSION on any change to this file. */
+#ifndef FUSED_MOE_CUDA_H
+#define FUSED_MOE_CUDA_H
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define FMOE_CUDA_ABI_VERSION 1
+
+#define FMOE_CUDA_OK 0
+#define FMOE_CUDA_ERR_INVALID 1   /* ErrorCode::Invalid */
+#define FMOE_CUDA_ERR_NO_DEVICE 3 /* ErrorCode::NoDevice */
+#define FMOE_CUDA_ERR_CUDA 4      /* ErrorCode::Cuda */
+#define FMOE_CUDA_ERR_OOM 5       /* ErrorCode::OutOfMemory */
+#define FMOE_CUDA_ERR_ABORTED 7   /* ErrorCode::Aborted */
+
+typedef struct fmoe_cuda_layer fmoe_cuda_layer;
+
+typedef struct {
+  int64_t hidden;       /* H */
+  int64_t intermediate; /* F */
+  int64_t num_experts;  /* E */
+  int64_t top_k;        /* k */
+  int32_t routing;      /* 0 softmax-topk-renorm, 1 softmax-topk */
+  int32_t weight_dtype; /* 0 float32, 1 bfloat16, 2 float16 */
+  int32_t device;       /* CUDA device ordinal */
+} fmoe_cuda_config;
+
+typedef struct {
+  char name[256];
+  size_t total_memory;
+  int32_t major, minor; /* compute capability */
+  int32_t multiprocessors;
+} fmoe_cuda_device_info;
+
+typedef int (*fmoe_cuda_abi_version_fn)(void);
+/* Driver and runtime versions (e.g. 13000); fails with NO_DEVICE when no driver is present. */
+typedef int (*fmoe_cuda_versions_fn)(int* driver, int* runtime, char* err, size_t err_len);
+typedef int (*fmoe_cuda_device_count_fn)(int* count, char* err, size_t err_len);
+typedef int (*fmoe_cuda_device_info_fn)(int device, fmoe_cuda_device_info* info, char* err, size_t err_len);
+/* Uploads the weights (gate [E,H] float32; w1/w3 [F,H], w2 [H,F] per expert, host pointers). */
+typedef int (*fmoe_cuda_layer_create_fn)(const fmoe_cuda_config* cfg, const float* gate, const void* const* w1,
+                                         const void* const* w3, const void* const* w2, fmoe_cuda_layer** out,
+                                         char* err, size_t err_len);
+/* Host x [T,H] -> host out [T,H]. Thread-safe (calls on one layer are serialised). cancel may be NULL;
+ * when *cancel becomes nonzero the call may stop early with FMOE_CUDA_ERR_ABORTED. */
+typedef int (*fmoe_cuda_layer_forward_fn)(fmoe_cuda_layer* layer, const float* x, int64_t T, float* out,
+                                          const volatile int32_t* cancel, char* err, size_t err_len);
+typedef int (*fmoe_cuda_layer_route_fn)(fmoe_cuda_layer* layer, const float* x, int64_t T, int32_t* experts,
+                                        float* weights, char* err, size_t err_len);
+typedef size_t (*fmoe_cuda_layer_bytes_fn)(const fmoe_cuda_layer* layer);
+typedef void (*fmoe_cuda_layer_destroy_fn)(fmoe_cuda_layer* layer);
+
+/* Exported symbols, same names without _fn. */
+int fmoe_cuda_abi_version(void);
+int fmoe_cuda_versions(int* driver, int* runtime, char* err, size_t err_len);
+int fmoe_cuda_device_count(int* count, char* err, size_t err_len);
+int fmoe_cuda_device_info(int device, fmoe_cuda_device_info* info, char* err, size_t err_len);
+int fmoe_cuda_layer_create(const fmoe_cuda_config* cfg, const float* gate, const void* const* w1,
+                           const void* const* w3, const void* const* w2, fmoe_cuda_layer** out, char* err,
+                           size_t err_len);
+int fmoe_cuda_layer_forward(fmoe_cuda_layer* layer, const float* x, int64_t T, float* out,
+                            const volatile int32_t* cancel, char* err, size_t err_len);
+int fmoe_cuda_layer_route(fmoe_cuda_layer* layer, const float* x, int64_t T, int32_t* experts, float* weights,
+                          char* err, size_t err_len);
+size_t fmoe_cuda_layer_bytes(const fmoe_cuda_layer* layer);
+void fmoe_cuda_layer_destroy(fmoe_cuda_layer* layer);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

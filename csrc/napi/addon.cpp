@@ -1,0 +1,76 @@
+// Module registration: classes and backendInfo(). No math here.
+#include <napi.h>
+
+#include "../core/cuda_loader.h"
+#include "../core/error.h"
+#include "../core/kernels.h"
+#include "../core/thread_pool.h"
+#include "addon_data.h"
+#include "convert.h"
+#include "layer.h"
+
+namespace fmoe_napi {
+
+void register_bench_probes(Napi::Env env, Napi::Object exports);
+
+// -> { cpu: { isa, threads, error? }, cuda: { available, reason, library, driverVersion, runtimeVersion, devices } }
+static Napi::Value BackendInfo(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object cpu = Napi::Object::New(env);
+  try {
+    cpu.Set("isa", fmoe::select_kernels()->name);
+  } catch (const fmoe::MoeException& e) {
+    cpu.Set("isa", env.Null());
+    cpu.Set("error", e.what());
+  }
+  cpu.Set("threads", fmoe::ThreadPool::default_threads());
+  Napi::Array supported = Napi::Array::New(env);
+  uint32_t n = 0;
+  for (fmoe::Isa isa : {fmoe::Isa::Scalar, fmoe::Isa::Avx2, fmoe::Isa::Avx512, fmoe::Isa::Avx512Bf16, fmoe::Isa::Neon})
+    if (fmoe::kernels_for(isa)) supported.Set(n++, fmoe::isa_name(isa));
+  cpu.Set("supported", supported);
+
+  const fmoe::CudaStatus& s = fmoe::cuda_status();
+  Napi::Object cuda = Napi::Object::New(env);
+  cuda.Set("available", s.available);
+  cuda.Set("reason", s.available ? env.Null() : Napi::String::New(env, s.reason));
+  cuda.Set("library", s.library_path.empty() ? env.Null() : Napi::String::New(env, s.library_path));
+  cuda.Set("driverVersion", s.driver_version);
+  cuda.Set("runtimeVersion", s.runtime_version);
+  Napi::Array devices = Napi::Array::New(env, s.devices.size());
+  for (size_t i = 0; i < s.devices.size(); i++) {
+    Napi::Object d = Napi::Object::New(env);
+    d.Set("name", s.devices[i].name);
+    d.Set("totalMemory", double(s.devices[i].total_memory));
+    d.Set("computeCapability", std::to_string(s.devices[i].major) + "." + std::to_string(s.devices[i].minor));
+    d.Set("multiprocessors", s.devices[i].multiprocessors);
+    devices.Set(uint32_t(i), d);
+  }
+  cuda.Set("devices", devices);
+
+  Napi::Object result = Napi::Object::New(env);
+  result.Set("cpu", cpu);
+  result.Set("cuda", cuda);
+  return result;
+}
+
+static Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  auto* data = new AddonData();
+  Napi::Function layer = NativeLayer::Init(env);
+  Napi::Function cancel = NativeCancel::Init(env);
+  data->layer_ctor = Napi::Persistent(layer);
+  data->cancel_ctor = Napi::Persistent(cancel);
+  env.SetInstanceData<AddonData>(data);
+  exports.Set("NativeLayer", layer);
+  exports.Set("NativeCancel", cancel);
+  exports.Set("backendInfo", Napi::Function::New(env, BackendInfo, "backendInfo"));
+  exports.Set("abiVersion", Napi::Number::New(env, 1));
+  register_bench_probes(env, exports);
+  return exports;
+}
+
+}  // namespace fmoe_napi
+
+static Napi::Object InitModule(Napi::Env env, Napi::Object exports) { return fmoe_napi::Init(env, exports); }
+
+NODE_API_MODULE(fused_moe, InitModule)

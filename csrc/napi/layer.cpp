@@ -1,0 +1,292 @@
+#include "layer.h"
+
+#include <cstring>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "../core/cuda_loader.h"
+#include "../core/error.h"
+#include "addon_data.h"
+#include "convert.h"
+
+namespace fmoe_napi {
+
+using fmoe::ErrorCode;
+
+// ---- construction ------------------------------------------------------------------------------
+
+static fmoe::DType parse_dtype(Napi::Env env, const std::string& s) {
+  if (s == "float32") return fmoe::DType::F32;
+  if (s == "bfloat16") return fmoe::DType::BF16;
+  if (s == "float16") return fmoe::DType::F16;
+  throw Napi::RangeError::New(env, "weightDtype must be 'float32', 'bfloat16' or 'float16', got '" + s + "'");
+}
+
+static fmoe::Routing parse_routing(Napi::Env env, const std::string& s) {
+  if (s == "softmax-topk-renorm") return fmoe::Routing::SoftmaxTopkRenorm;
+  if (s == "softmax-topk") return fmoe::Routing::SoftmaxTopk;
+  throw Napi::RangeError::New(env, "routing must be 'softmax-topk-renorm' or 'softmax-topk', got '" + s + "'");
+}
+
+// info: (config, gate: Float32Array, w1: TypedArray[E], w3: TypedArray[E], w2: TypedArray[E])
+NativeLayer::NativeLayer(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeLayer>(info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 5 || !info[0].IsObject())
+    throw Napi::TypeError::New(env, "NativeLayer(config, gate, w1, w3, w2) expects 5 arguments");
+  Napi::Object c = info[0].As<Napi::Object>();
+  fmoe::MoeConfig cfg;
+  cfg.hidden = get_int(c, "hiddenSize", 0);
+  cfg.intermediate = get_int(c, "intermediateSize", 0);
+  cfg.num_experts = get_int(c, "numExperts", 0);
+  cfg.top_k = get_int(c, "topK", 0);
+  cfg.routing = parse_routing(env, get_string(c, "routing", "softmax-topk-renorm"));
+  cfg.weight_dtype = parse_dtype(env, get_string(c, "weightDtype", "float32"));
+  cfg.threads = int(get_int(c, "threads", 0));
+  const std::string device = get_string(c, "device", "cpu");
+  const int64_t cuda_device = get_int(c, "cudaDevice", 0);
+  try {
+    fmoe::validate_config(cfg);
+  } catch (const fmoe::MoeException& e) {
+    throw Napi::RangeError::New(env, e.what());
+  }
+  const int64_t E = cfg.num_experts, H = cfg.hidden, F = cfg.intermediate;
+  const napi_typedarray_type wtype = cfg.weight_dtype == fmoe::DType::F32 ? napi_float32_array : napi_uint16_array;
+
+  fmoe::WeightsView w;
+  w.gate = static_cast<const float*>(typed_data(info[1], napi_float32_array, size_t(E * H), "weights.gate"));
+  const char* names[3] = {"weights.w1", "weights.w3", "weights.w2"};
+  std::vector<const void*>* lists[3] = {&w.w1, &w.w3, &w.w2};
+  for (int m = 0; m < 3; m++) {
+    if (!info[2 + m].IsArray()) throw Napi::TypeError::New(env, std::string(names[m]) + " must be an array");
+    Napi::Array arr = info[2 + m].As<Napi::Array>();
+    if (int64_t(arr.Length()) != E)
+      throw_moe_error(env, ErrorCode::Shape,
+                      std::string(names[m]) + " must hold " + std::to_string(E) + " experts, got " +
+                          std::to_string(arr.Length()));
+    for (int64_t e = 0; e < E; e++)
+      lists[m]->push_back(typed_data(arr.Get(uint32_t(e)), wtype, size_t(F * H),
+                                     std::string(names[m]) + "[" + std::to_string(e) + "]"));
+  }
+
+  try {
+    if (device == "cpu") {
+      backend_ = fmoe::make_cpu_backend(cfg, w);
+    } else if (device == "cuda") {
+      backend_ = fmoe::make_cuda_backend(cfg, w, int(cuda_device));
+    } else if (device == "auto") {
+      if (fmoe::cuda_status().available) backend_ = fmoe::make_cuda_backend(cfg, w, int(cuda_device));
+      else backend_ = fmoe::make_cpu_backend(cfg, w);
+    } else {
+      throw Napi::RangeError::New(env, "device must be 'cpu', 'cuda' or 'auto', got '" + device + "'");
+    }
+  } catch (const fmoe::MoeException& e) {
+    throw_moe_error(env, e.code(), e.what());
+  } catch (const std::bad_alloc&) {
+    throw_moe_error(env, ErrorCode::OutOfMemory, "not enough memory to build the layer");
+  }
+  external_bytes_ = int64_t(backend_->native_bytes());
+  Napi::MemoryManagement::AdjustExternalMemory(env, external_bytes_);
+}
+
+NativeLayer::~NativeLayer() {
+  // Finalised by the GC without dispose(): the shared_ptr frees the weights (or leaves them to
+  // the forwards still running). External memory is not adjusted here: no env calls in finalisers.
+}
+
+void NativeLayer::release(Napi::Env env) {
+  if (!backend_) return;
+  backend_.reset();
+  Napi::MemoryManagement::AdjustExternalMemory(env, -external_bytes_);
+  external_bytes_ = 0;
+}
+
+std::shared_ptr<fmoe::Backend> NativeLayer::live(Napi::Env env) const {
+  if (!backend_) throw_moe_error(env, ErrorCode::Disposed, "this MoeLayer was disposed; create a new one");
+  return backend_;
+}
+
+// ---- work --------------------------------------------------------------------------------------
+
+static int64_t tokens_of(Napi::Env env, Napi::Value x, int64_t H) {
+  if (!x.IsTypedArray() || x.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
+    throw Napi::TypeError::New(env, "x must be a Float32Array");
+  size_t n = x.As<Napi::TypedArray>().ElementLength();
+  if (n % size_t(H) != 0)
+    throw_moe_error(env, ErrorCode::Shape,
+                    "x must hold T * hiddenSize (" + std::to_string(H) + ") elements, got " + std::to_string(n));
+  return int64_t(n / size_t(H));
+}
+
+// (x: Float32Array, out: Float32Array) -> undefined; on the calling thread.
+Napi::Value NativeLayer::ForwardSync(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto backend = live(env);
+  const int64_t H = backend->config().hidden;
+  const int64_t T = tokens_of(env, info[0], H);
+  const float* x = static_cast<const float*>(typed_data(info[0], napi_float32_array, size_t(T * H), "x"));
+  float* out = static_cast<float*>(typed_data_mut(info[1], napi_float32_array, size_t(T * H), "options.out"));
+  std::vector<float> x_copy;
+  const size_t bytes = size_t(T * H) * sizeof(float);
+  const char *xb = reinterpret_cast<const char*>(x), *ob = reinterpret_cast<const char*>(out);
+  if (T > 0 && xb < ob + bytes && ob < xb + bytes) {  // out overlaps x: read from a copy
+    x_copy.assign(x, x + T * H);
+    x = x_copy.data();
+  }
+  try {
+    backend->forward(x, T, out, nullptr);
+  } catch (const fmoe::MoeException& e) {
+    throw_moe_error(env, e.code(), e.what());
+  } catch (const std::bad_alloc&) {
+    throw_moe_error(env, ErrorCode::OutOfMemory, "not enough memory for the forward workspace");
+  }
+  return env.Undefined();
+}
+
+// Runs one forward on a libuv worker thread. Execute touches no JS value: x is copied into native
+// memory before it starts (the caller may mutate or transfer its array meanwhile) and the result is
+// copied into `out` back on the main thread.
+class ForwardWorker : public Napi::AsyncWorker {
+ public:
+  ForwardWorker(Napi::Env env, std::shared_ptr<fmoe::Backend> backend, std::vector<float> x, int64_t T,
+                Napi::Float32Array out, std::shared_ptr<fmoe::CancelFlag> cancel)
+      : Napi::AsyncWorker(env, "fused-moe:forward"),
+        deferred_(Napi::Promise::Deferred::New(env)),
+        backend_(std::move(backend)),
+        x_(std::move(x)),
+        T_(T),
+        cancel_(std::move(cancel)) {
+    out_ref_ = Napi::Persistent(out);
+  }
+  Napi::Promise promise() const { return deferred_.Promise(); }
+
+ protected:
+  void Execute() override {
+    try {
+      y_.resize(x_.size());
+      backend_->forward(x_.data(), T_, y_.data(), cancel_.get());
+    } catch (const fmoe::MoeException& e) {
+      code_ = e.code();
+      SetError(e.what());
+    } catch (const std::bad_alloc&) {
+      code_ = ErrorCode::OutOfMemory;
+      SetError("not enough memory for the forward workspace");
+    } catch (const std::exception& e) {
+      code_ = ErrorCode::Internal;
+      SetError(e.what());
+    }
+    backend_.reset();  // a disposed layer's memory goes as soon as its last forward ends
+  }
+  void OnOK() override {
+    Napi::Env env = Env();
+    Napi::Float32Array out = out_ref_.Value();
+    if (out.ElementLength() != y_.size() || (y_.size() > 0 && out.Data() == nullptr)) {
+      deferred_.Reject(make_moe_error(env, ErrorCode::Shape, "options.out was detached or resized during forward").Value());
+      return;
+    }
+    if (!y_.empty()) std::memcpy(out.Data(), y_.data(), y_.size() * sizeof(float));
+    deferred_.Resolve(out);
+  }
+  void OnError(const Napi::Error& e) override {
+    deferred_.Reject(make_moe_error(Env(), code_, e.Message()).Value());
+  }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  std::shared_ptr<fmoe::Backend> backend_;
+  std::vector<float> x_, y_;
+  int64_t T_;
+  std::shared_ptr<fmoe::CancelFlag> cancel_;
+  Napi::Reference<Napi::Float32Array> out_ref_;
+  ErrorCode code_ = ErrorCode::Internal;
+};
+
+// (x: Float32Array, out: Float32Array, cancel?: NativeCancel) -> Promise<Float32Array>
+Napi::Value NativeLayer::Forward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto backend = live(env);
+  const int64_t H = backend->config().hidden;
+  const int64_t T = tokens_of(env, info[0], H);
+  const float* x = static_cast<const float*>(typed_data(info[0], napi_float32_array, size_t(T * H), "x"));
+  typed_data_mut(info[1], napi_float32_array, size_t(T * H), "options.out");
+  std::shared_ptr<fmoe::CancelFlag> cancel;
+  if (info.Length() > 2 && info[2].IsObject()) {
+    AddonData* data = env.GetInstanceData<AddonData>();
+    Napi::Object o = info[2].As<Napi::Object>();
+    if (!o.InstanceOf(data->cancel_ctor.Value()))
+      throw Napi::TypeError::New(env, "cancel must be a NativeCancel");
+    cancel = NativeCancel::Unwrap(o)->flag();
+  }
+  std::vector<float> xs;
+  try {
+    xs.assign(x, x + T * H);
+  } catch (const std::bad_alloc&) {
+    throw_moe_error(env, ErrorCode::OutOfMemory, "not enough memory to copy x");
+  }
+  auto* worker = new ForwardWorker(env, std::move(backend), std::move(xs), T, info[1].As<Napi::Float32Array>(),
+                                   std::move(cancel));
+  Napi::Promise p = worker->promise();
+  worker->Queue();
+  return p;
+}
+
+// (x: Float32Array) -> { experts: Int32Array, weights: Float32Array }
+Napi::Value NativeLayer::Route(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto backend = live(env);
+  const int64_t H = backend->config().hidden, k = backend->config().top_k;
+  const int64_t T = tokens_of(env, info[0], H);
+  const float* x = static_cast<const float*>(typed_data(info[0], napi_float32_array, size_t(T * H), "x"));
+  Napi::Int32Array experts = Napi::Int32Array::New(env, size_t(T * k));
+  Napi::Float32Array weights = Napi::Float32Array::New(env, size_t(T * k));
+  try {
+    backend->route(x, T, experts.Data(), weights.Data());
+  } catch (const fmoe::MoeException& e) {
+    throw_moe_error(env, e.code(), e.what());
+  }
+  Napi::Object result = Napi::Object::New(env);
+  result.Set("experts", experts);
+  result.Set("weights", weights);
+  return result;
+}
+
+Napi::Value NativeLayer::Dispose(const Napi::CallbackInfo& info) {
+  release(info.Env());
+  return info.Env().Undefined();
+}
+
+// -> { device, kernels, nativeBytes }
+Napi::Value NativeLayer::Info(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto backend = live(env);
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("device", backend->name());
+  o.Set("kernels", backend->kernel_name());
+  o.Set("nativeBytes", double(backend->native_bytes()));
+  return o;
+}
+
+Napi::Function NativeLayer::Init(Napi::Env env) {
+  return DefineClass(env, "NativeLayer",
+                     {InstanceMethod<&NativeLayer::ForwardSync>("forwardSync"),
+                      InstanceMethod<&NativeLayer::Forward>("forward"),
+                      InstanceMethod<&NativeLayer::Route>("route"),
+                      InstanceMethod<&NativeLayer::Dispose>("dispose"),
+                      InstanceMethod<&NativeLayer::Info>("info")});
+}
+
+// ---- cancellation ------------------------------------------------------------------------------
+
+NativeCancel::NativeCancel(const Napi::CallbackInfo& info)
+    : Napi::ObjectWrap<NativeCancel>(info), flag_(std::make_shared<fmoe::CancelFlag>(false)) {}
+
+Napi::Value NativeCancel::Cancel(const Napi::CallbackInfo& info) {
+  flag_->store(true);
+  return info.Env().Undefined();
+}
+
+Napi::Function NativeCancel::Init(Napi::Env env) {
+  return DefineClass(env, "NativeCancel", {InstanceMethod<&NativeCancel::Cancel>("cancel")});
+}
+
+}  // namespace fmoe_napi

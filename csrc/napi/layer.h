@@ -1,0 +1,45 @@
+// NativeLayer: the JS handle of one MoE layer. Owns a shared_ptr to the backend so work in flight keeps
+// the weights alive after dispose(); the memory goes when the last forward finishes.
+#pragma once
+#include <napi.h>
+
+#include <atomic>
+#include <memory>
+
+#include "../core/backend.h"
+
+namespace fmoe_napi {
+
+class NativeLayer : public Napi::ObjectWrap<NativeLayer> {
+ public:
+  static Napi::Function Init(Napi::Env env);
+  explicit NativeLayer(const Napi::CallbackInfo& info);
+  ~NativeLayer() override;
+
+ private:
+  Napi::Value ForwardSync(const Napi::CallbackInfo& info);
+  Napi::Value Forward(const Napi::CallbackInfo& info);
+  Napi::Value Route(const Napi::CallbackInfo& info);
+  Napi::Value Dispose(const Napi::CallbackInfo& info);
+  Napi::Value Info(const Napi::CallbackInfo& info);
+
+  std::shared_ptr<fmoe::Backend> live(Napi::Env env) const;
+  void release(Napi::Env env);
+
+  std::shared_ptr<fmoe::Backend> backend_;
+  int64_t external_bytes_ = 0;  // reported to V8 so the GC sees the native weights
+};
+
+// A cancellation flag JS can set while a forward runs on a worker thread.
+class NativeCancel : public Napi::ObjectWrap<NativeCancel> {
+ public:
+  static Napi::Function Init(Napi::Env env);
+  explicit NativeCancel(const Napi::CallbackInfo& info);
+  std::shared_ptr<fmoe::CancelFlag> flag() const { return flag_; }
+
+ private:
+  Napi::Value Cancel(const Napi::CallbackInfo& info);
+  std::shared_ptr<fmoe::CancelFlag> flag_;
+};
+
+}  // namespace fmoe_napi

@@ -1,0 +1,243 @@
+/** The public MoeLayer: shapes the API and checks every argument before the native code runs. */
+import { binding, NativeCancel, NativeLayer, WeightArray } from './binding';
+import { AbortError, argRangeError, argTypeError, fromNative, MoeError } from './errors';
+import { checkedProduct, checkInteger, checkObject, checkOneOf, checkTyped, describe } from './validate';
+
+export type Routing = 'softmax-topk-renorm' | 'softmax-topk';
+export type WeightDtype = 'float32' | 'bfloat16' | 'float16';
+export type Device = 'cpu' | 'cuda' | 'auto';
+
+export interface MoeConfig {
+  /** H: size of a token's hidden state. */
+  hiddenSize: number;
+  /** F: size of each expert's SwiGLU intermediate. */
+  intermediateSize: number;
+  /** E: number of experts (1..1024). */
+  numExperts: number;
+  /** k: experts picked per token (1..E). */
+  topK: number;
+  /** 'softmax-topk-renorm' (Mixtral, default) or 'softmax-topk' (no renormalisation). */
+  routing?: Routing;
+  /** Element type of w1/w3/w2: 'float32' (Float32Array) or 16-bit (Uint16Array). Default 'float32'. */
+  weightDtype?: WeightDtype;
+  /** 'cpu' (default), 'cuda', or 'auto' (CUDA when available, else CPU). */
+  device?: Device;
+  /** CPU threads for this layer's work; default: physical cores. */
+  threads?: number;
+  /** CUDA device ordinal; default 0. */
+  cudaDevice?: number;
+}
+
+/** One array for all experts ([E, rows, cols]) or one array per expert. */
+export type ExpertWeights = WeightArray | WeightArray[];
+
+export interface MoeWeights {
+  /** Router weight [E, H], float32. */
+  gate: Float32Array;
+  /** Gate projections [E, F, H]. */
+  w1: ExpertWeights;
+  /** Up projections [E, F, H]. */
+  w3: ExpertWeights;
+  /** Down projections [E, H, F]. */
+  w2: ExpertWeights;
+}
+
+export interface ForwardOptions {
+  /** Where to write the result (T*H floats); a new array otherwise. */
+  out?: Float32Array;
+  /** Cancels the request: it rejects with an AbortError and stops at the next chunk boundary. */
+  signal?: AbortSignal;
+}
+
+export interface RouteResult {
+  /** [T, k] expert indices, in descending order of routing weight. */
+  experts: Int32Array;
+  /** [T, k] routing weights. */
+  weights: Float32Array;
+}
+
+const ROUTINGS = ['softmax-topk-renorm', 'softmax-topk'] as const;
+const DTYPES = ['float32', 'bfloat16', 'float16'] as const;
+const DEVICES = ['cpu', 'cuda', 'auto'] as const;
+const MAX_DIM = 1 << 20;
+const MAX_EXPERTS = 1024;
+
+function normaliseConfig(config: unknown): Required<MoeConfig> {
+  checkObject('config', config);
+  const hiddenSize = checkInteger('config.hiddenSize', config.hiddenSize, 1, MAX_DIM);
+  const intermediateSize = checkInteger('config.intermediateSize', config.intermediateSize, 1, MAX_DIM);
+  const numExperts = checkInteger('config.numExperts', config.numExperts, 1, MAX_EXPERTS);
+  const topK = checkInteger('config.topK', config.topK, 1, numExperts);
+  const routing = checkOneOf('config.routing', config.routing ?? 'softmax-topk-renorm', ROUTINGS);
+  const weightDtype = checkOneOf('config.weightDtype', config.weightDtype ?? 'float32', DTYPES);
+  const device = checkOneOf('config.device', config.device ?? 'cpu', DEVICES);
+  const threads = checkInteger('config.threads', config.threads ?? 0, 0, 1024);
+  const cudaDevice = checkInteger('config.cudaDevice', config.cudaDevice ?? 0, 0, 1023);
+  checkedProduct('numExperts * intermediateSize * hiddenSize', numExperts, intermediateSize, hiddenSize);
+  return { hiddenSize, intermediateSize, numExperts, topK, routing, weightDtype, device, threads, cudaDevice };
+}
+
+/** Splits one [E, rows, cols] array into E zero-copy views, or checks an array of E per-expert arrays. */
+function expertViews(name: string, v: unknown, cfg: Required<MoeConfig>, rows: number, cols: number): WeightArray[] {
+  const E = cfg.numExperts;
+  const ctor = cfg.weightDtype === 'float32' ? Float32Array : Uint16Array;
+  const detail = ` (weightDtype '${cfg.weightDtype}')`;
+  const per = rows * cols;
+  if (Array.isArray(v)) {
+    if (v.length !== E)
+      throw argRangeError(`${name} must hold ${E} per-expert arrays (numExperts), got ${v.length}`, 'ERR_MOE_SHAPE');
+    return v.map((a, e) => checkTyped<WeightArray>(`${name}[${e}]`, a, ctor, per, detail));
+  }
+  const all = checkTyped<WeightArray>(name, v, ctor, checkedProduct(name, E, rows, cols), detail);
+  const views: WeightArray[] = [];
+  for (let e = 0; e < E; e++) views.push(all.subarray(e * per, (e + 1) * per));
+  return views;
+}
+
+export class MoeLayer {
+  /** The configuration with defaults filled in. */
+  readonly config: Readonly<Required<MoeConfig>>;
+  /** Where this layer runs: 'cpu' or 'cuda' ('auto' resolved). */
+  readonly device: 'cpu' | 'cuda';
+  /** Kernel set (CPU ISA) or CUDA device name. */
+  readonly kernels: string;
+  #native: NativeLayer | undefined;
+  #inFlight = new Set<Promise<unknown>>();
+
+  constructor(config: MoeConfig, weights: MoeWeights) {
+    const cfg = normaliseConfig(config);
+    checkObject('weights', weights);
+    const { hiddenSize: H, intermediateSize: F, numExperts: E } = cfg;
+    const gate = checkTyped<Float32Array>('weights.gate', weights.gate, Float32Array, checkedProduct('weights.gate', E, H));
+    const w1 = expertViews('weights.w1', weights.w1, cfg, F, H);
+    const w3 = expertViews('weights.w3', weights.w3, cfg, F, H);
+    const w2 = expertViews('weights.w2', weights.w2, cfg, H, F);
+    const native = binding();
+    try {
+      this.#native = new native.NativeLayer(cfg, gate, w1, w3, w2);
+    } catch (err) {
+      throw fromNative(err);
+    }
+    const info = this.#native.info();
+    this.config = Object.freeze(cfg);
+    this.device = info.device;
+    this.kernels = info.kernels;
+  }
+
+  /** Bytes of native memory (packed weights) this layer holds; 0 after dispose(). */
+  get nativeBytes(): number {
+    return this.#native ? this.#native.info().nativeBytes : 0;
+  }
+
+  /** True once dispose() was called. */
+  get disposed(): boolean {
+    return this.#native === undefined;
+  }
+
+  /** Runs the MoE block on x ([T, H] floats) off the event loop. */
+  forward(x: Float32Array, options: ForwardOptions = {}): Promise<Float32Array> {
+    let native: NativeLayer, out: Float32Array, signal: AbortSignal | undefined;
+    try {
+      native = this.#live();
+      const T = this.#tokens(x);
+      checkObject('options', options);
+      out = this.#out(options.out, T);
+      signal = options.signal as AbortSignal | undefined;
+      if (signal !== undefined && !(signal instanceof AbortSignal))
+        throw argTypeError(`options.signal must be an AbortSignal, got ${describe(signal)}`);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    if (signal?.aborted) return Promise.reject(new AbortError(undefined, { cause: signal.reason }));
+    let cancel: NativeCancel | undefined;
+    let onAbort: (() => void) | undefined;
+    if (signal) {
+      cancel = new (binding().NativeCancel)();
+      onAbort = () => cancel!.cancel();
+      signal.addEventListener('abort', onAbort, { once: true });
+    }
+    let pending: Promise<Float32Array>;
+    try {
+      pending = native.forward(x, out, cancel);
+    } catch (err) {
+      if (onAbort) signal!.removeEventListener('abort', onAbort);
+      return Promise.reject(fromNative(err));
+    }
+    const result = pending.then(
+      (y) => y,
+      (err) => {
+        throw signal?.aborted && (err as { code?: string })?.code === 'ABORT_ERR'
+          ? new AbortError(undefined, { cause: signal.reason })
+          : fromNative(err);
+      },
+    );
+    const tracked = result.finally(() => {
+      if (onAbort) signal!.removeEventListener('abort', onAbort);
+      this.#inFlight.delete(tracked);
+    });
+    this.#inFlight.add(tracked);
+    return tracked;
+  }
+
+  /** Same result as forward(), computed on the calling thread. */
+  forwardSync(x: Float32Array, options: { out?: Float32Array } = {}): Float32Array {
+    const native = this.#live();
+    const T = this.#tokens(x);
+    checkObject('options', options);
+    const out = this.#out(options.out, T);
+    try {
+      native.forwardSync(x, out);
+    } catch (err) {
+      throw fromNative(err);
+    }
+    return out;
+  }
+
+  /** Routing only: which experts each token picks, and with what weight. */
+  route(x: Float32Array): RouteResult {
+    const native = this.#live();
+    this.#tokens(x);
+    try {
+      return native.route(x);
+    } catch (err) {
+      throw fromNative(err);
+    }
+  }
+
+  /**
+   * Frees the native memory. Forwards already running finish normally (they hold the weights until
+   * they end); any later call throws ERR_MOE_DISPOSED. Calling it twice is harmless.
+   */
+  dispose(): void {
+    if (!this.#native) return;
+    this.#native.dispose();
+    this.#native = undefined;
+  }
+
+  /** Resolves when every forward started so far has settled. */
+  async idle(): Promise<void> {
+    while (this.#inFlight.size > 0) await Promise.allSettled([...this.#inFlight]);
+  }
+
+  #live(): NativeLayer {
+    if (!this.#native) throw new MoeError('ERR_MOE_DISPOSED', 'this MoeLayer was disposed; create a new one');
+    return this.#native;
+  }
+
+  #tokens(x: unknown): number {
+    if (!(x instanceof Float32Array)) throw argTypeError(`x must be a Float32Array, got ${describe(x)}`);
+    const H = this.config.hiddenSize;
+    if (x.length % H !== 0)
+      throw argRangeError(
+        `x must hold T * hiddenSize (${H}) elements, got ${x.length} (not a multiple of ${H})`,
+        'ERR_MOE_SHAPE',
+      );
+    return x.length / H;
+  }
+
+  #out(out: unknown, T: number): Float32Array {
+    const n = T * this.config.hiddenSize;
+    if (out === undefined) return new Float32Array(n);
+    return checkTyped<Float32Array>('options.out', out, Float32Array, n, ' (T * hiddenSize)');
+  }
+}

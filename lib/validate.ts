@@ -1,0 +1,52 @@
+/** Argument checks that read as declarations; each error names the argument, expected and actual. */
+import { argRangeError, argTypeError } from './errors';
+
+export function describe(v: unknown): string {
+  if (v === null) return 'null';
+  if (Array.isArray(v)) return `an array of length ${v.length}`;
+  if (ArrayBuffer.isView(v)) return `${v.constructor.name} of length ${(v as unknown as { length: number }).length}`;
+  if (typeof v === 'object') return `an object (${(v as object).constructor?.name ?? 'Object'})`;
+  if (typeof v === 'string') return `the string '${v.length > 40 ? v.slice(0, 40) + '...' : v}'`;
+  return `${typeof v} ${String(v)}`;
+}
+
+export function checkObject(name: string, v: unknown): asserts v is Record<string, unknown> {
+  if (typeof v !== 'object' || v === null || Array.isArray(v))
+    throw argTypeError(`${name} must be an object, got ${describe(v)}`);
+}
+
+export function checkInteger(name: string, v: unknown, min: number, max: number): number {
+  if (typeof v !== 'number') throw argTypeError(`${name} must be a number, got ${describe(v)}`);
+  if (!Number.isInteger(v) || v < min || v > max)
+    throw argRangeError(`${name} must be an integer in [${min}, ${max}], got ${v}`);
+  return v;
+}
+
+export function checkOneOf<T extends string>(name: string, v: unknown, allowed: readonly T[]): T {
+  if (typeof v !== 'string') throw argTypeError(`${name} must be one of ${allowed.map((a) => `'${a}'`).join(', ')}, got ${describe(v)}`);
+  if (!(allowed as readonly string[]).includes(v))
+    throw argRangeError(`${name} must be one of ${allowed.map((a) => `'${a}'`).join(', ')}, got '${v}'`);
+  return v as T;
+}
+
+type TypedCtor = Float32ArrayConstructor | Uint16ArrayConstructor | Int32ArrayConstructor;
+
+/** A typed array of the given type and exact length; detached buffers count as length 0. */
+export function checkTyped<T extends ArrayBufferView>(name: string, v: unknown, ctor: TypedCtor, length: number, detail = ''): T {
+  if (!(v instanceof ctor)) throw argTypeError(`${name} must be a ${ctor.name}${detail}, got ${describe(v)}`);
+  const len = (v as unknown as { length: number }).length;
+  if (len !== length)
+    throw argRangeError(`${name} must have ${length} elements${detail}, got ${len}`, 'ERR_MOE_SHAPE');
+  return v as unknown as T;
+}
+
+/** Product of sizes, refused when it passes what a safe integer (and so any allocation) can hold. */
+export function checkedProduct(name: string, ...factors: number[]): number {
+  let p = 1;
+  for (const f of factors) {
+    p *= f;
+    if (!Number.isSafeInteger(p) || p > 2 ** 52)
+      throw argRangeError(`${name} (${factors.join(' * ')}) is too large: it passes 2^52 elements`);
+  }
+  return p;
+}
