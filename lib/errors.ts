@@ -39,15 +39,19 @@ export class AbortError extends Error {
   }
 }
 
-/** Turns an error thrown by the native binding into the public error types. */
+/**
+ * Turns an error thrown by the native binding into the public error types. Checks names, not
+ * instanceof: native errors may come from another realm (vm contexts, test runners).
+ */
 export function fromNative(err: unknown): Error {
-  if (!(err instanceof Error)) return new MoeError('ERR_MOE_INTERNAL', String(err));
-  if (err instanceof TypeError || err instanceof RangeError || err instanceof MoeError) return err;
-  const code = (err as { code?: unknown }).code;
-  if (code === 'ABORT_ERR') return new AbortError(err.message);
-  if (typeof code === 'string' && code.startsWith('ERR_MOE_')) {
-    if (code === 'ERR_MOE_INVALID') return argRangeError(err.message, code);
-    return new MoeError(code as MoeErrorCode, err.message);
-  }
-  return new MoeError('ERR_MOE_INTERNAL', err.message, { cause: err });
+  if (err instanceof MoeError || err instanceof AbortError) return err;
+  if (typeof err !== 'object' || err === null) return new MoeError('ERR_MOE_INTERNAL', String(err));
+  const { name, message, code } = err as { name?: unknown; message?: unknown; code?: unknown };
+  const text = typeof message === 'string' ? message : String(err);
+  if (name === 'TypeError') return err instanceof TypeError ? err : argTypeError(text);
+  if (name === 'RangeError') return err instanceof RangeError ? err : argRangeError(text);
+  if (code === 'ABORT_ERR') return new AbortError(text);
+  if (code === 'ERR_MOE_INVALID') return argRangeError(text, code);
+  if (typeof code === 'string' && code.startsWith('ERR_MOE_')) return new MoeError(code as MoeErrorCode, text);
+  return new MoeError('ERR_MOE_INTERNAL', text, { cause: err });
 }

@@ -1,0 +1,93 @@
+/** forward() off the event loop: same bits as forwardSync, concurrency, dispose and abort. */
+import { AbortError, MoeLayer } from '../lib';
+import { makeCase, referenceMoe, relL2 } from './helpers/reference';
+
+const bits = (a: Float32Array) => Buffer.from(a.buffer, a.byteOffset, a.byteLength);
+
+describe('forward() on a worker thread', () => {
+  const c = makeCase({ H: 72, F: 200, E: 6, k: 2, T: 37, dtype: 'float32', routing: 'softmax-topk-renorm', seed: 60 });
+
+  test('forward equals forwardSync bit for bit', async () => {
+    const layer = new MoeLayer(c.config, c.weights);
+    const a = await layer.forward(c.x);
+    const b = layer.forwardSync(c.x);
+    expect(bits(a)).toEqual(bits(b));
+    expect(relL2(a, referenceMoe(c.ref, c.x, 37))).toBeLessThan(1e-5);
+    layer.dispose();
+  });
+
+  test('forward writes into options.out and resolves with it', async () => {
+    const layer = new MoeLayer(c.config, c.weights);
+    const out = new Float32Array(c.x.length);
+    const y = await layer.forward(c.x, { out });
+    expect(y).toBe(out);
+    expect(bits(out)).toEqual(bits(layer.forwardSync(c.x)));
+    layer.dispose();
+  });
+
+  test('many concurrent forwards on one layer and on several give the serial answers', async () => {
+    const layers = [0, 1, 2].map(() => new MoeLayer(c.config, c.weights));
+    const inputs = Array.from({ length: 12 }, (_, i) => c.x.subarray(0, (1 + (i % 5)) * 72 * 7).slice());
+    const want = inputs.map((x) => bits(layers[0].forwardSync(x)));
+    const got = await Promise.all(inputs.map((x, i) => layers[i % 3].forward(x)));
+    got.forEach((y, i) => expect(bits(y)).toEqual(want[i]));
+    layers.forEach((l) => l.dispose());
+  });
+
+  test('mutating x after forward() starts does not change the result', async () => {
+    const layer = new MoeLayer(c.config, c.weights);
+    const x = Float32Array.from(c.x);
+    const want = bits(layer.forwardSync(x));
+    const p = layer.forward(x);
+    x.fill(123);
+    expect(bits(await p)).toEqual(want);
+    layer.dispose();
+  });
+
+  test('dispose() during a pending forward: the forward finishes, later calls throw', async () => {
+    const layer = new MoeLayer(c.config, c.weights);
+    const want = bits(layer.forwardSync(c.x));
+    const pending = [layer.forward(c.x), layer.forward(c.x)];
+    layer.dispose();
+    for (const y of await Promise.all(pending)) expect(bits(y)).toEqual(want);
+    await expect(layer.forward(c.x)).rejects.toMatchObject({ code: 'ERR_MOE_DISPOSED' });
+  });
+
+  test('an already-aborted signal rejects at once with AbortError', async () => {
+    const layer = new MoeLayer(c.config, c.weights);
+    const ac = new AbortController();
+    ac.abort();
+    await expect(layer.forward(c.x, { signal: ac.signal })).rejects.toBeInstanceOf(AbortError);
+    layer.dispose();
+  });
+
+  test('the event loop keeps ticking while a large forward runs', async () => {
+    // Sized from a warm measurement so the forward lasts about 0.6 s on any machine.
+    const big = makeCase({ H: 512, F: 1024, E: 4, k: 2, T: 8, dtype: 'float32', routing: 'softmax-topk-renorm', seed: 61 });
+    const layer = new MoeLayer(big.config, big.weights);
+    layer.forwardSync(big.x);
+    let t0 = performance.now();
+    layer.forwardSync(big.x);
+    const perToken = Math.max((performance.now() - t0) / 8, 0.01);
+    const T = Math.min(20000, Math.max(8, Math.ceil(600 / perToken)));
+    const x = new Float32Array(T * 512).map((_, i) => Math.sin(i));
+    let ticks = 0;
+    let maxGap = 0;
+    let last = performance.now();
+    const timer = setInterval(() => {
+      const now = performance.now();
+      maxGap = Math.max(maxGap, now - last);
+      last = now;
+      ticks++;
+    }, 5);
+    t0 = performance.now();
+    await layer.forward(x);
+    const elapsed = performance.now() - t0;
+    clearInterval(timer);
+    layer.dispose();
+    // A blocked loop would tick once (or not at all) during the forward.
+    expect(elapsed).toBeGreaterThan(150);
+    expect(ticks).toBeGreaterThan(elapsed / 5 / 4);
+    expect(maxGap).toBeLessThan(100);
+  });
+});
