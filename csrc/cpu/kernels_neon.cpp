@@ -1,6 +1,60 @@
-// neon kernel set: not written yet, so the set reports "not built".
-#include "../core/kernels.h"
+// NEON kernel set (arm64): 4-wide float vectors, 32 registers (24 accumulators). fp16 weights are
+// widened with fcvtl; bf16 weights are read as k-pairs and split by shift / mask.
+#if defined(__aarch64__)
+#include <arm_neon.h>
+
+#include "kernels_simd.h"
 
 namespace fmoe {
-const KernelSet* kernels_neon() { return nullptr; }
+namespace {
+
+struct OpsNeon {
+  using V = float32x4_t;
+  static constexpr int W = 4;
+  static constexpr int kAcc = 24;
+
+  static V zero() { return vdupq_n_f32(0.0f); }
+  static V set1(float v) { return vdupq_n_f32(v); }
+  static V bcast(const float* p) { return vld1q_dup_f32(p); }
+  static V load(const float* p) { return vld1q_f32(p); }
+  static void store(float* p, V v) { vst1q_f32(p, v); }
+  static V fma(V a, V b, V c) { return vfmaq_f32(c, a, b); }
+  static V add(V a, V b) { return vaddq_f32(a, b); }
+  static V mul(V a, V b) { return vmulq_f32(a, b); }
+  static V div(V a, V b) { return vdivq_f32(a, b); }
+  static V min(V a, V b) { return vminq_f32(a, b); }
+  static V max(V a, V b) { return vmaxq_f32(a, b); }
+  static V neg(V a) { return vnegq_f32(a); }
+  static V round(V a) { return vrndnq_f32(a); }
+  // p * 2^n for integral n in [-126, 127] (silu_mul's clamp keeps n there).
+  static V pow2(V p, V n) {
+    const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+    return vmulq_f32(p, vreinterpretq_f32_s32(e));
+  }
+  static void prefetch(const char* p) { __builtin_prefetch(p, 0, 3); }
+
+  static V load_f16(const uint16_t* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+  static V bf16_lo(const char* p) {
+    return vreinterpretq_f32_u32(vshlq_n_u32(vld1q_u32(reinterpret_cast<const uint32_t*>(p)), 16));
+  }
+  static V bf16_hi(const char* p) {
+    return vreinterpretq_f32_u32(vandq_u32(vld1q_u32(reinterpret_cast<const uint32_t*>(p)), vdupq_n_u32(0xffff0000u)));
+  }
+};
+
+using Set = simd::Kernels<OpsNeon, simd::kBF16>;
+const KernelSet kNeon = Set::make(Isa::Neon, "neon");
+
+}  // namespace
+
+const KernelSet* kernels_neon() { return &kNeon; }
+double probe_fma_loop_neon(int64_t iters) { return simd::probe_fma_loop<OpsNeon>(iters); }
+
 }  // namespace fmoe
+#else
+#include "../core/kernels.h"
+namespace fmoe {
+const KernelSet* kernels_neon() { return nullptr; }
+double probe_fma_loop_neon(int64_t) { return 0; }
+}  // namespace fmoe
+#endif

@@ -2,43 +2,95 @@
 
 #include <cstring>
 
+#include "../core/thread_pool.h"
+
 namespace fmoe {
+namespace {
 
-static int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-size_t panel_w13_bytes(int64_t H, int64_t F, DType dt) {
-  return size_t(round_up(F, kPanel)) * size_t(H) * 2 * dtype_size(dt);
-}
+// Reduction indices per block of the blockwise transpose: nr source rows x kBlock elements are copied to
+// a small tile first (contiguous reads of each row), then written out in panel order (contiguous writes).
+constexpr int64_t kBlock = 64;
+constexpr int64_t kMaxNr = 64;
 
-size_t panel_w2_bytes(int64_t H, int64_t F, DType dt) {
-  return size_t(round_up(H, kPanel)) * size_t(F) * dtype_size(dt);
-}
-
-// Copies element src[row * ld + col] to dst, or zero when row is past the end (padding).
-static inline void put(char* dst, const char* src, int64_t row, int64_t rows, int64_t col, int64_t ld, size_t es) {
-  if (row < rows) std::memcpy(dst, src + (size_t(row) * size_t(ld) + size_t(col)) * es, es);
-  else std::memset(dst, 0, es);
-}
-
-void pack_w13_panels(const void* w1, const void* w3, int64_t H, int64_t F, DType dt, void* dst) {
-  const size_t es = dtype_size(dt);
-  const char* a = static_cast<const char*>(w1);
-  const char* b = static_cast<const char*>(w3);
-  char* out = static_cast<char*>(dst);
-  for (int64_t f0 = 0; f0 < F; f0 += kPanel)
-    for (int64_t k = 0; k < H; k++) {
-      for (int64_t j = 0; j < kPanel; j++, out += es) put(out, a, f0 + j, F, k, H, es);
-      for (int64_t j = 0; j < kPanel; j++, out += es) put(out, b, f0 + j, F, k, H, es);
+// Packs `nmat` matrices of N rows x K (row-major, same shape) into panels of nr rows; see packing.h.
+template <typename T>
+void pack_panels(const T* const* src, int nmat, int64_t N, int64_t K, int64_t nr, bool kpair, T* dst) {
+  const int64_t kg = kpair ? 2 : 1;             // reduction indices per k step
+  const int64_t Kp = round_up(K, kg);           // padded reduction length
+  const int64_t panel_elems = Kp * nmat * nr;   // elements per panel
+  const int64_t npanels = (N + nr - 1) / nr;
+  ThreadPool::instance().parallel_for(npanels, 1, 0, [&](int64_t pb, int64_t pe, int) {
+    T tile[kMaxNr][kBlock];
+    for (int64_t p = pb; p < pe; p++) {
+      T* out_panel = dst + p * panel_elems;
+      const int64_t n0 = p * nr, rows = N - n0 < nr ? N - n0 : nr;
+      for (int64_t k0 = 0; k0 < Kp; k0 += kBlock) {
+        const int64_t kn = Kp - k0 < kBlock ? Kp - k0 : kBlock;      // padded indices in this block
+        const int64_t kv = K - k0 < kn ? (K - k0 > 0 ? K - k0 : 0) : kn;  // real ones
+        for (int mat = 0; mat < nmat; mat++) {
+          for (int64_t j = 0; j < nr; j++) {
+            if (j < rows && kv > 0) std::memcpy(tile[j], src[mat] + (n0 + j) * K + k0, size_t(kv) * sizeof(T));
+            const int64_t from = j < rows ? kv : 0;
+            if (from < kn) std::memset(tile[j] + from, 0, size_t(kn - from) * sizeof(T));
+          }
+          // k step s of this block lands at (k0/kg + s) * nmat * nr * kg + mat * nr * kg.
+          for (int64_t s = 0; s < kn / kg; s++) {
+            T* o = out_panel + ((k0 / kg + s) * nmat + mat) * nr * kg;
+            if (kg == 1) {
+              for (int64_t j = 0; j < nr; j++) o[j] = tile[j][s];
+            } else {
+              for (int64_t j = 0; j < nr; j++) {
+                o[2 * j] = tile[j][2 * s];
+                o[2 * j + 1] = tile[j][2 * s + 1];
+              }
+            }
+          }
+        }
+      }
     }
+  });
 }
 
+template <typename T>
+void pack_any(const void* const* src, int nmat, int64_t N, int64_t K, int64_t nr, bool kpair, void* dst) {
+  const T* s[2] = {static_cast<const T*>(src[0]), static_cast<const T*>(nmat > 1 ? src[1] : src[0])};
+  pack_panels<T>(s, nmat, N, K, nr, kpair, static_cast<T*>(dst));
+}
+
+void pack(const void* const* src, int nmat, int64_t N, int64_t K, DType dt, int64_t nr, bool kpair, void* dst) {
+  if (dtype_size(dt) == 4) pack_any<uint32_t>(src, nmat, N, K, nr, kpair, dst);
+  else pack_any<uint16_t>(src, nmat, N, K, nr, kpair, dst);
+}
+
+}  // namespace
+
+size_t packed_w13_bytes(int64_t H, int64_t F, DType dt, int64_t nr, bool kpair) {
+  return size_t(round_up(F, nr)) * size_t(round_up(H, kpair ? 2 : 1)) * 2 * dtype_size(dt);
+}
+
+size_t packed_w2_bytes(int64_t H, int64_t F, DType dt, int64_t nr, bool kpair) {
+  return size_t(round_up(H, nr)) * size_t(round_up(F, kpair ? 2 : 1)) * dtype_size(dt);
+}
+
+void pack_w13(const void* w1, const void* w3, int64_t H, int64_t F, DType dt, int64_t nr, bool kpair, void* dst) {
+  const void* src[2] = {w1, w3};
+  pack(src, 2, F, H, dt, nr, kpair, dst);
+}
+
+void pack_w2(const void* w2, int64_t H, int64_t F, DType dt, int64_t nr, bool kpair, void* dst) {
+  const void* src[1] = {w2};
+  pack(src, 1, H, F, dt, nr, kpair, dst);
+}
+
+size_t panel_w13_bytes(int64_t H, int64_t F, DType dt) { return packed_w13_bytes(H, F, dt, kPanel, false); }
+size_t panel_w2_bytes(int64_t H, int64_t F, DType dt) { return packed_w2_bytes(H, F, dt, kPanel, false); }
+void pack_w13_panels(const void* w1, const void* w3, int64_t H, int64_t F, DType dt, void* dst) {
+  pack_w13(w1, w3, H, F, dt, kPanel, false, dst);
+}
 void pack_w2_panels(const void* w2, int64_t H, int64_t F, DType dt, void* dst) {
-  const size_t es = dtype_size(dt);
-  const char* a = static_cast<const char*>(w2);
-  char* out = static_cast<char*>(dst);
-  for (int64_t h0 = 0; h0 < H; h0 += kPanel)
-    for (int64_t f = 0; f < F; f++)
-      for (int64_t j = 0; j < kPanel; j++, out += es) put(out, a, h0 + j, H, f, F, es);
+  pack_w2(w2, H, F, dt, kPanel, false, dst);
 }
 
 }  // namespace fmoe

@@ -1,6 +1,135 @@
-// Placeholder: replaced by the real probes.
+// Machine ceilings for the benchmark, measured in its own process: streaming read bandwidth over a
+// buffer far larger than the last-level cache, and the FMA throughput of each kernel set's vector width.
+// The inner FMA loops live in the ISA units (compiled with their flags); this file only times them.
 #include "probes.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <vector>
+
 namespace fmoe {
-double probe_read_bandwidth(size_t, int) { return 0; }
-double probe_fma_peak(Isa, int) { return 0; }
+
+double probe_fma_loop_avx2(int64_t iters);
+double probe_fma_loop_avx512(int64_t iters);
+double probe_dot_loop_avx512bf16(int64_t iters);
+double probe_fma_loop_neon(int64_t iters);
+
+namespace {
+
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// Runs fn(i) on `threads` fresh threads released together; returns seconds from the release to the
+// last finish, so the figure is the whole machine's, not one thread's.
+template <class Fn>
+double run_together(int threads, Fn fn) {
+  std::atomic<int> ready{0};
+  std::atomic<bool> go{false};
+  std::vector<std::thread> pool;
+  for (int i = 0; i < threads; i++)
+    pool.emplace_back([&, i] {
+      ready.fetch_add(1);
+      while (!go.load(std::memory_order_acquire)) std::this_thread::yield();
+      fn(i);
+    });
+  while (ready.load() < threads) std::this_thread::yield();
+  const double t0 = now_s();
+  go.store(true, std::memory_order_release);
+  for (auto& t : pool) t.join();
+  return now_s() - t0;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Sums a slice as 64-bit words with four independent chains: the loads, not the adds, set the pace.
+uint64_t read_slice(const uint64_t* p, size_t n) {
+  uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  size_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    s0 += p[i];
+    s1 += p[i + 1];
+    s2 += p[i + 2];
+    s3 += p[i + 3];
+  }
+  for (; i < n; i++) s0 += p[i];
+  return s0 ^ s1 ^ s2 ^ s3;
+}
+
+}  // namespace
+
+double probe_read_bandwidth(size_t bytes, int threads) {
+  if (threads < 1) threads = 1;
+  bytes = std::max<size_t>(bytes / 4096 * 4096, size_t(1) << 20);
+  uint64_t* buf = static_cast<uint64_t*>(std::aligned_alloc(4096, bytes));
+  if (!buf) return 0;
+  const size_t words = bytes / 8, per = (words + size_t(threads) - 1) / size_t(threads);
+  auto slice = [&](int i, size_t& b, size_t& n) {
+    b = std::min(words, per * size_t(i));
+    n = std::min(words, b + per) - b;
+  };
+  // First touch by the thread that reads the slice later (pages land near it on NUMA machines).
+  run_together(threads, [&](int i) {
+    size_t b, n;
+    slice(i, b, n);
+    for (size_t j = 0; j < n; j++) buf[b + j] = j * 0x9e3779b97f4a7c15ull;
+  });
+  std::atomic<uint64_t> sink{0};
+  std::vector<double> times;
+  for (int pass = 0; pass < 6; pass++) {
+    const double t = run_together(threads, [&](int i) {
+      size_t b, n;
+      slice(i, b, n);
+      sink.fetch_xor(read_slice(buf + b, n));
+    });
+    if (pass > 0) times.push_back(t);  // the first pass warms the TLB and the threads
+  }
+  std::free(buf);
+  return double(bytes) / median(times) / 1e9;
+}
+
+double probe_fma_peak(Isa isa, int threads) {
+  if (threads < 1) threads = 1;
+  double (*loop)(int64_t) = nullptr;
+  if (!cpu_supports(isa)) return 0;
+  switch (isa) {
+    case Isa::Avx2: loop = probe_fma_loop_avx2; break;
+    case Isa::Avx512: loop = probe_fma_loop_avx512; break;
+    case Isa::Avx512Bf16: loop = probe_dot_loop_avx512bf16; break;
+    case Isa::Neon: loop = probe_fma_loop_neon; break;
+    default: return 0;
+  }
+  if (loop(1) == 0) return 0;  // not built for this architecture
+  // Calibrate to about 0.15 s per thread, then take the median of three runs.
+  int64_t iters = 1 << 16;
+  for (;;) {
+    const double t = run_together(1, [&](int) { loop(iters); });
+    if (t > 0.02 || iters > (int64_t(1) << 34)) {
+      iters = std::max<int64_t>(iters, int64_t(double(iters) * 0.15 / std::max(t, 1e-6)));
+      break;
+    }
+    iters *= 4;
+  }
+  std::vector<double> rates;
+  for (int r = 0; r < 3; r++) {
+    std::atomic<double> flops{0};
+    const double t = run_together(threads, [&](int) {
+      const double f = loop(iters);
+      double cur = flops.load();
+      while (!flops.compare_exchange_weak(cur, cur + f)) {
+      }
+    });
+    rates.push_back(flops.load() / t / 1e9);
+  }
+  return median(rates);
+}
+
 }  // namespace fmoe

@@ -6,5 +6,7 @@ namespace fmoe {
 // GB/s of streaming reads over `bytes` of memory by `threads` threads (median of a few passes).
 double probe_read_bandwidth(size_t bytes, int threads);
 // float32 GFLOP/s (2 per FMA lane) of the given ISA's FMA units on `threads` threads; 0 if unsupported.
+// For Isa::Avx512Bf16 it is the bf16 dot-product peak instead (vdpbf16ps: 4 float operations per lane),
+// the ceiling of bf16 weights on that set.
 double probe_fma_peak(Isa isa, int threads);
 }  // namespace fmoe

@@ -38,13 +38,13 @@ typedef struct {
   size_t total_memory;
   int32_t major, minor; /* compute capability */
   int32_t multiprocessors;
-} fmoe_cuda_device_info;
+} fmoe_cuda_device_props;
 
 typedef int (*fmoe_cuda_abi_version_fn)(void);
 /* Driver and runtime versions (e.g. 13000); fails with NO_DEVICE when no driver is present. */
 typedef int (*fmoe_cuda_versions_fn)(int* driver, int* runtime, char* err, size_t err_len);
 typedef int (*fmoe_cuda_device_count_fn)(int* count, char* err, size_t err_len);
-typedef int (*fmoe_cuda_device_info_fn)(int device, fmoe_cuda_device_info* info, char* err, size_t err_len);
+typedef int (*fmoe_cuda_device_info_fn)(int device, fmoe_cuda_device_props* info, char* err, size_t err_len);
 /* Uploads the weights (gate [E,H] float32; w1/w3 [F,H], w2 [H,F] per expert, host pointers). */
 typedef int (*fmoe_cuda_layer_create_fn)(const fmoe_cuda_config* cfg, const float* gate, const void* const* w1,
                                          const void* const* w3, const void* const* w2, fmoe_cuda_layer** out,
@@ -55,6 +55,10 @@ typedef int (*fmoe_cuda_layer_forward_fn)(fmoe_cuda_layer* layer, const float* x
                                           const volatile int32_t* cancel, char* err, size_t err_len);
 typedef int (*fmoe_cuda_layer_route_fn)(fmoe_cuda_layer* layer, const float* x, int64_t T, int32_t* experts,
                                         float* weights, char* err, size_t err_len);
+/* Same as forward, with x and out in device memory of the layer's device (benchmarks, C/C++ callers that
+ * keep activations on the GPU). The addon does not use it. */
+typedef int (*fmoe_cuda_layer_forward_device_fn)(fmoe_cuda_layer* layer, const float* x_dev, int64_t T,
+                                                 float* out_dev, char* err, size_t err_len);
 typedef size_t (*fmoe_cuda_layer_bytes_fn)(const fmoe_cuda_layer* layer);
 typedef void (*fmoe_cuda_layer_destroy_fn)(fmoe_cuda_layer* layer);
 
@@ -62,7 +66,7 @@ typedef void (*fmoe_cuda_layer_destroy_fn)(fmoe_cuda_layer* layer);
 int fmoe_cuda_abi_version(void);
 int fmoe_cuda_versions(int* driver, int* runtime, char* err, size_t err_len);
 int fmoe_cuda_device_count(int* count, char* err, size_t err_len);
-int fmoe_cuda_device_info(int device, fmoe_cuda_device_info* info, char* err, size_t err_len);
+int fmoe_cuda_device_info(int device, fmoe_cuda_device_props* info, char* err, size_t err_len);
 int fmoe_cuda_layer_create(const fmoe_cuda_config* cfg, const float* gate, const void* const* w1,
                            const void* const* w3, const void* const* w2, fmoe_cuda_layer** out, char* err,
                            size_t err_len);
@@ -70,6 +74,8 @@ int fmoe_cuda_layer_forward(fmoe_cuda_layer* layer, const float* x, int64_t T, f
                             const volatile int32_t* cancel, char* err, size_t err_len);
 int fmoe_cuda_layer_route(fmoe_cuda_layer* layer, const float* x, int64_t T, int32_t* experts, float* weights,
                           char* err, size_t err_len);
+int fmoe_cuda_layer_forward_device(fmoe_cuda_layer* layer, const float* x_dev, int64_t T, float* out_dev,
+                                   char* err, size_t err_len);
 size_t fmoe_cuda_layer_bytes(const fmoe_cuda_layer* layer);
 void fmoe_cuda_layer_destroy(fmoe_cuda_layer* layer);
 

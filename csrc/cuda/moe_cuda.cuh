@@ -38,8 +38,8 @@ cudaError_t dispatch_cuda(const int32_t* experts, int64_t n_rows, int E, int blo
 
 // ---- expert_ffn.cu ----------------------------------------------------------------------------------
 // Tile configuration, picked on the host from the chunk's shape (batch size) before any launch.
-int ffn_pick_config(int64_t n_rows, int64_t n_expert);  // n_rows = T*k
-int ffn_block_m(int config);                            // rows per tile (the dispatch padding)
+int ffn_pick_config(int64_t n_rows, int64_t n_expert, int dtype);  // n_rows = T*k
+int ffn_block_m(int config);  // rows per tile (the dispatch padding)
 
 typedef struct {
   int dtype;                 // 0 float32, 1 bfloat16, 2 float16 (weights, and activations of the MMA path)

@@ -1,0 +1,433 @@
+// One body for every SIMD kernel set. Each ISA translation unit defines a small `Ops` struct (vector
+// type, width, load / broadcast / fma / convert, compiled with that unit's flags) and instantiates
+// `Kernels<Ops, ...>`; nothing here is compiled at the baseline instruction set.
+//
+// Both expert GEMMs are C[M, N] = A[M, K] . B[N, K]^T with B packed in panels of W = Ops::W columns
+// (packing.h): SwiGLU reads w1 and w3 of a panel in one pass (NMAT = 2) and fuses silu(g) * u in
+// registers; down reads one matrix (NMAT = 1).
+//
+// Determinism: every output element is one accumulator, zeroed once, that takes the products in
+// ascending k order (for vdpbf16ps, pairs (2i, 2i+1) in ascending i). The micro-tile shapes (rows MR,
+// panels NP) only change which elements are computed side by side, never the order of any element's
+// chain; a cache block over k stores the accumulators and reloads them, which is exact. So a token's
+// output bits do not depend on M, on its neighbours in the tile, or on the column split.
+//
+// Everything here sits in an anonymous namespace and the Ops structs do too: a function instantiated in
+// an ISA unit must never be merged by the linker with a same-named copy built for another ISA (an
+// AVX-512 copy of a shared inline function would crash a CPU without it). For the same reason this code
+// avoids std:: containers and algorithms, whose out-of-line instantiations are shared symbols.
+#pragma once
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <type_traits>
+
+#include "../core/kernels.h"
+#include "packing.h"
+
+namespace fmoe {
+namespace simd {
+namespace {
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// A per-thread scratch buffer that grows and is reused across calls.
+struct Scratch {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  ~Scratch() { std::free(ptr); }
+  void* get(size_t want) {
+    if (want > bytes) {
+      std::free(ptr);
+      bytes = (want + 4095) / 4096 * 4096;
+      ptr = std::aligned_alloc(64, bytes);
+      if (!ptr) {
+        bytes = 0;
+        throw std::bad_alloc();
+      }
+    }
+    return ptr;
+  }
+};
+
+// How the weights of a dtype are read.
+enum Mode {
+  kF32 = 0,      // float32, one k per step
+  kF16 = 1,      // IEEE half, converted on load
+  kBF16 = 2,     // bf16 k-pairs, split into two float vectors by shift / mask
+  kBF16Dot = 3,  // bf16 k-pairs fed to a bf16 dot-product instruction; activations rounded to bf16
+};
+
+template <int MODE> struct ModeInfo {
+  static constexpr int es = MODE == kF32 ? 4 : 2;                       // bytes per stored element
+  static constexpr int kg = (MODE == kBF16 || MODE == kBF16Dot) ? 2 : 1;  // k per packed step
+};
+
+// silu(g) * u, lane by lane, with a Cephes-style exp: |rel err| ~1e-7 over the clamped range.
+// The clamp keeps 2^n finite; beyond it silu is 0 or g to float precision anyway. NaN in g stays NaN
+// through the final product.
+template <class O>
+inline typename O::V silu_mul(typename O::V g, typename O::V u) {
+  using V = typename O::V;
+  const V x = O::max(O::min(O::neg(g), O::set1(88.0f)), O::set1(-87.0f));
+  const V n = O::round(O::mul(x, O::set1(1.44269504088896341f)));
+  V r = O::fma(n, O::set1(-0.693359375f), x);
+  r = O::fma(n, O::set1(2.12194440e-4f), r);
+  V p = O::set1(1.9875691500e-4f);
+  p = O::fma(p, r, O::set1(1.3981999507e-3f));
+  p = O::fma(p, r, O::set1(8.3334519073e-3f));
+  p = O::fma(p, r, O::set1(4.1665795894e-2f));
+  p = O::fma(p, r, O::set1(1.6666665459e-1f));
+  p = O::fma(p, r, O::set1(5.0000001201e-1f));
+  p = O::fma(p, O::mul(r, r), O::add(r, O::set1(1.0f)));
+  const V e = O::pow2(p, n);  // exp(-g)
+  return O::mul(O::div(g, O::add(O::set1(1.0f), e)), u);
+}
+
+// Activations are packed per row block before the GEMM: block m0 (rows m0 .. m0+mr) holds, for every k
+// step, its mr values side by side ([k][mr], 4 bytes each: a float, or for kBF16Dot a bf16 pair), so
+// the micro-kernel broadcasts from one sequential stream through one pointer.
+// The micro-kernel: MR rows x NP panels x NMAT matrices of W-wide accumulators over k in [k0, k1).
+// c holds the accumulators between calls ([MR][NP][NMAT][W] floats): loaded when `carry`, always
+// stored. `b` points at the first panel, panels are `pstride` bytes apart. K is the real reduction
+// length (odd K: the kBF16 tail uses only the low half of the last pair; kBF16Dot gets padded rows).
+template <class O, int MODE, int NMAT, int MR, int NP, bool PF>
+static void micro(const char* ap, int64_t K, int64_t k0, int64_t k1, const char* b, size_t pstride, float* c,
+                  bool carry) {
+  using V = typename O::V;
+  constexpr int W = O::W;
+  constexpr int es = ModeInfo<MODE>::es, kg = ModeInfo<MODE>::kg;
+  constexpr size_t step = size_t(NMAT) * W * kg * es;  // bytes of one k step of one panel
+  V acc[MR][NP][NMAT];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; m++)
+#pragma GCC unroll 8
+    for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+      for (int q = 0; q < NMAT; q++) acc[m][p][q] = carry ? O::load(c + ((m * NP + p) * NMAT + q) * W) : O::zero();
+  const float* af = reinterpret_cast<const float*>(ap);
+
+  if constexpr (MODE == kF32 || MODE == kF16) {
+    for (int64_t k = k0; k < k1; k++) {
+      const char* bk = b + size_t(k) * step;
+      if (PF) {
+#pragma GCC unroll 8
+        for (int p = 0; p < NP; p++) O::prefetch(bk + p * pstride + 16 * step);
+      }
+      V w[NP][NMAT];
+#pragma GCC unroll 8
+      for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+        for (int q = 0; q < NMAT; q++) {
+          const char* src = bk + p * pstride + q * W * es;
+          if constexpr (MODE == kF32) w[p][q] = O::load(reinterpret_cast<const float*>(src));
+          else w[p][q] = O::load_f16(reinterpret_cast<const uint16_t*>(src));
+        }
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; m++) {
+        const V xv = O::bcast(af + k * MR + m);
+#pragma GCC unroll 8
+        for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+          for (int q = 0; q < NMAT; q++) acc[m][p][q] = O::fma(xv, w[p][q], acc[m][p][q]);
+      }
+    }
+  } else if constexpr (MODE == kBF16) {
+    // One 32-bit lane per column holds (w[2i], w[2i+1]): the low half is w[2i] once shifted up.
+    const int64_t kfull = imin(k1, K & ~int64_t(1));
+    int64_t k = k0;
+    for (; k < kfull; k += 2) {
+      const char* bk = b + size_t(k / 2) * step;
+      if (PF) {
+#pragma GCC unroll 8
+        for (int p = 0; p < NP; p++) O::prefetch(bk + p * pstride + 16 * step);
+      }
+      V w[NP][NMAT];
+#pragma GCC unroll 8
+      for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+        for (int q = 0; q < NMAT; q++) w[p][q] = O::bf16_lo(bk + p * pstride + q * W * 4);
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; m++) {
+        const V xv = O::bcast(af + k * MR + m);
+#pragma GCC unroll 8
+        for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+          for (int q = 0; q < NMAT; q++) acc[m][p][q] = O::fma(xv, w[p][q], acc[m][p][q]);
+      }
+#pragma GCC unroll 8
+      for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+        for (int q = 0; q < NMAT; q++) w[p][q] = O::bf16_hi(bk + p * pstride + q * W * 4);
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; m++) {
+        const V xv = O::bcast(af + (k + 1) * MR + m);
+#pragma GCC unroll 8
+        for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+          for (int q = 0; q < NMAT; q++) acc[m][p][q] = O::fma(xv, w[p][q], acc[m][p][q]);
+      }
+    }
+    if (k < k1) {  // odd K: last index, the pair's high half is padding
+      const char* bk = b + size_t(k / 2) * step;
+      for (int p = 0; p < NP; p++)
+        for (int q = 0; q < NMAT; q++) {
+          const V w = O::bf16_lo(bk + p * pstride + q * W * 4);
+          for (int m = 0; m < MR; m++)
+            acc[m][p][q] = O::fma(O::bcast(af + k * MR + m), w, acc[m][p][q]);
+        }
+    }
+  } else {  // kBF16Dot: rows are bf16, K padded to even with zeros on both sides
+    for (int64_t k = k0; k < k1; k += 2) {
+      const char* bk = b + size_t(k / 2) * step;
+      if (PF) {
+#pragma GCC unroll 8
+        for (int p = 0; p < NP; p++) O::prefetch(bk + p * pstride + 16 * step);
+      }
+      typename O::Raw w[NP][NMAT];
+#pragma GCC unroll 8
+      for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+        for (int q = 0; q < NMAT; q++) w[p][q] = O::load_raw(bk + p * pstride + q * W * 4);
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; m++) {
+        const typename O::Raw xv = O::bcast_pair(reinterpret_cast<const uint16_t*>(af + (k / 2) * MR + m));
+#pragma GCC unroll 8
+        for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+          for (int q = 0; q < NMAT; q++) acc[m][p][q] = O::dot_bf16(acc[m][p][q], xv, w[p][q]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; m++)
+#pragma GCC unroll 8
+    for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+      for (int q = 0; q < NMAT; q++) O::store(c + ((m * NP + p) * NMAT + q) * W, acc[m][p][q]);
+}
+
+// micro<..., mr, NP> for a run-time mr in [1, MR].
+template <class O, int MODE, int NMAT, int MR, int NP, bool PF>
+static void micro_rows(int mr, const char* a, int64_t K, int64_t k0, int64_t k1, const char* b, size_t pstride,
+                       float* c, bool carry) {
+  if constexpr (MR > 1) {
+    if (mr < MR) return micro_rows<O, MODE, NMAT, MR - 1, NP, PF>(mr, a, K, k0, k1, b, pstride, c, carry);
+  }
+  micro<O, MODE, NMAT, MR, NP, PF>(a, K, k0, k1, b, pstride, c, carry);
+}
+
+// Tile shapes. Accumulators: O::kAcc vector registers (the rest hold weights and a broadcast).
+//   prefill: many rows share each weight load; NP panels x MR rows, k blocked by kc so the panels'
+//            block stays in L2 while every row block of the call passes over it.
+//   decode:  few rows; more panels side by side so enough independent chains hide the FMA latency
+//            while the weights stream from memory once, with software prefetch ahead of the loads.
+template <class O, int NMAT> struct Shapes {
+  static constexpr int kNpPrefill = 2;
+  static constexpr int kMrPrefill = O::kAcc / (NMAT * kNpPrefill);
+  static constexpr int kNpDecode = 8 / NMAT;
+  static constexpr int kMrDecode = O::kAcc / 8 > 0 ? O::kAcc / 8 : 1;
+};
+
+// At most this many rows per expert take the decode shape (chosen by measurement with the bench's
+// `--switch` case). FUSED_MOE_DECODE_ROWS overrides it, for tuning on other machines.
+constexpr int kDecodeRows = 4;
+inline int decode_rows_limit() {
+  static const int limit = [] {
+    const char* env = std::getenv("FUSED_MOE_DECODE_ROWS");
+    const int v = env ? std::atoi(env) : -1;
+    return v >= 0 && v <= 4096 ? v : kDecodeRows;
+  }();
+  return limit;
+}
+
+template <class O, int MODE, int NMAT, int MR, int NP, bool PF, class Epi>
+static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, const char* b, size_t pstride,
+                  int64_t p_begin, int64_t p_end, Epi&& epi) {
+  constexpr int W = O::W;
+  constexpr int kg = ModeInfo<MODE>::kg;
+  static thread_local Scratch cbuf;
+  const int64_t mblocks = (M + MR - 1) / MR;
+  float* c = static_cast<float*>(cbuf.get(size_t(mblocks) * MR * NP * NMAT * W * sizeof(float)));
+  const int64_t Kr = MODE == kBF16Dot ? (K + 1) / 2 * 2 : K;  // k range the loop covers
+  kc = imax(kg, kc / kg * kg);
+  auto run = [&](auto np_tag, int64_t p0) {
+    constexpr int np = decltype(np_tag)::value;
+    const char* bp = b + size_t(p0) * pstride;
+    for (int64_t k0 = 0; k0 < Kr; k0 += kc) {
+      const int64_t k1 = imin(Kr, k0 + kc);
+      for (int64_t m0 = 0; m0 < M; m0 += MR) {
+        const int mr = int(imin(MR, M - m0));
+        const char* am = a + size_t(m0) * size_t(MODE == kBF16Dot ? Kr / 2 : K) * 4;
+        float* cm = c + size_t(m0) * np * NMAT * W;
+        micro_rows<O, MODE, NMAT, MR, np, PF>(mr, am, K, k0, k1, bp, pstride, cm, k0 > 0);
+        if (k1 == Kr) epi(cm, m0, mr, p0, np);
+      }
+    }
+  };
+  int64_t p0 = p_begin;
+  for (; p0 + NP <= p_end; p0 += NP) run(std::integral_constant<int, NP>(), p0);
+  for (; p0 < p_end; p0++) run(std::integral_constant<int, 1>(), p0);
+}
+
+// Packs M rows of K floats (row stride ldx) into row blocks of MR (see above), in a per-thread buffer.
+// kBF16Dot rounds to bf16 first and pads K to even with zeros.
+template <class O, int MODE>
+static const char* pack_act(const float* x, int64_t ldx, int64_t M, int64_t K, int MR) {
+  static thread_local Scratch sbuf, rbuf;
+  if constexpr (MODE != kBF16Dot) {
+    float* buf = static_cast<float*>(sbuf.get(size_t(M * K) * sizeof(float)));
+    for (int64_t m0 = 0; m0 < M; m0 += MR) {
+      const int64_t mr = imin(MR, M - m0);
+      float* dst = buf + m0 * K;
+      for (int64_t m = 0; m < mr; m++) {
+        const float* src = x + (m0 + m) * ldx;
+        for (int64_t k = 0; k < K; k++) dst[k * mr + m] = src[k];
+      }
+    }
+    return reinterpret_cast<const char*>(buf);
+  } else {
+    const int64_t Kh = (K + 1) / 2;  // pairs per row
+    uint32_t* buf = static_cast<uint32_t*>(sbuf.get(size_t(M * Kh) * sizeof(uint32_t)));
+    uint16_t* row = static_cast<uint16_t*>(rbuf.get(size_t(2 * Kh) * sizeof(uint16_t)));
+    for (int64_t m0 = 0; m0 < M; m0 += MR) {
+      const int64_t mr = imin(MR, M - m0);
+      uint32_t* dst = buf + m0 * Kh;
+      for (int64_t m = 0; m < mr; m++) {
+        O::round_bf16(x + (m0 + m) * ldx, K, row);
+        row[2 * Kh - 1] = K & 1 ? 0 : row[2 * Kh - 1];
+        for (int64_t i = 0; i < Kh; i++) dst[i * mr + m] = uint32_t(row[2 * i]) | uint32_t(row[2 * i + 1]) << 16;
+      }
+    }
+    return reinterpret_cast<const char*>(buf);
+  }
+}
+
+// K for the k blocks of the prefill shape: the NP panels' slice of k stays in L2 across row blocks.
+template <int MODE, int NMAT, int NP, int W>
+constexpr int64_t prefill_kc() {
+  return int64_t(64 * 1024) / (int64_t(NP) * NMAT * W * ModeInfo<MODE>::es) / 64 * 64;
+}
+
+template <class O, int MODE, int NMAT, class Epi>
+static void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const char* b, size_t pstride,
+                 int64_t p_begin, int64_t p_end, Epi&& epi) {
+  using S = Shapes<O, NMAT>;
+  const bool decode = M <= decode_rows_limit();
+  const char* a = pack_act<O, MODE>(x, ldx, M, K, decode ? S::kMrDecode : S::kMrPrefill);
+  if (decode) {
+    sweep<O, MODE, NMAT, S::kMrDecode, S::kNpDecode, false>(a, M, K, int64_t(1) << 40, b, pstride, p_begin, p_end,
+                                                            epi);
+  } else {
+    constexpr int64_t kc = prefill_kc<MODE, NMAT, S::kNpPrefill, O::W>();
+    sweep<O, MODE, NMAT, S::kMrPrefill, S::kNpPrefill, false>(a, M, K, kc, b, pstride, p_begin, p_end, epi);
+  }
+}
+
+// The KernelSet functions for one ISA. BF16_MODE: kBF16 (shift) or kBF16Dot.
+template <class O, int BF16_MODE>
+struct Kernels {
+  static constexpr int W = O::W;
+
+  static bool pairs(DType dt) { return dt == DType::BF16; }
+  static size_t w13_bytes(int64_t H, int64_t F, DType dt) { return packed_w13_bytes(H, F, dt, W, pairs(dt)); }
+  static size_t w2_bytes(int64_t H, int64_t F, DType dt) { return packed_w2_bytes(H, F, dt, W, pairs(dt)); }
+  static void pack13(const void* w1, const void* w3, int64_t H, int64_t F, DType dt, void* dst) {
+    pack_w13(w1, w3, H, F, dt, W, pairs(dt), dst);
+  }
+  static void pack2(const void* w2, int64_t H, int64_t F, DType dt, void* dst) {
+    pack_w2(w2, H, F, dt, W, pairs(dt), dst);
+  }
+
+  template <int MODE>
+  static void swiglu_mode(const float* x, int64_t ldx, int64_t M, int64_t H, int64_t F, const void* w13,
+                          int64_t f_begin, int64_t f_end, float* act, int64_t ldact) {
+    constexpr int kg = ModeInfo<MODE>::kg;
+    const size_t pstride = size_t((H + kg - 1) / kg) * 2 * W * kg * ModeInfo<MODE>::es;
+    auto epi = [&](const float* c, int64_t m0, int mr, int64_t p0, int np) {
+      for (int m = 0; m < mr; m++)
+        for (int p = 0; p < np; p++) {
+          const float* cg = c + size_t((m * np + p) * 2) * W;
+          const typename O::V r = silu_mul<O>(O::load(cg), O::load(cg + W));
+          const int64_t f0 = (p0 + p) * W;
+          float* dst = act + (m0 + m) * ldact + f0;
+          if (f0 + W <= F) {
+            O::store(dst, r);
+          } else {
+            float tmp[W];
+            O::store(tmp, r);
+            std::memcpy(dst, tmp, size_t(F - f0) * sizeof(float));
+          }
+        }
+    };
+    gemm<O, MODE, 2>(x, ldx, M, H, static_cast<const char*>(w13), pstride, f_begin / W, (f_end + W - 1) / W, epi);
+  }
+
+  template <int MODE>
+  static void down_mode(const float* act, int64_t ldact, int64_t M, int64_t H, int64_t F, const void* w2,
+                        int64_t h_begin, int64_t h_end, float* y, int64_t ldy) {
+    constexpr int kg = ModeInfo<MODE>::kg;
+    const size_t pstride = size_t((F + kg - 1) / kg) * W * kg * ModeInfo<MODE>::es;
+    auto epi = [&](const float* c, int64_t m0, int mr, int64_t p0, int np) {
+      for (int m = 0; m < mr; m++)
+        for (int p = 0; p < np; p++) {
+          const float* cg = c + size_t(m * np + p) * W;
+          const int64_t h0 = (p0 + p) * W;
+          float* dst = y + (m0 + m) * ldy + h0;
+          if (h0 + W <= H) O::store(dst, O::load(cg));
+          else std::memcpy(dst, cg, size_t(H - h0) * sizeof(float));
+        }
+    };
+    gemm<O, MODE, 1>(act, ldact, M, F, static_cast<const char*>(w2), pstride, h_begin / W, (h_end + W - 1) / W, epi);
+  }
+
+  static void swiglu(const float* x, int64_t ldx, int64_t M, int64_t H, int64_t F, const void* w13, DType dt,
+                     int64_t f_begin, int64_t f_end, float* act, int64_t ldact) {
+    if (M <= 0 || f_begin >= f_end) return;
+    switch (dt) {
+      case DType::F32: return swiglu_mode<kF32>(x, ldx, M, H, F, w13, f_begin, f_end, act, ldact);
+      case DType::F16: return swiglu_mode<kF16>(x, ldx, M, H, F, w13, f_begin, f_end, act, ldact);
+      case DType::BF16: return swiglu_mode<BF16_MODE>(x, ldx, M, H, F, w13, f_begin, f_end, act, ldact);
+    }
+  }
+
+  static void down(const float* act, int64_t ldact, int64_t M, int64_t H, int64_t F, const void* w2, DType dt,
+                   int64_t h_begin, int64_t h_end, float* y, int64_t ldy) {
+    if (M <= 0 || h_begin >= h_end) return;
+    switch (dt) {
+      case DType::F32: return down_mode<kF32>(act, ldact, M, H, F, w2, h_begin, h_end, y, ldy);
+      case DType::F16: return down_mode<kF16>(act, ldact, M, H, F, w2, h_begin, h_end, y, ldy);
+      case DType::BF16: return down_mode<BF16_MODE>(act, ldact, M, H, F, w2, h_begin, h_end, y, ldy);
+    }
+  }
+
+  static KernelSet make(Isa isa, const char* name) {
+    return KernelSet{isa, name, W, w13_bytes, w2_bytes, pack13, pack2, swiglu, down};
+  }
+};
+
+// FMA peak probe: 16 independent accumulators (more than latency x ports) so the loop runs at the FMA
+// units' throughput. Returns float operations done (2 per lane per FMA).
+template <class O>
+double probe_fma_loop(int64_t iters) {
+  typename O::V acc[16];
+  for (int i = 0; i < 16; i++) acc[i] = O::set1(float(i) * 1e-3f);
+  const typename O::V b = O::set1(0.999999f), c = O::set1(1e-6f);
+  for (int64_t it = 0; it < iters; it++) {
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; i++) acc[i] = O::fma(acc[i], b, c);
+  }
+  typename O::V s = acc[0];
+  for (int i = 1; i < 16; i++) s = O::add(s, acc[i]);
+  float out[O::W];
+  O::store(out, s);
+  volatile float sink = out[0];
+  (void)sink;
+  return double(iters) * 16 * O::W * 2;
+}
+
+}  // namespace
+}  // namespace simd
+}  // namespace fmoe

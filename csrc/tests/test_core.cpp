@@ -1,0 +1,201 @@
+// C++ tests of the core, no Node: routing rules, dispatch order, dtype conversions, the thread pool,
+// and every CPU kernel set this machine runs against a float64 reference.
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "core/backend.h"
+#include "core/dispatch.h"
+#include "core/dtype.h"
+#include "core/error.h"
+#include "core/kernels.h"
+#include "core/routing.h"
+#include "core/thread_pool.h"
+
+using namespace fmoe;
+
+static int failures = 0;
+#define CHECK(cond)                                                       \
+  do {                                                                    \
+    if (!(cond)) {                                                        \
+      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
+      failures++;                                                         \
+    }                                                                     \
+  } while (0)
+
+static void test_routing() {
+  // Ties go to the lower index; renormalised weights sum to 1.
+  const float logits[6] = {1.0f, 3.0f, 3.0f, 0.5f, 3.0f, -1.0f};
+  int32_t ids[4];
+  float w[4];
+  route_topk(logits, 1, 6, 3, Routing::SoftmaxTopkRenorm, ids, w);
+  CHECK(ids[0] == 1 && ids[1] == 2 && ids[2] == 4);
+  CHECK(std::fabs(w[0] + w[1] + w[2] - 1.0f) < 1e-6f);
+  // Without renormalisation the weights are the softmax probabilities.
+  route_topk(logits, 1, 6, 1, Routing::SoftmaxTopk, ids, w);
+  double sum = 0;
+  for (float l : logits) sum += std::exp(double(l) - 3.0);
+  CHECK(ids[0] == 1 && std::fabs(w[0] - 1.0 / sum) < 1e-6);
+  // NaN is never picked over a number; all-NaN still yields in-range ids.
+  const float with_nan[4] = {NAN, -2.0f, NAN, -5.0f};
+  route_topk(with_nan, 1, 4, 2, Routing::SoftmaxTopkRenorm, ids, w);
+  CHECK(ids[0] == 1 && ids[1] == 3);
+  const float all_nan[4] = {NAN, NAN, NAN, NAN};
+  route_topk(all_nan, 1, 4, 4, Routing::SoftmaxTopkRenorm, ids, w);
+  for (int j = 0; j < 4; j++) CHECK(ids[j] >= 0 && ids[j] < 4);
+  const float infs[3] = {INFINITY, 0.0f, INFINITY};
+  route_topk(infs, 1, 3, 2, Routing::SoftmaxTopkRenorm, ids, w);
+  CHECK(ids[0] == 0 && ids[1] == 2 && w[0] == 0.5f);
+  // Many experts (past 64, the bitmask fast path).
+  std::vector<float> many(300);
+  for (int e = 0; e < 300; e++) many[e] = float((e * 37) % 300);
+  int32_t top[4];
+  float tw[4];
+  route_topk(many.data(), 1, 300, 4, Routing::SoftmaxTopkRenorm, top, tw);
+  for (int j = 0; j < 4; j++) CHECK(many[top[j]] == float(299 - j));
+}
+
+static void test_dispatch() {
+  const int32_t experts[8] = {2, 0, 1, 2, 0, 2, 1, 0};  // T=4, k=2
+  Dispatch d;
+  dispatch_by_expert(experts, 4, 2, 3, d);
+  const int64_t want_off[4] = {0, 3, 5, 8};
+  const int64_t want_rows[8] = {1, 4, 7, 2, 6, 0, 3, 5};
+  for (int i = 0; i < 4; i++) CHECK(d.offsets[i] == want_off[i]);
+  for (int i = 0; i < 8; i++) CHECK(d.rows[i] == want_rows[i]);
+}
+
+static void test_dtypes() {
+  CHECK(bf16_to_f32(f32_to_bf16(1.5f)) == 1.5f);
+  CHECK(f32_to_bf16(1.0f + 1.0f / 256) == f32_to_bf16(1.0f));  // ties to even
+  CHECK(std::isnan(bf16_to_f32(f32_to_bf16(NAN))));
+  CHECK(f16_to_f32(0x3c00) == 1.0f);
+  CHECK(f16_to_f32(0xc000) == -2.0f);
+  CHECK(f16_to_f32(0x0001) == std::ldexp(1.0f, -24));  // smallest subnormal
+  CHECK(std::isinf(f16_to_f32(0x7c00)));
+  CHECK(std::isnan(f16_to_f32(0x7e00)));
+  CHECK(f16_to_f32(0x7bff) == 65504.0f);
+}
+
+static void test_pool() {
+  ThreadPool pool(3);
+  std::vector<int> hit(1000, 0);
+  pool.parallel_for(1000, 7, 0, [&](int64_t b, int64_t e, int) {
+    for (int64_t i = b; i < e; i++) hit[i]++;
+  });
+  for (int v : hit) CHECK(v == 1);
+  bool threw = false;
+  try {
+    pool.parallel_for(100, 1, 0, [&](int64_t b, int64_t, int) {
+      if (b == 50) fail(ErrorCode::Internal, "boom");
+    });
+  } catch (const MoeException& e) {
+    threw = std::strcmp(e.what(), "boom") == 0;
+  }
+  CHECK(threw);
+}
+
+// Float64 reference of one token through the whole layer.
+static void reference(const MoeConfig& c, const std::vector<float>& gate, const std::vector<double>& w1,
+                      const std::vector<double>& w3, const std::vector<double>& w2, const float* x, double* out) {
+  const int64_t H = c.hidden, F = c.intermediate, E = c.num_experts, k = c.top_k;
+  std::vector<float> logits(E);
+  for (int64_t e = 0; e < E; e++) {
+    double s = 0;
+    for (int64_t i = 0; i < H; i++) s += double(gate[e * H + i]) * x[i];
+    logits[e] = float(s);
+  }
+  std::vector<int32_t> ids(k);
+  std::vector<float> w(k);
+  route_topk(logits.data(), 1, E, k, c.routing, ids.data(), w.data());
+  std::vector<double> h(F);
+  for (int64_t i = 0; i < H; i++) out[i] = 0;
+  for (int64_t j = 0; j < k; j++) {
+    const int64_t e = ids[j];
+    for (int64_t f = 0; f < F; f++) {
+      double a = 0, b = 0;
+      for (int64_t i = 0; i < H; i++) {
+        a += w1[(e * F + f) * H + i] * x[i];
+        b += w3[(e * F + f) * H + i] * x[i];
+      }
+      h[f] = a / (1 + std::exp(-a)) * b;
+    }
+    for (int64_t o = 0; o < H; o++) {
+      double s = 0;
+      for (int64_t f = 0; f < F; f++) s += w2[(e * H + o) * F + f] * h[f];
+      out[o] += w[j] * s;
+    }
+  }
+}
+
+static void test_backend(Isa isa, DType dt, int64_t H, int64_t F, int64_t E, int64_t k, int64_t T) {
+  const KernelSet* ks = kernels_for(isa);
+  if (!ks) return;
+  MoeConfig c;
+  c.hidden = H, c.intermediate = F, c.num_experts = E, c.top_k = k, c.weight_dtype = dt;
+  std::mt19937 gen(unsigned(H * 131 + F * 7 + E + k + T));
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::vector<float> gate(E * H), x(T * H);
+  for (auto& v : gate) v = u(gen) * 2.0f / std::sqrt(float(H));
+  for (auto& v : x) v = u(gen);
+  auto make = [&](int64_t n, float scale, std::vector<uint16_t>& bits, std::vector<float>& f32,
+                  std::vector<double>& exact) {
+    bits.resize(n), f32.resize(n), exact.resize(n);
+    for (int64_t i = 0; i < n; i++) {
+      const float v = u(gen) * scale;
+      f32[i] = v;
+      if (dt == DType::BF16) bits[i] = f32_to_bf16(v), exact[i] = bf16_to_f32(bits[i]);
+      else exact[i] = v;
+    }
+  };
+  std::vector<uint16_t> b1, b3, b2;
+  std::vector<float> f1, f3, f2;
+  std::vector<double> e1, e3, e2;
+  make(E * F * H, 1.0f / std::sqrt(float(H)), b1, f1, e1);
+  make(E * F * H, 1.0f / std::sqrt(float(H)), b3, f3, e3);
+  make(E * H * F, 1.0f / std::sqrt(float(F)), b2, f2, e2);
+  WeightsView wv;
+  wv.gate = gate.data();
+  for (int64_t e = 0; e < E; e++) {
+    if (dt == DType::BF16) {
+      wv.w1.push_back(b1.data() + e * F * H), wv.w3.push_back(b3.data() + e * F * H), wv.w2.push_back(b2.data() + e * H * F);
+    } else {
+      wv.w1.push_back(f1.data() + e * F * H), wv.w3.push_back(f3.data() + e * F * H), wv.w2.push_back(f2.data() + e * H * F);
+    }
+  }
+  // The backend uses the process-wide choice; test the chosen set only when it is this one.
+  if (select_kernels() != ks) return;
+  auto backend = make_cpu_backend(c, wv);
+  std::vector<float> y(T * H);
+  backend->forward(x.data(), T, y.data(), nullptr);
+  std::vector<double> ref(H);
+  double num = 0, den = 0;
+  for (int64_t t = 0; t < T; t++) {
+    reference(c, gate, e1, e3, e2, x.data() + t * H, ref.data());
+    for (int64_t i = 0; i < H; i++) num += (y[t * H + i] - ref[i]) * (y[t * H + i] - ref[i]), den += ref[i] * ref[i];
+  }
+  const double rel = std::sqrt(num / den);
+  const double tol = dt == DType::F32 ? 1e-5 : 1e-2;
+  if (!(rel < tol)) std::fprintf(stderr, "%s %s H=%lld F=%lld: rel L2 %g\n", ks->name, dtype_name(dt), (long long)H, (long long)F, rel);
+  CHECK(rel < tol);
+  // Batch invariance: the last token alone gives the same bits.
+  std::vector<float> alone(H);
+  backend->forward(x.data() + (T - 1) * H, 1, alone.data(), nullptr);
+  CHECK(std::memcmp(alone.data(), y.data() + (T - 1) * H, H * sizeof(float)) == 0);
+}
+
+int main() {
+  test_routing();
+  test_dispatch();
+  test_dtypes();
+  test_pool();
+  for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Neon})
+    for (DType dt : {DType::F32, DType::BF16}) {
+      test_backend(isa, dt, 72, 200, 6, 2, 37);
+      test_backend(isa, dt, 33, 17, 3, 3, 5);
+    }
+  std::printf("%s (%d failures), kernels: %s\n", failures ? "FAILED" : "ok", failures, select_kernels()->name);
+  return failures ? 1 : 0;
+}
