@@ -1,5 +1,6 @@
 /** The public MoeLayer: shapes the API and checks every argument before the native code runs. */
 import { binding, NativeCancel, NativeLayer, WeightArray } from './binding';
+import { scheduler } from './scheduler';
 import { AbortError, argRangeError, argTypeError, fromNative, MoeError } from './errors';
 import { checkedProduct, checkInteger, checkObject, checkOneOf, checkTyped, describe } from './validate';
 
@@ -102,6 +103,7 @@ export class MoeLayer {
   /** Kernel set (CPU ISA) or CUDA device name. */
   readonly kernels: string;
   #native: NativeLayer | undefined;
+  #disposing = false;
   #inFlight = new Set<Promise<unknown>>();
 
   constructor(config: MoeConfig, weights: MoeWeights) {
@@ -126,15 +128,18 @@ export class MoeLayer {
 
   /** Bytes of native memory (packed weights) this layer holds; 0 after dispose(). */
   get nativeBytes(): number {
-    return this.#native ? this.#native.info().nativeBytes : 0;
+    return this.#native && !this.#disposing ? this.#native.info().nativeBytes : 0;
   }
 
   /** True once dispose() was called. */
   get disposed(): boolean {
-    return this.#native === undefined;
+    return this.#disposing;
   }
 
-  /** Runs the MoE block on x ([T, H] floats) off the event loop. */
+  /**
+   * Runs the MoE block on x ([T, H] floats) off the event loop. Requests queue fairly across layers
+   * (see scheduler.ts); x is copied if the request has to wait, so the caller may reuse it at once.
+   */
   forward(x: Float32Array, options: ForwardOptions = {}): Promise<Float32Array> {
     let native: NativeLayer, out: Float32Array, signal: AbortSignal | undefined;
     try {
@@ -149,31 +154,40 @@ export class MoeLayer {
       return Promise.reject(err);
     }
     if (signal?.aborted) return Promise.reject(new AbortError(undefined, { cause: signal.reason }));
-    let cancel: NativeCancel | undefined;
-    let onAbort: (() => void) | undefined;
-    if (signal) {
-      cancel = new (binding().NativeCancel)();
-      onAbort = () => cancel!.cancel();
-      signal.addEventListener('abort', onAbort, { once: true });
-    }
-    let pending: Promise<Float32Array>;
-    try {
-      pending = native.forward(x, out, cancel);
-    } catch (err) {
-      if (onAbort) signal!.removeEventListener('abort', onAbort);
-      return Promise.reject(fromNative(err));
-    }
-    const result = pending.then(
-      (y) => y,
-      (err) => {
-        throw signal?.aborted && (err as { code?: string })?.code === 'ABORT_ERR'
-          ? new AbortError(undefined, { cause: signal.reason })
-          : fromNative(err);
-      },
-    );
-    const tracked = result.finally(() => {
-      if (onAbort) signal!.removeEventListener('abort', onAbort);
+    let input = x;
+    const start = (): Promise<Float32Array> => {
+      let cancel: NativeCancel | undefined;
+      let onAbort: (() => void) | undefined;
+      if (signal) {
+        if (signal.aborted) return Promise.reject(new AbortError(undefined, { cause: signal.reason }));
+        cancel = new (binding().NativeCancel)();
+        onAbort = () => cancel!.cancel();
+        signal.addEventListener('abort', onAbort, { once: true });
+      }
+      let pending: Promise<Float32Array>;
+      try {
+        pending = native.forward(input, out, cancel);
+      } catch (err) {
+        pending = Promise.reject(err);
+      }
+      return pending.then(
+        (y) => {
+          if (onAbort) signal!.removeEventListener('abort', onAbort);
+          return y;
+        },
+        (err) => {
+          if (onAbort) signal!.removeEventListener('abort', onAbort);
+          throw (err as { code?: string })?.code === 'ABORT_ERR'
+            ? new AbortError(undefined, { cause: signal?.reason })
+            : fromNative(err);
+        },
+      );
+    };
+    const { promise, queued } = scheduler.submit(this, start, signal);
+    if (queued) input = x.slice(); // the caller may reuse x while this request waits
+    const tracked = promise.finally(() => {
       this.#inFlight.delete(tracked);
+      if (this.#inFlight.size === 0 && this.#disposing) this.#release();
     });
     this.#inFlight.add(tracked);
     return tracked;
@@ -205,12 +219,17 @@ export class MoeLayer {
   }
 
   /**
-   * Frees the native memory. Forwards already running finish normally (they hold the weights until
-   * they end); any later call throws ERR_MOE_DISPOSED. Calling it twice is harmless.
+   * Frees the native memory. Forwards already started or queued finish normally (the weights are freed
+   * when the last one settles); any later call throws ERR_MOE_DISPOSED. Calling it twice is harmless.
    */
   dispose(): void {
-    if (!this.#native) return;
-    this.#native.dispose();
+    if (this.#disposing) return;
+    this.#disposing = true;
+    if (this.#inFlight.size === 0) this.#release();
+  }
+
+  #release(): void {
+    this.#native?.dispose();
     this.#native = undefined;
   }
 
@@ -220,7 +239,7 @@ export class MoeLayer {
   }
 
   #live(): NativeLayer {
-    if (!this.#native) throw new MoeError('ERR_MOE_DISPOSED', 'this MoeLayer was disposed; create a new one');
+    if (!this.#native || this.#disposing) throw new MoeError('ERR_MOE_DISPOSED', 'this MoeLayer was disposed; create a new one');
     return this.#native;
   }
 

@@ -97,7 +97,21 @@ void ThreadPool::parallel_for(int64_t n, int64_t chunk, int max_threads, const R
     fn(0, n, 0);
     return;
   }
-  std::lock_guard<std::mutex> job(job_mutex_);
+  struct Turn {  // waits for this job's ticket; passes the turn on when the job ends
+    ThreadPool& p;
+    explicit Turn(ThreadPool& pool) : p(pool) {
+      std::unique_lock<std::mutex> lock(p.ticket_mutex_);
+      const uint64_t mine = p.next_ticket_++;
+      p.ticket_cv_.wait(lock, [&] { return p.now_serving_ == mine; });
+    }
+    ~Turn() {
+      {
+        std::lock_guard<std::mutex> lock(p.ticket_mutex_);
+        p.now_serving_++;
+      }
+      p.ticket_cv_.notify_all();
+    }
+  } turn(*this);
   {
     std::lock_guard<std::mutex> lock(mutex_);
     fn_ = &fn;

@@ -1,7 +1,8 @@
 // A small persistent thread pool shared by every layer in the process.
 //
-// One job runs at a time (jobs from several layers queue on a mutex), so two layers forwarding at once
-// never oversubscribe the cores. A job is a range of items handed out in dynamic chunks, so an expert
+// One job runs at a time, so two layers forwarding at once never oversubscribe the cores. Jobs wait
+// in arrival order (a ticket queue), so a small request is never starved by a long prefill that
+// keeps submitting phases: it waits for at most the phase running now. A job is a range of items handed out in dynamic chunks, so an expert
 // with many tokens does not leave a core idle.
 #pragma once
 #include <atomic>
@@ -38,7 +39,10 @@ class ThreadPool {
   void run_chunks(int worker);
 
   std::vector<std::thread> workers_;
-  std::mutex job_mutex_;  // serialises jobs
+  // FIFO admission of jobs: take a ticket, run when now_serving_ reaches it.
+  std::mutex ticket_mutex_;
+  std::condition_variable ticket_cv_;
+  uint64_t next_ticket_ = 0, now_serving_ = 0;
   std::mutex mutex_;
   std::condition_variable wake_;
   std::condition_variable done_;

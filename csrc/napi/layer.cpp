@@ -89,10 +89,11 @@ NativeLayer::NativeLayer(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Nati
   Napi::MemoryManagement::AdjustExternalMemory(env, external_bytes_);
 }
 
-NativeLayer::~NativeLayer() {
-  // Finalised by the GC without dispose(): the shared_ptr frees the weights (or leaves them to
-  // the forwards still running). External memory is not adjusted here: no env calls in finalisers.
-}
+// Garbage-collected without dispose(): the shared_ptr frees the weights (or leaves them to the
+// forwards still running) and V8 hears the memory is gone.
+void NativeLayer::Finalize(Napi::Env env) { release(env); }
+
+NativeLayer::~NativeLayer() = default;
 
 void NativeLayer::release(Napi::Env env) {
   if (!backend_) return;

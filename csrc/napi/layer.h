@@ -15,6 +15,7 @@ class NativeLayer : public Napi::ObjectWrap<NativeLayer> {
   static Napi::Function Init(Napi::Env env);
   explicit NativeLayer(const Napi::CallbackInfo& info);
   ~NativeLayer() override;
+  void Finalize(Napi::Env env) override;
 
  private:
   Napi::Value ForwardSync(const Napi::CallbackInfo& info);

@@ -1,0 +1,104 @@
+/**
+ * The queue every forward() goes through. At most `maxConcurrent` native forwards run at once (each
+ * holds a libuv worker thread, and the native pool runs one job at a time anyway), so file and DNS work
+ * of the host application keeps its threads. Layers take turns (round-robin), so a small request on
+ * one layer is not starved behind a burst of requests on another; a request aborted while it waits is
+ * dropped without ever reaching native code.
+ */
+import { AbortError } from './errors';
+
+interface Job {
+  start: () => Promise<Float32Array>;
+  resolve: (y: Float32Array) => void;
+  reject: (err: unknown) => void;
+  signal?: AbortSignal;
+  onAbort?: () => void;
+}
+
+export class Scheduler {
+  #queues = new Map<object, Job[]>();
+  #ready: object[] = []; // layers with queued jobs, in turn order
+  #running = 0;
+  #maxConcurrent: number;
+
+  constructor(maxConcurrent: number) {
+    this.#maxConcurrent = maxConcurrent;
+  }
+
+  get running(): number {
+    return this.#running;
+  }
+
+  get queued(): number {
+    let n = 0;
+    for (const q of this.#queues.values()) n += q.length;
+    return n;
+  }
+
+  /** Runs start() when this layer's turn comes; true in `started` when it could start at once. */
+  submit(layer: object, start: () => Promise<Float32Array>, signal?: AbortSignal): { promise: Promise<Float32Array>; queued: boolean } {
+    let job!: Job;
+    const promise = new Promise<Float32Array>((resolve, reject) => {
+      job = { start, resolve, reject, signal };
+    });
+    if (this.#running < this.#maxConcurrent && this.#ready.length === 0) {
+      this.#run(job);
+      return { promise, queued: false };
+    }
+    let q = this.#queues.get(layer);
+    if (!q) this.#queues.set(layer, (q = []));
+    if (q.length === 0) this.#ready.push(layer);
+    q.push(job);
+    if (signal) {
+      job.onAbort = () => {
+        const i = q!.indexOf(job);
+        if (i < 0) return; // already started: the native side sees the abort
+        q!.splice(i, 1);
+        if (q!.length === 0) this.#forget(layer);
+        job.reject(new AbortError(undefined, { cause: signal.reason }));
+      };
+      signal.addEventListener('abort', job.onAbort, { once: true });
+    }
+    return { promise, queued: true };
+  }
+
+  #forget(layer: object): void {
+    this.#queues.delete(layer);
+    const i = this.#ready.indexOf(layer);
+    if (i >= 0) this.#ready.splice(i, 1);
+  }
+
+  #run(job: Job): void {
+    if (job.onAbort) job.signal!.removeEventListener('abort', job.onAbort);
+    this.#running++;
+    let p: Promise<Float32Array>;
+    try {
+      p = job.start();
+    } catch (err) {
+      p = Promise.reject(err);
+    }
+    p.then(job.resolve, job.reject).finally(() => {
+      this.#running--;
+      this.#pump();
+    });
+  }
+
+  #pump(): void {
+    while (this.#running < this.#maxConcurrent && this.#ready.length > 0) {
+      const layer = this.#ready.shift()!;
+      const q = this.#queues.get(layer)!;
+      const job = q.shift()!;
+      if (q.length > 0) this.#ready.push(layer);
+      else this.#queues.delete(layer);
+      this.#run(job);
+    }
+  }
+}
+
+function defaultConcurrency(): number {
+  const v = Number(process.env.FUSED_MOE_MAX_CONCURRENT);
+  return Number.isInteger(v) && v >= 1 && v <= 64 ? v : 2;
+}
+
+/** The scheduler of this JS realm (each worker thread has its own). */
+export const scheduler = new Scheduler(defaultConcurrency());

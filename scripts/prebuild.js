@@ -1,0 +1,87 @@
+#!/usr/bin/env node
+// `npm run build:prebuilds`: makes prebuilds/<platform>-<arch>/fused-moe.<libc>.node with prebuildify, the
+// binary `npm install` uses without compiling. It is a Node-API build (one binary for every Node.js
+// with Node-API 8), stripped, and tagged with its libc so a musl system never picks a glibc binary.
+//
+// prebuildify runs `node-gyp rebuild`, which empties build/. The CUDA backend library, when
+// `npm run build:cmake` has built it into build/Release, is kept aside first and then copied beside the
+// prebuilt .node, where the addon's CUDA loader looks for it (the folder of the .node, found with
+// dladdr). Afterwards build/Release holds the new addon (and the CUDA library) again, so a local
+// checkout keeps working as before.
+'use strict';
+
+const fs = require('fs');
+const os = require('os');
+const path = require('path');
+const childProcess = require('child_process');
+const prebuildify = require('prebuildify');
+const { buildEnv, libcInfo } = require('./install');
+
+const root = path.join(__dirname, '..');
+const release = path.join(root, 'build', 'Release');
+const tuple = `${os.platform()}-${os.arch()}`;
+const outDir = path.join(root, 'prebuilds', tuple);
+const sharedLib = /\.(so(\.\d+)*|dylib|dll)$/;
+
+function main() {
+  // Shared libraries from an earlier (cmake-js) build, kept aside from `node-gyp rebuild`.
+  const stash = fs.mkdtempSync(path.join(os.tmpdir(), 'fused-moe-prebuild-'));
+  const libs = readdir(release).filter((n) => sharedLib.test(n));
+  for (const name of libs) fs.copyFileSync(path.join(release, name), path.join(stash, name));
+
+  fs.rmSync(outDir, { recursive: true, force: true });
+  // node-gyp reads npm_config_nodedir and JOBS from the environment prebuildify passes on.
+  Object.assign(process.env, buildEnv(process.env));
+  const libc = libcInfo().family;
+
+  const opts = {
+    cwd: root,
+    napi: true,
+    strip: true,
+    tagLibc: true,
+    // The running Node only names the headers to build against; the binary is Node-API, not tied to it.
+    targets: [process.versions.node],
+  };
+  if (libc) opts.libc = libc;
+
+  prebuildify(opts, (err) => {
+    try {
+      if (err) throw err;
+      for (const name of libs) {
+        const dest = path.join(outDir, name);
+        fs.copyFileSync(path.join(stash, name), dest);
+        strip(dest);
+        fs.mkdirSync(release, { recursive: true });
+        fs.copyFileSync(path.join(stash, name), path.join(release, name));
+      }
+      // prebuildify moved the addon out of build/Release; put a copy back for the local checkout.
+      const addon = readdir(outDir).find((n) => n.endsWith('.node'));
+      if (!addon) throw new Error(`prebuildify left no .node in ${outDir}`);
+      fs.copyFileSync(path.join(outDir, addon), path.join(release, 'fused_moe.node'));
+      for (const name of readdir(outDir)) {
+        console.log(`prebuilds/${tuple}/${name}  ${fs.statSync(path.join(outDir, name)).size} bytes`);
+      }
+    } catch (e) {
+      console.error(`prebuild failed: ${e && e.message ? e.message : e}`);
+      process.exitCode = 1;
+    } finally {
+      fs.rmSync(stash, { recursive: true, force: true });
+    }
+  });
+}
+
+function strip(file) {
+  if (os.platform() !== 'linux') return;
+  // Like prebuildify's own --strip for the shared libraries it finds; a missing strip is not fatal.
+  childProcess.spawnSync(process.env.PREBUILD_STRIP_BIN || 'strip', ['--strip-unneeded', file], { stdio: 'ignore' });
+}
+
+function readdir(dir) {
+  try {
+    return fs.readdirSync(dir);
+  } catch {
+    return [];
+  }
+}
+
+main();
