@@ -46,6 +46,7 @@
         "csrc/core/routing.cpp",
         "csrc/core/dispatch.cpp",
         "csrc/core/thread_pool.cpp",
+        "csrc/core/memory.cpp",
         "csrc/core/cuda_loader.cpp",
         "csrc/cpu/packing.cpp",
         "csrc/cpu/kernels_scalar.cpp",
@@ -58,7 +59,7 @@
         "csrc/napi/bench_probes.cpp"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
-      "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_DEPRECATED", "NAPI_CPP_EXCEPTIONS"],
+      "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_DEPRECATED", "NAPI_CPP_EXCEPTIONS", "NODE_API_SWALLOW_UNTHROWABLE_EXCEPTIONS"],
       "libraries": ["-ldl", "-lpthread"]
     }
   ]

@@ -1,6 +1,8 @@
 /** Types of the native module and the one place that loads it. */
+import * as fs from 'fs';
 import * as path from 'path';
 import { MoeError } from './errors';
+import { libcInfo, runtimeLine, toolInstallCommand } from './platform';
 
 export interface NativeLayerConfig {
   hiddenSize: number;
@@ -18,7 +20,7 @@ export type WeightArray = Float32Array | Uint16Array;
 
 export interface NativeLayer {
   forwardSync(x: Float32Array, out: Float32Array): void;
-  forward(x: Float32Array, out: Float32Array, cancel?: NativeCancel): Promise<Float32Array>;
+  forward(x: Float32Array, out: Float32Array | undefined, cancel?: NativeCancel): Promise<Float32Array>;
   route(x: Float32Array): { experts: Int32Array; weights: Float32Array };
   dispose(): void;
   info(): { device: 'cpu' | 'cuda'; kernels: string; nativeBytes: number };
@@ -63,6 +65,8 @@ export interface NativeBinding {
 
 export const packageRoot = path.join(__dirname, '..');
 
+type Loader = ((dir: string) => NativeBinding) & { resolve?: (dir: string) => string };
+
 let cached: NativeBinding | undefined;
 let loadedFrom: string | undefined;
 
@@ -74,27 +78,84 @@ export function bindingPath(): string | undefined {
 /** Loads the addon once: a prebuilt binary that fits, or the local build (node-gyp-build). */
 export function binding(): NativeBinding {
   if (cached) return cached;
-  // eslint-disable-next-line @typescript-eslint/no-var-requires
-  const load = require('node-gyp-build') as ((dir: string) => NativeBinding) & { resolve?: (dir: string) => string };
+  let file: string | undefined;
   try {
-    if (load.resolve) loadedFrom = load.resolve(packageRoot);
-    cached = load(packageRoot);
+    // eslint-disable-next-line @typescript-eslint/no-var-requires
+    const load = require('node-gyp-build') as Loader;
+    if (load.resolve) file = load.resolve(packageRoot);
+    cached = file ? (require(file) as NativeBinding) : load(packageRoot);
+    loadedFrom = file;
   } catch (err) {
-    throw new MoeError('ERR_MOE_LOAD', loadErrorMessage(err), { cause: err });
+    throw new MoeError('ERR_MOE_LOAD', loadErrorMessage(err, file), { cause: err });
   }
   return cached;
 }
 
-function loadErrorMessage(err: unknown): string {
-  const cause = err instanceof Error ? err.message : String(err);
-  return [
-    'fused-moe: could not load the native addon.',
-    `  platform: ${process.platform}, arch: ${process.arch}, node: ${process.versions.node}, ` +
-      `node-api: ${process.versions.napi}`,
-    `  looked in: ${path.join(packageRoot, 'prebuilds', `${process.platform}-${process.arch}`)} and ` +
-      `${path.join(packageRoot, 'build', 'Release')}`,
+/**
+ * The places node-gyp-build looks, in its order: $FUSED_MOE_PREBUILD instead of the package folder,
+ * then build/Release and build/Debug (skipped with PREBUILDS_ONLY=1), then prebuilds/<platform>-<arch>/
+ * in the package and beside the node executable.
+ */
+export function bindingSearchPaths(): string[] {
+  const dir = process.env.FUSED_MOE_PREBUILD || packageRoot;
+  const tuple = `${process.platform}-${process.arch}`;
+  const paths: string[] = [];
+  if (!process.env.PREBUILDS_ONLY) paths.push(path.join(dir, 'build', 'Release'), path.join(dir, 'build', 'Debug'));
+  paths.push(path.join(dir, 'prebuilds', tuple), path.join(path.dirname(process.execPath), 'prebuilds', tuple));
+  return paths;
+}
+
+function describeFolder(dir: string): string {
+  let names: string[];
+  try {
+    names = fs.readdirSync(dir).filter((n) => n.endsWith('.node'));
+  } catch {
+    return `${dir} (missing)`;
+  }
+  return `${dir} (${names.length ? names.join(', ') : 'no .node file'})`;
+}
+
+/** The ERR_MOE_LOAD message: what was tried, on what, why it failed, and the commands that fix it. */
+export function loadErrorMessage(err: unknown, file?: string): string {
+  const cause = (err instanceof Error ? err.message : String(err)).trim().replace(/\s*\n\s*/g, ' ');
+  const libc = libcInfo();
+  const lines = [
+    `fused-moe: could not load the native addon${file ? ' ' + file : ''}.`,
+    `  runtime: ${runtimeLine()}`,
+    '  looked in:',
+    ...bindingSearchPaths().map((p) => `    ${describeFolder(p)}`),
     `  cause: ${cause}`,
-    '  to fix: reinstall so the source build runs (npm rebuild fused-moe); it needs python3, make and a C++17',
-    '  compiler (Debian/Ubuntu: apt-get install python3 make g++). Run `npx fused-moe doctor` for details.',
-  ].join('\n');
+    'Possible solutions:',
+  ];
+  const rebuild = 'npm rebuild fused-moe --build-from-source';
+  const tools = `${toolInstallCommand()}   # python3, make and a C++17 compiler, for the source build`;
+  const glibc = /GLIBC_(\d+\.\d+)/.exec(cause);
+  if (glibc) {
+    lines.push(
+      `- The binary needs glibc ${glibc[1]} or newer${libc.version ? `; this system has ${libc.version}` : ''}. ` +
+        'Build it from source here:',
+      `    ${tools}`,
+      `    ${rebuild}`,
+    );
+  } else if (/invalid ELF header|wrong ELF class|ELF file|not a valid Win32|mach-o|incompatible architecture/i.test(cause)) {
+    lines.push(
+      `- The binary was made for another platform (node_modules copied from another machine or image?). ` +
+        'Reinstall here:',
+      '    rm -rf node_modules && npm install',
+    );
+  } else if (/No native build was found/.test(cause)) {
+    lines.push(
+      `- No binary fits ${process.platform}-${process.arch}${libc.family ? ` (${libc.family})` : ''}: ` +
+        'build one from source (needs python3, make and a C++17 compiler):',
+      `    ${tools}`,
+      '    npm rebuild fused-moe',
+      '- If npm skipped the install script (--ignore-scripts, or strict-allow-scripts), allow it, then rebuild:',
+      '    npm install-scripts approve fused-moe && npm rebuild fused-moe',
+    );
+    if (process.env.PREBUILDS_ONLY) lines.push('- PREBUILDS_ONLY is set, so build/ is not searched: unset it to use a local build.');
+  } else {
+    lines.push('- Rebuild the addon from source (needs python3, make and a C++17 compiler):', `    ${tools}`, `    ${rebuild}`);
+  }
+  lines.push('- Run `npx fused-moe doctor` for a full report.');
+  return lines.join('\n');
 }

@@ -141,12 +141,13 @@ export class MoeLayer {
    * (see scheduler.ts); x is copied if the request has to wait, so the caller may reuse it at once.
    */
   forward(x: Float32Array, options: ForwardOptions = {}): Promise<Float32Array> {
-    let native: NativeLayer, out: Float32Array, signal: AbortSignal | undefined;
+    let native: NativeLayer, out: Float32Array | undefined, signal: AbortSignal | undefined;
     try {
       native = this.#live();
       const T = this.#tokens(x);
       checkObject('options', options);
-      out = this.#out(options.out, T);
+      // Without options.out the native side hands back its own result buffer (no copy).
+      if (options.out !== undefined) out = this.#out(options.out, T);
       signal = options.signal as AbortSignal | undefined;
       if (signal !== undefined && !(signal instanceof AbortSignal))
         throw argTypeError(`options.signal must be an AbortSignal, got ${describe(signal)}`);

@@ -123,11 +123,11 @@ function missingTools(env = process.env) {
   return missing;
 }
 
-/** The command that installs python3, make and a C++ compiler on this system. */
+/** The command that installs python3, make and a C++ compiler on this system (as lib/platform.ts). */
 function toolInstallCommand() {
-  if (process.platform === 'darwin') return 'xcode-select --install   # the Xcode command line tools: make and clang++';
+  if (process.platform === 'darwin') return 'xcode-select --install';
   if (process.platform === 'win32') {
-    return 'install Visual Studio Build Tools with "Desktop development with C++", and Python 3';
+    return 'install Visual Studio Build Tools ("Desktop development with C++") and Python 3';
   }
   let ids = '';
   try {
@@ -141,7 +141,7 @@ function toolInstallCommand() {
   if (/fedora|rhel|centos|rocky|almalinux|amzn/.test(ids)) return 'dnf install python3 make gcc-c++';
   if (/suse/.test(ids)) return 'zypper install python3 make gcc-c++';
   if (/arch/.test(ids)) return 'pacman -S python make gcc';
-  return 'apt-get install -y python3 make g++   # Debian, Ubuntu';
+  return 'apt-get install -y python3 make g++';
 }
 
 /**

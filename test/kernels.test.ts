@@ -11,7 +11,7 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 
-import { Case, makeCase, referenceMoe, relL2 } from './helpers/reference';
+import { Case, relL2 } from './helpers/reference';
 
 // eslint-disable-next-line @typescript-eslint/no-var-requires
 const binding = require('node-gyp-build')(path.join(__dirname, '..'));
@@ -33,27 +33,32 @@ const cases: Named[] = [
   // Many rows per expert: several row blocks of the prefill tile plus a remainder.
   { name: 'long-f32', H: 72, F: 200, E: 4, k: 2, T: 300, dtype: 'float32', seed: 9, ...base },
   { name: 'long-bf16', H: 72, F: 200, E: 4, k: 2, T: 300, dtype: 'bfloat16', seed: 10, ...base },
-  // A real width: decode (T = 3) and prefill with k blocks over F (T = 24).
-  { name: 'wide-f32', H: 1024, F: 3584, E: 4, k: 2, T: 3, dtype: 'float32', seed: 11, ...base },
-  { name: 'wide-bf16', H: 1024, F: 3584, E: 4, k: 2, T: 3, dtype: 'bfloat16', seed: 12, ...base },
-  { name: 'wide-prefill-f32', H: 1024, F: 3584, E: 2, k: 2, T: 24, dtype: 'float32', seed: 13, ...base },
-  { name: 'wide-prefill-f16', H: 1024, F: 3584, E: 2, k: 2, T: 24, dtype: 'float16', seed: 14, ...base },
+  // A real width: decode (T = 3) and prefill with k blocks over H and F (T = 16: 16 rows per expert).
+  { name: 'wide-f32', H: 1024, F: 3584, E: 2, k: 2, T: 3, dtype: 'float32', seed: 11, ...base },
+  { name: 'wide-bf16', H: 1024, F: 3584, E: 3, k: 1, T: 3, dtype: 'bfloat16', seed: 12, ...base },
+  { name: 'wide-prefill-f32', H: 1024, F: 3584, E: 2, k: 2, T: 16, dtype: 'float32', seed: 13, ...base },
+  { name: 'wide-prefill-f16', H: 1024, F: 3584, E: 2, k: 1, T: 16, dtype: 'float16', seed: 14, ...base },
 ];
 
 let dir = '';
 const refs = new Map<string, Float64Array>();
 
+function child(script: string, env: NodeJS.ProcessEnv): string {
+  const r = spawnSync(process.execPath, [path.join(__dirname, 'fixtures', script), dir], { env, encoding: 'utf8', timeout: 60000 });
+  if (r.status !== 0) throw new Error(`${script} failed (${env.FUSED_MOE_ISA ?? ''}): ${r.stderr || r.error}`);
+  return r.stdout;
+}
+
 beforeAll(() => {
+  const t0 = Date.now();
   dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fused-moe-kernels-'));
-  const list = [];
+  fs.writeFileSync(path.join(dir, 'cases.json'), JSON.stringify(cases));
+  child('kernel-prepare.js', process.env);
   for (const c of cases) {
-    const m = makeCase(c);
-    const parts = [m.x, m.weights.gate, m.weights.w1, m.weights.w3, m.weights.w2];
-    fs.writeFileSync(path.join(dir, `${c.name}.in.bin`), Buffer.concat(parts.map((p) => Buffer.from(p.buffer, p.byteOffset, p.byteLength))));
-    refs.set(c.name, referenceMoe(m.ref, m.x, c.T));
-    list.push(c);
+    const b = fs.readFileSync(path.join(dir, `${c.name}.ref.bin`));
+    refs.set(c.name, new Float64Array(b.buffer.slice(b.byteOffset, b.byteOffset + b.byteLength)));
   }
-  fs.writeFileSync(path.join(dir, 'cases.json'), JSON.stringify(list));
+  if (process.env.FUSED_MOE_TEST_TIMING) console.log(`inputs and references: ${Date.now() - t0} ms`);
 });
 
 afterAll(() => {
@@ -61,14 +66,10 @@ afterAll(() => {
 });
 
 function runSet(isa: string): { full: Float32Array; again: Float32Array; alone: Float32Array; split: Float32Array }[] {
-  const script = path.join(__dirname, 'fixtures', 'kernel-case.js');
-  const r = spawnSync(process.execPath, [script, dir], {
-    env: { ...process.env, FUSED_MOE_ISA: isa },
-    encoding: 'utf8',
-    timeout: 60000,
-  });
-  if (r.status !== 0) throw new Error(`kernel-case.js (${isa}) failed: ${r.stderr || r.error}`);
-  const report = JSON.parse(r.stdout.trim().split('\n').pop() as string);
+  const t0 = Date.now();
+  const out = child('kernel-case.js', { ...process.env, FUSED_MOE_ISA: isa });
+  if (process.env.FUSED_MOE_TEST_TIMING) console.log(`${isa}: ${Date.now() - t0} ms`);
+  const report = JSON.parse(out.trim().split('\n').pop() as string);
   expect(report.isa).toBe(isa);
   return cases.map((c) => {
     const bytes = fs.readFileSync(path.join(dir, `${c.name}.out.bin`));

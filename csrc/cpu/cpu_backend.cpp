@@ -17,6 +17,7 @@
 #include "../core/dispatch.h"
 #include "../core/error.h"
 #include "../core/kernels.h"
+#include "../core/memory.h"
 #include "../core/routing.h"
 #include "../core/thread_pool.h"
 
@@ -62,6 +63,7 @@ class CpuBackend final : public Backend {
     gate_.assign(w.gate, w.gate + E * H);
     w13_bytes_ = kernels_->w13_packed_bytes(H, F, cfg.weight_dtype);
     w2_bytes_ = kernels_->w2_packed_bytes(H, F, cfg.weight_dtype);
+    check_memory_available(size_t(E) * (w13_bytes_ + w2_bytes_), "the layer's packed weights");
     // One copy of the weights, packed expert by expert straight from the caller's arrays.
     for (int64_t e = 0; e < E; e++) {
       w13_.push_back(alloc_aligned(w13_bytes_, "packed w1/w3"));
@@ -118,8 +120,8 @@ class CpuBackend final : public Backend {
     for (int64_t e = 0; e < cfg_.num_experts; e++) {
       const int64_t rows = d.offsets[e + 1] - d.offsets[e];
       if (rows == 0) continue;
-      // Share of the work this expert has, in tiles: at least 4 per thread over the whole job.
-      int64_t want = std::max<int64_t>(1, (4 * nthreads * rows + total_rows - 1) / total_rows);
+      // Share of the work this expert has, in tiles: at least 16 per thread over the whole job, so the uneven expert loads even out.
+      int64_t want = std::max<int64_t>(1, (16 * nthreads * rows + total_rows - 1) / total_rows);
       int64_t tile = (cols + want - 1) / want;
       tile = std::max<int64_t>(P, (tile + P - 1) / P * P);
       for (int64_t c = 0; c < cols; c += tile) items.push_back({e, c, std::min(cols, c + tile)});

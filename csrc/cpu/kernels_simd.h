@@ -409,15 +409,18 @@ struct Kernels {
 };
 
 // FMA peak probe: 16 independent accumulators (more than latency x ports) so the loop runs at the FMA
-// units' throughput. Returns float operations done (2 per lane per FMA).
+// units' throughput. acc = acc * b + acc with b = 2^-30 leaves acc unchanged after rounding, so values
+// stay normal forever, and needs no register but the accumulators (b can be a memory operand: AVX2 has
+// only 16 registers). Returns float operations done (2 per lane per FMA).
 template <class O>
 double probe_fma_loop(int64_t iters) {
+  static volatile float tiny = 9.3132257e-10f;  // 2^-30, opaque to the compiler
   typename O::V acc[16];
-  for (int i = 0; i < 16; i++) acc[i] = O::set1(float(i) * 1e-3f);
-  const typename O::V b = O::set1(0.999999f), c = O::set1(1e-6f);
+  for (int i = 0; i < 16; i++) acc[i] = O::set1(1.0f + float(i));
+  const typename O::V b = O::set1(tiny);
   for (int64_t it = 0; it < iters; it++) {
 #pragma GCC unroll 16
-    for (int i = 0; i < 16; i++) acc[i] = O::fma(acc[i], b, c);
+    for (int i = 0; i < 16; i++) acc[i] = O::fma(acc[i], b, acc[i]);
   }
   typename O::V s = acc[0];
   for (int i = 1; i < 16; i++) s = O::add(s, acc[i]);

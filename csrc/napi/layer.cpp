@@ -150,22 +150,22 @@ Napi::Value NativeLayer::ForwardSync(const Napi::CallbackInfo& info) {
 class ForwardWorker : public Napi::AsyncWorker {
  public:
   ForwardWorker(Napi::Env env, std::shared_ptr<fmoe::Backend> backend, std::vector<float> x, int64_t T,
-                Napi::Float32Array out, std::shared_ptr<fmoe::CancelFlag> cancel)
+                Napi::Value out, std::shared_ptr<fmoe::CancelFlag> cancel)
       : Napi::AsyncWorker(env, "fused-moe:forward"),
         deferred_(Napi::Promise::Deferred::New(env)),
         backend_(std::move(backend)),
         x_(std::move(x)),
         T_(T),
         cancel_(std::move(cancel)) {
-    out_ref_ = Napi::Persistent(out);
+    if (out.IsTypedArray()) out_ref_ = Napi::Persistent(out.As<Napi::Float32Array>());
   }
   Napi::Promise promise() const { return deferred_.Promise(); }
 
  protected:
   void Execute() override {
     try {
-      y_.resize(x_.size());
-      backend_->forward(x_.data(), T_, y_.data(), cancel_.get());
+      y_ = std::make_unique<std::vector<float>>(x_.size());
+      backend_->forward(x_.data(), T_, y_->data(), cancel_.get());
     } catch (const fmoe::MoeException& e) {
       code_ = e.code();
       SetError(e.what());
@@ -177,39 +177,71 @@ class ForwardWorker : public Napi::AsyncWorker {
       SetError(e.what());
     }
     backend_.reset();  // a disposed layer's memory goes as soon as its last forward ends
+    x_ = std::vector<float>();
   }
+  // Both settle the promise on the main thread. When the environment is shutting down (a worker
+  // thread terminated mid-forward) JS can no longer run: the result is dropped, never thrown.
   void OnOK() override {
-    Napi::Env env = Env();
-    Napi::Float32Array out = out_ref_.Value();
-    if (out.ElementLength() != y_.size() || (y_.size() > 0 && out.Data() == nullptr)) {
-      deferred_.Reject(make_moe_error(env, ErrorCode::Shape, "options.out was detached or resized during forward").Value());
-      return;
+    try {
+      deferred_.Resolve(result(Env()));
+    } catch (const Napi::Error& e) {
+      try {
+        deferred_.Reject(e.Value());
+      } catch (const Napi::Error&) {
+      }
     }
-    if (!y_.empty()) std::memcpy(out.Data(), y_.data(), y_.size() * sizeof(float));
-    deferred_.Resolve(out);
   }
   void OnError(const Napi::Error& e) override {
-    deferred_.Reject(make_moe_error(Env(), code_, e.Message()).Value());
+    try {
+      deferred_.Reject(make_moe_error(Env(), code_, e.Message()).Value());
+    } catch (const Napi::Error&) {
+    }
   }
 
  private:
+  // The caller's `out` gets a copy; otherwise the result buffer itself becomes the ArrayBuffer, so
+  // the main thread neither zero-fills nor copies T*H floats.
+  Napi::Value result(Napi::Env env) {
+    const size_t n = y_->size();
+    if (!out_ref_.IsEmpty()) {
+      Napi::Float32Array out = out_ref_.Value();
+      if (out.ElementLength() != n || (n > 0 && out.Data() == nullptr))
+        throw make_moe_error(env, ErrorCode::Shape, "options.out was detached or resized during forward");
+      if (n > 0) std::memcpy(out.Data(), y_->data(), n * sizeof(float));
+      return out;
+    }
+    if (n == 0) return Napi::Float32Array::New(env, 0);
+    std::vector<float>* owned = y_.get();
+    Napi::ArrayBuffer ab;
+    try {
+      ab = Napi::ArrayBuffer::New(env, owned->data(), n * sizeof(float),
+                                  [](Napi::Env, void*, std::vector<float>* v) { delete v; }, owned);
+      y_.release();
+    } catch (const Napi::Error&) {  // runtimes that forbid external buffers: copy instead
+      ab = Napi::ArrayBuffer::New(env, n * sizeof(float));
+      std::memcpy(ab.Data(), owned->data(), n * sizeof(float));
+    }
+    return Napi::Float32Array::New(env, n, ab, 0);
+  }
+
   Napi::Promise::Deferred deferred_;
   std::shared_ptr<fmoe::Backend> backend_;
-  std::vector<float> x_, y_;
+  std::vector<float> x_;
+  std::unique_ptr<std::vector<float>> y_;
   int64_t T_;
   std::shared_ptr<fmoe::CancelFlag> cancel_;
   Napi::Reference<Napi::Float32Array> out_ref_;
   ErrorCode code_ = ErrorCode::Internal;
 };
 
-// (x: Float32Array, out: Float32Array, cancel?: NativeCancel) -> Promise<Float32Array>
+// (x: Float32Array, out: Float32Array | undefined, cancel?: NativeCancel) -> Promise<Float32Array>
 Napi::Value NativeLayer::Forward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto backend = live(env);
   const int64_t H = backend->config().hidden;
   const int64_t T = tokens_of(env, info[0], H);
   const float* x = static_cast<const float*>(typed_data(info[0], napi_float32_array, size_t(T * H), "x"));
-  typed_data_mut(info[1], napi_float32_array, size_t(T * H), "options.out");
+  if (!info[1].IsUndefined()) typed_data_mut(info[1], napi_float32_array, size_t(T * H), "options.out");
   std::shared_ptr<fmoe::CancelFlag> cancel;
   if (info.Length() > 2 && info[2].IsObject()) {
     AddonData* data = env.GetInstanceData<AddonData>();
@@ -224,8 +256,7 @@ Napi::Value NativeLayer::Forward(const Napi::CallbackInfo& info) {
   } catch (const std::bad_alloc&) {
     throw_moe_error(env, ErrorCode::OutOfMemory, "not enough memory to copy x");
   }
-  auto* worker = new ForwardWorker(env, std::move(backend), std::move(xs), T, info[1].As<Napi::Float32Array>(),
-                                   std::move(cancel));
+  auto* worker = new ForwardWorker(env, std::move(backend), std::move(xs), T, info[1], std::move(cancel));
   Napi::Promise p = worker->promise();
   worker->Queue();
   return p;

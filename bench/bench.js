@@ -1,0 +1,205 @@
+#!/usr/bin/env node
+// The CPU benchmark: time per forward, tokens/s, weight GB/s and GFLOP/s of the MoE block per kernel
+// set, each as a fraction of the machine ceilings measured in this same run (streaming read bandwidth
+// and the FMA peak of the set's vector width), with the scalar set's figure beside it.
+//
+//   node bench/bench.js                 all cases (about 10 minutes on a 2-core machine)
+//   node bench/bench.js --quick         tiny shapes, every set, a few seconds (the smoke test runs it)
+//   node bench/bench.js --cases mixtral-decode-bf16,mid-f32 --isa avx512bf16,scalar
+//   node bench/bench.js --switch        the decode / prefill switch measurement only
+//   --json                              the results object on stdout (the table goes to stderr)
+//
+// The kernel set is fixed per process (FUSED_MOE_ISA), so every (case, set) runs in a child process
+// of this script (`--child`) and reports JSON on stdout. Results are written to
+// bench/results/<date>.json. It uses the raw addon, so it needs no TypeScript build.
+'use strict';
+const { spawnSync } = require('child_process');
+const fs = require('fs');
+const os = require('os');
+const path = require('path');
+
+const root = path.join(__dirname, '..');
+const binding = require('node-gyp-build')(root);
+const { fill, fmt, pct, median } = require('./util');
+
+// ---- cases --------------------------------------------------------------------------------------
+// Mixtral-8x7B: H 4096, F 14336, E 8, k 2. "mid": the same block scaled by 1/4 per side. "fine": a
+// fine-grained MoE (DeepSeek-MoE / Qwen-MoE style: many small experts, k 8), H 2048, F 1408, E 64.
+const MIXTRAL = { H: 4096, F: 14336, E: 8, k: 2 };
+const MID = { H: 1024, F: 3584, E: 8, k: 2 };
+const FINE = { H: 2048, F: 1408, E: 64, k: 8 };
+const CASES = [
+  { name: 'mixtral-decode-bf16', ...MIXTRAL, dtype: 'bfloat16', T: [1], isas: ['avx512bf16', 'avx512', 'avx2'], reps: 9 },
+  { name: 'mixtral-prefill-bf16', ...MIXTRAL, dtype: 'bfloat16', T: [512], isas: ['avx512bf16', 'avx512'], reps: 3 },
+  { name: 'mixtral-f32', ...MIXTRAL, dtype: 'float32', T: [1, 512], isas: ['avx512', 'avx2'], reps: 3 },
+  { name: 'mid-f32', ...MID, dtype: 'float32', T: [1, 16, 128, 512], isas: ['avx512', 'avx2', 'scalar'], reps: 5 },
+  { name: 'mid-bf16', ...MID, dtype: 'bfloat16', T: [1, 16, 128, 512], isas: ['avx512bf16', 'avx512', 'scalar'], reps: 5 },
+  { name: 'fine-bf16', ...FINE, dtype: 'bfloat16', T: [1, 256], isas: ['avx512bf16', 'avx512'], reps: 5 },
+  { name: 'fine-bf16-scalar', ...FINE, dtype: 'bfloat16', T: [1], isas: ['scalar'], reps: 3 },
+];
+const QUICK = [
+  { name: 'quick-f32', H: 256, F: 512, E: 4, k: 2, dtype: 'float32', T: [1, 16], isas: ['*'], reps: 3 },
+  { name: 'quick-bf16', H: 256, F: 512, E: 4, k: 2, dtype: 'bfloat16', T: [1, 16], isas: ['*'], reps: 3 },
+];
+// Decode / prefill switch: one expert, M rows, each shape forced (FUSED_MOE_DECODE_ROWS).
+const SWITCH = [
+  { name: 'switch-bf16', H: 4096, F: 14336, E: 1, k: 1, dtype: 'bfloat16', T: [1, 2, 3, 4, 6, 8, 12, 16], isas: ['avx512bf16'], reps: 5 },
+  { name: 'switch-f32', H: 4096, F: 14336, E: 1, k: 1, dtype: 'float32', T: [1, 2, 3, 4, 6, 8, 12, 16], isas: ['avx512'], reps: 5 },
+];
+
+// ---- child: build one layer, time the forwards -------------------------------------------------
+function runChild(spec) {
+  const { H, F, E, k, dtype } = spec;
+  const u16 = dtype !== 'float32';
+  const t0 = process.hrtime.bigint();
+  // One expert's random weights shared by all experts: the layer still packs E copies, so memory
+  // traffic is real, and building Mixtral-size inputs stays fast.
+  const w1 = fill(F * H, u16, 1 / Math.sqrt(H), 1), w3 = fill(F * H, u16, 1 / Math.sqrt(H), 2);
+  const w2 = fill(H * F, u16, 1 / Math.sqrt(F), 3), gate = fill(E * H, false, 2 / Math.sqrt(H), 4);
+  const layer = new binding.NativeLayer(
+    { hiddenSize: H, intermediateSize: F, numExperts: E, topK: k, weightDtype: dtype, device: 'cpu' },
+    gate, Array(E).fill(w1), Array(E).fill(w3), Array(E).fill(w2));
+  const buildMs = Number(process.hrtime.bigint() - t0) / 1e6;
+  const results = [];
+  for (const T of spec.T) {
+    const x = fill(T * H, false, 1, 100 + T);
+    const out = new Float32Array(T * H);
+    const used = new Set(layer.route(x).experts).size;
+    layer.forwardSync(x, out);  // warm-up: workspaces, page faults, caches
+    const times = [];
+    const until = Date.now() + (spec.minMs || 0);
+    for (let r = 0; r < spec.reps || Date.now() < until; r++) {
+      const t = process.hrtime.bigint();
+      layer.forwardSync(x, out);
+      times.push(Number(process.hrtime.bigint() - t) / 1e6);
+      if (r > 200) break;
+    }
+    let finite = true;
+    for (let i = 0; i < out.length; i++) if (!Number.isFinite(out[i])) finite = false;
+    results.push({ T, ms: median(times), times, expertsUsed: used, finite });
+  }
+  const info = layer.info();
+  layer.dispose();
+  return { kernels: info.kernels, buildMs, results };
+}
+
+if (process.argv[2] === '--child') {
+  process.stdout.write(JSON.stringify(runChild(JSON.parse(process.argv[3]))) + '\n');
+  process.exit(0);
+}
+
+// ---- parent ---------------------------------------------------------------------------------------
+const args = process.argv.slice(2);
+const opt = (name) => {
+  const i = args.indexOf(name);
+  return i >= 0 ? args[i + 1] : undefined;
+};
+const quick = args.includes('--quick'), jsonOut = args.includes('--json'), switchOnly = args.includes('--switch');
+const log = (s) => (jsonOut ? process.stderr : process.stdout).write(s + '\n');
+
+const info = binding.backendInfo().cpu;
+const supported = info.supported;
+const threads = info.threads;
+const isaFilter = opt('--isa') ? opt('--isa').split(',') : null;
+const caseFilter = opt('--cases') ? opt('--cases').split(',') : null;
+let cases = quick ? QUICK : switchOnly ? SWITCH : CASES.concat(SWITCH);
+if (caseFilter) cases = CASES.concat(SWITCH, QUICK).filter((c) => caseFilter.includes(c.name));
+
+// Ceilings, measured first so they see the same machine state as the cases.
+log(`fused-moe CPU bench: ${os.cpus()[0].model}, ${threads} threads, sets: ${supported.join(' ')}`);
+const ISA_INDEX = { scalar: 0, avx2: 1, avx512: 2, avx512bf16: 3, neon: 4 };
+const ceilings = { readGBs: binding.bench.readBandwidth(quick ? 64 << 20 : 1 << 30, threads), fmaGflops: {} };
+for (const isa of ['avx2', 'avx512', 'neon']) if (supported.includes(isa)) ceilings.fmaGflops[isa] = binding.bench.fmaPeak(ISA_INDEX[isa], threads);
+if (supported.includes('avx512bf16')) ceilings.bf16DotGflops = binding.bench.fmaPeak(ISA_INDEX.avx512bf16, threads);
+log(`ceilings: read ${fmt(ceilings.readGBs)} GB/s; f32 FMA peak ${Object.entries(ceilings.fmaGflops).map(([k, v]) => `${k} ${fmt(v)}`).join(', ')} GFLOP/s` +
+  (ceilings.bf16DotGflops ? `; bf16 dot peak ${fmt(ceilings.bf16DotGflops)} GFLOP/s` : ''));
+
+// The FMA ceiling of a set: its width's f32 peak (avx512bf16 runs f32 math at avx512 width).
+const fmaCeiling = (isa) => ceilings.fmaGflops[isa === 'avx512bf16' ? 'avx512' : isa] || ceilings.fmaGflops.avx2 || 0;
+
+const rows = [];
+let failed = false;
+for (const c of cases) {
+  const isas = c.isas[0] === '*' ? supported : c.isas.filter((i) => supported.includes(i));
+  for (const isa of isas) {
+    if (isaFilter && !isaFilter.includes(isa)) continue;
+    const variants = c.name.startsWith('switch') ? [['decode', '4096'], ['prefill', '0']] : [[null, null]];
+    for (const [shape, limit] of variants) {
+      const env = { ...process.env, FUSED_MOE_ISA: isa };
+      if (limit !== null) env.FUSED_MOE_DECODE_ROWS = limit;
+      const spec = { H: c.H, F: c.F, E: c.E, k: c.k, dtype: c.dtype, T: c.T, reps: c.reps, minMs: quick ? 0 : 1000 };
+      const r = spawnSync(process.execPath, [__filename, '--child', JSON.stringify(spec)], { env, encoding: 'utf8', maxBuffer: 1 << 24 });
+      if (r.status !== 0) {
+        log(`${c.name} ${isa}: child failed: ${(r.stderr || '').trim().split('\n').slice(-3).join(' | ')}`);
+        failed = true;
+        continue;
+      }
+      const res = JSON.parse(r.stdout.trim().split('\n').pop());
+      const es = c.dtype === 'float32' ? 4 : 2;
+      for (const x of res.results) {
+        const s = x.ms / 1e3;
+        const bytes = x.expertsUsed * 3 * c.H * c.F * es;  // weights actually read: each picked expert once
+        const flops = 2 * x.T * c.k * 3 * c.H * c.F;
+        const gbs = bytes / s / 1e9, gflops = flops / s / 1e9;
+        rows.push({
+          case: c.name, isa, kernels: res.kernels, shape, H: c.H, F: c.F, E: c.E, k: c.k, dtype: c.dtype, T: x.T,
+          ms: x.ms, times: x.times, buildMs: res.buildMs, tokensPerS: x.T / s, weightGBs: gbs, gflops,
+          bwFraction: gbs / ceilings.readGBs, fmaFraction: gflops / fmaCeiling(isa),
+          dotFraction: isa === 'avx512bf16' && c.dtype === 'bfloat16' && ceilings.bf16DotGflops ? gflops / ceilings.bf16DotGflops : undefined,
+          expertsUsed: x.expertsUsed, finite: x.finite,
+        });
+        if (!x.finite || !(x.ms > 0)) failed = true;
+      }
+    }
+  }
+}
+
+// ---- report ---------------------------------------------------------------------------------------
+const scalarOf = (r) => rows.find((s) => s.isa === 'scalar' && s.H === r.H && s.F === r.F && s.E === r.E && s.dtype === r.dtype && s.T === r.T && !s.shape);
+const head = ['case', 'set', 'T', 'ms', 'tok/s', 'GB/s', '%bw', 'GFLOP/s', '%fma', 'scalar ms', 'x scalar'];
+const table = [head];
+for (const r of rows.filter((r) => !r.shape)) {
+  const s = r.isa !== 'scalar' ? scalarOf(r) : undefined;
+  table.push([r.case, r.isa, r.T, fmt(r.ms), fmt(r.tokensPerS), fmt(r.weightGBs), pct(r.bwFraction), fmt(r.gflops),
+    pct(r.fmaFraction) + (r.dotFraction !== undefined ? ` (${pct(r.dotFraction)} dot)` : ''), s ? fmt(s.ms) : '', s ? fmt(s.ms / r.ms) + 'x' : '']);
+}
+const widths = head.map((_, i) => Math.max(...table.map((row) => String(row[i]).length)));
+for (const row of table) log(row.map((v, i) => String(v).padStart(widths[i])).join('  '));
+
+// The switch: per M, ms of each shape.
+const sw = rows.filter((r) => r.shape);
+const switchSummary = [];
+for (const name of [...new Set(sw.map((r) => r.case))]) {
+  const line = [];
+  for (const T of [...new Set(sw.filter((r) => r.case === name).map((r) => r.T))]) {
+    const d = sw.find((r) => r.case === name && r.T === T && r.shape === 'decode');
+    const p = sw.find((r) => r.case === name && r.T === T && r.shape === 'prefill');
+    if (d && p) {
+      line.push(`M=${T}: decode ${fmt(d.ms)} / prefill ${fmt(p.ms)} ms`);
+      switchSummary.push({ case: name, M: T, decodeMs: d.ms, prefillMs: p.ms, faster: d.ms <= p.ms ? 'decode' : 'prefill' });
+    }
+  }
+  if (line.length) log(`${name}: ${line.join('; ')}`);
+}
+
+// Targets on the headline cases.
+const find = (cs, isa, T) => rows.find((r) => r.case === cs && r.isa === isa && r.T === T && !r.shape);
+const targets = [];
+const dec = find('mixtral-decode-bf16', 'avx512bf16', 1);
+if (dec) targets.push({ target: 'decode bf16 T=1 weight bytes/s >= 85% of read bandwidth', value: dec.bwFraction, ok: dec.bwFraction >= 0.85 });
+const pf = find('mixtral-f32', 'avx512', 512);
+if (pf) targets.push({ target: 'prefill f32 T=512 >= 70% of avx512 FMA peak', value: pf.fmaFraction, ok: pf.fmaFraction >= 0.7 });
+const pb = find('mixtral-prefill-bf16', 'avx512bf16', 512);
+if (pb && pf) targets.push({ target: 'prefill bf16 (vdpbf16ps) >= 1.6x the f32 GFLOP/s', value: pb.gflops / pf.gflops, ok: pb.gflops / pf.gflops >= 1.6 });
+const p2 = find('mixtral-f32', 'avx2', 512);
+if (p2) targets.push({ target: 'prefill f32 T=512 forced avx2 >= 70% of avx2 FMA peak', value: p2.fmaFraction, ok: p2.fmaFraction >= 0.7 });
+for (const t of targets) log(`${t.ok ? 'met ' : 'MISS'}  ${t.target}: ${t.value < 3 && t.target.includes('x the') ? fmt(t.value) + 'x' : pct(t.value)}`);
+
+const result = { date: new Date().toISOString(), machine: { cpu: os.cpus()[0].model, threads, supported }, quick, ceilings, rows, switch: switchSummary, targets };
+const dir = path.join(__dirname, 'results');
+fs.mkdirSync(dir, { recursive: true });
+const file = path.join(dir, `${result.date.replace(/[:.]/g, '-')}${quick ? '-quick' : ''}.json`);
+fs.writeFileSync(file, JSON.stringify(result, null, 1));
+log(`results: ${path.relative(root, file)}`);
+if (jsonOut) process.stdout.write(JSON.stringify(result) + '\n');
+process.exit(failed ? 1 : 0);

@@ -1,0 +1,39 @@
+// Small helpers of bench/bench.js.
+'use strict';
+
+// n random values in [-scale, scale] (never zero), as float32 or as bf16 bits: a 64 Ki block from a
+// seeded LCG, repeated (copyWithin), so gigabytes of weights take a fraction of a second.
+function fill(n, bf16, scale, seed) {
+  const a = bf16 ? new Uint16Array(n) : new Float32Array(n);
+  const f = new Float32Array(1), u = new Uint32Array(f.buffer);
+  let s = (seed * 2654435761) >>> 0;
+  const block = Math.min(n, 1 << 16);
+  for (let i = 0; i < block; i++) {
+    s = (Math.imul(s, 1103515245) + 12345) >>> 0;
+    const v = ((s / 4294967296) * 2 - 1) * scale || scale * 1e-3;
+    if (bf16) {
+      f[0] = v;
+      a[i] = u[0] >>> 16;
+    } else {
+      a[i] = v;
+    }
+  }
+  for (let done = block; done < n; done *= 2) a.copyWithin(done, 0, Math.min(done, n - done));
+  return a;
+}
+
+function median(v) {
+  const s = [...v].sort((a, b) => a - b);
+  return s.length % 2 ? s[s.length >> 1] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+}
+
+// 3 significant digits.
+function fmt(v) {
+  if (!Number.isFinite(v)) return String(v);
+  const a = Math.abs(v);
+  return a >= 100 ? v.toFixed(0) : a >= 10 ? v.toFixed(1) : a >= 1 ? v.toFixed(2) : v.toPrecision(3);
+}
+
+const pct = (f) => (Number.isFinite(f) ? (100 * f).toFixed(0) + '%' : '-');
+
+module.exports = { fill, median, fmt, pct };

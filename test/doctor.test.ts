@@ -1,0 +1,117 @@
+/** `fused-moe doctor`: the command a user runs to see which backend loaded and why; run as a user would. */
+import { spawnSync } from 'child_process';
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+
+const root = path.join(__dirname, '..');
+const bin = path.join(root, 'bin', 'fused-moe.js');
+const pkg = JSON.parse(fs.readFileSync(path.join(root, 'package.json'), 'utf8')) as { version: string };
+
+function doctor(args: string[], env: Record<string, string | undefined> = {}) {
+  const clean: Record<string, string | undefined> = { ...process.env, FUSED_MOE_ISA: undefined, FUSED_MOE_PREBUILD: undefined };
+  const r = spawnSync(process.execPath, [bin, ...args], { encoding: 'utf8', env: { ...clean, ...env }, timeout: 60000 });
+  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+beforeAll(() => {
+  if (!fs.existsSync(path.join(root, 'dist', 'doctor.js'))) throw new Error('dist/ is not built: run npm run build:ts');
+});
+
+test('text report: version, binary, CPU kernels, CUDA state', () => {
+  const r = doctor(['doctor']);
+  expect(r.stderr).toBe('');
+  expect(r.status).toBe(0);
+  expect(r.stdout).toMatch(new RegExp(`^fused-moe\\s+${pkg.version.replace(/\./g, '\\.')} `));
+  expect(r.stdout).toMatch(new RegExp(`^runtime\\s+${process.platform}-${process.arch}.*Node\\.js ${process.versions.node}`, 'm'));
+  expect(r.stdout).toMatch(/^addon\s+(local build|prebuilt|other): \S+\.node$/m);
+  expect(r.stdout).toMatch(/^cpu\s+\w+ kernels, \d+ threads/m);
+  expect(r.stdout).toMatch(/kernel sets this CPU and build support: scalar/);
+  expect(r.stdout).toMatch(/^cuda\s+(available, \d+ device\(s\)|not used)$/m);
+  if (/^cuda\s+not used$/m.test(r.stdout)) expect(r.stdout).toMatch(/^\s+reason: \S/m);
+  expect(r.stdout).toMatch(/^ok: layers can run here/m);
+});
+
+test('--json: one object with every field, consistent with itself', () => {
+  const r = doctor(['doctor', '--json']);
+  expect(r.status).toBe(0);
+  const report = JSON.parse(r.stdout);
+  expect(report.package).toEqual({ name: 'fused-moe', version: pkg.version, path: root });
+  expect(report.runtime).toMatchObject({ platform: process.platform, arch: process.arch, node: process.versions.node, addonNapi: 8 });
+  expect(report.runtime.napi).toBeGreaterThanOrEqual(8);
+  if (process.platform === 'linux') expect(['glibc', 'musl']).toContain(report.runtime.libc.family);
+  expect(report.addon.loaded).toBe(true);
+  expect(fs.existsSync(report.addon.path)).toBe(true);
+  expect(['local build', 'prebuilt', 'other']).toContain(report.addon.kind);
+  expect(report.addon.searched.length).toBeGreaterThan(0);
+  expect(report.addon.error).toBeNull();
+  expect(report.cpu.supported).toContain('scalar');
+  expect(report.cpu.supported).toContain(report.cpu.isa);
+  expect(report.cpu.threads).toBeGreaterThan(0);
+  expect(report.cpu.error).toBeNull();
+  const cuda = report.cuda;
+  expect(typeof cuda.available).toBe('boolean');
+  expect(Array.isArray(cuda.devices)).toBe(true);
+  if (cuda.available) {
+    expect(cuda.reason).toBeNull();
+    expect(cuda.libraryFound).toBe(true);
+    expect(cuda.driverVersion).toMatch(/^\d+\.\d+$/);
+    for (const d of cuda.devices) {
+      expect(d).toEqual({
+        index: expect.any(Number),
+        name: expect.any(String),
+        totalMemory: expect.any(Number),
+        computeCapability: expect.stringMatching(/^\d+\.\d+$/),
+        multiprocessors: expect.any(Number),
+      });
+    }
+  } else {
+    expect(typeof cuda.reason).toBe('string');
+    expect(cuda.reason.length).toBeGreaterThan(10);
+  }
+  expect(report.exitCode).toBe(0);
+});
+
+test('a FUSED_MOE_ISA the CPU cannot run is reported, with exit code 1', () => {
+  const r = doctor(['doctor', '--json'], { FUSED_MOE_ISA: 'sse9' });
+  expect(r.status).toBe(1);
+  const report = JSON.parse(r.stdout);
+  expect(report.env.FUSED_MOE_ISA).toBe('sse9');
+  expect(report.cpu.isa).toBeNull();
+  expect(report.cpu.error).toMatch(/FUSED_MOE_ISA=sse9 is not a kernel set/);
+
+  const forced = doctor(['doctor'], { FUSED_MOE_ISA: 'scalar' });
+  expect(forced.status).toBe(0);
+  expect(forced.stdout).toMatch(/^cpu\s+scalar kernels \(forced by FUSED_MOE_ISA=scalar\)/m);
+});
+
+test('an addon that cannot load is reported (paths, cause, fixes), never thrown', () => {
+  const empty = fs.mkdtempSync(path.join(os.tmpdir(), 'fused-moe-doctor-'));
+  try {
+    const env = { FUSED_MOE_PREBUILD: empty };
+    const json = doctor(['doctor', '--json'], env);
+    expect(json.status).toBe(1);
+    const report = JSON.parse(json.stdout);
+    expect(report.addon.loaded).toBe(false);
+    expect(report.addon.error.code).toBe('ERR_MOE_LOAD');
+    expect(report.addon.error.message).toContain(path.join(empty, 'prebuilds', `${process.platform}-${process.arch}`));
+    expect(report.addon.error.message).toMatch(/No native build was found/);
+    expect(report.addon.error.message).toMatch(/Possible solutions:[\s\S]*npm rebuild fused-moe/);
+    expect(report.cpu).toBeNull();
+    expect(report.cuda).toBeNull();
+
+    const text = doctor(['doctor'], env);
+    expect(text.status).toBe(1);
+    expect(text.stdout).toMatch(/^addon\s+NOT LOADED$/m);
+    expect(text.stdout).toMatch(/looked in:/);
+    expect(text.stdout).toMatch(/^not ok/m);
+  } finally {
+    fs.rmSync(empty, { recursive: true, force: true });
+  }
+});
+
+test('usage and unknown commands', () => {
+  expect(doctor(['--help'])).toMatchObject({ status: 0, stdout: expect.stringMatching(/^usage: fused-moe doctor/) });
+  expect(doctor([])).toMatchObject({ status: 2, stdout: expect.stringMatching(/^usage:/) });
+  expect(doctor(['doctr'])).toMatchObject({ status: 2, stdout: expect.stringMatching(/unknown command or option 'doctr'/) });
+});

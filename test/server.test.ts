@@ -1,0 +1,185 @@
+/**
+ * Server-grade behaviour: event-loop delay under load, fair queueing, cancellation, worker threads,
+ * memory that stays flat, and determinism across runs, thread counts and batches.
+ */
+import { execFileSync } from 'child_process';
+import * as path from 'path';
+import { monitorEventLoopDelay } from 'perf_hooks';
+import { Worker } from 'worker_threads';
+import { AbortError, MoeLayer } from '../lib';
+import { makeCase, randomF32, rng } from './helpers/reference';
+
+const bits = (a: Float32Array) => Buffer.from(a.buffer, a.byteOffset, a.byteLength);
+const small = makeCase({ H: 64, F: 96, E: 8, k: 2, T: 3, dtype: 'float32', routing: 'softmax-topk-renorm', seed: 80 });
+const large = makeCase({ H: 512, F: 1024, E: 8, k: 2, T: 4, dtype: 'float32', routing: 'softmax-topk-renorm', seed: 81 });
+
+/** Tokens of the large layer that take about `ms` (measured from a warm run's own rate). */
+async function tokensFor(layer: MoeLayer, ms: number): Promise<number> {
+  const x = randomF32(256 * 512, rng(82));
+  await layer.forward(x);
+  const t0 = performance.now();
+  await layer.forward(x);
+  const perToken = Math.max((performance.now() - t0) / 256, 1e-3);
+  return Math.min(40000, Math.max(256, Math.ceil(ms / perToken)));
+}
+
+describe('event loop and fairness', () => {
+  test('p99 event-loop delay stays under 20 ms while forwards run back to back on several layers', async () => {
+    const layers = [0, 1, 2].map(() => new MoeLayer(large.config, large.weights));
+    const T = await tokensFor(layers[0], 150);
+    const x = randomF32(T * 512, rng(83));
+    const h = monitorEventLoopDelay({ resolution: 1 });
+    h.enable();
+    const t0 = performance.now();
+    await Promise.all(layers.map(async (l) => {
+      while (performance.now() - t0 < 2000) await l.forward(x);
+    }));
+    h.disable();
+    layers.forEach((l) => l.dispose());
+    expect(h.count).toBeGreaterThan(100);
+    expect(h.percentile(99) / 1e6).toBeLessThan(20);
+  });
+
+  test('a small request is not starved behind long prefills on another layer', async () => {
+    const big = new MoeLayer(large.config, large.weights);
+    const tiny = new MoeLayer(small.config, small.weights);
+    const T = await tokensFor(big, 400);
+    const xb = randomF32(T * 512, rng(84));
+    const t = performance.now();
+    await big.forward(xb);
+    const oneBigMs = performance.now() - t;
+    let bigDone = 0;
+    const bigs = [0, 1, 2, 3].map(() => big.forward(xb).then(() => bigDone++));
+    await new Promise((r) => setTimeout(r, 20));
+    const t0 = performance.now();
+    await tiny.forward(small.x);
+    const tinyMs = performance.now() - t0;
+    const finishedBefore = bigDone;
+    await Promise.all(bigs);
+    big.dispose();
+    tiny.dispose();
+    // Four prefills were queued first; the small request must not wait for them all: at most about
+    // one prefill's time (it shares the cores with the running one).
+    expect(finishedBefore).toBeLessThan(4);
+    expect(tinyMs).toBeLessThan(1.5 * oneBigMs);
+  });
+});
+
+describe('cancellation', () => {
+  test('a request aborted while queued never runs and rejects at once', async () => {
+    const big = new MoeLayer(large.config, large.weights);
+    const T = await tokensFor(big, 300);
+    const xb = randomF32(T * 512, rng(85));
+    const running = [big.forward(xb), big.forward(xb)]; // fill the concurrent slots
+    const ac = new AbortController();
+    const queued = big.forward(xb, { signal: ac.signal });
+    const t0 = performance.now();
+    ac.abort();
+    await expect(queued).rejects.toBeInstanceOf(AbortError);
+    expect(performance.now() - t0).toBeLessThan(100);
+    await Promise.all(running);
+    big.dispose();
+  });
+
+  test('a request aborted while running stops early and rejects with AbortError', async () => {
+    const big = new MoeLayer(large.config, large.weights);
+    const T = await tokensFor(big, 1500);
+    const xb = randomF32(T * 512, rng(86));
+    const ac = new AbortController();
+    const t0 = performance.now();
+    const p = big.forward(xb, { signal: ac.signal });
+    setTimeout(() => ac.abort(), 100);
+    await expect(p).rejects.toMatchObject({ name: 'AbortError', code: 'ABORT_ERR' });
+    expect(performance.now() - t0).toBeLessThan(1200);
+    // The layer still works after the abort.
+    expect(bits(await big.forward(large.x))).toEqual(bits(big.forwardSync(large.x)));
+    big.dispose();
+  });
+});
+
+describe('worker threads', () => {
+  const script = path.join(__dirname, 'fixtures', 'worker.js');
+  const start = () =>
+    new Promise<Worker>((resolve, reject) => {
+      const w = new Worker(script, { workerData: { config: small.config, weights: small.weights } });
+      w.once('message', () => resolve(w));
+      w.once('error', reject);
+    });
+  const ask = (w: Worker, x: Float32Array) =>
+    new Promise<Float32Array>((resolve) => {
+      w.once('message', (m) => resolve(m.y));
+      w.postMessage({ id: 1, x });
+    });
+
+  test('the addon runs in several workers at once and in the main thread, with the same answers', async () => {
+    const main = new MoeLayer(small.config, small.weights);
+    const want = bits(main.forwardSync(small.x));
+    const workers = await Promise.all([start(), start(), start()]);
+    const got = await Promise.all(workers.map((w) => ask(w, small.x)));
+    for (const y of got) expect(bits(y)).toEqual(want);
+    await Promise.all(workers.map((w) => w.terminate()));
+    expect(bits(await main.forward(small.x))).toEqual(want);
+    main.dispose();
+  });
+
+  test('a worker terminated mid-forward leaves the process healthy', async () => {
+    const w = new Worker(
+      `const { workerData, parentPort } = require('worker_threads');
+       const { MoeLayer } = require(${JSON.stringify(path.join(__dirname, '..', 'dist'))});
+       const l = new MoeLayer(workerData.config, workerData.weights);
+       const x = new Float32Array(4000 * 512).fill(0.25);
+       for (let i = 0; i < 4; i++) l.forward(x);
+       parentPort.postMessage('started');`,
+      { eval: true, workerData: { config: large.config, weights: large.weights } },
+    );
+    await new Promise((r) => w.once('message', r));
+    await new Promise((r) => setTimeout(r, 50));
+    await w.terminate();
+    const l = new MoeLayer(small.config, small.weights);
+    expect(bits(await l.forward(small.x))).toEqual(bits(l.forwardSync(small.x)));
+    l.dispose();
+  });
+});
+
+describe('memory', () => {
+  test('forwards and layer churn leave RSS flat; layers collected without dispose() free their memory', () => {
+    const out = execFileSync(process.execPath, ['--expose-gc', path.join(__dirname, 'fixtures', 'memory.js'), '10000'], {
+      encoding: 'utf8',
+      timeout: 300000,
+    });
+    const r = JSON.parse(out.trim().split('\n').pop()!);
+    expect(r.forwards).toBe(10000);
+    // Bounds: allocator arenas may settle a little; a leak of one x per forward would be 150+ MiB.
+    expect(r.forwardRssGrowthMiB).toBeLessThan(32);
+    // 1000 layers of 0.6 MiB each: a leak would be 600 MiB.
+    expect(r.layersRssGrowthMiB).toBeLessThan(32);
+    // 40 layers of 25 MiB never disposed: 1000 MiB if the GC did not free them.
+    expect(r.leakedLayersRssGrowthMiB).toBeLessThan(150);
+  });
+});
+
+describe('determinism', () => {
+  const c = makeCase({ H: 72, F: 200, E: 6, k: 2, T: 37, dtype: 'float32', routing: 'softmax-topk-renorm', seed: 87 });
+  const cb = makeCase({ H: 72, F: 200, E: 6, k: 2, T: 37, dtype: 'bfloat16', routing: 'softmax-topk-renorm', seed: 88 });
+
+  test.each([['float32', c], ['bfloat16', cb]] as const)('%s: same bits across runs, thread counts and batches', async (_, k) => {
+    const one = new MoeLayer({ ...k.config, threads: 1 }, k.weights);
+    const two = new MoeLayer({ ...k.config, threads: 2 }, k.weights);
+    const want = bits(one.forwardSync(k.x));
+    for (let i = 0; i < 3; i++) expect(bits(await two.forward(k.x))).toEqual(want);
+    expect(bits(two.forwardSync(k.x))).toEqual(want);
+    // Batch invariance: each token alone, and the batch in another order, give the same bits.
+    const H = k.config.hiddenSize;
+    const all = two.forwardSync(k.x);
+    for (const t of [0, 5, 36]) {
+      const alone = two.forwardSync(k.x.slice(t * H, (t + 1) * H));
+      expect(bits(alone)).toEqual(bits(all.subarray(t * H, (t + 1) * H)));
+    }
+    const reversed = new Float32Array(k.x.length);
+    for (let t = 0; t < 37; t++) reversed.set(k.x.subarray(t * H, (t + 1) * H), (36 - t) * H);
+    const yr = two.forwardSync(reversed);
+    for (let t = 0; t < 37; t++) expect(bits(yr.subarray((36 - t) * H, (37 - t) * H))).toEqual(bits(all.subarray(t * H, (t + 1) * H)));
+    one.dispose();
+    two.dispose();
+  });
+});
