@@ -248,28 +248,44 @@ static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, const char* b
                   int64_t p_begin, int64_t p_end, Epi&& epi) {
   constexpr int W = O::W;
   constexpr int kg = ModeInfo<MODE>::kg;
-  static thread_local Scratch cbuf;
-  const int64_t mblocks = (M + MR - 1) / MR;
-  float* c = static_cast<float*>(cbuf.get(size_t(mblocks) * MR * NP * NMAT * W * sizeof(float)));
   const int64_t Kr = MODE == kBF16Dot ? (K + 1) / 2 * 2 : K;  // k range the loop covers
+  const size_t arow = size_t(MODE == kBF16Dot ? Kr / 2 : K) * 4;  // packed activation bytes per row
   kc = imax(kg, kc / kg * kg);
-  auto run = [&](auto np_tag, int64_t p0) {
+  // Panel groups per column block: the block's accumulators (M rows) stay in L2 across its k blocks,
+  // so each k slice of the activations is read from L2 by every group of the block, not from L3.
+  const int64_t mpad = (M + MR - 1) / MR * MR;
+  const int64_t gsize = mpad * NP * NMAT * W;  // floats of one group's accumulators
+  const int64_t nb = kc >= Kr ? 1 : imax(1, int64_t(128 * 1024 / sizeof(float)) / gsize);
+  static thread_local Scratch cbuf;
+  float* c = static_cast<float*>(cbuf.get(size_t(nb * gsize) * sizeof(float)));
+  auto run = [&](auto np_tag, int64_t p0, int64_t ng) {  // ng groups of np panels from panel p0
     constexpr int np = decltype(np_tag)::value;
-    const char* bp = b + size_t(p0) * pstride;
     for (int64_t k0 = 0; k0 < Kr; k0 += kc) {
       const int64_t k1 = imin(Kr, k0 + kc);
-      for (int64_t m0 = 0; m0 < M; m0 += MR) {
-        const int mr = int(imin(MR, M - m0));
-        const char* am = a + size_t(m0) * size_t(MODE == kBF16Dot ? Kr / 2 : K) * 4;
-        float* cm = c + size_t(m0) * np * NMAT * W;
-        micro_rows<O, MODE, NMAT, MR, np, PF>(mr, am, K, k0, k1, bp, pstride, cm, k0 > 0);
-        if (k1 == Kr) epi(cm, m0, mr, p0, np);
+      for (int64_t g = 0; g < ng; g++) {
+        const int64_t pg = p0 + g * np;
+        const char* bp = b + size_t(pg) * pstride;
+        float* cg = c + g * gsize;
+        for (int64_t m0 = 0; m0 < M; m0 += MR) {
+          const int mr = int(imin(MR, M - m0));
+          float* cm = cg + m0 * np * NMAT * W;
+          micro_rows<O, MODE, NMAT, MR, np, PF>(mr, a + size_t(m0) * arow, K, k0, k1, bp, pstride, cm, k0 > 0);
+          if (k1 == Kr) epi(cm, m0, mr, pg, np);
+        }
       }
     }
   };
-  int64_t p0 = p_begin;
-  for (; p0 + NP <= p_end; p0 += NP) run(std::integral_constant<int, NP>(), p0);
-  for (; p0 < p_end; p0++) run(std::integral_constant<int, 1>(), p0);
+  // Blocks of up to nb groups of NP panels, then the leftover panels one by one.
+  int64_t p = p_begin;
+  for (; p + NP <= p_end; p += nb * NP) {
+    const int64_t ng = imin(nb, (p_end - p) / NP);
+    run(std::integral_constant<int, NP>(), p, ng);
+    if (ng < nb) {
+      p += ng * NP;
+      break;
+    }
+  }
+  for (; p < p_end; p += nb) run(std::integral_constant<int, 1>(), p, imin(nb, p_end - p));
 }
 
 // Packs M rows of K floats (row stride ldx) into row blocks of MR (see above), in a per-thread buffer.

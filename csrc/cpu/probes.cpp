@@ -12,6 +12,10 @@
 #include <thread>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 namespace fmoe {
 
 double probe_fma_loop_avx2(int64_t iters);
@@ -68,9 +72,14 @@ uint64_t read_slice(const uint64_t* p, size_t n) {
 
 double probe_read_bandwidth(size_t bytes, int threads) {
   if (threads < 1) threads = 1;
-  bytes = std::max<size_t>(bytes / 4096 * 4096, size_t(1) << 20);
-  uint64_t* buf = static_cast<uint64_t*>(std::aligned_alloc(4096, bytes));
+  constexpr size_t kHuge = size_t(2) << 20;
+  bytes = std::max<size_t>(bytes / kHuge * kHuge, kHuge);
+  uint64_t* buf = static_cast<uint64_t*>(std::aligned_alloc(kHuge, bytes));
   if (!buf) return 0;
+#ifdef MADV_HUGEPAGE
+  // The packed weights live on huge pages too (cpu_backend.cpp): measure the same kind of memory.
+  madvise(buf, bytes, MADV_HUGEPAGE);
+#endif
   const size_t words = bytes / 8, per = (words + size_t(threads) - 1) / size_t(threads);
   auto slice = [&](int i, size_t& b, size_t& n) {
     b = std::min(words, per * size_t(i));
