@@ -1,9 +1,10 @@
 /**
  * The queue every forward() goes through. At most `maxConcurrent` native forwards run at once (each
  * holds a libuv worker thread, and the native pool runs one job at a time anyway), so file and DNS work
- * of the host application keeps its threads. Layers take turns (round-robin), so a small request on
- * one layer is not starved behind a burst of requests on another; a request aborted while it waits is
- * dropped without ever reaching native code.
+ * of the host application keeps its threads. Each layer runs one forward at a time and layers take
+ * turns (round-robin), so a small request on one layer starts while a long prefill runs on another,
+ * and their native phases interleave in arrival order. A request aborted while it waits is dropped
+ * without ever reaching native code.
  */
 import { AbortError } from './errors';
 
@@ -18,6 +19,7 @@ interface Job {
 export class Scheduler {
   #queues = new Map<object, Job[]>();
   #ready: object[] = []; // layers with queued jobs, in turn order
+  #busy = new Set<object>(); // layers with a forward running
   #running = 0;
   #maxConcurrent: number;
 
@@ -41,8 +43,8 @@ export class Scheduler {
     const promise = new Promise<Float32Array>((resolve, reject) => {
       job = { start, resolve, reject, signal };
     });
-    if (this.#running < this.#maxConcurrent && this.#ready.length === 0) {
-      this.#run(job);
+    if (this.#running < this.#maxConcurrent && !this.#busy.has(layer) && !this.#queues.has(layer)) {
+      this.#run(layer, job);
       return { promise, queued: false };
     }
     let q = this.#queues.get(layer);
@@ -68,9 +70,10 @@ export class Scheduler {
     if (i >= 0) this.#ready.splice(i, 1);
   }
 
-  #run(job: Job): void {
+  #run(layer: object, job: Job): void {
     if (job.onAbort) job.signal!.removeEventListener('abort', job.onAbort);
     this.#running++;
+    this.#busy.add(layer);
     let p: Promise<Float32Array>;
     try {
       p = job.start();
@@ -79,18 +82,22 @@ export class Scheduler {
     }
     p.then(job.resolve, job.reject).finally(() => {
       this.#running--;
+      this.#busy.delete(layer);
       this.#pump();
     });
   }
 
+  /** Starts queued jobs: the first layer in turn order that is not already running one. */
   #pump(): void {
-    while (this.#running < this.#maxConcurrent && this.#ready.length > 0) {
-      const layer = this.#ready.shift()!;
+    while (this.#running < this.#maxConcurrent) {
+      const i = this.#ready.findIndex((l) => !this.#busy.has(l));
+      if (i < 0) return;
+      const layer = this.#ready.splice(i, 1)[0];
       const q = this.#queues.get(layer)!;
       const job = q.shift()!;
       if (q.length > 0) this.#ready.push(layer);
       else this.#queues.delete(layer);
-      this.#run(job);
+      this.#run(layer, job);
     }
   }
 }

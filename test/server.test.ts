@@ -58,10 +58,10 @@ describe('event loop and fairness', () => {
     await Promise.all(bigs);
     big.dispose();
     tiny.dispose();
-    // Four prefills were queued first; the small request must not wait for them all: at most about
-    // one prefill's time (it shares the cores with the running one).
-    expect(finishedBefore).toBeLessThan(4);
-    expect(tinyMs).toBeLessThan(1.5 * oneBigMs);
+    // Four prefills were queued first; the small request starts beside the running one and its
+    // phases interleave with it, so it finishes long before even one prefill does.
+    expect(finishedBefore).toBe(0);
+    expect(tinyMs).toBeLessThan(0.5 * oneBigMs);
   });
 });
 
@@ -70,7 +70,7 @@ describe('cancellation', () => {
     const big = new MoeLayer(large.config, large.weights);
     const T = await tokensFor(big, 300);
     const xb = randomF32(T * 512, rng(85));
-    const running = [big.forward(xb), big.forward(xb)]; // fill the concurrent slots
+    const running = [big.forward(xb), big.forward(xb)]; // one runs, one waits: the layer is busy
     const ac = new AbortController();
     const queued = big.forward(xb, { signal: ac.signal });
     const t0 = performance.now();

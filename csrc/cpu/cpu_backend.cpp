@@ -26,6 +26,8 @@ namespace {
 
 // Workspace bound per forward chunk: long inputs are processed in chunks so memory stays bounded.
 constexpr size_t kChunkWorkspaceBytes = size_t(128) << 20;
+// Work per pool job: a few milliseconds of FMAs, the longest another layer's request waits for the cores.
+constexpr double kJobFlops = 2.0e9;
 
 struct AlignedFree {
   void operator()(void* p) const { std::free(p); }
@@ -129,6 +131,34 @@ class CpuBackend final : public Backend {
     return items;
   }
 
+  // Runs the items as several pool jobs of bounded work (about kJobFlops each), so a request on another
+  // layer waits for at most one such job, and a cancelled request stops between them. Each job still
+  // holds enough items to keep every thread busy. flops_per_cell: FLOPs per (row, column) of an item.
+  template <typename Fn>
+  void run_bounded(const std::vector<WorkItem>& items, const Dispatch& d, int64_t flops_per_cell,
+                   const CancelFlag* cancel, const Fn& fn) {
+    ThreadPool& pool = ThreadPool::instance();
+    const size_t min_items = size_t(2 * pool.size());
+    size_t begin = 0;
+    while (begin < items.size()) {
+      if (cancel && cancel->load()) fail(ErrorCode::Aborted, "the operation was aborted");
+      size_t end = begin;
+      double flops = 0;
+      while (end < items.size() && (end - begin < min_items || flops < kJobFlops)) {
+        const WorkItem& it = items[end++];
+        flops += double(d.offsets[it.expert + 1] - d.offsets[it.expert]) * double(it.end - it.begin) * double(flops_per_cell);
+      }
+      pool.parallel_for(int64_t(end - begin), 1, threads(), [&](int64_t b, int64_t e, int) {
+        for (int64_t i = b; i < e; i++) {
+          const WorkItem& it = items[begin + size_t(i)];
+          const int64_t r0 = d.offsets[it.expert];
+          fn(it, r0, d.offsets[it.expert + 1] - r0);
+        }
+      });
+      begin = end;
+    }
+  }
+
   void forward_chunk(const float* x, int64_t T, float* out, const CancelFlag* cancel) {
     const int64_t H = cfg_.hidden, F = cfg_.intermediate, E = cfg_.num_experts, k = cfg_.top_k;
     const DType dt = cfg_.weight_dtype;
@@ -154,21 +184,12 @@ class CpuBackend final : public Backend {
 
     ThreadPool& pool = ThreadPool::instance();
     std::vector<WorkItem> up = tile_items(d, F, R);
-    pool.parallel_for(int64_t(up.size()), 1, threads(), [&](int64_t b, int64_t e, int) {
-      for (int64_t i = b; i < e; i++) {
-        const WorkItem& it = up[size_t(i)];
-        const int64_t r0 = d.offsets[it.expert], rows = d.offsets[it.expert + 1] - r0;
-        kernels_->swiglu(xs + r0 * H, H, rows, H, F, w13_[it.expert].get(), dt, it.begin, it.end, act + r0 * F, F);
-      }
+    run_bounded(up, d, 2 * 2 * H, cancel, [&](const WorkItem& it, int64_t r0, int64_t rows) {
+      kernels_->swiglu(xs + r0 * H, H, rows, H, F, w13_[it.expert].get(), dt, it.begin, it.end, act + r0 * F, F);
     });
-    if (cancel && cancel->load()) fail(ErrorCode::Aborted, "the operation was aborted");
     std::vector<WorkItem> downs = tile_items(d, H, R);
-    pool.parallel_for(int64_t(downs.size()), 1, threads(), [&](int64_t b, int64_t e, int) {
-      for (int64_t i = b; i < e; i++) {
-        const WorkItem& it = downs[size_t(i)];
-        const int64_t r0 = d.offsets[it.expert], rows = d.offsets[it.expert + 1] - r0;
-        kernels_->down(act + r0 * F, F, rows, H, F, w2_[it.expert].get(), dt, it.begin, it.end, ys + r0 * H, H);
-      }
+    run_bounded(downs, d, 2 * F, cancel, [&](const WorkItem& it, int64_t r0, int64_t rows) {
+      kernels_->down(act + r0 * F, F, rows, H, F, w2_[it.expert].get(), dt, it.begin, it.end, ys + r0 * H, H);
     });
     // Combine: gather-reduce in pick order, one token at a time, so the sum order never changes.
     pool.parallel_for(T, 16, threads(), [&](int64_t b, int64_t e, int) {

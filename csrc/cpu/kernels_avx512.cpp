@@ -17,11 +17,32 @@ const KernelSet* kernels_avx512() { return &kAvx512; }
 // The FMA peak probe's inner loop at this width (probes.cpp times it).
 double probe_fma_loop_avx512(int64_t iters) { return simd::probe_fma_loop<OpsAvx512>(iters); }
 
+// The read-bandwidth probe's loop at this width: 64-byte loads from eight streams at once, as the decode
+// kernels read several weight panels side by side (one stream per core leaves bandwidth unused: the
+// prefetchers keep more lines in flight over several streams).
+uint64_t probe_read_avx512(const void* p, size_t bytes) {
+  constexpr int kStreams = 8;
+  const size_t per = bytes / 64 / kStreams;  // 64-byte vectors per stream
+  const __m512i* v = static_cast<const __m512i*>(p);
+  __m512i s[kStreams];
+  for (int j = 0; j < kStreams; j++) s[j] = _mm512_setzero_si512();
+  for (size_t i = 0; i < per; i++) {
+#pragma GCC unroll 8
+    for (int j = 0; j < kStreams; j++) s[j] = _mm512_add_epi64(s[j], _mm512_load_si512(v + j * per + i));
+  }
+  for (size_t i = per * kStreams; i < bytes / 64; i++) s[0] = _mm512_add_epi64(s[0], _mm512_load_si512(v + i));
+  for (int j = 1; j < kStreams; j++) s[0] = _mm512_xor_si512(s[0], s[j]);
+  alignas(64) uint64_t out[8];
+  _mm512_store_si512(out, s[0]);
+  return out[0] ^ out[7];
+}
+
 }  // namespace fmoe
 #else
 #include "../core/kernels.h"
 namespace fmoe {
 const KernelSet* kernels_avx512() { return nullptr; }
 double probe_fma_loop_avx512(int64_t) { return 0; }
+uint64_t probe_read_avx512(const void*, size_t) { return 0; }
 }  // namespace fmoe
 #endif

@@ -22,6 +22,7 @@ double probe_fma_loop_avx2(int64_t iters);
 double probe_fma_loop_avx512(int64_t iters);
 double probe_dot_loop_avx512bf16(int64_t iters);
 double probe_fma_loop_neon(int64_t iters);
+uint64_t probe_read_avx512(const void* p, size_t bytes);
 
 namespace {
 
@@ -80,7 +81,9 @@ double probe_read_bandwidth(size_t bytes, int threads) {
   // The packed weights live on huge pages too (cpu_backend.cpp): measure the same kind of memory.
   madvise(buf, bytes, MADV_HUGEPAGE);
 #endif
-  const size_t words = bytes / 8, per = (words + size_t(threads) - 1) / size_t(threads);
+  // Slices are whole 256-byte blocks so the wide loop needs no tail.
+  const size_t words = bytes / 8, per = (words / size_t(threads) + 31) / 32 * 32;
+  const bool wide = cpu_supports(Isa::Avx512);
   auto slice = [&](int i, size_t& b, size_t& n) {
     b = std::min(words, per * size_t(i));
     n = std::min(words, b + per) - b;
@@ -97,7 +100,7 @@ double probe_read_bandwidth(size_t bytes, int threads) {
     const double t = run_together(threads, [&](int i) {
       size_t b, n;
       slice(i, b, n);
-      sink.fetch_xor(read_slice(buf + b, n));
+      sink.fetch_xor(wide ? probe_read_avx512(buf + b, n * 8) : read_slice(buf + b, n));
     });
     if (pass > 0) times.push_back(t);  // the first pass warms the TLB and the threads
   }
