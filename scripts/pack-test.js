@@ -334,6 +334,24 @@ function failureMessages(c, work) {
   }
 }
 
+/** With no fitting prebuilt binary and the build tools present, the installed package builds from source. */
+function sourceBuild(npm, c, work) {
+  log('source fallback: the installed package with its prebuilds hidden, compiler on the PATH');
+  const empty = path.join(work, 'no-binaries-src');
+  fs.mkdirSync(empty);
+  const env = { ...cleanEnv({ PATH: process.env.PATH }), FUSED_MOE_PREBUILD: empty, PREBUILDS_ONLY: '' };
+  // Through npm, as a user's `npm rebuild` would: npm puts its own node-gyp on the PATH.
+  const r = run(process.execPath, [npm, 'rebuild', 'fused-moe', '--foreground-scripts'], { cwd: c.app, env, timeout: 600000 });
+  if (!check(r.status === 0, `the source build failed (exit ${r.status ?? r.signal}): ${(r.stderr || '').trim().slice(-1500)}`)) return;
+  check(fs.existsSync(path.join(c.pkgDir, 'build', 'Release', 'fused_moe.node')), 'the source build left no build/Release/fused_moe.node');
+  const res = runJson(process.execPath, ['cjs.js'], { cwd: c.app, env }, 'cjs.js on the source build');
+  if (res) {
+    check(res.errSync < 1e-4 && res.errAsync < 1e-4, `forward on the source build differs from the reference: ${JSON.stringify(res)}`);
+    log(`  built from source, kernels ${res.isa}: max error ${res.errSync.toExponential(1)}`);
+  }
+  fs.rmSync(path.join(c.pkgDir, 'build'), { recursive: true, force: true });
+}
+
 // ---- 4. portability -----------------------------------------------------------------------------------
 const BEYOND_BASELINE = /^(v\w+|pshufb|palignr|phadd\w*|pmaddubsw|pmulhrsw|psign\w|pabs\w|ptest|pblend\w*|blendv?p[sd]|round[ps][sd]|pmulld|pmin[su][bdw]|pmax[su][bdw]|insertps|extractps|pextr[bdq]|pinsr[bdq]|pmov[sz]x\w*|packusdw|pcmpeqq|pcmpgtq|dpp[sd]|mpsadbw|phminposuw|crc32\w?|popcnt|lzcnt|tzcnt|movbe|andn|bextr|blsi|blsr|blsmsk|bzhi|shlx|shrx|sarx|rorx|pdep|pext|mulx|adcx|adox|kmov\w|kor\w|kand\w)$/;
 
@@ -424,6 +442,7 @@ function main() {
     if (consumer) {
       consumerChecks(consumer);
       failureMessages(consumer, work);
+      sourceBuild(npm, consumer, work);
     }
     portability(addon, consumer);
   } catch (e) {

@@ -44,7 +44,7 @@ struct OpsAvx2 {
 };
 
 using Set = simd::Kernels<OpsAvx2, simd::kBF16>;
-const KernelSet kAvx2 = Set::make(Isa::Avx2, "avx2");
+constexpr KernelSet kAvx2 = Set::make(Isa::Avx2, "avx2");
 
 }  // namespace
 

@@ -9,7 +9,7 @@
 namespace fmoe {
 namespace {
 using Set = simd::Kernels<OpsAvx512, simd::kBF16>;
-const KernelSet kAvx512 = Set::make(Isa::Avx512, "avx512");
+constexpr KernelSet kAvx512 = Set::make(Isa::Avx512, "avx512");
 }  // namespace
 
 const KernelSet* kernels_avx512() { return &kAvx512; }

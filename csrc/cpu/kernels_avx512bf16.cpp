@@ -55,7 +55,7 @@ double dot_peak_loop(int64_t iters) {
 }
 
 using Set = simd::Kernels<OpsAvx512Bf16, simd::kBF16Dot>;
-const KernelSet kAvx512Bf16 = Set::make(Isa::Avx512Bf16, "avx512bf16");
+constexpr KernelSet kAvx512Bf16 = Set::make(Isa::Avx512Bf16, "avx512bf16");
 
 }  // namespace
 

@@ -231,9 +231,11 @@ template <class O, int NMAT> struct Shapes {
   static constexpr int kMrDecode = O::kAcc / 8 > 0 ? O::kAcc / 8 : 1;
 };
 
-// At most this many rows per expert take the decode shape (chosen by measurement with the bench's
-// `--switch` case). FUSED_MOE_DECODE_ROWS overrides it, for tuning on other machines.
-constexpr int kDecodeRows = 4;
+// At most this many rows per expert take the decode shape, chosen by measurement (`bench.js --switch`,
+// one Mixtral expert, 2 Zen 5 cores): decode wins for M <= 3 (bf16 M=3: 10.5 vs 11.0 ms; f32 M=1: 21.2
+// vs 23.7 ms), the prefill shape from M = 4 (bf16 12.6 vs 11.1 ms; f32 25.5 vs 23.0 ms).
+// FUSED_MOE_DECODE_ROWS overrides it, for tuning on other machines.
+constexpr int kDecodeRows = 3;
 inline int decode_rows_limit() {
   static const int limit = [] {
     const char* env = std::getenv("FUSED_MOE_DECODE_ROWS");
@@ -419,7 +421,7 @@ struct Kernels {
     }
   }
 
-  static KernelSet make(Isa isa, const char* name) {
+  static constexpr KernelSet make(Isa isa, const char* name) {
     return KernelSet{isa, name, W, w13_bytes, w2_bytes, pack13, pack2, swiglu, down};
   }
 };
