@@ -4,13 +4,13 @@
 # side-by-side figure. Results: a table on stdout, and cuda_selftest.json/.txt (+ torch_baseline.json)
 # under $OUT when it is set (else build-cuda-check/out).
 #
-#   scripts/cuda-device-check.sh            # everything, about 3-5 minutes on an H200
-#   FMOE_CUDA_ARCHITECTURES="80-real;89-real;90-real;90-virtual" scripts/cuda-device-check.sh
+#   bench/gpu/run.sh            # everything, about 3-5 minutes on an H200
+#   FMOE_CUDA_ARCHITECTURES="80-real;89-real;90-real;90-virtual" bench/gpu/run.sh
 #                                           # the full shipping list (default: the GPU's own)
 #   SKIP_TORCH=1 / SKIP_BENCH=1             # leave out the PyTorch baseline / the timing
 set -uo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 BUILD="${BUILD_DIR:-$ROOT/build-cuda-check}"
 OUT_DIR="${OUT:-$BUILD/out}"
 # The GPU's own architecture is enough to test it, and builds in a fraction of the time.
