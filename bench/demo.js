@@ -3,6 +3,7 @@
 // Usage: node bench/demo.js [--dtype float32|bfloat16] [--device cpu|cuda|auto]
 'use strict';
 const { MoeLayer, backendInfo } = require('../dist');
+const { fill, median } = require('./util');
 
 const arg = (name, fallback) => {
   const i = process.argv.indexOf(`--${name}`);
@@ -12,29 +13,10 @@ const dtype = arg('dtype', 'bfloat16');
 const device = arg('device', 'cpu');
 const H = 1024, F = 3584, E = 8, k = 2;
 
-// mulberry32, so every run builds the same layer.
-function rng(seed) {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = Math.imul(a ^ (a >>> 15), a | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-const rand = rng(2024);
-const f32 = (n, scale) => {
-  const a = new Float32Array(n);
-  for (let i = 0; i < n; i++) a[i] = (rand() * 2 - 1) * scale;
-  return a;
-};
-const toBf16 = (a) => {
-  const u = new Uint32Array(a.buffer, a.byteOffset, a.length);
-  const out = new Uint16Array(a.length);
-  for (let i = 0; i < a.length; i++) out[i] = (u[i] + 0x7fff + ((u[i] >>> 16) & 1)) >>> 16;
-  return out;
-};
-const weight = (n, scale) => (dtype === 'float32' ? f32(n, scale) : toBf16(f32(n, scale)));
+// Seeded, so every run builds the same layer.
+let seed = 2024;
+const f32 = (n, scale) => fill(n, false, scale, seed++);
+const weight = (n, scale) => fill(n, dtype !== 'float32', scale, seed++);
 
 async function main() {
   const info = backendInfo();
@@ -64,8 +46,7 @@ async function main() {
       await layer.forward(x);
       times.push(performance.now() - s);
     }
-    times.sort((a, b) => a - b);
-    const ms = times[times.length >> 1];
+    const ms = median(times);
     rows.push({ case: name, tokens: T, 'ms per call (median)': ms.toFixed(2), 'tokens/s': ((T / ms) * 1000).toFixed(1) });
   }
   console.log('');

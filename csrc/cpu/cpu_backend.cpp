@@ -29,26 +29,50 @@ constexpr size_t kChunkWorkspaceBytes = size_t(128) << 20;
 // Work per pool job: a few milliseconds of FMAs, the longest another layer's request waits for the cores.
 constexpr double kJobFlops = 2.0e9;
 
+// Frees what alloc_aligned gave: munmap for mapped buffers (their size is kept here), free otherwise.
 struct AlignedFree {
-  void operator()(void* p) const { std::free(p); }
+  size_t mapped = 0;
+  void operator()(void* p) const {
+#ifdef __linux__
+    if (mapped) {
+      munmap(p, mapped);
+      return;
+    }
+#endif
+    std::free(p);
+  }
 };
 using AlignedBuffer = std::unique_ptr<void, AlignedFree>;
 
-// Large buffers (packed weights) are 2 MiB aligned and asked to live on transparent huge pages: the
-// decode kernels stream gigabytes through them, and 4 KiB pages cost a TLB miss every 4 KiB (and one
-// page fault each when packing).
+// Large buffers (packed weights, big workspaces) are mapped directly, 2 MiB aligned and asked to live
+// on transparent huge pages: the decode kernels stream gigabytes through them, and 4 KiB pages cost a
+// TLB miss every 4 KiB. Mapping them (not malloc) also gives the memory back to the system the moment
+// a layer is freed; malloc would keep it in its heap once its mmap threshold has grown.
 AlignedBuffer alloc_aligned(size_t bytes, const char* what) {
   constexpr size_t kHuge = size_t(2) << 20;
-  const size_t align = bytes >= 2 * kHuge ? kHuge : 64;
-  const size_t size = bytes == 0 ? 64 : (bytes + align - 1) / align * align;
-  void* p = std::aligned_alloc(align, size);
-  if (!p)
-    fail(ErrorCode::OutOfMemory,
-         std::string("could not allocate ") + std::to_string(bytes) + " bytes for " + what);
+  auto oom = [&] {
+    fail(ErrorCode::OutOfMemory, std::string("could not allocate ") + std::to_string(bytes) + " bytes for " + what);
+  };
+#ifdef __linux__
+  if (bytes >= 2 * kHuge) {
+    const size_t size = (bytes + kHuge - 1) / kHuge * kHuge;
+    void* raw = mmap(nullptr, size + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw == MAP_FAILED) oom();
+    // Trim the mapping to a 2 MiB aligned window of `size` bytes.
+    char* base = static_cast<char*>(raw);
+    char* aligned = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(base) + kHuge - 1) & ~(uintptr_t(kHuge) - 1));
+    if (aligned > base) munmap(base, size_t(aligned - base));
+    const size_t tail = size_t(base + size + kHuge - (aligned + size));
+    if (tail) munmap(aligned + size, tail);
 #ifdef MADV_HUGEPAGE
-  if (align == kHuge) madvise(p, size, MADV_HUGEPAGE);
+    madvise(aligned, size, MADV_HUGEPAGE);
 #endif
-  return AlignedBuffer(p);
+    return AlignedBuffer(aligned, AlignedFree{size});
+  }
+#endif
+  void* p = std::aligned_alloc(64, bytes == 0 ? 64 : (bytes + 63) / 64 * 64);
+  if (!p) oom();
+  return AlignedBuffer(p, AlignedFree{0});
 }
 
 struct WorkItem {
@@ -63,15 +87,21 @@ class CpuBackend final : public Backend {
     if (!w.gate || int64_t(w.w1.size()) != E || int64_t(w.w3.size()) != E || int64_t(w.w2.size()) != E)
       fail(ErrorCode::Shape, "weights: expected gate and " + std::to_string(E) + " w1, w3 and w2 arrays");
     gate_.assign(w.gate, w.gate + E * H);
-    w13_bytes_ = kernels_->w13_packed_bytes(H, F, cfg.weight_dtype);
-    w2_bytes_ = kernels_->w2_packed_bytes(H, F, cfg.weight_dtype);
+    const DType dt = cfg.weight_dtype;
+    const Quant q = cfg.quant;
+    const int64_t g = cfg.quant_group;
+    const bool quant = q != Quant::None;
+    w13_bytes_ = quant ? kernels_->w13_quant_bytes(H, F, q, g) : kernels_->w13_packed_bytes(H, F, dt);
+    w2_bytes_ = quant ? kernels_->w2_quant_bytes(H, F, q, g) : kernels_->w2_packed_bytes(H, F, dt);
     check_memory_available(size_t(E) * (w13_bytes_ + w2_bytes_), "the layer's packed weights");
-    // One copy of the weights, packed expert by expert straight from the caller's arrays.
+    // One copy of the weights, packed (and quantized) expert by expert straight from the caller's arrays.
     for (int64_t e = 0; e < E; e++) {
       w13_.push_back(alloc_aligned(w13_bytes_, "packed w1/w3"));
-      kernels_->pack_w13(w.w1[e], w.w3[e], H, F, cfg.weight_dtype, w13_.back().get());
+      if (quant) kernels_->pack_w13_quant(w.w1[e], w.w3[e], H, F, dt, q, g, w13_.back().get());
+      else kernels_->pack_w13(w.w1[e], w.w3[e], H, F, dt, w13_.back().get());
       w2_.push_back(alloc_aligned(w2_bytes_, "packed w2"));
-      kernels_->pack_w2(w.w2[e], H, F, cfg.weight_dtype, w2_.back().get());
+      if (quant) kernels_->pack_w2_quant(w.w2[e], H, F, dt, q, g, w2_.back().get());
+      else kernels_->pack_w2(w.w2[e], H, F, dt, w2_.back().get());
     }
     const size_t per_token = size_t(cfg.top_k) * size_t(2 * H + F) * sizeof(float) + size_t(E) * 8;
     chunk_tokens_ = std::max<int64_t>(16, int64_t(kChunkWorkspaceBytes / per_token));
@@ -184,12 +214,21 @@ class CpuBackend final : public Backend {
 
     ThreadPool& pool = ThreadPool::instance();
     std::vector<WorkItem> up = tile_items(d, F, R);
+    const Quant q = cfg_.quant;
+    const int64_t g = cfg_.quant_group;
     run_bounded(up, d, 2 * 2 * H, cancel, [&](const WorkItem& it, int64_t r0, int64_t rows) {
-      kernels_->swiglu(xs + r0 * H, H, rows, H, F, w13_[it.expert].get(), dt, it.begin, it.end, act + r0 * F, F);
+      if (q != Quant::None)
+        kernels_->swiglu_quant(xs + r0 * H, H, rows, H, F, w13_[it.expert].get(), q, g, it.begin, it.end, act + r0 * F,
+                               F);
+      else
+        kernels_->swiglu(xs + r0 * H, H, rows, H, F, w13_[it.expert].get(), dt, it.begin, it.end, act + r0 * F, F);
     });
     std::vector<WorkItem> downs = tile_items(d, H, R);
     run_bounded(downs, d, 2 * F, cancel, [&](const WorkItem& it, int64_t r0, int64_t rows) {
-      kernels_->down(act + r0 * F, F, rows, H, F, w2_[it.expert].get(), dt, it.begin, it.end, ys + r0 * H, H);
+      if (q != Quant::None)
+        kernels_->down_quant(act + r0 * F, F, rows, H, F, w2_[it.expert].get(), q, g, it.begin, it.end, ys + r0 * H, H);
+      else
+        kernels_->down(act + r0 * F, F, rows, H, F, w2_[it.expert].get(), dt, it.begin, it.end, ys + r0 * H, H);
     });
     // Combine: gather-reduce in pick order, one token at a time, so the sum order never changes.
     pool.parallel_for(T, 16, threads(), [&](int64_t b, int64_t e, int) {
