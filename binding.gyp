@@ -56,7 +56,8 @@
         "csrc/napi/convert.cpp",
         "csrc/napi/layer.cpp",
         "csrc/napi/addon.cpp",
-        "csrc/napi/bench_probes.cpp"
+        "csrc/napi/bench_probes.cpp",
+        "csrc/napi/mmap.cpp"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_DEPRECATED", "NAPI_CPP_EXCEPTIONS", "NODE_API_SWALLOW_UNTHROWABLE_EXCEPTIONS"],

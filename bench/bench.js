@@ -28,8 +28,12 @@ const { fill, fmt, pct, median } = require('./util');
 const MIXTRAL = { H: 4096, F: 14336, E: 8, k: 2 };
 const MID = { H: 1024, F: 3584, E: 8, k: 2 };
 const FINE = { H: 2048, F: 1408, E: 64, k: 8 };
+const GROUP = 128;  // quantGroupSize of the quantized cases
 const CASES = [
   { name: 'mixtral-decode-bf16', ...MIXTRAL, dtype: 'bfloat16', T: [1], isas: ['avx512bf16', 'avx512', 'avx2'], reps: 9 },
+  // The same decode with experts quantized at load from the same bf16 weights (group 128).
+  { name: 'mixtral-decode-int8', ...MIXTRAL, dtype: 'bfloat16', quantize: 'int8', T: [1], isas: ['avx512bf16', 'avx2'], reps: 9 },
+  { name: 'mixtral-decode-int4', ...MIXTRAL, dtype: 'bfloat16', quantize: 'int4', T: [1], isas: ['avx512bf16', 'avx2'], reps: 9 },
   { name: 'mixtral-prefill-bf16', ...MIXTRAL, dtype: 'bfloat16', T: [512], isas: ['avx512bf16', 'avx512'], reps: 3 },
   { name: 'mixtral-f32', ...MIXTRAL, dtype: 'float32', T: [1, 512], isas: ['avx512', 'avx2'], reps: 3 },
   { name: 'mid-f32', ...MID, dtype: 'float32', T: [1, 16, 128, 512], isas: ['avx512', 'avx2', 'scalar'], reps: 5 },
@@ -40,6 +44,7 @@ const CASES = [
 const QUICK = [
   { name: 'quick-f32', H: 256, F: 512, E: 4, k: 2, dtype: 'float32', T: [1, 16], isas: ['*'], reps: 3 },
   { name: 'quick-bf16', H: 256, F: 512, E: 4, k: 2, dtype: 'bfloat16', T: [1, 16], isas: ['*'], reps: 3 },
+  { name: 'quick-int4', H: 256, F: 512, E: 4, k: 2, dtype: 'bfloat16', quantize: 'int4', T: [1, 16], isas: ['*'], reps: 3 },
 ];
 // Decode / prefill switch: one expert, M rows, each shape forced (FUSED_MOE_DECODE_ROWS).
 const SWITCH = [
@@ -58,7 +63,8 @@ function runChild(spec) {
   const w1 = per(F * H, 1 / Math.sqrt(H), 1), w3 = per(F * H, 1 / Math.sqrt(H), 2), w2 = per(H * F, 1 / Math.sqrt(F), 3);
   const gate = fill(E * H, false, 2 / Math.sqrt(H), 4);
   const layer = new binding.NativeLayer(
-    { hiddenSize: H, intermediateSize: F, numExperts: E, topK: k, weightDtype: dtype, device: 'cpu' }, gate, w1, w3, w2);
+    { hiddenSize: H, intermediateSize: F, numExperts: E, topK: k, weightDtype: dtype, device: 'cpu', quantize: spec.quantize || 'none', quantGroupSize: GROUP },
+    gate, w1, w3, w2);
   w1.length = w3.length = w2.length = 0;  // the layer holds its own packed copy
   const buildMs = Number(process.hrtime.bigint() - t0) / 1e6;
   const results = [];
@@ -135,7 +141,7 @@ for (const c of cases) {
     for (const [shape, limit] of variants) {
       const env = { ...process.env, FUSED_MOE_ISA: isa };
       if (limit !== null) env.FUSED_MOE_DECODE_ROWS = limit;
-      const spec = { H: c.H, F: c.F, E: c.E, k: c.k, dtype: c.dtype, T: c.T, reps: c.reps, minMs: quick ? 0 : 1000 };
+      const spec = { H: c.H, F: c.F, E: c.E, k: c.k, dtype: c.dtype, quantize: c.quantize, T: c.T, reps: c.reps, minMs: quick ? 0 : 1000 };
       const r = spawnSync(process.execPath, [__filename, '--child', JSON.stringify(spec)], { env, encoding: 'utf8', maxBuffer: 1 << 24 });
       if (r.status !== 0) {
         log(`${c.name} ${isa}: child failed: ${(r.stderr || '').trim().split('\n').slice(-3).join(' | ')}`);
@@ -143,14 +149,15 @@ for (const c of cases) {
         continue;
       }
       const res = JSON.parse(r.stdout.trim().split('\n').pop());
-      const es = c.dtype === 'float32' ? 4 : 2;
+      // Bytes per weight read: the stored dtype, or the codes plus one float32 scale per group.
+      const es = c.quantize === 'int8' ? 1 + 4 / GROUP : c.quantize === 'int4' ? 0.5 + 4 / GROUP : c.dtype === 'float32' ? 4 : 2;
       for (const x of res.results) {
         const s = x.ms / 1e3;
         const bytes = x.expertsUsed * 3 * c.H * c.F * es;  // weights actually read: each picked expert once
         const flops = 2 * x.T * c.k * 3 * c.H * c.F;
         const gbs = bytes / s / 1e9, gflops = flops / s / 1e9;
         rows.push({
-          case: c.name, isa, kernels: res.kernels, shape, H: c.H, F: c.F, E: c.E, k: c.k, dtype: c.dtype, T: x.T,
+          case: c.name, isa, kernels: res.kernels, shape, H: c.H, F: c.F, E: c.E, k: c.k, dtype: c.dtype, quantize: c.quantize, T: x.T,
           ms: x.ms, times: x.times, buildMs: res.buildMs, tokensPerS: x.T / s, weightGBs: gbs, gflops,
           bwFraction: gbs / ceilings.readGBs, fmaFraction: gflops / fmaCeiling(isa),
           dotFraction: isa === 'avx512bf16' && c.dtype === 'bfloat16' && ceilings.bf16DotGflops ? gflops / ceilings.bf16DotGflops : undefined,
@@ -174,7 +181,7 @@ if (!quick) {
     `${Object.entries(ceilings.fmaGflops).map(([k, v]) => `${k} ${fmt(v)}`).join(', ')} GFLOP/s` +
     (ceilings.bf16DotGflops ? `; bf16 dot peak ${fmt(ceilings.bf16DotGflops)} GFLOP/s` : ''));
 }
-const scalarOf = (r) => rows.find((s) => s.isa === 'scalar' && s.H === r.H && s.F === r.F && s.E === r.E && s.dtype === r.dtype && s.T === r.T && !s.shape);
+const scalarOf = (r) => rows.find((s) => s.isa === 'scalar' && s.H === r.H && s.F === r.F && s.E === r.E && s.dtype === r.dtype && s.quantize === r.quantize && s.T === r.T && !s.shape);
 const head = ['case', 'set', 'T', 'ms', 'tok/s', 'GB/s', '%bw', 'GFLOP/s', '%fma', 'scalar ms', 'x scalar'];
 const table = [head];
 for (const r of rows.filter((r) => !r.shape)) {
@@ -212,7 +219,17 @@ const pb = find('mixtral-prefill-bf16', 'avx512bf16', 512);
 if (pb && pf) targets.push({ target: 'prefill bf16 (vdpbf16ps) >= 1.6x the f32 GFLOP/s', value: pb.gflops / pf.gflops, ok: pb.gflops / pf.gflops >= 1.6 });
 const p2 = find('mixtral-f32', 'avx2', 512);
 if (p2) targets.push({ target: 'prefill f32 T=512 forced avx2 >= 70% of avx2 FMA peak', value: p2.fmaFraction, ok: p2.fmaFraction >= 0.7 });
-for (const t of targets) log(`${t.ok ? 'met ' : 'MISS'}  ${t.target}: ${t.value < 3 && t.target.includes('x the') ? fmt(t.value) + 'x' : pct(t.value)}`);
+// Quantized decode against bf16 decode on the same set: tokens/s ratio, and the codes + scales read per
+// second as a fraction of the read bandwidth.
+for (const [q, want] of [['int8', 1.8], ['int4', 3]]) {
+  for (const isa of ['avx512bf16', 'avx2']) {
+    const r = find(`mixtral-decode-${q}`, isa, 1), b = find('mixtral-decode-bf16', isa, 1);
+    if (!r || !b) continue;
+    targets.push({ target: `decode ${q} T=1 ${isa} >= ${want}x the bf16 tokens/s`, value: r.tokensPerS / b.tokensPerS, ok: r.tokensPerS / b.tokensPerS >= want, ratio: true });
+    targets.push({ target: `decode ${q} T=1 ${isa} codes+scales bytes/s >= 80% of read bandwidth`, value: r.bwFraction, ok: r.bwFraction >= 0.8 });
+  }
+}
+for (const t of targets) log(`${t.ok ? 'met ' : 'MISS'}  ${t.target}: ${t.ratio || (t.value < 3 && t.target.includes('x the')) ? fmt(t.value) + 'x' : pct(t.value)}`);
 
 const result = { date: new Date().toISOString(), machine: { cpu: os.cpus()[0].model, threads, supported }, quick, ceilings, rows, switch: switchSummary, targets };
 const dir = path.join(__dirname, 'results');

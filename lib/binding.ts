@@ -14,6 +14,8 @@ export interface NativeLayerConfig {
   device: string;
   threads: number;
   cudaDevice: number;
+  quantize: string;
+  quantGroupSize: number;
 }
 
 export type WeightArray = Float32Array | Uint16Array;
@@ -60,7 +62,15 @@ export interface NativeBinding {
   NativeCancel: new () => NativeCancel;
   backendInfo(): NativeBackendInfo;
   abiVersion: number;
-  bench: { readBandwidth(bytes: number, threads: number): number; fmaPeak(isa: number, threads: number): number };
+  /** Memory-maps [offset, offset + length) of a file copy-on-write; unmapped when the buffer is collected. */
+  mapFile(path: string, offset?: number, length?: number): ArrayBuffer;
+  /** The same, with every page brought in on a worker thread. */
+  mapFileAsync(path: string, offset?: number, length?: number): Promise<ArrayBuffer>;
+  bench: {
+    readBandwidth(bytes: number, threads: number): number;
+    fmaPeak(isa: number, threads: number): number;
+    quantize(values: Float32Array, K: number, kind: string, group: number): { scales: Float32Array; codes: Int8Array };
+  };
 }
 
 export const packageRoot = path.join(__dirname, '..');

@@ -8,6 +8,7 @@ export type MoeErrorCode =
   | 'ERR_MOE_OUT_OF_MEMORY'
   | 'ERR_MOE_DISPOSED'
   | 'ERR_MOE_LOAD'
+  | 'ERR_MOE_CHECKPOINT'
   | 'ERR_MOE_INTERNAL';
 
 /** Errors that are not argument mistakes: missing device, CUDA failure, out of memory, disposed layer. */

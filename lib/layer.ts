@@ -3,10 +3,13 @@ import { binding, NativeCancel, NativeLayer, WeightArray } from './binding';
 import { scheduler } from './scheduler';
 import { AbortError, argRangeError, argTypeError, fromNative, MoeError } from './errors';
 import { checkedProduct, checkInteger, checkObject, checkOneOf, checkTyped, describe } from './validate';
+import { FromSafetensorsOptions, loadLayer } from './safetensors';
 
 export type Routing = 'softmax-topk-renorm' | 'softmax-topk';
 export type WeightDtype = 'float32' | 'bfloat16' | 'float16';
 export type Device = 'cpu' | 'cuda' | 'auto';
+export type Quantize = 'none' | 'int8' | 'int4';
+export type QuantGroupSize = 32 | 64 | 128;
 
 export interface MoeConfig {
   /** H: size of a token's hidden state. */
@@ -27,6 +30,13 @@ export interface MoeConfig {
   threads?: number;
   /** CUDA device ordinal; default 0. */
   cudaDevice?: number;
+  /**
+   * Quantize w1/w3/w2 at load (CPU only): 'none' (default), 'int8' or 'int4'. Symmetric, one float32
+   * scale per quantGroupSize weights along the reduction axis; any weightDtype is accepted as input.
+   */
+  quantize?: Quantize;
+  /** Weights per scale when quantized: 32, 64 or 128 (default). */
+  quantGroupSize?: QuantGroupSize;
 }
 
 /** One array for all experts ([E, rows, cols]) or one array per expert. */
@@ -60,6 +70,8 @@ export interface RouteResult {
 const ROUTINGS = ['softmax-topk-renorm', 'softmax-topk'] as const;
 const DTYPES = ['float32', 'bfloat16', 'float16'] as const;
 const DEVICES = ['cpu', 'cuda', 'auto'] as const;
+const QUANTIZE = ['none', 'int8', 'int4'] as const;
+const GROUP_SIZES = [32, 64, 128] as const;
 const MAX_DIM = 1 << 20;
 const MAX_EXPERTS = 1024;
 
@@ -74,8 +86,17 @@ function normaliseConfig(config: unknown): Required<MoeConfig> {
   const device = checkOneOf('config.device', config.device ?? 'cpu', DEVICES);
   const threads = checkInteger('config.threads', config.threads ?? 0, 0, 1024);
   const cudaDevice = checkInteger('config.cudaDevice', config.cudaDevice ?? 0, 0, 1023);
+  const quantize = checkOneOf('config.quantize', config.quantize ?? 'none', QUANTIZE);
+  const quantGroupSize = config.quantGroupSize ?? 128;
+  if (!(GROUP_SIZES as readonly unknown[]).includes(quantGroupSize))
+    throw argRangeError(`config.quantGroupSize must be 32, 64 or 128, got ${describe(quantGroupSize)}`);
+  if (quantize !== 'none' && device === 'cuda')
+    throw argRangeError(`config.quantize '${quantize}' runs on the CPU only; use device 'cpu' or 'auto'`);
   checkedProduct('numExperts * intermediateSize * hiddenSize', numExperts, intermediateSize, hiddenSize);
-  return { hiddenSize, intermediateSize, numExperts, topK, routing, weightDtype, device, threads, cudaDevice };
+  return {
+    hiddenSize, intermediateSize, numExperts, topK, routing, weightDtype, device, threads, cudaDevice, quantize,
+    quantGroupSize: quantGroupSize as QuantGroupSize,
+  };
 }
 
 /** Splits one [E, rows, cols] array into E zero-copy views, or checks an array of E per-expert arrays. */
@@ -124,6 +145,14 @@ export class MoeLayer {
     this.config = Object.freeze(cfg);
     this.device = info.device;
     this.kernels = info.kernels;
+  }
+
+  /**
+   * Builds the MoE block of one decoder layer from a safetensors checkpoint (a file, an index JSON or
+   * a folder), reading only that layer's tensors through memory maps. See safetensors.ts.
+   */
+  static fromSafetensors(path: string, options: FromSafetensorsOptions): Promise<MoeLayer> {
+    return loadLayer(MoeLayer, path, options);
   }
 
   /** Bytes of native memory (packed weights) this layer holds; 0 after dispose(). */

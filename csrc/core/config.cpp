@@ -20,6 +20,10 @@ void validate_config(const MoeConfig& c) {
     fail(ErrorCode::Invalid, "routing must be 'softmax-topk-renorm' or 'softmax-topk'");
   if (c.weight_dtype != DType::F32 && c.weight_dtype != DType::BF16 && c.weight_dtype != DType::F16)
     fail(ErrorCode::Dtype, "weightDtype must be 'float32', 'bfloat16' or 'float16'");
+  if (c.quant != Quant::None && c.quant != Quant::Int8 && c.quant != Quant::Int4)
+    fail(ErrorCode::Invalid, "quantize must be 'none', 'int8' or 'int4'");
+  if (!quant_group_ok(c.quant_group))
+    fail(ErrorCode::Invalid, "quantGroupSize must be 32, 64 or 128, got " + std::to_string(c.quant_group));
   // E * F * H must fit comfortably in memory arithmetic.
   checked_mul(checked_mul(c.num_experts, c.intermediate, "numExperts*intermediateSize"), c.hidden,
               "numExperts*intermediateSize*hiddenSize");

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "dtype.h"
+#include "quant.h"
 
 namespace fmoe {
 
@@ -20,6 +21,8 @@ struct MoeConfig {
   Routing routing = Routing::SoftmaxTopkRenorm;
   DType weight_dtype = DType::F32;
   int threads = 0;  // 0: the pool's default (physical cores)
+  Quant quant = Quant::None;   // expert weights quantized at load (quant.h); CPU only
+  int64_t quant_group = 128;   // weights per scale along the reduction axis: 32, 64 or 128
 };
 
 // Throws MoeException(Invalid) naming the field when a value is out of range.

@@ -251,6 +251,9 @@ const CudaStatus& cuda_status() { return loaded().status; }
 
 std::unique_ptr<Backend> make_cuda_backend(const MoeConfig& cfg, const WeightsView& weights, int device) {
   const Loaded& L = loaded();
+  if (cfg.quant != Quant::None)
+    fail(ErrorCode::Invalid, std::string("quantize '") + quant_name(cfg.quant) +
+                                 "' runs on the CPU backend only; use device 'cpu' (or 'auto')");
   if (!L.status.available) fail(ErrorCode::NoDevice, "the CUDA backend is not available: " + L.status.reason);
   const int count = static_cast<int>(L.status.devices.size());
   if (device < 0 || device >= count)

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "dtype.h"
+#include "quant.h"
 
 namespace fmoe {
 
@@ -38,6 +39,20 @@ struct KernelSet {
   // y[m*ldy + h] = act_m . w2_h for m < M, h in [h_begin, h_end); same alignment rule on h.
   void (*down)(const float* act, int64_t ldact, int64_t M, int64_t H, int64_t F, const void* w2, DType dt,
                int64_t h_begin, int64_t h_end, float* y, int64_t ldy);
+
+  // The same four for weights quantized at load (quant.h, layout in packing.h): the packers read any
+  // float dtype and quantize group by group; the kernels dequantize in registers (float32 math) and
+  // keep the contract above: each group's products are summed in ascending k from zero, then added to
+  // the output's accumulator times the group's scale, groups in ascending order.
+  size_t (*w13_quant_bytes)(int64_t H, int64_t F, Quant q, int64_t group);
+  size_t (*w2_quant_bytes)(int64_t H, int64_t F, Quant q, int64_t group);
+  void (*pack_w13_quant)(const void* w1, const void* w3, int64_t H, int64_t F, DType dt, Quant q, int64_t group,
+                         void* dst);
+  void (*pack_w2_quant)(const void* w2, int64_t H, int64_t F, DType dt, Quant q, int64_t group, void* dst);
+  void (*swiglu_quant)(const float* x, int64_t ldx, int64_t M, int64_t H, int64_t F, const void* w13, Quant q,
+                       int64_t group, int64_t f_begin, int64_t f_end, float* act, int64_t ldact);
+  void (*down_quant)(const float* act, int64_t ldact, int64_t M, int64_t H, int64_t F, const void* w2, Quant q,
+                     int64_t group, int64_t h_begin, int64_t h_end, float* y, int64_t ldy);
 };
 
 // Kernel sets compiled into this binary; each returns nullptr when not built for this architecture.

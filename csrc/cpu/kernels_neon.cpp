@@ -40,6 +40,21 @@ struct OpsNeon {
   static V bf16_hi(const char* p) {
     return vreinterpretq_f32_u32(vandq_u32(vld1q_u32(reinterpret_cast<const uint32_t*>(p)), vdupq_n_u32(0xffff0000u)));
   }
+  // 4 int8 codes, sign-extended and converted.
+  static V load_i8(const char* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(v))))));
+  }
+  // 4 bytes of offset-binary int4 pairs: the low nibbles (even k) and the high ones (odd k) as floats.
+  static void load_i4(const char* p, V& lo, V& hi) {
+    uint32_t v;
+    std::memcpy(&v, p, 4);
+    const uint32x4_t b = vmovl_u16(vget_low_u16(vmovl_u8(vreinterpret_u8_u32(vdup_n_u32(v)))));
+    const int32x4_t eight = vdupq_n_s32(8);
+    lo = vcvtq_f32_s32(vsubq_s32(vreinterpretq_s32_u32(vandq_u32(b, vdupq_n_u32(15))), eight));
+    hi = vcvtq_f32_s32(vsubq_s32(vreinterpretq_s32_u32(vshrq_n_u32(b, 4)), eight));
+  }
 };
 
 using Set = simd::Kernels<OpsNeon, simd::kBF16>;

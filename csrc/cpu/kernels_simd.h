@@ -58,7 +58,11 @@ enum Mode {
   kF16 = 1,      // IEEE half, converted on load
   kBF16 = 2,     // bf16 k-pairs, split into two float vectors by shift / mask
   kBF16Dot = 3,  // bf16 k-pairs fed to a bf16 dot-product instruction; activations rounded to bf16
+  kI8 = 4,       // int8 codes + per-group scales (quant.h), sign-extended and converted in registers
+  kI4 = 5,       // int4 code pairs + per-group scales, both nibbles of a byte per load
 };
+
+constexpr bool is_quant(int mode) { return mode == kI8 || mode == kI4; }
 
 template <int MODE> struct ModeInfo {
   static constexpr int es = MODE == kF32 ? 4 : 2;                       // bytes per stored element
@@ -209,14 +213,103 @@ static void micro(const char* ap, int64_t K, int64_t k0, int64_t k1, const char*
       for (int q = 0; q < NMAT; q++) O::store(c + ((m * NP + p) * NMAT + q) * W, acc[m][p][q]);
 }
 
-// micro<..., mr, NP> for a run-time mr in [1, MR].
-template <class O, int MODE, int NMAT, int MR, int NP, bool PF>
-static void micro_rows(int mr, const char* a, int64_t K, int64_t k0, int64_t k1, const char* b, size_t pstride,
-                       float* c, bool carry) {
-  if constexpr (MR > 1) {
-    if (mr < MR) return micro_rows<O, MODE, NMAT, MR - 1, NP, PF>(mr, a, K, k0, k1, b, pstride, c, carry);
+// The quantized micro-kernel (kI8 / kI4), same tile and same c as micro(). [k0, k1) starts on a group
+// boundary and ends on one or at K. Per group the codes times x are summed from zero in registers
+// (ascending k), then c += sum * scale with one FMA: the float weights never exist, and the scale costs
+// one FMA per group instead of one multiply per weight. c stays in memory between groups: only the
+// group sums and the decoded weights need registers.
+template <class O, int MODE, int NMAT, int MR, int NP>
+static void micro_q(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_t gsz, const char* b, size_t pstride,
+                    float* c, bool carry) {
+  using V = typename O::V;
+  constexpr int W = O::W;
+  constexpr size_t cstep = size_t(NMAT) * W;  // code bytes of one k step of one panel
+  constexpr size_t sbytes = cstep * 4;        // scale bytes of one group of one panel
+  const size_t gbytes = sbytes + size_t(MODE == kI8 ? gsz : gsz / 2) * cstep;
+  const float* af = reinterpret_cast<const float*>(ap);
+  if (!carry)
+    for (int i = 0; i < MR * NP * NMAT; i++) O::store(c + i * W, O::zero());
+  for (int64_t g0 = k0; g0 < k1; g0 += gsz) {
+    const int64_t gl = imin(gsz, K - g0);
+    const char* bg = b + size_t(g0 / gsz) * gbytes;
+    const char* bc = bg + sbytes;
+    V acc[MR][NP][NMAT];
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; m++)
+#pragma GCC unroll 8
+      for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+        for (int q = 0; q < NMAT; q++) acc[m][p][q] = O::zero();
+    if constexpr (MODE == kI8) {
+      for (int64_t s = 0; s < gl; s++) {
+        const char* bk = bc + size_t(s) * cstep;
+        V w[NP][NMAT];
+#pragma GCC unroll 8
+        for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+          for (int q = 0; q < NMAT; q++) w[p][q] = O::load_i8(bk + p * pstride + q * W);
+#pragma GCC unroll 16
+        for (int m = 0; m < MR; m++) {
+          const V xv = O::bcast(af + (g0 + s) * MR + m);
+#pragma GCC unroll 8
+          for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+            for (int q = 0; q < NMAT; q++) acc[m][p][q] = O::fma(xv, w[p][q], acc[m][p][q]);
+        }
+      }
+    } else {
+      const int64_t pairs = gl / 2;
+      for (int64_t s = 0; s < pairs; s++) {
+        const char* bk = bc + size_t(s) * cstep;
+        V lo[NP][NMAT], hi[NP][NMAT];
+#pragma GCC unroll 8
+        for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+          for (int q = 0; q < NMAT; q++) O::load_i4(bk + p * pstride + q * W, lo[p][q], hi[p][q]);
+        const int64_t k = g0 + 2 * s;
+#pragma GCC unroll 16
+        for (int m = 0; m < MR; m++) {
+          const V x0 = O::bcast(af + k * MR + m), x1 = O::bcast(af + (k + 1) * MR + m);
+#pragma GCC unroll 8
+          for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+            for (int q = 0; q < NMAT; q++) acc[m][p][q] = O::fma(x1, hi[p][q], O::fma(x0, lo[p][q], acc[m][p][q]));
+        }
+      }
+      if (gl & 1) {  // odd last group (K odd): its last byte's high nibble is padding, x has no k there
+        const char* bk = bc + size_t(pairs) * cstep;
+        const int64_t k = g0 + gl - 1;
+        for (int p = 0; p < NP; p++)
+          for (int q = 0; q < NMAT; q++) {
+            V lo, hi;
+            O::load_i4(bk + p * pstride + q * W, lo, hi);
+            for (int m = 0; m < MR; m++) acc[m][p][q] = O::fma(O::bcast(af + k * MR + m), lo, acc[m][p][q]);
+          }
+      }
+    }
+#pragma GCC unroll 8
+    for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+      for (int q = 0; q < NMAT; q++) {
+        const V sv = O::load(reinterpret_cast<const float*>(bg + p * pstride) + q * W);
+#pragma GCC unroll 16
+        for (int m = 0; m < MR; m++) {
+          float* cm = c + ((m * NP + p) * NMAT + q) * W;
+          O::store(cm, O::fma(acc[m][p][q], sv, O::load(cm)));
+        }
+      }
   }
-  micro<O, MODE, NMAT, MR, NP, PF>(a, K, k0, k1, b, pstride, c, carry);
+}
+
+// micro<..., mr, NP> (or micro_q) for a run-time mr in [1, MR].
+template <class O, int MODE, int NMAT, int MR, int NP, bool PF>
+static void micro_rows(int mr, const char* a, int64_t K, int64_t k0, int64_t k1, int64_t gsz, const char* b,
+                       size_t pstride, float* c, bool carry) {
+  if constexpr (MR > 1) {
+    if (mr < MR) return micro_rows<O, MODE, NMAT, MR - 1, NP, PF>(mr, a, K, k0, k1, gsz, b, pstride, c, carry);
+  }
+  if constexpr (is_quant(MODE)) micro_q<O, MODE, NMAT, MR, NP>(a, K, k0, k1, gsz, b, pstride, c, carry);
+  else micro<O, MODE, NMAT, MR, NP, PF>(a, K, k0, k1, b, pstride, c, carry);
 }
 
 // Tile shapes. Accumulators: O::kAcc vector registers (the rest hold weights and a broadcast).
@@ -246,7 +339,7 @@ inline int decode_rows_limit() {
 }
 
 template <class O, int MODE, int NMAT, int MR, int NP, bool PF, class Epi>
-static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, const char* b, size_t pstride,
+static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, const char* b, size_t pstride,
                   int64_t p_begin, int64_t p_end, Epi&& epi) {
   constexpr int W = O::W;
   constexpr int kg = ModeInfo<MODE>::kg;
@@ -271,7 +364,7 @@ static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, const char* b
         for (int64_t m0 = 0; m0 < M; m0 += MR) {
           const int mr = int(imin(MR, M - m0));
           float* cm = cg + m0 * np * NMAT * W;
-          micro_rows<O, MODE, NMAT, MR, np, PF>(mr, a + size_t(m0) * arow, K, k0, k1, bp, pstride, cm, k0 > 0);
+          micro_rows<O, MODE, NMAT, MR, np, PF>(mr, a + size_t(m0) * arow, K, k0, k1, gsz, bp, pstride, cm, k0 > 0);
           if (k1 == Kr) epi(cm, m0, mr, pg, np);
         }
       }
@@ -329,18 +422,39 @@ constexpr int64_t prefill_kc() {
   return int64_t(64 * 1024) / (int64_t(NP) * NMAT * W * ModeInfo<MODE>::es) / 64 * 64;
 }
 
+// The quantized modes: a multiple of the group size, so k blocks never split a group.
+template <int MODE, int NMAT, int NP, int W>
+int64_t prefill_kc_quant(int64_t gsz) {
+  const int64_t per_k = int64_t(NP) * NMAT * W;  // code bytes per k (int4: half that)
+  const int64_t kc = int64_t(64 * 1024) * (MODE == kI4 ? 2 : 1) / per_k / gsz * gsz;
+  return kc > gsz ? kc : gsz;
+}
+
+// Bytes of one packed panel of NMAT matrices over a reduction of K.
+template <int MODE, int NMAT>
+size_t panel_bytes(int64_t K, int64_t gsz, int W) {
+  if constexpr (is_quant(MODE)) {
+    return quant_panel_bytes(NMAT, K, W, MODE == kI8 ? Quant::Int8 : Quant::Int4, gsz);
+  } else {
+    constexpr int kg = ModeInfo<MODE>::kg;
+    return size_t((K + kg - 1) / kg) * NMAT * W * kg * ModeInfo<MODE>::es;
+  }
+}
+
 template <class O, int MODE, int NMAT, class Epi>
-static void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const char* b, size_t pstride,
+static void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t gsz, const char* b, size_t pstride,
                  int64_t p_begin, int64_t p_end, Epi&& epi) {
   using S = Shapes<O, NMAT>;
   const bool decode = M <= decode_rows_limit();
   const char* a = pack_act<O, MODE>(x, ldx, M, K, decode ? S::kMrDecode : S::kMrPrefill);
   if (decode) {
-    sweep<O, MODE, NMAT, S::kMrDecode, S::kNpDecode, false>(a, M, K, int64_t(1) << 40, b, pstride, p_begin, p_end,
-                                                            epi);
+    sweep<O, MODE, NMAT, S::kMrDecode, S::kNpDecode, false>(a, M, K, int64_t(1) << 40, gsz, b, pstride, p_begin,
+                                                            p_end, epi);
   } else {
-    constexpr int64_t kc = prefill_kc<MODE, NMAT, S::kNpPrefill, O::W>();
-    sweep<O, MODE, NMAT, S::kMrPrefill, S::kNpPrefill, false>(a, M, K, kc, b, pstride, p_begin, p_end, epi);
+    int64_t kc;
+    if constexpr (is_quant(MODE)) kc = prefill_kc_quant<MODE, NMAT, S::kNpPrefill, O::W>(gsz);
+    else kc = prefill_kc<MODE, NMAT, S::kNpPrefill, O::W>();
+    sweep<O, MODE, NMAT, S::kMrPrefill, S::kNpPrefill, false>(a, M, K, kc, gsz, b, pstride, p_begin, p_end, epi);
   }
 }
 
@@ -359,11 +473,19 @@ struct Kernels {
     pack_w2(w2, H, F, dt, W, pairs(dt), dst);
   }
 
+  static size_t q13_bytes(int64_t H, int64_t F, Quant q, int64_t g) { return quant_w13_bytes(H, F, W, q, g); }
+  static size_t q2_bytes(int64_t H, int64_t F, Quant q, int64_t g) { return quant_w2_bytes(H, F, W, q, g); }
+  static void qpack13(const void* w1, const void* w3, int64_t H, int64_t F, DType dt, Quant q, int64_t g, void* dst) {
+    pack_w13_quant(w1, w3, H, F, dt, W, q, g, dst);
+  }
+  static void qpack2(const void* w2, int64_t H, int64_t F, DType dt, Quant q, int64_t g, void* dst) {
+    pack_w2_quant(w2, H, F, dt, W, q, g, dst);
+  }
+
   template <int MODE>
   static void swiglu_mode(const float* x, int64_t ldx, int64_t M, int64_t H, int64_t F, const void* w13,
-                          int64_t f_begin, int64_t f_end, float* act, int64_t ldact) {
-    constexpr int kg = ModeInfo<MODE>::kg;
-    const size_t pstride = size_t((H + kg - 1) / kg) * 2 * W * kg * ModeInfo<MODE>::es;
+                          int64_t f_begin, int64_t f_end, float* act, int64_t ldact, int64_t gsz = 0) {
+    const size_t pstride = panel_bytes<MODE, 2>(H, gsz, W);
     auto epi = [&](const float* c, int64_t m0, int mr, int64_t p0, int np) {
       for (int m = 0; m < mr; m++)
         for (int p = 0; p < np; p++) {
@@ -380,14 +502,14 @@ struct Kernels {
           }
         }
     };
-    gemm<O, MODE, 2>(x, ldx, M, H, static_cast<const char*>(w13), pstride, f_begin / W, (f_end + W - 1) / W, epi);
+    gemm<O, MODE, 2>(x, ldx, M, H, gsz, static_cast<const char*>(w13), pstride, f_begin / W, (f_end + W - 1) / W,
+                     epi);
   }
 
   template <int MODE>
   static void down_mode(const float* act, int64_t ldact, int64_t M, int64_t H, int64_t F, const void* w2,
-                        int64_t h_begin, int64_t h_end, float* y, int64_t ldy) {
-    constexpr int kg = ModeInfo<MODE>::kg;
-    const size_t pstride = size_t((F + kg - 1) / kg) * W * kg * ModeInfo<MODE>::es;
+                        int64_t h_begin, int64_t h_end, float* y, int64_t ldy, int64_t gsz = 0) {
+    const size_t pstride = panel_bytes<MODE, 1>(F, gsz, W);
     auto epi = [&](const float* c, int64_t m0, int mr, int64_t p0, int np) {
       for (int m = 0; m < mr; m++)
         for (int p = 0; p < np; p++) {
@@ -398,7 +520,8 @@ struct Kernels {
           else std::memcpy(dst, cg, size_t(H - h0) * sizeof(float));
         }
     };
-    gemm<O, MODE, 1>(act, ldact, M, F, static_cast<const char*>(w2), pstride, h_begin / W, (h_end + W - 1) / W, epi);
+    gemm<O, MODE, 1>(act, ldact, M, F, gsz, static_cast<const char*>(w2), pstride, h_begin / W, (h_end + W - 1) / W,
+                     epi);
   }
 
   static void swiglu(const float* x, int64_t ldx, int64_t M, int64_t H, int64_t F, const void* w13, DType dt,
@@ -421,8 +544,23 @@ struct Kernels {
     }
   }
 
+  static void swiglu_q(const float* x, int64_t ldx, int64_t M, int64_t H, int64_t F, const void* w13, Quant q,
+                       int64_t g, int64_t f_begin, int64_t f_end, float* act, int64_t ldact) {
+    if (M <= 0 || f_begin >= f_end) return;
+    if (q == Quant::Int8) swiglu_mode<kI8>(x, ldx, M, H, F, w13, f_begin, f_end, act, ldact, g);
+    else swiglu_mode<kI4>(x, ldx, M, H, F, w13, f_begin, f_end, act, ldact, g);
+  }
+
+  static void down_q(const float* act, int64_t ldact, int64_t M, int64_t H, int64_t F, const void* w2, Quant q,
+                     int64_t g, int64_t h_begin, int64_t h_end, float* y, int64_t ldy) {
+    if (M <= 0 || h_begin >= h_end) return;
+    if (q == Quant::Int8) down_mode<kI8>(act, ldact, M, H, F, w2, h_begin, h_end, y, ldy, g);
+    else down_mode<kI4>(act, ldact, M, H, F, w2, h_begin, h_end, y, ldy, g);
+  }
+
   static constexpr KernelSet make(Isa isa, const char* name) {
-    return KernelSet{isa, name, W, w13_bytes, w2_bytes, pack13, pack2, swiglu, down};
+    return KernelSet{isa,     name,      W,       w13_bytes, w2_bytes, pack13,   pack2,  swiglu,
+                     down,    q13_bytes, q2_bytes, qpack13,   qpack2,   swiglu_q, down_q};
   }
 };
 

@@ -64,7 +64,88 @@ void pack(const void* const* src, int nmat, int64_t N, int64_t K, DType dt, int6
   else pack_any<uint16_t>(src, nmat, N, K, nr, kpair, dst);
 }
 
+// Row n, indices [k0, k0 + n) of a [*, K] source of type dt, as floats.
+void load_run(const void* src, DType dt, int64_t K, int64_t row, int64_t k0, int64_t n, float* out) {
+  const size_t off = size_t(row) * size_t(K) + size_t(k0);
+  switch (dt) {
+    case DType::F32: std::memcpy(out, static_cast<const float*>(src) + off, size_t(n) * sizeof(float)); break;
+    case DType::BF16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src) + off;
+      for (int64_t i = 0; i < n; i++) out[i] = bf16_to_f32(s[i]);
+      break;
+    }
+    case DType::F16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src) + off;
+      for (int64_t i = 0; i < n; i++) out[i] = f16_to_f32(s[i]);
+      break;
+    }
+  }
+}
+
+constexpr int64_t kMaxGroup = 128;
+
+// Quantizes `nmat` matrices of N rows x K into the quantized panel layout (packing.h): each thread
+// holds one group of one row as floats at a time.
+void pack_quant(const void* const* src, int nmat, int64_t N, int64_t K, DType dt, int64_t nr, Quant q, int64_t g,
+                void* dst) {
+  const int qmax = quant_qmax(q);
+  const int64_t npanels = (N + nr - 1) / nr, ngroups = (K + g - 1) / g;
+  const size_t pbytes = quant_panel_bytes(nmat, K, nr, q, g), gfull = quant_group_bytes(nmat, nr, q, g);
+  ThreadPool::instance().parallel_for(npanels, 1, 0, [&](int64_t pb, int64_t pe, int) {
+    float vals[kMaxGroup];
+    int8_t codes[kMaxGroup];
+    for (int64_t p = pb; p < pe; p++) {
+      const int64_t n0 = p * nr, rows = N - n0 < nr ? N - n0 : nr;
+      for (int64_t gi = 0; gi < ngroups; gi++) {
+        const int64_t k0 = gi * g, gl = K - k0 < g ? K - k0 : g;
+        char* blk = static_cast<char*>(dst) + size_t(p) * pbytes + size_t(gi) * gfull;
+        float* scales = reinterpret_cast<float*>(blk);
+        uint8_t* out = reinterpret_cast<uint8_t*>(blk) + size_t(nmat) * size_t(nr) * 4;
+        for (int mat = 0; mat < nmat; mat++) {
+          for (int64_t j = 0; j < nr; j++) {
+            float scale = 0.0f;
+            if (j < rows) {
+              load_run(src[mat], dt, K, n0 + j, k0, gl, vals);
+              scale = quantize_group(vals, gl, qmax, codes);
+            } else {
+              std::memset(codes, 0, size_t(gl));  // padding columns: scale 0, codes 0
+            }
+            scales[mat * nr + j] = scale;
+            if (q == Quant::Int8) {
+              for (int64_t s = 0; s < gl; s++) out[(s * nmat + mat) * nr + j] = uint8_t(codes[s]);
+            } else {
+              for (int64_t s = 0; s < (gl + 1) / 2; s++) {
+                const int lo = codes[2 * s], hi = 2 * s + 1 < gl ? codes[2 * s + 1] : 0;
+                out[(s * nmat + mat) * nr + j] = uint8_t((lo + 8) | (hi + 8) << 4);
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
+
+size_t quant_w13_bytes(int64_t H, int64_t F, int64_t nr, Quant q, int64_t g) {
+  return size_t((F + nr - 1) / nr) * quant_panel_bytes(2, H, nr, q, g);
+}
+
+size_t quant_w2_bytes(int64_t H, int64_t F, int64_t nr, Quant q, int64_t g) {
+  return size_t((H + nr - 1) / nr) * quant_panel_bytes(1, F, nr, q, g);
+}
+
+void pack_w13_quant(const void* w1, const void* w3, int64_t H, int64_t F, DType dt, int64_t nr, Quant q, int64_t g,
+                    void* dst) {
+  const void* src[2] = {w1, w3};
+  pack_quant(src, 2, F, H, dt, nr, q, g, dst);
+}
+
+void pack_w2_quant(const void* w2, int64_t H, int64_t F, DType dt, int64_t nr, Quant q, int64_t g, void* dst) {
+  const void* src[1] = {w2};
+  pack_quant(src, 1, H, F, dt, nr, q, g, dst);
+}
 
 size_t packed_w13_bytes(int64_t H, int64_t F, DType dt, int64_t nr, bool kpair) {
   return size_t(round_up(F, nr)) * size_t(round_up(H, kpair ? 2 : 1)) * 2 * dtype_size(dt);

@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "../core/dtype.h"
+#include "../core/quant.h"
 
 namespace fmoe {
 
@@ -30,5 +31,29 @@ size_t panel_w13_bytes(int64_t H, int64_t F, DType dt);
 size_t panel_w2_bytes(int64_t H, int64_t F, DType dt);
 void pack_w13_panels(const void* w1, const void* w3, int64_t H, int64_t F, DType dt, void* dst);
 void pack_w2_panels(const void* w2, int64_t H, int64_t F, DType dt, void* dst);
+
+// Quantized layout (quant.h), per panel of nr columns, per group of g reduction indices (the last group
+// shorter when K is not a multiple of g), one block each:
+//   nmat * nr float32 scales (matrix by matrix), then the group's k steps, nmat * nr bytes each
+//   (matrix by matrix, a byte per column):
+//     int8: one k per step, the signed code;
+//     int4: two k per step, k even in the low nibble and k odd in the high one, offset-binary
+//           (nibble = code + 8); a group of odd length leaves its last high nibble at code 0.
+// Scales sit in front of their codes so a decode kernel reads one stream per panel; `static` keeps a
+// private copy in each unit (the ISA units include this header too, see kernels_simd.h).
+static inline size_t quant_group_bytes(int nmat, int64_t nr, Quant q, int64_t gl) {
+  const int64_t steps = q == Quant::Int8 ? gl : (gl + 1) / 2;
+  return size_t(nmat) * size_t(nr) * (4 + size_t(steps));
+}
+// Bytes of one panel: K / g full groups and the shorter rest.
+static inline size_t quant_panel_bytes(int nmat, int64_t K, int64_t nr, Quant q, int64_t g) {
+  return size_t(K / g) * quant_group_bytes(nmat, nr, q, g) + (K % g ? quant_group_bytes(nmat, nr, q, K % g) : 0);
+}
+size_t quant_w13_bytes(int64_t H, int64_t F, int64_t nr, Quant q, int64_t g);
+size_t quant_w2_bytes(int64_t H, int64_t F, int64_t nr, Quant q, int64_t g);
+// Quantizes and packs one expert, group by group straight from the source (no float copy of it).
+void pack_w13_quant(const void* w1, const void* w3, int64_t H, int64_t F, DType dt, int64_t nr, Quant q, int64_t g,
+                    void* dst);
+void pack_w2_quant(const void* w2, int64_t H, int64_t F, DType dt, int64_t nr, Quant q, int64_t g, void* dst);
 
 }  // namespace fmoe

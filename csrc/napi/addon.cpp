@@ -12,6 +12,7 @@
 namespace fmoe_napi {
 
 void register_bench_probes(Napi::Env env, Napi::Object exports);
+void register_mmap(Napi::Env env, Napi::Object exports);
 
 // -> { cpu: { isa, threads, error? }, cuda: { available, reason, library, driverVersion, runtimeVersion, devices } }
 static Napi::Value BackendInfo(const Napi::CallbackInfo& info) {
@@ -66,6 +67,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("backendInfo", Napi::Function::New(env, BackendInfo, "backendInfo"));
   exports.Set("abiVersion", Napi::Number::New(env, 1));
   register_bench_probes(env, exports);
+  register_mmap(env, exports);
   return exports;
 }
 

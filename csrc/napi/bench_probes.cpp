@@ -1,6 +1,10 @@
-// Benchmark-only helpers exported as `bench`: machine ceilings measured in the bench's own process.
+// Benchmark and test helpers exported as `bench`: machine ceilings measured in the bench's own process,
+// and the load-time quantizer on its own (the tests check it bit for bit against hand-made groups).
 #include <napi.h>
 
+#include <string>
+
+#include "../core/quant.h"
 #include "../cpu/probes.h"
 
 namespace fmoe_napi {
@@ -17,10 +21,40 @@ static Napi::Value FmaPeak(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), fmoe::probe_fma_peak(fmoe::Isa(isa), threads));
 }
 
+// (values: Float32Array [rows, K], K, 'int8' | 'int4', group) -> { scales: Float32Array [rows, ceil(K/group)],
+// codes: Int8Array [rows, K] }: quant.h's groups along each row.
+static Napi::Value Quantize(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 4 || !info[0].IsTypedArray() ||
+      info[0].As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
+    throw Napi::TypeError::New(env, "quantize(values: Float32Array, K, 'int8' | 'int4', group)");
+  Napi::Float32Array v = info[0].As<Napi::Float32Array>();
+  const int64_t K = info[1].As<Napi::Number>().Int64Value();
+  const std::string bits = info[2].As<Napi::String>().Utf8Value();
+  const int64_t g = info[3].As<Napi::Number>().Int64Value();
+  if (K <= 0 || int64_t(v.ElementLength()) % K != 0) throw Napi::RangeError::New(env, "K must divide values.length");
+  if (bits != "int8" && bits != "int4") throw Napi::RangeError::New(env, "bits must be 'int8' or 'int4'");
+  if (!fmoe::quant_group_ok(g)) throw Napi::RangeError::New(env, "group must be 32, 64 or 128");
+  const int qmax = fmoe::quant_qmax(bits == "int8" ? fmoe::Quant::Int8 : fmoe::Quant::Int4);
+  const int64_t rows = int64_t(v.ElementLength()) / K, ng = (K + g - 1) / g;
+  Napi::Float32Array scales = Napi::Float32Array::New(env, size_t(rows * ng));
+  Napi::Int8Array codes = Napi::Int8Array::New(env, size_t(rows * K));
+  for (int64_t r = 0; r < rows; r++)
+    for (int64_t i = 0; i < ng; i++) {
+      const int64_t k0 = i * g, n = K - k0 < g ? K - k0 : g;
+      scales[size_t(r * ng + i)] = fmoe::quantize_group(v.Data() + r * K + k0, n, qmax, codes.Data() + r * K + k0);
+    }
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("scales", scales);
+  out.Set("codes", codes);
+  return out;
+}
+
 void register_bench_probes(Napi::Env env, Napi::Object exports) {
   Napi::Object bench = Napi::Object::New(env);
   bench.Set("readBandwidth", Napi::Function::New(env, ReadBandwidth, "readBandwidth"));
   bench.Set("fmaPeak", Napi::Function::New(env, FmaPeak, "fmaPeak"));
+  bench.Set("quantize", Napi::Function::New(env, Quantize, "quantize"));
   exports.Set("bench", bench);
 }
 

@@ -29,6 +29,13 @@ static fmoe::Routing parse_routing(Napi::Env env, const std::string& s) {
   throw Napi::RangeError::New(env, "routing must be 'softmax-topk-renorm' or 'softmax-topk', got '" + s + "'");
 }
 
+static fmoe::Quant parse_quant(Napi::Env env, const std::string& s) {
+  if (s == "none") return fmoe::Quant::None;
+  if (s == "int8") return fmoe::Quant::Int8;
+  if (s == "int4") return fmoe::Quant::Int4;
+  throw Napi::RangeError::New(env, "quantize must be 'none', 'int8' or 'int4', got '" + s + "'");
+}
+
 // info: (config, gate: Float32Array, w1: TypedArray[E], w3: TypedArray[E], w2: TypedArray[E])
 NativeLayer::NativeLayer(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeLayer>(info) {
   Napi::Env env = info.Env();
@@ -43,6 +50,8 @@ NativeLayer::NativeLayer(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Nati
   cfg.routing = parse_routing(env, get_string(c, "routing", "softmax-topk-renorm"));
   cfg.weight_dtype = parse_dtype(env, get_string(c, "weightDtype", "float32"));
   cfg.threads = int(get_int(c, "threads", 0));
+  cfg.quant = parse_quant(env, get_string(c, "quantize", "none"));
+  cfg.quant_group = get_int(c, "quantGroupSize", 128);
   const std::string device = get_string(c, "device", "cpu");
   const int64_t cuda_device = get_int(c, "cudaDevice", 0);
   try {
@@ -75,7 +84,9 @@ NativeLayer::NativeLayer(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Nati
     } else if (device == "cuda") {
       backend_ = fmoe::make_cuda_backend(cfg, w, int(cuda_device));
     } else if (device == "auto") {
-      if (fmoe::cuda_status().available) backend_ = fmoe::make_cuda_backend(cfg, w, int(cuda_device));
+      // Quantized experts run on the CPU only, so 'auto' picks it for them.
+      if (fmoe::cuda_status().available && cfg.quant == fmoe::Quant::None)
+        backend_ = fmoe::make_cuda_backend(cfg, w, int(cuda_device));
       else backend_ = fmoe::make_cpu_backend(cfg, w);
     } else {
       throw Napi::RangeError::New(env, "device must be 'cpu', 'cuda' or 'auto', got '" + device + "'");

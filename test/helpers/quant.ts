@@ -1,0 +1,52 @@
+/**
+ * An independent float32 model of the load-time quantizer (csrc/core/quant.h), written from its
+ * definition: symmetric groups along each row, scale = amax / qmax, code = round-half-even(v / scale)
+ * clamped to +-qmax, zero group -> scale 0, a group holding NaN or Inf -> NaN scale, codes 0.
+ * Float32 divisions are done in float64 and rounded once (Math.fround): for float32 operands that
+ * gives the correctly rounded float32 quotient, the same bits as the native float division.
+ */
+export type QuantKind = 'int8' | 'int4';
+
+export const QMAX: Record<QuantKind, number> = { int8: 127, int4: 7 };
+
+/** Round to nearest, ties to even. */
+export function roundHalfEven(v: number): number {
+  const r = Math.round(v); // ties toward +Infinity
+  return r - v === 0.5 && r % 2 !== 0 ? r - 1 : r;
+}
+
+/** Quantizes rows of K values in groups of g: scales [rows, ceil(K/g)], codes [rows, K]. */
+export function quantizeRows(v: ArrayLike<number>, K: number, kind: QuantKind, g: number): { scales: Float32Array; codes: Int8Array } {
+  const qmax = QMAX[kind];
+  const rows = v.length / K, ng = Math.ceil(K / g);
+  const scales = new Float32Array(rows * ng), codes = new Int8Array(rows * K);
+  for (let r = 0; r < rows; r++)
+    for (let i = 0; i < ng; i++) {
+      const k0 = r * K + i * g, n = Math.min(g, K - i * g);
+      let amax = 0, finite = true;
+      for (let j = 0; j < n; j++) {
+        const x = v[k0 + j];
+        if (!Number.isFinite(x)) finite = false;
+        else amax = Math.max(amax, Math.abs(x));
+      }
+      const scale = finite ? Math.fround(amax / qmax) : NaN;
+      scales[r * ng + i] = scale;
+      if (!finite || scale === 0) continue; // codes stay 0
+      for (let j = 0; j < n; j++) {
+        const q = roundHalfEven(Math.fround(v[k0 + j] / scale));
+        codes[k0 + j] = Math.max(-qmax, Math.min(qmax, q));
+      }
+    }
+  return { scales, codes };
+}
+
+/** The values the kernels compute with: code * scale, exactly (float64). */
+export function dequantizeRows(q: { scales: Float32Array; codes: Int8Array }, K: number, g: number): Float64Array {
+  const ng = Math.ceil(K / g);
+  const out = new Float64Array(q.codes.length);
+  for (let i = 0; i < out.length; i++) {
+    const r = Math.floor(i / K), k = i % K;
+    out[i] = q.codes[i] * q.scales[r * ng + Math.floor(k / g)];
+  }
+  return out;
+}
