@@ -14,7 +14,7 @@ import * as os from 'os';
 import * as path from 'path';
 import { binding } from './binding';
 import { argTypeError, argRangeError, fromNative, MoeError } from './errors';
-import type { Device, MoeConfig, MoeWeights, Routing, WeightDtype } from './layer';
+import type { Device, MoeConfig, MoeWeights, Quantize, QuantGroupSize, Routing, WeightDtype } from './layer';
 import { checkInteger, checkObject, checkOneOf, describe } from './validate';
 
 /** Largest header accepted: real headers are well under 1 MB; a bigger one is corruption or hostile. */
@@ -75,6 +75,9 @@ export interface FromSafetensorsOptions {
   device?: Device;
   threads?: number;
   cudaDevice?: number;
+  /** Weight-only quantization done while the layer packs the mapped weights (see MoeConfig). */
+  quantize?: Quantize;
+  quantGroupSize?: QuantGroupSize;
 }
 
 interface Entry {
@@ -548,6 +551,8 @@ export async function loadLayer<L>(ctor: LayerCtor<L>, p: string, options: FromS
     device: options.device,
     threads: options.threads,
     cudaDevice: options.cudaDevice,
+    quantize: options.quantize,
+    quantGroupSize: options.quantGroupSize,
   };
   // The pages are brought in on worker threads; the layer then packs (copies) the weights on this
   // thread, from memory, while it is built, and the mappings are dropped afterwards.

@@ -64,6 +64,19 @@ describe('MoeLayer.fromSafetensors', () => {
     checkLayer(layer, bf16, 0, 1e-2);
   });
 
+  test('quantize passes through: the same bits as a layer quantized from the same arrays', async () => {
+    const layer = await MoeLayer.fromSafetensors(bf16.dir, { layer: 0, quantize: 'int8', quantGroupSize: 32 });
+    expect(layer.config).toMatchObject({ quantize: 'int8', quantGroupSize: 32 });
+    const L = bf16.layers[0];
+    const same = new MoeLayer(
+      { hiddenSize: bf16.H, intermediateSize: bf16.F, numExperts: bf16.E, topK: bf16.k, weightDtype: 'bfloat16', quantize: 'int8', quantGroupSize: 32 },
+      { gate: L.gate, w1: L.w1, w3: L.w3, w2: L.w2 },
+    );
+    expect(Buffer.from(layer.forwardSync(x).buffer).equals(Buffer.from(same.forwardSync(x).buffer))).toBe(true);
+    layer.dispose();
+    same.dispose();
+  });
+
   test('index file, layer 1 (its experts split across both shards)', async () => {
     const layer = await MoeLayer.fromSafetensors(path.join(bf16.dir, 'model.safetensors.index.json'), { layer: 1, threads: 1 });
     checkLayer(layer, bf16, 1, 1e-2);
