@@ -92,7 +92,12 @@ double probe_read_bandwidth(size_t bytes, int threads) {
   run_together(threads, [&](int i) {
     size_t b, n;
     slice(i, b, n);
-    for (size_t j = 0; j < n; j++) buf[b + j] = j * 0x9e3779b97f4a7c15ull;
+    // Distinct contents everywhere: the host may merge equal pages, and merged pages read from cache.
+    uint64_t x = 0x9e3779b97f4a7c15ull ^ (uint64_t(i) << 32);
+    for (size_t j = 0; j < n; j++) {
+      x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+      buf[b + j] = x;
+    }
   });
   std::atomic<uint64_t> sink{0};
   std::vector<double> times;
