@@ -336,10 +336,20 @@ function failureMessages(c, work) {
 
 /** With no fitting prebuilt binary and the build tools present, the installed package builds from source. */
 function sourceBuild(npm, c, work) {
-  log('source fallback: the installed package with its prebuilds hidden, compiler on the PATH');
-  const empty = path.join(work, 'no-binaries-src');
-  fs.mkdirSync(empty);
-  const env = { ...cleanEnv({ PATH: process.env.PATH }), FUSED_MOE_PREBUILD: empty, PREBUILDS_ONLY: '' };
+  log('source fallback: the installed package with its prebuilds removed, compiler on the PATH');
+  const prebuilds = path.join(c.pkgDir, 'prebuilds');
+  const hidden = path.join(work, 'prebuilds-hidden');
+  fs.renameSync(prebuilds, hidden);
+  try {
+    sourceBuildWithoutPrebuilds(npm, c);
+  } finally {
+    fs.rmSync(path.join(c.pkgDir, 'build'), { recursive: true, force: true });
+    fs.renameSync(hidden, prebuilds);
+  }
+}
+
+function sourceBuildWithoutPrebuilds(npm, c) {
+  const env = { ...cleanEnv({ PATH: process.env.PATH }), PREBUILDS_ONLY: '' };
   // Through npm, as a user's `npm rebuild` would: npm puts its own node-gyp on the PATH.
   const r = run(process.execPath, [npm, 'rebuild', 'fused-moe', '--foreground-scripts'], { cwd: c.app, env, timeout: 600000 });
   if (!check(r.status === 0, `the source build failed (exit ${r.status ?? r.signal}): ${(r.stderr || '').trim().slice(-1500)}`)) return;
@@ -349,7 +359,6 @@ function sourceBuild(npm, c, work) {
     check(res.errSync < 1e-4 && res.errAsync < 1e-4, `forward on the source build differs from the reference: ${JSON.stringify(res)}`);
     log(`  built from source, kernels ${res.isa}: max error ${res.errSync.toExponential(1)}`);
   }
-  fs.rmSync(path.join(c.pkgDir, 'build'), { recursive: true, force: true });
 }
 
 // ---- 4. portability -----------------------------------------------------------------------------------
