@@ -14,7 +14,7 @@ import * as os from 'os';
 import * as path from 'path';
 import { binding } from './binding';
 import { argTypeError, argRangeError, fromNative, MoeError } from './errors';
-import type { Device, MoeConfig, MoeWeights, Quantize, QuantGroupSize, Routing, WeightDtype } from './layer';
+import type { MoeConfig, MoeWeights, Routing, WeightDtype } from './layer';
 import { checkInteger, checkObject, checkOneOf, describe } from './validate';
 
 /** Largest header accepted: real headers are well under 1 MB; a bigger one is corruption or hostile. */
@@ -60,8 +60,12 @@ export interface SafetensorsFile {
   close(): void;
 }
 
-/** Options of MoeLayer.fromSafetensors(). */
-export interface FromSafetensorsOptions {
+/**
+ * Options of MoeLayer.fromSafetensors(): where the layer's tensors are, plus the MoeConfig options that
+ * are not read from the checkpoint (device, threads, cudaDevice, quantize, quantGroupSize).
+ */
+export interface FromSafetensorsOptions
+  extends Pick<MoeConfig, 'device' | 'threads' | 'cudaDevice' | 'quantize' | 'quantGroupSize'> {
   /** Decoder layer index: tensors are read under `model.layers.{layer}.block_sparse_moe`. */
   layer?: number;
   /** Tensor name prefix instead of `model.layers.{layer}.block_sparse_moe` (`{layer}` is substituted). */
@@ -72,12 +76,6 @@ export interface FromSafetensorsOptions {
   routing?: Routing;
   /** Asserts the expert weights' dtype; the checkpoint's own dtype is used, never converted. */
   weightDtype?: WeightDtype;
-  device?: Device;
-  threads?: number;
-  cudaDevice?: number;
-  /** Weight-only quantization done while the layer packs the mapped weights (see MoeConfig). */
-  quantize?: Quantize;
-  quantGroupSize?: QuantGroupSize;
 }
 
 interface Entry {

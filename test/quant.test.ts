@@ -192,7 +192,7 @@ describe('configuration', () => {
 type Out = { full: Float32Array; again: Float32Array; alone: Float32Array; split: Float32Array };
 
 function runSet(isa: string): { outs: Out[]; bytes: Map<string, number> } {
-  const report = JSON.parse(child('quant-case.js', { ...process.env, FUSED_MOE_ISA: isa }).trim().split('\n').pop() as string);
+  const report = JSON.parse(child('kernel-case.js', { ...process.env, FUSED_MOE_ISA: isa }).trim().split('\n').pop() as string);
   expect(report.isa).toBe(isa);
   const outs = cases.map((c) => {
     const b = fs.readFileSync(path.join(dir, `${c.name}.out.bin`));
