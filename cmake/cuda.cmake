@@ -69,3 +69,39 @@ target_link_options(fused_moe_cuda PRIVATE
   "LINKER:--version-script=${_fmoe_cuda_map}"
   "LINKER:--exclude-libs,ALL"
   "LINKER:--no-undefined")
+
+# ---- self-test (not part of the package) ----------------------------------------------------------------
+# fmoe_cuda_selftest: every stage of the pipeline (the launchers of moe_cuda.cuh, compiled into the test
+# itself) and the whole library (opened with dlopen, as the addon does) against a float64 CPU reference,
+# plus the Mixtral-size benchmark (bench/gpu/run.sh). Registered with ctest when testing is enabled; on a
+# machine with no CUDA device it exits with 77 and ctest reports it as skipped. The npm package leaves
+# csrc/cuda/tools out, and cmake-js builds never need it.
+set(_fmoe_selftest_src "${FMOE_SOURCE_DIR}/csrc/cuda/tools/cuda_selftest.cpp")
+if(NOT CMAKE_JS_VERSION AND EXISTS "${_fmoe_selftest_src}")
+  find_package(Threads REQUIRED)
+  add_executable(fmoe_cuda_selftest
+    "${_fmoe_selftest_src}"
+    "${FMOE_SOURCE_DIR}/csrc/cuda/gating.cu"
+    "${FMOE_SOURCE_DIR}/csrc/cuda/dispatch.cu"
+    "${FMOE_SOURCE_DIR}/csrc/cuda/expert_ffn.cu"
+    "${FMOE_SOURCE_DIR}/csrc/cuda/combine.cu")
+  target_include_directories(fmoe_cuda_selftest PRIVATE "${FMOE_SOURCE_DIR}/csrc/cuda"
+                             ${CMAKE_CUDA_TOOLKIT_INCLUDE_DIRECTORIES})
+  set_target_properties(fmoe_cuda_selftest PROPERTIES
+    CUDA_ARCHITECTURES "${FMOE_CUDA_ARCHITECTURES}"
+    CUDA_RUNTIME_LIBRARY Static
+    CUDA_STANDARD 17
+    CUDA_STANDARD_REQUIRED ON
+    CXX_STANDARD 17
+    CXX_STANDARD_REQUIRED ON
+    RUNTIME_OUTPUT_DIRECTORY "$<1:${CMAKE_BINARY_DIR}>")
+  set_property(TARGET fmoe_cuda_selftest PROPERTY COMPILE_OPTIONS "")
+  target_compile_options(fmoe_cuda_selftest PRIVATE
+    $<$<COMPILE_LANGUAGE:CUDA>:-O3>
+    $<$<COMPILE_LANGUAGE:CXX>:-O2 -Wall -Wextra>)
+  target_link_libraries(fmoe_cuda_selftest PRIVATE Threads::Threads ${CMAKE_DL_LIBS})
+  add_dependencies(fmoe_cuda_selftest fused_moe_cuda)  # the test opens the library at run time
+  add_test(NAME cuda_selftest
+           COMMAND fmoe_cuda_selftest --lib "$<TARGET_FILE:fused_moe_cuda>" --no-bench)
+  set_tests_properties(cuda_selftest PROPERTIES SKIP_RETURN_CODE 77 TIMEOUT 300)
+endif()
