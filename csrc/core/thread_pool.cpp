@@ -54,17 +54,24 @@ ThreadPool::~ThreadPool() {
   for (auto& t : workers_) t.join();
 }
 
-void ThreadPool::run_chunks(int worker) {
+void ThreadPool::run_chunks(Job& job, int worker) {
   for (;;) {
-    int64_t begin = next_.fetch_add(chunk_);
-    if (begin >= n_) break;
-    int64_t end = begin + chunk_ < n_ ? begin + chunk_ : n_;
-    try {
-      (*fn_)(begin, end, worker);
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (!error_) error_ = std::current_exception();
-      next_.store(n_);  // stop handing out work
+    const int64_t begin = job.next.fetch_add(job.chunk);
+    if (begin >= job.n) return;
+    const int64_t end = begin + job.chunk < job.n ? begin + job.chunk : job.n;
+    // After an error the remaining items are skipped but still counted, so the caller's wait ends.
+    if (!job.failed.load()) {
+      try {
+        (*job.fn)(begin, end, worker);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (!job.error) job.error = std::current_exception();
+        job.failed.store(true);
+      }
+    }
+    if (job.done.fetch_add(end - begin) + (end - begin) == job.n) {
+      std::lock_guard<std::mutex> lock(mutex_);  // pairs with the caller's wait: no lost wake-up
+      done_.notify_all();
     }
   }
 }
@@ -72,19 +79,15 @@ void ThreadPool::run_chunks(int worker) {
 void ThreadPool::worker_loop(int index) {
   uint64_t seen = 0;
   for (;;) {
+    std::shared_ptr<Job> job;
     {
       std::unique_lock<std::mutex> lock(mutex_);
       wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
       if (stop_) return;
       seen = generation_;
-      if (index >= active_limit_) continue;
-      running_++;
+      job = job_;
     }
-    run_chunks(index);
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (--running_ == 0) done_.notify_all();
-    }
+    if (job && index < job->limit) run_chunks(*job, index);
   }
 }
 
@@ -112,24 +115,24 @@ void ThreadPool::parallel_for(int64_t n, int64_t chunk, int max_threads, const R
       p.ticket_cv_.notify_all();
     }
   } turn(*this);
+  auto job = std::make_shared<Job>();
+  job->fn = &fn;
+  job->n = n;
+  job->chunk = chunk;
+  job->limit = limit;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    fn_ = &fn;
-    n_ = n;
-    chunk_ = chunk;
-    active_limit_ = limit;
-    next_.store(0);
-    error_ = nullptr;
+    job_ = job;
     generation_++;
   }
   wake_.notify_all();
-  run_chunks(0);
+  run_chunks(*job, 0);
   std::exception_ptr err;
   {
     std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [&] { return running_ == 0; });
-    err = error_;
-    fn_ = nullptr;
+    done_.wait(lock, [&] { return job->done.load() == n; });
+    err = job->error;
+    job_.reset();
   }
   if (err) std::rethrow_exception(err);
 }

@@ -9,6 +9,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -35,8 +36,20 @@ class ThreadPool {
   void parallel_for(int64_t n, int64_t chunk, int max_threads, const RangeFn& fn);
 
  private:
+  // One parallel_for call. Workers hold it by shared_ptr, so a worker that wakes late only ever sees
+  // its own (finished) job, and the caller waits for every item to be done, not for workers to leave.
+  struct Job {
+    const RangeFn* fn = nullptr;
+    int64_t n = 0, chunk = 1;
+    int limit = 0;
+    std::atomic<int64_t> next{0};  // first item not yet claimed
+    std::atomic<int64_t> done{0};  // items finished (or skipped after an error)
+    std::atomic<bool> failed{false};
+    std::exception_ptr error;      // the first exception, under mutex_
+  };
+
   void worker_loop(int index);
-  void run_chunks(int worker);
+  void run_chunks(Job& job, int worker);
 
   std::vector<std::thread> workers_;
   // FIFO admission of jobs: take a ticket, run when now_serving_ reaches it.
@@ -48,13 +61,7 @@ class ThreadPool {
   std::condition_variable done_;
   uint64_t generation_ = 0;
   bool stop_ = false;
-  // Current job.
-  const RangeFn* fn_ = nullptr;
-  int64_t n_ = 0, chunk_ = 1;
-  int active_limit_ = 0;
-  std::atomic<int64_t> next_{0};
-  int running_ = 0;
-  std::exception_ptr error_;
+  std::shared_ptr<Job> job_;  // the current job, under mutex_
 };
 
 }  // namespace fmoe

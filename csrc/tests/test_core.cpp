@@ -86,6 +86,19 @@ static void test_pool() {
     for (int64_t i = b; i < e; i++) hit[i]++;
   });
   for (int v : hit) CHECK(v == 1);
+  // Back-to-back jobs with different chunk sizes: every item of each must be done when parallel_for
+  // returns, whatever a worker that woke late for an earlier job is doing. (A worker once mixed the
+  // chunk size of the job it woke for with the claims of the next one and skipped items: a forward
+  // then read activations that no one had written.)
+  std::vector<int> item(64, -1);
+  int incomplete = 0;
+  for (int job = 0; job < 20000; job++) {
+    pool.parallel_for(64, 1 + job % 13, 0, [&](int64_t b, int64_t e, int) {
+      for (int64_t i = b; i < e; i++) item[i] = job;
+    });
+    for (int v : item) incomplete += v != job;
+  }
+  CHECK(incomplete == 0);
   bool threw = false;
   try {
     pool.parallel_for(100, 1, 0, [&](int64_t b, int64_t, int) {
