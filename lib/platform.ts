@@ -1,5 +1,4 @@
 /** What a native binary has to match here: platform, arch, C library and Node-API version. */
-import * as fs from 'fs';
 
 /** The Node-API version the addon is built for (binding.gyp's NAPI_VERSION). */
 export const ADDON_NAPI_VERSION = 8;
@@ -20,28 +19,16 @@ export interface RuntimeInfo {
   addonNapi: number;
 }
 
+// The checks the install script makes, shared: scripts/install.js ships with the package and has to run
+// before dist/ exists, so it is plain JavaScript and this file borrows from it.
+// eslint-disable-next-line @typescript-eslint/no-var-requires
+const installer = require('../scripts/install.js') as { libcInfo(): LibcInfo; toolInstallCommand(): string };
+
 let libcCache: LibcInfo | undefined;
 
 /** The C library of this process, from Node's diagnostic report (the method detect-libc uses). */
 export function libcInfo(): LibcInfo {
-  if (libcCache) return libcCache;
-  libcCache = { family: null, version: null };
-  if (process.platform !== 'linux') return libcCache;
-  try {
-    const report = process.report?.getReport() as unknown as {
-      header?: { glibcVersionRuntime?: string };
-      sharedObjects?: string[];
-    };
-    if (report?.header?.glibcVersionRuntime) {
-      libcCache = { family: 'glibc', version: report.header.glibcVersionRuntime };
-    } else if ((report?.sharedObjects ?? []).some((o) => /ld-musl|libc\.musl/.test(o))) {
-      libcCache = { family: 'musl', version: null };
-    }
-  } catch {
-    // fall through to the file-system check
-  }
-  if (!libcCache.family && fs.existsSync('/etc/alpine-release')) libcCache = { family: 'musl', version: null };
-  return libcCache;
+  return (libcCache ??= installer.libcInfo());
 }
 
 export function runtimeInfo(): RuntimeInfo {
@@ -66,20 +53,5 @@ export function runtimeLine(info: RuntimeInfo = runtimeInfo()): string {
 
 /** The command that installs python3, make and a C++ compiler on this system. */
 export function toolInstallCommand(): string {
-  if (process.platform === 'darwin') return 'xcode-select --install';
-  if (process.platform === 'win32') {
-    return 'install Visual Studio Build Tools ("Desktop development with C++") and Python 3';
-  }
-  let ids = '';
-  try {
-    const text = fs.readFileSync('/etc/os-release', 'utf8');
-    ids = `${/^ID=(.*)$/m.exec(text)?.[1] ?? ''} ${/^ID_LIKE=(.*)$/m.exec(text)?.[1] ?? ''}`.replace(/"/g, '');
-  } catch {
-    // unknown distribution: the Debian command is the most common answer
-  }
-  if (/alpine/.test(ids)) return 'apk add python3 make g++';
-  if (/fedora|rhel|centos|rocky|almalinux|amzn/.test(ids)) return 'dnf install python3 make gcc-c++';
-  if (/suse/.test(ids)) return 'zypper install python3 make gcc-c++';
-  if (/arch/.test(ids)) return 'pacman -S python make gcc';
-  return 'apt-get install -y python3 make g++';
+  return installer.toolInstallCommand();
 }

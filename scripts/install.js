@@ -123,7 +123,7 @@ function missingTools(env = process.env) {
   return missing;
 }
 
-/** The command that installs python3, make and a C++ compiler on this system (as lib/platform.ts). */
+/** The command that installs python3, make and a C++ compiler on this system (lib/platform.ts uses it too). */
 function toolInstallCommand() {
   if (process.platform === 'darwin') return 'xcode-select --install';
   if (process.platform === 'win32') {
