@@ -30,12 +30,13 @@ if(NOT "CUDA" IN_LIST _fmoe_languages)
   enable_language(CUDA)
 endif()
 
-add_library(fused_moe_cuda SHARED
+# The pipeline stages; the self-test below compiles them too, to test each one on its own.
+set(_fmoe_cuda_stages
   "${FMOE_SOURCE_DIR}/csrc/cuda/gating.cu"
   "${FMOE_SOURCE_DIR}/csrc/cuda/dispatch.cu"
   "${FMOE_SOURCE_DIR}/csrc/cuda/expert_ffn.cu"
-  "${FMOE_SOURCE_DIR}/csrc/cuda/combine.cu"
-  "${FMOE_SOURCE_DIR}/csrc/cuda/layer.cu")
+  "${FMOE_SOURCE_DIR}/csrc/cuda/combine.cu")
+add_library(fused_moe_cuda SHARED ${_fmoe_cuda_stages} "${FMOE_SOURCE_DIR}/csrc/cuda/layer.cu")
 target_include_directories(fused_moe_cuda PRIVATE "${FMOE_SOURCE_DIR}/csrc/cuda")
 
 # Only the C ABI leaves the library: hidden by default in our code, and a version script that also
@@ -79,12 +80,7 @@ target_link_options(fused_moe_cuda PRIVATE
 set(_fmoe_selftest_src "${FMOE_SOURCE_DIR}/csrc/cuda/tools/cuda_selftest.cpp")
 if(NOT CMAKE_JS_VERSION AND EXISTS "${_fmoe_selftest_src}")
   find_package(Threads REQUIRED)
-  add_executable(fmoe_cuda_selftest
-    "${_fmoe_selftest_src}"
-    "${FMOE_SOURCE_DIR}/csrc/cuda/gating.cu"
-    "${FMOE_SOURCE_DIR}/csrc/cuda/dispatch.cu"
-    "${FMOE_SOURCE_DIR}/csrc/cuda/expert_ffn.cu"
-    "${FMOE_SOURCE_DIR}/csrc/cuda/combine.cu")
+  add_executable(fmoe_cuda_selftest "${_fmoe_selftest_src}" ${_fmoe_cuda_stages})
   target_include_directories(fmoe_cuda_selftest PRIVATE "${FMOE_SOURCE_DIR}/csrc/cuda"
                              ${CMAKE_CUDA_TOOLKIT_INCLUDE_DIRECTORIES})
   set_target_properties(fmoe_cuda_selftest PROPERTIES

@@ -75,7 +75,7 @@ function child(script: string, env: NodeJS.ProcessEnv): string {
 beforeAll(() => {
   dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fused-moe-quant-'));
   fs.writeFileSync(path.join(dir, 'cases.json'), JSON.stringify(cases));
-  child('quant-prepare.js', process.env);
+  child('kernel-prepare.js', process.env);
   for (const c of cases)
     refs.set(c.name, { ref: readF64(path.join(dir, `${c.name}.ref.bin`)), refq: readF64(path.join(dir, `${c.name}.refq.bin`)) });
 });
