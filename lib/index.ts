@@ -16,7 +16,12 @@ export interface CudaDeviceInfo {
 }
 
 export interface BackendInfo {
-  cpu: { isa: string | null; threads: number; supported: string[]; error?: string };
+  /**
+   * isa: the kernel set in use; int4Activations: how int4 experts meet the activations, 'int8' where the
+   * set quantizes them per group for an integer dot product (avx512bf16, which needs AVX512-VNNI),
+   * otherwise 'float32'.
+   */
+  cpu: { isa: string | null; int4Activations: 'float32' | 'int8' | null; threads: number; supported: string[]; error?: string };
   cuda: {
     available: boolean;
     devices: CudaDeviceInfo[];

@@ -53,6 +53,11 @@ struct KernelSet {
                        int64_t group, int64_t f_begin, int64_t f_end, float* act, int64_t ldact);
   void (*down_quant)(const float* act, int64_t ldact, int64_t M, int64_t H, int64_t F, const void* w2, Quant q,
                      int64_t group, int64_t h_begin, int64_t h_end, float* y, int64_t ldy);
+
+  // The activations' precision against int4 weights: "float32", or "int8" where the set quantizes each
+  // row's groups of activations (quant.h's rule, qmax 127) for an integer dot product (VNNI). The int4
+  // kernels then follow the contract with each group's sum taken exactly in integers.
+  const char* int4_activations;
 };
 
 // Kernel sets compiled into this binary; each returns nullptr when not built for this architecture.

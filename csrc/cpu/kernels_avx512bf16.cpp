@@ -1,9 +1,16 @@
-// AVX-512 BF16 kernel set: as avx512, except that bf16 weights go through vdpbf16ps (two k per lane per
-// instruction, twice the products of an FMA). The activations are rounded to bf16 for that (only for
-// bf16 weights; float32 and fp16 weights keep the avx512 path and float activations).
+// AVX-512 BF16 kernel set: as avx512, except that the narrow weights go through dot-product instructions
+// with activations narrowed to match:
+//   bf16 weights: vdpbf16ps (two k per lane per instruction, twice the products of an FMA), activations
+//                 rounded to bf16;
+//   int4 weights: vpdpbusd (AVX-512 VNNI; four k per lane, unsigned nibble x signed byte), activations
+//                 quantized to int8 per group. Unpacking nibbles for float FMAs costs more than reading
+//                 them from memory; this costs one mask (and a shift) per 128 weights.
+// Float32, fp16 and int8 weights keep the avx512 path and float activations. Every CPU with AVX512-BF16
+// also has AVX512-VNNI; the set asks for both (isa_select.cpp).
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstring>
 
 #include "kernels_simd.h"
@@ -33,6 +40,49 @@ struct OpsAvx512Bf16 : OpsAvx512 {
       _mm256_mask_storeu_epi16(dst + i, mask, v);
     }
   }
+  // 64 bytes of quads (packing.h): the low nibbles (k = b of each lane's byte b) and the high ones.
+  static void load_u4(const char* p, Raw& lo, Raw& hi) {
+    const __m512i r = _mm512_loadu_si512(p), mask = _mm512_set1_epi8(0x0f);
+    lo = _mm512_and_si512(r, mask);
+    hi = _mm512_and_si512(_mm512_srli_epi16(r, 4), mask);
+  }
+  static Raw izero() { return _mm512_setzero_si512(); }
+  // acc[i] += sum over the lane's 4 bytes of u (unsigned) times the 4 signed bytes at x4.
+  static Raw dot_u8s8(Raw acc, Raw u, const int32_t* x4) { return _mm512_dpbusd_epi32(acc, u, _mm512_set1_epi32(*x4)); }
+  static V sub_to_float(Raw acc, int32_t corr) { return _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, _mm512_set1_epi32(corr))); }
+  // quant.h's group rule with qmax 127, vectorised with the same bits: amax, scale = amax / 127 (float
+  // division), code = round-to-nearest-even(v / scale) clamped to +-127 (vcvtps2dq under the default
+  // rounding mode); NaN or Inf -> NaN scale, zero (or underflowing) amax -> scale 0, codes 0. Also
+  // returns the sum of the codes.
+  static float quantize_i8(const float* x, int64_t n, int8_t* codes, int32_t* sum) {
+    __m512 amax = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 mk = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(mk, x + i);
+      bad |= _mm512_fpclass_ps_mask(v, 0x99);  // QNaN | +Inf | -Inf | SNaN
+      amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+    }
+    const float a = _mm512_reduce_max_ps(amax);
+    const float scale = bad ? NAN : a / 127.0f;
+    *sum = 0;
+    if (bad || scale == 0.0f) {
+      std::memset(codes, 0, size_t(n));
+      return scale;
+    }
+    const __m512 sv = _mm512_set1_ps(scale);
+    const __m512i lim = _mm512_set1_epi32(127), nlim = _mm512_set1_epi32(-127);
+    __m512i s = _mm512_setzero_si512();
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 mk = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1);
+      __m512i q = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_maskz_loadu_ps(mk, x + i), sv));
+      q = _mm512_max_epi32(_mm512_min_epi32(q, lim), nlim);
+      s = _mm512_add_epi32(s, q);
+      _mm512_mask_cvtepi32_storeu_epi8(codes + i, mk, q);
+    }
+    *sum = _mm512_reduce_add_epi32(s);
+    return scale;
+  }
 };
 
 // Peak of the bf16 dot product: 16 independent accumulators, 4 float operations per lane (2 products,
@@ -54,7 +104,7 @@ double dot_peak_loop(int64_t iters) {
   return double(iters) * 16 * 16 * 4;
 }
 
-using Set = simd::Kernels<OpsAvx512Bf16, simd::kBF16Dot>;
+using Set = simd::Kernels<OpsAvx512Bf16, simd::kBF16Dot, simd::kI4Dot>;
 constexpr KernelSet kAvx512Bf16 = Set::make(Isa::Avx512Bf16, "avx512bf16");
 
 }  // namespace

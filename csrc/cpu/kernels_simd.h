@@ -60,9 +60,10 @@ enum Mode {
   kBF16Dot = 3,  // bf16 k-pairs fed to a bf16 dot-product instruction; activations rounded to bf16
   kI8 = 4,       // int8 codes + per-group scales (quant.h), sign-extended and converted in registers
   kI4 = 5,       // int4 code pairs + per-group scales, both nibbles of a byte per load
+  kI4Dot = 6,    // int4 code quads . int8 activations through an unsigned x signed byte dot product
 };
 
-constexpr bool is_quant(int mode) { return mode == kI8 || mode == kI4; }
+constexpr bool is_quant(int mode) { return mode == kI8 || mode == kI4 || mode == kI4Dot; }
 
 template <int MODE> struct ModeInfo {
   static constexpr int es = MODE == kF32 ? 4 : 2;                       // bytes per stored element
@@ -301,6 +302,73 @@ static void micro_q(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_t g
   }
 }
 
+// The int4 x int8 micro-kernel (kI4Dot): the activations were quantized per row and group to int8
+// (pack_act: codes x scale sx, and corr = 8 * sum of the codes), the weights are unsigned nibbles
+// u = code + 8 in quads order (packing.h). One vpdpbusd adds four u * x products per 32-bit lane, so a
+// group's sum(u * x) is an exact int32; sum(code * x) = that - corr, still exact (|.| < 2^24 for groups of
+// at most 128), then c += (float(sum) * sx) * scale: one rounding per group, whatever the tile.
+template <class O, int NMAT, int MR, int NP>
+static void micro_qdot(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_t gsz, const char* b, size_t pstride,
+                       float* c, bool carry) {
+  using V = typename O::V;
+  using I = typename O::Raw;
+  constexpr int W = O::W;
+  constexpr size_t cstep = size_t(NMAT) * W * 4;  // code bytes of one step (8 k) of one panel
+  constexpr size_t sbytes = size_t(NMAT) * W * 4;  // scale bytes of one group of one panel
+  const size_t gbytes = sbytes + size_t(gsz / 8) * cstep;
+  const int64_t K8 = (K + 7) / 8 * 8, ng = (K + gsz - 1) / gsz;
+  const int32_t* aq = reinterpret_cast<const int32_t*>(ap);  // [K8 / 4][MR], four codes a word
+  const float* asx = reinterpret_cast<const float*>(aq + K8 / 4 * MR);  // [ng][MR]
+  const int32_t* acorr = reinterpret_cast<const int32_t*>(asx + ng * MR);  // [ng][MR]
+  if (!carry)
+    for (int i = 0; i < MR * NP * NMAT; i++) O::store(c + i * W, O::zero());
+  for (int64_t g0 = k0; g0 < k1; g0 += gsz) {
+    const int64_t gi = g0 / gsz, steps = (imin(gsz, K - g0) + 7) / 8;
+    const char* bg = b + size_t(gi) * gbytes;
+    const char* bc = bg + sbytes;
+    const int32_t* aqg = aq + g0 / 4 * MR;
+    I acc[MR][NP][NMAT];
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; m++)
+#pragma GCC unroll 8
+      for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+        for (int q = 0; q < NMAT; q++) acc[m][p][q] = O::izero();
+    for (int64_t s = 0; s < steps; s++) {
+      const char* bk = bc + size_t(s) * cstep;
+      const int32_t* x0 = aqg + 2 * s * MR;  // k = 8s .. 8s+3 of every row, then 8s+4 .. 8s+7
+#pragma GCC unroll 8
+      for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+        for (int q = 0; q < NMAT; q++) {
+          I lo, hi;
+          O::load_u4(bk + p * pstride + q * W * 4, lo, hi);
+#pragma GCC unroll 16
+          for (int m = 0; m < MR; m++)
+            acc[m][p][q] = O::dot_u8s8(O::dot_u8s8(acc[m][p][q], lo, x0 + m), hi, x0 + MR + m);
+        }
+    }
+#pragma GCC unroll 8
+    for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+      for (int q = 0; q < NMAT; q++) {
+        const V sv = O::load(reinterpret_cast<const float*>(bg + p * pstride) + q * W);
+#pragma GCC unroll 16
+        for (int m = 0; m < MR; m++) {
+          float* cm = c + ((m * NP + p) * NMAT + q) * W;
+          const V t = O::mul(O::sub_to_float(acc[m][p][q], acorr[gi * MR + m]), O::set1(asx[gi * MR + m]));
+          O::store(cm, O::fma(t, sv, O::load(cm)));
+        }
+      }
+  }
+}
+
+// Bytes per row of kI4Dot activations (pack_act): the codes, K padded to 8, then a scale and a
+// correction per group.
+inline size_t dot_act_row_bytes(int64_t K, int64_t gsz) {
+  return size_t((K + 7) / 8 * 2 + 2 * ((K + gsz - 1) / gsz)) * 4;
+}
+
 // micro<..., mr, NP> (or micro_q) for a run-time mr in [1, MR].
 template <class O, int MODE, int NMAT, int MR, int NP, bool PF>
 static void micro_rows(int mr, const char* a, int64_t K, int64_t k0, int64_t k1, int64_t gsz, const char* b,
@@ -308,7 +376,8 @@ static void micro_rows(int mr, const char* a, int64_t K, int64_t k0, int64_t k1,
   if constexpr (MR > 1) {
     if (mr < MR) return micro_rows<O, MODE, NMAT, MR - 1, NP, PF>(mr, a, K, k0, k1, gsz, b, pstride, c, carry);
   }
-  if constexpr (is_quant(MODE)) micro_q<O, MODE, NMAT, MR, NP>(a, K, k0, k1, gsz, b, pstride, c, carry);
+  if constexpr (MODE == kI4Dot) micro_qdot<O, NMAT, MR, NP>(a, K, k0, k1, gsz, b, pstride, c, carry);
+  else if constexpr (is_quant(MODE)) micro_q<O, MODE, NMAT, MR, NP>(a, K, k0, k1, gsz, b, pstride, c, carry);
   else micro<O, MODE, NMAT, MR, NP, PF>(a, K, k0, k1, b, pstride, c, carry);
 }
 
@@ -344,7 +413,7 @@ static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, 
   constexpr int W = O::W;
   constexpr int kg = ModeInfo<MODE>::kg;
   const int64_t Kr = MODE == kBF16Dot ? (K + 1) / 2 * 2 : K;  // k range the loop covers
-  const size_t arow = size_t(MODE == kBF16Dot ? Kr / 2 : K) * 4;  // packed activation bytes per row
+  const size_t arow = MODE == kI4Dot ? dot_act_row_bytes(K, gsz) : size_t(MODE == kBF16Dot ? Kr / 2 : K) * 4;
   kc = imax(kg, kc / kg * kg);
   // Panel groups per column block: the block's accumulators (M rows) stay in L2 across its k blocks,
   // so each k slice of the activations is read from L2 by every group of the block, not from L3.
@@ -384,11 +453,36 @@ static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, 
 }
 
 // Packs M rows of K floats (row stride ldx) into row blocks of MR (see above), in a per-thread buffer.
-// kBF16Dot rounds to bf16 first and pads K to even with zeros.
+// kBF16Dot rounds to bf16 first and pads K to even with zeros. kI4Dot quantizes each row's groups of gsz
+// to int8 exactly as quant.h quantizes weights (qmax 127) and lays out, per row block of mr rows: the
+// codes as [K8 / 4][mr] words of four (K padded to 8 with zeros), the scales [ng][mr], then
+// corr = 8 * sum(codes) per group [ng][mr], which removes the nibbles' offset of 8.
 template <class O, int MODE>
-static const char* pack_act(const float* x, int64_t ldx, int64_t M, int64_t K, int MR) {
+static const char* pack_act(const float* x, int64_t ldx, int64_t M, int64_t K, int MR, int64_t gsz) {
   static thread_local Scratch sbuf, rbuf;
-  if constexpr (MODE != kBF16Dot) {
+  if constexpr (MODE == kI4Dot) {
+    const int64_t K8 = (K + 7) / 8 * 8, ng = (K + gsz - 1) / gsz;
+    const size_t arow = dot_act_row_bytes(K, gsz);
+    char* buf = static_cast<char*>(sbuf.get(size_t(M) * arow));
+    int8_t* row = static_cast<int8_t*>(rbuf.get(size_t(K8)));
+    for (int64_t m0 = 0; m0 < M; m0 += MR) {
+      const int64_t mr = imin(MR, M - m0);
+      int32_t* codes = reinterpret_cast<int32_t*>(buf + size_t(m0) * arow);
+      float* sx = reinterpret_cast<float*>(codes + K8 / 4 * mr);
+      int32_t* corr = reinterpret_cast<int32_t*>(sx + ng * mr);
+      for (int64_t m = 0; m < mr; m++) {
+        const float* src = x + (m0 + m) * ldx;
+        std::memset(row + K, 0, size_t(K8 - K));
+        for (int64_t gi = 0; gi < ng; gi++) {
+          int32_t sum = 0;
+          sx[gi * mr + m] = O::quantize_i8(src + gi * gsz, imin(gsz, K - gi * gsz), row + gi * gsz, &sum);
+          corr[gi * mr + m] = 8 * sum;
+        }
+        for (int64_t i = 0; i < K8 / 4; i++) std::memcpy(codes + i * mr + m, row + 4 * i, 4);
+      }
+    }
+    return buf;
+  } else if constexpr (MODE != kBF16Dot) {
     float* buf = static_cast<float*>(sbuf.get(size_t(M * K) * sizeof(float)));
     for (int64_t m0 = 0; m0 < M; m0 += MR) {
       const int64_t mr = imin(MR, M - m0);
@@ -426,7 +520,7 @@ constexpr int64_t prefill_kc() {
 template <int MODE, int NMAT, int NP, int W>
 int64_t prefill_kc_quant(int64_t gsz) {
   const int64_t per_k = int64_t(NP) * NMAT * W;  // code bytes per k (int4: half that)
-  const int64_t kc = int64_t(64 * 1024) * (MODE == kI4 ? 2 : 1) / per_k / gsz * gsz;
+  const int64_t kc = int64_t(64 * 1024) * (MODE == kI8 ? 1 : 2) / per_k / gsz * gsz;
   return kc > gsz ? kc : gsz;
 }
 
@@ -434,7 +528,8 @@ int64_t prefill_kc_quant(int64_t gsz) {
 template <int MODE, int NMAT>
 size_t panel_bytes(int64_t K, int64_t gsz, int W) {
   if constexpr (is_quant(MODE)) {
-    return quant_panel_bytes(NMAT, K, W, MODE == kI8 ? Quant::Int8 : Quant::Int4, gsz);
+    return quant_panel_bytes(NMAT, K, W, MODE == kI8 ? Quant::Int8 : Quant::Int4, gsz,
+                             MODE == kI4Dot ? Int4Order::Quads : Int4Order::Pairs);
   } else {
     constexpr int kg = ModeInfo<MODE>::kg;
     return size_t((K + kg - 1) / kg) * NMAT * W * kg * ModeInfo<MODE>::es;
@@ -446,7 +541,7 @@ static void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t gsz,
                  int64_t p_begin, int64_t p_end, Epi&& epi) {
   using S = Shapes<O, NMAT>;
   const bool decode = M <= decode_rows_limit();
-  const char* a = pack_act<O, MODE>(x, ldx, M, K, decode ? S::kMrDecode : S::kMrPrefill);
+  const char* a = pack_act<O, MODE>(x, ldx, M, K, decode ? S::kMrDecode : S::kMrPrefill, gsz);
   if (decode) {
     sweep<O, MODE, NMAT, S::kMrDecode, S::kNpDecode, false>(a, M, K, int64_t(1) << 40, gsz, b, pstride, p_begin,
                                                             p_end, epi);
@@ -458,10 +553,12 @@ static void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t gsz,
   }
 }
 
-// The KernelSet functions for one ISA. BF16_MODE: kBF16 (shift) or kBF16Dot.
-template <class O, int BF16_MODE>
+// The KernelSet functions for one ISA. BF16_MODE: kBF16 (shift) or kBF16Dot; I4_MODE: kI4 (float
+// activations) or kI4Dot (int8 activations, the quads layout).
+template <class O, int BF16_MODE, int I4_MODE = kI4>
 struct Kernels {
   static constexpr int W = O::W;
+  static constexpr Int4Order kOrder = I4_MODE == kI4Dot ? Int4Order::Quads : Int4Order::Pairs;
 
   static bool pairs(DType dt) { return dt == DType::BF16; }
   static size_t w13_bytes(int64_t H, int64_t F, DType dt) { return packed_w13_bytes(H, F, dt, W, pairs(dt)); }
@@ -473,13 +570,13 @@ struct Kernels {
     pack_w2(w2, H, F, dt, W, pairs(dt), dst);
   }
 
-  static size_t q13_bytes(int64_t H, int64_t F, Quant q, int64_t g) { return quant_w13_bytes(H, F, W, q, g); }
-  static size_t q2_bytes(int64_t H, int64_t F, Quant q, int64_t g) { return quant_w2_bytes(H, F, W, q, g); }
+  static size_t q13_bytes(int64_t H, int64_t F, Quant q, int64_t g) { return quant_w13_bytes(H, F, W, q, g, kOrder); }
+  static size_t q2_bytes(int64_t H, int64_t F, Quant q, int64_t g) { return quant_w2_bytes(H, F, W, q, g, kOrder); }
   static void qpack13(const void* w1, const void* w3, int64_t H, int64_t F, DType dt, Quant q, int64_t g, void* dst) {
-    pack_w13_quant(w1, w3, H, F, dt, W, q, g, dst);
+    pack_w13_quant(w1, w3, H, F, dt, W, q, g, kOrder, dst);
   }
   static void qpack2(const void* w2, int64_t H, int64_t F, DType dt, Quant q, int64_t g, void* dst) {
-    pack_w2_quant(w2, H, F, dt, W, q, g, dst);
+    pack_w2_quant(w2, H, F, dt, W, q, g, kOrder, dst);
   }
 
   template <int MODE>
@@ -548,19 +645,20 @@ struct Kernels {
                        int64_t g, int64_t f_begin, int64_t f_end, float* act, int64_t ldact) {
     if (M <= 0 || f_begin >= f_end) return;
     if (q == Quant::Int8) swiglu_mode<kI8>(x, ldx, M, H, F, w13, f_begin, f_end, act, ldact, g);
-    else swiglu_mode<kI4>(x, ldx, M, H, F, w13, f_begin, f_end, act, ldact, g);
+    else swiglu_mode<I4_MODE>(x, ldx, M, H, F, w13, f_begin, f_end, act, ldact, g);
   }
 
   static void down_q(const float* act, int64_t ldact, int64_t M, int64_t H, int64_t F, const void* w2, Quant q,
                      int64_t g, int64_t h_begin, int64_t h_end, float* y, int64_t ldy) {
     if (M <= 0 || h_begin >= h_end) return;
     if (q == Quant::Int8) down_mode<kI8>(act, ldact, M, H, F, w2, h_begin, h_end, y, ldy, g);
-    else down_mode<kI4>(act, ldact, M, H, F, w2, h_begin, h_end, y, ldy, g);
+    else down_mode<I4_MODE>(act, ldact, M, H, F, w2, h_begin, h_end, y, ldy, g);
   }
 
   static constexpr KernelSet make(Isa isa, const char* name) {
-    return KernelSet{isa,     name,      W,       w13_bytes, w2_bytes, pack13,   pack2,  swiglu,
-                     down,    q13_bytes, q2_bytes, qpack13,   qpack2,   swiglu_q, down_q};
+    return KernelSet{isa,       name,     W,       w13_bytes, w2_bytes, pack13,
+                     pack2,     swiglu,   down,    q13_bytes, q2_bytes, qpack13,
+                     qpack2,    swiglu_q, down_q,  I4_MODE == kI4Dot ? "int8" : "float32"};
   }
 };
 

@@ -50,3 +50,12 @@ export function dequantizeRows(q: { scales: Float32Array; codes: Int8Array }, K:
   }
   return out;
 }
+
+/**
+ * Activations as a kernel set with int8 activations sees them (backendInfo().cpu.int4Activations ===
+ * 'int8'): each row's groups of g quantized by the same rule as the weights with qmax 127, then
+ * dequantized exactly.
+ */
+export function int8Activations(g: number): (row: Float64Array) => Float64Array {
+  return (row) => dequantizeRows(quantizeRows(row, row.length, 'int8', g), row.length, g);
+}

@@ -125,12 +125,17 @@ export function referenceRoute(logits: number[], k: number, renorm: boolean): { 
   return { ids, w };
 }
 
-/** out[T, H] in float64. */
-export function referenceMoe(L: RefLayer, x: ArrayLike<number>, T: number): Float64Array {
+/**
+ * out[T, H] in float64. `quantAct`, when given, models kernels that narrow the activations before a
+ * product: it maps each token's x row (before w1 / w3) and each h row, rounded to float32 as the kernels
+ * hold it (before w2), to the values the products then see.
+ */
+export function referenceMoe(L: RefLayer, x: ArrayLike<number>, T: number, quantAct?: (row: Float64Array) => Float64Array): Float64Array {
   const { H, F, E, k } = L;
   const out = new Float64Array(T * H);
   const h = new Float64Array(F);
   for (let t = 0; t < T; t++) {
+    const xr = quantAct ? quantAct(Float64Array.from({ length: H }, (_, i) => x[t * H + i])) : undefined;
     const logits: number[] = [];
     for (let e = 0; e < E; e++) {
       let s = 0;
@@ -144,15 +149,17 @@ export function referenceMoe(L: RefLayer, x: ArrayLike<number>, T: number): Floa
         let a = 0, b = 0;
         const base = (e * F + f) * H;
         for (let i = 0; i < H; i++) {
-          a += L.w1[base + i] * x[t * H + i];
-          b += L.w3[base + i] * x[t * H + i];
+          const xi = xr ? xr[i] : x[t * H + i];
+          a += L.w1[base + i] * xi;
+          b += L.w3[base + i] * xi;
         }
         h[f] = (a / (1 + Math.exp(-a))) * b;
       }
+      const hr = quantAct ? quantAct(h.map(Math.fround)) : h;
       for (let o = 0; o < H; o++) {
         let s = 0;
         const base = (e * H + o) * F;
-        for (let f = 0; f < F; f++) s += L.w2[base + f] * h[f];
+        for (let f = 0; f < F; f++) s += L.w2[base + f] * hr[f];
         out[t * H + o] += w[j] * s;
       }
     }
