@@ -350,6 +350,7 @@ const log = (s) => process.stdout.write(s + '\n');
     : [
       { T: 1, minReps: 9, maxReps: 50, budgetMs: 2000 },
       { T: 16, minReps: 7, maxReps: 30, budgetMs: 2000 },
+      { T: 32, minReps: 7, maxReps: 20, budgetMs: 2000 },
       { T: 128, minReps: 5, maxReps: 15, budgetMs: 3000 },
       { T: 512, minReps: 3, maxReps: 7, budgetMs: 4000 },
     ];

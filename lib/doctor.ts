@@ -32,6 +32,8 @@ export interface DoctorReport {
   /** null when the addon did not load. */
   cpu: {
     isa: string | null;
+    /** How int4 experts meet the activations: 'int8' (quantized per group, VNNI) or 'float32'. */
+    int4Activations: string | null;
     threads: number;
     supported: string[];
     /** The FUSED_MOE_ISA override, when set. */
@@ -118,6 +120,7 @@ export function doctorReport(): DoctorReport {
     const info = native.backendInfo();
     report.cpu = {
       isa: info.cpu.isa,
+      int4Activations: info.cpu.int4Activations ?? null,
       threads: info.cpu.threads,
       supported: info.cpu.supported,
       forced: process.env.FUSED_MOE_ISA || null,
@@ -136,7 +139,7 @@ export function doctorReport(): DoctorReport {
     report.exitCode = report.cpu.isa && !report.cpu.error ? 0 : 1;
   } catch (err) {
     const e = errorOf(err);
-    report.cpu = { isa: null, threads: 0, supported: [], forced: process.env.FUSED_MOE_ISA || null, error: e.message };
+    report.cpu = { isa: null, int4Activations: null, threads: 0, supported: [], forced: process.env.FUSED_MOE_ISA || null, error: e.message };
   }
   return report;
 }
@@ -169,6 +172,7 @@ export function formatReport(r: DoctorReport): string {
       row('cpu', `${r.cpu.isa} kernels${forced}, ${r.cpu.threads} threads by default`);
     }
     more(`kernel sets this CPU and build support: ${r.cpu.supported.join(', ') || 'none'}`);
+    if (r.cpu.int4Activations) more(`int4 experts: ${r.cpu.int4Activations} activations`);
   }
 
   if (r.cuda) {

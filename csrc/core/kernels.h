@@ -60,6 +60,13 @@ struct KernelSet {
   const char* int4_activations;
 };
 
+// Packed activations are cached per thread: the calls of one phase that share an expert's rows reuse one
+// packed copy instead of packing it per column tile. The pipeline calls next_activation_epoch() after
+// a phase's input is written and before the phase's kernel calls; a cached copy serves only calls of
+// the epoch it was made in (never epoch 0), so a buffer rewritten, or freed and reused, is packed afresh.
+uint64_t activation_epoch();
+void next_activation_epoch();
+
 // Kernel sets compiled into this binary; each returns nullptr when not built for this architecture.
 const KernelSet* kernels_scalar();
 const KernelSet* kernels_avx2();

@@ -4,6 +4,7 @@
 // SwiGLU (w1, w3) -> down (w2) -> combine in token order. The two expert phases are split over
 // (expert, column tile) items on the shared pool.
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -144,18 +145,25 @@ class CpuBackend final : public Backend {
     });
   }
 
-  // Splits each expert's columns [0, cols) into tiles so every thread gets several items.
-  std::vector<WorkItem> tile_items(const Dispatch& d, int64_t cols, int64_t total_rows) const {
+  // Splits each expert's columns [0, cols) into tiles so every thread gets several items: at least 16 per
+  // thread over the phase, and at least 8 per thread in every bounded job (run_bounded), so the last
+  // item of a job leaves the other threads idle for a small fraction of it. Tiles are whole pairs of
+  // panels where they can be (the prefill micro-tile is two panels wide); the activations of an expert
+  // are packed once per thread and phase, whatever the tile (kernels.h), so small tiles cost little.
+  std::vector<WorkItem> tile_items(const Dispatch& d, int64_t cols, int64_t total_rows, int64_t flops_per_cell) const {
     const int64_t P = kernels_->panel;
     const int64_t nthreads = std::max(1, ThreadPool::instance().size());
+    const double item_cap = kJobFlops / double(8 * nthreads);
     std::vector<WorkItem> items;
     for (int64_t e = 0; e < cfg_.num_experts; e++) {
       const int64_t rows = d.offsets[e + 1] - d.offsets[e];
       if (rows == 0) continue;
-      // Share of the work this expert has, in tiles: at least 16 per thread over the whole job, so the uneven expert loads even out.
-      int64_t want = std::max<int64_t>(1, (16 * nthreads * rows + total_rows - 1) / total_rows);
+      const double flops = double(rows) * double(cols) * double(flops_per_cell);
+      const int64_t want = std::max<int64_t>({1, (16 * nthreads * rows + total_rows - 1) / total_rows,
+                                              int64_t(std::ceil(flops / item_cap))});
       int64_t tile = (cols + want - 1) / want;
-      tile = std::max<int64_t>(P, (tile + P - 1) / P * P);
+      const int64_t unit = cols >= 4 * P ? 2 * P : P;
+      tile = std::max<int64_t>(unit, (tile + unit - 1) / unit * unit);
       for (int64_t c = 0; c < cols; c += tile) items.push_back({e, c, std::min(cols, c + tile)});
     }
     return items;
@@ -168,6 +176,7 @@ class CpuBackend final : public Backend {
   void run_bounded(const std::vector<WorkItem>& items, const Dispatch& d, int64_t flops_per_cell,
                    const CancelFlag* cancel, const Fn& fn) {
     ThreadPool& pool = ThreadPool::instance();
+    next_activation_epoch();  // this phase's input is written: packed copies of earlier ones are stale
     const size_t min_items = size_t(2 * pool.size());
     size_t begin = 0;
     while (begin < items.size()) {
@@ -213,7 +222,7 @@ class CpuBackend final : public Backend {
     }
 
     ThreadPool& pool = ThreadPool::instance();
-    std::vector<WorkItem> up = tile_items(d, F, R);
+    std::vector<WorkItem> up = tile_items(d, F, R, 2 * 2 * H);
     const Quant q = cfg_.quant;
     const int64_t g = cfg_.quant_group;
     run_bounded(up, d, 2 * 2 * H, cancel, [&](const WorkItem& it, int64_t r0, int64_t rows) {
@@ -223,7 +232,7 @@ class CpuBackend final : public Backend {
       else
         kernels_->swiglu(xs + r0 * H, H, rows, H, F, w13_[it.expert].get(), dt, it.begin, it.end, act + r0 * F, F);
     });
-    std::vector<WorkItem> downs = tile_items(d, H, R);
+    std::vector<WorkItem> downs = tile_items(d, H, R, 2 * F);
     run_bounded(downs, d, 2 * F, cancel, [&](const WorkItem& it, int64_t r0, int64_t rows) {
       if (q != Quant::None)
         kernels_->down_quant(act + r0 * F, F, rows, H, F, w2_[it.expert].get(), q, g, it.begin, it.end, ys + r0 * H, H);

@@ -1,4 +1,5 @@
 // Run-time choice of the CPU kernel set: cpuid + OS support, or the FUSED_MOE_ISA override.
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -112,5 +113,11 @@ const KernelSet* select_kernels() {
   if (!choice.kernels) fail(ErrorCode::Invalid, choice.error);
   return choice.kernels;
 }
+
+namespace {
+std::atomic<uint64_t> g_activation_epoch{0};
+}
+uint64_t activation_epoch() { return g_activation_epoch.load(std::memory_order_acquire); }
+void next_activation_epoch() { g_activation_epoch.fetch_add(1, std::memory_order_acq_rel); }
 
 }  // namespace fmoe

@@ -458,8 +458,9 @@ static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, 
 // codes as [K8 / 4][mr] words of four (K padded to 8 with zeros), the scales [ng][mr], then
 // corr = 8 * sum(codes) per group [ng][mr], which removes the nibbles' offset of 8.
 template <class O, int MODE>
-static const char* pack_act(const float* x, int64_t ldx, int64_t M, int64_t K, int MR, int64_t gsz) {
-  static thread_local Scratch sbuf, rbuf;
+static const char* pack_act_into(Scratch& sbuf, const float* x, int64_t ldx, int64_t M, int64_t K, int MR,
+                                 int64_t gsz) {
+  static thread_local Scratch rbuf;
   if constexpr (MODE == kI4Dot) {
     const int64_t K8 = (K + 7) / 8 * 8, ng = (K + gsz - 1) / gsz;
     const size_t arow = dot_act_row_bytes(K, gsz);
@@ -508,6 +509,25 @@ static const char* pack_act(const float* x, int64_t ldx, int64_t M, int64_t K, i
     }
     return reinterpret_cast<const char*>(buf);
   }
+}
+
+// pack_act_into through the per-thread cache (kernels.h): the column tiles of one expert in one phase
+// pack its rows once.
+template <class O, int MODE>
+static const char* pack_act(const float* x, int64_t ldx, int64_t M, int64_t K, int MR, int64_t gsz) {
+  struct Key {
+    const float* x;
+    int64_t ldx, M, K, MR, gsz;
+    uint64_t epoch;
+  };
+  static thread_local Scratch sbuf;
+  static thread_local Key last{};
+  const Key key{x, ldx, M, K, MR, gsz, activation_epoch()};
+  if (key.epoch != 0 && std::memcmp(&key, &last, sizeof key) == 0) return static_cast<const char*>(sbuf.ptr);
+  last = Key{};  // packing may throw (allocation): never leave a key without its data
+  const char* a = pack_act_into<O, MODE>(sbuf, x, ldx, M, K, MR, gsz);
+  last = key;
+  return a;
 }
 
 // K for the k blocks of the prefill shape: the NP panels' slice of k stays in L2 across row blocks.
