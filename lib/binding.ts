@@ -28,6 +28,13 @@ export interface NativeLayer {
   info(): { device: 'cpu' | 'cuda'; kernels: string; nativeBytes: number };
 }
 
+export interface NativeBuilder {
+  /** Packs for about maxMs; true when the layer is complete. The arrays are looked up on every call. */
+  step(gate: Float32Array, w1: WeightArray[], w3: WeightArray[], w2: WeightArray[], maxMs: number): boolean;
+  progress(): number;
+  finish(): NativeLayer;
+}
+
 export interface NativeCancel {
   cancel(): void;
 }
@@ -60,6 +67,7 @@ export interface NativeBinding {
     w2: WeightArray[],
   ) => NativeLayer;
   NativeCancel: new () => NativeCancel;
+  NativeBuilder: new (config: NativeLayerConfig) => NativeBuilder;
   backendInfo(): NativeBackendInfo;
   abiVersion: number;
   /** Memory-maps [offset, offset + length) of a file copy-on-write; unmapped when the buffer is collected. */

@@ -2,7 +2,7 @@
 import { binding } from './binding';
 
 export { MoeLayer } from './layer';
-export type { MoeConfig, MoeWeights, ExpertWeights, ForwardOptions, RouteResult, Routing, WeightDtype, Device, Quantize, QuantGroupSize } from './layer';
+export type { MoeConfig, MoeWeights, ExpertWeights, ForwardOptions, RouteResult, CreateOptions, Routing, WeightDtype, Device, Quantize, QuantGroupSize } from './layer';
 export { openSafetensors } from './safetensors';
 export type { SafetensorsFile, TensorInfo, TensorView, FromSafetensorsOptions } from './safetensors';
 export { MoeError, AbortError } from './errors';

@@ -116,6 +116,29 @@ function expertViews(name: string, v: unknown, cfg: Required<MoeConfig>, rows: n
   return views;
 }
 
+function layerArgs(config: MoeConfig, weights: MoeWeights) {
+  const cfg = normaliseConfig(config);
+  checkObject('weights', weights);
+  const { hiddenSize: H, intermediateSize: F, numExperts: E } = cfg;
+  const gate = checkTyped<Float32Array>('weights.gate', weights.gate, Float32Array, checkedProduct('weights.gate', E, H));
+  const w1 = expertViews('weights.w1', weights.w1, cfg, F, H);
+  const w3 = expertViews('weights.w3', weights.w3, cfg, F, H);
+  const w2 = expertViews('weights.w2', weights.w2, cfg, H, F);
+  return { cfg, gate, w1, w3, w2 };
+}
+
+export interface CreateOptions {
+  /** Stops the build between steps: the promise rejects with an AbortError and the memory is freed. */
+  signal?: AbortSignal;
+  /** Longest stretch the event loop is held by one packing step, in milliseconds (default 10). */
+  stepMs?: number;
+}
+
+// Layers built by MoeLayer.create(): the constructor adopts the native layer registered under the token.
+const prebuilt = new WeakMap<object, { native: NativeLayer; cfg: Required<MoeConfig> }>();
+
+const nextTurn = () => new Promise<void>((resolve) => setImmediate(resolve));
+
 export class MoeLayer {
   /** The configuration with defaults filled in. */
   readonly config: Readonly<Required<MoeConfig>>;
@@ -127,24 +150,62 @@ export class MoeLayer {
   #disposing = false;
   #inFlight = new Set<Promise<unknown>>();
 
+  /**
+   * Builds the layer on the calling thread: the weights are packed (copied) before it returns, so this
+   * holds the event loop for as long as packing takes (about a second per GB on two cores). On a server
+   * that is already serving, use MoeLayer.create().
+   */
   constructor(config: MoeConfig, weights: MoeWeights) {
-    const cfg = normaliseConfig(config);
-    checkObject('weights', weights);
-    const { hiddenSize: H, intermediateSize: F, numExperts: E } = cfg;
-    const gate = checkTyped<Float32Array>('weights.gate', weights.gate, Float32Array, checkedProduct('weights.gate', E, H));
-    const w1 = expertViews('weights.w1', weights.w1, cfg, F, H);
-    const w3 = expertViews('weights.w3', weights.w3, cfg, F, H);
-    const w2 = expertViews('weights.w2', weights.w2, cfg, H, F);
-    const native = binding();
-    try {
-      this.#native = new native.NativeLayer(cfg, gate, w1, w3, w2);
-    } catch (err) {
-      throw fromNative(err);
+    const pre = typeof weights === 'object' && weights !== null ? prebuilt.get(weights) : undefined;
+    let cfg: Required<MoeConfig>;
+    if (pre) {
+      prebuilt.delete(weights);
+      ({ native: this.#native, cfg } = pre);
+    } else {
+      const args = layerArgs(config, weights);
+      cfg = args.cfg;
+      try {
+        this.#native = new (binding().NativeLayer)(cfg, args.gate, args.w1, args.w3, args.w2);
+      } catch (err) {
+        throw fromNative(err);
+      }
     }
     const info = this.#native.info();
     this.config = Object.freeze(cfg);
     this.device = info.device;
     this.kernels = info.kernels;
+  }
+
+  /**
+   * Builds the layer without holding the event loop: the weights are packed a few milliseconds at a
+   * time (`stepMs`) between turns of the loop. The arrays are read while the promise is pending: do
+   * not write to them until it settles; one that is detached or shrunk meanwhile makes the build
+   * reject with a clear error (nothing is read from it afterwards). A CUDA layer is uploaded in one
+   * step.
+   */
+  static async create(config: MoeConfig, weights: MoeWeights, options: CreateOptions = {}): Promise<MoeLayer> {
+    const { cfg, gate, w1, w3, w2 } = layerArgs(config, weights);
+    checkObject('options', options as unknown);
+    const signal = options.signal;
+    if (signal !== undefined && !(signal instanceof AbortSignal))
+      throw argTypeError(`options.signal must be an AbortSignal, got ${describe(signal)}`);
+    const stepMs = options.stepMs === undefined ? 10 : checkInteger('options.stepMs', options.stepMs, 1, 60000);
+    const aborted = () => new AbortError(undefined, { cause: signal?.reason });
+    if (signal?.aborted) throw aborted();
+    let native: NativeLayer;
+    try {
+      const builder = new (binding().NativeBuilder)(cfg);
+      while (!builder.step(gate, w1, w3, w2, stepMs)) {
+        await nextTurn();
+        if (signal?.aborted) throw aborted();
+      }
+      native = builder.finish();
+    } catch (err) {
+      throw err instanceof AbortError ? err : fromNative(err);
+    }
+    const token = {};
+    prebuilt.set(token, { native, cfg });
+    return new MoeLayer(cfg, token as MoeWeights);
   }
 
   /**

@@ -76,6 +76,8 @@ export interface FromSafetensorsOptions
   routing?: Routing;
   /** Asserts the expert weights' dtype; the checkpoint's own dtype is used, never converted. */
   weightDtype?: WeightDtype;
+  /** Cancels the load: the promise rejects with an AbortError (checked between packing steps). */
+  signal?: AbortSignal;
 }
 
 interface Entry {
@@ -477,11 +479,15 @@ function halfToFloat(h: number): number {
   return sign * (1 + man / 1024) * 2 ** (exp - 15);
 }
 
-type LayerCtor<L> = new (config: MoeConfig, weights: MoeWeights) => L;
+interface LayerCtor<L> {
+  create(config: MoeConfig, weights: MoeWeights, options?: { signal?: AbortSignal }): Promise<L>;
+}
 
 /** MoeLayer.fromSafetensors(): reads one MoE block's tensors from a checkpoint and builds the layer. */
 export async function loadLayer<L>(ctor: LayerCtor<L>, p: string, options: FromSafetensorsOptions): Promise<L> {
   checkObject('options', options as unknown);
+  if (options.signal !== undefined && !(options.signal instanceof AbortSignal))
+    throw argTypeError(`options.signal must be an AbortSignal, got ${describe(options.signal)}`);
   let prefix: string;
   let layer: number | undefined;
   if (options.prefix !== undefined) {
@@ -552,8 +558,8 @@ export async function loadLayer<L>(ctor: LayerCtor<L>, p: string, options: FromS
     quantize: options.quantize,
     quantGroupSize: options.quantGroupSize,
   };
-  // The pages are brought in on worker threads; the layer then packs (copies) the weights on this
-  // thread, from memory, while it is built, and the mappings are dropped afterwards.
+  // The pages are brought in on worker threads; the layer then packs (copies) the weights from memory
+  // in short steps between turns of the event loop, and the mappings are dropped afterwards.
   const [v1, v3, v2] = await Promise.all([w1, w3, w2].map((list) => Promise.all(list.map(viewEntryResident))));
-  return new ctor(config, { gate: gateToF32(gate), w1: v1, w3: v3, w2: v2 });
+  return ctor.create(config, { gate: gateToF32(gate), w1: v1, w3: v3, w2: v2 }, { signal: options.signal });
 }

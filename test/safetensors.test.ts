@@ -4,7 +4,7 @@
  */
 import * as fs from 'fs';
 import * as path from 'path';
-import { MoeLayer, openSafetensors } from '../lib/index';
+import { AbortError, MoeLayer, openSafetensors } from '../lib/index';
 import { MoeError } from '../lib/errors';
 import { headerFor, makeTempDir, moeTensors, removeTempDir, safetensorsBytes, TinyModel, writeSafetensors, writeTinyMixtral, Header, RawTensor } from './helpers/checkpoint';
 import { randomF32, referenceMoe, relL2, rng } from './helpers/reference';
@@ -136,6 +136,11 @@ describe('MoeLayer.fromSafetensors', () => {
     await expect(MoeLayer.fromSafetensors(42 as unknown as string, { layer: 0 })).rejects.toThrow(TypeError);
     const dt = MoeLayer.fromSafetensors(bf16.dir, { layer: 0, weightDtype: 'float32' });
     await expect(dt).rejects.toMatchObject({ code: 'ERR_MOE_DTYPE', message: expect.stringMatching(/stores the experts as BF16/) });
+    await expect(MoeLayer.fromSafetensors(bf16.dir, { layer: 0, signal: 'stop' as unknown as AbortSignal })).rejects.toThrow(/options\.signal/);
+  });
+
+  test('an aborted signal rejects with AbortError', async () => {
+    await expect(MoeLayer.fromSafetensors(bf16.dir, { layer: 0, signal: AbortSignal.abort() })).rejects.toBeInstanceOf(AbortError);
   });
 });
 

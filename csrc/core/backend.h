@@ -40,4 +40,21 @@ class Backend {
 
 std::unique_ptr<Backend> make_cpu_backend(const MoeConfig& cfg, const WeightsView& weights);
 
+// Builds a CPU layer a part at a time, so a caller on an event loop can spread the packing over many
+// short steps, and look up the weight arrays afresh before each one (they may have moved or gone).
+// The constructor checks the config and the memory and allocates the packed copy.
+class LayerBuilder {
+ public:
+  virtual ~LayerBuilder() = default;
+  // Packs from `weights` (checked against the config) until about `max_seconds` have passed, at least
+  // one slice of rows; returns true once every expert is packed.
+  virtual bool step(const WeightsView& weights, double max_seconds) = 0;
+  // Fraction of the source bytes packed, 0..1.
+  virtual double progress() const = 0;
+  // The layer, once step() has returned true; the builder is spent afterwards.
+  virtual std::unique_ptr<Backend> finish() = 0;
+};
+
+std::unique_ptr<LayerBuilder> make_cpu_builder(const MoeConfig& cfg);
+
 }  // namespace fmoe

@@ -4,6 +4,7 @@
 // SwiGLU (w1, w3) -> down (w2) -> combine in token order. The two expert phases are split over
 // (expert, column tile) items on the shared pool.
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -82,12 +83,10 @@ struct WorkItem {
 
 class CpuBackend final : public Backend {
  public:
-  CpuBackend(const MoeConfig& cfg, const WeightsView& w) : cfg_(cfg), kernels_(select_kernels()) {
+  // Checks the config and the memory and allocates the packed copy; CpuBuilder fills it.
+  explicit CpuBackend(const MoeConfig& cfg) : cfg_(cfg), kernels_(select_kernels()) {
     validate_config(cfg);
     const int64_t H = cfg.hidden, F = cfg.intermediate, E = cfg.num_experts;
-    if (!w.gate || int64_t(w.w1.size()) != E || int64_t(w.w3.size()) != E || int64_t(w.w2.size()) != E)
-      fail(ErrorCode::Shape, "weights: expected gate and " + std::to_string(E) + " w1, w3 and w2 arrays");
-    gate_.assign(w.gate, w.gate + E * H);
     const DType dt = cfg.weight_dtype;
     const Quant q = cfg.quant;
     const int64_t g = cfg.quant_group;
@@ -95,17 +94,46 @@ class CpuBackend final : public Backend {
     w13_bytes_ = quant ? kernels_->w13_quant_bytes(H, F, q, g) : kernels_->w13_packed_bytes(H, F, dt);
     w2_bytes_ = quant ? kernels_->w2_quant_bytes(H, F, q, g) : kernels_->w2_packed_bytes(H, F, dt);
     check_memory_available(size_t(E) * (w13_bytes_ + w2_bytes_), "the layer's packed weights");
-    // One copy of the weights, packed (and quantized) expert by expert straight from the caller's arrays.
+    // One copy of the weights; the pages are touched as the builder packs into them.
     for (int64_t e = 0; e < E; e++) {
       w13_.push_back(alloc_aligned(w13_bytes_, "packed w1/w3"));
-      if (quant) kernels_->pack_w13_quant(w.w1[e], w.w3[e], H, F, dt, q, g, w13_.back().get());
-      else kernels_->pack_w13(w.w1[e], w.w3[e], H, F, dt, w13_.back().get());
       w2_.push_back(alloc_aligned(w2_bytes_, "packed w2"));
-      if (quant) kernels_->pack_w2_quant(w.w2[e], H, F, dt, q, g, w2_.back().get());
-      else kernels_->pack_w2(w.w2[e], H, F, dt, w2_.back().get());
     }
     const size_t per_token = size_t(cfg.top_k) * size_t(2 * H + F) * sizeof(float) + size_t(E) * 8;
     chunk_tokens_ = std::max<int64_t>(16, int64_t(kChunkWorkspaceBytes / per_token));
+  }
+
+  void check_weights(const WeightsView& w) const {
+    const int64_t E = cfg_.num_experts;
+    if (!w.gate || int64_t(w.w1.size()) != E || int64_t(w.w3.size()) != E || int64_t(w.w2.size()) != E)
+      fail(ErrorCode::Shape, "weights: expected gate and " + std::to_string(E) + " w1, w3 and w2 arrays");
+  }
+
+  void set_gate(const float* gate) { gate_.assign(gate, gate + cfg_.num_experts * cfg_.hidden); }
+
+  // Packs rows [row, row + n) of expert e's w1/w3 (part 0, rows along F) or w2 (part 1, rows along H),
+  // row a multiple of the kernels' panel: panels depend only on their own rows, so a slice of rows is
+  // the same panels packed from a shorter matrix, written at its panels' place.
+  void pack_rows(const WeightsView& w, int64_t e, int part, int64_t row, int64_t n) {
+    const int64_t H = cfg_.hidden, F = cfg_.intermediate, P = kernels_->panel;
+    const DType dt = cfg_.weight_dtype;
+    const Quant q = cfg_.quant;
+    const int64_t g = cfg_.quant_group;
+    const size_t es = dtype_size(dt);
+    if (part == 0) {
+      const size_t panel = q != Quant::None ? kernels_->w13_quant_bytes(H, P, q, g) : kernels_->w13_packed_bytes(H, P, dt);
+      const char* w1 = static_cast<const char*>(w.w1[e]) + size_t(row) * size_t(H) * es;
+      const char* w3 = static_cast<const char*>(w.w3[e]) + size_t(row) * size_t(H) * es;
+      char* dst = static_cast<char*>(w13_[e].get()) + size_t(row / P) * panel;
+      if (q != Quant::None) kernels_->pack_w13_quant(w1, w3, H, n, dt, q, g, dst);
+      else kernels_->pack_w13(w1, w3, H, n, dt, dst);
+    } else {
+      const size_t panel = q != Quant::None ? kernels_->w2_quant_bytes(P, F, q, g) : kernels_->w2_packed_bytes(P, F, dt);
+      const char* w2 = static_cast<const char*>(w.w2[e]) + size_t(row) * size_t(F) * es;
+      char* dst = static_cast<char*>(w2_[e].get()) + size_t(row / P) * panel;
+      if (q != Quant::None) kernels_->pack_w2_quant(w2, n, F, dt, q, g, dst);
+      else kernels_->pack_w2(w2, n, F, dt, dst);
+    }
   }
 
   std::string name() const override { return "cpu"; }
@@ -114,6 +142,7 @@ class CpuBackend final : public Backend {
     return size_t(cfg_.num_experts) * (w13_bytes_ + w2_bytes_) + gate_.size() * sizeof(float);
   }
   const MoeConfig& config() const override { return cfg_; }
+  int64_t panel() const { return kernels_->panel; }
 
   void route(const float* x, int64_t T, int32_t* experts, float* weights) override {
     const int64_t E = cfg_.num_experts;
@@ -263,14 +292,81 @@ class CpuBackend final : public Backend {
   int64_t chunk_tokens_ = 256;
 };
 
+// Packs expert by expert, each matrix in slices of rows of about kSliceBytes of source, checking the
+// clock between slices.
+class CpuBuilder final : public LayerBuilder {
+ public:
+  explicit CpuBuilder(const MoeConfig& cfg) : layer_(new CpuBackend(cfg)) {
+    const int64_t H = cfg.hidden, F = cfg.intermediate;
+    total_ = double(cfg.num_experts) * double(3 * H * F);
+  }
+
+  bool step(const WeightsView& w, double max_seconds) override {
+    if (!layer_) fail(ErrorCode::Internal, "the layer builder was already finished");
+    layer_->check_weights(w);
+    if (!gate_done_) {
+      layer_->set_gate(w.gate);
+      gate_done_ = true;
+    }
+    const MoeConfig& cfg = layer_->config();
+    const int64_t H = cfg.hidden, F = cfg.intermediate, E = cfg.num_experts;
+    const int64_t P = layer_->panel();
+    const size_t es = dtype_size(cfg.weight_dtype);
+    const auto t0 = std::chrono::steady_clock::now();
+    while (e_ < E) {
+      const int64_t rows = part_ == 0 ? F : H;
+      const size_t row_bytes = (part_ == 0 ? 2 * size_t(H) : size_t(F)) * es;
+      const int64_t slice = std::max<int64_t>(P, int64_t(kSliceBytes / row_bytes) / P * P);
+      const int64_t n = std::min(slice, rows - row_);
+      layer_->pack_rows(w, e_, part_, row_, n);
+      row_ += n;
+      done_ += double(n) * double(part_ == 0 ? 2 * H : F);
+      if (row_ == rows) {
+        row_ = 0;
+        part_ ^= 1;
+        if (part_ == 0) e_++;
+      }
+      const std::chrono::duration<double> spent = std::chrono::steady_clock::now() - t0;
+      if (spent.count() >= max_seconds) break;
+    }
+    return e_ == E;
+  }
+
+  double progress() const override { return total_ > 0 ? done_ / total_ : 1.0; }
+
+  std::unique_ptr<Backend> finish() override {
+    if (!layer_ || e_ < layer_->config().num_experts) fail(ErrorCode::Internal, "the layer is not fully packed yet");
+    return std::move(layer_);
+  }
+
+ private:
+  static constexpr size_t kSliceBytes = size_t(4) << 20;
+  std::unique_ptr<CpuBackend> layer_;
+  bool gate_done_ = false;
+  int64_t e_ = 0, row_ = 0;
+  int part_ = 0;  // 0: w1/w3, 1: w2
+  double done_ = 0, total_ = 0;
+};
+
 }  // namespace
 
-std::unique_ptr<Backend> make_cpu_backend(const MoeConfig& cfg, const WeightsView& weights) {
+std::unique_ptr<LayerBuilder> make_cpu_builder(const MoeConfig& cfg) {
   try {
-    return std::unique_ptr<Backend>(new CpuBackend(cfg, weights));
+    return std::make_unique<CpuBuilder>(cfg);
   } catch (const std::bad_alloc&) {
     fail(ErrorCode::OutOfMemory, "not enough memory to build the layer's packed weights");
   }
+}
+
+std::unique_ptr<Backend> make_cpu_backend(const MoeConfig& cfg, const WeightsView& weights) {
+  std::unique_ptr<LayerBuilder> builder = make_cpu_builder(cfg);
+  try {
+    while (!builder->step(weights, 1e300)) {
+    }
+  } catch (const std::bad_alloc&) {
+    fail(ErrorCode::OutOfMemory, "not enough memory to build the layer's packed weights");
+  }
+  return builder->finish();
 }
 
 }  // namespace fmoe

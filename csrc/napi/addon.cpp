@@ -67,6 +67,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   env.SetInstanceData<AddonData>(data);
   exports.Set("NativeLayer", layer);
   exports.Set("NativeCancel", cancel);
+  exports.Set("NativeBuilder", NativeBuilder::Init(env));
   exports.Set("backendInfo", Napi::Function::New(env, BackendInfo, "backendInfo"));
   exports.Set("abiVersion", Napi::Number::New(env, 1));
   register_bench_probes(env, exports);

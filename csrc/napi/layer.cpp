@@ -36,13 +36,17 @@ static fmoe::Quant parse_quant(Napi::Env env, const std::string& s) {
   throw Napi::RangeError::New(env, "quantize must be 'none', 'int8' or 'int4', got '" + s + "'");
 }
 
-// info: (config, gate: Float32Array, w1: TypedArray[E], w3: TypedArray[E], w2: TypedArray[E])
-NativeLayer::NativeLayer(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeLayer>(info) {
-  Napi::Env env = info.Env();
-  if (info.Length() < 5 || !info[0].IsObject())
-    throw Napi::TypeError::New(env, "NativeLayer(config, gate, w1, w3, w2) expects 5 arguments");
-  Napi::Object c = info[0].As<Napi::Object>();
+struct ParsedConfig {
   fmoe::MoeConfig cfg;
+  std::string device;
+  int cuda_device = 0;
+};
+
+static ParsedConfig parse_config(Napi::Env env, Napi::Value v) {
+  if (!v.IsObject()) throw Napi::TypeError::New(env, "config must be an object");
+  Napi::Object c = v.As<Napi::Object>();
+  ParsedConfig p;
+  fmoe::MoeConfig& cfg = p.cfg;
   cfg.hidden = get_int(c, "hiddenSize", 0);
   cfg.intermediate = get_int(c, "intermediateSize", 0);
   cfg.num_experts = get_int(c, "numExperts", 0);
@@ -52,23 +56,37 @@ NativeLayer::NativeLayer(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Nati
   cfg.threads = int(get_int(c, "threads", 0));
   cfg.quant = parse_quant(env, get_string(c, "quantize", "none"));
   cfg.quant_group = get_int(c, "quantGroupSize", 128);
-  const std::string device = get_string(c, "device", "cpu");
-  const int64_t cuda_device = get_int(c, "cudaDevice", 0);
+  p.device = get_string(c, "device", "cpu");
+  p.cuda_device = int(get_int(c, "cudaDevice", 0));
   try {
     fmoe::validate_config(cfg);
   } catch (const fmoe::MoeException& e) {
     throw Napi::RangeError::New(env, e.what());
   }
+  if (p.device != "cpu" && p.device != "cuda" && p.device != "auto")
+    throw Napi::RangeError::New(env, "device must be 'cpu', 'cuda' or 'auto', got '" + p.device + "'");
+  return p;
+}
+
+// Where the layer runs: 'auto' is CUDA when a device is there, except for quantized experts (CPU only).
+static bool wants_cuda(const ParsedConfig& p) {
+  if (p.device == "cuda") return true;
+  return p.device == "auto" && fmoe::cuda_status().available && p.cfg.quant == fmoe::Quant::None;
+}
+
+// info[first ..]: (gate: Float32Array, w1: TypedArray[E], w3: TypedArray[E], w2: TypedArray[E]); the
+// pointers are valid until JS runs again.
+static fmoe::WeightsView parse_weights(const Napi::CallbackInfo& info, size_t first, const fmoe::MoeConfig& cfg) {
+  Napi::Env env = info.Env();
   const int64_t E = cfg.num_experts, H = cfg.hidden, F = cfg.intermediate;
   const napi_typedarray_type wtype = cfg.weight_dtype == fmoe::DType::F32 ? napi_float32_array : napi_uint16_array;
-
   fmoe::WeightsView w;
-  w.gate = static_cast<const float*>(typed_data(info[1], napi_float32_array, size_t(E * H), "weights.gate"));
+  w.gate = static_cast<const float*>(typed_data(info[first], napi_float32_array, size_t(E * H), "weights.gate"));
   const char* names[3] = {"weights.w1", "weights.w3", "weights.w2"};
   std::vector<const void*>* lists[3] = {&w.w1, &w.w3, &w.w2};
   for (int m = 0; m < 3; m++) {
-    if (!info[2 + m].IsArray()) throw Napi::TypeError::New(env, std::string(names[m]) + " must be an array");
-    Napi::Array arr = info[2 + m].As<Napi::Array>();
+    if (!info[first + 1 + m].IsArray()) throw Napi::TypeError::New(env, std::string(names[m]) + " must be an array");
+    Napi::Array arr = info[first + 1 + m].As<Napi::Array>();
     if (int64_t(arr.Length()) != E)
       throw_moe_error(env, ErrorCode::Shape,
                       std::string(names[m]) + " must hold " + std::to_string(E) + " experts, got " +
@@ -77,24 +95,37 @@ NativeLayer::NativeLayer(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Nati
       lists[m]->push_back(typed_data(arr.Get(uint32_t(e)), wtype, size_t(F * H),
                                      std::string(names[m]) + "[" + std::to_string(e) + "]"));
   }
+  return w;
+}
 
+// Runs fn, turning core exceptions into the JS errors the facade maps to MoeError.
+template <typename Fn>
+static auto native_call(Napi::Env env, const char* oom_what, Fn&& fn) -> decltype(fn()) {
   try {
-    if (device == "cpu") {
-      backend_ = fmoe::make_cpu_backend(cfg, w);
-    } else if (device == "cuda") {
-      backend_ = fmoe::make_cuda_backend(cfg, w, int(cuda_device));
-    } else if (device == "auto") {
-      // Quantized experts run on the CPU only, so 'auto' picks it for them.
-      if (fmoe::cuda_status().available && cfg.quant == fmoe::Quant::None)
-        backend_ = fmoe::make_cuda_backend(cfg, w, int(cuda_device));
-      else backend_ = fmoe::make_cpu_backend(cfg, w);
-    } else {
-      throw Napi::RangeError::New(env, "device must be 'cpu', 'cuda' or 'auto', got '" + device + "'");
-    }
+    return fn();
   } catch (const fmoe::MoeException& e) {
     throw_moe_error(env, e.code(), e.what());
   } catch (const std::bad_alloc&) {
-    throw_moe_error(env, ErrorCode::OutOfMemory, "not enough memory to build the layer");
+    throw_moe_error(env, ErrorCode::OutOfMemory, std::string("not enough memory to ") + oom_what);
+  }
+  return decltype(fn())();
+}
+
+// info: (config, gate: Float32Array, w1: TypedArray[E], w3: TypedArray[E], w2: TypedArray[E]), or
+// (External<Backend>) from NativeBuilder.finish().
+NativeLayer::NativeLayer(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeLayer>(info) {
+  Napi::Env env = info.Env();
+  if (info.Length() == 1 && info[0].IsExternal()) {
+    backend_ = *info[0].As<Napi::External<std::shared_ptr<fmoe::Backend>>>().Data();
+  } else {
+    if (info.Length() < 5 || !info[0].IsObject())
+      throw Napi::TypeError::New(env, "NativeLayer(config, gate, w1, w3, w2) expects 5 arguments");
+    const ParsedConfig p = parse_config(env, info[0]);
+    const fmoe::WeightsView w = parse_weights(info, 1, p.cfg);
+    backend_ = native_call(env, "build the layer", [&]() -> std::shared_ptr<fmoe::Backend> {
+      if (wants_cuda(p)) return fmoe::make_cuda_backend(p.cfg, w, p.cuda_device);
+      return fmoe::make_cpu_backend(p.cfg, w);
+    });
   }
   external_bytes_ = int64_t(backend_->native_bytes());
   Napi::MemoryManagement::AdjustExternalMemory(env, external_bytes_);
@@ -316,6 +347,63 @@ Napi::Function NativeLayer::Init(Napi::Env env) {
                       InstanceMethod<&NativeLayer::Route>("route"),
                       InstanceMethod<&NativeLayer::Dispose>("dispose"),
                       InstanceMethod<&NativeLayer::Info>("info")});
+}
+
+// ---- building in steps ---------------------------------------------------------------------------
+
+// info: (config). A CPU layer is packed by step() calls; a CUDA one is built whole by the first step.
+NativeBuilder::NativeBuilder(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeBuilder>(info) {
+  Napi::Env env = info.Env();
+  const ParsedConfig p = parse_config(env, info[0]);
+  cfg_ = p.cfg;
+  cuda_ = wants_cuda(p);
+  cuda_device_ = p.cuda_device;
+  if (!cuda_) builder_ = native_call(env, "build the layer", [&] { return fmoe::make_cpu_builder(cfg_); });
+}
+
+// (gate, w1[], w3[], w2[], maxMs) -> boolean (done). The arrays are looked up afresh on every call.
+Napi::Value NativeBuilder::Step(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (done_) return Napi::Boolean::New(env, true);
+  if (!cuda_ && !builder_) throw_moe_error(env, ErrorCode::Disposed, "this layer builder failed or was finished");
+  const fmoe::WeightsView w = parse_weights(info, 0, cfg_);
+  const double max_ms = info[4].IsNumber() ? info[4].As<Napi::Number>().DoubleValue() : 0.0;
+  if (cuda_) {
+    built_ = native_call(env, "build the layer", [&]() -> std::shared_ptr<fmoe::Backend> {
+      return fmoe::make_cuda_backend(cfg_, w, cuda_device_);
+    });
+    done_ = true;
+  } else {
+    try {
+      done_ = native_call(env, "build the layer", [&] { return builder_->step(w, max_ms / 1000.0); });
+    } catch (...) {
+      builder_.reset();  // a failed build frees its memory at once
+      throw;
+    }
+  }
+  return Napi::Boolean::New(env, done_);
+}
+
+Napi::Value NativeBuilder::Progress(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), done_ ? 1.0 : builder_ ? builder_->progress() : 0.0);
+}
+
+// () -> NativeLayer, once step() returned true.
+Napi::Value NativeBuilder::Finish(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!done_) throw_moe_error(env, ErrorCode::Invalid, "the layer is not fully built yet: call step() until it returns true");
+  if (!built_ && builder_) built_ = native_call(env, "build the layer", [&] { return std::shared_ptr<fmoe::Backend>(builder_->finish()); });
+  builder_.reset();
+  if (!built_) throw_moe_error(env, ErrorCode::Disposed, "this layer builder was already finished");
+  std::shared_ptr<fmoe::Backend> backend = std::move(built_);
+  AddonData* data = env.GetInstanceData<AddonData>();
+  return data->layer_ctor.New({Napi::External<std::shared_ptr<fmoe::Backend>>::New(env, &backend)});
+}
+
+Napi::Function NativeBuilder::Init(Napi::Env env) {
+  return DefineClass(env, "NativeBuilder",
+                     {InstanceMethod<&NativeBuilder::Step>("step"), InstanceMethod<&NativeBuilder::Progress>("progress"),
+                      InstanceMethod<&NativeBuilder::Finish>("finish")});
 }
 
 // ---- cancellation ------------------------------------------------------------------------------

@@ -31,6 +31,26 @@ class NativeLayer : public Napi::ObjectWrap<NativeLayer> {
   int64_t external_bytes_ = 0;  // reported to V8 so the GC sees the native weights
 };
 
+// Builds a NativeLayer in steps (core LayerBuilder), so the facade can pack on the main thread a few
+// milliseconds at a time and re-read the weight arrays before each step.
+class NativeBuilder : public Napi::ObjectWrap<NativeBuilder> {
+ public:
+  static Napi::Function Init(Napi::Env env);
+  explicit NativeBuilder(const Napi::CallbackInfo& info);
+
+ private:
+  Napi::Value Step(const Napi::CallbackInfo& info);
+  Napi::Value Progress(const Napi::CallbackInfo& info);
+  Napi::Value Finish(const Napi::CallbackInfo& info);
+
+  fmoe::MoeConfig cfg_;
+  bool cuda_ = false;
+  int cuda_device_ = 0;
+  bool done_ = false;
+  std::unique_ptr<fmoe::LayerBuilder> builder_;
+  std::shared_ptr<fmoe::Backend> built_;
+};
+
 // A cancellation flag JS can set while a forward runs on a worker thread.
 class NativeCancel : public Napi::ObjectWrap<NativeCancel> {
  public:
