@@ -1,6 +1,7 @@
 // Checkpoint loading: writes a synthetic safetensors checkpoint of one Mixtral-8x7B MoE layer in bf16
 // (8 experts x 3 x 4096 x 14336 x 2 bytes, about 2.8 GB, plus config.json) to the temp folder, then
-// times openSafetensors (headers only, maps nothing) and MoeLayer.fromSafetensors (maps, packs), prints
+// times openSafetensors (headers only, maps nothing) and MoeLayer.fromSafetensors (maps, packs in steps,
+// with the longest event-loop stall meanwhile), prints
 // resident memory before and after, and deletes the checkpoint.
 // Usage: node --expose-gc bench/load.js [--small] [--threads N] [--dir PATH] [--json]
 //   --small: a quarter of the width (H 1024, F 3584), for a quick run.
@@ -109,16 +110,16 @@ async function main() {
     console.log(`openSafetensors:            ${fmt(openMs)} ms (${ck.tensors.size} tensors), get() of a ${fmt(w.byteLength / MB)} MB tensor ${fmt(viewMs)} ms; ${showRss(r1)}`);
     ck.close();
 
-    const delay = monitorEventLoopDelay({ resolution: 10 });
+    const delay = monitorEventLoopDelay({ resolution: 1 });
     delay.enable();
     t = performance.now();
     const layer = await MoeLayer.fromSafetensors(dir, { layer: 0, threads });
     const loadS = (performance.now() - t) / 1000;
     await new Promise((r) => setTimeout(r, 30)); // lets the delay monitor record the last block
     delay.disable();
-    const blockS = delay.max / 1e9; // the synchronous part: packing
+    const blockMs = delay.max / 1e6; // the longest packing step (or any other stall)
     const r2 = rss();
-    console.log(`MoeLayer.fromSafetensors:   ${fmt(loadS)} s (${fmt(total / 1e9 / loadS)} GB/s; maps and reads on workers, then packs on the main thread: longest event-loop block ${fmt(blockS)} s; ${layer.kernels})`);
+    console.log(`MoeLayer.fromSafetensors:   ${fmt(loadS)} s (${fmt(total / 1e9 / loadS)} GB/s; maps and reads on workers, then packs in steps between turns of the event loop: longest stall ${fmt(blockMs)} ms, p99 ${fmt(delay.percentile(99) / 1e6)} ms; ${layer.kernels})`);
     console.log(`                            ${showRss(r2)}; nativeBytes ${fmt(layer.nativeBytes / MB)} MB`);
     global.gc?.();
     await new Promise((r) => setTimeout(r, 50)); // let the finalizers unmap
@@ -131,7 +132,7 @@ async function main() {
     const fwdMs = performance.now() - t;
     layer.dispose();
     console.log(`first forward (T=1):        ${fmt(fwdMs)} ms`);
-    const result = { H, F, E, bytes: total, writeS, openMs, viewMs, loadS, blockS, fwdMs, rssMB: { before: r0, open: r1, loaded: r2, afterGc: r3 } };
+    const result = { H, F, E, bytes: total, writeS, openMs, viewMs, loadS, blockMs, fwdMs, rssMB: { before: r0, open: r1, loaded: r2, afterGc: r3 } };
     if (process.argv.includes('--json')) console.log(JSON.stringify(result));
   } finally {
     cleanup();

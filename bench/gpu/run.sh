@@ -84,7 +84,7 @@ if [ "${SKIP_BENCH:-0}" != "1" ]; then
   io_args=()
   if [ "$have_torch" = 1 ]; then
     step "PyTorch: Mixtral-size weights (fixed seed) for both sides"
-    if timeout 180 python3 "$ROOT/bench/gpu/torch_baseline.py" gen --dir "$IO_DIR" --seed 0 --tokens 8; then
+    if timeout 180 python3 "$ROOT/bench/gpu/torch_baseline.py" gen --dir "$IO_DIR" --seed 0 --tokens 520; then
       io_args=(--io "$IO_DIR")
     else
       echo "FAIL: could not write the weights"; status=1; have_torch=0

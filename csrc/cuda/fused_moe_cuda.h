@@ -12,7 +12,7 @@
 extern "C" {
 #endif
 
-#define FMOE_CUDA_ABI_VERSION 1
+#define FMOE_CUDA_ABI_VERSION 2
 
 #define FMOE_CUDA_OK 0
 #define FMOE_CUDA_ERR_INVALID 1   /* ErrorCode::Invalid */
@@ -59,6 +59,13 @@ typedef int (*fmoe_cuda_layer_route_fn)(fmoe_cuda_layer* layer, const float* x, 
  * keep activations on the GPU). The addon does not use it. */
 typedef int (*fmoe_cuda_layer_forward_device_fn)(fmoe_cuda_layer* layer, const float* x_dev, int64_t T,
                                                  float* out_dev, char* err, size_t err_len);
+/* forward_device without the wait: queues the work on the layer's stream and returns. x_dev and out_dev
+ * must stay valid and unchanged until fmoe_cuda_layer_synchronize returns; results are in out_dev then.
+ * Back-to-back calls overlap their launches with the work in flight (benchmarks time the GPU this way). */
+typedef int (*fmoe_cuda_layer_enqueue_device_fn)(fmoe_cuda_layer* layer, const float* x_dev, int64_t T,
+                                                 float* out_dev, char* err, size_t err_len);
+/* Waits for everything queued on the layer; reports a failure of any of it. */
+typedef int (*fmoe_cuda_layer_synchronize_fn)(fmoe_cuda_layer* layer, char* err, size_t err_len);
 typedef size_t (*fmoe_cuda_layer_bytes_fn)(const fmoe_cuda_layer* layer);
 typedef void (*fmoe_cuda_layer_destroy_fn)(fmoe_cuda_layer* layer);
 
@@ -76,6 +83,9 @@ int fmoe_cuda_layer_route(fmoe_cuda_layer* layer, const float* x, int64_t T, int
                           char* err, size_t err_len);
 int fmoe_cuda_layer_forward_device(fmoe_cuda_layer* layer, const float* x_dev, int64_t T, float* out_dev,
                                    char* err, size_t err_len);
+int fmoe_cuda_layer_enqueue_device(fmoe_cuda_layer* layer, const float* x_dev, int64_t T, float* out_dev,
+                                   char* err, size_t err_len);
+int fmoe_cuda_layer_synchronize(fmoe_cuda_layer* layer, char* err, size_t err_len);
 size_t fmoe_cuda_layer_bytes(const fmoe_cuda_layer* layer);
 void fmoe_cuda_layer_destroy(fmoe_cuda_layer* layer);
 

@@ -214,10 +214,10 @@ static int run_gating(fmoe_cuda_layer* L, const float* x, int64_t n, cudaMemcpyK
   return FMOE_CUDA_OK;
 }
 
-// One chunk of n tokens: out (n x H, host or device per kind_out) = MoE(x). Returns after the results are
-// in out (the stream is synchronised).
+// One chunk of n tokens: out (n x H, host or device per kind_out) = MoE(x). With `wait`, returns after the
+// results are in out (the stream is synchronised); without, once the work is queued.
 static int run_chunk(fmoe_cuda_layer* L, const float* x, int64_t n, float* out, cudaMemcpyKind kind_in,
-                     cudaMemcpyKind kind_out, char* err, size_t err_len) {
+                     cudaMemcpyKind kind_out, bool wait, char* err, size_t err_len) {
   const int64_t n_rows = n * L->k;  // picks in this chunk
   int rc = run_gating(L, x, n, kind_in, err, err_len);
   if (rc != FMOE_CUDA_OK) return rc;
@@ -255,12 +255,13 @@ static int run_chunk(fmoe_cuda_layer* L, const float* x, int64_t n, float* out, 
   if (kind_out != cudaMemcpyDeviceToDevice)
     CUDA_TRY(cudaMemcpyAsync(out, L->out, (size_t)n * L->H * sizeof(float), kind_out, L->stream),
              "copying the output to the host");
-  CUDA_TRY(cudaStreamSynchronize(L->stream), "running the MoE kernels");
+  if (wait) CUDA_TRY(cudaStreamSynchronize(L->stream), "running the MoE kernels");
   return FMOE_CUDA_OK;
 }
 
 static int forward_impl(fmoe_cuda_layer* L, const float* x, int64_t T, float* out, const volatile int32_t* cancel,
-                        cudaMemcpyKind kind_in, cudaMemcpyKind kind_out, char* err, size_t err_len) {
+                        cudaMemcpyKind kind_in, cudaMemcpyKind kind_out, char* err, size_t err_len,
+                        bool wait = true) {
   if (!L) return set_err(err, err_len, FMOE_CUDA_ERR_INVALID, "layer is NULL");
   if (T < 0) return set_err(err, err_len, FMOE_CUDA_ERR_INVALID, "T must be >= 0, got %lld", (long long)T);
   if (T == 0) return FMOE_CUDA_OK;
@@ -272,7 +273,7 @@ static int forward_impl(fmoe_cuda_layer* L, const float* x, int64_t T, float* ou
   for (int64_t t0 = 0; t0 < T; t0 += L->chunk_max) {
     if (cancel && *cancel) return set_err(err, err_len, FMOE_CUDA_ERR_ABORTED, "the operation was aborted");
     const int64_t n = T - t0 < L->chunk_max ? T - t0 : L->chunk_max;  // tokens in this chunk
-    rc = run_chunk(L, x + t0 * L->H, n, out + t0 * L->H, kind_in, kind_out, err, err_len);
+    rc = run_chunk(L, x + t0 * L->H, n, out + t0 * L->H, kind_in, kind_out, wait, err, err_len);
     if (rc != FMOE_CUDA_OK) return rc;
   }
   return FMOE_CUDA_OK;
@@ -463,6 +464,27 @@ FMOE_EXPORT int fmoe_cuda_layer_forward_device(fmoe_cuda_layer* layer, const flo
   try {
     return forward_impl(layer, x_dev, T, out_dev, nullptr, cudaMemcpyDeviceToDevice, cudaMemcpyDeviceToDevice, err,
                         err_len);
+  }
+  CATCH_ALL
+}
+
+FMOE_EXPORT int fmoe_cuda_layer_enqueue_device(fmoe_cuda_layer* layer, const float* x_dev, int64_t T,
+                                               float* out_dev, char* err, size_t err_len) {
+  try {
+    return forward_impl(layer, x_dev, T, out_dev, nullptr, cudaMemcpyDeviceToDevice, cudaMemcpyDeviceToDevice, err,
+                        err_len, false);
+  }
+  CATCH_ALL
+}
+
+FMOE_EXPORT int fmoe_cuda_layer_synchronize(fmoe_cuda_layer* layer, char* err, size_t err_len) {
+  try {
+    if (!layer) return set_err(err, err_len, FMOE_CUDA_ERR_INVALID, "layer is NULL");
+    std::lock_guard<std::mutex> lock(layer->mu);
+    fmoe_cuda_layer* L = layer;
+    CUDA_TRY(cudaSetDevice(L->device), "cudaSetDevice");
+    CUDA_TRY(cudaStreamSynchronize(L->stream), "running the MoE kernels");
+    return FMOE_CUDA_OK;
   }
   CATCH_ALL
 }
