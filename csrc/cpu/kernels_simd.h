@@ -394,7 +394,7 @@ template <class O, int NMAT> struct Shapes {
 };
 
 // At most this many rows per expert take the decode shape, chosen by measurement (`bench.js --switch`,
-// one Mixtral expert, 2 Zen 5 cores): decode wins for M <= 3 (bf16 M=3: 10.5 vs 11.0 ms; f32 M=1: 21.2
+// one Mixtral expert, 2 Zen 4 cores): decode wins for M <= 3 (bf16 M=3: 10.5 vs 11.0 ms; f32 M=1: 21.2
 // vs 23.7 ms), the prefill shape from M = 4 (bf16 12.6 vs 11.1 ms; f32 25.5 vs 23.0 ms).
 // FUSED_MOE_DECODE_ROWS overrides it, for tuning on other machines.
 constexpr int kDecodeRows = 3;
