@@ -123,6 +123,47 @@ describe('hostile input', () => {
     layer.dispose();
   });
 
+  test('MoeLayer.create: random garbage for config, weights and options rejects cleanly', async () => {
+    const keys = ['hiddenSize', 'numExperts', 'topK', 'weightDtype', 'quantize', 'gate', 'w1', 'w2', 'options', 'stepMs', 'signal'];
+    await fc.assert(
+      fc.asyncProperty(fc.constantFrom(...keys), garbage, async (key, value) => {
+        const config = ['hiddenSize', 'numExperts', 'topK', 'weightDtype', 'quantize'].includes(key) ? { ...good.config, [key]: value } : good.config;
+        const weights = ['gate', 'w1', 'w2'].includes(key) ? { ...good.weights, [key]: value } : good.weights;
+        const options = key === 'options' ? value : key === 'stepMs' || key === 'signal' ? { [key]: value } : undefined;
+        try {
+          (await MoeLayer.create(config as never, weights as never, options as never)).dispose();
+        } catch (e) {
+          expect(expectedError(e)).toBe(true);
+        }
+      }),
+      { numRuns: 200, seed: 4 },
+    );
+  });
+
+  test('the raw builder: misuse is an error, never a crash', () => {
+    // eslint-disable-next-line @typescript-eslint/no-var-requires
+    const raw = require('node-gyp-build')(require('path').join(__dirname, '..'));
+    const cfg = { ...good.config, device: 'cpu', threads: 0, cudaDevice: 0, quantize: 'none', quantGroupSize: 128 };
+    const per = (a: Float32Array, n: number) => Array.from({ length: 4 }, (_, e) => a.subarray(e * n, (e + 1) * n));
+    const w = [good.weights.gate, per(good.weights.w1 as Float32Array, 24 * 16), per(good.weights.w3 as Float32Array, 24 * 16), per(good.weights.w2 as Float32Array, 24 * 16)];
+    const b = new raw.NativeBuilder(cfg);
+    expect(() => b.finish()).toThrow(/not fully built/);
+    // (errors from the addon belong to the main realm, not jest's sandbox: matched by message)
+    expect(() => b.step()).toThrow(/weights\.gate must be a Float32Array/);
+    expect(() => b.step(w[0], w[1], w[2], [1, 2, 3, 4], 5)).toThrow(/weights\.w2\[0\]/);
+    while (!b.step(...w, 0)) b.progress();
+    expect(b.step(...w, 0)).toBe(true);
+    const layer = b.finish();
+    expect(() => b.finish()).toThrow(/already finished/);
+    const y = new Float32Array(good.x.length);
+    layer.forwardSync(good.x, y);
+    expect(relL2(y, referenceMoe(good.ref, good.x, 3))).toBeLessThan(1e-5);
+    layer.dispose();
+    expect(() => new raw.NativeBuilder()).toThrow(/config must be an object/);
+    expect(() => new raw.NativeBuilder({ ...cfg, topK: 9 })).toThrow(/top/i);
+    expect(() => new raw.NativeBuilder({ ...cfg, device: 'tpu' })).toThrow(/device/);
+  });
+
   test('a huge but valid layer fails with ERR_MOE_OUT_OF_MEMORY, not an abort or the OOM killer', () => {
     // 512 experts that all share one 64 MiB array: valid, cheap for the caller, but the packed copy
     // would need 96 GiB.
