@@ -530,10 +530,12 @@ static const char* pack_act(const float* x, int64_t ldx, int64_t M, int64_t K, i
   return a;
 }
 
-// K for the k blocks of the prefill shape: the NP panels' slice of k stays in L2 across row blocks.
+// K for the k blocks of the prefill shape: the NP panels' slice of k (192 KiB) stays in L2 across row
+// blocks. Measured on the Mixtral prefill (f32, T = 512, 2 Zen 4 cores): 1.77 s against 1.81-1.88 s
+// with 64 KiB blocks (A/B runs, medians); 384 KiB was no better.
 template <int MODE, int NMAT, int NP, int W>
 constexpr int64_t prefill_kc() {
-  return int64_t(64 * 1024) / (int64_t(NP) * NMAT * W * ModeInfo<MODE>::es) / 64 * 64;
+  return int64_t(192 * 1024) / (int64_t(NP) * NMAT * W * ModeInfo<MODE>::es) / 64 * 64;
 }
 
 // The quantized modes: a multiple of the group size, so k blocks never split a group.
