@@ -47,7 +47,7 @@ export interface NativeCudaDevice {
 }
 
 export interface NativeBackendInfo {
-  cpu: { isa: string | null; int4Activations: 'float32' | 'int8' | null; threads: number; supported: string[]; error?: string };
+  cpu: { isa: string | null; int8Activations: 'float32' | 'int16' | null; int4Activations: 'float32' | 'int8' | null; threads: number; supported: string[]; error?: string };
   cuda: {
     available: boolean;
     reason: string | null;

@@ -32,7 +32,8 @@ export interface DoctorReport {
   /** null when the addon did not load. */
   cpu: {
     isa: string | null;
-    /** How int4 experts meet the activations: 'int8' (quantized per group, VNNI) or 'float32'. */
+    /** How int8 / int4 experts meet the activations: 'int16' / 'int8' (quantized per group, VNNI) or 'float32'. */
+    int8Activations: string | null;
     int4Activations: string | null;
     threads: number;
     supported: string[];
@@ -120,6 +121,7 @@ export function doctorReport(): DoctorReport {
     const info = native.backendInfo();
     report.cpu = {
       isa: info.cpu.isa,
+      int8Activations: info.cpu.int8Activations ?? null,
       int4Activations: info.cpu.int4Activations ?? null,
       threads: info.cpu.threads,
       supported: info.cpu.supported,
@@ -139,7 +141,7 @@ export function doctorReport(): DoctorReport {
     report.exitCode = report.cpu.isa && !report.cpu.error ? 0 : 1;
   } catch (err) {
     const e = errorOf(err);
-    report.cpu = { isa: null, int4Activations: null, threads: 0, supported: [], forced: process.env.FUSED_MOE_ISA || null, error: e.message };
+    report.cpu = { isa: null, int8Activations: null, int4Activations: null, threads: 0, supported: [], forced: process.env.FUSED_MOE_ISA || null, error: e.message };
   }
   return report;
 }
@@ -172,7 +174,8 @@ export function formatReport(r: DoctorReport): string {
       row('cpu', `${r.cpu.isa} kernels${forced}, ${r.cpu.threads} threads by default`);
     }
     more(`kernel sets this CPU and build support: ${r.cpu.supported.join(', ') || 'none'}`);
-    if (r.cpu.int4Activations) more(`int4 experts: ${r.cpu.int4Activations} activations`);
+    if (r.cpu.int8Activations && r.cpu.int4Activations)
+      more(`quantized experts: int8 weights with ${r.cpu.int8Activations} activations, int4 with ${r.cpu.int4Activations}`);
   }
 
   if (r.cuda) {

@@ -17,11 +17,11 @@ export interface CudaDeviceInfo {
 
 export interface BackendInfo {
   /**
-   * isa: the kernel set in use; int4Activations: how int4 experts meet the activations, 'int8' where the
-   * set quantizes them per group for an integer dot product (avx512bf16, which needs AVX512-VNNI),
-   * otherwise 'float32'.
+   * isa: the kernel set in use; int8Activations / int4Activations: how int8 / int4 experts meet the
+   * activations: 'int16' / 'int8' where the set quantizes them per group for an integer dot product
+   * (avx512bf16, which needs AVX512-VNNI), otherwise 'float32'.
    */
-  cpu: { isa: string | null; int4Activations: 'float32' | 'int8' | null; threads: number; supported: string[]; error?: string };
+  cpu: { isa: string | null; int8Activations: 'float32' | 'int16' | null; int4Activations: 'float32' | 'int8' | null; threads: number; supported: string[]; error?: string };
   cuda: {
     available: boolean;
     devices: CudaDeviceInfo[];

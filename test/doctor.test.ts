@@ -48,6 +48,7 @@ test('--json: one object with every field, consistent with itself', () => {
   expect(report.cpu.supported).toContain('scalar');
   expect(report.cpu.supported).toContain(report.cpu.isa);
   expect(report.cpu.int4Activations).toBe(report.cpu.isa === 'avx512bf16' ? 'int8' : 'float32');
+  expect(report.cpu.int8Activations).toBe(report.cpu.isa === 'avx512bf16' ? 'int16' : 'float32');
   expect(report.cpu.threads).toBeGreaterThan(0);
   expect(report.cpu.error).toBeNull();
   const cuda = report.cuda;

@@ -87,7 +87,7 @@ beforeAll(() => {
     refs.set(c.name, {
       ref: readF64(path.join(dir, `${c.name}.ref.bin`)),
       refq: readF64(path.join(dir, `${c.name}.refq.bin`)),
-      refqa: c.quantize === 'int4' ? readF64(path.join(dir, `${c.name}.refqa.bin`)) : undefined,
+      refqa: readF64(path.join(dir, `${c.name}.refqa.bin`)),
     });
 });
 
@@ -217,7 +217,7 @@ describe('configuration', () => {
 
 type Out = { full: Float32Array; again: Float32Array; alone: Float32Array; split: Float32Array };
 
-function runSet(isa: string): { outs: Out[]; bytes: Map<string, number>; int4Activations: string } {
+function runSet(isa: string): { outs: Out[]; bytes: Map<string, number>; activations: Record<QuantKind, string> } {
   const report = JSON.parse(child('kernel-case.js', { ...process.env, FUSED_MOE_ISA: isa }).trim().split('\n').pop() as string);
   expect(report.isa).toBe(isa);
   const outs = cases.map((c) => {
@@ -227,7 +227,7 @@ function runSet(isa: string): { outs: Out[]; bytes: Map<string, number>; int4Act
     return { full: all.subarray(0, n), again: all.subarray(n, 2 * n), alone: all.subarray(2 * n, 3 * n), split: all.subarray(3 * n, 4 * n) };
   });
   const bytes = new Map<string, number>(report.cases.map((x: { name: string; nativeBytes: number }) => [x.name, x.nativeBytes]));
-  return { outs, bytes, int4Activations: report.int4Activations };
+  return { outs, bytes, activations: { int8: report.int8Activations, int4: report.int4Activations } };
 }
 
 function sameBits(a: Float32Array, b: Float32Array): number {
@@ -242,16 +242,18 @@ describe.each(supported)('kernel set %s', (isa) => {
     res = runSet(isa);
   });
 
-  // Where the set quantizes activations for int4 (an integer dot product), the reference quantizes them
-  // the same way; only float32 rounding and the rare code that h's float32 rounding moves across a
-  // rounding boundary remain.
-  const narrowed = (c: QCase) => c.quantize === 'int4' && res.int4Activations === 'int8';
+  // Where the set quantizes activations (an integer dot product), the reference quantizes them the same
+  // way; only float32 rounding and the rare code that h's float32 rounding moves across a rounding
+  // boundary remain. int16 activations move the output by about 1e-5 only, so their test is that the
+  // model with them fits within float32 accuracy.
+  const narrowed = (c: QCase) => res.activations[c.quantize] !== 'float32';
   test.each(cases.map((c, i) => [c.name, i] as const))('%s: equals the reference on the dequantized weights', (_n, i) => {
     const c = cases[i], r = refs.get(c.name)!;
     const err = relL2(res.outs[i].full, narrowed(c) ? r.refqa! : r.refq);
     expect(Number.isFinite(err)).toBe(true);
-    expect(err).toBeLessThan(narrowed(c) ? INT8_ACTIVATIONS_TOL : 1e-5);
-    if (narrowed(c)) expect(relL2(res.outs[i].full, r.refq)).toBeGreaterThan(3 * INT8_ACTIVATIONS_TOL);
+    const int8Act = narrowed(c) && c.quantize === 'int4';
+    expect(err).toBeLessThan(int8Act ? INT8_ACTIVATIONS_TOL : 1e-5);
+    if (int8Act) expect(relL2(res.outs[i].full, r.refq)).toBeGreaterThan(3 * INT8_ACTIVATIONS_TOL);
   });
 
   test.each(cases.map((c, i) => [c.name, i] as const))('%s: error vs the unquantized weights within the bound', (_n, i) => {

@@ -54,9 +54,10 @@ struct KernelSet {
   void (*down_quant)(const float* act, int64_t ldact, int64_t M, int64_t H, int64_t F, const void* w2, Quant q,
                      int64_t group, int64_t h_begin, int64_t h_end, float* y, int64_t ldy);
 
-  // The activations' precision against int4 weights: "float32", or "int8" where the set quantizes each
-  // row's groups of activations (quant.h's rule, qmax 127) for an integer dot product (VNNI). The int4
-  // kernels then follow the contract with each group's sum taken exactly in integers.
+  // The activations' precision against int8 / int4 weights: "float32", or "int16" / "int8" where the set
+  // quantizes each row's groups of activations (quant.h's rule, qmax 32767 / 127) for an integer dot
+  // product (VNNI). The kernels then follow the contract with each group's sum taken exactly in integers.
+  const char* int8_activations;
   const char* int4_activations;
 };
 

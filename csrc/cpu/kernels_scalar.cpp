@@ -107,7 +107,7 @@ inline float code_at(const uint8_t* codes, int64_t nmat, int64_t mat, int64_t k,
 // acc += sum * scale, groups in order (the contract of kernels.h, as the SIMD sets do it).
 void quant_dot(const float* xm, int64_t K, const char* panel, int nmat, Quant q, int64_t g, float acc[2][P]) {
   const bool int4 = q == Quant::Int4;
-  const size_t gfull = quant_group_bytes(nmat, P, q, g, Int4Order::Pairs);
+  const size_t gfull = quant_group_bytes(nmat, P, q, g, CodeOrder::Plain);
   for (int mat = 0; mat < nmat; mat++)
     for (int64_t j = 0; j < P; j++) acc[mat][j] = 0.0f;
   for (int64_t g0 = 0; g0 < K; g0 += g) {
@@ -128,7 +128,7 @@ void quant_dot(const float* xm, int64_t K, const char* panel, int nmat, Quant q,
 
 void swiglu_q(const float* x, int64_t ldx, int64_t M, int64_t H, int64_t F, const void* w13, Quant q, int64_t g,
               int64_t f_begin, int64_t f_end, float* act, int64_t ldact) {
-  const size_t pbytes = quant_panel_bytes(2, H, P, q, g, Int4Order::Pairs);
+  const size_t pbytes = quant_panel_bytes(2, H, P, q, g, CodeOrder::Plain);
   for (int64_t f0 = f_begin; f0 < f_end; f0 += P) {
     const int64_t n = (f_end - f0) < P ? (f_end - f0) : P;
     const char* panel = static_cast<const char*>(w13) + size_t(f0 / P) * pbytes;
@@ -145,7 +145,7 @@ void swiglu_q(const float* x, int64_t ldx, int64_t M, int64_t H, int64_t F, cons
 
 void down_q(const float* act, int64_t ldact, int64_t M, int64_t H, int64_t F, const void* w2, Quant q, int64_t g,
             int64_t h_begin, int64_t h_end, float* y, int64_t ldy) {
-  const size_t pbytes = quant_panel_bytes(1, F, P, q, g, Int4Order::Pairs);
+  const size_t pbytes = quant_panel_bytes(1, F, P, q, g, CodeOrder::Plain);
   for (int64_t h0 = h_begin; h0 < h_end; h0 += P) {
     const int64_t n = (h_end - h0) < P ? (h_end - h0) : P;
     const char* panel = static_cast<const char*>(w2) + size_t(h0 / P) * pbytes;
@@ -157,19 +157,19 @@ void down_q(const float* act, int64_t ldact, int64_t M, int64_t H, int64_t F, co
   }
 }
 
-size_t q13_bytes(int64_t H, int64_t F, Quant q, int64_t g) { return quant_w13_bytes(H, F, P, q, g, Int4Order::Pairs); }
-size_t q2_bytes(int64_t H, int64_t F, Quant q, int64_t g) { return quant_w2_bytes(H, F, P, q, g, Int4Order::Pairs); }
+size_t q13_bytes(int64_t H, int64_t F, Quant q, int64_t g) { return quant_w13_bytes(H, F, P, q, g, CodeOrder::Plain); }
+size_t q2_bytes(int64_t H, int64_t F, Quant q, int64_t g) { return quant_w2_bytes(H, F, P, q, g, CodeOrder::Plain); }
 void qpack13(const void* w1, const void* w3, int64_t H, int64_t F, DType dt, Quant q, int64_t g, void* dst) {
-  pack_w13_quant(w1, w3, H, F, dt, P, q, g, Int4Order::Pairs, dst);
+  pack_w13_quant(w1, w3, H, F, dt, P, q, g, CodeOrder::Plain, dst);
 }
 void qpack2(const void* w2, int64_t H, int64_t F, DType dt, Quant q, int64_t g, void* dst) {
-  pack_w2_quant(w2, H, F, dt, P, q, g, Int4Order::Pairs, dst);
+  pack_w2_quant(w2, H, F, dt, P, q, g, CodeOrder::Plain, dst);
 }
 
 constexpr KernelSet kScalar = {
     Isa::Scalar, "scalar",  kPanel,   panel_w13_bytes, panel_w2_bytes, pack_w13_panels, pack_w2_panels, swiglu,
     down,        q13_bytes, q2_bytes, qpack13,         qpack2,         swiglu_q,        down_q,
-    "float32",
+    "float32",   "float32",
 };
 
 }  // namespace

@@ -61,9 +61,11 @@ enum Mode {
   kI8 = 4,       // int8 codes + per-group scales (quant.h), sign-extended and converted in registers
   kI4 = 5,       // int4 code pairs + per-group scales, both nibbles of a byte per load
   kI4Dot = 6,    // int4 code quads . int8 activations through an unsigned x signed byte dot product
+  kI8Dot = 7,    // int8 code pairs . int16 activations through a signed word dot product
 };
 
-constexpr bool is_quant(int mode) { return mode == kI8 || mode == kI4 || mode == kI4Dot; }
+constexpr bool is_quant(int mode) { return mode >= kI8; }
+constexpr bool is_dot(int mode) { return mode == kI4Dot || mode == kI8Dot; }
 
 template <int MODE> struct ModeInfo {
   static constexpr int es = MODE == kF32 ? 4 : 2;                       // bytes per stored element
@@ -302,31 +304,36 @@ static void micro_q(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_t g
   }
 }
 
-// The int4 x int8 micro-kernel (kI4Dot): the activations were quantized per row and group to int8
-// (pack_act: codes x scale sx, and corr = 8 * sum of the codes), the weights are unsigned nibbles
-// u = code + 8 in quads order (packing.h). One vpdpbusd adds four u * x products per 32-bit lane, so a
-// group's sum(u * x) is an exact int32; sum(code * x) = that - corr, still exact (|.| < 2^24 for groups of
-// at most 128), then c += (float(sum) * sx) * scale: one rounding per group, whatever the tile.
-template <class O, int NMAT, int MR, int NP>
+// The integer dot-product micro-kernels. The activations were quantized per row and group (pack_act:
+// codes, scale sx, and for kI4Dot corr = 8 * sum of the codes).
+//   kI4Dot: int8 activations . unsigned nibbles u = code + 8 (quads order, packing.h): one vpdpbusd adds
+//           four u * x products per 32-bit lane; sum(code * x) = sum(u * x) - corr.
+//   kI8Dot: int16 activations . int8 codes sign-extended to words (pairs order): one vpdpwssd adds two
+//           code * x products per lane.
+// A group's sum is an exact int32 (|.| < 2^31 for groups of at most 128), then c += (float(sum) * sx) *
+// scale: one conversion and two roundings per group, whatever the tile, so batch invariance holds.
+template <class O, int MODE, int NMAT, int MR, int NP>
 static void micro_qdot(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_t gsz, const char* b, size_t pstride,
                        float* c, bool carry) {
   using V = typename O::V;
   using I = typename O::Raw;
   constexpr int W = O::W;
-  constexpr size_t cstep = size_t(NMAT) * W * 4;  // code bytes of one step (8 k) of one panel
-  constexpr size_t sbytes = size_t(NMAT) * W * 4;  // scale bytes of one group of one panel
-  const size_t gbytes = sbytes + size_t(gsz / 8) * cstep;
-  const int64_t K8 = (K + 7) / 8 * 8, ng = (K + gsz - 1) / gsz;
-  const int32_t* aq = reinterpret_cast<const int32_t*>(ap);  // [K8 / 4][MR], four codes a word
-  const float* asx = reinterpret_cast<const float*>(aq + K8 / 4 * MR);  // [ng][MR]
-  const int32_t* acorr = reinterpret_cast<const int32_t*>(asx + ng * MR);  // [ng][MR]
+  constexpr int kstep = MODE == kI4Dot ? 8 : 2;                   // k per step
+  constexpr int words = MODE == kI4Dot ? 2 : 1;                    // activation words per step and row
+  constexpr size_t cstep = size_t(NMAT) * W * (MODE == kI4Dot ? 4 : 2);  // code bytes of one step of one panel
+  constexpr size_t sbytes = size_t(NMAT) * W * 4;                  // scale bytes of one group of one panel
+  const size_t gbytes = sbytes + size_t(gsz / kstep) * cstep;
+  const int64_t Kp = (K + kstep - 1) / kstep * kstep, ng = (K + gsz - 1) / gsz;
+  const int32_t* aq = reinterpret_cast<const int32_t*>(ap);  // [Kp / kstep * words][MR] words of codes
+  const float* asx = reinterpret_cast<const float*>(aq + Kp / kstep * words * MR);  // [ng][MR]
+  const int32_t* acorr = reinterpret_cast<const int32_t*>(asx + ng * MR);         // [ng][MR], kI4Dot
   if (!carry)
     for (int i = 0; i < MR * NP * NMAT; i++) O::store(c + i * W, O::zero());
   for (int64_t g0 = k0; g0 < k1; g0 += gsz) {
-    const int64_t gi = g0 / gsz, steps = (imin(gsz, K - g0) + 7) / 8;
+    const int64_t gi = g0 / gsz, steps = (imin(gsz, K - g0) + kstep - 1) / kstep;
     const char* bg = b + size_t(gi) * gbytes;
     const char* bc = bg + sbytes;
-    const int32_t* aqg = aq + g0 / 4 * MR;
+    const int32_t* aqg = aq + g0 / kstep * words * MR;
     I acc[MR][NP][NMAT];
 #pragma GCC unroll 16
     for (int m = 0; m < MR; m++)
@@ -336,16 +343,22 @@ static void micro_qdot(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_
         for (int q = 0; q < NMAT; q++) acc[m][p][q] = O::izero();
     for (int64_t s = 0; s < steps; s++) {
       const char* bk = bc + size_t(s) * cstep;
-      const int32_t* x0 = aqg + 2 * s * MR;  // k = 8s .. 8s+3 of every row, then 8s+4 .. 8s+7
+      const int32_t* x0 = aqg + s * words * MR;
 #pragma GCC unroll 8
       for (int p = 0; p < NP; p++)
 #pragma GCC unroll 2
         for (int q = 0; q < NMAT; q++) {
-          I lo, hi;
-          O::load_u4(bk + p * pstride + q * W * 4, lo, hi);
+          if constexpr (MODE == kI4Dot) {  // k = 8s .. 8s+3 of every row, then 8s+4 .. 8s+7
+            I lo, hi;
+            O::load_u4(bk + p * pstride + q * W * 4, lo, hi);
 #pragma GCC unroll 16
-          for (int m = 0; m < MR; m++)
-            acc[m][p][q] = O::dot_u8s8(O::dot_u8s8(acc[m][p][q], lo, x0 + m), hi, x0 + MR + m);
+            for (int m = 0; m < MR; m++)
+              acc[m][p][q] = O::dot_u8s8(O::dot_u8s8(acc[m][p][q], lo, x0 + m), hi, x0 + MR + m);
+          } else {  // k = 2s, 2s+1
+            const I w = O::load_s8_pairs(bk + p * pstride + q * W * 2);
+#pragma GCC unroll 16
+            for (int m = 0; m < MR; m++) acc[m][p][q] = O::dot_s16(acc[m][p][q], w, x0 + m);
+          }
         }
     }
 #pragma GCC unroll 8
@@ -356,17 +369,20 @@ static void micro_qdot(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_
 #pragma GCC unroll 16
         for (int m = 0; m < MR; m++) {
           float* cm = c + ((m * NP + p) * NMAT + q) * W;
-          const V t = O::mul(O::sub_to_float(acc[m][p][q], acorr[gi * MR + m]), O::set1(asx[gi * MR + m]));
-          O::store(cm, O::fma(t, sv, O::load(cm)));
+          const V sum = O::sub_to_float(acc[m][p][q], MODE == kI4Dot ? acorr[gi * MR + m] : 0);
+          O::store(cm, O::fma(O::mul(sum, O::set1(asx[gi * MR + m])), sv, O::load(cm)));
         }
       }
   }
 }
 
-// Bytes per row of kI4Dot activations (pack_act): the codes, K padded to 8, then a scale and a
-// correction per group.
-inline size_t dot_act_row_bytes(int64_t K, int64_t gsz) {
-  return size_t((K + 7) / 8 * 2 + 2 * ((K + gsz - 1) / gsz)) * 4;
+// Bytes per row of integer-dot activations (pack_act): the codes (K padded to a whole step), then per
+// group a scale (and for kI4Dot a correction).
+template <int MODE>
+size_t dot_act_row_bytes(int64_t K, int64_t gsz) {
+  const int64_t ng = (K + gsz - 1) / gsz;
+  if constexpr (MODE == kI4Dot) return size_t((K + 7) / 8 * 2 + 2 * ng) * 4;
+  else return size_t((K + 1) / 2 + ng) * 4;
 }
 
 // micro<..., mr, NP> (or micro_q) for a run-time mr in [1, MR].
@@ -376,7 +392,7 @@ static void micro_rows(int mr, const char* a, int64_t K, int64_t k0, int64_t k1,
   if constexpr (MR > 1) {
     if (mr < MR) return micro_rows<O, MODE, NMAT, MR - 1, NP, PF>(mr, a, K, k0, k1, gsz, b, pstride, c, carry);
   }
-  if constexpr (MODE == kI4Dot) micro_qdot<O, NMAT, MR, NP>(a, K, k0, k1, gsz, b, pstride, c, carry);
+  if constexpr (is_dot(MODE)) micro_qdot<O, MODE, NMAT, MR, NP>(a, K, k0, k1, gsz, b, pstride, c, carry);
   else if constexpr (is_quant(MODE)) micro_q<O, MODE, NMAT, MR, NP>(a, K, k0, k1, gsz, b, pstride, c, carry);
   else micro<O, MODE, NMAT, MR, NP, PF>(a, K, k0, k1, b, pstride, c, carry);
 }
@@ -413,7 +429,8 @@ static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, 
   constexpr int W = O::W;
   constexpr int kg = ModeInfo<MODE>::kg;
   const int64_t Kr = MODE == kBF16Dot ? (K + 1) / 2 * 2 : K;  // k range the loop covers
-  const size_t arow = MODE == kI4Dot ? dot_act_row_bytes(K, gsz) : size_t(MODE == kBF16Dot ? Kr / 2 : K) * 4;
+  size_t arow = size_t(MODE == kBF16Dot ? Kr / 2 : K) * 4;  // packed activation bytes per row
+  if constexpr (is_dot(MODE)) arow = dot_act_row_bytes<MODE>(K, gsz);
   kc = imax(kg, kc / kg * kg);
   // Panel groups per column block: the block's accumulators (M rows) stay in L2 across its k blocks,
   // so each k slice of the activations is read from L2 by every group of the block, not from L3.
@@ -461,9 +478,27 @@ template <class O, int MODE>
 static const char* pack_act_into(Scratch& sbuf, const float* x, int64_t ldx, int64_t M, int64_t K, int MR,
                                  int64_t gsz) {
   static thread_local Scratch rbuf;
-  if constexpr (MODE == kI4Dot) {
+  if constexpr (MODE == kI8Dot) {
+    const int64_t K2 = (K + 1) / 2 * 2, ng = (K + gsz - 1) / gsz;
+    const size_t arow = dot_act_row_bytes<MODE>(K, gsz);
+    char* buf = static_cast<char*>(sbuf.get(size_t(M) * arow));
+    int16_t* row = static_cast<int16_t*>(rbuf.get(size_t(K2) * sizeof(int16_t)));
+    for (int64_t m0 = 0; m0 < M; m0 += MR) {
+      const int64_t mr = imin(MR, M - m0);
+      int32_t* codes = reinterpret_cast<int32_t*>(buf + size_t(m0) * arow);
+      float* sx = reinterpret_cast<float*>(codes + K2 / 2 * mr);
+      for (int64_t m = 0; m < mr; m++) {
+        const float* src = x + (m0 + m) * ldx;
+        row[K2 - 1] = 0;  // odd K: the last pair's second word
+        for (int64_t gi = 0; gi < ng; gi++)
+          sx[gi * mr + m] = O::quantize_i16(src + gi * gsz, imin(gsz, K - gi * gsz), row + gi * gsz);
+        for (int64_t i = 0; i < K2 / 2; i++) std::memcpy(codes + i * mr + m, row + 2 * i, 4);
+      }
+    }
+    return buf;
+  } else if constexpr (MODE == kI4Dot) {
     const int64_t K8 = (K + 7) / 8 * 8, ng = (K + gsz - 1) / gsz;
-    const size_t arow = dot_act_row_bytes(K, gsz);
+    const size_t arow = dot_act_row_bytes<MODE>(K, gsz);
     char* buf = static_cast<char*>(sbuf.get(size_t(M) * arow));
     int8_t* row = static_cast<int8_t*>(rbuf.get(size_t(K8)));
     for (int64_t m0 = 0; m0 < M; m0 += MR) {
@@ -542,7 +577,7 @@ constexpr int64_t prefill_kc() {
 template <int MODE, int NMAT, int NP, int W>
 int64_t prefill_kc_quant(int64_t gsz) {
   const int64_t per_k = int64_t(NP) * NMAT * W;  // code bytes per k (int4: half that)
-  const int64_t kc = int64_t(64 * 1024) * (MODE == kI8 ? 1 : 2) / per_k / gsz * gsz;
+  const int64_t kc = int64_t(64 * 1024) * (MODE == kI8 || MODE == kI8Dot ? 1 : 2) / per_k / gsz * gsz;
   return kc > gsz ? kc : gsz;
 }
 
@@ -550,8 +585,8 @@ int64_t prefill_kc_quant(int64_t gsz) {
 template <int MODE, int NMAT>
 size_t panel_bytes(int64_t K, int64_t gsz, int W) {
   if constexpr (is_quant(MODE)) {
-    return quant_panel_bytes(NMAT, K, W, MODE == kI8 ? Quant::Int8 : Quant::Int4, gsz,
-                             MODE == kI4Dot ? Int4Order::Quads : Int4Order::Pairs);
+    return quant_panel_bytes(NMAT, K, W, MODE == kI8 || MODE == kI8Dot ? Quant::Int8 : Quant::Int4, gsz,
+                             is_dot(MODE) ? CodeOrder::Dot : CodeOrder::Plain);
   } else {
     constexpr int kg = ModeInfo<MODE>::kg;
     return size_t((K + kg - 1) / kg) * NMAT * W * kg * ModeInfo<MODE>::es;
@@ -575,12 +610,13 @@ static void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t gsz,
   }
 }
 
-// The KernelSet functions for one ISA. BF16_MODE: kBF16 (shift) or kBF16Dot; I4_MODE: kI4 (float
-// activations) or kI4Dot (int8 activations, the quads layout).
-template <class O, int BF16_MODE, int I4_MODE = kI4>
+// The KernelSet functions for one ISA. BF16_MODE: kBF16 (shift) or kBF16Dot; I8_MODE / I4_MODE: kI8 /
+// kI4 (float activations, Plain code order) or kI8Dot / kI4Dot (integer activations, Dot order).
+template <class O, int BF16_MODE, int I8_MODE = kI8, int I4_MODE = kI4>
 struct Kernels {
+  static_assert(is_dot(I8_MODE) == is_dot(I4_MODE), "one code order per set");
   static constexpr int W = O::W;
-  static constexpr Int4Order kOrder = I4_MODE == kI4Dot ? Int4Order::Quads : Int4Order::Pairs;
+  static constexpr CodeOrder kOrder = is_dot(I4_MODE) ? CodeOrder::Dot : CodeOrder::Plain;
 
   static bool pairs(DType dt) { return dt == DType::BF16; }
   static size_t w13_bytes(int64_t H, int64_t F, DType dt) { return packed_w13_bytes(H, F, dt, W, pairs(dt)); }
@@ -666,21 +702,22 @@ struct Kernels {
   static void swiglu_q(const float* x, int64_t ldx, int64_t M, int64_t H, int64_t F, const void* w13, Quant q,
                        int64_t g, int64_t f_begin, int64_t f_end, float* act, int64_t ldact) {
     if (M <= 0 || f_begin >= f_end) return;
-    if (q == Quant::Int8) swiglu_mode<kI8>(x, ldx, M, H, F, w13, f_begin, f_end, act, ldact, g);
+    if (q == Quant::Int8) swiglu_mode<I8_MODE>(x, ldx, M, H, F, w13, f_begin, f_end, act, ldact, g);
     else swiglu_mode<I4_MODE>(x, ldx, M, H, F, w13, f_begin, f_end, act, ldact, g);
   }
 
   static void down_q(const float* act, int64_t ldact, int64_t M, int64_t H, int64_t F, const void* w2, Quant q,
                      int64_t g, int64_t h_begin, int64_t h_end, float* y, int64_t ldy) {
     if (M <= 0 || h_begin >= h_end) return;
-    if (q == Quant::Int8) down_mode<kI8>(act, ldact, M, H, F, w2, h_begin, h_end, y, ldy, g);
+    if (q == Quant::Int8) down_mode<I8_MODE>(act, ldact, M, H, F, w2, h_begin, h_end, y, ldy, g);
     else down_mode<I4_MODE>(act, ldact, M, H, F, w2, h_begin, h_end, y, ldy, g);
   }
 
   static constexpr KernelSet make(Isa isa, const char* name) {
     return KernelSet{isa,       name,     W,       w13_bytes, w2_bytes, pack13,
                      pack2,     swiglu,   down,    q13_bytes, q2_bytes, qpack13,
-                     qpack2,    swiglu_q, down_q,  I4_MODE == kI4Dot ? "int8" : "float32"};
+                     qpack2,    swiglu_q, down_q,  I8_MODE == kI8Dot ? "int16" : "float32",
+                     I4_MODE == kI4Dot ? "int8" : "float32"};
   }
 };
 

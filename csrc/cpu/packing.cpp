@@ -87,7 +87,7 @@ constexpr int64_t kMaxGroup = 128;
 // Quantizes `nmat` matrices of N rows x K into the quantized panel layout (packing.h): each thread
 // holds one group of one row as floats at a time.
 void pack_quant(const void* const* src, int nmat, int64_t N, int64_t K, DType dt, int64_t nr, Quant q, int64_t g,
-                Int4Order order, void* dst) {
+                CodeOrder order, void* dst) {
   const int qmax = quant_qmax(q);
   const int64_t npanels = (N + nr - 1) / nr, ngroups = (K + g - 1) / g;
   const size_t pbytes = quant_panel_bytes(nmat, K, nr, q, g, order), gfull = quant_group_bytes(nmat, nr, q, g, order);
@@ -111,15 +111,18 @@ void pack_quant(const void* const* src, int nmat, int64_t N, int64_t K, DType dt
               std::memset(codes, 0, size_t(gl));  // padding columns: scale 0, codes 0
             }
             scales[mat * nr + j] = scale;
-            if (q == Quant::Int8) {
+            auto code = [&](int64_t k) { return k < gl ? codes[k] : 0; };
+            if (q == Quant::Int8 && order == CodeOrder::Plain) {
               for (int64_t s = 0; s < gl; s++) out[(s * nmat + mat) * nr + j] = uint8_t(codes[s]);
-            } else if (order == Int4Order::Pairs) {
+            } else if (q == Quant::Int8) {
+              for (int64_t s = 0; s < (gl + 1) / 2; s++)
+                for (int b = 0; b < 2; b++) out[((s * nmat + mat) * nr + j) * 2 + b] = uint8_t(code(2 * s + b));
+            } else if (order == CodeOrder::Plain) {
               for (int64_t s = 0; s < (gl + 1) / 2; s++) {
                 const int lo = codes[2 * s], hi = 2 * s + 1 < gl ? codes[2 * s + 1] : 0;
                 out[(s * nmat + mat) * nr + j] = uint8_t((lo + 8) | (hi + 8) << 4);
               }
             } else {
-              auto code = [&](int64_t k) { return k < gl ? codes[k] : 0; };
               for (int64_t s = 0; s < (gl + 7) / 8; s++)
                 for (int b = 0; b < 4; b++)
                   out[((s * nmat + mat) * nr + j) * 4 + b] =
@@ -134,21 +137,21 @@ void pack_quant(const void* const* src, int nmat, int64_t N, int64_t K, DType dt
 
 }  // namespace
 
-size_t quant_w13_bytes(int64_t H, int64_t F, int64_t nr, Quant q, int64_t g, Int4Order order) {
+size_t quant_w13_bytes(int64_t H, int64_t F, int64_t nr, Quant q, int64_t g, CodeOrder order) {
   return size_t((F + nr - 1) / nr) * quant_panel_bytes(2, H, nr, q, g, order);
 }
 
-size_t quant_w2_bytes(int64_t H, int64_t F, int64_t nr, Quant q, int64_t g, Int4Order order) {
+size_t quant_w2_bytes(int64_t H, int64_t F, int64_t nr, Quant q, int64_t g, CodeOrder order) {
   return size_t((H + nr - 1) / nr) * quant_panel_bytes(1, F, nr, q, g, order);
 }
 
 void pack_w13_quant(const void* w1, const void* w3, int64_t H, int64_t F, DType dt, int64_t nr, Quant q, int64_t g,
-                    Int4Order order, void* dst) {
+                    CodeOrder order, void* dst) {
   const void* src[2] = {w1, w3};
   pack_quant(src, 2, F, H, dt, nr, q, g, order, dst);
 }
 
-void pack_w2_quant(const void* w2, int64_t H, int64_t F, DType dt, int64_t nr, Quant q, int64_t g, Int4Order order,
+void pack_w2_quant(const void* w2, int64_t H, int64_t F, DType dt, int64_t nr, Quant q, int64_t g, CodeOrder order,
                    void* dst) {
   const void* src[1] = {w2};
   pack_quant(src, 1, H, F, dt, nr, q, g, order, dst);

@@ -33,32 +33,39 @@ void pack_w13_panels(const void* w1, const void* w3, int64_t H, int64_t F, DType
 void pack_w2_panels(const void* w2, int64_t H, int64_t F, DType dt, void* dst);
 
 // Quantized layout (quant.h), per panel of nr columns, per group of g reduction indices (the last group
-// shorter when K is not a multiple of g), one block each:
-//   nmat * nr float32 scales (matrix by matrix), then the group's codes:
-//     int8: one k per step, nmat * nr bytes a step (matrix by matrix, a byte per column), the signed code;
-//     int4: offset-binary nibbles (nibble = code + 8), padding nibbles at code 0, in one of two orders:
-//       pairs: two k per step, nmat * nr bytes a step: k even in the low nibble, k odd in the high one;
-//       quads: eight k per step, nmat * nr * 4 bytes a step (a 32-bit lane per column): byte b of a lane
-//              holds k = b in its low nibble and k = 4 + b in its high one, so one mask (and one shift)
-//              gives a column's four consecutive unsigned codes per lane, the operand of vpdpbusd.
-// Scales sit in front of their codes so a decode kernel reads one stream per panel; `static` keeps a
-// private copy in each unit (the ISA units include this header too, see kernels_simd.h).
-enum class Int4Order : int { Pairs = 0, Quads = 1 };
-static inline size_t quant_group_bytes(int nmat, int64_t nr, Quant q, int64_t gl, Int4Order order) {
-  const int64_t code_bytes = q == Quant::Int8 ? gl : order == Int4Order::Pairs ? (gl + 1) / 2 : (gl + 7) / 8 * 4;
+// shorter when K is not a multiple of g), one block each: nmat * nr float32 scales (matrix by matrix),
+// then the group's codes in steps, each step matrix by matrix, column by column. Two orders:
+//   Plain (float dequantization in registers):
+//     int8: one k per step, a byte per column: the signed code;
+//     int4: two k per step, a byte per column: k even in the low nibble, k odd in the high one,
+//           offset-binary (nibble = code + 8);
+//   Dot (integer dot-product instructions, VNNI):
+//     int8: two k per step, two bytes per column (k even, k odd): sign-extended to 16 bits they are
+//           the word pair vpdpwssd multiplies;
+//     int4: eight k per step, a 32-bit lane per column: byte b holds k = b in its low nibble and
+//           k = 4 + b in its high one (offset-binary), so one mask (and a shift) gives a column's four
+//           consecutive unsigned codes per lane, the operand of vpdpbusd.
+// Codes past the end of a short last group are code 0. Scales sit in front of their codes so a decode
+// kernel reads one stream per panel; `static` keeps a private copy in each unit (the ISA units include
+// this header too, see kernels_simd.h).
+enum class CodeOrder : int { Plain = 0, Dot = 1 };
+static inline size_t quant_group_bytes(int nmat, int64_t nr, Quant q, int64_t gl, CodeOrder order) {
+  int64_t code_bytes;
+  if (q == Quant::Int8) code_bytes = order == CodeOrder::Plain ? gl : (gl + 1) / 2 * 2;
+  else code_bytes = order == CodeOrder::Plain ? (gl + 1) / 2 : (gl + 7) / 8 * 4;
   return size_t(nmat) * size_t(nr) * (4 + size_t(code_bytes));
 }
 // Bytes of one panel: K / g full groups and the shorter rest.
-static inline size_t quant_panel_bytes(int nmat, int64_t K, int64_t nr, Quant q, int64_t g, Int4Order order) {
+static inline size_t quant_panel_bytes(int nmat, int64_t K, int64_t nr, Quant q, int64_t g, CodeOrder order) {
   return size_t(K / g) * quant_group_bytes(nmat, nr, q, g, order) +
          (K % g ? quant_group_bytes(nmat, nr, q, K % g, order) : 0);
 }
-size_t quant_w13_bytes(int64_t H, int64_t F, int64_t nr, Quant q, int64_t g, Int4Order order);
-size_t quant_w2_bytes(int64_t H, int64_t F, int64_t nr, Quant q, int64_t g, Int4Order order);
+size_t quant_w13_bytes(int64_t H, int64_t F, int64_t nr, Quant q, int64_t g, CodeOrder order);
+size_t quant_w2_bytes(int64_t H, int64_t F, int64_t nr, Quant q, int64_t g, CodeOrder order);
 // Quantizes and packs one expert, group by group straight from the source (no float copy of it).
 void pack_w13_quant(const void* w1, const void* w3, int64_t H, int64_t F, DType dt, int64_t nr, Quant q, int64_t g,
-                    Int4Order order, void* dst);
-void pack_w2_quant(const void* w2, int64_t H, int64_t F, DType dt, int64_t nr, Quant q, int64_t g, Int4Order order,
+                    CodeOrder order, void* dst);
+void pack_w2_quant(const void* w2, int64_t H, int64_t F, DType dt, int64_t nr, Quant q, int64_t g, CodeOrder order,
                    void* dst);
 
 }  // namespace fmoe

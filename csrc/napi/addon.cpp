@@ -14,16 +14,18 @@ namespace fmoe_napi {
 void register_bench_probes(Napi::Env env, Napi::Object exports);
 void register_mmap(Napi::Env env, Napi::Object exports);
 
-// -> { cpu: { isa, int4Activations, threads, supported, error? }, cuda: { available, reason, library, driverVersion, runtimeVersion, devices } }
+// -> { cpu: { isa, int8Activations, int4Activations, threads, supported, error? }, cuda: { available, reason, library, driverVersion, runtimeVersion, devices } }
 static Napi::Value BackendInfo(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Object cpu = Napi::Object::New(env);
   try {
     const fmoe::KernelSet* ks = fmoe::select_kernels();
     cpu.Set("isa", ks->name);
+    cpu.Set("int8Activations", ks->int8_activations);
     cpu.Set("int4Activations", ks->int4_activations);
   } catch (const fmoe::MoeException& e) {
     cpu.Set("isa", env.Null());
+    cpu.Set("int8Activations", env.Null());
     cpu.Set("int4Activations", env.Null());
     cpu.Set("error", e.what());
   }

@@ -17,9 +17,14 @@ export function roundHalfEven(v: number): number {
 
 /** Quantizes rows of K values in groups of g: scales [rows, ceil(K/g)], codes [rows, K]. */
 export function quantizeRows(v: ArrayLike<number>, K: number, kind: QuantKind, g: number): { scales: Float32Array; codes: Int8Array } {
-  const qmax = QMAX[kind];
+  const q = quantizeRowsTo(v, K, QMAX[kind], g);
+  return { scales: q.scales, codes: Int8Array.from(q.codes) };
+}
+
+/** The same rule for any qmax (activations: 127 or 32767); codes as plain numbers. */
+export function quantizeRowsTo(v: ArrayLike<number>, K: number, qmax: number, g: number): { scales: Float32Array; codes: Int32Array } {
   const rows = v.length / K, ng = Math.ceil(K / g);
-  const scales = new Float32Array(rows * ng), codes = new Int8Array(rows * K);
+  const scales = new Float32Array(rows * ng), codes = new Int32Array(rows * K);
   for (let r = 0; r < rows; r++)
     for (let i = 0; i < ng; i++) {
       const k0 = r * K + i * g, n = Math.min(g, K - i * g);
@@ -41,7 +46,7 @@ export function quantizeRows(v: ArrayLike<number>, K: number, kind: QuantKind, g
 }
 
 /** The values the kernels compute with: code * scale, exactly (float64). */
-export function dequantizeRows(q: { scales: Float32Array; codes: Int8Array }, K: number, g: number): Float64Array {
+export function dequantizeRows(q: { scales: Float32Array; codes: ArrayLike<number> }, K: number, g: number): Float64Array {
   const ng = Math.ceil(K / g);
   const out = new Float64Array(q.codes.length);
   for (let i = 0; i < out.length; i++) {
@@ -52,10 +57,11 @@ export function dequantizeRows(q: { scales: Float32Array; codes: Int8Array }, K:
 }
 
 /**
- * Activations as a kernel set with int8 activations sees them (backendInfo().cpu.int4Activations ===
- * 'int8'): each row's groups of g quantized by the same rule as the weights with qmax 127, then
- * dequantized exactly.
+ * Activations as a kernel set with integer activations sees them (backendInfo().cpu.int4Activations
+ * 'int8', int8Activations 'int16'): each row's groups of g quantized by the weights' rule with qmax 127
+ * or 32767, then dequantized exactly.
  */
-export function int8Activations(g: number): (row: Float64Array) => Float64Array {
-  return (row) => dequantizeRows(quantizeRows(row, row.length, 'int8', g), row.length, g);
+export function quantizedActivations(bits: 8 | 16, g: number): (row: Float64Array) => Float64Array {
+  const qmax = bits === 8 ? 127 : 32767;
+  return (row) => dequantizeRows(quantizeRowsTo(row, row.length, qmax, g), row.length, g);
 }
