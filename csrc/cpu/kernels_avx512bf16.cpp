@@ -57,8 +57,10 @@ struct OpsAvx512Bf16 : OpsAvx512 {
   static Raw load_s8_pairs(const char* p) {
     return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
-  // acc[i] += w.word[2i] * x2[0] + w.word[2i+1] * x2[1] (signed words; x2 a pair of int16).
-  static Raw dot_s16(Raw acc, Raw w, const int32_t* x2) { return _mm512_dpwssd_epi32(acc, w, _mm512_set1_epi32(*x2)); }
+  // A pair of int16 activations in every 32-bit lane.
+  static Raw bcast_word_pair(const int32_t* x2) { return _mm512_set1_epi32(*x2); }
+  // acc[i] += w.word[2i] * x.word[2i] + w.word[2i+1] * x.word[2i+1] (signed words).
+  static Raw dot_s16(Raw acc, Raw w, Raw x) { return _mm512_dpwssd_epi32(acc, w, x); }
   // quant.h's group rule for activations, vectorised with the same bits: scale = amax / qmax (float
   // division), code = round-to-nearest-even(v / scale) clamped to +-qmax (vcvtps2dq under the default
   // rounding mode); NaN or Inf -> NaN scale, zero (or underflowing) amax -> scale 0, codes 0.

@@ -344,22 +344,32 @@ static void micro_qdot(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_
     for (int64_t s = 0; s < steps; s++) {
       const char* bk = bc + size_t(s) * cstep;
       const int32_t* x0 = aqg + s * words * MR;
+      if constexpr (MODE == kI4Dot) {  // k = 8s .. 8s+3 of every row, then 8s+4 .. 8s+7
 #pragma GCC unroll 8
-      for (int p = 0; p < NP; p++)
+        for (int p = 0; p < NP; p++)
 #pragma GCC unroll 2
-        for (int q = 0; q < NMAT; q++) {
-          if constexpr (MODE == kI4Dot) {  // k = 8s .. 8s+3 of every row, then 8s+4 .. 8s+7
-            I lo, hi;
+          for (int q = 0; q < NMAT; q++) {
+            I lo, hi;  // two registers per panel: unpacked one panel at a time
             O::load_u4(bk + p * pstride + q * W * 4, lo, hi);
 #pragma GCC unroll 16
             for (int m = 0; m < MR; m++)
               acc[m][p][q] = O::dot_u8s8(O::dot_u8s8(acc[m][p][q], lo, x0 + m), hi, x0 + MR + m);
-          } else {  // k = 2s, 2s+1
-            const I w = O::load_s8_pairs(bk + p * pstride + q * W * 2);
-#pragma GCC unroll 16
-            for (int m = 0; m < MR; m++) acc[m][p][q] = O::dot_s16(acc[m][p][q], w, x0 + m);
           }
+      } else {  // k = 2s, 2s+1: every panel's words first, then one broadcast per row
+        I w[NP][NMAT];
+#pragma GCC unroll 8
+        for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+          for (int q = 0; q < NMAT; q++) w[p][q] = O::load_s8_pairs(bk + p * pstride + q * W * 2);
+#pragma GCC unroll 16
+        for (int m = 0; m < MR; m++) {
+          const I xv = O::bcast_word_pair(x0 + m);
+#pragma GCC unroll 8
+          for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+            for (int q = 0; q < NMAT; q++) acc[m][p][q] = O::dot_s16(acc[m][p][q], w[p][q], xv);
         }
+      }
     }
 #pragma GCC unroll 8
     for (int p = 0; p < NP; p++)
