@@ -32,7 +32,7 @@ export interface DoctorReport {
   /** null when the addon did not load. */
   cpu: {
     isa: string | null;
-    /** How int8 / int4 experts meet the activations: 'int16' / 'int8' (quantized per group, VNNI) or 'float32'. */
+    /** How int8 / int4 experts meet the activations: 'int16' / 'int8' (quantized per group, integer dot products) or 'float32'. */
     int8Activations: string | null;
     int4Activations: string | null;
     threads: number;

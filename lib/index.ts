@@ -18,8 +18,8 @@ export interface CudaDeviceInfo {
 export interface BackendInfo {
   /**
    * isa: the kernel set in use; int8Activations / int4Activations: how int8 / int4 experts meet the
-   * activations: 'int16' / 'int8' where the set quantizes them per group for an integer dot product
-   * (avx512bf16, which needs AVX512-VNNI), otherwise 'float32'.
+   * activations: 'int16' / 'int8' where the set quantizes them per group for integer dot products (the
+   * x86 SIMD sets), 'float32' for the scalar and NEON sets.
    */
   cpu: { isa: string | null; int8Activations: 'float32' | 'int16' | null; int4Activations: 'float32' | 'int8' | null; threads: number; supported: string[]; error?: string };
   cuda: {

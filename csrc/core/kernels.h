@@ -56,7 +56,7 @@ struct KernelSet {
 
   // The activations' precision against int8 / int4 weights: "float32", or "int16" / "int8" where the set
   // quantizes each row's groups of activations (quant.h's rule, qmax 32767 / 127) for an integer dot
-  // product (VNNI). The kernels then follow the contract with each group's sum taken exactly in integers.
+  // product. The kernels then follow the contract with each group's sum taken exactly in integers.
   const char* int8_activations;
   const char* int4_activations;
 };

@@ -1,5 +1,7 @@
 // AVX-512F kernel set: 16-wide float vectors, 32 registers (24 accumulators). bf16 weights are read as
-// k-pairs and split by shift / mask; fp16 weights go through vcvtph2ps.
+// k-pairs and split by shift / mask; fp16 weights go through vcvtph2ps. Quantized experts use integer
+// dot products (int8 activations for int4 weights, int16 for int8) built from AVX-512BW's vpmaddubsw /
+// vpmaddwd; the avx512bf16 set does the same sums with VNNI.
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
@@ -8,7 +10,7 @@
 
 namespace fmoe {
 namespace {
-using Set = simd::Kernels<OpsAvx512, simd::kBF16>;
+using Set = simd::Kernels<OpsAvx512, simd::kBF16, simd::kI8Dot, simd::kI4Dot>;
 constexpr KernelSet kAvx512 = Set::make(Isa::Avx512, "avx512");
 }  // namespace
 

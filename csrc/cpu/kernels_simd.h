@@ -306,9 +306,10 @@ static void micro_q(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_t g
 
 // The integer dot-product micro-kernels. The activations were quantized per row and group (pack_act:
 // codes, scale sx, and for kI4Dot corr = 8 * sum of the codes).
-//   kI4Dot: int8 activations . unsigned nibbles u = code + 8 (quads order, packing.h): one vpdpbusd adds
-//           four u * x products per 32-bit lane; sum(code * x) = sum(u * x) - corr.
-//   kI8Dot: int16 activations . int8 codes sign-extended to words (pairs order): one vpdpwssd adds two
+//   kI4Dot: int8 activations . unsigned nibbles u = code + 8 (quads order, packing.h): one vpdpbusd (or
+//           vpmaddubsw + vpmaddwd without VNNI) adds four u * x products per 32-bit lane;
+//           sum(code * x) = sum(u * x) - corr.
+//   kI8Dot: int16 activations . int8 codes sign-extended to words (pairs order): one vpmaddwd adds two
 //           code * x products per lane.
 // A group's sum is an exact int32 (|.| < 2^31 for groups of at most 128), then c += (float(sum) * sx) *
 // scale: one conversion and two roundings per group, whatever the tile, so batch invariance holds.

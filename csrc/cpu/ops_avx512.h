@@ -3,7 +3,9 @@
 #pragma once
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace fmoe {
 namespace {
@@ -52,6 +54,83 @@ struct OpsAvx512 {
     const __m512 lut = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
     lo = _mm512_permutexvar_ps(b, lut);
     hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lut);
+  }
+
+  // ---- integer dot products for quantized experts (kI4Dot, kI8Dot in kernels_simd.h) ----
+  // 64 bytes of quads (packing.h): the low nibbles (k = b of each lane's byte b) and the high ones.
+  static void load_u4(const char* p, Raw& lo, Raw& hi) {
+    const __m512i r = _mm512_loadu_si512(p), mask = _mm512_set1_epi8(0x0f);
+    lo = _mm512_and_si512(r, mask);
+    hi = _mm512_and_si512(_mm512_srli_epi16(r, 4), mask);
+  }
+  static Raw izero() { return _mm512_setzero_si512(); }
+  // acc[i] += sum over the lane's 4 bytes of u (unsigned, < 16) times the 4 signed bytes at x4 (|x| <=
+  // 127): vpmaddubsw's pair sums stay far from int16 saturation (at most 2 * 15 * 127).
+  static Raw dot_u8s8(Raw acc, Raw u, const int32_t* x4) {
+    const __m512i pairs = _mm512_maddubs_epi16(u, _mm512_set1_epi32(*x4));
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
+  }
+  static V sub_to_float(Raw acc, int32_t corr) { return _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, _mm512_set1_epi32(corr))); }
+  // 32 bytes of int8 code pairs (packing.h, Dot order), sign-extended to words.
+  static Raw load_s8_pairs(const char* p) {
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  // A pair of int16 activations in every 32-bit lane.
+  static Raw bcast_word_pair(const int32_t* x2) { return _mm512_set1_epi32(*x2); }
+  // acc[i] += w.word[2i] * x.word[2i] + w.word[2i+1] * x.word[2i+1] (signed words, |x| <= 32767).
+  static Raw dot_s16(Raw acc, Raw w, Raw x) { return _mm512_add_epi32(acc, _mm512_madd_epi16(w, x)); }
+  // quant.h's group rule for activations, vectorised with the same bits: scale = amax / qmax (float
+  // division), code = round-to-nearest-even(v / scale) clamped to +-qmax (vcvtps2dq under the default
+  // rounding mode); NaN or Inf -> NaN scale, zero (or underflowing) amax -> scale 0, codes 0.
+  // quantize_i8 (qmax 127) also returns the sum of the codes.
+  // amax / qmax of a group (float division), or NaN when the group holds NaN or +-Inf.
+  static float group_scale(const float* x, int64_t n, float qmax) {
+    __m512 amax = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 mk = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(mk, x + i);
+      bad |= _mm512_fpclass_ps_mask(v, 0x99);  // QNaN | +Inf | -Inf | SNaN
+      amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+    }
+    return bad ? NAN : _mm512_reduce_max_ps(amax) / qmax;
+  }
+  static float quantize_i8(const float* x, int64_t n, int8_t* codes, int32_t* sum) {
+    const float scale = group_scale(x, n, 127.0f);
+    *sum = 0;
+    if (!(scale > 0.0f)) {  // zero, underflowed or NaN: codes 0
+      std::memset(codes, 0, size_t(n));
+      return scale;
+    }
+    const __m512 sv = _mm512_set1_ps(scale);
+    const __m512i lim = _mm512_set1_epi32(127), nlim = _mm512_set1_epi32(-127);
+    __m512i s = _mm512_setzero_si512();
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 mk = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1);
+      __m512i q = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_maskz_loadu_ps(mk, x + i), sv));
+      q = _mm512_max_epi32(_mm512_min_epi32(q, lim), nlim);
+      s = _mm512_add_epi32(s, q);
+      _mm512_mask_cvtepi32_storeu_epi8(codes + i, mk, q);
+    }
+    *sum = _mm512_reduce_add_epi32(s);
+    return scale;
+  }
+  // The same rule with qmax 32767, to int16 codes.
+  static float quantize_i16(const float* x, int64_t n, int16_t* codes) {
+    const float scale = group_scale(x, n, 32767.0f);
+    if (!(scale > 0.0f)) {  // zero, underflowed or NaN: codes 0
+      std::memset(codes, 0, size_t(n) * sizeof(int16_t));
+      return scale;
+    }
+    const __m512 sv = _mm512_set1_ps(scale);
+    const __m512i lim = _mm512_set1_epi32(32767), nlim = _mm512_set1_epi32(-32767);
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 mk = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1);
+      __m512i q = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_maskz_loadu_ps(mk, x + i), sv));
+      q = _mm512_max_epi32(_mm512_min_epi32(q, lim), nlim);
+      _mm512_mask_cvtepi32_storeu_epi16(codes + i, mk, q);
+    }
+    return scale;
   }
 };
 

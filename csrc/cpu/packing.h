@@ -41,7 +41,7 @@ void pack_w2_panels(const void* w2, int64_t H, int64_t F, DType dt, void* dst);
 //           offset-binary (nibble = code + 8);
 //   Dot (integer dot-product instructions, VNNI):
 //     int8: two k per step, two bytes per column (k even, k odd): sign-extended to 16 bits they are
-//           the word pair vpdpwssd multiplies;
+//           the word pair vpmaddwd multiplies;
 //     int4: eight k per step, a 32-bit lane per column: byte b holds k = b in its low nibble and
 //           k = 4 + b in its high one (offset-binary), so one mask (and a shift) gives a column's four
 //           consecutive unsigned codes per lane, the operand of vpdpbusd.
