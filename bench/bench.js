@@ -34,6 +34,10 @@ const CASES = [
   // The same decode with experts quantized at load from the same bf16 weights (group 128).
   { name: 'mixtral-decode-int8', ...MIXTRAL, dtype: 'bfloat16', quantize: 'int8', T: [1], isas: ['avx512bf16', 'avx2'], reps: 9 },
   { name: 'mixtral-decode-int4', ...MIXTRAL, dtype: 'bfloat16', quantize: 'int4', T: [1], isas: ['avx512bf16', 'avx2'], reps: 9 },
+  // The quantized kernels' own rate: the same decode on a layer whose two experts' codes fit in L3
+  // (H 1024, F 3584: 11 MB int4, 22 MB int8), so memory is not the limit; read as codes+scales GB/s.
+  { name: 'l3-decode-int8', H: 1024, F: 3584, E: 2, k: 2, dtype: 'bfloat16', quantize: 'int8', T: [1], isas: ['avx512bf16', 'avx2'], reps: 101 },
+  { name: 'l3-decode-int4', H: 1024, F: 3584, E: 2, k: 2, dtype: 'bfloat16', quantize: 'int4', T: [1], isas: ['avx512bf16', 'avx2'], reps: 101 },
   { name: 'mixtral-prefill-bf16', ...MIXTRAL, dtype: 'bfloat16', T: [512], isas: ['avx512bf16', 'avx512'], reps: 3 },
   { name: 'mixtral-f32', ...MIXTRAL, dtype: 'float32', T: [1, 512], isas: ['avx512', 'avx2'], reps: 3 },
   { name: 'mid-f32', ...MID, dtype: 'float32', T: [1, 16, 32, 128, 512], isas: ['avx512', 'avx2', 'scalar'], reps: 5 },

@@ -2,7 +2,7 @@
 import { binding, NativeCancel, NativeLayer, WeightArray } from './binding';
 import { scheduler } from './scheduler';
 import { AbortError, argRangeError, argTypeError, fromNative, MoeError } from './errors';
-import { checkedProduct, checkInteger, checkObject, checkOneOf, checkTyped, describe } from './validate';
+import { checkedProduct, checkInteger, checkObject, checkOneOf, checkSignal, checkTyped, describe } from './validate';
 import { FromSafetensorsOptions, loadLayer } from './safetensors';
 
 export type Routing = 'softmax-topk-renorm' | 'softmax-topk';
@@ -186,9 +186,7 @@ export class MoeLayer {
   static async create(config: MoeConfig, weights: MoeWeights, options: CreateOptions = {}): Promise<MoeLayer> {
     const { cfg, gate, w1, w3, w2 } = layerArgs(config, weights);
     checkObject('options', options as unknown);
-    const signal = options.signal;
-    if (signal !== undefined && !(signal instanceof AbortSignal))
-      throw argTypeError(`options.signal must be an AbortSignal, got ${describe(signal)}`);
+    const signal = checkSignal('options.signal', options.signal);
     const stepMs = options.stepMs === undefined ? 10 : checkInteger('options.stepMs', options.stepMs, 1, 60000);
     const aborted = () => new AbortError(undefined, { cause: signal?.reason });
     if (signal?.aborted) throw aborted();
@@ -238,9 +236,7 @@ export class MoeLayer {
       checkObject('options', options);
       // Without options.out the native side hands back its own result buffer (no copy).
       if (options.out !== undefined) out = this.#out(options.out, T);
-      signal = options.signal as AbortSignal | undefined;
-      if (signal !== undefined && !(signal instanceof AbortSignal))
-        throw argTypeError(`options.signal must be an AbortSignal, got ${describe(signal)}`);
+      signal = checkSignal('options.signal', options.signal);
     } catch (err) {
       return Promise.reject(err);
     }

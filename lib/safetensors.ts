@@ -15,7 +15,7 @@ import * as path from 'path';
 import { binding } from './binding';
 import { argTypeError, argRangeError, fromNative, MoeError } from './errors';
 import type { MoeConfig, MoeWeights, Routing, WeightDtype } from './layer';
-import { checkInteger, checkObject, checkOneOf, describe } from './validate';
+import { checkInteger, checkObject, checkOneOf, checkSignal, describe } from './validate';
 
 /** Largest header accepted: real headers are well under 1 MB; a bigger one is corruption or hostile. */
 const MAX_HEADER_BYTES = 100 * 1024 * 1024;
@@ -486,8 +486,7 @@ interface LayerCtor<L> {
 /** MoeLayer.fromSafetensors(): reads one MoE block's tensors from a checkpoint and builds the layer. */
 export async function loadLayer<L>(ctor: LayerCtor<L>, p: string, options: FromSafetensorsOptions): Promise<L> {
   checkObject('options', options as unknown);
-  if (options.signal !== undefined && !(options.signal instanceof AbortSignal))
-    throw argTypeError(`options.signal must be an AbortSignal, got ${describe(options.signal)}`);
+  checkSignal('options.signal', options.signal);
   let prefix: string;
   let layer: number | undefined;
   if (options.prefix !== undefined) {

@@ -15,6 +15,12 @@ export function checkObject(name: string, v: unknown): asserts v is Record<strin
     throw argTypeError(`${name} must be an object, got ${describe(v)}`);
 }
 
+/** An optional AbortSignal (undefined passes). */
+export function checkSignal(name: string, v: unknown): AbortSignal | undefined {
+  if (v !== undefined && !(v instanceof AbortSignal)) throw argTypeError(`${name} must be an AbortSignal, got ${describe(v)}`);
+  return v;
+}
+
 export function checkInteger(name: string, v: unknown, min: number, max: number): number {
   if (typeof v !== 'number') throw argTypeError(`${name} must be a number, got ${describe(v)}`);
   if (!Number.isInteger(v) || v < min || v > max)

@@ -44,18 +44,6 @@ struct OpsAvx2 {
     return _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
                                                 _mm256_set1_epi32(int(0xffff0000u))));
   }
-  // 8 int8 codes, sign-extended and converted.
-  static V load_i8(const char* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-  }
-  // 8 bytes of offset-binary int4 pairs: the low nibbles (even k) and the high ones (odd k) as floats.
-  static void load_i4(const char* p, V& lo, V& hi) {
-    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-    const __m256i eight = _mm256_set1_epi32(8);
-    lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, _mm256_set1_epi32(15)), eight));
-    hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), eight));
-  }
-
   // ---- integer dot products for quantized experts (kI4Dot, kI8Dot in kernels_simd.h) ----
   using Raw = __m256i;
   static Raw izero() { return _mm256_setzero_si256(); }

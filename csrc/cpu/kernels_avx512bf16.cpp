@@ -10,7 +10,6 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
-#include <cmath>
 #include <cstring>
 
 #include "kernels_simd.h"

@@ -58,8 +58,8 @@ enum Mode {
   kF16 = 1,      // IEEE half, converted on load
   kBF16 = 2,     // bf16 k-pairs, split into two float vectors by shift / mask
   kBF16Dot = 3,  // bf16 k-pairs fed to a bf16 dot-product instruction; activations rounded to bf16
-  kI8 = 4,       // int8 codes + per-group scales (quant.h), sign-extended and converted in registers
-  kI4 = 5,       // int4 code pairs + per-group scales, both nibbles of a byte per load
+  kI8 = 4,       // int8 codes + per-group scales (quant.h), sign-extended and converted (NEON)
+  kI4 = 5,       // int4 code pairs + per-group scales, both nibbles of a byte per load (NEON)
   kI4Dot = 6,    // int4 code quads . int8 activations through an unsigned x signed byte dot product
   kI8Dot = 7,    // int8 code pairs . int16 activations through a signed word dot product
 };
@@ -481,51 +481,41 @@ static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, 
 }
 
 // Packs M rows of K floats (row stride ldx) into row blocks of MR (see above), in a per-thread buffer.
-// kBF16Dot rounds to bf16 first and pads K to even with zeros. kI4Dot quantizes each row's groups of gsz
-// to int8 exactly as quant.h quantizes weights (qmax 127) and lays out, per row block of mr rows: the
-// codes as [K8 / 4][mr] words of four (K padded to 8 with zeros), the scales [ng][mr], then
-// corr = 8 * sum(codes) per group [ng][mr], which removes the nibbles' offset of 8.
+// kBF16Dot rounds to bf16 first and pads K to even with zeros. kI4Dot / kI8Dot quantize each row's groups
+// of gsz to int8 / int16 exactly as quant.h quantizes weights (qmax 127 / 32767) and lay out, per row
+// block of mr rows: the codes as [Kp / 4 or Kp / 2][mr] 32-bit words (four int8 or two int16; K padded
+// with zeros to a whole step, 8 or 2), the scales [ng][mr], and for kI4Dot corr = 8 * sum(codes) per
+// group [ng][mr], which removes the nibbles' offset of 8.
 template <class O, int MODE>
 static const char* pack_act_into(Scratch& sbuf, const float* x, int64_t ldx, int64_t M, int64_t K, int MR,
                                  int64_t gsz) {
   static thread_local Scratch rbuf;
-  if constexpr (MODE == kI8Dot) {
-    const int64_t K2 = (K + 1) / 2 * 2, ng = (K + gsz - 1) / gsz;
+  if constexpr (is_dot(MODE)) {
+    using Code = std::conditional_t<MODE == kI4Dot, int8_t, int16_t>;
+    constexpr int64_t kstep = MODE == kI4Dot ? 8 : 2, per_word = 4 / sizeof(Code);
+    const int64_t Kp = (K + kstep - 1) / kstep * kstep, ng = (K + gsz - 1) / gsz;
     const size_t arow = dot_act_row_bytes<MODE>(K, gsz);
     char* buf = static_cast<char*>(sbuf.get(size_t(M) * arow));
-    int16_t* row = static_cast<int16_t*>(rbuf.get(size_t(K2) * sizeof(int16_t)));
+    Code* row = static_cast<Code*>(rbuf.get(size_t(Kp) * sizeof(Code)));
     for (int64_t m0 = 0; m0 < M; m0 += MR) {
       const int64_t mr = imin(MR, M - m0);
       int32_t* codes = reinterpret_cast<int32_t*>(buf + size_t(m0) * arow);
-      float* sx = reinterpret_cast<float*>(codes + K2 / 2 * mr);
+      float* sx = reinterpret_cast<float*>(codes + Kp / per_word * mr);
+      int32_t* corr = reinterpret_cast<int32_t*>(sx + ng * mr);  // kI4Dot only
       for (int64_t m = 0; m < mr; m++) {
         const float* src = x + (m0 + m) * ldx;
-        row[K2 - 1] = 0;  // odd K: the last pair's second word
-        for (int64_t gi = 0; gi < ng; gi++)
-          sx[gi * mr + m] = O::quantize_i16(src + gi * gsz, imin(gsz, K - gi * gsz), row + gi * gsz);
-        for (int64_t i = 0; i < K2 / 2; i++) std::memcpy(codes + i * mr + m, row + 2 * i, 4);
-      }
-    }
-    return buf;
-  } else if constexpr (MODE == kI4Dot) {
-    const int64_t K8 = (K + 7) / 8 * 8, ng = (K + gsz - 1) / gsz;
-    const size_t arow = dot_act_row_bytes<MODE>(K, gsz);
-    char* buf = static_cast<char*>(sbuf.get(size_t(M) * arow));
-    int8_t* row = static_cast<int8_t*>(rbuf.get(size_t(K8)));
-    for (int64_t m0 = 0; m0 < M; m0 += MR) {
-      const int64_t mr = imin(MR, M - m0);
-      int32_t* codes = reinterpret_cast<int32_t*>(buf + size_t(m0) * arow);
-      float* sx = reinterpret_cast<float*>(codes + K8 / 4 * mr);
-      int32_t* corr = reinterpret_cast<int32_t*>(sx + ng * mr);
-      for (int64_t m = 0; m < mr; m++) {
-        const float* src = x + (m0 + m) * ldx;
-        std::memset(row + K, 0, size_t(K8 - K));
+        std::memset(row + K, 0, size_t(Kp - K) * sizeof(Code));
         for (int64_t gi = 0; gi < ng; gi++) {
-          int32_t sum = 0;
-          sx[gi * mr + m] = O::quantize_i8(src + gi * gsz, imin(gsz, K - gi * gsz), row + gi * gsz, &sum);
-          corr[gi * mr + m] = 8 * sum;
+          const int64_t k0 = gi * gsz, n = imin(gsz, K - k0);
+          if constexpr (MODE == kI4Dot) {
+            int32_t sum = 0;
+            sx[gi * mr + m] = O::quantize_i8(src + k0, n, row + k0, &sum);
+            corr[gi * mr + m] = 8 * sum;
+          } else {
+            sx[gi * mr + m] = O::quantize_i16(src + k0, n, row + k0);
+          }
         }
-        for (int64_t i = 0; i < K8 / 4; i++) std::memcpy(codes + i * mr + m, row + 4 * i, 4);
+        for (int64_t i = 0; i < Kp / per_word; i++) std::memcpy(codes + i * mr + m, row + per_word * i, 4);
       }
     }
     return buf;
@@ -577,8 +567,8 @@ static const char* pack_act(const float* x, int64_t ldx, int64_t M, int64_t K, i
 }
 
 // K for the k blocks of the prefill shape: the NP panels' slice of k (192 KiB) stays in L2 across row
-// blocks. Measured on the Mixtral prefill (f32, T = 512, 2 Zen 4 cores): 1.77 s against 1.81-1.88 s
-// with 64 KiB blocks (A/B runs, medians); 384 KiB was no better.
+// blocks. On 2 Zen 4 cores this ran the Mixtral float32 prefill a few percent faster than 64 KiB blocks
+// and no slower than 384 KiB; `node bench/bench.js --cases mixtral-f32` repeats the comparison.
 template <int MODE, int NMAT, int NP, int W>
 constexpr int64_t prefill_kc() {
   return int64_t(192 * 1024) / (int64_t(NP) * NMAT * W * ModeInfo<MODE>::es) / 64 * 64;

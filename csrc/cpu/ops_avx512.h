@@ -43,19 +43,6 @@ struct OpsAvx512 {
   static V bf16_hi(const char* p) {
     return _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512(p), _mm512_set1_epi32(int(0xffff0000u))));
   }
-  // 16 int8 codes, sign-extended and converted.
-  static V load_i8(const char* p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-  }
-  // 16 bytes of offset-binary int4 pairs. vpermps reads only the low 4 bits of each index, so a table of
-  // the 16 code values turns a nibble into its float in one instruction, with no mask and no convert.
-  static void load_i4(const char* p, V& lo, V& hi) {
-    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    const __m512 lut = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-    lo = _mm512_permutexvar_ps(b, lut);
-    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lut);
-  }
-
   // ---- integer dot products for quantized experts (kI4Dot, kI8Dot in kernels_simd.h) ----
   // 64 bytes of quads (packing.h): the low nibbles (k = b of each lane's byte b) and the high ones.
   static void load_u4(const char* p, Raw& lo, Raw& hi) {

@@ -111,12 +111,18 @@ static auto native_call(Napi::Env env, const char* oom_what, Fn&& fn) -> decltyp
   return decltype(fn())();
 }
 
+// Marks the External that NativeBuilder.finish() hands to the NativeLayer constructor, so an External
+// from anywhere else is refused rather than read as a backend.
+static const napi_type_tag kBuiltBackendTag = {0x6a0f1e3c5b2d4e71ULL, 0x9c8d7e6f5a4b3c2dULL};
+
 // info: (config, gate: Float32Array, w1: TypedArray[E], w3: TypedArray[E], w2: TypedArray[E]), or
 // (External<Backend>) from NativeBuilder.finish().
 NativeLayer::NativeLayer(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeLayer>(info) {
   Napi::Env env = info.Env();
   if (info.Length() == 1 && info[0].IsExternal()) {
-    backend_ = *info[0].As<Napi::External<std::shared_ptr<fmoe::Backend>>>().Data();
+    auto ext = info[0].As<Napi::External<std::shared_ptr<fmoe::Backend>>>();
+    if (!ext.CheckTypeTag(&kBuiltBackendTag)) throw Napi::TypeError::New(env, "NativeLayer: not a built layer");
+    backend_ = *ext.Data();
   } else {
     if (info.Length() < 5 || !info[0].IsObject())
       throw Napi::TypeError::New(env, "NativeLayer(config, gate, w1, w3, w2) expects 5 arguments");
@@ -397,7 +403,9 @@ Napi::Value NativeBuilder::Finish(const Napi::CallbackInfo& info) {
   if (!built_) throw_moe_error(env, ErrorCode::Disposed, "this layer builder was already finished");
   std::shared_ptr<fmoe::Backend> backend = std::move(built_);
   AddonData* data = env.GetInstanceData<AddonData>();
-  return data->layer_ctor.New({Napi::External<std::shared_ptr<fmoe::Backend>>::New(env, &backend)});
+  auto ext = Napi::External<std::shared_ptr<fmoe::Backend>>::New(env, &backend);
+  ext.TypeTag(&kBuiltBackendTag);
+  return data->layer_ctor.New({ext});
 }
 
 Napi::Function NativeBuilder::Init(Napi::Env env) {
