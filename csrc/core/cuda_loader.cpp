@@ -202,10 +202,9 @@ const Loaded& loaded() {
   fail(error_code_for(rc), msg);
 }
 
-// Tokens per call into the library. The library checks its cancel flag between its own chunks, but the
-// core's flag is a std::atomic<bool>, not the ABI's volatile int32: rather than bridge the two with a
-// watcher thread, forward passes NULL and calls the library in slices of this many tokens, checking the
-// flag before each. The library's own chunks are no larger, so the cancellation latency is the same.
+// Tokens per call into the library. Cancellation stays on this side of the C ABI: forward calls the
+// library in slices of this many tokens and checks the caller's flag before each. The library's own
+// chunks are no larger, so a slice costs no extra launches.
 constexpr int64_t kCancelSliceTokens = 4096;
 
 class CudaBackend final : public Backend {
@@ -227,7 +226,7 @@ class CudaBackend final : public Backend {
       if (cancel && cancel->load()) fail(ErrorCode::Aborted, "the operation was aborted");
       const int64_t n = T - t0 < kCancelSliceTokens ? T - t0 : kCancelSliceTokens;
       char err[512] = {0};
-      const int rc = api_.layer_forward(layer_, x + t0 * H, n, out + t0 * H, nullptr, err, sizeof err);
+      const int rc = api_.layer_forward(layer_, x + t0 * H, n, out + t0 * H, err, sizeof err);
       if (rc != FMOE_CUDA_OK) fail_rc(rc, "forward", err);
     }
   }
@@ -268,6 +267,12 @@ std::unique_ptr<Backend> make_cuda_backend(const MoeConfig& cfg, const WeightsVi
   c.intermediate = cfg.intermediate;
   c.num_experts = cfg.num_experts;
   c.top_k = cfg.top_k;
+  static_assert(int(Routing::SoftmaxTopkRenorm) == FMOE_CUDA_ROUTING_SOFTMAX_TOPK_RENORM &&
+                    int(Routing::SoftmaxTopk) == FMOE_CUDA_ROUTING_SOFTMAX_TOPK,
+                "the core's Routing and the CUDA ABI's fmoe_cuda_routing must agree");
+  static_assert(int(DType::F32) == FMOE_CUDA_DTYPE_F32 && int(DType::BF16) == FMOE_CUDA_DTYPE_BF16 &&
+                    int(DType::F16) == FMOE_CUDA_DTYPE_F16,
+                "the core's DType and the CUDA ABI's fmoe_cuda_dtype must agree");
   c.routing = static_cast<int32_t>(cfg.routing);
   c.weight_dtype = static_cast<int32_t>(cfg.weight_dtype);
   c.device = device;

@@ -12,7 +12,7 @@
 extern "C" {
 #endif
 
-#define FMOE_CUDA_ABI_VERSION 2
+#define FMOE_CUDA_ABI_VERSION 3
 
 #define FMOE_CUDA_OK 0
 #define FMOE_CUDA_ERR_INVALID 1   /* ErrorCode::Invalid */
@@ -23,13 +23,22 @@ extern "C" {
 
 typedef struct fmoe_cuda_layer fmoe_cuda_layer;
 
+/* Values of fmoe_cuda_config.routing; the same numbers as the core's fmoe::Routing. */
+typedef enum {
+  FMOE_CUDA_ROUTING_SOFTMAX_TOPK_RENORM = 0,
+  FMOE_CUDA_ROUTING_SOFTMAX_TOPK = 1
+} fmoe_cuda_routing;
+
+/* Values of fmoe_cuda_config.weight_dtype; the same numbers as the core's fmoe::DType. */
+typedef enum { FMOE_CUDA_DTYPE_F32 = 0, FMOE_CUDA_DTYPE_BF16 = 1, FMOE_CUDA_DTYPE_F16 = 2 } fmoe_cuda_dtype;
+
 typedef struct {
   int64_t hidden;       /* H */
   int64_t intermediate; /* F */
   int64_t num_experts;  /* E */
   int64_t top_k;        /* k */
-  int32_t routing;      /* 0 softmax-topk-renorm, 1 softmax-topk */
-  int32_t weight_dtype; /* 0 float32, 1 bfloat16, 2 float16 */
+  int32_t routing;      /* fmoe_cuda_routing (a fixed-width field, so the struct layout is the ABI's) */
+  int32_t weight_dtype; /* fmoe_cuda_dtype */
   int32_t device;       /* CUDA device ordinal */
 } fmoe_cuda_config;
 
@@ -49,10 +58,10 @@ typedef int (*fmoe_cuda_device_info_fn)(int device, fmoe_cuda_device_props* info
 typedef int (*fmoe_cuda_layer_create_fn)(const fmoe_cuda_config* cfg, const float* gate, const void* const* w1,
                                          const void* const* w3, const void* const* w2, fmoe_cuda_layer** out,
                                          char* err, size_t err_len);
-/* Host x [T,H] -> host out [T,H]. Thread-safe (calls on one layer are serialised). cancel may be NULL;
- * when *cancel becomes nonzero the call may stop early with FMOE_CUDA_ERR_ABORTED. */
+/* Host x [T,H] -> host out [T,H]. Thread-safe (calls on one layer are serialised). The caller cancels
+ * between calls: the addon splits a long input into chunks and checks its own flag before each. */
 typedef int (*fmoe_cuda_layer_forward_fn)(fmoe_cuda_layer* layer, const float* x, int64_t T, float* out,
-                                          const volatile int32_t* cancel, char* err, size_t err_len);
+                                          char* err, size_t err_len);
 typedef int (*fmoe_cuda_layer_route_fn)(fmoe_cuda_layer* layer, const float* x, int64_t T, int32_t* experts,
                                         float* weights, char* err, size_t err_len);
 /* Same as forward, with x and out in device memory of the layer's device (benchmarks, C/C++ callers that
@@ -77,8 +86,8 @@ int fmoe_cuda_device_info(int device, fmoe_cuda_device_props* info, char* err, s
 int fmoe_cuda_layer_create(const fmoe_cuda_config* cfg, const float* gate, const void* const* w1,
                            const void* const* w3, const void* const* w2, fmoe_cuda_layer** out, char* err,
                            size_t err_len);
-int fmoe_cuda_layer_forward(fmoe_cuda_layer* layer, const float* x, int64_t T, float* out,
-                            const volatile int32_t* cancel, char* err, size_t err_len);
+int fmoe_cuda_layer_forward(fmoe_cuda_layer* layer, const float* x, int64_t T, float* out, char* err,
+                            size_t err_len);
 int fmoe_cuda_layer_route(fmoe_cuda_layer* layer, const float* x, int64_t T, int32_t* experts, float* weights,
                           char* err, size_t err_len);
 int fmoe_cuda_layer_forward_device(fmoe_cuda_layer* layer, const float* x_dev, int64_t T, float* out_dev,

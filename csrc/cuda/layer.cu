@@ -33,7 +33,7 @@ struct fmoe_cuda_layer {
   int64_t k = 0;        // picks per token
   int64_t Hp = 0;       // H padded to FMOE_PAD
   int64_t Fp = 0;       // F padded to FMOE_PAD
-  int routing = 0;      // 0 softmax-topk-renorm, 1 softmax-topk
+  int routing = 0;      // fmoe_cuda_routing
   int dtype = 0;        // 0 float32, 1 bfloat16, 2 float16
   int device = 0;       // CUDA ordinal
   size_t es = 4;        // bytes per weight element
@@ -259,7 +259,7 @@ static int run_chunk(fmoe_cuda_layer* L, const float* x, int64_t n, float* out, 
   return FMOE_CUDA_OK;
 }
 
-static int forward_impl(fmoe_cuda_layer* L, const float* x, int64_t T, float* out, const volatile int32_t* cancel,
+static int forward_impl(fmoe_cuda_layer* L, const float* x, int64_t T, float* out,
                         cudaMemcpyKind kind_in, cudaMemcpyKind kind_out, char* err, size_t err_len,
                         bool wait = true) {
   if (!L) return set_err(err, err_len, FMOE_CUDA_ERR_INVALID, "layer is NULL");
@@ -271,7 +271,6 @@ static int forward_impl(fmoe_cuda_layer* L, const float* x, int64_t T, float* ou
   int rc = workspace_reserve(L, T < L->chunk_max ? T : L->chunk_max, err, err_len);
   if (rc != FMOE_CUDA_OK) return rc;
   for (int64_t t0 = 0; t0 < T; t0 += L->chunk_max) {
-    if (cancel && *cancel) return set_err(err, err_len, FMOE_CUDA_ERR_ABORTED, "the operation was aborted");
     const int64_t n = T - t0 < L->chunk_max ? T - t0 : L->chunk_max;  // tokens in this chunk
     rc = run_chunk(L, x + t0 * L->H, n, out + t0 * L->H, kind_in, kind_out, wait, err, err_len);
     if (rc != FMOE_CUDA_OK) return rc;
@@ -329,10 +328,13 @@ static int layer_create(const fmoe_cuda_config* cfg, const float* gate, const vo
   if (cfg->top_k < 1 || cfg->top_k > cfg->num_experts)
     return set_err(err, err_len, FMOE_CUDA_ERR_INVALID, "top_k must be in [1, num_experts], got %lld",
                    (long long)cfg->top_k);
-  if (cfg->routing != 0 && cfg->routing != 1)
-    return set_err(err, err_len, FMOE_CUDA_ERR_INVALID, "routing must be 0 or 1, got %d", cfg->routing);
-  if (cfg->weight_dtype < 0 || cfg->weight_dtype > 2)
-    return set_err(err, err_len, FMOE_CUDA_ERR_INVALID, "weight_dtype must be 0, 1 or 2, got %d", cfg->weight_dtype);
+  if (cfg->routing != FMOE_CUDA_ROUTING_SOFTMAX_TOPK_RENORM && cfg->routing != FMOE_CUDA_ROUTING_SOFTMAX_TOPK)
+    return set_err(err, err_len, FMOE_CUDA_ERR_INVALID, "routing must be a fmoe_cuda_routing value, got %d",
+                   cfg->routing);
+  if (cfg->weight_dtype != FMOE_CUDA_DTYPE_F32 && cfg->weight_dtype != FMOE_CUDA_DTYPE_BF16 &&
+      cfg->weight_dtype != FMOE_CUDA_DTYPE_F16)
+    return set_err(err, err_len, FMOE_CUDA_ERR_INVALID, "weight_dtype must be a fmoe_cuda_dtype value, got %d",
+                   cfg->weight_dtype);
   if (!gate || !w1 || !w3 || !w2) return set_err(err, err_len, FMOE_CUDA_ERR_INVALID, "a weight pointer is NULL");
 
   int count = 0;
@@ -451,10 +453,10 @@ FMOE_EXPORT int fmoe_cuda_layer_create(const fmoe_cuda_config* cfg, const float*
   CATCH_ALL
 }
 
-FMOE_EXPORT int fmoe_cuda_layer_forward(fmoe_cuda_layer* layer, const float* x, int64_t T, float* out,
-                                        const volatile int32_t* cancel, char* err, size_t err_len) {
+FMOE_EXPORT int fmoe_cuda_layer_forward(fmoe_cuda_layer* layer, const float* x, int64_t T, float* out, char* err,
+                                        size_t err_len) {
   try {
-    return forward_impl(layer, x, T, out, cancel, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, err, err_len);
+    return forward_impl(layer, x, T, out, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, err, err_len);
   }
   CATCH_ALL
 }
@@ -462,7 +464,7 @@ FMOE_EXPORT int fmoe_cuda_layer_forward(fmoe_cuda_layer* layer, const float* x, 
 FMOE_EXPORT int fmoe_cuda_layer_forward_device(fmoe_cuda_layer* layer, const float* x_dev, int64_t T,
                                                float* out_dev, char* err, size_t err_len) {
   try {
-    return forward_impl(layer, x_dev, T, out_dev, nullptr, cudaMemcpyDeviceToDevice, cudaMemcpyDeviceToDevice, err,
+    return forward_impl(layer, x_dev, T, out_dev, cudaMemcpyDeviceToDevice, cudaMemcpyDeviceToDevice, err,
                         err_len);
   }
   CATCH_ALL
@@ -471,7 +473,7 @@ FMOE_EXPORT int fmoe_cuda_layer_forward_device(fmoe_cuda_layer* layer, const flo
 FMOE_EXPORT int fmoe_cuda_layer_enqueue_device(fmoe_cuda_layer* layer, const float* x_dev, int64_t T,
                                                float* out_dev, char* err, size_t err_len) {
   try {
-    return forward_impl(layer, x_dev, T, out_dev, nullptr, cudaMemcpyDeviceToDevice, cudaMemcpyDeviceToDevice, err,
+    return forward_impl(layer, x_dev, T, out_dev, cudaMemcpyDeviceToDevice, cudaMemcpyDeviceToDevice, err,
                         err_len, false);
   }
   CATCH_ALL

@@ -875,7 +875,7 @@ std::vector<float> forward(fmoe_cuda_layer* layer, const float* x, int64_t T, in
   std::vector<float> y(size_t(T * H));
   memset(y.data(), 0xFF, y.size() * 4);
   char err[512] = {0};
-  const int rc = api.forward(layer, x, T, y.data(), nullptr, err, sizeof err);
+  const int rc = api.forward(layer, x, T, y.data(), err, sizeof err);
   if (rc != FMOE_CUDA_OK) die_rc(rc, "fmoe_cuda_layer_forward", err);
   return y;
 }
@@ -1214,7 +1214,7 @@ std::vector<BenchRow> bench_layer(fmoe_cuda_layer* layer, const Case& c, double 
     }, layer);
     std::vector<float> y(x.size());
     r.ms_host = time_median_ms(1, 3, [&] {
-      const int rc2 = api.forward(layer, x.data(), T, y.data(), nullptr, err, sizeof err);
+      const int rc2 = api.forward(layer, x.data(), T, y.data(), err, sizeof err);
       if (rc2 != FMOE_CUDA_OK) die_rc(rc2, "forward", err);
     });
     r.experts_used = used.size();
