@@ -59,6 +59,30 @@ inline float f16_to_f32(uint16_t h) {
   return f;
 }
 
+// IEEE half from float, round to nearest even; NaN stays NaN, overflow gives infinity.
+inline uint16_t f32_to_f16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  const uint32_t sign = (bits >> 16) & 0x8000u;
+  const uint32_t abs = bits & 0x7fffffffu;
+  if (abs > 0x7f800000u) return uint16_t(sign | 0x7e00u | ((abs >> 13) & 0x3ffu));
+  if (abs >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // rounds past 65504
+  const uint32_t e = abs >> 23;
+  if (e < 113) {  // below 2^-14: a half subnormal, in units of 2^-24
+    const uint32_t shift = 126 - e;
+    if (shift > 24) return uint16_t(sign);
+    const uint32_t m = (abs & 0x7fffffu) | 0x800000u;
+    uint32_t r = m >> shift;
+    const uint32_t rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (r & 1u))) r++;
+    return uint16_t(sign | r);
+  }
+  uint32_t h = ((e - 112) << 10) | ((abs & 0x7fffffu) >> 13);
+  const uint32_t rem = abs & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) h++;
+  return uint16_t(sign | h);
+}
+
 inline float load_as_f32(const void* base, DType dt, size_t i) {
   switch (dt) {
     case DType::F32: return static_cast<const float*>(base)[i];
