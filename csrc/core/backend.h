@@ -51,7 +51,11 @@ class LayerBuilder {
   virtual bool step(const WeightsView& weights, double max_seconds) = 0;
   // Fraction of the source bytes packed, 0..1.
   virtual double progress() const = 0;
-  // The layer, once step() has returned true; the builder is spent afterwards.
+  // The same work for a caller that holds one expert at a time (the model loader): the router [E, H]
+  // float32, and expert e whole. finish() then needs the router and every expert.
+  virtual void set_router(const float* gate) = 0;
+  virtual void pack_expert(int64_t e, const void* w1, const void* w3, const void* w2) = 0;
+  // The layer, once step() has returned true (or every expert was packed); the builder is spent afterwards.
   virtual std::unique_ptr<Backend> finish() = 0;
 };
 

@@ -11,10 +11,6 @@
 #include <new>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 #include "../core/backend.h"
 #include "../core/dispatch.h"
 #include "../core/error.h"
@@ -22,6 +18,7 @@
 #include "../core/memory.h"
 #include "../core/routing.h"
 #include "../core/thread_pool.h"
+#include "buffers.h"
 
 namespace fmoe {
 namespace {
@@ -30,52 +27,6 @@ namespace {
 constexpr size_t kChunkWorkspaceBytes = size_t(128) << 20;
 // Work per pool job: a few milliseconds of FMAs, the longest another layer's request waits for the cores.
 constexpr double kJobFlops = 2.0e9;
-
-// Frees what alloc_aligned gave: munmap for mapped buffers (their size is kept here), free otherwise.
-struct AlignedFree {
-  size_t mapped = 0;
-  void operator()(void* p) const {
-#ifdef __linux__
-    if (mapped) {
-      munmap(p, mapped);
-      return;
-    }
-#endif
-    std::free(p);
-  }
-};
-using AlignedBuffer = std::unique_ptr<void, AlignedFree>;
-
-// Large buffers (packed weights, big workspaces) are mapped directly, 2 MiB aligned and asked to live
-// on transparent huge pages: the decode kernels stream gigabytes through them, and 4 KiB pages cost a
-// TLB miss every 4 KiB. Mapping them (not malloc) also gives the memory back to the system the moment
-// a layer is freed; malloc would keep it in its heap once its mmap threshold has grown.
-AlignedBuffer alloc_aligned(size_t bytes, const char* what) {
-  constexpr size_t kHuge = size_t(2) << 20;
-  auto oom = [&] {
-    fail(ErrorCode::OutOfMemory, std::string("could not allocate ") + std::to_string(bytes) + " bytes for " + what);
-  };
-#ifdef __linux__
-  if (bytes >= 2 * kHuge) {
-    const size_t size = (bytes + kHuge - 1) / kHuge * kHuge;
-    void* raw = mmap(nullptr, size + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (raw == MAP_FAILED) oom();
-    // Trim the mapping to a 2 MiB aligned window of `size` bytes.
-    char* base = static_cast<char*>(raw);
-    char* aligned = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(base) + kHuge - 1) & ~(uintptr_t(kHuge) - 1));
-    if (aligned > base) munmap(base, size_t(aligned - base));
-    const size_t tail = size_t(base + size + kHuge - (aligned + size));
-    if (tail) munmap(aligned + size, tail);
-#ifdef MADV_HUGEPAGE
-    madvise(aligned, size, MADV_HUGEPAGE);
-#endif
-    return AlignedBuffer(aligned, AlignedFree{size});
-  }
-#endif
-  void* p = std::aligned_alloc(64, bytes == 0 ? 64 : (bytes + 63) / 64 * 64);
-  if (!p) oom();
-  return AlignedBuffer(p, AlignedFree{0});
-}
 
 struct WorkItem {
   int64_t expert, begin, end;
@@ -334,8 +285,36 @@ class CpuBuilder final : public LayerBuilder {
 
   double progress() const override { return total_ > 0 ? done_ / total_ : 1.0; }
 
+  void set_router(const float* gate) override {
+    if (!layer_) fail(ErrorCode::Internal, "the layer builder was already finished");
+    layer_->set_gate(gate);
+    gate_done_ = true;
+  }
+
+  void pack_expert(int64_t e, const void* w1, const void* w3, const void* w2) override {
+    if (!layer_) fail(ErrorCode::Internal, "the layer builder was already finished");
+    const MoeConfig& cfg = layer_->config();
+    if (e < 0 || e >= cfg.num_experts) fail(ErrorCode::Invalid, "expert " + std::to_string(e) + " is out of range");
+    WeightsView w;
+    w.w1.assign(size_t(cfg.num_experts), nullptr);
+    w.w3.assign(size_t(cfg.num_experts), nullptr);
+    w.w2.assign(size_t(cfg.num_experts), nullptr);
+    w.w1[size_t(e)] = w1;
+    w.w3[size_t(e)] = w3;
+    w.w2[size_t(e)] = w2;
+    layer_->pack_rows(w, e, 0, 0, cfg.intermediate);
+    layer_->pack_rows(w, e, 1, 0, cfg.hidden);
+    if (expert_packed_.empty()) expert_packed_.assign(size_t(cfg.num_experts), 0);
+    if (!expert_packed_[size_t(e)]) done_ += double(3 * cfg.hidden * cfg.intermediate);
+    expert_packed_[size_t(e)] = 1;
+  }
+
   std::unique_ptr<Backend> finish() override {
-    if (!layer_ || e_ < layer_->config().num_experts) fail(ErrorCode::Internal, "the layer is not fully packed yet");
+    if (!layer_) fail(ErrorCode::Internal, "the layer builder was already finished");
+    const bool all_experts = e_ == layer_->config().num_experts ||
+                             (!expert_packed_.empty() &&
+                              std::all_of(expert_packed_.begin(), expert_packed_.end(), [](uint8_t p) { return p != 0; }));
+    if (!all_experts || !gate_done_) fail(ErrorCode::Internal, "the layer is not fully packed yet");
     return std::move(layer_);
   }
 
@@ -343,6 +322,7 @@ class CpuBuilder final : public LayerBuilder {
   static constexpr size_t kSliceBytes = size_t(4) << 20;
   std::unique_ptr<CpuBackend> layer_;
   bool gate_done_ = false;
+  std::vector<uint8_t> expert_packed_;  // pack_expert's experts
   int64_t e_ = 0, row_ = 0;
   int part_ = 0;  // 0: w1/w3, 1: w2
   double done_ = 0, total_ = 0;
