@@ -27,8 +27,18 @@ export function argTypeError(message: string): TypeError {
 }
 
 /** A RangeError naming the argument; `code` tells a wrong size (ERR_MOE_SHAPE) from a wrong value. */
-export function argRangeError(message: string, code: string = 'ERR_OUT_OF_RANGE'): RangeError {
+export function argRangeError(message: string, code = 'ERR_OUT_OF_RANGE'): RangeError {
   return Object.assign(new RangeError(message), { code });
+}
+
+/** A checkpoint file that is missing, unreadable or malformed: ERR_MOE_CHECKPOINT naming the file. */
+export function checkpointError(file: string, message: string, cause?: unknown): MoeError {
+  return new MoeError('ERR_MOE_CHECKPOINT', `${file}: ${message}`, cause === undefined ? undefined : { cause });
+}
+
+/** The message of anything thrown. */
+export function messageOf(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
 }
 
 /** The error a cancelled forward rejects with, shaped like Node's own AbortError. */

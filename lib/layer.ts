@@ -3,7 +3,7 @@ import { binding, NativeCancel, NativeLayer, WeightArray } from './binding';
 import { scheduler } from './scheduler';
 import { AbortError, argRangeError, argTypeError, fromNative, MoeError } from './errors';
 import { checkedProduct, checkInteger, checkObject, checkOneOf, checkSignal, checkTyped, describe } from './validate';
-import { FromSafetensorsOptions, loadLayer } from './safetensors';
+import { FromSafetensorsOptions, loadLayer } from './safetensors/index';
 
 export type Routing = 'softmax-topk-renorm' | 'softmax-topk';
 export type WeightDtype = 'float32' | 'bfloat16' | 'float16';
@@ -221,7 +221,7 @@ export class MoeLayer {
   /**
    * Builds the MoE block of one decoder layer from a safetensors checkpoint (a file, an index JSON or
    * a folder), reading only that layer's tensors through memory maps; the weights are packed as by
-   * create(). See safetensors.ts.
+   * create(). See safetensors/load-layer.ts.
    */
   static fromSafetensors(path: string, options: FromSafetensorsOptions): Promise<MoeLayer> {
     return loadLayer(MoeLayer, path, options);
