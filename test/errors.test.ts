@@ -1,5 +1,5 @@
 /** Every bad argument is refused before native code runs, with an error naming it. */
-import { MoeError, MoeLayer } from '../lib';
+import { backendInfo, MoeError, MoeLayer } from '../lib';
 import { makeCase } from './helpers/reference';
 
 const good = makeCase({ H: 16, F: 24, E: 4, k: 2, T: 3, dtype: 'float32', routing: 'softmax-topk-renorm', seed: 40 });
@@ -128,7 +128,6 @@ describe('call errors', () => {
     expect(l.nativeBytes).toBe(0);
   });
   test('device "cuda" without a usable CUDA backend throws ERR_MOE_NO_DEVICE with the reason', () => {
-    const { backendInfo } = require('../lib');
     const info = backendInfo();
     if (info.cuda.available) return; // covered by cuda.test.ts on a GPU machine
     let caught: unknown;
@@ -139,7 +138,8 @@ describe('call errors', () => {
     }
     expect(caught).toBeInstanceOf(MoeError);
     expect((caught as MoeError).code).toBe('ERR_MOE_NO_DEVICE');
-    expect((caught as MoeError).message).toContain(info.cuda.reason);
+    expect(typeof info.cuda.reason).toBe('string');
+    expect((caught as MoeError).message).toContain(String(info.cuda.reason));
     const auto = new MoeLayer({ ...good.config, device: 'auto' }, good.weights);
     expect(auto.device).toBe('cpu');
     auto.dispose();
