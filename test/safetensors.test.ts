@@ -144,8 +144,18 @@ describe('MoeLayer.fromSafetensors', () => {
     await expect(MoeLayer.fromSafetensors(bf16.dir, { layer: -1 })).rejects.toThrow(RangeError);
     await expect(MoeLayer.fromSafetensors(bf16.dir, { layer: 2 })).rejects.toThrow(/below num_hidden_layers \(2\)/);
     await expect(MoeLayer.fromSafetensors(42 as unknown as string, { layer: 0 })).rejects.toThrow(TypeError);
+    // A weightDtype the checkpoint does not hold is a wrong argument, not a broken file.
     const dt = MoeLayer.fromSafetensors(bf16.dir, { layer: 0, weightDtype: 'float32' });
-    await expect(dt).rejects.toMatchObject({ code: 'ERR_MOE_DTYPE', message: expect.stringMatching(/stores the experts as BF16/) });
+    await expect(dt).rejects.toBeInstanceOf(RangeError);
+    await expect(dt).rejects.toMatchObject({
+      code: 'ERR_MOE_DTYPE',
+      message: expect.stringMatching(/^options\.weightDtype must be 'bfloat16' \(the checkpoint stores the experts as BF16.*got 'float32'$/),
+    });
+    await expect(MoeLayer.fromSafetensors(f16.dir, { layer: 0, weightDtype: 'bfloat16' })).rejects.toMatchObject({ code: 'ERR_MOE_DTYPE' });
+    const same = await MoeLayer.fromSafetensors(f16.dir, { layer: 0, weightDtype: 'float16' });
+    expect(same.config.weightDtype).toBe('float16');
+    same.dispose();
+    await expect(MoeLayer.fromSafetensors(bf16.dir, { layer: 0, weightDtype: 'int8' as never })).rejects.toThrow(RangeError);
     await expect(MoeLayer.fromSafetensors(bf16.dir, { layer: 0, signal: 'stop' as unknown as AbortSignal })).rejects.toThrow(/options\.signal/);
   });
 

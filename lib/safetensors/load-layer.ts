@@ -2,7 +2,7 @@
  * MoeLayer.fromSafetensors(): one MoE block of a checkpoint, its shapes checked against config.json,
  * built into a layer. Only the shards holding the block's tensors are opened.
  */
-import { argRangeError, argTypeError, checkpointError, MoeError } from '../errors';
+import { argRangeError, argTypeError, checkpointError } from '../errors';
 import type { MoeConfig, MoeWeights, Routing, WeightDtype } from '../layer';
 import { checkInteger, checkObject, checkOneOf, checkSignal, describe } from '../validate';
 import { TensorEntry, widenToFloat32 } from './format';
@@ -24,7 +24,10 @@ export interface FromSafetensorsOptions
   topK?: number;
   /** Default: from config.json (norm_topk_prob false → 'softmax-topk'; absent, as Mixtral → renorm). */
   routing?: Routing;
-  /** Asserts the expert weights' dtype; the checkpoint's own dtype is used, never converted. */
+  /**
+   * Asserts the expert weights' dtype: the checkpoint's own dtype is used, never converted, and a
+   * different value is a RangeError with code 'ERR_MOE_DTYPE'.
+   */
   weightDtype?: WeightDtype;
   /** Cancels the load: the promise rejects with an AbortError (checked between packing steps). */
   signal?: AbortSignal;
@@ -125,9 +128,9 @@ export async function loadLayer<L>(factory: LayerFactory<L>, p: string, options:
     throw checkpointError(gate.file, `tensor '${gate.name}' has dtype ${gate.dtype}; the gate must be F32, BF16 or F16`);
   const weightDtype = WEIGHT_DTYPES[dtype];
   if (wantDtype !== undefined && wantDtype !== weightDtype)
-    throw new MoeError(
+    throw argRangeError(
+      `options.weightDtype must be '${weightDtype}' (the checkpoint stores the experts as ${dtype}; weights are used as stored, not converted), got '${wantDtype}'`,
       'ERR_MOE_DTYPE',
-      `options.weightDtype is '${wantDtype}' but the checkpoint stores the experts as ${dtype} ('${weightDtype}'); weights are used as stored, not converted`,
     );
 
   const config: MoeConfig = {
