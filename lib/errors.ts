@@ -1,4 +1,8 @@
-/** Stable error codes carried by every error this package throws on purpose. */
+/**
+ * The package's own error codes. A MoeError carries one; so does a RangeError for a bad argument the
+ * code names: ERR_MOE_SHAPE (a size that does not match the config), ERR_MOE_DTYPE (an element type
+ * that does not match) and ERR_MOE_INVALID (a value refused by the native checks).
+ */
 export type MoeErrorCode =
   | 'ERR_MOE_INVALID'
   | 'ERR_MOE_SHAPE'
@@ -11,7 +15,10 @@ export type MoeErrorCode =
   | 'ERR_MOE_CHECKPOINT'
   | 'ERR_MOE_INTERNAL';
 
-/** Errors that are not argument mistakes: missing device, CUDA failure, out of memory, disposed layer. */
+/**
+ * Errors that are not argument mistakes: missing device, CUDA failure, out of memory, a broken
+ * checkpoint, a disposed layer, a bug.
+ */
 export class MoeError extends Error {
   readonly code: MoeErrorCode;
   constructor(code: MoeErrorCode, message: string, options?: { cause?: unknown }) {
@@ -26,9 +33,22 @@ export function argTypeError(message: string): TypeError {
   return Object.assign(new TypeError(message), { code: 'ERR_INVALID_ARG_TYPE' });
 }
 
-/** A RangeError naming the argument; `code` tells a wrong size (ERR_MOE_SHAPE) from a wrong value. */
-export function argRangeError(message: string, code: string = 'ERR_OUT_OF_RANGE'): RangeError {
+/**
+ * A RangeError naming the argument; `code` tells a wrong size (ERR_MOE_SHAPE) or element type
+ * (ERR_MOE_DTYPE) from any other wrong value (ERR_OUT_OF_RANGE, like Node's own).
+ */
+export function argRangeError(message: string, code = 'ERR_OUT_OF_RANGE'): RangeError {
   return Object.assign(new RangeError(message), { code });
+}
+
+/** A checkpoint file that is missing, unreadable or malformed: ERR_MOE_CHECKPOINT naming the file. */
+export function checkpointError(file: string, message: string, cause?: unknown): MoeError {
+  return new MoeError('ERR_MOE_CHECKPOINT', `${file}: ${message}`, cause === undefined ? undefined : { cause });
+}
+
+/** The message of anything thrown. */
+export function messageOf(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
 }
 
 /** The error a cancelled forward rejects with, shaped like Node's own AbortError. */
@@ -41,8 +61,9 @@ export class AbortError extends Error {
 }
 
 /**
- * Turns an error thrown by the native binding into the public error types. Checks names, not
- * instanceof: native errors may come from another realm (vm contexts, test runners).
+ * Turns an error thrown by the native binding into the public error types: the native argument
+ * checks (ERR_MOE_INVALID, ERR_MOE_DTYPE) become RangeErrors. Checks names, not instanceof: native
+ * errors may come from another realm (vm contexts, test runners).
  */
 export function fromNative(err: unknown): Error {
   if (err instanceof MoeError || err instanceof AbortError) return err;
@@ -52,7 +73,7 @@ export function fromNative(err: unknown): Error {
   if (name === 'TypeError') return err instanceof TypeError ? err : argTypeError(text);
   if (name === 'RangeError') return err instanceof RangeError ? err : argRangeError(text);
   if (code === 'ABORT_ERR') return new AbortError(text);
-  if (code === 'ERR_MOE_INVALID') return argRangeError(text, code);
+  if (code === 'ERR_MOE_INVALID' || code === 'ERR_MOE_DTYPE') return argRangeError(text, code);
   if (typeof code === 'string' && code.startsWith('ERR_MOE_')) return new MoeError(code as MoeErrorCode, text);
   return new MoeError('ERR_MOE_INTERNAL', text, { cause: err });
 }

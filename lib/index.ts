@@ -3,8 +3,8 @@ import { binding } from './binding';
 
 export { MoeLayer } from './layer';
 export type { MoeConfig, MoeWeights, ExpertWeights, ForwardOptions, RouteResult, CreateOptions, Routing, WeightDtype, Device, Quantize, QuantGroupSize } from './layer';
-export { openSafetensors } from './safetensors';
-export type { SafetensorsFile, TensorInfo, TensorView, FromSafetensorsOptions } from './safetensors';
+export { openSafetensors } from './safetensors/index';
+export type { SafetensorsFile, TensorInfo, TensorView, FromSafetensorsOptions } from './safetensors/index';
 export { MoeError, AbortError } from './errors';
 export type { MoeErrorCode } from './errors';
 

@@ -3,7 +3,7 @@ import { binding, NativeCancel, NativeLayer, WeightArray } from './binding';
 import { scheduler } from './scheduler';
 import { AbortError, argRangeError, argTypeError, fromNative, MoeError } from './errors';
 import { checkedProduct, checkInteger, checkObject, checkOneOf, checkSignal, checkTyped, describe } from './validate';
-import { FromSafetensorsOptions, loadLayer } from './safetensors';
+import { FromSafetensorsOptions, loadLayer } from './safetensors/index';
 
 export type Routing = 'softmax-topk-renorm' | 'softmax-topk';
 export type WeightDtype = 'float32' | 'bfloat16' | 'float16';
@@ -134,8 +134,21 @@ export interface CreateOptions {
   stepMs?: number;
 }
 
-// Layers built by MoeLayer.create(): the constructor adopts the native layer registered under the token.
-const prebuilt = new WeakMap<object, { native: NativeLayer; cfg: Required<MoeConfig> }>();
+/** A native layer and the checked config it was built from. */
+interface BuiltLayer {
+  native: NativeLayer;
+  cfg: Required<MoeConfig>;
+}
+
+/** Checks the arguments and packs the weights on the calling thread. */
+function buildNow(config: MoeConfig, weights: MoeWeights): BuiltLayer {
+  const { cfg, gate, w1, w3, w2 } = layerArgs(config, weights);
+  try {
+    return { native: new (binding().NativeLayer)(cfg, gate, w1, w3, w2), cfg };
+  } catch (err) {
+    throw fromNative(err);
+  }
+}
 
 const nextTurn = () => new Promise<void>((resolve) => setImmediate(resolve));
 
@@ -148,7 +161,10 @@ export class MoeLayer {
   readonly kernels: string;
   #native: NativeLayer | undefined;
   #disposing = false;
-  #inFlight = new Set<Promise<unknown>>();
+  readonly #inFlight = new Set<Promise<unknown>>();
+
+  /** Set by #adopt() only for the one constructor call it makes: that layer is built already. */
+  static #adopting: BuiltLayer | undefined;
 
   /**
    * Builds the layer on the calling thread: the weights are packed (copied) before it returns, so this
@@ -156,22 +172,10 @@ export class MoeLayer {
    * that is already serving, use MoeLayer.create().
    */
   constructor(config: MoeConfig, weights: MoeWeights) {
-    const pre = typeof weights === 'object' && weights !== null ? prebuilt.get(weights) : undefined;
-    let cfg: Required<MoeConfig>;
-    if (pre) {
-      prebuilt.delete(weights);
-      ({ native: this.#native, cfg } = pre);
-    } else {
-      const args = layerArgs(config, weights);
-      cfg = args.cfg;
-      try {
-        this.#native = new (binding().NativeLayer)(cfg, args.gate, args.w1, args.w3, args.w2);
-      } catch (err) {
-        throw fromNative(err);
-      }
-    }
-    const info = this.#native.info();
-    this.config = Object.freeze(cfg);
+    const built = MoeLayer.#adopting ?? buildNow(config, weights);
+    this.#native = built.native;
+    const info = built.native.info();
+    this.config = Object.freeze(built.cfg);
     this.device = info.device;
     this.kernels = info.kernels;
   }
@@ -201,14 +205,23 @@ export class MoeLayer {
     } catch (err) {
       throw err instanceof AbortError ? err : fromNative(err);
     }
-    const token = {};
-    prebuilt.set(token, { native, cfg });
-    return new MoeLayer(cfg, token as MoeWeights);
+    return MoeLayer.#adopt({ native, cfg }, weights);
+  }
+
+  /** The MoeLayer around a native layer built already: the constructor takes it instead of packing. */
+  static #adopt(built: BuiltLayer, weights: MoeWeights): MoeLayer {
+    MoeLayer.#adopting = built;
+    try {
+      return new MoeLayer(built.cfg, weights);
+    } finally {
+      MoeLayer.#adopting = undefined;
+    }
   }
 
   /**
    * Builds the MoE block of one decoder layer from a safetensors checkpoint (a file, an index JSON or
-   * a folder), reading only that layer's tensors through memory maps. See safetensors.ts.
+   * a folder), reading only that layer's tensors through memory maps; the weights are packed as by
+   * create(). See safetensors/load-layer.ts.
    */
   static fromSafetensors(path: string, options: FromSafetensorsOptions): Promise<MoeLayer> {
     return loadLayer(MoeLayer, path, options);
@@ -318,11 +331,6 @@ export class MoeLayer {
   #release(): void {
     this.#native?.dispose();
     this.#native = undefined;
-  }
-
-  /** Resolves when every forward started so far has settled. */
-  async idle(): Promise<void> {
-    while (this.#inFlight.size > 0) await Promise.allSettled([...this.#inFlight]);
   }
 
   #live(): NativeLayer {

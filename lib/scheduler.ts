@@ -17,27 +17,23 @@ interface Job {
 }
 
 export class Scheduler {
-  #queues = new Map<object, Job[]>();
-  #ready: object[] = []; // layers with queued jobs, in turn order
-  #busy = new Set<object>(); // layers with a forward running
+  readonly #queues = new Map<object, Job[]>();
+  /** Layers with queued jobs, in turn order. */
+  readonly #ready: object[] = [];
+  /** Layers with a forward running. */
+  readonly #busy = new Set<object>();
   #running = 0;
-  #maxConcurrent: number;
+  readonly #maxConcurrent: number;
 
   constructor(maxConcurrent: number) {
     this.#maxConcurrent = maxConcurrent;
   }
 
-  get running(): number {
-    return this.#running;
-  }
-
-  get queued(): number {
-    let n = 0;
-    for (const q of this.#queues.values()) n += q.length;
-    return n;
-  }
-
-  /** Runs start() when this layer's turn comes; true in `started` when it could start at once. */
+  /**
+   * Runs start() when this layer's turn comes and settles the promise as start()'s does; `queued` is
+   * true when the job has to wait (it did not start at once). Aborting `signal` while the job waits
+   * drops it with an AbortError.
+   */
   submit(layer: object, start: () => Promise<Float32Array>, signal?: AbortSignal): { promise: Promise<Float32Array>; queued: boolean } {
     let job!: Job;
     const promise = new Promise<Float32Array>((resolve, reject) => {

@@ -10,9 +10,13 @@ export function describe(v: unknown): string {
   return `${typeof v} ${String(v)}`;
 }
 
+/** A plain object (not null, not an array): what a JSON object parses to. */
+export function isRecord(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
+
 export function checkObject(name: string, v: unknown): asserts v is Record<string, unknown> {
-  if (typeof v !== 'object' || v === null || Array.isArray(v))
-    throw argTypeError(`${name} must be an object, got ${describe(v)}`);
+  if (!isRecord(v)) throw argTypeError(`${name} must be an object, got ${describe(v)}`);
 }
 
 /** An optional AbortSignal (undefined passes). */

@@ -1,5 +1,6 @@
 /** Every bad argument is refused before native code runs, with an error naming it. */
-import { MoeError, MoeLayer } from '../lib';
+import { backendInfo, MoeError, MoeLayer } from '../lib';
+import { fromNative } from '../lib/errors';
 import { makeCase } from './helpers/reference';
 
 const good = makeCase({ H: 16, F: 24, E: 4, k: 2, T: 3, dtype: 'float32', routing: 'softmax-topk-renorm', seed: 40 });
@@ -128,7 +129,6 @@ describe('call errors', () => {
     expect(l.nativeBytes).toBe(0);
   });
   test('device "cuda" without a usable CUDA backend throws ERR_MOE_NO_DEVICE with the reason', () => {
-    const { backendInfo } = require('../lib');
     const info = backendInfo();
     if (info.cuda.available) return; // covered by cuda.test.ts on a GPU machine
     let caught: unknown;
@@ -139,9 +139,33 @@ describe('call errors', () => {
     }
     expect(caught).toBeInstanceOf(MoeError);
     expect((caught as MoeError).code).toBe('ERR_MOE_NO_DEVICE');
-    expect((caught as MoeError).message).toContain(info.cuda.reason);
+    expect(typeof info.cuda.reason).toBe('string');
+    expect((caught as MoeError).message).toContain(String(info.cuda.reason));
     const auto = new MoeLayer({ ...good.config, device: 'auto' }, good.weights);
     expect(auto.device).toBe('cpu');
     auto.dispose();
+  });
+});
+
+describe('native errors', () => {
+  // Errors from the addon are plain Errors with a code; they come from the main realm, not jest's.
+  const native = (code: string, message = 'from the addon') => Object.assign(new Error(message), { code });
+
+  test('native argument checks become RangeErrors that keep their code', () => {
+    for (const code of ['ERR_MOE_INVALID', 'ERR_MOE_DTYPE']) {
+      const e = fromNative(native(code, `weightDtype must be 'float32', 'bfloat16' or 'float16'`));
+      expect(e).toBeInstanceOf(RangeError);
+      expect(e).toMatchObject({ code, message: "weightDtype must be 'float32', 'bfloat16' or 'float16'" });
+    }
+  });
+
+  test('other native failures become MoeErrors with the same code; unknown ones ERR_MOE_INTERNAL', () => {
+    for (const code of ['ERR_MOE_NO_DEVICE', 'ERR_MOE_CUDA', 'ERR_MOE_OUT_OF_MEMORY', 'ERR_MOE_DISPOSED', 'ERR_MOE_CHECKPOINT', 'ERR_MOE_SHAPE']) {
+      const e = fromNative(native(code));
+      expect(e).toBeInstanceOf(MoeError);
+      expect((e as MoeError).code).toBe(code);
+    }
+    expect(fromNative(new Error('odd'))).toMatchObject({ name: 'MoeError', code: 'ERR_MOE_INTERNAL', message: 'odd' });
+    expect(fromNative('text')).toMatchObject({ name: 'MoeError', code: 'ERR_MOE_INTERNAL' });
   });
 });

@@ -5,6 +5,7 @@
  */
 import fc from 'fast-check';
 import { AbortError, MoeError, MoeLayer } from '../lib';
+import { binding } from '../lib/binding';
 import { makeCase, referenceMoe, relL2 } from './helpers/reference';
 
 const expectedError = (e: unknown) =>
@@ -141,8 +142,13 @@ describe('hostile input', () => {
   });
 
   test('the raw builder: misuse is an error, never a crash', () => {
-    // eslint-disable-next-line @typescript-eslint/no-var-requires
-    const raw = require('node-gyp-build')(require('path').join(__dirname, '..'));
+    // Typed loosely: the calls below break the builder's contract on purpose.
+    type LooseBuilder = {
+      step(...args: unknown[]): boolean;
+      progress(): number;
+      finish(): { forwardSync(x: Float32Array, out: Float32Array): void; dispose(): void };
+    };
+    const raw = binding() as unknown as { NativeBuilder: new (cfg?: object) => LooseBuilder };
     const cfg = { ...good.config, device: 'cpu', threads: 0, cudaDevice: 0, quantize: 'none', quantGroupSize: 128 };
     const per = (a: Float32Array, n: number) => Array.from({ length: 4 }, (_, e) => a.subarray(e * n, (e + 1) * n));
     const w = [good.weights.gate, per(good.weights.w1 as Float32Array, 24 * 16), per(good.weights.w3 as Float32Array, 24 * 16), per(good.weights.w2 as Float32Array, 24 * 16)];

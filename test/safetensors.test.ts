@@ -5,12 +5,15 @@
 import * as fs from 'fs';
 import * as path from 'path';
 import { AbortError, MoeLayer, openSafetensors } from '../lib/index';
+import { binding } from '../lib/binding';
 import { MoeError } from '../lib/errors';
+import { widenToFloat32 } from '../lib/safetensors/format';
 import { headerFor, makeTempDir, moeTensors, removeTempDir, safetensorsBytes, TinyModel, writeSafetensors, writeTinyMixtral, Header, RawTensor } from './helpers/checkpoint';
 import { randomF32, referenceMoe, relL2, rng } from './helpers/reference';
 
 let root: string;
 let bf16: TinyModel;
+let f16: TinyModel;
 let f32: TinyModel;
 const T = 5;
 const x = randomF32(T * 32, rng(99), 1);
@@ -18,6 +21,7 @@ const x = randomF32(T * 32, rng(99), 1);
 beforeAll(() => {
   root = makeTempDir('safetensors');
   bf16 = writeTinyMixtral(path.join(root, 'bf16'), 'BF16');
+  f16 = writeTinyMixtral(path.join(root, 'f16'), 'F16', 2468);
   f32 = writeTinyMixtral(path.join(root, 'f32'), 'F32', 4321);
 });
 
@@ -25,7 +29,7 @@ afterAll(() => removeTempDir(root));
 
 function direct(model: TinyModel, layer: number): MoeLayer {
   const L = model.layers[layer];
-  const weightDtype = model.dtype === 'F32' ? 'float32' : 'bfloat16';
+  const weightDtype = ({ F32: 'float32', BF16: 'bfloat16', F16: 'float16' } as const)[model.dtype];
   return new MoeLayer(
     { hiddenSize: model.H, intermediateSize: model.F, numExperts: model.E, topK: model.k, weightDtype },
     { gate: L.gate, w1: L.w1, w3: L.w3, w2: L.w2 },
@@ -99,6 +103,12 @@ describe('MoeLayer.fromSafetensors', () => {
     checkLayer(await MoeLayer.fromSafetensors(dir, { layer: 0, topK: 2 }), bf16, 0, 1e-2);
   });
 
+  test('f16 checkpoint: the gate is widened to the float32 values the file holds', async () => {
+    const layer = await MoeLayer.fromSafetensors(f16.dir, { layer: 1 });
+    expect(layer.config.weightDtype).toBe('float16');
+    checkLayer(layer, f16, 1, 1e-5);
+  });
+
   test('f32 checkpoint', async () => {
     const layer = await MoeLayer.fromSafetensors(f32.dir, { layer: 1 });
     expect(layer.config.weightDtype).toBe('float32');
@@ -134,8 +144,18 @@ describe('MoeLayer.fromSafetensors', () => {
     await expect(MoeLayer.fromSafetensors(bf16.dir, { layer: -1 })).rejects.toThrow(RangeError);
     await expect(MoeLayer.fromSafetensors(bf16.dir, { layer: 2 })).rejects.toThrow(/below num_hidden_layers \(2\)/);
     await expect(MoeLayer.fromSafetensors(42 as unknown as string, { layer: 0 })).rejects.toThrow(TypeError);
+    // A weightDtype the checkpoint does not hold is a wrong argument, not a broken file.
     const dt = MoeLayer.fromSafetensors(bf16.dir, { layer: 0, weightDtype: 'float32' });
-    await expect(dt).rejects.toMatchObject({ code: 'ERR_MOE_DTYPE', message: expect.stringMatching(/stores the experts as BF16/) });
+    await expect(dt).rejects.toBeInstanceOf(RangeError);
+    await expect(dt).rejects.toMatchObject({
+      code: 'ERR_MOE_DTYPE',
+      message: expect.stringMatching(/^options\.weightDtype must be 'bfloat16' \(the checkpoint stores the experts as BF16.*got 'float32'$/),
+    });
+    await expect(MoeLayer.fromSafetensors(f16.dir, { layer: 0, weightDtype: 'bfloat16' })).rejects.toMatchObject({ code: 'ERR_MOE_DTYPE' });
+    const same = await MoeLayer.fromSafetensors(f16.dir, { layer: 0, weightDtype: 'float16' });
+    expect(same.config.weightDtype).toBe('float16');
+    same.dispose();
+    await expect(MoeLayer.fromSafetensors(bf16.dir, { layer: 0, weightDtype: 'int8' as never })).rejects.toThrow(RangeError);
     await expect(MoeLayer.fromSafetensors(bf16.dir, { layer: 0, signal: 'stop' as unknown as AbortSignal })).rejects.toThrow(/options\.signal/);
   });
 
@@ -225,8 +245,9 @@ describe('broken and hostile checkpoints: ERR_MOE_CHECKPOINT, never a crash', ()
     return file;
   }
 
-  function withHeader(edit: (h: Record<string, any>) => void): Buffer {
-    const h = JSON.parse(JSON.stringify(goodHeader));
+  type HeaderJson = Record<string, { dtype: string; shape: unknown[]; data_offsets: number[] }>;
+  function withHeader(edit: (h: HeaderJson) => void): Buffer {
+    const h = JSON.parse(JSON.stringify(goodHeader)) as HeaderJson;
     edit(h);
     return safetensorsBytes(h, [...good.values()].map((t) => t.data));
   }
@@ -344,9 +365,41 @@ describe('broken and hostile checkpoints: ERR_MOE_CHECKPOINT, never a crash', ()
   });
 });
 
-describe('the native mapping (mapFile, mapFileAsync)', () => {
-  const { binding } = require('../lib/binding') as typeof import('../lib/binding');
+describe('widening 16-bit tensors to float32', () => {
+  /** The float32 bits of an IEEE half, built field by field (no float arithmetic). */
+  function halfBits(h: number): number {
+    const sign = (h & 0x8000) << 16;
+    const exp = (h >> 10) & 0x1f;
+    let man = h & 0x3ff;
+    if (exp === 0x1f) return (sign | 0x7f800000 | (man << 13)) >>> 0;
+    if (exp > 0) return (sign | ((exp - 15 + 127) << 23) | (man << 13)) >>> 0;
+    if (man === 0) return sign >>> 0;
+    let e = 127 - 15 + 1;
+    while (!(man & 0x400)) {
+      man <<= 1;
+      e--;
+    }
+    return (sign | (e << 23) | ((man & 0x3ff) << 13)) >>> 0;
+  }
 
+  test('every F16 and BF16 bit pattern gives the exact float32 value', () => {
+    const all = Uint16Array.from({ length: 65536 }, (_, i) => i);
+    const f16Bits = new Uint32Array(widenToFloat32('F16', all).buffer);
+    const bf16Bits = new Uint32Array(widenToFloat32('BF16', all).buffer);
+    const wrong: string[] = [];
+    for (let h = 0; h < 65536; h++) {
+      const want = halfBits(h);
+      const nan = (h & 0x7c00) === 0x7c00 && (h & 0x3ff) !== 0;
+      // NaN payloads need not survive; NaN must stay NaN.
+      const ok = nan ? (f16Bits[h] & 0x7f800000) === 0x7f800000 && (f16Bits[h] & 0x7fffff) !== 0 : f16Bits[h] === want;
+      if (!ok) wrong.push(`F16 0x${h.toString(16)}: 0x${f16Bits[h].toString(16)}, want 0x${want.toString(16)}`);
+      if (bf16Bits[h] !== ((h << 16) >>> 0)) wrong.push(`BF16 0x${h.toString(16)}: 0x${bf16Bits[h].toString(16)}`);
+    }
+    expect(wrong.slice(0, 5)).toEqual([]);
+  });
+});
+
+describe('the native mapping (mapFile, mapFileAsync)', () => {
   test('maps a region, copy-on-write; empty files and ranges; errors name the path', async () => {
     const file = path.join(root, 'map.bin');
     fs.writeFileSync(file, 'hello mapped world');

@@ -1,5 +1,5 @@
-// File mappings for the safetensors reader (lib/safetensors.ts). An OS binding only: no parsing and
-// no math here.
+// File mappings for the safetensors reader (lib/safetensors/map.ts). An OS binding only: no
+// parsing and no math here.
 //
 //   mapFile(path, offset?, length?) -> ArrayBuffer            maps; pages are read on first touch
 //   mapFileAsync(path, offset?, length?) -> Promise<ArrayBuffer>
