@@ -25,7 +25,10 @@ const MARGIN = 1e-3;
 
 const unavailable = llamaUnavailableReason();
 if (unavailable) {
-  console.warn(`oracle.test.ts skipped: node-llama-cpp's prebuilt llama.cpp does not load on this platform (${process.platform}-${process.arch}): ${unavailable}`);
+  console.warn(
+    `oracle.test.ts skipped: node-llama-cpp's prebuilt llama.cpp does not load on this platform (${process.platform}-${process.arch}): ${unavailable}. ` +
+      'It comes as an optional dependency: an install with --omit=optional leaves it out.',
+  );
 }
 const describeOracle = unavailable ? describe.skip : describe;
 
