@@ -70,9 +70,18 @@ struct Dev {
   T* as() const {
     return static_cast<T*>(p);
   }
+  // poison and put wait for the device before they return: the layer works on its own non-blocking stream,
+  // which is not ordered after this program's default stream, where cudaMemset is asynchronous and a
+  // cudaMemcpy from pageable memory may return before the data has landed.
   // 0xFF makes every float a NaN and every int32 -1; 0x7F makes every int32 a large positive number.
-  void poison(int byte) { cuda_check(cudaMemset(p, byte, bytes), "cudaMemset (poison)"); }
-  void put(const void* src, size_t n) { cuda_check(cudaMemcpy(p, src, n, cudaMemcpyHostToDevice), "cudaMemcpy H2D"); }
+  void poison(int byte) {
+    cuda_check(cudaMemset(p, byte, bytes), "cudaMemset (poison)");
+    cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize (after cudaMemset)");
+  }
+  void put(const void* src, size_t n) {
+    cuda_check(cudaMemcpy(p, src, n, cudaMemcpyHostToDevice), "cudaMemcpy H2D");
+    cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize (after cudaMemcpy H2D)");
+  }
   template <typename T>
   std::vector<T> get(size_t n) const {
     std::vector<T> v(n);
