@@ -58,15 +58,27 @@ RefRoute ref_route(const HostLayer& L, const float* xt) {
   return ref_route_raw(L.gate.data(), L.c.H, L.c.E, L.c.k, L.c.routing, xt);
 }
 
-// One token's output row in float64. `inner` runs a loop over [0, n): in parallel for a single token at
-// full size, serially when the caller already spreads tokens over the cores.
-static void ref_token(const HostLayer& L, const float* xt, double* out,
-               const std::function<void(int64_t, const std::function<void(int64_t)>&)>& inner) {
+std::vector<double> ref_weights_for(const HostLayer& L, const float* xt, const int32_t* ids) {
+  const RefRoute R = ref_route(L, xt);
+  double picked = 0;
+  for (int64_t j = 0; j < L.c.k; j++) picked += R.p[size_t(ids[j])];
+  std::vector<double> w(size_t(L.c.k));
+  for (int64_t j = 0; j < L.c.k; j++) {
+    const double v = R.p[size_t(ids[j])];
+    w[size_t(j)] = L.c.routing == 0 ? v / picked : v;
+  }
+  return w;
+}
+
+// One token's output row in float64, with experts ids[0..k). `inner` runs a loop over [0, n): in parallel
+// for a single token at full size, serially when the caller already spreads tokens over the cores.
+static void ref_token(const HostLayer& L, const float* xt, const int32_t* ids, double* out,
+                      const std::function<void(int64_t, const std::function<void(int64_t)>&)>& inner) {
   const Case& c = L.c;
   std::vector<double> h(size_t(c.F));
-  const RefRoute R = ref_route(L, xt);
+  const std::vector<double> w = ref_weights_for(L, xt, ids);
   for (int64_t j = 0; j < c.k; j++) {
-    const size_t e = c.shared_experts ? 0 : size_t(R.ids[size_t(j)]);
+    const size_t e = c.shared_experts ? 0 : size_t(ids[j]);
     const float* w1 = L.x1[e].data();
     const float* w3 = L.x3[e].data();
     const float* w2 = L.x2[e].data();
@@ -78,7 +90,7 @@ static void ref_token(const HostLayer& L, const float* xt, double* out,
       }
       h[size_t(f)] = a / (1.0 + std::exp(-a)) * b;
     });
-    const double wj = R.w[size_t(j)];
+    const double wj = w[size_t(j)];
     inner(c.H, [&](int64_t o) {
       double s = 0;
       for (int64_t f = 0; f < c.F; f++) s += double(w2[o * c.F + f]) * h[size_t(f)];
@@ -87,16 +99,19 @@ static void ref_token(const HostLayer& L, const float* xt, double* out,
   }
 }
 
-std::vector<double> ref_forward(const HostLayer& L, const std::vector<float>& x) {
+std::vector<double> ref_forward(const HostLayer& L, const std::vector<float>& x, const std::vector<int32_t>& ids) {
   const Case& c = L.c;
   std::vector<double> out(size_t(c.T * c.H), 0.0);
   auto serial = [](int64_t n, const std::function<void(int64_t)>& fn) {
     for (int64_t i = 0; i < n; i++) fn(i);
   };
   if (c.T >= 16) {
-    parallel_for(c.T, [&](int64_t t) { ref_token(L, &x[size_t(t * c.H)], &out[size_t(t * c.H)], serial); });
+    parallel_for(c.T, [&](int64_t t) {
+      ref_token(L, &x[size_t(t * c.H)], &ids[size_t(t * c.k)], &out[size_t(t * c.H)], serial);
+    });
   } else {
-    for (int64_t t = 0; t < c.T; t++) ref_token(L, &x[size_t(t * c.H)], &out[size_t(t * c.H)], parallel_for);
+    for (int64_t t = 0; t < c.T; t++)
+      ref_token(L, &x[size_t(t * c.H)], &ids[size_t(t * c.k)], &out[size_t(t * c.H)], parallel_for);
   }
   return out;
 }

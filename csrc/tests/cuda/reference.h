@@ -21,8 +21,14 @@ struct RefRoute {
 RefRoute ref_route_raw(const float* gate, int64_t H, int64_t E, int64_t k, int routing, const float* xt);
 RefRoute ref_route(const HostLayer& L, const float* xt);
 
-// out[T, H] in float64: tokens spread over the cores, or each token's rows when there are few tokens.
-std::vector<double> ref_forward(const HostLayer& L, const std::vector<float>& x);
+// The float64 weights of one token's experts ids[0..k) (any k distinct experts in [0, E), not only the
+// reference's own top-k): their probabilities, renormalised over them for routing 0.
+std::vector<double> ref_weights_for(const HostLayer& L, const float* xt, const int32_t* ids);
+
+// out[T, H] in float64, each token through the experts ids[t*k .. t*k+k) (in [0, E)) with their float64
+// weights. Given the experts the GPU picked, a near tie that float32 and float64 order differently
+// (checked separately, with a margin) cannot fail the comparison of the FFN and combine.
+std::vector<double> ref_forward(const HostLayer& L, const std::vector<float>& x, const std::vector<int32_t>& ids);
 
 // Expert FFN of each pick row r = t*k + j: y[r] = W2_e round(silu(W1_e x_t) * W3_e x_t), e = picks[r], with
 // the SwiGLU activations rounded to the weight dtype as the kernels round them. x: the exact values the
