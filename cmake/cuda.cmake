@@ -76,11 +76,20 @@ target_link_options(fused_moe_cuda PRIVATE
 # itself) and the whole library (opened with dlopen, as the addon does) against a float64 CPU reference,
 # plus the Mixtral-size benchmark (bench/gpu/run.sh). Registered with ctest when testing is enabled; on a
 # machine with no CUDA device it exits with 77 and ctest reports it as skipped. The npm package leaves
-# csrc/cuda/tools out, and cmake-js builds never need it.
-set(_fmoe_selftest_src "${FMOE_SOURCE_DIR}/csrc/cuda/tools/cuda_selftest.cpp")
-if(NOT CMAKE_JS_VERSION AND EXISTS "${_fmoe_selftest_src}")
+# csrc/tests out, and cmake-js builds never need it.
+set(_fmoe_selftest_dir "${FMOE_SOURCE_DIR}/csrc/tests/cuda")
+set(_fmoe_selftest_src
+  "${_fmoe_selftest_dir}/main.cpp"
+  "${_fmoe_selftest_dir}/harness.cpp"
+  "${_fmoe_selftest_dir}/data.cpp"
+  "${_fmoe_selftest_dir}/reference.cpp"
+  "${_fmoe_selftest_dir}/stage_tests.cpp"
+  "${_fmoe_selftest_dir}/layer_tests.cpp"
+  "${_fmoe_selftest_dir}/bench.cpp"
+  "${_fmoe_selftest_dir}/report.cpp")
+if(NOT CMAKE_JS_VERSION AND EXISTS "${_fmoe_selftest_dir}/main.cpp")
   find_package(Threads REQUIRED)
-  add_executable(fmoe_cuda_selftest "${_fmoe_selftest_src}" ${_fmoe_cuda_stages})
+  add_executable(fmoe_cuda_selftest ${_fmoe_selftest_src} ${_fmoe_cuda_stages})
   target_include_directories(fmoe_cuda_selftest PRIVATE "${FMOE_SOURCE_DIR}/csrc/cuda"
                              ${CMAKE_CUDA_TOOLKIT_INCLUDE_DIRECTORIES})
   set_target_properties(fmoe_cuda_selftest PROPERTIES

@@ -85,7 +85,8 @@ static __device__ __forceinline__ void mma_m16n8k16(float* d, const uint32_t* a,
 typedef struct {
   const void* a;               // activations, row-major, lda elements per row (K used)
   int64_t lda;
-  const int32_t* a_rows;       // pass 1: sorted_rows (A row = id / topk, -1 = padding); pass 2: NULL (A row = pos)
+  const int32_t* sorted_rows;  // pick id t*k + j of each sorted position, -1 on padding
+  int gather;                  // pass 1: A row = id / topk (the pick's token); pass 2: A row = the position
   int topk;                    // k
   const void* b0;              // weights [E, N, K] (w1, or w2)
   const void* b1;              // weights [E, N, K] (w3), pass 1 only
@@ -95,6 +96,14 @@ typedef struct {
   void* out;                   // pass 1: h [rows, N] (16-bit, or float for the float32 path); pass 2: y float
   int64_t ldo;
 } gemm_args;
+
+// Global A row of sorted position pos, or -1 for a padding position: its A row is zero-filled, never read,
+// and its output row is never written (nothing reads it: combine gathers the real rows only).
+static __device__ __forceinline__ int64_t a_row_of(const gemm_args& g, int64_t pos) {
+  const int id = g.sorted_rows[pos];
+  if (id < 0) return -1;
+  return g.gather ? id / g.topk : pos;
+}
 
 // ---- tensor-core path (bf16 / fp16 weights) -----------------------------------------------------------
 
@@ -126,14 +135,7 @@ static __global__ void __launch_bounds__((BM / WM) * (BN / WN) * 32) ffn_mma_ker
   __shared__ int64_t s_arow[BM];                    // global A row of each tile row, -1 for padding
 
   const int tid = threadIdx.x;
-  for (int r = tid; r < BM; r += THREADS) {
-    int64_t row = m0 + r;
-    if (g.a_rows) {
-      const int id = g.a_rows[m0 + r];
-      row = id < 0 ? -1 : id / g.topk;  // token of the pick
-    }
-    s_arow[r] = row;
-  }
+  for (int r = tid; r < BM; r += THREADS) s_arow[r] = a_row_of(g, m0 + r);
   __syncthreads();
 
   const uint16_t* A = (const uint16_t*)g.a;
@@ -234,7 +236,9 @@ static __global__ void __launch_bounds__((BM / WM) * (BN / WN) * 32) ffn_mma_ker
     for (int j = 0; j < NT; j++)
 #pragma unroll
       for (int half = 0; half < 2; half++) {
-        const int64_t row = m0 + wm0 + i * 16 + gr + half * 8;  // sorted position
+        const int r = wm0 + i * 16 + gr + half * 8;  // row in the tile
+        if (s_arow[r] < 0) continue;                 // padding
+        const int64_t row = m0 + r;                  // sorted position
         const int64_t col = n0 + wn0 + j * 8 + tc;
         const float v0 = acc[0][i][j][half * 2], v1 = acc[0][i][j][half * 2 + 1];
         if (NB == 2) {
@@ -283,14 +287,7 @@ static __global__ void __launch_bounds__((BM / TM) * (BN / TN)) ffn_f32_kernel(g
   __shared__ int64_t s_arow[BM];
 
   const int tid = threadIdx.x;
-  for (int r = tid; r < BM; r += THREADS) {
-    int64_t row = m0 + r;
-    if (g.a_rows) {
-      const int id = g.a_rows[m0 + r];
-      row = id < 0 ? -1 : id / g.topk;
-    }
-    s_arow[r] = row;
-  }
+  for (int r = tid; r < BM; r += THREADS) s_arow[r] = a_row_of(g, m0 + r);
   __syncthreads();
 
   const float* A = (const float*)g.a;
@@ -340,13 +337,15 @@ static __global__ void __launch_bounds__((BM / TM) * (BN / TN)) ffn_f32_kernel(g
 
   float* out = (float*)g.out;
 #pragma unroll
-  for (int i = 0; i < TM; i++)
+  for (int i = 0; i < TM; i++) {
+    if (s_arow[ty * TM + i] < 0) continue;  // padding
 #pragma unroll
     for (int j = 0; j < TN; j++) {
       const int64_t row = m0 + ty * TM + i;
       const int64_t col = n0 + tx * TN + j;
       out[row * g.ldo + col] = NB == 2 ? silu(acc[0][i][j]) * acc[NB - 1][i][j] : acc[0][i][j];
     }
+  }
 }
 
 template <int BM, int BN, int BK, int TM, int TN, int NB>
@@ -433,7 +432,8 @@ cudaError_t ffn_cuda(const ffn_problem* p, cudaStream_t stream) {
   gemm_args up;  // pass 1: A = x gathered by token, B = w1 and w3, out = h
   up.a = p->x;
   up.lda = p->Hp;
-  up.a_rows = p->sorted_rows;
+  up.sorted_rows = p->sorted_rows;
+  up.gather = 1;
   up.topk = p->top_k;
   up.b0 = p->w1;
   up.b1 = p->w3;
@@ -447,7 +447,8 @@ cudaError_t ffn_cuda(const ffn_problem* p, cudaStream_t stream) {
   gemm_args down;  // pass 2: A = h by sorted position, B = w2, out = y
   down.a = p->h;
   down.lda = p->Fp;
-  down.a_rows = NULL;
+  down.sorted_rows = p->sorted_rows;
+  down.gather = 0;
   down.topk = p->top_k;
   down.b0 = p->w2;
   down.b1 = NULL;

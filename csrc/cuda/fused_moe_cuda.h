@@ -65,11 +65,18 @@ typedef int (*fmoe_cuda_layer_forward_fn)(fmoe_cuda_layer* layer, const float* x
 typedef int (*fmoe_cuda_layer_route_fn)(fmoe_cuda_layer* layer, const float* x, int64_t T, int32_t* experts,
                                         float* weights, char* err, size_t err_len);
 /* Same as forward, with x and out in device memory of the layer's device (benchmarks, C/C++ callers that
- * keep activations on the GPU). The addon does not use it. */
+ * keep activations on the GPU). The addon does not use it.
+ * The layer works on its own stream, created non-blocking: it is not ordered after the legacy default
+ * stream nor after any stream of the caller. Before the call, every write to x_dev must be complete (wait
+ * for the stream or device that wrote it, e.g. cudaStreamSynchronize or cudaDeviceSynchronize: cudaMemset
+ * is asynchronous, and cudaMemcpy from pageable host memory may return before the data has landed), and
+ * no other work may still use out_dev. Until the call returns, neither may be touched. */
 typedef int (*fmoe_cuda_layer_forward_device_fn)(fmoe_cuda_layer* layer, const float* x_dev, int64_t T,
                                                  float* out_dev, char* err, size_t err_len);
-/* forward_device without the wait: queues the work on the layer's stream and returns. x_dev and out_dev
- * must stay valid and unchanged until fmoe_cuda_layer_synchronize returns; results are in out_dev then.
+/* forward_device without the wait: queues the work on the layer's stream and returns. The same holds for
+ * x_dev and out_dev before the call, and they must stay valid, x_dev unchanged and out_dev untouched until
+ * fmoe_cuda_layer_synchronize returns; results are in out_dev then. After a failed call nothing queued
+ * by it still uses them.
  * Back-to-back calls overlap their launches with the work in flight (benchmarks time the GPU this way). */
 typedef int (*fmoe_cuda_layer_enqueue_device_fn)(fmoe_cuda_layer* layer, const float* x_dev, int64_t T,
                                                  float* out_dev, char* err, size_t err_len);

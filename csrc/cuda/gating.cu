@@ -1,15 +1,19 @@
 // Router: logits = gate . x_t in float32, softmax, top-k and (optionally) renormalisation, fused in one
-// kernel with one warp per token.
+// kernel with one block per token.
 //
-// Why one warp per token: the router is a GEMV with a tiny output (E logits) per token, so the lanes split
-// the hidden dimension and meet in a butterfly reduction. The butterfly gives every lane the same bits
-// (lane l adds a_l + a_{l^m}, lane l^m adds a_{l^m} + a_l, and float addition is commutative), and no
-// reduction order depends on T or on the other tokens, so routing is batch invariant.
+// Why a warp per (token, expert): the router is a GEMV with a tiny output (E logits) per token, so the
+// lanes of a warp split the hidden dimension and meet in a butterfly reduction, and the block's warps take
+// the experts in turn, so all of a token's experts (up to GATING_MAX_WARPS) stream their rows of the gate
+// at once instead of one after the other. The butterfly gives every lane the same bits (lane l adds
+// a_l + a_{l^m}, lane l^m adds a_{l^m} + a_l, and float addition is commutative), each logit's sum has one
+// fixed order whatever warp computes it, and no order depends on T or on the other tokens, so routing is
+// batch invariant. Softmax and top-k then run in one warp on the logits in shared memory.
 #include <math.h>
 
 #include "moe_cuda.cuh"
 
-#define GATING_WARPS 4  // tokens per block
+#define GATING_MAX_WARPS 16  // warps per block (token); each takes experts warp, warp + warps, ...
+#define GATING_LOADS 8       // float4 loads of each operand in flight per lane
 
 static __device__ __forceinline__ float warp_sum(float v) {
   for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
@@ -38,36 +42,49 @@ static __device__ __forceinline__ bool gating_better(float va, int ia, float vb,
 // value is never a real one (and NaN < 0 is false, so NaN entries stay candidates).
 #define GATING_TAKEN (-1.0f)
 
-// Grid: ceil(T / GATING_WARPS) blocks of GATING_WARPS warps. Dynamic shared memory: 2*E floats per warp.
-static __global__ void gating_kernel(const float* __restrict__ x, int64_t ldx, const float* __restrict__ gate,
-                                     int64_t ldg, int64_t K, int64_t T, int E, int k, int routing,
-                                     int32_t* __restrict__ experts, float* __restrict__ weights) {
+// Grid: T blocks of min(E, GATING_MAX_WARPS) warps. Dynamic shared memory: 2*E floats.
+static __global__ void __launch_bounds__(GATING_MAX_WARPS * 32)
+gating_kernel(const float* __restrict__ x, int64_t ldx, const float* __restrict__ gate, int64_t ldg, int64_t K,
+              int E, int k, int routing, int32_t* __restrict__ experts, float* __restrict__ weights) {
   extern __shared__ float gating_smem[];
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int64_t t = (int64_t)blockIdx.x * GATING_WARPS + warp;  // token of this warp
-  if (t >= T) return;  // the whole warp leaves together; the kernel has no block-wide barrier
-  float* p = gating_smem + (size_t)warp * 2 * E;  // [E] logits, then probabilities, then taken marks
-  float* picked = p + E;                          // [k] probability of each pick, in pick order
+  const int warps = blockDim.x / 32;
+  const int64_t t = blockIdx.x;  // token of this block
+  float* p = gating_smem;        // [E] logits, then probabilities, then taken marks
+  float* picked = p + E;         // [k] probability of each pick, in pick order
 
-  // 1. Logits. K is a multiple of 4 and rows are 16-byte aligned (padded), so float4 loads are safe.
+  // 1. Logits, expert e by warp e % warps. K is a multiple of 4 and rows are 16-byte aligned (padded), so
+  // float4 loads are safe. Each lane loads GATING_LOADS float4 of x and of the gate row before it multiplies
+  // and adds them in ascending i: the loads are in flight together, and the order of the sum is the one
+  // of a plain loop over i.
   const float4* xt = (const float4*)(x + t * ldx);
   const int64_t K4 = K / 4;  // float4 per row
-  for (int e = 0; e < E; e++) {
+  for (int e = warp; e < E; e += warps) {
     const float4* g = (const float4*)(gate + (int64_t)e * ldg);
     float acc = 0.0f;
-    for (int64_t i = lane; i < K4; i += 32) {
-      const float4 a = xt[i];
-      const float4 b = __ldg(&g[i]);
-      acc = fmaf(a.x, b.x, acc);
-      acc = fmaf(a.y, b.y, acc);
-      acc = fmaf(a.z, b.z, acc);
-      acc = fmaf(a.w, b.w, acc);
+    for (int64_t i0 = lane; i0 < K4; i0 += 32 * GATING_LOADS) {
+      float4 a[GATING_LOADS], b[GATING_LOADS];
+#pragma unroll
+      for (int u = 0; u < GATING_LOADS; u++) {
+        const int64_t i = i0 + 32 * u;
+        a[u] = i < K4 ? xt[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        b[u] = i < K4 ? __ldg(&g[i]) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      }
+#pragma unroll
+      for (int u = 0; u < GATING_LOADS; u++) {
+        if (i0 + 32 * u >= K4) break;  // skipped, not added as zeros: 0 * 0 + (-0) would give +0
+        acc = fmaf(a[u].x, b[u].x, acc);
+        acc = fmaf(a[u].y, b[u].y, acc);
+        acc = fmaf(a[u].z, b[u].z, acc);
+        acc = fmaf(a[u].w, b[u].w, acc);
+      }
     }
     acc = warp_sum(acc);
     if (lane == 0) p[e] = acc;
   }
-  __syncwarp();
+  __syncthreads();  // every logit is in p
+  if (warp != 0) return;  // softmax and top-k are one warp's; no block-wide barrier follows
 
   // 2. Softmax over the non-NaN logits. NaN logits get NaN probability; when some logit is +inf the
   // +inf logits share the mass (exp(inf - inf) would be NaN otherwise); when every logit is -inf or NaN
@@ -129,12 +146,11 @@ static __global__ void gating_kernel(const float* __restrict__ x, int64_t ldx, c
 cudaError_t gating_cuda(const float* x, int64_t ldx, const float* gate, int64_t ldg, int64_t K, int64_t T,
                         int E, int k, int routing, int32_t* experts, float* weights, cudaStream_t stream) {
   if (T <= 0) return cudaSuccess;
-  if (E < 1 || E > 1024 || k < 1 || k > E || K % 4 != 0 || ldx % 4 != 0 || ldg % 4 != 0)
+  if (E < 1 || E > 1024 || k < 1 || k > E || K % 4 != 0 || ldx % 4 != 0 || ldg % 4 != 0 || T > 0x7fffffff)
     return cudaErrorInvalidValue;
-  const int64_t blocks = (T + GATING_WARPS - 1) / GATING_WARPS;
-  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
-  const size_t smem = (size_t)GATING_WARPS * 2 * E * sizeof(float);  // <= 32 KiB for E <= 1024
-  gating_kernel<<<(unsigned)blocks, GATING_WARPS * 32, smem, stream>>>(x, ldx, gate, ldg, K, T, E, k, routing,
-                                                                      experts, weights);
+  const int warps = E < GATING_MAX_WARPS ? E : GATING_MAX_WARPS;
+  const size_t smem = (size_t)2 * E * sizeof(float);  // <= 8 KiB for E <= 1024
+  gating_kernel<<<(unsigned)T, warps * 32, smem, stream>>>(x, ldx, gate, ldg, K, E, k, routing, experts,
+                                                          weights);
   return cudaGetLastError();
 }

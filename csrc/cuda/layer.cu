@@ -259,6 +259,17 @@ static int run_chunk(fmoe_cuda_layer* L, const float* x, int64_t n, float* out, 
   return FMOE_CUDA_OK;
 }
 
+// After a failure part way through a call, some of its work may still be queued: wait for it, so that
+// nothing reads or writes the caller's buffers once the call has returned. The error being reported
+// is the first one; a failure of the wait itself (sticky, or from the queued kernels) only clears.
+static int drain_after_error(fmoe_cuda_layer* L, int rc) {
+  if (rc != FMOE_CUDA_OK && L->stream) {
+    (void)cudaStreamSynchronize(L->stream);
+    (void)cudaGetLastError();
+  }
+  return rc;
+}
+
 static int forward_impl(fmoe_cuda_layer* L, const float* x, int64_t T, float* out,
                         cudaMemcpyKind kind_in, cudaMemcpyKind kind_out, char* err, size_t err_len,
                         bool wait = true) {
@@ -273,8 +284,22 @@ static int forward_impl(fmoe_cuda_layer* L, const float* x, int64_t T, float* ou
   for (int64_t t0 = 0; t0 < T; t0 += L->chunk_max) {
     const int64_t n = T - t0 < L->chunk_max ? T - t0 : L->chunk_max;  // tokens in this chunk
     rc = run_chunk(L, x + t0 * L->H, n, out + t0 * L->H, kind_in, kind_out, wait, err, err_len);
-    if (rc != FMOE_CUDA_OK) return rc;
+    if (rc != FMOE_CUDA_OK) return drain_after_error(L, rc);
   }
+  return FMOE_CUDA_OK;
+}
+
+// One chunk of n tokens: host x (n x H) -> host experts and weights (n x k each); waits for them.
+static int route_chunk(fmoe_cuda_layer* L, const float* x, int64_t n, int32_t* experts, float* weights, char* err,
+                       size_t err_len) {
+  const int rc = run_gating(L, x, n, cudaMemcpyHostToDevice, err, err_len);
+  if (rc != FMOE_CUDA_OK) return rc;
+  const size_t bytes = (size_t)n * L->k * sizeof(int32_t);  // int32 and float are both 4 bytes
+  CUDA_TRY(cudaMemcpyAsync(experts, L->experts, bytes, cudaMemcpyDeviceToHost, L->stream),
+           "copying the routing to the host");
+  CUDA_TRY(cudaMemcpyAsync(weights, L->weights, bytes, cudaMemcpyDeviceToHost, L->stream),
+           "copying the routing to the host");
+  CUDA_TRY(cudaStreamSynchronize(L->stream), "running the router kernel");
   return FMOE_CUDA_OK;
 }
 
@@ -506,14 +531,8 @@ FMOE_EXPORT int fmoe_cuda_layer_route(fmoe_cuda_layer* layer, const float* x, in
     if (rc != FMOE_CUDA_OK) return rc;
     for (int64_t t0 = 0; t0 < T; t0 += L->chunk_max) {
       const int64_t n = T - t0 < L->chunk_max ? T - t0 : L->chunk_max;  // tokens in this chunk
-      rc = run_gating(L, x + t0 * L->H, n, cudaMemcpyHostToDevice, err, err_len);
-      if (rc != FMOE_CUDA_OK) return rc;
-      const size_t bytes = (size_t)n * L->k * sizeof(int32_t);  // int32 and float are both 4 bytes
-      CUDA_TRY(cudaMemcpyAsync(experts + t0 * L->k, L->experts, bytes, cudaMemcpyDeviceToHost, L->stream),
-               "copying the routing to the host");
-      CUDA_TRY(cudaMemcpyAsync(weights + t0 * L->k, L->weights, bytes, cudaMemcpyDeviceToHost, L->stream),
-               "copying the routing to the host");
-      CUDA_TRY(cudaStreamSynchronize(L->stream), "running the router kernel");
+      rc = route_chunk(L, x + t0 * L->H, n, experts + t0 * L->k, weights + t0 * L->k, err, err_len);
+      if (rc != FMOE_CUDA_OK) return drain_after_error(L, rc);
     }
     return FMOE_CUDA_OK;
   }

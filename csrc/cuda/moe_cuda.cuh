@@ -56,7 +56,7 @@ typedef struct {
   const int32_t* num_tiles;  // device scalar written by dispatch_cuda
   void* h;                   // [rows, Fp] SwiGLU activations: float32 for dtype 0, else 16-bit
   float* y;                  // [rows, Hp] expert outputs, in sorted order
-} ffn_problem;
+} ffn_problem;                // padding rows of h and y are neither read nor written
 
 // h = silu(x W1^T) * (x W3^T) then y = h W2^T, per tile of the sorted rows with that tile's expert.
 cudaError_t ffn_cuda(const ffn_problem* p, cudaStream_t stream);
