@@ -90,7 +90,7 @@ def load_layer(torch, d):
 
 
 def reference_f64(torch, gate, w1, w3, w2, x):
-    """The contract of DESIGN.md in float64: softmax, top-k (ties to the lower index), renorm, SwiGLU."""
+    """The MoE block of docs/ARCHITECTURE.md in float64: softmax, top-k (ties to the lower index), renorm, SwiGLU."""
     x64 = x.double()
     p = torch.softmax(x64 @ gate.double().t(), dim=-1)
     order = torch.sort(p, dim=-1, descending=True, stable=True).indices[:, :K]

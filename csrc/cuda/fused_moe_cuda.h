@@ -2,7 +2,7 @@
  * No C++ exception crosses this boundary: every call returns a status (0 = ok, otherwise one of the
  * FMOE_CUDA_ERR_* values, which the loader maps to the core's fmoe::ErrorCode) and writes a
  * NUL-terminated message into err.
- * Bump FMOE_CUDA_ABI_VERSION on any change to this file. */
+ * Bump FMOE_CUDA_ABI_VERSION on any change to a signature, a struct or a constant here. */
 #ifndef FUSED_MOE_CUDA_H
 #define FUSED_MOE_CUDA_H
 #include <stddef.h>
