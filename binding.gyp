@@ -44,7 +44,7 @@
       "target_name": "fused_moe",
       "dependencies": ["fmoe_kernels_avx2", "fmoe_kernels_avx512", "fmoe_kernels_avx512bf16", "fmoe_kernels_neon"],
       "sources": ["<@(fmoe_core_sources)", "<@(fmoe_cpu_sources)", "<@(fmoe_cuda_host_sources)",
-                  "<@(fmoe_bench_sources)", "<@(fmoe_napi_sources)"],
+                  "<@(fmoe_probe_sources)", "<@(fmoe_napi_sources)"],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_DEPRECATED", "NAPI_CPP_EXCEPTIONS", "NODE_API_SWALLOW_UNTHROWABLE_EXCEPTIONS"],
       "libraries": ["-ldl", "-lpthread"]

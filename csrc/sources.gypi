@@ -17,8 +17,8 @@
     "fmoe_cuda_host_sources": [
       "csrc/cuda/host/cuda_backend.cpp"
     ],
-    "fmoe_bench_sources": [
-      "csrc/bench/probes.cpp"
+    "fmoe_probe_sources": [
+      "csrc/probes/probes.cpp"
     ],
     "fmoe_avx2_sources": ["csrc/cpu/kernels_avx2.cpp"],
     "fmoe_avx512_sources": ["csrc/cpu/kernels_avx512.cpp"],
@@ -29,7 +29,7 @@
       "csrc/napi/layer.cpp",
       "csrc/napi/addon.cpp",
       "csrc/napi/mmap.cpp",
-      "csrc/bench/bench_binding.cpp"
+      "csrc/probes/bench_binding.cpp"
     ]
   }
 }

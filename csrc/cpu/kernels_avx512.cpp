@@ -7,7 +7,7 @@
 
 #include "kernels_simd.h"
 #include "ops_avx512.h"
-#include "../bench/probe_loops.h"
+#include "../probes/probe_loops.h"
 
 namespace fmoe {
 namespace {

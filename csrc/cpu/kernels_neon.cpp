@@ -4,7 +4,7 @@
 #include <arm_neon.h>
 
 #include "kernels_simd.h"
-#include "../bench/probe_loops.h"
+#include "../probes/probe_loops.h"
 
 namespace fmoe {
 namespace {

@@ -12,7 +12,7 @@
 
 namespace fmoe_napi {
 
-// Benchmark support (csrc/bench), exported as `bench`: not part of the package API.
+// Benchmark support (csrc/probes), exported as `bench`: not part of the package API.
 void register_bench(Napi::Env env, Napi::Object exports);
 void register_mmap(Napi::Env env, Napi::Object exports);
 
