@@ -2,6 +2,8 @@
   # The CPU addon, built from source by node-gyp when no prebuilt binary fits. Each SIMD kernel set is
   # its own static library with its own flags; everything else targets baseline x86-64 (or arm64), so
   # the binary loads on any CPU of its architecture and picks kernels at run time.
+  # The source lists live in csrc/sources.gypi, which CMakeLists.txt reads too: add a file there once.
+  "includes": ["csrc/sources.gypi"],
   "variables": {
     "fmoe_cflags": ["-O3", "-fno-math-errno", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-unused-parameter"]
   },
@@ -18,47 +20,31 @@
     {
       "target_name": "fmoe_kernels_avx2",
       "type": "static_library",
-      "sources": ["csrc/cpu/kernels_avx2.cpp"],
+      "sources": ["<@(fmoe_avx2_sources)"],
       "conditions": [["target_arch=='x64'", {"cflags_cc": ["-mavx2", "-mfma", "-mf16c"]}]]
     },
     {
       "target_name": "fmoe_kernels_avx512",
       "type": "static_library",
-      "sources": ["csrc/cpu/kernels_avx512.cpp"],
+      "sources": ["<@(fmoe_avx512_sources)"],
       "conditions": [["target_arch=='x64'", {"cflags_cc": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-Wno-maybe-uninitialized"]}]]
     },
     {
       "target_name": "fmoe_kernels_avx512bf16",
       "type": "static_library",
-      "sources": ["csrc/cpu/kernels_avx512bf16.cpp"],
+      "sources": ["<@(fmoe_avx512bf16_sources)"],
       "conditions": [["target_arch=='x64'", {"cflags_cc": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vnni", "-Wno-maybe-uninitialized"]}]]
     },
     {
       "target_name": "fmoe_kernels_neon",
       "type": "static_library",
-      "sources": ["csrc/cpu/kernels_neon.cpp"]
+      "sources": ["<@(fmoe_neon_sources)"]
     },
     {
       "target_name": "fused_moe",
       "dependencies": ["fmoe_kernels_avx2", "fmoe_kernels_avx512", "fmoe_kernels_avx512bf16", "fmoe_kernels_neon"],
-      "sources": [
-        "csrc/core/config.cpp",
-        "csrc/core/routing.cpp",
-        "csrc/core/dispatch.cpp",
-        "csrc/core/thread_pool.cpp",
-        "csrc/core/memory.cpp",
-        "csrc/core/cuda_loader.cpp",
-        "csrc/cpu/packing.cpp",
-        "csrc/cpu/kernels_scalar.cpp",
-        "csrc/cpu/isa_select.cpp",
-        "csrc/cpu/cpu_backend.cpp",
-        "csrc/cpu/probes.cpp",
-        "csrc/napi/convert.cpp",
-        "csrc/napi/layer.cpp",
-        "csrc/napi/addon.cpp",
-        "csrc/napi/bench_probes.cpp",
-        "csrc/napi/mmap.cpp"
-      ],
+      "sources": ["<@(fmoe_core_sources)", "<@(fmoe_cpu_sources)", "<@(fmoe_cuda_host_sources)",
+                  "<@(fmoe_probe_sources)", "<@(fmoe_napi_sources)"],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_DEPRECATED", "NAPI_CPP_EXCEPTIONS", "NODE_API_SWALLOW_UNTHROWABLE_EXCEPTIONS"],
       "libraries": ["-ldl", "-lpthread"]

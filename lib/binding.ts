@@ -25,7 +25,8 @@ export interface NativeLayer {
   forward(x: Float32Array, out: Float32Array | undefined, cancel?: NativeCancel): Promise<Float32Array>;
   route(x: Float32Array): { experts: Int32Array; weights: Float32Array };
   dispose(): void;
-  info(): { device: 'cpu' | 'cuda'; kernels: string; nativeBytes: number };
+  /** fallbackReason: why a device 'auto' layer runs on the CPU; null otherwise. */
+  info(): { device: 'cpu' | 'cuda'; kernels: string; nativeBytes: number; fallbackReason: string | null };
 }
 
 export interface NativeBuilder {
@@ -39,23 +40,57 @@ export interface NativeCancel {
   cancel(): void;
 }
 
-export interface NativeCudaDevice {
+/** One CUDA device as backendInfo() lists it. */
+export interface CudaDeviceInfo {
   name: string;
   totalMemory: number;
   computeCapability: string;
   multiprocessors: number;
 }
 
-export interface NativeBackendInfo {
-  cpu: { isa: string | null; int8Activations: 'float32' | 'int16' | null; int4Activations: 'float32' | 'int8' | null; threads: number; supported: string[]; error?: string };
+/** What backendInfo() returns (the native shape, exported as is by the package). */
+export interface BackendInfo {
+  /**
+   * isa: the kernel set in use; int8Activations / int4Activations: how int8 / int4 experts meet the
+   * activations: 'int16' / 'int8' where the set quantizes them per group for integer dot products (the
+   * x86 SIMD sets), 'float32' for the scalar and NEON sets.
+   */
+  cpu: {
+    isa: string | null;
+    int8Activations: 'float32' | 'int16' | null;
+    int4Activations: 'float32' | 'int8' | null;
+    threads: number;
+    supported: string[];
+    error?: string;
+  };
   cuda: {
     available: boolean;
+    devices: CudaDeviceInfo[];
     reason: string | null;
     library: string | null;
     driverVersion: number;
     runtimeVersion: number;
-    devices: NativeCudaDevice[];
   };
+}
+
+/** The core's limits on a layer's config (csrc/core/options.h). */
+export interface NativeLimits {
+  maxExperts: number;
+  maxDim: number;
+  maxThreads: number;
+  maxCudaDevice: number;
+  /** Largest element count of a tensor or product of sizes (2^52). */
+  maxElements: number;
+  quantGroupSizes: readonly number[];
+  defaultQuantGroupSize: number;
+}
+
+/** The names of the core's enums (csrc/core/options.h), the default first. */
+export interface NativeEnums {
+  routing: readonly string[];
+  weightDtype: readonly string[];
+  quantize: readonly string[];
+  device: readonly string[];
 }
 
 export interface NativeBinding {
@@ -68,12 +103,14 @@ export interface NativeBinding {
   ) => NativeLayer;
   NativeCancel: new () => NativeCancel;
   NativeBuilder: new (config: NativeLayerConfig) => NativeBuilder;
-  backendInfo(): NativeBackendInfo;
-  abiVersion: number;
+  backendInfo(): BackendInfo;
+  limits: NativeLimits;
+  enums: NativeEnums;
   /** Memory-maps [offset, offset + length) of a file copy-on-write; unmapped when the buffer is collected. */
   mapFile(path: string, offset?: number, length?: number): ArrayBuffer;
   /** The same, with every page brought in on a worker thread. */
   mapFileAsync(path: string, offset?: number, length?: number): Promise<ArrayBuffer>;
+  /** Benchmark and test support (csrc/probes): not part of the package API, may change at any time. */
   bench: {
     readBandwidth(bytes: number, threads: number): number;
     fmaPeak(isa: number, threads: number): number;

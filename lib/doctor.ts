@@ -6,15 +6,12 @@
  */
 import * as fs from 'fs';
 import * as path from 'path';
-import { binding, bindingPath, bindingSearchPaths, packageRoot } from './binding';
+import { BackendInfo, binding, bindingPath, bindingSearchPaths, CudaDeviceInfo, packageRoot } from './binding';
+import { ENV_VARS, envSettings } from './env';
 import { RuntimeInfo, runtimeInfo, runtimeLine } from './platform';
 
-export interface DoctorDevice {
+export interface DoctorDevice extends CudaDeviceInfo {
   index: number;
-  name: string;
-  totalMemory: number;
-  computeCapability: string;
-  multiprocessors: number;
 }
 
 export interface DoctorReport {
@@ -30,17 +27,11 @@ export interface DoctorReport {
     error: { code: string; message: string } | null;
   };
   /** null when the addon did not load. */
-  cpu: {
-    isa: string | null;
-    /** How int8 / int4 experts meet the activations: 'int16' / 'int8' (quantized per group, integer dot products) or 'float32'. */
-    int8Activations: string | null;
-    int4Activations: string | null;
-    threads: number;
-    supported: string[];
+  cpu: (Omit<BackendInfo['cpu'], 'error'> & {
     /** The FUSED_MOE_ISA override, when set. */
     forced: string | null;
     error: string | null;
-  } | null;
+  }) | null;
   /** null when the addon did not load. */
   cuda: {
     available: boolean;
@@ -54,13 +45,11 @@ export interface DoctorReport {
     /** Why CUDA cannot be used; null when it can. */
     reason: string | null;
   } | null;
-  /** The environment variables that change what loads, as set. */
+  /** The environment variables of lib/env.ts that are set, with their values. */
   env: Record<string, string>;
   /** 0: layers can run here; 1: they cannot (see addon.error or cpu.error). */
   exitCode: number;
 }
-
-const ENV_KNOBS = ['FUSED_MOE_ISA', 'FUSED_MOE_CUDA_LIBRARY', 'FUSED_MOE_PREBUILD', 'PREBUILDS_ONLY', 'CUDA_VISIBLE_DEVICES'];
 
 /** CUDA's integer version (1000 * major + 10 * minor) as "major.minor"; null for 0. */
 export function cudaVersion(v: number): string | null {
@@ -95,8 +84,7 @@ function errorOf(err: unknown): { code: string; message: string } {
 
 /** Gathers the report. Never throws. */
 export function doctorReport(): DoctorReport {
-  const env: Record<string, string> = {};
-  for (const k of ENV_KNOBS) if (process.env[k] !== undefined) env[k] = process.env[k] as string;
+  const env = envSettings();
   const report: DoctorReport = {
     package: packageInfo(),
     runtime: runtimeInfo(),
@@ -158,7 +146,6 @@ export function formatReport(r: DoctorReport): string {
 
   row(r.package.name, `${r.package.version} (${r.package.path})`);
   row('runtime', runtimeLine(r.runtime));
-  for (const [k, v] of Object.entries(r.env)) row('env', `${k}=${v}`);
   if (r.addon.loaded) {
     row('addon', `${r.addon.kind ?? 'loaded'}: ${r.addon.path ?? '(path unknown)'}`);
   } else {
@@ -190,6 +177,8 @@ export function formatReport(r: DoctorReport): string {
     }
     if (c.reason) more(`reason: ${c.reason}`);
   }
+  row('env', 'the variables that change what loads and how it runs:');
+  for (const v of ENV_VARS) more(`${v.name}=${r.env[v.name] ?? '(unset)'}`);
   out.push('');
   out.push(r.exitCode === 0 ? 'ok: layers can run here' + (r.cuda?.available ? " (device: 'cuda' or 'cpu')" : " (device: 'cpu')")
     : 'not ok: layers cannot run here; see above');

@@ -67,29 +67,31 @@ export interface RouteResult {
   weights: Float32Array;
 }
 
-const ROUTINGS = ['softmax-topk-renorm', 'softmax-topk'] as const;
-const DTYPES = ['float32', 'bfloat16', 'float16'] as const;
-const DEVICES = ['cpu', 'cuda', 'auto'] as const;
-const QUANTIZE = ['none', 'int8', 'int4'] as const;
-const GROUP_SIZES = [32, 64, 128] as const;
-const MAX_DIM = 1 << 20;
-const MAX_EXPERTS = 1024;
-
+// Limits and names come from the core (csrc/core/options.h) through the binding: written once.
 function normaliseConfig(config: unknown): Required<MoeConfig> {
   checkObject('config', config);
-  const hiddenSize = checkInteger('config.hiddenSize', config.hiddenSize, 1, MAX_DIM);
-  const intermediateSize = checkInteger('config.intermediateSize', config.intermediateSize, 1, MAX_DIM);
-  const numExperts = checkInteger('config.numExperts', config.numExperts, 1, MAX_EXPERTS);
+  const { limits, enums } = binding();
+  const hiddenSize = checkInteger('config.hiddenSize', config.hiddenSize, 1, limits.maxDim);
+  const intermediateSize = checkInteger('config.intermediateSize', config.intermediateSize, 1, limits.maxDim);
+  const numExperts = checkInteger('config.numExperts', config.numExperts, 1, limits.maxExperts);
   const topK = checkInteger('config.topK', config.topK, 1, numExperts);
-  const routing = checkOneOf('config.routing', config.routing ?? 'softmax-topk-renorm', ROUTINGS);
-  const weightDtype = checkOneOf('config.weightDtype', config.weightDtype ?? 'float32', DTYPES);
-  const device = checkOneOf('config.device', config.device ?? 'cpu', DEVICES);
-  const threads = checkInteger('config.threads', config.threads ?? 0, 0, 1024);
-  const cudaDevice = checkInteger('config.cudaDevice', config.cudaDevice ?? 0, 0, 1023);
-  const quantize = checkOneOf('config.quantize', config.quantize ?? 'none', QUANTIZE);
-  const quantGroupSize = config.quantGroupSize ?? 128;
-  if (!(GROUP_SIZES as readonly unknown[]).includes(quantGroupSize))
-    throw argRangeError(`config.quantGroupSize must be 32, 64 or 128, got ${describe(quantGroupSize)}`);
+  const routing = checkOneOf('config.routing', config.routing ?? enums.routing[0], enums.routing as readonly Routing[]);
+  const weightDtype = checkOneOf(
+    'config.weightDtype',
+    config.weightDtype ?? enums.weightDtype[0],
+    enums.weightDtype as readonly WeightDtype[],
+  );
+  const device = checkOneOf('config.device', config.device ?? enums.device[0], enums.device as readonly Device[]);
+  const threads = checkInteger('config.threads', config.threads ?? 0, 0, limits.maxThreads);
+  const cudaDevice = checkInteger('config.cudaDevice', config.cudaDevice ?? 0, 0, limits.maxCudaDevice);
+  const quantize = checkOneOf('config.quantize', config.quantize ?? enums.quantize[0], enums.quantize as readonly Quantize[]);
+  const quantGroupSize = config.quantGroupSize ?? limits.defaultQuantGroupSize;
+  const groups = limits.quantGroupSizes;
+  if (!(groups as readonly unknown[]).includes(quantGroupSize))
+    throw argRangeError(
+      `config.quantGroupSize must be ${groups.slice(0, -1).join(', ')} or ${groups[groups.length - 1]}, ` +
+        `got ${describe(quantGroupSize)}`,
+    );
   if (quantize !== 'none' && device === 'cuda')
     throw argRangeError(`config.quantize '${quantize}' runs on the CPU only; use device 'cpu' or 'auto'`);
   checkedProduct('numExperts * intermediateSize * hiddenSize', numExperts, intermediateSize, hiddenSize);

@@ -88,7 +88,8 @@ function ensurePrebuild(npm) {
   const dir = path.join(root, 'prebuilds', tuple);
   const node = (fs.existsSync(dir) ? fs.readdirSync(dir) : []).find((n) => n.endsWith('.node'));
   const sources = Math.max(
-    newestMtime(path.join(root, 'csrc'), (p) => /[\\/](tests|cuda)$/.test(p)),
+    // The addon's sources: all of csrc/ but the tests, the CUDA kernels and the CUDA self-test.
+    newestMtime(path.join(root, 'csrc'), (p) => /[\\/](tests|tools)$/.test(p) || /\.cuh?$/.test(p)),
     fs.statSync(path.join(root, 'binding.gyp')).mtimeMs,
   );
   if (node && !argv.includes('--rebuild') && fs.statSync(path.join(dir, node)).mtimeMs >= sources) {

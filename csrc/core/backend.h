@@ -1,4 +1,5 @@
-// The interface every backend (CPU, CUDA) implements, and the weights it is built from.
+// The interface every backend (CPU, CUDA) implements, the weights it is built from, and the one factory
+// that picks a backend for a layer (backend_factory.cpp).
 #pragma once
 #include <atomic>
 #include <cstddef>
@@ -38,8 +39,6 @@ class Backend {
   virtual void route(const float* x, int64_t T, int32_t* experts, float* weights) = 0;
 };
 
-std::unique_ptr<Backend> make_cpu_backend(const MoeConfig& cfg, const WeightsView& weights);
-
 // Builds a CPU layer a part at a time, so a caller on an event loop can spread the packing over many
 // short steps, and look up the weight arrays afresh before each one (they may have moved or gone).
 // The constructor checks the config and the memory and allocates the packed copy.
@@ -57,8 +56,36 @@ class LayerBuilder {
   virtual void pack_expert(int64_t e, const void* w1, const void* w3, const void* w2) = 0;
   // The layer, once step() has returned true (or every expert was packed); the builder is spent afterwards.
   virtual std::unique_ptr<Backend> finish() = 0;
+  // Why a layer asked for with DeviceRequest::Auto runs on the CPU; empty otherwise.
+  virtual std::string fallback_reason() const { return std::string(); }
 };
 
+// ---- the factory: the one place that chooses between the backends ----------------------------------
+
+// Where a request runs: Cpu on the CPU; Cuda on CUDA (building fails with NoDevice when it cannot run);
+// Auto on CUDA when a device is available and the experts are not quantized (CPU only), else on the CPU
+// with the reason.
+struct BackendChoice {
+  bool cuda = false;
+  std::string fallback_reason;
+};
+BackendChoice choose_backend(const MoeConfig& cfg, DeviceRequest device);
+
+// Checks the config, then returns a builder for the chosen backend: a CPU layer is packed over many
+// step() calls, a CUDA layer is uploaded whole by the first one.
+std::unique_ptr<LayerBuilder> make_builder(const MoeConfig& cfg, DeviceRequest device, int cuda_device);
+
+struct BuiltBackend {
+  std::unique_ptr<Backend> backend;
+  std::string fallback_reason;  // as LayerBuilder::fallback_reason()
+};
+// make_builder, stepped to the end at once.
+BuiltBackend make_backend(const MoeConfig& cfg, const WeightsView& weights, DeviceRequest device, int cuda_device);
+
+// The backends' own entry points (cpu/cpu_backend.cpp, cuda/host/cuda_backend.cpp).
 std::unique_ptr<LayerBuilder> make_cpu_builder(const MoeConfig& cfg);
+bool cuda_available();
+const std::string& cuda_unavailable_reason();
+std::unique_ptr<Backend> make_cuda_backend(const MoeConfig& cfg, const WeightsView& weights, int device);
 
 }  // namespace fmoe

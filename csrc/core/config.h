@@ -3,15 +3,9 @@
 #include <cstdint>
 #include <string>
 
-#include "dtype.h"
-#include "quant.h"
+#include "options.h"
 
 namespace fmoe {
-
-enum class Routing : int { SoftmaxTopkRenorm = 0, SoftmaxTopk = 1 };
-
-constexpr int64_t kMaxExperts = 1024;
-constexpr int64_t kMaxDim = int64_t(1) << 20;  // hidden or intermediate size
 
 struct MoeConfig {
   int64_t hidden = 0;        // H, hidden size
@@ -20,15 +14,16 @@ struct MoeConfig {
   int64_t top_k = 0;         // k, 1 <= k <= E
   Routing routing = Routing::SoftmaxTopkRenorm;
   DType weight_dtype = DType::F32;
-  int threads = 0;  // 0: the pool's default (physical cores)
-  Quant quant = Quant::None;   // expert weights quantized at load (quant.h); CPU only
-  int64_t quant_group = 128;   // weights per scale along the reduction axis: 32, 64 or 128
+  int threads = 0;  // at most this many threads per pool job; 0: the pool's size (physical cores)
+  Quant quant = Quant::None;                // expert weights quantized at load (quant.h); CPU only
+  int64_t quant_group = kDefaultQuantGroup;  // weights per scale along the reduction axis (kQuantGroupSizes)
 };
 
-// Throws MoeException(Invalid) naming the field when a value is out of range.
+// Throws MoeException(Invalid) naming the field when a value is out of range (limits in options.h).
 void validate_config(const MoeConfig& cfg);
 
-// Element counts of each weight tensor for one expert and for the router, overflow-checked.
+// a * b for sizes; throws MoeException(Invalid) naming `what` when either is negative or the product
+// passes kMaxElements.
 int64_t checked_mul(int64_t a, int64_t b, const char* what);
 
 }  // namespace fmoe

@@ -1,21 +1,12 @@
-// Element types of expert weights, and the portable 16-bit conversions every backend shares.
+// Element types of expert weights (DType, options.h): their sizes and the portable 16-bit conversions every backend shares.
 #pragma once
 #include <cstdint>
 #include <cstring>
 #include <cmath>
 
+#include "options.h"
+
 namespace fmoe {
-
-enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
-
-inline const char* dtype_name(DType dt) {
-  switch (dt) {
-    case DType::F32: return "float32";
-    case DType::BF16: return "bfloat16";
-    case DType::F16: return "float16";
-  }
-  return "unknown";
-}
 
 inline size_t dtype_size(DType dt) { return dt == DType::F32 ? 4 : 2; }
 

@@ -14,22 +14,11 @@
 #include <cmath>
 #include <cstdint>
 
+#include "options.h"
+
 namespace fmoe {
 
-enum class Quant : int { None = 0, Int8 = 1, Int4 = 2 };
-
-inline const char* quant_name(Quant q) {
-  switch (q) {
-    case Quant::None: return "none";
-    case Quant::Int8: return "int8";
-    case Quant::Int4: return "int4";
-  }
-  return "unknown";
-}
-
 inline int quant_qmax(Quant q) { return q == Quant::Int8 ? 127 : 7; }
-
-inline bool quant_group_ok(int64_t g) { return g == 32 || g == 64 || g == 128; }
 
 // Quantizes n values; returns the scale and writes n codes in [-qmax, qmax].
 inline float quantize_group(const float* v, int64_t n, int qmax, int8_t* codes) {

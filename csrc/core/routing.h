@@ -12,7 +12,8 @@ namespace fmoe {
 void route_topk(const float* logits, int64_t T, int64_t E, int64_t k, Routing routing, int32_t* experts,
                 float* weights);
 
-// logits[t*E + e] = gate_e . x_t, accumulated in double for stability, stored as float.
+// logits[t*E + e] = gate_e . x_t: eight float32 partial sums over strided lanes, added in double with
+// the tail, stored as float.
 void gate_logits(const float* x, int64_t T, int64_t H, const float* gate, int64_t E, float* logits);
 
 }  // namespace fmoe

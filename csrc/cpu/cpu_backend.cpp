@@ -1,4 +1,4 @@
-// The CPU backend: the MoE pipeline of DESIGN.md over the kernel set chosen at start-up.
+// The CPU backend: the MoE pipeline of docs/ARCHITECTURE.md over the kernel set chosen at start-up.
 //
 // Per chunk of tokens: gate logits -> route -> dispatch by expert -> gather each expert's tokens ->
 // SwiGLU (w1, w3) -> down (w2) -> combine in token order. The two expert phases are split over
@@ -14,7 +14,7 @@
 #include "../core/backend.h"
 #include "../core/dispatch.h"
 #include "../core/error.h"
-#include "../core/kernels.h"
+#include "kernels.h"
 #include "../core/memory.h"
 #include "../core/routing.h"
 #include "../core/thread_pool.h"
@@ -152,11 +152,12 @@ class CpuBackend final : public Backend {
   // Runs the items as several pool jobs of bounded work (about kJobFlops each), so a request on another
   // layer waits for at most one such job, and a cancelled request stops between them. Each job still
   // holds enough items to keep every thread busy. flops_per_cell: FLOPs per (row, column) of an item.
+  // fn(item, first row, rows, epoch): every item of the phase gets the same activation epoch (kernels.h).
   template <typename Fn>
   void run_bounded(const std::vector<WorkItem>& items, const Dispatch& d, int64_t flops_per_cell,
                    const CancelFlag* cancel, const Fn& fn) {
     ThreadPool& pool = ThreadPool::instance();
-    next_activation_epoch();  // this phase's input is written: packed copies of earlier ones are stale
+    const ActEpoch epoch = new_activation_epoch();  // this phase's input is written: earlier copies are stale
     const size_t min_items = size_t(2 * pool.size());
     size_t begin = 0;
     while (begin < items.size()) {
@@ -171,7 +172,7 @@ class CpuBackend final : public Backend {
         for (int64_t i = b; i < e; i++) {
           const WorkItem& it = items[begin + size_t(i)];
           const int64_t r0 = d.offsets[it.expert];
-          fn(it, r0, d.offsets[it.expert + 1] - r0);
+          fn(it, r0, d.offsets[it.expert + 1] - r0, epoch);
         }
       });
       begin = end;
@@ -205,19 +206,21 @@ class CpuBackend final : public Backend {
     std::vector<WorkItem> up = tile_items(d, F, R, 2 * 2 * H);
     const Quant q = cfg_.quant;
     const int64_t g = cfg_.quant_group;
-    run_bounded(up, d, 2 * 2 * H, cancel, [&](const WorkItem& it, int64_t r0, int64_t rows) {
+    run_bounded(up, d, 2 * 2 * H, cancel, [&](const WorkItem& it, int64_t r0, int64_t rows, ActEpoch epoch) {
       if (q != Quant::None)
         kernels_->swiglu_quant(xs + r0 * H, H, rows, H, F, w13_[it.expert].get(), q, g, it.begin, it.end, act + r0 * F,
-                               F);
+                               F, epoch);
       else
-        kernels_->swiglu(xs + r0 * H, H, rows, H, F, w13_[it.expert].get(), dt, it.begin, it.end, act + r0 * F, F);
+        kernels_->swiglu(xs + r0 * H, H, rows, H, F, w13_[it.expert].get(), dt, it.begin, it.end, act + r0 * F, F,
+                         epoch);
     });
     std::vector<WorkItem> downs = tile_items(d, H, R, 2 * F);
-    run_bounded(downs, d, 2 * F, cancel, [&](const WorkItem& it, int64_t r0, int64_t rows) {
+    run_bounded(downs, d, 2 * F, cancel, [&](const WorkItem& it, int64_t r0, int64_t rows, ActEpoch epoch) {
       if (q != Quant::None)
-        kernels_->down_quant(act + r0 * F, F, rows, H, F, w2_[it.expert].get(), q, g, it.begin, it.end, ys + r0 * H, H);
+        kernels_->down_quant(act + r0 * F, F, rows, H, F, w2_[it.expert].get(), q, g, it.begin, it.end, ys + r0 * H, H,
+                             epoch);
       else
-        kernels_->down(act + r0 * F, F, rows, H, F, w2_[it.expert].get(), dt, it.begin, it.end, ys + r0 * H, H);
+        kernels_->down(act + r0 * F, F, rows, H, F, w2_[it.expert].get(), dt, it.begin, it.end, ys + r0 * H, H, epoch);
     });
     // Combine: gather-reduce in pick order, one token at a time, so the sum order never changes.
     pool.parallel_for(T, 16, threads(), [&](int64_t b, int64_t e, int) {
@@ -336,17 +339,6 @@ std::unique_ptr<LayerBuilder> make_cpu_builder(const MoeConfig& cfg) {
   } catch (const std::bad_alloc&) {
     fail(ErrorCode::OutOfMemory, "not enough memory to build the layer's packed weights");
   }
-}
-
-std::unique_ptr<Backend> make_cpu_backend(const MoeConfig& cfg, const WeightsView& weights) {
-  std::unique_ptr<LayerBuilder> builder = make_cpu_builder(cfg);
-  try {
-    while (!builder->step(weights, 1e300)) {
-    }
-  } catch (const std::bad_alloc&) {
-    fail(ErrorCode::OutOfMemory, "not enough memory to build the layer's packed weights");
-  }
-  return builder->finish();
 }
 
 }  // namespace fmoe

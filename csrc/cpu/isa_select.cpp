@@ -5,7 +5,7 @@
 #include <string>
 
 #include "../core/error.h"
-#include "../core/kernels.h"
+#include "kernels.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
@@ -114,10 +114,9 @@ const KernelSet* select_kernels() {
   return choice.kernels;
 }
 
-namespace {
-std::atomic<uint64_t> g_activation_epoch{0};
+ActEpoch new_activation_epoch() {
+  static std::atomic<ActEpoch> last{kNoActCache};
+  return last.fetch_add(1, std::memory_order_relaxed) + 1;  // only uniqueness matters, not order
 }
-uint64_t activation_epoch() { return g_activation_epoch.load(std::memory_order_acquire); }
-void next_activation_epoch() { g_activation_epoch.fetch_add(1, std::memory_order_acq_rel); }
 
 }  // namespace fmoe

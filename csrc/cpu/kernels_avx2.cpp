@@ -169,7 +169,7 @@ double probe_fma_loop_avx2(int64_t iters) {
 
 }  // namespace fmoe
 #else
-#include "../core/kernels.h"
+#include "kernels.h"
 namespace fmoe {
 const KernelSet* kernels_avx2() { return nullptr; }
 double probe_fma_loop_avx2(int64_t) { return 0; }

@@ -7,6 +7,7 @@
 
 #include "kernels_simd.h"
 #include "ops_avx512.h"
+#include "../probes/probe_loops.h"
 
 namespace fmoe {
 namespace {
@@ -41,7 +42,7 @@ uint64_t probe_read_avx512(const void* p, size_t bytes) {
 
 }  // namespace fmoe
 #else
-#include "../core/kernels.h"
+#include "kernels.h"
 namespace fmoe {
 const KernelSet* kernels_avx512() { return nullptr; }
 double probe_fma_loop_avx512(int64_t) { return 0; }

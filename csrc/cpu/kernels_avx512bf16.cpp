@@ -73,7 +73,7 @@ double probe_dot_loop_avx512bf16(int64_t iters) { return dot_peak_loop(iters); }
 
 }  // namespace fmoe
 #else
-#include "../core/kernels.h"
+#include "kernels.h"
 namespace fmoe {
 const KernelSet* kernels_avx512bf16() { return nullptr; }
 double probe_dot_loop_avx512bf16(int64_t) { return 0; }

@@ -4,6 +4,7 @@
 #include <arm_neon.h>
 
 #include "kernels_simd.h"
+#include "../probes/probe_loops.h"
 
 namespace fmoe {
 namespace {
@@ -67,7 +68,7 @@ double probe_fma_loop_neon(int64_t iters) { return simd::probe_fma_loop<OpsNeon>
 
 }  // namespace fmoe
 #else
-#include "../core/kernels.h"
+#include "kernels.h"
 namespace fmoe {
 const KernelSet* kernels_neon() { return nullptr; }
 double probe_fma_loop_neon(int64_t) { return 0; }

@@ -9,7 +9,7 @@
 #include <cmath>
 #include <cstring>
 
-#include "../core/kernels.h"
+#include "kernels.h"
 #include "packing.h"
 
 namespace fmoe {
@@ -78,7 +78,7 @@ struct LoadF16 {
 };
 
 void swiglu(const float* x, int64_t ldx, int64_t M, int64_t H, int64_t F, const void* w13, DType dt,
-            int64_t f_begin, int64_t f_end, float* act, int64_t ldact) {
+            int64_t f_begin, int64_t f_end, float* act, int64_t ldact, ActEpoch) {  // reads x in place: no cache
   switch (dt) {
     case DType::F32: return swiglu_impl(x, ldx, M, H, F, w13, dt, f_begin, f_end, act, ldact, LoadF32());
     case DType::BF16: return swiglu_impl(x, ldx, M, H, F, w13, dt, f_begin, f_end, act, ldact, LoadBF16());
@@ -87,7 +87,7 @@ void swiglu(const float* x, int64_t ldx, int64_t M, int64_t H, int64_t F, const 
 }
 
 void down(const float* act, int64_t ldact, int64_t M, int64_t H, int64_t F, const void* w2, DType dt,
-          int64_t h_begin, int64_t h_end, float* y, int64_t ldy) {
+          int64_t h_begin, int64_t h_end, float* y, int64_t ldy, ActEpoch) {
   switch (dt) {
     case DType::F32: return down_impl(act, ldact, M, H, F, w2, dt, h_begin, h_end, y, ldy, LoadF32());
     case DType::BF16: return down_impl(act, ldact, M, H, F, w2, dt, h_begin, h_end, y, ldy, LoadBF16());
@@ -127,7 +127,7 @@ void quant_dot(const float* xm, int64_t K, const char* panel, int nmat, Quant q,
 }
 
 void swiglu_q(const float* x, int64_t ldx, int64_t M, int64_t H, int64_t F, const void* w13, Quant q, int64_t g,
-              int64_t f_begin, int64_t f_end, float* act, int64_t ldact) {
+              int64_t f_begin, int64_t f_end, float* act, int64_t ldact, ActEpoch) {
   const size_t pbytes = quant_panel_bytes(2, H, P, q, g, CodeOrder::Plain);
   for (int64_t f0 = f_begin; f0 < f_end; f0 += P) {
     const int64_t n = (f_end - f0) < P ? (f_end - f0) : P;
@@ -144,7 +144,7 @@ void swiglu_q(const float* x, int64_t ldx, int64_t M, int64_t H, int64_t F, cons
 }
 
 void down_q(const float* act, int64_t ldact, int64_t M, int64_t H, int64_t F, const void* w2, Quant q, int64_t g,
-            int64_t h_begin, int64_t h_end, float* y, int64_t ldy) {
+            int64_t h_begin, int64_t h_end, float* y, int64_t ldy, ActEpoch) {
   const size_t pbytes = quant_panel_bytes(1, F, P, q, g, CodeOrder::Plain);
   for (int64_t h0 = h_begin; h0 < h_end; h0 += P) {
     const int64_t n = (h_end - h0) < P ? (h_end - h0) : P;

@@ -1,9 +1,10 @@
-// Module registration: classes and backendInfo(). No math here.
+// Module registration: classes, backendInfo(), and the core's limits and enum names. No math here.
 #include <napi.h>
 
-#include "../core/cuda_loader.h"
+#include "../cuda/host/cuda_backend.h"
 #include "../core/error.h"
-#include "../core/kernels.h"
+#include "../core/options.h"
+#include "../cpu/kernels.h"
 #include "../core/thread_pool.h"
 #include "addon_data.h"
 #include "convert.h"
@@ -11,7 +12,8 @@
 
 namespace fmoe_napi {
 
-void register_bench_probes(Napi::Env env, Napi::Object exports);
+// Benchmark support (csrc/probes), exported as `bench`: not part of the package API.
+void register_bench(Napi::Env env, Napi::Object exports);
 void register_mmap(Napi::Env env, Napi::Object exports);
 
 // -> { cpu: { isa, int8Activations, int4Activations, threads, supported, error? }, cuda: { available, reason, library, driverVersion, runtimeVersion, devices } }
@@ -60,6 +62,41 @@ static Napi::Value BackendInfo(const Napi::CallbackInfo& info) {
   return result;
 }
 
+template <class E, size_t N>
+static Napi::Array names_of(Napi::Env env, const fmoe::EnumName<E> (&table)[N]) {
+  Napi::Array a = Napi::Array::New(env, N);
+  for (size_t i = 0; i < N; i++) a.Set(uint32_t(i), table[i].name);
+  return a;
+}
+
+// { maxExperts, maxDim, maxThreads, maxCudaDevice, maxElements, quantGroupSizes, defaultQuantGroupSize }
+static Napi::Object Limits(Napi::Env env) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("maxExperts", double(fmoe::kMaxExperts));
+  o.Set("maxDim", double(fmoe::kMaxDim));
+  o.Set("maxThreads", double(fmoe::kMaxThreads));
+  o.Set("maxCudaDevice", double(fmoe::kMaxCudaDevice));
+  o.Set("maxElements", double(fmoe::kMaxElements));
+  Napi::Array groups = Napi::Array::New(env);
+  uint32_t n = 0;
+  for (int64_t g : fmoe::kQuantGroupSizes) groups.Set(n++, double(g));
+  o.Set("quantGroupSizes", groups);
+  o.Set("defaultQuantGroupSize", double(fmoe::kDefaultQuantGroup));
+  o.Freeze();
+  return o;
+}
+
+// { routing, weightDtype, quantize, device }: the names of each enum, the default first.
+static Napi::Object Enums(Napi::Env env) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("routing", names_of(env, fmoe::kRoutingNames));
+  o.Set("weightDtype", names_of(env, fmoe::kDTypeNames));
+  o.Set("quantize", names_of(env, fmoe::kQuantNames));
+  o.Set("device", names_of(env, fmoe::kDeviceNames));
+  o.Freeze();
+  return o;
+}
+
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   auto* data = new AddonData();
   Napi::Function layer = NativeLayer::Init(env);
@@ -71,8 +108,9 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeCancel", cancel);
   exports.Set("NativeBuilder", NativeBuilder::Init(env));
   exports.Set("backendInfo", Napi::Function::New(env, BackendInfo, "backendInfo"));
-  exports.Set("abiVersion", Napi::Number::New(env, 1));
-  register_bench_probes(env, exports);
+  exports.Set("limits", Limits(env));
+  exports.Set("enums", Enums(env));
+  register_bench(env, exports);
   register_mmap(env, exports);
   return exports;
 }

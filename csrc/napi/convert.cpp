@@ -1,5 +1,7 @@
 #include "convert.h"
 
+#include <new>
+
 namespace fmoe_napi {
 
 Napi::Error make_moe_error(Napi::Env env, fmoe::ErrorCode code, const std::string& message) {
@@ -10,6 +12,20 @@ Napi::Error make_moe_error(Napi::Env env, fmoe::ErrorCode code, const std::strin
 
 void throw_moe_error(Napi::Env env, fmoe::ErrorCode code, const std::string& message) {
   throw make_moe_error(env, code, message);
+}
+
+NativeFailure current_failure(const char* doing) {
+  try {
+    throw;
+  } catch (const fmoe::MoeException& e) {
+    return {e.code(), e.what()};
+  } catch (const std::bad_alloc&) {
+    return {fmoe::ErrorCode::OutOfMemory, std::string("not enough memory to ") + doing};
+  } catch (const std::exception& e) {
+    return {fmoe::ErrorCode::Internal, e.what()};
+  } catch (...) {
+    return {fmoe::ErrorCode::Internal, std::string("unknown failure while trying to ") + doing};
+  }
 }
 
 int64_t get_int(Napi::Object obj, const char* key, int64_t fallback) {

@@ -13,6 +13,29 @@ namespace fmoe_napi {
 [[noreturn]] void throw_moe_error(Napi::Env env, fmoe::ErrorCode code, const std::string& message);
 Napi::Error make_moe_error(Napi::Env env, fmoe::ErrorCode code, const std::string& message);
 
+// An exception from the core, classified the one way every entry point reports it: MoeException keeps
+// its code and message; std::bad_alloc is OutOfMemory, "not enough memory to <doing>"; anything else is
+// Internal. Call from a catch block (no JS needed, so worker threads use it too).
+struct NativeFailure {
+  fmoe::ErrorCode code;
+  std::string message;
+};
+NativeFailure current_failure(const char* doing);
+
+// Runs fn on the JS thread; a core exception becomes the JS error (code: its stable name) the facade
+// maps to MoeError. JS exceptions pass through unchanged.
+template <typename Fn>
+auto native_call(Napi::Env env, const char* doing, Fn&& fn) -> decltype(fn()) {
+  try {
+    return fn();
+  } catch (const Napi::Error&) {
+    throw;
+  } catch (...) {
+    const NativeFailure f = current_failure(doing);
+    throw_moe_error(env, f.code, f.message);
+  }
+}
+
 int64_t get_int(Napi::Object obj, const char* key, int64_t fallback);
 std::string get_string(Napi::Object obj, const char* key, const std::string& fallback);
 

@@ -5,7 +5,6 @@
 #include <string>
 #include <vector>
 
-#include "../core/cuda_loader.h"
 #include "../core/error.h"
 #include "addon_data.h"
 #include "convert.h"
@@ -16,62 +15,34 @@ using fmoe::ErrorCode;
 
 // ---- construction ------------------------------------------------------------------------------
 
-static fmoe::DType parse_dtype(Napi::Env env, const std::string& s) {
-  if (s == "float32") return fmoe::DType::F32;
-  if (s == "bfloat16") return fmoe::DType::BF16;
-  if (s == "float16") return fmoe::DType::F16;
-  throw Napi::RangeError::New(env, "weightDtype must be 'float32', 'bfloat16' or 'float16', got '" + s + "'");
-}
-
-static fmoe::Routing parse_routing(Napi::Env env, const std::string& s) {
-  if (s == "softmax-topk-renorm") return fmoe::Routing::SoftmaxTopkRenorm;
-  if (s == "softmax-topk") return fmoe::Routing::SoftmaxTopk;
-  throw Napi::RangeError::New(env, "routing must be 'softmax-topk-renorm' or 'softmax-topk', got '" + s + "'");
-}
-
-static fmoe::Quant parse_quant(Napi::Env env, const std::string& s) {
-  if (s == "none") return fmoe::Quant::None;
-  if (s == "int8") return fmoe::Quant::Int8;
-  if (s == "int4") return fmoe::Quant::Int4;
-  throw Napi::RangeError::New(env, "quantize must be 'none', 'int8' or 'int4', got '" + s + "'");
-}
-
-struct ParsedConfig {
-  fmoe::MoeConfig cfg;
-  std::string device;
-  int cuda_device = 0;
-};
-
+// The config object -> MoeConfig, names parsed with the core's tables (options.h) and checked by the
+// core; a bad value is a RangeError carrying the core's message.
 static ParsedConfig parse_config(Napi::Env env, Napi::Value v) {
   if (!v.IsObject()) throw Napi::TypeError::New(env, "config must be an object");
   Napi::Object c = v.As<Napi::Object>();
   ParsedConfig p;
   fmoe::MoeConfig& cfg = p.cfg;
+  const std::string routing = get_string(c, "routing", fmoe::kRoutingNames[0].name);
+  const std::string dtype = get_string(c, "weightDtype", fmoe::kDTypeNames[0].name);
+  const std::string quant = get_string(c, "quantize", fmoe::kQuantNames[0].name);
+  const std::string device = get_string(c, "device", fmoe::kDeviceNames[0].name);
   cfg.hidden = get_int(c, "hiddenSize", 0);
   cfg.intermediate = get_int(c, "intermediateSize", 0);
   cfg.num_experts = get_int(c, "numExperts", 0);
   cfg.top_k = get_int(c, "topK", 0);
-  cfg.routing = parse_routing(env, get_string(c, "routing", "softmax-topk-renorm"));
-  cfg.weight_dtype = parse_dtype(env, get_string(c, "weightDtype", "float32"));
   cfg.threads = int(get_int(c, "threads", 0));
-  cfg.quant = parse_quant(env, get_string(c, "quantize", "none"));
-  cfg.quant_group = get_int(c, "quantGroupSize", 128);
-  p.device = get_string(c, "device", "cpu");
+  cfg.quant_group = get_int(c, "quantGroupSize", fmoe::kDefaultQuantGroup);
   p.cuda_device = int(get_int(c, "cudaDevice", 0));
   try {
+    cfg.routing = fmoe::parse_enum(fmoe::kRoutingNames, "routing", routing);
+    cfg.weight_dtype = fmoe::parse_enum(fmoe::kDTypeNames, "weightDtype", dtype);
+    cfg.quant = fmoe::parse_enum(fmoe::kQuantNames, "quantize", quant);
+    p.device = fmoe::parse_enum(fmoe::kDeviceNames, "device", device);
     fmoe::validate_config(cfg);
   } catch (const fmoe::MoeException& e) {
     throw Napi::RangeError::New(env, e.what());
   }
-  if (p.device != "cpu" && p.device != "cuda" && p.device != "auto")
-    throw Napi::RangeError::New(env, "device must be 'cpu', 'cuda' or 'auto', got '" + p.device + "'");
   return p;
-}
-
-// Where the layer runs: 'auto' is CUDA when a device is there, except for quantized experts (CPU only).
-static bool wants_cuda(const ParsedConfig& p) {
-  if (p.device == "cuda") return true;
-  return p.device == "auto" && fmoe::cuda_status().available && p.cfg.quant == fmoe::Quant::None;
 }
 
 // info[first ..]: (gate: Float32Array, w1: TypedArray[E], w3: TypedArray[E], w2: TypedArray[E]); the
@@ -98,19 +69,6 @@ static fmoe::WeightsView parse_weights(const Napi::CallbackInfo& info, size_t fi
   return w;
 }
 
-// Runs fn, turning core exceptions into the JS errors the facade maps to MoeError.
-template <typename Fn>
-static auto native_call(Napi::Env env, const char* oom_what, Fn&& fn) -> decltype(fn()) {
-  try {
-    return fn();
-  } catch (const fmoe::MoeException& e) {
-    throw_moe_error(env, e.code(), e.what());
-  } catch (const std::bad_alloc&) {
-    throw_moe_error(env, ErrorCode::OutOfMemory, std::string("not enough memory to ") + oom_what);
-  }
-  return decltype(fn())();
-}
-
 // Marks the External that NativeBuilder.finish() hands to the NativeLayer constructor, so an External
 // from anywhere else is refused rather than read as a backend.
 static const napi_type_tag kBuiltBackendTag = {0x6a0f1e3c5b2d4e71ULL, 0x9c8d7e6f5a4b3c2dULL};
@@ -120,18 +78,19 @@ static const napi_type_tag kBuiltBackendTag = {0x6a0f1e3c5b2d4e71ULL, 0x9c8d7e6f
 NativeLayer::NativeLayer(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeLayer>(info) {
   Napi::Env env = info.Env();
   if (info.Length() == 1 && info[0].IsExternal()) {
-    auto ext = info[0].As<Napi::External<std::shared_ptr<fmoe::Backend>>>();
+    auto ext = info[0].As<Napi::External<BuiltLayer>>();
     if (!ext.CheckTypeTag(&kBuiltBackendTag)) throw Napi::TypeError::New(env, "NativeLayer: not a built layer");
-    backend_ = *ext.Data();
+    backend_ = ext.Data()->backend;
+    fallback_reason_ = ext.Data()->fallback_reason;
   } else {
     if (info.Length() < 5 || !info[0].IsObject())
       throw Napi::TypeError::New(env, "NativeLayer(config, gate, w1, w3, w2) expects 5 arguments");
     const ParsedConfig p = parse_config(env, info[0]);
     const fmoe::WeightsView w = parse_weights(info, 1, p.cfg);
-    backend_ = native_call(env, "build the layer", [&]() -> std::shared_ptr<fmoe::Backend> {
-      if (wants_cuda(p)) return fmoe::make_cuda_backend(p.cfg, w, p.cuda_device);
-      return fmoe::make_cpu_backend(p.cfg, w);
-    });
+    fmoe::BuiltBackend built =
+        native_call(env, "build the layer", [&] { return fmoe::make_backend(p.cfg, w, p.device, p.cuda_device); });
+    backend_ = std::move(built.backend);
+    fallback_reason_ = std::move(built.fallback_reason);
   }
   external_bytes_ = int64_t(backend_->native_bytes());
   Napi::MemoryManagement::AdjustExternalMemory(env, external_bytes_);
@@ -182,13 +141,7 @@ Napi::Value NativeLayer::ForwardSync(const Napi::CallbackInfo& info) {
     x_copy.assign(x, x + T * H);
     x = x_copy.data();
   }
-  try {
-    backend->forward(x, T, out, nullptr);
-  } catch (const fmoe::MoeException& e) {
-    throw_moe_error(env, e.code(), e.what());
-  } catch (const std::bad_alloc&) {
-    throw_moe_error(env, ErrorCode::OutOfMemory, "not enough memory for the forward workspace");
-  }
+  native_call(env, "allocate the forward workspace", [&] { backend->forward(x, T, out, nullptr); });
   return env.Undefined();
 }
 
@@ -214,15 +167,10 @@ class ForwardWorker : public Napi::AsyncWorker {
     try {
       y_ = std::make_unique<std::vector<float>>(x_.size());
       backend_->forward(x_.data(), T_, y_->data(), cancel_.get());
-    } catch (const fmoe::MoeException& e) {
-      code_ = e.code();
-      SetError(e.what());
-    } catch (const std::bad_alloc&) {
-      code_ = ErrorCode::OutOfMemory;
-      SetError("not enough memory for the forward workspace");
-    } catch (const std::exception& e) {
-      code_ = ErrorCode::Internal;
-      SetError(e.what());
+    } catch (...) {
+      const NativeFailure f = current_failure("allocate the forward workspace");
+      code_ = f.code;
+      SetError(f.message);
     }
     backend_.reset();  // a disposed layer's memory goes as soon as its last forward ends
     x_ = std::vector<float>();
@@ -319,11 +267,7 @@ Napi::Value NativeLayer::Route(const Napi::CallbackInfo& info) {
   const float* x = static_cast<const float*>(typed_data(info[0], napi_float32_array, size_t(T * H), "x"));
   Napi::Int32Array experts = Napi::Int32Array::New(env, size_t(T * k));
   Napi::Float32Array weights = Napi::Float32Array::New(env, size_t(T * k));
-  try {
-    backend->route(x, T, experts.Data(), weights.Data());
-  } catch (const fmoe::MoeException& e) {
-    throw_moe_error(env, e.code(), e.what());
-  }
+  native_call(env, "route", [&] { backend->route(x, T, experts.Data(), weights.Data()); });
   Napi::Object result = Napi::Object::New(env);
   result.Set("experts", experts);
   result.Set("weights", weights);
@@ -335,7 +279,7 @@ Napi::Value NativeLayer::Dispose(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-// -> { device, kernels, nativeBytes }
+// -> { device, kernels, nativeBytes, fallbackReason }
 Napi::Value NativeLayer::Info(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto backend = live(env);
@@ -343,6 +287,7 @@ Napi::Value NativeLayer::Info(const Napi::CallbackInfo& info) {
   o.Set("device", backend->name());
   o.Set("kernels", backend->kernel_name());
   o.Set("nativeBytes", double(backend->native_bytes()));
+  o.Set("fallbackReason", fallback_reason_.empty() ? env.Null() : Napi::String::New(env, fallback_reason_));
   return o;
 }
 
@@ -357,35 +302,27 @@ Napi::Function NativeLayer::Init(Napi::Env env) {
 
 // ---- building in steps ---------------------------------------------------------------------------
 
-// info: (config). A CPU layer is packed by step() calls; a CUDA one is built whole by the first step.
+// info: (config). The core factory picks the backend; a CPU layer is packed by step() calls, a CUDA one
+// is uploaded by the first.
 NativeBuilder::NativeBuilder(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeBuilder>(info) {
   Napi::Env env = info.Env();
   const ParsedConfig p = parse_config(env, info[0]);
   cfg_ = p.cfg;
-  cuda_ = wants_cuda(p);
-  cuda_device_ = p.cuda_device;
-  if (!cuda_) builder_ = native_call(env, "build the layer", [&] { return fmoe::make_cpu_builder(cfg_); });
+  builder_ = native_call(env, "build the layer", [&] { return fmoe::make_builder(p.cfg, p.device, p.cuda_device); });
 }
 
 // (gate, w1[], w3[], w2[], maxMs) -> boolean (done). The arrays are looked up afresh on every call.
 Napi::Value NativeBuilder::Step(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (done_) return Napi::Boolean::New(env, true);
-  if (!cuda_ && !builder_) throw_moe_error(env, ErrorCode::Disposed, "this layer builder failed or was finished");
+  if (!builder_) throw_moe_error(env, ErrorCode::Disposed, "this layer builder failed or was finished");
   const fmoe::WeightsView w = parse_weights(info, 0, cfg_);
   const double max_ms = info[4].IsNumber() ? info[4].As<Napi::Number>().DoubleValue() : 0.0;
-  if (cuda_) {
-    built_ = native_call(env, "build the layer", [&]() -> std::shared_ptr<fmoe::Backend> {
-      return fmoe::make_cuda_backend(cfg_, w, cuda_device_);
-    });
-    done_ = true;
-  } else {
-    try {
-      done_ = native_call(env, "build the layer", [&] { return builder_->step(w, max_ms / 1000.0); });
-    } catch (...) {
-      builder_.reset();  // a failed build frees its memory at once
-      throw;
-    }
+  try {
+    done_ = native_call(env, "build the layer", [&] { return builder_->step(w, max_ms / 1000.0); });
+  } catch (...) {
+    builder_.reset();  // a failed build frees its memory at once
+    throw;
   }
   return Napi::Boolean::New(env, done_);
 }
@@ -398,12 +335,13 @@ Napi::Value NativeBuilder::Progress(const Napi::CallbackInfo& info) {
 Napi::Value NativeBuilder::Finish(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!done_) throw_moe_error(env, ErrorCode::Invalid, "the layer is not fully built yet: call step() until it returns true");
-  if (!built_ && builder_) built_ = native_call(env, "build the layer", [&] { return std::shared_ptr<fmoe::Backend>(builder_->finish()); });
+  if (!builder_) throw_moe_error(env, ErrorCode::Disposed, "this layer builder was already finished");
+  BuiltLayer built;
+  built.fallback_reason = builder_->fallback_reason();
+  built.backend = native_call(env, "build the layer", [&] { return std::shared_ptr<fmoe::Backend>(builder_->finish()); });
   builder_.reset();
-  if (!built_) throw_moe_error(env, ErrorCode::Disposed, "this layer builder was already finished");
-  std::shared_ptr<fmoe::Backend> backend = std::move(built_);
   AddonData* data = env.GetInstanceData<AddonData>();
-  auto ext = Napi::External<std::shared_ptr<fmoe::Backend>>::New(env, &backend);
+  auto ext = Napi::External<BuiltLayer>::New(env, &built);
   ext.TypeTag(&kBuiltBackendTag);
   return data->layer_ctor.New({ext});
 }

@@ -5,10 +5,24 @@
 
 #include <atomic>
 #include <memory>
+#include <string>
 
 #include "../core/backend.h"
 
 namespace fmoe_napi {
+
+// A config object as parsed: the core's config plus where it asks to run.
+struct ParsedConfig {
+  fmoe::MoeConfig cfg;
+  fmoe::DeviceRequest device = fmoe::DeviceRequest::Cpu;
+  int cuda_device = 0;
+};
+
+// What NativeBuilder.finish() hands to the NativeLayer constructor (a type-tagged External).
+struct BuiltLayer {
+  std::shared_ptr<fmoe::Backend> backend;
+  std::string fallback_reason;
+};
 
 class NativeLayer : public Napi::ObjectWrap<NativeLayer> {
  public:
@@ -28,6 +42,7 @@ class NativeLayer : public Napi::ObjectWrap<NativeLayer> {
   void release(Napi::Env env);
 
   std::shared_ptr<fmoe::Backend> backend_;
+  std::string fallback_reason_;  // why an 'auto' layer runs on the CPU; empty otherwise
   int64_t external_bytes_ = 0;  // reported to V8 so the GC sees the native weights
 };
 
@@ -44,11 +59,8 @@ class NativeBuilder : public Napi::ObjectWrap<NativeBuilder> {
   Napi::Value Finish(const Napi::CallbackInfo& info);
 
   fmoe::MoeConfig cfg_;
-  bool cuda_ = false;
-  int cuda_device_ = 0;
   bool done_ = false;
   std::unique_ptr<fmoe::LayerBuilder> builder_;
-  std::shared_ptr<fmoe::Backend> built_;
 };
 
 // A cancellation flag JS can set while a forward runs on a worker thread.

@@ -10,7 +10,8 @@
 #include "core/dispatch.h"
 #include "core/dtype.h"
 #include "core/error.h"
-#include "core/kernels.h"
+#include "core/options.h"
+#include "cpu/kernels.h"
 #include "core/routing.h"
 #include "core/thread_pool.h"
 
@@ -77,6 +78,107 @@ static void test_dtypes() {
   CHECK(std::isinf(f16_to_f32(0x7c00)));
   CHECK(std::isnan(f16_to_f32(0x7e00)));
   CHECK(f16_to_f32(0x7bff) == 65504.0f);
+}
+
+// Every enum value has a name that parses back to it; unknown names and values are refused with the
+// field's name; the limits are the ones validate_config applies.
+template <class E, size_t N>
+static void check_names(const EnumName<E> (&table)[N], const char* field) {
+  for (const EnumName<E>& n : table) {
+    CHECK(parse_enum(table, field, n.name) == n.value);
+    CHECK(std::strcmp(enum_name(table, n.value), n.name) == 0);
+  }
+  bool threw = false;
+  try {
+    parse_enum(table, field, std::string(table[0].name) + "x");
+  } catch (const MoeException& e) {
+    threw = e.code() == ErrorCode::Invalid && std::string(e.what()).find(field) == 0 &&
+            std::string(e.what()).find(table[N - 1].name) != std::string::npos;
+  }
+  CHECK(threw);
+  CHECK(!enum_known(table, E(N + 7)));
+}
+
+static bool config_ok(const MoeConfig& c) {
+  try {
+    validate_config(c);
+    return true;
+  } catch (const MoeException& e) {
+    return false;
+  }
+}
+
+static void test_options() {
+  check_names(kRoutingNames, "routing");
+  check_names(kDTypeNames, "weightDtype");
+  check_names(kQuantNames, "quantize");
+  check_names(kDeviceNames, "device");
+  MoeConfig c;
+  c.hidden = kMaxDim, c.intermediate = 1, c.num_experts = kMaxExperts, c.top_k = kMaxExperts;
+  CHECK(config_ok(c));
+  c.hidden = kMaxDim + 1;
+  CHECK(!config_ok(c));
+  c.hidden = 8, c.num_experts = kMaxExperts + 1;
+  CHECK(!config_ok(c));
+  c.num_experts = 4, c.top_k = 2, c.threads = int(kMaxThreads);
+  CHECK(config_ok(c));
+  c.threads = int(kMaxThreads) + 1;
+  CHECK(!config_ok(c));
+  c.threads = 0;
+  for (int64_t g = 0; g <= 256; g++) {
+    c.quant_group = g;
+    bool listed = false;
+    for (int64_t s : kQuantGroupSizes) listed = listed || s == g;
+    CHECK(config_ok(c) == listed);
+  }
+  c.quant_group = kDefaultQuantGroup;
+  c.routing = Routing(9);
+  CHECK(!config_ok(c));
+  c.routing = Routing::SoftmaxTopk;
+  c.hidden = kMaxDim, c.intermediate = kMaxDim, c.num_experts = kMaxExperts;  // E*F*H = 2^50: fits
+  CHECK(config_ok(c));
+  CHECK(checked_mul(kMaxElements, 1, "n") == kMaxElements);
+  bool threw = false;
+  try {
+    checked_mul(kMaxElements / 2 + 1, 2, "n");
+  } catch (const MoeException&) {
+    threw = true;
+  }
+  CHECK(threw);
+}
+
+// The factory: 'cpu' builds on the CPU; 'auto' stays there with a reason when CUDA cannot run (or the
+// experts are quantized); 'cuda' without a usable device fails with NoDevice.
+static void test_factory() {
+  MoeConfig c;
+  c.hidden = 8, c.intermediate = 16, c.num_experts = 2, c.top_k = 1;
+  const BackendChoice cpu = choose_backend(c, DeviceRequest::Cpu);
+  CHECK(!cpu.cuda && cpu.fallback_reason.empty());
+  const BackendChoice automatic = choose_backend(c, DeviceRequest::Auto);
+  CHECK(automatic.cuda == cuda_available());
+  CHECK(automatic.cuda || automatic.fallback_reason == cuda_unavailable_reason());
+  c.quant = Quant::Int8;
+  const BackendChoice quant = choose_backend(c, DeviceRequest::Auto);
+  CHECK(!quant.cuda && quant.fallback_reason.find("int8") != std::string::npos);
+  c.quant = Quant::None;
+  std::vector<float> gate(16, 0.5f), w(2 * 16 * 8, 0.25f);
+  WeightsView wv;
+  wv.gate = gate.data();
+  for (int e = 0; e < 2; e++) {
+    wv.w1.push_back(w.data() + e * 128), wv.w3.push_back(w.data() + e * 128), wv.w2.push_back(w.data() + e * 128);
+  }
+  BuiltBackend built = make_backend(c, wv, DeviceRequest::Auto, 0);
+  CHECK(built.backend->name() == (cuda_available() ? "cuda" : "cpu"));
+  CHECK(built.fallback_reason == automatic.fallback_reason);
+  if (!cuda_available()) {
+    bool no_device = false;
+    try {
+      make_backend(c, wv, DeviceRequest::Cuda, 0);
+    } catch (const MoeException& e) {
+      no_device = e.code() == ErrorCode::NoDevice;
+    }
+    CHECK(no_device);
+  }
 }
 
 static void test_pool() {
@@ -180,7 +282,7 @@ static void test_backend(Isa isa, DType dt, int64_t H, int64_t F, int64_t E, int
   }
   // The backend uses the process-wide choice; test the chosen set only when it is this one.
   if (select_kernels() != ks) return;
-  auto backend = make_cpu_backend(c, wv);
+  auto backend = make_backend(c, wv, DeviceRequest::Cpu, 0).backend;
   std::vector<float> y(T * H);
   backend->forward(x.data(), T, y.data(), nullptr);
   std::vector<double> ref(H);
@@ -203,6 +305,8 @@ int main() {
   test_routing();
   test_dispatch();
   test_dtypes();
+  test_options();
+  test_factory();
   test_pool();
   for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Neon})
     for (DType dt : {DType::F32, DType::BF16}) {

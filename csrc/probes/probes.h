@@ -1,6 +1,7 @@
-// Machine ceilings measured by the benchmark in the same run: read bandwidth and FMA peak.
+// Machine ceilings measured by the benchmark in the same run: read bandwidth and FMA peak. Benchmark
+// support, exported as binding.bench: not part of the package API.
 #pragma once
-#include "../core/kernels.h"
+#include "../cpu/kernels.h"
 
 namespace fmoe {
 // GB/s of streaming reads over `bytes` of memory by `threads` threads (median of a few passes).

@@ -1,13 +1,13 @@
 // Finds libfused_moe_cuda.so beside the addon (or at $FUSED_MOE_CUDA_LIBRARY), opens it with dlopen, checks
 // its ABI version and wraps its C handles in a Backend. Portable C++: the only CUDA-related header is the
 // library's C ABI, so this file builds on machines with no CUDA at all.
-#include "cuda_loader.h"
+#include "cuda_backend.h"
 
 #include <cstdlib>
 #include <string>
 
-#include "../cuda/fused_moe_cuda.h"
-#include "error.h"
+#include "../fused_moe_cuda.h"
+#include "../../core/error.h"
 
 #if defined(__linux__)
 #include <dlfcn.h>
@@ -247,6 +247,8 @@ class CudaBackend final : public Backend {
 }  // namespace
 
 const CudaStatus& cuda_status() { return loaded().status; }
+bool cuda_available() { return cuda_status().available; }
+const std::string& cuda_unavailable_reason() { return cuda_status().reason; }
 
 std::unique_ptr<Backend> make_cuda_backend(const MoeConfig& cfg, const WeightsView& weights, int device) {
   const Loaded& L = loaded();
@@ -273,8 +275,10 @@ std::unique_ptr<Backend> make_cuda_backend(const MoeConfig& cfg, const WeightsVi
   static_assert(int(DType::F32) == FMOE_CUDA_DTYPE_F32 && int(DType::BF16) == FMOE_CUDA_DTYPE_BF16 &&
                     int(DType::F16) == FMOE_CUDA_DTYPE_F16,
                 "the core's DType and the CUDA ABI's fmoe_cuda_dtype must agree");
-  c.routing = static_cast<int32_t>(cfg.routing);
-  c.weight_dtype = static_cast<int32_t>(cfg.weight_dtype);
+  const fmoe_cuda_routing routing = static_cast<fmoe_cuda_routing>(cfg.routing);
+  const fmoe_cuda_dtype weight_dtype = static_cast<fmoe_cuda_dtype>(cfg.weight_dtype);
+  c.routing = routing;
+  c.weight_dtype = weight_dtype;
   c.device = device;
   char err[512] = {0};
   fmoe_cuda_layer* layer = nullptr;

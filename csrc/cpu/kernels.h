@@ -10,12 +10,21 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "dtype.h"
-#include "quant.h"
+#include "../core/dtype.h"
+#include "../core/quant.h"
 
 namespace fmoe {
 
 enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3, Neon = 4 };
+
+// Packed activations are cached per thread: the calls of one phase that share an expert's rows reuse one
+// packed copy instead of packing it per column tile. The caller hands every kernel call of a phase the
+// same epoch, a value no other phase in the process has had (new_activation_epoch(), taken after the
+// phase's input is written); a cached copy serves only calls with the epoch it was made with, so a
+// buffer rewritten, or freed and reused, is packed afresh. kNoActCache: pack for this call only.
+using ActEpoch = uint64_t;
+constexpr ActEpoch kNoActCache = 0;
+ActEpoch new_activation_epoch();
 
 const char* isa_name(Isa isa);
 
@@ -34,11 +43,12 @@ struct KernelSet {
 
   // act[m*ldact + f] = silu(x_m . w1_f) * (x_m . w3_f) for m < M, f in [f_begin, f_end).
   // x rows are H floats at stride ldx. f_begin is a multiple of panel; f_end is a multiple of panel or F.
+  // act_epoch: the activation cache's epoch (below).
   void (*swiglu)(const float* x, int64_t ldx, int64_t M, int64_t H, int64_t F, const void* w13, DType dt,
-                 int64_t f_begin, int64_t f_end, float* act, int64_t ldact);
+                 int64_t f_begin, int64_t f_end, float* act, int64_t ldact, ActEpoch act_epoch);
   // y[m*ldy + h] = act_m . w2_h for m < M, h in [h_begin, h_end); same alignment rule on h.
   void (*down)(const float* act, int64_t ldact, int64_t M, int64_t H, int64_t F, const void* w2, DType dt,
-               int64_t h_begin, int64_t h_end, float* y, int64_t ldy);
+               int64_t h_begin, int64_t h_end, float* y, int64_t ldy, ActEpoch act_epoch);
 
   // The same four for weights quantized at load (quant.h, layout in packing.h): the packers read any
   // float dtype and quantize group by group; the kernels dequantize in registers (float32 math) and
@@ -50,9 +60,9 @@ struct KernelSet {
                          void* dst);
   void (*pack_w2_quant)(const void* w2, int64_t H, int64_t F, DType dt, Quant q, int64_t group, void* dst);
   void (*swiglu_quant)(const float* x, int64_t ldx, int64_t M, int64_t H, int64_t F, const void* w13, Quant q,
-                       int64_t group, int64_t f_begin, int64_t f_end, float* act, int64_t ldact);
+                       int64_t group, int64_t f_begin, int64_t f_end, float* act, int64_t ldact, ActEpoch act_epoch);
   void (*down_quant)(const float* act, int64_t ldact, int64_t M, int64_t H, int64_t F, const void* w2, Quant q,
-                     int64_t group, int64_t h_begin, int64_t h_end, float* y, int64_t ldy);
+                     int64_t group, int64_t h_begin, int64_t h_end, float* y, int64_t ldy, ActEpoch act_epoch);
 
   // The activations' precision against int8 / int4 weights: "float32", or "int16" / "int8" where the set
   // quantizes each row's groups of activations (quant.h's rule, qmax 32767 / 127) for an integer dot
@@ -60,13 +70,6 @@ struct KernelSet {
   const char* int8_activations;
   const char* int4_activations;
 };
-
-// Packed activations are cached per thread: the calls of one phase that share an expert's rows reuse one
-// packed copy instead of packing it per column tile. The pipeline calls next_activation_epoch() after
-// a phase's input is written and before the phase's kernel calls; a cached copy serves only calls of
-// the epoch it was made in (never epoch 0), so a buffer rewritten, or freed and reused, is packed afresh.
-uint64_t activation_epoch();
-void next_activation_epoch();
 
 // Kernel sets compiled into this binary; each returns nullptr when not built for this architecture.
 const KernelSet* kernels_scalar();

@@ -1,10 +1,12 @@
-// Finds and opens the CUDA backend library at run time (dlopen), beside the addon binary.
+// The CUDA backend's host side: finds and opens the CUDA backend library at run time (dlopen), beside the
+// addon binary, and wraps it in a Backend. make_cuda_backend and cuda_available are declared in
+// core/backend.h (the factory there calls them).
 #pragma once
 #include <memory>
 #include <string>
 #include <vector>
 
-#include "backend.h"
+#include "../../core/backend.h"
 
 namespace fmoe {
 
@@ -25,8 +27,7 @@ struct CudaStatus {
 // Probes once and caches the result (cheap afterwards). Never throws.
 const CudaStatus& cuda_status();
 
-// Builds a CUDA layer on `device`; throws MoeException(NoDevice) carrying cuda_status().reason when the
+// make_cuda_backend (backend.h) throws MoeException(NoDevice) carrying cuda_status().reason when the
 // backend cannot run, Cuda/OutOfMemory on failures.
-std::unique_ptr<Backend> make_cuda_backend(const MoeConfig& cfg, const WeightsView& weights, int device);
 
 }  // namespace fmoe

@@ -1,11 +1,12 @@
-// Benchmark and test helpers exported as `bench`: machine ceilings measured in the bench's own process,
-// and the load-time quantizer on its own (the tests check it bit for bit against hand-made groups).
+// Benchmark and test helpers exported as `binding.bench`, not part of the package API: machine ceilings
+// measured in the bench's own process, and the load-time quantizer on its own (the tests check it bit
+// for bit against hand-made groups).
 #include <napi.h>
 
 #include <string>
 
 #include "../core/quant.h"
-#include "../cpu/probes.h"
+#include "probes.h"
 
 namespace fmoe_napi {
 
@@ -34,7 +35,7 @@ static Napi::Value Quantize(const Napi::CallbackInfo& info) {
   const int64_t g = info[3].As<Napi::Number>().Int64Value();
   if (K <= 0 || int64_t(v.ElementLength()) % K != 0) throw Napi::RangeError::New(env, "K must divide values.length");
   if (bits != "int8" && bits != "int4") throw Napi::RangeError::New(env, "bits must be 'int8' or 'int4'");
-  if (!fmoe::quant_group_ok(g)) throw Napi::RangeError::New(env, "group must be 32, 64 or 128");
+  if (!fmoe::quant_group_ok(g)) throw Napi::RangeError::New(env, "group must be one of binding.limits.quantGroupSizes");
   const int qmax = fmoe::quant_qmax(bits == "int8" ? fmoe::Quant::Int8 : fmoe::Quant::Int4);
   const int64_t rows = int64_t(v.ElementLength()) / K, ng = (K + g - 1) / g;
   Napi::Float32Array scales = Napi::Float32Array::New(env, size_t(rows * ng));
@@ -50,7 +51,7 @@ static Napi::Value Quantize(const Napi::CallbackInfo& info) {
   return out;
 }
 
-void register_bench_probes(Napi::Env env, Napi::Object exports) {
+void register_bench(Napi::Env env, Napi::Object exports) {
   Napi::Object bench = Napi::Object::New(env);
   bench.Set("readBandwidth", Napi::Function::New(env, ReadBandwidth, "readBandwidth"));
   bench.Set("fmaPeak", Napi::Function::New(env, FmaPeak, "fmaPeak"));

@@ -1,0 +1,132 @@
+// The GEMM driver: tile shapes, the decode / prefill choice, k blocking and the sweep over panels that
+// calls the micro-kernels and hands each finished tile to an epilogue.
+// Everything sits in an anonymous namespace, as kernels_simd.h explains: each ISA unit gets its own copy.
+#pragma once
+#include "simd_common.h"
+#include "simd_micro.h"
+#include "simd_pack_act.h"
+
+namespace fmoe {
+namespace simd {
+namespace {
+
+// Tile shapes. Accumulators: O::kAcc vector registers (the rest hold weights and a broadcast).
+//   prefill: many rows share each weight load; NP panels x MR rows, k blocked by kc so the panels'
+//            block stays in L2 while every row block of the call passes over it.
+//   decode:  few rows; more panels side by side so enough independent chains hide the FMA latency
+//            while the weights stream from memory once, with software prefetch ahead of the loads.
+template <class O, int NMAT> struct Shapes {
+  static constexpr int kNpPrefill = 2;
+  static constexpr int kMrPrefill = O::kAcc / (NMAT * kNpPrefill);
+  static constexpr int kNpDecode = 8 / NMAT;
+  static constexpr int kMrDecode = O::kAcc / 8 > 0 ? O::kAcc / 8 : 1;
+};
+
+// At most this many rows per expert take the decode shape, chosen by measurement (`bench.js --switch`,
+// one Mixtral expert, 2 Zen 4 cores): decode wins for M <= 3 (bf16 M=3: 10.5 vs 11.0 ms; f32 M=1: 21.2
+// vs 23.7 ms), the prefill shape from M = 4 (bf16 12.6 vs 11.1 ms; f32 25.5 vs 23.0 ms).
+// FUSED_MOE_DECODE_ROWS overrides it, for tuning on other machines.
+constexpr int kDecodeRows = 3;
+inline int decode_rows_limit() {
+  static const int limit = [] {
+    const char* env = std::getenv("FUSED_MOE_DECODE_ROWS");
+    const int v = env ? std::atoi(env) : -1;
+    return v >= 0 && v <= 4096 ? v : kDecodeRows;
+  }();
+  return limit;
+}
+
+template <class O, int MODE, int NMAT, int MR, int NP, bool PF, class Epi>
+static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, const char* b, size_t pstride,
+                  int64_t p_begin, int64_t p_end, Epi&& epi) {
+  constexpr int W = O::W;
+  constexpr int kg = ModeInfo<MODE>::kg;
+  const int64_t Kr = MODE == kBF16Dot ? (K + 1) / 2 * 2 : K;  // k range the loop covers
+  size_t arow = size_t(MODE == kBF16Dot ? Kr / 2 : K) * 4;  // packed activation bytes per row
+  if constexpr (is_dot(MODE)) arow = dot_act_row_bytes<MODE>(K, gsz);
+  kc = imax(kg, kc / kg * kg);
+  // Panel groups per column block: the block's accumulators (M rows) stay in L2 across its k blocks,
+  // so each k slice of the activations is read from L2 by every group of the block, not from L3.
+  const int64_t mpad = (M + MR - 1) / MR * MR;
+  const int64_t gsize = mpad * NP * NMAT * W;  // floats of one group's accumulators
+  const int64_t nb = kc >= Kr ? 1 : imax(1, int64_t(128 * 1024 / sizeof(float)) / gsize);
+  static thread_local Scratch cbuf;
+  float* c = static_cast<float*>(cbuf.get(size_t(nb * gsize) * sizeof(float)));
+  auto run = [&](auto np_tag, int64_t p0, int64_t ng) {  // ng groups of np panels from panel p0
+    constexpr int np = decltype(np_tag)::value;
+    for (int64_t k0 = 0; k0 < Kr; k0 += kc) {
+      const int64_t k1 = imin(Kr, k0 + kc);
+      for (int64_t g = 0; g < ng; g++) {
+        const int64_t pg = p0 + g * np;
+        const char* bp = b + size_t(pg) * pstride;
+        float* cg = c + g * gsize;
+        for (int64_t m0 = 0; m0 < M; m0 += MR) {
+          const int mr = int(imin(MR, M - m0));
+          float* cm = cg + m0 * np * NMAT * W;
+          micro_rows<O, MODE, NMAT, MR, np, PF>(mr, a + size_t(m0) * arow, K, k0, k1, gsz, bp, pstride, cm, k0 > 0);
+          if (k1 == Kr) epi(cm, m0, mr, pg, np);
+        }
+      }
+    }
+  };
+  // Blocks of up to nb groups of NP panels, then the leftover panels one by one.
+  int64_t p = p_begin;
+  for (; p + NP <= p_end; p += nb * NP) {
+    const int64_t ng = imin(nb, (p_end - p) / NP);
+    run(std::integral_constant<int, NP>(), p, ng);
+    if (ng < nb) {
+      p += ng * NP;
+      break;
+    }
+  }
+  for (; p < p_end; p += nb) run(std::integral_constant<int, 1>(), p, imin(nb, p_end - p));
+}
+
+// K for the k blocks of the prefill shape: the NP panels' slice of k (192 KiB) stays in L2 across row
+// blocks. On 2 Zen 4 cores this ran the Mixtral float32 prefill a few percent faster than 64 KiB blocks
+// and no slower than 384 KiB; `node bench/bench.js --cases mixtral-f32` repeats the comparison.
+template <int MODE, int NMAT, int NP, int W>
+constexpr int64_t prefill_kc() {
+  return int64_t(192 * 1024) / (int64_t(NP) * NMAT * W * ModeInfo<MODE>::es) / 64 * 64;
+}
+
+// The quantized modes: a multiple of the group size, so k blocks never split a group.
+template <int MODE, int NMAT, int NP, int W>
+int64_t prefill_kc_quant(int64_t gsz) {
+  const int64_t per_k = int64_t(NP) * NMAT * W;  // code bytes per k (int4: half that)
+  const int64_t kc = int64_t(64 * 1024) * (MODE == kI8 || MODE == kI8Dot ? 1 : 2) / per_k / gsz * gsz;
+  return kc > gsz ? kc : gsz;
+}
+
+// Bytes of one packed panel of NMAT matrices over a reduction of K.
+template <int MODE, int NMAT>
+size_t panel_bytes(int64_t K, int64_t gsz, int W) {
+  if constexpr (is_quant(MODE)) {
+    return quant_panel_bytes(NMAT, K, W, MODE == kI8 || MODE == kI8Dot ? Quant::Int8 : Quant::Int4, gsz,
+                             is_dot(MODE) ? CodeOrder::Dot : CodeOrder::Plain);
+  } else {
+    constexpr int kg = ModeInfo<MODE>::kg;
+    return size_t((K + kg - 1) / kg) * NMAT * W * kg * ModeInfo<MODE>::es;
+  }
+}
+
+template <class O, int MODE, int NMAT, class Epi>
+static void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t gsz, const char* b, size_t pstride,
+                 int64_t p_begin, int64_t p_end, ActEpoch epoch, Epi&& epi) {
+  using S = Shapes<O, NMAT>;
+  const bool decode = M <= decode_rows_limit();
+  const char* a = pack_act<O, MODE>(x, ldx, M, K, decode ? S::kMrDecode : S::kMrPrefill, gsz, epoch);
+  if (decode) {
+    sweep<O, MODE, NMAT, S::kMrDecode, S::kNpDecode, false>(a, M, K, int64_t(1) << 40, gsz, b, pstride, p_begin,
+                                                            p_end, epi);
+  } else {
+    int64_t kc;
+    if constexpr (is_quant(MODE)) kc = prefill_kc_quant<MODE, NMAT, S::kNpPrefill, O::W>(gsz);
+    else kc = prefill_kc<MODE, NMAT, S::kNpPrefill, O::W>();
+    sweep<O, MODE, NMAT, S::kMrPrefill, S::kNpPrefill, false>(a, M, K, kc, gsz, b, pstride, p_begin, p_end, epi);
+  }
+}
+
+}  // namespace
+}  // namespace simd
+}  // namespace fmoe

@@ -1,0 +1,316 @@
+// The micro-kernels: one register tile of accumulators over a range of k, for every weight read mode.
+// They read activations as simd_pack_act.h lays them out and weights as packing.h does.
+// Everything sits in an anonymous namespace, as kernels_simd.h explains: each ISA unit gets its own copy.
+#pragma once
+#include "simd_common.h"
+
+namespace fmoe {
+namespace simd {
+namespace {
+
+// The micro-kernel: MR rows x NP panels x NMAT matrices of W-wide accumulators over k in [k0, k1).
+// c holds the accumulators between calls ([MR][NP][NMAT][W] floats): loaded when `carry`, always
+// stored. `b` points at the first panel, panels are `pstride` bytes apart. K is the real reduction
+// length (odd K: the kBF16 tail uses only the low half of the last pair; kBF16Dot gets padded rows).
+template <class O, int MODE, int NMAT, int MR, int NP, bool PF>
+static void micro(const char* ap, int64_t K, int64_t k0, int64_t k1, const char* b, size_t pstride, float* c,
+                  bool carry) {
+  using V = typename O::V;
+  constexpr int W = O::W;
+  constexpr int es = ModeInfo<MODE>::es, kg = ModeInfo<MODE>::kg;
+  constexpr size_t step = size_t(NMAT) * W * kg * es;  // bytes of one k step of one panel
+  V acc[MR][NP][NMAT];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; m++)
+#pragma GCC unroll 8
+    for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+      for (int q = 0; q < NMAT; q++) acc[m][p][q] = carry ? O::load(c + ((m * NP + p) * NMAT + q) * W) : O::zero();
+  const float* af = reinterpret_cast<const float*>(ap);
+
+  if constexpr (MODE == kF32 || MODE == kF16) {
+    for (int64_t k = k0; k < k1; k++) {
+      const char* bk = b + size_t(k) * step;
+      if (PF) {
+#pragma GCC unroll 8
+        for (int p = 0; p < NP; p++) O::prefetch(bk + p * pstride + 16 * step);
+      }
+      V w[NP][NMAT];
+#pragma GCC unroll 8
+      for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+        for (int q = 0; q < NMAT; q++) {
+          const char* src = bk + p * pstride + q * W * es;
+          if constexpr (MODE == kF32) w[p][q] = O::load(reinterpret_cast<const float*>(src));
+          else w[p][q] = O::load_f16(reinterpret_cast<const uint16_t*>(src));
+        }
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; m++) {
+        const V xv = O::bcast(af + k * MR + m);
+#pragma GCC unroll 8
+        for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+          for (int q = 0; q < NMAT; q++) acc[m][p][q] = O::fma(xv, w[p][q], acc[m][p][q]);
+      }
+    }
+  } else if constexpr (MODE == kBF16) {
+    // One 32-bit lane per column holds (w[2i], w[2i+1]): the low half is w[2i] once shifted up.
+    const int64_t kfull = imin(k1, K & ~int64_t(1));
+    int64_t k = k0;
+    for (; k < kfull; k += 2) {
+      const char* bk = b + size_t(k / 2) * step;
+      if (PF) {
+#pragma GCC unroll 8
+        for (int p = 0; p < NP; p++) O::prefetch(bk + p * pstride + 16 * step);
+      }
+      V w[NP][NMAT];
+#pragma GCC unroll 8
+      for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+        for (int q = 0; q < NMAT; q++) w[p][q] = O::bf16_lo(bk + p * pstride + q * W * 4);
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; m++) {
+        const V xv = O::bcast(af + k * MR + m);
+#pragma GCC unroll 8
+        for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+          for (int q = 0; q < NMAT; q++) acc[m][p][q] = O::fma(xv, w[p][q], acc[m][p][q]);
+      }
+#pragma GCC unroll 8
+      for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+        for (int q = 0; q < NMAT; q++) w[p][q] = O::bf16_hi(bk + p * pstride + q * W * 4);
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; m++) {
+        const V xv = O::bcast(af + (k + 1) * MR + m);
+#pragma GCC unroll 8
+        for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+          for (int q = 0; q < NMAT; q++) acc[m][p][q] = O::fma(xv, w[p][q], acc[m][p][q]);
+      }
+    }
+    if (k < k1) {  // odd K: last index, the pair's high half is padding
+      const char* bk = b + size_t(k / 2) * step;
+      for (int p = 0; p < NP; p++)
+        for (int q = 0; q < NMAT; q++) {
+          const V w = O::bf16_lo(bk + p * pstride + q * W * 4);
+          for (int m = 0; m < MR; m++)
+            acc[m][p][q] = O::fma(O::bcast(af + k * MR + m), w, acc[m][p][q]);
+        }
+    }
+  } else {  // kBF16Dot: rows are bf16, K padded to even with zeros on both sides
+    for (int64_t k = k0; k < k1; k += 2) {
+      const char* bk = b + size_t(k / 2) * step;
+      if (PF) {
+#pragma GCC unroll 8
+        for (int p = 0; p < NP; p++) O::prefetch(bk + p * pstride + 16 * step);
+      }
+      typename O::Raw w[NP][NMAT];
+#pragma GCC unroll 8
+      for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+        for (int q = 0; q < NMAT; q++) w[p][q] = O::load_raw(bk + p * pstride + q * W * 4);
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; m++) {
+        const typename O::Raw xv = O::bcast_pair(reinterpret_cast<const uint16_t*>(af + (k / 2) * MR + m));
+#pragma GCC unroll 8
+        for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+          for (int q = 0; q < NMAT; q++) acc[m][p][q] = O::dot_bf16(acc[m][p][q], xv, w[p][q]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; m++)
+#pragma GCC unroll 8
+    for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+      for (int q = 0; q < NMAT; q++) O::store(c + ((m * NP + p) * NMAT + q) * W, acc[m][p][q]);
+}
+
+// The quantized micro-kernel (kI8 / kI4), same tile and same c as micro(). [k0, k1) starts on a group
+// boundary and ends on one or at K. Per group the codes times x are summed from zero in registers
+// (ascending k), then c += sum * scale with one FMA: the float weights never exist, and the scale costs
+// one FMA per group instead of one multiply per weight. c stays in memory between groups: only the
+// group sums and the decoded weights need registers.
+template <class O, int MODE, int NMAT, int MR, int NP>
+static void micro_q(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_t gsz, const char* b, size_t pstride,
+                    float* c, bool carry) {
+  using V = typename O::V;
+  constexpr int W = O::W;
+  constexpr size_t cstep = size_t(NMAT) * W;  // code bytes of one k step of one panel
+  constexpr size_t sbytes = cstep * 4;        // scale bytes of one group of one panel
+  const size_t gbytes = sbytes + size_t(MODE == kI8 ? gsz : gsz / 2) * cstep;
+  const float* af = reinterpret_cast<const float*>(ap);
+  if (!carry)
+    for (int i = 0; i < MR * NP * NMAT; i++) O::store(c + i * W, O::zero());
+  for (int64_t g0 = k0; g0 < k1; g0 += gsz) {
+    const int64_t gl = imin(gsz, K - g0);
+    const char* bg = b + size_t(g0 / gsz) * gbytes;
+    const char* bc = bg + sbytes;
+    V acc[MR][NP][NMAT];
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; m++)
+#pragma GCC unroll 8
+      for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+        for (int q = 0; q < NMAT; q++) acc[m][p][q] = O::zero();
+    if constexpr (MODE == kI8) {
+      for (int64_t s = 0; s < gl; s++) {
+        const char* bk = bc + size_t(s) * cstep;
+        V w[NP][NMAT];
+#pragma GCC unroll 8
+        for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+          for (int q = 0; q < NMAT; q++) w[p][q] = O::load_i8(bk + p * pstride + q * W);
+#pragma GCC unroll 16
+        for (int m = 0; m < MR; m++) {
+          const V xv = O::bcast(af + (g0 + s) * MR + m);
+#pragma GCC unroll 8
+          for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+            for (int q = 0; q < NMAT; q++) acc[m][p][q] = O::fma(xv, w[p][q], acc[m][p][q]);
+        }
+      }
+    } else {
+      const int64_t pairs = gl / 2;
+      for (int64_t s = 0; s < pairs; s++) {
+        const char* bk = bc + size_t(s) * cstep;
+        V lo[NP][NMAT], hi[NP][NMAT];
+#pragma GCC unroll 8
+        for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+          for (int q = 0; q < NMAT; q++) O::load_i4(bk + p * pstride + q * W, lo[p][q], hi[p][q]);
+        const int64_t k = g0 + 2 * s;
+#pragma GCC unroll 16
+        for (int m = 0; m < MR; m++) {
+          const V x0 = O::bcast(af + k * MR + m), x1 = O::bcast(af + (k + 1) * MR + m);
+#pragma GCC unroll 8
+          for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+            for (int q = 0; q < NMAT; q++) acc[m][p][q] = O::fma(x1, hi[p][q], O::fma(x0, lo[p][q], acc[m][p][q]));
+        }
+      }
+      if (gl & 1) {  // odd last group (K odd): its last byte's high nibble is padding, x has no k there
+        const char* bk = bc + size_t(pairs) * cstep;
+        const int64_t k = g0 + gl - 1;
+        for (int p = 0; p < NP; p++)
+          for (int q = 0; q < NMAT; q++) {
+            V lo, hi;
+            O::load_i4(bk + p * pstride + q * W, lo, hi);
+            for (int m = 0; m < MR; m++) acc[m][p][q] = O::fma(O::bcast(af + k * MR + m), lo, acc[m][p][q]);
+          }
+      }
+    }
+#pragma GCC unroll 8
+    for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+      for (int q = 0; q < NMAT; q++) {
+        const V sv = O::load(reinterpret_cast<const float*>(bg + p * pstride) + q * W);
+#pragma GCC unroll 16
+        for (int m = 0; m < MR; m++) {
+          float* cm = c + ((m * NP + p) * NMAT + q) * W;
+          O::store(cm, O::fma(acc[m][p][q], sv, O::load(cm)));
+        }
+      }
+  }
+}
+
+// The integer dot-product micro-kernels. The activations were quantized per row and group (pack_act:
+// codes, scale sx, and for kI4Dot corr = 8 * sum of the codes).
+//   kI4Dot: int8 activations . unsigned nibbles u = code + 8 (quads order, packing.h): one vpdpbusd (or
+//           vpmaddubsw + vpmaddwd without VNNI) adds four u * x products per 32-bit lane;
+//           sum(code * x) = sum(u * x) - corr.
+//   kI8Dot: int16 activations . int8 codes sign-extended to words (pairs order): one vpmaddwd adds two
+//           code * x products per lane.
+// A group's sum is an exact int32 (|.| < 2^31 for groups of at most 128), then c += (float(sum) * sx) *
+// scale: one conversion and two roundings per group, whatever the tile, so batch invariance holds.
+template <class O, int MODE, int NMAT, int MR, int NP>
+static void micro_qdot(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_t gsz, const char* b, size_t pstride,
+                       float* c, bool carry) {
+  using V = typename O::V;
+  using I = typename O::Raw;
+  constexpr int W = O::W;
+  constexpr int kstep = MODE == kI4Dot ? 8 : 2;                   // k per step
+  constexpr int words = MODE == kI4Dot ? 2 : 1;                    // activation words per step and row
+  constexpr size_t cstep = size_t(NMAT) * W * (MODE == kI4Dot ? 4 : 2);  // code bytes of one step of one panel
+  constexpr size_t sbytes = size_t(NMAT) * W * 4;                  // scale bytes of one group of one panel
+  const size_t gbytes = sbytes + size_t(gsz / kstep) * cstep;
+  const int64_t Kp = (K + kstep - 1) / kstep * kstep, ng = (K + gsz - 1) / gsz;
+  const int32_t* aq = reinterpret_cast<const int32_t*>(ap);  // [Kp / kstep * words][MR] words of codes
+  const float* asx = reinterpret_cast<const float*>(aq + Kp / kstep * words * MR);  // [ng][MR]
+  const int32_t* acorr = reinterpret_cast<const int32_t*>(asx + ng * MR);         // [ng][MR], kI4Dot
+  if (!carry)
+    for (int i = 0; i < MR * NP * NMAT; i++) O::store(c + i * W, O::zero());
+  for (int64_t g0 = k0; g0 < k1; g0 += gsz) {
+    const int64_t gi = g0 / gsz, steps = (imin(gsz, K - g0) + kstep - 1) / kstep;
+    const char* bg = b + size_t(gi) * gbytes;
+    const char* bc = bg + sbytes;
+    const int32_t* aqg = aq + g0 / kstep * words * MR;
+    I acc[MR][NP][NMAT];
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; m++)
+#pragma GCC unroll 8
+      for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+        for (int q = 0; q < NMAT; q++) acc[m][p][q] = O::izero();
+    for (int64_t s = 0; s < steps; s++) {
+      const char* bk = bc + size_t(s) * cstep;
+      const int32_t* x0 = aqg + s * words * MR;
+      if constexpr (MODE == kI4Dot) {  // k = 8s .. 8s+3 of every row, then 8s+4 .. 8s+7
+#pragma GCC unroll 8
+        for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+          for (int q = 0; q < NMAT; q++) {
+            I lo, hi;  // two registers per panel: unpacked one panel at a time
+            O::load_u4(bk + p * pstride + q * W * 4, lo, hi);
+#pragma GCC unroll 16
+            for (int m = 0; m < MR; m++)
+              acc[m][p][q] = O::dot_u8s8(O::dot_u8s8(acc[m][p][q], lo, x0 + m), hi, x0 + MR + m);
+          }
+      } else {  // k = 2s, 2s+1: every panel's words first, then one broadcast per row
+        I w[NP][NMAT];
+#pragma GCC unroll 8
+        for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+          for (int q = 0; q < NMAT; q++) w[p][q] = O::load_s8_pairs(bk + p * pstride + q * W * 2);
+#pragma GCC unroll 16
+        for (int m = 0; m < MR; m++) {
+          const I xv = O::bcast_word_pair(x0 + m);
+#pragma GCC unroll 8
+          for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+            for (int q = 0; q < NMAT; q++) acc[m][p][q] = O::dot_s16(acc[m][p][q], w[p][q], xv);
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+      for (int q = 0; q < NMAT; q++) {
+        const V sv = O::load(reinterpret_cast<const float*>(bg + p * pstride) + q * W);
+#pragma GCC unroll 16
+        for (int m = 0; m < MR; m++) {
+          float* cm = c + ((m * NP + p) * NMAT + q) * W;
+          const V sum = O::sub_to_float(acc[m][p][q], MODE == kI4Dot ? acorr[gi * MR + m] : 0);
+          O::store(cm, O::fma(O::mul(sum, O::set1(asx[gi * MR + m])), sv, O::load(cm)));
+        }
+      }
+  }
+}
+
+// micro<..., mr, NP> (or micro_q) for a run-time mr in [1, MR].
+template <class O, int MODE, int NMAT, int MR, int NP, bool PF>
+static void micro_rows(int mr, const char* a, int64_t K, int64_t k0, int64_t k1, int64_t gsz, const char* b,
+                       size_t pstride, float* c, bool carry) {
+  if constexpr (MR > 1) {
+    if (mr < MR) return micro_rows<O, MODE, NMAT, MR - 1, NP, PF>(mr, a, K, k0, k1, gsz, b, pstride, c, carry);
+  }
+  if constexpr (is_dot(MODE)) micro_qdot<O, MODE, NMAT, MR, NP>(a, K, k0, k1, gsz, b, pstride, c, carry);
+  else if constexpr (is_quant(MODE)) micro_q<O, MODE, NMAT, MR, NP>(a, K, k0, k1, gsz, b, pstride, c, carry);
+  else micro<O, MODE, NMAT, MR, NP, PF>(a, K, k0, k1, b, pstride, c, carry);
+}
+
+}  // namespace
+}  // namespace simd
+}  // namespace fmoe

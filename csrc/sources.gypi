@@ -1,0 +1,35 @@
+{
+  "variables": {
+    "fmoe_core_sources": [
+      "csrc/core/config.cpp",
+      "csrc/core/routing.cpp",
+      "csrc/core/dispatch.cpp",
+      "csrc/core/thread_pool.cpp",
+      "csrc/core/memory.cpp",
+      "csrc/core/backend_factory.cpp"
+    ],
+    "fmoe_cpu_sources": [
+      "csrc/cpu/packing.cpp",
+      "csrc/cpu/kernels_scalar.cpp",
+      "csrc/cpu/isa_select.cpp",
+      "csrc/cpu/cpu_backend.cpp"
+    ],
+    "fmoe_cuda_host_sources": [
+      "csrc/cuda/host/cuda_backend.cpp"
+    ],
+    "fmoe_probe_sources": [
+      "csrc/probes/probes.cpp"
+    ],
+    "fmoe_avx2_sources": ["csrc/cpu/kernels_avx2.cpp"],
+    "fmoe_avx512_sources": ["csrc/cpu/kernels_avx512.cpp"],
+    "fmoe_avx512bf16_sources": ["csrc/cpu/kernels_avx512bf16.cpp"],
+    "fmoe_neon_sources": ["csrc/cpu/kernels_neon.cpp"],
+    "fmoe_napi_sources": [
+      "csrc/napi/convert.cpp",
+      "csrc/napi/layer.cpp",
+      "csrc/napi/addon.cpp",
+      "csrc/napi/mmap.cpp",
+      "csrc/probes/bench_binding.cpp"
+    ]
+  }
+}
