@@ -6,13 +6,18 @@
       "csrc/core/dispatch.cpp",
       "csrc/core/thread_pool.cpp",
       "csrc/core/memory.cpp",
-      "csrc/core/backend_factory.cpp"
+      "csrc/core/backend_factory.cpp",
+      "csrc/core/kv_blocks.cpp"
     ],
     "fmoe_cpu_sources": [
       "csrc/cpu/packing.cpp",
       "csrc/cpu/kernels_scalar.cpp",
       "csrc/cpu/isa_select.cpp",
-      "csrc/cpu/cpu_backend.cpp"
+      "csrc/cpu/cpu_backend.cpp",
+      "csrc/cpu/linear.cpp",
+      "csrc/cpu/attention.cpp",
+      "csrc/cpu/decoder_ops.cpp",
+      "csrc/cpu/cpu_decoder.cpp"
     ],
     "fmoe_cuda_host_sources": [
       "csrc/cuda/host/cuda_backend.cpp"
@@ -27,6 +32,7 @@
     "fmoe_napi_sources": [
       "csrc/napi/convert.cpp",
       "csrc/napi/layer.cpp",
+      "csrc/napi/model.cpp",
       "csrc/napi/addon.cpp",
       "csrc/napi/mmap.cpp",
       "csrc/probes/bench_binding.cpp"

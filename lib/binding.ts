@@ -103,6 +103,8 @@ export interface NativeBinding {
   ) => NativeLayer;
   NativeCancel: new () => NativeCancel;
   NativeBuilder: new (config: NativeLayerConfig) => NativeBuilder;
+  /** A whole decoder (csrc/napi/model.cpp); lib/model/model.ts types and drives it. */
+  NativeModel: new (config: object) => unknown;
   backendInfo(): BackendInfo;
   limits: NativeLimits;
   enums: NativeEnums;

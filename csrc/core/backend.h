@@ -52,8 +52,9 @@ class LayerBuilder {
   virtual double progress() const = 0;
   // The same work for a caller that holds one expert at a time (the model loader): the router [E, H]
   // float32, and expert e whole. finish() then needs the router and every expert.
-  virtual void set_router(const float* gate) = 0;
-  virtual void pack_expert(int64_t e, const void* w1, const void* w3, const void* w2) = 0;
+  // Only the CPU builder supports it (the model runs on the CPU); the others throw.
+  virtual void set_router(const float* gate);
+  virtual void pack_expert(int64_t e, const void* w1, const void* w3, const void* w2);
   // The layer, once step() has returned true (or every expert was packed); the builder is spent afterwards.
   virtual std::unique_ptr<Backend> finish() = 0;
   // Why a layer asked for with DeviceRequest::Auto runs on the CPU; empty otherwise.

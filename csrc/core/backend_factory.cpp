@@ -5,6 +5,13 @@
 
 namespace fmoe {
 
+void LayerBuilder::set_router(const float*) {
+  fail(ErrorCode::Invalid, "this backend builds a layer from all its weights at once, not expert by expert");
+}
+void LayerBuilder::pack_expert(int64_t, const void*, const void*, const void*) {
+  fail(ErrorCode::Invalid, "this backend builds a layer from all its weights at once, not expert by expert");
+}
+
 BackendChoice choose_backend(const MoeConfig& cfg, DeviceRequest device) {
   BackendChoice c;
   switch (device) {

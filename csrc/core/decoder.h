@@ -14,12 +14,15 @@
 
 #include "backend.h"
 #include "config.h"
+#include "options.h"
 
 namespace fmoe {
 
 // Where the q/k RMSNorm applies: per head over head_dim (Qwen3-MoE), or over the whole q and k
 // projections (OLMoE).
 enum class QkNorm : int { None = 0, Head = 1, Projection = 2 };
+constexpr EnumName<QkNorm> kQkNormNames[] = {
+    {QkNorm::None, "none"}, {QkNorm::Head, "head"}, {QkNorm::Projection, "projection"}};
 
 struct DecoderConfig {
   int64_t vocab = 0;      // V
@@ -76,7 +79,14 @@ enum class Slot : int {
   SharedGate = 13, // [1, H]
   Dense = 14,      // the same with F = dense_intermediate
 };
-const char* slot_name(Slot s);
+// The names the binding takes (and errors print).
+constexpr EnumName<Slot> kSlotNames[] = {
+    {Slot::Embedding, "embedding"}, {Slot::FinalNorm, "finalNorm"}, {Slot::LmHead, "lmHead"},
+    {Slot::AttnNorm, "attnNorm"},   {Slot::Qkv, "qkv"},             {Slot::QkvBias, "qkvBias"},
+    {Slot::QNorm, "qNorm"},         {Slot::KNorm, "kNorm"},         {Slot::O, "o"},
+    {Slot::FfnNorm, "ffnNorm"},     {Slot::Router, "router"},       {Slot::Expert, "expert"},
+    {Slot::Shared, "shared"},       {Slot::SharedGate, "sharedGate"}, {Slot::Dense, "dense"}};
+inline const char* slot_name(Slot s) { return enum_name(kSlotNames, s); }
 
 struct TensorPart {
   const void* data = nullptr;

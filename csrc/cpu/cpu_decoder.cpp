@@ -19,27 +19,6 @@
 
 namespace fmoe {
 
-const char* slot_name(Slot s) {
-  switch (s) {
-    case Slot::Embedding: return "embedding";
-    case Slot::FinalNorm: return "final norm";
-    case Slot::LmHead: return "LM head";
-    case Slot::AttnNorm: return "attention norm";
-    case Slot::Qkv: return "q/k/v projections";
-    case Slot::QkvBias: return "q/k/v biases";
-    case Slot::QNorm: return "q norm";
-    case Slot::KNorm: return "k norm";
-    case Slot::O: return "output projection";
-    case Slot::FfnNorm: return "MLP norm";
-    case Slot::Router: return "router";
-    case Slot::Expert: return "expert";
-    case Slot::Shared: return "shared expert";
-    case Slot::SharedGate: return "shared expert gate";
-    case Slot::Dense: return "dense MLP";
-  }
-  return "unknown slot";
-}
-
 int64_t Decoder::logit_rows(const StepSequence* seqs, int64_t num_seqs) {
   int64_t rows = 0;
   for (int64_t i = 0; i < num_seqs; i++) rows += seqs[i].all_logits ? seqs[i].count : (seqs[i].count > 0 ? 1 : 0);
@@ -392,7 +371,7 @@ class CpuDecoder final : public Decoder {
   }
 
  private:
-  static std::string dtype_label(DType dt) { return dtype_size(dt) == 4 ? "float32" : dt == DType::BF16 ? "bfloat16" : "float16"; }
+  static std::string dtype_label(DType dt) { return dtype_name(dt); }
 
   MoeConfig moe_config(int64_t E, int64_t k, int64_t F, Routing r) const {
     MoeConfig m;

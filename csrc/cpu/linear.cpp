@@ -46,15 +46,15 @@ void PackedLinear::forward(const float* x, int64_t ldx, int64_t M, float* y, int
   const int64_t panels = (out_ + P - 1) / P;
   const int64_t tiles = std::min<int64_t>(panels, 4 * nthreads);
   const int64_t per = (panels + tiles - 1) / tiles;
-  next_activation_epoch();  // x is this call's input: no packed copy of an earlier one may serve
+  const ActEpoch epoch = new_activation_epoch();  // x is this call's input: no earlier packed copy serves
   pool.parallel_for(tiles, 1, threads, [&](int64_t b, int64_t e, int) {
     for (int64_t t = b; t < e; t++) {
       const int64_t o0 = t * per * P, o1 = std::min(out_, (t + 1) * per * P);
       if (o0 >= o1) continue;
       if (q_ != Quant::None)
-        kernels_->down_quant(x, ldx, M, out_, in_, packed_.get(), q_, group_, o0, o1, y, ldy);
+        kernels_->down_quant(x, ldx, M, out_, in_, packed_.get(), q_, group_, o0, o1, y, ldy, epoch);
       else
-        kernels_->down(x, ldx, M, out_, in_, packed_.get(), dt_, o0, o1, y, ldy);
+        kernels_->down(x, ldx, M, out_, in_, packed_.get(), dt_, o0, o1, y, ldy, epoch);
     }
   });
 }

@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "../core/dtype.h"
-#include "../core/kernels.h"
+#include "kernels.h"
 #include "../core/quant.h"
 #include "buffers.h"
 

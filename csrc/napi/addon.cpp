@@ -9,6 +9,7 @@
 #include "addon_data.h"
 #include "convert.h"
 #include "layer.h"
+#include "model.h"
 
 namespace fmoe_napi {
 
@@ -107,6 +108,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeLayer", layer);
   exports.Set("NativeCancel", cancel);
   exports.Set("NativeBuilder", NativeBuilder::Init(env));
+  exports.Set("NativeModel", NativeModel::Init(env));
   exports.Set("backendInfo", Napi::Function::New(env, BackendInfo, "backendInfo"));
   exports.Set("limits", Limits(env));
   exports.Set("enums", Enums(env));

@@ -1,0 +1,40 @@
+// NativeModel: the JS handle of one decoder (core decoder.h). Loads and steps run on worker threads and
+// hold a shared_ptr to the decoder, so dispose() during one frees the memory when it ends. One load or
+// step at a time: a second call while one runs throws (the facade queues its calls).
+#pragma once
+#include <napi.h>
+
+#include <atomic>
+#include <memory>
+
+#include "../core/decoder.h"
+
+namespace fmoe_napi {
+
+class NativeModel : public Napi::ObjectWrap<NativeModel> {
+ public:
+  static Napi::Function Init(Napi::Env env);
+  explicit NativeModel(const Napi::CallbackInfo& info);
+  ~NativeModel() override;
+
+ private:
+  Napi::Value Load(const Napi::CallbackInfo& info);
+  Napi::Value Missing(const Napi::CallbackInfo& info);
+  Napi::Value SequenceCreate(const Napi::CallbackInfo& info);
+  Napi::Value SequenceFree(const Napi::CallbackInfo& info);
+  Napi::Value SequenceLength(const Napi::CallbackInfo& info);
+  Napi::Value SequenceTruncate(const Napi::CallbackInfo& info);
+  Napi::Value Step(const Napi::CallbackInfo& info);
+  Napi::Value Info(const Napi::CallbackInfo& info);
+  Napi::Value Dispose(const Napi::CallbackInfo& info);
+
+  // The decoder, checked live and idle (no load or step running).
+  std::shared_ptr<fmoe::Decoder> idle(Napi::Env env) const;
+  void release(Napi::Env env);
+
+  std::shared_ptr<fmoe::Decoder> decoder_;
+  std::shared_ptr<std::atomic<bool>> busy_ = std::make_shared<std::atomic<bool>>(false);
+  int64_t external_bytes_ = 0;
+};
+
+}  // namespace fmoe_napi

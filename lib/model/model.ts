@@ -1,0 +1,356 @@
+/**
+ * MoeModel: a whole decoder of the MoE families from a Hugging Face checkpoint folder, run by the native
+ * decoder (csrc/core/decoder.h) one step at a time. Loading reads config.json, generation_config.json
+ * and the safetensors shards (memory-mapped, packed on worker threads, never on the event loop).
+ */
+import { promises as fsp } from 'fs';
+import * as path from 'path';
+import { binding } from '../binding';
+import { AbortError, MoeError, argRangeError, argTypeError, fromNative } from '../errors';
+import { openSafetensors } from '../safetensors/index';
+import type { SafetensorsFile, TensorView } from '../safetensors/index';
+import { checkInteger, checkObject, checkOneOf, checkSignal, describe } from '../validate';
+import { DecoderConfig, expectedShapes, parseDecoderConfig, tensorNames } from './config';
+
+export type KvCacheDtype = 'bfloat16' | 'float16' | 'float32';
+
+export interface LoadProgress {
+  /** Bytes of tensor data loaded so far, and in all. */
+  bytes: number;
+  totalBytes: number;
+  /** Tensors loaded so far, and in all. */
+  tensors: number;
+  totalTensors: number;
+}
+
+export interface LoadOptions {
+  /** Quantize every projection matrix (attention, experts, LM head) at load; embeddings stay as stored. */
+  quantize?: 'none' | 'int8' | 'int4';
+  /** Weights per scale along the reduction axis: 32 (default, as llama.cpp's Q8_0 and Q4_0), 64 or 128. */
+  quantGroupSize?: 32 | 64 | 128;
+  /** Element type of the KV cache; default 'bfloat16'. */
+  kvCacheDtype?: KvCacheDtype;
+  /** Longest sequence in positions; default min(4096, max_position_embeddings). */
+  contextLength?: number;
+  /** Sequences the KV cache holds at full context at once; default 1. */
+  maxSequences?: number;
+  /** CPU threads for this model; 0 (default): every pool thread. */
+  threads?: number;
+  signal?: AbortSignal;
+  onProgress?: (progress: LoadProgress) => void;
+}
+
+export interface LogitsOptions {
+  /** Logits of every position ([T * vocab]) instead of the last one's ([vocab]). */
+  all?: boolean;
+  signal?: AbortSignal;
+}
+
+/** The native decoder as the binding exposes it (csrc/napi/model.cpp). */
+export interface NativeModel {
+  load(slot: string, layer: number, index: number, parts: TensorView[], dtypes: string[]): Promise<void>;
+  missing(): string;
+  sequenceCreate(): number;
+  sequenceFree(id: number): void;
+  sequenceLength(id: number): number;
+  sequenceTruncate(id: number, length: number): void;
+  /** seqs: [id, count, allLogits (0/1)] per sequence. Resolves with `logits` once it is written. */
+  step(tokens: Int32Array, seqs: Float64Array, logits: Float32Array, cancel?: unknown): Promise<Float32Array>;
+  info(): { nativeBytes: number; freeCachePositions: number };
+  dispose(): void;
+}
+
+const KV_DTYPES: readonly KvCacheDtype[] = ['bfloat16', 'float16', 'float32'];
+const QUANTIZE = ['none', 'int8', 'int4'] as const;
+/** Positions per KV cache block. */
+const BLOCK_TOKENS = 16;
+/** Prompt tokens per native step in logits(): bounds the step's workspace. */
+const CHUNK_TOKENS = 512;
+const WEIGHT_DTYPES: Record<string, 'float32' | 'bfloat16' | 'float16'> = { F32: 'float32', BF16: 'bfloat16', F16: 'float16' };
+
+function checkpointError(message: string): MoeError {
+  return new MoeError('ERR_MOE_CHECKPOINT', message);
+}
+
+async function readJson(file: string, required: boolean): Promise<unknown> {
+  let text: string;
+  try {
+    text = await fsp.readFile(file, 'utf8');
+  } catch (err) {
+    if (!required && (err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw checkpointError(`${file}: cannot be read (${(err as Error).message})`);
+  }
+  try {
+    return JSON.parse(text);
+  } catch (err) {
+    throw checkpointError(`${file}: is not valid JSON (${(err as Error).message})`);
+  }
+}
+
+/** One native load call: a slot and the checkpoint tensors that fill it. */
+interface LoadItem {
+  slot: string;
+  layer: number;
+  index: number;
+  names: string[];
+}
+
+function loadPlan(cfg: DecoderConfig): LoadItem[] {
+  const names = tensorNames(cfg);
+  const items: LoadItem[] = [
+    { slot: 'embedding', layer: 0, index: 0, names: [names.embedding] },
+    { slot: 'finalNorm', layer: 0, index: 0, names: [names.finalNorm] },
+    { slot: 'lmHead', layer: 0, index: 0, names: [names.lmHead] },
+  ];
+  for (let l = 0; l < cfg.numLayers; l++) {
+    const n = names.layer(l);
+    items.push({ slot: 'attnNorm', layer: l, index: 0, names: [n.inputNorm] });
+    items.push({ slot: 'qkv', layer: l, index: 0, names: [n.q, n.k, n.v] });
+    if (n.qBias && n.kBias && n.vBias) items.push({ slot: 'qkvBias', layer: l, index: 0, names: [n.qBias, n.kBias, n.vBias] });
+    if (n.qNorm) items.push({ slot: 'qNorm', layer: l, index: 0, names: [n.qNorm] });
+    if (n.kNorm) items.push({ slot: 'kNorm', layer: l, index: 0, names: [n.kNorm] });
+    items.push({ slot: 'o', layer: l, index: 0, names: [n.o] });
+    items.push({ slot: 'ffnNorm', layer: l, index: 0, names: [n.postAttentionNorm] });
+    if (n.dense) items.push({ slot: 'dense', layer: l, index: 0, names: [n.dense.gate, n.dense.up, n.dense.down] });
+    if (n.router && n.expert) {
+      items.push({ slot: 'router', layer: l, index: 0, names: [n.router] });
+      for (let e = 0; e < cfg.moe.numExperts; e++) {
+        const x = n.expert(e);
+        items.push({ slot: 'expert', layer: l, index: e, names: [x.gate, x.up, x.down] });
+      }
+    }
+    if (n.shared) {
+      items.push({ slot: 'shared', layer: l, index: 0, names: [n.shared.gate, n.shared.up, n.shared.down] });
+      if (n.shared.sharedGate) items.push({ slot: 'sharedGate', layer: l, index: 0, names: [n.shared.sharedGate] });
+    }
+  }
+  return items;
+}
+
+/** Checks that every tensor the config implies is there with its shape; returns the matrices' dtype. */
+function checkTensors(file: SafetensorsFile, cfg: DecoderConfig, dir: string): { weightDtype: string; embedDtype: string } {
+  const { vocabSize: V, hiddenSize: H } = cfg;
+  const names = tensorNames(cfg);
+  const shapes = new Map<string, number[]>([
+    [names.embedding, [V, H]],
+    [names.finalNorm, [H]],
+    [names.lmHead, [V, H]],
+  ]);
+  for (let l = 0; l < cfg.numLayers; l++) for (const [k, s] of expectedShapes(cfg, l)) shapes.set(k, s);
+  for (const [name, shape] of shapes) {
+    const t = file.tensors.get(name);
+    if (!t) throw checkpointError(`${dir}: tensor '${name}' is missing (config.json implies it)`);
+    if (t.shape.length !== shape.length || t.shape.some((d, i) => d !== shape[i]))
+      throw checkpointError(`${dir}: tensor '${name}' has shape [${t.shape.join(', ')}], config.json implies [${shape.join(', ')}]`);
+    if (!(t.dtype in WEIGHT_DTYPES)) throw checkpointError(`${dir}: tensor '${name}' is ${t.dtype}; F32, BF16 or F16 is expected`);
+  }
+  // Every projection and expert matrix shares one dtype (the packed kernels read one).
+  const q0 = names.layer(0).q;
+  const weightDtype = file.tensors.get(q0)!.dtype;
+  for (const [name, shape] of shapes)
+    if (shape.length === 2 && name !== names.embedding && !name.endsWith('shared_expert_gate.weight')) {
+      const dt = file.tensors.get(name)!.dtype;
+      if (dt !== weightDtype) throw checkpointError(`${dir}: tensor '${name}' is ${dt} while '${q0}' is ${weightDtype}; mixed matrix dtypes are not supported`);
+    }
+  return { weightDtype, embedDtype: file.tensors.get(names.embedding)!.dtype };
+}
+
+export class MoeModel {
+  /** The decoder as config.json describes it. */
+  readonly config: DecoderConfig;
+  /** The options the model was loaded with, defaults filled in. */
+  readonly options: Readonly<{ quantize: string; quantGroupSize: number; kvCacheDtype: KvCacheDtype; contextLength: number; maxSequences: number; threads: number }>;
+  #native: NativeModel | undefined;
+  #busy: Promise<unknown> = Promise.resolve();
+
+  private constructor(config: DecoderConfig, options: MoeModel['options'], native: NativeModel) {
+    this.config = config;
+    this.options = options;
+    this.#native = native;
+  }
+
+  /** Loads a Hugging Face checkpoint folder (config.json, safetensors shards, generation_config.json). */
+  static async load(dir: string, options: LoadOptions = {}): Promise<MoeModel> {
+    if (typeof dir !== 'string' || dir.length === 0) throw argTypeError(`dir must be a folder path, got ${describe(dir)}`);
+    checkObject('options', options);
+    const signal = checkSignal('options.signal', options.signal);
+    const quantize = checkOneOf('options.quantize', options.quantize ?? 'none', QUANTIZE);
+    const quantGroupSize = checkOneOf('options.quantGroupSize', String(options.quantGroupSize ?? 32), ['32', '64', '128']);
+    const kvCacheDtype = checkOneOf('options.kvCacheDtype', options.kvCacheDtype ?? 'bfloat16', KV_DTYPES);
+    const maxSequences = checkInteger('options.maxSequences', options.maxSequences ?? 1, 1, 4096);
+    const threads = checkInteger('options.threads', options.threads ?? 0, 0, 1024);
+    if (options.onProgress !== undefined && typeof options.onProgress !== 'function')
+      throw argTypeError(`options.onProgress must be a function, got ${describe(options.onProgress)}`);
+    const aborted = () => new AbortError(undefined, { cause: signal?.reason });
+    if (signal?.aborted) throw aborted();
+
+    const cfg = parseDecoderConfig(await readJson(path.join(dir, 'config.json'), true), path.join(dir, 'config.json'));
+    const gen = (await readJson(path.join(dir, 'generation_config.json'), false)) as { eos_token_id?: unknown } | undefined;
+    if (gen && gen.eos_token_id !== undefined) {
+      const extra = (Array.isArray(gen.eos_token_id) ? gen.eos_token_id : [gen.eos_token_id]).filter((x): x is number => Number.isSafeInteger(x));
+      for (const id of extra) if (!cfg.eosTokenIds.includes(id)) cfg.eosTokenIds.push(id);
+    }
+    const contextLength = checkInteger('options.contextLength', options.contextLength ?? Math.min(4096, cfg.maxPositions), 1, 1 << 24);
+    if (signal?.aborted) throw aborted();
+
+    const file = await openSafetensors(dir);
+    let native: NativeModel | undefined;
+    try {
+      const { weightDtype, embedDtype } = checkTensors(file, cfg, dir);
+      const blocksPerSequence = Math.ceil(contextLength / BLOCK_TOKENS);
+      const nativeConfig = {
+        vocab: cfg.vocabSize,
+        hidden: cfg.hiddenSize,
+        layers: cfg.numLayers,
+        heads: cfg.numHeads,
+        kvHeads: cfg.numKvHeads,
+        headDim: cfg.headDim,
+        ropeTheta: cfg.ropeTheta,
+        rmsEps: cfg.rmsNormEps,
+        window: cfg.slidingWindow,
+        qkNorm: cfg.qkNorm,
+        qkvBias: cfg.qkvBias,
+        clipQkv: cfg.clipQkv,
+        numExperts: cfg.moe.numExperts,
+        topK: cfg.moe.topK,
+        moeIntermediate: cfg.moe.intermediateSize,
+        routing: cfg.moe.routing,
+        sharedIntermediate: cfg.moe.sharedIntermediateSize,
+        sharedGate: cfg.moe.sharedGate,
+        denseIntermediate: cfg.denseIntermediateSize,
+        moeLayers: cfg.moeLayers.map((m) => (m ? 1 : 0)),
+        weightDtype: WEIGHT_DTYPES[weightDtype],
+        embedDtype: WEIGHT_DTYPES[embedDtype],
+        quantize,
+        quantGroupSize: Number(quantGroupSize),
+        kvDtype: kvCacheDtype,
+        blockTokens: BLOCK_TOKENS,
+        cacheBlocks: blocksPerSequence * maxSequences,
+        context: contextLength,
+        threads,
+      };
+      try {
+        const Ctor = binding().NativeModel;
+        native = new Ctor(nativeConfig) as NativeModel;
+      } catch (err) {
+        throw fromNative(err);
+      }
+      const plan = loadPlan(cfg);
+      const bytesOf = (n: string) => {
+        const t = file.tensors.get(n)!;
+        return t.shape.reduce((a, b) => a * b, 1) * (t.dtype === 'F32' ? 4 : 2);
+      };
+      const totalBytes = plan.reduce((s, it) => s + it.names.reduce((a, n) => a + bytesOf(n), 0), 0);
+      const totalTensors = plan.reduce((s, it) => s + it.names.length, 0);
+      let bytes = 0, tensors = 0;
+      for (const item of plan) {
+        if (signal?.aborted) throw aborted();
+        const views = item.names.map((n) => file.get(n));
+        try {
+          await native.load(item.slot, item.layer, item.index, views, item.names.map((n) => WEIGHT_DTYPES[file.tensors.get(n)!.dtype]));
+        } catch (err) {
+          throw fromNative(err);
+        }
+        bytes += item.names.reduce((a, n) => a + bytesOf(n), 0);
+        tensors += item.names.length;
+        options.onProgress?.({ bytes, totalBytes, tensors, totalTensors });
+      }
+      const missing = native.missing();
+      if (missing) throw new MoeError('ERR_MOE_INTERNAL', `the model was not fully loaded: ${missing} is missing`);
+      const model = new MoeModel(
+        cfg,
+        { quantize, quantGroupSize: Number(quantGroupSize), kvCacheDtype, contextLength, maxSequences, threads },
+        native,
+      );
+      native = undefined;
+      return model;
+    } finally {
+      native?.dispose();
+      file.close();
+    }
+  }
+
+  /** Bytes of native memory the model holds (weights and KV cache); 0 after dispose(). */
+  get nativeBytes(): number {
+    return this.#native ? this.#native.info().nativeBytes : 0;
+  }
+
+  /**
+   * Logits of a fresh sequence that starts at position 0 with exactly these tokens (no BOS added): of
+   * the last position ([vocab]), or of every position ([T * vocab]) with `all`.
+   */
+  logits(tokens: ArrayLike<number>, options: LogitsOptions = {}): Promise<Float32Array> {
+    let ids: Int32Array;
+    let signal: AbortSignal | undefined;
+    try {
+      this.#live();
+      ids = this.#tokens('tokens', tokens);
+      checkObject('options', options);
+      signal = checkSignal('options.signal', options.signal);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    const all = options.all === true;
+    if (ids.length === 0) return Promise.reject(argRangeError('tokens must hold at least one token'));
+    return this.#exclusive(async () => {
+      const native = this.#live();
+      const V = this.config.vocabSize;
+      const out = new Float32Array((all ? ids.length : 1) * V);
+      const seq = native.sequenceCreate();
+      try {
+        for (let t0 = 0; t0 < ids.length; t0 += CHUNK_TOKENS) {
+          if (signal?.aborted) throw new AbortError(undefined, { cause: signal.reason });
+          const chunk = ids.subarray(t0, Math.min(ids.length, t0 + CHUNK_TOKENS));
+          const last = t0 + chunk.length === ids.length;
+          const rows = all ? chunk.length : last ? 1 : 0;
+          const logits = rows > 0 ? out.subarray((all ? t0 : 0) * V, (all ? t0 : 0) * V + rows * V) : new Float32Array(V);
+          try {
+            await native.step(chunk, Float64Array.of(seq, chunk.length, all ? 1 : 0), logits);
+          } catch (err) {
+            throw fromNative(err);
+          }
+        }
+      } finally {
+        native.sequenceFree(seq);
+      }
+      return out;
+    });
+  }
+
+  /** Frees the weights and the KV cache once the running step (if any) ends; later calls throw. */
+  dispose(): void {
+    const native = this.#native;
+    if (!native) return;
+    this.#native = undefined;
+    void this.#busy.finally(() => native.dispose());
+  }
+
+  #live(): NativeModel {
+    if (!this.#native) throw new MoeError('ERR_MOE_DISPOSED', 'this MoeModel was disposed; load a new one');
+    return this.#native;
+  }
+
+  /** Runs fn after every earlier call on this model has settled (one native step at a time). */
+  #exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.#busy.then(fn, fn);
+    this.#busy = run.catch(() => undefined);
+    return run;
+  }
+
+  #tokens(name: string, tokens: ArrayLike<number>): Int32Array {
+    if (tokens === null || typeof tokens !== 'object' || typeof (tokens as { length?: unknown }).length !== 'number')
+      throw argTypeError(`${name} must be an array of token ids, got ${describe(tokens)}`);
+    const n = tokens.length;
+    if (n > this.options.contextLength)
+      throw argRangeError(`${name} holds ${n} tokens, more than the context of ${this.options.contextLength}`);
+    const ids = new Int32Array(n);
+    const V = this.config.vocabSize;
+    for (let i = 0; i < n; i++) {
+      const t = tokens[i];
+      if (typeof t !== 'number' || !Number.isInteger(t) || t < 0 || t >= V)
+        throw argRangeError(`${name}[${i}] must be a token id in [0, ${V}), got ${describe(t)}`);
+      ids[i] = t;
+    }
+    return ids;
+  }
+}
