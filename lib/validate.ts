@@ -50,13 +50,16 @@ export function checkTyped<T extends ArrayBufferView>(name: string, v: unknown, 
   return v as unknown as T;
 }
 
-/** Product of sizes, refused when it passes what a safe integer (and so any allocation) can hold. */
-export function checkedProduct(name: string, ...factors: number[]): number {
+/**
+ * Product of sizes, refused past `maxElements` (the core's limit, binding.limits.maxElements: every
+ * size stays exact in a double and far from int64 overflow in byte counts).
+ */
+export function checkedProduct(name: string, maxElements: number, ...factors: number[]): number {
   let p = 1;
   for (const f of factors) {
     p *= f;
-    if (!Number.isSafeInteger(p) || p > 2 ** 52)
-      throw argRangeError(`${name} (${factors.join(' * ')}) is too large: it passes 2^52 elements`);
+    if (!Number.isSafeInteger(p) || p > maxElements)
+      throw argRangeError(`${name} (${factors.join(' * ')}) is too large: it passes ${Number.isInteger(Math.log2(maxElements)) ? `2^${Math.log2(maxElements)}` : maxElements} elements`);
   }
   return p;
 }

@@ -14,6 +14,8 @@ extern "C" {
 
 #define FMOE_CUDA_ABI_VERSION 3
 
+/* Status codes; the addon maps each to the core's fmoe::ErrorCode named beside it (by a switch, not by
+ * value: FMOE_CUDA_OK is 0 here while ErrorCode::Invalid is 0 there). */
 #define FMOE_CUDA_OK 0
 #define FMOE_CUDA_ERR_INVALID 1   /* ErrorCode::Invalid */
 #define FMOE_CUDA_ERR_NO_DEVICE 3 /* ErrorCode::NoDevice */
