@@ -161,6 +161,8 @@ export class MoeLayer {
   readonly device: 'cpu' | 'cuda';
   /** Kernel set (CPU ISA) or CUDA device name. */
   readonly kernels: string;
+  /** Why a `device: 'auto'` layer runs on the CPU (no CUDA library, driver or device; quantized); else null. */
+  readonly fallbackReason: string | null;
   #native: NativeLayer | undefined;
   #disposing = false;
   readonly #inFlight = new Set<Promise<unknown>>();
@@ -180,6 +182,7 @@ export class MoeLayer {
     this.config = Object.freeze(built.cfg);
     this.device = info.device;
     this.kernels = info.kernels;
+    this.fallbackReason = info.fallbackReason;
   }
 
   /**

@@ -64,7 +64,11 @@ test('the raw binding parses names with the core tables and says what it expecte
 test("a layer built with device 'auto' says why it runs on the CPU", () => {
   const layer = new MoeLayer({ ...base, device: 'auto', quantize: 'int4' }, weights());
   expect(layer.device).toBe('cpu');
+  expect(layer.fallbackReason).toMatch(/quantize 'int4' runs on the CPU backend only/);
   layer.dispose();
+  const plain = new MoeLayer({ ...base, device: 'cpu' }, weights());
+  expect(plain.fallbackReason).toBeNull();
+  plain.dispose();
   const b = binding().NativeLayer;
   const w = weights();
   const native = new b({ ...base, routing: 'softmax-topk-renorm', weightDtype: 'float32', device: 'auto', threads: 0, cudaDevice: 0, quantize: 'int4', quantGroupSize: 32 },
