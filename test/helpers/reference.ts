@@ -1,6 +1,6 @@
 /**
- * An independent float64 reference of the MoE block (DESIGN.md), plus seeded random data and 16-bit
- * encoders. Written from the math, sharing no code with the package.
+ * An independent float64 reference of the MoE block (docs/ARCHITECTURE.md), plus seeded random data
+ * and 16-bit encoders. Written from the math, sharing no code with the package.
  */
 
 /** mulberry32: a small seeded PRNG, so every test input is reproducible. */
