@@ -26,7 +26,7 @@ export interface MoeConfig {
   weightDtype?: WeightDtype;
   /** 'cpu' (default), 'cuda', or 'auto' (CUDA when available, else CPU). */
   device?: Device;
-  /** CPU threads for this layer's work; default: physical cores. */
+  /** At most this many of the shared pool's threads for this layer's forwards (never more); 0 (default): all. */
   threads?: number;
   /** CUDA device ordinal; default 0. */
   cudaDevice?: number;

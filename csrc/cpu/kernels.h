@@ -51,9 +51,10 @@ struct KernelSet {
                int64_t h_begin, int64_t h_end, float* y, int64_t ldy, ActEpoch act_epoch);
 
   // The same four for weights quantized at load (quant.h, layout in packing.h): the packers read any
-  // float dtype and quantize group by group; the kernels dequantize in registers (float32 math) and
-  // keep the contract above: each group's products are summed in ascending k from zero, then added to
-  // the output's accumulator times the group's scale, groups in ascending order.
+  // float dtype and quantize group by group. The kernels keep the contract above: each group's products
+  // are summed in ascending k from zero (in float32 from codes widened in registers on the scalar and
+  // NEON sets, exactly in integers on the x86 sets: see int8_activations below), then added to the
+  // output's accumulator times the group's scale, groups in ascending order.
   size_t (*w13_quant_bytes)(int64_t H, int64_t F, Quant q, int64_t group);
   size_t (*w2_quant_bytes)(int64_t H, int64_t F, Quant q, int64_t group);
   void (*pack_w13_quant)(const void* w1, const void* w3, int64_t H, int64_t F, DType dt, Quant q, int64_t group,
