@@ -52,12 +52,12 @@ export function randomTokens(n: number, V: number, seed: number): number[] {
  * A prompt of `length` tokens (from seeded draws) whose reference run of `steps` greedy tokens keeps
  * every router choice and every greedy pick at least `margin` (in logits) from a tie.
  */
-export function pickPrompt(model: ReferenceDecoder, seed: number, length: number, steps: number, margin: number): { prompt: number[]; run: GreedyRun } {
+export function pickPrompt(model: ReferenceDecoder, seed: number, length: number, steps: number, margin: number, draws = 20): { prompt: number[]; run: GreedyRun } {
   const V = model.spec.vocabSize;
-  for (let draw = 1; draw <= 20; draw++) {
+  for (let draw = 1; draw <= draws; draw++) {
     const prompt = randomTokens(length, V, seed * 1000 + draw);
     const run = greedyRun(model, prompt, steps);
     if (run.minRouterGap >= margin && run.minTop2Gap >= margin) return { prompt, run };
   }
-  throw new Error('no prompt clear of near-ties in 20 draws: the random model routes too close to ties');
+  throw new Error(`no prompt clear of near-ties in ${draws} draws: the random model routes too close to ties`);
 }
