@@ -5,7 +5,7 @@
  */
 import { promises as fsp } from 'fs';
 import * as path from 'path';
-import { binding } from '../binding';
+import { binding, NativeCancel } from '../binding';
 import { AbortError, MoeError, argRangeError, argTypeError, fromNative } from '../errors';
 import { openSafetensors } from '../safetensors/index';
 import type { SafetensorsFile, TensorView } from '../safetensors/index';
@@ -46,6 +46,44 @@ export interface LogitsOptions {
   signal?: AbortSignal;
 }
 
+/**
+ * A sequence of the model's KV cache, for step(): empty when created, `length` positions after its
+ * steps; free() gives its cache blocks back.
+ * @internal
+ */
+export class ModelSequence {
+  /** The native sequence id, assigned by the first step (sequences are made inside the model's queue). */
+  nativeId: number | undefined;
+  /** Positions the cache holds for this sequence. */
+  length = 0;
+  freed = false;
+  constructor(readonly model: MoeModel) {}
+
+  /** Frees the sequence's cache blocks once the steps queued before this call have run. */
+  free(): void {
+    this.model.freeSequence(this);
+  }
+}
+
+/**
+ * One sequence's share of a step: `tokens` appended at its next positions; logits of every new token
+ * with `all`, else of the last one.
+ * @internal
+ */
+export interface StepEntry {
+  sequence: ModelSequence;
+  tokens: ArrayLike<number>;
+  all?: boolean;
+}
+
+/** A checked StepEntry: its tokens as ids and the argument name errors cite. */
+interface PreparedEntry {
+  sequence: ModelSequence;
+  ids: Int32Array;
+  all: boolean;
+  name: string;
+}
+
 /** The native decoder as the binding exposes it (csrc/napi/model.cpp). */
 export interface NativeModel {
   load(slot: string, layer: number, index: number, parts: TensorView[], dtypes: string[]): Promise<void>;
@@ -55,7 +93,7 @@ export interface NativeModel {
   sequenceLength(id: number): number;
   sequenceTruncate(id: number, length: number): void;
   /** seqs: [id, count, allLogits (0/1)] per sequence. Resolves with `logits` once it is written. */
-  step(tokens: Int32Array, seqs: Float64Array, logits: Float32Array, cancel?: unknown): Promise<Float32Array>;
+  step(tokens: Int32Array, seqs: Float64Array, logits: Float32Array, cancel?: NativeCancel): Promise<Float32Array>;
   info(): { nativeBytes: number; freeCachePositions: number };
   dispose(): void;
 }
@@ -296,25 +334,83 @@ export class MoeModel {
       const native = this.#live();
       const V = this.config.vocabSize;
       const out = new Float32Array((all ? ids.length : 1) * V);
-      const seq = native.sequenceCreate();
+      const sequence = new ModelSequence(this);
       try {
         for (let t0 = 0; t0 < ids.length; t0 += CHUNK_TOKENS) {
-          if (signal?.aborted) throw new AbortError(undefined, { cause: signal.reason });
           const chunk = ids.subarray(t0, Math.min(ids.length, t0 + CHUNK_TOKENS));
           const last = t0 + chunk.length === ids.length;
-          const rows = all ? chunk.length : last ? 1 : 0;
-          const logits = rows > 0 ? out.subarray((all ? t0 : 0) * V, (all ? t0 : 0) * V + rows * V) : new Float32Array(V);
-          try {
-            await native.step(chunk, Float64Array.of(seq, chunk.length, all ? 1 : 0), logits);
-          } catch (err) {
-            throw fromNative(err);
-          }
+          // A chunk that is neither wanted whole nor last still writes its last row: into scratch.
+          const logits = all ? out.subarray(t0 * V, (t0 + chunk.length) * V) : last ? out : new Float32Array(V);
+          await this.#run(native, [{ sequence, ids: chunk, all, name: 'tokens' }], logits, signal);
         }
       } finally {
-        native.sequenceFree(seq);
+        if (sequence.nativeId !== undefined) native.sequenceFree(sequence.nativeId);
       }
       return out;
     });
+  }
+
+  /**
+   * A new, empty sequence for step().
+   * @internal
+   */
+  createSequence(): ModelSequence {
+    this.#live();
+    return new ModelSequence(this);
+  }
+
+  /**
+   * Runs one native step over several sequences: each entry's tokens go to its sequence's next
+   * positions. Resolves with each entry's logits ([count * vocab] with `all`, else [vocab]; empty for
+   * no tokens), views of one buffer. Steps queue behind every earlier call on the model.
+   * @internal
+   */
+  step(batch: readonly StepEntry[], options: { signal?: AbortSignal } = {}): Promise<Float32Array[]> {
+    let entries: PreparedEntry[];
+    let signal: AbortSignal | undefined;
+    try {
+      this.#live();
+      if (!Array.isArray(batch) || batch.length === 0)
+        throw argTypeError(`batch must be a non-empty array of { sequence, tokens, all }, got ${describe(batch)}`);
+      const seen = new Set<ModelSequence>();
+      entries = batch.map((entry: unknown, i) => {
+        checkObject(`batch[${i}]`, entry);
+        const sequence = this.#sequence(`batch[${i}].sequence`, entry.sequence);
+        if (seen.has(sequence)) throw argRangeError(`batch[${i}].sequence appears twice in the batch`);
+        seen.add(sequence);
+        const name = `batch[${i}].tokens`;
+        return { sequence, ids: this.#tokens(name, entry.tokens as ArrayLike<number>), all: entry.all === true, name };
+      });
+      checkObject('options', options);
+      signal = checkSignal('options.signal', options.signal);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return this.#exclusive(async () => {
+      const native = this.#live();
+      const V = this.config.vocabSize;
+      const rows = entries.map((e) => (e.all ? e.ids.length : Math.min(1, e.ids.length)));
+      const logits = new Float32Array(rows.reduce((a, b) => a + b, 0) * V);
+      await this.#run(native, entries, logits, signal);
+      let at = 0;
+      return rows.map((r) => logits.subarray(at * V, (at += r) * V));
+    });
+  }
+
+  /**
+   * Frees a sequence's cache blocks once the steps queued before this call have run; later steps
+   * refuse it. Freeing twice does nothing.
+   * @internal
+   */
+  freeSequence(sequence: ModelSequence): void {
+    const seq = this.#sequence('sequence', sequence, true);
+    if (seq.freed) return;
+    seq.freed = true;
+    if (!this.#native) return; // dispose() frees every sequence
+    void this.#exclusive(async () => {
+      if (seq.nativeId !== undefined && this.#native) this.#native.sequenceFree(seq.nativeId);
+      seq.nativeId = undefined;
+    }).catch(() => undefined);
   }
 
   /** Frees the weights and the KV cache once the running step (if any) ends; later calls throw. */
@@ -335,6 +431,51 @@ export class MoeModel {
     const run = this.#busy.then(fn, fn);
     this.#busy = run.catch(() => undefined);
     return run;
+  }
+
+  #sequence(name: string, v: unknown, freedOk = false): ModelSequence {
+    if (!(v instanceof ModelSequence) || v.model !== this)
+      throw argTypeError(`${name} must be a sequence of this model (from createSequence()), got ${describe(v)}`);
+    if (v.freed && !freedOk) throw argRangeError(`${name} was freed`);
+    return v;
+  }
+
+  /**
+   * One native step, inside the queue: creates the entries' native sequences on first use, writes the
+   * logits rows into `logits`, and grows the sequences once the step succeeded. An abort of `signal`
+   * cancels the running step.
+   */
+  async #run(native: NativeModel, entries: PreparedEntry[], logits: Float32Array, signal: AbortSignal | undefined): Promise<void> {
+    const aborted = () => new AbortError(undefined, { cause: signal?.reason });
+    if (signal?.aborted) throw aborted();
+    for (const e of entries)
+      if (e.sequence.length + e.ids.length > this.options.contextLength)
+        throw argRangeError(
+          `${e.name} holds ${e.ids.length} tokens after ${e.sequence.length}, more than the context of ${this.options.contextLength}`,
+        );
+    for (const e of entries) if (e.sequence.nativeId === undefined) e.sequence.nativeId = native.sequenceCreate();
+    const tokens = new Int32Array(entries.reduce((a, e) => a + e.ids.length, 0));
+    const seqs = new Float64Array(3 * entries.length);
+    let at = 0;
+    entries.forEach((e, i) => {
+      tokens.set(e.ids, at);
+      at += e.ids.length;
+      seqs.set([e.sequence.nativeId!, e.ids.length, e.all ? 1 : 0], 3 * i);
+    });
+    let cancel: NativeCancel | undefined;
+    const onAbort = () => cancel!.cancel();
+    if (signal) {
+      cancel = new (binding().NativeCancel)();
+      signal.addEventListener('abort', onAbort, { once: true });
+    }
+    try {
+      await native.step(tokens, seqs, logits, cancel);
+    } catch (err) {
+      throw (err as { code?: string })?.code === 'ABORT_ERR' ? aborted() : fromNative(err);
+    } finally {
+      signal?.removeEventListener('abort', onAbort);
+    }
+    for (const e of entries) e.sequence.length += e.ids.length;
   }
 
   #tokens(name: string, tokens: ArrayLike<number>): Int32Array {

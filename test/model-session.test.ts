@@ -1,0 +1,146 @@
+/**
+ * The model's sequences and steps (MoeModel.createSequence / step / freeSequence, internal): a row's
+ * logits are one fixed computation whatever else runs with it. A batch of sequences gives the same
+ * bits as each sequence alone; a prompt cut into chunks the same bits as in one call; a decode after a
+ * prefill the same bits as that token inside a longer prefill. Checked on every family in bf16 with the
+ * default bf16 KV cache, and with int4 weights (whose kernels quantize each token's activations).
+ */
+import { MoeModel, ModelSequence } from '../lib/model/model';
+import { makeTempDir, removeTempDir } from './helpers/checkpoint';
+import { firstBitDifference, randomTokens } from './helpers/model/compare';
+import { FAMILIES, RandomModel, writeRandomModel } from './helpers/model/random-model';
+
+let dir = '';
+const written = new Map<string, RandomModel>();
+beforeAll(() => {
+  dir = makeTempDir('fmoe-model-session-');
+  FAMILIES.forEach((family, i) => written.set(family, writeRandomModel(`${dir}/${family}`, { family, dtype: 'bfloat16', seed: 51 + i, gguf: false })));
+});
+afterAll(() => {
+  if (dir) removeTempDir(dir);
+});
+
+/** A step's logits, copied out of the step's shared buffer. */
+async function run(model: MoeModel, entries: { sequence: ModelSequence; tokens: number[]; all?: boolean }[]): Promise<Float32Array[]> {
+  return (await model.step(entries)).map((rows) => rows.slice());
+}
+
+/** Logits of `tokens` on a fresh sequence, fed in chunks of the given sizes (all rows). */
+async function chunked(model: MoeModel, tokens: number[], sizes: number[]): Promise<Float32Array> {
+  const V = model.config.vocabSize;
+  const out = new Float32Array(tokens.length * V);
+  const sequence = model.createSequence();
+  let at = 0;
+  for (const n of sizes) {
+    const [rows] = await run(model, [{ sequence, tokens: tokens.slice(at, at + n), all: true }]);
+    out.set(rows, at * V);
+    at += n;
+  }
+  expect(at).toBe(tokens.length);
+  expect(sequence.length).toBe(tokens.length);
+  sequence.free();
+  return out;
+}
+
+const variants = [
+  ...FAMILIES.map((family) => ({ name: `${family} bf16`, family, quantize: 'none' as const })),
+  { name: 'qwen2moe int4', family: 'qwen2moe', quantize: 'int4' as const },
+];
+
+describe.each(variants)('$name: the same bits however the work is batched', ({ family, quantize }) => {
+  let model: MoeModel;
+  let V = 0;
+  beforeAll(async () => {
+    model = await MoeModel.load(written.get(family)!.hfDir, { quantize, contextLength: 640, maxSequences: 4 });
+    V = model.config.vocabSize;
+  });
+  afterAll(() => model.dispose());
+
+  test('a batch of sequences (prefill, then decode) gives each sequence alone', async () => {
+    const prompts = [randomTokens(37, V, 1), randomTokens(5, V, 2), randomTokens(1, V, 3)];
+    const next = [randomTokens(1, V, 4), randomTokens(3, V, 5), randomTokens(1, V, 6)];
+    const batched = prompts.map(() => model.createSequence());
+    const prefill = await run(model, prompts.map((tokens, i) => ({ sequence: batched[i], tokens, all: true })));
+    const decode = await run(model, next.map((tokens, i) => ({ sequence: batched[i], tokens, all: i === 1 })));
+    batched.forEach((s) => s.free());
+    for (let i = 0; i < prompts.length; i++) {
+      const sequence = model.createSequence();
+      const [alonePrefill] = await run(model, [{ sequence, tokens: prompts[i], all: true }]);
+      const [aloneDecode] = await run(model, [{ sequence, tokens: next[i], all: i === 1 }]);
+      sequence.free();
+      expect([i, firstBitDifference(prefill[i], alonePrefill), firstBitDifference(decode[i], aloneDecode)]).toEqual([i, -1, -1]);
+    }
+    expect(decode[1].length).toBe(3 * V);
+    expect(decode[0].length).toBe(V);
+  });
+
+  test('a prompt in chunks gives the same bits as in one call', async () => {
+    const tokens = randomTokens(70, V, 7);
+    const whole = await chunked(model, tokens, [70]);
+    expect(firstBitDifference(await chunked(model, tokens, [16, 1, 30, 23]), whole)).toBe(-1);
+    expect(firstBitDifference(await chunked(model, tokens, Array(70).fill(1)), whole)).toBe(-1);
+    expect(firstBitDifference(await chunked(model, tokens, [70]), whole)).toBe(-1); // run to run
+    // logits() cuts prompts longer than 512 tokens itself.
+    const long = randomTokens(600, V, 8);
+    expect(firstBitDifference(await model.logits(long, { all: true }), await chunked(model, long, [100, 500]))).toBe(-1);
+  });
+
+  test('a decode after a prefill gives that token inside a longer prefill', async () => {
+    const tokens = randomTokens(41, V, 9);
+    const sequence = model.createSequence();
+    await run(model, [{ sequence, tokens: tokens.slice(0, 40) }]);
+    const [decoded] = await run(model, [{ sequence, tokens: [tokens[40]] }]);
+    sequence.free();
+    expect(firstBitDifference(decoded, await model.logits(tokens))).toBe(-1);
+  });
+});
+
+describe('sequences', () => {
+  let model: MoeModel;
+  beforeAll(async () => {
+    model = await MoeModel.load(written.get('mixtral')!.hfDir, { contextLength: 48, maxSequences: 1 });
+  });
+  afterAll(() => model.dispose());
+
+  test('a freed sequence gives its cache back: a full-context sequence fits again and again', async () => {
+    const tokens = randomTokens(48, model.config.vocabSize, 10);
+    for (let i = 0; i < 5; i++) {
+      const sequence = model.createSequence();
+      await model.step([{ sequence, tokens }]);
+      expect(sequence.length).toBe(48);
+      sequence.free();
+      sequence.free(); // twice: nothing more
+    }
+  });
+
+  test('bad batches are refused, naming the argument; the sequence is unchanged', async () => {
+    const sequence = model.createSequence();
+    await model.step([{ sequence, tokens: [5, 6] }]);
+    const other = await MoeModel.load(written.get('mixtral')!.hfDir, { contextLength: 48 });
+    try {
+      await expect(model.step([])).rejects.toThrow(TypeError);
+      await expect(model.step([{ sequence: other.createSequence(), tokens: [5] }])).rejects.toThrow(/batch\[0\]\.sequence must be a sequence of this model/);
+      await expect(model.step([{ sequence, tokens: [5] }, { sequence, tokens: [6] }])).rejects.toThrow(/batch\[1\]\.sequence appears twice/);
+      await expect(model.step([{ sequence, tokens: [5, 1e9] }])).rejects.toThrow(/batch\[0\]\.tokens\[1\] must be a token id/);
+      const tooLong = model.step([{ sequence, tokens: Array(47).fill(5) }]);
+      await expect(tooLong).rejects.toThrow(RangeError);
+      await expect(tooLong).rejects.toThrow(/batch\[0\]\.tokens holds 47 tokens after 2, more than the context of 48/);
+      expect(sequence.length).toBe(2);
+      await expect(model.step([{ sequence, tokens: Array(46).fill(5) }])).resolves.toHaveLength(1);
+      sequence.free();
+      await expect(model.step([{ sequence, tokens: [5] }])).rejects.toThrow(/batch\[0\]\.sequence was freed/);
+    } finally {
+      other.dispose();
+    }
+  });
+
+  test('free() waits for the steps queued before it', async () => {
+    const sequence = model.createSequence();
+    const step = model.step([{ sequence, tokens: [7, 8, 9] }]);
+    sequence.free();
+    await expect(step).resolves.toHaveLength(1);
+    expect(sequence.length).toBe(3);
+    // The cache is whole again: a full-context prompt fits.
+    await expect(model.logits(randomTokens(48, model.config.vocabSize, 11))).resolves.toHaveLength(model.config.vocabSize);
+  });
+});
