@@ -9,7 +9,8 @@ import { makeTempDir, removeTempDir } from './helpers/checkpoint';
 import { rng } from './helpers/reference';
 import { llamaUnavailableReason, OracleJob, OracleResult, runLlama } from './helpers/model/llama-oracle';
 import { Family, FAMILIES, RandomModel, TOKENS, WeightDtype, writeRandomModel } from './helpers/model/random-model';
-import { greedyRun, GreedyRun, ReferenceDecoder } from './helpers/model/reference-decoder';
+import { GreedyRun, ReferenceDecoder } from './helpers/model/reference-decoder';
+import { centredRelErrors, medianOf, pickPrompt } from './helpers/model/compare';
 import { readCheckpoint } from './helpers/model/safetensors-read';
 
 const PROMPT = 64;
@@ -32,40 +33,6 @@ if (unavailable) {
 }
 const describeOracle = unavailable ? describe.skip : describe;
 
-/** Per position, ||a - b|| / ||b|| of the logits centred over the vocabulary (log-probabilities and logits differ by a constant per position). */
-function centredRelErrors(a: ArrayLike<number>, b: ArrayLike<number>, rows: number, V: number): number[] {
-  const errs: number[] = [];
-  for (let r = 0; r < rows; r++) {
-    let ma = 0, mb = 0;
-    for (let i = 0; i < V; i++) {
-      ma += a[r * V + i];
-      mb += b[r * V + i];
-    }
-    ma /= V;
-    mb /= V;
-    let num = 0, den = 0;
-    for (let i = 0; i < V; i++) {
-      const x = a[r * V + i] - ma, y = b[r * V + i] - mb;
-      num += (x - y) ** 2;
-      den += y ** 2;
-    }
-    errs.push(Math.sqrt(num / den));
-  }
-  return errs;
-}
-
-/** A prompt (from a seeded draw) whose reference run stays clear of routing and greedy near-ties. */
-function pickPrompt(model: ReferenceDecoder, seed: number, steps: number): { prompt: number[]; run: GreedyRun } {
-  const V = model.spec.vocabSize;
-  for (let draw = 1; draw <= 20; draw++) {
-    const rand = rng(seed * 1000 + draw);
-    const prompt = Array.from({ length: PROMPT }, () => TOKENS.firstByte + Math.floor(rand() * (V - TOKENS.firstByte)));
-    const run = greedyRun(model, prompt, steps);
-    if (run.minRouterGap >= MARGIN && run.minTop2Gap >= MARGIN) return { prompt, run };
-  }
-  throw new Error('no prompt clear of near-ties in 20 draws: the random model routes too close to ties');
-}
-
 interface Case {
   name: string;
   model: RandomModel;
@@ -73,7 +40,6 @@ interface Case {
   reference: GreedyRun;
 }
 
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
 
 describeOracle('llama.cpp agrees with the float64 reference decoder', () => {
   let dir = '';
@@ -87,7 +53,7 @@ describeOracle('llama.cpp agrees with the float64 reference decoder', () => {
       const index = FAMILIES.indexOf(family);
       const model = writeRandomModel(`${dir}/${name}`, { family, seed: 11 + index, ...rest });
       const ref = ReferenceDecoder.load(model.hfDir);
-      const { prompt, run } = pickPrompt(ref, 101 + index, steps);
+      const { prompt, run } = pickPrompt(ref, 101 + index, PROMPT, steps, MARGIN);
       cases.set(name, { name, model, prompt, reference: run });
     };
     for (const family of FAMILIES) add(family, family);
@@ -125,7 +91,7 @@ describeOracle('llama.cpp agrees with the float64 reference decoder', () => {
     const c = cases.get(`${family}-bf16`)!;
     const got = results.get(c.name)!;
     const errs = centredRelErrors(got.logProbs, c.reference.logits, PROMPT, c.model.shape.vocabSize);
-    expect(median(errs)).toBeLessThanOrEqual(1.5e-2);
+    expect(medianOf(errs)).toBeLessThanOrEqual(1.5e-2);
   });
 
   test('tied word embeddings: every prompt position within 1e-4', () => {
