@@ -6,9 +6,8 @@
 import * as fs from 'fs';
 import * as path from 'path';
 import { makeTempDir, removeTempDir } from './helpers/checkpoint';
-import { rng } from './helpers/reference';
 import { llamaUnavailableReason, OracleJob, OracleResult, runLlama } from './helpers/model/llama-oracle';
-import { Family, FAMILIES, RandomModel, TOKENS, WeightDtype, writeRandomModel } from './helpers/model/random-model';
+import { Family, FAMILIES, RandomModel, WeightDtype, writeRandomModel } from './helpers/model/random-model';
 import { GreedyRun, ReferenceDecoder } from './helpers/model/reference-decoder';
 import { centredRelErrors, medianOf, pickPrompt } from './helpers/model/compare';
 import { readCheckpoint } from './helpers/model/safetensors-read';
