@@ -68,8 +68,13 @@ function readF64(file: string): Float64Array {
   return new Float64Array(b.buffer.slice(b.byteOffset, b.byteOffset + b.byteLength));
 }
 
+// A guard against a hung child, not a speed check: a set's cases take about 10 s on an idle 2-core
+// machine and several times that on a loaded one (past 60 s seen), and jest cannot cut a synchronous
+// hook short.
+const CHILD_TIMEOUT_MS = 600000;
+
 function child(script: string, env: NodeJS.ProcessEnv): string {
-  const res = spawnSync(process.execPath, [path.join(__dirname, 'fixtures', script), dir], { env, encoding: 'utf8', timeout: 60000 });
+  const res = spawnSync(process.execPath, [path.join(__dirname, 'fixtures', script), dir], { env, encoding: 'utf8', timeout: CHILD_TIMEOUT_MS });
   if (res.status !== 0) throw new Error(`${script} failed (${env.FUSED_MOE_ISA ?? ''}): ${res.stderr || res.error}`);
   return res.stdout;
 }
