@@ -63,7 +63,7 @@ describe('forward() on a worker thread', () => {
 
   test('the event loop keeps ticking while a large forward runs', async () => {
     // The forward must last long enough to tell a free loop from a blocked one on any machine: grow T
-    // from each run's own rate until one run takes at least 250 ms.
+    // from each run's own rate until one run takes at least 400 ms.
     const H = 512;
     const big = makeCase({ H, F: 1024, E: 4, k: 2, T: 64, dtype: 'float32', routing: 'softmax-topk-renorm', seed: 61 });
     const layer = new MoeLayer(big.config, big.weights);
@@ -86,13 +86,16 @@ describe('forward() on a worker thread', () => {
       const elapsed = performance.now() - t0;
       clearInterval(timer);
       result = { elapsed, ticks, maxGap };
-      if (elapsed >= 250 || T >= 65536) break;
-      T = Math.min(65536, Math.ceil((T * 400) / Math.max(elapsed, 1)));
+      if (elapsed >= 400 || T >= 65536) break;
+      T = Math.min(65536, Math.ceil((T * 600) / Math.max(elapsed, 1)));
     }
     layer.dispose();
-    // A blocked loop would tick once (or not at all) during the forward.
+    // A blocked loop would tick once (or not at all) during the forward, its gap the whole forward. A
+    // free one ticks every 5 ms, but on a loaded machine the OS may hold it back for tens of ms (up to
+    // 60 ms seen with two other busy processes on 2 cores), so the bounds are relative to this forward:
+    // an average gap under 40 ms, the longest under half the forward.
     expect(result.elapsed).toBeGreaterThan(100);
-    expect(result.ticks).toBeGreaterThan(result.elapsed / 5 / 4);
-    expect(result.maxGap).toBeLessThan(100);
+    expect(result.ticks).toBeGreaterThan(result.elapsed / 40);
+    expect(result.maxGap).toBeLessThan(result.elapsed / 2);
   });
 });

@@ -84,8 +84,10 @@ describe('MoeLayer.create', () => {
     h.disable();
     layer.dispose();
     // Here: the constructor blocks about 170 ms; create()'s longest stall is about 20 ms over ~15 turns.
+    // A loop held by the build would stall for about `blocking`, timed in this run; half of it leaves
+    // room for the OS to hold a free loop back on a loaded machine (tens of ms seen on 2 busy cores).
     expect(h.count).toBeGreaterThan(3);
-    expect(h.max / 1e6).toBeLessThan(Math.max(blocking / 3, 50));
+    expect(h.max / 1e6).toBeLessThan(Math.max(blocking / 2, 50));
   });
 
   test('abort: rejects with AbortError before or during the build', async () => {

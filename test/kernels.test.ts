@@ -11,7 +11,8 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 
-import { Case, relL2 } from './helpers/reference';
+import { Case, bf16Activations, fromBf16, fromF16, makeCase, referenceMoe, relL2 } from './helpers/reference';
+import { narrowedTolerance, narrowsBf16, weightTolerance } from './helpers/tolerance';
 
 // eslint-disable-next-line @typescript-eslint/no-var-requires
 const binding = require('node-gyp-build')(path.join(__dirname, '..'));
@@ -42,9 +43,20 @@ const cases: Named[] = [
 
 let dir = '';
 const refs = new Map<string, Float64Array>();
+const refsBf16 = new Map<string, Float64Array>(); // x and h rounded to bf16, for bf16 cases
+
+function readF64(file: string): Float64Array {
+  const b = fs.readFileSync(file);
+  return new Float64Array(b.buffer.slice(b.byteOffset, b.byteOffset + b.byteLength));
+}
+
+// A guard against a hung child, not a speed check: a set's cases take about 10 s on an idle 2-core
+// machine and several times that on a loaded one (past 60 s seen), and jest cannot cut a synchronous
+// hook short.
+const CHILD_TIMEOUT_MS = 600000;
 
 function child(script: string, env: NodeJS.ProcessEnv): string {
-  const r = spawnSync(process.execPath, [path.join(__dirname, 'fixtures', script), dir], { env, encoding: 'utf8', timeout: 60000 });
+  const r = spawnSync(process.execPath, [path.join(__dirname, 'fixtures', script), dir], { env, encoding: 'utf8', timeout: CHILD_TIMEOUT_MS });
   if (r.status !== 0) throw new Error(`${script} failed (${env.FUSED_MOE_ISA ?? ''}): ${r.stderr || r.error}`);
   return r.stdout;
 }
@@ -55,8 +67,8 @@ beforeAll(() => {
   fs.writeFileSync(path.join(dir, 'cases.json'), JSON.stringify(cases));
   child('kernel-prepare.js', process.env);
   for (const c of cases) {
-    const b = fs.readFileSync(path.join(dir, `${c.name}.ref.bin`));
-    refs.set(c.name, new Float64Array(b.buffer.slice(b.byteOffset, b.byteOffset + b.byteLength)));
+    refs.set(c.name, readF64(path.join(dir, `${c.name}.ref.bin`)));
+    if (c.dtype === 'bfloat16') refsBf16.set(c.name, readF64(path.join(dir, `${c.name}.refbf.bin`)));
   }
   if (process.env.FUSED_MOE_TEST_TIMING) console.log(`inputs and references: ${Date.now() - t0} ms`);
 });
@@ -85,6 +97,26 @@ function sameBits(a: Float32Array, b: Float32Array): number {
   return -1;
 }
 
+/**
+ * The accuracy checks of one case on one set: each relative error with the bound it must stay under
+ * (helpers/tolerance.ts). A set with a bf16 dot product is also held to the reference that rounds
+ * the activations as it does, a far tighter bound on all but the smallest cases.
+ */
+function accuracy(isa: string, c: Named, y: Float32Array, ref: Float64Array, refBf16?: Float64Array): { against: string; err: number; tol: number }[] {
+  const checks = [{ against: 'float64', err: relL2(y, ref), tol: weightTolerance(isa, c.dtype) }];
+  if (narrowsBf16(isa, c.dtype)) checks.push({ against: 'bf16 activations', err: relL2(y, refBf16 as Float64Array), tol: narrowedTolerance('bf16', c) });
+  return checks;
+}
+
+/** A reference whose 16-bit decode drops the lowest mantissa bit: one ulp off on every odd code. */
+function wrongDecodeRefs(c: Named, narrowed: boolean): { ref: Float64Array; refBf16?: Float64Array } {
+  const { x, weights, ref } = makeCase(c);
+  const dec = c.dtype === 'float16' ? fromF16 : fromBf16;
+  const wrong = (w: Float32Array | Uint16Array) => Float64Array.from(w as Uint16Array, (h) => dec(h & ~1));
+  const bad = { ...ref, w1: wrong(weights.w1), w3: wrong(weights.w3), w2: wrong(weights.w2) };
+  return { ref: referenceMoe(bad, x, c.T), refBf16: narrowed ? referenceMoe(bad, x, c.T, bf16Activations) : undefined };
+}
+
 test('this machine runs at least the scalar set', () => {
   expect(supported).toContain('scalar');
 });
@@ -97,9 +129,22 @@ describe.each(supported)('kernel set %s', (isa) => {
 
   test.each(cases.map((c, i) => [c.name, i] as const))('%s: matches the float64 reference', (_name, i) => {
     const c = cases[i];
-    const err = relL2(results[i].full, refs.get(c.name) as Float64Array);
-    expect(Number.isFinite(err)).toBe(true);
-    expect(err).toBeLessThan(c.dtype === 'float32' ? 1e-5 : 1e-2);
+    for (const { err, tol } of accuracy(isa, c, results[i].full, refs.get(c.name) as Float64Array, refsBf16.get(c.name))) {
+      expect(Number.isFinite(err)).toBe(true);
+      expect(err).toBeLessThan(tol);
+    }
+  });
+
+  // The bounds bite: the same outputs against a reference whose decode is one ulp off on every odd code
+  // fail them. For f16 that moves the output by about 1.2e-3, which the former blanket bound of 1e-2
+  // for 16-bit weights let pass; for bf16 (ulp 2^-7) it is about 1e-2.
+  test.each(['odd-f16', 'tiny-k4-f16', 'odd-bf16', 'tiny-k4-bf16'])('%s: a decode one mantissa bit off fails the check', (name) => {
+    const i = cases.findIndex((c) => c.name === name);
+    const c = cases[i];
+    const wrong = wrongDecodeRefs(c, narrowsBf16(isa, c.dtype));
+    const checks = accuracy(isa, c, results[i].full, wrong.ref, wrong.refBf16);
+    expect(checks.some((k) => k.err >= k.tol)).toBe(true);
+    if (c.dtype === 'float16') expect(checks.every((k) => k.err < 1e-2)).toBe(true);
   });
 
   test('batch invariance: alone, in the batch and split give the same bits', () => {

@@ -1,6 +1,7 @@
 /** Correctness of the CPU layer against the float64 reference, across shapes, k, routings and dtypes. */
 import { MoeLayer, backendInfo } from '../lib';
-import { Case, encode, makeCase, randomF32, referenceMoe, referenceRoute, relL2, rng, tolerance } from './helpers/reference';
+import { Case, encode, makeCase, randomF32, referenceMoe, referenceRoute, relL2, rng } from './helpers/reference';
+import { FLOAT32_TOL, weightTolerance } from './helpers/tolerance';
 
 function run(c: Case) {
   const { config, weights, x, ref } = makeCase(c);
@@ -33,7 +34,7 @@ describe(`MoeLayer on the CPU (${backendInfo().cpu.isa})`, () => {
   test.each(cases)('H=$H F=$F E=$E k=$k T=$T $dtype $routing', (c) => {
     const { y, want } = run(c);
     const err = relL2(y, want);
-    expect(err).toBeLessThan(tolerance(c.dtype));
+    expect(err).toBeLessThan(weightTolerance(backendInfo().cpu.isa ?? '', c.dtype));
     expect(Number.isFinite(err)).toBe(true);
   });
 
@@ -61,7 +62,7 @@ describe(`MoeLayer on the CPU (${backendInfo().cpu.isa})`, () => {
     const layer = new MoeLayer(config, weights);
     (weights.w1 as Float32Array).fill(7);
     weights.gate.fill(-3);
-    expect(relL2(layer.forwardSync(x), want)).toBeLessThan(1e-5);
+    expect(relL2(layer.forwardSync(x), want)).toBeLessThan(FLOAT32_TOL);
     layer.dispose();
   });
 
@@ -75,7 +76,7 @@ describe(`MoeLayer on the CPU (${backendInfo().cpu.isa})`, () => {
     const outBuf = new Float32Array(x.length + 2);
     const out = outBuf.subarray(1, 1 + x.length);
     layer.forwardSync(view, { out });
-    expect(relL2(out, referenceMoe(ref, x, c.T))).toBeLessThan(1e-5);
+    expect(relL2(out, referenceMoe(ref, x, c.T))).toBeLessThan(FLOAT32_TOL);
     expect(outBuf[0]).toBe(0);
     expect(outBuf[x.length + 1]).toBe(0);
     layer.dispose();
@@ -88,7 +89,7 @@ describe(`MoeLayer on the CPU (${backendInfo().cpu.isa})`, () => {
     const want = referenceMoe(ref, x, c.T);
     const buf = Float32Array.from(x);
     layer.forwardSync(buf, { out: buf });
-    expect(relL2(buf, want)).toBeLessThan(1e-5);
+    expect(relL2(buf, want)).toBeLessThan(FLOAT32_TOL);
     layer.dispose();
   });
 

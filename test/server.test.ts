@@ -24,10 +24,16 @@ async function tokensFor(layer: MoeLayer, ms: number): Promise<number> {
 }
 
 describe('event loop and fairness', () => {
-  test('p99 event-loop delay stays under 20 ms while forwards run back to back on several layers', async () => {
+  test('p99 event-loop delay stays far below one forward while forwards run back to back on several layers', async () => {
     const layers = [0, 1, 2].map(() => new MoeLayer(large.config, large.weights));
-    const T = await tokensFor(layers[0], 150);
+    // Sized by work (13 GFLOP, some 300 ms on an idle 2-core machine), so that a loaded machine
+    // stretches the forward as it stretches the scheduler's delays.
+    const T = 2048;
+    await layers[0].forward(large.x); // warm-up
     const x = randomF32(T * 512, rng(83));
+    const t1 = performance.now();
+    await layers[0].forward(x);
+    const oneForwardMs = performance.now() - t1;
     const h = monitorEventLoopDelay({ resolution: 1 });
     h.enable();
     const t0 = performance.now();
@@ -37,19 +43,31 @@ describe('event loop and fairness', () => {
     h.disable();
     layers.forEach((l) => l.dispose());
     expect(h.count).toBeGreaterThan(100);
-    expect(h.percentile(99) / 1e6).toBeLessThan(20);
+    // A loop held by the forwards would stall for whole forwards: p99 about oneForwardMs, timed in this
+    // run. A free loop waits only on the OS scheduler: p99 near 10 ms on an idle 2-core machine, but
+    // 30 to 70 ms seen beside other busy processes. So the bound is a quarter of this run's forward,
+    // and never below 20 ms.
+    expect(h.percentile(99) / 1e6).toBeLessThan(Math.max(20, oneForwardMs / 4));
   });
 
   test('a small request is not starved behind long prefills on another layer', async () => {
     const big = new MoeLayer(large.config, large.weights);
     const tiny = new MoeLayer(small.config, small.weights);
-    const T = await tokensFor(big, 400);
+    // Sized by work, not by time: the small request waits for at most one of the jobs of about 2 GFLOP
+    // (kJobFlops, csrc/cpu/cpu_backend.cpp) that the running prefill is cut into, per phase, so the
+    // prefill must hold many jobs on any machine: 4096 tokens are 26 GFLOP, about 13 jobs. Sized by
+    // time, a loaded machine measures a low rate and makes the prefill only a few jobs long.
+    const T = 4096;
+    await big.forward(large.x); // warm-up
     const xb = randomF32(T * 512, rng(84));
-    const t = performance.now();
-    await big.forward(xb);
-    const oneBigMs = performance.now() - t;
     let bigDone = 0;
-    const bigs = [0, 1, 2, 3].map(() => big.forward(xb).then(() => bigDone++));
+    let firstBigMs = 0;
+    const tb = performance.now();
+    const bigs = [0, 1, 2, 3].map(() =>
+      big.forward(xb).then(() => {
+        if (bigDone++ === 0) firstBigMs = performance.now() - tb;
+      }),
+    );
     await new Promise((r) => setTimeout(r, 20));
     const t0 = performance.now();
     await tiny.forward(small.x);
@@ -59,9 +77,10 @@ describe('event loop and fairness', () => {
     big.dispose();
     tiny.dispose();
     // Four prefills were queued first; the small request starts beside the running one and its
-    // phases interleave with it, so it finishes long before even one prefill does.
+    // phases interleave with it, so it finishes long before even one prefill does. Both times come from
+    // the same stretch of the run, so a machine loaded by others slows them alike.
     expect(finishedBefore).toBe(0);
-    expect(tinyMs).toBeLessThan(0.5 * oneBigMs);
+    expect(tinyMs).toBeLessThan(0.5 * firstBigMs);
   });
 });
 
@@ -70,13 +89,14 @@ describe('cancellation', () => {
     const big = new MoeLayer(large.config, large.weights);
     const T = await tokensFor(big, 300);
     const xb = randomF32(T * 512, rng(85));
-    const running = [big.forward(xb), big.forward(xb)]; // one runs, one waits: the layer is busy
+    let settled = 0;
+    const running = [big.forward(xb), big.forward(xb)].map((p) => p.finally(() => settled++)); // one runs, one waits
     const ac = new AbortController();
     const queued = big.forward(xb, { signal: ac.signal });
-    const t0 = performance.now();
     ac.abort();
     await expect(queued).rejects.toBeInstanceOf(AbortError);
-    expect(performance.now() - t0).toBeLessThan(100);
+    // At once: before even the running forward (some 300 ms, however loaded the machine) has settled.
+    expect(settled).toBe(0);
     await Promise.all(running);
     big.dispose();
   });
