@@ -137,9 +137,10 @@ export function binding(): NativeBinding {
   if (cached) return cached;
   let file: string | undefined;
   try {
-    // eslint-disable-next-line @typescript-eslint/no-var-requires
+    // eslint-disable-next-line @typescript-eslint/no-require-imports -- loaded lazily, so a missing addon is a MoeError
     const load = require('node-gyp-build') as Loader;
     if (load.resolve) file = load.resolve(packageRoot);
+    // eslint-disable-next-line @typescript-eslint/no-require-imports -- a native addon found at run time
     cached = file ? (require(file) as NativeBinding) : load(packageRoot);
     loadedFrom = file;
   } catch (err) {

@@ -21,7 +21,7 @@ export interface RuntimeInfo {
 
 // The checks the install script makes, shared: scripts/install.js ships with the package and has to run
 // before dist/ exists, so it is plain JavaScript and this file borrows from it.
-// eslint-disable-next-line @typescript-eslint/no-var-requires
+// eslint-disable-next-line @typescript-eslint/no-require-imports -- plain JavaScript outside the TypeScript root
 const installer = require('../scripts/install.js') as { libcInfo(): LibcInfo; toolInstallCommand(): string };
 
 let libcCache: LibcInfo | undefined;

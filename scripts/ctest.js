@@ -20,7 +20,7 @@ for (const isa of ['scalar', 'avx2', 'avx512', 'avx512bf16']) {
     const out = String(e.stdout || '') + String(e.stderr || '');
     if (/cannot run here/.test(out)) continue; // not this CPU
     process.stdout.write(out);
-    throw new Error(`C++ core tests failed with FUSED_MOE_ISA=${isa}`);
+    throw new Error(`C++ core tests failed with FUSED_MOE_ISA=${isa}`, { cause: e });
   }
 }
 execFileSync('ctest', ['--test-dir', dir, '--output-on-failure'], { cwd: root, stdio: 'inherit' });

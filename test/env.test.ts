@@ -1,3 +1,4 @@
+import { spawnSync } from 'child_process';
 // The one table of environment variables (lib/env.ts) against the README's table and the sources.
 import * as fs from 'fs';
 import * as path from 'path';
@@ -54,7 +55,6 @@ test('every FUSED_MOE_* variable the sources read is in the table, and every one
 });
 
 test('doctor prints every variable of the table, set or not', () => {
-  const { spawnSync } = require('child_process') as typeof import('child_process');
   const env = { ...process.env, FUSED_MOE_ISA: undefined, FUSED_MOE_DECODE_ROWS: '5' };
   const r = spawnSync(process.execPath, [path.join(root, 'bin', 'fused-moe.js'), 'doctor'], { encoding: 'utf8', env, timeout: 60000 });
   for (const v of ENV_VARS) expect(r.stdout).toMatch(new RegExp(`^\\s+${v.name}=`, 'm'));

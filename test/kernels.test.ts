@@ -6,6 +6,7 @@
  * The kernel set is chosen once per process (FUSED_MOE_ISA), so each set runs in a child process
  * (test/fixtures/kernel-case.js) over inputs this file writes to a temporary directory.
  */
+import { binding } from '../lib/binding';
 import { spawnSync } from 'child_process';
 import * as fs from 'fs';
 import * as os from 'os';
@@ -14,9 +15,7 @@ import * as path from 'path';
 import { Case, bf16Activations, fromBf16, fromF16, makeCase, referenceMoe, relL2 } from './helpers/reference';
 import { narrowedTolerance, narrowsBf16, weightTolerance } from './helpers/tolerance';
 
-// eslint-disable-next-line @typescript-eslint/no-var-requires
-const binding = require('node-gyp-build')(path.join(__dirname, '..'));
-const supported: string[] = binding.backendInfo().cpu.supported;
+const supported: string[] = binding().backendInfo().cpu.supported;
 
 type Named = Case & { name: string };
 const base = { routing: 'softmax-topk-renorm' as const };

@@ -24,6 +24,7 @@
  * The test allows a safety factor of 1.5 over that and asks for at least half of e_w (the weights were
  * really quantized).
  */
+import { binding } from '../lib/binding';
 import { spawnSync } from 'child_process';
 import * as fs from 'fs';
 import * as os from 'os';
@@ -34,9 +35,7 @@ import { Case, makeCase, relL2, rng } from './helpers/reference';
 import { QMAX, QuantKind, quantizeRows } from './helpers/quant';
 import { CHAIN, FLOAT32_TOL, narrowedTolerance } from './helpers/tolerance';
 
-// eslint-disable-next-line @typescript-eslint/no-var-requires
-const binding = require('node-gyp-build')(path.join(__dirname, '..'));
-const supported: string[] = binding.backendInfo().cpu.supported;
+const supported: string[] = binding().backendInfo().cpu.supported;
 
 const SAFETY = 1.5;
 const weightError = (q: QuantKind) => 1 / (2 * QMAX[q]);
@@ -97,7 +96,7 @@ afterAll(() => {
 
 describe('the quantizer', () => {
   const quantize = (v: number[], K: number, kind: QuantKind, g = 32): { scales: Float32Array; codes: Int8Array } =>
-    binding.bench.quantize(Float32Array.from(v), K, kind, g);
+    binding().bench.quantize(Float32Array.from(v), K, kind, g);
 
   test('int8: scale = amax/127, ties to even, the extremes map to +-127', () => {
     // amax 127 -> scale exactly 1, so v / scale is v and the halves are true ties.
@@ -154,7 +153,7 @@ describe('the quantizer', () => {
       for (const g of [32, 64, 128]) {
         const K = 200;
         const v = Float32Array.from({ length: 50 * K }, () => (rand() * 2 - 1) * 10 ** (rand() * 6 - 3));
-        const native = binding.bench.quantize(v, K, kind, g);
+        const native = binding().bench.quantize(v, K, kind, g);
         const model = quantizeRows(v, K, kind, g);
         expect(Buffer.compare(Buffer.from(native.scales.buffer), Buffer.from(model.scales.buffer))).toBe(0);
         expect(Buffer.compare(Buffer.from(native.codes.buffer), Buffer.from(model.codes.buffer))).toBe(0);
@@ -177,7 +176,8 @@ describe('configuration', () => {
   test('the native side checks again', () => {
     const g = weights.gate, per = (a: Float32Array, n: number) => [a.subarray(0, n), a.subarray(n, 2 * n)];
     const w1 = per(weights.w1 as Float32Array, 32 * 32), w3 = per(weights.w3 as Float32Array, 32 * 32), w2 = per(weights.w2 as Float32Array, 32 * 32);
-    const mk = (extra: object) => () => new binding.NativeLayer({ ...config, device: 'cpu', ...extra }, g, w1, w3, w2);
+    const NativeLayer = binding().NativeLayer;
+    const mk = (extra: object) => () => new NativeLayer({ ...config, device: 'cpu', ...extra } as never, g, w1, w3, w2);
     expect(mk({ quantize: 'int3' })).toThrow(/quantize/);
     expect(mk({ quantize: 'int8', quantGroupSize: 100 })).toThrow(/quantGroupSize/);
     expect(mk({ quantize: 'int8', quantGroupSize: 64 })).not.toThrow();
