@@ -32,8 +32,10 @@ let ortPath;
 try {
   ortPath = require.resolve('onnxruntime-node', { paths: [root] });
 } catch {
-  console.log('onnxruntime-node is not installed; this baseline is optional. To run it:\n' +
-    '  npm install --no-save onnxruntime-node && node --expose-gc bench/baseline-onnxruntime.js');
+  console.log(
+    'onnxruntime-node is not installed; this baseline is optional. To run it:\n' +
+      '  npm install --no-save onnxruntime-node && node --expose-gc bench/baseline-onnxruntime.js',
+  );
   process.exit(0);
 }
 const ort = require(ortPath);
@@ -46,7 +48,7 @@ const opt = (name) => {
 };
 const quick = args.includes('--quick');
 const skipMixtral = quick || args.includes('--skip-mixtral');
-const THREADS = Number(opt('--threads') || os.cpus().length);  // intra-op threads of both; default: every CPU
+const THREADS = Number(opt('--threads') || os.cpus().length); // intra-op threads of both; default: every CPU
 const gc = () => {
   if (global.gc) {
     global.gc();
@@ -100,7 +102,7 @@ class Pb {
     return Buffer.concat(this.parts);
   }
 }
-const FLOAT = 1;  // TensorProto.DataType.FLOAT
+const FLOAT = 1; // TensorProto.DataType.FLOAT
 // ValueInfoProto{name, type: TypeProto{tensor_type{elem_type, shape{dim{dim_value | dim_param}}}}}
 function valueInfo(name, dims) {
   const shape = new Pb();
@@ -112,7 +114,10 @@ function valueInfo(name, dims) {
 function tensor(name, dims, f32) {
   const t = new Pb();
   for (const d of dims) t.int(1, d);
-  return t.int(2, FLOAT).str(8, name).bytes(9, Buffer.from(f32.buffer, f32.byteOffset, f32.byteLength));
+  return t
+    .int(2, FLOAT)
+    .str(8, name)
+    .bytes(9, Buffer.from(f32.buffer, f32.byteOffset, f32.byteLength));
 }
 // AttributeProto{name, f | i | s, type}: FLOAT 1, INT 2, STRING 3.
 const attrF = (name, v) => new Pb().str(1, name).float(2, v).int(20, 1);
@@ -134,10 +139,19 @@ function buildModel({ H, F, E, k }, gate) {
   for (let e = 0; e < E; e++) for (let h = 0; h < H; h++) gateT[h * E + e] = gate[e * H + h];
   const g = new Pb();
   g.msg(1, node('MatMul', ['x', 'gate_t'], ['router_logits'], 'router', ''));
-  g.msg(1, node('MoE', ['x', 'router_logits', 'fc1', '', 'fc2'], ['y'], 'moe', 'com.microsoft', [
-    attrS('activation_type', 'swiglu'), attrI('swiglu_fusion', 1), attrF('activation_alpha', 1), attrF('activation_beta', 0),
-    attrF('swiglu_limit', 1e30), attrI('k', k), attrI('normalize_routing_weights', 1), attrI('use_sparse_mixer', 0),
-  ]));
+  g.msg(
+    1,
+    node('MoE', ['x', 'router_logits', 'fc1', '', 'fc2'], ['y'], 'moe', 'com.microsoft', [
+      attrS('activation_type', 'swiglu'),
+      attrI('swiglu_fusion', 1),
+      attrF('activation_alpha', 1),
+      attrF('activation_beta', 0),
+      attrF('swiglu_limit', 1e30),
+      attrI('k', k),
+      attrI('normalize_routing_weights', 1),
+      attrI('use_sparse_mixer', 0),
+    ]),
+  );
   g.str(2, 'mixtral_moe_block');
   g.msg(5, tensor('gate_t', [H, E], gateT));
   g.msg(11, valueInfo('x', ['T', H]));
@@ -145,7 +159,7 @@ function buildModel({ H, F, E, k }, gate) {
   g.msg(11, valueInfo('fc2', [E, H, F]));
   g.msg(12, valueInfo('y', ['T', H]));
   return new Pb()
-    .int(1, 8)  // ir_version
+    .int(1, 8) // ir_version
     .str(2, 'fused-moe-baseline')
     .msg(7, g)
     .msg(8, new Pb().str(1, '').int(2, 17))
@@ -155,7 +169,8 @@ function buildModel({ H, F, E, k }, gate) {
 
 // ---- weights: per expert, as bench/bench.js makes them; ORT's fused FC1 interleaves w1 and w3 rows ------
 function makeWeights({ H, F, E }) {
-  const w1 = [], w3 = [];
+  const w1 = [],
+    w3 = [];
   const fc2 = new Float32Array(E * H * F);
   for (let e = 0; e < E; e++) {
     w1.push(fill(F * H, false, 1 / Math.sqrt(H), 1 + 7 * e));
@@ -181,7 +196,7 @@ function toBf16(a) {
   const out = new Uint16Array(a.length);
   for (let i = 0; i < a.length; i++) {
     const v = u[i];
-    out[i] = (v + 0x7fff + ((v >>> 16) & 1)) >>> 16;  // round to nearest even (the weights are finite)
+    out[i] = (v + 0x7fff + ((v >>> 16) & 1)) >>> 16; // round to nearest even (the weights are finite)
   }
   return out;
 }
@@ -200,11 +215,15 @@ function reference({ H, F, E, k }, T, x, { gate, w1, w3, w2 }) {
     const m = Math.max(...logits);
     const p = logits.map((l) => Math.exp(l - m));
     const sum = p.reduce((a, b) => a + b, 0);
-    const order = p.map((v, e) => [v / sum, e]).sort((a, b) => b[0] - a[0] || a[1] - b[1]).slice(0, k);
+    const order = p
+      .map((v, e) => [v / sum, e])
+      .sort((a, b) => b[0] - a[0] || a[1] - b[1])
+      .slice(0, k);
     const norm = order.reduce((a, b) => a + b[0], 0);
     for (const [pe, e] of order) {
       for (let f = 0; f < F; f++) {
-        let a = 0, b = 0;
+        let a = 0,
+          b = 0;
         for (let h = 0; h < H; h++) {
           a += w1[e][f * H + h] * xt[h];
           b += w3[e][f * H + h] * xt[h];
@@ -221,7 +240,8 @@ function reference({ H, F, E, k }, T, x, { gate, w1, w3, w2 }) {
   return y;
 }
 function relL2(a, b) {
-  let num = 0, den = 0;
+  let num = 0,
+    den = 0;
   for (let i = 0; i < a.length; i++) {
     num += (a[i] - b[i]) ** 2;
     den += b[i] ** 2;
@@ -232,7 +252,10 @@ function relL2(a, b) {
 // ---- running and timing ------------------------------------------------------------------------------
 async function ortSession(shape, gate) {
   return ort.InferenceSession.create(buildModel(shape, gate), {
-    executionProviders: ['cpu'], intraOpNumThreads: THREADS, interOpNumThreads: 1, graphOptimizationLevel: 'all',
+    executionProviders: ['cpu'],
+    intraOpNumThreads: THREADS,
+    interOpNumThreads: 1,
+    graphOptimizationLevel: 'all',
   });
 }
 const ortFeeds = ({ H, F, E }, T, x, fc1, fc2) => ({
@@ -252,20 +275,36 @@ async function timeIt(fn, { minReps, maxReps, budgetMs }) {
   }
   return times;
 }
-const newLayer = (shape, w, dtype) => new MoeLayer(
-  { hiddenSize: shape.H, intermediateSize: shape.F, numExperts: shape.E, topK: shape.k, routing: 'softmax-topk-renorm', weightDtype: dtype, device: 'cpu', threads: THREADS },
-  dtype === 'float32' ? { gate: w.gate, w1: w.w1, w3: w.w3, w2: w.w2 } : { gate: w.gate, w1: w.w1.map(toBf16), w3: w.w3.map(toBf16), w2: w.w2.map(toBf16) });
+const newLayer = (shape, w, dtype) =>
+  new MoeLayer(
+    {
+      hiddenSize: shape.H,
+      intermediateSize: shape.F,
+      numExperts: shape.E,
+      topK: shape.k,
+      routing: 'softmax-topk-renorm',
+      weightDtype: dtype,
+      device: 'cpu',
+      threads: THREADS,
+    },
+    dtype === 'float32'
+      ? { gate: w.gate, w1: w.w1, w3: w.w3, w2: w.w2 }
+      : { gate: w.gate, w1: w.w1.map(toBf16), w3: w.w3.map(toBf16), w2: w.w2.map(toBf16) },
+  );
 
 function memAvailableBytes() {
   try {
     const m = /MemAvailable:\s+(\d+) kB/.exec(fs.readFileSync('/proc/meminfo', 'utf8'));
     if (m) return Number(m[1]) * 1024;
-  } catch { /* not Linux */ }
+  } catch {
+    /* not Linux */
+  }
   return os.freemem();
 }
 
 async function correctness() {
-  const shape = { H: 64, F: 96, E: 4, k: 2 }, T = 5;
+  const shape = { H: 64, F: 96, E: 4, k: 2 },
+    T = 5;
   const w = makeWeights(shape);
   const x = fill(T * shape.H, false, 1, 11);
   const want = reference(shape, T, x, w);
@@ -276,7 +315,12 @@ async function correctness() {
   const layer = newLayer(shape, w, 'float32');
   const ours = layer.forwardSync(x);
   layer.dispose();
-  return { shape: { ...shape, T }, ortVsF64: relL2(theirs, want), oursVsF64: relL2(ours, want), oursVsOrt: relL2(ours, theirs) };
+  return {
+    shape: { ...shape, T },
+    ortVsF64: relL2(theirs, want),
+    oursVsF64: relL2(ours, want),
+    oursVsOrt: relL2(ours, theirs),
+  };
 }
 
 // One shape: ORT at every T, then (ORT released) our float32 layer at every T, then bf16 at T = 1.
@@ -295,7 +339,9 @@ async function runShape(name, shape, plan) {
     for (const p of plan) {
       const feeds = ortFeeds(shape, p.T, xs.get(p.T), fc1, w.fc2);
       let y;
-      const times = await timeIt(async () => { y = (await session.run(feeds)).y.data; }, p);
+      const times = await timeIt(async () => {
+        y = (await session.run(feeds)).y.data;
+      }, p);
       ortOut.set(p.T, y);
       rows.push({ case: name, impl: 'onnxruntime', dtype: 'float32', T: p.T, ms: median(times), times });
     }
@@ -308,21 +354,45 @@ async function runShape(name, shape, plan) {
     gc();
     log(`${name}: fused-moe ${dtype} (${layer.kernels})…`);
     for (const p of plan2) {
-      const x = xs.get(p.T), out = new Float32Array(p.T * H);
+      const x = xs.get(p.T),
+        out = new Float32Array(p.T * H);
       const used = new Set(layer.route(x).experts).size;
       const times = await timeIt(() => layer.forwardSync(x, { out }), p);
-      rows.push({ case: name, impl: 'fused-moe', kernels: layer.kernels, dtype, T: p.T, ms: median(times), times, expertsUsed: used, vsOrtRelL2: relL2(out, ortOut.get(p.T)) });
+      rows.push({
+        case: name,
+        impl: 'fused-moe',
+        kernels: layer.kernels,
+        dtype,
+        T: p.T,
+        ms: median(times),
+        times,
+        expertsUsed: used,
+        vsOrtRelL2: relL2(out, ortOut.get(p.T)),
+      });
     }
     layer.dispose();
     gc();
   };
   await ours('float32', plan);
-  await ours('bfloat16', plan.filter((p) => p.T === 1));
+  await ours(
+    'bfloat16',
+    plan.filter((p) => p.T === 1),
+  );
   // Figures: each row's expert count is the routing of its T (the same for both).
   for (const r of rows) {
     const used = rows.find((o) => o.impl === 'fused-moe' && o.T === r.T).expertsUsed;
-    const s = r.ms / 1e3, es = r.dtype === 'float32' ? 4 : 2;
-    Object.assign(r, { H, F, E, k, expertsUsed: used, tokensPerS: r.T / s, gflops: flops(r.T) / s / 1e9, weightGBs: (used * 3 * H * F * es) / s / 1e9 });
+    const s = r.ms / 1e3,
+      es = r.dtype === 'float32' ? 4 : 2;
+    Object.assign(r, {
+      H,
+      F,
+      E,
+      k,
+      expertsUsed: used,
+      tokensPerS: r.T / s,
+      gflops: flops(r.T) / s / 1e9,
+      weightGBs: (used * 3 * H * F * es) / s / 1e9,
+    });
   }
   return rows;
 }
@@ -331,14 +401,18 @@ const log = (s) => process.stdout.write(s + '\n');
 
 (async () => {
   const started = Date.now();
-  log(`onnxruntime-node ${ort.env.versions.node} (CPU EP, float32, ${THREADS} intra-op threads) vs fused-moe (${backendInfo().cpu.isa}, ${THREADS} threads)`);
+  log(
+    `onnxruntime-node ${ort.env.versions.node} (CPU EP, float32, ${THREADS} intra-op threads) vs fused-moe (${backendInfo().cpu.isa}, ${THREADS} threads)`,
+  );
   log(`${os.cpus()[0].model}, ${os.cpus().length} CPUs, ${(os.totalmem() / 2 ** 30).toFixed(0)} GiB`);
   if (!global.gc) log('(run with --expose-gc to free memory between the two implementations)');
 
   const check = await correctness();
   const ok = check.ortVsF64 < 1e-4 && check.oursVsF64 < 1e-4;
-  log(`correctness, H ${check.shape.H} F ${check.shape.F} E ${check.shape.E} k ${check.shape.k} T ${check.shape.T}, relative L2 vs float64: ` +
-    `onnxruntime ${check.ortVsF64.toExponential(2)}, fused-moe ${check.oursVsF64.toExponential(2)} (fused-moe vs onnxruntime ${check.oursVsOrt.toExponential(2)}) ${ok ? 'ok' : 'FAILED'}`);
+  log(
+    `correctness, H ${check.shape.H} F ${check.shape.F} E ${check.shape.E} k ${check.shape.k} T ${check.shape.T}, relative L2 vs float64: ` +
+      `onnxruntime ${check.ortVsF64.toExponential(2)}, fused-moe ${check.oursVsF64.toExponential(2)} (fused-moe vs onnxruntime ${check.oursVsOrt.toExponential(2)}) ${ok ? 'ok' : 'FAILED'}`,
+  );
   if (!ok) process.exit(1);
   if (args.includes('--check')) return;
 
@@ -346,64 +420,114 @@ const log = (s) => process.stdout.write(s + '\n');
   const notes = [];
   const MID = { H: 1024, F: 3584, E: 8, k: 2 };
   const midPlan = quick
-    ? [{ T: 1, minReps: 5, maxReps: 20, budgetMs: 1000 }, { T: 16, minReps: 3, maxReps: 10, budgetMs: 1000 }]
+    ? [
+        { T: 1, minReps: 5, maxReps: 20, budgetMs: 1000 },
+        { T: 16, minReps: 3, maxReps: 10, budgetMs: 1000 },
+      ]
     : [
-      { T: 1, minReps: 9, maxReps: 50, budgetMs: 2000 },
-      { T: 16, minReps: 7, maxReps: 30, budgetMs: 2000 },
-      { T: 32, minReps: 7, maxReps: 20, budgetMs: 2000 },
-      { T: 128, minReps: 5, maxReps: 15, budgetMs: 3000 },
-      { T: 512, minReps: 3, maxReps: 7, budgetMs: 4000 },
-    ];
+        { T: 1, minReps: 9, maxReps: 50, budgetMs: 2000 },
+        { T: 16, minReps: 7, maxReps: 30, budgetMs: 2000 },
+        { T: 32, minReps: 7, maxReps: 20, budgetMs: 2000 },
+        { T: 128, minReps: 5, maxReps: 15, budgetMs: 3000 },
+        { T: 512, minReps: 3, maxReps: 7, budgetMs: 4000 },
+      ];
   rows.push(...(await runShape('mid', MID, midPlan)));
 
   if (!skipMixtral) {
     let E = Number(opt('--experts') || 8);
-    const H = 4096, F = 14336;
+    const H = 4096,
+      F = 14336;
     // Peak: the float32 experts in JS twice over (per expert for fused-moe, fused FC1 for onnxruntime)
     // plus one packed copy; 10% and 1 GiB of margin.
     const need = (e) => e * 3 * H * F * 4 * 2.1 + 2 ** 30;
     const avail = memAvailableBytes();
     if (need(E) > avail && E > 4) {
-      notes.push(`Mixtral shape run with E = 4 instead of ${E}: ${(avail / 2 ** 30).toFixed(1)} GiB available, ${(need(E) / 2 ** 30).toFixed(1)} needed`);
+      notes.push(
+        `Mixtral shape run with E = 4 instead of ${E}: ${(avail / 2 ** 30).toFixed(1)} GiB available, ${(need(E) / 2 ** 30).toFixed(1)} needed`,
+      );
       log(notes[notes.length - 1]);
       E = 4;
     }
     if (need(E) > avail) {
-      notes.push(`Mixtral shape skipped: ${(avail / 2 ** 30).toFixed(1)} GiB available, ${(need(E) / 2 ** 30).toFixed(1)} needed`);
+      notes.push(
+        `Mixtral shape skipped: ${(avail / 2 ** 30).toFixed(1)} GiB available, ${(need(E) / 2 ** 30).toFixed(1)} needed`,
+      );
       log(notes[notes.length - 1]);
     } else {
-      rows.push(...(await runShape(E === 8 ? 'mixtral' : `mixtral-E${E}`, { H, F, E, k: 2 }, [
-        { T: 1, minReps: 7, maxReps: 20, budgetMs: 3000 },
-        { T: 512, minReps: 3, maxReps: 3, budgetMs: 0 },
-      ])));
+      rows.push(
+        ...(await runShape(E === 8 ? 'mixtral' : `mixtral-E${E}`, { H, F, E, k: 2 }, [
+          { T: 1, minReps: 7, maxReps: 20, budgetMs: 3000 },
+          { T: 512, minReps: 3, maxReps: 3, budgetMs: 0 },
+        ])),
+      );
     }
   }
 
   // ---- report -------------------------------------------------------------------------------------
-  const head = ['case', 'T', 'ORT ms', 'ORT tok/s', 'ORT GFLOP/s', 'ORT GB/s', 'impl', 'ours ms', 'ours tok/s', 'ours GFLOP/s', 'ours GB/s', 'ORT/ours', 'relL2 vs ORT'];
+  const head = [
+    'case',
+    'T',
+    'ORT ms',
+    'ORT tok/s',
+    'ORT GFLOP/s',
+    'ORT GB/s',
+    'impl',
+    'ours ms',
+    'ours tok/s',
+    'ours GFLOP/s',
+    'ours GB/s',
+    'ORT/ours',
+    'relL2 vs ORT',
+  ];
   const table = [head];
   for (const r of rows.filter((o) => o.impl === 'fused-moe')) {
     const b = rows.find((o) => o.impl === 'onnxruntime' && o.case === r.case && o.T === r.T);
     const decode = r.T <= 16;
-    table.push([`${r.case} H${r.H} F${r.F} E${r.E} k${r.k}`, r.T, fmt(b.ms), fmt(b.tokensPerS), fmt(b.gflops), decode ? fmt(b.weightGBs) : '',
-      `fused-moe ${r.dtype === 'float32' ? 'f32' : 'bf16'}`, fmt(r.ms), fmt(r.tokensPerS), fmt(r.gflops), decode ? fmt(r.weightGBs) : '',
-      fmt(b.ms / r.ms) + 'x', r.vsOrtRelL2.toExponential(1)]);
+    table.push([
+      `${r.case} H${r.H} F${r.F} E${r.E} k${r.k}`,
+      r.T,
+      fmt(b.ms),
+      fmt(b.tokensPerS),
+      fmt(b.gflops),
+      decode ? fmt(b.weightGBs) : '',
+      `fused-moe ${r.dtype === 'float32' ? 'f32' : 'bf16'}`,
+      fmt(r.ms),
+      fmt(r.tokensPerS),
+      fmt(r.gflops),
+      decode ? fmt(r.weightGBs) : '',
+      fmt(b.ms / r.ms) + 'x',
+      r.vsOrtRelL2.toExponential(1),
+    ]);
     r.ortMs = b.ms;
     r.speedupVsOrt = b.ms / r.ms;
   }
   const widths = head.map((_, i) => Math.max(...table.map((row) => String(row[i]).length)));
   log('');
-  for (const row of table) log(row.map((v, i) => (i === 0 || i === 6 ? String(v).padEnd(widths[i]) : String(v).padStart(widths[i]))).join('  '));
-  log('GFLOP/s = 2*T*k*3*H*F / time; GB/s = weights of the experts used (float32 4 B, bf16 2 B) / time, shown for T <= 16;');
+  for (const row of table)
+    log(
+      row.map((v, i) => (i === 0 || i === 6 ? String(v).padEnd(widths[i]) : String(v).padStart(widths[i]))).join('  '),
+    );
+  log(
+    'GFLOP/s = 2*T*k*3*H*F / time; GB/s = weights of the experts used (float32 4 B, bf16 2 B) / time, shown for T <= 16;',
+  );
   log('ORT/ours > 1: fused-moe is faster. relL2: fused-moe output vs onnxruntime output on the same input.');
   for (const n of notes) log(`note: ${n}`);
 
   const result = {
     date: new Date().toISOString(),
     machine: { cpu: os.cpus()[0].model, cpus: os.cpus().length, totalMemGiB: os.totalmem() / 2 ** 30 },
-    onnxruntime: { version: ort.env.versions.node, executionProvider: 'cpu', intraOpThreads: THREADS, op: 'com.microsoft:MoE', dtype: 'float32' },
+    onnxruntime: {
+      version: ort.env.versions.node,
+      executionProvider: 'cpu',
+      intraOpThreads: THREADS,
+      op: 'com.microsoft:MoE',
+      dtype: 'float32',
+    },
     fusedMoe: { isa: backendInfo().cpu.isa, threads: THREADS },
-    correctness: check, rows, notes, seconds: (Date.now() - started) / 1e3,
+    correctness: check,
+    rows,
+    notes,
+    seconds: (Date.now() - started) / 1e3,
   };
   const dir = path.join(__dirname, 'results');
   fs.mkdirSync(dir, { recursive: true });

@@ -28,36 +28,135 @@ const { fill, fmt, pct, median } = require('./util');
 const MIXTRAL = { H: 4096, F: 14336, E: 8, k: 2 };
 const MID = { H: 1024, F: 3584, E: 8, k: 2 };
 const FINE = { H: 2048, F: 1408, E: 64, k: 8 };
-const GROUP = 128;  // quantGroupSize of the quantized cases
+const GROUP = 128; // quantGroupSize of the quantized cases
 const CASES = [
-  { name: 'mixtral-decode-bf16', ...MIXTRAL, dtype: 'bfloat16', T: [1], isas: ['avx512bf16', 'avx512', 'avx2'], reps: 9 },
+  {
+    name: 'mixtral-decode-bf16',
+    ...MIXTRAL,
+    dtype: 'bfloat16',
+    T: [1],
+    isas: ['avx512bf16', 'avx512', 'avx2'],
+    reps: 9,
+  },
   // The same decode with experts quantized at load from the same bf16 weights (group 128).
-  { name: 'mixtral-decode-int8', ...MIXTRAL, dtype: 'bfloat16', quantize: 'int8', T: [1], isas: ['avx512bf16', 'avx2'], reps: 9 },
-  { name: 'mixtral-decode-int4', ...MIXTRAL, dtype: 'bfloat16', quantize: 'int4', T: [1], isas: ['avx512bf16', 'avx2'], reps: 9 },
+  {
+    name: 'mixtral-decode-int8',
+    ...MIXTRAL,
+    dtype: 'bfloat16',
+    quantize: 'int8',
+    T: [1],
+    isas: ['avx512bf16', 'avx2'],
+    reps: 9,
+  },
+  {
+    name: 'mixtral-decode-int4',
+    ...MIXTRAL,
+    dtype: 'bfloat16',
+    quantize: 'int4',
+    T: [1],
+    isas: ['avx512bf16', 'avx2'],
+    reps: 9,
+  },
   // The quantized kernels' own rate: the same decode on a layer whose two experts' codes fit in L3
   // (H 1024, F 3584: 11 MB int4, 22 MB int8), so memory is not the limit; read as codes+scales GB/s.
-  { name: 'l3-decode-int8', H: 1024, F: 3584, E: 2, k: 2, dtype: 'bfloat16', quantize: 'int8', T: [1], isas: ['avx512bf16', 'avx2'], reps: 101 },
-  { name: 'l3-decode-int4', H: 1024, F: 3584, E: 2, k: 2, dtype: 'bfloat16', quantize: 'int4', T: [1], isas: ['avx512bf16', 'avx2'], reps: 101 },
+  {
+    name: 'l3-decode-int8',
+    H: 1024,
+    F: 3584,
+    E: 2,
+    k: 2,
+    dtype: 'bfloat16',
+    quantize: 'int8',
+    T: [1],
+    isas: ['avx512bf16', 'avx2'],
+    reps: 101,
+  },
+  {
+    name: 'l3-decode-int4',
+    H: 1024,
+    F: 3584,
+    E: 2,
+    k: 2,
+    dtype: 'bfloat16',
+    quantize: 'int4',
+    T: [1],
+    isas: ['avx512bf16', 'avx2'],
+    reps: 101,
+  },
   { name: 'mixtral-prefill-bf16', ...MIXTRAL, dtype: 'bfloat16', T: [512], isas: ['avx512bf16', 'avx512'], reps: 3 },
   { name: 'mixtral-f32', ...MIXTRAL, dtype: 'float32', T: [1, 512], isas: ['avx512', 'avx2'], reps: 3 },
   { name: 'mid-f32', ...MID, dtype: 'float32', T: [1, 16, 32, 128, 512], isas: ['avx512', 'avx2', 'scalar'], reps: 5 },
-  { name: 'mid-bf16', ...MID, dtype: 'bfloat16', T: [1, 16, 128, 512], isas: ['avx512bf16', 'avx512', 'scalar'], reps: 5 },
+  {
+    name: 'mid-bf16',
+    ...MID,
+    dtype: 'bfloat16',
+    T: [1, 16, 128, 512],
+    isas: ['avx512bf16', 'avx512', 'scalar'],
+    reps: 5,
+  },
   // Quantized prefill: both sets take integer dot products; for int4, avx512bf16 uses VNNI's vpdpbusd
   // where avx512 composes the same sums from vpmaddubsw + vpmaddwd (int8 runs the same code on both).
-  { name: 'mid-int8', ...MID, dtype: 'bfloat16', quantize: 'int8', T: [128, 512], isas: ['avx512bf16', 'avx512'], reps: 5 },
-  { name: 'mid-int4', ...MID, dtype: 'bfloat16', quantize: 'int4', T: [128, 512], isas: ['avx512bf16', 'avx512'], reps: 5 },
+  {
+    name: 'mid-int8',
+    ...MID,
+    dtype: 'bfloat16',
+    quantize: 'int8',
+    T: [128, 512],
+    isas: ['avx512bf16', 'avx512'],
+    reps: 5,
+  },
+  {
+    name: 'mid-int4',
+    ...MID,
+    dtype: 'bfloat16',
+    quantize: 'int4',
+    T: [128, 512],
+    isas: ['avx512bf16', 'avx512'],
+    reps: 5,
+  },
   { name: 'fine-bf16', ...FINE, dtype: 'bfloat16', T: [1, 256], isas: ['avx512bf16', 'avx512'], reps: 5 },
   { name: 'fine-bf16-scalar', ...FINE, dtype: 'bfloat16', T: [1], isas: ['scalar'], reps: 3 },
 ];
 const QUICK = [
   { name: 'quick-f32', H: 256, F: 512, E: 4, k: 2, dtype: 'float32', T: [1, 16], isas: ['*'], reps: 3 },
   { name: 'quick-bf16', H: 256, F: 512, E: 4, k: 2, dtype: 'bfloat16', T: [1, 16], isas: ['*'], reps: 3 },
-  { name: 'quick-int4', H: 256, F: 512, E: 4, k: 2, dtype: 'bfloat16', quantize: 'int4', T: [1, 16], isas: ['*'], reps: 3 },
+  {
+    name: 'quick-int4',
+    H: 256,
+    F: 512,
+    E: 4,
+    k: 2,
+    dtype: 'bfloat16',
+    quantize: 'int4',
+    T: [1, 16],
+    isas: ['*'],
+    reps: 3,
+  },
 ];
 // Decode / prefill switch: one expert, M rows, each shape forced (FUSED_MOE_DECODE_ROWS).
 const SWITCH = [
-  { name: 'switch-bf16', H: 4096, F: 14336, E: 1, k: 1, dtype: 'bfloat16', T: [1, 2, 3, 4, 6, 8, 12, 16], isas: ['avx512bf16'], reps: 5 },
-  { name: 'switch-f32', H: 4096, F: 14336, E: 1, k: 1, dtype: 'float32', T: [1, 2, 3, 4, 6, 8, 12, 16], isas: ['avx512'], reps: 5 },
+  {
+    name: 'switch-bf16',
+    H: 4096,
+    F: 14336,
+    E: 1,
+    k: 1,
+    dtype: 'bfloat16',
+    T: [1, 2, 3, 4, 6, 8, 12, 16],
+    isas: ['avx512bf16'],
+    reps: 5,
+  },
+  {
+    name: 'switch-f32',
+    H: 4096,
+    F: 14336,
+    E: 1,
+    k: 1,
+    dtype: 'float32',
+    T: [1, 2, 3, 4, 6, 8, 12, 16],
+    isas: ['avx512'],
+    reps: 5,
+  },
 ];
 
 // ---- child: build one layer, time the forwards -------------------------------------------------
@@ -68,19 +167,34 @@ function runChild(spec) {
   // Every expert gets its own random weights (a 64 Ki block per expert and matrix, repeated): identical
   // experts could share cache lines or host pages and flatter the bandwidth figures.
   const per = (n, scale, seed) => Array.from({ length: E }, (_, e) => fill(n, u16, scale, seed + 7 * e));
-  const w1 = per(F * H, 1 / Math.sqrt(H), 1), w3 = per(F * H, 1 / Math.sqrt(H), 2), w2 = per(H * F, 1 / Math.sqrt(F), 3);
+  const w1 = per(F * H, 1 / Math.sqrt(H), 1),
+    w3 = per(F * H, 1 / Math.sqrt(H), 2),
+    w2 = per(H * F, 1 / Math.sqrt(F), 3);
   const gate = fill(E * H, false, 2 / Math.sqrt(H), 4);
   const layer = new binding.NativeLayer(
-    { hiddenSize: H, intermediateSize: F, numExperts: E, topK: k, weightDtype: dtype, device: 'cpu', quantize: spec.quantize || 'none', quantGroupSize: GROUP },
-    gate, w1, w3, w2);
-  w1.length = w3.length = w2.length = 0;  // the layer holds its own packed copy
+    {
+      hiddenSize: H,
+      intermediateSize: F,
+      numExperts: E,
+      topK: k,
+      weightDtype: dtype,
+      device: 'cpu',
+      quantize: spec.quantize || 'none',
+      quantGroupSize: GROUP,
+    },
+    gate,
+    w1,
+    w3,
+    w2,
+  );
+  w1.length = w3.length = w2.length = 0; // the layer holds its own packed copy
   const buildMs = Number(process.hrtime.bigint() - t0) / 1e6;
   const results = [];
   for (const T of spec.T) {
     const x = fill(T * H, false, 1, 100 + T);
     const out = new Float32Array(T * H);
     const used = new Set(layer.route(x).experts).size;
-    layer.forwardSync(x, out);  // warm-up: workspaces, page faults, caches
+    layer.forwardSync(x, out); // warm-up: workspaces, page faults, caches
     const times = [];
     const until = Date.now() + (spec.minMs || 0);
     for (let r = 0; r < spec.reps || Date.now() < until; r++) {
@@ -109,7 +223,9 @@ const opt = (name) => {
   const i = args.indexOf(name);
   return i >= 0 ? args[i + 1] : undefined;
 };
-const quick = args.includes('--quick'), jsonOut = args.includes('--json'), switchOnly = args.includes('--switch');
+const quick = args.includes('--quick'),
+  jsonOut = args.includes('--json'),
+  switchOnly = args.includes('--switch');
 const log = (s) => (jsonOut ? process.stderr : process.stdout).write(s + '\n');
 
 const info = binding.backendInfo().cpu;
@@ -129,12 +245,17 @@ const ceilings = { readGBs: 0, fmaGflops: {}, bf16DotGflops: 0 };
 function measureCeilings() {
   ceilings.readGBs = Math.max(ceilings.readGBs, binding.bench.readBandwidth(quick ? 64 << 20 : 1 << 30, threads));
   for (const isa of ['avx2', 'avx512', 'neon'])
-    if (supported.includes(isa)) ceilings.fmaGflops[isa] = Math.max(ceilings.fmaGflops[isa] || 0, binding.bench.fmaPeak(ISA_INDEX[isa], threads));
-  if (supported.includes('avx512bf16')) ceilings.bf16DotGflops = Math.max(ceilings.bf16DotGflops, binding.bench.fmaPeak(ISA_INDEX.avx512bf16, threads));
+    if (supported.includes(isa))
+      ceilings.fmaGflops[isa] = Math.max(ceilings.fmaGflops[isa] || 0, binding.bench.fmaPeak(ISA_INDEX[isa], threads));
+  if (supported.includes('avx512bf16'))
+    ceilings.bf16DotGflops = Math.max(ceilings.bf16DotGflops, binding.bench.fmaPeak(ISA_INDEX.avx512bf16, threads));
 }
 measureCeilings();
-log(`ceilings: read ${fmt(ceilings.readGBs)} GB/s; f32 FMA peak ${Object.entries(ceilings.fmaGflops).map(([k, v]) => `${k} ${fmt(v)}`).join(', ')} GFLOP/s` +
-  (ceilings.bf16DotGflops ? `; bf16 dot peak ${fmt(ceilings.bf16DotGflops)} GFLOP/s` : ''));
+log(
+  `ceilings: read ${fmt(ceilings.readGBs)} GB/s; f32 FMA peak ${Object.entries(ceilings.fmaGflops)
+    .map(([k, v]) => `${k} ${fmt(v)}`)
+    .join(', ')} GFLOP/s` + (ceilings.bf16DotGflops ? `; bf16 dot peak ${fmt(ceilings.bf16DotGflops)} GFLOP/s` : ''),
+);
 
 // The FMA ceiling of a set: its width's f32 peak (avx512bf16 runs f32 math at avx512 width).
 const fmaCeiling = (isa) => ceilings.fmaGflops[isa === 'avx512bf16' ? 'avx512' : isa] || ceilings.fmaGflops.avx2 || 0;
@@ -145,12 +266,31 @@ for (const c of cases) {
   const isas = c.isas[0] === '*' ? supported : c.isas.filter((i) => supported.includes(i));
   for (const isa of isas) {
     if (isaFilter && !isaFilter.includes(isa)) continue;
-    const variants = c.name.startsWith('switch') ? [['decode', '4096'], ['prefill', '0']] : [[null, null]];
+    const variants = c.name.startsWith('switch')
+      ? [
+          ['decode', '4096'],
+          ['prefill', '0'],
+        ]
+      : [[null, null]];
     for (const [shape, limit] of variants) {
       const env = { ...process.env, FUSED_MOE_ISA: isa };
       if (limit !== null) env.FUSED_MOE_DECODE_ROWS = limit;
-      const spec = { H: c.H, F: c.F, E: c.E, k: c.k, dtype: c.dtype, quantize: c.quantize, T: c.T, reps: c.reps, minMs: quick ? 0 : 1000 };
-      const r = spawnSync(process.execPath, [__filename, '--child', JSON.stringify(spec)], { env, encoding: 'utf8', maxBuffer: 1 << 24 });
+      const spec = {
+        H: c.H,
+        F: c.F,
+        E: c.E,
+        k: c.k,
+        dtype: c.dtype,
+        quantize: c.quantize,
+        T: c.T,
+        reps: c.reps,
+        minMs: quick ? 0 : 1000,
+      };
+      const r = spawnSync(process.execPath, [__filename, '--child', JSON.stringify(spec)], {
+        env,
+        encoding: 'utf8',
+        maxBuffer: 1 << 24,
+      });
       if (r.status !== 0) {
         log(`${c.name} ${isa}: child failed: ${(r.stderr || '').trim().split('\n').slice(-3).join(' | ')}`);
         failed = true;
@@ -158,18 +298,40 @@ for (const c of cases) {
       }
       const res = JSON.parse(r.stdout.trim().split('\n').pop());
       // Bytes per weight read: the stored dtype, or the codes plus one float32 scale per group.
-      const es = c.quantize === 'int8' ? 1 + 4 / GROUP : c.quantize === 'int4' ? 0.5 + 4 / GROUP : c.dtype === 'float32' ? 4 : 2;
+      const es =
+        c.quantize === 'int8' ? 1 + 4 / GROUP : c.quantize === 'int4' ? 0.5 + 4 / GROUP : c.dtype === 'float32' ? 4 : 2;
       for (const x of res.results) {
         const s = x.ms / 1e3;
-        const bytes = x.expertsUsed * 3 * c.H * c.F * es;  // weights actually read: each picked expert once
+        const bytes = x.expertsUsed * 3 * c.H * c.F * es; // weights actually read: each picked expert once
         const flops = 2 * x.T * c.k * 3 * c.H * c.F;
-        const gbs = bytes / s / 1e9, gflops = flops / s / 1e9;
+        const gbs = bytes / s / 1e9,
+          gflops = flops / s / 1e9;
         rows.push({
-          case: c.name, isa, kernels: res.kernels, shape, H: c.H, F: c.F, E: c.E, k: c.k, dtype: c.dtype, quantize: c.quantize, T: x.T,
-          ms: x.ms, times: x.times, buildMs: res.buildMs, tokensPerS: x.T / s, weightGBs: gbs, gflops,
-          bwFraction: gbs / ceilings.readGBs, fmaFraction: gflops / fmaCeiling(isa),
-          dotFraction: isa === 'avx512bf16' && c.dtype === 'bfloat16' && ceilings.bf16DotGflops ? gflops / ceilings.bf16DotGflops : undefined,
-          expertsUsed: x.expertsUsed, finite: x.finite,
+          case: c.name,
+          isa,
+          kernels: res.kernels,
+          shape,
+          H: c.H,
+          F: c.F,
+          E: c.E,
+          k: c.k,
+          dtype: c.dtype,
+          quantize: c.quantize,
+          T: x.T,
+          ms: x.ms,
+          times: x.times,
+          buildMs: res.buildMs,
+          tokensPerS: x.T / s,
+          weightGBs: gbs,
+          gflops,
+          bwFraction: gbs / ceilings.readGBs,
+          fmaFraction: gflops / fmaCeiling(isa),
+          dotFraction:
+            isa === 'avx512bf16' && c.dtype === 'bfloat16' && ceilings.bf16DotGflops
+              ? gflops / ceilings.bf16DotGflops
+              : undefined,
+          expertsUsed: x.expertsUsed,
+          finite: x.finite,
         });
         if (!x.finite || !(x.ms > 0)) failed = true;
       }
@@ -185,17 +347,43 @@ if (!quick) {
     r.fmaFraction = r.gflops / fmaCeiling(r.isa);
     if (r.dotFraction !== undefined) r.dotFraction = r.gflops / ceilings.bf16DotGflops;
   }
-  log(`ceilings after the cases (the higher of the two kept): read ${fmt(ceilings.readGBs)} GB/s; f32 FMA peak ` +
-    `${Object.entries(ceilings.fmaGflops).map(([k, v]) => `${k} ${fmt(v)}`).join(', ')} GFLOP/s` +
-    (ceilings.bf16DotGflops ? `; bf16 dot peak ${fmt(ceilings.bf16DotGflops)} GFLOP/s` : ''));
+  log(
+    `ceilings after the cases (the higher of the two kept): read ${fmt(ceilings.readGBs)} GB/s; f32 FMA peak ` +
+      `${Object.entries(ceilings.fmaGflops)
+        .map(([k, v]) => `${k} ${fmt(v)}`)
+        .join(', ')} GFLOP/s` +
+      (ceilings.bf16DotGflops ? `; bf16 dot peak ${fmt(ceilings.bf16DotGflops)} GFLOP/s` : ''),
+  );
 }
-const scalarOf = (r) => rows.find((s) => s.isa === 'scalar' && s.H === r.H && s.F === r.F && s.E === r.E && s.dtype === r.dtype && s.quantize === r.quantize && s.T === r.T && !s.shape);
+const scalarOf = (r) =>
+  rows.find(
+    (s) =>
+      s.isa === 'scalar' &&
+      s.H === r.H &&
+      s.F === r.F &&
+      s.E === r.E &&
+      s.dtype === r.dtype &&
+      s.quantize === r.quantize &&
+      s.T === r.T &&
+      !s.shape,
+  );
 const head = ['case', 'set', 'T', 'ms', 'tok/s', 'GB/s', '%bw', 'GFLOP/s', '%fma', 'scalar ms', 'x scalar'];
 const table = [head];
 for (const r of rows.filter((r) => !r.shape)) {
   const s = r.isa !== 'scalar' ? scalarOf(r) : undefined;
-  table.push([r.case, r.isa, r.T, fmt(r.ms), fmt(r.tokensPerS), fmt(r.weightGBs), pct(r.bwFraction), fmt(r.gflops),
-    pct(r.fmaFraction) + (r.dotFraction !== undefined ? ` (${pct(r.dotFraction)} dot)` : ''), s ? fmt(s.ms) : '', s ? fmt(s.ms / r.ms) + 'x' : '']);
+  table.push([
+    r.case,
+    r.isa,
+    r.T,
+    fmt(r.ms),
+    fmt(r.tokensPerS),
+    fmt(r.weightGBs),
+    pct(r.bwFraction),
+    fmt(r.gflops),
+    pct(r.fmaFraction) + (r.dotFraction !== undefined ? ` (${pct(r.dotFraction)} dot)` : ''),
+    s ? fmt(s.ms) : '',
+    s ? fmt(s.ms / r.ms) + 'x' : '',
+  ]);
 }
 const widths = head.map((_, i) => Math.max(...table.map((row) => String(row[i]).length)));
 for (const row of table) log(row.map((v, i) => String(v).padStart(widths[i])).join('  '));
@@ -210,7 +398,13 @@ for (const name of [...new Set(sw.map((r) => r.case))]) {
     const p = sw.find((r) => r.case === name && r.T === T && r.shape === 'prefill');
     if (d && p) {
       line.push(`M=${T}: decode ${fmt(d.ms)} / prefill ${fmt(p.ms)} ms`);
-      switchSummary.push({ case: name, M: T, decodeMs: d.ms, prefillMs: p.ms, faster: d.ms <= p.ms ? 'decode' : 'prefill' });
+      switchSummary.push({
+        case: name,
+        M: T,
+        decodeMs: d.ms,
+        prefillMs: p.ms,
+        faster: d.ms <= p.ms ? 'decode' : 'prefill',
+      });
     }
   }
   if (line.length) log(`${name}: ${line.join('; ')}`);
@@ -220,26 +414,70 @@ for (const name of [...new Set(sw.map((r) => r.case))]) {
 const find = (cs, isa, T) => rows.find((r) => r.case === cs && r.isa === isa && r.T === T && !r.shape);
 const targets = [];
 const dec = find('mixtral-decode-bf16', 'avx512bf16', 1);
-if (dec) targets.push({ target: 'decode bf16 T=1 weight bytes/s >= 85% of read bandwidth', value: dec.bwFraction, ok: dec.bwFraction >= 0.85 });
+if (dec)
+  targets.push({
+    target: 'decode bf16 T=1 weight bytes/s >= 85% of read bandwidth',
+    value: dec.bwFraction,
+    ok: dec.bwFraction >= 0.85,
+  });
 const pf = find('mixtral-f32', 'avx512', 512);
-if (pf) targets.push({ target: 'prefill f32 T=512 >= 70% of avx512 FMA peak', value: pf.fmaFraction, ok: pf.fmaFraction >= 0.7 });
+if (pf)
+  targets.push({
+    target: 'prefill f32 T=512 >= 70% of avx512 FMA peak',
+    value: pf.fmaFraction,
+    ok: pf.fmaFraction >= 0.7,
+  });
 const pb = find('mixtral-prefill-bf16', 'avx512bf16', 512);
-if (pb && pf) targets.push({ target: 'prefill bf16 (vdpbf16ps) >= 1.6x the f32 GFLOP/s', value: pb.gflops / pf.gflops, ok: pb.gflops / pf.gflops >= 1.6 });
+if (pb && pf)
+  targets.push({
+    target: 'prefill bf16 (vdpbf16ps) >= 1.6x the f32 GFLOP/s',
+    value: pb.gflops / pf.gflops,
+    ok: pb.gflops / pf.gflops >= 1.6,
+  });
 const p2 = find('mixtral-f32', 'avx2', 512);
-if (p2) targets.push({ target: 'prefill f32 T=512 forced avx2 >= 70% of avx2 FMA peak', value: p2.fmaFraction, ok: p2.fmaFraction >= 0.7 });
+if (p2)
+  targets.push({
+    target: 'prefill f32 T=512 forced avx2 >= 70% of avx2 FMA peak',
+    value: p2.fmaFraction,
+    ok: p2.fmaFraction >= 0.7,
+  });
 // Quantized decode against bf16 decode on the same set: tokens/s ratio, and the codes + scales read per
 // second as a fraction of the read bandwidth.
-for (const [q, want] of [['int8', 1.8], ['int4', 3]]) {
+for (const [q, want] of [
+  ['int8', 1.8],
+  ['int4', 3],
+]) {
   for (const isa of ['avx512bf16', 'avx2']) {
-    const r = find(`mixtral-decode-${q}`, isa, 1), b = find('mixtral-decode-bf16', isa, 1);
+    const r = find(`mixtral-decode-${q}`, isa, 1),
+      b = find('mixtral-decode-bf16', isa, 1);
     if (!r || !b) continue;
-    targets.push({ target: `decode ${q} T=1 ${isa} >= ${want}x the bf16 tokens/s`, value: r.tokensPerS / b.tokensPerS, ok: r.tokensPerS / b.tokensPerS >= want, ratio: true });
-    targets.push({ target: `decode ${q} T=1 ${isa} codes+scales bytes/s >= 80% of read bandwidth`, value: r.bwFraction, ok: r.bwFraction >= 0.8 });
+    targets.push({
+      target: `decode ${q} T=1 ${isa} >= ${want}x the bf16 tokens/s`,
+      value: r.tokensPerS / b.tokensPerS,
+      ok: r.tokensPerS / b.tokensPerS >= want,
+      ratio: true,
+    });
+    targets.push({
+      target: `decode ${q} T=1 ${isa} codes+scales bytes/s >= 80% of read bandwidth`,
+      value: r.bwFraction,
+      ok: r.bwFraction >= 0.8,
+    });
   }
 }
-for (const t of targets) log(`${t.ok ? 'met ' : 'MISS'}  ${t.target}: ${t.ratio || (t.value < 3 && t.target.includes('x the')) ? fmt(t.value) + 'x' : pct(t.value)}`);
+for (const t of targets)
+  log(
+    `${t.ok ? 'met ' : 'MISS'}  ${t.target}: ${t.ratio || (t.value < 3 && t.target.includes('x the')) ? fmt(t.value) + 'x' : pct(t.value)}`,
+  );
 
-const result = { date: new Date().toISOString(), machine: { cpu: os.cpus()[0].model, threads, supported }, quick, ceilings, rows, switch: switchSummary, targets };
+const result = {
+  date: new Date().toISOString(),
+  machine: { cpu: os.cpus()[0].model, threads, supported },
+  quick,
+  ceilings,
+  rows,
+  switch: switchSummary,
+  targets,
+};
 const dir = path.join(__dirname, 'results');
 fs.mkdirSync(dir, { recursive: true });
 const file = path.join(dir, `${result.date.replace(/[:.]/g, '-')}${quick ? '-quick' : ''}.json`);

@@ -6,12 +6,24 @@
 const { MoeLayer } = require('../dist');
 const { fill } = require('./util');
 
-const H = 512, F = 1024, E = 4, k = 2, T = 64, reps = 3;
+const H = 512,
+  F = 1024,
+  E = 4,
+  k = 2,
+  T = 64,
+  reps = 3;
 const layer = new MoeLayer(
   { hiddenSize: H, intermediateSize: F, numExperts: E, topK: k, threads: 1 },
-  { gate: fill(E * H, false, 0.05, 1), w1: fill(E * F * H, false, 0.04, 2), w3: fill(E * F * H, false, 0.04, 3), w2: fill(E * H * F, false, 0.03, 4) },
+  {
+    gate: fill(E * H, false, 0.05, 1),
+    w1: fill(E * F * H, false, 0.04, 2),
+    w3: fill(E * F * H, false, 0.04, 3),
+    w2: fill(E * H * F, false, 0.03, 4),
+  },
 );
 const x = fill(T * H, false, 1, 5);
 for (let i = 0; i < reps; i++) layer.forwardSync(x);
 layer.dispose();
-console.log(`${reps} forwards of ${2 * T * k * 3 * H * F} flops each (kernels: ${process.env.FUSED_MOE_ISA || 'default'})`);
+console.log(
+  `${reps} forwards of ${2 * T * k * 3 * H * F} flops each (kernels: ${process.env.FUSED_MOE_ISA || 'default'})`,
+);

@@ -19,7 +19,10 @@ const arg = (name, fallback) => {
   return i > 0 ? process.argv[i + 1] : fallback;
 };
 const small = process.argv.includes('--small');
-const H = small ? 1024 : 4096, F = small ? 3584 : 14336, E = 8, k = 2; // hidden, intermediate, experts, top-k
+const H = small ? 1024 : 4096,
+  F = small ? 3584 : 14336,
+  E = 8,
+  k = 2; // hidden, intermediate, experts, top-k
 const threads = Number(arg('threads', 0));
 const base = arg('dir', os.tmpdir());
 const MB = 2 ** 20;
@@ -42,7 +45,8 @@ const showRss = (r) => `rss ${fmt(r.rss)} MB (anon ${fmt(r.anon)}, file ${fmt(r.
 function writeCheckpoint(dir) {
   const tensors = [['model.layers.0.block_sparse_moe.gate.weight', [E, H]]];
   for (let e = 0; e < E; e++)
-    for (const m of ['w1', 'w2', 'w3']) tensors.push([`model.layers.0.block_sparse_moe.experts.${e}.${m}.weight`, m === 'w2' ? [H, F] : [F, H]]);
+    for (const m of ['w1', 'w2', 'w3'])
+      tensors.push([`model.layers.0.block_sparse_moe.experts.${e}.${m}.weight`, m === 'w2' ? [H, F] : [F, H]]);
   const header = { __metadata__: { format: 'pt' } };
   let offset = 0;
   for (const [name, shape] of tensors) {
@@ -57,7 +61,9 @@ function writeCheckpoint(dir) {
   const st = fs.statfsSync(base);
   const free = st.bavail * st.bsize;
   if (free < total + 512 * MB) {
-    console.error(`not enough free disk in ${base}: ${fmt(free / 2 ** 30)} GiB free, ${fmt(total / 2 ** 30)} GiB needed (+0.5)`);
+    console.error(
+      `not enough free disk in ${base}: ${fmt(free / 2 ** 30)} GiB free, ${fmt(total / 2 ** 30)} GiB needed (+0.5)`,
+    );
     process.exit(2);
   }
   fs.mkdirSync(dir);
@@ -72,13 +78,21 @@ function writeCheckpoint(dir) {
       const scale = name.endsWith('gate.weight') ? 2 / Math.sqrt(H) : 1 / Math.sqrt(name.includes('.w2.') ? F : H);
       const data = fill(shape[0] * shape[1], true, scale, 1 + i); // fixed seed per tensor
       const bytes = new Uint8Array(data.buffer);
-      for (let done = 0; done < bytes.length; ) done += fs.writeSync(fd, bytes, done, bytes.length - done);
+      for (let done = 0; done < bytes.length;) done += fs.writeSync(fd, bytes, done, bytes.length - done);
     });
   } finally {
     fs.closeSync(fd);
   }
-  const config = { architectures: ['MixtralForCausalLM'], model_type: 'mixtral', hidden_size: H, intermediate_size: F,
-    num_local_experts: E, num_experts_per_tok: k, num_hidden_layers: 1, torch_dtype: 'bfloat16' };
+  const config = {
+    architectures: ['MixtralForCausalLM'],
+    model_type: 'mixtral',
+    hidden_size: H,
+    intermediate_size: F,
+    num_local_experts: E,
+    num_experts_per_tok: k,
+    num_hidden_layers: 1,
+    torch_dtype: 'bfloat16',
+  };
   fs.writeFileSync(path.join(dir, 'config.json'), JSON.stringify(config, null, 2));
   return { file, total };
 }
@@ -94,7 +108,9 @@ async function main() {
     let t = performance.now();
     const { total } = writeCheckpoint(dir);
     const writeS = (performance.now() - t) / 1000;
-    console.log(`checkpoint: one MoE layer, H ${H}, F ${F}, E ${E}, bf16, ${fmt(total / 1e9)} GB, written in ${fmt(writeS)} s (${fmt(total / 1e9 / writeS)} GB/s)`);
+    console.log(
+      `checkpoint: one MoE layer, H ${H}, F ${F}, E ${E}, bf16, ${fmt(total / 1e9)} GB, written in ${fmt(writeS)} s (${fmt(total / 1e9 / writeS)} GB/s)`,
+    );
     global.gc?.();
     await new Promise((r) => setTimeout(r, 50));
     const r0 = rss();
@@ -107,7 +123,9 @@ async function main() {
     const w = ck.get('model.layers.0.block_sparse_moe.experts.7.w2.weight');
     const viewMs = performance.now() - t;
     const r1 = rss();
-    console.log(`openSafetensors:            ${fmt(openMs)} ms (${ck.tensors.size} tensors), get() of a ${fmt(w.byteLength / MB)} MB tensor ${fmt(viewMs)} ms; ${showRss(r1)}`);
+    console.log(
+      `openSafetensors:            ${fmt(openMs)} ms (${ck.tensors.size} tensors), get() of a ${fmt(w.byteLength / MB)} MB tensor ${fmt(viewMs)} ms; ${showRss(r1)}`,
+    );
     ck.close();
 
     const delay = monitorEventLoopDelay({ resolution: 1 });
@@ -119,7 +137,9 @@ async function main() {
     delay.disable();
     const blockMs = delay.max / 1e6; // the longest packing step (or any other stall)
     const r2 = rss();
-    console.log(`MoeLayer.fromSafetensors:   ${fmt(loadS)} s (${fmt(total / 1e9 / loadS)} GB/s; maps and reads on workers, then packs in steps between turns of the event loop: longest stall ${fmt(blockMs)} ms, p99 ${fmt(delay.percentile(99) / 1e6)} ms; ${layer.kernels})`);
+    console.log(
+      `MoeLayer.fromSafetensors:   ${fmt(loadS)} s (${fmt(total / 1e9 / loadS)} GB/s; maps and reads on workers, then packs in steps between turns of the event loop: longest stall ${fmt(blockMs)} ms, p99 ${fmt(delay.percentile(99) / 1e6)} ms; ${layer.kernels})`,
+    );
     console.log(`                            ${showRss(r2)}; nativeBytes ${fmt(layer.nativeBytes / MB)} MB`);
     global.gc?.();
     await new Promise((r) => setTimeout(r, 50)); // let the finalizers unmap
@@ -132,7 +152,19 @@ async function main() {
     const fwdMs = performance.now() - t;
     layer.dispose();
     console.log(`first forward (T=1):        ${fmt(fwdMs)} ms`);
-    const result = { H, F, E, bytes: total, writeS, openMs, viewMs, loadS, blockMs, fwdMs, rssMB: { before: r0, open: r1, loaded: r2, afterGc: r3 } };
+    const result = {
+      H,
+      F,
+      E,
+      bytes: total,
+      writeS,
+      openMs,
+      viewMs,
+      loadS,
+      blockMs,
+      fwdMs,
+      rssMB: { before: r0, open: r1, loaded: r2, afterGc: r3 },
+    };
     if (process.argv.includes('--json')) console.log(JSON.stringify(result));
   } finally {
     cleanup();

@@ -5,7 +5,8 @@
 // seeded LCG, repeated (copyWithin) and made distinct per page, so gigabytes of weights take seconds.
 function fill(n, bf16, scale, seed) {
   const a = bf16 ? new Uint16Array(n) : new Float32Array(n);
-  const f = new Float32Array(1), u = new Uint32Array(f.buffer);
+  const f = new Float32Array(1),
+    u = new Uint32Array(f.buffer);
   let s = (seed * 2654435761) >>> 0;
   const block = Math.min(n, 1 << 16);
   for (let i = 0; i < block; i++) {

@@ -195,7 +195,9 @@ export function loadErrorMessage(err: unknown, file?: string): string {
       `    ${tools}`,
       `    ${rebuild}`,
     );
-  } else if (/invalid ELF header|wrong ELF class|ELF file|not a valid Win32|mach-o|incompatible architecture/i.test(cause)) {
+  } else if (
+    /invalid ELF header|wrong ELF class|ELF file|not a valid Win32|mach-o|incompatible architecture/i.test(cause)
+  ) {
     lines.push(
       `- The binary was made for another platform (node_modules copied from another machine or image?). ` +
         'Reinstall here:',
@@ -210,9 +212,14 @@ export function loadErrorMessage(err: unknown, file?: string): string {
       '- If npm skipped the install script (--ignore-scripts, or strict-allow-scripts), allow it, then rebuild:',
       '    npm install-scripts approve fused-moe && npm rebuild fused-moe',
     );
-    if (process.env.PREBUILDS_ONLY) lines.push('- PREBUILDS_ONLY is set, so build/ is not searched: unset it to use a local build.');
+    if (process.env.PREBUILDS_ONLY)
+      lines.push('- PREBUILDS_ONLY is set, so build/ is not searched: unset it to use a local build.');
   } else {
-    lines.push('- Rebuild the addon from source (needs python3, make and a C++17 compiler):', `    ${tools}`, `    ${rebuild}`);
+    lines.push(
+      '- Rebuild the addon from source (needs python3, make and a C++17 compiler):',
+      `    ${tools}`,
+      `    ${rebuild}`,
+    );
   }
   lines.push('- Run `npx fused-moe doctor` for a full report.');
   return lines.join('\n');

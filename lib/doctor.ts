@@ -27,11 +27,13 @@ export interface DoctorReport {
     error: { code: string; message: string } | null;
   };
   /** null when the addon did not load. */
-  cpu: (Omit<BackendInfo['cpu'], 'error'> & {
-    /** The FUSED_MOE_ISA override, when set. */
-    forced: string | null;
-    error: string | null;
-  }) | null;
+  cpu:
+    | (Omit<BackendInfo['cpu'], 'error'> & {
+        /** The FUSED_MOE_ISA override, when set. */
+        forced: string | null;
+        error: string | null;
+      })
+    | null;
   /** null when the addon did not load. */
   cuda: {
     available: boolean;
@@ -59,7 +61,10 @@ export function cudaVersion(v: number): string | null {
 
 function packageInfo(): DoctorReport['package'] {
   try {
-    const pkg = JSON.parse(fs.readFileSync(path.join(packageRoot, 'package.json'), 'utf8')) as { name?: string; version?: string };
+    const pkg = JSON.parse(fs.readFileSync(path.join(packageRoot, 'package.json'), 'utf8')) as {
+      name?: string;
+      version?: string;
+    };
     return { name: String(pkg.name), version: String(pkg.version), path: packageRoot };
   } catch {
     return { name: 'fused-moe', version: 'unknown', path: packageRoot };
@@ -124,12 +129,20 @@ export function doctorReport(): DoctorReport {
       driverVersion: cudaVersion(c.driverVersion),
       runtimeVersion: cudaVersion(c.runtimeVersion),
       devices: c.devices.map((d, index) => ({ index, ...d })),
-      reason: c.available ? null : c.reason ?? 'unknown',
+      reason: c.available ? null : (c.reason ?? 'unknown'),
     };
     report.exitCode = report.cpu.isa && !report.cpu.error ? 0 : 1;
   } catch (err) {
     const e = errorOf(err);
-    report.cpu = { isa: null, int8Activations: null, int4Activations: null, threads: 0, supported: [], forced: process.env.FUSED_MOE_ISA || null, error: e.message };
+    report.cpu = {
+      isa: null,
+      int8Activations: null,
+      int4Activations: null,
+      threads: 0,
+      supported: [],
+      forced: process.env.FUSED_MOE_ISA || null,
+      error: e.message,
+    };
   }
   return report;
 }
@@ -162,7 +175,9 @@ export function formatReport(r: DoctorReport): string {
     }
     more(`kernel sets this CPU and build support: ${r.cpu.supported.join(', ') || 'none'}`);
     if (r.cpu.int8Activations && r.cpu.int4Activations)
-      more(`quantized experts: int8 weights with ${r.cpu.int8Activations} activations, int4 with ${r.cpu.int4Activations}`);
+      more(
+        `quantized experts: int8 weights with ${r.cpu.int8Activations} activations, int4 with ${r.cpu.int4Activations}`,
+      );
   }
 
   if (r.cuda) {
@@ -172,16 +187,21 @@ export function formatReport(r: DoctorReport): string {
     else more('library: not looked for');
     more(`driver: ${c.driverVersion ?? 'none'}, runtime: ${c.runtimeVersion ?? 'none'}`);
     for (const d of c.devices) {
-      more(`device ${d.index}: ${d.name}, ${gib(d.totalMemory)}, compute capability ${d.computeCapability}, ` +
-        `${d.multiprocessors} multiprocessors`);
+      more(
+        `device ${d.index}: ${d.name}, ${gib(d.totalMemory)}, compute capability ${d.computeCapability}, ` +
+          `${d.multiprocessors} multiprocessors`,
+      );
     }
     if (c.reason) more(`reason: ${c.reason}`);
   }
   row('env', 'the variables that change what loads and how it runs:');
   for (const v of ENV_VARS) more(`${v.name}=${r.env[v.name] ?? '(unset)'}`);
   out.push('');
-  out.push(r.exitCode === 0 ? 'ok: layers can run here' + (r.cuda?.available ? " (device: 'cuda' or 'cpu')" : " (device: 'cpu')")
-    : 'not ok: layers cannot run here; see above');
+  out.push(
+    r.exitCode === 0
+      ? 'ok: layers can run here' + (r.cuda?.available ? " (device: 'cuda' or 'cpu')" : " (device: 'cpu')")
+      : 'not ok: layers cannot run here; see above',
+  );
   return out.join('\n');
 }
 

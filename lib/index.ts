@@ -2,7 +2,19 @@
 import { BackendInfo, binding } from './binding';
 
 export { MoeLayer } from './layer';
-export type { MoeConfig, MoeWeights, ExpertWeights, ForwardOptions, RouteResult, CreateOptions, Routing, WeightDtype, Device, Quantize, QuantGroupSize } from './layer';
+export type {
+  MoeConfig,
+  MoeWeights,
+  ExpertWeights,
+  ForwardOptions,
+  RouteResult,
+  CreateOptions,
+  Routing,
+  WeightDtype,
+  Device,
+  Quantize,
+  QuantGroupSize,
+} from './layer';
 export { openSafetensors } from './safetensors/index';
 export type { SafetensorsFile, TensorInfo, TensorView, FromSafetensorsOptions } from './safetensors/index';
 export { MoeModel } from './model/model';

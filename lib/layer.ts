@@ -84,7 +84,11 @@ function normaliseConfig(config: unknown): Required<MoeConfig> {
   const device = checkOneOf('config.device', config.device ?? enums.device[0], enums.device as readonly Device[]);
   const threads = checkInteger('config.threads', config.threads ?? 0, 0, limits.maxThreads);
   const cudaDevice = checkInteger('config.cudaDevice', config.cudaDevice ?? 0, 0, limits.maxCudaDevice);
-  const quantize = checkOneOf('config.quantize', config.quantize ?? enums.quantize[0], enums.quantize as readonly Quantize[]);
+  const quantize = checkOneOf(
+    'config.quantize',
+    config.quantize ?? enums.quantize[0],
+    enums.quantize as readonly Quantize[],
+  );
   const quantGroupSize = config.quantGroupSize ?? limits.defaultQuantGroupSize;
   const groups = limits.quantGroupSizes;
   if (!(groups as readonly unknown[]).includes(quantGroupSize))
@@ -94,9 +98,24 @@ function normaliseConfig(config: unknown): Required<MoeConfig> {
     );
   if (quantize !== 'none' && device === 'cuda')
     throw argRangeError(`config.quantize '${quantize}' runs on the CPU only; use device 'cpu' or 'auto'`);
-  checkedProduct('numExperts * intermediateSize * hiddenSize', limits.maxElements, numExperts, intermediateSize, hiddenSize);
+  checkedProduct(
+    'numExperts * intermediateSize * hiddenSize',
+    limits.maxElements,
+    numExperts,
+    intermediateSize,
+    hiddenSize,
+  );
   return {
-    hiddenSize, intermediateSize, numExperts, topK, routing, weightDtype, device, threads, cudaDevice, quantize,
+    hiddenSize,
+    intermediateSize,
+    numExperts,
+    topK,
+    routing,
+    weightDtype,
+    device,
+    threads,
+    cudaDevice,
+    quantize,
     quantGroupSize: quantGroupSize as QuantGroupSize,
   };
 }
@@ -112,7 +131,13 @@ function expertViews(name: string, v: unknown, cfg: Required<MoeConfig>, rows: n
       throw argRangeError(`${name} must hold ${E} per-expert arrays (numExperts), got ${v.length}`, 'ERR_MOE_SHAPE');
     return v.map((a, e) => checkTyped<WeightArray>(`${name}[${e}]`, a, ctor, per, detail));
   }
-  const all = checkTyped<WeightArray>(name, v, ctor, checkedProduct(name, binding().limits.maxElements, E, rows, cols), detail);
+  const all = checkTyped<WeightArray>(
+    name,
+    v,
+    ctor,
+    checkedProduct(name, binding().limits.maxElements, E, rows, cols),
+    detail,
+  );
   const views: WeightArray[] = [];
   for (let e = 0; e < E; e++) views.push(all.subarray(e * per, (e + 1) * per));
   return views;
@@ -122,7 +147,12 @@ function layerArgs(config: MoeConfig, weights: MoeWeights) {
   const cfg = normaliseConfig(config);
   checkObject('weights', weights);
   const { hiddenSize: H, intermediateSize: F, numExperts: E } = cfg;
-  const gate = checkTyped<Float32Array>('weights.gate', weights.gate, Float32Array, checkedProduct('weights.gate', binding().limits.maxElements, E, H));
+  const gate = checkTyped<Float32Array>(
+    'weights.gate',
+    weights.gate,
+    Float32Array,
+    checkedProduct('weights.gate', binding().limits.maxElements, E, H),
+  );
   const w1 = expertViews('weights.w1', weights.w1, cfg, F, H);
   const w3 = expertViews('weights.w3', weights.w3, cfg, F, H);
   const w2 = expertViews('weights.w2', weights.w2, cfg, H, F);
@@ -339,7 +369,8 @@ export class MoeLayer {
   }
 
   #live(): NativeLayer {
-    if (!this.#native || this.#disposing) throw new MoeError('ERR_MOE_DISPOSED', 'this MoeLayer was disposed; create a new one');
+    if (!this.#native || this.#disposing)
+      throw new MoeError('ERR_MOE_DISPOSED', 'this MoeLayer was disposed; create a new one');
     return this.#native;
   }
 

@@ -34,7 +34,11 @@ export class Scheduler {
    * true when the job has to wait (it did not start at once). Aborting `signal` while the job waits
    * drops it with an AbortError.
    */
-  submit(layer: object, start: () => Promise<Float32Array>, signal?: AbortSignal): { promise: Promise<Float32Array>; queued: boolean } {
+  submit(
+    layer: object,
+    start: () => Promise<Float32Array>,
+    signal?: AbortSignal,
+  ): { promise: Promise<Float32Array>; queued: boolean } {
     let job!: Job;
     const promise = new Promise<Float32Array>((resolve, reject) => {
       job = { start, resolve, reject, signal };

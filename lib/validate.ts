@@ -21,7 +21,8 @@ export function checkObject(name: string, v: unknown): asserts v is Record<strin
 
 /** An optional AbortSignal (undefined passes). */
 export function checkSignal(name: string, v: unknown): AbortSignal | undefined {
-  if (v !== undefined && !(v instanceof AbortSignal)) throw argTypeError(`${name} must be an AbortSignal, got ${describe(v)}`);
+  if (v !== undefined && !(v instanceof AbortSignal))
+    throw argTypeError(`${name} must be an AbortSignal, got ${describe(v)}`);
   return v;
 }
 
@@ -33,7 +34,8 @@ export function checkInteger(name: string, v: unknown, min: number, max: number)
 }
 
 export function checkOneOf<T extends string>(name: string, v: unknown, allowed: readonly T[]): T {
-  if (typeof v !== 'string') throw argTypeError(`${name} must be one of ${allowed.map((a) => `'${a}'`).join(', ')}, got ${describe(v)}`);
+  if (typeof v !== 'string')
+    throw argTypeError(`${name} must be one of ${allowed.map((a) => `'${a}'`).join(', ')}, got ${describe(v)}`);
   if (!(allowed as readonly string[]).includes(v))
     throw argRangeError(`${name} must be one of ${allowed.map((a) => `'${a}'`).join(', ')}, got '${v}'`);
   return v as T;
@@ -42,11 +44,16 @@ export function checkOneOf<T extends string>(name: string, v: unknown, allowed: 
 type TypedCtor = Float32ArrayConstructor | Uint16ArrayConstructor | Int32ArrayConstructor;
 
 /** A typed array of the given type and exact length; detached buffers count as length 0. */
-export function checkTyped<T extends ArrayBufferView>(name: string, v: unknown, ctor: TypedCtor, length: number, detail = ''): T {
+export function checkTyped<T extends ArrayBufferView>(
+  name: string,
+  v: unknown,
+  ctor: TypedCtor,
+  length: number,
+  detail = '',
+): T {
   if (!(v instanceof ctor)) throw argTypeError(`${name} must be a ${ctor.name}${detail}, got ${describe(v)}`);
   const len = (v as unknown as { length: number }).length;
-  if (len !== length)
-    throw argRangeError(`${name} must have ${length} elements${detail}, got ${len}`, 'ERR_MOE_SHAPE');
+  if (len !== length) throw argRangeError(`${name} must have ${length} elements${detail}, got ${len}`, 'ERR_MOE_SHAPE');
   return v as unknown as T;
 }
 
@@ -59,7 +66,9 @@ export function checkedProduct(name: string, maxElements: number, ...factors: nu
   for (const f of factors) {
     p *= f;
     if (!Number.isSafeInteger(p) || p > maxElements)
-      throw argRangeError(`${name} (${factors.join(' * ')}) is too large: it passes ${Number.isInteger(Math.log2(maxElements)) ? `2^${Math.log2(maxElements)}` : maxElements} elements`);
+      throw argRangeError(
+        `${name} (${factors.join(' * ')}) is too large: it passes ${Number.isInteger(Math.log2(maxElements)) ? `2^${Math.log2(maxElements)}` : maxElements} elements`,
+      );
   }
   return p;
 }

@@ -113,11 +113,15 @@ function missingTools(env = process.env) {
     missing.push({ tool: 'make', hint: 'make (GNU make)' });
   }
   const cxx = env.CXX ? env.CXX.trim().split(/\s+/)[0] : null;
-  const compiler = cxx ? which(cxx, env.PATH) : which('c++', env.PATH) || which('g++', env.PATH) || which('clang++', env.PATH);
+  const compiler = cxx
+    ? which(cxx, env.PATH)
+    : which('c++', env.PATH) || which('g++', env.PATH) || which('clang++', env.PATH);
   if (!compiler) {
     missing.push({
       tool: cxx || 'g++',
-      hint: cxx ? `the C++ compiler CXX names (${cxx})` : 'a C++17 compiler (g++ 7+ or clang++ 5+; c++, g++ or clang++ on PATH, or set CXX)',
+      hint: cxx
+        ? `the C++ compiler CXX names (${cxx})`
+        : 'a C++17 compiler (g++ 7+ or clang++ 5+; c++, g++ or clang++ on PATH, or set CXX)',
     });
   }
   return missing;
@@ -231,12 +235,17 @@ function main() {
       `cannot build the native addon from source: ${names.join(', ')} not found.`,
       [
         ...prebuildFacts(),
-        fromSource ? 'a source build was asked for (--build-from-source)' : 'no prebuilt binary fits this runtime, so it has to be built',
+        fromSource
+          ? 'a source build was asked for (--build-from-source)'
+          : 'no prebuilt binary fits this runtime, so it has to be built',
         ...missing.map((m) => `missing: ${m.hint}`),
         ...(gyp ? [] : ['missing: node-gyp (npm ships one; install it with npm install -g node-gyp)']),
       ],
       [
-        { text: 'Install the build tools, then build again:', commands: [toolInstallCommand(), 'npm rebuild fused-moe'] },
+        {
+          text: 'Install the build tools, then build again:',
+          commands: [toolInstallCommand(), 'npm rebuild fused-moe'],
+        },
         { text: 'Or install on a platform with a prebuilt binary (listed above); no compiler is needed there.' },
       ],
     );
@@ -251,7 +260,10 @@ function main() {
       `the source build failed (node-gyp ${r.signal ? 'was killed by ' + r.signal : 'exited with code ' + r.status}; its output is above).`,
       prebuildFacts(),
       [
-        { text: 'Check that the C++ compiler supports C++17 (g++ 7+, clang++ 5+), then build again:', commands: ['npm rebuild fused-moe --foreground-scripts'] },
+        {
+          text: 'Check that the C++ compiler supports C++17 (g++ 7+, clang++ 5+), then build again:',
+          commands: ['npm rebuild fused-moe --foreground-scripts'],
+        },
         { text: 'Or install on a platform with a prebuilt binary (listed above).' },
       ],
     );
@@ -259,14 +271,31 @@ function main() {
   }
   const built = tryLoad(Object.assign({}, env, { PREBUILDS_ONLY: '' }));
   if (!built.ok) {
-    report('the addon was built but does not load.', [`cause: ${built.error}`], [
-      { text: 'Rebuild from a clean tree and report the cause above if it persists:', commands: ['npm rebuild fused-moe --foreground-scripts'] },
-    ]);
+    report(
+      'the addon was built but does not load.',
+      [`cause: ${built.error}`],
+      [
+        {
+          text: 'Rebuild from a clean tree and report the cause above if it persists:',
+          commands: ['npm rebuild fused-moe --foreground-scripts'],
+        },
+      ],
+    );
     return 1;
   }
   return 0;
 }
 
-module.exports = { which, libcInfo, runtimeLine, listPrebuilds, missingTools, toolInstallCommand, localNodeDir, buildEnv, tryLoad };
+module.exports = {
+  which,
+  libcInfo,
+  runtimeLine,
+  listPrebuilds,
+  missingTools,
+  toolInstallCommand,
+  localNodeDir,
+  buildEnv,
+  tryLoad,
+};
 
 if (require.main === module) process.exitCode = main();

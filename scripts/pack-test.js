@@ -44,7 +44,9 @@ function run(cmd, args, opts = {}) {
   const r = childProcess.spawnSync(cmd, args, { encoding: 'utf8', maxBuffer: 64 << 20, ...opts });
   if (r.error) throw r.error;
   if (opts.must && r.status !== 0) {
-    throw new Error(`${path.basename(cmd)} ${args.join(' ')} exited with ${r.status ?? r.signal}\n${r.stdout || ''}${r.stderr || ''}`);
+    throw new Error(
+      `${path.basename(cmd)} ${args.join(' ')} exited with ${r.status ?? r.signal}\n${r.stdout || ''}${r.stderr || ''}`,
+    );
   }
   return r;
 }
@@ -67,7 +69,10 @@ function cleanEnv(extra) {
   const env = {};
   for (const [k, v] of Object.entries(process.env)) {
     if (/^npm_(config|package|lifecycle|command|execpath|node_execpath)/i.test(k)) continue;
-    if (['CC', 'CXX', 'PYTHON', 'FUSED_MOE_ISA', 'FUSED_MOE_PREBUILD', 'FUSED_MOE_CUDA_LIBRARY', 'INIT_CWD'].includes(k)) continue;
+    if (
+      ['CC', 'CXX', 'PYTHON', 'FUSED_MOE_ISA', 'FUSED_MOE_PREBUILD', 'FUSED_MOE_CUDA_LIBRARY', 'INIT_CWD'].includes(k)
+    )
+      continue;
     env[k] = v;
   }
   return Object.assign(env, extra);
@@ -96,7 +101,12 @@ function ensurePrebuild(npm) {
     log(`using prebuilds/${tuple}/${node} (newer than the sources; --rebuild remakes it)`);
   } else {
     log(`making prebuilds/${tuple} (npm run build:prebuilds)`);
-    run(process.execPath, [npm, 'run', 'build:prebuilds'], { cwd: root, stdio: 'inherit', must: true, encoding: undefined });
+    run(process.execPath, [npm, 'run', 'build:prebuilds'], {
+      cwd: root,
+      stdio: 'inherit',
+      must: true,
+      encoding: undefined,
+    });
   }
   const built = fs.readdirSync(dir).find((n) => n.endsWith('.node'));
   return path.join(dir, built);
@@ -104,23 +114,43 @@ function ensurePrebuild(npm) {
 
 // ---- 2. the tarball -----------------------------------------------------------------------------------
 const REQUIRED = [
-  'package.json', 'README.md', 'LICENSE', 'binding.gyp', 'CMakeLists.txt', 'bin/fused-moe.js', 'scripts/install.js',
-  'dist/index.js', 'dist/index.mjs', 'dist/index.d.ts', 'dist/doctor.js', 'csrc/core/config.cpp', 'csrc/napi/addon.cpp',
+  'package.json',
+  'README.md',
+  'LICENSE',
+  'binding.gyp',
+  'CMakeLists.txt',
+  'bin/fused-moe.js',
+  'scripts/install.js',
+  'dist/index.js',
+  'dist/index.mjs',
+  'dist/index.d.ts',
+  'dist/doctor.js',
+  'csrc/core/config.cpp',
+  'csrc/napi/addon.cpp',
   'csrc/cpu/kernels_avx2.cpp',
 ];
-const ALLOWED = /^(package\.json|README\.md|LICENSE|binding\.gyp|CMakeLists\.txt|bin\/|scripts\/install\.js$|dist\/|prebuilds\/|cmake\/|csrc\/)/;
+const ALLOWED =
+  /^(package\.json|README\.md|LICENSE|binding\.gyp|CMakeLists\.txt|bin\/|scripts\/install\.js$|dist\/|prebuilds\/|cmake\/|csrc\/)/;
 
 function pack(npm, work) {
   log('npm run build:ts, npm pack');
   run(process.execPath, [npm, 'run', 'build:ts'], { cwd: root, must: true });
-  const r = run(process.execPath, [npm, 'pack', '--json', '--ignore-scripts', '--pack-destination', work], { cwd: root, must: true });
+  const r = run(process.execPath, [npm, 'pack', '--json', '--ignore-scripts', '--pack-destination', work], {
+    cwd: root,
+    must: true,
+  });
   const info = JSON.parse(r.stdout.slice(r.stdout.indexOf('[')))[0];
   const files = info.files.map((f) => f.path);
   for (const f of REQUIRED) check(files.includes(f), `the tarball lacks ${f}`);
-  check(files.some((f) => f.startsWith(`prebuilds/${tuple}/`) && f.endsWith('.node')), `the tarball lacks prebuilds/${tuple}/*.node`);
+  check(
+    files.some((f) => f.startsWith(`prebuilds/${tuple}/`) && f.endsWith('.node')),
+    `the tarball lacks prebuilds/${tuple}/*.node`,
+  );
   const stray = files.filter((f) => !ALLOWED.test(f) || /(^|\/)(test|tests|bench)\//.test(f));
   check(stray.length === 0, `the tarball holds files it should not: ${stray.join(', ')}`);
-  log(`${info.filename}: ${files.length} files, ${(info.size / 1024).toFixed(0)} KiB packed, ${(info.unpackedSize / 1024).toFixed(0)} KiB unpacked`);
+  log(
+    `${info.filename}: ${files.length} files, ${(info.size / 1024).toFixed(0)} KiB packed, ${(info.unpackedSize / 1024).toFixed(0)} KiB unpacked`,
+  );
   return path.join(work, info.filename);
 }
 
@@ -205,20 +235,32 @@ export { isa };
 
 function writeConsumer(app) {
   fs.mkdirSync(app, { recursive: true });
-  fs.writeFileSync(path.join(app, 'package.json'), JSON.stringify({ name: 'pack-consumer', version: '1.0.0', private: true }, null, 2));
+  fs.writeFileSync(
+    path.join(app, 'package.json'),
+    JSON.stringify({ name: 'pack-consumer', version: '1.0.0', private: true }, null, 2),
+  );
   fs.writeFileSync(path.join(app, 'cjs.js'), CJS);
   fs.writeFileSync(path.join(app, 'esm.mjs'), ESM);
   fs.writeFileSync(path.join(app, 'consumer.ts'), TS_CJS);
   fs.writeFileSync(path.join(app, 'consumer.mts'), TS_ESM);
   fs.writeFileSync(
     path.join(app, 'tsconfig.json'),
-    JSON.stringify({
-      compilerOptions: {
-        target: 'ES2022', module: 'nodenext', moduleResolution: 'nodenext', strict: true, noEmit: true,
-        typeRoots: [path.join(root, 'node_modules', '@types')], types: ['node'],
+    JSON.stringify(
+      {
+        compilerOptions: {
+          target: 'ES2022',
+          module: 'nodenext',
+          moduleResolution: 'nodenext',
+          strict: true,
+          noEmit: true,
+          typeRoots: [path.join(root, 'node_modules', '@types')],
+          types: ['node'],
+        },
+        files: ['consumer.ts', 'consumer.mts'],
       },
-      files: ['consumer.ts', 'consumer.mts'],
-    }, null, 2),
+      null,
+      2,
+    ),
   );
 }
 
@@ -242,17 +284,26 @@ function install(npm, work, tarball) {
   const bin = compilerFreePath(work);
   log(`npm install ${path.basename(tarball)} with PREBUILDS_ONLY=1 and PATH=<node only> (no compiler)`);
   const env = cleanEnv({ PATH: bin, PREBUILDS_ONLY: '1' });
-  const r = run(process.execPath, [npm, 'install', tarball, '--no-audit', '--no-fund', '--foreground-scripts'], { cwd: app, env });
+  const r = run(process.execPath, [npm, 'install', tarball, '--no-audit', '--no-fund', '--foreground-scripts'], {
+    cwd: app,
+    env,
+  });
   if (!check(r.status === 0, `npm install failed (exit ${r.status})\n${r.stdout}${r.stderr}`)) return null;
   const pkgDir = path.join(app, 'node_modules', 'fused-moe');
-  check(!fs.existsSync(path.join(pkgDir, 'build')), 'the install compiled something (node_modules/fused-moe/build exists)');
+  check(
+    !fs.existsSync(path.join(pkgDir, 'build')),
+    'the install compiled something (node_modules/fused-moe/build exists)',
+  );
   check(fs.existsSync(path.join(app, 'node_modules', '.bin', 'fused-moe')), 'npm did not link the fused-moe bin');
   return { app, env, pkgDir, bin };
 }
 
 function runJson(cmd, args, opts, what) {
   const r = run(cmd, args, opts);
-  if (!check(r.status === 0, `${what} exited with ${r.status ?? r.signal}: ${(r.stderr || r.stdout).trim().slice(-2000)}`)) return null;
+  if (
+    !check(r.status === 0, `${what} exited with ${r.status ?? r.signal}: ${(r.stderr || r.stdout).trim().slice(-2000)}`)
+  )
+    return null;
   try {
     const out = r.stdout.trim();
     return JSON.parse(out.startsWith('{') ? out : out.split('\n').pop());
@@ -267,17 +318,30 @@ function consumerChecks(c) {
   log('forward pass from CommonJS (require)');
   const auto = runJson(process.execPath, ['cjs.js'], { cwd: c.app, env: c.env }, 'cjs.js');
   if (auto) {
-    check(auto.errSync < tol && auto.errAsync < tol, `CommonJS forward differs from the reference: ${JSON.stringify(auto)}`);
-    log(`  kernels ${auto.isa}: max error ${auto.errSync.toExponential(1)} (sync), ${auto.errAsync.toExponential(1)} (async)`);
+    check(
+      auto.errSync < tol && auto.errAsync < tol,
+      `CommonJS forward differs from the reference: ${JSON.stringify(auto)}`,
+    );
+    log(
+      `  kernels ${auto.isa}: max error ${auto.errSync.toExponential(1)} (sync), ${auto.errAsync.toExponential(1)} (async)`,
+    );
     for (const isa of ['scalar', 'avx2']) {
       if (!auto.supported.includes(isa)) {
         log(`  FUSED_MOE_ISA=${isa}: skipped, this CPU lacks it`);
         continue;
       }
-      const forced = runJson(process.execPath, ['cjs.js'], { cwd: c.app, env: { ...c.env, FUSED_MOE_ISA: isa } }, `cjs.js with FUSED_MOE_ISA=${isa}`);
+      const forced = runJson(
+        process.execPath,
+        ['cjs.js'],
+        { cwd: c.app, env: { ...c.env, FUSED_MOE_ISA: isa } },
+        `cjs.js with FUSED_MOE_ISA=${isa}`,
+      );
       if (forced) {
         check(forced.isa === isa, `FUSED_MOE_ISA=${isa} ran ${forced.isa}`);
-        check(forced.errSync < tol && forced.errAsync < tol, `FUSED_MOE_ISA=${isa} forward differs: ${JSON.stringify(forced)}`);
+        check(
+          forced.errSync < tol && forced.errAsync < tol,
+          `FUSED_MOE_ISA=${isa} forward differs: ${JSON.stringify(forced)}`,
+        );
         log(`  FUSED_MOE_ISA=${isa}: max error ${Math.max(forced.errSync, forced.errAsync).toExponential(1)}`);
       }
     }
@@ -298,12 +362,21 @@ function consumerChecks(c) {
   log('fused-moe doctor (text and --json) from the install');
   const doctorBin = path.join(c.pkgDir, 'bin', 'fused-moe.js');
   const text = run(process.execPath, [doctorBin, 'doctor'], { cwd: c.app, env: c.env });
-  check(text.status === 0 && /addon\s+prebuilt: /.test(text.stdout), `doctor (text) did not report the prebuilt binary:\n${text.stdout}${text.stderr}`);
-  const report = runJson(process.execPath, [doctorBin, 'doctor', '--json'], { cwd: c.app, env: c.env }, 'doctor --json');
+  check(
+    text.status === 0 && /addon\s+prebuilt: /.test(text.stdout),
+    `doctor (text) did not report the prebuilt binary:\n${text.stdout}${text.stderr}`,
+  );
+  const report = runJson(
+    process.execPath,
+    [doctorBin, 'doctor', '--json'],
+    { cwd: c.app, env: c.env },
+    'doctor --json',
+  );
   if (report) {
     check(report.addon.kind === 'prebuilt', `doctor: addon.kind is ${report.addon.kind}, expected prebuilt`);
     check(
-      typeof report.addon.path === 'string' && report.addon.path.startsWith(path.join(fs.realpathSync(c.pkgDir), 'prebuilds', tuple)),
+      typeof report.addon.path === 'string' &&
+        report.addon.path.startsWith(path.join(fs.realpathSync(c.pkgDir), 'prebuilds', tuple)),
       `doctor: addon.path ${report.addon.path} is not in the installed package's prebuilds/`,
     );
   }
@@ -318,20 +391,34 @@ function failureMessages(c, work) {
   const env = { ...c.env, FUSED_MOE_PREBUILD: empty };
 
   const only = run(process.execPath, [installJs], { cwd: c.pkgDir, env });
-  check(only.status === 1 && /PREBUILDS_ONLY is set, so nothing is compiled/.test(only.stderr) && /Possible solutions:/.test(only.stderr),
-    `install.js with PREBUILDS_ONLY=1 and no binary: exit ${only.status}, said:\n${only.stderr}`);
+  check(
+    only.status === 1 &&
+      /PREBUILDS_ONLY is set, so nothing is compiled/.test(only.stderr) &&
+      /Possible solutions:/.test(only.stderr),
+    `install.js with PREBUILDS_ONLY=1 and no binary: exit ${only.status}, said:\n${only.stderr}`,
+  );
 
   const noTools = run(process.execPath, [installJs], { cwd: c.pkgDir, env: { ...env, PREBUILDS_ONLY: '' } });
-  check(noTools.status === 1 && /cannot build the native addon from source: .*g\+\+/.test(noTools.stderr) &&
-    /missing: a C\+\+17 compiler/.test(noTools.stderr) && /npm rebuild fused-moe/.test(noTools.stderr),
-    `install.js with no compiler: exit ${noTools.status}, said:\n${noTools.stderr}`);
+  check(
+    noTools.status === 1 &&
+      /cannot build the native addon from source: .*g\+\+/.test(noTools.stderr) &&
+      /missing: a C\+\+17 compiler/.test(noTools.stderr) &&
+      /npm rebuild fused-moe/.test(noTools.stderr),
+    `install.js with no compiler: exit ${noTools.status}, said:\n${noTools.stderr}`,
+  );
   check(!fs.existsSync(path.join(c.pkgDir, 'build')), 'install.js with no compiler left a build/ folder');
 
-  const script = "try { require('fused-moe').backendInfo(); console.log('{}'); } catch (e) { console.log(JSON.stringify({ code: e.code, message: e.message })); }";
+  const script =
+    "try { require('fused-moe').backendInfo(); console.log('{}'); } catch (e) { console.log(JSON.stringify({ code: e.code, message: e.message })); }";
   const loaded = runJson(process.execPath, ['-e', script], { cwd: c.app, env }, 'require() with no binary');
   if (loaded) {
-    check(loaded.code === 'ERR_MOE_LOAD' && /looked in:/.test(loaded.message) && /Possible solutions:/.test(loaded.message) &&
-      loaded.message.includes(path.join(empty, 'prebuilds')), `require() with no binary threw: ${JSON.stringify(loaded)}`);
+    check(
+      loaded.code === 'ERR_MOE_LOAD' &&
+        /looked in:/.test(loaded.message) &&
+        /Possible solutions:/.test(loaded.message) &&
+        loaded.message.includes(path.join(empty, 'prebuilds')),
+      `require() with no binary threw: ${JSON.stringify(loaded)}`,
+    );
   }
 }
 
@@ -352,18 +439,35 @@ function sourceBuild(npm, c, work) {
 function sourceBuildWithoutPrebuilds(npm, c) {
   const env = { ...cleanEnv({ PATH: process.env.PATH }), PREBUILDS_ONLY: '' };
   // Through npm, as a user's `npm rebuild` would: npm puts its own node-gyp on the PATH.
-  const r = run(process.execPath, [npm, 'rebuild', 'fused-moe', '--foreground-scripts'], { cwd: c.app, env, timeout: 600000 });
-  if (!check(r.status === 0, `the source build failed (exit ${r.status ?? r.signal}): ${(r.stderr || '').trim().slice(-1500)}`)) return;
-  check(fs.existsSync(path.join(c.pkgDir, 'build', 'Release', 'fused_moe.node')), 'the source build left no build/Release/fused_moe.node');
+  const r = run(process.execPath, [npm, 'rebuild', 'fused-moe', '--foreground-scripts'], {
+    cwd: c.app,
+    env,
+    timeout: 600000,
+  });
+  if (
+    !check(
+      r.status === 0,
+      `the source build failed (exit ${r.status ?? r.signal}): ${(r.stderr || '').trim().slice(-1500)}`,
+    )
+  )
+    return;
+  check(
+    fs.existsSync(path.join(c.pkgDir, 'build', 'Release', 'fused_moe.node')),
+    'the source build left no build/Release/fused_moe.node',
+  );
   const res = runJson(process.execPath, ['cjs.js'], { cwd: c.app, env }, 'cjs.js on the source build');
   if (res) {
-    check(res.errSync < 1e-4 && res.errAsync < 1e-4, `forward on the source build differs from the reference: ${JSON.stringify(res)}`);
+    check(
+      res.errSync < 1e-4 && res.errAsync < 1e-4,
+      `forward on the source build differs from the reference: ${JSON.stringify(res)}`,
+    );
     log(`  built from source, kernels ${res.isa}: max error ${res.errSync.toExponential(1)}`);
   }
 }
 
 // ---- 4. portability -----------------------------------------------------------------------------------
-const BEYOND_BASELINE = /^(v\w+|pshufb|palignr|phadd\w*|pmaddubsw|pmulhrsw|psign\w|pabs\w|ptest|pblend\w*|blendv?p[sd]|round[ps][sd]|pmulld|pmin[su][bdw]|pmax[su][bdw]|insertps|extractps|pextr[bdq]|pinsr[bdq]|pmov[sz]x\w*|packusdw|pcmpeqq|pcmpgtq|dpp[sd]|mpsadbw|phminposuw|crc32\w?|popcnt|lzcnt|tzcnt|movbe|andn|bextr|blsi|blsr|blsmsk|bzhi|shlx|shrx|sarx|rorx|pdep|pext|mulx|adcx|adox|kmov\w|kor\w|kand\w)$/;
+const BEYOND_BASELINE =
+  /^(v\w+|pshufb|palignr|phadd\w*|pmaddubsw|pmulhrsw|psign\w|pabs\w|ptest|pblend\w*|blendv?p[sd]|round[ps][sd]|pmulld|pmin[su][bdw]|pmax[su][bdw]|insertps|extractps|pextr[bdq]|pinsr[bdq]|pmov[sz]x\w*|packusdw|pcmpeqq|pcmpgtq|dpp[sd]|mpsadbw|phminposuw|crc32\w?|popcnt|lzcnt|tzcnt|movbe|andn|bextr|blsi|blsr|blsmsk|bzhi|shlx|shrx|sarx|rorx|pdep|pext|mulx|adcx|adox|kmov\w|kor\w|kand\w)$/;
 
 /** Instructions beyond baseline x86-64 (SSE2) in the functions the loader runs: the .init_array entries. */
 function loadTimeExtensions(file) {
@@ -374,7 +478,9 @@ function loadTimeExtensions(file) {
   const bytes = [];
   for (const line of dump.stdout.split('\n')) {
     const m = /^\s*[0-9a-f]+\s+((?:[0-9a-f]{2,8}\s?){1,4})/.exec(line);
-    if (m) for (const word of m[1].trim().split(/\s+/)) for (let i = 0; i < word.length; i += 2) bytes.push(parseInt(word.slice(i, i + 2), 16));
+    if (m)
+      for (const word of m[1].trim().split(/\s+/))
+        for (let i = 0; i < word.length; i += 2) bytes.push(parseInt(word.slice(i, i + 2), 16));
   }
   const found = [];
   for (let i = 0; i + 8 <= bytes.length; i += 8) {
@@ -389,10 +495,12 @@ function loadTimeExtensions(file) {
       const m = /^\s*[0-9a-f]+:\s+(\S+)\s*(.*)$/.exec(line);
       if (!m) continue;
       const [, op, operands] = m;
-      if (BEYOND_BASELINE.test(op) || /%[yz]mm|%k[0-7]/.test(operands)) hits.push(`${op} ${operands.replace(/\s+#.*$/, '')}`.trim());
+      if (BEYOND_BASELINE.test(op) || /%[yz]mm|%k[0-7]/.test(operands))
+        hits.push(`${op} ${operands.replace(/\s+#.*$/, '')}`.trim());
       if (/^(ret|jmp)/.test(op)) break; // the end of this initializer (or its tail call)
     }
-    if (hits.length) found.push(`initializer at ${start}: ${hits.length} such instructions, e.g. ${hits.slice(0, 3).join('; ')}`);
+    if (hits.length)
+      found.push(`initializer at ${start}: ${hits.length} such instructions, e.g. ${hits.slice(0, 3).join('; ')}`);
   }
   return found;
 }
@@ -402,10 +510,14 @@ function symbolVersions(file) {
   if (!objdump) return null;
   const r = run(objdump, ['-T', file]);
   const newest = (prefix) => {
-    const vs = [...new Set((r.stdout.match(new RegExp(`${prefix}_[0-9.]+`, 'g')) || []).map((v) => v.slice(prefix.length + 1)))];
+    const vs = [
+      ...new Set((r.stdout.match(new RegExp(`${prefix}_[0-9.]+`, 'g')) || []).map((v) => v.slice(prefix.length + 1))),
+    ];
     vs.sort((a, b) => {
-      const x = a.split('.').map(Number), y = b.split('.').map(Number);
-      for (let i = 0; i < Math.max(x.length, y.length); i++) if ((x[i] || 0) !== (y[i] || 0)) return (x[i] || 0) - (y[i] || 0);
+      const x = a.split('.').map(Number),
+        y = b.split('.').map(Number);
+      for (let i = 0; i < Math.max(x.length, y.length); i++)
+        if ((x[i] || 0) !== (y[i] || 0)) return (x[i] || 0) - (y[i] || 0);
       return 0;
     });
     return vs.pop() || null;
@@ -421,13 +533,22 @@ function portability(addon, c) {
   log('code run at load time uses only baseline x86-64 instructions (objdump of .init_array)');
   const ext = loadTimeExtensions(addon);
   if (ext === null) log('  skipped: objdump not found');
-  else check(ext.length === 0, `the addon's load-time initializers use instructions beyond baseline x86-64, so loading it crashes (SIGILL) on CPUs without them (static initializers of the SIMD kernel files, compiled with their -m flags):\n    ${ext.join('\n    ')}`);
+  else
+    check(
+      ext.length === 0,
+      `the addon's load-time initializers use instructions beyond baseline x86-64, so loading it crashes (SIGILL) on CPUs without them (static initializers of the SIMD kernel files, compiled with their -m flags):\n    ${ext.join('\n    ')}`,
+    );
 
   const qemu = which('qemu-x86_64');
   if (qemu && c) {
     log('forward pass on an emulated baseline x86-64 CPU (qemu-x86_64 -cpu qemu64: SSE2, no AVX)');
     const r = run(qemu, ['-cpu', 'qemu64', process.execPath, 'cjs.js'], { cwd: c.app, env: c.env, timeout: 90000 });
-    if (check(r.status === 0, `on a baseline x86-64 CPU the addon fails (exit ${r.status ?? r.signal}): ${(r.stderr || '').trim().slice(-400)}`)) {
+    if (
+      check(
+        r.status === 0,
+        `on a baseline x86-64 CPU the addon fails (exit ${r.status ?? r.signal}): ${(r.stderr || '').trim().slice(-400)}`,
+      )
+    ) {
       const res = JSON.parse(r.stdout.trim().split('\n').pop());
       check(res.isa === 'scalar' && res.errSync < 1e-4, `on a baseline CPU: ${JSON.stringify(res)}`);
       log(`  ran ${res.isa} kernels, max error ${res.errSync.toExponential(1)}`);

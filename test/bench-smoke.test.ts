@@ -19,7 +19,12 @@ test('bench --quick --json prints sane numbers', () => {
   for (const isa of res.machine.supported) expect(sets.has(isa)).toBe(true);
   for (const row of res.rows) {
     for (const key of ['ms', 'tokensPerS', 'weightGBs', 'gflops', 'bwFraction', 'fmaFraction']) {
-      expect([row.case, row.isa, key, Number.isFinite(row[key]) && row[key] > 0]).toEqual([row.case, row.isa, key, true]);
+      expect([row.case, row.isa, key, Number.isFinite(row[key]) && row[key] > 0]).toEqual([
+        row.case,
+        row.isa,
+        key,
+        true,
+      ]);
     }
     expect(row.finite).toBe(true);
   }

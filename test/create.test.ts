@@ -9,7 +9,15 @@ import { AbortError, MoeConfig, MoeLayer, MoeWeights } from '../lib';
 
 const bits = (a: Float32Array) => Buffer.from(a.buffer, a.byteOffset, a.byteLength);
 
-type Shape = { H: number; F: number; E: number; k: number; dtype: 'float32' | 'bfloat16' | 'float16'; quantize?: 'int8' | 'int4'; seed: number };
+type Shape = {
+  H: number;
+  F: number;
+  E: number;
+  k: number;
+  dtype: 'float32' | 'bfloat16' | 'float16';
+  quantize?: 'int8' | 'int4';
+  seed: number;
+};
 
 /**
  * A layer's arrays from a fast generator (these tests compare two builds of the same weights, so no
@@ -21,7 +29,7 @@ const imul = Math.imul;
 
 function layerOf(s: Shape): { config: MoeConfig; weights: MoeWeights; x: Float32Array } {
   let state = s.seed >>> 0 || 1;
-  const next = () => ((state = (imul(state, 1664525) + 1013904223) >>> 0) / 4294967296);
+  const next = () => (state = (imul(state, 1664525) + 1013904223) >>> 0) / 4294967296;
   const f32 = (n: number, scale: number) => {
     const a = new Float32Array(n);
     for (let i = 0; i < n; i++) a[i] = (next() * 2 - 1) * scale;
@@ -39,7 +47,14 @@ function layerOf(s: Shape): { config: MoeConfig; weights: MoeWeights; x: Float32
   const w = (n: number, K: number) => (s.dtype === 'float32' ? f32(n, 1 / Math.sqrt(K)) : u16(n));
   const { H, F, E } = s;
   return {
-    config: { hiddenSize: H, intermediateSize: F, numExperts: E, topK: s.k, weightDtype: s.dtype, quantize: s.quantize ?? 'none' },
+    config: {
+      hiddenSize: H,
+      intermediateSize: F,
+      numExperts: E,
+      topK: s.k,
+      weightDtype: s.dtype,
+      quantize: s.quantize ?? 'none',
+    },
     weights: { gate: f32(E * H, 2 / Math.sqrt(H)), w1: w(E * F * H, H), w3: w(E * F * H, H), w2: w(E * H * F, F) },
     x: f32(9 * H, 1),
   };
@@ -92,7 +107,9 @@ describe('MoeLayer.create', () => {
 
   test('abort: rejects with AbortError before or during the build', async () => {
     const m = layerOf({ H: 1024, F: 4096, E: 2, k: 1, dtype: 'float32', seed: 96 });
-    await expect(MoeLayer.create(m.config, m.weights, { signal: AbortSignal.abort() })).rejects.toBeInstanceOf(AbortError);
+    await expect(MoeLayer.create(m.config, m.weights, { signal: AbortSignal.abort() })).rejects.toBeInstanceOf(
+      AbortError,
+    );
     const ctl = new AbortController();
     const pending = MoeLayer.create(m.config, m.weights, { signal: ctl.signal, stepMs: 1 });
     setImmediate(() => ctl.abort());
@@ -111,11 +128,13 @@ describe('MoeLayer.create', () => {
     again.dispose();
   });
 
-  test('bad arguments reject with the constructor\'s errors', async () => {
+  test("bad arguments reject with the constructor's errors", async () => {
     const m = layerOf({ H: 32, F: 32, E: 2, k: 1, dtype: 'float32', seed: 98 });
     await expect(MoeLayer.create({ ...m.config, topK: 3 }, m.weights)).rejects.toThrow(/config\.topK/);
     await expect(MoeLayer.create(m.config, { ...m.weights, w1: new Float32Array(5) })).rejects.toThrow(/weights\.w1/);
     await expect(MoeLayer.create(m.config, m.weights, { stepMs: 0 })).rejects.toThrow(RangeError);
-    await expect(MoeLayer.create(m.config, m.weights, { signal: {} as AbortSignal })).rejects.toThrow(/options\.signal/);
+    await expect(MoeLayer.create(m.config, m.weights, { signal: {} as AbortSignal })).rejects.toThrow(
+      /options\.signal/,
+    );
   });
 });

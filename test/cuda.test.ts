@@ -68,18 +68,21 @@ withCuda(`MoeLayer on CUDA (${cuda.devices[0]?.name ?? 'no device'})`, () => {
     }
   });
 
-  test.each(['float32', 'bfloat16'] as const)('forward is bit-identical run to run, sync or async (%s)', async (dtype) => {
-    const { layer, x } = cudaLayer({ ...base, ...mixtralish, T: 300, dtype, seed: 120 });
-    try {
-      const a = layer.forwardSync(x);
-      const b = layer.forwardSync(x);
-      const c = await layer.forward(x);
-      expect(bits(b)).toEqual(bits(a));
-      expect(bits(c)).toEqual(bits(a));
-    } finally {
-      layer.dispose();
-    }
-  });
+  test.each(['float32', 'bfloat16'] as const)(
+    'forward is bit-identical run to run, sync or async (%s)',
+    async (dtype) => {
+      const { layer, x } = cudaLayer({ ...base, ...mixtralish, T: 300, dtype, seed: 120 });
+      try {
+        const a = layer.forwardSync(x);
+        const b = layer.forwardSync(x);
+        const c = await layer.forward(x);
+        expect(bits(b)).toEqual(bits(a));
+        expect(bits(c)).toEqual(bits(a));
+      } finally {
+        layer.dispose();
+      }
+    },
+  );
 
   test.each(['float32', 'bfloat16', 'float16'] as const)(
     'a token gives the same bits alone as inside a batch (%s)',

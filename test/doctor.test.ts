@@ -9,8 +9,16 @@ const bin = path.join(root, 'bin', 'fused-moe.js');
 const pkg = JSON.parse(fs.readFileSync(path.join(root, 'package.json'), 'utf8')) as { version: string };
 
 function doctor(args: string[], env: Record<string, string | undefined> = {}) {
-  const clean: Record<string, string | undefined> = { ...process.env, FUSED_MOE_ISA: undefined, FUSED_MOE_PREBUILD: undefined };
-  const r = spawnSync(process.execPath, [bin, ...args], { encoding: 'utf8', env: { ...clean, ...env }, timeout: 60000 });
+  const clean: Record<string, string | undefined> = {
+    ...process.env,
+    FUSED_MOE_ISA: undefined,
+    FUSED_MOE_PREBUILD: undefined,
+  };
+  const r = spawnSync(process.execPath, [bin, ...args], {
+    encoding: 'utf8',
+    env: { ...clean, ...env },
+    timeout: 60000,
+  });
   return { status: r.status, stdout: r.stdout, stderr: r.stderr };
 }
 
@@ -23,7 +31,9 @@ test('text report: version, binary, CPU kernels, CUDA state', () => {
   expect(r.stderr).toBe('');
   expect(r.status).toBe(0);
   expect(r.stdout).toMatch(new RegExp(`^fused-moe\\s+${pkg.version.replace(/\./g, '\\.')} `));
-  expect(r.stdout).toMatch(new RegExp(`^runtime\\s+${process.platform}-${process.arch}.*Node\\.js ${process.versions.node}`, 'm'));
+  expect(r.stdout).toMatch(
+    new RegExp(`^runtime\\s+${process.platform}-${process.arch}.*Node\\.js ${process.versions.node}`, 'm'),
+  );
   expect(r.stdout).toMatch(/^addon\s+(local build|prebuilt|other): \S+\.node$/m);
   expect(r.stdout).toMatch(/^cpu\s+\w+ kernels, \d+ threads/m);
   expect(r.stdout).toMatch(/kernel sets this CPU and build support: scalar/);
@@ -37,7 +47,12 @@ test('--json: one object with every field, consistent with itself', () => {
   expect(r.status).toBe(0);
   const report = JSON.parse(r.stdout);
   expect(report.package).toEqual({ name: 'fused-moe', version: pkg.version, path: root });
-  expect(report.runtime).toMatchObject({ platform: process.platform, arch: process.arch, node: process.versions.node, addonNapi: 8 });
+  expect(report.runtime).toMatchObject({
+    platform: process.platform,
+    arch: process.arch,
+    node: process.versions.node,
+    addonNapi: 8,
+  });
   expect(report.runtime.napi).toBeGreaterThanOrEqual(8);
   if (process.platform === 'linux') expect(['glibc', 'musl']).toContain(report.runtime.libc.family);
   expect(report.addon.loaded).toBe(true);
@@ -116,5 +131,8 @@ test('an addon that cannot load is reported (paths, cause, fixes), never thrown'
 test('usage and unknown commands', () => {
   expect(doctor(['--help'])).toMatchObject({ status: 0, stdout: expect.stringMatching(/^usage: fused-moe doctor/) });
   expect(doctor([])).toMatchObject({ status: 2, stdout: expect.stringMatching(/^usage:/) });
-  expect(doctor(['doctr'])).toMatchObject({ status: 2, stdout: expect.stringMatching(/unknown command or option 'doctr'/) });
+  expect(doctor(['doctr'])).toMatchObject({
+    status: 2,
+    stdout: expect.stringMatching(/unknown command or option 'doctr'/),
+  });
 });

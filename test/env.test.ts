@@ -16,7 +16,12 @@ function readmeRows(): string[][] {
   return section
     .split('\n')
     .filter((l) => /^\| `/.test(l))
-    .map((l) => l.slice(1, -1).split(' | ').map((c) => c.trim()));
+    .map((l) =>
+      l
+        .slice(1, -1)
+        .split(' | ')
+        .map((c) => c.trim()),
+    );
 }
 
 function sourceFiles(dir: string, exts: RegExp): string[] {
@@ -38,13 +43,17 @@ test('the README lists the same variables as lib/env.ts, in the same order and w
 test('every FUSED_MOE_* variable the sources read is in the table, and every one there is read', () => {
   const files = [
     ...sourceFiles(path.join(root, 'lib'), /\.ts$/),
-    ...sourceFiles(path.join(root, 'csrc'), /\.(cpp|h|cu|cuh)$/).filter((f) => !f.includes(`${path.sep}tests${path.sep}`)),
+    ...sourceFiles(path.join(root, 'csrc'), /\.(cpp|h|cu|cuh)$/).filter(
+      (f) => !f.includes(`${path.sep}tests${path.sep}`),
+    ),
     path.join(root, 'scripts', 'install.js'),
   ].filter((f) => path.basename(f) !== 'env.ts');
   const read = new Set<string>();
   for (const f of files) {
     const text = fs.readFileSync(f, 'utf8');
-    for (const m of text.matchAll(/(?:getenv\(\s*"|process\.env\.|env\.)(FUSED_MOE_[A-Z_]+|PREBUILDS_ONLY|npm_config_build_from_source)\b/g))
+    for (const m of text.matchAll(
+      /(?:getenv\(\s*"|process\.env\.|env\.)(FUSED_MOE_[A-Z_]+|PREBUILDS_ONLY|npm_config_build_from_source)\b/g,
+    ))
       read.add(m[1]);
   }
   const listed = new Set(ENV_VARS.map((v) => v.name));
@@ -56,7 +65,11 @@ test('every FUSED_MOE_* variable the sources read is in the table, and every one
 
 test('doctor prints every variable of the table, set or not', () => {
   const env = { ...process.env, FUSED_MOE_ISA: undefined, FUSED_MOE_DECODE_ROWS: '5' };
-  const r = spawnSync(process.execPath, [path.join(root, 'bin', 'fused-moe.js'), 'doctor'], { encoding: 'utf8', env, timeout: 60000 });
+  const r = spawnSync(process.execPath, [path.join(root, 'bin', 'fused-moe.js'), 'doctor'], {
+    encoding: 'utf8',
+    env,
+    timeout: 60000,
+  });
   for (const v of ENV_VARS) expect(r.stdout).toMatch(new RegExp(`^\\s+${v.name}=`, 'm'));
   expect(r.stdout).toMatch(/^\s+FUSED_MOE_DECODE_ROWS=5$/m);
   expect(r.stdout).toMatch(/^\s+FUSED_MOE_ISA=\(unset\)$/m);

@@ -31,9 +31,19 @@ describe('config errors', () => {
     ['numExperts', 5000, RangeError, /config\.numExperts.*1024.*5000/],
     ['topK', 5, RangeError, /config\.topK must be an integer in \[1, 4\], got 5/],
     ['topK', 0, RangeError, /config\.topK/],
-    ['routing', 'softmax', RangeError, /config\.routing must be one of 'softmax-topk-renorm', 'softmax-topk', got 'softmax'/],
+    [
+      'routing',
+      'softmax',
+      RangeError,
+      /config\.routing must be one of 'softmax-topk-renorm', 'softmax-topk', got 'softmax'/,
+    ],
     ['routing', 3, TypeError, /config\.routing/],
-    ['weightDtype', 'int8', RangeError, /config\.weightDtype must be one of 'float32', 'bfloat16', 'float16', got 'int8'/],
+    [
+      'weightDtype',
+      'int8',
+      RangeError,
+      /config\.weightDtype must be one of 'float32', 'bfloat16', 'float16', got 'int8'/,
+    ],
     ['device', 'gpu', RangeError, /config\.device must be one of 'cpu', 'cuda', 'auto', got 'gpu'/],
     ['threads', -1, RangeError, /config\.threads/],
     ['threads', 1.5, RangeError, /config\.threads/],
@@ -49,7 +59,11 @@ describe('config errors', () => {
 
   test('a huge config is refused on the weight sizes, before any allocation', () => {
     const huge = { hiddenSize: 2 ** 20, intermediateSize: 2 ** 20, numExperts: 1024, topK: 2 };
-    expectThrow(() => new MoeLayer(huge, good.weights), RangeError, /weights\.gate must have 1073741824 elements, got 64/);
+    expectThrow(
+      () => new MoeLayer(huge, good.weights),
+      RangeError,
+      /weights\.gate must have 1073741824 elements, got 64/,
+    );
   });
 });
 
@@ -80,12 +94,20 @@ describe('weight errors', () => {
       TypeError,
       /weights\.w1 must be a Uint16Array \(weightDtype 'bfloat16'\), got Float32Array/,
     );
-    expectThrow(() => new MoeLayer(config, { ...weights, gate: [1, 2] as never }), TypeError, /weights\.gate must be a Float32Array, got an array of length 2/);
+    expectThrow(
+      () => new MoeLayer(config, { ...weights, gate: [1, 2] as never }),
+      TypeError,
+      /weights\.gate must be a Float32Array, got an array of length 2/,
+    );
   });
   test('per-expert arrays: count and each length', () => {
     const per = 24 * 16;
     const arrays = (n: number, len: number) => Array.from({ length: n }, () => new Float32Array(len));
-    expectThrow(() => new MoeLayer(config, { ...weights, w3: arrays(3, per) }), RangeError, /weights\.w3 must hold 4 per-expert arrays \(numExperts\), got 3/);
+    expectThrow(
+      () => new MoeLayer(config, { ...weights, w3: arrays(3, per) }),
+      RangeError,
+      /weights\.w3 must hold 4 per-expert arrays \(numExperts\), got 3/,
+    );
     expectThrow(
       () => new MoeLayer(config, { ...weights, w3: [...arrays(3, per), new Float32Array(7)] }),
       RangeError,
@@ -93,12 +115,20 @@ describe('weight errors', () => {
     );
   });
   test('missing weights', () => {
-    expectThrow(() => new MoeLayer(config, { gate: weights.gate } as never), TypeError, /weights\.w1 must be a Float32Array.*got undefined/);
+    expectThrow(
+      () => new MoeLayer(config, { gate: weights.gate } as never),
+      TypeError,
+      /weights\.w1 must be a Float32Array.*got undefined/,
+    );
   });
   test('a detached weight buffer is refused', () => {
     const w1 = Float32Array.from(weights.w1 as Float32Array);
     structuredClone(w1.buffer, { transfer: [w1.buffer] });
-    expectThrow(() => new MoeLayer(config, { ...weights, w1 }), RangeError, /weights\.w1 must have 1536 elements.*got 0/);
+    expectThrow(
+      () => new MoeLayer(config, { ...weights, w1 }),
+      RangeError,
+      /weights\.w1 must have 1536 elements.*got 0/,
+    );
   });
 });
 
@@ -107,16 +137,35 @@ describe('call errors', () => {
   afterAll(() => layer.dispose());
 
   test('x must be a Float32Array of T * H', async () => {
-    expectThrow(() => layer.forwardSync(new Float64Array(16) as never), TypeError, /x must be a Float32Array, got Float64Array/);
-    expectThrow(() => layer.forwardSync(new Float32Array(17)), RangeError, /x must hold T \* hiddenSize \(16\) elements, got 17/, 'ERR_MOE_SHAPE');
+    expectThrow(
+      () => layer.forwardSync(new Float64Array(16) as never),
+      TypeError,
+      /x must be a Float32Array, got Float64Array/,
+    );
+    expectThrow(
+      () => layer.forwardSync(new Float32Array(17)),
+      RangeError,
+      /x must hold T \* hiddenSize \(16\) elements, got 17/,
+      'ERR_MOE_SHAPE',
+    );
     expectThrow(() => layer.route([1, 2] as never), TypeError, /x must be a Float32Array/);
-    await expect(layer.forward(new Float32Array(15))).rejects.toThrow(/x must hold T \* hiddenSize \(16\) elements, got 15/);
+    await expect(layer.forward(new Float32Array(15))).rejects.toThrow(
+      /x must hold T \* hiddenSize \(16\) elements, got 15/,
+    );
     await expect(layer.forward('x' as never)).rejects.toBeInstanceOf(TypeError);
   });
   test('out must fit', async () => {
-    expectThrow(() => layer.forwardSync(new Float32Array(32), { out: new Float32Array(16) }), RangeError, /options\.out must have 32 elements \(T \* hiddenSize\), got 16/);
-    await expect(layer.forward(new Float32Array(32).fill(0.5), { out: new Uint8Array(32) as never })).rejects.toThrow(/options\.out must be a Float32Array/);
-    await expect(layer.forward(new Float32Array(16), { signal: {} as never })).rejects.toThrow(/options\.signal must be an AbortSignal/);
+    expectThrow(
+      () => layer.forwardSync(new Float32Array(32), { out: new Float32Array(16) }),
+      RangeError,
+      /options\.out must have 32 elements \(T \* hiddenSize\), got 16/,
+    );
+    await expect(layer.forward(new Float32Array(32).fill(0.5), { out: new Uint8Array(32) as never })).rejects.toThrow(
+      /options\.out must be a Float32Array/,
+    );
+    await expect(layer.forward(new Float32Array(16), { signal: {} as never })).rejects.toThrow(
+      /options\.signal must be an AbortSignal/,
+    );
   });
   test('a disposed layer throws ERR_MOE_DISPOSED everywhere', async () => {
     const l = new MoeLayer(good.config, good.weights);
@@ -160,7 +209,14 @@ describe('native errors', () => {
   });
 
   test('other native failures become MoeErrors with the same code; unknown ones ERR_MOE_INTERNAL', () => {
-    for (const code of ['ERR_MOE_NO_DEVICE', 'ERR_MOE_CUDA', 'ERR_MOE_OUT_OF_MEMORY', 'ERR_MOE_DISPOSED', 'ERR_MOE_CHECKPOINT', 'ERR_MOE_SHAPE']) {
+    for (const code of [
+      'ERR_MOE_NO_DEVICE',
+      'ERR_MOE_CUDA',
+      'ERR_MOE_OUT_OF_MEMORY',
+      'ERR_MOE_DISPOSED',
+      'ERR_MOE_CHECKPOINT',
+      'ERR_MOE_SHAPE',
+    ]) {
       const e = fromNative(native(code));
       expect(e).toBeInstanceOf(MoeError);
       expect((e as MoeError).code).toBe(code);

@@ -22,7 +22,24 @@ function attempt(fn: () => unknown): void {
 }
 
 const garbage = fc.oneof(
-  fc.constantFrom(undefined, null, NaN, Infinity, -Infinity, -1, 0, 0.5, 2 ** 53, 2 ** 64, -(2 ** 31), '', 'float32', {}, [], () => 1),
+  fc.constantFrom(
+    undefined,
+    null,
+    NaN,
+    Infinity,
+    -Infinity,
+    -1,
+    0,
+    0.5,
+    2 ** 53,
+    2 ** 64,
+    -(2 ** 31),
+    '',
+    'float32',
+    {},
+    [],
+    () => 1,
+  ),
   fc.integer(),
   fc.double(),
   fc.string(),
@@ -38,7 +55,17 @@ describe('hostile input', () => {
   const good = makeCase({ H: 16, F: 24, E: 4, k: 2, T: 3, dtype: 'float32', routing: 'softmax-topk-renorm', seed: 90 });
 
   test('random values for every config field never crash', () => {
-    const keys = ['hiddenSize', 'intermediateSize', 'numExperts', 'topK', 'routing', 'weightDtype', 'device', 'threads', 'cudaDevice'];
+    const keys = [
+      'hiddenSize',
+      'intermediateSize',
+      'numExperts',
+      'topK',
+      'routing',
+      'weightDtype',
+      'device',
+      'threads',
+      'cudaDevice',
+    ];
     fc.assert(
       fc.property(fc.constantFrom(...keys), garbage, (key, value) => {
         attempt(() => new MoeLayer({ ...good.config, [key]: value } as never, good.weights).dispose());
@@ -48,11 +75,20 @@ describe('hostile input', () => {
   });
 
   test('random sizes, including huge ones, never allocate past what they are given', () => {
-    const size = fc.oneof(fc.integer({ min: -5, max: 70 }), fc.constantFrom(2 ** 20, 2 ** 21, 2 ** 31, 2 ** 53, 1e300), fc.double());
+    const size = fc.oneof(
+      fc.integer({ min: -5, max: 70 }),
+      fc.constantFrom(2 ** 20, 2 ** 21, 2 ** 31, 2 ** 53, 1e300),
+      fc.double(),
+    );
     fc.assert(
       fc.property(size, size, size, size, (H, F, E, k) => {
         const n = (a: number) => (Number.isSafeInteger(a) && a > 0 && a < 5000 ? a : 4);
-        const w = { gate: new Float32Array(n(E) * n(H)), w1: new Float32Array(64), w3: new Float32Array(64), w2: new Float32Array(64) };
+        const w = {
+          gate: new Float32Array(n(E) * n(H)),
+          w1: new Float32Array(64),
+          w3: new Float32Array(64),
+          w2: new Float32Array(64),
+        };
         attempt(() => new MoeLayer({ hiddenSize: H, intermediateSize: F, numExperts: E, topK: k }, w).dispose());
       }),
       { numRuns: 300, seed: 2 },
@@ -62,27 +98,33 @@ describe('hostile input', () => {
   test('random garbage for weights and call arguments never crashes', async () => {
     const layer = new MoeLayer(good.config, good.weights);
     await fc.assert(
-      fc.asyncProperty(fc.constantFrom('gate', 'w1', 'w3', 'w2', 'x', 'out', 'options', 'signal'), garbage, async (what, value) => {
-        if (['gate', 'w1', 'w3', 'w2'].includes(what)) {
-          attempt(() => new MoeLayer(good.config, { ...good.weights, [what]: value } as never).dispose());
-          attempt(() => new MoeLayer(good.config, { ...good.weights, [what]: [value, value, value, value] } as never).dispose());
-          return;
-        }
-        const call = (fn: () => unknown) => attempt(fn);
-        if (what === 'x') {
-          call(() => layer.forwardSync(value as never));
-          call(() => layer.route(value as never));
-          await layer.forward(value as never).catch((e) => expect(expectedError(e)).toBe(true));
-        } else if (what === 'out') {
-          call(() => layer.forwardSync(good.x, { out: value as never }));
-          await layer.forward(good.x, { out: value as never }).catch((e) => expect(expectedError(e)).toBe(true));
-        } else if (what === 'options') {
-          call(() => layer.forwardSync(good.x, value as never));
-          await layer.forward(good.x, value as never).catch((e) => expect(expectedError(e)).toBe(true));
-        } else {
-          await layer.forward(good.x, { signal: value as never }).catch((e) => expect(expectedError(e)).toBe(true));
-        }
-      }),
+      fc.asyncProperty(
+        fc.constantFrom('gate', 'w1', 'w3', 'w2', 'x', 'out', 'options', 'signal'),
+        garbage,
+        async (what, value) => {
+          if (['gate', 'w1', 'w3', 'w2'].includes(what)) {
+            attempt(() => new MoeLayer(good.config, { ...good.weights, [what]: value } as never).dispose());
+            attempt(() =>
+              new MoeLayer(good.config, { ...good.weights, [what]: [value, value, value, value] } as never).dispose(),
+            );
+            return;
+          }
+          const call = (fn: () => unknown) => attempt(fn);
+          if (what === 'x') {
+            call(() => layer.forwardSync(value as never));
+            call(() => layer.route(value as never));
+            await layer.forward(value as never).catch((e) => expect(expectedError(e)).toBe(true));
+          } else if (what === 'out') {
+            call(() => layer.forwardSync(good.x, { out: value as never }));
+            await layer.forward(good.x, { out: value as never }).catch((e) => expect(expectedError(e)).toBe(true));
+          } else if (what === 'options') {
+            call(() => layer.forwardSync(good.x, value as never));
+            await layer.forward(good.x, value as never).catch((e) => expect(expectedError(e)).toBe(true));
+          } else {
+            await layer.forward(good.x, { signal: value as never }).catch((e) => expect(expectedError(e)).toBe(true));
+          }
+        },
+      ),
       { numRuns: 300, seed: 3 },
     );
     // Still right after all that.
@@ -125,10 +167,24 @@ describe('hostile input', () => {
   });
 
   test('MoeLayer.create: random garbage for config, weights and options rejects cleanly', async () => {
-    const keys = ['hiddenSize', 'numExperts', 'topK', 'weightDtype', 'quantize', 'gate', 'w1', 'w2', 'options', 'stepMs', 'signal'];
+    const keys = [
+      'hiddenSize',
+      'numExperts',
+      'topK',
+      'weightDtype',
+      'quantize',
+      'gate',
+      'w1',
+      'w2',
+      'options',
+      'stepMs',
+      'signal',
+    ];
     await fc.assert(
       fc.asyncProperty(fc.constantFrom(...keys), garbage, async (key, value) => {
-        const config = ['hiddenSize', 'numExperts', 'topK', 'weightDtype', 'quantize'].includes(key) ? { ...good.config, [key]: value } : good.config;
+        const config = ['hiddenSize', 'numExperts', 'topK', 'weightDtype', 'quantize'].includes(key)
+          ? { ...good.config, [key]: value }
+          : good.config;
         const weights = ['gate', 'w1', 'w2'].includes(key) ? { ...good.weights, [key]: value } : good.weights;
         const options = key === 'options' ? value : key === 'stepMs' || key === 'signal' ? { [key]: value } : undefined;
         try {
@@ -151,7 +207,12 @@ describe('hostile input', () => {
     const raw = binding() as unknown as { NativeBuilder: new (cfg?: object) => LooseBuilder };
     const cfg = { ...good.config, device: 'cpu', threads: 0, cudaDevice: 0, quantize: 'none', quantGroupSize: 128 };
     const per = (a: Float32Array, n: number) => Array.from({ length: 4 }, (_, e) => a.subarray(e * n, (e + 1) * n));
-    const w = [good.weights.gate, per(good.weights.w1 as Float32Array, 24 * 16), per(good.weights.w3 as Float32Array, 24 * 16), per(good.weights.w2 as Float32Array, 24 * 16)];
+    const w = [
+      good.weights.gate,
+      per(good.weights.w1 as Float32Array, 24 * 16),
+      per(good.weights.w3 as Float32Array, 24 * 16),
+      per(good.weights.w2 as Float32Array, 24 * 16),
+    ];
     const b = new raw.NativeBuilder(cfg);
     expect(() => b.finish()).toThrow(/not fully built/);
     // (errors from the addon belong to the main realm, not jest's sandbox: matched by message)
@@ -173,7 +234,9 @@ describe('hostile input', () => {
   test('a huge but valid layer fails with ERR_MOE_OUT_OF_MEMORY, not an abort or the OOM killer', () => {
     // 512 experts that all share one 64 MiB array: valid, cheap for the caller, but the packed copy
     // would need 96 GiB.
-    const H = 4096, F = 4096, E = 512;
+    const H = 4096,
+      F = 4096,
+      E = 512;
     const one = new Uint16Array(F * H).fill(0x3c00);
     const experts = new Array(E).fill(one);
     let caught: unknown;

@@ -55,7 +55,11 @@ function readF64(file: string): Float64Array {
 const CHILD_TIMEOUT_MS = 600000;
 
 function child(script: string, env: NodeJS.ProcessEnv): string {
-  const r = spawnSync(process.execPath, [path.join(__dirname, 'fixtures', script), dir], { env, encoding: 'utf8', timeout: CHILD_TIMEOUT_MS });
+  const r = spawnSync(process.execPath, [path.join(__dirname, 'fixtures', script), dir], {
+    env,
+    encoding: 'utf8',
+    timeout: CHILD_TIMEOUT_MS,
+  });
   if (r.status !== 0) throw new Error(`${script} failed (${env.FUSED_MOE_ISA ?? ''}): ${r.stderr || r.error}`);
   return r.stdout;
 }
@@ -86,12 +90,18 @@ function runSet(isa: string): { full: Float32Array; again: Float32Array; alone: 
     const bytes = fs.readFileSync(path.join(dir, `${c.name}.out.bin`));
     const all = new Float32Array(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength));
     const n = c.T * c.H;
-    return { full: all.subarray(0, n), again: all.subarray(n, 2 * n), alone: all.subarray(2 * n, 3 * n), split: all.subarray(3 * n, 4 * n) };
+    return {
+      full: all.subarray(0, n),
+      again: all.subarray(n, 2 * n),
+      alone: all.subarray(2 * n, 3 * n),
+      split: all.subarray(3 * n, 4 * n),
+    };
   });
 }
 
 function sameBits(a: Float32Array, b: Float32Array): number {
-  const ua = new Uint32Array(a.buffer, a.byteOffset, a.length), ub = new Uint32Array(b.buffer, b.byteOffset, b.length);
+  const ua = new Uint32Array(a.buffer, a.byteOffset, a.length),
+    ub = new Uint32Array(b.buffer, b.byteOffset, b.length);
   for (let i = 0; i < ua.length; i++) if (ua[i] !== ub[i]) return i;
   return -1;
 }
@@ -101,9 +111,20 @@ function sameBits(a: Float32Array, b: Float32Array): number {
  * (helpers/tolerance.ts). A set with a bf16 dot product is also held to the reference that rounds
  * the activations as it does, a far tighter bound on all but the smallest cases.
  */
-function accuracy(isa: string, c: Named, y: Float32Array, ref: Float64Array, refBf16?: Float64Array): { against: string; err: number; tol: number }[] {
+function accuracy(
+  isa: string,
+  c: Named,
+  y: Float32Array,
+  ref: Float64Array,
+  refBf16?: Float64Array,
+): { against: string; err: number; tol: number }[] {
   const checks = [{ against: 'float64', err: relL2(y, ref), tol: weightTolerance(isa, c.dtype) }];
-  if (narrowsBf16(isa, c.dtype)) checks.push({ against: 'bf16 activations', err: relL2(y, refBf16 as Float64Array), tol: narrowedTolerance('bf16', c) });
+  if (narrowsBf16(isa, c.dtype))
+    checks.push({
+      against: 'bf16 activations',
+      err: relL2(y, refBf16 as Float64Array),
+      tol: narrowedTolerance('bf16', c),
+    });
   return checks;
 }
 
@@ -128,7 +149,13 @@ describe.each(supported)('kernel set %s', (isa) => {
 
   test.each(cases.map((c, i) => [c.name, i] as const))('%s: matches the float64 reference', (_name, i) => {
     const c = cases[i];
-    for (const { err, tol } of accuracy(isa, c, results[i].full, refs.get(c.name) as Float64Array, refsBf16.get(c.name))) {
+    for (const { err, tol } of accuracy(
+      isa,
+      c,
+      results[i].full,
+      refs.get(c.name) as Float64Array,
+      refsBf16.get(c.name),
+    )) {
       expect(Number.isFinite(err)).toBe(true);
       expect(err).toBeLessThan(tol);
     }
@@ -137,14 +164,17 @@ describe.each(supported)('kernel set %s', (isa) => {
   // The bounds bite: the same outputs against a reference whose decode is one ulp off on every odd code
   // fail them. For f16 that moves the output by about 1.2e-3, which the former blanket bound of 1e-2
   // for 16-bit weights let pass; for bf16 (ulp 2^-7) it is about 1e-2.
-  test.each(['odd-f16', 'tiny-k4-f16', 'odd-bf16', 'tiny-k4-bf16'])('%s: a decode one mantissa bit off fails the check', (name) => {
-    const i = cases.findIndex((c) => c.name === name);
-    const c = cases[i];
-    const wrong = wrongDecodeRefs(c, narrowsBf16(isa, c.dtype));
-    const checks = accuracy(isa, c, results[i].full, wrong.ref, wrong.refBf16);
-    expect(checks.some((k) => k.err >= k.tol)).toBe(true);
-    if (c.dtype === 'float16') expect(checks.every((k) => k.err < 1e-2)).toBe(true);
-  });
+  test.each(['odd-f16', 'tiny-k4-f16', 'odd-bf16', 'tiny-k4-bf16'])(
+    '%s: a decode one mantissa bit off fails the check',
+    (name) => {
+      const i = cases.findIndex((c) => c.name === name);
+      const c = cases[i];
+      const wrong = wrongDecodeRefs(c, narrowsBf16(isa, c.dtype));
+      const checks = accuracy(isa, c, results[i].full, wrong.ref, wrong.refBf16);
+      expect(checks.some((k) => k.err >= k.tol)).toBe(true);
+      if (c.dtype === 'float16') expect(checks.every((k) => k.err < 1e-2)).toBe(true);
+    },
+  );
 
   test('batch invariance: alone, in the batch and split give the same bits', () => {
     for (let i = 0; i < cases.length; i++) {
@@ -155,6 +185,7 @@ describe.each(supported)('kernel set %s', (isa) => {
   });
 
   test('run-to-run determinism', () => {
-    for (let i = 0; i < cases.length; i++) expect([cases[i].name, sameBits(results[i].again, results[i].full)]).toEqual([cases[i].name, -1]);
+    for (let i = 0; i < cases.length; i++)
+      expect([cases[i].name, sameBits(results[i].again, results[i].full)]).toEqual([cases[i].name, -1]);
   });
 });

@@ -4,34 +4,91 @@ import { MoeError } from '../lib/errors';
 // Field names as the four families' config.json files spell them (sizes shrunk).
 const mixtral = {
   architectures: ['MixtralForCausalLM'],
-  hidden_size: 64, intermediate_size: 96, num_hidden_layers: 2, num_attention_heads: 8, num_key_value_heads: 2,
-  num_local_experts: 4, num_experts_per_tok: 2, vocab_size: 300, rope_theta: 1e6, rms_norm_eps: 1e-5,
-  sliding_window: null, max_position_embeddings: 512, bos_token_id: 1, eos_token_id: 2, tie_word_embeddings: false,
+  hidden_size: 64,
+  intermediate_size: 96,
+  num_hidden_layers: 2,
+  num_attention_heads: 8,
+  num_key_value_heads: 2,
+  num_local_experts: 4,
+  num_experts_per_tok: 2,
+  vocab_size: 300,
+  rope_theta: 1e6,
+  rms_norm_eps: 1e-5,
+  sliding_window: null,
+  max_position_embeddings: 512,
+  bos_token_id: 1,
+  eos_token_id: 2,
+  tie_word_embeddings: false,
 };
 const qwen3 = {
   architectures: ['Qwen3MoeForCausalLM'],
-  hidden_size: 64, intermediate_size: 128, moe_intermediate_size: 32, num_hidden_layers: 3, num_attention_heads: 4,
-  num_key_value_heads: 2, head_dim: 24, num_experts: 8, num_experts_per_tok: 2, norm_topk_prob: true,
-  decoder_sparse_step: 1, mlp_only_layers: [1], vocab_size: 300, rope_theta: 1e6, use_sliding_window: false,
-  sliding_window: 4096, eos_token_id: [5, 6], bos_token_id: null, tie_word_embeddings: true,
+  hidden_size: 64,
+  intermediate_size: 128,
+  moe_intermediate_size: 32,
+  num_hidden_layers: 3,
+  num_attention_heads: 4,
+  num_key_value_heads: 2,
+  head_dim: 24,
+  num_experts: 8,
+  num_experts_per_tok: 2,
+  norm_topk_prob: true,
+  decoder_sparse_step: 1,
+  mlp_only_layers: [1],
+  vocab_size: 300,
+  rope_theta: 1e6,
+  use_sliding_window: false,
+  sliding_window: 4096,
+  eos_token_id: [5, 6],
+  bos_token_id: null,
+  tie_word_embeddings: true,
 };
 const olmoe = {
   architectures: ['OlmoeForCausalLM'],
-  hidden_size: 64, intermediate_size: 32, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 4,
-  num_experts: 8, num_experts_per_tok: 2, norm_topk_prob: false, vocab_size: 300, clip_qkv: null,
+  hidden_size: 64,
+  intermediate_size: 32,
+  num_hidden_layers: 2,
+  num_attention_heads: 4,
+  num_key_value_heads: 4,
+  num_experts: 8,
+  num_experts_per_tok: 2,
+  norm_topk_prob: false,
+  vocab_size: 300,
+  clip_qkv: null,
 };
 const qwen2 = {
   architectures: ['Qwen2MoeForCausalLM'],
-  hidden_size: 64, intermediate_size: 128, moe_intermediate_size: 32, shared_expert_intermediate_size: 48,
-  num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 4, num_experts: 6, num_experts_per_tok: 2,
-  vocab_size: 300, decoder_sparse_step: 2,
+  hidden_size: 64,
+  intermediate_size: 128,
+  moe_intermediate_size: 32,
+  shared_expert_intermediate_size: 48,
+  num_hidden_layers: 2,
+  num_attention_heads: 4,
+  num_key_value_heads: 4,
+  num_experts: 6,
+  num_experts_per_tok: 2,
+  vocab_size: 300,
+  decoder_sparse_step: 2,
 };
 
 describe('parseDecoderConfig', () => {
   test('Mixtral: every layer MoE, renormalised top-k, head_dim from H / heads', () => {
     const c = parseDecoderConfig(mixtral);
-    expect(c).toMatchObject({ headDim: 8, numKvHeads: 2, slidingWindow: 0, qkNorm: 'none', qkvBias: false, ropeTheta: 1e6 });
-    expect(c.moe).toEqual({ numExperts: 4, topK: 2, intermediateSize: 96, routing: 'softmax-topk-renorm', sharedIntermediateSize: 0, sharedGate: false });
+    expect(c).toMatchObject({
+      headDim: 8,
+      numKvHeads: 2,
+      slidingWindow: 0,
+      qkNorm: 'none',
+      qkvBias: false,
+      ropeTheta: 1e6,
+    });
+    expect(c.moe).toEqual({
+      numExperts: 4,
+      topK: 2,
+      intermediateSize: 96,
+      routing: 'softmax-topk-renorm',
+      sharedIntermediateSize: 0,
+      sharedGate: false,
+    });
     expect(c.moeLayers).toEqual([true, true]);
     expect(c.eosTokenIds).toEqual([2]);
     expect(tensorNames(c).layer(1).expert!(3)).toEqual({
@@ -43,7 +100,13 @@ describe('parseDecoderConfig', () => {
 
   test('Qwen3-MoE: explicit head_dim, per-head q/k norm, dense layers from mlp_only_layers, tied head', () => {
     const c = parseDecoderConfig(qwen3);
-    expect(c).toMatchObject({ headDim: 24, qkNorm: 'head', slidingWindow: 0, tieWordEmbeddings: true, denseIntermediateSize: 128 });
+    expect(c).toMatchObject({
+      headDim: 24,
+      qkNorm: 'head',
+      slidingWindow: 0,
+      tieWordEmbeddings: true,
+      denseIntermediateSize: 128,
+    });
     expect(c.moeLayers).toEqual([true, false, true]);
     expect(c.eosTokenIds).toEqual([5, 6]);
     expect(c.bosTokenId).toBeNull();

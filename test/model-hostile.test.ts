@@ -22,7 +22,10 @@ let expected: Float32Array;
 const CONTEXT = 2048;
 
 /** A copy of the good checkpoint in `name`, with config.json edited and tensors dropped or replaced. */
-function broken(name: string, edit: { config?: (c: Record<string, unknown>) => void; tensors?: (t: Map<string, RawTensor>) => void }): string {
+function broken(
+  name: string,
+  edit: { config?: (c: Record<string, unknown>) => void; tensors?: (t: Map<string, RawTensor>) => void },
+): string {
   const out = path.join(dir, name);
   fs.mkdirSync(out, { recursive: true });
   const config = JSON.parse(fs.readFileSync(path.join(good.hfDir, 'config.json'), 'utf8'));
@@ -71,7 +74,9 @@ describe('broken checkpoints: MoeError ERR_MOE_CHECKPOINT naming what is wrong',
     const err = await rejection(MoeModel.load(d));
     expect(err).toBeInstanceOf(MoeError);
     expect(err.code).toBe('ERR_MOE_CHECKPOINT');
-    expect(err.message).toMatch(/model\.layers\.0\.mlp\.experts\.0\.gate_proj\.weight' has shape \[40, 96\], config\.json implies \[41, 96\]/);
+    expect(err.message).toMatch(
+      /model\.layers\.0\.mlp\.experts\.0\.gate_proj\.weight' has shape \[40, 96\], config\.json implies \[41, 96\]/,
+    );
   });
 
   test('a missing tensor', async () => {
@@ -94,7 +99,9 @@ describe('broken checkpoints: MoeError ERR_MOE_CHECKPOINT naming what is wrong',
     const d = broken('arch', { config: (c) => (c.architectures = ['LlamaForCausalLM']) });
     const err = await rejection(MoeModel.load(d));
     expect([err.constructor, err.code]).toEqual([MoeError, 'ERR_MOE_CHECKPOINT']);
-    expect(err.message).toMatch(/LlamaForCausalLM.*MixtralForCausalLM, Qwen3MoeForCausalLM, OlmoeForCausalLM, Qwen2MoeForCausalLM/);
+    expect(err.message).toMatch(
+      /LlamaForCausalLM.*MixtralForCausalLM, Qwen3MoeForCausalLM, OlmoeForCausalLM, Qwen2MoeForCausalLM/,
+    );
   });
 });
 
@@ -129,14 +136,20 @@ describe('concurrency, aborts and disposal', () => {
   test('concurrent logits() calls queue and give the results of the same calls one at a time', async () => {
     const prompts = [prompt, randomTokens(600, V, 2), randomTokens(3, V, 3), prompt];
     const together = await Promise.all(prompts.map((p) => model.logits(p, { all: true })));
-    for (const [i, p] of prompts.entries()) expect([i, firstBitDifference(together[i], await model.logits(p, { all: true }))]).toEqual([i, -1]);
+    for (const [i, p] of prompts.entries())
+      expect([i, firstBitDifference(together[i], await model.logits(p, { all: true }))]).toEqual([i, -1]);
     expect(firstBitDifference(together[0], expected)).toBe(-1);
   });
 
   test('abort during load: AbortError, and a later load works', async () => {
     const controller = new AbortController();
     let calls = 0;
-    const err = await rejection(MoeModel.load(good.hfDir, { signal: controller.signal, onProgress: () => ++calls === 5 && controller.abort('stop') }));
+    const err = await rejection(
+      MoeModel.load(good.hfDir, {
+        signal: controller.signal,
+        onProgress: () => ++calls === 5 && controller.abort('stop'),
+      }),
+    );
     expect(err).toBeInstanceOf(AbortError);
     expect(calls).toBe(5);
     const before = new AbortController();
@@ -176,10 +189,21 @@ describe('concurrency, aborts and disposal', () => {
   test('repeated failures leak nothing: resident memory stays flat, the model gives the same bits', async () => {
     const shape = path.join(dir, 'shape');
     // Wide experts (about 4 MB of weights) so that a leaked load would show clearly.
-    const wide = writeRandomModel(path.join(dir, 'wide'), { family: 'qwen2moe', dtype: 'float32', seed: 62, expertFfn: 400, gguf: false });
+    const wide = writeRandomModel(path.join(dir, 'wide'), {
+      family: 'qwen2moe',
+      dtype: 'float32',
+      seed: 62,
+      expertFfn: 400,
+      gguf: false,
+    });
     const cycle = async () => {
       const controller = new AbortController();
-      await rejection(MoeModel.load(wide.hfDir, { signal: controller.signal, onProgress: (p) => p.tensors > 0.8 * p.totalTensors && controller.abort() }));
+      await rejection(
+        MoeModel.load(wide.hfDir, {
+          signal: controller.signal,
+          onProgress: (p) => p.tensors > 0.8 * p.totalTensors && controller.abort(),
+        }),
+      );
       await rejection(MoeModel.load(shape));
       await rejection(model.logits([...prompt, V]));
       const c2 = new AbortController();
@@ -192,10 +216,12 @@ describe('concurrency, aborts and disposal', () => {
     };
     for (let i = 0; i < 5; i++) await cycle();
     const outsideHeap = () => process.memoryUsage().rss - process.memoryUsage().heapTotal; // the JS heap grows on its own
-    const rss0 = outsideHeap(), bytes0 = model.nativeBytes;
+    const rss0 = outsideHeap(),
+      bytes0 = model.nativeBytes;
     for (let i = 0; i < 40; i++) await cycle();
     const grown = outsideHeap() - rss0;
-    if (process.env.FUSED_MOE_TEST_TIMING) console.log(`resident memory grew by ${(grown / 2 ** 20).toFixed(1)} MiB over 40 cycles`);
+    if (process.env.FUSED_MOE_TEST_TIMING)
+      console.log(`resident memory grew by ${(grown / 2 ** 20).toFixed(1)} MiB over 40 cycles`);
     // Each aborted load had packed about 4 MB of weights: 40 leaked would be 160 MB.
     expect(grown).toBeLessThan(24 << 20);
     expect(model.nativeBytes).toBe(bytes0);

@@ -34,16 +34,32 @@ const cases: KernelCase[] = [];
 
 beforeAll(() => {
   dir = makeTempDir('fmoe-model-kernels-');
-  const add = (name: string, family: (typeof FAMILIES)[number], dtype: 'float32' | 'bfloat16', options: Record<string, unknown>, check: KernelCase['check']) => {
+  const add = (
+    name: string,
+    family: (typeof FAMILIES)[number],
+    dtype: 'float32' | 'bfloat16',
+    options: Record<string, unknown>,
+    check: KernelCase['check'],
+  ) => {
     const index = FAMILIES.indexOf(family);
     const m = writeRandomModel(`${dir}/${name}`, { family, dtype, seed: 71 + index, gguf: false });
     const reference = ReferenceDecoder.load(m.hfDir);
     const { prompt } = pickPrompt(reference, 81 + index, PROMPT, 1, 0.02, 100);
     reference.reset();
-    cases.push({ name, dir: m.hfDir, options: { contextLength: 32, ...options }, prompt, ref: reference.forward(prompt).logits, V: m.shape.vocabSize, check });
+    cases.push({
+      name,
+      dir: m.hfDir,
+      options: { contextLength: 32, ...options },
+      prompt,
+      ref: reference.forward(prompt).logits,
+      V: m.shape.vocabSize,
+      check,
+    });
   };
   for (const family of FAMILIES)
-    add(`${family}-f32`, family, 'float32', { kvCacheDtype: 'float32' }, (errs) => expect(maxOf(errs)).toBeLessThan(1e-5));
+    add(`${family}-f32`, family, 'float32', { kvCacheDtype: 'float32' }, (errs) =>
+      expect(maxOf(errs)).toBeLessThan(1e-5),
+    );
   add('qwen3moe-bf16', 'qwen3moe', 'bfloat16', { kvCacheDtype: 'float32' }, (errs, isa) => {
     if (isa === 'avx512bf16') expect(maxOf(errs)).toBeLessThan(4 * U_BF16);
     else expect(maxOf(errs)).toBeLessThan(1e-5);
@@ -61,7 +77,12 @@ afterAll(() => {
 function runSet(isa: string): Float32Array[] {
   const request = path.join(dir, `request-${isa}.json`);
   const outs = cases.map((c) => path.join(dir, `${c.name}-${isa}.f32`));
-  fs.writeFileSync(request, JSON.stringify({ cases: cases.map((c, i) => ({ dir: c.dir, options: c.options, prompt: c.prompt, out: outs[i] })) }));
+  fs.writeFileSync(
+    request,
+    JSON.stringify({
+      cases: cases.map((c, i) => ({ dir: c.dir, options: c.options, prompt: c.prompt, out: outs[i] })),
+    }),
+  );
   const r = spawnSync(process.execPath, [path.join(__dirname, 'helpers', 'model', 'model-child.js'), request], {
     env: { ...process.env, FUSED_MOE_ISA: isa },
     encoding: 'utf8',
@@ -84,7 +105,8 @@ describe.each(supported)('kernel set %s', (isa) => {
     const outs = runSet(isa);
     const table: string[] = [];
     cases.forEach((c, i) => {
-      const prefill = outs[i].subarray(0, PROMPT * c.V), decode = outs[i].subarray(PROMPT * c.V);
+      const prefill = outs[i].subarray(0, PROMPT * c.V),
+        decode = outs[i].subarray(PROMPT * c.V);
       const errs = centredRelErrors(prefill, c.ref, PROMPT, c.V);
       table.push(`${c.name}: max ${maxOf(errs).toExponential(2)}, median ${medianOf(errs).toExponential(2)}`);
       c.check(errs, isa);

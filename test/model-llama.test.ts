@@ -19,7 +19,8 @@ const TOLERANCE = 1e-4;
 const MARGIN = 1e-3;
 
 const unavailable = llamaUnavailableReason();
-if (unavailable) console.warn(`model-llama.test.ts skipped: node-llama-cpp's prebuilt llama.cpp does not load here: ${unavailable}`);
+if (unavailable)
+  console.warn(`model-llama.test.ts skipped: node-llama-cpp's prebuilt llama.cpp does not load here: ${unavailable}`);
 const describeLlama = unavailable ? describe.skip : describe;
 
 interface Ours {
@@ -63,7 +64,12 @@ describeLlama('MoeModel agrees with llama.cpp', () => {
       return { family, model, prompt };
     });
     const llama = await runLlama(
-      written.map(({ model, prompt }) => ({ ggufPath: model.ggufPath!, prompt, steps: STEPS, vocab: model.shape.vocabSize })),
+      written.map(({ model, prompt }) => ({
+        ggufPath: model.ggufPath!,
+        prompt,
+        steps: STEPS,
+        vocab: model.shape.vocabSize,
+      })),
       dir,
     );
     for (const [i, { family, model, prompt }] of written.entries()) {
@@ -80,15 +86,20 @@ describeLlama('MoeModel agrees with llama.cpp', () => {
     if (dir) removeTempDir(dir);
   });
 
-  test.each(FAMILIES)('%s: every position of a 64-token prompt within 1e-4, and 32 greedy tokens the same', (family) => {
-    const c = cases.get(family)!;
-    const V = c.model.shape.vocabSize;
-    const errs = centredRelErrors(c.ours.logits, c.llama.logProbs, PROMPT + STEPS - 1, V);
-    console.log(`${family}: max centred relative error vs llama.cpp, prompt ${maxOf(errs.slice(0, PROMPT)).toExponential(2)}, greedy ${maxOf(errs.slice(PROMPT)).toExponential(2)}`);
-    expect(maxOf(errs.slice(0, PROMPT))).toBeLessThanOrEqual(TOLERANCE);
-    expect(c.ours.tokens).toEqual(c.llama.tokens);
-    expect(maxOf(errs.slice(PROMPT))).toBeLessThanOrEqual(TOLERANCE);
-    // A row that is a constant shift of another compares equal; the greedy tokens are not all one token.
-    expect(new Set(c.ours.tokens).size).toBeGreaterThan(1);
-  });
+  test.each(FAMILIES)(
+    '%s: every position of a 64-token prompt within 1e-4, and 32 greedy tokens the same',
+    (family) => {
+      const c = cases.get(family)!;
+      const V = c.model.shape.vocabSize;
+      const errs = centredRelErrors(c.ours.logits, c.llama.logProbs, PROMPT + STEPS - 1, V);
+      console.log(
+        `${family}: max centred relative error vs llama.cpp, prompt ${maxOf(errs.slice(0, PROMPT)).toExponential(2)}, greedy ${maxOf(errs.slice(PROMPT)).toExponential(2)}`,
+      );
+      expect(maxOf(errs.slice(0, PROMPT))).toBeLessThanOrEqual(TOLERANCE);
+      expect(c.ours.tokens).toEqual(c.llama.tokens);
+      expect(maxOf(errs.slice(PROMPT))).toBeLessThanOrEqual(TOLERANCE);
+      // A row that is a constant shift of another compares equal; the greedy tokens are not all one token.
+      expect(new Set(c.ours.tokens).size).toBeGreaterThan(1);
+    },
+  );
 });

@@ -14,14 +14,19 @@ let dir = '';
 const written = new Map<string, RandomModel>();
 beforeAll(() => {
   dir = makeTempDir('fmoe-model-session-');
-  FAMILIES.forEach((family, i) => written.set(family, writeRandomModel(`${dir}/${family}`, { family, dtype: 'bfloat16', seed: 51 + i, gguf: false })));
+  FAMILIES.forEach((family, i) =>
+    written.set(family, writeRandomModel(`${dir}/${family}`, { family, dtype: 'bfloat16', seed: 51 + i, gguf: false })),
+  );
 });
 afterAll(() => {
   if (dir) removeTempDir(dir);
 });
 
 /** A step's logits, copied out of the step's shared buffer. */
-async function run(model: MoeModel, entries: { sequence: ModelSequence; tokens: number[]; all?: boolean }[]): Promise<Float32Array[]> {
+async function run(
+  model: MoeModel,
+  entries: { sequence: ModelSequence; tokens: number[]; all?: boolean }[],
+): Promise<Float32Array[]> {
   return (await model.step(entries)).map((rows) => rows.slice());
 }
 
@@ -60,15 +65,25 @@ describe.each(variants)('$name: the same bits however the work is batched', ({ f
     const prompts = [randomTokens(37, V, 1), randomTokens(5, V, 2), randomTokens(1, V, 3)];
     const next = [randomTokens(1, V, 4), randomTokens(3, V, 5), randomTokens(1, V, 6)];
     const batched = prompts.map(() => model.createSequence());
-    const prefill = await run(model, prompts.map((tokens, i) => ({ sequence: batched[i], tokens, all: true })));
-    const decode = await run(model, next.map((tokens, i) => ({ sequence: batched[i], tokens, all: i === 1 })));
+    const prefill = await run(
+      model,
+      prompts.map((tokens, i) => ({ sequence: batched[i], tokens, all: true })),
+    );
+    const decode = await run(
+      model,
+      next.map((tokens, i) => ({ sequence: batched[i], tokens, all: i === 1 })),
+    );
     batched.forEach((s) => s.free());
     for (let i = 0; i < prompts.length; i++) {
       const sequence = model.createSequence();
       const [alonePrefill] = await run(model, [{ sequence, tokens: prompts[i], all: true }]);
       const [aloneDecode] = await run(model, [{ sequence, tokens: next[i], all: i === 1 }]);
       sequence.free();
-      expect([i, firstBitDifference(prefill[i], alonePrefill), firstBitDifference(decode[i], aloneDecode)]).toEqual([i, -1, -1]);
+      expect([i, firstBitDifference(prefill[i], alonePrefill), firstBitDifference(decode[i], aloneDecode)]).toEqual([
+        i,
+        -1,
+        -1,
+      ]);
     }
     expect(decode[1].length).toBe(3 * V);
     expect(decode[0].length).toBe(V);
@@ -82,7 +97,9 @@ describe.each(variants)('$name: the same bits however the work is batched', ({ f
     expect(firstBitDifference(await chunked(model, tokens, [70]), whole)).toBe(-1); // run to run
     // logits() cuts prompts longer than 512 tokens itself.
     const long = randomTokens(600, V, 8);
-    expect(firstBitDifference(await model.logits(long, { all: true }), await chunked(model, long, [100, 500]))).toBe(-1);
+    expect(firstBitDifference(await model.logits(long, { all: true }), await chunked(model, long, [100, 500]))).toBe(
+      -1,
+    );
   });
 
   test('a decode after a prefill gives that token inside a longer prefill', async () => {
@@ -119,9 +136,18 @@ describe('sequences', () => {
     const other = await MoeModel.load(written.get('mixtral')!.hfDir, { contextLength: 48 });
     try {
       await expect(model.step([])).rejects.toThrow(TypeError);
-      await expect(model.step([{ sequence: other.createSequence(), tokens: [5] }])).rejects.toThrow(/batch\[0\]\.sequence must be a sequence of this model/);
-      await expect(model.step([{ sequence, tokens: [5] }, { sequence, tokens: [6] }])).rejects.toThrow(/batch\[1\]\.sequence appears twice/);
-      await expect(model.step([{ sequence, tokens: [5, 1e9] }])).rejects.toThrow(/batch\[0\]\.tokens\[1\] must be a token id/);
+      await expect(model.step([{ sequence: other.createSequence(), tokens: [5] }])).rejects.toThrow(
+        /batch\[0\]\.sequence must be a sequence of this model/,
+      );
+      await expect(
+        model.step([
+          { sequence, tokens: [5] },
+          { sequence, tokens: [6] },
+        ]),
+      ).rejects.toThrow(/batch\[1\]\.sequence appears twice/);
+      await expect(model.step([{ sequence, tokens: [5, 1e9] }])).rejects.toThrow(
+        /batch\[0\]\.tokens\[1\] must be a token id/,
+      );
       const tooLong = model.step([{ sequence, tokens: Array(47).fill(5) }]);
       await expect(tooLong).rejects.toThrow(RangeError);
       await expect(tooLong).rejects.toThrow(/batch\[0\]\.tokens holds 47 tokens after 2, more than the context of 48/);
@@ -141,6 +167,8 @@ describe('sequences', () => {
     await expect(step).resolves.toHaveLength(1);
     expect(sequence.length).toBe(3);
     // The cache is whole again: a full-context prompt fits.
-    await expect(model.logits(randomTokens(48, model.config.vocabSize, 11))).resolves.toHaveLength(model.config.vocabSize);
+    await expect(model.logits(randomTokens(48, model.config.vocabSize, 11))).resolves.toHaveLength(
+      model.config.vocabSize,
+    );
   });
 });

@@ -59,12 +59,19 @@ function prepared(family: Family, dtype: WeightDtype) {
   return models.get(key)!;
 }
 
-async function errors(family: Family, dtype: WeightDtype, kvCacheDtype: 'float32' | 'bfloat16' | 'float16', quantize: 'none' | 'int8' | 'int4'): Promise<number[]> {
+async function errors(
+  family: Family,
+  dtype: WeightDtype,
+  kvCacheDtype: 'float32' | 'bfloat16' | 'float16',
+  quantize: 'none' | 'int8' | 'int4',
+): Promise<number[]> {
   const { model, ref, prompt } = prepared(family, dtype);
   const moe = await MoeModel.load(model.hfDir, { kvCacheDtype, quantize, contextLength: 64 });
   try {
     const errs = centredRelErrors(await moe.logits(prompt, { all: true }), ref, PROMPT, model.shape.vocabSize);
-    table.push(`| ${family} | ${dtype} | ${kvCacheDtype} | ${quantize} | ${maxOf(errs).toExponential(2)} | ${medianOf(errs).toExponential(2)} |`);
+    table.push(
+      `| ${family} | ${dtype} | ${kvCacheDtype} | ${quantize} | ${maxOf(errs).toExponential(2)} | ${medianOf(errs).toExponential(2)} |`,
+    );
     return errs;
   } finally {
     moe.dispose();
@@ -76,7 +83,9 @@ beforeAll(() => {
 });
 afterAll(() => {
   removeTempDir(dir);
-  console.log(`kernel set ${isa}; centred relative error of the logits, ${PROMPT} positions\n| family | weights | KV cache | quantize | max | median |\n|---|---|---|---|---|---|\n${table.join('\n')}`);
+  console.log(
+    `kernel set ${isa}; centred relative error of the logits, ${PROMPT} positions\n| family | weights | KV cache | quantize | max | median |\n|---|---|---|---|---|---|\n${table.join('\n')}`,
+  );
 });
 
 describe.each(FAMILIES)('%s: MoeModel against the float64 reference', (family) => {
@@ -99,10 +108,13 @@ describe.each(FAMILIES)('%s: MoeModel against the float64 reference', (family) =
     }
   });
 
-  test.each(['int8', 'int4'] as const)('%s, groups of 32: the median position within the quantization error model', async (quantize) => {
-    const ew = 1 / (2 * QMAX[quantize]);
-    const median = medianOf(await errors(family, 'float32', 'float32', quantize));
-    expect(median).toBeLessThan(1.5 * QUANT_CHAIN * ew);
-    expect(median).toBeGreaterThan(0.5 * ew);
-  });
+  test.each(['int8', 'int4'] as const)(
+    '%s, groups of 32: the median position within the quantization error model',
+    async (quantize) => {
+      const ew = 1 / (2 * QMAX[quantize]);
+      const median = medianOf(await errors(family, 'float32', 'float32', quantize));
+      expect(median).toBeLessThan(1.5 * QUANT_CHAIN * ew);
+      expect(median).toBeGreaterThan(0.5 * ew);
+    },
+  );
 });

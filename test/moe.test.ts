@@ -114,7 +114,11 @@ describe(`MoeLayer on the CPU (${backendInfo().cpu.isa})`, () => {
   });
 
   test('ties: identical router rows pick the lower expert index', () => {
-    const H = 16, F = 8, E = 6, k = 2, T = 4;
+    const H = 16,
+      F = 8,
+      E = 6,
+      k = 2,
+      T = 4;
     const rand = rng(25);
     const row = randomF32(H, rand);
     const gate = new Float32Array(E * H);

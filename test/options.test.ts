@@ -18,12 +18,17 @@ test('the TypeScript unions name exactly the core enums, defaults first', () => 
   expect([...enums.quantize].sort()).toEqual(Object.keys(quantize).sort());
   expect([...enums.device].sort()).toEqual(Object.keys(device).sort());
   expect([enums.routing[0], enums.weightDtype[0], enums.quantize[0], enums.device[0]]).toEqual([
-    'softmax-topk-renorm', 'float32', 'none', 'cpu',
+    'softmax-topk-renorm',
+    'float32',
+    'none',
+    'cpu',
   ]);
   expect(Object.isFrozen(limits) && Object.isFrozen(enums)).toBe(true);
 });
 
-const H = 4, F = 8, E = 2;
+const H = 4,
+  F = 8,
+  E = 2;
 const weights = () => ({
   gate: new Float32Array(E * H),
   w1: new Float32Array(E * F * H),
@@ -37,7 +42,10 @@ test('MoeLayer accepts every exported name and group size, and refuses the next 
   for (const g of limits.quantGroupSizes)
     new MoeLayer({ ...base, quantize: 'int8', quantGroupSize: g as 32 }, weights()).dispose();
   const bad: [object, RegExp][] = [
-    [{ numExperts: limits.maxExperts + 1 }, new RegExp(`numExperts must be an integer in \\[1, ${limits.maxExperts}\\]`)],
+    [
+      { numExperts: limits.maxExperts + 1 },
+      new RegExp(`numExperts must be an integer in \\[1, ${limits.maxExperts}\\]`),
+    ],
     [{ hiddenSize: limits.maxDim + 1 }, new RegExp(`hiddenSize must be an integer in \\[1, ${limits.maxDim}\\]`)],
     [{ intermediateSize: limits.maxDim + 1 }, /intermediateSize must be an integer/],
     [{ threads: limits.maxThreads + 1 }, new RegExp(`threads must be an integer in \\[0, ${limits.maxThreads}\\]`)],
@@ -71,12 +79,40 @@ test("a layer built with device 'auto' says why it runs on the CPU", () => {
   plain.dispose();
   const b = binding().NativeLayer;
   const w = weights();
-  const native = new b({ ...base, routing: 'softmax-topk-renorm', weightDtype: 'float32', device: 'auto', threads: 0, cudaDevice: 0, quantize: 'int4', quantGroupSize: 32 },
-    w.gate, [w.w1.subarray(0, F * H), w.w1.subarray(F * H)], [w.w3.subarray(0, F * H), w.w3.subarray(F * H)], [w.w2.subarray(0, H * F), w.w2.subarray(H * F)]);
+  const native = new b(
+    {
+      ...base,
+      routing: 'softmax-topk-renorm',
+      weightDtype: 'float32',
+      device: 'auto',
+      threads: 0,
+      cudaDevice: 0,
+      quantize: 'int4',
+      quantGroupSize: 32,
+    },
+    w.gate,
+    [w.w1.subarray(0, F * H), w.w1.subarray(F * H)],
+    [w.w3.subarray(0, F * H), w.w3.subarray(F * H)],
+    [w.w2.subarray(0, H * F), w.w2.subarray(H * F)],
+  );
   expect(native.info().fallbackReason).toMatch(/quantize 'int4' runs on the CPU backend only/);
   native.dispose();
-  const cpu = new b({ ...base, routing: 'softmax-topk-renorm', weightDtype: 'float32', device: 'cpu', threads: 0, cudaDevice: 0, quantize: 'none', quantGroupSize: 128 },
-    w.gate, [w.w1.subarray(0, F * H), w.w1.subarray(F * H)], [w.w3.subarray(0, F * H), w.w3.subarray(F * H)], [w.w2.subarray(0, H * F), w.w2.subarray(H * F)]);
+  const cpu = new b(
+    {
+      ...base,
+      routing: 'softmax-topk-renorm',
+      weightDtype: 'float32',
+      device: 'cpu',
+      threads: 0,
+      cudaDevice: 0,
+      quantize: 'none',
+      quantGroupSize: 128,
+    },
+    w.gate,
+    [w.w1.subarray(0, F * H), w.w1.subarray(F * H)],
+    [w.w3.subarray(0, F * H), w.w3.subarray(F * H)],
+    [w.w2.subarray(0, H * F), w.w2.subarray(H * F)],
+  );
   expect(cpu.info().fallbackReason).toBeNull();
   cpu.dispose();
 });

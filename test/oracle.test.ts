@@ -39,7 +39,6 @@ interface Case {
   reference: GreedyRun;
 }
 
-
 describeOracle('llama.cpp agrees with the float64 reference decoder', () => {
   let dir = '';
   const cases = new Map<string, Case>();
@@ -47,7 +46,16 @@ describeOracle('llama.cpp agrees with the float64 reference decoder', () => {
 
   beforeAll(async () => {
     dir = makeTempDir('oracle');
-    const add = (name: string, family: Family, options: { dtype?: WeightDtype; skipLlamaQkPermutation?: boolean; tieWordEmbeddings?: boolean; steps?: number } = {}) => {
+    const add = (
+      name: string,
+      family: Family,
+      options: {
+        dtype?: WeightDtype;
+        skipLlamaQkPermutation?: boolean;
+        tieWordEmbeddings?: boolean;
+        steps?: number;
+      } = {},
+    ) => {
       const { steps = STEPS, ...rest } = options;
       const index = FAMILIES.indexOf(family);
       const model = writeRandomModel(`${dir}/${name}`, { family, seed: 11 + index, ...rest });
@@ -62,7 +70,12 @@ describeOracle('llama.cpp agrees with the float64 reference decoder', () => {
     // The same Mixtral weights with Q and K rows left in Hugging Face order: llama.cpp must disagree.
     add('mixtral-unpermuted', 'mixtral', { skipLlamaQkPermutation: true, steps: 1 });
     const list = [...cases.values()];
-    const jobs: OracleJob[] = list.map((c) => ({ ggufPath: c.model.ggufPath!, prompt: c.prompt, steps: c.reference.tokens.length, vocab: c.model.shape.vocabSize }));
+    const jobs: OracleJob[] = list.map((c) => ({
+      ggufPath: c.model.ggufPath!,
+      prompt: c.prompt,
+      steps: c.reference.tokens.length,
+      vocab: c.model.shape.vocabSize,
+    }));
     const out = await runLlama(jobs, dir);
     list.forEach((c, i) => results.set(c.name, out[i]));
   });
@@ -71,16 +84,19 @@ describeOracle('llama.cpp agrees with the float64 reference decoder', () => {
     if (dir) removeTempDir(dir);
   });
 
-  test.each(FAMILIES)('%s, float32: every position of a 64-token prompt within 1e-4, and 32 greedy tokens the same', (family) => {
-    const c = cases.get(family)!;
-    const got = results.get(family)!;
-    const V = c.model.shape.vocabSize;
-    const rows = PROMPT + STEPS - 1;
-    const errs = centredRelErrors(got.logProbs, c.reference.logits, rows, V);
-    expect(Math.max(...errs.slice(0, PROMPT))).toBeLessThanOrEqual(TOLERANCE);
-    expect(got.tokens).toEqual(c.reference.tokens);
-    expect(Math.max(...errs.slice(PROMPT))).toBeLessThanOrEqual(TOLERANCE); // the fed-back greedy tokens
-  });
+  test.each(FAMILIES)(
+    '%s, float32: every position of a 64-token prompt within 1e-4, and 32 greedy tokens the same',
+    (family) => {
+      const c = cases.get(family)!;
+      const got = results.get(family)!;
+      const V = c.model.shape.vocabSize;
+      const rows = PROMPT + STEPS - 1;
+      const errs = centredRelErrors(got.logProbs, c.reference.logits, rows, V);
+      expect(Math.max(...errs.slice(0, PROMPT))).toBeLessThanOrEqual(TOLERANCE);
+      expect(got.tokens).toEqual(c.reference.tokens);
+      expect(Math.max(...errs.slice(PROMPT))).toBeLessThanOrEqual(TOLERANCE); // the fed-back greedy tokens
+    },
+  );
 
   // llama.cpp rounds activations to bf16 before every product with a BF16 matrix (about 2^-9 relative
   // per element); the reference keeps them exact. Typical positions land at 4-6e-3; a position where
@@ -138,13 +154,15 @@ describe('the float64 reference decoder and the random-model writer', () => {
     const full = new ReferenceDecoder(model.config, tensors).forward(prompt).logits;
     const windowed = new ReferenceDecoder({ ...model.config, sliding_window: 8 }, tensors).forward(prompt).logits;
     const V = model.shape.vocabSize;
-    const rowDiff = (r: number) => Math.max(...Array.from({ length: V }, (_, i) => Math.abs(full[r * V + i] - windowed[r * V + i])));
+    const rowDiff = (r: number) =>
+      Math.max(...Array.from({ length: V }, (_, i) => Math.abs(full[r * V + i] - windowed[r * V + i])));
     for (let r = 0; r < 8; r++) expect(rowDiff(r)).toBe(0);
     for (let r = 8; r < 20; r++) expect(rowDiff(r)).toBeGreaterThan(1e-6);
   });
 
   test('the same seed writes the same bytes; another seed, other weights', () => {
-    const files = (d: string) => ['hf/model.safetensors', 'hf/config.json', 'model.gguf'].map((f) => fs.readFileSync(path.join(d, f)));
+    const files = (d: string) =>
+      ['hf/model.safetensors', 'hf/config.json', 'model.gguf'].map((f) => fs.readFileSync(path.join(d, f)));
     writeRandomModel(`${dir}/a`, { family: 'qwen2moe', dtype: 'bfloat16', seed: 9 });
     writeRandomModel(`${dir}/b`, { family: 'qwen2moe', dtype: 'bfloat16', seed: 9 });
     writeRandomModel(`${dir}/c`, { family: 'qwen2moe', dtype: 'bfloat16', seed: 10 });

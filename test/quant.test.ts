@@ -44,20 +44,116 @@ type QCase = Case & { name: string; quantize: QuantKind; group: 32 | 64 | 128 };
 const r = { routing: 'softmax-topk-renorm' as const };
 const cases: QCase[] = [
   // Odd sizes: H = 72 and F = 200 are multiples of no group (short last groups), T of no tile.
-  { name: 'odd-int8-g32-bf16', H: 72, F: 200, E: 6, k: 2, T: 37, dtype: 'bfloat16', quantize: 'int8', group: 32, seed: 21, ...r },
-  { name: 'odd-int4-g64-f32', H: 72, F: 200, E: 6, k: 2, T: 37, dtype: 'float32', quantize: 'int4', group: 64, seed: 22, ...r },
-  { name: 'odd-int4-g128-f16', H: 72, F: 200, E: 6, k: 2, T: 37, dtype: 'float16', quantize: 'int4', group: 128, seed: 23, ...r },
+  {
+    name: 'odd-int8-g32-bf16',
+    H: 72,
+    F: 200,
+    E: 6,
+    k: 2,
+    T: 37,
+    dtype: 'bfloat16',
+    quantize: 'int8',
+    group: 32,
+    seed: 21,
+    ...r,
+  },
+  {
+    name: 'odd-int4-g64-f32',
+    H: 72,
+    F: 200,
+    E: 6,
+    k: 2,
+    T: 37,
+    dtype: 'float32',
+    quantize: 'int4',
+    group: 64,
+    seed: 22,
+    ...r,
+  },
+  {
+    name: 'odd-int4-g128-f16',
+    H: 72,
+    F: 200,
+    E: 6,
+    k: 2,
+    T: 37,
+    dtype: 'float16',
+    quantize: 'int4',
+    group: 128,
+    seed: 23,
+    ...r,
+  },
   // H = 33: one full group of 32 and a group of 1 (int4: an odd group, its last high nibble padding).
-  { name: 'h33-int4-g32-bf16', H: 33, F: 40, E: 3, k: 2, T: 20, dtype: 'bfloat16', quantize: 'int4', group: 32, seed: 24, ...r },
-  { name: 'h33-int8-g64-f16', H: 33, F: 40, E: 3, k: 1, T: 20, dtype: 'float16', quantize: 'int8', group: 64, seed: 25, routing: 'softmax-topk' },
+  {
+    name: 'h33-int4-g32-bf16',
+    H: 33,
+    F: 40,
+    E: 3,
+    k: 2,
+    T: 20,
+    dtype: 'bfloat16',
+    quantize: 'int4',
+    group: 32,
+    seed: 24,
+    ...r,
+  },
+  {
+    name: 'h33-int8-g64-f16',
+    H: 33,
+    F: 40,
+    E: 3,
+    k: 1,
+    T: 20,
+    dtype: 'float16',
+    quantize: 'int8',
+    group: 64,
+    seed: 25,
+    routing: 'softmax-topk',
+  },
   // A real width: prefill (16 rows per expert, k blocks over F) and decode.
-  { name: 'wide-prefill-int8-g128', H: 1024, F: 3584, E: 2, k: 2, T: 16, dtype: 'bfloat16', quantize: 'int8', group: 128, seed: 26, ...r },
-  { name: 'wide-decode-int4-g32', H: 1024, F: 3584, E: 3, k: 1, T: 3, dtype: 'float32', quantize: 'int4', group: 32, seed: 27, ...r },
+  {
+    name: 'wide-prefill-int8-g128',
+    H: 1024,
+    F: 3584,
+    E: 2,
+    k: 2,
+    T: 16,
+    dtype: 'bfloat16',
+    quantize: 'int8',
+    group: 128,
+    seed: 26,
+    ...r,
+  },
+  {
+    name: 'wide-decode-int4-g32',
+    H: 1024,
+    F: 3584,
+    E: 3,
+    k: 1,
+    T: 3,
+    dtype: 'float32',
+    quantize: 'int4',
+    group: 32,
+    seed: 27,
+    ...r,
+  },
 ];
 // The error table: every format and group size on float32 uniform weights, sizes the groups divide.
 for (const quantize of ['int8', 'int4'] as const)
   for (const group of [32, 64, 128] as const)
-    cases.push({ name: `err-${quantize}-g${group}`, H: 256, F: 512, E: 4, k: 2, T: 32, dtype: 'float32', quantize, group, seed: 30 + group, ...r });
+    cases.push({
+      name: `err-${quantize}-g${group}`,
+      H: 256,
+      F: 512,
+      E: 4,
+      k: 2,
+      T: 32,
+      dtype: 'float32',
+      quantize,
+      group,
+      seed: 30 + group,
+      ...r,
+    });
 
 let dir = '';
 const refs = new Map<string, { ref: Float64Array; refq: Float64Array; refqa?: Float64Array }>();
@@ -73,7 +169,11 @@ function readF64(file: string): Float64Array {
 const CHILD_TIMEOUT_MS = 600000;
 
 function child(script: string, env: NodeJS.ProcessEnv): string {
-  const res = spawnSync(process.execPath, [path.join(__dirname, 'fixtures', script), dir], { env, encoding: 'utf8', timeout: CHILD_TIMEOUT_MS });
+  const res = spawnSync(process.execPath, [path.join(__dirname, 'fixtures', script), dir], {
+    env,
+    encoding: 'utf8',
+    timeout: CHILD_TIMEOUT_MS,
+  });
   if (res.status !== 0) throw new Error(`${script} failed (${env.FUSED_MOE_ISA ?? ''}): ${res.stderr || res.error}`);
   return res.stdout;
 }
@@ -168,14 +268,21 @@ describe('configuration', () => {
   test('invalid quantize / quantGroupSize throw a RangeError naming the option', () => {
     expect(() => new MoeLayer({ ...config, quantize: 'int2' as never }, weights)).toThrow(RangeError);
     expect(() => new MoeLayer({ ...config, quantize: 'int2' as never }, weights)).toThrow(/config\.quantize/);
-    expect(() => new MoeLayer({ ...config, quantize: 'int8', quantGroupSize: 48 as never }, weights)).toThrow(/config\.quantGroupSize/);
-    expect(() => new MoeLayer({ ...config, quantize: 'int8', quantGroupSize: 48 as never }, weights)).toThrow(RangeError);
+    expect(() => new MoeLayer({ ...config, quantize: 'int8', quantGroupSize: 48 as never }, weights)).toThrow(
+      /config\.quantGroupSize/,
+    );
+    expect(() => new MoeLayer({ ...config, quantize: 'int8', quantGroupSize: 48 as never }, weights)).toThrow(
+      RangeError,
+    );
     expect(() => new MoeLayer({ ...config, quantize: 'int4', device: 'cuda' }, weights)).toThrow(/CPU only/);
   });
 
   test('the native side checks again', () => {
-    const g = weights.gate, per = (a: Float32Array, n: number) => [a.subarray(0, n), a.subarray(n, 2 * n)];
-    const w1 = per(weights.w1 as Float32Array, 32 * 32), w3 = per(weights.w3 as Float32Array, 32 * 32), w2 = per(weights.w2 as Float32Array, 32 * 32);
+    const g = weights.gate,
+      per = (a: Float32Array, n: number) => [a.subarray(0, n), a.subarray(n, 2 * n)];
+    const w1 = per(weights.w1 as Float32Array, 32 * 32),
+      w3 = per(weights.w3 as Float32Array, 32 * 32),
+      w2 = per(weights.w2 as Float32Array, 32 * 32);
     const NativeLayer = binding().NativeLayer;
     const mk = (extra: object) => () => new NativeLayer({ ...config, device: 'cpu', ...extra } as never, g, w1, w3, w2);
     expect(mk({ quantize: 'int3' })).toThrow(/quantize/);
@@ -223,22 +330,35 @@ const results = new Map<string, SetResult>();
 function runSet(isa: string): SetResult {
   const done = results.get(isa);
   if (done) return done;
-  const report = JSON.parse(child('kernel-case.js', { ...process.env, FUSED_MOE_ISA: isa }).trim().split('\n').pop() as string);
+  const report = JSON.parse(
+    child('kernel-case.js', { ...process.env, FUSED_MOE_ISA: isa })
+      .trim()
+      .split('\n')
+      .pop() as string,
+  );
   expect(report.isa).toBe(isa);
   const outs = cases.map((c) => {
     const b = fs.readFileSync(path.join(dir, `${c.name}.out.bin`));
     const all = new Float32Array(b.buffer.slice(b.byteOffset, b.byteOffset + b.byteLength));
     const n = c.T * c.H;
-    return { full: all.subarray(0, n), again: all.subarray(n, 2 * n), alone: all.subarray(2 * n, 3 * n), split: all.subarray(3 * n, 4 * n) };
+    return {
+      full: all.subarray(0, n),
+      again: all.subarray(n, 2 * n),
+      alone: all.subarray(2 * n, 3 * n),
+      split: all.subarray(3 * n, 4 * n),
+    };
   });
-  const bytes = new Map<string, number>(report.cases.map((x: { name: string; nativeBytes: number }) => [x.name, x.nativeBytes]));
+  const bytes = new Map<string, number>(
+    report.cases.map((x: { name: string; nativeBytes: number }) => [x.name, x.nativeBytes]),
+  );
   const res = { outs, bytes, activations: { int8: report.int8Activations, int4: report.int4Activations } };
   results.set(isa, res);
   return res;
 }
 
 function sameBits(a: Float32Array, b: Float32Array): number {
-  const ua = new Uint32Array(a.buffer, a.byteOffset, a.length), ub = new Uint32Array(b.buffer, b.byteOffset, b.length);
+  const ua = new Uint32Array(a.buffer, a.byteOffset, a.length),
+    ub = new Uint32Array(b.buffer, b.byteOffset, b.length);
   for (let i = 0; i < ua.length; i++) if (ua[i] !== ub[i]) return i;
   return -1;
 }
@@ -258,27 +378,40 @@ describe.each(supported)('kernel set %s', (isa) => {
     const a = res.activations[c.quantize];
     return a === 'float32' ? undefined : (a as 'int8' | 'int16');
   };
-  test.each(cases.map((c, i) => [c.name, i] as const))('%s: equals the reference on the dequantized weights', (_n, i) => {
-    const c = cases[i], r = refs.get(c.name)!, narrowed = narrowing(c);
-    const tol = narrowed ? narrowedTolerance(narrowed, c) : FLOAT32_TOL;
-    const err = relL2(res.outs[i].full, narrowed ? r.refqa! : r.refq);
-    expect(Number.isFinite(err)).toBe(true);
-    expect(err).toBeLessThan(tol);
-    if (narrowed === 'int8') expect(relL2(res.outs[i].full, r.refq)).toBeGreaterThan(3 * tol);
-  });
+  test.each(cases.map((c, i) => [c.name, i] as const))(
+    '%s: equals the reference on the dequantized weights',
+    (_n, i) => {
+      const c = cases[i],
+        r = refs.get(c.name)!,
+        narrowed = narrowing(c);
+      const tol = narrowed ? narrowedTolerance(narrowed, c) : FLOAT32_TOL;
+      const err = relL2(res.outs[i].full, narrowed ? r.refqa! : r.refq);
+      expect(Number.isFinite(err)).toBe(true);
+      expect(err).toBeLessThan(tol);
+      if (narrowed === 'int8') expect(relL2(res.outs[i].full, r.refq)).toBeGreaterThan(3 * tol);
+    },
+  );
 
-  test.each(cases.map((c, i) => [c.name, i] as const))('%s: error vs the unquantized weights within the bound', (_n, i) => {
-    const c = cases[i];
-    const err = relL2(res.outs[i].full, refs.get(c.name)!.ref);
-    const ew = weightError(c.quantize);
-    expect(err).toBeLessThan(SAFETY * CHAIN * ew);
-    expect(err).toBeGreaterThan(0.5 * ew);
-  });
+  test.each(cases.map((c, i) => [c.name, i] as const))(
+    '%s: error vs the unquantized weights within the bound',
+    (_n, i) => {
+      const c = cases[i];
+      const err = relL2(res.outs[i].full, refs.get(c.name)!.ref);
+      const ew = weightError(c.quantize);
+      expect(err).toBeLessThan(SAFETY * CHAIN * ew);
+      expect(err).toBeGreaterThan(0.5 * ew);
+    },
+  );
 
   test('batch invariance and run-to-run determinism', () => {
     cases.forEach((c, i) => {
       const o = res.outs[i];
-      expect([c.name, sameBits(o.alone, o.full), sameBits(o.split, o.full), sameBits(o.again, o.full)]).toEqual([c.name, -1, -1, -1]);
+      expect([c.name, sameBits(o.alone, o.full), sameBits(o.split, o.full), sameBits(o.again, o.full)]).toEqual([
+        c.name,
+        -1,
+        -1,
+        -1,
+      ]);
     });
   });
 
@@ -295,5 +428,11 @@ describe.each(supported)('kernel set %s', (isa) => {
 test('sets with integer activations give the same bits', () => {
   const integer = supported.filter((isa) => Object.values(runSet(isa).activations).every((a) => a !== 'float32'));
   for (const isa of integer.slice(1))
-    cases.forEach((c, i) => expect([isa, c.name, sameBits(runSet(isa).outs[i].full, runSet(integer[0]).outs[i].full)]).toEqual([isa, c.name, -1]));
+    cases.forEach((c, i) =>
+      expect([isa, c.name, sameBits(runSet(isa).outs[i].full, runSet(integer[0]).outs[i].full)]).toEqual([
+        isa,
+        c.name,
+        -1,
+      ]),
+    );
 });

@@ -8,7 +8,18 @@ import { AbortError, MoeLayer, openSafetensors } from '../lib/index';
 import { binding } from '../lib/binding';
 import { MoeError } from '../lib/errors';
 import { widenToFloat32 } from '../lib/safetensors/format';
-import { headerFor, makeTempDir, moeTensors, removeTempDir, safetensorsBytes, TinyModel, writeSafetensors, writeTinyMixtral, Header, RawTensor } from './helpers/checkpoint';
+import {
+  headerFor,
+  makeTempDir,
+  moeTensors,
+  removeTempDir,
+  safetensorsBytes,
+  TinyModel,
+  writeSafetensors,
+  writeTinyMixtral,
+  Header,
+  RawTensor,
+} from './helpers/checkpoint';
 import { randomF32, referenceMoe, relL2, rng } from './helpers/reference';
 
 let root: string;
@@ -37,7 +48,13 @@ function direct(model: TinyModel, layer: number): MoeLayer {
 }
 
 function checkLayer(layer: MoeLayer, model: TinyModel, index: number, tol: number): void {
-  expect(layer.config).toMatchObject({ hiddenSize: 32, intermediateSize: 48, numExperts: 4, topK: 2, routing: 'softmax-topk-renorm' });
+  expect(layer.config).toMatchObject({
+    hiddenSize: 32,
+    intermediateSize: 48,
+    numExperts: 4,
+    topK: 2,
+    routing: 'softmax-topk-renorm',
+  });
   const y = layer.forwardSync(x);
   expect(relL2(y, referenceMoe(model.layers[index].ref, x, T))).toBeLessThan(tol);
   const same = direct(model, index);
@@ -73,7 +90,15 @@ describe('MoeLayer.fromSafetensors', () => {
     expect(layer.config).toMatchObject({ quantize: 'int8', quantGroupSize: 32 });
     const L = bf16.layers[0];
     const same = new MoeLayer(
-      { hiddenSize: bf16.H, intermediateSize: bf16.F, numExperts: bf16.E, topK: bf16.k, weightDtype: 'bfloat16', quantize: 'int8', quantGroupSize: 32 },
+      {
+        hiddenSize: bf16.H,
+        intermediateSize: bf16.F,
+        numExperts: bf16.E,
+        topK: bf16.k,
+        weightDtype: 'bfloat16',
+        quantize: 'int8',
+        quantGroupSize: 32,
+      },
       { gate: L.gate, w1: L.w1, w3: L.w3, w2: L.w2 },
     );
     expect(Buffer.from(layer.forwardSync(x).buffer).equals(Buffer.from(same.forwardSync(x).buffer))).toBe(true);
@@ -82,7 +107,10 @@ describe('MoeLayer.fromSafetensors', () => {
   });
 
   test('index file, layer 1 (its experts split across both shards)', async () => {
-    const layer = await MoeLayer.fromSafetensors(path.join(bf16.dir, 'model.safetensors.index.json'), { layer: 1, threads: 1 });
+    const layer = await MoeLayer.fromSafetensors(path.join(bf16.dir, 'model.safetensors.index.json'), {
+      layer: 1,
+      threads: 1,
+    });
     checkLayer(layer, bf16, 1, 1e-2);
   });
 
@@ -99,7 +127,9 @@ describe('MoeLayer.fromSafetensors', () => {
     const dir = path.join(root, 'noconfig');
     fs.mkdirSync(dir);
     writeSafetensors(path.join(dir, 'moe.safetensors'), moeTensors(bf16, 0));
-    await expect(MoeLayer.fromSafetensors(dir, { layer: 0 })).rejects.toThrow(/options\.topK is required.*no config\.json/);
+    await expect(MoeLayer.fromSafetensors(dir, { layer: 0 })).rejects.toThrow(
+      /options\.topK is required.*no config\.json/,
+    );
     checkLayer(await MoeLayer.fromSafetensors(dir, { layer: 0, topK: 2 }), bf16, 0, 1e-2);
   });
 
@@ -118,9 +148,17 @@ describe('MoeLayer.fromSafetensors', () => {
   test('prefix override on a renamed checkpoint', async () => {
     const dir = path.join(root, 'renamed');
     const model = writeTinyMixtral(dir, 'BF16', 1234, (l) => `transformer.blocks.${l}.moe`);
-    await expectCheckpointError(MoeLayer.fromSafetensors(dir, { layer: 1 }), "model.layers.1.block_sparse_moe.gate.weight' is not in the index");
+    await expectCheckpointError(
+      MoeLayer.fromSafetensors(dir, { layer: 1 }),
+      "model.layers.1.block_sparse_moe.gate.weight' is not in the index",
+    );
     checkLayer(await MoeLayer.fromSafetensors(dir, { prefix: 'transformer.blocks.1.moe' }), model, 1, 1e-2);
-    checkLayer(await MoeLayer.fromSafetensors(dir, { prefix: 'transformer.blocks.{layer}.moe', layer: 0 }), model, 0, 1e-2);
+    checkLayer(
+      await MoeLayer.fromSafetensors(dir, { prefix: 'transformer.blocks.{layer}.moe', layer: 0 }),
+      model,
+      0,
+      1e-2,
+    );
   });
 
   test('config.json: norm_topk_prob false means softmax-topk; topK and routing options win', async () => {
@@ -149,18 +187,28 @@ describe('MoeLayer.fromSafetensors', () => {
     await expect(dt).rejects.toBeInstanceOf(RangeError);
     await expect(dt).rejects.toMatchObject({
       code: 'ERR_MOE_DTYPE',
-      message: expect.stringMatching(/^options\.weightDtype must be 'bfloat16' \(the checkpoint stores the experts as BF16.*got 'float32'$/),
+      message: expect.stringMatching(
+        /^options\.weightDtype must be 'bfloat16' \(the checkpoint stores the experts as BF16.*got 'float32'$/,
+      ),
     });
-    await expect(MoeLayer.fromSafetensors(f16.dir, { layer: 0, weightDtype: 'bfloat16' })).rejects.toMatchObject({ code: 'ERR_MOE_DTYPE' });
+    await expect(MoeLayer.fromSafetensors(f16.dir, { layer: 0, weightDtype: 'bfloat16' })).rejects.toMatchObject({
+      code: 'ERR_MOE_DTYPE',
+    });
     const same = await MoeLayer.fromSafetensors(f16.dir, { layer: 0, weightDtype: 'float16' });
     expect(same.config.weightDtype).toBe('float16');
     same.dispose();
-    await expect(MoeLayer.fromSafetensors(bf16.dir, { layer: 0, weightDtype: 'int8' as never })).rejects.toThrow(RangeError);
-    await expect(MoeLayer.fromSafetensors(bf16.dir, { layer: 0, signal: 'stop' as unknown as AbortSignal })).rejects.toThrow(/options\.signal/);
+    await expect(MoeLayer.fromSafetensors(bf16.dir, { layer: 0, weightDtype: 'int8' as never })).rejects.toThrow(
+      RangeError,
+    );
+    await expect(
+      MoeLayer.fromSafetensors(bf16.dir, { layer: 0, signal: 'stop' as unknown as AbortSignal }),
+    ).rejects.toThrow(/options\.signal/);
   });
 
   test('an aborted signal rejects with AbortError', async () => {
-    await expect(MoeLayer.fromSafetensors(bf16.dir, { layer: 0, signal: AbortSignal.abort() })).rejects.toBeInstanceOf(AbortError);
+    await expect(MoeLayer.fromSafetensors(bf16.dir, { layer: 0, signal: AbortSignal.abort() })).rejects.toBeInstanceOf(
+      AbortError,
+    );
   });
 });
 
@@ -168,7 +216,10 @@ describe('openSafetensors', () => {
   test('lists tensors of every shard and views them in place', async () => {
     const ck = await openSafetensors(bf16.dir);
     expect(ck.tensors.size).toBe(1 + 2 * (6 + 1 + 12) + 2);
-    expect(ck.tensors.get('model.layers.1.block_sparse_moe.experts.3.w2.weight')).toEqual({ dtype: 'BF16', shape: [32, 48] });
+    expect(ck.tensors.get('model.layers.1.block_sparse_moe.experts.3.w2.weight')).toEqual({
+      dtype: 'BF16',
+      shape: [32, 48],
+    });
     expect(ck.metadata).toEqual({ format: 'pt' });
     const w2 = ck.get('model.layers.1.block_sparse_moe.experts.3.w2.weight');
     expect(w2).toBeInstanceOf(Uint16Array);
@@ -180,7 +231,10 @@ describe('openSafetensors', () => {
     const before = fs.readFileSync(file);
     w2[0] ^= 0xffff;
     expect(fs.readFileSync(file).equals(before)).toBe(true);
-    await expectCheckpointError(Promise.resolve().then(() => ck.get('nope')), "tensor 'nope' not found");
+    await expectCheckpointError(
+      Promise.resolve().then(() => ck.get('nope')),
+      "tensor 'nope' not found",
+    );
     ck.close();
     expect(() => ck.get('model.norm.weight')).toThrow(expect.objectContaining({ code: 'ERR_MOE_DISPOSED' }));
     expect(w2.length).toBe(n); // views handed out stay valid
@@ -248,7 +302,10 @@ describe('broken and hostile checkpoints: ERR_MOE_CHECKPOINT, never a crash', ()
     fs.mkdirSync(dir, { recursive: true });
     fs.copyFileSync(path.join(bf16.dir, 'config.json'), path.join(dir, 'config.json'));
     const file = path.join(dir, 'model.safetensors');
-    const base = safetensorsBytes(goodHeader, [...good.values()].map((t) => t.data));
+    const base = safetensorsBytes(
+      goodHeader,
+      [...good.values()].map((t) => t.data),
+    );
     fs.writeFileSync(file, typeof bytes === 'function' ? bytes(base) : bytes);
     return file;
   }
@@ -257,7 +314,10 @@ describe('broken and hostile checkpoints: ERR_MOE_CHECKPOINT, never a crash', ()
   function withHeader(edit: (h: HeaderJson) => void): Buffer {
     const h = JSON.parse(JSON.stringify(goodHeader)) as HeaderJson;
     edit(h);
-    return safetensorsBytes(h, [...good.values()].map((t) => t.data));
+    return safetensorsBytes(
+      h,
+      [...good.values()].map((t) => t.data),
+    );
   }
 
   const both = async (file: string, ...patterns: (string | RegExp)[]) => {
@@ -266,51 +326,179 @@ describe('broken and hostile checkpoints: ERR_MOE_CHECKPOINT, never a crash', ()
   };
 
   test('the good file loads', async () => {
-    checkLayer(await MoeLayer.fromSafetensors(write('good', (b) => b), { layer: 0 }), bf16, 0, 1e-2);
+    checkLayer(
+      await MoeLayer.fromSafetensors(
+        write('good', (b) => b),
+        { layer: 0 },
+      ),
+      bf16,
+      0,
+      1e-2,
+    );
   });
 
   test('truncated file', async () => {
-    await both(write('trunc-data', (b) => b.subarray(0, b.length - 100)), /pass the end of the data section/, 'truncated');
-    await both(write('trunc-header', (b) => b.subarray(0, 200)), /header length \d+ passes the end of the file \(200 bytes\)/);
-    await both(write('trunc-4', (b) => b.subarray(0, 4)), /4 bytes, too few for a safetensors header/);
+    await both(
+      write('trunc-data', (b) => b.subarray(0, b.length - 100)),
+      /pass the end of the data section/,
+      'truncated',
+    );
+    await both(
+      write('trunc-header', (b) => b.subarray(0, 200)),
+      /header length \d+ passes the end of the file \(200 bytes\)/,
+    );
+    await both(
+      write('trunc-4', (b) => b.subarray(0, 4)),
+      /4 bytes, too few for a safetensors header/,
+    );
     await both(write('empty', Buffer.alloc(0)), /0 bytes, too few/);
   });
 
   test('header length huge', async () => {
-    await both(write('huge', (b) => { const c = Buffer.from(b); c.writeBigUInt64LE(2n ** 63n + 5n); return c; }), /header length 9223372036854775813 is over the 100 MiB limit/);
-    await both(write('big', (b) => { const c = Buffer.from(b); c.writeBigUInt64LE(BigInt(b.length)); return c; }), /passes the end of the file/);
+    await both(
+      write('huge', (b) => {
+        const c = Buffer.from(b);
+        c.writeBigUInt64LE(2n ** 63n + 5n);
+        return c;
+      }),
+      /header length 9223372036854775813 is over the 100 MiB limit/,
+    );
+    await both(
+      write('big', (b) => {
+        const c = Buffer.from(b);
+        c.writeBigUInt64LE(BigInt(b.length));
+        return c;
+      }),
+      /passes the end of the file/,
+    );
   });
 
   test('header not JSON', async () => {
-    await both(write('notjson', (b) => { const c = Buffer.from(b); c.fill(0x7b, 8, 40); return c; }), /header is not valid JSON/);
-    await both(write('notutf8', (b) => { const c = Buffer.from(b); c[9] = 0xff; return c; }), /header is not valid JSON/);
+    await both(
+      write('notjson', (b) => {
+        const c = Buffer.from(b);
+        c.fill(0x7b, 8, 40);
+        return c;
+      }),
+      /header is not valid JSON/,
+    );
+    await both(
+      write('notutf8', (b) => {
+        const c = Buffer.from(b);
+        c[9] = 0xff;
+        return c;
+      }),
+      /header is not valid JSON/,
+    );
     await both(write('array', safetensorsBytes([1, 2] as unknown as Header, [])), /not a JSON object/);
   });
 
   test('offsets past the end, backwards, overlapping', async () => {
-    await both(write('past', withHeader((h) => { h[w2Name].data_offsets[1] += 1e9; })), `tensor '${w2Name}'`, /pass the end of the data section/);
-    await both(write('backwards', withHeader((h) => { h[w2Name].data_offsets = [10, 2]; })), `tensor '${w2Name}'`, /run backwards/);
-    await both(write('overlap', withHeader((h) => { h[w2Name].data_offsets = h[gateName].data_offsets.slice(); h[w2Name].shape = h[gateName].shape; })), /overlap/);
-    await both(write('negative', withHeader((h) => { h[w2Name].data_offsets = [-2, 6]; })), /data_offsets must be two integers >= 0/);
+    await both(
+      write(
+        'past',
+        withHeader((h) => {
+          h[w2Name].data_offsets[1] += 1e9;
+        }),
+      ),
+      `tensor '${w2Name}'`,
+      /pass the end of the data section/,
+    );
+    await both(
+      write(
+        'backwards',
+        withHeader((h) => {
+          h[w2Name].data_offsets = [10, 2];
+        }),
+      ),
+      `tensor '${w2Name}'`,
+      /run backwards/,
+    );
+    await both(
+      write(
+        'overlap',
+        withHeader((h) => {
+          h[w2Name].data_offsets = h[gateName].data_offsets.slice();
+          h[w2Name].shape = h[gateName].shape;
+        }),
+      ),
+      /overlap/,
+    );
+    await both(
+      write(
+        'negative',
+        withHeader((h) => {
+          h[w2Name].data_offsets = [-2, 6];
+        }),
+      ),
+      /data_offsets must be two integers >= 0/,
+    );
   });
 
   test('shape and size mismatch', async () => {
-    await both(write('size', withHeader((h) => { h[w2Name].shape = [32, 47]; })), `tensor '${w2Name}'`, /shape \[32, 47\] of BF16 needs 3008 bytes.*hold 3072/);
-    await both(write('shape', withHeader((h) => { h[w2Name].shape = [32, 'x']; })), /shape must be a list of integers/);
+    await both(
+      write(
+        'size',
+        withHeader((h) => {
+          h[w2Name].shape = [32, 47];
+        }),
+      ),
+      `tensor '${w2Name}'`,
+      /shape \[32, 47\] of BF16 needs 3008 bytes.*hold 3072/,
+    );
+    await both(
+      write(
+        'shape',
+        withHeader((h) => {
+          h[w2Name].shape = [32, 'x'];
+        }),
+      ),
+      /shape must be a list of integers/,
+    );
     // Consistent in the file, wrong for the layer: fromSafetensors names expected and actual shapes.
-    const file = write('layer-shape', withHeader((h) => { h[w2Name].shape = [48, 32]; }));
-    await expectCheckpointError(MoeLayer.fromSafetensors(file, { layer: 0 }), `'${w2Name}' has shape [48, 32], expected [32, 48]`);
+    const file = write(
+      'layer-shape',
+      withHeader((h) => {
+        h[w2Name].shape = [48, 32];
+      }),
+    );
+    await expectCheckpointError(
+      MoeLayer.fromSafetensors(file, { layer: 0 }),
+      `'${w2Name}' has shape [48, 32], expected [32, 48]`,
+    );
   });
 
   test('missing tensor', async () => {
-    const file = write('missing', withHeader((h) => { delete h[w2Name]; }));
+    const file = write(
+      'missing',
+      withHeader((h) => {
+        delete h[w2Name];
+      }),
+    );
     await expectCheckpointError(MoeLayer.fromSafetensors(file, { layer: 0 }), file, `tensor '${w2Name}' not found`);
   });
 
   test('unknown dtype, and mixed dtypes among experts', async () => {
-    await both(write('dtype', withHeader((h) => { h[w2Name].dtype = 'Q4_K'; })), `tensor '${w2Name}'`, /unknown dtype "Q4_K"/);
-    const file = write('mixed', withHeader((h) => { h[w2Name].dtype = 'F16'; }));
-    await expectCheckpointError(MoeLayer.fromSafetensors(file, { layer: 0 }), /has dtype F16 but .* has BF16: the experts must share one dtype/);
+    await both(
+      write(
+        'dtype',
+        withHeader((h) => {
+          h[w2Name].dtype = 'Q4_K';
+        }),
+      ),
+      `tensor '${w2Name}'`,
+      /unknown dtype "Q4_K"/,
+    );
+    const file = write(
+      'mixed',
+      withHeader((h) => {
+        h[w2Name].dtype = 'F16';
+      }),
+    );
+    await expectCheckpointError(
+      MoeLayer.fromSafetensors(file, { layer: 0 }),
+      /has dtype F16 but .* has BF16: the experts must share one dtype/,
+    );
   });
 
   test('index: missing shard, pointing outside, not an index', async () => {
@@ -319,14 +507,22 @@ describe('broken and hostile checkpoints: ERR_MOE_CHECKPOINT, never a crash', ()
     const index = path.join(dir, 'model.safetensors.index.json');
     const json = JSON.parse(fs.readFileSync(index, 'utf8'));
     fs.rmSync(path.join(dir, 'model-00002-of-00002.safetensors'));
-    await expectCheckpointError(MoeLayer.fromSafetensors(dir, { layer: 1 }), 'model-00002-of-00002.safetensors', /cannot open.*listed in .*index\.json.*ENOENT/);
+    await expectCheckpointError(
+      MoeLayer.fromSafetensors(dir, { layer: 1 }),
+      'model-00002-of-00002.safetensors',
+      /cannot open.*listed in .*index\.json.*ENOENT/,
+    );
     await expectCheckpointError(openSafetensors(dir), 'model-00002-of-00002.safetensors', /ENOENT/);
     // Layer 0 lives in the shard that is there: it still loads.
     checkLayer(await MoeLayer.fromSafetensors(dir, { layer: 0 }), bf16, 0, 1e-2);
 
     for (const outside of ['../model-00001-of-00002.safetensors', '/etc/passwd', 'sub/../../x.safetensors']) {
       fs.writeFileSync(index, JSON.stringify({ weight_map: { ...json.weight_map, [gateName]: outside } }));
-      await expectCheckpointError(MoeLayer.fromSafetensors(dir, { layer: 0 }), index, `points to '${outside}', outside the index's folder`);
+      await expectCheckpointError(
+        MoeLayer.fromSafetensors(dir, { layer: 0 }),
+        index,
+        `points to '${outside}', outside the index's folder`,
+      );
     }
     fs.writeFileSync(index, JSON.stringify({ weights: {} }));
     await expectCheckpointError(openSafetensors(index), /not a safetensors index/);
@@ -338,7 +534,10 @@ describe('broken and hostile checkpoints: ERR_MOE_CHECKPOINT, never a crash', ()
     await expectCheckpointError(openSafetensors(path.join(root, 'nope.safetensors')), /ENOENT/);
     const empty = path.join(root, 'bad', 'emptydir');
     fs.mkdirSync(empty, { recursive: true });
-    await expectCheckpointError(MoeLayer.fromSafetensors(empty, { layer: 0 }), /no model\.safetensors\.index\.json, model\.safetensors or other/);
+    await expectCheckpointError(
+      MoeLayer.fromSafetensors(empty, { layer: 0 }),
+      /no model\.safetensors\.index\.json, model\.safetensors or other/,
+    );
     const two = path.join(root, 'bad', 'twofiles');
     fs.mkdirSync(two, { recursive: true });
     writeSafetensors(path.join(two, 'a.safetensors'), good);
@@ -350,11 +549,17 @@ describe('broken and hostile checkpoints: ERR_MOE_CHECKPOINT, never a crash', ()
     fs.writeFileSync(path.join(cfgDir, 'config.json'), JSON.stringify({ hidden_size: 'big' }));
     await expectCheckpointError(MoeLayer.fromSafetensors(cfgDir, { layer: 0 }), /hidden_size must be an integer >= 1/);
     fs.writeFileSync(path.join(cfgDir, 'config.json'), JSON.stringify({ hidden_size: 64, num_experts_per_tok: 2 }));
-    await expectCheckpointError(MoeLayer.fromSafetensors(cfgDir, { layer: 0 }), `'${gateName}' has shape [4, 32], expected [4, 64]`);
+    await expectCheckpointError(
+      MoeLayer.fromSafetensors(cfgDir, { layer: 0 }),
+      `'${gateName}' has shape [4, 32], expected [4, 64]`,
+    );
   });
 
   test('random byte flips never crash', async () => {
-    const base = safetensorsBytes(goodHeader, [...good.values()].map((t) => t.data));
+    const base = safetensorsBytes(
+      goodHeader,
+      [...good.values()].map((t) => t.data),
+    );
     const headerEnd = 8 + Number(base.readBigUInt64LE(0));
     const rand = rng(7);
     for (let i = 0; i < 60; i++) {
@@ -367,7 +572,9 @@ describe('broken and hostile checkpoints: ERR_MOE_CHECKPOINT, never a crash', ()
         layer.dispose();
       } catch (err) {
         expect(err).toBeInstanceOf(Error);
-        expect(['ERR_MOE_CHECKPOINT', 'ERR_MOE_SHAPE', 'ERR_OUT_OF_RANGE', 'ERR_INVALID_ARG_TYPE']).toContain((err as { code?: string }).code);
+        expect(['ERR_MOE_CHECKPOINT', 'ERR_MOE_SHAPE', 'ERR_OUT_OF_RANGE', 'ERR_INVALID_ARG_TYPE']).toContain(
+          (err as { code?: string }).code,
+        );
       }
     }
   });
@@ -401,7 +608,7 @@ describe('widening 16-bit tensors to float32', () => {
       // NaN payloads need not survive; NaN must stay NaN.
       const ok = nan ? (f16Bits[h] & 0x7f800000) === 0x7f800000 && (f16Bits[h] & 0x7fffff) !== 0 : f16Bits[h] === want;
       if (!ok) wrong.push(`F16 0x${h.toString(16)}: 0x${f16Bits[h].toString(16)}, want 0x${want.toString(16)}`);
-      if (bf16Bits[h] !== ((h << 16) >>> 0)) wrong.push(`BF16 0x${h.toString(16)}: 0x${bf16Bits[h].toString(16)}`);
+      if (bf16Bits[h] !== (h << 16) >>> 0) wrong.push(`BF16 0x${h.toString(16)}: 0x${bf16Bits[h].toString(16)}`);
     }
     expect(wrong.slice(0, 5)).toEqual([]);
   });
@@ -428,9 +635,18 @@ describe('the native mapping (mapFile, mapFileAsync)', () => {
       [() => b.mapFile(root), /Is a directory \(EISDIR\)/],
       [() => b.mapFile(file, 10, 100), /the range \[10, 110\) passes the end of the file \(18 bytes\)/],
     ];
-    for (const [call, message] of cases) expect(call).toThrow(expect.objectContaining({ code: 'ERR_MOE_CHECKPOINT', message: expect.stringMatching(message) }));
-    await expect(b.mapFileAsync(file, 19)).rejects.toMatchObject({ code: 'ERR_MOE_CHECKPOINT', message: expect.stringMatching(/passes the end/) });
-    await expect(b.mapFileAsync(root)).rejects.toMatchObject({ code: 'ERR_MOE_CHECKPOINT', message: expect.stringMatching(/EISDIR/) });
+    for (const [call, message] of cases)
+      expect(call).toThrow(
+        expect.objectContaining({ code: 'ERR_MOE_CHECKPOINT', message: expect.stringMatching(message) }),
+      );
+    await expect(b.mapFileAsync(file, 19)).rejects.toMatchObject({
+      code: 'ERR_MOE_CHECKPOINT',
+      message: expect.stringMatching(/passes the end/),
+    });
+    await expect(b.mapFileAsync(root)).rejects.toMatchObject({
+      code: 'ERR_MOE_CHECKPOINT',
+      message: expect.stringMatching(/EISDIR/),
+    });
     // Native errors come from the main realm, not jest's: compare names.
     expect(() => b.mapFile(file, -1)).toThrow(expect.objectContaining({ name: 'RangeError' }));
     expect(() => b.mapFile(42 as unknown as string)).toThrow(expect.objectContaining({ name: 'TypeError' }));

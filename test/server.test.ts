@@ -11,7 +11,16 @@ import { makeCase, randomF32, rng } from './helpers/reference';
 
 const bits = (a: Float32Array) => Buffer.from(a.buffer, a.byteOffset, a.byteLength);
 const small = makeCase({ H: 64, F: 96, E: 8, k: 2, T: 3, dtype: 'float32', routing: 'softmax-topk-renorm', seed: 80 });
-const large = makeCase({ H: 512, F: 1024, E: 8, k: 2, T: 4, dtype: 'float32', routing: 'softmax-topk-renorm', seed: 81 });
+const large = makeCase({
+  H: 512,
+  F: 1024,
+  E: 8,
+  k: 2,
+  T: 4,
+  dtype: 'float32',
+  routing: 'softmax-topk-renorm',
+  seed: 81,
+});
 
 /** Tokens of the large layer that take about `ms` (measured from a warm run's own rate). */
 async function tokensFor(layer: MoeLayer, ms: number): Promise<number> {
@@ -37,9 +46,11 @@ describe('event loop and fairness', () => {
     const h = monitorEventLoopDelay({ resolution: 1 });
     h.enable();
     const t0 = performance.now();
-    await Promise.all(layers.map(async (l) => {
-      while (performance.now() - t0 < 2000) await l.forward(x);
-    }));
+    await Promise.all(
+      layers.map(async (l) => {
+        while (performance.now() - t0 < 2000) await l.forward(x);
+      }),
+    );
     h.disable();
     layers.forEach((l) => l.dispose());
     expect(h.count).toBeGreaterThan(100);
@@ -163,10 +174,14 @@ describe('worker threads', () => {
 
 describe('memory', () => {
   test('forwards and layer churn leave RSS flat; layers collected without dispose() free their memory', () => {
-    const out = execFileSync(process.execPath, ['--expose-gc', path.join(__dirname, 'fixtures', 'memory.js'), '10000'], {
-      encoding: 'utf8',
-      timeout: 300000,
-    });
+    const out = execFileSync(
+      process.execPath,
+      ['--expose-gc', path.join(__dirname, 'fixtures', 'memory.js'), '10000'],
+      {
+        encoding: 'utf8',
+        timeout: 300000,
+      },
+    );
     const r = JSON.parse(out.trim().split('\n').pop()!);
     expect(r.forwards).toBe(10000);
     // Bounds: allocator arenas may settle a little; a leak of one x per forward would be 150+ MiB.
@@ -180,9 +195,21 @@ describe('memory', () => {
 
 describe('determinism', () => {
   const c = makeCase({ H: 72, F: 200, E: 6, k: 2, T: 37, dtype: 'float32', routing: 'softmax-topk-renorm', seed: 87 });
-  const cb = makeCase({ H: 72, F: 200, E: 6, k: 2, T: 37, dtype: 'bfloat16', routing: 'softmax-topk-renorm', seed: 88 });
+  const cb = makeCase({
+    H: 72,
+    F: 200,
+    E: 6,
+    k: 2,
+    T: 37,
+    dtype: 'bfloat16',
+    routing: 'softmax-topk-renorm',
+    seed: 88,
+  });
 
-  test.each([['float32', c], ['bfloat16', cb]] as const)('%s: same bits across runs, thread counts and batches', async (_, k) => {
+  test.each([
+    ['float32', c],
+    ['bfloat16', cb],
+  ] as const)('%s: same bits across runs, thread counts and batches', async (_, k) => {
     const one = new MoeLayer({ ...k.config, threads: 1 }, k.weights);
     const two = new MoeLayer({ ...k.config, threads: 2 }, k.weights);
     const want = bits(one.forwardSync(k.x));
@@ -198,7 +225,8 @@ describe('determinism', () => {
     const reversed = new Float32Array(k.x.length);
     for (let t = 0; t < 37; t++) reversed.set(k.x.subarray(t * H, (t + 1) * H), (36 - t) * H);
     const yr = two.forwardSync(reversed);
-    for (let t = 0; t < 37; t++) expect(bits(yr.subarray((36 - t) * H, (37 - t) * H))).toEqual(bits(all.subarray(t * H, (t + 1) * H)));
+    for (let t = 0; t < 37; t++)
+      expect(bits(yr.subarray((36 - t) * H, (37 - t) * H))).toEqual(bits(all.subarray(t * H, (t + 1) * H)));
     one.dispose();
     two.dispose();
   });

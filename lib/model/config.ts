@@ -138,7 +138,9 @@ export function parseDecoderConfig(json: unknown, source = 'config.json'): Decod
   if (typeof json !== 'object' || json === null || Array.isArray(json)) throw bad(source, 'must hold a JSON object');
   const cfg = json as Json;
   const archs = cfg.architectures;
-  const arch = Array.isArray(archs) ? archs.find((a) => (SUPPORTED_ARCHITECTURES as readonly unknown[]).includes(a)) : undefined;
+  const arch = Array.isArray(archs)
+    ? archs.find((a) => (SUPPORTED_ARCHITECTURES as readonly unknown[]).includes(a))
+    : undefined;
   if (arch === undefined)
     throw bad(
       source,
@@ -229,7 +231,8 @@ export function parseDecoderConfig(json: unknown, source = 'config.json'): Decod
     rmsNormEps: num(cfg, source, 'rms_norm_eps', architecture.startsWith('Qwen') ? 1e-6 : 1e-5),
     slidingWindow,
     maxPositions: int(cfg, source, 'max_position_embeddings', 1, 4096),
-    qkNorm: architecture === 'Qwen3MoeForCausalLM' ? 'head' : architecture === 'OlmoeForCausalLM' ? 'projection' : 'none',
+    qkNorm:
+      architecture === 'Qwen3MoeForCausalLM' ? 'head' : architecture === 'OlmoeForCausalLM' ? 'projection' : 'none',
     qkvBias: architecture === 'Qwen2MoeForCausalLM' || bool(cfg, source, 'attention_bias', false),
     clipQkv: clip === undefined || clip === null ? 0 : num(cfg, source, 'clip_qkv', 0),
     tieWordEmbeddings: bool(cfg, source, 'tie_word_embeddings', false),
@@ -268,7 +271,11 @@ export function tensorNames(cfg: DecoderConfig): ModelTensorNames {
         names.kNorm = `${p}.self_attn.k_norm.weight`;
       }
       if (!cfg.moeLayers[i]) {
-        names.dense = { gate: `${p}.mlp.gate_proj.weight`, up: `${p}.mlp.up_proj.weight`, down: `${p}.mlp.down_proj.weight` };
+        names.dense = {
+          gate: `${p}.mlp.gate_proj.weight`,
+          up: `${p}.mlp.up_proj.weight`,
+          down: `${p}.mlp.down_proj.weight`,
+        };
       } else if (mixtral) {
         const m = `${p}.block_sparse_moe`;
         names.router = `${m}.gate.weight`;

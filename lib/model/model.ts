@@ -104,7 +104,11 @@ const QUANTIZE = ['none', 'int8', 'int4'] as const;
 const BLOCK_TOKENS = 16;
 /** Prompt tokens per native step in logits(): bounds the step's workspace. */
 const CHUNK_TOKENS = 512;
-const WEIGHT_DTYPES: Record<string, 'float32' | 'bfloat16' | 'float16'> = { F32: 'float32', BF16: 'bfloat16', F16: 'float16' };
+const WEIGHT_DTYPES: Record<string, 'float32' | 'bfloat16' | 'float16'> = {
+  F32: 'float32',
+  BF16: 'bfloat16',
+  F16: 'float16',
+};
 
 function checkpointError(message: string): MoeError {
   return new MoeError('ERR_MOE_CHECKPOINT', message);
@@ -144,7 +148,8 @@ function loadPlan(cfg: DecoderConfig): LoadItem[] {
     const n = names.layer(l);
     items.push({ slot: 'attnNorm', layer: l, index: 0, names: [n.inputNorm] });
     items.push({ slot: 'qkv', layer: l, index: 0, names: [n.q, n.k, n.v] });
-    if (n.qBias && n.kBias && n.vBias) items.push({ slot: 'qkvBias', layer: l, index: 0, names: [n.qBias, n.kBias, n.vBias] });
+    if (n.qBias && n.kBias && n.vBias)
+      items.push({ slot: 'qkvBias', layer: l, index: 0, names: [n.qBias, n.kBias, n.vBias] });
     if (n.qNorm) items.push({ slot: 'qNorm', layer: l, index: 0, names: [n.qNorm] });
     if (n.kNorm) items.push({ slot: 'kNorm', layer: l, index: 0, names: [n.kNorm] });
     items.push({ slot: 'o', layer: l, index: 0, names: [n.o] });
@@ -166,7 +171,11 @@ function loadPlan(cfg: DecoderConfig): LoadItem[] {
 }
 
 /** Checks that every tensor the config implies is there with its shape; returns the matrices' dtype. */
-function checkTensors(file: SafetensorsFile, cfg: DecoderConfig, dir: string): { weightDtype: string; embedDtype: string } {
+function checkTensors(
+  file: SafetensorsFile,
+  cfg: DecoderConfig,
+  dir: string,
+): { weightDtype: string; embedDtype: string } {
   const { vocabSize: V, hiddenSize: H } = cfg;
   const names = tensorNames(cfg);
   const shapes = new Map<string, number[]>([
@@ -179,8 +188,11 @@ function checkTensors(file: SafetensorsFile, cfg: DecoderConfig, dir: string): {
     const t = file.tensors.get(name);
     if (!t) throw checkpointError(`${dir}: tensor '${name}' is missing (config.json implies it)`);
     if (t.shape.length !== shape.length || t.shape.some((d, i) => d !== shape[i]))
-      throw checkpointError(`${dir}: tensor '${name}' has shape [${t.shape.join(', ')}], config.json implies [${shape.join(', ')}]`);
-    if (!(t.dtype in WEIGHT_DTYPES)) throw checkpointError(`${dir}: tensor '${name}' is ${t.dtype}; F32, BF16 or F16 is expected`);
+      throw checkpointError(
+        `${dir}: tensor '${name}' has shape [${t.shape.join(', ')}], config.json implies [${shape.join(', ')}]`,
+      );
+    if (!(t.dtype in WEIGHT_DTYPES))
+      throw checkpointError(`${dir}: tensor '${name}' is ${t.dtype}; F32, BF16 or F16 is expected`);
   }
   // Every projection and expert matrix shares one dtype (the packed kernels read one).
   const q0 = names.layer(0).q;
@@ -188,7 +200,10 @@ function checkTensors(file: SafetensorsFile, cfg: DecoderConfig, dir: string): {
   for (const [name, shape] of shapes)
     if (shape.length === 2 && name !== names.embedding && !name.endsWith('shared_expert_gate.weight')) {
       const dt = file.tensors.get(name)!.dtype;
-      if (dt !== weightDtype) throw checkpointError(`${dir}: tensor '${name}' is ${dt} while '${q0}' is ${weightDtype}; mixed matrix dtypes are not supported`);
+      if (dt !== weightDtype)
+        throw checkpointError(
+          `${dir}: tensor '${name}' is ${dt} while '${q0}' is ${weightDtype}; mixed matrix dtypes are not supported`,
+        );
     }
   return { weightDtype, embedDtype: file.tensors.get(names.embedding)!.dtype };
 }
@@ -197,7 +212,14 @@ export class MoeModel {
   /** The decoder as config.json describes it. */
   readonly config: DecoderConfig;
   /** The options the model was loaded with, defaults filled in. */
-  readonly options: Readonly<{ quantize: string; quantGroupSize: number; kvCacheDtype: KvCacheDtype; contextLength: number; maxSequences: number; threads: number }>;
+  readonly options: Readonly<{
+    quantize: string;
+    quantGroupSize: number;
+    kvCacheDtype: KvCacheDtype;
+    contextLength: number;
+    maxSequences: number;
+    threads: number;
+  }>;
   #native: NativeModel | undefined;
   #busy: Promise<unknown> = Promise.resolve();
 
@@ -209,11 +231,16 @@ export class MoeModel {
 
   /** Loads a Hugging Face checkpoint folder (config.json, safetensors shards, generation_config.json). */
   static async load(dir: string, options: LoadOptions = {}): Promise<MoeModel> {
-    if (typeof dir !== 'string' || dir.length === 0) throw argTypeError(`dir must be a folder path, got ${describe(dir)}`);
+    if (typeof dir !== 'string' || dir.length === 0)
+      throw argTypeError(`dir must be a folder path, got ${describe(dir)}`);
     checkObject('options', options);
     const signal = checkSignal('options.signal', options.signal);
     const quantize = checkOneOf('options.quantize', options.quantize ?? 'none', QUANTIZE);
-    const quantGroupSize = checkOneOf('options.quantGroupSize', String(options.quantGroupSize ?? 32), ['32', '64', '128']);
+    const quantGroupSize = checkOneOf('options.quantGroupSize', String(options.quantGroupSize ?? 32), [
+      '32',
+      '64',
+      '128',
+    ]);
     const kvCacheDtype = checkOneOf('options.kvCacheDtype', options.kvCacheDtype ?? 'bfloat16', KV_DTYPES);
     const maxSequences = checkInteger('options.maxSequences', options.maxSequences ?? 1, 1, 4096);
     const threads = checkInteger('options.threads', options.threads ?? 0, 0, 1024);
@@ -223,12 +250,20 @@ export class MoeModel {
     if (signal?.aborted) throw aborted();
 
     const cfg = parseDecoderConfig(await readJson(path.join(dir, 'config.json'), true), path.join(dir, 'config.json'));
-    const gen = (await readJson(path.join(dir, 'generation_config.json'), false)) as { eos_token_id?: unknown } | undefined;
+    const gen = (await readJson(path.join(dir, 'generation_config.json'), false)) as
+      { eos_token_id?: unknown } | undefined;
     if (gen && gen.eos_token_id !== undefined) {
-      const extra = (Array.isArray(gen.eos_token_id) ? gen.eos_token_id : [gen.eos_token_id]).filter((x): x is number => Number.isSafeInteger(x));
+      const extra = (Array.isArray(gen.eos_token_id) ? gen.eos_token_id : [gen.eos_token_id]).filter((x): x is number =>
+        Number.isSafeInteger(x),
+      );
       for (const id of extra) if (!cfg.eosTokenIds.includes(id)) cfg.eosTokenIds.push(id);
     }
-    const contextLength = checkInteger('options.contextLength', options.contextLength ?? Math.min(4096, cfg.maxPositions), 1, 1 << 24);
+    const contextLength = checkInteger(
+      'options.contextLength',
+      options.contextLength ?? Math.min(4096, cfg.maxPositions),
+      1,
+      1 << 24,
+    );
     if (signal?.aborted) throw aborted();
 
     const file = await openSafetensors(dir);
@@ -280,12 +315,19 @@ export class MoeModel {
       };
       const totalBytes = plan.reduce((s, it) => s + it.names.reduce((a, n) => a + bytesOf(n), 0), 0);
       const totalTensors = plan.reduce((s, it) => s + it.names.length, 0);
-      let bytes = 0, tensors = 0;
+      let bytes = 0,
+        tensors = 0;
       for (const item of plan) {
         if (signal?.aborted) throw aborted();
         const views = item.names.map((n) => file.get(n));
         try {
-          await native.load(item.slot, item.layer, item.index, views, item.names.map((n) => WEIGHT_DTYPES[file.tensors.get(n)!.dtype]));
+          await native.load(
+            item.slot,
+            item.layer,
+            item.index,
+            views,
+            item.names.map((n) => WEIGHT_DTYPES[file.tensors.get(n)!.dtype]),
+          );
         } catch (err) {
           throw fromNative(err);
         }
@@ -445,7 +487,12 @@ export class MoeModel {
    * logits rows into `logits`, and grows the sequences once the step succeeded. An abort of `signal`
    * cancels the running step.
    */
-  async #run(native: NativeModel, entries: PreparedEntry[], logits: Float32Array, signal: AbortSignal | undefined): Promise<void> {
+  async #run(
+    native: NativeModel,
+    entries: PreparedEntry[],
+    logits: Float32Array,
+    signal: AbortSignal | undefined,
+  ): Promise<void> {
     const aborted = () => new AbortError(undefined, { cause: signal?.reason });
     if (signal?.aborted) throw aborted();
     for (const e of entries)

@@ -42,14 +42,18 @@ class OpenCheckpoint implements SafetensorsFile {
     this.#where = where;
     this.#entries = entries;
     this.tensors = new Map(
-      [...entries].map(([n, e]) => [n, Object.freeze({ dtype: e.dtype, shape: Object.freeze([...e.shape]) as number[] })]),
+      [...entries].map(([n, e]) => [
+        n,
+        Object.freeze({ dtype: e.dtype, shape: Object.freeze([...e.shape]) as number[] }),
+      ]),
     );
     this.metadata = Object.freeze({ ...metadata });
   }
 
   get(name: string): TensorView {
     if (typeof name !== 'string') throw argTypeError(`name must be a string, got ${describe(name)}`);
-    if (!this.#entries) throw new MoeError('ERR_MOE_DISPOSED', `${this.#where}: this checkpoint was closed; open it again`);
+    if (!this.#entries)
+      throw new MoeError('ERR_MOE_DISPOSED', `${this.#where}: this checkpoint was closed; open it again`);
     let v = this.#views.get(name);
     if (v) return v;
     const e = this.#entries.get(name);
@@ -74,7 +78,8 @@ export async function openSafetensors(p: string): Promise<SafetensorsFile> {
   const shards = new ShardHeaders(layout);
   const entries = new Map<string, TensorEntry>();
   const metadata: Record<string, string> = {};
-  for (const shard of await Promise.all(layout.files.map((f) => shards.shard(f)))) Object.assign(metadata, shard.metadata);
+  for (const shard of await Promise.all(layout.files.map((f) => shards.shard(f))))
+    Object.assign(metadata, shard.metadata);
   if (layout.weightMap) {
     for (const name of layout.weightMap.keys()) entries.set(name, await shards.entry(name));
   } else {

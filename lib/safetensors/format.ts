@@ -15,10 +15,22 @@ export const MAX_HEADER_BYTES = 100 * 1024 * 1024;
 
 /** Bytes per element of every dtype the format defines. */
 export const DTYPE_BYTES: ReadonlyMap<string, number> = new Map<string, number>([
-  ['BOOL', 1], ['U8', 1], ['I8', 1], ['F8_E5M2', 1], ['F8_E4M3', 1], ['F8_E8M0', 1],
-  ['I16', 2], ['U16', 2], ['F16', 2], ['BF16', 2],
-  ['I32', 4], ['U32', 4], ['F32', 4],
-  ['I64', 8], ['U64', 8], ['F64', 8],
+  ['BOOL', 1],
+  ['U8', 1],
+  ['I8', 1],
+  ['F8_E5M2', 1],
+  ['F8_E4M3', 1],
+  ['F8_E8M0', 1],
+  ['I16', 2],
+  ['U16', 2],
+  ['F16', 2],
+  ['BF16', 2],
+  ['I32', 4],
+  ['U32', 4],
+  ['F32', 4],
+  ['I64', 8],
+  ['U64', 8],
+  ['F64', 8],
 ]);
 
 /** One tensor of a header, checked: its bytes lie inside the file's data section. */
@@ -67,7 +79,8 @@ export async function readShardHeader(file: string, listedIn?: string): Promise<
     const st = await fh.stat();
     if (!st.isFile()) throw checkpointError(file, `not a regular file${from}`);
     const size = st.size;
-    if (size < 8) throw checkpointError(file, `the file holds ${size} bytes, too few for a safetensors header (truncated?)`);
+    if (size < 8)
+      throw checkpointError(file, `the file holds ${size} bytes, too few for a safetensors header (truncated?)`);
     const head = Buffer.alloc(8);
     await readFully(fh, head, 0, file);
     const n = head.readBigUInt64LE(0);
@@ -77,7 +90,10 @@ export async function readShardHeader(file: string, listedIn?: string): Promise<
         `header length ${n} is over the ${MAX_HEADER_BYTES / 2 ** 20} MiB limit: not a safetensors file, or corrupt`,
       );
     if (Number(n) > size - 8)
-      throw checkpointError(file, `header length ${n} passes the end of the file (${size} bytes): truncated or corrupt`);
+      throw checkpointError(
+        file,
+        `header length ${n} passes the end of the file (${size} bytes): truncated or corrupt`,
+      );
     const bytes = Buffer.alloc(Number(n));
     await readFully(fh, bytes, 8, file);
     return parseHeader(file, bytes, size);
@@ -92,7 +108,11 @@ export function parseHeader(file: string, bytes: Uint8Array, fileSize: number): 
   try {
     json = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(bytes));
   } catch (err) {
-    throw checkpointError(file, `the header is not valid JSON (${messageOf(err)}): not a safetensors file, or corrupt`, err);
+    throw checkpointError(
+      file,
+      `the header is not valid JSON (${messageOf(err)}): not a safetensors file, or corrupt`,
+      err,
+    );
   }
   if (!isRecord(json)) throw checkpointError(file, `the header is not a JSON object (got ${describe(json)})`);
   const dataStart = 8 + bytes.length;
@@ -120,7 +140,8 @@ export function parseHeader(file: string, bytes: Uint8Array, fileSize: number): 
 
 function parseEntry(file: string, name: string, v: unknown, dataStart: number, dataSize: number): TensorEntry {
   const where = `tensor '${name}'`;
-  if (!isRecord(v)) throw checkpointError(file, `${where}: expected { dtype, shape, data_offsets }, got ${describe(v)}`);
+  if (!isRecord(v))
+    throw checkpointError(file, `${where}: expected { dtype, shape, data_offsets }, got ${describe(v)}`);
   const { dtype, shape, data_offsets: offsets } = v;
   const size = typeof dtype === 'string' ? DTYPE_BYTES.get(dtype) : undefined;
   if (typeof dtype !== 'string' || size === undefined)

@@ -14,8 +14,10 @@ import { resolveCheckpoint, ShardHeaders } from './resolve';
  * Options of MoeLayer.fromSafetensors(): where the layer's tensors are, plus the MoeConfig options that
  * are not read from the checkpoint (device, threads, cudaDevice, quantize, quantGroupSize).
  */
-export interface FromSafetensorsOptions
-  extends Pick<MoeConfig, 'device' | 'threads' | 'cudaDevice' | 'quantize' | 'quantGroupSize'> {
+export interface FromSafetensorsOptions extends Pick<
+  MoeConfig,
+  'device' | 'threads' | 'cudaDevice' | 'quantize' | 'quantGroupSize'
+> {
   /** Decoder layer index: tensors are read under `model.layers.{layer}.block_sparse_moe`. */
   layer?: number;
   /** Tensor name prefix instead of `model.layers.{layer}.block_sparse_moe` (`{layer}` is substituted). */
@@ -34,7 +36,10 @@ export interface FromSafetensorsOptions
 }
 
 /** The layer dtype of each checkpoint dtype the experts may have. */
-const WEIGHT_DTYPES = { F32: 'float32', BF16: 'bfloat16', F16: 'float16' } as const satisfies Record<string, WeightDtype>;
+const WEIGHT_DTYPES = { F32: 'float32', BF16: 'bfloat16', F16: 'float16' } as const satisfies Record<
+  string,
+  WeightDtype
+>;
 
 /** The class loadLayer() builds with (MoeLayer), passed in so that this module needs only its types. */
 interface LayerFactory<L> {
@@ -66,7 +71,8 @@ function blockPrefix(options: FromSafetensorsOptions): { prefix: string; layer?:
       throw argTypeError(`options.prefix '${options.prefix}' contains {layer}: pass options.layer too`);
     return { prefix: options.prefix.replace(/\{layer\}/g, String(layer)), layer };
   }
-  if (options.layer === undefined) throw argTypeError('options.layer (the decoder layer index) or options.prefix is required');
+  if (options.layer === undefined)
+    throw argTypeError('options.layer (the decoder layer index) or options.prefix is required');
   const layer = checkInteger('options.layer', options.layer, 0, 1e6);
   return { prefix: moeBlockPrefix(layer), layer };
 }
@@ -89,8 +95,16 @@ export async function loadLayer<L>(factory: LayerFactory<L>, p: string, options:
   const layout = await resolveCheckpoint(p);
   const found = await readHfConfig(layout.dir);
   const hf = found?.config ?? {};
-  if (found && options.prefix === undefined && hf.numLayers !== undefined && layer !== undefined && layer >= hf.numLayers)
-    throw argRangeError(`options.layer must be below num_hidden_layers (${hf.numLayers}) of ${found.file}, got ${layer}`);
+  if (
+    found &&
+    options.prefix === undefined &&
+    hf.numLayers !== undefined &&
+    layer !== undefined &&
+    layer >= hf.numLayers
+  )
+    throw argRangeError(
+      `options.layer must be below num_hidden_layers (${hf.numLayers}) of ${found.file}, got ${layer}`,
+    );
   const topK = options.topK ?? hf.topK;
   if (topK === undefined)
     throw argTypeError(
@@ -101,31 +115,49 @@ export async function loadLayer<L>(factory: LayerFactory<L>, p: string, options:
   const shards = new ShardHeaders(layout);
   const gate = await shards.entry(moeGateName(prefix));
   if (gate.shape.length !== 2)
-    throw checkpointError(gate.file, `tensor '${gate.name}' has shape [${gate.shape.join(', ')}], expected [experts, hidden]`);
+    throw checkpointError(
+      gate.file,
+      `tensor '${gate.name}' has shape [${gate.shape.join(', ')}], expected [experts, hidden]`,
+    );
   const [E, H] = gate.shape;
   const why = found ? `from ${found.file}` : 'from the gate and experts.0.w1 shapes';
   if (hf.numExperts !== undefined || hf.hiddenSize !== undefined)
     expectShape(gate, [hf.numExperts ?? E, hf.hiddenSize ?? H], `num_local_experts, hidden_size ${why}`);
   if (E < 1 || H < 1)
-    throw checkpointError(gate.file, `tensor '${gate.name}' has shape [${gate.shape.join(', ')}]: no experts or hidden size 0`);
+    throw checkpointError(
+      gate.file,
+      `tensor '${gate.name}' has shape [${gate.shape.join(', ')}]: no experts or hidden size 0`,
+    );
 
   const entries = (projection: 'w1' | 'w3' | 'w2') =>
     Promise.all(moeExpertNames(prefix, E, projection).map((n) => shards.entry(n)));
   const [w1, w3, w2] = await Promise.all([entries('w1'), entries('w3'), entries('w2')]);
   const F = hf.intermediateSize ?? (w1[0].shape.length === 2 ? w1[0].shape[0] : -1);
   if (F < 1)
-    throw checkpointError(w1[0].file, `tensor '${w1[0].name}' has shape [${w1[0].shape.join(', ')}], expected [intermediate, ${H}]`);
+    throw checkpointError(
+      w1[0].file,
+      `tensor '${w1[0].name}' has shape [${w1[0].shape.join(', ')}], expected [intermediate, ${H}]`,
+    );
   for (const e of [...w1, ...w3]) expectShape(e, [F, H], `intermediate_size, hidden_size ${why}`);
   for (const e of w2) expectShape(e, [H, F], `hidden_size, intermediate_size ${why}`);
 
   const dtype = w1[0].dtype;
   if (!isViewable(dtype))
-    throw checkpointError(w1[0].file, `tensor '${w1[0].name}' has dtype ${dtype}; expert weights must be F32, BF16 or F16`);
+    throw checkpointError(
+      w1[0].file,
+      `tensor '${w1[0].name}' has dtype ${dtype}; expert weights must be F32, BF16 or F16`,
+    );
   for (const e of [...w1, ...w3, ...w2])
     if (e.dtype !== dtype)
-      throw checkpointError(e.file, `tensor '${e.name}' has dtype ${e.dtype} but '${w1[0].name}' has ${dtype}: the experts must share one dtype`);
+      throw checkpointError(
+        e.file,
+        `tensor '${e.name}' has dtype ${e.dtype} but '${w1[0].name}' has ${dtype}: the experts must share one dtype`,
+      );
   if (!isViewable(gate.dtype))
-    throw checkpointError(gate.file, `tensor '${gate.name}' has dtype ${gate.dtype}; the gate must be F32, BF16 or F16`);
+    throw checkpointError(
+      gate.file,
+      `tensor '${gate.name}' has dtype ${gate.dtype}; the gate must be F32, BF16 or F16`,
+    );
   const weightDtype = WEIGHT_DTYPES[dtype];
   if (wantDtype !== undefined && wantDtype !== weightDtype)
     throw argRangeError(

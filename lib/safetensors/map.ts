@@ -33,7 +33,10 @@ export function checkLittleEndianHost(): void {
 
 function viewType(e: TensorEntry): ViewType {
   if (!isViewable(e.dtype))
-    throw checkpointError(e.file, `tensor '${e.name}' has dtype ${e.dtype}; only F32, BF16 and F16 tensors can be viewed`);
+    throw checkpointError(
+      e.file,
+      `tensor '${e.name}' has dtype ${e.dtype}; only F32, BF16 and F16 tensors can be viewed`,
+    );
   if (e.byteLength > MAX_VIEW_BYTES)
     throw checkpointError(
       e.file,

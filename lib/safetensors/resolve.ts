@@ -115,7 +115,8 @@ export class ShardHeaders {
   async entry(name: string): Promise<TensorEntry> {
     const { weightMap, index, files } = this.#layout;
     const file = weightMap ? weightMap.get(name) : files[0];
-    if (file === undefined) throw checkpointError(index ?? files[0], `tensor '${name}' is not in the index's weight_map`);
+    if (file === undefined)
+      throw checkpointError(index ?? files[0], `tensor '${name}' is not in the index's weight_map`);
     const e = (await this.shard(file)).entries.get(name);
     if (!e)
       throw checkpointError(

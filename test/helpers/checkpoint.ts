@@ -18,7 +18,10 @@ export interface RawTensor {
 export type Header = Record<string, unknown>;
 
 /** The header object a writer would produce for these tensors, in order, with data_offsets. */
-export function headerFor(tensors: Map<string, RawTensor>, metadata: Record<string, string> = { format: 'pt' }): Header {
+export function headerFor(
+  tensors: Map<string, RawTensor>,
+  metadata: Record<string, string> = { format: 'pt' },
+): Header {
   const header: Header = { __metadata__: metadata };
   let offset = 0;
   for (const [name, t] of tensors) {
@@ -39,7 +42,13 @@ export function safetensorsBytes(header: Header, data: Uint8Array[]): Buffer {
 }
 
 export function writeSafetensors(file: string, tensors: Map<string, RawTensor>): void {
-  fs.writeFileSync(file, safetensorsBytes(headerFor(tensors), [...tensors.values()].map((t) => t.data)));
+  fs.writeFileSync(
+    file,
+    safetensorsBytes(
+      headerFor(tensors),
+      [...tensors.values()].map((t) => t.data),
+    ),
+  );
 }
 
 function bytesOf(a: Float32Array | Uint16Array): Uint8Array {
@@ -72,12 +81,25 @@ const DTYPE_NAME = { F32: 'float32', BF16: 'bfloat16', F16: 'float16' } as const
  * (model-0000{1,2}-of-00002.safetensors, layer 1's experts split across them) and
  * model.safetensors.index.json, every tensor in `dtype` as Hugging Face stores Mixtral.
  */
-export function writeTinyMixtral(dir: string, dtype: StDtype = 'BF16', seed = 1234, prefixOf = (l: number) => `model.layers.${l}.block_sparse_moe`): TinyModel {
-  const H = 32, F = 48, E = 4, k = 2, L = 2, V = 64;
+export function writeTinyMixtral(
+  dir: string,
+  dtype: StDtype = 'BF16',
+  seed = 1234,
+  prefixOf = (l: number) => `model.layers.${l}.block_sparse_moe`,
+): TinyModel {
+  const H = 32,
+    F = 48,
+    E = 4,
+    k = 2,
+    L = 2,
+    V = 64;
   const rand = rng(seed);
   const dt = DTYPE_NAME[dtype];
   fs.mkdirSync(dir, { recursive: true });
-  const t = (values: Float32Array, shape: number[]): { raw: RawTensor; exact: Float64Array; stored: Float32Array | Uint16Array } => {
+  const t = (
+    values: Float32Array,
+    shape: number[],
+  ): { raw: RawTensor; exact: Float64Array; stored: Float32Array | Uint16Array } => {
     const { stored, exact } = encode(values, dt);
     return { raw: { dtype, shape, data: bytesOf(stored) }, exact, stored };
   };
@@ -90,7 +112,8 @@ export function writeTinyMixtral(dir: string, dtype: StDtype = 'BF16', seed = 12
     const moe = prefixOf(l);
     const at = (e: number) => (l === 0 || e < E / 2 ? shard1 : shard2);
     at(0).set(`${p}.input_layernorm.weight`, t(randomF32(H, rand), [H]).raw);
-    for (const proj of ['q_proj', 'k_proj', 'v_proj', 'o_proj']) at(0).set(`${p}.self_attn.${proj}.weight`, t(randomF32(H * H, rand, 0.1), [H, H]).raw);
+    for (const proj of ['q_proj', 'k_proj', 'v_proj', 'o_proj'])
+      at(0).set(`${p}.self_attn.${proj}.weight`, t(randomF32(H * H, rand, 0.1), [H, H]).raw);
     const gate = t(randomF32(E * H, rand, 2 / Math.sqrt(H)), [E, H]);
     at(0).set(`${moe}.gate.weight`, gate.raw);
     const all = { w1: new Float64Array(E * F * H), w3: new Float64Array(E * F * H), w2: new Float64Array(E * H * F) };
@@ -130,8 +153,15 @@ export function writeTinyMixtral(dir: string, dtype: StDtype = 'BF16', seed = 12
       total += r.data.length;
     }
   });
-  const sorted = Object.fromEntries(Object.keys(weightMap).sort().map((n) => [n, weightMap[n]]));
-  fs.writeFileSync(path.join(dir, 'model.safetensors.index.json'), JSON.stringify({ metadata: { total_size: total }, weight_map: sorted }, null, 2));
+  const sorted = Object.fromEntries(
+    Object.keys(weightMap)
+      .sort()
+      .map((n) => [n, weightMap[n]]),
+  );
+  fs.writeFileSync(
+    path.join(dir, 'model.safetensors.index.json'),
+    JSON.stringify({ metadata: { total_size: total }, weight_map: sorted }, null, 2),
+  );
   fs.writeFileSync(
     path.join(dir, 'config.json'),
     JSON.stringify(
@@ -157,7 +187,11 @@ export function writeTinyMixtral(dir: string, dtype: StDtype = 'BF16', seed = 12
 }
 
 /** All tensors of one layer's MoE block in a single file, for the corrupted-file tests. */
-export function moeTensors(model: TinyModel, layer: number, prefix = `model.layers.${layer}.block_sparse_moe`): Map<string, RawTensor> {
+export function moeTensors(
+  model: TinyModel,
+  layer: number,
+  prefix = `model.layers.${layer}.block_sparse_moe`,
+): Map<string, RawTensor> {
   const { H, F, E, dtype } = model;
   const L = model.layers[layer];
   const m = new Map<string, RawTensor>();
@@ -165,9 +199,21 @@ export function moeTensors(model: TinyModel, layer: number, prefix = `model.laye
   m.set(`${prefix}.gate.weight`, { dtype, shape: [E, H], data: bytesOf(gate) });
   for (let e = 0; e < E; e++) {
     const n = F * H;
-    m.set(`${prefix}.experts.${e}.w1.weight`, { dtype, shape: [F, H], data: bytesOf(L.w1.subarray(e * n, (e + 1) * n)) });
-    m.set(`${prefix}.experts.${e}.w2.weight`, { dtype, shape: [H, F], data: bytesOf(L.w2.subarray(e * n, (e + 1) * n)) });
-    m.set(`${prefix}.experts.${e}.w3.weight`, { dtype, shape: [F, H], data: bytesOf(L.w3.subarray(e * n, (e + 1) * n)) });
+    m.set(`${prefix}.experts.${e}.w1.weight`, {
+      dtype,
+      shape: [F, H],
+      data: bytesOf(L.w1.subarray(e * n, (e + 1) * n)),
+    });
+    m.set(`${prefix}.experts.${e}.w2.weight`, {
+      dtype,
+      shape: [H, F],
+      data: bytesOf(L.w2.subarray(e * n, (e + 1) * n)),
+    });
+    m.set(`${prefix}.experts.${e}.w3.weight`, {
+      dtype,
+      shape: [F, H],
+      data: bytesOf(L.w3.subarray(e * n, (e + 1) * n)),
+    });
   }
   return m;
 }

@@ -63,12 +63,12 @@ export function toF16(v: number): number {
     const half = 1 << (shift - 1);
     let r = man >>> shift;
     const rem = man & ((1 << shift) - 1);
-    if (rem > half || (rem === half && (r & 1))) r++;
+    if (rem > half || (rem === half && r & 1)) r++;
     return sign | r;
   }
   let h = (exp << 10) | (man >>> 13);
   const rem = man & 0x1fff;
-  if (rem > 0x1000 || (rem === 0x1000 && (h & 1))) h++;
+  if (rem > 0x1000 || (rem === 0x1000 && h & 1)) h++;
   return sign | h;
 }
 
@@ -84,7 +84,10 @@ export function fromF16(h: number): number {
 export type Dtype = 'float32' | 'bfloat16' | 'float16';
 
 /** Encodes float values in the stored dtype, and returns the exact values the kernels will see. */
-export function encode(values: Float32Array, dtype: Dtype): { stored: Float32Array | Uint16Array; exact: Float64Array } {
+export function encode(
+  values: Float32Array,
+  dtype: Dtype,
+): { stored: Float32Array | Uint16Array; exact: Float64Array } {
   if (dtype === 'float32') return { stored: values, exact: Float64Array.from(values) };
   const enc = dtype === 'bfloat16' ? toBf16 : toF16;
   const dec = dtype === 'bfloat16' ? fromBf16 : fromF16;
@@ -119,7 +122,8 @@ export function referenceRoute(logits: number[], k: number, renorm: boolean): { 
   const order = p
     .map((v, i) => i)
     .sort((a, b) => {
-      const na = Number.isNaN(p[a]), nb = Number.isNaN(p[b]);
+      const na = Number.isNaN(p[a]),
+        nb = Number.isNaN(p[b]);
       if (na !== nb) return na ? 1 : -1;
       if (!na && p[a] !== p[b]) return p[b] - p[a];
       return a - b;
@@ -135,7 +139,12 @@ export function referenceRoute(logits: number[], k: number, renorm: boolean): { 
  * product: it maps each token's x row (before w1 / w3) and each h row, rounded to float32 as the kernels
  * hold it (before w2), to the values the products then see.
  */
-export function referenceMoe(L: RefLayer, x: ArrayLike<number>, T: number, quantAct?: (row: Float64Array) => Float64Array): Float64Array {
+export function referenceMoe(
+  L: RefLayer,
+  x: ArrayLike<number>,
+  T: number,
+  quantAct?: (row: Float64Array) => Float64Array,
+): Float64Array {
   const { H, F, E, k } = L;
   const out = new Float64Array(T * H);
   const h = new Float64Array(F);
@@ -151,7 +160,8 @@ export function referenceMoe(L: RefLayer, x: ArrayLike<number>, T: number, quant
     for (let j = 0; j < k; j++) {
       const e = ids[j];
       for (let f = 0; f < F; f++) {
-        let a = 0, b = 0;
+        let a = 0,
+          b = 0;
         const base = (e * F + f) * H;
         for (let i = 0; i < H; i++) {
           const xi = xr ? xr[i] : x[t * H + i];
@@ -174,7 +184,8 @@ export function referenceMoe(L: RefLayer, x: ArrayLike<number>, T: number, quant
 
 /** ||a - ref|| / ||ref|| in float64. */
 export function relL2(a: ArrayLike<number>, ref: ArrayLike<number>): number {
-  let num = 0, den = 0;
+  let num = 0,
+    den = 0;
   for (let i = 0; i < ref.length; i++) {
     num += (a[i] - ref[i]) ** 2;
     den += ref[i] ** 2;
@@ -209,7 +220,17 @@ export function makeCase(c: Case) {
   const w3 = encode(randomF32(E * F * H, rand, 1 / Math.sqrt(H)), c.dtype);
   const w2 = encode(randomF32(E * H * F, rand, 1 / Math.sqrt(F)), c.dtype);
   const x = randomF32(T * H, rand, 1);
-  const ref: RefLayer = { H, F, E, k: c.k, renorm: c.routing === 'softmax-topk-renorm', gate, w1: w1.exact, w3: w3.exact, w2: w2.exact };
+  const ref: RefLayer = {
+    H,
+    F,
+    E,
+    k: c.k,
+    renorm: c.routing === 'softmax-topk-renorm',
+    gate,
+    w1: w1.exact,
+    w3: w3.exact,
+    w2: w2.exact,
+  };
   return {
     config: { hiddenSize: H, intermediateSize: F, numExperts: E, topK: c.k, routing: c.routing, weightDtype: c.dtype },
     weights: { gate, w1: w1.stored, w3: w3.stored, w2: w2.stored },

@@ -13,16 +13,19 @@ import { greedyRun, GreedyRun, ReferenceDecoder } from './reference-decoder';
 export function centredRelErrors(a: ArrayLike<number>, b: ArrayLike<number>, rows: number, V: number): number[] {
   const errs: number[] = [];
   for (let r = 0; r < rows; r++) {
-    let ma = 0, mb = 0;
+    let ma = 0,
+      mb = 0;
     for (let i = 0; i < V; i++) {
       ma += a[r * V + i];
       mb += b[r * V + i];
     }
     ma /= V;
     mb /= V;
-    let num = 0, den = 0;
+    let num = 0,
+      den = 0;
     for (let i = 0; i < V; i++) {
-      const x = a[r * V + i] - ma, y = b[r * V + i] - mb;
+      const x = a[r * V + i] - ma,
+        y = b[r * V + i] - mb;
       num += (x - y) ** 2;
       den += y ** 2;
     }
@@ -37,7 +40,8 @@ export const medianOf = (xs: readonly number[]): number => [...xs].sort((a, b) =
 /** Index of the first float32 whose bits differ, or -1 when the arrays are bitwise equal. */
 export function firstBitDifference(a: Float32Array, b: Float32Array): number {
   if (a.length !== b.length) return Math.min(a.length, b.length);
-  const ua = new Uint32Array(a.buffer, a.byteOffset, a.length), ub = new Uint32Array(b.buffer, b.byteOffset, b.length);
+  const ua = new Uint32Array(a.buffer, a.byteOffset, a.length),
+    ub = new Uint32Array(b.buffer, b.byteOffset, b.length);
   for (let i = 0; i < ua.length; i++) if (ua[i] !== ub[i]) return i;
   return -1;
 }
@@ -52,7 +56,14 @@ export function randomTokens(n: number, V: number, seed: number): number[] {
  * A prompt of `length` tokens (from seeded draws) whose reference run of `steps` greedy tokens keeps
  * every router choice and every greedy pick at least `margin` (in logits) from a tie.
  */
-export function pickPrompt(model: ReferenceDecoder, seed: number, length: number, steps: number, margin: number, draws = 20): { prompt: number[]; run: GreedyRun } {
+export function pickPrompt(
+  model: ReferenceDecoder,
+  seed: number,
+  length: number,
+  steps: number,
+  margin: number,
+  draws = 20,
+): { prompt: number[]; run: GreedyRun } {
   const V = model.spec.vocabSize;
   for (let draw = 1; draw <= draws; draw++) {
     const prompt = randomTokens(length, V, seed * 1000 + draw);

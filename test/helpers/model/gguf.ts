@@ -27,7 +27,21 @@ export interface GgufTensor {
   data: Uint8Array;
 }
 
-const GGUF_TYPE = { u8: 0, i8: 1, u16: 2, i16: 3, u32: 4, i32: 5, f32: 6, bool: 7, string: 8, array: 9, u64: 10, i64: 11, f64: 12 } as const;
+const GGUF_TYPE = {
+  u8: 0,
+  i8: 1,
+  u16: 2,
+  i16: 3,
+  u32: 4,
+  i32: 5,
+  f32: 6,
+  bool: 7,
+  string: 8,
+  array: 9,
+  u64: 10,
+  i64: 11,
+  f64: 12,
+} as const;
 const ALIGNMENT = 32; // GGUF's default when general.alignment is absent
 const BYTES = { F32: 4, F16: 2, BF16: 2 } as const;
 

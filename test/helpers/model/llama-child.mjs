@@ -41,7 +41,8 @@ async function runJob(llama, job, threads) {
       const take = (outputs) => {
         for (const o of outputs) {
           const p = o?.next?.probabilities;
-          if (!p || p.size !== job.vocab) throw new Error(`position ${row}: expected ${job.vocab} probabilities, got ${p?.size}`);
+          if (!p || p.size !== job.vocab)
+            throw new Error(`position ${row}: expected ${job.vocab} probabilities, got ${p?.size}`);
           for (const [token, value] of p) probs[row * job.vocab + token] = value;
           row++;
         }

@@ -39,7 +39,13 @@ export interface OracleResult {
 export async function runLlama(jobs: OracleJob[], workDir: string, threads = 1): Promise<OracleResult[]> {
   const request = {
     threads,
-    jobs: jobs.map((j, i) => ({ model: j.ggufPath, prompt: j.prompt, steps: j.steps, vocab: j.vocab, out: path.join(workDir, `oracle-${i}.f32`) })),
+    jobs: jobs.map((j, i) => ({
+      model: j.ggufPath,
+      prompt: j.prompt,
+      steps: j.steps,
+      vocab: j.vocab,
+      out: path.join(workDir, `oracle-${i}.f32`),
+    })),
   };
   const requestPath = path.join(workDir, 'oracle-request.json');
   fs.writeFileSync(requestPath, JSON.stringify(request));

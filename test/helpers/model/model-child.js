@@ -11,7 +11,10 @@ const ts = require('typescript');
 
 require.extensions['.ts'] = (module, filename) => {
   const src = fs.readFileSync(filename, 'utf8');
-  const js = ts.transpileModule(src, { compilerOptions: { module: ts.ModuleKind.CommonJS, target: ts.ScriptTarget.ES2022 }, fileName: filename }).outputText;
+  const js = ts.transpileModule(src, {
+    compilerOptions: { module: ts.ModuleKind.CommonJS, target: ts.ScriptTarget.ES2022 },
+    fileName: filename,
+  }).outputText;
   module._compile(js, filename);
 };
 
@@ -27,7 +30,13 @@ async function main() {
       await model.step([{ sequence, tokens: c.prompt.slice(0, -1) }]);
       const [decode] = await model.step([{ sequence, tokens: c.prompt.slice(-1) }]);
       sequence.free();
-      fs.writeFileSync(c.out, Buffer.concat([Buffer.from(all.buffer, all.byteOffset, all.byteLength), Buffer.from(decode.buffer, decode.byteOffset, decode.byteLength)]));
+      fs.writeFileSync(
+        c.out,
+        Buffer.concat([
+          Buffer.from(all.buffer, all.byteOffset, all.byteLength),
+          Buffer.from(decode.buffer, decode.byteOffset, decode.byteLength),
+        ]),
+      );
     } finally {
       model.dispose();
     }

@@ -67,22 +67,74 @@ export interface RandomModel {
 /** Tiny sizes, different per family, so that a size mixed up between two fields cannot go unseen. */
 export const DEFAULT_SHAPES: Record<Family, ModelShape> = {
   mixtral: {
-    hiddenSize: 64, numLayers: 2, numHeads: 4, numKvHeads: 2, headDim: 16, numExperts: 8, topK: 2, expertFfn: 96,
-    sharedExpertFfn: 0, denseFfn: 96, vocabSize: 320, contextLength: 128, ropeTheta: 1e6, rmsNormEps: 1e-5, tieWordEmbeddings: false,
+    hiddenSize: 64,
+    numLayers: 2,
+    numHeads: 4,
+    numKvHeads: 2,
+    headDim: 16,
+    numExperts: 8,
+    topK: 2,
+    expertFfn: 96,
+    sharedExpertFfn: 0,
+    denseFfn: 96,
+    vocabSize: 320,
+    contextLength: 128,
+    ropeTheta: 1e6,
+    rmsNormEps: 1e-5,
+    tieWordEmbeddings: false,
   },
   // head_dim 24 while hidden_size / heads is 16: a head sliced as H / heads reads the wrong columns.
   qwen3moe: {
-    hiddenSize: 64, numLayers: 2, numHeads: 4, numKvHeads: 2, headDim: 24, numExperts: 8, topK: 2, expertFfn: 48,
-    sharedExpertFfn: 0, denseFfn: 128, vocabSize: 384, contextLength: 128, ropeTheta: 1e6, rmsNormEps: 1e-6, tieWordEmbeddings: false,
+    hiddenSize: 64,
+    numLayers: 2,
+    numHeads: 4,
+    numKvHeads: 2,
+    headDim: 24,
+    numExperts: 8,
+    topK: 2,
+    expertFfn: 48,
+    sharedExpertFfn: 0,
+    denseFfn: 128,
+    vocabSize: 384,
+    contextLength: 128,
+    ropeTheta: 1e6,
+    rmsNormEps: 1e-6,
+    tieWordEmbeddings: false,
   },
   // llama.cpp sizes OLMoE's k_norm as the whole hidden size, so its key heads equal its query heads.
   olmoe: {
-    hiddenSize: 80, numLayers: 2, numHeads: 4, numKvHeads: 4, headDim: 20, numExperts: 6, topK: 2, expertFfn: 64,
-    sharedExpertFfn: 0, denseFfn: 64, vocabSize: 320, contextLength: 128, ropeTheta: 1e4, rmsNormEps: 1e-5, tieWordEmbeddings: false,
+    hiddenSize: 80,
+    numLayers: 2,
+    numHeads: 4,
+    numKvHeads: 4,
+    headDim: 20,
+    numExperts: 6,
+    topK: 2,
+    expertFfn: 64,
+    sharedExpertFfn: 0,
+    denseFfn: 64,
+    vocabSize: 320,
+    contextLength: 128,
+    ropeTheta: 1e4,
+    rmsNormEps: 1e-5,
+    tieWordEmbeddings: false,
   },
   qwen2moe: {
-    hiddenSize: 96, numLayers: 2, numHeads: 6, numKvHeads: 2, headDim: 16, numExperts: 4, topK: 2, expertFfn: 40,
-    sharedExpertFfn: 72, denseFfn: 160, vocabSize: 512, contextLength: 128, ropeTheta: 1e6, rmsNormEps: 1e-6, tieWordEmbeddings: false,
+    hiddenSize: 96,
+    numLayers: 2,
+    numHeads: 6,
+    numKvHeads: 2,
+    headDim: 16,
+    numExperts: 4,
+    topK: 2,
+    expertFfn: 40,
+    sharedExpertFfn: 72,
+    denseFfn: 160,
+    vocabSize: 512,
+    contextLength: 128,
+    ropeTheta: 1e6,
+    rmsNormEps: 1e-6,
+    tieWordEmbeddings: false,
   },
 };
 
@@ -121,8 +173,15 @@ function hfConfig(family: Family, s: ModelShape, dtype: WeightDtype): Record<str
   };
   switch (family) {
     case 'mixtral':
-      if (s.headDim * s.numHeads !== s.hiddenSize) throw new RangeError('mixtral: headDim must be hiddenSize / numHeads');
-      return { ...common, intermediate_size: s.expertFfn, num_local_experts: s.numExperts, sliding_window: null, router_aux_loss_coef: 0.02 };
+      if (s.headDim * s.numHeads !== s.hiddenSize)
+        throw new RangeError('mixtral: headDim must be hiddenSize / numHeads');
+      return {
+        ...common,
+        intermediate_size: s.expertFfn,
+        num_local_experts: s.numExperts,
+        sliding_window: null,
+        router_aux_loss_coef: 0.02,
+      };
     case 'qwen3moe':
       return {
         ...common,
@@ -141,9 +200,18 @@ function hfConfig(family: Family, s: ModelShape, dtype: WeightDtype): Record<str
     case 'olmoe':
       if (s.headDim * s.numHeads !== s.hiddenSize) throw new RangeError('olmoe: headDim must be hiddenSize / numHeads');
       if (s.numKvHeads !== s.numHeads) throw new RangeError('olmoe: llama.cpp needs numKvHeads === numHeads');
-      return { ...common, intermediate_size: s.expertFfn, num_experts: s.numExperts, norm_topk_prob: NORM_TOPK.olmoe, clip_qkv: null, attention_bias: false, rope_scaling: null };
+      return {
+        ...common,
+        intermediate_size: s.expertFfn,
+        num_experts: s.numExperts,
+        norm_topk_prob: NORM_TOPK.olmoe,
+        clip_qkv: null,
+        attention_bias: false,
+        rope_scaling: null,
+      };
     case 'qwen2moe':
-      if (s.headDim * s.numHeads !== s.hiddenSize) throw new RangeError('qwen2moe: headDim must be hiddenSize / numHeads');
+      if (s.headDim * s.numHeads !== s.hiddenSize)
+        throw new RangeError('qwen2moe: headDim must be hiddenSize / numHeads');
       return {
         ...common,
         intermediate_size: s.denseFfn,
@@ -164,7 +232,12 @@ function hfConfig(family: Family, s: ModelShape, dtype: WeightDtype): Record<str
 function moeNames(family: Family, l: number) {
   if (family === 'mixtral') {
     const p = `model.layers.${l}.block_sparse_moe`;
-    return { router: `${p}.gate.weight`, gate: (e: number) => `${p}.experts.${e}.w1.weight`, up: (e: number) => `${p}.experts.${e}.w3.weight`, down: (e: number) => `${p}.experts.${e}.w2.weight` };
+    return {
+      router: `${p}.gate.weight`,
+      gate: (e: number) => `${p}.experts.${e}.w1.weight`,
+      up: (e: number) => `${p}.experts.${e}.w3.weight`,
+      down: (e: number) => `${p}.experts.${e}.w2.weight`,
+    };
   }
   const p = `model.layers.${l}.mlp`;
   return {
@@ -191,7 +264,8 @@ function randomWeights(family: Family, s: ModelShape, dtype: WeightDtype, seed: 
   const sym = (name: string, shape: number[], scale: number) => add(name, shape, -scale, scale);
   const norm = (name: string, n: number) => add(name, [n], 0.6, 1.4); // not all ones: a missing norm shows
   const { hiddenSize: H, headDim: D, numHeads: NH, numKvHeads: NKV, numExperts: E, expertFfn: F, vocabSize: V } = s;
-  const qDim = NH * D, kvDim = NKV * D;
+  const qDim = NH * D,
+    kvDim = NKV * D;
   const attnScale = 2.5 / Math.sqrt(H);
 
   sym('model.embed_tokens.weight', [V, H], 1);
@@ -241,14 +315,22 @@ function tensorBytes(values: Float64Array, dtype: WeightDtype): Uint8Array {
   return new Uint8Array(stored.buffer, stored.byteOffset, stored.byteLength);
 }
 
-function writeHfFolder(dir: string, config: Record<string, unknown>, weights: Map<string, Float64Tensor>, dtype: WeightDtype): void {
+function writeHfFolder(
+  dir: string,
+  config: Record<string, unknown>,
+  weights: Map<string, Float64Tensor>,
+  dtype: WeightDtype,
+): void {
   fs.mkdirSync(dir, { recursive: true });
   const st = dtype === 'float32' ? 'F32' : 'BF16';
   const tensors = new Map<string, RawTensor>();
   for (const [name, t] of weights) tensors.set(name, { dtype: st, shape: t.shape, data: tensorBytes(t.values, dtype) });
   writeSafetensors(path.join(dir, 'model.safetensors'), tensors);
   fs.writeFileSync(path.join(dir, 'config.json'), JSON.stringify(config, null, 2) + '\n');
-  fs.writeFileSync(path.join(dir, 'generation_config.json'), JSON.stringify({ bos_token_id: TOKENS.bos, eos_token_id: TOKENS.eos }, null, 2) + '\n');
+  fs.writeFileSync(
+    path.join(dir, 'generation_config.json'),
+    JSON.stringify({ bos_token_id: TOKENS.bos, eos_token_id: TOKENS.eos }, null, 2) + '\n',
+  );
 }
 
 /**
@@ -256,7 +338,12 @@ function writeHfFolder(dir: string, config: Record<string, unknown>, weights: Ma
  * rotates neighbouring pairs. Its converter reorders the rows of Q and K so that row 2i of a head is
  * HF row i and row 2i+1 is HF row i + D/2; the same reordering is done here.
  */
-export function permuteForInterleavedRope(values: Float64Array, rows: number, cols: number, heads: number): Float64Array {
+export function permuteForInterleavedRope(
+  values: Float64Array,
+  rows: number,
+  cols: number,
+  heads: number,
+): Float64Array {
   const D = rows / heads;
   const out = new Float64Array(values.length);
   for (let h = 0; h < heads; h++) {
@@ -273,7 +360,8 @@ export function permuteForInterleavedRope(values: Float64Array, rows: number, co
 
 /** A minimal SentencePiece-style vocabulary: <unk>, <s>, </s>, the 256 byte tokens, then words. */
 function tokenizerMetadata(vocabSize: number): [string, GgufValue][] {
-  if (vocabSize < TOKENS.firstByte + 256) throw new RangeError(`vocabSize must be at least ${TOKENS.firstByte + 256} for the byte tokens`);
+  if (vocabSize < TOKENS.firstByte + 256)
+    throw new RangeError(`vocabSize must be at least ${TOKENS.firstByte + 256} for the byte tokens`);
   const tokens: string[] = ['<unk>', '<s>', '</s>'];
   const types: number[] = [2, 3, 3]; // llama.cpp token types: 1 normal, 2 unknown, 3 control, 6 byte
   for (let b = 0; b < 256; b++) {
@@ -326,7 +414,13 @@ function ggufMetadata(family: Family, s: ModelShape, dtype: WeightDtype): Map<st
 }
 
 /** GGUF tensors: llama.cpp names, experts stacked into one [E, rows, cols] tensor per projection. */
-function ggufTensors(family: Family, s: ModelShape, weights: Map<string, Float64Tensor>, dtype: WeightDtype, permuteQk: boolean): GgufTensor[] {
+function ggufTensors(
+  family: Family,
+  s: ModelShape,
+  weights: Map<string, Float64Tensor>,
+  dtype: WeightDtype,
+  permuteQk: boolean,
+): GgufTensor[] {
   const out: GgufTensor[] = [];
   const get = (name: string) => {
     const t = weights.get(name);
@@ -353,10 +447,17 @@ function ggufTensors(family: Family, s: ModelShape, weights: Map<string, Float64
     const p = `model.layers.${l}`;
     const b = `blk.${l}`;
     copy(`${b}.attn_norm.weight`, `${p}.input_layernorm.weight`);
-    for (const [g, hf] of [['attn_q', 'q_proj'], ['attn_k', 'k_proj'], ['attn_v', 'v_proj']] as const) {
+    for (const [g, hf] of [
+      ['attn_q', 'q_proj'],
+      ['attn_k', 'k_proj'],
+      ['attn_v', 'v_proj'],
+    ] as const) {
       const w = get(`${p}.self_attn.${hf}.weight`);
       const heads = hf === 'q_proj' ? s.numHeads : s.numKvHeads;
-      const values = family === 'mixtral' && permuteQk && hf !== 'v_proj' ? permuteForInterleavedRope(w.values, w.shape[0], H, heads) : w.values;
+      const values =
+        family === 'mixtral' && permuteQk && hf !== 'v_proj'
+          ? permuteForInterleavedRope(w.values, w.shape[0], H, heads)
+          : w.values;
       put(`${b}.${g}.weight`, w.shape, values);
       if (family === 'qwen2moe') copy(`${b}.${g}.bias`, `${p}.self_attn.${hf}.bias`);
     }
@@ -391,7 +492,8 @@ function ggufTensors(family: Family, s: ModelShape, weights: Map<string, Float64
  */
 export function writeRandomModel(dir: string, options: RandomModelOptions): RandomModel {
   const { family, dtype = 'float32', seed = 1, gguf = true, skipLlamaQkPermutation = false, ...sizes } = options;
-  if (!ARCHITECTURES[family]) throw new RangeError(`family must be one of ${FAMILIES.join(', ')}; got ${String(family)}`);
+  if (!ARCHITECTURES[family])
+    throw new RangeError(`family must be one of ${FAMILIES.join(', ')}; got ${String(family)}`);
   const defined = Object.fromEntries(Object.entries(sizes).filter(([, v]) => v !== undefined)) as Partial<ModelShape>;
   const shape: ModelShape = { ...DEFAULT_SHAPES[family], ...defined };
   if (family !== 'qwen2moe') shape.sharedExpertFfn = 0;
@@ -404,7 +506,11 @@ export function writeRandomModel(dir: string, options: RandomModelOptions): Rand
   let ggufPath: string | null = null;
   if (gguf) {
     ggufPath = path.join(dir, 'model.gguf');
-    writeGguf(ggufPath, ggufMetadata(family, shape, dtype), ggufTensors(family, shape, weights, dtype, !skipLlamaQkPermutation));
+    writeGguf(
+      ggufPath,
+      ggufMetadata(family, shape, dtype),
+      ggufTensors(family, shape, weights, dtype, !skipLlamaQkPermutation),
+    );
   }
   return { family, dtype, shape, hfDir, ggufPath, config, weights };
 }

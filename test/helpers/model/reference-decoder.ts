@@ -42,13 +42,15 @@ type Config = Record<string, unknown>;
 
 function int(config: Config, key: string, fallback?: number): number {
   const v = config[key] ?? fallback;
-  if (typeof v !== 'number' || !Number.isInteger(v) || v <= 0) throw new Error(`config.json: ${key} must be a positive integer, got ${JSON.stringify(v)}`);
+  if (typeof v !== 'number' || !Number.isInteger(v) || v <= 0)
+    throw new Error(`config.json: ${key} must be a positive integer, got ${JSON.stringify(v)}`);
   return v;
 }
 
 function num(config: Config, key: string, fallback: number): number {
   const v = config[key] ?? fallback;
-  if (typeof v !== 'number' || !(v > 0)) throw new Error(`config.json: ${key} must be a positive number, got ${JSON.stringify(v)}`);
+  if (typeof v !== 'number' || !(v > 0))
+    throw new Error(`config.json: ${key} must be a positive number, got ${JSON.stringify(v)}`);
   return v;
 }
 
@@ -76,10 +78,15 @@ export function decoderSpec(config: Config): DecoderSpec {
     rmsNormEps: num(config, 'rms_norm_eps', 1e-6),
     tieWordEmbeddings: bool(config, 'tie_word_embeddings', false),
   };
-  const qwenMlp = { moePrefix: (l: number) => `model.layers.${l}.mlp`, expertNames: { gate: 'gate_proj', up: 'up_proj', down: 'down_proj' } };
+  const qwenMlp = {
+    moePrefix: (l: number) => `model.layers.${l}.mlp`,
+    expertNames: { gate: 'gate_proj', up: 'up_proj', down: 'down_proj' },
+  };
   const onlySparse = () => {
     if ((config.decoder_sparse_step ?? 1) !== 1 || ((config.mlp_only_layers as unknown[] | undefined) ?? []).length) {
-      throw new Error('config.json: dense MLP layers (decoder_sparse_step, mlp_only_layers) are not modelled by this reference');
+      throw new Error(
+        'config.json: dense MLP layers (decoder_sparse_step, mlp_only_layers) are not modelled by this reference',
+      );
     }
   };
   if (config.rope_scaling != null) throw new Error('config.json: rope_scaling is not modelled by this reference');
@@ -123,7 +130,8 @@ export function decoderSpec(config: Config): DecoderSpec {
     case 'Qwen2MoeForCausalLM':
       onlySparse();
       // Qwen2-MoE slides its window only on some layers; no test model here uses it.
-      if (bool(config, 'use_sliding_window', false)) throw new Error('config.json: use_sliding_window is not modelled for Qwen2-MoE');
+      if (bool(config, 'use_sliding_window', false))
+        throw new Error('config.json: use_sliding_window is not modelled for Qwen2-MoE');
       return {
         ...base,
         numExperts: int(config, 'num_experts'),
@@ -135,12 +143,20 @@ export function decoderSpec(config: Config): DecoderSpec {
         ...qwenMlp,
       };
     default:
-      throw new Error(`config.json: architecture ${JSON.stringify(architecture)} is not one of MixtralForCausalLM, Qwen3MoeForCausalLM, OlmoeForCausalLM, Qwen2MoeForCausalLM`);
+      throw new Error(
+        `config.json: architecture ${JSON.stringify(architecture)} is not one of MixtralForCausalLM, Qwen3MoeForCausalLM, OlmoeForCausalLM, Qwen2MoeForCausalLM`,
+      );
   }
 }
 
 /** W [rows, cols] times x [cols] (+ b), in float64. */
-function matvec(W: ArrayLike<number>, rows: number, cols: number, x: ArrayLike<number>, bias?: Float64Array): Float64Array {
+function matvec(
+  W: ArrayLike<number>,
+  rows: number,
+  cols: number,
+  x: ArrayLike<number>,
+  bias?: Float64Array,
+): Float64Array {
   const y = new Float64Array(rows);
   for (let r = 0; r < rows; r++) {
     let s = bias ? bias[r] : 0;
@@ -166,8 +182,10 @@ function rope(x: Float64Array, heads: number, D: number, pos: number, theta: num
     const o = h * D;
     for (let i = 0; i < half; i++) {
       const angle = pos * Math.pow(theta, (-2 * i) / D);
-      const c = Math.cos(angle), s = Math.sin(angle);
-      const a = x[o + i], b = x[o + i + half];
+      const c = Math.cos(angle),
+        s = Math.sin(angle);
+      const a = x[o + i],
+        b = x[o + i + half];
       x[o + i] = a * c - b * s;
       x[o + i + half] = b * c + a * s;
     }
@@ -216,7 +234,8 @@ export class ReferenceDecoder {
     const get = (name: string, shape: number[]): Float64Array => {
       const t = tensors.get(name);
       if (!t) throw new Error(`checkpoint: missing tensor ${name}`);
-      if (t.shape.join() !== shape.join()) throw new Error(`checkpoint: ${name} has shape [${t.shape}], expected [${shape}]`);
+      if (t.shape.join() !== shape.join())
+        throw new Error(`checkpoint: ${name} has shape [${t.shape}], expected [${shape}]`);
       return t.values;
     };
     this.embed = get('model.embed_tokens.weight', [V, H]);
@@ -231,7 +250,8 @@ export class ReferenceDecoder {
       const stack = (which: 'gate' | 'up' | 'down') => {
         const shape = which === 'down' ? [H, F] : [F, H];
         const out = new Float64Array(E * F * H);
-        for (let e = 0; e < E; e++) out.set(get(`${moe}.experts.${e}.${s.expertNames[which]}.weight`, shape), e * F * H);
+        for (let e = 0; e < E; e++)
+          out.set(get(`${moe}.experts.${e}.${s.expertNames[which]}.weight`, shape), e * F * H);
         return out;
       };
       const layer: LayerWeights = {
@@ -292,7 +312,8 @@ export class ReferenceDecoder {
     const T = tokens.length;
     const x = new Float64Array(T * H);
     tokens.forEach((tok, t) => {
-      if (!Number.isInteger(tok) || tok < 0 || tok >= V) throw new RangeError(`token ${tok} at index ${t} is outside [0, ${V})`);
+      if (!Number.isInteger(tok) || tok < 0 || tok >= V)
+        throw new RangeError(`token ${tok} at index ${t} is outside [0, ${V})`);
       x.set(this.embed.subarray(tok * H, (tok + 1) * H), t * H);
     });
     const routerGap = new Float64Array(T).fill(Infinity);
@@ -344,7 +365,8 @@ export class ReferenceDecoder {
     }
     rope(q, NH, D, pos, s.ropeTheta);
     rope(k, NKV, D, pos, s.ropeTheta);
-    const keys = this.keys[l], values = this.values[l];
+    const keys = this.keys[l],
+      values = this.values[l];
     if (keys.length !== pos) throw new Error(`internal: cache holds ${keys.length} positions at position ${pos}`);
     keys.push(k);
     values.push(v);
@@ -393,7 +415,9 @@ function sharedExpert(w: NonNullable<LayerWeights['shared']>, x: Float64Array, H
 
 /** Index of the largest value of row `t` of a [rows, n] array; also the gap to the runner-up. */
 export function argmaxRow(a: ArrayLike<number>, t: number, n: number): { index: number; gap: number } {
-  let best = -Infinity, second = -Infinity, index = -1;
+  let best = -Infinity,
+    second = -Infinity,
+    index = -1;
   for (let i = 0; i < n; i++) {
     const v = a[t * n + i];
     if (v > best) {

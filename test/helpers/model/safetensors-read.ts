@@ -19,7 +19,11 @@ function readFile(file: string, into: Map<string, Float64Tensor>): void {
   const base = 8 + headerLen;
   for (const [name, entry] of Object.entries(header)) {
     if (name === '__metadata__') continue;
-    const { dtype, shape, data_offsets: [begin, end] } = entry as { dtype: string; shape: number[]; data_offsets: [number, number] };
+    const {
+      dtype,
+      shape,
+      data_offsets: [begin, end],
+    } = entry as { dtype: string; shape: number[]; data_offsets: [number, number] };
     const n = shape.reduce((a, b) => a * b, 1);
     const bytes = buf.subarray(base + begin, base + end);
     const values = new Float64Array(n);
@@ -27,7 +31,8 @@ function readFile(file: string, into: Map<string, Float64Tensor>): void {
       if (bytes.length !== 4 * n) throw new Error(`${file}: ${name} has ${bytes.length} bytes for ${n} F32 values`);
       for (let i = 0; i < n; i++) values[i] = bytes.readFloatLE(4 * i);
     } else if (dtype === 'BF16' || dtype === 'F16') {
-      if (bytes.length !== 2 * n) throw new Error(`${file}: ${name} has ${bytes.length} bytes for ${n} ${dtype} values`);
+      if (bytes.length !== 2 * n)
+        throw new Error(`${file}: ${name} has ${bytes.length} bytes for ${n} ${dtype} values`);
       const decode = dtype === 'BF16' ? fromBf16 : fromF16;
       for (let i = 0; i < n; i++) values[i] = decode(bytes.readUInt16LE(2 * i));
     } else {
