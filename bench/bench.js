@@ -297,9 +297,9 @@ for (const c of cases) {
         continue;
       }
       const res = JSON.parse(r.stdout.trim().split('\n').pop());
-      // Bytes per weight read: the stored dtype, or the codes plus one float32 scale per group.
+      // Bytes per weight read: the stored dtype, or the codes plus one 16-bit scale per group.
       const es =
-        c.quantize === 'int8' ? 1 + 4 / GROUP : c.quantize === 'int4' ? 0.5 + 4 / GROUP : c.dtype === 'float32' ? 4 : 2;
+        c.quantize === 'int8' ? 1 + 2 / GROUP : c.quantize === 'int4' ? 0.5 + 2 / GROUP : c.dtype === 'float32' ? 4 : 2;
       for (const x of res.results) {
         const s = x.ms / 1e3;
         const bytes = x.expertsUsed * 3 * c.H * c.F * es; // weights actually read: each picked expert once

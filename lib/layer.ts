@@ -31,7 +31,7 @@ export interface MoeConfig {
   /** CUDA device ordinal; default 0. */
   cudaDevice?: number;
   /**
-   * Quantize w1/w3/w2 at load (CPU only): 'none' (default), 'int8' or 'int4'. Symmetric, one float32
+   * Quantize w1/w3/w2 at load (CPU only): 'none' (default), 'int8' or 'int4'. Symmetric, one 16-bit
    * scale per quantGroupSize weights along the reduction axis; any weightDtype is accepted as input.
    */
   quantize?: Quantize;

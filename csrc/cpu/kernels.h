@@ -66,8 +66,9 @@ struct KernelSet {
                      int64_t group, int64_t h_begin, int64_t h_end, float* y, int64_t ldy, ActEpoch act_epoch);
 
   // The activations' precision against int8 / int4 weights: "float32", or "int16" / "int8" where the set
-  // quantizes each row's groups of activations (quant.h's rule, qmax 32767 / 127) for an integer dot
-  // product. The kernels then follow the contract with each group's sum taken exactly in integers.
+  // quantizes each row's groups of activations (quant.h's rule with a float32 scale, qmax 32767 / 127)
+  // for an integer dot product. The kernels then follow the contract with each group's sum taken exactly
+  // in integers.
   const char* int8_activations;
   const char* int4_activations;
 };

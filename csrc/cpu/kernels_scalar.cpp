@@ -113,15 +113,15 @@ void quant_dot(const float* xm, int64_t K, const char* panel, int nmat, Quant q,
   for (int64_t g0 = 0; g0 < K; g0 += g) {
     const int64_t gl = K - g0 < g ? K - g0 : g;
     const char* blk = panel + size_t(g0 / g) * gfull;
-    const float* scales = reinterpret_cast<const float*>(blk);
-    const uint8_t* codes = reinterpret_cast<const uint8_t*>(blk) + size_t(nmat) * P * 4;
+    const uint16_t* scales = reinterpret_cast<const uint16_t*>(blk);
+    const uint8_t* codes = reinterpret_cast<const uint8_t*>(blk) + size_t(nmat) * P * kScaleBytes;
     for (int mat = 0; mat < nmat; mat++) {
       float s[P] = {0};
       for (int64_t k = 0; k < gl; k++) {
         const float xv = xm[g0 + k];
         for (int64_t j = 0; j < P; j++) s[j] += xv * code_at(codes, nmat, mat, k, j, int4);
       }
-      for (int64_t j = 0; j < P; j++) acc[mat][j] += s[j] * scales[mat * P + j];
+      for (int64_t j = 0; j < P; j++) acc[mat][j] += s[j] * f16_to_f32(scales[mat * P + j]);
     }
   }
 }

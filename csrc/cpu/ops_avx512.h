@@ -66,9 +66,10 @@ struct OpsAvx512 {
   static Raw bcast_word_pair(const int32_t* x2) { return _mm512_set1_epi32(*x2); }
   // acc[i] += w.word[2i] * x.word[2i] + w.word[2i+1] * x.word[2i+1] (signed words, |x| <= 32767).
   static Raw dot_s16(Raw acc, Raw w, Raw x) { return _mm512_add_epi32(acc, _mm512_madd_epi16(w, x)); }
-  // quant.h's group rule for activations, vectorised with the same bits: scale = amax / qmax (float
-  // division), code = round-to-nearest-even(v / scale) clamped to +-qmax (vcvtps2dq under the default
-  // rounding mode); NaN or Inf -> NaN scale, zero (or underflowing) amax -> scale 0, codes 0.
+  // quant.h's group rule for activations (the float32 scale, not rounded to half), vectorised with the
+  // same bits: scale = amax / qmax (float division), code = round-to-nearest-even(v / scale) clamped to
+  // +-qmax (vcvtps2dq under the default rounding mode); NaN or Inf -> NaN scale, zero (or underflowing)
+  // amax -> scale 0, codes 0.
   // quantize_i8 (qmax 127) also returns the sum of the codes.
   // amax / qmax of a group (float division), or NaN when the group holds NaN or +-Inf.
   static float group_scale(const float* x, int64_t n, float qmax) {

@@ -99,8 +99,8 @@ void pack_quant(const void* const* src, int nmat, int64_t N, int64_t K, DType dt
       for (int64_t gi = 0; gi < ngroups; gi++) {
         const int64_t k0 = gi * g, gl = K - k0 < g ? K - k0 : g;
         char* blk = static_cast<char*>(dst) + size_t(p) * pbytes + size_t(gi) * gfull;
-        float* scales = reinterpret_cast<float*>(blk);
-        uint8_t* out = reinterpret_cast<uint8_t*>(blk) + size_t(nmat) * size_t(nr) * 4;
+        uint16_t* scales = reinterpret_cast<uint16_t*>(blk);
+        uint8_t* out = reinterpret_cast<uint8_t*>(blk) + size_t(nmat) * size_t(nr) * kScaleBytes;
         for (int mat = 0; mat < nmat; mat++) {
           for (int64_t j = 0; j < nr; j++) {
             float scale = 0.0f;
@@ -110,7 +110,7 @@ void pack_quant(const void* const* src, int nmat, int64_t N, int64_t K, DType dt
             } else {
               std::memset(codes, 0, size_t(gl));  // padding columns: scale 0, codes 0
             }
-            scales[mat * nr + j] = scale;
+            scales[mat * nr + j] = f32_to_f16(scale);  // exact: the scale is a half value
             auto code = [&](int64_t k) { return k < gl ? codes[k] : 0; };
             if (q == Quant::Int8 && order == CodeOrder::Plain) {
               for (int64_t s = 0; s < gl; s++) out[(s * nmat + mat) * nr + j] = uint8_t(codes[s]);

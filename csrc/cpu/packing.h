@@ -33,7 +33,7 @@ void pack_w13_panels(const void* w1, const void* w3, int64_t H, int64_t F, DType
 void pack_w2_panels(const void* w2, int64_t H, int64_t F, DType dt, void* dst);
 
 // Quantized layout (quant.h), per panel of nr columns, per group of g reduction indices (the last group
-// shorter when K is not a multiple of g), one block each: nmat * nr float32 scales (matrix by matrix),
+// shorter when K is not a multiple of g), one block each: nmat * nr IEEE half scales (matrix by matrix),
 // then the group's codes in steps, each step matrix by matrix, column by column. Two orders:
 //   Plain (float dequantization in registers):
 //     int8: one k per step, a byte per column: the signed code;
@@ -49,11 +49,12 @@ void pack_w2_panels(const void* w2, int64_t H, int64_t F, DType dt, void* dst);
 // kernel reads one stream per panel; `static` keeps a private copy in each unit (the ISA units include
 // this header too, see kernels_simd.h).
 enum class CodeOrder : int { Plain = 0, Dot = 1 };
+constexpr size_t kScaleBytes = 2;  // one IEEE half per column and group
 static inline size_t quant_group_bytes(int nmat, int64_t nr, Quant q, int64_t gl, CodeOrder order) {
   int64_t code_bytes;
   if (q == Quant::Int8) code_bytes = order == CodeOrder::Plain ? gl : (gl + 1) / 2 * 2;
   else code_bytes = order == CodeOrder::Plain ? (gl + 1) / 2 : (gl + 7) / 8 * 4;
-  return size_t(nmat) * size_t(nr) * (4 + size_t(code_bytes));
+  return size_t(nmat) * size_t(nr) * (kScaleBytes + size_t(code_bytes));
 }
 // Bytes of one panel: K / g full groups and the shorter rest.
 static inline size_t quant_panel_bytes(int nmat, int64_t K, int64_t nr, Quant q, int64_t g, CodeOrder order) {

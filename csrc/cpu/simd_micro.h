@@ -139,7 +139,7 @@ static void micro_q(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_t g
   using V = typename O::V;
   constexpr int W = O::W;
   constexpr size_t cstep = size_t(NMAT) * W;  // code bytes of one k step of one panel
-  constexpr size_t sbytes = cstep * 4;        // scale bytes of one group of one panel
+  constexpr size_t sbytes = cstep * kScaleBytes;  // scale bytes of one group of one panel
   const size_t gbytes = sbytes + size_t(MODE == kI8 ? gsz : gsz / 2) * cstep;
   const float* af = reinterpret_cast<const float*>(ap);
   if (!carry)
@@ -206,7 +206,7 @@ static void micro_q(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_t g
     for (int p = 0; p < NP; p++)
 #pragma GCC unroll 2
       for (int q = 0; q < NMAT; q++) {
-        const V sv = O::load(reinterpret_cast<const float*>(bg + p * pstride) + q * W);
+        const V sv = O::load_f16(reinterpret_cast<const uint16_t*>(bg + p * pstride) + q * W);
 #pragma GCC unroll 16
         for (int m = 0; m < MR; m++) {
           float* cm = c + ((m * NP + p) * NMAT + q) * W;
@@ -234,7 +234,7 @@ static void micro_qdot(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_
   constexpr int kstep = MODE == kI4Dot ? 8 : 2;                   // k per step
   constexpr int words = MODE == kI4Dot ? 2 : 1;                    // activation words per step and row
   constexpr size_t cstep = size_t(NMAT) * W * (MODE == kI4Dot ? 4 : 2);  // code bytes of one step of one panel
-  constexpr size_t sbytes = size_t(NMAT) * W * 4;                  // scale bytes of one group of one panel
+  constexpr size_t sbytes = size_t(NMAT) * W * kScaleBytes;        // scale bytes of one group of one panel
   const size_t gbytes = sbytes + size_t(gsz / kstep) * cstep;
   const int64_t Kp = (K + kstep - 1) / kstep * kstep, ng = (K + gsz - 1) / gsz;
   const int32_t* aq = reinterpret_cast<const int32_t*>(ap);  // [Kp / kstep * words][MR] words of codes
@@ -288,7 +288,7 @@ static void micro_qdot(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_
     for (int p = 0; p < NP; p++)
 #pragma GCC unroll 2
       for (int q = 0; q < NMAT; q++) {
-        const V sv = O::load(reinterpret_cast<const float*>(bg + p * pstride) + q * W);
+        const V sv = O::load_f16(reinterpret_cast<const uint16_t*>(bg + p * pstride) + q * W);
 #pragma GCC unroll 16
         for (int m = 0; m < MR; m++) {
           float* cm = c + ((m * NP + p) * NMAT + q) * W;

@@ -23,7 +23,7 @@ size_t dot_act_row_bytes(int64_t K, int64_t gsz) {
 
 // Packs M rows of K floats (row stride ldx) into row blocks of MR (see above), in a per-thread buffer.
 // kBF16Dot rounds to bf16 first and pads K to even with zeros. kI4Dot / kI8Dot quantize each row's groups
-// of gsz to int8 / int16 exactly as quant.h quantizes weights (qmax 127 / 32767) and lay out, per row
+// of gsz to int8 / int16 by quant.h's rule with a float32 scale (qmax 127 / 32767) and lay out, per row
 // block of mr rows: the codes as [Kp / 4 or Kp / 2][mr] 32-bit words (four int8 or two int16; K padded
 // with zeros to a whole step, 8 or 2), the scales [ng][mr], and for kI4Dot corr = 8 * sum(codes) per
 // group [ng][mr], which removes the nibbles' offset of 8.

@@ -1,5 +1,6 @@
 // C++ tests of the core, no Node: routing rules, dispatch order, dtype conversions, the thread pool,
-// and every CPU kernel set this machine runs against a float64 reference.
+// the quantizer's edge cases, and every CPU kernel set this machine runs against a float64 reference.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -11,6 +12,7 @@
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/options.h"
+#include "core/quant.h"
 #include "cpu/kernels.h"
 #include "core/routing.h"
 #include "core/thread_pool.h"
@@ -78,6 +80,130 @@ static void test_dtypes() {
   CHECK(std::isinf(f16_to_f32(0x7c00)));
   CHECK(std::isnan(f16_to_f32(0x7e00)));
   CHECK(f16_to_f32(0x7bff) == 65504.0f);
+  // float -> half: ties to even, subnormals in units of 2^-24, overflow past the midpoint 65520.
+  CHECK(f32_to_f16(1.0f + std::ldexp(1.0f, -11)) == 0x3c00);      // tie between 1 and 1 + 2^-10: even
+  CHECK(f32_to_f16(1.0f + 3 * std::ldexp(1.0f, -11)) == 0x3c02);  // tie between odd and even: even
+  CHECK(f32_to_f16(std::ldexp(1.5f, -24)) == 0x0002);             // subnormal tie 1.5 -> 2
+  CHECK(f32_to_f16(std::ldexp(1.0f, -25)) == 0x0000);             // half the smallest subnormal -> 0
+  CHECK(f32_to_f16(std::ldexp(1.25f, -25)) == 0x0001);
+  CHECK(f32_to_f16(65519.0f) == 0x7bff && f32_to_f16(65520.0f) == 0x7c00 && f32_to_f16(-1e6f) == 0xfc00);
+  CHECK(std::isnan(f16_to_f32(f32_to_f16(NAN))));
+}
+
+// quant.h's rule at the edges of the half scale. Expected scales are worked out from the definition:
+// the float32 quotient amax / qmax, then its nearest half.
+static void test_quantizer() {
+  int8_t codes[8];
+  // 0.1f / 7 = 0.0142857...: in [2^-7, 2^-6) a half step is 2^-17, and 1872.46 steps round to 1872.
+  const float a[4] = {0.1f, -0.1f, 0.05f, 0.0714285f};
+  const float s4 = quantize_group(a, 4, 7, codes);
+  CHECK(s4 == 1872.0f * std::ldexp(1.0f, -17));
+  // v / s: 7.0017 -> 7, 3.5008 -> 4, 5.0013 -> 5 (the codes follow the rounded scale).
+  CHECK(codes[0] == 7 && codes[1] == -7 && codes[2] == 4 && codes[3] == 5);
+  // A rounded-down scale can put amax past qmax: amax / 127 = 1.00048 rounds to 1 (the half step there
+  // is 2^-10), and 127.06 clamps to 127.
+  const float b[2] = {127.0f * 1.00048f, 1.0f};
+  CHECK(quantize_group(b, 2, 127, codes) == 1.0f && codes[0] == 127 && codes[1] == 1);
+  // A subnormal half scale: 1e-5 / 127 = 7.87e-8 is 1.32 units of 2^-24 -> one unit; every value past
+  // 127 units clamps.
+  const float c[3] = {1e-5f, -1e-5f, 3e-6f};
+  const float ssub = quantize_group(c, 3, 127, codes);
+  CHECK(ssub == std::ldexp(1.0f, -24) && codes[0] == 127 && codes[1] == -127 && codes[2] == 50);
+  // Too small for a half: scale 0, codes 0 (2^-25 * 7 rounds to 0 as amax / 7).
+  const float d[2] = {std::ldexp(1.0f, -25) * 7.0f, -1e-9f};
+  codes[0] = codes[1] = 99;
+  CHECK(quantize_group(d, 2, 7, codes) == 0.0f && codes[0] == 0 && codes[1] == 0);
+  // Past half's range: an infinite scale and codes 0 (int8: amax / 127 >= 65520).
+  const float e[3] = {65520.0f * 127.0f, 1.0f, -3.0f};
+  codes[0] = codes[1] = codes[2] = 99;
+  const float sinf = quantize_group(e, 3, 127, codes);
+  CHECK(std::isinf(sinf) && sinf > 0 && codes[0] == 0 && codes[1] == 0 && codes[2] == 0);
+  // Just inside the range: the largest finite half.
+  const float f[1] = {65519.0f * 127.0f};
+  CHECK(quantize_group(f, 1, 127, codes) == 65504.0f && codes[0] == 127);
+  // NaN / Inf: NaN scale; zero: scale 0.
+  const float g[2] = {1.0f, INFINITY}, z[2] = {0.0f, -0.0f};
+  CHECK(std::isnan(quantize_group(g, 2, 7, codes)) && codes[0] == 0);
+  CHECK(quantize_group(z, 2, 7, codes) == 0.0f && codes[0] == 0 && codes[1] == 0);
+  // Random groups over twelve decades: the scale is a half value, each code within half a step of its
+  // weight unless clamped at +-qmax, and the extreme weight lands on +-qmax.
+  std::mt19937 gen(7);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f), ex(-8.0f, 4.0f);
+  for (int qmax : {127, 7})
+    for (int trial = 0; trial < 400; trial++) {
+      float v[32];
+      const float mag = std::pow(10.0f, ex(gen));
+      for (float& x : v) x = u(gen) * mag;
+      int8_t q[32];
+      const float s = quantize_group(v, 32, qmax, q);
+      if (s == 0.0f) continue;  // the tiniest groups
+      CHECK(f16_to_f32(f32_to_f16(s)) == s);
+      double amax = 0;
+      int cmax = 0;
+      for (int i = 0; i < 32; i++) {
+        amax = std::fmax(amax, std::fabs(double(v[i])));
+        cmax = std::max(cmax, std::abs(int(q[i])));
+        // Half a step, and the float32 quotient's rounding (|v / s| <= 128 units of 2^-24).
+        if (std::abs(q[i]) < qmax) CHECK(std::fabs(double(v[i]) - double(q[i]) * s) <= (0.5 + 1e-5) * s);
+      }
+      // Half's relative rounding (2^-11 where normal, 2^-25 absolute where subnormal) plus float32's.
+      const double rel_bound = std::ldexp(1.0, -11) + std::ldexp(1.0, -22);
+      CHECK(std::fabs(double(s) - amax / qmax) <= amax / qmax * rel_bound + std::ldexp(1.0, -25));
+      // A normal scale is within 2^-11 of amax / qmax, so amax lands on qmax; a subnormal one can be far off.
+      if (s >= std::ldexp(1.0f, -14)) CHECK(cmax == qmax);
+    }
+}
+
+// Every quantized kernel set: the packed size is the codes plus one 16-bit scale per group, and a group
+// whose scale overflows half turns exactly the outputs it feeds into NaN, with no trap.
+static void test_quant_kernels(Isa isa) {
+  const KernelSet* ks = kernels_for(isa);
+  if (!ks) return;
+  for (Quant q : {Quant::Int8, Quant::Int4}) {
+    const double code_bytes = q == Quant::Int8 ? 1.0 : 0.5;
+    // Sizes every panel width (at most 64) and the group divide: no padding in the count.
+    const int64_t H = 256, F = 512, g = 32;
+    CHECK(double(ks->w13_quant_bytes(H, F, q, g)) == 2.0 * F * H * (code_bytes + 2.0 / g));
+    CHECK(double(ks->w2_quant_bytes(H, F, q, g)) == double(H) * F * (code_bytes + 2.0 / g));
+
+    // w2 [Hs, Fs] with one huge weight in row 3, second group; every other weight ordinary.
+    const int64_t Hs = 40, Fs = 72, M = 3;
+    std::mt19937 gen(unsigned(int(isa) * 10 + int(q)));
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    std::vector<float> w2(Hs * Fs), act(M * Fs), y(M * Hs, 0.0f);
+    for (auto& v : w2) v = u(gen) * 0.1f;
+    for (auto& v : act) v = u(gen);
+    w2[3 * Fs + 40] = 1e7f;  // int8: 1e7 / 127 > 65504; int4 likewise
+    std::vector<char> packed(ks->w2_quant_bytes(Hs, Fs, q, g) + 64);
+    ks->pack_w2_quant(w2.data(), Hs, Fs, DType::F32, q, g, packed.data());
+    ks->down_quant(act.data(), Fs, M, Hs, Fs, packed.data(), q, g, 0, Hs, y.data(), Hs, kNoActCache);
+    for (int64_t m = 0; m < M; m++)
+      for (int64_t h = 0; h < Hs; h++) CHECK(h == 3 ? std::isnan(y[m * Hs + h]) : std::isfinite(y[m * Hs + h]));
+    // The other rows against float64 on the dequantized weights (code * scale): a scale read with the
+    // wrong width or offset is off by orders of magnitude. Sets that quantize the activations differ by
+    // that rounding too (int8 activations about 1%, int16 about 1e-5).
+    const char* acts = q == Quant::Int8 ? ks->int8_activations : ks->int4_activations;
+    const double tol = std::strcmp(acts, "float32") == 0 ? 1e-5 : std::strcmp(acts, "int16") == 0 ? 1e-4 : 3e-2;
+    double num = 0, den = 0;
+    for (int64_t h = 0; h < Hs; h++) {
+      if (h == 3) continue;
+      std::vector<double> deq(Fs);
+      for (int64_t k0 = 0; k0 < Fs; k0 += g) {
+        const int64_t n = std::min(g, Fs - k0);
+        int8_t c[32];
+        const float sc = quantize_group(w2.data() + h * Fs + k0, n, quant_qmax(q), c);
+        for (int64_t i = 0; i < n; i++) deq[k0 + i] = double(c[i]) * sc;
+      }
+      for (int64_t m = 0; m < M; m++) {
+        double r = 0;
+        for (int64_t f = 0; f < Fs; f++) r += deq[f] * act[m * Fs + f];
+        num += (y[m * Hs + h] - r) * (y[m * Hs + h] - r), den += r * r;
+      }
+    }
+    const double rel = std::sqrt(num / den);
+    if (!(rel < tol)) std::fprintf(stderr, "%s %s: rel L2 %g\n", ks->name, quant_name(q), rel);
+    CHECK(rel < tol);
+  }
 }
 
 // Every enum value has a name that parses back to it; unknown names and values are refused with the
@@ -308,6 +434,8 @@ int main() {
   test_options();
   test_factory();
   test_pool();
+  test_quantizer();
+  for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Neon}) test_quant_kernels(isa);
   for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Neon})
     for (DType dt : {DType::F32, DType::BF16}) {
       test_backend(isa, dt, 72, 200, 6, 2, 37);

@@ -1,0 +1,86 @@
+#!/usr/bin/env node
+// Paired A/B of two builds of the addon on one quantized decode case. Both addons are loaded into one
+// process, each builds the same layer from the same bf16 weights, and single forwards alternate between
+// them (A B, then B A), so both see the same machine state; on a shared machine, where runs of the
+// bench spread 2x apart, this still resolves a few percent. Prints each build's median time, its packed
+// bytes and the median of the per-pair time ratios B / A.
+//
+//   FUSED_MOE_ISA=avx512bf16 node bench/ab-builds.js old/fused_moe.node build/Release/fused_moe.node \
+//     mixtral-decode-int4 [pairs = 40] [group = 128]
+'use strict';
+const { fill, median } = require('./util');
+
+const MIXTRAL = { H: 4096, F: 14336, E: 8, k: 2 };
+const L3 = { H: 1024, F: 3584, E: 2, k: 2 }; // bench.js's l3-* cases: two experts' codes fit in L3
+const CASES = {
+  'mixtral-decode-int8': { ...MIXTRAL, quantize: 'int8' },
+  'mixtral-decode-int4': { ...MIXTRAL, quantize: 'int4' },
+  'l3-decode-int8': { ...L3, quantize: 'int8' },
+  'l3-decode-int4': { ...L3, quantize: 'int4' },
+};
+
+const [fileA, fileB, name, pairsArg, groupArg] = process.argv.slice(2);
+if (!fileA || !fileB || !CASES[name]) {
+  console.error(`usage: node bench/ab-builds.js <a.node> <b.node> <${Object.keys(CASES).join(' | ')}> [pairs] [group]`);
+  process.exit(2);
+}
+const pairs = Number(pairsArg) || 40,
+  group = Number(groupArg) || 128;
+const load = (file) => {
+  const m = { exports: {} };
+  process.dlopen(m, require('path').resolve(file));
+  return m.exports;
+};
+const A = load(fileA),
+  B = load(fileB);
+
+const { H, F, E, k, quantize } = CASES[name];
+const per = (n, scale, seed) => Array.from({ length: E }, (_, e) => fill(n, true, scale, seed + 7 * e));
+const w1 = per(F * H, 1 / Math.sqrt(H), 1),
+  w3 = per(F * H, 1 / Math.sqrt(H), 2),
+  w2 = per(H * F, 1 / Math.sqrt(F), 3);
+const gate = fill(E * H, false, 2 / Math.sqrt(H), 4);
+const config = {
+  hiddenSize: H,
+  intermediateSize: F,
+  numExperts: E,
+  topK: k,
+  weightDtype: 'bfloat16',
+  device: 'cpu',
+  quantize,
+  quantGroupSize: group,
+};
+const layers = [new A.NativeLayer(config, gate, w1, w3, w2), new B.NativeLayer(config, gate, w1, w3, w2)];
+w1.length = w3.length = w2.length = 0; // each layer holds its own packed copy
+
+const x = fill(H, false, 1, 101),
+  out = new Float32Array(H);
+const time = (layer) => {
+  const t = process.hrtime.bigint();
+  layer.forwardSync(x, out);
+  return Number(process.hrtime.bigint() - t) / 1e6;
+};
+for (let i = 0; i < 3; i++) layers.forEach(time); // warm-up: workspaces, page faults, caches
+const ms = [[], []],
+  ratio = [];
+for (let i = 0; i < pairs; i++) {
+  const order = i % 2 ? [0, 1] : [1, 0];
+  const t = [0, 0];
+  for (const j of order) t[j] = time(layers[j]);
+  ms[0].push(t[0]);
+  ms[1].push(t[1]);
+  ratio.push(t[1] / t[0]);
+}
+const info = layers.map((l) => l.info());
+console.log(
+  JSON.stringify({
+    case: name,
+    group,
+    pairs,
+    kernels: info.map((i) => i.kernels),
+    bytes: info.map((i) => i.nativeBytes),
+    ms: ms.map(median),
+    ratioBA: median(ratio),
+  }),
+);
+layers.forEach((l) => l.dispose());
