@@ -1,0 +1,260 @@
+#!/usr/bin/env node
+// The whole-model benchmark: MoeModel against llama.cpp (through node-llama-cpp, CPU, same threads)
+// on the same random weights: prompt processing tokens/s at 512 tokens and decode tokens/s at batch
+// 1, each also as a fraction of a ceiling measured in this same run: decode as the bytes a token reads
+// per second against the read-bandwidth probe, prompt as FLOP/s against the FMA (bf16: dot) peak.
+//
+//   npm run bench:model                          both models, every format (an hour or more on 2 cores;
+//                                                the first run also writes about 35 GB of model files)
+//   node bench/model.js --quick                  small shapes, every format, a couple of minutes
+//   node bench/model.js --models mixtral --formats bf16,int4 --engines ours
+//   --cache-dir DIR                              where the model files live (default: the OS temp
+//                                                folder, fused-moe-bench-models; reused across runs)
+//   --json                                       the results object on stdout (the table goes to stderr)
+//
+// Models: a Mixtral-8x7B-width model with 2 layers and a Qwen3-30B-A3B-width model with 4 layers
+// (bench/model-files.js), random bf16 weights from a fixed seed. Formats: ours bf16 / int8 / int4
+// (`quantize`, group 32) against llama.cpp BF16 / Q8_0 / Q4_0 GGUF of the same values. Each (model,
+// engine, format) runs in a child process, one after the other. Results go to bench/results/.
+'use strict';
+const { spawnSync } = require('child_process');
+const fs = require('fs');
+const os = require('os');
+const path = require('path');
+
+const { MODELS, QUICK_MODELS, ensureModel, weightCounts, fileBytes } = require('./model-files');
+const { fmt, pct, median } = require('./util');
+
+const root = path.join(__dirname, '..');
+
+if (process.argv[2] === '--child') {
+  const job = JSON.parse(process.argv[3]);
+  const { runOurs, runLlama } = require('./model-engines');
+  (job.engine === 'ours' ? runOurs(job) : runLlama(job)).then(
+    (r) => {
+      process.stdout.write('\n' + JSON.stringify(r) + '\n');
+      process.exit(0);
+    },
+    (e) => {
+      process.stderr.write(`${(e && e.stack) || e}\n`);
+      process.exit(1);
+    },
+  );
+  return;
+}
+
+// ---- options ------------------------------------------------------------------------------------
+const args = process.argv.slice(2);
+const opt = (name) => {
+  const i = args.indexOf(name);
+  return i >= 0 ? args[i + 1] : undefined;
+};
+const quick = args.includes('--quick'), jsonOut = args.includes('--json');
+const log = (s) => (jsonOut ? process.stderr : process.stdout).write(s + '\n');
+const list = (name, all) => {
+  const v = opt(name) ? opt(name).split(',') : all;
+  for (const x of v) if (!all.includes(x)) throw new RangeError(`${name}: '${x}' is not one of ${all.join(', ')}`);
+  return v;
+};
+const shapes = quick ? QUICK_MODELS : MODELS;
+const modelNames = list('--models', Object.keys(shapes));
+const FORMATS = { bf16: { ours: 'none', gguf: 'BF16' }, int8: { ours: 'int8', gguf: 'Q8_0' }, int4: { ours: 'int4', gguf: 'Q4_0' } };
+const formats = list('--formats', Object.keys(FORMATS));
+const engines = list('--engines', ['ours', 'llama']);
+const cacheDir = opt('--cache-dir') || path.join(os.tmpdir(), 'fused-moe-bench-models' + (quick ? '-quick' : ''));
+const THREADS = 2;
+const RUN = quick
+  ? { promptTokens: 64, promptReps: 3, prefix: 8, warmDecode: 2, decodeSteps: 12, context: 256 }
+  : { promptTokens: 512, promptReps: 3, prefix: 16, warmDecode: 4, decodeSteps: 64, context: 1024 };
+
+// ---- bytes and FLOPs ------------------------------------------------------------------------------
+const GROUP = 32;
+// Bytes per weight of the projection matrices. Ours: codes plus one float32 scale per group of 32
+// (csrc/cpu/packing.h, quant_group_bytes); llama.cpp: Q8_0 / Q4_0 blocks of 34 / 18 bytes per 32.
+const BYTES_PER_WEIGHT = {
+  ours: { bf16: 2, int8: 1 + 4 / GROUP, int4: 0.5 + 4 / GROUP },
+  llama: { bf16: 2, int8: 34 / 32, int4: 18 / 32 },
+};
+
+/** Bytes one decode step reads: every attention matrix, the k picked experts of each layer, the router
+ * (float32 in both), the LM head, one embeddings row (bf16). The KV cache (under 1% here) is left out. */
+function decodeBytes(m, bpw) {
+  const w = weightCounts(m);
+  return (w.attn + (w.experts * m.k) / m.E + w.lmHead) * bpw + 4 * w.router + 2 * m.H;
+}
+
+/** FLOPs of a T-token prompt on a fresh sequence: the projections, routed experts and router of every
+ * token, causal attention (QK and PV), and the LM head of the last token only. */
+function promptFlops(m, T) {
+  const w = weightCounts(m);
+  const perToken = w.attn + (w.experts * m.k) / m.E + w.router;
+  const attention = m.layers * 2 * 2 * m.heads * m.D * ((T * (T + 1)) / 2);
+  return 2 * T * perToken + attention + 2 * w.lmHead;
+}
+
+function memAvailable() {
+  try {
+    const m = /MemAvailable:\s+(\d+) kB/.exec(fs.readFileSync('/proc/meminfo', 'utf8'));
+    if (m) return Number(m[1]) * 1024;
+  } catch {}
+  return os.freemem();
+}
+
+// ---- ceilings -------------------------------------------------------------------------------------
+const binding = require('node-gyp-build')(root);
+const cpu = binding.backendInfo().cpu;
+const ISA_INDEX = { scalar: 0, avx2: 1, avx512: 2, avx512bf16: 3, neon: 4 };
+const fmaIsa = ['avx512', 'avx2', 'neon'].find((i) => cpu.supported.includes(i));
+const ceilings = { readGBs: 0, fmaGflops: 0, bf16DotGflops: 0 };
+// Measured before and after the cases, the higher kept: a ceiling caught low would flatter every fraction.
+function measureCeilings() {
+  ceilings.readGBs = Math.max(ceilings.readGBs, binding.bench.readBandwidth(quick ? 64 << 20 : 1 << 30, THREADS));
+  if (fmaIsa) ceilings.fmaGflops = Math.max(ceilings.fmaGflops, binding.bench.fmaPeak(ISA_INDEX[fmaIsa], THREADS));
+  if (cpu.supported.includes('avx512bf16')) ceilings.bf16DotGflops = Math.max(ceilings.bf16DotGflops, binding.bench.fmaPeak(ISA_INDEX.avx512bf16, THREADS));
+}
+const promptCeiling = (format) => (format === 'bf16' && ceilings.bf16DotGflops ? ceilings.bf16DotGflops : ceilings.fmaGflops);
+
+// ---- run ------------------------------------------------------------------------------------------
+function tokens(n, V, seed) {
+  let s = seed >>> 0;
+  return Array.from({ length: n }, () => {
+    s = (Math.imul(s, 1103515245) + 12345) >>> 0;
+    return 259 + (s % (V - 259)); // past <unk>, <s>, </s> and the byte tokens
+  });
+}
+
+function runChild(job) {
+  const r = spawnSync(process.execPath, [__filename, '--child', JSON.stringify(job)], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], maxBuffer: 1 << 26 });
+  if (r.status !== 0) return { error: `exit ${r.status}${r.signal ? ' (' + r.signal + ')' : ''}` };
+  return JSON.parse(r.stdout.trim().split('\n').pop());
+}
+
+log(`fused-moe model bench: ${os.cpus()[0].model}, ${os.cpus().length} cores, ${(os.totalmem() / 2 ** 30).toFixed(0)} GiB; ${THREADS} threads each; kernels ${cpu.isa}`);
+measureCeilings();
+log(`ceilings: read ${fmt(ceilings.readGBs)} GB/s; ${fmaIsa} f32 FMA peak ${fmt(ceilings.fmaGflops)} GFLOP/s` + (ceilings.bf16DotGflops ? `; bf16 dot peak ${fmt(ceilings.bf16DotGflops)} GFLOP/s` : ''));
+
+const rows = [];
+let failed = false;
+const started = new Date().toISOString();
+const resultFile = path.join(__dirname, 'results', `model-${started.replace(/[:.]/g, '-')}${quick ? '-quick' : ''}.json`);
+const resultOf = (targets) => ({
+  date: started, command: `node bench/model.js ${args.join(' ')}`.trim(),
+  machine: { cpu: os.cpus()[0].model, cores: os.cpus().length, memGiB: os.totalmem() / 2 ** 30, kernels: cpu.isa, supported: cpu.supported },
+  quick, threads: THREADS, run: RUN, ceilings, bytesPerWeight: BYTES_PER_WEIGHT, rows, targets,
+});
+// Saved after every case too, so that an hour's figures survive a later failure.
+function save(targets) {
+  fs.mkdirSync(path.dirname(resultFile), { recursive: true });
+  fs.writeFileSync(resultFile, JSON.stringify(resultOf(targets), null, 1));
+}
+for (const name of modelNames) {
+  const m = shapes[name];
+  const ggufTypes = engines.includes('llama') ? formats.map((f) => FORMATS[f].gguf) : [];
+  const sizes = ['hf', ...ggufTypes].map((f) => `${f} ${(fileBytes(m, f) / 1e9).toFixed(2)} GB`).join(', ');
+  log(`\n${name}: H ${m.H}, ${m.layers} layers, ${m.heads}/${m.kvHeads} heads of ${m.D}, E ${m.E}, k ${m.k}, F ${m.F}, vocab ${m.V}; ` +
+    `${(weightCounts(m).total / 1e9).toFixed(2)} G weights; files (${cacheDir}): ${sizes}`);
+  let files;
+  try {
+    files = ensureModel(cacheDir, name, m, ggufTypes, log);
+  } catch (e) {
+    log(`${name}: ${e.message}`);
+    failed = true;
+    continue;
+  }
+  const prompt = tokens(RUN.promptTokens, m.V, 11);
+  const decodePrefix = tokens(RUN.prefix, m.V, 12);
+  const decodeTokens = tokens(RUN.warmDecode + RUN.decodeSteps, m.V, 13);
+  for (const format of formats) {
+    const row = { model: name, format, shape: m, promptTokens: RUN.promptTokens, flops: promptFlops(m, RUN.promptTokens) };
+    rows.push(row);
+    for (const engine of engines) {
+      const bpw = BYTES_PER_WEIGHT[engine][format];
+      const resident = engine === 'ours' ? fileBytes(m, 'hf') * (bpw / 2) : fileBytes(m, FORMATS[format].gguf);
+      const avail = memAvailable();
+      if (avail < resident * 1.1 + 1.5e9) {
+        log(`${name} ${format} ${engine}: skipped, it needs about ${(resident / 1e9).toFixed(1)} GB and ${(avail / 1e9).toFixed(1)} GB is available`);
+        failed = true;
+        continue;
+      }
+      const job = {
+        engine, quantize: FORMATS[format].ours, dir: files.hf, gguf: files.gguf[FORMATS[format].gguf], prompt, decodePrefix, decodeTokens,
+        warmDecode: RUN.warmDecode, promptReps: RUN.promptReps, threads: THREADS, context: RUN.context,
+      };
+      log(`${name} ${format} ${engine} ...`);
+      const r = runChild(job);
+      if (r.error) {
+        log(`${name} ${format} ${engine}: child failed: ${r.error}`);
+        failed = true;
+        continue;
+      }
+      const promptMs = median(r.promptMs), decodeMs = median(r.decodeMs);
+      const bytes = decodeBytes(m, bpw);
+      row[engine] = {
+        loadS: r.loadS, info: r.info, promptMs: r.promptMs, decodeMs: r.decodeMs, bytesPerToken: bytes, bytesPerWeight: bpw,
+        promptTokPerS: RUN.promptTokens / (promptMs / 1e3), promptGflops: row.flops / (promptMs / 1e3) / 1e9,
+        decodeMedianMs: decodeMs, decodeTokPerS: 1e3 / decodeMs, decodeGBs: bytes / (decodeMs / 1e3) / 1e9,
+        // Steps over twice the median: stalls (another process took a core mid-step).
+        decodeStalls: r.decodeMs.filter((t) => t > 2 * decodeMs).length,
+      };
+      if (r.info && r.info.finite === false) {
+        log(`${name} ${format} ${engine}: non-finite logits`);
+        failed = true;
+      }
+      log(`  load ${fmt(r.loadS)} s; prompt ${fmt(promptMs)} ms (${r.promptMs.map(fmt).join(' ')}); decode median ${fmt(decodeMs)} ms ` +
+        `of ${r.decodeMs.length} steps (min ${fmt(Math.min(...r.decodeMs))}, max ${fmt(Math.max(...r.decodeMs))}, ${row[engine].decodeStalls} over 2x)`);
+      save(undefined);
+    }
+  }
+}
+
+// ---- report ---------------------------------------------------------------------------------------
+if (!quick) {
+  measureCeilings();
+  log(`\nceilings after the cases (the higher of the two kept): read ${fmt(ceilings.readGBs)} GB/s; f32 FMA ${fmt(ceilings.fmaGflops)} GFLOP/s` +
+    (ceilings.bf16DotGflops ? `; bf16 dot ${fmt(ceilings.bf16DotGflops)} GFLOP/s` : ''));
+}
+for (const row of rows)
+  for (const e of engines)
+    if (row[e]) {
+      row[e].decodeBwFraction = row[e].decodeGBs / ceilings.readGBs;
+      row[e].promptPeakFraction = row[e].promptGflops / promptCeiling(row.format);
+    }
+
+const ratio = (a, b) => (a && b ? fmt(a / b) + 'x' : '-');
+const head = ['model', 'format', 'prompt tok/s ours', 'llama', 'ours/llama', '%peak ours', 'llama', 'decode tok/s ours', 'llama', 'ours/llama', '%bw ours', 'llama'];
+const table = [head];
+for (const r of rows) {
+  const o = r.ours || {}, l = r.llama || {};
+  table.push([
+    r.model, `${r.format}/${FORMATS[r.format].gguf}`,
+    o.promptTokPerS ? fmt(o.promptTokPerS) : '-', l.promptTokPerS ? fmt(l.promptTokPerS) : '-', ratio(o.promptTokPerS, l.promptTokPerS),
+    o.promptTokPerS ? pct(o.promptPeakFraction) : '-', l.promptTokPerS ? pct(l.promptPeakFraction) : '-',
+    o.decodeTokPerS ? fmt(o.decodeTokPerS) : '-', l.decodeTokPerS ? fmt(l.decodeTokPerS) : '-', ratio(o.decodeTokPerS, l.decodeTokPerS),
+    o.decodeTokPerS ? pct(o.decodeBwFraction) : '-', l.decodeTokPerS ? pct(l.decodeBwFraction) : '-',
+  ]);
+}
+const widths = head.map((_, i) => Math.max(...table.map((row) => String(row[i]).length)));
+log('');
+for (const row of table) log(row.map((v, i) => String(v).padStart(widths[i])).join('  '));
+log(`prompt: ${RUN.promptTokens} tokens, median of ${RUN.promptReps}; %peak of the ${fmaIsa} f32 FMA peak (bf16: of the bf16 dot peak). ` +
+  `decode: batch 1, median of ${RUN.decodeSteps} steps after a ${RUN.prefix}-token prefix; %bw: bytes a token reads / time, of the read probe.`);
+
+const targets = [];
+for (const r of rows) {
+  if (!r.ours) continue;
+  const tag = `${r.model} ${r.format}`;
+  targets.push({ target: `${tag}: decode >= 85% of read bandwidth`, value: r.ours.decodeBwFraction, ok: r.ours.decodeBwFraction >= 0.85, show: pct(r.ours.decodeBwFraction) });
+  if (r.llama) {
+    const d = r.ours.decodeTokPerS / r.llama.decodeTokPerS, p = r.ours.promptTokPerS / r.llama.promptTokPerS;
+    targets.push({ target: `${tag}: decode >= llama.cpp`, value: d, ok: d >= 1, show: fmt(d) + 'x' });
+    targets.push({ target: `${tag}: prompt >= 2x llama.cpp`, value: p, ok: p >= 2, show: fmt(p) + 'x' });
+  }
+}
+log('');
+for (const t of targets) log(`${t.ok ? 'met ' : 'MISS'}  ${t.target}: ${t.show}`);
+
+const finalTargets = targets.map(({ show, ...t }) => t);
+save(finalTargets);
+log(`results: ${path.relative(root, resultFile)}`);
+if (jsonOut) process.stdout.write(JSON.stringify(resultOf(finalTargets)) + '\n');
+process.exit(failed ? 1 : 0);
