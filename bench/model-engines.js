@@ -24,7 +24,11 @@ async function runOurs(job) {
   });
   const { MoeModel } = require(path.join(root, 'dist'));
   const t0 = now();
-  const model = await MoeModel.load(job.dir, { quantize: job.quantize, contextLength: job.context, threads: job.threads });
+  const model = await MoeModel.load(job.dir, {
+    quantize: job.quantize,
+    contextLength: job.context,
+    threads: job.threads,
+  });
   const loadS = (now() - t0) / 1e3;
   addon.NativeModel = Native;
   if (!native) throw new Error('the bench could not reach the native decoder of MoeModel');
@@ -63,12 +67,23 @@ async function runOurs(job) {
 async function runLlama(job) {
   const { getLlama, LlamaLogLevel } = await import('node-llama-cpp');
   // The prebuilt CPU binary only: never compile, download or probe a GPU from a benchmark.
-  const llama = await getLlama({ build: 'never', gpu: false, logLevel: LlamaLogLevel.error, progressLogs: false, maxThreads: job.threads });
+  const llama = await getLlama({
+    build: 'never',
+    gpu: false,
+    logLevel: LlamaLogLevel.error,
+    progressLogs: false,
+    maxThreads: job.threads,
+  });
   const t0 = now();
   // Read into memory (no mmap), as ours packs into its own: page cache that other processes can evict
   // would turn some decode steps into disk reads.
   const model = await llama.loadModel({ modelPath: job.gguf, gpuLayers: 0, useMmap: false });
-  const context = await model.createContext({ contextSize: job.context, batchSize: job.prompt.length, sequences: 1, threads: job.threads });
+  const context = await model.createContext({
+    contextSize: job.context,
+    batchSize: job.prompt.length,
+    sequences: 1,
+    threads: job.threads,
+  });
   const loadS = (now() - t0) / 1e3;
   const seq = context.getSequence();
   // The last token asks for the next one, so that llama.cpp computes its logits (the LM head): a batch
@@ -93,7 +108,11 @@ async function runLlama(job) {
     await seq.controlledEvaluate([[job.decodeTokens[i], ask]]);
     if (i >= job.warmDecode) decodeMs.push(now() - t);
   }
-  const info = { systemInfo: llama.systemInfo, flashAttention: context.flashAttention, threads: context.currentThreads ?? job.threads };
+  const info = {
+    systemInfo: llama.systemInfo,
+    flashAttention: context.flashAttention,
+    threads: context.currentThreads ?? job.threads,
+  };
   await context.dispose();
   await model.dispose();
   await llama.dispose();

@@ -12,13 +12,65 @@ const path = require('path');
 // family: 'mixtral' (llama.cpp architecture `llama`, Q and K rows permuted for its RoPE) or 'qwen3moe'
 // (per-head q/k RMSNorm, explicit head_dim).
 const MODELS = {
-  mixtral: { family: 'mixtral', H: 4096, layers: 2, heads: 32, kvHeads: 8, D: 128, E: 8, k: 2, F: 14336, V: 32000, ropeTheta: 1e6, eps: 1e-5 },
-  qwen3moe: { family: 'qwen3moe', H: 2048, layers: 4, heads: 32, kvHeads: 4, D: 128, E: 128, k: 8, F: 768, V: 151936, ropeTheta: 1e6, eps: 1e-6 },
+  mixtral: {
+    family: 'mixtral',
+    H: 4096,
+    layers: 2,
+    heads: 32,
+    kvHeads: 8,
+    D: 128,
+    E: 8,
+    k: 2,
+    F: 14336,
+    V: 32000,
+    ropeTheta: 1e6,
+    eps: 1e-5,
+  },
+  qwen3moe: {
+    family: 'qwen3moe',
+    H: 2048,
+    layers: 4,
+    heads: 32,
+    kvHeads: 4,
+    D: 128,
+    E: 128,
+    k: 8,
+    F: 768,
+    V: 151936,
+    ropeTheta: 1e6,
+    eps: 1e-6,
+  },
 };
 // Smoke-run shapes: the same two families, small enough that writing and running take seconds.
 const QUICK_MODELS = {
-  mixtral: { family: 'mixtral', H: 512, layers: 2, heads: 8, kvHeads: 4, D: 64, E: 8, k: 2, F: 1024, V: 2048, ropeTheta: 1e6, eps: 1e-5 },
-  qwen3moe: { family: 'qwen3moe', H: 256, layers: 2, heads: 8, kvHeads: 2, D: 64, E: 32, k: 4, F: 128, V: 4096, ropeTheta: 1e6, eps: 1e-6 },
+  mixtral: {
+    family: 'mixtral',
+    H: 512,
+    layers: 2,
+    heads: 8,
+    kvHeads: 4,
+    D: 64,
+    E: 8,
+    k: 2,
+    F: 1024,
+    V: 2048,
+    ropeTheta: 1e6,
+    eps: 1e-5,
+  },
+  qwen3moe: {
+    family: 'qwen3moe',
+    H: 256,
+    layers: 2,
+    heads: 8,
+    kvHeads: 2,
+    D: 64,
+    E: 32,
+    k: 4,
+    F: 128,
+    V: 4096,
+    ropeTheta: 1e6,
+    eps: 1e-6,
+  },
 };
 const CONTEXT = 4096;
 const SEED = 20261201;
@@ -28,7 +80,8 @@ const SEED = 20261201;
 // show), and a seed of its own. Scales keep activations O(1) and routing uneven, as in the tests.
 function hfTensors(m) {
   const { H, D, heads, kvHeads, E, F, V } = m;
-  const q = heads * D, kv = kvHeads * D;
+  const q = heads * D,
+    kv = kvHeads * D;
   const list = [];
   const sym = (name, shape, s) => list.push({ name, shape, lo: -s, hi: s });
   const norm = (name, n) => list.push({ name, shape: [n], lo: 0.6, hi: 1.4 });
@@ -62,24 +115,56 @@ function hfTensors(m) {
 function expertNames(family, l) {
   if (family === 'mixtral') {
     const p = `model.layers.${l}.block_sparse_moe`;
-    return { router: `${p}.gate.weight`, gate: (e) => `${p}.experts.${e}.w1.weight`, up: (e) => `${p}.experts.${e}.w3.weight`, down: (e) => `${p}.experts.${e}.w2.weight` };
+    return {
+      router: `${p}.gate.weight`,
+      gate: (e) => `${p}.experts.${e}.w1.weight`,
+      up: (e) => `${p}.experts.${e}.w3.weight`,
+      down: (e) => `${p}.experts.${e}.w2.weight`,
+    };
   }
   const p = `model.layers.${l}.mlp`;
-  return { router: `${p}.gate.weight`, gate: (e) => `${p}.experts.${e}.gate_proj.weight`, up: (e) => `${p}.experts.${e}.up_proj.weight`, down: (e) => `${p}.experts.${e}.down_proj.weight` };
+  return {
+    router: `${p}.gate.weight`,
+    gate: (e) => `${p}.experts.${e}.gate_proj.weight`,
+    up: (e) => `${p}.experts.${e}.up_proj.weight`,
+    down: (e) => `${p}.experts.${e}.down_proj.weight`,
+  };
 }
 
 function hfConfig(m) {
   const common = {
     architectures: [m.family === 'mixtral' ? 'MixtralForCausalLM' : 'Qwen3MoeForCausalLM'],
     model_type: m.family === 'mixtral' ? 'mixtral' : 'qwen3_moe',
-    vocab_size: m.V, hidden_size: m.H, num_hidden_layers: m.layers, num_attention_heads: m.heads, num_key_value_heads: m.kvHeads,
-    hidden_act: 'silu', max_position_embeddings: CONTEXT, rms_norm_eps: m.eps, rope_theta: m.ropeTheta, num_experts_per_tok: m.k,
-    tie_word_embeddings: false, bos_token_id: 1, eos_token_id: 2, torch_dtype: 'bfloat16',
+    vocab_size: m.V,
+    hidden_size: m.H,
+    num_hidden_layers: m.layers,
+    num_attention_heads: m.heads,
+    num_key_value_heads: m.kvHeads,
+    hidden_act: 'silu',
+    max_position_embeddings: CONTEXT,
+    rms_norm_eps: m.eps,
+    rope_theta: m.ropeTheta,
+    num_experts_per_tok: m.k,
+    tie_word_embeddings: false,
+    bos_token_id: 1,
+    eos_token_id: 2,
+    torch_dtype: 'bfloat16',
   };
-  if (m.family === 'mixtral') return { ...common, intermediate_size: m.F, num_local_experts: m.E, sliding_window: null };
+  if (m.family === 'mixtral')
+    return { ...common, intermediate_size: m.F, num_local_experts: m.E, sliding_window: null };
   return {
-    ...common, head_dim: m.D, intermediate_size: 6144, moe_intermediate_size: m.F, num_experts: m.E, norm_topk_prob: true,
-    decoder_sparse_step: 1, mlp_only_layers: [], attention_bias: false, use_sliding_window: false, sliding_window: null, rope_scaling: null,
+    ...common,
+    head_dim: m.D,
+    intermediate_size: 6144,
+    moe_intermediate_size: m.F,
+    num_experts: m.E,
+    norm_topk_prob: true,
+    decoder_sparse_step: 1,
+    mlp_only_layers: [],
+    attention_bias: false,
+    use_sliding_window: false,
+    sliding_window: null,
+    rope_scaling: null,
   };
 }
 
@@ -93,7 +178,8 @@ function* bf16Chunks(t) {
   const rowsPer = Math.max(1, Math.floor(CHUNK / cols));
   let a = t.seed;
   const span = t.hi - t.lo;
-  const f = new Float32Array(rowsPer * cols), u = new Uint32Array(f.buffer);
+  const f = new Float32Array(rowsPer * cols),
+    u = new Uint32Array(f.buffer);
   for (let r0 = 0; r0 < rows; r0 += rowsPer) {
     const n = Math.min(rowsPer, rows - r0) * cols;
     const out = new Uint16Array(n);
@@ -123,7 +209,8 @@ function allBf16(t) {
 }
 
 // ---- GGUF block formats (ggml's Q8_0 and Q4_0) -------------------------------------------------
-const f32 = new Float32Array(1), u32 = new Uint32Array(f32.buffer);
+const f32 = new Float32Array(1),
+  u32 = new Uint32Array(f32.buffer);
 
 /** float32 to IEEE half bits, round to nearest even (ggml stores block scales as fp16). */
 function toF16(x) {
@@ -140,7 +227,8 @@ function toF16(x) {
     m |= 0x800000;
     const shift = 14 - e;
     let h = m >>> shift;
-    const rem = m & ((1 << shift) - 1), half = 1 << (shift - 1);
+    const rem = m & ((1 << shift) - 1),
+      half = 1 << (shift - 1);
     if (rem > half || (rem === half && h & 1)) h++;
     return sign | h;
   }
@@ -152,8 +240,10 @@ function toF16(x) {
 
 /** Q8_0: per 32 weights an fp16 scale d = amax / 127, then 32 int8 codes round(x / d). 34 bytes. */
 function quantQ8(bits) {
-  const n = bits.length, out = new Uint8Array((n / 32) * 34);
-  const x = new Float32Array(32), xu = new Uint32Array(x.buffer);
+  const n = bits.length,
+    out = new Uint8Array((n / 32) * 34);
+  const x = new Float32Array(32),
+    xu = new Uint32Array(x.buffer);
   for (let b = 0, o = 0; b < n; b += 32, o += 34) {
     let amax = 0;
     for (let j = 0; j < 32; j++) {
@@ -161,7 +251,8 @@ function quantQ8(bits) {
       const v = Math.abs(x[j]);
       if (v > amax) amax = v;
     }
-    const d = Math.fround(amax / 127), id = d ? Math.fround(1 / d) : 0;
+    const d = Math.fround(amax / 127),
+      id = d ? Math.fround(1 / d) : 0;
     const h = toF16(d);
     out[o] = h & 0xff;
     out[o + 1] = h >>> 8;
@@ -179,10 +270,13 @@ function quantQ8(bits) {
  * weight 16 + j in its high nibble. 18 bytes.
  */
 function quantQ4(bits) {
-  const n = bits.length, out = new Uint8Array((n / 32) * 18);
-  const x = new Float32Array(32), xu = new Uint32Array(x.buffer);
+  const n = bits.length,
+    out = new Uint8Array((n / 32) * 18);
+  const x = new Float32Array(32),
+    xu = new Uint32Array(x.buffer);
   for (let b = 0, o = 0; b < n; b += 32, o += 18) {
-    let amax = 0, max = 0;
+    let amax = 0,
+      max = 0;
     for (let j = 0; j < 32; j++) {
       xu[j] = bits[b + j] << 16;
       if (Math.abs(x[j]) > amax) {
@@ -190,7 +284,8 @@ function quantQ4(bits) {
         max = x[j];
       }
     }
-    const d = Math.fround(max / -8), id = d ? Math.fround(1 / d) : 0;
+    const d = Math.fround(max / -8),
+      id = d ? Math.fround(1 / d) : 0;
     const h = toF16(d);
     out[o] = h & 0xff;
     out[o + 1] = h >>> 8;
@@ -204,7 +299,12 @@ function quantQ4(bits) {
 }
 
 // GGUF types: ggml.h's enum ggml_type, and llama_ftype for general.file_type.
-const GGML = { F32: { id: 0, rowBytes: (c) => 4 * c }, BF16: { id: 30, rowBytes: (c) => 2 * c }, Q8_0: { id: 8, rowBytes: (c) => (c / 32) * 34 }, Q4_0: { id: 2, rowBytes: (c) => (c / 32) * 18 } };
+const GGML = {
+  F32: { id: 0, rowBytes: (c) => 4 * c },
+  BF16: { id: 30, rowBytes: (c) => 2 * c },
+  Q8_0: { id: 8, rowBytes: (c) => (c / 32) * 34 },
+  Q4_0: { id: 2, rowBytes: (c) => (c / 32) * 18 },
+};
 const FILE_TYPE = { BF16: 32, Q8_0: 7, Q4_0: 2 };
 
 /** Bytes of one chunk of bf16 bits in a GGUF type. */
@@ -212,7 +312,8 @@ function encodeChunk(bits, type) {
   if (type === 'BF16') return new Uint8Array(bits.buffer, bits.byteOffset, bits.byteLength);
   if (type === 'Q8_0') return quantQ8(bits);
   if (type === 'Q4_0') return quantQ4(bits);
-  const f = new Float32Array(bits.length), u = new Uint32Array(f.buffer);
+  const f = new Float32Array(bits.length),
+    u = new Uint32Array(f.buffer);
   for (let i = 0; i < bits.length; i++) u[i] = bits[i] << 16;
   return new Uint8Array(f.buffer);
 }
@@ -225,7 +326,7 @@ class FileSink {
   }
   write(bytes) {
     const b = Buffer.isBuffer(bytes) ? bytes : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-    for (let off = 0; off < b.length; ) off += fs.writeSync(this.fd, b, off, b.length - off);
+    for (let off = 0; off < b.length;) off += fs.writeSync(this.fd, b, off, b.length - off);
     this.length += b.length;
   }
   pad(alignment) {
@@ -262,13 +363,17 @@ function writeHf(dir, m) {
   fs.mkdirSync(dir, { recursive: true });
   writeSafetensors(path.join(dir, 'model.safetensors'), hfTensors(m));
   fs.writeFileSync(path.join(dir, 'config.json'), JSON.stringify(hfConfig(m), null, 2) + '\n');
-  fs.writeFileSync(path.join(dir, 'generation_config.json'), JSON.stringify({ bos_token_id: 1, eos_token_id: 2 }, null, 2) + '\n');
+  fs.writeFileSync(
+    path.join(dir, 'generation_config.json'),
+    JSON.stringify({ bos_token_id: 1, eos_token_id: 2 }, null, 2) + '\n',
+  );
 }
 
 // A minimal SentencePiece-style vocabulary (<unk>, <s>, </s>, 256 byte tokens, then words): llama.cpp
 // needs one to load a model, the benchmark feeds token ids directly.
 function tokenizerMetadata(V) {
-  const tokens = ['<unk>', '<s>', '</s>'], types = [2, 3, 3];
+  const tokens = ['<unk>', '<s>', '</s>'],
+    types = [2, 3, 3];
   for (let b = 0; b < 256; b++) {
     tokens.push(`<0x${b.toString(16).toUpperCase().padStart(2, '0')}>`);
     types.push(6);
@@ -317,7 +422,8 @@ function ggufMetadata(m, type) {
 
 const GGUF_VALUE = { u32: 4, i32: 5, f32: 6, bool: 7, string: 8, array: 9 };
 function ggufString(s) {
-  const b = Buffer.from(s, 'utf8'), n = Buffer.alloc(8);
+  const b = Buffer.from(s, 'utf8'),
+    n = Buffer.alloc(8);
   n.writeBigUInt64LE(BigInt(b.length));
   return [n, b];
 }
@@ -334,16 +440,25 @@ function ggufValue(type, v) {
     return b;
   };
   switch (type) {
-    case 'u32': return [u32b(GGUF_VALUE.u32), u32b(v)];
-    case 'f32': { const b = Buffer.alloc(4); b.writeFloatLE(v); return [u32b(GGUF_VALUE.f32), b]; }
-    case 'bool': return [u32b(GGUF_VALUE.bool), Buffer.from([v ? 1 : 0])];
-    case 'string': return [u32b(GGUF_VALUE.string), ...ggufString(v)];
+    case 'u32':
+      return [u32b(GGUF_VALUE.u32), u32b(v)];
+    case 'f32': {
+      const b = Buffer.alloc(4);
+      b.writeFloatLE(v);
+      return [u32b(GGUF_VALUE.f32), b];
+    }
+    case 'bool':
+      return [u32b(GGUF_VALUE.bool), Buffer.from([v ? 1 : 0])];
+    case 'string':
+      return [u32b(GGUF_VALUE.string), ...ggufString(v)];
     case 'string[]':
       out.push(u32b(GGUF_VALUE.array), u32b(GGUF_VALUE.string), u64b(v.length));
       for (const s of v) out.push(...ggufString(s));
       return out;
-    case 'f32[]': return [u32b(GGUF_VALUE.array), u32b(GGUF_VALUE.f32), u64b(v.length), Buffer.from(Float32Array.from(v).buffer)];
-    case 'i32[]': return [u32b(GGUF_VALUE.array), u32b(GGUF_VALUE.i32), u64b(v.length), Buffer.from(Int32Array.from(v).buffer)];
+    case 'f32[]':
+      return [u32b(GGUF_VALUE.array), u32b(GGUF_VALUE.f32), u64b(v.length), Buffer.from(Float32Array.from(v).buffer)];
+    case 'i32[]':
+      return [u32b(GGUF_VALUE.array), u32b(GGUF_VALUE.i32), u64b(v.length), Buffer.from(Int32Array.from(v).buffer)];
   }
   throw new Error(`gguf value type ${type}`);
 }
@@ -362,11 +477,17 @@ function ggufTensors(m, type) {
   };
   one('token_embd.weight', 'model.embed_tokens.weight', 'BF16');
   for (let l = 0; l < m.layers; l++) {
-    const p = `model.layers.${l}`, b = `blk.${l}`;
+    const p = `model.layers.${l}`,
+      b = `blk.${l}`;
     one(`${b}.attn_norm.weight`, `${p}.input_layernorm.weight`);
-    for (const [g, hf] of [['attn_q', 'q_proj'], ['attn_k', 'k_proj'], ['attn_v', 'v_proj']]) {
+    for (const [g, hf] of [
+      ['attn_q', 'q_proj'],
+      ['attn_k', 'k_proj'],
+      ['attn_v', 'v_proj'],
+    ]) {
       one(`${b}.${g}.weight`, `${p}.self_attn.${hf}.weight`, type);
-      if (m.family === 'mixtral' && hf !== 'v_proj') out[out.length - 1].permuteHeads = hf === 'q_proj' ? m.heads : m.kvHeads;
+      if (m.family === 'mixtral' && hf !== 'v_proj')
+        out[out.length - 1].permuteHeads = hf === 'q_proj' ? m.heads : m.kvHeads;
     }
     one(`${b}.attn_output.weight`, `${p}.self_attn.o_proj.weight`, type);
     if (m.family === 'qwen3moe') {
@@ -376,7 +497,11 @@ function ggufTensors(m, type) {
     one(`${b}.ffn_norm.weight`, `${p}.post_attention_layernorm.weight`);
     const x = expertNames(m.family, l);
     one(`${b}.ffn_gate_inp.weight`, x.router, 'F32');
-    for (const [g, fn] of [['ffn_gate_exps', x.gate], ['ffn_up_exps', x.up], ['ffn_down_exps', x.down]]) {
+    for (const [g, fn] of [
+      ['ffn_gate_exps', x.gate],
+      ['ffn_up_exps', x.up],
+      ['ffn_down_exps', x.down],
+    ]) {
       const parts = Array.from({ length: m.E }, (_, e) => byName.get(fn(e)));
       out.push({ name: `${b}.${g}.weight`, shape: [m.E, ...parts[0].shape], type, parts });
     }
@@ -389,11 +514,13 @@ function ggufTensors(m, type) {
 /** Hugging Face rotates head halves together, llama.cpp's `llama` RoPE neighbouring pairs: row 2i + j
  * of a head takes Hugging Face row j * D/2 + i (what llama.cpp's converter does). */
 function permuteRows(bits, rows, cols, heads) {
-  const D = rows / heads, out = new Uint16Array(bits.length);
+  const D = rows / heads,
+    out = new Uint16Array(bits.length);
   for (let h = 0; h < heads; h++)
     for (let i = 0; i < D / 2; i++)
       for (let j = 0; j < 2; j++) {
-        const src = h * D + j * (D / 2) + i, dst = h * D + 2 * i + j;
+        const src = h * D + j * (D / 2) + i,
+          dst = h * D + 2 * i + j;
         out.set(bits.subarray(src * cols, (src + 1) * cols), dst * cols);
       }
   return out;
@@ -403,8 +530,16 @@ function writeGguf(file, m, type) {
   const tensors = ggufTensors(m, type);
   const ALIGN = 32;
   const head = [Buffer.from('GGUF', 'latin1')];
-  const u32b = (x) => { const b = Buffer.alloc(4); b.writeUInt32LE(x); return b; };
-  const u64b = (x) => { const b = Buffer.alloc(8); b.writeBigUInt64LE(BigInt(x)); return b; };
+  const u32b = (x) => {
+    const b = Buffer.alloc(4);
+    b.writeUInt32LE(x);
+    return b;
+  };
+  const u64b = (x) => {
+    const b = Buffer.alloc(8);
+    b.writeBigUInt64LE(BigInt(x));
+    return b;
+  };
   const meta = ggufMetadata(m, type);
   head.push(u32b(3), u64b(tensors.length), u64b(meta.length));
   // One buffer per string of a 150k-token vocabulary: appended one by one (a spread would overflow the stack).
@@ -414,7 +549,13 @@ function writeGguf(file, m, type) {
     const cols = t.shape[t.shape.length - 1];
     const rows = t.shape.slice(0, -1).reduce((x, y) => x * y, 1);
     t.bytes = rows * GGML[t.type].rowBytes(cols);
-    head.push(...ggufString(t.name), u32b(t.shape.length), ...[...t.shape].reverse().map(u64b), u32b(GGML[t.type].id), u64b(offset));
+    head.push(
+      ...ggufString(t.name),
+      u32b(t.shape.length),
+      ...[...t.shape].reverse().map(u64b),
+      u32b(GGML[t.type].id),
+      u64b(offset),
+    );
     t.offset = offset;
     offset += Math.ceil(t.bytes / ALIGN) * ALIGN;
   }
@@ -424,9 +565,11 @@ function writeGguf(file, m, type) {
   const start = sink.length;
   for (const t of tensors) {
     sink.pad(ALIGN);
-    if (sink.length - start !== t.offset) throw new Error(`gguf writer: ${t.name} at ${sink.length - start}, expected ${t.offset}`);
+    if (sink.length - start !== t.offset)
+      throw new Error(`gguf writer: ${t.name} at ${sink.length - start}, expected ${t.offset}`);
     for (const part of t.parts) {
-      if (t.permuteHeads) sink.write(encodeChunk(permuteRows(allBf16(part), part.shape[0], part.shape[1], t.permuteHeads), t.type));
+      if (t.permuteHeads)
+        sink.write(encodeChunk(permuteRows(allBf16(part), part.shape[0], part.shape[1], t.permuteHeads), t.type));
       else for (const c of bf16Chunks(part)) sink.write(encodeChunk(c, t.type));
     }
   }
@@ -442,7 +585,8 @@ function weightCounts(m) {
   const attn = m.layers * ((m.heads + 2 * m.kvHeads) * m.D * m.H + m.H * m.heads * m.D);
   const experts = m.layers * m.E * 3 * m.H * m.F;
   const router = m.layers * m.E * m.H;
-  const embed = m.V * m.H, lmHead = m.V * m.H;
+  const embed = m.V * m.H,
+    lmHead = m.V * m.H;
   return { attn, experts, router, embed, lmHead, total: attn + experts + router + embed + lmHead };
 }
 
@@ -461,23 +605,35 @@ function ensureModel(cacheDir, name, m, ggufTypes, log) {
   const key = `${name}-v1-h${m.H}-l${m.layers}-e${m.E}-f${m.F}-v${m.V}`;
   const dir = path.join(cacheDir, key);
   fs.mkdirSync(dir, { recursive: true });
-  const want = [['hf', path.join(dir, 'hf', 'model.safetensors')], ...ggufTypes.map((t) => [t, path.join(dir, `model-${t.toLowerCase()}.gguf`)])];
+  const want = [
+    ['hf', path.join(dir, 'hf', 'model.safetensors')],
+    ...ggufTypes.map((t) => [t, path.join(dir, `model-${t.toLowerCase()}.gguf`)]),
+  ];
   const missing = want.filter(([, f]) => !fs.existsSync(f + '.done'));
   if (missing.length) {
     const need = missing.reduce((s, [f]) => s + fileBytes(m, f), 0);
     const { bavail, bsize } = fs.statfsSync(cacheDir);
     const free = bavail * bsize;
-    if (need + 4e9 > free) throw new Error(`${name}: writing ${gb(need)} GB of model files needs that much free disk and 4 GB to spare; ${cacheDir} has ${gb(free)} GB free`);
+    if (need + 4e9 > free)
+      throw new Error(
+        `${name}: writing ${gb(need)} GB of model files needs that much free disk and 4 GB to spare; ${cacheDir} has ${gb(free)} GB free`,
+      );
   }
   for (const [f, target] of missing) {
     const t0 = Date.now();
-    log(`writing ${name} ${f === 'hf' ? 'Hugging Face folder (bf16)' : f + ' GGUF'}: about ${gb(fileBytes(m, f))} GB ...`);
+    log(
+      `writing ${name} ${f === 'hf' ? 'Hugging Face folder (bf16)' : f + ' GGUF'}: about ${gb(fileBytes(m, f))} GB ...`,
+    );
     if (f === 'hf') writeHf(path.join(dir, 'hf'), m);
     else writeGguf(target, m, f);
     fs.writeFileSync(target + '.done', '');
     log(`  done in ${((Date.now() - t0) / 1e3).toFixed(0)} s`);
   }
-  return { dir, hf: path.join(dir, 'hf'), gguf: Object.fromEntries(ggufTypes.map((t) => [t, path.join(dir, `model-${t.toLowerCase()}.gguf`)])) };
+  return {
+    dir,
+    hf: path.join(dir, 'hf'),
+    gguf: Object.fromEntries(ggufTypes.map((t) => [t, path.join(dir, `model-${t.toLowerCase()}.gguf`)])),
+  };
 }
 
 const gb = (b) => (b / 1e9).toFixed(2);

@@ -49,7 +49,8 @@ const opt = (name) => {
   const i = args.indexOf(name);
   return i >= 0 ? args[i + 1] : undefined;
 };
-const quick = args.includes('--quick'), jsonOut = args.includes('--json');
+const quick = args.includes('--quick'),
+  jsonOut = args.includes('--json');
 const log = (s) => (jsonOut ? process.stderr : process.stdout).write(s + '\n');
 const list = (name, all) => {
   const v = opt(name) ? opt(name).split(',') : all;
@@ -58,7 +59,11 @@ const list = (name, all) => {
 };
 const shapes = quick ? QUICK_MODELS : MODELS;
 const modelNames = list('--models', Object.keys(shapes));
-const FORMATS = { bf16: { ours: 'none', gguf: 'BF16' }, int8: { ours: 'int8', gguf: 'Q8_0' }, int4: { ours: 'int4', gguf: 'Q4_0' } };
+const FORMATS = {
+  bf16: { ours: 'none', gguf: 'BF16' },
+  int8: { ours: 'int8', gguf: 'Q8_0' },
+  int4: { ours: 'int4', gguf: 'Q4_0' },
+};
 const formats = list('--formats', Object.keys(FORMATS));
 const engines = list('--engines', ['ours', 'llama']);
 const cacheDir = opt('--cache-dir') || path.join(os.tmpdir(), 'fused-moe-bench-models' + (quick ? '-quick' : ''));
@@ -110,9 +115,11 @@ const ceilings = { readGBs: 0, fmaGflops: 0, bf16DotGflops: 0 };
 function measureCeilings() {
   ceilings.readGBs = Math.max(ceilings.readGBs, binding.bench.readBandwidth(quick ? 64 << 20 : 1 << 30, THREADS));
   if (fmaIsa) ceilings.fmaGflops = Math.max(ceilings.fmaGflops, binding.bench.fmaPeak(ISA_INDEX[fmaIsa], THREADS));
-  if (cpu.supported.includes('avx512bf16')) ceilings.bf16DotGflops = Math.max(ceilings.bf16DotGflops, binding.bench.fmaPeak(ISA_INDEX.avx512bf16, THREADS));
+  if (cpu.supported.includes('avx512bf16'))
+    ceilings.bf16DotGflops = Math.max(ceilings.bf16DotGflops, binding.bench.fmaPeak(ISA_INDEX.avx512bf16, THREADS));
 }
-const promptCeiling = (format) => (format === 'bf16' && ceilings.bf16DotGflops ? ceilings.bf16DotGflops : ceilings.fmaGflops);
+const promptCeiling = (format) =>
+  format === 'bf16' && ceilings.bf16DotGflops ? ceilings.bf16DotGflops : ceilings.fmaGflops;
 
 // ---- run ------------------------------------------------------------------------------------------
 function tokens(n, V, seed) {
@@ -124,23 +131,49 @@ function tokens(n, V, seed) {
 }
 
 function runChild(job) {
-  const r = spawnSync(process.execPath, [__filename, '--child', JSON.stringify(job)], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], maxBuffer: 1 << 26 });
+  const r = spawnSync(process.execPath, [__filename, '--child', JSON.stringify(job)], {
+    encoding: 'utf8',
+    stdio: ['ignore', 'pipe', 'inherit'],
+    maxBuffer: 1 << 26,
+  });
   if (r.status !== 0) return { error: `exit ${r.status}${r.signal ? ' (' + r.signal + ')' : ''}` };
   return JSON.parse(r.stdout.trim().split('\n').pop());
 }
 
-log(`fused-moe model bench: ${os.cpus()[0].model}, ${os.cpus().length} cores, ${(os.totalmem() / 2 ** 30).toFixed(0)} GiB; ${THREADS} threads each; kernels ${cpu.isa}`);
+log(
+  `fused-moe model bench: ${os.cpus()[0].model}, ${os.cpus().length} cores, ${(os.totalmem() / 2 ** 30).toFixed(0)} GiB; ${THREADS} threads each; kernels ${cpu.isa}`,
+);
 measureCeilings();
-log(`ceilings: read ${fmt(ceilings.readGBs)} GB/s; ${fmaIsa} f32 FMA peak ${fmt(ceilings.fmaGflops)} GFLOP/s` + (ceilings.bf16DotGflops ? `; bf16 dot peak ${fmt(ceilings.bf16DotGflops)} GFLOP/s` : ''));
+log(
+  `ceilings: read ${fmt(ceilings.readGBs)} GB/s; ${fmaIsa} f32 FMA peak ${fmt(ceilings.fmaGflops)} GFLOP/s` +
+    (ceilings.bf16DotGflops ? `; bf16 dot peak ${fmt(ceilings.bf16DotGflops)} GFLOP/s` : ''),
+);
 
 const rows = [];
 let failed = false;
 const started = new Date().toISOString();
-const resultFile = path.join(__dirname, 'results', `model-${started.replace(/[:.]/g, '-')}${quick ? '-quick' : ''}.json`);
+const resultFile = path.join(
+  __dirname,
+  'results',
+  `model-${started.replace(/[:.]/g, '-')}${quick ? '-quick' : ''}.json`,
+);
 const resultOf = (targets) => ({
-  date: started, command: `node bench/model.js ${args.join(' ')}`.trim(),
-  machine: { cpu: os.cpus()[0].model, cores: os.cpus().length, memGiB: os.totalmem() / 2 ** 30, kernels: cpu.isa, supported: cpu.supported },
-  quick, threads: THREADS, run: RUN, ceilings, bytesPerWeight: BYTES_PER_WEIGHT, rows, targets,
+  date: started,
+  command: `node bench/model.js ${args.join(' ')}`.trim(),
+  machine: {
+    cpu: os.cpus()[0].model,
+    cores: os.cpus().length,
+    memGiB: os.totalmem() / 2 ** 30,
+    kernels: cpu.isa,
+    supported: cpu.supported,
+  },
+  quick,
+  threads: THREADS,
+  run: RUN,
+  ceilings,
+  bytesPerWeight: BYTES_PER_WEIGHT,
+  rows,
+  targets,
 });
 // Saved after every case too, so that an hour's figures survive a later failure.
 function save(targets) {
@@ -151,8 +184,10 @@ for (const name of modelNames) {
   const m = shapes[name];
   const ggufTypes = engines.includes('llama') ? formats.map((f) => FORMATS[f].gguf) : [];
   const sizes = ['hf', ...ggufTypes].map((f) => `${f} ${(fileBytes(m, f) / 1e9).toFixed(2)} GB`).join(', ');
-  log(`\n${name}: H ${m.H}, ${m.layers} layers, ${m.heads}/${m.kvHeads} heads of ${m.D}, E ${m.E}, k ${m.k}, F ${m.F}, vocab ${m.V}; ` +
-    `${(weightCounts(m).total / 1e9).toFixed(2)} G weights; files (${cacheDir}): ${sizes}`);
+  log(
+    `\n${name}: H ${m.H}, ${m.layers} layers, ${m.heads}/${m.kvHeads} heads of ${m.D}, E ${m.E}, k ${m.k}, F ${m.F}, vocab ${m.V}; ` +
+      `${(weightCounts(m).total / 1e9).toFixed(2)} G weights; files (${cacheDir}): ${sizes}`,
+  );
   let files;
   try {
     files = ensureModel(cacheDir, name, m, ggufTypes, log);
@@ -165,20 +200,37 @@ for (const name of modelNames) {
   const decodePrefix = tokens(RUN.prefix, m.V, 12);
   const decodeTokens = tokens(RUN.warmDecode + RUN.decodeSteps, m.V, 13);
   for (const format of formats) {
-    const row = { model: name, format, shape: m, promptTokens: RUN.promptTokens, flops: promptFlops(m, RUN.promptTokens) };
+    const row = {
+      model: name,
+      format,
+      shape: m,
+      promptTokens: RUN.promptTokens,
+      flops: promptFlops(m, RUN.promptTokens),
+    };
     rows.push(row);
     for (const engine of engines) {
       const bpw = BYTES_PER_WEIGHT[engine][format];
       const resident = engine === 'ours' ? fileBytes(m, 'hf') * (bpw / 2) : fileBytes(m, FORMATS[format].gguf);
       const avail = memAvailable();
       if (avail < resident * 1.1 + 1.5e9) {
-        log(`${name} ${format} ${engine}: skipped, it needs about ${(resident / 1e9).toFixed(1)} GB and ${(avail / 1e9).toFixed(1)} GB is available`);
+        log(
+          `${name} ${format} ${engine}: skipped, it needs about ${(resident / 1e9).toFixed(1)} GB and ${(avail / 1e9).toFixed(1)} GB is available`,
+        );
         failed = true;
         continue;
       }
       const job = {
-        engine, quantize: FORMATS[format].ours, dir: files.hf, gguf: files.gguf[FORMATS[format].gguf], prompt, decodePrefix, decodeTokens,
-        warmDecode: RUN.warmDecode, promptReps: RUN.promptReps, threads: THREADS, context: RUN.context,
+        engine,
+        quantize: FORMATS[format].ours,
+        dir: files.hf,
+        gguf: files.gguf[FORMATS[format].gguf],
+        prompt,
+        decodePrefix,
+        decodeTokens,
+        warmDecode: RUN.warmDecode,
+        promptReps: RUN.promptReps,
+        threads: THREADS,
+        context: RUN.context,
       };
       log(`${name} ${format} ${engine} ...`);
       const r = runChild(job);
@@ -187,12 +239,21 @@ for (const name of modelNames) {
         failed = true;
         continue;
       }
-      const promptMs = median(r.promptMs), decodeMs = median(r.decodeMs);
+      const promptMs = median(r.promptMs),
+        decodeMs = median(r.decodeMs);
       const bytes = decodeBytes(m, bpw);
       row[engine] = {
-        loadS: r.loadS, info: r.info, promptMs: r.promptMs, decodeMs: r.decodeMs, bytesPerToken: bytes, bytesPerWeight: bpw,
-        promptTokPerS: RUN.promptTokens / (promptMs / 1e3), promptGflops: row.flops / (promptMs / 1e3) / 1e9,
-        decodeMedianMs: decodeMs, decodeTokPerS: 1e3 / decodeMs, decodeGBs: bytes / (decodeMs / 1e3) / 1e9,
+        loadS: r.loadS,
+        info: r.info,
+        promptMs: r.promptMs,
+        decodeMs: r.decodeMs,
+        bytesPerToken: bytes,
+        bytesPerWeight: bpw,
+        promptTokPerS: RUN.promptTokens / (promptMs / 1e3),
+        promptGflops: row.flops / (promptMs / 1e3) / 1e9,
+        decodeMedianMs: decodeMs,
+        decodeTokPerS: 1e3 / decodeMs,
+        decodeGBs: bytes / (decodeMs / 1e3) / 1e9,
         // Steps over twice the median: stalls (another process took a core mid-step).
         decodeStalls: r.decodeMs.filter((t) => t > 2 * decodeMs).length,
       };
@@ -200,8 +261,10 @@ for (const name of modelNames) {
         log(`${name} ${format} ${engine}: non-finite logits`);
         failed = true;
       }
-      log(`  load ${fmt(r.loadS)} s; prompt ${fmt(promptMs)} ms (${r.promptMs.map(fmt).join(' ')}); decode median ${fmt(decodeMs)} ms ` +
-        `of ${r.decodeMs.length} steps (min ${fmt(Math.min(...r.decodeMs))}, max ${fmt(Math.max(...r.decodeMs))}, ${row[engine].decodeStalls} over 2x)`);
+      log(
+        `  load ${fmt(r.loadS)} s; prompt ${fmt(promptMs)} ms (${r.promptMs.map(fmt).join(' ')}); decode median ${fmt(decodeMs)} ms ` +
+          `of ${r.decodeMs.length} steps (min ${fmt(Math.min(...r.decodeMs))}, max ${fmt(Math.max(...r.decodeMs))}, ${row[engine].decodeStalls} over 2x)`,
+      );
       save(undefined);
     }
   }
@@ -210,8 +273,10 @@ for (const name of modelNames) {
 // ---- report ---------------------------------------------------------------------------------------
 if (!quick) {
   measureCeilings();
-  log(`\nceilings after the cases (the higher of the two kept): read ${fmt(ceilings.readGBs)} GB/s; f32 FMA ${fmt(ceilings.fmaGflops)} GFLOP/s` +
-    (ceilings.bf16DotGflops ? `; bf16 dot ${fmt(ceilings.bf16DotGflops)} GFLOP/s` : ''));
+  log(
+    `\nceilings after the cases (the higher of the two kept): read ${fmt(ceilings.readGBs)} GB/s; f32 FMA ${fmt(ceilings.fmaGflops)} GFLOP/s` +
+      (ceilings.bf16DotGflops ? `; bf16 dot ${fmt(ceilings.bf16DotGflops)} GFLOP/s` : ''),
+  );
 }
 for (const row of rows)
   for (const e of engines)
@@ -221,31 +286,60 @@ for (const row of rows)
     }
 
 const ratio = (a, b) => (a && b ? fmt(a / b) + 'x' : '-');
-const head = ['model', 'format', 'prompt tok/s ours', 'llama', 'ours/llama', '%peak ours', 'llama', 'decode tok/s ours', 'llama', 'ours/llama', '%bw ours', 'llama'];
+const head = [
+  'model',
+  'format',
+  'prompt tok/s ours',
+  'llama',
+  'ours/llama',
+  '%peak ours',
+  'llama',
+  'decode tok/s ours',
+  'llama',
+  'ours/llama',
+  '%bw ours',
+  'llama',
+];
 const table = [head];
 for (const r of rows) {
-  const o = r.ours || {}, l = r.llama || {};
+  const o = r.ours || {},
+    l = r.llama || {};
   table.push([
-    r.model, `${r.format}/${FORMATS[r.format].gguf}`,
-    o.promptTokPerS ? fmt(o.promptTokPerS) : '-', l.promptTokPerS ? fmt(l.promptTokPerS) : '-', ratio(o.promptTokPerS, l.promptTokPerS),
-    o.promptTokPerS ? pct(o.promptPeakFraction) : '-', l.promptTokPerS ? pct(l.promptPeakFraction) : '-',
-    o.decodeTokPerS ? fmt(o.decodeTokPerS) : '-', l.decodeTokPerS ? fmt(l.decodeTokPerS) : '-', ratio(o.decodeTokPerS, l.decodeTokPerS),
-    o.decodeTokPerS ? pct(o.decodeBwFraction) : '-', l.decodeTokPerS ? pct(l.decodeBwFraction) : '-',
+    r.model,
+    `${r.format}/${FORMATS[r.format].gguf}`,
+    o.promptTokPerS ? fmt(o.promptTokPerS) : '-',
+    l.promptTokPerS ? fmt(l.promptTokPerS) : '-',
+    ratio(o.promptTokPerS, l.promptTokPerS),
+    o.promptTokPerS ? pct(o.promptPeakFraction) : '-',
+    l.promptTokPerS ? pct(l.promptPeakFraction) : '-',
+    o.decodeTokPerS ? fmt(o.decodeTokPerS) : '-',
+    l.decodeTokPerS ? fmt(l.decodeTokPerS) : '-',
+    ratio(o.decodeTokPerS, l.decodeTokPerS),
+    o.decodeTokPerS ? pct(o.decodeBwFraction) : '-',
+    l.decodeTokPerS ? pct(l.decodeBwFraction) : '-',
   ]);
 }
 const widths = head.map((_, i) => Math.max(...table.map((row) => String(row[i]).length)));
 log('');
 for (const row of table) log(row.map((v, i) => String(v).padStart(widths[i])).join('  '));
-log(`prompt: ${RUN.promptTokens} tokens, median of ${RUN.promptReps}; %peak of the ${fmaIsa} f32 FMA peak (bf16: of the bf16 dot peak). ` +
-  `decode: batch 1, median of ${RUN.decodeSteps} steps after a ${RUN.prefix}-token prefix; %bw: bytes a token reads / time, of the read probe.`);
+log(
+  `prompt: ${RUN.promptTokens} tokens, median of ${RUN.promptReps}; %peak of the ${fmaIsa} f32 FMA peak (bf16: of the bf16 dot peak). ` +
+    `decode: batch 1, median of ${RUN.decodeSteps} steps after a ${RUN.prefix}-token prefix; %bw: bytes a token reads / time, of the read probe.`,
+);
 
 const targets = [];
 for (const r of rows) {
   if (!r.ours) continue;
   const tag = `${r.model} ${r.format}`;
-  targets.push({ target: `${tag}: decode >= 85% of read bandwidth`, value: r.ours.decodeBwFraction, ok: r.ours.decodeBwFraction >= 0.85, show: pct(r.ours.decodeBwFraction) });
+  targets.push({
+    target: `${tag}: decode >= 85% of read bandwidth`,
+    value: r.ours.decodeBwFraction,
+    ok: r.ours.decodeBwFraction >= 0.85,
+    show: pct(r.ours.decodeBwFraction),
+  });
   if (r.llama) {
-    const d = r.ours.decodeTokPerS / r.llama.decodeTokPerS, p = r.ours.promptTokPerS / r.llama.promptTokPerS;
+    const d = r.ours.decodeTokPerS / r.llama.decodeTokPerS,
+      p = r.ours.promptTokPerS / r.llama.promptTokPerS;
     targets.push({ target: `${tag}: decode >= llama.cpp`, value: d, ok: d >= 1, show: fmt(d) + 'x' });
     targets.push({ target: `${tag}: prompt >= 2x llama.cpp`, value: p, ok: p >= 2, show: fmt(p) + 'x' });
   }
