@@ -101,7 +101,9 @@ function memAvailable() {
   try {
     const m = /MemAvailable:\s+(\d+) kB/.exec(fs.readFileSync('/proc/meminfo', 'utf8'));
     if (m) return Number(m[1]) * 1024;
-  } catch {}
+  } catch {
+    // not Linux: fall back to what Node reports
+  }
   return os.freemem();
 }
 
@@ -347,7 +349,7 @@ for (const r of rows) {
 log('');
 for (const t of targets) log(`${t.ok ? 'met ' : 'MISS'}  ${t.target}: ${t.show}`);
 
-const finalTargets = targets.map(({ show, ...t }) => t);
+const finalTargets = targets.map(({ show: _show, ...t }) => t);
 save(finalTargets);
 log(`results: ${path.relative(root, resultFile)}`);
 if (jsonOut) process.stdout.write(JSON.stringify(resultOf(finalTargets)) + '\n');
