@@ -15,10 +15,10 @@ namespace fmoe {
 // Caller-owned weights in the checkpoint layout. The backend copies (packs or uploads) them while it is
 // built, so the caller may free them afterwards.
 struct WeightsView {
-  const float* gate = nullptr;    // [E, H] float32
-  std::vector<const void*> w1;    // E pointers, each [F, H] of weight_dtype
-  std::vector<const void*> w3;    // E pointers, each [F, H]
-  std::vector<const void*> w2;    // E pointers, each [H, F]
+  const float* gate = nullptr;  // [E, H] float32
+  std::vector<const void*> w1;  // E pointers, each [F, H] of weight_dtype
+  std::vector<const void*> w3;  // E pointers, each [F, H]
+  std::vector<const void*> w2;  // E pointers, each [H, F]
 };
 
 // Set by the caller to ask a running forward to stop at its next chunk boundary.
@@ -27,9 +27,9 @@ using CancelFlag = std::atomic<bool>;
 class Backend {
  public:
   virtual ~Backend() = default;
-  virtual std::string name() const = 0;          // "cpu" or "cuda"
-  virtual std::string kernel_name() const = 0;   // e.g. "avx512bf16", or the CUDA device name
-  virtual size_t native_bytes() const = 0;       // memory this layer holds (for GC accounting)
+  virtual std::string name() const = 0;         // "cpu" or "cuda"
+  virtual std::string kernel_name() const = 0;  // e.g. "avx512bf16", or the CUDA device name
+  virtual size_t native_bytes() const = 0;      // memory this layer holds (for GC accounting)
   virtual const MoeConfig& config() const = 0;
 
   // out[T, H] = MoE(x[T, H]). x and out may not overlap. Thread-safe: several forwards may run at once.

@@ -15,12 +15,18 @@ void LayerBuilder::pack_expert(int64_t, const void*, const void*, const void*) {
 BackendChoice choose_backend(const MoeConfig& cfg, DeviceRequest device) {
   BackendChoice c;
   switch (device) {
-    case DeviceRequest::Cpu: break;
-    case DeviceRequest::Cuda: c.cuda = true; break;
+    case DeviceRequest::Cpu:
+      break;
+    case DeviceRequest::Cuda:
+      c.cuda = true;
+      break;
     case DeviceRequest::Auto:
-      if (cfg.quant != Quant::None) c.fallback_reason = std::string("quantize '") + quant_name(cfg.quant) + "' runs on the CPU backend only";
-      else if (!cuda_available()) c.fallback_reason = cuda_unavailable_reason();
-      else c.cuda = true;
+      if (cfg.quant != Quant::None)
+        c.fallback_reason = std::string("quantize '") + quant_name(cfg.quant) + "' runs on the CPU backend only";
+      else if (!cuda_available())
+        c.fallback_reason = cuda_unavailable_reason();
+      else
+        c.cuda = true;
       break;
   }
   return c;
@@ -67,8 +73,7 @@ class FallbackBuilder final : public LayerBuilder {
 
 std::unique_ptr<LayerBuilder> make_builder(const MoeConfig& cfg, DeviceRequest device, int cuda_device) {
   validate_config(cfg);
-  if (!enum_known(kDeviceNames, device))
-    fail(ErrorCode::Invalid, "device must be " + enum_choices(kDeviceNames));
+  if (!enum_known(kDeviceNames, device)) fail(ErrorCode::Invalid, "device must be " + enum_choices(kDeviceNames));
   BackendChoice choice = choose_backend(cfg, device);
   if (choice.cuda) return std::make_unique<CudaBuilder>(cfg, cuda_device);
   std::unique_ptr<LayerBuilder> cpu = make_cpu_builder(cfg);

@@ -27,7 +27,8 @@ void validate_config(const MoeConfig& c) {
   if (!quant_group_ok(c.quant_group)) {
     std::string sizes;
     const size_t n = sizeof kQuantGroupSizes / sizeof kQuantGroupSizes[0];
-    for (size_t i = 0; i < n; i++) sizes += (i ? (i + 1 == n ? " or " : ", ") : "") + std::to_string(kQuantGroupSizes[i]);
+    for (size_t i = 0; i < n; i++)
+      sizes += (i ? (i + 1 == n ? " or " : ", ") : "") + std::to_string(kQuantGroupSizes[i]);
     fail(ErrorCode::Invalid, "quantGroupSize must be " + sizes + ", got " + std::to_string(c.quant_group));
   }
   // The largest weight tensor, E * F * H elements, must stay within kMaxElements.

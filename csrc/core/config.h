@@ -14,8 +14,8 @@ struct MoeConfig {
   int64_t top_k = 0;         // k, 1 <= k <= E
   Routing routing = Routing::SoftmaxTopkRenorm;
   DType weight_dtype = DType::F32;
-  int threads = 0;  // at most this many threads per pool job; 0: the pool's size (physical cores)
-  Quant quant = Quant::None;                // expert weights quantized at load (quant.h); CPU only
+  int threads = 0;            // at most this many threads per pool job; 0: the pool's size (physical cores)
+  Quant quant = Quant::None;  // expert weights quantized at load (quant.h); CPU only
   int64_t quant_group = kDefaultQuantGroup;  // weights per scale along the reduction axis (kQuantGroupSizes)
 };
 

@@ -25,35 +25,35 @@ constexpr EnumName<QkNorm> kQkNormNames[] = {
     {QkNorm::None, "none"}, {QkNorm::Head, "head"}, {QkNorm::Projection, "projection"}};
 
 struct DecoderConfig {
-  int64_t vocab = 0;      // V
-  int64_t hidden = 0;     // H
-  int64_t layers = 0;     // decoder layers
-  int64_t heads = 0;      // query heads
-  int64_t kv_heads = 0;   // KV heads (heads is a multiple)
-  int64_t head_dim = 0;   // D, even
+  int64_t vocab = 0;     // V
+  int64_t hidden = 0;    // H
+  int64_t layers = 0;    // decoder layers
+  int64_t heads = 0;     // query heads
+  int64_t kv_heads = 0;  // KV heads (heads is a multiple)
+  int64_t head_dim = 0;  // D, even
   double rope_theta = 10000;
   float rms_eps = 1e-5f;
-  int64_t window = 0;     // sliding window (positions a query sees, itself included); 0: all earlier
+  int64_t window = 0;  // sliding window (positions a query sees, itself included); 0: all earlier
   QkNorm qk_norm = QkNorm::None;
   bool qkv_bias = false;
-  float clip_qkv = 0;     // q, k, v clamped to [-clip, clip] when > 0 (OLMoE)
+  float clip_qkv = 0;  // q, k, v clamped to [-clip, clip] when > 0 (OLMoE)
   // The MLP: the MoE block where moe_layer[i] is 1, else a dense SwiGLU MLP of dense_intermediate.
   int64_t num_experts = 0, top_k = 0, moe_intermediate = 0;
   Routing routing = Routing::SoftmaxTopkRenorm;
   int64_t shared_intermediate = 0;  // an always-on shared expert (0: none)
   bool shared_gate = false;         // scaled by sigmoid(shared_gate · x) per token
   int64_t dense_intermediate = 0;
-  std::vector<uint8_t> moe_layer;   // [layers]
+  std::vector<uint8_t> moe_layer;  // [layers]
   // Storage.
   DType weight_dtype = DType::BF16;  // the checkpoint's projection and expert matrices
   DType embed_dtype = DType::BF16;   // the embedding table as stored (never quantized)
   Quant quant = Quant::None;         // every projection matrix (attention, experts, LM head)
   int64_t quant_group = 128;
   DType kv_dtype = DType::BF16;
-  int64_t block_tokens = 16;   // positions per KV cache block
-  int64_t cache_blocks = 0;    // blocks in the cache (shared by every sequence)
-  int64_t context = 0;         // longest sequence, in positions
-  int threads = 0;             // at most this many pool threads (0: all)
+  int64_t block_tokens = 16;  // positions per KV cache block
+  int64_t cache_blocks = 0;   // blocks in the cache (shared by every sequence)
+  int64_t context = 0;        // longest sequence, in positions
+  int threads = 0;            // at most this many pool threads (0: all)
 };
 
 // Throws MoeException(Invalid) naming the field when a value is out of range or inconsistent.
@@ -63,29 +63,38 @@ void validate_decoder_config(const DecoderConfig& cfg);
 // model-wide slots. Parts: Qkv and QkvBias take q, k, v; the three-matrix slots take gate (w1), up (w3),
 // down (w2); the rest one tensor.
 enum class Slot : int {
-  Embedding = 0,   // [V, H]
-  FinalNorm = 1,   // [H]
-  LmHead = 2,      // [V, H]
-  AttnNorm = 3,    // [H]
-  Qkv = 4,         // [heads*D, H], [kv*D, H], [kv*D, H]
-  QkvBias = 5,     // [heads*D], [kv*D], [kv*D]
-  QNorm = 6,       // [D] (per head) or [heads*D] (projection)
-  KNorm = 7,       // [D] or [kv*D]
-  O = 8,           // [H, heads*D]
-  FfnNorm = 9,     // [H]
-  Router = 10,     // [E, H]
-  Expert = 11,     // [F, H], [F, H], [H, F]
-  Shared = 12,     // the same with F = shared_intermediate
-  SharedGate = 13, // [1, H]
-  Dense = 14,      // the same with F = dense_intermediate
+  Embedding = 0,    // [V, H]
+  FinalNorm = 1,    // [H]
+  LmHead = 2,       // [V, H]
+  AttnNorm = 3,     // [H]
+  Qkv = 4,          // [heads*D, H], [kv*D, H], [kv*D, H]
+  QkvBias = 5,      // [heads*D], [kv*D], [kv*D]
+  QNorm = 6,        // [D] (per head) or [heads*D] (projection)
+  KNorm = 7,        // [D] or [kv*D]
+  O = 8,            // [H, heads*D]
+  FfnNorm = 9,      // [H]
+  Router = 10,      // [E, H]
+  Expert = 11,      // [F, H], [F, H], [H, F]
+  Shared = 12,      // the same with F = shared_intermediate
+  SharedGate = 13,  // [1, H]
+  Dense = 14,       // the same with F = dense_intermediate
 };
 // The names the binding takes (and errors print).
-constexpr EnumName<Slot> kSlotNames[] = {
-    {Slot::Embedding, "embedding"}, {Slot::FinalNorm, "finalNorm"}, {Slot::LmHead, "lmHead"},
-    {Slot::AttnNorm, "attnNorm"},   {Slot::Qkv, "qkv"},             {Slot::QkvBias, "qkvBias"},
-    {Slot::QNorm, "qNorm"},         {Slot::KNorm, "kNorm"},         {Slot::O, "o"},
-    {Slot::FfnNorm, "ffnNorm"},     {Slot::Router, "router"},       {Slot::Expert, "expert"},
-    {Slot::Shared, "shared"},       {Slot::SharedGate, "sharedGate"}, {Slot::Dense, "dense"}};
+constexpr EnumName<Slot> kSlotNames[] = {{Slot::Embedding, "embedding"},
+                                         {Slot::FinalNorm, "finalNorm"},
+                                         {Slot::LmHead, "lmHead"},
+                                         {Slot::AttnNorm, "attnNorm"},
+                                         {Slot::Qkv, "qkv"},
+                                         {Slot::QkvBias, "qkvBias"},
+                                         {Slot::QNorm, "qNorm"},
+                                         {Slot::KNorm, "kNorm"},
+                                         {Slot::O, "o"},
+                                         {Slot::FfnNorm, "ffnNorm"},
+                                         {Slot::Router, "router"},
+                                         {Slot::Expert, "expert"},
+                                         {Slot::Shared, "shared"},
+                                         {Slot::SharedGate, "sharedGate"},
+                                         {Slot::Dense, "dense"}};
 inline const char* slot_name(Slot s) { return enum_name(kSlotNames, s); }
 
 struct TensorPart {

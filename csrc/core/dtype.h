@@ -1,8 +1,9 @@
-// Element types of expert weights (DType, options.h): their sizes and the portable 16-bit conversions every backend shares.
+// Element types of expert weights (DType, options.h): their sizes and the portable 16-bit conversions every backend
+// shares.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <cmath>
 
 #include "options.h"
 
@@ -37,7 +38,10 @@ inline float f16_to_f32(uint16_t h) {
       bits = sign;
     } else {  // subnormal: renormalise
       int e = -1;
-      do { e++; man <<= 1; } while ((man & 0x400u) == 0);
+      do {
+        e++;
+        man <<= 1;
+      } while ((man & 0x400u) == 0);
       bits = sign | uint32_t(127 - 15 - e) << 23 | (man & 0x3ffu) << 13;
     }
   } else if (exp == 31) {
@@ -76,9 +80,12 @@ inline uint16_t f32_to_f16(float f) {
 
 inline float load_as_f32(const void* base, DType dt, size_t i) {
   switch (dt) {
-    case DType::F32: return static_cast<const float*>(base)[i];
-    case DType::BF16: return bf16_to_f32(static_cast<const uint16_t*>(base)[i]);
-    case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(base)[i]);
+    case DType::F32:
+      return static_cast<const float*>(base)[i];
+    case DType::BF16:
+      return bf16_to_f32(static_cast<const uint16_t*>(base)[i]);
+    case DType::F16:
+      return f16_to_f32(static_cast<const uint16_t*>(base)[i]);
   }
   return NAN;
 }

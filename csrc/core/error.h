@@ -19,15 +19,24 @@ enum class ErrorCode : int {
 
 inline const char* error_code_name(ErrorCode c) {
   switch (c) {
-    case ErrorCode::Invalid: return "ERR_MOE_INVALID";
-    case ErrorCode::Shape: return "ERR_MOE_SHAPE";
-    case ErrorCode::Dtype: return "ERR_MOE_DTYPE";
-    case ErrorCode::NoDevice: return "ERR_MOE_NO_DEVICE";
-    case ErrorCode::Cuda: return "ERR_MOE_CUDA";
-    case ErrorCode::OutOfMemory: return "ERR_MOE_OUT_OF_MEMORY";
-    case ErrorCode::Disposed: return "ERR_MOE_DISPOSED";
-    case ErrorCode::Aborted: return "ABORT_ERR";
-    case ErrorCode::Internal: return "ERR_MOE_INTERNAL";
+    case ErrorCode::Invalid:
+      return "ERR_MOE_INVALID";
+    case ErrorCode::Shape:
+      return "ERR_MOE_SHAPE";
+    case ErrorCode::Dtype:
+      return "ERR_MOE_DTYPE";
+    case ErrorCode::NoDevice:
+      return "ERR_MOE_NO_DEVICE";
+    case ErrorCode::Cuda:
+      return "ERR_MOE_CUDA";
+    case ErrorCode::OutOfMemory:
+      return "ERR_MOE_OUT_OF_MEMORY";
+    case ErrorCode::Disposed:
+      return "ERR_MOE_DISPOSED";
+    case ErrorCode::Aborted:
+      return "ABORT_ERR";
+    case ErrorCode::Internal:
+      return "ERR_MOE_INTERNAL";
   }
   return "ERR_MOE_INTERNAL";
 }

@@ -16,8 +16,10 @@ size_t available_memory_bytes() {
   size_t avail_kb = 0, swap_kb = 0;
   while (std::fgets(line, sizeof line, f)) {
     unsigned long long v;
-    if (std::sscanf(line, "MemAvailable: %llu kB", &v) == 1) avail_kb = size_t(v);
-    else if (std::sscanf(line, "SwapFree: %llu kB", &v) == 1) swap_kb = size_t(v);
+    if (std::sscanf(line, "MemAvailable: %llu kB", &v) == 1)
+      avail_kb = size_t(v);
+    else if (std::sscanf(line, "SwapFree: %llu kB", &v) == 1)
+      swap_kb = size_t(v);
   }
   std::fclose(f);
   return (avail_kb + swap_kb) * 1024;
@@ -29,9 +31,9 @@ size_t available_memory_bytes() {
 void check_memory_available(size_t bytes, const char* what) {
   const size_t avail = available_memory_bytes();
   if (avail != 0 && bytes > avail)
-    fail(ErrorCode::OutOfMemory, std::string(what) + " needs " + std::to_string(bytes >> 20) + " MiB but only " +
-                                     std::to_string(avail >> 20) +
-                                     " MiB are available; use 16-bit weights, fewer experts, or a machine with more memory");
+    fail(ErrorCode::OutOfMemory,
+         std::string(what) + " needs " + std::to_string(bytes >> 20) + " MiB but only " + std::to_string(avail >> 20) +
+             " MiB are available; use 16-bit weights, fewer experts, or a machine with more memory");
 }
 
 }  // namespace fmoe

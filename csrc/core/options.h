@@ -31,8 +31,8 @@ inline bool quant_group_ok(int64_t g) {
 // The integer values are part of the CUDA C ABI for Routing and DType (static_asserts in
 // cuda/host/cuda_backend.cpp): append, never renumber.
 enum class Routing : int { SoftmaxTopkRenorm = 0, SoftmaxTopk = 1 };
-enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };  // element type of the expert weights
-enum class Quant : int { None = 0, Int8 = 1, Int4 = 2 };  // quantization of the experts at load (quant.h)
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };           // element type of the expert weights
+enum class Quant : int { None = 0, Int8 = 1, Int4 = 2 };         // quantization of the experts at load (quant.h)
 enum class DeviceRequest : int { Cpu = 0, Cuda = 1, Auto = 2 };  // where a layer is asked to run
 
 template <class E>
@@ -44,8 +44,7 @@ struct EnumName {
 // The first entry of each table is the default.
 constexpr EnumName<Routing> kRoutingNames[] = {{Routing::SoftmaxTopkRenorm, "softmax-topk-renorm"},
                                                {Routing::SoftmaxTopk, "softmax-topk"}};
-constexpr EnumName<DType> kDTypeNames[] = {
-    {DType::F32, "float32"}, {DType::BF16, "bfloat16"}, {DType::F16, "float16"}};
+constexpr EnumName<DType> kDTypeNames[] = {{DType::F32, "float32"}, {DType::BF16, "bfloat16"}, {DType::F16, "float16"}};
 constexpr EnumName<Quant> kQuantNames[] = {{Quant::None, "none"}, {Quant::Int8, "int8"}, {Quant::Int4, "int4"}};
 constexpr EnumName<DeviceRequest> kDeviceNames[] = {
     {DeviceRequest::Cpu, "cpu"}, {DeviceRequest::Cuda, "cuda"}, {DeviceRequest::Auto, "auto"}};

@@ -43,8 +43,10 @@ inline float quantize_group(const float* v, int64_t n, int qmax, int8_t* codes) 
   float amax = 0.0f;
   bool finite = true;
   for (int64_t i = 0; i < n; i++) {
-    if (!std::isfinite(v[i])) finite = false;
-    else amax = std::fabs(v[i]) > amax ? std::fabs(v[i]) : amax;
+    if (!std::isfinite(v[i]))
+      finite = false;
+    else
+      amax = std::fabs(v[i]) > amax ? std::fabs(v[i]) : amax;
   }
   const float scale = !finite ? NAN : f16_to_f32(f32_to_f16(amax / float(qmax)));
   if (!(scale > 0.0f) || std::isinf(scale)) {  // NaN, zero (or rounded to zero), overflowed: codes 0

@@ -45,9 +45,12 @@ void route_topk(const float* logits, int64_t T, int64_t E, int64_t k, Routing ro
     double sum = 0;
     for (int64_t e = 0; e < E; e++) {
       double v;
-      if (std::isnan(l[e])) v = NAN;
-      else if (std::isinf(mx) && mx > 0) v = (l[e] == mx) ? 1.0 : 0.0;  // +inf logits share the mass
-      else v = std::exp(double(l[e]) - mx);
+      if (std::isnan(l[e]))
+        v = NAN;
+      else if (std::isinf(mx) && mx > 0)
+        v = (l[e] == mx) ? 1.0 : 0.0;  // +inf logits share the mass
+      else
+        v = std::exp(double(l[e]) - mx);
       p[e] = v;
       if (!std::isnan(v)) sum += v;
     }
@@ -60,8 +63,10 @@ void route_topk(const float* logits, int64_t T, int64_t E, int64_t k, Routing ro
     std::vector<bool> taken(E > 64 ? E : 0, false);
     auto is_taken = [&](int64_t e) { return E > 64 ? bool(taken[e]) : bool((taken_small >> e) & 1u); };
     auto set_taken = [&](int64_t e) {
-      if (E > 64) taken[e] = true;
-      else taken_small |= uint64_t(1) << e;
+      if (E > 64)
+        taken[e] = true;
+      else
+        taken_small |= uint64_t(1) << e;
     };
     double picked_sum = 0;
     for (int64_t j = 0; j < k; j++) {

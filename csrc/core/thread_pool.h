@@ -2,8 +2,8 @@
 //
 // One job runs at a time, so two layers forwarding at once never oversubscribe the cores. Jobs wait
 // in arrival order (a ticket queue), so a small request is never starved by a long prefill that
-// keeps submitting phases: it waits for at most the phase running now. A job is a range of items handed out in dynamic chunks, so an expert
-// with many tokens does not leave a core idle.
+// keeps submitting phases: it waits for at most the phase running now. A job is a range of items handed out in dynamic
+// chunks, so an expert with many tokens does not leave a core idle.
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -45,7 +45,7 @@ class ThreadPool {
     std::atomic<int64_t> next{0};  // first item not yet claimed
     std::atomic<int64_t> done{0};  // items finished (or skipped after an error)
     std::atomic<bool> failed{false};
-    std::exception_ptr error;      // the first exception, under mutex_
+    std::exception_ptr error;  // the first exception, under mutex_
   };
 
   void worker_loop(int index);

@@ -22,7 +22,9 @@ constexpr int64_t kSplitMaxTokens = 4;
 // Widens n elements of the cache to float.
 void load_row(const void* base, DType dt, size_t offset, int64_t n, float* dst) {
   switch (dt) {
-    case DType::F32: std::memcpy(dst, static_cast<const float*>(base) + offset, size_t(n) * 4); return;
+    case DType::F32:
+      std::memcpy(dst, static_cast<const float*>(base) + offset, size_t(n) * 4);
+      return;
     case DType::BF16: {
       const uint16_t* s = static_cast<const uint16_t*>(base) + offset;
       for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(s[i]);
@@ -38,7 +40,9 @@ void load_row(const void* base, DType dt, size_t offset, int64_t n, float* dst) 
 
 void store_row(void* base, DType dt, size_t offset, int64_t n, const float* src) {
   switch (dt) {
-    case DType::F32: std::memcpy(static_cast<float*>(base) + offset, src, size_t(n) * 4); return;
+    case DType::F32:
+      std::memcpy(static_cast<float*>(base) + offset, src, size_t(n) * 4);
+      return;
     case DType::BF16: {
       uint16_t* d = static_cast<uint16_t*>(base) + offset;
       for (int64_t i = 0; i < n; i++) d[i] = f32_to_bf16(src[i]);
@@ -115,8 +119,8 @@ void load_tile(const StepGeometry& g, const AttentionSeq& s, int64_t b, int64_t 
 
 // One row's partial over the loaded tile (positions block_pos .. block_pos + n - 1): its max score, sum of
 // exponentials and weighted values, over the keys visible from `pos`. mt = -inf when none is.
-void tile_partial(const StepGeometry& g, const float* q, int64_t pos, int64_t block_pos, int64_t n,
-                  TileScratch& t, float& mt, float& lt, float* acct) {
+void tile_partial(const StepGeometry& g, const float* q, int64_t pos, int64_t block_pos, int64_t n, TileScratch& t,
+                  float& mt, float& lt, float* acct) {
   const int64_t D = g.D;
   const int64_t lo = std::max<int64_t>(first_visible(pos, g.p->window) - block_pos, 0);
   const int64_t hi = std::min<int64_t>(pos - block_pos + 1, n);  // slots [lo, hi) are visible
@@ -138,8 +142,8 @@ void tile_partial(const StepGeometry& g, const float* q, int64_t pos, int64_t bl
 
 // Rows [t0, t1) of sequence s (all G heads of KV head j), every visible tile streamed and merged in
 // order; writes the normalised output.
-void attend_streaming(const StepGeometry& g, const AttentionSeq& s, int64_t j, int64_t t0, int64_t t1,
-                      const float* q, float* out, TileScratch& t) {
+void attend_streaming(const StepGeometry& g, const AttentionSeq& s, int64_t j, int64_t t0, int64_t t1, const float* q,
+                      float* out, TileScratch& t) {
   const int64_t D = g.D, G = g.G, H = g.p->heads;
   const int64_t rows = (t1 - t0) * G;
   std::vector<float> m(size_t(rows), kNegInf), l(size_t(rows), 0.0f), acc(size_t(rows * D), 0.0f);
@@ -171,10 +175,10 @@ void attend_streaming(const StepGeometry& g, const AttentionSeq& s, int64_t j, i
 }
 
 struct Item {
-  int64_t seq, head;      // sequence, KV head
-  int64_t t0, t1;         // new tokens [t0, t1) of the sequence
-  int64_t b0, b1;         // split items: tiles [b0, b1) of the table; streaming items: unused
-  int64_t partial_base;   // split items: index of tile b0's partials in the step's store, -1 otherwise
+  int64_t seq, head;     // sequence, KV head
+  int64_t t0, t1;        // new tokens [t0, t1) of the sequence
+  int64_t b0, b1;        // split items: tiles [b0, b1) of the table; streaming items: unused
+  int64_t partial_base;  // split items: index of tile b0's partials in the step's store, -1 otherwise
 };
 
 }  // namespace
@@ -200,8 +204,7 @@ void attention_check(const KvCacheView& c, const AttentionSeq* seqs, int64_t num
   }
 }
 
-void kv_cache_write(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_seqs, const float* k,
-                    const float* v) {
+void kv_cache_write(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_seqs, const float* k, const float* v) {
   const int64_t KV = c.kv_heads, D = c.head_dim, Bt = c.block_tokens;
   for (int64_t i = 0; i < num_seqs; i++) {
     const AttentionSeq& s = seqs[i];
@@ -221,8 +224,10 @@ void kv_cache_write(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_
 void attention(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_seqs, const AttentionParams& p,
                const float* q, float* out) {
   if (p.heads <= 0 || p.heads % c.kv_heads != 0)
-    fail(ErrorCode::Invalid, "attention: heads (" + std::to_string(p.heads) + ") must be a positive multiple of "
-                             "kv_heads (" + std::to_string(c.kv_heads) + ")");
+    fail(ErrorCode::Invalid, "attention: heads (" + std::to_string(p.heads) +
+                                 ") must be a positive multiple of "
+                                 "kv_heads (" +
+                                 std::to_string(c.kv_heads) + ")");
   if (p.window < 0) fail(ErrorCode::Invalid, "attention: window must be >= 0");
   const StepGeometry g{&c, &p, p.heads / c.kv_heads, c.head_dim, c.block_tokens};
   const int64_t KV = c.kv_heads, D = g.D, G = g.G, H = p.heads;

@@ -20,13 +20,13 @@
 namespace fmoe {
 
 struct KvCacheView {
-  void* k = nullptr;         // [num_blocks][kv_heads][block_tokens][head_dim]
-  void* v = nullptr;         // same layout
-  int64_t num_blocks = 0;    // blocks in the pool
-  int64_t kv_heads = 0;      // KV heads
-  int64_t head_dim = 0;      // D
-  int64_t block_tokens = 0;  // positions per block
-  DType dtype = DType::BF16; // element type of k and v
+  void* k = nullptr;          // [num_blocks][kv_heads][block_tokens][head_dim]
+  void* v = nullptr;          // same layout
+  int64_t num_blocks = 0;     // blocks in the pool
+  int64_t kv_heads = 0;       // KV heads
+  int64_t head_dim = 0;       // D
+  int64_t block_tokens = 0;   // positions per block
+  DType dtype = DType::BF16;  // element type of k and v
 };
 
 // One sequence's share of a step: `count` new tokens at positions past .. past + count - 1, whose
@@ -40,10 +40,10 @@ struct AttentionSeq {
 };
 
 struct AttentionParams {
-  int64_t heads = 0;    // query heads; a multiple of kv_heads (head h reads KV head h / (heads / kv_heads))
-  float scale = 0;      // multiplies q . k, usually 1 / sqrt(head_dim)
-  int64_t window = 0;   // sliding window: a query at p sees keys in (p - window, p]; 0: every key <= p
-  int threads = 0;      // at most this many pool threads (0: all)
+  int64_t heads = 0;   // query heads; a multiple of kv_heads (head h reads KV head h / (heads / kv_heads))
+  float scale = 0;     // multiplies q . k, usually 1 / sqrt(head_dim)
+  int64_t window = 0;  // sliding window: a query at p sees keys in (p - window, p]; 0: every key <= p
+  int threads = 0;     // at most this many pool threads (0: all)
 };
 
 // Checks a step's sequences against the cache: block ids in range, tables long enough, rows inside

@@ -14,11 +14,11 @@
 #include "../core/backend.h"
 #include "../core/dispatch.h"
 #include "../core/error.h"
-#include "kernels.h"
 #include "../core/memory.h"
 #include "../core/routing.h"
 #include "../core/thread_pool.h"
 #include "buffers.h"
+#include "kernels.h"
 
 namespace fmoe {
 namespace {
@@ -72,18 +72,24 @@ class CpuBackend final : public Backend {
     const int64_t g = cfg_.quant_group;
     const size_t es = dtype_size(dt);
     if (part == 0) {
-      const size_t panel = q != Quant::None ? kernels_->w13_quant_bytes(H, P, q, g) : kernels_->w13_packed_bytes(H, P, dt);
+      const size_t panel =
+          q != Quant::None ? kernels_->w13_quant_bytes(H, P, q, g) : kernels_->w13_packed_bytes(H, P, dt);
       const char* w1 = static_cast<const char*>(w.w1[e]) + size_t(row) * size_t(H) * es;
       const char* w3 = static_cast<const char*>(w.w3[e]) + size_t(row) * size_t(H) * es;
       char* dst = static_cast<char*>(w13_[e].get()) + size_t(row / P) * panel;
-      if (q != Quant::None) kernels_->pack_w13_quant(w1, w3, H, n, dt, q, g, dst);
-      else kernels_->pack_w13(w1, w3, H, n, dt, dst);
+      if (q != Quant::None)
+        kernels_->pack_w13_quant(w1, w3, H, n, dt, q, g, dst);
+      else
+        kernels_->pack_w13(w1, w3, H, n, dt, dst);
     } else {
-      const size_t panel = q != Quant::None ? kernels_->w2_quant_bytes(P, F, q, g) : kernels_->w2_packed_bytes(P, F, dt);
+      const size_t panel =
+          q != Quant::None ? kernels_->w2_quant_bytes(P, F, q, g) : kernels_->w2_packed_bytes(P, F, dt);
       const char* w2 = static_cast<const char*>(w.w2[e]) + size_t(row) * size_t(F) * es;
       char* dst = static_cast<char*>(w2_[e].get()) + size_t(row / P) * panel;
-      if (q != Quant::None) kernels_->pack_w2_quant(w2, n, F, dt, q, g, dst);
-      else kernels_->pack_w2(w2, n, F, dt, dst);
+      if (q != Quant::None)
+        kernels_->pack_w2_quant(w2, n, F, dt, q, g, dst);
+      else
+        kernels_->pack_w2(w2, n, F, dt, dst);
     }
   }
 
@@ -102,8 +108,7 @@ class CpuBackend final : public Backend {
       const int64_t n = std::min(chunk_tokens_, T - t0);
       logits.resize(size_t(n * E));
       compute_logits(x + t0 * cfg_.hidden, n, logits.data());
-      route_topk(logits.data(), n, E, cfg_.top_k, cfg_.routing, experts + t0 * cfg_.top_k,
-                 weights + t0 * cfg_.top_k);
+      route_topk(logits.data(), n, E, cfg_.top_k, cfg_.routing, experts + t0 * cfg_.top_k, weights + t0 * cfg_.top_k);
     }
   }
 
@@ -139,8 +144,8 @@ class CpuBackend final : public Backend {
       const int64_t rows = d.offsets[e + 1] - d.offsets[e];
       if (rows == 0) continue;
       const double flops = double(rows) * double(cols) * double(flops_per_cell);
-      const int64_t want = std::max<int64_t>({1, (16 * nthreads * rows + total_rows - 1) / total_rows,
-                                              int64_t(std::ceil(flops / item_cap))});
+      const int64_t want = std::max<int64_t>(
+          {1, (16 * nthreads * rows + total_rows - 1) / total_rows, int64_t(std::ceil(flops / item_cap))});
       int64_t tile = (cols + want - 1) / want;
       const int64_t unit = cols >= 4 * P ? 2 * P : P;
       tile = std::max<int64_t>(unit, (tile + unit - 1) / unit * unit);
@@ -166,7 +171,8 @@ class CpuBackend final : public Backend {
       double flops = 0;
       while (end < items.size() && (end - begin < min_items || flops < kJobFlops)) {
         const WorkItem& it = items[end++];
-        flops += double(d.offsets[it.expert + 1] - d.offsets[it.expert]) * double(it.end - it.begin) * double(flops_per_cell);
+        flops += double(d.offsets[it.expert + 1] - d.offsets[it.expert]) * double(it.end - it.begin) *
+                 double(flops_per_cell);
       }
       pool.parallel_for(int64_t(end - begin), 1, threads(), [&](int64_t b, int64_t e, int) {
         for (int64_t i = b; i < e; i++) {
@@ -315,8 +321,8 @@ class CpuBuilder final : public LayerBuilder {
   std::unique_ptr<Backend> finish() override {
     if (!layer_) fail(ErrorCode::Internal, "the layer builder was already finished");
     const bool all_experts = e_ == layer_->config().num_experts ||
-                             (!expert_packed_.empty() &&
-                              std::all_of(expert_packed_.begin(), expert_packed_.end(), [](uint8_t p) { return p != 0; }));
+                             (!expert_packed_.empty() && std::all_of(expert_packed_.begin(), expert_packed_.end(),
+                                                                     [](uint8_t p) { return p != 0; }));
     if (!all_experts || !gate_done_) fail(ErrorCode::Internal, "the layer is not fully packed yet");
     return std::move(layer_);
   }

@@ -56,11 +56,13 @@ void validate_decoder_config(const DecoderConfig& c) {
     validate_config(m);
     check_field(c.shared_intermediate >= 0 && c.shared_intermediate <= kMaxDim, "shared expert size out of range");
   }
-  if (any_dense) check_field(c.dense_intermediate >= 1 && c.dense_intermediate <= kMaxDim, "dense MLP size out of range");
+  if (any_dense)
+    check_field(c.dense_intermediate >= 1 && c.dense_intermediate <= kMaxDim, "dense MLP size out of range");
   check_field(c.block_tokens >= 1 && c.block_tokens <= 1024, "KV block size must be in [1, 1024]");
   check_field(c.context >= 1 && c.context <= (int64_t(1) << 24), "context must be in [1, 2^24]");
   check_field(c.cache_blocks >= 1 && c.cache_blocks <= (int64_t(1) << 30), "cache blocks must be in [1, 2^30]");
-  check_field(c.quant_group == 32 || c.quant_group == 64 || c.quant_group == 128, "quantGroupSize must be 32, 64 or 128");
+  check_field(c.quant_group == 32 || c.quant_group == 64 || c.quant_group == 128,
+              "quantGroupSize must be 32, 64 or 128");
 }
 
 namespace {
@@ -102,8 +104,8 @@ class CpuDecoder final : public Decoder {
   explicit CpuDecoder(const DecoderConfig& cfg) : cfg_(cfg), kernels_(select_kernels()), pool_(cfg.cache_blocks) {
     validate_decoder_config(cfg);
     const int64_t H = cfg.hidden, D = cfg.head_dim;
-    const size_t cache_bytes = size_t(cfg.cache_blocks) * size_t(cfg.kv_heads * cfg.block_tokens * D) *
-                               dtype_size(cfg.kv_dtype);
+    const size_t cache_bytes =
+        size_t(cfg.cache_blocks) * size_t(cfg.kv_heads * cfg.block_tokens * D) * dtype_size(cfg.kv_dtype);
     check_memory_available(size_t(cfg.layers) * 2 * cache_bytes, "the KV cache");
     layers_.resize(size_t(cfg.layers));
     for (int64_t l = 0; l < cfg.layers; l++) {
@@ -152,30 +154,31 @@ class CpuDecoder final : public Decoder {
     const std::string where = per_layer ? "layer " + std::to_string(layer) + " " + slot_name(slot) : slot_name(slot);
     auto expect = [&](std::vector<int64_t> sizes, bool matrix) {
       if (parts.size() != sizes.size())
-        fail(ErrorCode::Invalid, where + ": expected " + std::to_string(sizes.size()) + " tensors, got " +
-                                     std::to_string(parts.size()));
+        fail(ErrorCode::Invalid,
+             where + ": expected " + std::to_string(sizes.size()) + " tensors, got " + std::to_string(parts.size()));
       for (size_t i = 0; i < sizes.size(); i++) {
-        if (!parts[i].data && sizes[i] > 0) fail(ErrorCode::Invalid, where + ": tensor " + std::to_string(i) + " is missing");
+        if (!parts[i].data && sizes[i] > 0)
+          fail(ErrorCode::Invalid, where + ": tensor " + std::to_string(i) + " is missing");
         if (parts[i].elements != sizes[i])
           fail(ErrorCode::Shape, where + ": tensor " + std::to_string(i) + " must have " + std::to_string(sizes[i]) +
                                      " elements, got " + std::to_string(parts[i].elements));
         if (matrix && parts[i].dtype != cfg_.weight_dtype)
-          fail(ErrorCode::Dtype, where + ": expected " + dtype_label(cfg_.weight_dtype) + " weights, got " +
-                                     dtype_label(parts[i].dtype));
+          fail(ErrorCode::Dtype,
+               where + ": expected " + dtype_label(cfg_.weight_dtype) + " weights, got " + dtype_label(parts[i].dtype));
       }
     };
     const bool moe = per_layer && cfg_.moe_layer[size_t(layer)];
     auto need_moe = [&](bool want) {
       if (moe != want)
-        fail(ErrorCode::Invalid, where + ": layer " + std::to_string(layer) + " is " + (moe ? "a MoE" : "a dense") +
-                                     " layer");
+        fail(ErrorCode::Invalid,
+             where + ": layer " + std::to_string(layer) + " is " + (moe ? "a MoE" : "a dense") + " layer");
     };
     switch (slot) {
       case Slot::Embedding: {
         expect({V * H}, false);
         if (parts[0].dtype != cfg_.embed_dtype)
-          fail(ErrorCode::Dtype, where + ": expected " + dtype_label(cfg_.embed_dtype) + ", got " +
-                                     dtype_label(parts[0].dtype));
+          fail(ErrorCode::Dtype,
+               where + ": expected " + dtype_label(cfg_.embed_dtype) + ", got " + dtype_label(parts[0].dtype));
         std::memcpy(embedding_.get(), parts[0].data, size_t(V * H) * dtype_size(cfg_.embed_dtype));
         embedding_set_ = true;
         return;
@@ -201,7 +204,8 @@ class CpuDecoder final : public Decoder {
         return;
       case Slot::Qkv:
         expect({cfg_.heads * D * H, cfg_.kv_heads * D * H, cfg_.kv_heads * D * H}, true);
-        L->qkv.pack({parts[0].data, parts[1].data, parts[2].data}, {cfg_.heads * D, cfg_.kv_heads * D, cfg_.kv_heads * D});
+        L->qkv.pack({parts[0].data, parts[1].data, parts[2].data},
+                    {cfg_.heads * D, cfg_.kv_heads * D, cfg_.kv_heads * D});
         L->qkv_set = true;
         return;
       case Slot::QkvBias:
@@ -296,7 +300,8 @@ class CpuDecoder final : public Decoder {
         for (int64_t e = 0; e < cfg_.num_experts; e++)
           if (!L.experts_set[size_t(e)]) return p + slot_name(Slot::Expert) + " " + std::to_string(e);
         if (cfg_.shared_intermediate > 0 && !L.shared_set) return p + slot_name(Slot::Shared);
-        if (cfg_.shared_gate && cfg_.shared_intermediate > 0 && !L.shared_gate_set) return p + slot_name(Slot::SharedGate);
+        if (cfg_.shared_gate && cfg_.shared_intermediate > 0 && !L.shared_gate_set)
+          return p + slot_name(Slot::SharedGate);
       } else if (!L.shared_set) {
         return p + slot_name(Slot::Dense);
       }
@@ -345,8 +350,9 @@ class CpuDecoder final : public Decoder {
       for (int64_t j = 0; j < i; j++)
         if (seqs[j].id == q.id) fail(ErrorCode::Invalid, "step: sequence " + std::to_string(q.id) + " appears twice");
       if (s.length + q.count > cfg_.context)
-        fail(ErrorCode::Invalid, "sequence " + std::to_string(q.id) + " would hold " + std::to_string(s.length + q.count) +
-                                     " positions, more than the context of " + std::to_string(cfg_.context));
+        fail(ErrorCode::Invalid, "sequence " + std::to_string(q.id) + " would hold " +
+                                     std::to_string(s.length + q.count) + " positions, more than the context of " +
+                                     std::to_string(cfg_.context));
       const int64_t need = (s.length + q.count + cfg_.block_tokens - 1) / cfg_.block_tokens;
       new_blocks += std::max<int64_t>(0, need - int64_t(s.blocks.size()));
       T += q.count;
@@ -515,7 +521,8 @@ class CpuDecoder final : public Decoder {
     for (int64_t i = 0; i < num_seqs; i++) {
       const int64_t c = seqs[i].count;
       const int64_t first = seqs[i].all_logits ? 0 : c - 1;
-      for (int64_t j = std::max<int64_t>(first, 0); j < c; j++, R++) out_rows.insert(out_rows.end(), &x[size_t((row + j) * H)], &x[size_t((row + j) * H)] + H);
+      for (int64_t j = std::max<int64_t>(first, 0); j < c; j++, R++)
+        out_rows.insert(out_rows.end(), &x[size_t((row + j) * H)], &x[size_t((row + j) * H)] + H);
       row += c;
     }
     rms_norm(out_rows.data(), R, H, H, final_norm_.data(), cfg_.rms_eps, out_rows.data(), H);

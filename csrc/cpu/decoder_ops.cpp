@@ -4,8 +4,7 @@
 
 namespace fmoe {
 
-void rms_norm(const float* x, int64_t rows, int64_t n, int64_t ldx, const float* w, float eps, float* y,
-              int64_t ldy) {
+void rms_norm(const float* x, int64_t rows, int64_t n, int64_t ldx, const float* w, float eps, float* y, int64_t ldy) {
   for (int64_t r = 0; r < rows; r++) {
     const float* xr = x + r * ldx;
     float* yr = y + r * ldy;

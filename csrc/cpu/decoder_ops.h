@@ -6,8 +6,7 @@ namespace fmoe {
 
 // y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w, for rows of n floats (x at stride ldx, y at stride ldy;
 // y may be x). The sum of squares is taken in double, so the norm does not depend on n's rounding.
-void rms_norm(const float* x, int64_t rows, int64_t n, int64_t ldx, const float* w, float eps, float* y,
-              int64_t ldy);
+void rms_norm(const float* x, int64_t rows, int64_t n, int64_t ldx, const float* w, float eps, float* y, int64_t ldy);
 
 // Rotary tables for the step's positions: cos/sin[t][i] of pos[t] * theta^(-2i / dim), i < dim / 2,
 // computed in double and rounded once.

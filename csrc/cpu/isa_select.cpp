@@ -15,11 +15,16 @@ namespace fmoe {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
-    case Isa::Scalar: return "scalar";
-    case Isa::Avx2: return "avx2";
-    case Isa::Avx512: return "avx512";
-    case Isa::Avx512Bf16: return "avx512bf16";
-    case Isa::Neon: return "neon";
+    case Isa::Scalar:
+      return "scalar";
+    case Isa::Avx2:
+      return "avx2";
+    case Isa::Avx512:
+      return "avx512";
+    case Isa::Avx512Bf16:
+      return "avx512bf16";
+    case Isa::Neon:
+      return "neon";
   }
   return "unknown";
 }
@@ -52,10 +57,14 @@ bool cpu_supports(Isa isa) {
   const bool has_avx2 = ymm_os && avx2 && fma && f16c;
   const bool has_avx512 = has_avx2 && zmm_os && avx512f && avx512bw && avx512vl && avx512dq;
   switch (isa) {
-    case Isa::Avx2: return has_avx2;
-    case Isa::Avx512: return has_avx512;
-    case Isa::Avx512Bf16: return has_avx512 && avx512bf16 && avx512vnni;
-    default: return false;
+    case Isa::Avx2:
+      return has_avx2;
+    case Isa::Avx512:
+      return has_avx512;
+    case Isa::Avx512Bf16:
+      return has_avx512 && avx512bf16 && avx512vnni;
+    default:
+      return false;
   }
 #elif defined(__aarch64__)
   return isa == Isa::Neon;
@@ -66,11 +75,16 @@ bool cpu_supports(Isa isa) {
 
 static const KernelSet* built(Isa isa) {
   switch (isa) {
-    case Isa::Scalar: return kernels_scalar();
-    case Isa::Avx2: return kernels_avx2();
-    case Isa::Avx512: return kernels_avx512();
-    case Isa::Avx512Bf16: return kernels_avx512bf16();
-    case Isa::Neon: return kernels_neon();
+    case Isa::Scalar:
+      return kernels_scalar();
+    case Isa::Avx2:
+      return kernels_avx2();
+    case Isa::Avx512:
+      return kernels_avx512();
+    case Isa::Avx512Bf16:
+      return kernels_avx512bf16();
+    case Isa::Neon:
+      return kernels_neon();
   }
   return nullptr;
 }

@@ -41,8 +41,8 @@ struct OpsAvx2 {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), 16));
   }
   static V bf16_hi(const char* p) {
-    return _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
-                                                _mm256_set1_epi32(int(0xffff0000u))));
+    return _mm256_castsi256_ps(
+        _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), _mm256_set1_epi32(int(0xffff0000u))));
   }
   // ---- integer dot products for quantized experts (kI4Dot, kI8Dot in kernels_simd.h) ----
   using Raw = __m256i;
@@ -66,7 +66,9 @@ struct OpsAvx2 {
   static Raw bcast_word_pair(const int32_t* x2) { return _mm256_set1_epi32(*x2); }
   // acc[i] += w.word[2i] * x.word[2i] + w.word[2i+1] * x.word[2i+1] (signed words, |x| <= 32767).
   static Raw dot_s16(Raw acc, Raw w, Raw x) { return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x)); }
-  static V sub_to_float(Raw acc, int32_t corr) { return _mm256_cvtepi32_ps(_mm256_sub_epi32(acc, _mm256_set1_epi32(corr))); }
+  static V sub_to_float(Raw acc, int32_t corr) {
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(acc, _mm256_set1_epi32(corr)));
+  }
 
   // quant.h's group rule for activations, vectorised with the same bits (ops_avx512.h has the rule).
   // A short tail goes through a zero-padded copy, so every value takes the vector path.

@@ -5,9 +5,9 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
+#include "../probes/probe_loops.h"
 #include "kernels_simd.h"
 #include "ops_avx512.h"
-#include "../probes/probe_loops.h"
 
 namespace fmoe {
 namespace {

@@ -3,8 +3,8 @@
 #if defined(__aarch64__)
 #include <arm_neon.h>
 
-#include "kernels_simd.h"
 #include "../probes/probe_loops.h"
+#include "kernels_simd.h"
 
 namespace fmoe {
 namespace {

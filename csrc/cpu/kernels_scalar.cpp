@@ -67,31 +67,33 @@ struct LoadF32 {
   float operator()(const char* row, int64_t j) const { return reinterpret_cast<const float*>(row)[j]; }
 };
 struct LoadBF16 {
-  float operator()(const char* row, int64_t j) const {
-    return bf16_to_f32(reinterpret_cast<const uint16_t*>(row)[j]);
-  }
+  float operator()(const char* row, int64_t j) const { return bf16_to_f32(reinterpret_cast<const uint16_t*>(row)[j]); }
 };
 struct LoadF16 {
-  float operator()(const char* row, int64_t j) const {
-    return f16_to_f32(reinterpret_cast<const uint16_t*>(row)[j]);
-  }
+  float operator()(const char* row, int64_t j) const { return f16_to_f32(reinterpret_cast<const uint16_t*>(row)[j]); }
 };
 
-void swiglu(const float* x, int64_t ldx, int64_t M, int64_t H, int64_t F, const void* w13, DType dt,
-            int64_t f_begin, int64_t f_end, float* act, int64_t ldact, ActEpoch) {  // reads x in place: no cache
+void swiglu(const float* x, int64_t ldx, int64_t M, int64_t H, int64_t F, const void* w13, DType dt, int64_t f_begin,
+            int64_t f_end, float* act, int64_t ldact, ActEpoch) {  // reads x in place: no cache
   switch (dt) {
-    case DType::F32: return swiglu_impl(x, ldx, M, H, F, w13, dt, f_begin, f_end, act, ldact, LoadF32());
-    case DType::BF16: return swiglu_impl(x, ldx, M, H, F, w13, dt, f_begin, f_end, act, ldact, LoadBF16());
-    case DType::F16: return swiglu_impl(x, ldx, M, H, F, w13, dt, f_begin, f_end, act, ldact, LoadF16());
+    case DType::F32:
+      return swiglu_impl(x, ldx, M, H, F, w13, dt, f_begin, f_end, act, ldact, LoadF32());
+    case DType::BF16:
+      return swiglu_impl(x, ldx, M, H, F, w13, dt, f_begin, f_end, act, ldact, LoadBF16());
+    case DType::F16:
+      return swiglu_impl(x, ldx, M, H, F, w13, dt, f_begin, f_end, act, ldact, LoadF16());
   }
 }
 
-void down(const float* act, int64_t ldact, int64_t M, int64_t H, int64_t F, const void* w2, DType dt,
-          int64_t h_begin, int64_t h_end, float* y, int64_t ldy, ActEpoch) {
+void down(const float* act, int64_t ldact, int64_t M, int64_t H, int64_t F, const void* w2, DType dt, int64_t h_begin,
+          int64_t h_end, float* y, int64_t ldy, ActEpoch) {
   switch (dt) {
-    case DType::F32: return down_impl(act, ldact, M, H, F, w2, dt, h_begin, h_end, y, ldy, LoadF32());
-    case DType::BF16: return down_impl(act, ldact, M, H, F, w2, dt, h_begin, h_end, y, ldy, LoadBF16());
-    case DType::F16: return down_impl(act, ldact, M, H, F, w2, dt, h_begin, h_end, y, ldy, LoadF16());
+    case DType::F32:
+      return down_impl(act, ldact, M, H, F, w2, dt, h_begin, h_end, y, ldy, LoadF32());
+    case DType::BF16:
+      return down_impl(act, ldact, M, H, F, w2, dt, h_begin, h_end, y, ldy, LoadBF16());
+    case DType::F16:
+      return down_impl(act, ldact, M, H, F, w2, dt, h_begin, h_end, y, ldy, LoadF16());
   }
 }
 
@@ -167,9 +169,8 @@ void qpack2(const void* w2, int64_t H, int64_t F, DType dt, Quant q, int64_t g, 
 }
 
 constexpr KernelSet kScalar = {
-    Isa::Scalar, "scalar",  kPanel,   panel_w13_bytes, panel_w2_bytes, pack_w13_panels, pack_w2_panels, swiglu,
-    down,        q13_bytes, q2_bytes, qpack13,         qpack2,         swiglu_q,        down_q,
-    "float32",   "float32",
+    Isa::Scalar, "scalar", kPanel,  panel_w13_bytes, panel_w2_bytes, pack_w13_panels, pack_w2_panels, swiglu,    down,
+    q13_bytes,   q2_bytes, qpack13, qpack2,          swiglu_q,       down_q,          "float32",      "float32",
 };
 
 }  // namespace

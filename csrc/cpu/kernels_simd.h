@@ -80,8 +80,7 @@ struct Kernels {
 
   template <int MODE>
   static void swiglu_mode(const float* x, int64_t ldx, int64_t M, int64_t H, int64_t F, const void* w13,
-                          int64_t f_begin, int64_t f_end, float* act, int64_t ldact, ActEpoch epoch,
-                          int64_t gsz = 0) {
+                          int64_t f_begin, int64_t f_end, float* act, int64_t ldact, ActEpoch epoch, int64_t gsz = 0) {
     const size_t pstride = panel_bytes<MODE, 2>(H, gsz, W);
     auto epi = [&](const float* c, int64_t m0, int mr, int64_t p0, int np) {
       for (int m = 0; m < mr; m++)
@@ -99,8 +98,8 @@ struct Kernels {
           }
         }
     };
-    gemm<O, MODE, 2>(x, ldx, M, H, gsz, static_cast<const char*>(w13), pstride, f_begin / W, (f_end + W - 1) / W,
-                     epoch, epi);
+    gemm<O, MODE, 2>(x, ldx, M, H, gsz, static_cast<const char*>(w13), pstride, f_begin / W, (f_end + W - 1) / W, epoch,
+                     epi);
   }
 
   template <int MODE>
@@ -113,8 +112,10 @@ struct Kernels {
           const float* cg = c + size_t(m * np + p) * W;
           const int64_t h0 = (p0 + p) * W;
           float* dst = y + (m0 + m) * ldy + h0;
-          if (h0 + W <= H) O::store(dst, O::load(cg));
-          else std::memcpy(dst, cg, size_t(H - h0) * sizeof(float));
+          if (h0 + W <= H)
+            O::store(dst, O::load(cg));
+          else
+            std::memcpy(dst, cg, size_t(H - h0) * sizeof(float));
         }
     };
     gemm<O, MODE, 1>(act, ldact, M, F, gsz, static_cast<const char*>(w2), pstride, h_begin / W, (h_end + W - 1) / W,
@@ -125,9 +126,12 @@ struct Kernels {
                      int64_t f_begin, int64_t f_end, float* act, int64_t ldact, ActEpoch epoch) {
     if (M <= 0 || f_begin >= f_end) return;
     switch (dt) {
-      case DType::F32: return swiglu_mode<kF32>(x, ldx, M, H, F, w13, f_begin, f_end, act, ldact, epoch);
-      case DType::F16: return swiglu_mode<kF16>(x, ldx, M, H, F, w13, f_begin, f_end, act, ldact, epoch);
-      case DType::BF16: return swiglu_mode<BF16_MODE>(x, ldx, M, H, F, w13, f_begin, f_end, act, ldact, epoch);
+      case DType::F32:
+        return swiglu_mode<kF32>(x, ldx, M, H, F, w13, f_begin, f_end, act, ldact, epoch);
+      case DType::F16:
+        return swiglu_mode<kF16>(x, ldx, M, H, F, w13, f_begin, f_end, act, ldact, epoch);
+      case DType::BF16:
+        return swiglu_mode<BF16_MODE>(x, ldx, M, H, F, w13, f_begin, f_end, act, ldact, epoch);
     }
   }
 
@@ -135,30 +139,50 @@ struct Kernels {
                    int64_t h_begin, int64_t h_end, float* y, int64_t ldy, ActEpoch epoch) {
     if (M <= 0 || h_begin >= h_end) return;
     switch (dt) {
-      case DType::F32: return down_mode<kF32>(act, ldact, M, H, F, w2, h_begin, h_end, y, ldy, epoch);
-      case DType::F16: return down_mode<kF16>(act, ldact, M, H, F, w2, h_begin, h_end, y, ldy, epoch);
-      case DType::BF16: return down_mode<BF16_MODE>(act, ldact, M, H, F, w2, h_begin, h_end, y, ldy, epoch);
+      case DType::F32:
+        return down_mode<kF32>(act, ldact, M, H, F, w2, h_begin, h_end, y, ldy, epoch);
+      case DType::F16:
+        return down_mode<kF16>(act, ldact, M, H, F, w2, h_begin, h_end, y, ldy, epoch);
+      case DType::BF16:
+        return down_mode<BF16_MODE>(act, ldact, M, H, F, w2, h_begin, h_end, y, ldy, epoch);
     }
   }
 
   static void swiglu_q(const float* x, int64_t ldx, int64_t M, int64_t H, int64_t F, const void* w13, Quant q,
                        int64_t g, int64_t f_begin, int64_t f_end, float* act, int64_t ldact, ActEpoch epoch) {
     if (M <= 0 || f_begin >= f_end) return;
-    if (q == Quant::Int8) swiglu_mode<I8_MODE>(x, ldx, M, H, F, w13, f_begin, f_end, act, ldact, epoch, g);
-    else swiglu_mode<I4_MODE>(x, ldx, M, H, F, w13, f_begin, f_end, act, ldact, epoch, g);
+    if (q == Quant::Int8)
+      swiglu_mode<I8_MODE>(x, ldx, M, H, F, w13, f_begin, f_end, act, ldact, epoch, g);
+    else
+      swiglu_mode<I4_MODE>(x, ldx, M, H, F, w13, f_begin, f_end, act, ldact, epoch, g);
   }
 
   static void down_q(const float* act, int64_t ldact, int64_t M, int64_t H, int64_t F, const void* w2, Quant q,
                      int64_t g, int64_t h_begin, int64_t h_end, float* y, int64_t ldy, ActEpoch epoch) {
     if (M <= 0 || h_begin >= h_end) return;
-    if (q == Quant::Int8) down_mode<I8_MODE>(act, ldact, M, H, F, w2, h_begin, h_end, y, ldy, epoch, g);
-    else down_mode<I4_MODE>(act, ldact, M, H, F, w2, h_begin, h_end, y, ldy, epoch, g);
+    if (q == Quant::Int8)
+      down_mode<I8_MODE>(act, ldact, M, H, F, w2, h_begin, h_end, y, ldy, epoch, g);
+    else
+      down_mode<I4_MODE>(act, ldact, M, H, F, w2, h_begin, h_end, y, ldy, epoch, g);
   }
 
   static constexpr KernelSet make(Isa isa, const char* name) {
-    return KernelSet{isa,       name,     W,       w13_bytes, w2_bytes, pack13,
-                     pack2,     swiglu,   down,    q13_bytes, q2_bytes, qpack13,
-                     qpack2,    swiglu_q, down_q,  I8_MODE == kI8Dot ? "int16" : "float32",
+    return KernelSet{isa,
+                     name,
+                     W,
+                     w13_bytes,
+                     w2_bytes,
+                     pack13,
+                     pack2,
+                     swiglu,
+                     down,
+                     q13_bytes,
+                     q2_bytes,
+                     qpack13,
+                     qpack2,
+                     swiglu_q,
+                     down_q,
+                     I8_MODE == kI8Dot ? "int16" : "float32",
                      I4_MODE == kI4Dot ? "int8" : "float32"};
   }
 };

@@ -33,8 +33,10 @@ void PackedLinear::pack(const std::vector<const void*>& parts, const std::vector
     }
     src = joined.data();
   }
-  if (q_ != Quant::None) kernels_->pack_w2_quant(src, out_, in_, dt_, q_, group_, packed_.get());
-  else kernels_->pack_w2(src, out_, in_, dt_, packed_.get());
+  if (q_ != Quant::None)
+    kernels_->pack_w2_quant(src, out_, in_, dt_, q_, group_, packed_.get());
+  else
+    kernels_->pack_w2(src, out_, in_, dt_, packed_.get());
 }
 
 void PackedLinear::forward(const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy, int threads) const {

@@ -7,9 +7,9 @@
 #include <vector>
 
 #include "../core/dtype.h"
-#include "kernels.h"
 #include "../core/quant.h"
 #include "buffers.h"
+#include "kernels.h"
 
 namespace fmoe {
 

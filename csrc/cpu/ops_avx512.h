@@ -27,7 +27,9 @@ struct OpsAvx512 {
   static V div(V a, V b) { return _mm512_div_ps(a, b); }
   static V min(V a, V b) { return _mm512_min_ps(a, b); }
   static V max(V a, V b) { return _mm512_max_ps(a, b); }
-  static V neg(V a) { return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_set1_epi32(int(0x80000000u)))); }
+  static V neg(V a) {
+    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_set1_epi32(int(0x80000000u))));
+  }
   static V round(V a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   // p * 2^n for integral n.
   static V pow2(V p, V n) { return _mm512_scalef_ps(p, n); }
@@ -37,9 +39,7 @@ struct OpsAvx512 {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
   // 16 lanes of bf16 pairs: the low halves (even k) and the high halves (odd k) as floats.
-  static V bf16_lo(const char* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_loadu_si512(p), 16));
-  }
+  static V bf16_lo(const char* p) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_loadu_si512(p), 16)); }
   static V bf16_hi(const char* p) {
     return _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512(p), _mm512_set1_epi32(int(0xffff0000u))));
   }
@@ -57,7 +57,9 @@ struct OpsAvx512 {
     const __m512i pairs = _mm512_maddubs_epi16(u, _mm512_set1_epi32(*x4));
     return _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
   }
-  static V sub_to_float(Raw acc, int32_t corr) { return _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, _mm512_set1_epi32(corr))); }
+  static V sub_to_float(Raw acc, int32_t corr) {
+    return _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, _mm512_set1_epi32(corr)));
+  }
   // 32 bytes of int8 code pairs (packing.h, Dot order), sign-extended to words.
   static Raw load_s8_pairs(const char* p) {
     return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));

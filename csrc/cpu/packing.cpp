@@ -17,9 +17,9 @@ constexpr int64_t kMaxNr = 64;
 // Packs `nmat` matrices of N rows x K (row-major, same shape) into panels of nr rows; see packing.h.
 template <typename T>
 void pack_panels(const T* const* src, int nmat, int64_t N, int64_t K, int64_t nr, bool kpair, T* dst) {
-  const int64_t kg = kpair ? 2 : 1;             // reduction indices per k step
-  const int64_t Kp = round_up(K, kg);           // padded reduction length
-  const int64_t panel_elems = Kp * nmat * nr;   // elements per panel
+  const int64_t kg = kpair ? 2 : 1;            // reduction indices per k step
+  const int64_t Kp = round_up(K, kg);          // padded reduction length
+  const int64_t panel_elems = Kp * nmat * nr;  // elements per panel
   const int64_t npanels = (N + nr - 1) / nr;
   ThreadPool::instance().parallel_for(npanels, 1, 0, [&](int64_t pb, int64_t pe, int) {
     T tile[kMaxNr][kBlock];
@@ -27,7 +27,7 @@ void pack_panels(const T* const* src, int nmat, int64_t N, int64_t K, int64_t nr
       T* out_panel = dst + p * panel_elems;
       const int64_t n0 = p * nr, rows = N - n0 < nr ? N - n0 : nr;
       for (int64_t k0 = 0; k0 < Kp; k0 += kBlock) {
-        const int64_t kn = Kp - k0 < kBlock ? Kp - k0 : kBlock;      // padded indices in this block
+        const int64_t kn = Kp - k0 < kBlock ? Kp - k0 : kBlock;           // padded indices in this block
         const int64_t kv = K - k0 < kn ? (K - k0 > 0 ? K - k0 : 0) : kn;  // real ones
         for (int mat = 0; mat < nmat; mat++) {
           for (int64_t j = 0; j < nr; j++) {
@@ -60,15 +60,19 @@ void pack_any(const void* const* src, int nmat, int64_t N, int64_t K, int64_t nr
 }
 
 void pack(const void* const* src, int nmat, int64_t N, int64_t K, DType dt, int64_t nr, bool kpair, void* dst) {
-  if (dtype_size(dt) == 4) pack_any<uint32_t>(src, nmat, N, K, nr, kpair, dst);
-  else pack_any<uint16_t>(src, nmat, N, K, nr, kpair, dst);
+  if (dtype_size(dt) == 4)
+    pack_any<uint32_t>(src, nmat, N, K, nr, kpair, dst);
+  else
+    pack_any<uint16_t>(src, nmat, N, K, nr, kpair, dst);
 }
 
 // Row n, indices [k0, k0 + n) of a [*, K] source of type dt, as floats.
 void load_run(const void* src, DType dt, int64_t K, int64_t row, int64_t k0, int64_t n, float* out) {
   const size_t off = size_t(row) * size_t(K) + size_t(k0);
   switch (dt) {
-    case DType::F32: std::memcpy(out, static_cast<const float*>(src) + off, size_t(n) * sizeof(float)); break;
+    case DType::F32:
+      std::memcpy(out, static_cast<const float*>(src) + off, size_t(n) * sizeof(float));
+      break;
     case DType::BF16: {
       const uint16_t* s = static_cast<const uint16_t*>(src) + off;
       for (int64_t i = 0; i < n; i++) out[i] = bf16_to_f32(s[i]);

@@ -52,8 +52,10 @@ enum class CodeOrder : int { Plain = 0, Dot = 1 };
 constexpr size_t kScaleBytes = 2;  // one IEEE half per column and group
 static inline size_t quant_group_bytes(int nmat, int64_t nr, Quant q, int64_t gl, CodeOrder order) {
   int64_t code_bytes;
-  if (q == Quant::Int8) code_bytes = order == CodeOrder::Plain ? gl : (gl + 1) / 2 * 2;
-  else code_bytes = order == CodeOrder::Plain ? (gl + 1) / 2 : (gl + 7) / 8 * 4;
+  if (q == Quant::Int8)
+    code_bytes = order == CodeOrder::Plain ? gl : (gl + 1) / 2 * 2;
+  else
+    code_bytes = order == CodeOrder::Plain ? (gl + 1) / 2 : (gl + 7) / 8 * 4;
   return size_t(nmat) * size_t(nr) * (kScaleBytes + size_t(code_bytes));
 }
 // Bytes of one panel: K / g full groups and the shorter rest.

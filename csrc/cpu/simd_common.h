@@ -51,8 +51,9 @@ enum Mode {
 constexpr bool is_quant(int mode) { return mode >= kI8; }
 constexpr bool is_dot(int mode) { return mode == kI4Dot || mode == kI8Dot; }
 
-template <int MODE> struct ModeInfo {
-  static constexpr int es = MODE == kF32 ? 4 : 2;                       // bytes per stored element
+template <int MODE>
+struct ModeInfo {
+  static constexpr int es = MODE == kF32 ? 4 : 2;                         // bytes per stored element
   static constexpr int kg = (MODE == kBF16 || MODE == kBF16Dot) ? 2 : 1;  // k per packed step
 };
 

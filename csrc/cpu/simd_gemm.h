@@ -15,7 +15,8 @@ namespace {
 //            block stays in L2 while every row block of the call passes over it.
 //   decode:  few rows; more panels side by side so enough independent chains hide the FMA latency
 //            while the weights stream from memory once, with software prefetch ahead of the loads.
-template <class O, int NMAT> struct Shapes {
+template <class O, int NMAT>
+struct Shapes {
   static constexpr int kNpPrefill = 2;
   static constexpr int kMrPrefill = O::kAcc / (NMAT * kNpPrefill);
   static constexpr int kNpDecode = 8 / NMAT;
@@ -42,7 +43,7 @@ static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, 
   constexpr int W = O::W;
   constexpr int kg = ModeInfo<MODE>::kg;
   const int64_t Kr = MODE == kBF16Dot ? (K + 1) / 2 * 2 : K;  // k range the loop covers
-  size_t arow = size_t(MODE == kBF16Dot ? Kr / 2 : K) * 4;  // packed activation bytes per row
+  size_t arow = size_t(MODE == kBF16Dot ? Kr / 2 : K) * 4;    // packed activation bytes per row
   if constexpr (is_dot(MODE)) arow = dot_act_row_bytes<MODE>(K, gsz);
   kc = imax(kg, kc / kg * kg);
   // Panel groups per column block: the block's accumulators (M rows) stay in L2 across its k blocks,
@@ -117,12 +118,14 @@ static void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t gsz,
   const bool decode = M <= decode_rows_limit();
   const char* a = pack_act<O, MODE>(x, ldx, M, K, decode ? S::kMrDecode : S::kMrPrefill, gsz, epoch);
   if (decode) {
-    sweep<O, MODE, NMAT, S::kMrDecode, S::kNpDecode, false>(a, M, K, int64_t(1) << 40, gsz, b, pstride, p_begin,
-                                                            p_end, epi);
+    sweep<O, MODE, NMAT, S::kMrDecode, S::kNpDecode, false>(a, M, K, int64_t(1) << 40, gsz, b, pstride, p_begin, p_end,
+                                                            epi);
   } else {
     int64_t kc;
-    if constexpr (is_quant(MODE)) kc = prefill_kc_quant<MODE, NMAT, S::kNpPrefill, O::W>(gsz);
-    else kc = prefill_kc<MODE, NMAT, S::kNpPrefill, O::W>();
+    if constexpr (is_quant(MODE))
+      kc = prefill_kc_quant<MODE, NMAT, S::kNpPrefill, O::W>(gsz);
+    else
+      kc = prefill_kc<MODE, NMAT, S::kNpPrefill, O::W>();
     sweep<O, MODE, NMAT, S::kMrPrefill, S::kNpPrefill, false>(a, M, K, kc, gsz, b, pstride, p_begin, p_end, epi);
   }
 }

@@ -41,8 +41,10 @@ static void micro(const char* ap, int64_t K, int64_t k0, int64_t k1, const char*
 #pragma GCC unroll 2
         for (int q = 0; q < NMAT; q++) {
           const char* src = bk + p * pstride + q * W * es;
-          if constexpr (MODE == kF32) w[p][q] = O::load(reinterpret_cast<const float*>(src));
-          else w[p][q] = O::load_f16(reinterpret_cast<const uint16_t*>(src));
+          if constexpr (MODE == kF32)
+            w[p][q] = O::load(reinterpret_cast<const float*>(src));
+          else
+            w[p][q] = O::load_f16(reinterpret_cast<const uint16_t*>(src));
         }
 #pragma GCC unroll 16
       for (int m = 0; m < MR; m++) {
@@ -94,8 +96,7 @@ static void micro(const char* ap, int64_t K, int64_t k0, int64_t k1, const char*
       for (int p = 0; p < NP; p++)
         for (int q = 0; q < NMAT; q++) {
           const V w = O::bf16_lo(bk + p * pstride + q * W * 4);
-          for (int m = 0; m < MR; m++)
-            acc[m][p][q] = O::fma(O::bcast(af + k * MR + m), w, acc[m][p][q]);
+          for (int m = 0; m < MR; m++) acc[m][p][q] = O::fma(O::bcast(af + k * MR + m), w, acc[m][p][q]);
         }
     }
   } else {  // kBF16Dot: rows are bf16, K padded to even with zeros on both sides
@@ -138,7 +139,7 @@ static void micro_q(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_t g
                     float* c, bool carry) {
   using V = typename O::V;
   constexpr int W = O::W;
-  constexpr size_t cstep = size_t(NMAT) * W;  // code bytes of one k step of one panel
+  constexpr size_t cstep = size_t(NMAT) * W;      // code bytes of one k step of one panel
   constexpr size_t sbytes = cstep * kScaleBytes;  // scale bytes of one group of one panel
   const size_t gbytes = sbytes + size_t(MODE == kI8 ? gsz : gsz / 2) * cstep;
   const float* af = reinterpret_cast<const float*>(ap);
@@ -231,15 +232,15 @@ static void micro_qdot(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_
   using V = typename O::V;
   using I = typename O::Raw;
   constexpr int W = O::W;
-  constexpr int kstep = MODE == kI4Dot ? 8 : 2;                   // k per step
-  constexpr int words = MODE == kI4Dot ? 2 : 1;                    // activation words per step and row
+  constexpr int kstep = MODE == kI4Dot ? 8 : 2;                          // k per step
+  constexpr int words = MODE == kI4Dot ? 2 : 1;                          // activation words per step and row
   constexpr size_t cstep = size_t(NMAT) * W * (MODE == kI4Dot ? 4 : 2);  // code bytes of one step of one panel
-  constexpr size_t sbytes = size_t(NMAT) * W * kScaleBytes;        // scale bytes of one group of one panel
+  constexpr size_t sbytes = size_t(NMAT) * W * kScaleBytes;              // scale bytes of one group of one panel
   const size_t gbytes = sbytes + size_t(gsz / kstep) * cstep;
   const int64_t Kp = (K + kstep - 1) / kstep * kstep, ng = (K + gsz - 1) / gsz;
   const int32_t* aq = reinterpret_cast<const int32_t*>(ap);  // [Kp / kstep * words][MR] words of codes
   const float* asx = reinterpret_cast<const float*>(aq + Kp / kstep * words * MR);  // [ng][MR]
-  const int32_t* acorr = reinterpret_cast<const int32_t*>(asx + ng * MR);         // [ng][MR], kI4Dot
+  const int32_t* acorr = reinterpret_cast<const int32_t*>(asx + ng * MR);           // [ng][MR], kI4Dot
   if (!carry)
     for (int i = 0; i < MR * NP * NMAT; i++) O::store(c + i * W, O::zero());
   for (int64_t g0 = k0; g0 < k1; g0 += gsz) {
@@ -306,9 +307,12 @@ static void micro_rows(int mr, const char* a, int64_t K, int64_t k0, int64_t k1,
   if constexpr (MR > 1) {
     if (mr < MR) return micro_rows<O, MODE, NMAT, MR - 1, NP, PF>(mr, a, K, k0, k1, gsz, b, pstride, c, carry);
   }
-  if constexpr (is_dot(MODE)) micro_qdot<O, MODE, NMAT, MR, NP>(a, K, k0, k1, gsz, b, pstride, c, carry);
-  else if constexpr (is_quant(MODE)) micro_q<O, MODE, NMAT, MR, NP>(a, K, k0, k1, gsz, b, pstride, c, carry);
-  else micro<O, MODE, NMAT, MR, NP, PF>(a, K, k0, k1, b, pstride, c, carry);
+  if constexpr (is_dot(MODE))
+    micro_qdot<O, MODE, NMAT, MR, NP>(a, K, k0, k1, gsz, b, pstride, c, carry);
+  else if constexpr (is_quant(MODE))
+    micro_q<O, MODE, NMAT, MR, NP>(a, K, k0, k1, gsz, b, pstride, c, carry);
+  else
+    micro<O, MODE, NMAT, MR, NP, PF>(a, K, k0, k1, b, pstride, c, carry);
 }
 
 }  // namespace

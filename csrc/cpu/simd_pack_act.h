@@ -17,8 +17,10 @@ namespace {
 template <int MODE>
 size_t dot_act_row_bytes(int64_t K, int64_t gsz) {
   const int64_t ng = (K + gsz - 1) / gsz;
-  if constexpr (MODE == kI4Dot) return size_t((K + 7) / 8 * 2 + 2 * ng) * 4;
-  else return size_t((K + 1) / 2 + ng) * 4;
+  if constexpr (MODE == kI4Dot)
+    return size_t((K + 7) / 8 * 2 + 2 * ng) * 4;
+  else
+    return size_t((K + 1) / 2 + ng) * 4;
 }
 
 // Packs M rows of K floats (row stride ldx) into row blocks of MR (see above), in a per-thread buffer.

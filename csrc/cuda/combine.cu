@@ -11,8 +11,8 @@
 
 // Grid: T x min(ceil(H / COMBINE_THREADS), COMBINE_MAX_SLICES) blocks of COMBINE_THREADS.
 static __global__ void __launch_bounds__(COMBINE_THREADS)
-combine_kernel(const float* __restrict__ y, int64_t ldy, const int32_t* __restrict__ inv,
-               const float* __restrict__ weights, int k, int64_t H, float* __restrict__ out) {
+    combine_kernel(const float* __restrict__ y, int64_t ldy, const int32_t* __restrict__ inv,
+                   const float* __restrict__ weights, int k, int64_t H, float* __restrict__ out) {
   const int64_t t = blockIdx.x;  // token
   const int32_t* pos = inv + t * k;
   const float* w = weights + t * k;
@@ -24,8 +24,8 @@ combine_kernel(const float* __restrict__ y, int64_t ldy, const int32_t* __restri
   }
 }
 
-cudaError_t combine_cuda(const float* y, int64_t ldy, const int32_t* inv, const float* weights, int64_t T,
-                         int k, int64_t H, float* out, cudaStream_t stream) {
+cudaError_t combine_cuda(const float* y, int64_t ldy, const int32_t* inv, const float* weights, int64_t T, int k,
+                         int64_t H, float* out, cudaStream_t stream) {
   if (T <= 0) return cudaSuccess;
   if (T > 0x7fffffff || k < 1 || H < 1 || ldy < H) return cudaErrorInvalidValue;
   const int64_t want = (H + COMBINE_THREADS - 1) / COMBINE_THREADS;

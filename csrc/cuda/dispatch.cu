@@ -12,8 +12,8 @@
 
 // Grid: one block of DISPATCH_THREADS.
 static __global__ void __launch_bounds__(DISPATCH_THREADS)
-dispatch_kernel(const int32_t* __restrict__ experts, int n_rows, int E, int BM, int32_t* __restrict__ sorted_rows,
-                int32_t* __restrict__ inv, int32_t* __restrict__ tile_expert, int32_t* __restrict__ num_tiles) {
+    dispatch_kernel(const int32_t* __restrict__ experts, int n_rows, int E, int BM, int32_t* __restrict__ sorted_rows,
+                    int32_t* __restrict__ inv, int32_t* __restrict__ tile_expert, int32_t* __restrict__ num_tiles) {
   __shared__ int s_count[DISPATCH_MAX_EXPERTS];  // rows per expert
   __shared__ int s_base[DISPATCH_MAX_EXPERTS];   // first position of each expert's (padded) run
   __shared__ int s_next[DISPATCH_MAX_EXPERTS];   // rows already placed per expert
@@ -95,7 +95,7 @@ cudaError_t dispatch_cuda(const int32_t* experts, int64_t n_rows, int E, int blo
                           int32_t* inv, int32_t* tile_expert, int32_t* num_tiles, cudaStream_t stream) {
   if (n_rows < 0 || n_rows > FMOE_DISPATCH_MAX_ROWS || E < 1 || E > DISPATCH_MAX_EXPERTS || block_m < 1)
     return cudaErrorInvalidValue;
-  dispatch_kernel<<<1, DISPATCH_THREADS, 0, stream>>>(experts, (int)n_rows, E, block_m, sorted_rows, inv,
-                                                      tile_expert, num_tiles);
+  dispatch_kernel<<<1, DISPATCH_THREADS, 0, stream>>>(experts, (int)n_rows, E, block_m, sorted_rows, inv, tile_expert,
+                                                      num_tiles);
   return cudaGetLastError();
 }

@@ -83,7 +83,7 @@ static __device__ __forceinline__ void mma_m16n8k16(float* d, const uint32_t* a,
 
 // What one grouped GEMM launch reads and writes.
 typedef struct {
-  const void* a;               // activations, row-major, lda elements per row (K used)
+  const void* a;  // activations, row-major, lda elements per row (K used)
   int64_t lda;
   const int32_t* sorted_rows;  // pick id t*k + j of each sorted position, -1 on padding
   int gather;                  // pass 1: A row = id / topk (the pick's token); pass 2: A row = the position
@@ -121,18 +121,18 @@ static __global__ void __launch_bounds__((BM / WM) * (BN / WN) * 32) ffn_mma_ker
   static_assert(BK % 16 == 0 && FMOE_PAD % BK == 0 && FMOE_PAD % BN == 0, "K and N tiling vs padding");
   static_assert(NB == 1 || NB == 2, "one or two B matrices");
 
-  const int tile = blockIdx.x;  // tile of the sorted row list
-  if (tile >= *g.num_tiles) return;  // uniform for the block, before any barrier
-  const int e = g.tile_expert[tile];             // expert of this tile
-  const int64_t m0 = (int64_t)tile * BM;         // first sorted position
-  const int64_t n0 = (int64_t)blockIdx.y * BN;   // first output column
-  const int64_t K = g.K;                         // reduction length (padded)
-  const int KT = (int)(K / BK);                  // K tiles
+  const int tile = blockIdx.x;                  // tile of the sorted row list
+  if (tile >= *g.num_tiles) return;             // uniform for the block, before any barrier
+  const int e = g.tile_expert[tile];            // expert of this tile
+  const int64_t m0 = (int64_t)tile * BM;        // first sorted position
+  const int64_t n0 = (int64_t)blockIdx.y * BN;  // first output column
+  const int64_t K = g.K;                        // reduction length (padded)
+  const int KT = (int)(K / BK);                 // K tiles
 
-  extern __shared__ uint4 ffn_smem[];  // uint4: 16-byte alignment for cp.async and ldmatrix
-  uint16_t* sA = (uint16_t*)ffn_smem;               // [STAGES][BM][LDS]
-  uint16_t* sB = sA + (size_t)STAGES * BM * LDS;     // [STAGES][NB][BN][LDS]
-  __shared__ int64_t s_arow[BM];                    // global A row of each tile row, -1 for padding
+  extern __shared__ uint4 ffn_smem[];             // uint4: 16-byte alignment for cp.async and ldmatrix
+  uint16_t* sA = (uint16_t*)ffn_smem;             // [STAGES][BM][LDS]
+  uint16_t* sB = sA + (size_t)STAGES * BM * LDS;  // [STAGES][NB][BN][LDS]
+  __shared__ int64_t s_arow[BM];                  // global A row of each tile row, -1 for padding
 
   const int tid = threadIdx.x;
   for (int r = tid; r < BM; r += THREADS) s_arow[r] = a_row_of(g, m0 + r);
@@ -156,8 +156,7 @@ static __global__ void __launch_bounds__((BM / WM) * (BN / WN) * 32) ffn_mma_ker
       const uint16_t* Bb = b == 0 ? B0 : B1;
       for (int c = tid; c < BN * CPR; c += THREADS) {
         const int r = c / CPR, cc = c % CPR;
-        cp_async_16(sB + (((size_t)stage * NB + b) * BN + r) * LDS + cc * 8, Bb + (int64_t)r * K + k0 + cc * 8,
-                    true);
+        cp_async_16(sB + (((size_t)stage * NB + b) * BN + r) * LDS + cc * 8, Bb + (int64_t)r * K + k0 + cc * 8, true);
       }
     }
   };
@@ -176,8 +175,8 @@ static __global__ void __launch_bounds__((BM / WM) * (BN / WN) * 32) ffn_mma_ker
 #pragma unroll
         for (int q = 0; q < 4; q++) acc[b][i][j][q] = 0.0f;
 
-  // Prologue: fill STAGES-1 slots. One commit per slot even when empty keeps the group count uniform,
-  // so wait_group<STAGES-2> always means "tile kt has landed".
+          // Prologue: fill STAGES-1 slots. One commit per slot even when empty keeps the group count uniform,
+          // so wait_group<STAGES-2> always means "tile kt has landed".
 #pragma unroll
   for (int s = 0; s < STAGES - 1; s++) {
     if (s < KT) load_stage(s, s);
@@ -271,7 +270,7 @@ static cudaError_t launch_mma(const gemm_args& g, int64_t tiles_cap, cudaStream_
 // matrix and accumulates them with fmaf over k in ascending order.
 template <int BM, int BN, int BK, int TM, int TN, int NB>
 static __global__ void __launch_bounds__((BM / TM) * (BN / TN)) ffn_f32_kernel(gemm_args g) {
-  constexpr int TX = BN / TN;         // threads across N
+  constexpr int TX = BN / TN;  // threads across N
   constexpr int THREADS = (BM / TM) * TX;
   static_assert(FMOE_PAD % BK == 0 && FMOE_PAD % BN == 0, "K and N tiling vs padding");
 
@@ -377,9 +376,12 @@ int ffn_pick_config(int64_t n_rows, int64_t n_expert, int dtype) {
 
 int ffn_block_m(int config) {
   switch (config) {
-    case 0: return 16;
-    case 1: return 64;
-    default: return 128;
+    case 0:
+      return 16;
+    case 1:
+      return 64;
+    default:
+      return 128;
   }
 }
 
@@ -423,9 +425,9 @@ static cudaError_t ffn_f32(const gemm_args& up, const gemm_args& down, int confi
 }
 
 cudaError_t ffn_cuda(const ffn_problem* p, cudaStream_t stream) {
-  if (!p || p->config < 0 || p->config >= FFN_CONFIGS || p->dtype < 0 || p->dtype > 2 || p->top_k < 1 ||
-      p->Hp <= 0 || p->Fp <= 0 || p->Hp % FMOE_PAD != 0 || p->Fp % FMOE_PAD != 0 || p->tiles_cap < 0 ||
-      p->tiles_cap > 0x7fffffff || p->Fp / 64 > 65535 || p->Hp / 64 > 65535)
+  if (!p || p->config < 0 || p->config >= FFN_CONFIGS || p->dtype < 0 || p->dtype > 2 || p->top_k < 1 || p->Hp <= 0 ||
+      p->Fp <= 0 || p->Hp % FMOE_PAD != 0 || p->Fp % FMOE_PAD != 0 || p->tiles_cap < 0 || p->tiles_cap > 0x7fffffff ||
+      p->Fp / 64 > 65535 || p->Hp / 64 > 65535)
     return cudaErrorInvalidValue;
   if (p->tiles_cap == 0) return cudaSuccess;
 
@@ -477,7 +479,9 @@ cudaError_t convert_to_16_cuda(const float* x, int64_t n, int dtype, uint16_t* o
   const int threads = 256;
   const int64_t want = (n + threads - 1) / threads;
   const unsigned blocks = (unsigned)(want < 4096 ? want : 4096);
-  if (dtype == 1) convert_to_16_kernel<true><<<blocks, threads, 0, stream>>>(x, n, out);
-  else convert_to_16_kernel<false><<<blocks, threads, 0, stream>>>(x, n, out);
+  if (dtype == 1)
+    convert_to_16_kernel<true><<<blocks, threads, 0, stream>>>(x, n, out);
+  else
+    convert_to_16_kernel<false><<<blocks, threads, 0, stream>>>(x, n, out);
   return cudaGetLastError();
 }

@@ -26,10 +26,7 @@ extern "C" {
 typedef struct fmoe_cuda_layer fmoe_cuda_layer;
 
 /* Values of fmoe_cuda_config.routing; the same numbers as the core's fmoe::Routing. */
-typedef enum {
-  FMOE_CUDA_ROUTING_SOFTMAX_TOPK_RENORM = 0,
-  FMOE_CUDA_ROUTING_SOFTMAX_TOPK = 1
-} fmoe_cuda_routing;
+typedef enum { FMOE_CUDA_ROUTING_SOFTMAX_TOPK_RENORM = 0, FMOE_CUDA_ROUTING_SOFTMAX_TOPK = 1 } fmoe_cuda_routing;
 
 /* Values of fmoe_cuda_config.weight_dtype; the same numbers as the core's fmoe::DType. */
 typedef enum { FMOE_CUDA_DTYPE_F32 = 0, FMOE_CUDA_DTYPE_BF16 = 1, FMOE_CUDA_DTYPE_F16 = 2 } fmoe_cuda_dtype;
@@ -58,12 +55,12 @@ typedef int (*fmoe_cuda_device_count_fn)(int* count, char* err, size_t err_len);
 typedef int (*fmoe_cuda_device_info_fn)(int device, fmoe_cuda_device_props* info, char* err, size_t err_len);
 /* Uploads the weights (gate [E,H] float32; w1/w3 [F,H], w2 [H,F] per expert, host pointers). */
 typedef int (*fmoe_cuda_layer_create_fn)(const fmoe_cuda_config* cfg, const float* gate, const void* const* w1,
-                                         const void* const* w3, const void* const* w2, fmoe_cuda_layer** out,
-                                         char* err, size_t err_len);
+                                         const void* const* w3, const void* const* w2, fmoe_cuda_layer** out, char* err,
+                                         size_t err_len);
 /* Host x [T,H] -> host out [T,H]. Thread-safe (calls on one layer are serialised). The caller cancels
  * between calls: the addon splits a long input into chunks and checks its own flag before each. */
-typedef int (*fmoe_cuda_layer_forward_fn)(fmoe_cuda_layer* layer, const float* x, int64_t T, float* out,
-                                          char* err, size_t err_len);
+typedef int (*fmoe_cuda_layer_forward_fn)(fmoe_cuda_layer* layer, const float* x, int64_t T, float* out, char* err,
+                                          size_t err_len);
 typedef int (*fmoe_cuda_layer_route_fn)(fmoe_cuda_layer* layer, const float* x, int64_t T, int32_t* experts,
                                         float* weights, char* err, size_t err_len);
 /* Same as forward, with x and out in device memory of the layer's device (benchmarks, C/C++ callers that
@@ -73,15 +70,15 @@ typedef int (*fmoe_cuda_layer_route_fn)(fmoe_cuda_layer* layer, const float* x, 
  * for the stream or device that wrote it, e.g. cudaStreamSynchronize or cudaDeviceSynchronize: cudaMemset
  * is asynchronous, and cudaMemcpy from pageable host memory may return before the data has landed), and
  * no other work may still use out_dev. Until the call returns, neither may be touched. */
-typedef int (*fmoe_cuda_layer_forward_device_fn)(fmoe_cuda_layer* layer, const float* x_dev, int64_t T,
-                                                 float* out_dev, char* err, size_t err_len);
+typedef int (*fmoe_cuda_layer_forward_device_fn)(fmoe_cuda_layer* layer, const float* x_dev, int64_t T, float* out_dev,
+                                                 char* err, size_t err_len);
 /* forward_device without the wait: queues the work on the layer's stream and returns. The same holds for
  * x_dev and out_dev before the call, and they must stay valid, x_dev unchanged and out_dev untouched until
  * fmoe_cuda_layer_synchronize returns; results are in out_dev then. After a failed call nothing queued
  * by it still uses them.
  * Back-to-back calls overlap their launches with the work in flight (benchmarks time the GPU this way). */
-typedef int (*fmoe_cuda_layer_enqueue_device_fn)(fmoe_cuda_layer* layer, const float* x_dev, int64_t T,
-                                                 float* out_dev, char* err, size_t err_len);
+typedef int (*fmoe_cuda_layer_enqueue_device_fn)(fmoe_cuda_layer* layer, const float* x_dev, int64_t T, float* out_dev,
+                                                 char* err, size_t err_len);
 /* Waits for everything queued on the layer; reports a failure of any of it. */
 typedef int (*fmoe_cuda_layer_synchronize_fn)(fmoe_cuda_layer* layer, char* err, size_t err_len);
 typedef size_t (*fmoe_cuda_layer_bytes_fn)(const fmoe_cuda_layer* layer);
@@ -92,17 +89,15 @@ int fmoe_cuda_abi_version(void);
 int fmoe_cuda_versions(int* driver, int* runtime, char* err, size_t err_len);
 int fmoe_cuda_device_count(int* count, char* err, size_t err_len);
 int fmoe_cuda_device_info(int device, fmoe_cuda_device_props* info, char* err, size_t err_len);
-int fmoe_cuda_layer_create(const fmoe_cuda_config* cfg, const float* gate, const void* const* w1,
-                           const void* const* w3, const void* const* w2, fmoe_cuda_layer** out, char* err,
-                           size_t err_len);
-int fmoe_cuda_layer_forward(fmoe_cuda_layer* layer, const float* x, int64_t T, float* out, char* err,
-                            size_t err_len);
+int fmoe_cuda_layer_create(const fmoe_cuda_config* cfg, const float* gate, const void* const* w1, const void* const* w3,
+                           const void* const* w2, fmoe_cuda_layer** out, char* err, size_t err_len);
+int fmoe_cuda_layer_forward(fmoe_cuda_layer* layer, const float* x, int64_t T, float* out, char* err, size_t err_len);
 int fmoe_cuda_layer_route(fmoe_cuda_layer* layer, const float* x, int64_t T, int32_t* experts, float* weights,
                           char* err, size_t err_len);
-int fmoe_cuda_layer_forward_device(fmoe_cuda_layer* layer, const float* x_dev, int64_t T, float* out_dev,
-                                   char* err, size_t err_len);
-int fmoe_cuda_layer_enqueue_device(fmoe_cuda_layer* layer, const float* x_dev, int64_t T, float* out_dev,
-                                   char* err, size_t err_len);
+int fmoe_cuda_layer_forward_device(fmoe_cuda_layer* layer, const float* x_dev, int64_t T, float* out_dev, char* err,
+                                   size_t err_len);
+int fmoe_cuda_layer_enqueue_device(fmoe_cuda_layer* layer, const float* x_dev, int64_t T, float* out_dev, char* err,
+                                   size_t err_len);
 int fmoe_cuda_layer_synchronize(fmoe_cuda_layer* layer, char* err, size_t err_len);
 size_t fmoe_cuda_layer_bytes(const fmoe_cuda_layer* layer);
 void fmoe_cuda_layer_destroy(fmoe_cuda_layer* layer);

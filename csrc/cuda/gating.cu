@@ -44,8 +44,8 @@ static __device__ __forceinline__ bool gating_better(float va, int ia, float vb,
 
 // Grid: T blocks of min(E, GATING_MAX_WARPS) warps. Dynamic shared memory: 2*E floats.
 static __global__ void __launch_bounds__(GATING_MAX_WARPS * 32)
-gating_kernel(const float* __restrict__ x, int64_t ldx, const float* __restrict__ gate, int64_t ldg, int64_t K,
-              int E, int k, int routing, int32_t* __restrict__ experts, float* __restrict__ weights) {
+    gating_kernel(const float* __restrict__ x, int64_t ldx, const float* __restrict__ gate, int64_t ldg, int64_t K,
+                  int E, int k, int routing, int32_t* __restrict__ experts, float* __restrict__ weights) {
   extern __shared__ float gating_smem[];
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -83,7 +83,7 @@ gating_kernel(const float* __restrict__ x, int64_t ldx, const float* __restrict_
     acc = warp_sum(acc);
     if (lane == 0) p[e] = acc;
   }
-  __syncthreads();  // every logit is in p
+  __syncthreads();        // every logit is in p
   if (warp != 0) return;  // softmax and top-k are one warp's; no block-wide barrier follows
 
   // 2. Softmax over the non-NaN logits. NaN logits get NaN probability; when some logit is +inf the
@@ -99,9 +99,12 @@ gating_kernel(const float* __restrict__ x, int64_t ldx, const float* __restrict_
   for (int e = lane; e < E; e += 32) {
     const float l = p[e];
     float v;
-    if (isnan(l)) v = NAN;
-    else if (mx == INFINITY) v = (l == INFINITY) ? 1.0f : 0.0f;
-    else v = expf(l - mx);
+    if (isnan(l))
+      v = NAN;
+    else if (mx == INFINITY)
+      v = (l == INFINITY) ? 1.0f : 0.0f;
+    else
+      v = expf(l - mx);
     p[e] = v;
     if (!isnan(v)) sum += v;
   }
@@ -118,12 +121,18 @@ gating_kernel(const float* __restrict__ x, int64_t ldx, const float* __restrict_
     for (int e = lane; e < E; e += 32) {
       const float v = p[e];
       if (v < 0.0f) continue;  // taken
-      if (gating_better(v, e, bv, bi)) { bv = v; bi = e; }
+      if (gating_better(v, e, bv, bi)) {
+        bv = v;
+        bi = e;
+      }
     }
     for (int m = 16; m > 0; m >>= 1) {
       const float ov = __shfl_xor_sync(0xffffffffu, bv, m);
       const int oi = __shfl_xor_sync(0xffffffffu, bi, m);
-      if (gating_better(ov, oi, bv, bi)) { bv = ov; bi = oi; }
+      if (gating_better(ov, oi, bv, bi)) {
+        bv = ov;
+        bi = oi;
+      }
     }
     bi = min(max(bi, 0), E - 1);
     picked_sum += bv;  // the same value in every lane
@@ -143,14 +152,13 @@ gating_kernel(const float* __restrict__ x, int64_t ldx, const float* __restrict_
   }
 }
 
-cudaError_t gating_cuda(const float* x, int64_t ldx, const float* gate, int64_t ldg, int64_t K, int64_t T,
-                        int E, int k, int routing, int32_t* experts, float* weights, cudaStream_t stream) {
+cudaError_t gating_cuda(const float* x, int64_t ldx, const float* gate, int64_t ldg, int64_t K, int64_t T, int E, int k,
+                        int routing, int32_t* experts, float* weights, cudaStream_t stream) {
   if (T <= 0) return cudaSuccess;
   if (E < 1 || E > 1024 || k < 1 || k > E || K % 4 != 0 || ldx % 4 != 0 || ldg % 4 != 0 || T > 0x7fffffff)
     return cudaErrorInvalidValue;
   const int warps = E < GATING_MAX_WARPS ? E : GATING_MAX_WARPS;
   const size_t smem = (size_t)2 * E * sizeof(float);  // <= 8 KiB for E <= 1024
-  gating_kernel<<<(unsigned)T, warps * 32, smem, stream>>>(x, ldx, gate, ldg, K, E, k, routing, experts,
-                                                          weights);
+  gating_kernel<<<(unsigned)T, warps * 32, smem, stream>>>(x, ldx, gate, ldg, K, E, k, routing, experts, weights);
   return cudaGetLastError();
 }

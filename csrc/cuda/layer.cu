@@ -27,17 +27,17 @@
 #define WORKSPACE_BUDGET ((size_t)1 << 30)
 
 struct fmoe_cuda_layer {
-  int64_t H = 0;        // hidden size
-  int64_t F = 0;        // intermediate (expert FFN) size
-  int64_t E = 0;        // experts
-  int64_t k = 0;        // picks per token
-  int64_t Hp = 0;       // H padded to FMOE_PAD
-  int64_t Fp = 0;       // F padded to FMOE_PAD
-  int routing = 0;      // fmoe_cuda_routing
-  int dtype = 0;        // 0 float32, 1 bfloat16, 2 float16
-  int device = 0;       // CUDA ordinal
-  size_t es = 4;        // bytes per weight element
-  size_t hes = 4;       // bytes per SwiGLU activation element (float32 path keeps float32)
+  int64_t H = 0;          // hidden size
+  int64_t F = 0;          // intermediate (expert FFN) size
+  int64_t E = 0;          // experts
+  int64_t k = 0;          // picks per token
+  int64_t Hp = 0;         // H padded to FMOE_PAD
+  int64_t Fp = 0;         // F padded to FMOE_PAD
+  int routing = 0;        // fmoe_cuda_routing
+  int dtype = 0;          // 0 float32, 1 bfloat16, 2 float16
+  int device = 0;         // CUDA ordinal
+  size_t es = 4;          // bytes per weight element
+  size_t hes = 4;         // bytes per SwiGLU activation element (float32 path keeps float32)
   int64_t chunk_max = 1;  // tokens per chunk
 
   std::mutex mu;  // serialises forward/route: they share the stream and the workspace
@@ -53,17 +53,17 @@ struct fmoe_cuda_layer {
   void* ws = nullptr;
   int64_t ws_tokens = 0;
   std::atomic<size_t> ws_bytes{0};
-  float* xf = nullptr;           // [tokens, Hp] input, float32, pad columns zero
-  uint16_t* xh = nullptr;        // [tokens, Hp] input rounded to the weight dtype (16-bit paths)
-  int32_t* experts = nullptr;    // [tokens * k]
-  float* weights = nullptr;      // [tokens * k]
-  int32_t* inv = nullptr;        // [tokens * k] sorted position of each pick
+  float* xf = nullptr;             // [tokens, Hp] input, float32, pad columns zero
+  uint16_t* xh = nullptr;          // [tokens, Hp] input rounded to the weight dtype (16-bit paths)
+  int32_t* experts = nullptr;      // [tokens * k]
+  float* weights = nullptr;        // [tokens * k]
+  int32_t* inv = nullptr;          // [tokens * k] sorted position of each pick
   int32_t* sorted_rows = nullptr;  // [rows_cap]
   int32_t* tile_expert = nullptr;  // [tiles_cap]
-  int32_t* num_tiles = nullptr;  // [1]
-  void* h = nullptr;             // [rows_cap, Fp]
-  float* y = nullptr;            // [rows_cap, Hp]
-  float* out = nullptr;          // [tokens, H]
+  int32_t* num_tiles = nullptr;    // [1]
+  void* h = nullptr;               // [rows_cap, Fp]
+  float* y = nullptr;              // [rows_cap, Hp]
+  float* out = nullptr;            // [tokens, H]
 };
 
 // ---- errors -------------------------------------------------------------------------------------------
@@ -80,15 +80,18 @@ static int set_err(char* err, size_t err_len, int code, const char* fmt, ...) {
 
 static int code_for(cudaError_t e) {
   switch (e) {
-    case cudaErrorMemoryAllocation: return FMOE_CUDA_ERR_OOM;
+    case cudaErrorMemoryAllocation:
+      return FMOE_CUDA_ERR_OOM;
     case cudaErrorNoDevice:
     case cudaErrorInsufficientDriver:
     case cudaErrorStubLibrary:
     case cudaErrorDevicesUnavailable:
     case cudaErrorSystemDriverMismatch:
     case cudaErrorCompatNotSupportedOnDevice:
-    case cudaErrorInvalidDevice: return FMOE_CUDA_ERR_NO_DEVICE;
-    default: return FMOE_CUDA_ERR_CUDA;
+    case cudaErrorInvalidDevice:
+      return FMOE_CUDA_ERR_NO_DEVICE;
+    default:
+      return FMOE_CUDA_ERR_CUDA;
   }
 }
 
@@ -104,21 +107,21 @@ static int cuda_err(char* err, size_t err_len, cudaError_t e, const char* what) 
   return code;
 }
 
-#define CUDA_TRY(call, what)                                     \
-  do {                                                           \
-    const cudaError_t e_ = (call);                               \
+#define CUDA_TRY(call, what)                                        \
+  do {                                                              \
+    const cudaError_t e_ = (call);                                  \
     if (e_ != cudaSuccess) return cuda_err(err, err_len, e_, what); \
   } while (0)
 
-#define CATCH_ALL                                                                                    \
-  catch (const std::bad_alloc&) {                                                                    \
-    return set_err(err, err_len, FMOE_CUDA_ERR_OOM, "out of host memory");                           \
-  }                                                                                                  \
-  catch (const std::exception& ex) {                                                                 \
+#define CATCH_ALL                                                                                          \
+  catch (const std::bad_alloc&) {                                                                          \
+    return set_err(err, err_len, FMOE_CUDA_ERR_OOM, "out of host memory");                                 \
+  }                                                                                                        \
+  catch (const std::exception& ex) {                                                                       \
     return set_err(err, err_len, FMOE_CUDA_ERR_CUDA, "internal error in the CUDA backend: %s", ex.what()); \
-  }                                                                                                  \
-  catch (...) {                                                                                      \
-    return set_err(err, err_len, FMOE_CUDA_ERR_CUDA, "internal error in the CUDA backend");          \
+  }                                                                                                        \
+  catch (...) {                                                                                            \
+    return set_err(err, err_len, FMOE_CUDA_ERR_CUDA, "internal error in the CUDA backend");                \
   }
 
 // ---- sizes --------------------------------------------------------------------------------------------
@@ -132,26 +135,37 @@ static size_t align256(size_t v) { return (v + 255) / 256 * 256; }
 // Byte offsets of the workspace buffers for `tokens` tokens: rows and tiles are sized for the worst
 // padding of any tile configuration, because the forward never reads the routing back.
 static ws_layout workspace_layout(const fmoe_cuda_layer* L, int64_t tokens) {
-  const int64_t n_rows = tokens * L->k;                                              // picks
+  const int64_t n_rows = tokens * L->k;                                           // picks
   const int64_t rows_cap = fmoe_padded_rows_cap(n_rows, L->E, FMOE_MAX_BLOCK_M);  // largest padded list
-  int64_t tiles_cap = 0;                                                             // most tiles of any block_m
+  int64_t tiles_cap = 0;                                                          // most tiles of any block_m
   for (int bm = 16; bm <= FMOE_MAX_BLOCK_M; bm *= 2) {
     const int64_t t = fmoe_padded_rows_cap(n_rows, L->E, bm) / bm;
     if (t > tiles_cap) tiles_cap = t;
   }
   ws_layout w;
   size_t off = 0;
-  w.xf = off;          off += align256((size_t)tokens * L->Hp * sizeof(float));
-  w.xh = off;          off += L->dtype == 0 ? 0 : align256((size_t)tokens * L->Hp * sizeof(uint16_t));
-  w.experts = off;     off += align256((size_t)n_rows * sizeof(int32_t));
-  w.weights = off;     off += align256((size_t)n_rows * sizeof(float));
-  w.inv = off;         off += align256((size_t)n_rows * sizeof(int32_t));
-  w.sorted_rows = off; off += align256((size_t)rows_cap * sizeof(int32_t));
-  w.tile_expert = off; off += align256((size_t)tiles_cap * sizeof(int32_t));
-  w.num_tiles = off;   off += align256(sizeof(int32_t));
-  w.h = off;           off += align256((size_t)rows_cap * L->Fp * L->hes);
-  w.y = off;           off += align256((size_t)rows_cap * L->Hp * sizeof(float));
-  w.out = off;         off += align256((size_t)tokens * L->H * sizeof(float));
+  w.xf = off;
+  off += align256((size_t)tokens * L->Hp * sizeof(float));
+  w.xh = off;
+  off += L->dtype == 0 ? 0 : align256((size_t)tokens * L->Hp * sizeof(uint16_t));
+  w.experts = off;
+  off += align256((size_t)n_rows * sizeof(int32_t));
+  w.weights = off;
+  off += align256((size_t)n_rows * sizeof(float));
+  w.inv = off;
+  off += align256((size_t)n_rows * sizeof(int32_t));
+  w.sorted_rows = off;
+  off += align256((size_t)rows_cap * sizeof(int32_t));
+  w.tile_expert = off;
+  off += align256((size_t)tiles_cap * sizeof(int32_t));
+  w.num_tiles = off;
+  off += align256(sizeof(int32_t));
+  w.h = off;
+  off += align256((size_t)rows_cap * L->Fp * L->hes);
+  w.y = off;
+  off += align256((size_t)rows_cap * L->Hp * sizeof(float));
+  w.out = off;
+  off += align256((size_t)tokens * L->H * sizeof(float));
   w.total = off;
   return w;
 }
@@ -205,11 +219,11 @@ static int64_t pick_chunk(const fmoe_cuda_layer* L) {
 // Copies x (n tokens; host or device memory per kind_in) into the padded float32 input and routes it.
 static int run_gating(fmoe_cuda_layer* L, const float* x, int64_t n, cudaMemcpyKind kind_in, char* err,
                       size_t err_len) {
-  CUDA_TRY(cudaMemcpy2DAsync(L->xf, L->Hp * sizeof(float), x, L->H * sizeof(float), L->H * sizeof(float), n,
-                             kind_in, L->stream),
+  CUDA_TRY(cudaMemcpy2DAsync(L->xf, L->Hp * sizeof(float), x, L->H * sizeof(float), L->H * sizeof(float), n, kind_in,
+                             L->stream),
            "copying the input to the device");
-  CUDA_TRY(gating_cuda(L->xf, L->Hp, L->gate, L->Hp, L->Hp, n, (int)L->E, (int)L->k, L->routing, L->experts,
-                       L->weights, L->stream),
+  CUDA_TRY(gating_cuda(L->xf, L->Hp, L->gate, L->Hp, L->Hp, n, (int)L->E, (int)L->k, L->routing, L->experts, L->weights,
+                       L->stream),
            "router kernel launch");
   return FMOE_CUDA_OK;
 }
@@ -224,9 +238,9 @@ static int run_chunk(fmoe_cuda_layer* L, const float* x, int64_t n, float* out, 
 
   const int config = ffn_pick_config(n_rows, L->E, L->dtype);
   const int bm = ffn_block_m(config);  // tile height = dispatch padding
-  CUDA_TRY(dispatch_cuda(L->experts, n_rows, (int)L->E, bm, L->sorted_rows, L->inv, L->tile_expert,
-                         L->num_tiles, L->stream),
-           "dispatch kernel launch");
+  CUDA_TRY(
+      dispatch_cuda(L->experts, n_rows, (int)L->E, bm, L->sorted_rows, L->inv, L->tile_expert, L->num_tiles, L->stream),
+      "dispatch kernel launch");
   if (L->dtype != 0)
     CUDA_TRY(convert_to_16_cuda(L->xf, n * L->Hp, L->dtype, L->xh, L->stream), "input conversion kernel launch");
 
@@ -250,8 +264,7 @@ static int run_chunk(fmoe_cuda_layer* L, const float* x, int64_t n, float* out, 
 
   // A device destination takes the combine's output directly; a host one goes through the workspace.
   float* dst = kind_out == cudaMemcpyDeviceToDevice ? out : L->out;
-  CUDA_TRY(combine_cuda(L->y, L->Hp, L->inv, L->weights, n, (int)L->k, L->H, dst, L->stream),
-           "combine kernel launch");
+  CUDA_TRY(combine_cuda(L->y, L->Hp, L->inv, L->weights, n, (int)L->k, L->H, dst, L->stream), "combine kernel launch");
   if (kind_out != cudaMemcpyDeviceToDevice)
     CUDA_TRY(cudaMemcpyAsync(out, L->out, (size_t)n * L->H * sizeof(float), kind_out, L->stream),
              "copying the output to the host");
@@ -270,9 +283,8 @@ static int drain_after_error(fmoe_cuda_layer* L, int rc) {
   return rc;
 }
 
-static int forward_impl(fmoe_cuda_layer* L, const float* x, int64_t T, float* out,
-                        cudaMemcpyKind kind_in, cudaMemcpyKind kind_out, char* err, size_t err_len,
-                        bool wait = true) {
+static int forward_impl(fmoe_cuda_layer* L, const float* x, int64_t T, float* out, cudaMemcpyKind kind_in,
+                        cudaMemcpyKind kind_out, char* err, size_t err_len, bool wait = true) {
   if (!L) return set_err(err, err_len, FMOE_CUDA_ERR_INVALID, "layer is NULL");
   if (T < 0) return set_err(err, err_len, FMOE_CUDA_ERR_INVALID, "T must be >= 0, got %lld", (long long)T);
   if (T == 0) return FMOE_CUDA_OK;
@@ -327,16 +339,14 @@ static int upload_padded(fmoe_cuda_layer* L, void* dst, const void* const* src, 
   for (int64_t e = 0; e < L->E; e++) {
     if (!src[e]) return set_err(err, err_len, FMOE_CUDA_ERR_INVALID, "%s[%lld] is NULL", what, (long long)e);
     char* d = (char*)dst + (size_t)e * rows_p * cols_p * es;
-    CUDA_TRY(cudaMemcpy2DAsync(d, cols_p * es, src[e], cols * es, cols * es, rows, cudaMemcpyHostToDevice,
-                               L->stream),
+    CUDA_TRY(cudaMemcpy2DAsync(d, cols_p * es, src[e], cols * es, cols * es, rows, cudaMemcpyHostToDevice, L->stream),
              what);
   }
   return FMOE_CUDA_OK;
 }
 
-static int layer_create(const fmoe_cuda_config* cfg, const float* gate, const void* const* w1,
-                        const void* const* w3, const void* const* w2, fmoe_cuda_layer** out, char* err,
-                        size_t err_len) {
+static int layer_create(const fmoe_cuda_config* cfg, const float* gate, const void* const* w1, const void* const* w3,
+                        const void* const* w2, fmoe_cuda_layer** out, char* err, size_t err_len) {
   if (!out) return set_err(err, err_len, FMOE_CUDA_ERR_INVALID, "out is NULL");
   *out = nullptr;
   if (!cfg) return set_err(err, err_len, FMOE_CUDA_ERR_INVALID, "cfg is NULL");
@@ -405,8 +415,8 @@ static int layer_create(const fmoe_cuda_config* cfg, const float* gate, const vo
     CUDA_TRY(cudaMemsetAsync(L->w1, 0, w13_bytes, L->stream), "cudaMemsetAsync");
     CUDA_TRY(cudaMemsetAsync(L->w3, 0, w13_bytes, L->stream), "cudaMemsetAsync");
     CUDA_TRY(cudaMemsetAsync(L->w2, 0, w2_bytes, L->stream), "cudaMemsetAsync");
-    CUDA_TRY(cudaMemcpy2DAsync(L->gate, L->Hp * sizeof(float), gate, L->H * sizeof(float), L->H * sizeof(float),
-                               L->E, cudaMemcpyHostToDevice, L->stream),
+    CUDA_TRY(cudaMemcpy2DAsync(L->gate, L->Hp * sizeof(float), gate, L->H * sizeof(float), L->H * sizeof(float), L->E,
+                               cudaMemcpyHostToDevice, L->stream),
              "copying the router weights");
     int r = upload_padded(L, L->w1, w1, L->F, L->H, L->Fp, L->Hp, L->es, "w1", err, err_len);
     if (r == FMOE_CUDA_OK) r = upload_padded(L, L->w3, w3, L->F, L->H, L->Fp, L->Hp, L->es, "w3", err, err_len);
@@ -470,8 +480,8 @@ FMOE_EXPORT int fmoe_cuda_device_info(int device, fmoe_cuda_device_props* info, 
 }
 
 FMOE_EXPORT int fmoe_cuda_layer_create(const fmoe_cuda_config* cfg, const float* gate, const void* const* w1,
-                                       const void* const* w3, const void* const* w2, fmoe_cuda_layer** out,
-                                       char* err, size_t err_len) {
+                                       const void* const* w3, const void* const* w2, fmoe_cuda_layer** out, char* err,
+                                       size_t err_len) {
   try {
     return layer_create(cfg, gate, w1, w3, w2, out, err, err_len);
   }
@@ -486,20 +496,19 @@ FMOE_EXPORT int fmoe_cuda_layer_forward(fmoe_cuda_layer* layer, const float* x, 
   CATCH_ALL
 }
 
-FMOE_EXPORT int fmoe_cuda_layer_forward_device(fmoe_cuda_layer* layer, const float* x_dev, int64_t T,
-                                               float* out_dev, char* err, size_t err_len) {
+FMOE_EXPORT int fmoe_cuda_layer_forward_device(fmoe_cuda_layer* layer, const float* x_dev, int64_t T, float* out_dev,
+                                               char* err, size_t err_len) {
   try {
-    return forward_impl(layer, x_dev, T, out_dev, cudaMemcpyDeviceToDevice, cudaMemcpyDeviceToDevice, err,
-                        err_len);
+    return forward_impl(layer, x_dev, T, out_dev, cudaMemcpyDeviceToDevice, cudaMemcpyDeviceToDevice, err, err_len);
   }
   CATCH_ALL
 }
 
-FMOE_EXPORT int fmoe_cuda_layer_enqueue_device(fmoe_cuda_layer* layer, const float* x_dev, int64_t T,
-                                               float* out_dev, char* err, size_t err_len) {
+FMOE_EXPORT int fmoe_cuda_layer_enqueue_device(fmoe_cuda_layer* layer, const float* x_dev, int64_t T, float* out_dev,
+                                               char* err, size_t err_len) {
   try {
-    return forward_impl(layer, x_dev, T, out_dev, cudaMemcpyDeviceToDevice, cudaMemcpyDeviceToDevice, err,
-                        err_len, false);
+    return forward_impl(layer, x_dev, T, out_dev, cudaMemcpyDeviceToDevice, cudaMemcpyDeviceToDevice, err, err_len,
+                        false);
   }
   CATCH_ALL
 }

@@ -25,8 +25,8 @@ static inline int64_t fmoe_padded_rows_cap(int64_t n_rows, int64_t n_expert, int
 // experts[t*k + j], weights[t*k + j] for t < T: softmax over logits = gate . x_t, top-k (descending,
 // ties to the lower index, NaN last), renormalised when routing == 0.
 // x: [T, ldx] float32, gate: [E, ldg] float32; both zero-padded so that K (a multiple of 4) is in bounds.
-cudaError_t gating_cuda(const float* x, int64_t ldx, const float* gate, int64_t ldg, int64_t K, int64_t T,
-                        int E, int k, int routing, int32_t* experts, float* weights, cudaStream_t stream);
+cudaError_t gating_cuda(const float* x, int64_t ldx, const float* gate, int64_t ldg, int64_t K, int64_t T, int E, int k,
+                        int routing, int32_t* experts, float* weights, cudaStream_t stream);
 
 // ---- dispatch.cu ------------------------------------------------------------------------------------
 // Stable counting sort of the n_rows = T*k picks by expert, each expert's run padded to block_m rows.
@@ -39,24 +39,24 @@ cudaError_t dispatch_cuda(const int32_t* experts, int64_t n_rows, int E, int blo
 // ---- expert_ffn.cu ----------------------------------------------------------------------------------
 // Tile configuration, picked on the host from the chunk's shape (batch size) before any launch.
 int ffn_pick_config(int64_t n_rows, int64_t n_expert, int dtype);  // n_rows = T*k
-int ffn_block_m(int config);  // rows per tile (the dispatch padding)
+int ffn_block_m(int config);                                       // rows per tile (the dispatch padding)
 
 typedef struct {
-  int dtype;                 // 0 float32, 1 bfloat16, 2 float16 (weights, and activations of the MMA path)
-  int config;                // from ffn_pick_config
-  int64_t Hp, Fp;            // padded hidden and intermediate sizes (multiples of FMOE_PAD)
-  int top_k;                 // k: sorted_rows holds t*k + j
-  int64_t tiles_cap;         // grid height: an upper bound of *num_tiles for this config's block_m
-  const void* x;             // [T, Hp] activations: float32 for dtype 0, else 16-bit of the weight dtype
-  const void* w1;            // [E, Fp, Hp]
-  const void* w3;            // [E, Fp, Hp]
-  const void* w2;            // [E, Hp, Fp]
+  int dtype;          // 0 float32, 1 bfloat16, 2 float16 (weights, and activations of the MMA path)
+  int config;         // from ffn_pick_config
+  int64_t Hp, Fp;     // padded hidden and intermediate sizes (multiples of FMOE_PAD)
+  int top_k;          // k: sorted_rows holds t*k + j
+  int64_t tiles_cap;  // grid height: an upper bound of *num_tiles for this config's block_m
+  const void* x;      // [T, Hp] activations: float32 for dtype 0, else 16-bit of the weight dtype
+  const void* w1;     // [E, Fp, Hp]
+  const void* w3;     // [E, Fp, Hp]
+  const void* w2;     // [E, Hp, Fp]
   const int32_t* sorted_rows;
   const int32_t* tile_expert;
   const int32_t* num_tiles;  // device scalar written by dispatch_cuda
   void* h;                   // [rows, Fp] SwiGLU activations: float32 for dtype 0, else 16-bit
   float* y;                  // [rows, Hp] expert outputs, in sorted order
-} ffn_problem;                // padding rows of h and y are neither read nor written
+} ffn_problem;               // padding rows of h and y are neither read nor written
 
 // h = silu(x W1^T) * (x W3^T) then y = h W2^T, per tile of the sorted rows with that tile's expert.
 cudaError_t ffn_cuda(const ffn_problem* p, cudaStream_t stream);
@@ -66,5 +66,5 @@ cudaError_t convert_to_16_cuda(const float* x, int64_t n, int dtype, uint16_t* o
 
 // ---- combine.cu -------------------------------------------------------------------------------------
 // out[t, :H] = sum over j = 0..k-1, in that order, of weights[t*k+j] * y[inv[t*k+j], :H].
-cudaError_t combine_cuda(const float* y, int64_t ldy, const int32_t* inv, const float* weights, int64_t T,
-                         int k, int64_t H, float* out, cudaStream_t stream);
+cudaError_t combine_cuda(const float* y, int64_t ldy, const int32_t* inv, const float* weights, int64_t T, int k,
+                         int64_t H, float* out, cudaStream_t stream);

@@ -1,11 +1,11 @@
 // Module registration: classes, backendInfo(), and the core's limits and enum names. No math here.
 #include <napi.h>
 
-#include "../cuda/host/cuda_backend.h"
 #include "../core/error.h"
 #include "../core/options.h"
-#include "../cpu/kernels.h"
 #include "../core/thread_pool.h"
+#include "../cpu/kernels.h"
+#include "../cuda/host/cuda_backend.h"
 #include "addon_data.h"
 #include "convert.h"
 #include "layer.h"
@@ -17,7 +17,8 @@ namespace fmoe_napi {
 void register_bench(Napi::Env env, Napi::Object exports);
 void register_mmap(Napi::Env env, Napi::Object exports);
 
-// -> { cpu: { isa, int8Activations, int4Activations, threads, supported, error? }, cuda: { available, reason, library, driverVersion, runtimeVersion, devices } }
+// -> { cpu: { isa, int8Activations, int4Activations, threads, supported, error? }, cuda: { available, reason, library,
+// driverVersion, runtimeVersion, devices } }
 static Napi::Value BackendInfo(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Object cpu = Napi::Object::New(env);

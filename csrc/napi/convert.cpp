@@ -47,24 +47,26 @@ std::string get_string(Napi::Object obj, const char* key, const std::string& fal
 
 static const char* type_name(napi_typedarray_type t) {
   switch (t) {
-    case napi_float32_array: return "Float32Array";
-    case napi_uint16_array: return "Uint16Array";
-    case napi_int32_array: return "Int32Array";
-    default: return "typed array";
+    case napi_float32_array:
+      return "Float32Array";
+    case napi_uint16_array:
+      return "Uint16Array";
+    case napi_int32_array:
+      return "Int32Array";
+    default:
+      return "typed array";
   }
 }
 
 void* typed_data_mut(Napi::Value v, napi_typedarray_type type, size_t expected_len, const std::string& what) {
   Napi::Env env = v.Env();
-  if (!v.IsTypedArray())
-    throw Napi::TypeError::New(env, what + " must be a " + type_name(type));
+  if (!v.IsTypedArray()) throw Napi::TypeError::New(env, what + " must be a " + type_name(type));
   Napi::TypedArray ta = v.As<Napi::TypedArray>();
-  if (ta.TypedArrayType() != type)
-    throw Napi::TypeError::New(env, what + " must be a " + type_name(type));
+  if (ta.TypedArrayType() != type) throw Napi::TypeError::New(env, what + " must be a " + type_name(type));
   if (ta.ElementLength() != expected_len)
-    throw_moe_error(env, fmoe::ErrorCode::Shape,
-                    what + " must have " + std::to_string(expected_len) + " elements, got " +
-                        std::to_string(ta.ElementLength()));
+    throw_moe_error(
+        env, fmoe::ErrorCode::Shape,
+        what + " must have " + std::to_string(expected_len) + " elements, got " + std::to_string(ta.ElementLength()));
   napi_value ab;
   void* data = nullptr;
   size_t len = 0, offset = 0;

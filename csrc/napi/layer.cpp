@@ -59,9 +59,9 @@ static fmoe::WeightsView parse_weights(const Napi::CallbackInfo& info, size_t fi
     if (!info[first + 1 + m].IsArray()) throw Napi::TypeError::New(env, std::string(names[m]) + " must be an array");
     Napi::Array arr = info[first + 1 + m].As<Napi::Array>();
     if (int64_t(arr.Length()) != E)
-      throw_moe_error(env, ErrorCode::Shape,
-                      std::string(names[m]) + " must hold " + std::to_string(E) + " experts, got " +
-                          std::to_string(arr.Length()));
+      throw_moe_error(
+          env, ErrorCode::Shape,
+          std::string(names[m]) + " must hold " + std::to_string(E) + " experts, got " + std::to_string(arr.Length()));
     for (int64_t e = 0; e < E; e++)
       lists[m]->push_back(typed_data(arr.Get(uint32_t(e)), wtype, size_t(F * H),
                                      std::string(names[m]) + "[" + std::to_string(e) + "]"));
@@ -150,8 +150,8 @@ Napi::Value NativeLayer::ForwardSync(const Napi::CallbackInfo& info) {
 // copied into `out` back on the main thread.
 class ForwardWorker : public Napi::AsyncWorker {
  public:
-  ForwardWorker(Napi::Env env, std::shared_ptr<fmoe::Backend> backend, std::vector<float> x, int64_t T,
-                Napi::Value out, std::shared_ptr<fmoe::CancelFlag> cancel)
+  ForwardWorker(Napi::Env env, std::shared_ptr<fmoe::Backend> backend, std::vector<float> x, int64_t T, Napi::Value out,
+                std::shared_ptr<fmoe::CancelFlag> cancel)
       : Napi::AsyncWorker(env, "fused-moe:forward"),
         deferred_(Napi::Promise::Deferred::New(env)),
         backend_(std::move(backend)),
@@ -210,8 +210,8 @@ class ForwardWorker : public Napi::AsyncWorker {
     std::vector<float>* owned = y_.get();
     Napi::ArrayBuffer ab;
     try {
-      ab = Napi::ArrayBuffer::New(env, owned->data(), n * sizeof(float),
-                                  [](Napi::Env, void*, std::vector<float>* v) { delete v; }, owned);
+      ab = Napi::ArrayBuffer::New(
+          env, owned->data(), n * sizeof(float), [](Napi::Env, void*, std::vector<float>* v) { delete v; }, owned);
       y_.release();
     } catch (const Napi::Error&) {  // runtimes that forbid external buffers: copy instead
       ab = Napi::ArrayBuffer::New(env, n * sizeof(float));
@@ -242,8 +242,7 @@ Napi::Value NativeLayer::Forward(const Napi::CallbackInfo& info) {
   if (info.Length() > 2 && info[2].IsObject()) {
     AddonData* data = env.GetInstanceData<AddonData>();
     Napi::Object o = info[2].As<Napi::Object>();
-    if (!o.InstanceOf(data->cancel_ctor.Value()))
-      throw Napi::TypeError::New(env, "cancel must be a NativeCancel");
+    if (!o.InstanceOf(data->cancel_ctor.Value())) throw Napi::TypeError::New(env, "cancel must be a NativeCancel");
     cancel = NativeCancel::Unwrap(o)->flag();
   }
   std::vector<float> xs;
@@ -294,10 +293,8 @@ Napi::Value NativeLayer::Info(const Napi::CallbackInfo& info) {
 Napi::Function NativeLayer::Init(Napi::Env env) {
   return DefineClass(env, "NativeLayer",
                      {InstanceMethod<&NativeLayer::ForwardSync>("forwardSync"),
-                      InstanceMethod<&NativeLayer::Forward>("forward"),
-                      InstanceMethod<&NativeLayer::Route>("route"),
-                      InstanceMethod<&NativeLayer::Dispose>("dispose"),
-                      InstanceMethod<&NativeLayer::Info>("info")});
+                      InstanceMethod<&NativeLayer::Forward>("forward"), InstanceMethod<&NativeLayer::Route>("route"),
+                      InstanceMethod<&NativeLayer::Dispose>("dispose"), InstanceMethod<&NativeLayer::Info>("info")});
 }
 
 // ---- building in steps ---------------------------------------------------------------------------
@@ -334,11 +331,13 @@ Napi::Value NativeBuilder::Progress(const Napi::CallbackInfo& info) {
 // () -> NativeLayer, once step() returned true.
 Napi::Value NativeBuilder::Finish(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (!done_) throw_moe_error(env, ErrorCode::Invalid, "the layer is not fully built yet: call step() until it returns true");
+  if (!done_)
+    throw_moe_error(env, ErrorCode::Invalid, "the layer is not fully built yet: call step() until it returns true");
   if (!builder_) throw_moe_error(env, ErrorCode::Disposed, "this layer builder was already finished");
   BuiltLayer built;
   built.fallback_reason = builder_->fallback_reason();
-  built.backend = native_call(env, "build the layer", [&] { return std::shared_ptr<fmoe::Backend>(builder_->finish()); });
+  built.backend =
+      native_call(env, "build the layer", [&] { return std::shared_ptr<fmoe::Backend>(builder_->finish()); });
   builder_.reset();
   AddonData* data = env.GetInstanceData<AddonData>();
   auto ext = Napi::External<BuiltLayer>::New(env, &built);
@@ -347,9 +346,10 @@ Napi::Value NativeBuilder::Finish(const Napi::CallbackInfo& info) {
 }
 
 Napi::Function NativeBuilder::Init(Napi::Env env) {
-  return DefineClass(env, "NativeBuilder",
-                     {InstanceMethod<&NativeBuilder::Step>("step"), InstanceMethod<&NativeBuilder::Progress>("progress"),
-                      InstanceMethod<&NativeBuilder::Finish>("finish")});
+  return DefineClass(
+      env, "NativeBuilder",
+      {InstanceMethod<&NativeBuilder::Step>("step"), InstanceMethod<&NativeBuilder::Progress>("progress"),
+       InstanceMethod<&NativeBuilder::Finish>("finish")});
 }
 
 // ---- cancellation ------------------------------------------------------------------------------

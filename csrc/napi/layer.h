@@ -43,7 +43,7 @@ class NativeLayer : public Napi::ObjectWrap<NativeLayer> {
 
   std::shared_ptr<fmoe::Backend> backend_;
   std::string fallback_reason_;  // why an 'auto' layer runs on the CPU; empty otherwise
-  int64_t external_bytes_ = 0;  // reported to V8 so the GC sees the native weights
+  int64_t external_bytes_ = 0;   // reported to V8 so the GC sees the native weights
 };
 
 // Builds a NativeLayer in steps (core LayerBuilder), so the facade can pack on the main thread a few

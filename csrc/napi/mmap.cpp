@@ -42,7 +42,8 @@ static double get_size(const Napi::CallbackInfo& info, size_t i, double fallback
 }
 
 static std::string get_path(const Napi::CallbackInfo& info) {
-  if (info.Length() < 1 || !info[0].IsString()) throw Napi::TypeError::New(info.Env(), "mapFile(path) expects a string path");
+  if (info.Length() < 1 || !info[0].IsString())
+    throw Napi::TypeError::New(info.Env(), "mapFile(path) expects a string path");
   return info[0].As<Napi::String>().Utf8Value();
 }
 
@@ -91,7 +92,8 @@ static bool map_region(const std::string& path, double offset, double length, Re
     return false;
   }
   if (length > kMaxMapping) {
-    *why = "a region of " + std::to_string(uint64_t(length)) + " bytes is more than one ArrayBuffer may hold here (4 GiB)";
+    *why =
+        "a region of " + std::to_string(uint64_t(length)) + " bytes is more than one ArrayBuffer may hold here (4 GiB)";
     close(fd);
     return false;
   }
@@ -163,8 +165,11 @@ static Napi::Value MapFile(const Napi::CallbackInfo& info) {
 class MapWorker : public Napi::AsyncWorker {
  public:
   MapWorker(Napi::Env env, std::string path, double offset, double length)
-      : Napi::AsyncWorker(env, "fusedMoeMapFile"), deferred_(Napi::Promise::Deferred::New(env)),
-        path_(std::move(path)), offset_(offset), length_(length) {}
+      : Napi::AsyncWorker(env, "fusedMoeMapFile"),
+        deferred_(Napi::Promise::Deferred::New(env)),
+        path_(std::move(path)),
+        offset_(offset),
+        length_(length) {}
   ~MapWorker() override {
     if (region_.base) munmap(region_.base, region_.mapped);  // never handed to JS
   }
@@ -209,7 +214,9 @@ static Napi::Value MapFile(const Napi::CallbackInfo& info) {
 
 static Napi::Value MapFileAsync(const Napi::CallbackInfo& info) {
   auto deferred = Napi::Promise::Deferred::New(info.Env());
-  deferred.Reject(checkpoint_error(info.Env(), get_path(info), "memory-mapped checkpoints are not supported on Windows yet").Value());
+  deferred.Reject(
+      checkpoint_error(info.Env(), get_path(info), "memory-mapped checkpoints are not supported on Windows yet")
+          .Value());
   return deferred.Promise();
 }
 

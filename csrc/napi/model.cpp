@@ -70,22 +70,22 @@ static fmoe::DecoderConfig parse_decoder_config(Napi::Env env, Napi::Value v) {
 }
 
 Napi::Function NativeModel::Init(Napi::Env env) {
-  return DefineClass(env, "NativeModel",
-                     {InstanceMethod<&NativeModel::Load>("load"),
-                      InstanceMethod<&NativeModel::Missing>("missing"),
-                      InstanceMethod<&NativeModel::SequenceCreate>("sequenceCreate"),
-                      InstanceMethod<&NativeModel::SequenceFree>("sequenceFree"),
-                      InstanceMethod<&NativeModel::SequenceLength>("sequenceLength"),
-                      InstanceMethod<&NativeModel::SequenceTruncate>("sequenceTruncate"),
-                      InstanceMethod<&NativeModel::Step>("step"),
-                      InstanceMethod<&NativeModel::Info>("info"),
-                      InstanceMethod<&NativeModel::Dispose>("dispose")});
+  return DefineClass(
+      env, "NativeModel",
+      {InstanceMethod<&NativeModel::Load>("load"), InstanceMethod<&NativeModel::Missing>("missing"),
+       InstanceMethod<&NativeModel::SequenceCreate>("sequenceCreate"),
+       InstanceMethod<&NativeModel::SequenceFree>("sequenceFree"),
+       InstanceMethod<&NativeModel::SequenceLength>("sequenceLength"),
+       InstanceMethod<&NativeModel::SequenceTruncate>("sequenceTruncate"), InstanceMethod<&NativeModel::Step>("step"),
+       InstanceMethod<&NativeModel::Info>("info"), InstanceMethod<&NativeModel::Dispose>("dispose")});
 }
 
 NativeModel::NativeModel(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeModel>(info) {
   Napi::Env env = info.Env();
-  fmoe::DecoderConfig cfg = native_call(env, "read the model config", [&] { return parse_decoder_config(env, info[0]); });
-  decoder_ = native_call(env, "build the model", [&] { return std::shared_ptr<fmoe::Decoder>(fmoe::make_cpu_decoder(cfg)); });
+  fmoe::DecoderConfig cfg =
+      native_call(env, "read the model config", [&] { return parse_decoder_config(env, info[0]); });
+  decoder_ =
+      native_call(env, "build the model", [&] { return std::shared_ptr<fmoe::Decoder>(fmoe::make_cpu_decoder(cfg)); });
   external_bytes_ = int64_t(decoder_->native_bytes());
   Napi::MemoryManagement::AdjustExternalMemory(env, external_bytes_);
 }
@@ -110,8 +110,8 @@ class ModelWorker : public Napi::AsyncWorker {
  public:
   using Work = std::function<void(fmoe::Decoder&)>;
   using Done = std::function<Napi::Value(Napi::Env)>;
-  ModelWorker(Napi::Env env, const char* name, std::shared_ptr<fmoe::Decoder> d, std::shared_ptr<std::atomic<bool>> busy,
-              Work work, Done done, const char* doing)
+  ModelWorker(Napi::Env env, const char* name, std::shared_ptr<fmoe::Decoder> d,
+              std::shared_ptr<std::atomic<bool>> busy, Work work, Done done, const char* doing)
       : Napi::AsyncWorker(env, name),
         deferred_(Napi::Promise::Deferred::New(env)),
         decoder_(std::move(d)),
@@ -164,7 +164,8 @@ class ModelWorker : public Napi::AsyncWorker {
   ErrorCode code_ = ErrorCode::Internal;
 };
 
-// (slot: string, layer: number, index: number, parts: (Float32Array | Uint16Array)[], dtypes: string[]) -> Promise<void>
+// (slot: string, layer: number, index: number, parts: (Float32Array | Uint16Array)[], dtypes: string[]) ->
+// Promise<void>
 Napi::Value NativeModel::Load(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto d = idle(env);
@@ -176,7 +177,8 @@ Napi::Value NativeModel::Load(const Napi::CallbackInfo& info) {
   const int64_t layer = info[1].As<Napi::Number>().Int64Value(), index = info[2].As<Napi::Number>().Int64Value();
   if (!info[3].IsArray() || !info[4].IsArray()) throw Napi::TypeError::New(env, "parts and dtypes must be arrays");
   Napi::Array arr = info[3].As<Napi::Array>(), dts = info[4].As<Napi::Array>();
-  if (arr.Length() > 3 || dts.Length() != arr.Length()) throw Napi::RangeError::New(env, "parts: at most 3, one dtype each");
+  if (arr.Length() > 3 || dts.Length() != arr.Length())
+    throw Napi::RangeError::New(env, "parts: at most 3, one dtype each");
   std::vector<fmoe::TensorPart> parts;
   std::vector<Napi::Reference<Napi::Value>> keep;
   for (uint32_t i = 0; i < arr.Length(); i++) {
@@ -215,7 +217,8 @@ Napi::Value NativeModel::Missing(const Napi::CallbackInfo& info) {
 
 Napi::Value NativeModel::SequenceCreate(const Napi::CallbackInfo& info) {
   auto d = idle(info.Env());
-  return Napi::Number::New(info.Env(), double(native_call(info.Env(), "create a sequence", [&] { return d->sequence_create(); })));
+  return Napi::Number::New(info.Env(),
+                           double(native_call(info.Env(), "create a sequence", [&] { return d->sequence_create(); })));
 }
 
 static int64_t sequence_id(Napi::Env env, Napi::Value v) {
@@ -233,7 +236,8 @@ Napi::Value NativeModel::SequenceFree(const Napi::CallbackInfo& info) {
 Napi::Value NativeModel::SequenceLength(const Napi::CallbackInfo& info) {
   auto d = idle(info.Env());
   const int64_t id = sequence_id(info.Env(), info[0]);
-  return Napi::Number::New(info.Env(), double(native_call(info.Env(), "read a sequence", [&] { return d->sequence_length(id); })));
+  return Napi::Number::New(info.Env(),
+                           double(native_call(info.Env(), "read a sequence", [&] { return d->sequence_length(id); })));
 }
 
 Napi::Value NativeModel::SequenceTruncate(const Napi::CallbackInfo& info) {

@@ -26,9 +26,7 @@ uint64_t probe_read_avx512(const void* p, size_t bytes);
 
 namespace {
 
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
+double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
 // Runs fn(i) on `threads` fresh threads released together; returns seconds from the release to the
 // last finish, so the figure is the whole machine's, not one thread's.
@@ -118,11 +116,20 @@ double probe_fma_peak(Isa isa, int threads) {
   double (*loop)(int64_t) = nullptr;
   if (!cpu_supports(isa)) return 0;
   switch (isa) {
-    case Isa::Avx2: loop = probe_fma_loop_avx2; break;
-    case Isa::Avx512: loop = probe_fma_loop_avx512; break;
-    case Isa::Avx512Bf16: loop = probe_dot_loop_avx512bf16; break;
-    case Isa::Neon: loop = probe_fma_loop_neon; break;
-    default: return 0;
+    case Isa::Avx2:
+      loop = probe_fma_loop_avx2;
+      break;
+    case Isa::Avx512:
+      loop = probe_fma_loop_avx512;
+      break;
+    case Isa::Avx512Bf16:
+      loop = probe_dot_loop_avx512bf16;
+      break;
+    case Isa::Neon:
+      loop = probe_fma_loop_neon;
+      break;
+    default:
+      return 0;
   }
   if (loop(1) == 0) return 0;  // not built for this architecture
   // Calibrate to about 0.15 s per thread, then take the median of three runs.

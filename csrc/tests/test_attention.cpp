@@ -16,12 +16,12 @@
 using namespace fmoe;
 
 static int failures = 0;
-#define CHECK(cond)                                                                  \
-  do {                                                                               \
-    if (!(cond)) {                                                                   \
+#define CHECK(cond)                                                                 \
+  do {                                                                              \
+    if (!(cond)) {                                                                  \
       std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      failures++;                                                                    \
-    }                                                                                \
+      failures++;                                                                   \
+    }                                                                               \
   } while (0)
 
 // One sequence's whole history: q, k, v for every position, [positions][heads or kv_heads][D].
@@ -71,7 +71,8 @@ static void reference_row(const History& s, int64_t pos, int64_t h, int64_t H, i
   for (double& x : sc) sum += (x = std::exp(x - mx));
   for (int64_t i = 0; i < D; i++) {
     double a = 0;
-    for (int64_t p = lo; p <= pos; p++) a += sc[size_t(p - lo)] * double(round_to(dt, s.v[size_t((p * KV + j) * D + i)]));
+    for (int64_t p = lo; p <= pos; p++)
+      a += sc[size_t(p - lo)] * double(round_to(dt, s.v[size_t((p * KV + j) * D + i)]));
     out[i] = a / sum;
   }
 }
@@ -142,7 +143,8 @@ static double row_error(const std::vector<float>& out, int64_t row, const StepSe
   std::vector<double> ref(size_t(sh.D));
   for (int64_t i = 0; i < s.count; i++)
     for (int64_t h = 0; h < sh.H; h++) {
-      reference_row(*s.h, s.past + i, h, sh.H, sh.KV, sh.D, 1.0 / std::sqrt(double(sh.D)), sh.window, sh.dt, ref.data());
+      reference_row(*s.h, s.past + i, h, sh.H, sh.KV, sh.D, 1.0 / std::sqrt(double(sh.D)), sh.window, sh.dt,
+                    ref.data());
       double num = 0, den = 0;
       for (int64_t d = 0; d < sh.D; d++) {
         const double got = out[size_t(((row + i) * sh.H + h) * sh.D + d)];
@@ -176,14 +178,14 @@ static void test_shape(const Shape& sh, uint64_t seed) {
   const double e1 = std::max(row_error(s1, 0, {&b, 0, 41}, sh), row_error(s1, 41, {&c, 0, 3}, sh));
   // Step 2: a's whole prompt, b's decode at 41 (split over keys), c's two more tokens.
   std::vector<float> s2 = run_step(cache, sh, {{&a, 0, 23}, {&b, 41, 1}, {&c, 3, 2}});
-  const double e2 = std::max({row_error(s2, 0, {&a, 0, 23}, sh), row_error(s2, 23, {&b, 41, 1}, sh),
-                              row_error(s2, 24, {&c, 3, 2}, sh)});
+  const double e2 = std::max(
+      {row_error(s2, 0, {&a, 0, 23}, sh), row_error(s2, 23, {&b, 41, 1}, sh), row_error(s2, 24, {&c, 3, 2}, sh)});
   // float32 scores and sums over at most 42 keys of D products.
   const double tol = 2e-6 * std::sqrt(double(D));
   if (e1 > tol || e2 > tol)
     std::fprintf(stderr, "H=%lld KV=%lld D=%lld Bt=%lld window=%lld dtype=%s: errors %.3g %.3g (tol %.3g)\n",
-                 (long long)H, (long long)sh.KV, (long long)D, (long long)sh.Bt, (long long)sh.window, dtype_name(sh.dt),
-                 e1, e2, tol);
+                 (long long)H, (long long)sh.KV, (long long)D, (long long)sh.Bt, (long long)sh.window,
+                 dtype_name(sh.dt), e1, e2, tol);
   CHECK(e1 <= tol && e2 <= tol);
 
   // Alone instead of in a batch: the same bits.
@@ -212,10 +214,10 @@ static void test_f16_conversion() {
   CHECK(f32_to_f16(65519.0f) == 0x7bff);
   CHECK(f32_to_f16(65520.0f) == 0x7c00);
   CHECK(f32_to_f16(std::ldexp(1.0f, -24)) == 0x0001);
-  CHECK(f32_to_f16(std::ldexp(1.0f, -25)) == 0x0000);                  // a tie, to even
+  CHECK(f32_to_f16(std::ldexp(1.0f, -25)) == 0x0000);  // a tie, to even
   CHECK(f32_to_f16(std::ldexp(1.5f, -25)) == 0x0001);
-  CHECK(f32_to_f16(1.0f + std::ldexp(1.0f, -11)) == 0x3c00);           // a tie, to even
-  CHECK(f32_to_f16(1.0f + 3 * std::ldexp(1.0f, -11)) == 0x3c02);       // a tie, to even (up)
+  CHECK(f32_to_f16(1.0f + std::ldexp(1.0f, -11)) == 0x3c00);      // a tie, to even
+  CHECK(f32_to_f16(1.0f + 3 * std::ldexp(1.0f, -11)) == 0x3c02);  // a tie, to even (up)
   CHECK(std::isnan(f16_to_f32(f32_to_f16(NAN))));
   // Every half value survives the round trip.
   for (uint32_t h = 0; h < 0x10000; h++) {
@@ -286,11 +288,11 @@ int main() {
   test_bad_input();
   uint64_t seed = 1;
   for (DType dt : {DType::F32, DType::BF16, DType::F16}) {
-    test_shape({6, 2, 40, 5, 0, dt}, seed++);     // 3 query heads per KV head, odd block size
-    test_shape({4, 4, 17, 8, 0, dt}, seed++);     // no grouping, odd head size
-    test_shape({8, 1, 64, 16, 0, dt}, seed++);    // one KV head (multi-query)
-    test_shape({6, 3, 24, 4, 9, dt}, seed++);     // sliding window of 9
-    test_shape({2, 1, 128, 32, 0, dt}, seed++);   // head_dim 128, blocks of 32
+    test_shape({6, 2, 40, 5, 0, dt}, seed++);    // 3 query heads per KV head, odd block size
+    test_shape({4, 4, 17, 8, 0, dt}, seed++);    // no grouping, odd head size
+    test_shape({8, 1, 64, 16, 0, dt}, seed++);   // one KV head (multi-query)
+    test_shape({6, 3, 24, 4, 9, dt}, seed++);    // sliding window of 9
+    test_shape({2, 1, 128, 32, 0, dt}, seed++);  // head_dim 128, blocks of 32
   }
   if (failures) {
     std::fprintf(stderr, "%d attention check(s) failed\n", failures);

@@ -13,19 +13,19 @@
 #include "core/error.h"
 #include "core/options.h"
 #include "core/quant.h"
-#include "cpu/kernels.h"
 #include "core/routing.h"
 #include "core/thread_pool.h"
+#include "cpu/kernels.h"
 
 using namespace fmoe;
 
 static int failures = 0;
-#define CHECK(cond)                                                       \
-  do {                                                                    \
-    if (!(cond)) {                                                        \
+#define CHECK(cond)                                                                 \
+  do {                                                                              \
+    if (!(cond)) {                                                                  \
       std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      failures++;                                                         \
-    }                                                                     \
+      failures++;                                                                   \
+    }                                                                               \
   } while (0)
 
 static void test_routing() {
@@ -387,8 +387,10 @@ static void test_backend(Isa isa, DType dt, int64_t H, int64_t F, int64_t E, int
     for (int64_t i = 0; i < n; i++) {
       const float v = u(gen) * scale;
       f32[i] = v;
-      if (dt == DType::BF16) bits[i] = f32_to_bf16(v), exact[i] = bf16_to_f32(bits[i]);
-      else exact[i] = v;
+      if (dt == DType::BF16)
+        bits[i] = f32_to_bf16(v), exact[i] = bf16_to_f32(bits[i]);
+      else
+        exact[i] = v;
     }
   };
   std::vector<uint16_t> b1, b3, b2;
@@ -401,9 +403,11 @@ static void test_backend(Isa isa, DType dt, int64_t H, int64_t F, int64_t E, int
   wv.gate = gate.data();
   for (int64_t e = 0; e < E; e++) {
     if (dt == DType::BF16) {
-      wv.w1.push_back(b1.data() + e * F * H), wv.w3.push_back(b3.data() + e * F * H), wv.w2.push_back(b2.data() + e * H * F);
+      wv.w1.push_back(b1.data() + e * F * H), wv.w3.push_back(b3.data() + e * F * H),
+          wv.w2.push_back(b2.data() + e * H * F);
     } else {
-      wv.w1.push_back(f1.data() + e * F * H), wv.w3.push_back(f3.data() + e * F * H), wv.w2.push_back(f2.data() + e * H * F);
+      wv.w1.push_back(f1.data() + e * F * H), wv.w3.push_back(f3.data() + e * F * H),
+          wv.w2.push_back(f2.data() + e * H * F);
     }
   }
   // The backend uses the process-wide choice; test the chosen set only when it is this one.
@@ -419,7 +423,8 @@ static void test_backend(Isa isa, DType dt, int64_t H, int64_t F, int64_t E, int
   }
   const double rel = std::sqrt(num / den);
   const double tol = dt == DType::F32 ? 1e-5 : 1e-2;
-  if (!(rel < tol)) std::fprintf(stderr, "%s %s H=%lld F=%lld: rel L2 %g\n", ks->name, dtype_name(dt), (long long)H, (long long)F, rel);
+  if (!(rel < tol))
+    std::fprintf(stderr, "%s %s H=%lld F=%lld: rel L2 %g\n", ks->name, dtype_name(dt), (long long)H, (long long)F, rel);
   CHECK(rel < tol);
   // Batch invariance: the last token alone gives the same bits.
   std::vector<float> alone(H);

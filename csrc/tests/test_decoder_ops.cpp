@@ -13,12 +13,12 @@
 using namespace fmoe;
 
 static int failures = 0;
-#define CHECK(cond)                                                                  \
-  do {                                                                               \
-    if (!(cond)) {                                                                   \
+#define CHECK(cond)                                                                 \
+  do {                                                                              \
+    if (!(cond)) {                                                                  \
       std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      failures++;                                                                    \
-    }                                                                                \
+      failures++;                                                                   \
+    }                                                                               \
   } while (0)
 
 static void test_rms_norm() {

@@ -6,8 +6,8 @@
 #include <cstdlib>
 #include <string>
 
-#include "../fused_moe_cuda.h"
 #include "../../core/error.h"
+#include "../fused_moe_cuda.h"
 
 #if defined(__linux__)
 #include <dlfcn.h>
@@ -42,12 +42,18 @@ struct Loaded {
 
 ErrorCode error_code_for(int rc) {
   switch (rc) {
-    case FMOE_CUDA_ERR_INVALID: return ErrorCode::Invalid;
-    case FMOE_CUDA_ERR_NO_DEVICE: return ErrorCode::NoDevice;
-    case FMOE_CUDA_ERR_CUDA: return ErrorCode::Cuda;
-    case FMOE_CUDA_ERR_OOM: return ErrorCode::OutOfMemory;
-    case FMOE_CUDA_ERR_ABORTED: return ErrorCode::Aborted;
-    default: return ErrorCode::Internal;
+    case FMOE_CUDA_ERR_INVALID:
+      return ErrorCode::Invalid;
+    case FMOE_CUDA_ERR_NO_DEVICE:
+      return ErrorCode::NoDevice;
+    case FMOE_CUDA_ERR_CUDA:
+      return ErrorCode::Cuda;
+    case FMOE_CUDA_ERR_OOM:
+      return ErrorCode::OutOfMemory;
+    case FMOE_CUDA_ERR_ABORTED:
+      return ErrorCode::Aborted;
+    default:
+      return ErrorCode::Internal;
   }
 }
 
@@ -258,8 +264,8 @@ std::unique_ptr<Backend> make_cuda_backend(const MoeConfig& cfg, const WeightsVi
   if (!L.status.available) fail(ErrorCode::NoDevice, "the CUDA backend is not available: " + L.status.reason);
   const int count = static_cast<int>(L.status.devices.size());
   if (device < 0 || device >= count)
-    fail(ErrorCode::NoDevice, "CUDA device " + std::to_string(device) + " does not exist (" + std::to_string(count) +
-                                  " device(s) found)");
+    fail(ErrorCode::NoDevice,
+         "CUDA device " + std::to_string(device) + " does not exist (" + std::to_string(count) + " device(s) found)");
   const size_t E = static_cast<size_t>(cfg.num_experts);
   if (!weights.gate || weights.w1.size() != E || weights.w3.size() != E || weights.w2.size() != E)
     fail(ErrorCode::Invalid, "CUDA backend: the weights do not match num_experts = " + std::to_string(E));

@@ -17,9 +17,9 @@ struct CudaDevice {
 };
 
 struct CudaStatus {
-  bool available = false;     // library loaded, driver present, at least one device
-  std::string reason;         // why not, when !available
-  std::string library_path;   // where the library was found (or looked for)
+  bool available = false;    // library loaded, driver present, at least one device
+  std::string reason;        // why not, when !available
+  std::string library_path;  // where the library was found (or looked for)
   int driver_version = 0, runtime_version = 0;
   std::vector<CudaDevice> devices;
 };

@@ -51,9 +51,8 @@ double copy_ceiling_gbps() {
   const size_t bytes = size_t(1) << 30;
   Dev a(bytes), b(bytes);
   cuda_check(cudaMemset(a.p, 1, bytes), "cudaMemset");
-  const double ms = time_median_ms(2, 15, [&] {
-    cuda_check(cudaMemcpyAsync(b.p, a.p, bytes, cudaMemcpyDeviceToDevice, 0), "cudaMemcpyAsync");
-  });
+  const double ms = time_median_ms(
+      2, 15, [&] { cuda_check(cudaMemcpyAsync(b.p, a.p, bytes, cudaMemcpyDeviceToDevice, 0), "cudaMemcpyAsync"); });
   return 2.0 * double(bytes) / (ms * 1e-3) / 1e9;
 }
 
@@ -103,7 +102,8 @@ bool load_io_layer(const std::string& dir, HostLayer& L, std::vector<float>& x) 
     all.resize(per * size_t(E));
     if (!read_file(dir + "/" + names[m], all.data(), all.size())) return false;
     dst[m]->resize(size_t(E));
-    for (int64_t e = 0; e < E; e++) (*dst[m])[size_t(e)].assign(all.begin() + long(per * size_t(e)), all.begin() + long(per * size_t(e + 1)));
+    for (int64_t e = 0; e < E; e++)
+      (*dst[m])[size_t(e)].assign(all.begin() + long(per * size_t(e)), all.begin() + long(per * size_t(e + 1)));
   }
   for (int64_t e = 0; e < E; e++) {
     L.p1.push_back(L.w1[size_t(e)].data());
@@ -136,8 +136,8 @@ double time_queued_ms(int n, int trials, Fn enqueue, fmoe_cuda_layer* layer) {
 std::vector<BenchRow> bench_layer(fmoe_cuda_layer* layer, const Case& c, double ceiling_gbps) {
   std::vector<BenchRow> rows;
   const double es = c.dtype == 0 ? 4.0 : 2.0;
-  say("\n%6s %11s %11s %11s %11s %8s %10s %8s %9s\n", "T", "queued us", "per call", "min call", "host-array",
-      "experts", "weight GB/s", "of copy", "TFLOP/s");
+  say("\n%6s %11s %11s %11s %11s %8s %10s %8s %9s\n", "T", "queued us", "per call", "min call", "host-array", "experts",
+      "weight GB/s", "of copy", "TFLOP/s");
   for (int64_t T : {int64_t(1), int64_t(16), int64_t(128), int64_t(512), int64_t(4096)}) {
     Case cT = c;
     cT.T = T;
@@ -155,14 +155,20 @@ std::vector<BenchRow> bench_layer(fmoe_cuda_layer* layer, const Case& c, double 
     BenchRow r;
     r.T = T;
     r.iters = T <= 16 ? 50 : T <= 512 ? 20 : 10;
-    r.ms_call = time_median_ms(T >= 512 ? 2 : 5, r.iters, [&] {
-      const int rc2 = api.forward_device(layer, dx.as<float>(), T, dy.as<float>(), err, sizeof err);
-      if (rc2 != FMOE_CUDA_OK) die_rc(rc2, "forward_device", err);
-    }, &r.ms_min);
-    r.ms = time_queued_ms(r.iters, 5, [&] {
-      const int rc2 = api.enqueue_device(layer, dx.as<float>(), T, dy.as<float>(), err, sizeof err);
-      if (rc2 != FMOE_CUDA_OK) die_rc(rc2, "enqueue_device", err);
-    }, layer);
+    r.ms_call = time_median_ms(
+        T >= 512 ? 2 : 5, r.iters,
+        [&] {
+          const int rc2 = api.forward_device(layer, dx.as<float>(), T, dy.as<float>(), err, sizeof err);
+          if (rc2 != FMOE_CUDA_OK) die_rc(rc2, "forward_device", err);
+        },
+        &r.ms_min);
+    r.ms = time_queued_ms(
+        r.iters, 5,
+        [&] {
+          const int rc2 = api.enqueue_device(layer, dx.as<float>(), T, dy.as<float>(), err, sizeof err);
+          if (rc2 != FMOE_CUDA_OK) die_rc(rc2, "enqueue_device", err);
+        },
+        layer);
     std::vector<float> y(x.size());
     r.ms_host = time_median_ms(1, 3, [&] {
       const int rc2 = api.forward(layer, x.data(), T, y.data(), err, sizeof err);
@@ -178,7 +184,6 @@ std::vector<BenchRow> bench_layer(fmoe_cuda_layer* layer, const Case& c, double 
   }
   return rows;
 }
-
 
 }  // namespace
 

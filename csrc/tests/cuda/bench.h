@@ -11,8 +11,8 @@ struct BenchRow {
   int64_t T;
   int iters;
   size_t experts_used;
-  double ms;        // per forward, back to back: n enqueue_device calls then one wait, over n; median of 5
-  double ms_call;   // one forward_device call between CUDA events (its own launches and wait included)
+  double ms;       // per forward, back to back: n enqueue_device calls then one wait, over n; median of 5
+  double ms_call;  // one forward_device call between CUDA events (its own launches and wait included)
   double ms_min, ms_host, weight_gb, gbps, tflops;
 };
 

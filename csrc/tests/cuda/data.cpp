@@ -58,7 +58,8 @@ uint64_t fresh_seed(uint64_t s) {
   return r.next();
 }
 
-static void fill_matrix(Rng& r, int64_t n, float scale, int dtype, std::vector<uint8_t>& stored, std::vector<float>& exact) {
+static void fill_matrix(Rng& r, int64_t n, float scale, int dtype, std::vector<uint8_t>& stored,
+                        std::vector<float>& exact) {
   exact.resize(size_t(n));
   stored.resize(size_t(n) * (dtype == 0 ? 4 : 2));
   for (int64_t i = 0; i < n; i++) {

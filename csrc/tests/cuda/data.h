@@ -49,10 +49,10 @@ uint64_t fresh_seed(uint64_t s);
 // A layer's weights as stored (what the library receives) and as exact floats (what the reference uses).
 struct HostLayer {
   Case c;
-  std::vector<float> gate;                     // [E, H]
+  std::vector<float> gate;                       // [E, H]
   std::vector<std::vector<uint8_t>> w1, w3, w2;  // stored bytes per expert
   std::vector<std::vector<float>> x1, x3, x2;    // exact values per expert
-  std::vector<const void*> p1, p3, p2;         // pointers handed to the library
+  std::vector<const void*> p1, p3, p2;           // pointers handed to the library
 };
 
 HostLayer make_layer(const Case& c);

@@ -64,8 +64,8 @@ void check(bool ok, const std::string& name, const std::string& detail) {
   g_checks++;
   if (!ok) g_failures++;
   if (!g_checks_json.empty()) g_checks_json += ",\n    ";
-  g_checks_json += "{\"name\": \"" + json_escape(name) + "\", \"ok\": " + (ok ? "true" : "false") +
-                   ", \"detail\": \"" + json_escape(detail) + "\"}";
+  g_checks_json += "{\"name\": \"" + json_escape(name) + "\", \"ok\": " + (ok ? "true" : "false") + ", \"detail\": \"" +
+                   json_escape(detail) + "\"}";
 }
 
 void die_rc(int rc, const char* what, const char* err) {
@@ -80,9 +80,7 @@ void cuda_check(cudaError_t e, const char* what) {
   }
 }
 
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
+double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
 std::string fmt(const char* f, double v) {
   char b[64];

@@ -69,9 +69,9 @@ double rel_l2_given_routing(const HostLayer& L, const std::vector<float>& x, con
 
 void run_case(Case c) {
   c.seed = fresh_seed(c.seed);
-  say("case %s: H=%lld F=%lld E=%lld k=%lld T=%lld %s routing=%d%s%s\n", c.name.c_str(), (long long)c.H,
-      (long long)c.F, (long long)c.E, (long long)c.k, (long long)c.T, dtype_name(c.dtype), c.routing,
-      c.ties ? " ties" : "", c.nan_gate ? " nan-router-row" : "");
+  say("case %s: H=%lld F=%lld E=%lld k=%lld T=%lld %s routing=%d%s%s\n", c.name.c_str(), (long long)c.H, (long long)c.F,
+      (long long)c.E, (long long)c.k, (long long)c.T, dtype_name(c.dtype), c.routing, c.ties ? " ties" : "",
+      c.nan_gate ? " nan-router-row" : "");
   const HostLayer L = make_layer(c);
   const std::vector<float> x = make_input(c, c.seed * 7 + 1);
   fmoe_cuda_layer* layer = create(L);
@@ -140,7 +140,8 @@ void run_case(Case c) {
     rc = api.synchronize(layer, errbuf, sizeof errbuf);
     if (rc != FMOE_CUDA_OK) die_rc(rc, "fmoe_cuda_layer_synchronize", errbuf);
     const std::vector<float> y4 = dy.get<float>(y.size());
-    check(same_bits(y.data(), y4.data(), y.size() * 4), tag + "enqueue_entry", "enqueue_device + synchronize, same bits");
+    check(same_bits(y.data(), y4.data(), y.size() * 4), tag + "enqueue_entry",
+          "enqueue_device + synchronize, same bits");
   }
   api.destroy(layer);
 }
@@ -223,7 +224,14 @@ void run_layer_tests() {
         if (k > E) continue;
         const int routing = int((E + k) % 2);
         Case c{"E" + std::to_string(E) + "_k" + std::to_string(k) + "_r" + std::to_string(routing) + "_" + d,
-               137, 203, E, k, k >= 4 ? 41 : 131, routing, dt, s + n++};
+               137,
+               203,
+               E,
+               k,
+               k >= 4 ? 41 : 131,
+               routing,
+               dt,
+               s + n++};
         c.ties = (k % 2) == 0;
         c.nan_gate = E > k + 1 && k != 2;
         if (c.ties) c.name += "_ties";

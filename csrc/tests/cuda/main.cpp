@@ -56,14 +56,19 @@ int main(int argc, char** argv) {
   bool bench = true, correctness = true, seed_given = false;
   for (int i = 1; i < argc; i++) {
     const std::string a = argv[i];
-    if (a == "--lib" && i + 1 < argc) lib = argv[++i];
-    else if (a == "--out" && i + 1 < argc) out_dir = argv[++i];
-    else if (a == "--io" && i + 1 < argc) io_dir = argv[++i];
+    if (a == "--lib" && i + 1 < argc)
+      lib = argv[++i];
+    else if (a == "--out" && i + 1 < argc)
+      out_dir = argv[++i];
+    else if (a == "--io" && i + 1 < argc)
+      io_dir = argv[++i];
     else if (a == "--seed" && i + 1 < argc) {
       g_seed = strtoull(argv[++i], nullptr, 0);
       seed_given = true;
-    } else if (a == "--no-bench") bench = false;
-    else if (a == "--bench-only") correctness = false;
+    } else if (a == "--no-bench")
+      bench = false;
+    else if (a == "--bench-only")
+      correctness = false;
     else {
       fprintf(stderr,
               "usage: %s --lib libfused_moe_cuda.so [--out DIR] [--seed N] [--no-bench | --bench-only [--io DIR]]\n",
@@ -74,7 +79,8 @@ int main(int argc, char** argv) {
   if (out_dir.empty() && getenv("FMOE_SELFTEST_OUT")) out_dir = getenv("FMOE_SELFTEST_OUT");
   if (!seed_given) {
     std::random_device rd;
-    g_seed = (uint64_t(rd()) << 32) ^ uint64_t(rd()) ^ uint64_t(std::chrono::steady_clock::now().time_since_epoch().count());
+    g_seed =
+        (uint64_t(rd()) << 32) ^ uint64_t(rd()) ^ uint64_t(std::chrono::steady_clock::now().time_since_epoch().count());
   }
   if (lib.empty()) {
     fprintf(stderr, "--lib is required\n");

@@ -116,7 +116,8 @@ std::vector<double> ref_forward(const HostLayer& L, const std::vector<float>& x,
   return out;
 }
 
-std::vector<double> ref_expert_rows(const HostLayer& L, const std::vector<float>& x, const std::vector<int32_t>& picks) {
+std::vector<double> ref_expert_rows(const HostLayer& L, const std::vector<float>& x,
+                                    const std::vector<int32_t>& picks) {
   const int64_t H = L.c.H, F = L.c.F, k = L.c.k;
   const int dtype = L.c.dtype;
   const int64_t n_rows = int64_t(picks.size());
@@ -154,7 +155,9 @@ double rel_l2(const float* y, const double* ref, size_t n) {
   }
   return std::sqrt(num / den);
 }
-double rel_l2(const std::vector<float>& y, const std::vector<double>& ref) { return rel_l2(y.data(), ref.data(), ref.size()); }
+double rel_l2(const std::vector<float>& y, const std::vector<double>& ref) {
+  return rel_l2(y.data(), ref.data(), ref.size());
+}
 
 HostDispatch ref_dispatch(const std::vector<int32_t>& experts, int64_t E, int64_t bm) {
   HostDispatch D;

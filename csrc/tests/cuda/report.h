@@ -20,8 +20,7 @@ void write_selftest_results(const std::string& out_dir, const std::string& head)
 
 // cuda_bench.json (the timings of `rows` for layer case c, its weights' source and the copy ceiling) and
 // cuda_bench.txt (`log`).
-void write_bench_results(const std::string& out_dir, const std::string& head, const std::string& source,
-                         const Case& c, double ceiling_gbps, const std::vector<BenchRow>& rows,
-                         const std::string& log);
+void write_bench_results(const std::string& out_dir, const std::string& head, const std::string& source, const Case& c,
+                         double ceiling_gbps, const std::vector<BenchRow>& rows, const std::string& log);
 
 }  // namespace fmoe_selftest

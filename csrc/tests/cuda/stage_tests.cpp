@@ -99,8 +99,8 @@ void test_dispatch(int64_t T, int64_t E, int64_t k, int mode, int64_t bm, uint64
   const int64_t n_rows = T * k;
   const HostDispatch D = ref_dispatch(picks, E, bm);
   const int64_t rows_cap = fmoe_padded_rows_cap(n_rows, E, bm), tiles_cap = rows_cap / bm;
-  Dev dexp(size_t(n_rows) * 4), dsorted(size_t(rows_cap) * 4), dinv(size_t(n_rows) * 4),
-      dtile(size_t(tiles_cap) * 4), dnum(4);
+  Dev dexp(size_t(n_rows) * 4), dsorted(size_t(rows_cap) * 4), dinv(size_t(n_rows) * 4), dtile(size_t(tiles_cap) * 4),
+      dnum(4);
   dexp.put(picks.data(), picks.size() * 4);
   std::vector<int32_t> got[2][4];
   for (int run = 0; run < 2; run++) {
@@ -117,11 +117,11 @@ void test_dispatch(int64_t T, int64_t E, int64_t k, int mode, int64_t bm, uint64
     got[run][1] = dinv.get<int32_t>(size_t(n_rows));
     got[run][2] = dtile.get<int32_t>(size_t(nt));
   }
-  const bool ok = got[0][3][0] == D.num_tiles && got[0][0] == D.sorted_rows && got[0][1] == D.inv &&
-                  got[0][2] == D.tile_expert;
-  check(ok, name, std::string("num_tiles ") + std::to_string(got[0][3][0]) + " (expected " +
-                      std::to_string(D.num_tiles) + "), sorted rows / inverse / tile experts " +
-                      (ok ? "identical" : "DIFFER") + " to the stable host sort");
+  const bool ok =
+      got[0][3][0] == D.num_tiles && got[0][0] == D.sorted_rows && got[0][1] == D.inv && got[0][2] == D.tile_expert;
+  check(ok, name,
+        std::string("num_tiles ") + std::to_string(got[0][3][0]) + " (expected " + std::to_string(D.num_tiles) +
+            "), sorted rows / inverse / tile experts " + (ok ? "identical" : "DIFFER") + " to the stable host sort");
   bool same = true;
   for (int i = 0; i < 4; i++) same = same && got[0][i] == got[1][i];
   check(same, name + "/repeatable", "second run, same bits");
@@ -198,7 +198,8 @@ void test_ffn(int64_t H, int64_t F, int64_t E, int64_t k, int64_t T, int dtype, 
         xe[size_t(t * H + i)] = dtype == 1 ? bf16_to_f32(h) : f16_to_f32(h);
       }
     }
-  auto pad = [&](const std::vector<std::vector<uint8_t>>& w, int64_t rows, int64_t cols, int64_t rows_p, int64_t cols_p) {
+  auto pad = [&](const std::vector<std::vector<uint8_t>>& w, int64_t rows, int64_t cols, int64_t rows_p,
+                 int64_t cols_p) {
     std::vector<uint8_t> out(size_t(E * rows_p * cols_p) * es, 0);
     for (int64_t e = 0; e < E; e++)
       for (int64_t i = 0; i < rows; i++)
@@ -260,9 +261,10 @@ void test_ffn(int64_t H, int64_t F, int64_t E, int64_t k, int64_t T, int dtype, 
     const double err = rel_l2(y[0], yref);
     check(std::isfinite(err) && err < tol, name + "_cfg" + std::to_string(config),
           "block_m " + std::to_string(bm) + ", rel_l2 " + fmt("%.3e", err) + " (tolerance " + fmt("%.0e", tol) + ")");
-    check(same_bits(y[0].data(), y[1].data(), y[0].size() * 4),
-          name + "_cfg" + std::to_string(config) + "/repeatable", "second run, same bits");
-    if (config == 0) first = y[0];
+    check(same_bits(y[0].data(), y[1].data(), y[0].size() * 4), name + "_cfg" + std::to_string(config) + "/repeatable",
+          "second run, same bits");
+    if (config == 0)
+      first = y[0];
     else if (!same_bits(first.data(), y[0].data(), first.size() * 4)) {
       agree = false;
       agree_detail += " config " + std::to_string(config) + " differs;";
@@ -309,9 +311,10 @@ void test_combine(int64_t T, int64_t k, int64_t H, uint64_t seed) {
     got[run] = dout.get<float>(size_t(T * H));
   }
   const double err = rel_l2(got[0], ref);
-  check(same_bits(got[0].data(), want.data(), want.size() * 4) && err < 1e-6, name,
-        "bit-exact vs host fmaf: " + std::string(same_bits(got[0].data(), want.data(), want.size() * 4) ? "yes" : "NO") +
-            ", rel_l2 vs float64 " + fmt("%.2e", err));
+  check(
+      same_bits(got[0].data(), want.data(), want.size() * 4) && err < 1e-6, name,
+      "bit-exact vs host fmaf: " + std::string(same_bits(got[0].data(), want.data(), want.size() * 4) ? "yes" : "NO") +
+          ", rel_l2 vs float64 " + fmt("%.2e", err));
   check(same_bits(got[0].data(), got[1].data(), want.size() * 4), name + "/repeatable", "second run, same bits");
 }
 
