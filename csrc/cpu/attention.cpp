@@ -67,14 +67,6 @@ float dot(const float* a, const float* b, int64_t n) {
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
-// The softmax state of one query row over the keys seen so far: running max, sum of exponentials
-// relative to it, and the correspondingly weighted sum of values (D floats).
-struct RowState {
-  float* m;
-  float* l;
-  float* acc;
-};
-
 // Merges one tile's partial (mt, lt, acct) into a row's state. An empty state (m = -inf, l = 0,
 // acc = 0) takes the partial's values exactly, so a stored partial merged later gives the same bits
 // as one merged as soon as it is computed.

@@ -61,13 +61,10 @@ void validate_decoder_config(const DecoderConfig& c) {
   check_field(c.block_tokens >= 1 && c.block_tokens <= 1024, "KV block size must be in [1, 1024]");
   check_field(c.context >= 1 && c.context <= (int64_t(1) << 24), "context must be in [1, 2^24]");
   check_field(c.cache_blocks >= 1 && c.cache_blocks <= (int64_t(1) << 30), "cache blocks must be in [1, 2^30]");
-  check_field(c.quant_group == 32 || c.quant_group == 64 || c.quant_group == 128,
-              "quantGroupSize must be 32, 64 or 128");
+  check_field(quant_group_ok(c.quant_group), "quantGroupSize must be 32, 64 or 128");
 }
 
 namespace {
-
-constexpr float kNoClip = 0.0f;
 
 float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
@@ -164,7 +161,7 @@ class CpuDecoder final : public Decoder {
                                      " elements, got " + std::to_string(parts[i].elements));
         if (matrix && parts[i].dtype != cfg_.weight_dtype)
           fail(ErrorCode::Dtype,
-               where + ": expected " + dtype_label(cfg_.weight_dtype) + " weights, got " + dtype_label(parts[i].dtype));
+               where + ": expected " + dtype_name(cfg_.weight_dtype) + " weights, got " + dtype_name(parts[i].dtype));
       }
     };
     const bool moe = per_layer && cfg_.moe_layer[size_t(layer)];
@@ -178,7 +175,7 @@ class CpuDecoder final : public Decoder {
         expect({V * H}, false);
         if (parts[0].dtype != cfg_.embed_dtype)
           fail(ErrorCode::Dtype,
-               where + ": expected " + dtype_label(cfg_.embed_dtype) + ", got " + dtype_label(parts[0].dtype));
+               where + ": expected " + dtype_name(cfg_.embed_dtype) + ", got " + dtype_name(parts[0].dtype));
         std::memcpy(embedding_.get(), parts[0].data, size_t(V * H) * dtype_size(cfg_.embed_dtype));
         embedding_set_ = true;
         return;
@@ -377,8 +374,6 @@ class CpuDecoder final : public Decoder {
   }
 
  private:
-  static std::string dtype_label(DType dt) { return dtype_name(dt); }
-
   MoeConfig moe_config(int64_t E, int64_t k, int64_t F, Routing r) const {
     MoeConfig m;
     m.hidden = cfg_.hidden;
@@ -463,7 +458,7 @@ class CpuDecoder final : public Decoder {
           for (int64_t i = 0; i < NKV; i++) v[size_t(t * NKV + i)] += L.v_bias[size_t(i)];
         }
       }
-      if (cfg_.clip_qkv > kNoClip) {
+      if (cfg_.clip_qkv > 0) {
         const float c = cfg_.clip_qkv;
         for (float* buf : {q.data(), k.data(), v.data()}) {
           const int64_t n = buf == q.data() ? T * NQ : T * NKV;

@@ -12,17 +12,9 @@
 #include "core/dtype.h"
 #include "core/error.h"
 #include "cpu/attention.h"
+#include "tests/check.h"
 
 using namespace fmoe;
-
-static int failures = 0;
-#define CHECK(cond)                                                                 \
-  do {                                                                              \
-    if (!(cond)) {                                                                  \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      failures++;                                                                   \
-    }                                                                               \
-  } while (0)
 
 // One sequence's whole history: q, k, v for every position, [positions][heads or kv_heads][D].
 struct History {

@@ -16,17 +16,9 @@
 #include "core/routing.h"
 #include "core/thread_pool.h"
 #include "cpu/kernels.h"
+#include "tests/check.h"
 
 using namespace fmoe;
-
-static int failures = 0;
-#define CHECK(cond)                                                                 \
-  do {                                                                              \
-    if (!(cond)) {                                                                  \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      failures++;                                                                   \
-    }                                                                               \
-  } while (0)
 
 static void test_routing() {
   // Ties go to the lower index; renormalised weights sum to 1.

@@ -9,17 +9,9 @@
 #include "core/error.h"
 #include "core/kv_blocks.h"
 #include "cpu/decoder_ops.h"
+#include "tests/check.h"
 
 using namespace fmoe;
-
-static int failures = 0;
-#define CHECK(cond)                                                                 \
-  do {                                                                              \
-    if (!(cond)) {                                                                  \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      failures++;                                                                   \
-    }                                                                               \
-  } while (0)
 
 static void test_rms_norm() {
   std::mt19937 rng(11);
