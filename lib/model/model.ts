@@ -3,12 +3,12 @@
  * decoder (csrc/core/decoder.h) one step at a time. Loading reads config.json, generation_config.json
  * and the safetensors shards (memory-mapped, packed on worker threads, never on the event loop).
  */
-import { promises as fsp } from 'fs';
 import * as path from 'path';
 import { binding, NativeCancel } from '../binding';
-import { AbortError, MoeError, argRangeError, argTypeError, fromNative } from '../errors';
+import { AbortError, MoeError, argRangeError, argTypeError, checkpointError, fromNative } from '../errors';
 import { openSafetensors } from '../safetensors/index';
 import type { SafetensorsFile, TensorView } from '../safetensors/index';
+import { isFile, readJson } from '../safetensors/resolve';
 import { checkInteger, checkObject, checkOneOf, checkSignal, describe } from '../validate';
 import { DecoderConfig, expectedShapes, parseDecoderConfig, tensorNames } from './config';
 
@@ -110,25 +110,6 @@ const WEIGHT_DTYPES: Record<string, 'float32' | 'bfloat16' | 'float16'> = {
   F16: 'float16',
 };
 
-function checkpointError(message: string): MoeError {
-  return new MoeError('ERR_MOE_CHECKPOINT', message);
-}
-
-async function readJson(file: string, required: boolean): Promise<unknown> {
-  let text: string;
-  try {
-    text = await fsp.readFile(file, 'utf8');
-  } catch (err) {
-    if (!required && (err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
-    throw checkpointError(`${file}: cannot be read (${(err as Error).message})`);
-  }
-  try {
-    return JSON.parse(text);
-  } catch (err) {
-    throw checkpointError(`${file}: is not valid JSON (${(err as Error).message})`);
-  }
-}
-
 /** One native load call: a slot and the checkpoint tensors that fill it. */
 interface LoadItem {
   slot: string;
@@ -186,13 +167,14 @@ function checkTensors(
   for (let l = 0; l < cfg.numLayers; l++) for (const [k, s] of expectedShapes(cfg, l)) shapes.set(k, s);
   for (const [name, shape] of shapes) {
     const t = file.tensors.get(name);
-    if (!t) throw checkpointError(`${dir}: tensor '${name}' is missing (config.json implies it)`);
+    if (!t) throw checkpointError(dir, `tensor '${name}' is missing (config.json implies it)`);
     if (t.shape.length !== shape.length || t.shape.some((d, i) => d !== shape[i]))
       throw checkpointError(
-        `${dir}: tensor '${name}' has shape [${t.shape.join(', ')}], config.json implies [${shape.join(', ')}]`,
+        dir,
+        `tensor '${name}' has shape [${t.shape.join(', ')}], config.json implies [${shape.join(', ')}]`,
       );
     if (!(t.dtype in WEIGHT_DTYPES))
-      throw checkpointError(`${dir}: tensor '${name}' is ${t.dtype}; F32, BF16 or F16 is expected`);
+      throw checkpointError(dir, `tensor '${name}' is ${t.dtype}; F32, BF16 or F16 is expected`);
   }
   // Every projection and expert matrix shares one dtype (the packed kernels read one).
   const q0 = names.layer(0).q;
@@ -202,7 +184,8 @@ function checkTensors(
       const dt = file.tensors.get(name)!.dtype;
       if (dt !== weightDtype)
         throw checkpointError(
-          `${dir}: tensor '${name}' is ${dt} while '${q0}' is ${weightDtype}; mixed matrix dtypes are not supported`,
+          dir,
+          `tensor '${name}' is ${dt} while '${q0}' is ${weightDtype}; mixed matrix dtypes are not supported`,
         );
     }
   return { weightDtype, embedDtype: file.tensors.get(names.embedding)!.dtype };
@@ -249,8 +232,12 @@ export class MoeModel {
     const aborted = () => new AbortError(undefined, { cause: signal?.reason });
     if (signal?.aborted) throw aborted();
 
-    const cfg = parseDecoderConfig(await readJson(path.join(dir, 'config.json'), true), path.join(dir, 'config.json'));
-    const gen = (await readJson(path.join(dir, 'generation_config.json'), false)) as
+    const cfg = parseDecoderConfig(
+      await readJson(path.join(dir, 'config.json'), 'model config'),
+      path.join(dir, 'config.json'),
+    );
+    const genFile = path.join(dir, 'generation_config.json');
+    const gen = ((await isFile(genFile)) ? await readJson(genFile, 'generation config') : undefined) as
       { eos_token_id?: unknown } | undefined;
     if (gen && gen.eos_token_id !== undefined) {
       const extra = (Array.isArray(gen.eos_token_id) ? gen.eos_token_id : [gen.eos_token_id]).filter((x): x is number =>
