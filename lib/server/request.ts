@@ -26,6 +26,8 @@ export interface CompletionRequest {
   repetitionPenalty?: number;
   seed?: number;
   stop: string[];
+  /** Generate maxTokens even past end-of-sequence tokens (vLLM's extension; benchmarks use it). */
+  ignoreEos: boolean;
 }
 
 const ROLES = ['system', 'developer', 'user', 'assistant', 'tool'];
@@ -198,7 +200,8 @@ export function parseCompletionRequest(endpoint: 'chat' | 'completion', body: un
     topK: integer(body, 'top_k', 0),
     minP: number(body, 'min_p', 0, 1),
     repetitionPenalty: number(body, 'repetition_penalty', 0, 10, true),
-    seed: integer(body, 'seed', Number.MIN_SAFE_INTEGER),
+    seed: integer(body, 'seed', 0),
     stop: stops(body),
+    ignoreEos: boolean(body, 'ignore_eos'),
   };
 }
