@@ -155,6 +155,36 @@ describe('byte-level model, 8 sequences', () => {
   });
 });
 
+test('a long prompt joins in chunks: a running stream keeps getting tokens meanwhile', async () => {
+  const model = await MoeModel.load(byteLevelDir, { maxSequences: 2, contextLength: 1024 });
+  try {
+    const events: string[] = [];
+    let started: Promise<unknown> | null = null;
+    const longPrompt = randomTokens(900, 320, 130);
+    const startLong = async () => {
+      events.push('long submitted');
+      for await (const piece of model.generate(longPrompt, { temperature: 0, maxTokens: 2 })) {
+        void piece;
+        events.push('long');
+      }
+    };
+    for await (const piece of model.generate(randomTokens(3, 320, 131), { temperature: 1, seed: 1, maxTokens: 60 })) {
+      void piece;
+      events.push('short');
+      if (events.length === 2) started = startLong();
+    }
+    await started;
+    const from = events.indexOf('long submitted');
+    const firstLong = events.indexOf('long');
+    // 900 prompt tokens at 256 per step take 4 steps, each of which also decodes the running stream.
+    expect(firstLong - from - 1).toBeGreaterThanOrEqual(4);
+    const alone = await model.complete(longPrompt, { temperature: 0, maxTokens: 2 });
+    expect(alone.tokens).toEqual(await argmaxChain(model, longPrompt, 2));
+  } finally {
+    model.dispose();
+  }
+});
+
 describe('one sequence at a time (maxSequences 1, a 64-position cache)', () => {
   let model: MoeModel;
   beforeAll(async () => {

@@ -173,11 +173,13 @@ export class Sampler {
 
   /**
    * Writes into `order`, most likely first (ties: lower id first), a set of tokens that surely holds
-   * the top k and the top-p nucleus: those above a threshold lowered tenfold until the set is large
-   * enough, so that only a few tokens are sorted rather than the whole vocabulary.
+   * the top k and the top-p nucleus: with top-k, exactly the k most likely (a heap); else those above
+   * a threshold lowered tenfold until they hold the nucleus, so that only a few tokens are sorted
+   * rather than the whole vocabulary.
    */
   #candidates(p: Float64Array, total: number, order: Int32Array, topK: number, topP: number): number {
     const V = p.length;
+    if (topK > 0 && topK < V) return topKOf(p, order, topK);
     let n = 0;
     for (let threshold = 0.1; n < V && threshold >= 1e-300; threshold *= 0.1) {
       let count = 0;
@@ -194,6 +196,36 @@ export class Sampler {
     for (let i = 0; i < n; i++) order[i] = picked[i];
     return n;
   }
+}
+
+/** Less likely first: ties go to the higher id, so that the lower id is kept. */
+function lessLikely(p: Float64Array, a: number, b: number): boolean {
+  return p[a] < p[b] || (p[a] === p[b] && a > b);
+}
+
+/** The k most likely ids into order[0..k), most likely first: a min-heap over one pass of the vocabulary. */
+function topKOf(p: Float64Array, order: Int32Array, k: number): number {
+  const heap = order; // order[0..k) holds the heap, least likely at the root
+  const down = (at: number) => {
+    for (;;) {
+      const l = 2 * at + 1;
+      if (l >= k) return;
+      const c = l + 1 < k && lessLikely(p, heap[l + 1], heap[l]) ? l + 1 : l;
+      if (!lessLikely(p, heap[c], heap[at])) return;
+      [heap[c], heap[at]] = [heap[at], heap[c]];
+      at = c;
+    }
+  };
+  for (let i = 0; i < k; i++) heap[i] = i;
+  for (let i = (k >> 1) - 1; i >= 0; i--) down(i);
+  for (let i = k; i < p.length; i++)
+    if (lessLikely(p, heap[0], i)) {
+      heap[0] = i;
+      down(0);
+    }
+  const picked = Array.from(heap.subarray(0, k)).sort((a, b) => p[b] - p[a] || a - b);
+  for (let i = 0; i < k; i++) order[i] = picked[i];
+  return k;
 }
 
 function massOf(p: Float64Array, order: Int32Array, n: number): number {
