@@ -90,7 +90,9 @@ async function runOurs(job) {
       const times = Array.from({ length: N }, () => []);
       const starts = [];
       // Distinct prompts each time, so that no stream reuses a kept prefix.
-      await Promise.all(times.map((t, i) => stream(promptOf(job.prompt, job.V, 1000 * rep + 17 * N + i + 2), job.tokens, t, starts)));
+      await Promise.all(
+        times.map((t, i) => stream(promptOf(job.prompt, job.V, 1000 * rep + 17 * N + i + 2), job.tokens, t, starts)),
+      );
       figures.push(summarize(starts, times));
     }
     out.streams[N] = figures;
@@ -107,7 +109,14 @@ async function runOurs(job) {
     await stream(promptOf(job.longPrompt, job.V, 77), 1, longTimes, []);
     const read = longTimes[0];
     await Promise.all(running);
-    const gaps = (lo, hi) => times.flatMap((t) => t.slice(1).map((x, i) => [t[i], x]).filter(([a]) => a >= lo && a < hi).map(([a, b]) => b - a));
+    const gaps = (lo, hi) =>
+      times.flatMap((t) =>
+        t
+          .slice(1)
+          .map((x, i) => [t[i], x])
+          .filter(([a]) => a >= lo && a < hi)
+          .map(([a, b]) => b - a),
+      );
     // One prefill chunk alone: the step that reads PROMPT_TOKENS_PER_STEP prompt tokens of one fresh sequence.
     const chunk = [];
     for (let r = 0; r < 3; r++) {
@@ -130,11 +139,22 @@ async function runOurs(job) {
 
 async function runLlama(job) {
   const { getLlama, LlamaLogLevel } = await import('node-llama-cpp');
-  const llama = await getLlama({ build: 'never', gpu: false, logLevel: LlamaLogLevel.error, progressLogs: false, maxThreads: THREADS });
+  const llama = await getLlama({
+    build: 'never',
+    gpu: false,
+    logLevel: LlamaLogLevel.error,
+    progressLogs: false,
+    maxThreads: THREADS,
+  });
   const model = await llama.loadModel({ modelPath: job.gguf, gpuLayers: 0, useMmap: false });
   const out = { streams: {} };
   for (const N of job.streams) {
-    const context = await model.createContext({ contextSize: job.context, sequences: N, batchSize: 512, threads: THREADS });
+    const context = await model.createContext({
+      contextSize: job.context,
+      sequences: N,
+      batchSize: 512,
+      threads: THREADS,
+    });
     const figures = [];
     for (let rep = 0; rep < job.reps; rep++) {
       const times = Array.from({ length: N }, () => []);
@@ -144,7 +164,9 @@ async function runLlama(job) {
         seqs.map(async (seq, i) => {
           starts.push(now());
           let n = 0;
-          for await (const token of seq.evaluate(promptOf(job.prompt, job.V, 1000 * rep + 17 * N + i + 2), { temperature: 0 })) {
+          for await (const token of seq.evaluate(promptOf(job.prompt, job.V, 1000 * rep + 17 * N + i + 2), {
+            temperature: 0,
+          })) {
             void token;
             times[i].push(now());
             if (++n >= job.tokens) break;
@@ -187,9 +209,14 @@ const opt = (name) => {
 const quick = args.includes('--quick'),
   jsonOut = args.includes('--json');
 const log = (s) => (jsonOut ? process.stderr : process.stdout).write(s + '\n');
-const FORMATS = { bf16: { ours: 'none', gguf: 'BF16' }, int8: { ours: 'int8', gguf: 'Q8_0' }, int4: { ours: 'int4', gguf: 'Q4_0' } };
+const FORMATS = {
+  bf16: { ours: 'none', gguf: 'BF16' },
+  int8: { ours: 'int8', gguf: 'Q8_0' },
+  int4: { ours: 'int4', gguf: 'Q4_0' },
+};
 const formats = (opt('--formats') || 'bf16,int4').split(',');
-for (const f of formats) if (!FORMATS[f]) throw new RangeError(`--formats: '${f}' is not one of ${Object.keys(FORMATS).join(', ')}`);
+for (const f of formats)
+  if (!FORMATS[f]) throw new RangeError(`--formats: '${f}' is not one of ${Object.keys(FORMATS).join(', ')}`);
 const engines = (opt('--engines') || 'ours,llama').split(',');
 const streams = (opt('--streams') || '1,4,8,16').split(',').map(Number);
 const name = 'mixtral';
@@ -224,7 +251,9 @@ function runChild(job) {
 const binding = require('node-gyp-build')(root);
 const readGBs = () => binding.bench.readBandwidth(quick ? 64 << 20 : 1 << 30, THREADS);
 let bw = readGBs();
-log(`fused-moe generate bench: ${os.cpus()[0].model}, ${os.cpus().length} cores; ${THREADS} threads; read ${fmt(bw)} GB/s`);
+log(
+  `fused-moe generate bench: ${os.cpus()[0].model}, ${os.cpus().length} cores; ${THREADS} threads; read ${fmt(bw)} GB/s`,
+);
 const files = ensureModel(cacheDir, name, m, engines.includes('llama') ? formats.map((f) => FORMATS[f].gguf) : [], log);
 writeBenchTokenizer(files.hf, m.V);
 const context = RUN.longPrompt + RUN.tokens * 4 + 64;
@@ -243,7 +272,9 @@ for (const format of formats) {
 bw = Math.max(bw, readGBs());
 
 const rows = [];
-log(`\n| format | streams | engine | decode tok/s (agg.) | vs 1 stream | of read bw | TTFT p50/p99 ms | ITL p50/p99 ms |`);
+log(
+  `\n| format | streams | engine | decode tok/s (agg.) | vs 1 stream | of read bw | TTFT p50/p99 ms | ITL p50/p99 ms |`,
+);
 log(`| --- | --- | --- | --- | --- | --- | --- | --- |`);
 for (const r of results) {
   if (r.error) continue;
@@ -274,7 +305,8 @@ for (const r of results) {
 for (const format of formats) {
   const ours = rows.find((x) => x.format === format && x.engine === 'ours' && x.streams === Math.max(...streams));
   const llama = rows.find((x) => x.format === format && x.engine === 'llama' && x.streams === Math.max(...streams));
-  if (ours && llama) log(`${format}: ${ours.streams} streams, ours / llama.cpp = ${fmt(ours.decodeTokS / llama.decodeTokS)}×`);
+  if (ours && llama)
+    log(`${format}: ${ours.streams} streams, ours / llama.cpp = ${fmt(ours.decodeTokS / llama.decodeTokS)}×`);
   const lp = results.find((x) => x.format === format && x.engine === 'ours')?.longPrompt;
   if (lp)
     log(
@@ -284,6 +316,15 @@ for (const format of formats) {
 const started = new Date().toISOString();
 const file = path.join(__dirname, 'results', `generate-${started.replace(/[:.]/g, '-')}${quick ? '-quick' : ''}.json`);
 fs.mkdirSync(path.dirname(file), { recursive: true });
-const out = { date: started, command: `node bench/generate.js ${args.join(' ')}`.trim(), cpu: os.cpus()[0].model, readGBs: bw, run: RUN, model: m, rows, results };
+const out = {
+  date: started,
+  command: `node bench/generate.js ${args.join(' ')}`.trim(),
+  cpu: os.cpus()[0].model,
+  readGBs: bw,
+  run: RUN,
+  model: m,
+  rows,
+  results,
+};
 fs.writeFileSync(file, JSON.stringify(out, null, 1));
 if (jsonOut) process.stdout.write(JSON.stringify(out) + '\n');

@@ -34,7 +34,8 @@ const SINGLE = quick ? 3 : 4;
 const MAX_SEQUENCES = 16,
   MAX_QUEUE = 50;
 const now = () => Number(process.hrtime.bigint()) / 1e6;
-const quantile = (v, q) => (v.length ? [...v].sort((a, b) => a - b)[Math.min(v.length - 1, Math.floor(q * v.length))] : NaN);
+const quantile = (v, q) =>
+  v.length ? [...v].sort((a, b) => a - b)[Math.min(v.length - 1, Math.floor(q * v.length))] : NaN;
 
 function promptOf(seed) {
   let s = seed >>> 0;
@@ -52,7 +53,14 @@ async function request(base, seed) {
     const res = await fetch(`${base}/v1/completions`, {
       method: 'POST',
       headers: { 'Content-Type': 'application/json' },
-      body: JSON.stringify({ prompt: promptOf(seed), max_tokens: TOKENS, temperature: 0, stream: true, ignore_eos: true, stream_options: { include_usage: true } }),
+      body: JSON.stringify({
+        prompt: promptOf(seed),
+        max_tokens: TOKENS,
+        temperature: 0,
+        stream: true,
+        ignore_eos: true,
+        stream_options: { include_usage: true },
+      }),
     });
     if (res.status !== 200) {
       await res.text();
@@ -60,7 +68,8 @@ async function request(base, seed) {
     }
     const decoder = new TextDecoder();
     let buffered = '';
-    let usage, done = false;
+    let usage,
+      done = false;
     for await (const part of res.body) {
       buffered += decoder.decode(part, { stream: true });
       let cut;
@@ -107,7 +116,27 @@ async function main() {
   const files = ensureModel(cacheDir, 'mixtral', m, [], log);
   writeBenchTokenizer(files.hf, m.V);
   const cli = path.join(__dirname, '..', 'bin', 'fused-moe.js');
-  const server = spawn(process.execPath, [cli, 'serve', files.hf, '--port', '0', '--quantize', quantize, '--max-sequences', String(MAX_SEQUENCES), '--max-queue', String(MAX_QUEUE), '--context', String(PROMPT + TOKENS + 64), '--threads', '2'], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const server = spawn(
+    process.execPath,
+    [
+      cli,
+      'serve',
+      files.hf,
+      '--port',
+      '0',
+      '--quantize',
+      quantize,
+      '--max-sequences',
+      String(MAX_SEQUENCES),
+      '--max-queue',
+      String(MAX_QUEUE),
+      '--context',
+      String(PROMPT + TOKENS + 64),
+      '--threads',
+      '2',
+    ],
+    { stdio: ['ignore', 'ignore', 'pipe'] },
+  );
   let base;
   server.stderr.setEncoding('utf8');
   await new Promise((resolve, reject) => {
@@ -119,7 +148,9 @@ async function main() {
     });
     server.on('exit', (code) => reject(new Error(`the server exited with ${code}`)));
   });
-  log(`server at ${base}, ${quantize === 'none' ? 'bf16' : quantize}; ${TOKENS} tokens per request, prompts of ${PROMPT}`);
+  log(
+    `server at ${base}, ${quantize === 'none' ? 'bf16' : quantize}; ${TOKENS} tokens per request, prompts of ${PROMPT}`,
+  );
   await request(base, 1); // warm-up
   const phases = {};
   let t = now();
@@ -139,13 +170,33 @@ async function main() {
   log(`\n| phase | requests | outcome | tokens/s (agg.) | TTFT p50/p99 ms | ITL p50/p99 ms |`);
   log(`| --- | --- | --- | --- | --- | --- |`);
   for (const [name, f] of Object.entries(phases))
-    log(`| ${name} | ${f.requests} | ${Object.entries(f.statuses).map(([s, n]) => `${n}× ${s}`).join(', ')} | ${fmt(f.tokS)} | ${fmt(f.ttftP50)} / ${fmt(f.ttftP99)} | ${fmt(f.itlP50)} / ${fmt(f.itlP99)} |`);
-  const lost = [...single, ...conc, ...burst].filter((r) => r.status !== 200 && r.status !== 429 && r.status !== 400).length;
+    log(
+      `| ${name} | ${f.requests} | ${Object.entries(f.statuses)
+        .map(([s, n]) => `${n}× ${s}`)
+        .join(', ')} | ${fmt(f.tokS)} | ${fmt(f.ttftP50)} / ${fmt(f.ttftP99)} | ${fmt(f.itlP50)} / ${fmt(f.itlP99)} |`,
+    );
+  const lost = [...single, ...conc, ...burst].filter(
+    (r) => r.status !== 200 && r.status !== 429 && r.status !== 400,
+  ).length;
   log(`\nlost (neither a full answer nor 429/400): ${lost}; server exit code after SIGTERM: ${exit}`);
-  log(`32 clients / one at a time: ${fmt(phases.concurrent32.tokS / phases.single.tokS)}× aggregate; ITL p99 ${fmt(phases.concurrent32.itlP99)} ms against single-stream ${fmt(phases.single.itlP99)} ms`);
-  const queueLine = metrics.split('\n').find((l) => l.startsWith('fused_moe_requests_total{endpoint="/v1/completions",status="429"}'));
+  log(
+    `32 clients / one at a time: ${fmt(phases.concurrent32.tokS / phases.single.tokS)}× aggregate; ITL p99 ${fmt(phases.concurrent32.itlP99)} ms against single-stream ${fmt(phases.single.itlP99)} ms`,
+  );
+  const queueLine = metrics
+    .split('\n')
+    .find((l) => l.startsWith('fused_moe_requests_total{endpoint="/v1/completions",status="429"}'));
   log(`metrics: ${queueLine || 'no 429 counted'}`);
-  const out = { date: new Date().toISOString(), command: `node bench/serve.js ${args.join(' ')}`.trim(), cpu: os.cpus()[0].model, quantize, tokens: TOKENS, prompt: PROMPT, phases, lost, exit };
+  const out = {
+    date: new Date().toISOString(),
+    command: `node bench/serve.js ${args.join(' ')}`.trim(),
+    cpu: os.cpus()[0].model,
+    quantize,
+    tokens: TOKENS,
+    prompt: PROMPT,
+    phases,
+    lost,
+    exit,
+  };
   const file = path.join(__dirname, 'results', `serve-${out.date.replace(/[:.]/g, '-')}${quick ? '-quick' : ''}.json`);
   fs.mkdirSync(path.dirname(file), { recursive: true });
   fs.writeFileSync(file, JSON.stringify(out, null, 1));

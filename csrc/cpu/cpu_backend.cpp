@@ -4,6 +4,7 @@
 // SwiGLU (w1, w3) -> down (w2) -> combine in token order. The two expert phases are split over
 // (expert, column tile) items on the shared pool.
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -99,6 +100,9 @@ class CpuBackend final : public Backend {
     return size_t(cfg_.num_experts) * (w13_bytes_ + w2_bytes_) + gate_.size() * sizeof(float);
   }
   const MoeConfig& config() const override { return cfg_; }
+  void add_routed_tokens(uint64_t* counts) const override {
+    for (size_t e = 0; e < routed_.size(); e++) counts[e] += routed_[e].load(std::memory_order_relaxed);
+  }
   int64_t panel() const { return kernels_->panel; }
 
   void route(const float* x, int64_t T, int32_t* experts, float* weights) override {
@@ -195,6 +199,9 @@ class CpuBackend final : public Backend {
     route_topk(logits.data(), T, E, k, cfg_.routing, experts.data(), weights.data());
     Dispatch d;
     dispatch_by_expert(experts.data(), T, k, E, d);
+    for (int64_t e = 0; e < E; e++)
+      routed_[size_t(e)].fetch_add(uint64_t(d.offsets[size_t(e) + 1] - d.offsets[size_t(e)]),
+                                   std::memory_order_relaxed);
 
     AlignedBuffer xs_buf = alloc_aligned(size_t(R * H) * sizeof(float), "gathered tokens");
     AlignedBuffer act_buf = alloc_aligned(size_t(R * F) * sizeof(float), "SwiGLU activations");
@@ -245,6 +252,8 @@ class CpuBackend final : public Backend {
   }
 
   MoeConfig cfg_;
+  // Tokens each expert received (telemetry); relaxed atomics, as forwards may run at once.
+  std::vector<std::atomic<uint64_t>> routed_ = std::vector<std::atomic<uint64_t>>(size_t(cfg_.num_experts));
   const KernelSet* kernels_;
   std::vector<float> gate_;
   std::vector<AlignedBuffer> w13_, w2_;

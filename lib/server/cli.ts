@@ -37,7 +37,9 @@ export function progressPrinter(out: NodeJS.WriteStream): (p: LoadProgress) => v
     if (out.isTTY) {
       const width = 30;
       const full = Math.round(frac * width);
-      out.write(`\rloading [${'#'.repeat(full)}${'.'.repeat(width - full)}] ${(frac * 100).toFixed(0)}% ${p.tensors}/${p.totalTensors} tensors`);
+      out.write(
+        `\rloading [${'#'.repeat(full)}${'.'.repeat(width - full)}] ${(frac * 100).toFixed(0)}% ${p.tensors}/${p.totalTensors} tensors`,
+      );
       if (p.tensors === p.totalTensors) out.write('\n');
     } else {
       const decile = Math.floor(frac * 10);
@@ -87,7 +89,8 @@ export async function serveMain(argv: string[]): Promise<number> {
   let opts;
   try {
     const q = values.quantize ?? 'none';
-    if (q !== 'none' && q !== 'int8' && q !== 'int4') throw new Error(`--quantize must be none, int8 or int4, got '${q}'`);
+    if (q !== 'none' && q !== 'int8' && q !== 'int4')
+      throw new Error(`--quantize must be none, int8 or int4, got '${q}'`);
     opts = {
       quantize: q as 'none' | 'int8' | 'int4',
       port: positiveInt('port', values.port, 8080)!,

@@ -19,6 +19,7 @@ export interface MetricsSource {
 export class ServerMetrics {
   readonly registry = new Registry();
   readonly requests: Counter<'endpoint' | 'status'>;
+  readonly cancelled: Counter<'endpoint'>;
   readonly timeToFirstToken: Histogram<'endpoint'>;
   readonly interTokenLatency: Histogram<'endpoint'>;
   readonly promptTokens: Counter<'endpoint'>;
@@ -32,6 +33,12 @@ export class ServerMetrics {
       name: 'fused_moe_requests_total',
       help: 'HTTP requests answered, by endpoint and status code',
       labelNames: ['endpoint', 'status'],
+      registers,
+    });
+    this.cancelled = new Counter({
+      name: 'fused_moe_requests_cancelled_total',
+      help: 'Generating requests whose client went away before the end (their sequences are freed)',
+      labelNames: ['endpoint'],
       registers,
     });
     this.timeToFirstToken = new Histogram({

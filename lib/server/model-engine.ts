@@ -1,6 +1,6 @@
 /** The server's engine over a MoeModel: each request is one model.generate in the model's step loop. */
 import type { MoeModel } from '../model/model';
-import type { GenerationResult } from '../generate/index';
+import type { Generation, GenerationResult } from '../generate/index';
 import type { GenerationEngine, GenerationRun } from './engine';
 import type { CompletionRequest } from './request';
 
@@ -11,7 +11,7 @@ export function modelEngine(model: MoeModel): GenerationEngine {
       let result: GenerationResult | undefined;
       // generate() checks everything before queueing: its errors come out of the first next().
       let failure: unknown;
-      let generation;
+      let generation: Generation | undefined;
       try {
         generation = model.generate(
           Array.isArray(request.prompt) && typeof request.prompt[0] === 'object'

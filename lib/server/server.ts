@@ -149,7 +149,9 @@ export function createServer(
     running.add(entry);
     // A client that goes away cancels its sequence; the step loop frees it at its next step.
     const onClose = () => {
-      if (!res.writableFinished) abort.abort();
+      if (res.writableFinished) return;
+      metrics.cancelled.inc({ endpoint });
+      abort.abort();
     };
     res.on('close', onClose);
     const arrived = performance.now();
