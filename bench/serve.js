@@ -18,7 +18,7 @@ const fs = require('fs');
 const path = require('path');
 const { MODELS, QUICK_MODELS, ensureModel } = require('./model-files');
 const { writeBenchTokenizer } = require('./tokenizer-file');
-const { fmt, median } = require('./util');
+const { fmt } = require('./util');
 
 const args = process.argv.slice(2);
 const opt = (n) => (args.indexOf(n) >= 0 ? args[args.indexOf(n) + 1] : undefined);
