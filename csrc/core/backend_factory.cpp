@@ -12,6 +12,17 @@ void LayerBuilder::pack_expert(int64_t, const void*, const void*, const void*) {
   fail(ErrorCode::Invalid, "this backend builds a layer from all its weights at once, not expert by expert");
 }
 
+std::string cuda_unsupported_reason(const MoeConfig& cfg) {
+  if (cfg.quant != Quant::None)
+    return std::string("quantize '") + quant_name(cfg.quant) + "' runs on the CPU backend only";
+  if (routing_sigmoid(cfg.routing))
+    return std::string("routing '") + routing_name(cfg.routing) + "' runs on the CPU backend only";
+  if (cfg.groups.count != 0) return "expertGroups run on the CPU backend only";
+  if (cfg.routed_scale != 1.0) return "routedScale other than 1 runs on the CPU backend only";
+  if (cfg.shared_intermediate != 0) return "a shared expert runs on the CPU backend only";
+  return std::string();
+}
+
 BackendChoice choose_backend(const MoeConfig& cfg, DeviceRequest device) {
   BackendChoice c;
   switch (device) {
@@ -21,8 +32,8 @@ BackendChoice choose_backend(const MoeConfig& cfg, DeviceRequest device) {
       c.cuda = true;
       break;
     case DeviceRequest::Auto:
-      if (cfg.quant != Quant::None)
-        c.fallback_reason = std::string("quantize '") + quant_name(cfg.quant) + "' runs on the CPU backend only";
+      if (!cuda_unsupported_reason(cfg).empty())
+        c.fallback_reason = cuda_unsupported_reason(cfg);
       else if (!cuda_available())
         c.fallback_reason = cuda_unavailable_reason();
       else

@@ -258,9 +258,9 @@ const std::string& cuda_unavailable_reason() { return cuda_status().reason; }
 
 std::unique_ptr<Backend> make_cuda_backend(const MoeConfig& cfg, const WeightsView& weights, int device) {
   const Loaded& L = loaded();
-  if (cfg.quant != Quant::None)
-    fail(ErrorCode::Invalid, std::string("quantize '") + quant_name(cfg.quant) +
-                                 "' runs on the CPU backend only; use device 'cpu' (or 'auto')");
+  std::string unsupported = cuda_unsupported_reason(cfg);
+  if (unsupported.empty() && weights.score_bias) unsupported = "scoreBias runs on the CPU backend only";
+  if (!unsupported.empty()) fail(ErrorCode::Invalid, unsupported + "; use device 'cpu' (or 'auto')");
   if (!L.status.available) fail(ErrorCode::NoDevice, "the CUDA backend is not available: " + L.status.reason);
   const int count = static_cast<int>(L.status.devices.size());
   if (device < 0 || device >= count)
