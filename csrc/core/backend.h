@@ -88,8 +88,8 @@ struct BuiltBackend {
 // make_builder, stepped to the end at once.
 BuiltBackend make_backend(const MoeConfig& cfg, const WeightsView& weights, DeviceRequest device, int cuda_device);
 
-// Why the CUDA backend cannot run this config (empty when it can): the routing variants, groups,
-// scaling and the shared expert run on the CPU backend only for now.
+// Why the CUDA backend cannot run this config (empty when it can): quantized experts, or a shared expert
+// whose slices would pass the experts limit.
 std::string cuda_unsupported_reason(const MoeConfig& cfg);
 
 // The backends' own entry points (cpu/cpu_backend.cpp, cuda/host/cuda_backend.cpp).

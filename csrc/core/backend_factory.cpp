@@ -15,11 +15,11 @@ void LayerBuilder::pack_expert(int64_t, const void*, const void*, const void*) {
 std::string cuda_unsupported_reason(const MoeConfig& cfg) {
   if (cfg.quant != Quant::None)
     return std::string("quantize '") + quant_name(cfg.quant) + "' runs on the CPU backend only";
-  if (routing_sigmoid(cfg.routing))
-    return std::string("routing '") + routing_name(cfg.routing) + "' runs on the CPU backend only";
-  if (cfg.groups.count != 0) return "expertGroups run on the CPU backend only";
-  if (cfg.routed_scale != 1.0) return "routedScale other than 1 runs on the CPU backend only";
-  if (cfg.shared_intermediate != 0) return "a shared expert runs on the CPU backend only";
+  // The CUDA GEMM runs the shared expert as slices of intermediateSize, each one more expert.
+  const int64_t slices = (cfg.shared_intermediate + cfg.intermediate - 1) / cfg.intermediate;
+  if (cfg.num_experts + slices > kMaxExperts)
+    return "a shared expert of " + std::to_string(slices) + " slices of intermediateSize beside " +
+           std::to_string(cfg.num_experts) + " experts runs on the CPU backend only";
   return std::string();
 }
 
