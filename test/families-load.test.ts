@@ -167,3 +167,17 @@ test('decoder_sparse_step and moe_layer_freq mark the dense layers', async () =>
   expect(layer.config.numExperts).toBe(c.E);
   layer.dispose();
 });
+
+test("DeepSeek-V2's 'gready' spelling of topk_method is the plain top-k", async () => {
+  const folder = path.join(dir, 'gready');
+  fs.mkdirSync(folder);
+  const c = { ...familyCases('float32', 850)[4], groups: null }; // deepseek-v2
+  const { weights, x, ref } = makeFamilyCase(c);
+  writeSafetensors(path.join(folder, 'model.safetensors'), blockTensors(c, weights));
+  const json = { ...configJson({ ...c, groups: { count: 8, topK: 3, score: 'max' } }), topk_method: 'gready' };
+  fs.writeFileSync(path.join(folder, 'config.json'), JSON.stringify(json));
+  const layer = await MoeLayer.fromSafetensors(folder, { layer: 1 });
+  expect(layer.config.expertGroups).toBeNull();
+  expect(relL2(layer.forwardSync(x), familyForward(ref, x, c.T))).toBeLessThan(FLOAT32_TOL);
+  layer.dispose();
+});

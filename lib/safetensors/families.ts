@@ -162,7 +162,9 @@ export function blockLayout(
   const scoring = json.scoring_func ?? (v3 ? 'sigmoid' : 'softmax');
   if (scoring !== 'softmax' && scoring !== 'sigmoid')
     throw checkpointError(file, `scoring_func must be 'softmax' or 'sigmoid', got ${describe(scoring)}`);
-  const method = json.topk_method ?? (v3 ? 'noaux_tc' : 'greedy');
+  // DeepSeek-V2's own config class spells the plain top-k 'gready'.
+  const spelled = json.topk_method ?? (v3 ? 'noaux_tc' : 'greedy');
+  const method = spelled === 'gready' ? 'greedy' : spelled;
   if (method !== 'greedy' && method !== 'group_limited_greedy' && method !== 'noaux_tc')
     throw checkpointError(
       file,
