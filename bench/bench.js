@@ -28,6 +28,10 @@ const { fill, fmt, pct, median } = require('./util');
 const MIXTRAL = { H: 4096, F: 14336, E: 8, k: 2 };
 const MID = { H: 1024, F: 3584, E: 8, k: 2 };
 const FINE = { H: 2048, F: 1408, E: 64, k: 8 };
+// DeepSeek-V2-Lite: 64 experts of F 1408, k 6, two shared experts (one of width 2816), greedy softmax
+// routing. Qwen3-30B-A3B: 128 experts of F 768, k 8, renormalised.
+const DSV2_LITE = { H: 2048, F: 1408, E: 64, k: 6, Fs: 2816, routing: 'softmax-topk' };
+const QWEN3_30B = { H: 2048, F: 768, E: 128, k: 8, routing: 'softmax-topk-renorm' };
 const GROUP = 128; // quantGroupSize of the quantized cases
 const CASES = [
   {
@@ -116,6 +120,10 @@ const CASES = [
   },
   { name: 'fine-bf16', ...FINE, dtype: 'bfloat16', T: [1, 256], isas: ['avx512bf16', 'avx512'], reps: 5 },
   { name: 'fine-bf16-scalar', ...FINE, dtype: 'bfloat16', T: [1], isas: ['scalar'], reps: 3 },
+  { name: 'dsv2lite-bf16', ...DSV2_LITE, dtype: 'bfloat16', T: [1, 512], isas: ['avx512bf16'], reps: 5 },
+  { name: 'dsv2lite-f32', ...DSV2_LITE, dtype: 'float32', T: [1, 512], isas: ['avx512', 'avx2'], reps: 3 },
+  { name: 'qwen3-30b-bf16', ...QWEN3_30B, dtype: 'bfloat16', T: [1, 512], isas: ['avx512bf16'], reps: 5 },
+  { name: 'qwen3-30b-f32', ...QWEN3_30B, dtype: 'float32', T: [1, 512], isas: ['avx512', 'avx2'], reps: 3 },
 ];
 const QUICK = [
   { name: 'quick-f32', H: 256, F: 512, E: 4, k: 2, dtype: 'float32', T: [1, 16], isas: ['*'], reps: 3 },
@@ -171,6 +179,15 @@ function runChild(spec) {
     w3 = per(F * H, 1 / Math.sqrt(H), 2),
     w2 = per(H * F, 1 / Math.sqrt(F), 3);
   const gate = fill(E * H, false, 2 / Math.sqrt(H), 4);
+  const Fs = spec.Fs || 0;
+  const shared =
+    Fs > 0
+      ? {
+          w1: fill(Fs * H, u16, 1 / Math.sqrt(H), 5),
+          w3: fill(Fs * H, u16, 1 / Math.sqrt(H), 6),
+          w2: fill(H * Fs, u16, 1 / Math.sqrt(Fs), 8),
+        }
+      : undefined;
   const layer = new binding.NativeLayer(
     {
       hiddenSize: H,
@@ -181,11 +198,14 @@ function runChild(spec) {
       device: 'cpu',
       quantize: spec.quantize || 'none',
       quantGroupSize: GROUP,
+      routing: spec.routing,
+      sharedIntermediateSize: Fs,
     },
     gate,
     w1,
     w3,
     w2,
+    { shared },
   );
   w1.length = w3.length = w2.length = 0; // the layer holds its own packed copy
   const buildMs = Number(process.hrtime.bigint() - t0) / 1e6;
@@ -282,6 +302,8 @@ for (const c of cases) {
         k: c.k,
         dtype: c.dtype,
         quantize: c.quantize,
+        routing: c.routing,
+        Fs: c.Fs,
         T: c.T,
         reps: c.reps,
         minMs: quick ? 0 : 1000,
@@ -302,8 +324,10 @@ for (const c of cases) {
         c.quantize === 'int8' ? 1 + 2 / GROUP : c.quantize === 'int4' ? 0.5 + 2 / GROUP : c.dtype === 'float32' ? 4 : 2;
       for (const x of res.results) {
         const s = x.ms / 1e3;
-        const bytes = x.expertsUsed * 3 * c.H * c.F * es; // weights actually read: each picked expert once
-        const flops = 2 * x.T * c.k * 3 * c.H * c.F;
+        // Weights actually read: each picked expert once, and the shared expert.
+        const Fs = c.Fs || 0;
+        const bytes = (x.expertsUsed * 3 * c.H * c.F + 3 * c.H * Fs) * es;
+        const flops = 2 * x.T * 3 * c.H * (c.k * c.F + Fs);
         const gbs = bytes / s / 1e9,
           gflops = flops / s / 1e9;
         rows.push({
@@ -441,6 +465,30 @@ if (p2)
     value: p2.fmaFraction,
     ok: p2.fmaFraction >= 0.7,
   });
+// The family shapes, with the same ceilings as the Mixtral block.
+for (const fam of ['dsv2lite', 'qwen3-30b']) {
+  const d = find(`${fam}-bf16`, 'avx512bf16', 1);
+  if (d)
+    targets.push({
+      target: `${fam} decode bf16 T=1 picked + shared expert bytes/s >= 85% of read bandwidth`,
+      value: d.bwFraction,
+      ok: d.bwFraction >= 0.85,
+    });
+  const f = find(`${fam}-f32`, 'avx512', 512);
+  if (f)
+    targets.push({
+      target: `${fam} prefill f32 T=512 >= 70% of avx512 FMA peak`,
+      value: f.fmaFraction,
+      ok: f.fmaFraction >= 0.7,
+    });
+  const b = find(`${fam}-bf16`, 'avx512bf16', 512);
+  if (b && f)
+    targets.push({
+      target: `${fam} prefill bf16 >= 1.6x the f32 GFLOP/s`,
+      value: b.gflops / f.gflops,
+      ok: b.gflops / f.gflops >= 1.6,
+    });
+}
 // Quantized decode against bf16 decode on the same set: tokens/s ratio, and the codes + scales read per
 // second as a fraction of the read bandwidth.
 for (const [q, want] of [

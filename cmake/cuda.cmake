@@ -85,6 +85,7 @@ set(_fmoe_selftest_src
   "${_fmoe_selftest_dir}/reference.cpp"
   "${_fmoe_selftest_dir}/stage_tests.cpp"
   "${_fmoe_selftest_dir}/layer_tests.cpp"
+  "${_fmoe_selftest_dir}/family_tests.cpp"
   "${_fmoe_selftest_dir}/bench.cpp"
   "${_fmoe_selftest_dir}/report.cpp")
 if(NOT CMAKE_JS_VERSION AND EXISTS "${_fmoe_selftest_dir}/main.cpp")

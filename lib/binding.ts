@@ -16,9 +16,19 @@ export interface NativeLayerConfig {
   cudaDevice: number;
   quantize: string;
   quantGroupSize: number;
+  routedScale?: number;
+  expertGroups?: { count: number; topK: number; score: string } | null;
+  sharedIntermediateSize?: number;
+  sharedGate?: boolean;
 }
 
 export type WeightArray = Float32Array | Uint16Array;
+
+/** The weights beside gate/w1/w3/w2: the choice bias and the shared expert. */
+export interface NativeWeightExtras {
+  scoreBias?: Float32Array;
+  shared?: { w1: WeightArray; w3: WeightArray; w2: WeightArray; gate?: Float32Array };
+}
 
 export interface NativeLayer {
   forwardSync(x: Float32Array, out: Float32Array): void;
@@ -31,7 +41,14 @@ export interface NativeLayer {
 
 export interface NativeBuilder {
   /** Packs for about maxMs; true when the layer is complete. The arrays are looked up on every call. */
-  step(gate: Float32Array, w1: WeightArray[], w3: WeightArray[], w2: WeightArray[], maxMs: number): boolean;
+  step(
+    gate: Float32Array,
+    w1: WeightArray[],
+    w3: WeightArray[],
+    w2: WeightArray[],
+    maxMs: number,
+    extras?: NativeWeightExtras,
+  ): boolean;
   progress(): number;
   finish(): NativeLayer;
 }
@@ -91,6 +108,7 @@ export interface NativeEnums {
   weightDtype: readonly string[];
   quantize: readonly string[];
   device: readonly string[];
+  groupScore: readonly string[];
 }
 
 export interface NativeBinding {
@@ -100,6 +118,7 @@ export interface NativeBinding {
     w1: WeightArray[],
     w3: WeightArray[],
     w2: WeightArray[],
+    extras?: NativeWeightExtras,
   ) => NativeLayer;
   NativeCancel: new () => NativeCancel;
   NativeBuilder: new (config: NativeLayerConfig) => NativeBuilder;

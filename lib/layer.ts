@@ -1,15 +1,25 @@
 /** The public MoeLayer: shapes the API and checks every argument before the native code runs. */
-import { binding, NativeCancel, NativeLayer, WeightArray } from './binding';
+import { binding, NativeCancel, NativeLayer, NativeWeightExtras, WeightArray } from './binding';
 import { scheduler } from './scheduler';
 import { AbortError, argRangeError, argTypeError, fromNative, MoeError } from './errors';
 import { checkedProduct, checkInteger, checkObject, checkOneOf, checkSignal, checkTyped, describe } from './validate';
 import { FromSafetensorsOptions, loadLayer } from './safetensors/index';
 
-export type Routing = 'softmax-topk-renorm' | 'softmax-topk';
+export type Routing = 'softmax-topk-renorm' | 'softmax-topk' | 'sigmoid-topk' | 'sigmoid-topk-renorm';
 export type WeightDtype = 'float32' | 'bfloat16' | 'float16';
 export type Device = 'cpu' | 'cuda' | 'auto';
 export type Quantize = 'none' | 'int8' | 'int4';
 export type QuantGroupSize = 32 | 64 | 128;
+
+/** Group-limited routing (DeepSeek-V2/V3): only the experts of the `topK` best groups can be picked. */
+export interface ExpertGroups {
+  /** Number of equal groups the experts are split into (divides numExperts). */
+  count: number;
+  /** Groups that compete, 1..count; topK (experts) must be at most topK * numExperts / count. */
+  topK: number;
+  /** A group's score: its best expert score ('max', DeepSeek-V2) or its two best summed ('top2-sum', V3). */
+  score: 'max' | 'top2-sum';
+}
 
 export interface MoeConfig {
   /** H: size of a token's hidden state. */
@@ -20,8 +30,20 @@ export interface MoeConfig {
   numExperts: number;
   /** k: experts picked per token (1..E). */
   topK: number;
-  /** 'softmax-topk-renorm' (Mixtral, default) or 'softmax-topk' (no renormalisation). */
+  /**
+   * Scores and renormalisation: 'softmax-topk-renorm' (Mixtral, default), 'softmax-topk' (the picked
+   * probabilities as they are), 'sigmoid-topk' (scores = sigmoid(logits)) or 'sigmoid-topk-renorm'
+   * (the picked sigmoids divided by their sum + 1e-20, DeepSeek-V3).
+   */
   routing?: Routing;
+  /** Every routing weight is multiplied by it, after renormalisation (default 1). */
+  routedScale?: number;
+  /** Group-limited routing; null (default): every expert competes. */
+  expertGroups?: ExpertGroups | null;
+  /** Fs: width of a SwiGLU shared expert every token runs, added to the routed output; 0 (default): none. */
+  sharedIntermediateSize?: number;
+  /** Scale the shared expert's output by sigmoid(weights.shared.gate . x) per token (Qwen2-MoE). Default false. */
+  sharedGate?: boolean;
   /** Element type of w1/w3/w2: 'float32' (Float32Array) or 16-bit (Uint16Array). Default 'float32'. */
   weightDtype?: WeightDtype;
   /** 'cpu' (default), 'cuda', or 'auto' (CUDA when available, else CPU). */
@@ -51,6 +73,14 @@ export interface MoeWeights {
   w3: ExpertWeights;
   /** Down projections [E, H, F]. */
   w2: ExpertWeights;
+  /** [E] float32 added to the scores for choosing the experts only; the weights use the unbiased scores. */
+  scoreBias?: Float32Array;
+  /**
+   * The shared expert, when config.sharedIntermediateSize > 0: w1, w3 [Fs, H] and w2 [H, Fs] in the
+   * layer's weightDtype; gate [H] float32 when config.sharedGate. Several shared experts are one of
+   * their summed width.
+   */
+  shared?: { w1: WeightArray; w3: WeightArray; w2: WeightArray; gate?: Float32Array };
 }
 
 export interface ForwardOptions {
@@ -63,7 +93,7 @@ export interface ForwardOptions {
 export interface RouteResult {
   /** [T, k] expert indices, in descending order of routing weight. */
   experts: Int32Array;
-  /** [T, k] routing weights. */
+  /** [T, k] routing weights, after renormalisation and routedScale. */
   weights: Float32Array;
 }
 
@@ -89,6 +119,23 @@ function normaliseConfig(config: unknown): Required<MoeConfig> {
     config.quantize ?? enums.quantize[0],
     enums.quantize as readonly Quantize[],
   );
+  const routedScale = config.routedScale ?? 1;
+  if (typeof routedScale !== 'number')
+    throw argTypeError(`config.routedScale must be a number, got ${describe(routedScale)}`);
+  if (!(Number.isFinite(routedScale) && routedScale > 0))
+    throw argRangeError(`config.routedScale must be a finite number > 0, got ${routedScale}`);
+  const expertGroups = normaliseGroups(config.expertGroups, numExperts, topK);
+  const sharedIntermediateSize = checkInteger(
+    'config.sharedIntermediateSize',
+    config.sharedIntermediateSize ?? 0,
+    0,
+    limits.maxDim,
+  );
+  const sharedGate = config.sharedGate ?? false;
+  if (typeof sharedGate !== 'boolean')
+    throw argTypeError(`config.sharedGate must be a boolean, got ${describe(sharedGate)}`);
+  if (sharedGate && sharedIntermediateSize === 0)
+    throw argRangeError('config.sharedGate needs a shared expert: set config.sharedIntermediateSize > 0');
   const quantGroupSize = config.quantGroupSize ?? limits.defaultQuantGroupSize;
   const groups = limits.quantGroupSizes;
   if (!(groups as readonly unknown[]).includes(quantGroupSize))
@@ -117,7 +164,31 @@ function normaliseConfig(config: unknown): Required<MoeConfig> {
     cudaDevice,
     quantize,
     quantGroupSize: quantGroupSize as QuantGroupSize,
+    routedScale,
+    expertGroups,
+    sharedIntermediateSize,
+    sharedGate,
   };
+}
+
+function normaliseGroups(v: unknown, numExperts: number, topK: number): ExpertGroups | null {
+  if (v === undefined || v === null) return null;
+  checkObject('config.expertGroups', v);
+  const count = checkInteger('config.expertGroups.count', v.count, 1, numExperts);
+  if (numExperts % count !== 0)
+    throw argRangeError(`config.expertGroups.count must divide numExperts (${numExperts}), got ${count}`);
+  const groupTopK = checkInteger('config.expertGroups.topK', v.topK, 1, count);
+  const names = binding().enums.groupScore as readonly ExpertGroups['score'][];
+  const score = checkOneOf('config.expertGroups.score', v.score ?? names[0], names);
+  const perGroup = numExperts / count;
+  if (score === 'top2-sum' && perGroup < 2)
+    throw argRangeError(`config.expertGroups.score 'top2-sum' needs at least 2 experts per group, got ${perGroup}`);
+  if (topK > groupTopK * perGroup)
+    throw argRangeError(
+      `config.topK (${topK}) must be at most expertGroups.topK * numExperts / expertGroups.count ` +
+        `(${groupTopK * perGroup}): only the chosen groups' experts can be picked`,
+    );
+  return Object.freeze({ count, topK: groupTopK, score });
 }
 
 /** Splits one [E, rows, cols] array into E zero-copy views, or checks an array of E per-expert arrays. */
@@ -156,7 +227,46 @@ function layerArgs(config: MoeConfig, weights: MoeWeights) {
   const w1 = expertViews('weights.w1', weights.w1, cfg, F, H);
   const w3 = expertViews('weights.w3', weights.w3, cfg, F, H);
   const w2 = expertViews('weights.w2', weights.w2, cfg, H, F);
-  return { cfg, gate, w1, w3, w2 };
+  const extras: NativeWeightExtras = {};
+  if (weights.scoreBias !== undefined) {
+    extras.scoreBias = checkTyped<Float32Array>(
+      'weights.scoreBias',
+      weights.scoreBias,
+      Float32Array,
+      E,
+      ' (numExperts)',
+    );
+    if (!extras.scoreBias.every(Number.isFinite))
+      throw argRangeError('weights.scoreBias must hold finite numbers only');
+  }
+  const Fs = cfg.sharedIntermediateSize;
+  if (Fs > 0) {
+    const shared = weights.shared;
+    if (shared === undefined)
+      throw argTypeError(
+        `weights.shared must be an object with w1, w3 and w2 (config.sharedIntermediateSize is ${Fs}), got undefined`,
+      );
+    checkObject('weights.shared', shared);
+    const ctor = cfg.weightDtype === 'float32' ? Float32Array : Uint16Array;
+    const detail = ` (weightDtype '${cfg.weightDtype}', sharedIntermediateSize ${Fs})`;
+    const size = checkedProduct('weights.shared', binding().limits.maxElements, Fs, H);
+    extras.shared = {
+      w1: checkTyped<WeightArray>('weights.shared.w1', shared.w1, ctor, size, detail),
+      w3: checkTyped<WeightArray>('weights.shared.w3', shared.w3, ctor, size, detail),
+      w2: checkTyped<WeightArray>('weights.shared.w2', shared.w2, ctor, size, detail),
+    };
+    if (cfg.sharedGate)
+      extras.shared.gate = checkTyped<Float32Array>(
+        'weights.shared.gate',
+        shared.gate,
+        Float32Array,
+        H,
+        ' (hiddenSize)',
+      );
+  } else if (weights.shared !== undefined) {
+    throw argRangeError('weights.shared is given but config.sharedIntermediateSize is 0');
+  }
+  return { cfg, gate, w1, w3, w2, extras };
 }
 
 export interface CreateOptions {
@@ -174,9 +284,9 @@ interface BuiltLayer {
 
 /** Checks the arguments and packs the weights on the calling thread. */
 function buildNow(config: MoeConfig, weights: MoeWeights): BuiltLayer {
-  const { cfg, gate, w1, w3, w2 } = layerArgs(config, weights);
+  const { cfg, gate, w1, w3, w2, extras } = layerArgs(config, weights);
   try {
-    return { native: new (binding().NativeLayer)(cfg, gate, w1, w3, w2), cfg };
+    return { native: new (binding().NativeLayer)(cfg, gate, w1, w3, w2, extras), cfg };
   } catch (err) {
     throw fromNative(err);
   }
@@ -223,7 +333,7 @@ export class MoeLayer {
    * step.
    */
   static async create(config: MoeConfig, weights: MoeWeights, options: CreateOptions = {}): Promise<MoeLayer> {
-    const { cfg, gate, w1, w3, w2 } = layerArgs(config, weights);
+    const { cfg, gate, w1, w3, w2, extras } = layerArgs(config, weights);
     checkObject('options', options as unknown);
     const signal = checkSignal('options.signal', options.signal);
     const stepMs = options.stepMs === undefined ? 10 : checkInteger('options.stepMs', options.stepMs, 1, 60000);
@@ -232,7 +342,7 @@ export class MoeLayer {
     let native: NativeLayer;
     try {
       const builder = new (binding().NativeBuilder)(cfg);
-      while (!builder.step(gate, w1, w3, w2, stepMs)) {
+      while (!builder.step(gate, w1, w3, w2, stepMs, extras)) {
         await nextTurn();
         if (signal?.aborted) throw aborted();
       }

@@ -35,7 +35,7 @@ describe('config errors', () => {
       'routing',
       'softmax',
       RangeError,
-      /config\.routing must be one of 'softmax-topk-renorm', 'softmax-topk', got 'softmax'/,
+      /config\.routing must be one of 'softmax-topk-renorm', 'softmax-topk', 'sigmoid-topk', 'sigmoid-topk-renorm', got 'softmax'/,
     ],
     ['routing', 3, TypeError, /config\.routing/],
     [

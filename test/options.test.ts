@@ -1,13 +1,19 @@
 // The config contract: the core's limits and enum names (csrc/core/options.h), exported by the binding,
 // are what the TypeScript types name and what MoeLayer checks.
 import { binding } from '../lib/binding';
-import { Device, MoeLayer, Quantize, Routing, WeightDtype } from '../lib/layer';
+import { Device, ExpertGroups, MoeLayer, Quantize, Routing, WeightDtype } from '../lib/layer';
 
 const { limits, enums } = binding();
 
 // Record<Union, true> fails to compile when the union gains or loses a name; the test then checks
 // the union against the core's table.
-const routing: Record<Routing, true> = { 'softmax-topk-renorm': true, 'softmax-topk': true };
+const routing: Record<Routing, true> = {
+  'softmax-topk-renorm': true,
+  'softmax-topk': true,
+  'sigmoid-topk': true,
+  'sigmoid-topk-renorm': true,
+};
+const groupScore: Record<ExpertGroups['score'], true> = { max: true, 'top2-sum': true };
 const weightDtype: Record<WeightDtype, true> = { float32: true, bfloat16: true, float16: true };
 const quantize: Record<Quantize, true> = { none: true, int8: true, int4: true };
 const device: Record<Device, true> = { cpu: true, cuda: true, auto: true };
@@ -17,6 +23,7 @@ test('the TypeScript unions name exactly the core enums, defaults first', () => 
   expect([...enums.weightDtype].sort()).toEqual(Object.keys(weightDtype).sort());
   expect([...enums.quantize].sort()).toEqual(Object.keys(quantize).sort());
   expect([...enums.device].sort()).toEqual(Object.keys(device).sort());
+  expect([...enums.groupScore].sort()).toEqual(Object.keys(groupScore).sort());
   expect([enums.routing[0], enums.weightDtype[0], enums.quantize[0], enums.device[0]]).toEqual([
     'softmax-topk-renorm',
     'float32',
@@ -63,7 +70,9 @@ test('MoeLayer accepts every exported name and group size, and refuses the next 
 test('the raw binding parses names with the core tables and says what it expected', () => {
   const raw = (cfg: object) => () =>
     new (binding().NativeLayer)({ ...base, ...cfg } as never, new Float32Array(E * H), [], [], []);
-  expect(raw({ routing: 'top1' })).toThrow("routing must be 'softmax-topk-renorm' or 'softmax-topk', got 'top1'");
+  expect(raw({ routing: 'top1' })).toThrow(
+    "routing must be 'softmax-topk-renorm', 'softmax-topk', 'sigmoid-topk' or 'sigmoid-topk-renorm', got 'top1'",
+  );
   expect(raw({ device: 'tpu' })).toThrow("device must be 'cpu', 'cuda' or 'auto', got 'tpu'");
   expect(raw({ quantize: 'int2' })).toThrow("quantize must be 'none', 'int8' or 'int4', got 'int2'");
   expect(raw({ quantGroupSize: 16 })).toThrow('quantGroupSize must be 32, 64 or 128, got 16');

@@ -15,10 +15,15 @@ namespace fmoe {
 // Caller-owned weights in the checkpoint layout. The backend copies (packs or uploads) them while it is
 // built, so the caller may free them afterwards.
 struct WeightsView {
-  const float* gate = nullptr;  // [E, H] float32
-  std::vector<const void*> w1;  // E pointers, each [F, H] of weight_dtype
-  std::vector<const void*> w3;  // E pointers, each [F, H]
-  std::vector<const void*> w2;  // E pointers, each [H, F]
+  const float* gate = nullptr;         // [E, H] float32
+  std::vector<const void*> w1;         // E pointers, each [F, H] of weight_dtype
+  std::vector<const void*> w3;         // E pointers, each [F, H]
+  std::vector<const void*> w2;         // E pointers, each [H, F]
+  const float* score_bias = nullptr;   // [E] float32 added to the scores for the choice only; may be null
+  const void* shared_w1 = nullptr;     // [Fs, H] of weight_dtype, when config.shared_intermediate > 0
+  const void* shared_w3 = nullptr;     // [Fs, H]
+  const void* shared_w2 = nullptr;     // [H, Fs]
+  const float* shared_gate = nullptr;  // [H] float32, when config.shared_gate
 };
 
 // Set by the caller to ask a running forward to stop at its next chunk boundary.
@@ -85,6 +90,10 @@ struct BuiltBackend {
 };
 // make_builder, stepped to the end at once.
 BuiltBackend make_backend(const MoeConfig& cfg, const WeightsView& weights, DeviceRequest device, int cuda_device);
+
+// Why the CUDA backend cannot run this config (empty when it can): quantized experts, or a shared expert
+// whose slices would pass the experts limit.
+std::string cuda_unsupported_reason(const MoeConfig& cfg);
 
 // The backends' own entry points (cpu/cpu_backend.cpp, cuda/host/cuda_backend.cpp).
 std::unique_ptr<LayerBuilder> make_cpu_builder(const MoeConfig& cfg);

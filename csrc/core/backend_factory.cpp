@@ -12,6 +12,17 @@ void LayerBuilder::pack_expert(int64_t, const void*, const void*, const void*) {
   fail(ErrorCode::Invalid, "this backend builds a layer from all its weights at once, not expert by expert");
 }
 
+std::string cuda_unsupported_reason(const MoeConfig& cfg) {
+  if (cfg.quant != Quant::None)
+    return std::string("quantize '") + quant_name(cfg.quant) + "' runs on the CPU backend only";
+  // The CUDA GEMM runs the shared expert as slices of intermediateSize, each one more expert.
+  const int64_t slices = (cfg.shared_intermediate + cfg.intermediate - 1) / cfg.intermediate;
+  if (cfg.num_experts + slices > kMaxExperts)
+    return "a shared expert of " + std::to_string(slices) + " slices of intermediateSize beside " +
+           std::to_string(cfg.num_experts) + " experts runs on the CPU backend only";
+  return std::string();
+}
+
 BackendChoice choose_backend(const MoeConfig& cfg, DeviceRequest device) {
   BackendChoice c;
   switch (device) {
@@ -21,8 +32,8 @@ BackendChoice choose_backend(const MoeConfig& cfg, DeviceRequest device) {
       c.cuda = true;
       break;
     case DeviceRequest::Auto:
-      if (cfg.quant != Quant::None)
-        c.fallback_reason = std::string("quantize '") + quant_name(cfg.quant) + "' runs on the CPU backend only";
+      if (!cuda_unsupported_reason(cfg).empty())
+        c.fallback_reason = cuda_unsupported_reason(cfg);
       else if (!cuda_available())
         c.fallback_reason = cuda_unavailable_reason();
       else

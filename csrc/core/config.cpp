@@ -1,5 +1,7 @@
 #include "config.h"
 
+#include <cmath>
+
 #include "error.h"
 
 namespace fmoe {
@@ -31,6 +33,27 @@ void validate_config(const MoeConfig& c) {
       sizes += (i ? (i + 1 == n ? " or " : ", ") : "") + std::to_string(kQuantGroupSizes[i]);
     fail(ErrorCode::Invalid, "quantGroupSize must be " + sizes + ", got " + std::to_string(c.quant_group));
   }
+  if (!(std::isfinite(c.routed_scale) && c.routed_scale > 0))
+    fail(ErrorCode::Invalid, "routedScale must be a finite number > 0, got " + std::to_string(c.routed_scale));
+  if (c.groups.count != 0) {
+    check_range("expertGroups.count", c.groups.count, 1, c.num_experts);
+    if (c.num_experts % c.groups.count != 0)
+      fail(ErrorCode::Invalid, "expertGroups.count must divide numExperts (" + std::to_string(c.num_experts) +
+                                   "), got " + std::to_string(c.groups.count));
+    check_range("expertGroups.topK", c.groups.top_k, 1, c.groups.count);
+    check_enum("expertGroups.score", kGroupScoreNames, c.groups.score);
+    const int64_t per_group = c.num_experts / c.groups.count;
+    if (c.groups.score == GroupScore::Top2Sum && per_group < 2)
+      fail(ErrorCode::Invalid,
+           "expertGroups.score 'top2-sum' needs at least 2 experts per group, got " + std::to_string(per_group));
+    // Only the chosen groups' experts can be picked: they must hold at least k.
+    check_range("topK (at most expertGroups.topK * numExperts / expertGroups.count)", c.top_k, 1,
+                c.groups.top_k * per_group);
+  }
+  check_range("sharedIntermediateSize", c.shared_intermediate, 0, kMaxDim);
+  if (c.shared_gate && c.shared_intermediate == 0)
+    fail(ErrorCode::Invalid, "sharedGate needs a shared expert (sharedIntermediateSize > 0)");
+  checked_mul(c.shared_intermediate, c.hidden, "sharedIntermediateSize*hiddenSize");
   // The largest weight tensor, E * F * H elements, must stay within kMaxElements.
   checked_mul(checked_mul(c.num_experts, c.intermediate, "numExperts*intermediateSize"), c.hidden,
               "numExperts*intermediateSize*hiddenSize");

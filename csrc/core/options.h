@@ -30,7 +30,10 @@ inline bool quant_group_ok(int64_t g) {
 // ---- enums ----------------------------------------------------------------------------------------
 // The integer values are part of the CUDA C ABI for Routing and DType (static_asserts in
 // cuda/host/cuda_backend.cpp): append, never renumber.
-enum class Routing : int { SoftmaxTopkRenorm = 0, SoftmaxTopk = 1 };
+enum class Routing : int { SoftmaxTopkRenorm = 0, SoftmaxTopk = 1, SigmoidTopk = 2, SigmoidTopkRenorm = 3 };
+// How a group of experts is scored for group-limited routing: the best expert score (DeepSeek-V2) or
+// the sum of the two best (DeepSeek-V3). Not part of any ABI.
+enum class GroupScore : int { Max = 0, Top2Sum = 1 };
 enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };           // element type of the expert weights
 enum class Quant : int { None = 0, Int8 = 1, Int4 = 2 };         // quantization of the experts at load (quant.h)
 enum class DeviceRequest : int { Cpu = 0, Cuda = 1, Auto = 2 };  // where a layer is asked to run
@@ -43,7 +46,10 @@ struct EnumName {
 
 // The first entry of each table is the default.
 constexpr EnumName<Routing> kRoutingNames[] = {{Routing::SoftmaxTopkRenorm, "softmax-topk-renorm"},
-                                               {Routing::SoftmaxTopk, "softmax-topk"}};
+                                               {Routing::SoftmaxTopk, "softmax-topk"},
+                                               {Routing::SigmoidTopk, "sigmoid-topk"},
+                                               {Routing::SigmoidTopkRenorm, "sigmoid-topk-renorm"}};
+constexpr EnumName<GroupScore> kGroupScoreNames[] = {{GroupScore::Max, "max"}, {GroupScore::Top2Sum, "top2-sum"}};
 constexpr EnumName<DType> kDTypeNames[] = {{DType::F32, "float32"}, {DType::BF16, "bfloat16"}, {DType::F16, "float16"}};
 constexpr EnumName<Quant> kQuantNames[] = {{Quant::None, "none"}, {Quant::Int8, "int8"}, {Quant::Int4, "int4"}};
 constexpr EnumName<DeviceRequest> kDeviceNames[] = {
@@ -83,6 +89,10 @@ E parse_enum(const EnumName<E> (&table)[N], const char* field, const std::string
 }
 
 inline const char* routing_name(Routing r) { return enum_name(kRoutingNames, r); }
+inline bool routing_renormalises(Routing r) {
+  return r == Routing::SoftmaxTopkRenorm || r == Routing::SigmoidTopkRenorm;
+}
+inline bool routing_sigmoid(Routing r) { return r == Routing::SigmoidTopk || r == Routing::SigmoidTopkRenorm; }
 inline const char* dtype_name(DType dt) { return enum_name(kDTypeNames, dt); }
 inline const char* quant_name(Quant q) { return enum_name(kQuantNames, q); }
 inline const char* device_name(DeviceRequest d) { return enum_name(kDeviceNames, d); }

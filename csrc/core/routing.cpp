@@ -1,5 +1,6 @@
 #include "routing.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -33,57 +34,119 @@ static inline bool better(double va, int64_t ia, double vb, int64_t ib) {
   return ia < ib;
 }
 
-void route_topk(const float* logits, int64_t T, int64_t E, int64_t k, Routing routing, int32_t* experts,
-                float* weights) {
-  std::vector<double> p(E);
+RouteSpec route_spec(const MoeConfig& cfg, const float* bias) {
+  RouteSpec s;
+  s.num_experts = cfg.num_experts;
+  s.top_k = cfg.top_k;
+  s.routing = cfg.routing;
+  s.scale = cfg.routed_scale;
+  s.groups = cfg.groups;
+  s.bias = bias;
+  return s;
+}
+
+// Softmax in double over the finite-or-inf logits; NaN logits get NaN probability. The sum is 0 only
+// when every logit is -inf or NaN: p becomes NaN and the output follows.
+static void softmax_row(const float* l, int64_t E, double* p) {
+  double mx = -std::numeric_limits<double>::infinity();
+  for (int64_t e = 0; e < E; e++)
+    if (!std::isnan(l[e]) && l[e] > mx) mx = l[e];
+  double sum = 0;
+  for (int64_t e = 0; e < E; e++) {
+    double v;
+    if (std::isnan(l[e]))
+      v = NAN;
+    else if (std::isinf(mx) && mx > 0)
+      v = (l[e] == mx) ? 1.0 : 0.0;  // +inf logits share the mass
+    else
+      v = std::exp(double(l[e]) - mx);
+    p[e] = v;
+    if (!std::isnan(v)) sum += v;
+  }
+  for (int64_t e = 0; e < E; e++) p[e] = p[e] / sum;
+}
+
+static void sigmoid_row(const float* l, int64_t E, double* p) {
+  for (int64_t e = 0; e < E; e++) p[e] = 1.0 / (1.0 + std::exp(-double(l[e])));  // NaN stays NaN
+}
+
+// The best of [begin, end) not yet excluded, by `better`; -1 when all are.
+static int64_t best_of(const double* v, const uint8_t* excluded, int64_t begin, int64_t end) {
+  int64_t best = -1;
+  for (int64_t e = begin; e < end; e++) {
+    if (excluded[e]) continue;
+    if (best < 0 || better(v[e], e, v[best], best)) best = e;
+  }
+  return best;
+}
+
+void route_topk(const float* logits, int64_t T, const RouteSpec& spec, int32_t* experts, float* weights) {
+  const int64_t E = spec.num_experts, k = spec.top_k;
+  const int64_t G = spec.groups.count, per_group = G > 0 ? E / G : E;
+  std::vector<double> score(static_cast<size_t>(E)), choice(static_cast<size_t>(E)),
+      group_score(static_cast<size_t>(G));
+  std::vector<uint8_t> excluded(static_cast<size_t>(E)), group_out(static_cast<size_t>(G)),
+      group_taken(static_cast<size_t>(G));
   for (int64_t t = 0; t < T; t++) {
     const float* l = logits + t * E;
-    // Softmax in double over the finite-or-inf logits; NaN logits get NaN probability.
-    double mx = -std::numeric_limits<double>::infinity();
-    for (int64_t e = 0; e < E; e++)
-      if (!std::isnan(l[e]) && l[e] > mx) mx = l[e];
-    double sum = 0;
-    for (int64_t e = 0; e < E; e++) {
-      double v;
-      if (std::isnan(l[e]))
-        v = NAN;
-      else if (std::isinf(mx) && mx > 0)
-        v = (l[e] == mx) ? 1.0 : 0.0;  // +inf logits share the mass
-      else
-        v = std::exp(double(l[e]) - mx);
-      p[e] = v;
-      if (!std::isnan(v)) sum += v;
+    if (routing_sigmoid(spec.routing))
+      sigmoid_row(l, E, score.data());
+    else
+      softmax_row(l, E, score.data());
+    for (int64_t e = 0; e < E; e++) choice[size_t(e)] = spec.bias ? score[size_t(e)] + spec.bias[e] : score[size_t(e)];
+    std::fill(excluded.begin(), excluded.end(), uint8_t(0));
+    if (G > 0) {
+      // Rank the groups, keep the best groups.top_k and exclude the experts of the others outright, so a
+      // NaN score inside a kept group still ranks above them.
+      for (int64_t g = 0; g < G; g++) {
+        // The best and second best of the group, by the same order as the picks.
+        int64_t first = g * per_group, second = -1;
+        for (int64_t e = first + 1; e < (g + 1) * per_group; e++) {
+          if (better(choice[size_t(e)], e, choice[size_t(first)], first)) {
+            second = first;
+            first = e;
+          } else if (second < 0 || better(choice[size_t(e)], e, choice[size_t(second)], second)) {
+            second = e;
+          }
+        }
+        group_score[size_t(g)] = spec.groups.score == GroupScore::Top2Sum
+                                     ? choice[size_t(first)] + choice[size_t(second)]
+                                     : choice[size_t(first)];
+      }
+      std::fill(group_out.begin(), group_out.end(), uint8_t(1));
+      std::fill(group_taken.begin(), group_taken.end(), uint8_t(0));
+      for (int64_t j = 0; j < spec.groups.top_k; j++) {
+        const int64_t g = best_of(group_score.data(), group_taken.data(), 0, G);
+        group_taken[size_t(g)] = 1;
+        group_out[size_t(g)] = 0;
+      }
+      for (int64_t e = 0; e < E; e++) excluded[size_t(e)] = group_out[size_t(e / per_group)];
     }
-    // sum is 0 only when every logit is -inf or NaN: p becomes NaN and the output follows.
-    for (int64_t e = 0; e < E; e++) p[e] = p[e] / sum;
     // Selection by repeated scans: k is small, and this keeps the tie and NaN rules obvious.
     int32_t* ids = experts + t * k;
     float* w = weights + t * k;
-    uint64_t taken_small = 0;
-    std::vector<bool> taken(E > 64 ? E : 0, false);
-    auto is_taken = [&](int64_t e) { return E > 64 ? bool(taken[e]) : bool((taken_small >> e) & 1u); };
-    auto set_taken = [&](int64_t e) {
-      if (E > 64)
-        taken[e] = true;
-      else
-        taken_small |= uint64_t(1) << e;
-    };
     double picked_sum = 0;
     for (int64_t j = 0; j < k; j++) {
-      int64_t best = -1;
-      for (int64_t e = 0; e < E; e++) {
-        if (is_taken(e)) continue;
-        if (best < 0 || better(p[e], e, p[best], best)) best = e;
-      }
-      set_taken(best);
+      const int64_t best = best_of(choice.data(), excluded.data(), 0, E);
+      excluded[size_t(best)] = 1;
       ids[j] = int32_t(best);
-      w[j] = float(p[best]);
-      picked_sum += p[best];
+      picked_sum += score[size_t(best)];
     }
-    if (routing == Routing::SoftmaxTopkRenorm) {
-      for (int64_t j = 0; j < k; j++) w[j] = float(p[ids[j]] / picked_sum);
-    }
+    // Sigmoid scores may all be tiny: the epsilon keeps the division finite, as the reference models do.
+    const double denom = spec.routing == Routing::SigmoidTopkRenorm   ? picked_sum + 1e-20
+                         : spec.routing == Routing::SoftmaxTopkRenorm ? picked_sum
+                                                                      : 1.0;
+    for (int64_t j = 0; j < k; j++) w[j] = float(score[size_t(ids[j])] / denom * spec.scale);
   }
+}
+
+void route_topk(const float* logits, int64_t T, int64_t E, int64_t k, Routing routing, int32_t* experts,
+                float* weights) {
+  RouteSpec s;
+  s.num_experts = E;
+  s.top_k = k;
+  s.routing = routing;
+  route_topk(logits, T, s, experts, weights);
 }
 
 }  // namespace fmoe

@@ -1,4 +1,4 @@
-// Softmax / top-k / renormalisation over router logits, NaN-safe.
+// Router scores (softmax or sigmoid), group-limited top-k, renormalisation and scaling, NaN-safe.
 #pragma once
 #include <cstdint>
 
@@ -6,9 +6,26 @@
 
 namespace fmoe {
 
+// What the router does with a row of E logits, from the layer's config.
+struct RouteSpec {
+  int64_t num_experts = 0, top_k = 0;
+  Routing routing = Routing::SoftmaxTopkRenorm;
+  double scale = 1.0;           // routedScale
+  ExpertGroups groups;          // count 0: every expert competes
+  const float* bias = nullptr;  // [E] added to the scores for the choice only, or null
+};
+
+RouteSpec route_spec(const MoeConfig& cfg, const float* bias);
+
 // logits: [T, E] floats. experts: [T, k] indices, always in [0, E). weights: [T, k].
-// Picks the k largest probabilities, ties to the lower index; a NaN logit is never picked over a finite
-// one. Rows of experts are in descending order of probability.
+// Scores are softmax(logits) or sigmoid(logits), in double. The choice ranks score + bias: ties to the
+// lower index, NaN below every number; with groups, a group ranks by the max (or the sum of the two
+// best) of its choice scores and the experts outside the best groups are never picked, NaN or not.
+// The weights are the unbiased scores of the picks, renormalised to sum 1 for the -renorm routings,
+// then multiplied by the scale. Rows of experts are in descending order of choice score.
+void route_topk(const float* logits, int64_t T, const RouteSpec& spec, int32_t* experts, float* weights);
+
+// The plain routings (no bias, groups or scale).
 void route_topk(const float* logits, int64_t T, int64_t E, int64_t k, Routing routing, int32_t* experts,
                 float* weights);
 

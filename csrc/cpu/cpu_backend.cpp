@@ -2,7 +2,8 @@
 //
 // Per chunk of tokens: gate logits -> route -> dispatch by expert -> gather each expert's tokens ->
 // SwiGLU (w1, w3) -> down (w2) -> combine in token order. The two expert phases are split over
-// (expert, column tile) items on the shared pool.
+// (expert, column tile) items on the shared pool. A shared expert is a one-expert layer of its own
+// (same packing and kernels) run over the whole chunk, its output added in the combine.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -51,17 +52,48 @@ class CpuBackend final : public Backend {
       w13_.push_back(alloc_aligned(w13_bytes_, "packed w1/w3"));
       w2_.push_back(alloc_aligned(w2_bytes_, "packed w2"));
     }
-    const size_t per_token = size_t(cfg.top_k) * size_t(2 * H + F) * sizeof(float) + size_t(E) * 8;
+    if (cfg.shared_intermediate > 0) {
+      shared_ = std::make_unique<CpuBackend>(shared_expert_config(cfg));
+      shared_->set_gate(std::vector<float>(size_t(H), 0.0f).data());  // one expert: its weight is 1
+    }
+    const size_t per_token = size_t(cfg.top_k) * size_t(2 * H + F) * sizeof(float) + size_t(E) * 8 +
+                             (shared_ ? size_t(3 * H + cfg.shared_intermediate) * sizeof(float) : 0);
     chunk_tokens_ = std::max<int64_t>(16, int64_t(kChunkWorkspaceBytes / per_token));
+  }
+
+  // The shared expert as a layer: one expert of width Fs that every token picks with weight 1.
+  static MoeConfig shared_expert_config(const MoeConfig& cfg) {
+    MoeConfig c;
+    c.hidden = cfg.hidden;
+    c.intermediate = cfg.shared_intermediate;
+    c.num_experts = 1;
+    c.top_k = 1;
+    c.weight_dtype = cfg.weight_dtype;
+    c.threads = cfg.threads;
+    c.quant = cfg.quant;
+    c.quant_group = cfg.quant_group;
+    return c;
   }
 
   void check_weights(const WeightsView& w) const {
     const int64_t E = cfg_.num_experts;
     if (!w.gate || int64_t(w.w1.size()) != E || int64_t(w.w3.size()) != E || int64_t(w.w2.size()) != E)
       fail(ErrorCode::Shape, "weights: expected gate and " + std::to_string(E) + " w1, w3 and w2 arrays");
+    if (shared_ && (!w.shared_w1 || !w.shared_w3 || !w.shared_w2))
+      fail(ErrorCode::Shape, "weights: expected the shared expert's w1, w3 and w2 (sharedIntermediateSize > 0)");
+    if (cfg_.shared_gate && !w.shared_gate)
+      fail(ErrorCode::Shape, "weights: expected the shared expert's gate (sharedGate)");
   }
 
   void set_gate(const float* gate) { gate_.assign(gate, gate + cfg_.num_experts * cfg_.hidden); }
+
+  // The router's extras beside the gate: the choice bias and the shared expert's gate (either may be null).
+  void set_router_extras(const float* score_bias, const float* shared_gate) {
+    if (score_bias) bias_.assign(score_bias, score_bias + cfg_.num_experts);
+    if (shared_gate && cfg_.shared_gate) shared_gate_.assign(shared_gate, shared_gate + cfg_.hidden);
+  }
+
+  CpuBackend* shared() const { return shared_.get(); }
 
   // Packs rows [row, row + n) of expert e's w1/w3 (part 0, rows along F) or w2 (part 1, rows along H),
   // row a multiple of the kernels' panel: panels depend only on their own rows, so a slice of rows is
@@ -97,7 +129,9 @@ class CpuBackend final : public Backend {
   std::string name() const override { return "cpu"; }
   std::string kernel_name() const override { return kernels_->name; }
   size_t native_bytes() const override {
-    return size_t(cfg_.num_experts) * (w13_bytes_ + w2_bytes_) + gate_.size() * sizeof(float);
+    return size_t(cfg_.num_experts) * (w13_bytes_ + w2_bytes_) +
+           (gate_.size() + bias_.size() + shared_gate_.size()) * sizeof(float) +
+           (shared_ ? shared_->native_bytes() : 0);
   }
   const MoeConfig& config() const override { return cfg_; }
   void add_routed_tokens(uint64_t* counts) const override {
@@ -112,7 +146,7 @@ class CpuBackend final : public Backend {
       const int64_t n = std::min(chunk_tokens_, T - t0);
       logits.resize(size_t(n * E));
       compute_logits(x + t0 * cfg_.hidden, n, logits.data());
-      route_topk(logits.data(), n, E, cfg_.top_k, cfg_.routing, experts + t0 * cfg_.top_k, weights + t0 * cfg_.top_k);
+      route_topk(logits.data(), n, route_spec(), experts + t0 * cfg_.top_k, weights + t0 * cfg_.top_k);
     }
   }
 
@@ -126,6 +160,7 @@ class CpuBackend final : public Backend {
 
  private:
   int threads() const { return cfg_.threads; }
+  RouteSpec route_spec() const { return fmoe::route_spec(cfg_, bias_.empty() ? nullptr : bias_.data()); }
 
   void compute_logits(const float* x, int64_t T, float* logits) {
     const int64_t H = cfg_.hidden, E = cfg_.num_experts;
@@ -196,7 +231,7 @@ class CpuBackend final : public Backend {
     std::vector<float> logits(static_cast<size_t>(T * E)), weights(static_cast<size_t>(R));
     std::vector<int32_t> experts(static_cast<size_t>(R));
     compute_logits(x, T, logits.data());
-    route_topk(logits.data(), T, E, k, cfg_.routing, experts.data(), weights.data());
+    route_topk(logits.data(), T, route_spec(), experts.data(), weights.data());
     Dispatch d;
     dispatch_by_expert(experts.data(), T, k, E, d);
     for (int64_t e = 0; e < E; e++)
@@ -235,7 +270,22 @@ class CpuBackend final : public Backend {
       else
         kernels_->down(act + r0 * F, F, rows, H, F, w2_[it.expert].get(), dt, it.begin, it.end, ys + r0 * H, H, epoch);
     });
-    // Combine: gather-reduce in pick order, one token at a time, so the sum order never changes.
+    // The shared expert over every token, and its per-token gate sigmoid(shared_gate . x).
+    AlignedBuffer shared_buf;
+    std::vector<float> shared_logit;
+    if (shared_) {
+      shared_buf = alloc_aligned(size_t(T * H) * sizeof(float), "shared expert outputs");
+      shared_->forward_chunk(x, T, static_cast<float*>(shared_buf.get()), cancel);
+      if (!shared_gate_.empty()) {
+        shared_logit.resize(size_t(T));
+        pool.parallel_for(T, 16, threads(), [&](int64_t b, int64_t e, int) {
+          gate_logits(x + b * H, e - b, H, shared_gate_.data(), 1, shared_logit.data() + b);
+        });
+      }
+    }
+    const float* shared_y = static_cast<const float*>(shared_buf.get());
+    // Combine: gather-reduce in pick order, then the shared expert, one token at a time, so the sum
+    // order never changes.
     pool.parallel_for(T, 16, threads(), [&](int64_t b, int64_t e, int) {
       for (int64_t t = b; t < e; t++) {
         float* o = out + t * H;
@@ -247,6 +297,12 @@ class CpuBackend final : public Backend {
           const float wj = weights[size_t(t * k + j)];
           for (int64_t h = 0; h < H; h++) o[h] += wj * yj[h];
         }
+        if (shared_y) {
+          const float* ys_t = shared_y + t * H;
+          const float ws =
+              shared_logit.empty() ? 1.0f : float(1.0 / (1.0 + std::exp(-double(shared_logit[size_t(t)]))));
+          for (int64_t h = 0; h < H; h++) o[h] += ws * ys_t[h];
+        }
       }
     });
   }
@@ -255,7 +311,8 @@ class CpuBackend final : public Backend {
   // Tokens each expert received (telemetry); relaxed atomics, as forwards may run at once.
   std::vector<std::atomic<uint64_t>> routed_ = std::vector<std::atomic<uint64_t>>(size_t(cfg_.num_experts));
   const KernelSet* kernels_;
-  std::vector<float> gate_;
+  std::vector<float> gate_, bias_, shared_gate_;
+  std::unique_ptr<CpuBackend> shared_;  // the shared expert, or null
   std::vector<AlignedBuffer> w13_, w2_;
   size_t w13_bytes_ = 0, w2_bytes_ = 0;
   int64_t chunk_tokens_ = 256;
@@ -267,7 +324,8 @@ class CpuBuilder final : public LayerBuilder {
  public:
   explicit CpuBuilder(const MoeConfig& cfg) : layer_(new CpuBackend(cfg)) {
     const int64_t H = cfg.hidden, F = cfg.intermediate;
-    total_ = double(cfg.num_experts) * double(3 * H * F);
+    total_ = double(cfg.num_experts) * double(3 * H * F) + double(3 * H * cfg.shared_intermediate);
+    units_ = cfg.num_experts + (cfg.shared_intermediate > 0 ? 1 : 0);
   }
 
   bool step(const WeightsView& w, double max_seconds) override {
@@ -275,19 +333,30 @@ class CpuBuilder final : public LayerBuilder {
     layer_->check_weights(w);
     if (!gate_done_) {
       layer_->set_gate(w.gate);
+      layer_->set_router_extras(w.score_bias, w.shared_gate);
       gate_done_ = true;
     }
     const MoeConfig& cfg = layer_->config();
-    const int64_t H = cfg.hidden, F = cfg.intermediate, E = cfg.num_experts;
+    const int64_t H = cfg.hidden, E = cfg.num_experts;
     const int64_t P = layer_->panel();
     const size_t es = dtype_size(cfg.weight_dtype);
+    // Unit E is the shared expert: expert 0 of its own one-expert layer.
+    WeightsView shared_view;
+    if (units_ > E) {
+      shared_view.w1 = {w.shared_w1};
+      shared_view.w3 = {w.shared_w3};
+      shared_view.w2 = {w.shared_w2};
+    }
     const auto t0 = std::chrono::steady_clock::now();
-    while (e_ < E) {
+    while (e_ < units_) {
+      const bool shared = e_ == E;
+      CpuBackend& target = shared ? *layer_->shared() : *layer_;
+      const int64_t F = target.config().intermediate;
       const int64_t rows = part_ == 0 ? F : H;
       const size_t row_bytes = (part_ == 0 ? 2 * size_t(H) : size_t(F)) * es;
       const int64_t slice = std::max<int64_t>(P, int64_t(kSliceBytes / row_bytes) / P * P);
       const int64_t n = std::min(slice, rows - row_);
-      layer_->pack_rows(w, e_, part_, row_, n);
+      target.pack_rows(shared ? shared_view : w, shared ? 0 : e_, part_, row_, n);
       row_ += n;
       done_ += double(n) * double(part_ == 0 ? 2 * H : F);
       if (row_ == rows) {
@@ -298,7 +367,7 @@ class CpuBuilder final : public LayerBuilder {
       const std::chrono::duration<double> spent = std::chrono::steady_clock::now() - t0;
       if (spent.count() >= max_seconds) break;
     }
-    return e_ == E;
+    return e_ == units_;
   }
 
   double progress() const override { return total_ > 0 ? done_ / total_ : 1.0; }
@@ -329,9 +398,10 @@ class CpuBuilder final : public LayerBuilder {
 
   std::unique_ptr<Backend> finish() override {
     if (!layer_) fail(ErrorCode::Internal, "the layer builder was already finished");
-    const bool all_experts = e_ == layer_->config().num_experts ||
-                             (!expert_packed_.empty() && std::all_of(expert_packed_.begin(), expert_packed_.end(),
-                                                                     [](uint8_t p) { return p != 0; }));
+    // pack_expert() has no shared expert: a layer with one is complete through step() only.
+    const bool all_experts =
+        e_ == units_ || (units_ == layer_->config().num_experts && !expert_packed_.empty() &&
+                         std::all_of(expert_packed_.begin(), expert_packed_.end(), [](uint8_t p) { return p != 0; }));
     if (!all_experts || !gate_done_) fail(ErrorCode::Internal, "the layer is not fully packed yet");
     return std::move(layer_);
   }
@@ -341,7 +411,7 @@ class CpuBuilder final : public LayerBuilder {
   std::unique_ptr<CpuBackend> layer_;
   bool gate_done_ = false;
   std::vector<uint8_t> expert_packed_;  // pack_expert's experts
-  int64_t e_ = 0, row_ = 0;
+  int64_t e_ = 0, row_ = 0, units_ = 0;
   int part_ = 0;  // 0: w1/w3, 1: w2
   double done_ = 0, total_ = 0;
 };

@@ -1,5 +1,6 @@
-// Router: logits = gate . x_t in float32, softmax, top-k and (optionally) renormalisation, fused in one
-// kernel with one block per token.
+// Router: logits = gate . x_t in float32, softmax or sigmoid scores, the choice bias, group-limited
+// top-k, renormalisation and the routed scale, fused in one kernel with one block per token; the shared
+// expert's slices are appended to every token's picks with its gate's weight.
 //
 // Why a warp per (token, expert): the router is a GEMV with a tiny output (E logits) per token, so the
 // lanes of a warp split the hidden dimension and meet in a butterfly reduction, and the block's warps take
@@ -38,29 +39,31 @@ static __device__ __forceinline__ bool gating_better(float va, int ia, float vb,
   return ia < ib;
 }
 
-// Marks an expert already picked in the probability array; probabilities are >= 0 or NaN, so a negative
-// value is never a real one (and NaN < 0 is false, so NaN entries stay candidates).
-#define GATING_TAKEN (-1.0f)
-
-// Grid: T blocks of min(E, GATING_MAX_WARPS) warps. Dynamic shared memory: 2*E floats.
+// Grid: T blocks of min(rows, GATING_MAX_WARPS) warps, rows = E (+1 for the shared gate).
+// Dynamic shared memory: gating_smem_floats(E) floats.
 static __global__ void __launch_bounds__(GATING_MAX_WARPS * 32)
     gating_kernel(const float* __restrict__ x, int64_t ldx, const float* __restrict__ gate, int64_t ldg, int64_t K,
-                  int E, int k, int routing, int32_t* __restrict__ experts, float* __restrict__ weights) {
+                  gating_params gp, int32_t* __restrict__ experts, float* __restrict__ weights) {
   extern __shared__ float gating_smem[];
+  const int E = gp.E, k = gp.k;
+  const int rows = E + (gp.shared_gate ? 1 : 0);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int warps = blockDim.x / 32;
   const int64_t t = blockIdx.x;  // token of this block
-  float* p = gating_smem;        // [E] logits, then probabilities, then taken marks
-  float* picked = p + E;         // [k] probability of each pick, in pick order
+  float* p = gating_smem;        // [rows] logits, then scores (the shared gate's logit last)
+  float* c = p + rows;           // [E] choice scores: p + bias
+  float* out = c + E;            // [E] 1: taken or in a dropped group
+  float* gs = out + E;           // [E] group scores (G <= E)
+  float* gout = gs + E;          // [E] 1: group taken or dropped
 
-  // 1. Logits, expert e by warp e % warps. K is a multiple of 4 and rows are 16-byte aligned (padded), so
+  // 1. Logits, row e by warp e % warps. K is a multiple of 4 and rows are 16-byte aligned (padded), so
   // float4 loads are safe. Each lane loads GATING_LOADS float4 of x and of the gate row before it multiplies
   // and adds them in ascending i: the loads are in flight together, and the order of the sum is the one
   // of a plain loop over i.
   const float4* xt = (const float4*)(x + t * ldx);
   const int64_t K4 = K / 4;  // float4 per row
-  for (int e = warp; e < E; e += warps) {
+  for (int e = warp; e < rows; e += warps) {
     const float4* g = (const float4*)(gate + (int64_t)e * ldg);
     float acc = 0.0f;
     for (int64_t i0 = lane; i0 < K4; i0 += 32 * GATING_LOADS) {
@@ -84,45 +87,97 @@ static __global__ void __launch_bounds__(GATING_MAX_WARPS * 32)
     if (lane == 0) p[e] = acc;
   }
   __syncthreads();        // every logit is in p
-  if (warp != 0) return;  // softmax and top-k are one warp's; no block-wide barrier follows
+  if (warp != 0) return;  // scores and top-k are one warp's; no block-wide barrier follows
 
-  // 2. Softmax over the non-NaN logits. NaN logits get NaN probability; when some logit is +inf the
-  // +inf logits share the mass (exp(inf - inf) would be NaN otherwise); when every logit is -inf or NaN
-  // the probabilities are NaN, and the output follows (the math has no answer there).
-  float mx = -INFINITY;
-  for (int e = lane; e < E; e += 32) {
-    const float l = p[e];
-    if (!isnan(l)) mx = fmaxf(mx, l);
+  // 2. Scores. Softmax over the non-NaN logits: NaN logits get NaN probability; when some logit is +inf
+  // the +inf logits share the mass (exp(inf - inf) would be NaN otherwise); when every logit is -inf or
+  // NaN the probabilities are NaN, and the output follows. Sigmoid: each on its own, NaN stays NaN.
+  if (gp.sigmoid) {
+    for (int e = lane; e < E; e += 32) p[e] = 1.0f / (1.0f + expf(-p[e]));
+  } else {
+    float mx = -INFINITY;
+    for (int e = lane; e < E; e += 32) {
+      const float l = p[e];
+      if (!isnan(l)) mx = fmaxf(mx, l);
+    }
+    mx = warp_max(mx);
+    float sum = 0.0f;
+    for (int e = lane; e < E; e += 32) {
+      const float l = p[e];
+      float v;
+      if (isnan(l))
+        v = NAN;
+      else if (mx == INFINITY)
+        v = (l == INFINITY) ? 1.0f : 0.0f;
+      else
+        v = expf(l - mx);
+      p[e] = v;
+      if (!isnan(v)) sum += v;
+    }
+    sum = warp_sum(sum);
+    for (int e = lane; e < E; e += 32) p[e] = p[e] / sum;  // each lane touches only its own entries
   }
-  mx = warp_max(mx);
-  float sum = 0.0f;
   for (int e = lane; e < E; e += 32) {
-    const float l = p[e];
-    float v;
-    if (isnan(l))
-      v = NAN;
-    else if (mx == INFINITY)
-      v = (l == INFINITY) ? 1.0f : 0.0f;
-    else
-      v = expf(l - mx);
-    p[e] = v;
-    if (!isnan(v)) sum += v;
+    c[e] = gp.bias ? p[e] + gp.bias[e] : p[e];
+    out[e] = 0.0f;
   }
-  sum = warp_sum(sum);
-  for (int e = lane; e < E; e += 32) p[e] = p[e] / sum;  // each lane touches only its own entries
   __syncwarp();
 
-  // 3. Top-k by k rounds of a warp-wide argmax; each round marks its pick as taken. k <= E, so every
-  // round finds a candidate; the clamp only guards the index against a broken invariant.
+  // 3. Groups: each lane scores its groups (the best choice score, or the sum of the two best), then
+  // topk_groups rounds of a warp-wide argmax keep the best; the experts of the others are out.
+  if (gp.groups > 0) {
+    const int G = gp.groups, per = E / G;
+    for (int g = lane; g < G; g += 32) {
+      int first = g * per, second = -1;
+      for (int e = first + 1; e < (g + 1) * per; e++) {
+        if (gating_better(c[e], e, c[first], first)) {
+          second = first;
+          first = e;
+        } else if (second < 0 || gating_better(c[e], e, c[second], second)) {
+          second = e;
+        }
+      }
+      gs[g] = gp.group_top2 ? c[first] + c[second] : c[first];
+      gout[g] = 1.0f;
+    }
+    __syncwarp();
+    for (int j = 0; j < gp.group_topk; j++) {
+      float bv = 0.0f;
+      int bi = -1;
+      for (int g = lane; g < G; g += 32)
+        if (gout[g] != 0.0f && gating_better(gs[g], g, bv, bi)) {
+          bv = gs[g];
+          bi = g;
+        }
+      for (int m = 16; m > 0; m >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, bv, m);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, m);
+        if (gating_better(ov, oi, bv, bi)) {
+          bv = ov;
+          bi = oi;
+        }
+      }
+      __syncwarp();
+      if (lane == 0) gout[min(max(bi, 0), G - 1)] = 0.0f;  // kept
+      __syncwarp();
+    }
+    // The groups still marked 1 are dropped (none is taken any more: only kept ones were marked 0).
+    for (int e = lane; e < E; e += 32) out[e] = gout[e / per];
+    __syncwarp();
+  }
+
+  // 4. Top-k by k rounds of a warp-wide argmax over the choice scores; each round marks its pick. The
+  // config guarantees k candidates; the clamp only guards the index against a broken invariant.
   float picked_sum = 0.0f;
+  int32_t* ids = experts + t * gp.ld_out;
+  float* w = weights + t * gp.ld_out;
   for (int j = 0; j < k; j++) {
     float bv = 0.0f;
     int bi = -1;
     for (int e = lane; e < E; e += 32) {
-      const float v = p[e];
-      if (v < 0.0f) continue;  // taken
-      if (gating_better(v, e, bv, bi)) {
-        bv = v;
+      if (out[e] != 0.0f) continue;
+      if (gating_better(c[e], e, bv, bi)) {
+        bv = c[e];
         bi = e;
       }
     }
@@ -135,30 +190,41 @@ static __global__ void __launch_bounds__(GATING_MAX_WARPS * 32)
       }
     }
     bi = min(max(bi, 0), E - 1);
-    picked_sum += bv;  // the same value in every lane
-    __syncwarp();      // every lane has read p before lane 0 marks the pick
+    picked_sum += p[bi];  // the same value in every lane
+    __syncwarp();         // every lane has read out before lane 0 marks the pick
     if (lane == 0) {
-      experts[t * k + j] = bi;
-      picked[j] = bv;
-      p[bi] = GATING_TAKEN;
+      ids[j] = bi;
+      out[bi] = 1.0f;
     }
     __syncwarp();
   }
 
-  // 4. Weights in pick order: p / (sum of the picked p) for softmax-topk-renorm, p for softmax-topk.
-  for (int j = lane; j < k; j += 32) {
-    const float v = picked[j];
-    weights[t * k + j] = routing == 0 ? v / picked_sum : v;
+  // 5. Weights in pick order: the unbiased scores, over their sum for the -renorm routings (+1e-20 for
+  // sigmoid, whose scores may all be tiny), times the routed scale. Then the shared expert's slices,
+  // every one with the shared gate's sigmoid (or 1).
+  const float denom = gp.renorm ? (gp.sigmoid ? picked_sum + 1e-20f : picked_sum) : 1.0f;
+  for (int j = lane; j < k; j += 32) w[j] = p[ids[j]] / denom * gp.scale;
+  const float shared_w = gp.shared_gate ? 1.0f / (1.0f + expf(-p[E])) : 1.0f;
+  for (int s = lane; s < gp.n_shared; s += 32) {
+    ids[k + s] = E + s;
+    w[k + s] = shared_w;
   }
 }
 
-cudaError_t gating_cuda(const float* x, int64_t ldx, const float* gate, int64_t ldg, int64_t K, int64_t T, int E, int k,
-                        int routing, int32_t* experts, float* weights, cudaStream_t stream) {
+static size_t gating_smem_floats(int E) { return (size_t)5 * E + 1; }
+
+cudaError_t gating_cuda(const float* x, int64_t ldx, const float* gate, int64_t ldg, int64_t K, int64_t T,
+                        const gating_params* gp, int32_t* experts, float* weights, cudaStream_t stream) {
   if (T <= 0) return cudaSuccess;
-  if (E < 1 || E > 1024 || k < 1 || k > E || K % 4 != 0 || ldx % 4 != 0 || ldg % 4 != 0 || T > 0x7fffffff)
+  const int E = gp->E, k = gp->k;
+  if (E < 1 || E > 1024 || k < 1 || k > E || K % 4 != 0 || ldx % 4 != 0 || ldg % 4 != 0 || T > 0x7fffffff ||
+      gp->n_shared < 0 || gp->ld_out < k + gp->n_shared ||
+      (gp->groups > 0 && (E % gp->groups != 0 || gp->group_topk < 1 || gp->group_topk > gp->groups ||
+                          k > gp->group_topk * (E / gp->groups) || (gp->group_top2 && E / gp->groups < 2))))
     return cudaErrorInvalidValue;
-  const int warps = E < GATING_MAX_WARPS ? E : GATING_MAX_WARPS;
-  const size_t smem = (size_t)2 * E * sizeof(float);  // <= 8 KiB for E <= 1024
-  gating_kernel<<<(unsigned)T, warps * 32, smem, stream>>>(x, ldx, gate, ldg, K, E, k, routing, experts, weights);
+  const int rows = E + (gp->shared_gate ? 1 : 0);
+  const int warps = rows < GATING_MAX_WARPS ? rows : GATING_MAX_WARPS;
+  const size_t smem = gating_smem_floats(E) * sizeof(float);  // <= 20 KiB for E <= 1024
+  gating_kernel<<<(unsigned)T, warps * 32, smem, stream>>>(x, ldx, gate, ldg, K, *gp, experts, weights);
   return cudaGetLastError();
 }

@@ -3,6 +3,7 @@
 //
 // Rules kept by every exported function: no C++ exception leaves it (catch-all), every CUDA failure comes
 // back as a status code with cudaGetErrorString's text, and only fmoe_cuda_* symbols are exported.
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -26,11 +27,21 @@
 // Workspace budget per layer; a very long input is processed in chunks that fit in it.
 #define WORKSPACE_BUDGET ((size_t)1 << 30)
 
+// A shared expert of width Fs runs as n_shared = ceil(Fs / F) more experts of width F that every token
+// picks (SwiGLU is a sum over its intermediate columns, so slices of them add up to the whole; the last
+// slice's missing rows are zero and add nothing): the dispatch, the grouped GEMM and the combine treat
+// them as any other expert.
 struct fmoe_cuda_layer {
   int64_t H = 0;          // hidden size
   int64_t F = 0;          // intermediate (expert FFN) size
-  int64_t E = 0;          // experts
-  int64_t k = 0;          // picks per token
+  int64_t E = 0;          // experts in the GEMM: routed + shared slices
+  int64_t k = 0;          // picks per token in the GEMM: routed + shared slices
+  int64_t E_routed = 0;   // routed experts
+  int64_t k_routed = 0;   // routed picks per token
+  int64_t Fs = 0;         // shared expert width (0: none)
+  int n_shared = 0;       // shared expert slices
+  gating_params gp{};     // the router's rules (bias pointer set once uploaded)
+  float* bias = nullptr;  // [E_routed] device, or null
   int64_t Hp = 0;         // H padded to FMOE_PAD
   int64_t Fp = 0;         // F padded to FMOE_PAD
   int routing = 0;        // fmoe_cuda_routing
@@ -222,8 +233,7 @@ static int run_gating(fmoe_cuda_layer* L, const float* x, int64_t n, cudaMemcpyK
   CUDA_TRY(cudaMemcpy2DAsync(L->xf, L->Hp * sizeof(float), x, L->H * sizeof(float), L->H * sizeof(float), n, kind_in,
                              L->stream),
            "copying the input to the device");
-  CUDA_TRY(gating_cuda(L->xf, L->Hp, L->gate, L->Hp, L->Hp, n, (int)L->E, (int)L->k, L->routing, L->experts, L->weights,
-                       L->stream),
+  CUDA_TRY(gating_cuda(L->xf, L->Hp, L->gate, L->Hp, L->Hp, n, &L->gp, L->experts, L->weights, L->stream),
            "router kernel launch");
   return FMOE_CUDA_OK;
 }
@@ -306,10 +316,11 @@ static int route_chunk(fmoe_cuda_layer* L, const float* x, int64_t n, int32_t* e
                        size_t err_len) {
   const int rc = run_gating(L, x, n, cudaMemcpyHostToDevice, err, err_len);
   if (rc != FMOE_CUDA_OK) return rc;
-  const size_t bytes = (size_t)n * L->k * sizeof(int32_t);  // int32 and float are both 4 bytes
-  CUDA_TRY(cudaMemcpyAsync(experts, L->experts, bytes, cudaMemcpyDeviceToHost, L->stream),
+  // The routed picks only: the first k_routed of each token's k (int32 and float are both 4 bytes).
+  const size_t row = (size_t)L->k_routed * sizeof(int32_t), pitch = (size_t)L->k * sizeof(int32_t);
+  CUDA_TRY(cudaMemcpy2DAsync(experts, row, L->experts, pitch, row, n, cudaMemcpyDeviceToHost, L->stream),
            "copying the routing to the host");
-  CUDA_TRY(cudaMemcpyAsync(weights, L->weights, bytes, cudaMemcpyDeviceToHost, L->stream),
+  CUDA_TRY(cudaMemcpy2DAsync(weights, row, L->weights, pitch, row, n, cudaMemcpyDeviceToHost, L->stream),
            "copying the routing to the host");
   CUDA_TRY(cudaStreamSynchronize(L->stream), "running the router kernel");
   return FMOE_CUDA_OK;
@@ -323,6 +334,7 @@ static void layer_free(fmoe_cuda_layer* L) {
     if (L->stream) cudaStreamSynchronize(L->stream);
     workspace_free(L);
     if (L->gate) cudaFree(L->gate);
+    if (L->bias) cudaFree(L->bias);
     if (L->w1) cudaFree(L->w1);
     if (L->w3) cudaFree(L->w3);
     if (L->w2) cudaFree(L->w2);
@@ -332,11 +344,11 @@ static void layer_free(fmoe_cuda_layer* L) {
   delete L;
 }
 
-// Uploads E matrices of rows x cols elements (host pointers src[e]) into dst [E, rows_p, cols_p], whose
-// padding was zeroed before: a pitched copy pads each row on the way, no host staging.
+// Uploads the routed experts' matrices of rows x cols elements (host pointers src[e]) into dst [E, rows_p,
+// cols_p], whose padding was zeroed before: a pitched copy pads each row on the way, no host staging.
 static int upload_padded(fmoe_cuda_layer* L, void* dst, const void* const* src, int64_t rows, int64_t cols,
                          int64_t rows_p, int64_t cols_p, size_t es, const char* what, char* err, size_t err_len) {
-  for (int64_t e = 0; e < L->E; e++) {
+  for (int64_t e = 0; e < L->E_routed; e++) {
     if (!src[e]) return set_err(err, err_len, FMOE_CUDA_ERR_INVALID, "%s[%lld] is NULL", what, (long long)e);
     char* d = (char*)dst + (size_t)e * rows_p * cols_p * es;
     CUDA_TRY(cudaMemcpy2DAsync(d, cols_p * es, src[e], cols * es, cols * es, rows, cudaMemcpyHostToDevice, L->stream),
@@ -345,8 +357,32 @@ static int upload_padded(fmoe_cuda_layer* L, void* dst, const void* const* src, 
   return FMOE_CUDA_OK;
 }
 
+// Uploads the shared expert as slices of F columns: slice s is expert E_routed + s, rows [s*F, s*F + n)
+// of w1/w3 and columns [s*F, s*F + n) of w2.
+static int upload_shared(fmoe_cuda_layer* L, const fmoe_cuda_extras* x, char* err, size_t err_len) {
+  const size_t es = L->es;
+  for (int s = 0; s < L->n_shared; s++) {
+    const int64_t f0 = s * L->F, n = L->Fs - f0 < L->F ? L->Fs - f0 : L->F;
+    const size_t e = (size_t)(L->E_routed + s);
+    char* d1 = (char*)L->w1 + e * L->Fp * L->Hp * es;
+    char* d3 = (char*)L->w3 + e * L->Fp * L->Hp * es;
+    char* d2 = (char*)L->w2 + e * L->Hp * L->Fp * es;
+    const char* s1 = (const char*)x->shared_w1 + (size_t)f0 * L->H * es;
+    const char* s3 = (const char*)x->shared_w3 + (size_t)f0 * L->H * es;
+    const char* s2 = (const char*)x->shared_w2 + (size_t)f0 * es;
+    CUDA_TRY(cudaMemcpy2DAsync(d1, L->Hp * es, s1, L->H * es, L->H * es, n, cudaMemcpyHostToDevice, L->stream),
+             "shared w1");
+    CUDA_TRY(cudaMemcpy2DAsync(d3, L->Hp * es, s3, L->H * es, L->H * es, n, cudaMemcpyHostToDevice, L->stream),
+             "shared w3");
+    CUDA_TRY(cudaMemcpy2DAsync(d2, L->Fp * es, s2, L->Fs * es, n * es, L->H, cudaMemcpyHostToDevice, L->stream),
+             "shared w2");
+  }
+  return FMOE_CUDA_OK;
+}
+
 static int layer_create(const fmoe_cuda_config* cfg, const float* gate, const void* const* w1, const void* const* w3,
-                        const void* const* w2, fmoe_cuda_layer** out, char* err, size_t err_len) {
+                        const void* const* w2, const fmoe_cuda_extras* extras, fmoe_cuda_layer** out, char* err,
+                        size_t err_len) {
   if (!out) return set_err(err, err_len, FMOE_CUDA_ERR_INVALID, "out is NULL");
   *out = nullptr;
   if (!cfg) return set_err(err, err_len, FMOE_CUDA_ERR_INVALID, "cfg is NULL");
@@ -363,9 +399,31 @@ static int layer_create(const fmoe_cuda_config* cfg, const float* gate, const vo
   if (cfg->top_k < 1 || cfg->top_k > cfg->num_experts)
     return set_err(err, err_len, FMOE_CUDA_ERR_INVALID, "top_k must be in [1, num_experts], got %lld",
                    (long long)cfg->top_k);
-  if (cfg->routing != FMOE_CUDA_ROUTING_SOFTMAX_TOPK_RENORM && cfg->routing != FMOE_CUDA_ROUTING_SOFTMAX_TOPK)
+  if (cfg->routing < FMOE_CUDA_ROUTING_SOFTMAX_TOPK_RENORM || cfg->routing > FMOE_CUDA_ROUTING_SIGMOID_TOPK_RENORM)
     return set_err(err, err_len, FMOE_CUDA_ERR_INVALID, "routing must be a fmoe_cuda_routing value, got %d",
                    cfg->routing);
+  if (!(cfg->routed_scale > 0 && cfg->routed_scale < INFINITY))
+    return set_err(err, err_len, FMOE_CUDA_ERR_INVALID, "routed_scale must be a finite number > 0");
+  if (cfg->group_count != 0) {
+    const int64_t G = cfg->group_count;
+    if (G < 1 || cfg->num_experts % G != 0 || cfg->group_topk < 1 || cfg->group_topk > G ||
+        cfg->top_k > cfg->group_topk * (cfg->num_experts / G) || (cfg->group_top2 && cfg->num_experts / G < 2))
+      return set_err(err, err_len, FMOE_CUDA_ERR_INVALID,
+                     "group_count %d / group_topk %d do not fit num_experts %lld and top_k %lld", cfg->group_count,
+                     cfg->group_topk, (long long)cfg->num_experts, (long long)cfg->top_k);
+  }
+  if (cfg->shared_intermediate < 0 || cfg->shared_intermediate > max_dim)
+    return set_err(err, err_len, FMOE_CUDA_ERR_INVALID, "shared_intermediate must be in [0, %lld], got %lld",
+                   (long long)max_dim, (long long)cfg->shared_intermediate);
+  if (cfg->shared_intermediate > 0 && (!extras || !extras->shared_w1 || !extras->shared_w3 || !extras->shared_w2 ||
+                                       (cfg->shared_gate && !extras->shared_gate)))
+    return set_err(err, err_len, FMOE_CUDA_ERR_INVALID, "a shared expert weight pointer is NULL");
+  // The shared slices count as experts of the GEMM, and the dispatch sorts at most 1024.
+  const int64_t n_shared = (cfg->shared_intermediate + cfg->intermediate - 1) / cfg->intermediate;
+  if (cfg->num_experts + n_shared > 1024)
+    return set_err(err, err_len, FMOE_CUDA_ERR_INVALID,
+                   "the shared expert is %lld slices of intermediate %lld: too many with %lld experts",
+                   (long long)n_shared, (long long)cfg->intermediate, (long long)cfg->num_experts);
   if (cfg->weight_dtype != FMOE_CUDA_DTYPE_F32 && cfg->weight_dtype != FMOE_CUDA_DTYPE_BF16 &&
       cfg->weight_dtype != FMOE_CUDA_DTYPE_F16)
     return set_err(err, err_len, FMOE_CUDA_ERR_INVALID, "weight_dtype must be a fmoe_cuda_dtype value, got %d",
@@ -390,8 +448,25 @@ static int layer_create(const fmoe_cuda_config* cfg, const float* gate, const vo
   if (!L) return set_err(err, err_len, FMOE_CUDA_ERR_OOM, "out of host memory");
   L->H = cfg->hidden;
   L->F = cfg->intermediate;
-  L->E = cfg->num_experts;
-  L->k = cfg->top_k;
+  L->E_routed = cfg->num_experts;
+  L->k_routed = cfg->top_k;
+  L->Fs = cfg->shared_intermediate;
+  L->n_shared = (int)n_shared;
+  L->E = L->E_routed + n_shared;
+  L->k = L->k_routed + n_shared;
+  gating_params& gp = L->gp;
+  gp.E = (int)L->E_routed;
+  gp.k = (int)L->k_routed;
+  gp.sigmoid = cfg->routing == FMOE_CUDA_ROUTING_SIGMOID_TOPK || cfg->routing == FMOE_CUDA_ROUTING_SIGMOID_TOPK_RENORM;
+  gp.renorm =
+      cfg->routing == FMOE_CUDA_ROUTING_SOFTMAX_TOPK_RENORM || cfg->routing == FMOE_CUDA_ROUTING_SIGMOID_TOPK_RENORM;
+  gp.scale = (float)cfg->routed_scale;
+  gp.groups = cfg->group_count;
+  gp.group_topk = cfg->group_topk;
+  gp.group_top2 = cfg->group_top2 ? 1 : 0;
+  gp.n_shared = (int)n_shared;
+  gp.shared_gate = n_shared > 0 && cfg->shared_gate ? 1 : 0;
+  gp.ld_out = (int)L->k;
   L->Hp = fmoe_round_up(L->H, FMOE_PAD);
   L->Fp = fmoe_round_up(L->F, FMOE_PAD);
   L->routing = cfg->routing;
@@ -403,24 +478,38 @@ static int layer_create(const fmoe_cuda_config* cfg, const float* gate, const vo
 
   const int rc = [&]() -> int {
     CUDA_TRY(cudaStreamCreateWithFlags(&L->stream, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
-    const size_t gate_bytes = (size_t)L->E * L->Hp * sizeof(float);
+    const int64_t gate_rows = L->E_routed + L->gp.shared_gate;  // the shared gate is the last row
+    const size_t gate_bytes = (size_t)gate_rows * L->Hp * sizeof(float);
     const size_t w13_bytes = (size_t)L->E * L->Fp * L->Hp * L->es;  // each of w1, w3
     const size_t w2_bytes = (size_t)L->E * L->Hp * L->Fp * L->es;
     CUDA_TRY(cudaMalloc((void**)&L->gate, gate_bytes), "cudaMalloc (router weights)");
     CUDA_TRY(cudaMalloc(&L->w1, w13_bytes), "cudaMalloc (w1)");
     CUDA_TRY(cudaMalloc(&L->w3, w13_bytes), "cudaMalloc (w3)");
     CUDA_TRY(cudaMalloc(&L->w2, w2_bytes), "cudaMalloc (w2)");
-    L->weight_bytes = gate_bytes + 2 * w13_bytes + w2_bytes;
+    L->weight_bytes += gate_bytes + 2 * w13_bytes + w2_bytes;
     CUDA_TRY(cudaMemsetAsync(L->gate, 0, gate_bytes, L->stream), "cudaMemsetAsync");
     CUDA_TRY(cudaMemsetAsync(L->w1, 0, w13_bytes, L->stream), "cudaMemsetAsync");
     CUDA_TRY(cudaMemsetAsync(L->w3, 0, w13_bytes, L->stream), "cudaMemsetAsync");
     CUDA_TRY(cudaMemsetAsync(L->w2, 0, w2_bytes, L->stream), "cudaMemsetAsync");
-    CUDA_TRY(cudaMemcpy2DAsync(L->gate, L->Hp * sizeof(float), gate, L->H * sizeof(float), L->H * sizeof(float), L->E,
-                               cudaMemcpyHostToDevice, L->stream),
+    CUDA_TRY(cudaMemcpy2DAsync(L->gate, L->Hp * sizeof(float), gate, L->H * sizeof(float), L->H * sizeof(float),
+                               L->E_routed, cudaMemcpyHostToDevice, L->stream),
              "copying the router weights");
+    if (L->gp.shared_gate)
+      CUDA_TRY(cudaMemcpyAsync(L->gate + L->E_routed * L->Hp, extras->shared_gate, L->H * sizeof(float),
+                               cudaMemcpyHostToDevice, L->stream),
+               "copying the shared expert gate");
+    if (extras && extras->score_bias) {
+      CUDA_TRY(cudaMalloc((void**)&L->bias, (size_t)L->E_routed * sizeof(float)), "cudaMalloc (score bias)");
+      CUDA_TRY(cudaMemcpyAsync(L->bias, extras->score_bias, (size_t)L->E_routed * sizeof(float), cudaMemcpyHostToDevice,
+                               L->stream),
+               "copying the score bias");
+      L->gp.bias = L->bias;
+      L->weight_bytes += (size_t)L->E_routed * sizeof(float);
+    }
     int r = upload_padded(L, L->w1, w1, L->F, L->H, L->Fp, L->Hp, L->es, "w1", err, err_len);
     if (r == FMOE_CUDA_OK) r = upload_padded(L, L->w3, w3, L->F, L->H, L->Fp, L->Hp, L->es, "w3", err, err_len);
     if (r == FMOE_CUDA_OK) r = upload_padded(L, L->w2, w2, L->H, L->F, L->Hp, L->Fp, L->es, "w2", err, err_len);
+    if (r == FMOE_CUDA_OK && L->n_shared > 0) r = upload_shared(L, extras, err, err_len);
     if (r != FMOE_CUDA_OK) return r;
     // The host arrays may be freed as soon as we return: wait for the copies.
     CUDA_TRY(cudaStreamSynchronize(L->stream), "uploading the weights");
@@ -480,10 +569,10 @@ FMOE_EXPORT int fmoe_cuda_device_info(int device, fmoe_cuda_device_props* info, 
 }
 
 FMOE_EXPORT int fmoe_cuda_layer_create(const fmoe_cuda_config* cfg, const float* gate, const void* const* w1,
-                                       const void* const* w3, const void* const* w2, fmoe_cuda_layer** out, char* err,
-                                       size_t err_len) {
+                                       const void* const* w3, const void* const* w2, const fmoe_cuda_extras* extras,
+                                       fmoe_cuda_layer** out, char* err, size_t err_len) {
   try {
-    return layer_create(cfg, gate, w1, w3, w2, out, err, err_len);
+    return layer_create(cfg, gate, w1, w3, w2, extras, out, err, err_len);
   }
   CATCH_ALL
 }

@@ -22,11 +22,26 @@ static inline int64_t fmoe_padded_rows_cap(int64_t n_rows, int64_t n_expert, int
 }
 
 // ---- gating.cu --------------------------------------------------------------------------------------
-// experts[t*k + j], weights[t*k + j] for t < T: softmax over logits = gate . x_t, top-k (descending,
-// ties to the lower index, NaN last), renormalised when routing == 0.
-// x: [T, ldx] float32, gate: [E, ldg] float32; both zero-padded so that K (a multiple of 4) is in bounds.
-cudaError_t gating_cuda(const float* x, int64_t ldx, const float* gate, int64_t ldg, int64_t K, int64_t T, int E, int k,
-                        int routing, int32_t* experts, float* weights, cudaStream_t stream);
+// What the router does with a token (csrc/core/routing.h has the same rules in float64).
+typedef struct {
+  int E, k;           // routed experts and picks
+  int sigmoid;        // scores: 0 softmax, 1 sigmoid
+  int renorm;         // divide the picked scores by their sum (+1e-20 for sigmoid)
+  float scale;        // routed scale, after renormalising
+  const float* bias;  // [E] device, added to the scores for the choice only; may be NULL
+  int groups;         // 0: none; else E % groups == 0 equal groups, group_topk of them kept
+  int group_topk;
+  int group_top2;   // a group ranks by the sum of its two best choice scores (else its best)
+  int n_shared;     // shared expert slices appended to every token's picks: experts E .. E+n_shared-1
+  int shared_gate;  // gate row E is the shared gate: those picks weigh sigmoid(its logit), else 1
+  int ld_out;       // stride of experts and weights per token (>= k + n_shared)
+} gating_params;
+
+// experts[t*ld_out + j], weights[t*ld_out + j] for t < T: the k picks (descending choice score, ties to
+// the lower index, NaN last, dropped groups never), then the shared slices.
+// x: [T, ldx] float32, gate: [E (+1), ldg] float32; both zero-padded so that K (a multiple of 4) is in bounds.
+cudaError_t gating_cuda(const float* x, int64_t ldx, const float* gate, int64_t ldg, int64_t K, int64_t T,
+                        const gating_params* gp, int32_t* experts, float* weights, cudaStream_t stream);
 
 // ---- dispatch.cu ------------------------------------------------------------------------------------
 // Stable counting sort of the n_rows = T*k picks by expert, each expert's run padded to block_m rows.

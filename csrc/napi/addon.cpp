@@ -88,13 +88,14 @@ static Napi::Object Limits(Napi::Env env) {
   return o;
 }
 
-// { routing, weightDtype, quantize, device }: the names of each enum, the default first.
+// { routing, weightDtype, quantize, device, groupScore }: the names of each enum, the default first.
 static Napi::Object Enums(Napi::Env env) {
   Napi::Object o = Napi::Object::New(env);
   o.Set("routing", names_of(env, fmoe::kRoutingNames));
   o.Set("weightDtype", names_of(env, fmoe::kDTypeNames));
   o.Set("quantize", names_of(env, fmoe::kQuantNames));
   o.Set("device", names_of(env, fmoe::kDeviceNames));
+  o.Set("groupScore", names_of(env, fmoe::kGroupScoreNames));
   o.Freeze();
   return o;
 }

@@ -15,6 +15,20 @@ using fmoe::ErrorCode;
 
 // ---- construction ------------------------------------------------------------------------------
 
+static double get_number(Napi::Object obj, const char* key, double fallback) {
+  Napi::Value v = obj.Get(key);
+  if (v.IsUndefined()) return fallback;
+  if (!v.IsNumber()) throw Napi::TypeError::New(obj.Env(), std::string(key) + " must be a number");
+  return v.As<Napi::Number>().DoubleValue();
+}
+
+static bool get_bool(Napi::Object obj, const char* key, bool fallback) {
+  Napi::Value v = obj.Get(key);
+  if (v.IsUndefined()) return fallback;
+  if (!v.IsBoolean()) throw Napi::TypeError::New(obj.Env(), std::string(key) + " must be a boolean");
+  return v.As<Napi::Boolean>().Value();
+}
+
 // The config object -> MoeConfig, names parsed with the core's tables (options.h) and checked by the
 // core; a bad value is a RangeError carrying the core's message.
 static ParsedConfig parse_config(Napi::Env env, Napi::Value v) {
@@ -33,7 +47,21 @@ static ParsedConfig parse_config(Napi::Env env, Napi::Value v) {
   cfg.threads = int(get_int(c, "threads", 0));
   cfg.quant_group = get_int(c, "quantGroupSize", fmoe::kDefaultQuantGroup);
   p.cuda_device = int(get_int(c, "cudaDevice", 0));
+  cfg.routed_scale = get_number(c, "routedScale", 1.0);
+  cfg.shared_intermediate = get_int(c, "sharedIntermediateSize", 0);
+  cfg.shared_gate = get_bool(c, "sharedGate", false);
+  std::string group_score = fmoe::kGroupScoreNames[0].name;
+  const Napi::Value groups = c.Get("expertGroups");
+  if (groups.IsObject()) {
+    Napi::Object g = groups.As<Napi::Object>();
+    cfg.groups.count = get_int(g, "count", 0);
+    cfg.groups.top_k = get_int(g, "topK", 0);
+    group_score = get_string(g, "score", group_score);
+  } else if (!groups.IsUndefined() && !groups.IsNull()) {
+    throw Napi::TypeError::New(env, "expertGroups must be an object");
+  }
   try {
+    cfg.groups.score = fmoe::parse_enum(fmoe::kGroupScoreNames, "expertGroups.score", group_score);
     cfg.routing = fmoe::parse_enum(fmoe::kRoutingNames, "routing", routing);
     cfg.weight_dtype = fmoe::parse_enum(fmoe::kDTypeNames, "weightDtype", dtype);
     cfg.quant = fmoe::parse_enum(fmoe::kQuantNames, "quantize", quant);
@@ -69,12 +97,36 @@ static fmoe::WeightsView parse_weights(const Napi::CallbackInfo& info, size_t fi
   return w;
 }
 
+// extras: { scoreBias?: Float32Array [E], shared?: { w1, w3 [Fs, H], w2 [H, Fs], gate?: Float32Array [H] } },
+// or undefined; the pointers are valid until JS runs again.
+static void parse_extras(Napi::Env env, Napi::Value v, const fmoe::MoeConfig& cfg, fmoe::WeightsView& w) {
+  if (v.IsUndefined() || v.IsNull()) return;
+  if (!v.IsObject()) throw Napi::TypeError::New(env, "weights extras must be an object");
+  Napi::Object o = v.As<Napi::Object>();
+  const int64_t H = cfg.hidden, Fs = cfg.shared_intermediate;
+  const Napi::Value bias = o.Get("scoreBias");
+  if (!bias.IsUndefined())
+    w.score_bias =
+        static_cast<const float*>(typed_data(bias, napi_float32_array, size_t(cfg.num_experts), "weights.scoreBias"));
+  const Napi::Value shared = o.Get("shared");
+  if (shared.IsUndefined() || Fs == 0) return;
+  if (!shared.IsObject()) throw Napi::TypeError::New(env, "weights.shared must be an object");
+  Napi::Object sh = shared.As<Napi::Object>();
+  const napi_typedarray_type wtype = cfg.weight_dtype == fmoe::DType::F32 ? napi_float32_array : napi_uint16_array;
+  w.shared_w1 = typed_data(sh.Get("w1"), wtype, size_t(Fs * H), "weights.shared.w1");
+  w.shared_w3 = typed_data(sh.Get("w3"), wtype, size_t(Fs * H), "weights.shared.w3");
+  w.shared_w2 = typed_data(sh.Get("w2"), wtype, size_t(H * Fs), "weights.shared.w2");
+  if (cfg.shared_gate)
+    w.shared_gate =
+        static_cast<const float*>(typed_data(sh.Get("gate"), napi_float32_array, size_t(H), "weights.shared.gate"));
+}
+
 // Marks the External that NativeBuilder.finish() hands to the NativeLayer constructor, so an External
 // from anywhere else is refused rather than read as a backend.
 static const napi_type_tag kBuiltBackendTag = {0x6a0f1e3c5b2d4e71ULL, 0x9c8d7e6f5a4b3c2dULL};
 
-// info: (config, gate: Float32Array, w1: TypedArray[E], w3: TypedArray[E], w2: TypedArray[E]), or
-// (External<Backend>) from NativeBuilder.finish().
+// info: (config, gate: Float32Array, w1: TypedArray[E], w3: TypedArray[E], w2: TypedArray[E], extras?),
+// or (External<Backend>) from NativeBuilder.finish().
 NativeLayer::NativeLayer(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeLayer>(info) {
   Napi::Env env = info.Env();
   if (info.Length() == 1 && info[0].IsExternal()) {
@@ -86,7 +138,8 @@ NativeLayer::NativeLayer(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Nati
     if (info.Length() < 5 || !info[0].IsObject())
       throw Napi::TypeError::New(env, "NativeLayer(config, gate, w1, w3, w2) expects 5 arguments");
     const ParsedConfig p = parse_config(env, info[0]);
-    const fmoe::WeightsView w = parse_weights(info, 1, p.cfg);
+    fmoe::WeightsView w = parse_weights(info, 1, p.cfg);
+    parse_extras(env, info[5], p.cfg, w);
     fmoe::BuiltBackend built =
         native_call(env, "build the layer", [&] { return fmoe::make_backend(p.cfg, w, p.device, p.cuda_device); });
     backend_ = std::move(built.backend);
@@ -308,12 +361,13 @@ NativeBuilder::NativeBuilder(const Napi::CallbackInfo& info) : Napi::ObjectWrap<
   builder_ = native_call(env, "build the layer", [&] { return fmoe::make_builder(p.cfg, p.device, p.cuda_device); });
 }
 
-// (gate, w1[], w3[], w2[], maxMs) -> boolean (done). The arrays are looked up afresh on every call.
+// (gate, w1[], w3[], w2[], maxMs, extras?) -> boolean (done). The arrays are looked up afresh on every call.
 Napi::Value NativeBuilder::Step(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (done_) return Napi::Boolean::New(env, true);
   if (!builder_) throw_moe_error(env, ErrorCode::Disposed, "this layer builder failed or was finished");
-  const fmoe::WeightsView w = parse_weights(info, 0, cfg_);
+  fmoe::WeightsView w = parse_weights(info, 0, cfg_);
+  parse_extras(env, info[5], cfg_, w);
   const double max_ms = info[4].IsNumber() ? info[4].As<Napi::Number>().DoubleValue() : 0.0;
   try {
     done_ = native_call(env, "build the layer", [&] { return builder_->step(w, max_ms / 1000.0); });

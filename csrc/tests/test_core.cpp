@@ -52,6 +52,49 @@ static void test_routing() {
   for (int j = 0; j < 4; j++) CHECK(many[top[j]] == float(299 - j));
 }
 
+// Sigmoid scores, the bias, groups and the scale (the float64 reference of every case is in
+// test/families*.test.ts; these pin the rules).
+static void test_routing_families() {
+  int32_t ids[4];
+  float w[4];
+  // Sigmoid-renorm: weights are the picked sigmoids over their sum, then scaled.
+  const float l[4] = {0.5f, -1.0f, 2.0f, 0.0f};
+  RouteSpec s;
+  s.num_experts = 4;
+  s.top_k = 2;
+  s.routing = Routing::SigmoidTopkRenorm;
+  s.scale = 2.5;
+  route_topk(l, 1, s, ids, w);
+  const double a = 1 / (1 + std::exp(-2.0)), b = 1 / (1 + std::exp(-0.5));
+  CHECK(ids[0] == 2 && ids[1] == 0);
+  CHECK(std::fabs(w[0] - 2.5 * a / (a + b)) < 1e-6 && std::fabs(w[1] - 2.5 * b / (a + b)) < 1e-6);
+  // A bias flips the choice, the weights stay the unbiased scores.
+  const float bias[4] = {0.0f, 0.9f, 0.0f, 0.0f};
+  s.routing = Routing::SigmoidTopk;
+  s.scale = 1;
+  s.bias = bias;
+  route_topk(l, 1, s, ids, w);
+  CHECK(ids[0] == 1 && ids[1] == 2);
+  CHECK(std::fabs(w[0] - 1 / (1 + std::exp(1.0))) < 1e-7);
+  // Groups of two: {0,1} {2,3} {4,5}; one group kept. By max the last group wins, by top-2 sum the first.
+  const float g[6] = {1.0f, 0.9f, -3.0f, -3.0f, 1.2f, -2.0f};
+  s.num_experts = 6;
+  s.bias = nullptr;
+  s.groups.count = 3;
+  s.groups.top_k = 1;
+  s.groups.score = GroupScore::Max;
+  route_topk(g, 1, s, ids, w);
+  CHECK(ids[0] == 4 && ids[1] == 5);
+  s.groups.score = GroupScore::Top2Sum;
+  route_topk(g, 1, s, ids, w);
+  CHECK(ids[0] == 0 && ids[1] == 1);
+  // A NaN inside the kept group is picked before any expert of a dropped group.
+  const float n[6] = {NAN, 5.0f, -2.0f, -3.0f, -1.0f, -1.0f};
+  s.groups.score = GroupScore::Max;
+  route_topk(n, 1, s, ids, w);
+  CHECK(ids[0] == 1 && ids[1] == 0);
+}
+
 static void test_dispatch() {
   const int32_t experts[8] = {2, 0, 1, 2, 0, 2, 1, 0};  // T=4, k=2
   Dispatch d;
@@ -426,6 +469,7 @@ static void test_backend(Isa isa, DType dt, int64_t H, int64_t F, int64_t E, int
 
 int main() {
   test_routing();
+  test_routing_families();
   test_dispatch();
   test_dtypes();
   test_options();

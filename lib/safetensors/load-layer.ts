@@ -6,9 +6,10 @@ import { argRangeError, argTypeError, checkpointError } from '../errors';
 import type { MoeConfig, MoeWeights, Routing, WeightDtype } from '../layer';
 import { checkInteger, checkObject, checkOneOf, checkSignal, describe } from '../validate';
 import { TensorEntry, widenToFloat32 } from './format';
-import { moeBlockPrefix, moeExpertNames, moeGateName, readHfConfig } from './hf';
+import { blockLayout, configObject } from './families';
+import { readHfConfig } from './hf';
 import { isViewable, mapTensor, mapTensorResident } from './map';
-import { resolveCheckpoint, ShardHeaders } from './resolve';
+import { readJson, resolveCheckpoint, ShardHeaders } from './resolve';
 
 /**
  * Options of MoeLayer.fromSafetensors(): where the layer's tensors are, plus the MoeConfig options that
@@ -18,13 +19,16 @@ export interface FromSafetensorsOptions extends Pick<
   MoeConfig,
   'device' | 'threads' | 'cudaDevice' | 'quantize' | 'quantGroupSize'
 > {
-  /** Decoder layer index: tensors are read under `model.layers.{layer}.block_sparse_moe`. */
+  /**
+   * Decoder layer index: tensors are read under `model.layers.{layer}.block_sparse_moe` (Mixtral) or
+   * `model.layers.{layer}.mlp` (the other families, by config.json's architectures).
+   */
   layer?: number;
-  /** Tensor name prefix instead of `model.layers.{layer}.block_sparse_moe` (`{layer}` is substituted). */
+  /** Tensor name prefix instead of the family's block prefix (`{layer}` is substituted). */
   prefix?: string;
   /** k; default: config.json's num_experts_per_tok (required when there is no config.json). */
   topK?: number;
-  /** Default: from config.json (norm_topk_prob false → 'softmax-topk'; absent, as Mixtral → renorm). */
+  /** Default: from config.json, by family (README, "MoE families"). */
   routing?: Routing;
   /**
    * Asserts the expert weights' dtype: the checkpoint's own dtype is used, never converted, and a
@@ -61,8 +65,8 @@ function gateToFloat32(e: TensorEntry): Float32Array {
   return widenToFloat32(e.dtype === 'BF16' ? 'BF16' : 'F16', v);
 }
 
-/** The tensor name prefix of the block, and the layer index when one was given. */
-function blockPrefix(options: FromSafetensorsOptions): { prefix: string; layer?: number } {
+/** The tensor name prefix the options give (undefined: the family's own), and the layer index. */
+function blockPrefix(options: FromSafetensorsOptions): { prefix?: string; layer?: number } {
   if (options.prefix !== undefined) {
     if (typeof options.prefix !== 'string' || options.prefix === '')
       throw argTypeError(`options.prefix must be a non-empty string, got ${describe(options.prefix)}`);
@@ -73,8 +77,7 @@ function blockPrefix(options: FromSafetensorsOptions): { prefix: string; layer?:
   }
   if (options.layer === undefined)
     throw argTypeError('options.layer (the decoder layer index) or options.prefix is required');
-  const layer = checkInteger('options.layer', options.layer, 0, 1e6);
-  return { prefix: moeBlockPrefix(layer), layer };
+  return { layer: checkInteger('options.layer', options.layer, 0, 1e6) };
 }
 
 /**
@@ -110,10 +113,16 @@ export async function loadLayer<L>(factory: LayerFactory<L>, p: string, options:
     throw argTypeError(
       `options.topK is required: ${found ? `${found.file} has no num_experts_per_tok` : `there is no config.json beside ${layout.index ?? layout.files[0]}`}`,
     );
-  const routing = options.routing ?? (hf.normTopkProb === false ? 'softmax-topk' : 'softmax-topk-renorm');
+  const block = blockLayout(
+    found ? configObject(await readJson(found.file, 'model config'), found.file) : {},
+    found?.file ?? '',
+    layer,
+    prefix,
+  );
+  const routing = options.routing ?? block.routing;
 
   const shards = new ShardHeaders(layout);
-  const gate = await shards.entry(moeGateName(prefix));
+  const gate = await shards.entry(block.gate);
   if (gate.shape.length !== 2)
     throw checkpointError(
       gate.file,
@@ -121,8 +130,8 @@ export async function loadLayer<L>(factory: LayerFactory<L>, p: string, options:
     );
   const [E, H] = gate.shape;
   const why = found ? `from ${found.file}` : 'from the gate and experts.0.w1 shapes';
-  if (hf.numExperts !== undefined || hf.hiddenSize !== undefined)
-    expectShape(gate, [hf.numExperts ?? E, hf.hiddenSize ?? H], `num_local_experts, hidden_size ${why}`);
+  if (block.numExperts !== undefined || hf.hiddenSize !== undefined)
+    expectShape(gate, [block.numExperts ?? E, hf.hiddenSize ?? H], `experts, hidden_size ${why}`);
   if (E < 1 || H < 1)
     throw checkpointError(
       gate.file,
@@ -130,16 +139,29 @@ export async function loadLayer<L>(factory: LayerFactory<L>, p: string, options:
     );
 
   const entries = (projection: 'w1' | 'w3' | 'w2') =>
-    Promise.all(moeExpertNames(prefix, E, projection).map((n) => shards.entry(n)));
+    Promise.all(block.experts(projection, E).map((n) => shards.entry(n)));
   const [w1, w3, w2] = await Promise.all([entries('w1'), entries('w3'), entries('w2')]);
-  const F = hf.intermediateSize ?? (w1[0].shape.length === 2 ? w1[0].shape[0] : -1);
+  const F = block.intermediateSize ?? (w1[0].shape.length === 2 ? w1[0].shape[0] : -1);
   if (F < 1)
     throw checkpointError(
       w1[0].file,
       `tensor '${w1[0].name}' has shape [${w1[0].shape.join(', ')}], expected [intermediate, ${H}]`,
     );
-  for (const e of [...w1, ...w3]) expectShape(e, [F, H], `intermediate_size, hidden_size ${why}`);
-  for (const e of w2) expectShape(e, [H, F], `hidden_size, intermediate_size ${why}`);
+  for (const e of [...w1, ...w3]) expectShape(e, [F, H], `expert intermediate size, hidden_size ${why}`);
+  for (const e of w2) expectShape(e, [H, F], `hidden_size, expert intermediate size ${why}`);
+  const Fs = block.sharedIntermediateSize;
+  const shared = block.shared
+    ? await Promise.all([block.shared.w1, block.shared.w3, block.shared.w2].map((n) => shards.entry(n)))
+    : [];
+  if (shared.length) {
+    expectShape(shared[0], [Fs, H], `shared expert width, hidden_size ${why}`);
+    expectShape(shared[1], [Fs, H], `shared expert width, hidden_size ${why}`);
+    expectShape(shared[2], [H, Fs], `hidden_size, shared expert width ${why}`);
+  }
+  const sharedGate = block.shared?.gate ? await shards.entry(block.shared.gate) : undefined;
+  if (sharedGate) expectShape(sharedGate, [1, H], `one gate row of hidden_size ${why}`);
+  const scoreBias = block.scoreBias ? await shards.entry(block.scoreBias) : undefined;
+  if (scoreBias) expectShape(scoreBias, [E], `one bias per expert ${why}`);
 
   const dtype = w1[0].dtype;
   if (!isViewable(dtype))
@@ -147,17 +169,15 @@ export async function loadLayer<L>(factory: LayerFactory<L>, p: string, options:
       w1[0].file,
       `tensor '${w1[0].name}' has dtype ${dtype}; expert weights must be F32, BF16 or F16`,
     );
-  for (const e of [...w1, ...w3, ...w2])
+  for (const e of [...w1, ...w3, ...w2, ...shared])
     if (e.dtype !== dtype)
       throw checkpointError(
         e.file,
         `tensor '${e.name}' has dtype ${e.dtype} but '${w1[0].name}' has ${dtype}: the experts must share one dtype`,
       );
-  if (!isViewable(gate.dtype))
-    throw checkpointError(
-      gate.file,
-      `tensor '${gate.name}' has dtype ${gate.dtype}; the gate must be F32, BF16 or F16`,
-    );
+  for (const g of [gate, sharedGate, scoreBias])
+    if (g && !isViewable(g.dtype))
+      throw checkpointError(g.file, `tensor '${g.name}' has dtype ${g.dtype}; it must be F32, BF16 or F16`);
   const weightDtype = WEIGHT_DTYPES[dtype];
   if (wantDtype !== undefined && wantDtype !== weightDtype)
     throw argRangeError(
@@ -177,9 +197,18 @@ export async function loadLayer<L>(factory: LayerFactory<L>, p: string, options:
     cudaDevice: options.cudaDevice,
     quantize: options.quantize,
     quantGroupSize: options.quantGroupSize,
+    routedScale: block.routedScale,
+    expertGroups: block.expertGroups,
+    sharedIntermediateSize: Fs,
+    sharedGate: block.sharedGate,
   };
   // The pages are brought in on worker threads; the layer then packs (copies) the weights from memory
   // in short steps between turns of the event loop, and the mappings are dropped afterwards.
-  const [v1, v3, v2] = await Promise.all([w1, w3, w2].map((list) => Promise.all(list.map(mapTensorResident))));
-  return factory.create(config, { gate: gateToFloat32(gate), w1: v1, w3: v3, w2: v2 }, { signal: options.signal });
+  const [v1, v3, v2, s] = await Promise.all(
+    [w1, w3, w2, shared].map((list) => Promise.all(list.map(mapTensorResident))),
+  );
+  const weights: MoeWeights = { gate: gateToFloat32(gate), w1: v1, w3: v3, w2: v2 };
+  if (s.length) weights.shared = { w1: s[0], w3: s[1], w2: s[2], gate: sharedGate && gateToFloat32(sharedGate) };
+  if (scoreBias) weights.scoreBias = gateToFloat32(scoreBias);
+  return factory.create(config, weights, { signal: options.signal });
 }

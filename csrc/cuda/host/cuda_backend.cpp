@@ -258,9 +258,8 @@ const std::string& cuda_unavailable_reason() { return cuda_status().reason; }
 
 std::unique_ptr<Backend> make_cuda_backend(const MoeConfig& cfg, const WeightsView& weights, int device) {
   const Loaded& L = loaded();
-  if (cfg.quant != Quant::None)
-    fail(ErrorCode::Invalid, std::string("quantize '") + quant_name(cfg.quant) +
-                                 "' runs on the CPU backend only; use device 'cpu' (or 'auto')");
+  const std::string unsupported = cuda_unsupported_reason(cfg);
+  if (!unsupported.empty()) fail(ErrorCode::Invalid, unsupported + "; use device 'cpu' (or 'auto')");
   if (!L.status.available) fail(ErrorCode::NoDevice, "the CUDA backend is not available: " + L.status.reason);
   const int count = static_cast<int>(L.status.devices.size());
   if (device < 0 || device >= count)
@@ -276,7 +275,9 @@ std::unique_ptr<Backend> make_cuda_backend(const MoeConfig& cfg, const WeightsVi
   c.num_experts = cfg.num_experts;
   c.top_k = cfg.top_k;
   static_assert(int(Routing::SoftmaxTopkRenorm) == FMOE_CUDA_ROUTING_SOFTMAX_TOPK_RENORM &&
-                    int(Routing::SoftmaxTopk) == FMOE_CUDA_ROUTING_SOFTMAX_TOPK,
+                    int(Routing::SoftmaxTopk) == FMOE_CUDA_ROUTING_SOFTMAX_TOPK &&
+                    int(Routing::SigmoidTopk) == FMOE_CUDA_ROUTING_SIGMOID_TOPK &&
+                    int(Routing::SigmoidTopkRenorm) == FMOE_CUDA_ROUTING_SIGMOID_TOPK_RENORM,
                 "the core's Routing and the CUDA ABI's fmoe_cuda_routing must agree");
   static_assert(int(DType::F32) == FMOE_CUDA_DTYPE_F32 && int(DType::BF16) == FMOE_CUDA_DTYPE_BF16 &&
                     int(DType::F16) == FMOE_CUDA_DTYPE_F16,
@@ -286,10 +287,22 @@ std::unique_ptr<Backend> make_cuda_backend(const MoeConfig& cfg, const WeightsVi
   c.routing = routing;
   c.weight_dtype = weight_dtype;
   c.device = device;
+  c.group_count = int32_t(cfg.groups.count);
+  c.group_topk = int32_t(cfg.groups.top_k);
+  c.group_top2 = cfg.groups.score == GroupScore::Top2Sum ? 1 : 0;
+  c.shared_gate = cfg.shared_gate ? 1 : 0;
+  c.routed_scale = cfg.routed_scale;
+  c.shared_intermediate = cfg.shared_intermediate;
+  fmoe_cuda_extras extras{};
+  extras.score_bias = weights.score_bias;
+  extras.shared_w1 = weights.shared_w1;
+  extras.shared_w3 = weights.shared_w3;
+  extras.shared_w2 = weights.shared_w2;
+  extras.shared_gate = weights.shared_gate;
   char err[512] = {0};
   fmoe_cuda_layer* layer = nullptr;
-  const int rc = L.api.layer_create(&c, weights.gate, weights.w1.data(), weights.w3.data(), weights.w2.data(), &layer,
-                                    err, sizeof err);
+  const int rc = L.api.layer_create(&c, weights.gate, weights.w1.data(), weights.w3.data(), weights.w2.data(), &extras,
+                                    &layer, err, sizeof err);
   if (rc != FMOE_CUDA_OK || !layer) fail_rc(rc != FMOE_CUDA_OK ? rc : FMOE_CUDA_ERR_CUDA, "creating the layer", err);
   return std::unique_ptr<Backend>(new CudaBackend(L.api, layer, cfg, L.status.devices[size_t(device)].name));
 }

@@ -25,7 +25,8 @@ fmoe_cuda_layer* create(const HostLayer& L) {
   cfg.device = 0;
   char err[512] = {0};
   fmoe_cuda_layer* layer = nullptr;
-  const int rc = api.create(&cfg, L.gate.data(), L.p1.data(), L.p3.data(), L.p2.data(), &layer, err, sizeof err);
+  const int rc =
+      api.create(&cfg, L.gate.data(), L.p1.data(), L.p3.data(), L.p2.data(), nullptr, &layer, err, sizeof err);
   if (rc != FMOE_CUDA_OK) die_rc(rc, "fmoe_cuda_layer_create", err);
   return layer;
 }

@@ -14,6 +14,8 @@
 //    float64 on odd sizes, E = 8, 16, 60, 64 (and more), k = 1, 2, 4, 8, both routings, float32/bf16/fp16
 //    weights, duplicated router rows (ties), a NaN router row, non-finite tokens; route() against the
 //    reference top-k; the device-pointer entry point; batch invariance;
+//  - the MoE families through the same ABI: sigmoid scores, a choice bias, group-limited top-k (max and
+//    top-2 sum), the routed scale and a shared expert (gated or not, whole and partial slices of F);
 //  - every output buffer is filled with NaN bytes (0xFF) before each run, every run is done twice and the
 //    two results must have identical bits.
 // Inputs are fresh random numbers on each run; the seed is printed (and written to the JSON) so that a
@@ -118,6 +120,7 @@ int main(int argc, char** argv) {
     const double t_start = now_s();
     run_stage_tests();
     run_layer_tests();
+    run_family_tests();
     say("correctness: %d check(s), %d failure(s), %.1f s, seed %llu\n", g_checks, g_failures, now_s() - t_start,
         (unsigned long long)g_seed);
     if (!out_dir.empty()) write_selftest_results(out_dir, head);

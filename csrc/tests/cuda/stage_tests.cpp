@@ -51,9 +51,15 @@ void test_gating(int64_t H, int64_t E, int64_t k, int routing, int64_t T, uint64
   for (int run = 0; run < 2; run++) {
     dids.poison(0x7F);
     dw.poison(0xFF);
-    stage_sync(gating_cuda(dx.as<float>(), Hp, dg.as<float>(), Hp, Hp, T, int(E), int(k), routing, dids.as<int32_t>(),
-                           dw.as<float>(), 0),
-               name);
+    gating_params params{};
+    params.E = int(E);
+    params.k = int(k);
+    params.renorm = routing == 0;
+    params.scale = 1.0f;
+    params.ld_out = int(k);
+    stage_sync(
+        gating_cuda(dx.as<float>(), Hp, dg.as<float>(), Hp, Hp, T, &params, dids.as<int32_t>(), dw.as<float>(), 0),
+        name);
     ids[run] = dids.get<int32_t>(size_t(T * k));
     w[run] = dw.get<float>(size_t(T * k));
   }

@@ -8,8 +8,9 @@
 
 namespace fmoe_selftest {
 
-void run_stage_tests();  // stage_tests.cpp
-void run_layer_tests();  // layer_tests.cpp
+void run_stage_tests();   // stage_tests.cpp
+void run_layer_tests();   // layer_tests.cpp
+void run_family_tests();  // family_tests.cpp
 
 // A layer on device 0 with L's weights; a failure ends the program (exit status 2).
 fmoe_cuda_layer* create(const HostLayer& L);
