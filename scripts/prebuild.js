@@ -2,6 +2,7 @@
 // `npm run build:prebuilds`: makes prebuilds/<platform>-<arch>/fused-moe.<libc>.node with prebuildify, the
 // binary `npm install` uses without compiling. It is a Node-API build (one binary for every Node.js
 // with Node-API 8), stripped, and tagged with its libc so a musl system never picks a glibc binary.
+// On glibc it is linked for a glibc 2.28 floor (FUSED_MOE_GLIBC_FLOOR, see binding.gyp).
 //
 // prebuildify runs `node-gyp rebuild`, which empties build/. The CUDA backend library, when
 // `npm run build:cmake` has built it into build/Release, is kept aside first and then copied beside the
@@ -33,6 +34,8 @@ function main() {
   // node-gyp reads npm_config_nodedir and JOBS from the environment prebuildify passes on.
   Object.assign(process.env, buildEnv(process.env));
   const libc = libcInfo().family;
+  // csrc/platform/glibc_floor.cpp knows the first glibc symbol versions of these two architectures.
+  if (libc === 'glibc' && ['x64', 'arm64'].includes(os.arch())) process.env.FUSED_MOE_GLIBC_FLOOR = '1';
 
   const opts = {
     cwd: root,
