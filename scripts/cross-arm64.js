@@ -8,7 +8,7 @@
 // Node symbols when it is loaded, so this script compiles the sources itself. It takes the source lists
 // (csrc/sources.gypi), the compiler flags and defines (binding.gyp) and the glibc 2.28 link
 // (csrc/platform/glibc_floor.gypi) from the files the native build reads, so the two builds cannot drift.
-// Objects are kept in build-arm64/ and remade only when a source or a header it includes changed.
+// Objects are kept in build-arm64/ and remade when a source, a header it includes or the flags changed.
 //
 // Usage: node scripts/cross-arm64.js [--tests]   (the addon; with --tests, the C++ tests as well)
 'use strict';
@@ -89,8 +89,25 @@ function stale(obj, src) {
   return files.some((f) => mtime(path.resolve(root, f)) > built);
 }
 
+/** Empties build-arm64/obj when the compile command differs from the one its objects were made with. */
+function dropStaleObjects(s) {
+  const file = path.join(outDir, 'flags');
+  const now = JSON.stringify([CXX, s.cflags, s.defines, s.includes]);
+  let before = null;
+  try {
+    before = fs.readFileSync(file, 'utf8');
+  } catch {
+    // first build
+  }
+  if (before === now) return;
+  fs.mkdirSync(outDir, { recursive: true });
+  fs.rmSync(path.join(outDir, 'obj'), { recursive: true, force: true });
+  fs.writeFileSync(file, now);
+}
+
 /** Compiles the sources that need it, at most `jobs` at a time; resolves to the object paths. */
 async function compile(srcs, s, jobs) {
+  dropStaleObjects(s);
   const objects = [];
   const queue = [];
   for (const src of srcs) {
