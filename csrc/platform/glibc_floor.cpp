@@ -6,13 +6,11 @@
 // here, which call the architecture's first version of each function: the one every glibc exports.
 #if defined(__linux__)
 #include <dlfcn.h>
-#include <fcntl.h>
 #include <pthread.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#include <cerrno>
 #include <cstdint>
 #include <cstdio>
 #endif
