@@ -1,14 +1,24 @@
 #!/usr/bin/env node
-// The fused-moe command line: `fused-moe doctor [--json]` (see lib/doctor.ts).
+// The fused-moe command line: `fused-moe doctor [--json]` (see lib/doctor.ts) and
+// `fused-moe run <dir> -p "prompt" | --chat` (see lib/cli.ts).
 'use strict';
 
-let doctor;
+let doctor, cli;
 try {
   doctor = require('../dist/doctor.js');
+  cli = require('../dist/cli.js');
 } catch (err) {
   console.error(
     `fused-moe: the compiled JavaScript (dist/) is missing or broken; in a checkout, run npm run build:ts. (${err.message})`,
   );
   process.exit(1);
 }
-process.exitCode = doctor.main(process.argv.slice(2));
+const argv = process.argv.slice(2);
+if (argv[0] === 'run') {
+  cli.run(argv.slice(1)).then((code) => {
+    process.exitCode = code;
+  });
+} else {
+  process.exitCode = doctor.main(argv);
+  if (argv.length === 0 || argv[0] === '--help' || argv[0] === '-h') process.stdout.write(`\n${cli.RUN_USAGE}\n`);
+}

@@ -21,6 +21,17 @@ export { MoeModel } from './model/model';
 export type { LoadOptions, LoadProgress, LogitsOptions, KvCacheDtype } from './model/model';
 export type { DecoderConfig, MoeBlockConfig, QkNorm, Architecture } from './model/config';
 export { SUPPORTED_ARCHITECTURES } from './model/config';
+export type {
+  Prompt,
+  Generation,
+  GenerateOptions,
+  GenerationPiece,
+  GenerationResult,
+  FinishReason,
+  SamplingOptions,
+} from './generate/index';
+export { TextTokenizer } from './text/tokenizer';
+export type { ChatMessage } from './text/chat';
 export { MoeError, AbortError } from './errors';
 export type { MoeErrorCode } from './errors';
 export type { BackendInfo, CudaDeviceInfo } from './binding';

@@ -11,6 +11,17 @@ import type { SafetensorsFile, TensorView } from '../safetensors/index';
 import { isFile, readJson } from '../safetensors/resolve';
 import { checkInteger, checkObject, checkOneOf, checkSignal, describe } from '../validate';
 import { DecoderConfig, expectedShapes, parseDecoderConfig, tensorNames } from './config';
+import { Engine } from '../generate/engine';
+import {
+  Generation,
+  GenerateOptions,
+  GenerationResult,
+  Prompt,
+  complete,
+  generate,
+  noTokenizer,
+} from '../generate/index';
+import { TextTokenizer } from '../text/tokenizer';
 
 export type KvCacheDtype = 'bfloat16' | 'float16' | 'float32';
 
@@ -203,13 +214,27 @@ export class MoeModel {
     maxSequences: number;
     threads: number;
   }>;
+  /** The checkpoint's tokenizer (tokenizer.json), or undefined when the folder has none. */
+  readonly tokenizer: TextTokenizer | undefined;
+  /**
+   * Positions per KV cache block.
+   * @internal
+   */
+  readonly cacheBlockTokens = BLOCK_TOKENS;
   #native: NativeModel | undefined;
   #busy: Promise<unknown> = Promise.resolve();
+  #engine: Engine | undefined;
 
-  private constructor(config: DecoderConfig, options: MoeModel['options'], native: NativeModel) {
+  private constructor(
+    config: DecoderConfig,
+    options: MoeModel['options'],
+    native: NativeModel,
+    tokenizer: TextTokenizer | undefined,
+  ) {
     this.config = config;
     this.options = options;
     this.#native = native;
+    this.tokenizer = tokenizer;
   }
 
   /** Loads a Hugging Face checkpoint folder (config.json, safetensors shards, generation_config.json). */
@@ -245,6 +270,12 @@ export class MoeModel {
       );
       for (const id of extra) if (!cfg.eosTokenIds.includes(id)) cfg.eosTokenIds.push(id);
     }
+    const tokenizer = await TextTokenizer.load(dir);
+    if (tokenizer && tokenizer.vocabLimit > cfg.vocabSize)
+      throw checkpointError(
+        path.join(dir, 'tokenizer.json'),
+        `the tokenizer has ids up to ${tokenizer.vocabLimit - 1}, beyond the model's vocab_size of ${cfg.vocabSize}`,
+      );
     const contextLength = checkInteger(
       'options.contextLength',
       options.contextLength ?? Math.min(4096, cfg.maxPositions),
@@ -328,6 +359,7 @@ export class MoeModel {
         cfg,
         { quantize, quantGroupSize: Number(quantGroupSize), kvCacheDtype, contextLength, maxSequences, threads },
         native,
+        tokenizer,
       );
       native = undefined;
       return model;
@@ -340,6 +372,41 @@ export class MoeModel {
   /** Bytes of native memory the model holds (weights and KV cache); 0 after dispose(). */
   get nativeBytes(): number {
     return this.#native ? this.#native.info().nativeBytes : 0;
+  }
+
+  /** Token ids of `text`, with the special tokens the tokenizer adds (such as BOS) unless told not to. */
+  tokenize(text: string, options: { addSpecialTokens?: boolean } = {}): number[] {
+    if (typeof text !== 'string') throw argTypeError(`text must be a string, got ${describe(text)}`);
+    checkObject('options', options);
+    if (!this.tokenizer) throw noTokenizer();
+    return this.tokenizer.encode(text, options.addSpecialTokens !== false);
+  }
+
+  /** Text of token ids, special tokens left out. */
+  detokenize(ids: ArrayLike<number>): string {
+    const checked = this.#tokens('ids', ids, false);
+    if (!this.tokenizer) throw noTokenizer();
+    return this.tokenizer.decode(Array.from(checked));
+  }
+
+  /**
+   * Generates from a prompt (text, a conversation for the chat template, or token ids): an async
+   * iterator of { token, text } pieces as they are sampled, whose return value is the whole result.
+   * Runs in the model's shared step loop with every other generation.
+   */
+  generate(promptOrMessages: Prompt, options: GenerateOptions = {}): Generation {
+    this.#live();
+    return generate(this, this.#generator(), promptOrMessages, options);
+  }
+
+  /** Generates to the end: { text, tokens, finishReason, usage }. */
+  complete(promptOrMessages: Prompt, options: GenerateOptions = {}): Promise<GenerationResult> {
+    try {
+      this.#live();
+      return complete(this, this.#generator(), promptOrMessages, options);
+    } catch (err) {
+      return Promise.reject(err);
+    }
   }
 
   /**
@@ -359,6 +426,8 @@ export class MoeModel {
     }
     const all = options.all === true;
     if (ids.length === 0) return Promise.reject(argRangeError('tokens must hold at least one token'));
+    // Kept generation prefixes give way to this call's sequence.
+    this.#engine?.makeRoom(ids.length);
     return this.#exclusive(async () => {
       const native = this.#live();
       const V = this.config.vocabSize;
@@ -442,12 +511,34 @@ export class MoeModel {
     }).catch(() => undefined);
   }
 
+  /**
+   * Shortens a sequence to its first `length` positions once the steps queued before this call have run.
+   * @internal
+   */
+  truncateSequence(sequence: ModelSequence, length: number): Promise<void> {
+    try {
+      const seq = this.#sequence('sequence', sequence);
+      checkInteger('length', length, 0, seq.length);
+      return this.#exclusive(async () => {
+        const native = this.#live();
+        if (seq.nativeId !== undefined) native.sequenceTruncate(seq.nativeId, length);
+        seq.length = length;
+      });
+    } catch (err) {
+      return Promise.reject(err);
+    }
+  }
+
   /** Frees the weights and the KV cache once the running step (if any) ends; later calls throw. */
   dispose(): void {
     const native = this.#native;
     if (!native) return;
     this.#native = undefined;
     void this.#busy.finally(() => native.dispose());
+  }
+
+  #generator(): Engine {
+    return (this.#engine ??= new Engine(this));
   }
 
   #live(): NativeModel {
@@ -512,11 +603,11 @@ export class MoeModel {
     for (const e of entries) e.sequence.length += e.ids.length;
   }
 
-  #tokens(name: string, tokens: ArrayLike<number>): Int32Array {
+  #tokens(name: string, tokens: ArrayLike<number>, withinContext = true): Int32Array {
     if (tokens === null || typeof tokens !== 'object' || typeof (tokens as { length?: unknown }).length !== 'number')
       throw argTypeError(`${name} must be an array of token ids, got ${describe(tokens)}`);
     const n = tokens.length;
-    if (n > this.options.contextLength)
+    if (withinContext && n > this.options.contextLength)
       throw argRangeError(`${name} holds ${n} tokens, more than the context of ${this.options.contextLength}`);
     const ids = new Int32Array(n);
     const V = this.config.vocabSize;

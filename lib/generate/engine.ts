@@ -1,0 +1,334 @@
+/**
+ * Continuous batching: one step loop per model. Each step decodes one token for every running request
+ * and adds prompt tokens of requests still reading their prompt, at most PROMPT_TOKENS_PER_STEP in
+ * all, in one native call (each expert's weights are read once per step for every token that picked
+ * it). A long prompt thus joins in chunks and never stalls the streams already running. At most
+ * maxSequences requests run; the others wait in arrival order.
+ *
+ * Finished sequences keep their KV cache as prefixes: a new request whose prompt starts with the
+ * tokens of a kept sequence takes it over (cut back to the common prefix) and only feeds the rest, so
+ * the next turn of a chat does not recompute the conversation so far. Kept prefixes are dropped least
+ * recently used first when a step needs their cache blocks, and beyond maxSequences of them.
+ */
+import type { ModelSequence, StepEntry } from '../model/model';
+import { StreamDecoder } from '../text/stream';
+import type { TextTokenizer } from '../text/tokenizer';
+import { Sampler, SamplingParams } from './sampling';
+import { StopMatcher } from './stop';
+
+/** Prompt tokens all requests together feed per step. */
+export const PROMPT_TOKENS_PER_STEP = 256;
+
+export type FinishReason = 'stop' | 'length' | 'abort';
+
+export interface GenerationPiece {
+  /** The token sampled. */
+  token: number;
+  /** Text that became final with it ('' while a character or a possible stop string is incomplete). */
+  text: string;
+}
+
+export interface GenerationResult {
+  text: string;
+  /** Every token sampled, the end-of-sequence token included when it ended the generation. */
+  tokens: number[];
+  finishReason: FinishReason;
+  usage: {
+    promptTokens: number;
+    completionTokens: number;
+    totalTokens: number;
+    /** Prompt tokens whose KV cache was reused from an earlier request rather than computed. */
+    cachedPromptTokens: number;
+  };
+}
+
+/** What the engine uses of MoeModel (its internal sequence API). */
+export interface EngineModel {
+  readonly config: { vocabSize: number; eosTokenIds: number[] };
+  readonly options: Readonly<{ contextLength: number; maxSequences: number }>;
+  readonly cacheBlockTokens: number;
+  createSequence(): ModelSequence;
+  step(batch: readonly StepEntry[]): Promise<Float32Array[]>;
+  freeSequence(sequence: ModelSequence): void;
+  truncateSequence(sequence: ModelSequence, length: number): Promise<void>;
+}
+
+/** One generate() call: its prompt, sampling state, output channel. */
+export class Request {
+  readonly sampler: Sampler;
+  readonly decoder: StreamDecoder | null;
+  readonly stop: StopMatcher | null;
+  /** Prompt, then every sampled token: what the repetition penalty sees. */
+  readonly tokens: number[];
+  readonly generated: number[] = [];
+  sequence: ModelSequence | null = null;
+  /** Tokens of `tokens` that are in the sequence's cache or in the step running. */
+  fed = 0;
+  cached = 0;
+  text = '';
+  done = false;
+  readonly #pieces: GenerationPiece[] = [];
+  #wake: (() => void) | null = null;
+  #result: GenerationResult | null = null;
+  #error: unknown = null;
+  /** Called once when the request ends, however it ends. */
+  onEnd: (() => void) | null = null;
+
+  constructor(
+    readonly prompt: readonly number[],
+    params: SamplingParams,
+    readonly maxTokens: number,
+    stop: string[],
+    tokenizer: TextTokenizer | undefined,
+    readonly eos: ReadonlySet<number>,
+  ) {
+    this.sampler = new Sampler(params);
+    this.decoder = tokenizer ? new StreamDecoder(tokenizer) : null;
+    this.stop = stop.length > 0 ? new StopMatcher(stop) : null;
+    this.tokens = prompt.slice();
+  }
+
+  emit(piece: GenerationPiece): void {
+    this.text += piece.text;
+    this.#pieces.push(piece);
+    this.#notify();
+  }
+
+  finish(reason: FinishReason): void {
+    if (this.done) return;
+    this.done = true;
+    const n = this.generated.length;
+    this.#result = {
+      text: this.text,
+      tokens: this.generated.slice(),
+      finishReason: reason,
+      usage: {
+        promptTokens: this.prompt.length,
+        completionTokens: n,
+        totalTokens: this.prompt.length + n,
+        cachedPromptTokens: this.cached,
+      },
+    };
+    this.onEnd?.();
+    this.#notify();
+  }
+
+  fail(err: unknown): void {
+    if (this.done) return;
+    this.done = true;
+    this.#error = err;
+    this.onEnd?.();
+    this.#notify();
+  }
+
+  /** The next piece, or the result once the pieces are exhausted (rejects with a failure). */
+  async next(): Promise<IteratorResult<GenerationPiece, GenerationResult>> {
+    for (;;) {
+      const piece = this.#pieces.shift();
+      if (piece) return { value: piece, done: false };
+      if (this.#error !== null) throw this.#error;
+      if (this.#result) return { value: this.#result, done: true };
+      await new Promise<void>((resolve) => (this.#wake = resolve));
+    }
+  }
+
+  #notify(): void {
+    const wake = this.#wake;
+    this.#wake = null;
+    wake?.();
+  }
+}
+
+interface Kept {
+  sequence: ModelSequence;
+  /** The tokens in its cache. */
+  tokens: number[];
+}
+
+export class Engine {
+  readonly #model: EngineModel;
+  readonly #waiting: Request[] = [];
+  readonly #running: Request[] = [];
+  /** Kept prefixes, least recently used first. */
+  readonly #kept: Kept[] = [];
+  readonly #totalBlocks: number;
+  #looping = false;
+
+  constructor(model: EngineModel) {
+    this.#model = model;
+    const { contextLength, maxSequences } = model.options;
+    this.#totalBlocks = Math.ceil(contextLength / model.cacheBlockTokens) * maxSequences;
+  }
+
+  /** Queues a request; the loop starts if it was idle. */
+  submit(request: Request): void {
+    this.#waiting.push(request);
+    if (!this.#looping) {
+      this.#looping = true;
+      void this.#loop();
+    }
+  }
+
+  /** Ends a request now (abort, or its consumer stopped reading); its sequence is freed at the next step. */
+  cancel(request: Request): void {
+    const i = this.#waiting.indexOf(request);
+    if (i >= 0) this.#waiting.splice(i, 1);
+    request.finish('abort');
+  }
+
+  /** Drops kept prefixes, least recently used first, until `positions` more fit in the cache. */
+  makeRoom(positions: number): void {
+    const need = this.#blocks(positions);
+    while (this.#kept.length > 0 && this.#freeBlocks() < need) this.#evict();
+  }
+
+  /** Requests running and waiting, and prefixes kept (for tests and diagnostics). */
+  get stats(): { running: number; waiting: number; kept: number } {
+    return { running: this.#running.length, waiting: this.#waiting.length, kept: this.#kept.length };
+  }
+
+  async #loop(): Promise<void> {
+    try {
+      while (this.#running.length > 0 || this.#waiting.length > 0) {
+        this.#reap();
+        await this.#admit();
+        const batch = this.#plan();
+        if (batch.length === 0) continue;
+        let logits: Float32Array[];
+        try {
+          logits = await this.#model.step(batch.map((b) => ({ sequence: b.request.sequence!, tokens: b.tokens })));
+        } catch (err) {
+          for (const { request } of batch) this.#end(request, null, err);
+          continue;
+        }
+        batch.forEach((b, i) => this.#advance(b.request, logits[i]));
+      }
+    } finally {
+      this.#looping = false;
+    }
+  }
+
+  /** Frees the sequences of requests that ended outside the loop (abort). */
+  #reap(): void {
+    for (const r of this.#running.slice()) if (r.done) this.#end(r, null);
+  }
+
+  /** Starts waiting requests, in order, while fewer than maxSequences run. */
+  async #admit(): Promise<void> {
+    while (this.#waiting.length > 0 && this.#running.length < this.#model.options.maxSequences) {
+      const request = this.#waiting.shift()!;
+      if (request.done) continue;
+      try {
+        const { kept, common } = this.#longestPrefix(request.prompt);
+        if (kept) {
+          this.#kept.splice(this.#kept.indexOf(kept), 1);
+          request.sequence = kept.sequence;
+          if (kept.sequence.length > common) await this.#model.truncateSequence(kept.sequence, common);
+          request.fed = request.cached = common;
+        } else {
+          request.sequence = this.#model.createSequence();
+        }
+        this.#running.push(request);
+      } catch (err) {
+        if (request.sequence) this.#model.freeSequence(request.sequence);
+        request.sequence = null;
+        request.fail(err);
+      }
+    }
+  }
+
+  /** The kept prefix sharing the most leading tokens with `prompt`, leaving at least one token to feed. */
+  #longestPrefix(prompt: readonly number[]): { kept: Kept | null; common: number } {
+    let best: Kept | null = null;
+    let bestCommon = 0;
+    for (const k of this.#kept) {
+      const limit = Math.min(k.tokens.length, prompt.length - 1);
+      let n = 0;
+      while (n < limit && k.tokens[n] === prompt[n]) n++;
+      if (n > bestCommon) [best, bestCommon] = [k, n];
+    }
+    return { kept: best, common: bestCommon };
+  }
+
+  /** This step's entries: one token of each decoding request, then prompt chunks within the budget. */
+  #plan(): { request: Request; tokens: number[] }[] {
+    const batch: { request: Request; tokens: number[] }[] = [];
+    let budget = PROMPT_TOKENS_PER_STEP;
+    for (const r of this.#running) {
+      if (r.fed >= r.prompt.length) batch.push({ request: r, tokens: r.tokens.slice(r.fed, r.fed + 1) });
+      else if (budget > 0) {
+        const n = Math.min(r.prompt.length - r.fed, budget);
+        budget -= n;
+        batch.push({ request: r, tokens: r.tokens.slice(r.fed, r.fed + n) });
+      }
+    }
+    let need = 0;
+    for (const b of batch) {
+      const len = b.request.sequence!.length;
+      need += this.#blocks(len + b.tokens.length) - this.#blocks(len);
+    }
+    while (this.#kept.length > 0 && this.#freeBlocks() < need) this.#evict();
+    for (const b of batch) b.request.fed += b.tokens.length;
+    return batch;
+  }
+
+  /**
+   * After a step: samples the next token of a request whose prompt is complete and emits it. The last
+   * piece (end-of-sequence, maxTokens, a full context) also carries what the detokenizer and the stop
+   * matcher held back; a stop string ends the request with the text before it.
+   */
+  #advance(r: Request, logits: Float32Array): void {
+    if (r.done || r.fed < r.prompt.length) return;
+    const token = r.sampler.sample(logits, r.tokens);
+    r.generated.push(token);
+    r.tokens.push(token);
+    const eos = r.eos.has(token);
+    const last = eos || r.generated.length >= r.maxTokens || r.fed + 1 > this.#model.options.contextLength;
+    let text = eos || !r.decoder ? '' : r.decoder.push(token);
+    if (last && r.decoder) text += r.decoder.flush();
+    if (r.stop) {
+      const match = r.stop.push(text);
+      if (match.stopped) {
+        r.emit({ token, text: match.text });
+        this.#end(r, 'stop');
+        return;
+      }
+      text = last ? match.text + r.stop.flush() : match.text;
+    }
+    r.emit({ token, text });
+    if (last) this.#end(r, eos ? 'stop' : 'length');
+  }
+
+  /** Ends a request: keeps its cache as a prefix, or frees it when it was aborted or failed. */
+  #end(r: Request, reason: FinishReason | null, error?: unknown): void {
+    const i = this.#running.indexOf(r);
+    if (i >= 0) this.#running.splice(i, 1);
+    const sequence = r.sequence;
+    r.sequence = null;
+    if (error !== undefined) r.fail(error);
+    else if (reason) r.finish(reason);
+    if (!sequence || sequence.freed) return;
+    if (reason === null || error !== undefined || sequence.length === 0) {
+      this.#model.freeSequence(sequence);
+      return;
+    }
+    this.#kept.push({ sequence, tokens: r.tokens.slice(0, sequence.length) });
+    while (this.#kept.length > this.#model.options.maxSequences) this.#evict();
+  }
+
+  #evict(): void {
+    const k = this.#kept.shift();
+    if (k) this.#model.freeSequence(k.sequence);
+  }
+
+  #blocks(positions: number): number {
+    return Math.ceil(positions / this.#model.cacheBlockTokens);
+  }
+
+  #freeBlocks(): number {
+    let used = 0;
+    for (const r of this.#running) if (r.sequence) used += this.#blocks(r.sequence.length);
+    for (const k of this.#kept) used += this.#blocks(k.sequence.length);
+    return this.#totalBlocks - used;
+  }
+}

@@ -1,0 +1,136 @@
+/**
+ * model.generate and model.complete: the prompt (text, messages through the chat template, or token
+ * ids) checked and tokenized up front, then one request of the model's step loop (engine.ts).
+ */
+import { MoeError, argRangeError, argTypeError } from '../errors';
+import { ChatMessage, checkMessages } from '../text/chat';
+import type { TextTokenizer } from '../text/tokenizer';
+import { checkObject, checkSignal, describe, isRecord } from '../validate';
+import { Engine, GenerationPiece, GenerationResult, Request } from './engine';
+import { SamplingOptions, checkSampling } from './sampling';
+import { checkStop } from './stop';
+
+export type { GenerationPiece, GenerationResult, FinishReason } from './engine';
+export type { SamplingOptions } from './sampling';
+
+/** A prompt: text, a conversation for the chat template, or token ids (used as they are). */
+export type Prompt = string | readonly ChatMessage[] | ArrayLike<number>;
+
+export interface GenerateOptions extends SamplingOptions {
+  /** Tokens to generate at most; default: until the end of the context. */
+  maxTokens?: number;
+  /** Generation ends before the first of these strings (which is not part of the text). */
+  stop?: string | string[];
+  /** Ends the generation (finishReason 'abort'); its sequence is freed at the next step. */
+  signal?: AbortSignal;
+}
+
+/** The stream generate() returns: pieces as they come; its final result is the iterator's return value. */
+export type Generation = AsyncIterableIterator<GenerationPiece, GenerationResult, undefined>;
+
+/** What generate needs of the model beyond the engine. */
+export interface GenerateModel {
+  readonly config: { vocabSize: number; eosTokenIds: number[] };
+  readonly options: Readonly<{ contextLength: number }>;
+  readonly tokenizer: TextTokenizer | undefined;
+  tokenize(text: string): number[];
+}
+
+const NAME = 'promptOrMessages';
+
+/** The prompt's token ids, checked. */
+export function promptTokens(model: GenerateModel, prompt: unknown): number[] {
+  let ids: number[];
+  if (typeof prompt === 'string') ids = model.tokenize(prompt);
+  else if (Array.isArray(prompt) && prompt.length > 0 && isRecord(prompt[0])) {
+    const messages = checkMessages(NAME, prompt);
+    if (!model.tokenizer) throw noTokenizer();
+    // The template writes the special tokens (BOS, ...) itself.
+    ids = model.tokenizer.encode(model.tokenizer.renderChat(messages, true, NAME), false);
+  } else if (
+    (Array.isArray(prompt) || ArrayBuffer.isView(prompt)) &&
+    typeof (prompt as ArrayLike<unknown>).length === 'number'
+  ) {
+    const V = model.config.vocabSize;
+    ids = Array.from(prompt as ArrayLike<unknown>, (t, i) => {
+      if (typeof t !== 'number' || !Number.isInteger(t) || t < 0 || t >= V)
+        throw argRangeError(`${NAME}[${i}] must be a token id in [0, ${V}), got ${describe(t)}`);
+      return t;
+    });
+  } else
+    throw argTypeError(
+      `${NAME} must be a string, an array of { role, content } messages or an array of token ids, got ${describe(prompt)}`,
+    );
+  if (ids.length === 0) throw argRangeError(`${NAME} gives no tokens; at least one is needed`);
+  const context = model.options.contextLength;
+  if (ids.length > context)
+    throw argRangeError(`${NAME} holds ${ids.length} tokens, more than the context of ${context}`);
+  return ids;
+}
+
+export function noTokenizer(): MoeError {
+  return new MoeError(
+    'ERR_MOE_CHECKPOINT',
+    "this model's checkpoint folder has no tokenizer.json: pass token ids, or add the tokenizer files",
+  );
+}
+
+/** Checks everything, then queues the request; throws before anything is queued. */
+export function generate(model: GenerateModel, engine: Engine, prompt: unknown, options: unknown): Generation {
+  const o = options ?? {};
+  checkObject('options', o);
+  const params = checkSampling('options', o);
+  const room = model.options.contextLength;
+  let maxTokens = room;
+  if (o.maxTokens !== undefined) {
+    if (typeof o.maxTokens !== 'number')
+      throw argTypeError(`options.maxTokens must be a number, got ${describe(o.maxTokens)}`);
+    if (!Number.isSafeInteger(o.maxTokens) || o.maxTokens < 1)
+      throw argRangeError(`options.maxTokens must be an integer >= 1, got ${o.maxTokens}`);
+    maxTokens = o.maxTokens;
+  }
+  const stop = checkStop('options.stop', o.stop);
+  if (stop.length > 0 && !model.tokenizer) throw noTokenizer();
+  const signal = checkSignal('options.signal', o.signal);
+  const ids = promptTokens(model, prompt);
+  const eos = new Set([...model.config.eosTokenIds, ...(model.tokenizer?.eosTokenIds ?? [])]);
+  const request = new Request(ids, params, maxTokens, stop, model.tokenizer, eos);
+
+  if (signal) {
+    const onAbort = () => engine.cancel(request);
+    if (signal.aborted) request.finish('abort');
+    else {
+      signal.addEventListener('abort', onAbort, { once: true });
+      request.onEnd = () => signal.removeEventListener('abort', onAbort);
+    }
+  }
+  if (!request.done) engine.submit(request);
+  const generation: Generation = {
+    next: () => request.next(),
+    async return(): Promise<IteratorResult<GenerationPiece, GenerationResult>> {
+      engine.cancel(request);
+      for (;;) {
+        const r = await request.next();
+        if (r.done) return r;
+      }
+    },
+    [Symbol.asyncIterator]() {
+      return generation;
+    },
+  };
+  return generation;
+}
+
+/** Runs a generation to its end. */
+export async function complete(
+  model: GenerateModel,
+  engine: Engine,
+  prompt: unknown,
+  options: unknown,
+): Promise<GenerationResult> {
+  const generation = generate(model, engine, prompt, options);
+  for (;;) {
+    const r = await generation.next();
+    if (r.done) return r.value;
+  }
+}

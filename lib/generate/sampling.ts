@@ -1,0 +1,235 @@
+/**
+ * Choosing the next token from a row of logits: repetition penalty, then temperature, top-k, top-p
+ * and min-p (the order Hugging Face's generate applies them), then one draw from the request's own
+ * PRNG. A request's tokens depend only on its logits and its seed, never on what else runs.
+ */
+import { argRangeError, argTypeError } from '../errors';
+import { describe } from '../validate';
+
+export interface SamplingOptions {
+  /** 0: greedy (argmax); default 1. */
+  temperature?: number;
+  /** Keep the k most likely tokens; 0 (default): all. */
+  topK?: number;
+  /** Keep the smallest set of most likely tokens whose probability reaches topP, in (0, 1]; default 1. */
+  topP?: number;
+  /** Keep tokens at least minP times as likely as the most likely one, in [0, 1]; default 0. */
+  minP?: number;
+  /** Divides positive (multiplies negative) logits of tokens already in the prompt or output; default 1. */
+  repetitionPenalty?: number;
+  /** Seed of the request's PRNG (a non-negative integer); default: a random one. */
+  seed?: number;
+}
+
+export type SamplingParams = Required<SamplingOptions>;
+
+function finite(name: string, v: unknown, fallback: number, ok: (x: number) => boolean, expected: string): number {
+  if (v === undefined) return fallback;
+  if (typeof v !== 'number') throw argTypeError(`${name} must be a number, got ${describe(v)}`);
+  if (!Number.isFinite(v) || !ok(v)) throw argRangeError(`${name} must be ${expected}, got ${v}`);
+  return v;
+}
+
+/** Checks the sampling fields of `options` (named `name`), defaults filled in. */
+export function checkSampling(name: string, o: Record<string, unknown>): SamplingParams {
+  return {
+    temperature: finite(`${name}.temperature`, o.temperature, 1, (x) => x >= 0, 'a number >= 0'),
+    topK: finite(`${name}.topK`, o.topK, 0, (x) => Number.isInteger(x) && x >= 0, `an integer >= 0`),
+    topP: finite(`${name}.topP`, o.topP, 1, (x) => x > 0 && x <= 1, 'in (0, 1]'),
+    minP: finite(`${name}.minP`, o.minP, 0, (x) => x >= 0 && x <= 1, 'in [0, 1]'),
+    repetitionPenalty: finite(`${name}.repetitionPenalty`, o.repetitionPenalty, 1, (x) => x > 0, 'a number > 0'),
+    seed: finite(
+      `${name}.seed`,
+      o.seed,
+      Math.floor(Math.random() * 2 ** 32),
+      (x) => Number.isSafeInteger(x) && x >= 0,
+      'a non-negative integer',
+    ),
+  };
+}
+
+/** xoshiro128** seeded through splitmix32: small, fast, and the same stream on every platform. */
+export class Prng {
+  #s = new Uint32Array(4);
+
+  constructor(seed: number) {
+    let x = (seed >>> 0) ^ Math.imul(Math.floor(seed / 2 ** 32) >>> 0, 0x9e3779b9);
+    for (let i = 0; i < 4; i++) {
+      x = (x + 0x9e3779b9) >>> 0;
+      let z = x;
+      z = Math.imul(z ^ (z >>> 16), 0x85ebca6b) >>> 0;
+      z = Math.imul(z ^ (z >>> 13), 0xc2b2ae35) >>> 0;
+      this.#s[i] = (z ^ (z >>> 16)) >>> 0;
+    }
+  }
+
+  /** A uniform number in [0, 1). */
+  next(): number {
+    const s = this.#s;
+    const r = Math.imul(rotl(Math.imul(s[1], 5), 7), 9) >>> 0;
+    const t = s[1] << 9;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 11);
+    return r / 2 ** 32;
+  }
+}
+
+function rotl(x: number, k: number): number {
+  return ((x << k) | (x >>> (32 - k))) >>> 0;
+}
+
+/** Working memory of one vocabulary size, shared by every request (sampling is synchronous). */
+class Scratch {
+  readonly values: Float64Array;
+  readonly order: Int32Array;
+  readonly stamp: Int32Array;
+  stampNow = 0;
+  constructor(vocab: number) {
+    this.values = new Float64Array(vocab);
+    this.order = new Int32Array(vocab);
+    this.stamp = new Int32Array(vocab);
+  }
+}
+const scratches = new Map<number, Scratch>();
+function scratchFor(vocab: number): Scratch {
+  let s = scratches.get(vocab);
+  if (!s) scratches.set(vocab, (s = new Scratch(vocab)));
+  return s;
+}
+
+export class Sampler {
+  readonly #params: SamplingParams;
+  readonly #prng: Prng;
+
+  constructor(params: SamplingParams) {
+    this.#params = params;
+    this.#prng = new Prng(params.seed);
+  }
+
+  /** The next token from `logits` ([vocab]); `history` holds the tokens the repetition penalty sees. */
+  sample(logits: Float32Array, history: readonly number[]): number {
+    const V = logits.length;
+    const { temperature, topK, topP, minP, repetitionPenalty } = this.#params;
+    const sc = scratchFor(V);
+    const x = sc.values;
+    for (let i = 0; i < V; i++) x[i] = logits[i];
+    if (repetitionPenalty !== 1) {
+      const stamp = ++sc.stampNow;
+      for (const t of history)
+        if (sc.stamp[t] !== stamp) {
+          sc.stamp[t] = stamp;
+          x[t] = x[t] < 0 ? x[t] * repetitionPenalty : x[t] / repetitionPenalty;
+        }
+    }
+    let best = 0;
+    for (let i = 1; i < V; i++) if (x[i] > x[best]) best = i;
+    if (temperature === 0) return best;
+
+    // Probabilities relative to the most likely token (which has 1).
+    const top = x[best];
+    let total = 0;
+    for (let i = 0; i < V; i++) total += x[i] = Math.exp((x[i] - top) / temperature);
+    const order = sc.order;
+    let n: number;
+    if ((topK > 0 && topK < V) || topP < 1) {
+      n = this.#candidates(x, total, order, topK, topP);
+      let keep = n;
+      if (topK > 0) keep = Math.min(keep, topK);
+      if (topP < 1) {
+        const limit = topP * (topK > 0 && topK < V ? massOf(x, order, keep) : total);
+        let mass = 0;
+        for (let i = 0; i < keep; i++)
+          if ((mass += x[order[i]]) >= limit) {
+            keep = i + 1;
+            break;
+          }
+      }
+      n = keep;
+    } else {
+      n = V;
+      for (let i = 0; i < V; i++) order[i] = i;
+    }
+    // min-p keeps tokens at least minP as likely as the best one, which has 1 here.
+    let kept = 0;
+    let mass = 0;
+    for (let i = 0; i < n; i++) {
+      const id = order[i];
+      if (x[id] >= minP) {
+        order[kept++] = id;
+        mass += x[id];
+      }
+    }
+    let u = this.#prng.next() * mass;
+    for (let i = 0; i < kept; i++) {
+      u -= x[order[i]];
+      if (u < 0) return order[i];
+    }
+    return order[kept - 1];
+  }
+
+  /**
+   * Writes into `order`, most likely first (ties: lower id first), a set of tokens that surely holds
+   * the top k and the top-p nucleus: with top-k, exactly the k most likely (a heap); else those above
+   * a threshold lowered tenfold until they hold the nucleus, so that only a few tokens are sorted
+   * rather than the whole vocabulary.
+   */
+  #candidates(p: Float64Array, total: number, order: Int32Array, topK: number, topP: number): number {
+    const V = p.length;
+    if (topK > 0 && topK < V) return topKOf(p, order, topK);
+    let n = 0;
+    for (let threshold = 0.1; n < V && threshold >= 1e-300; threshold *= 0.1) {
+      let count = 0;
+      let mass = 0;
+      for (let i = 0; i < V; i++)
+        if (p[i] >= threshold) {
+          order[count++] = i;
+          mass += p[i];
+        }
+      n = count;
+      if ((topK === 0 || n >= topK) && (topP >= 1 || mass >= topP * total)) break;
+    }
+    const picked = Array.from(order.subarray(0, n)).sort((a, b) => p[b] - p[a] || a - b);
+    for (let i = 0; i < n; i++) order[i] = picked[i];
+    return n;
+  }
+}
+
+/** Less likely first: ties go to the higher id, so that the lower id is kept. */
+function lessLikely(p: Float64Array, a: number, b: number): boolean {
+  return p[a] < p[b] || (p[a] === p[b] && a > b);
+}
+
+/** The k most likely ids into order[0..k), most likely first: a min-heap over one pass of the vocabulary. */
+function topKOf(p: Float64Array, order: Int32Array, k: number): number {
+  const heap = order; // order[0..k) holds the heap, least likely at the root
+  const down = (at: number) => {
+    for (;;) {
+      const l = 2 * at + 1;
+      if (l >= k) return;
+      const c = l + 1 < k && lessLikely(p, heap[l + 1], heap[l]) ? l + 1 : l;
+      if (!lessLikely(p, heap[c], heap[at])) return;
+      [heap[c], heap[at]] = [heap[at], heap[c]];
+      at = c;
+    }
+  };
+  for (let i = 0; i < k; i++) heap[i] = i;
+  for (let i = (k >> 1) - 1; i >= 0; i--) down(i);
+  for (let i = k; i < p.length; i++)
+    if (lessLikely(p, heap[0], i)) {
+      heap[0] = i;
+      down(0);
+    }
+  const picked = Array.from(heap.subarray(0, k)).sort((a, b) => p[b] - p[a] || a - b);
+  for (let i = 0; i < k; i++) order[i] = picked[i];
+  return k;
+}
+
+function massOf(p: Float64Array, order: Int32Array, n: number): number {
+  let m = 0;
+  for (let i = 0; i < n; i++) m += p[order[i]];
+  return m;
+}

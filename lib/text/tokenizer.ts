@@ -1,0 +1,101 @@
+/**
+ * The checkpoint's own tokenizer: tokenizer.json run by @huggingface/tokenizers (the same format and
+ * algorithms as the Rust `tokenizers` library: byte-level BPE, SentencePiece-style BPE with byte
+ * fallback, ...), and tokenizer_config.json for the special tokens and the chat template.
+ */
+import * as path from 'path';
+import type { Tokenizer } from '@huggingface/tokenizers';
+import { argTypeError, checkpointError, messageOf } from '../errors';
+import { isFile, readJson } from '../safetensors/resolve';
+import { isRecord } from '../validate';
+import { ChatMessage, ChatTemplate } from './chat';
+
+/** Options every decode uses, so that streamed pieces and the whole decode agree. */
+const DECODE = { skip_special_tokens: true, clean_up_tokenization_spaces: false } as const;
+
+/** A special token as tokenizer_config.json writes it: a string or an AddedToken object. */
+function tokenText(v: unknown): string | null {
+  if (typeof v === 'string') return v;
+  if (isRecord(v) && typeof v.content === 'string') return v.content;
+  return null;
+}
+
+/** The chat template of tokenizer_config.json: one string, or a list of named ones ('default' is used). */
+function templateText(v: unknown): string | null {
+  if (typeof v === 'string') return v;
+  if (Array.isArray(v)) {
+    const named = v.find((t) => isRecord(t) && t.name === 'default' && typeof t.template === 'string');
+    return named ? (named.template as string) : null;
+  }
+  return null;
+}
+
+export class TextTokenizer {
+  readonly bosToken: string | null;
+  readonly eosToken: string | null;
+  /** Ids of the configured end-of-sequence token (generation stops on it). */
+  readonly eosTokenIds: number[];
+  readonly chatTemplate: ChatTemplate | null;
+  /** One past the largest id the tokenizer can produce. */
+  readonly vocabLimit: number;
+  readonly #tokenizer: Tokenizer;
+
+  constructor(tokenizerJson: object, config: Record<string, unknown>, source: string) {
+    try {
+      // eslint-disable-next-line @typescript-eslint/no-require-imports -- loaded on first use: a program that reads no tokenizer does not pay for it
+      const { Tokenizer: Impl } = require('@huggingface/tokenizers') as typeof import('@huggingface/tokenizers');
+      this.#tokenizer = new Impl(tokenizerJson, config);
+    } catch (err) {
+      throw checkpointError(source, `tokenizer.json cannot be read: ${messageOf(err)}`, err);
+    }
+    this.bosToken = tokenText(config.bos_token);
+    this.eosToken = tokenText(config.eos_token);
+    const eos = this.eosToken === null ? undefined : this.#tokenizer.token_to_id(this.eosToken);
+    this.eosTokenIds = eos === undefined ? [] : [eos];
+    let limit = 0;
+    for (const id of this.#tokenizer.get_vocab(true).values()) limit = Math.max(limit, id + 1);
+    this.vocabLimit = limit;
+    const template = templateText(config.chat_template);
+    try {
+      this.chatTemplate = template === null ? null : new ChatTemplate(template, this.bosToken, this.eosToken);
+    } catch (err) {
+      throw checkpointError(
+        source,
+        `the chat_template of tokenizer_config.json does not parse: ${messageOf(err)}`,
+        err,
+      );
+    }
+  }
+
+  /**
+   * Reads tokenizer.json (and tokenizer_config.json when there is one) of a checkpoint folder;
+   * undefined when the folder has no tokenizer.json.
+   */
+  static async load(dir: string): Promise<TextTokenizer | undefined> {
+    const file = path.join(dir, 'tokenizer.json');
+    if (!(await isFile(file))) return undefined;
+    const json = await readJson(file, 'tokenizer');
+    if (!isRecord(json)) throw checkpointError(file, 'must hold a JSON object');
+    const configFile = path.join(dir, 'tokenizer_config.json');
+    const config = (await isFile(configFile)) ? await readJson(configFile, 'tokenizer config') : {};
+    if (!isRecord(config)) throw checkpointError(configFile, 'must hold a JSON object');
+    return new TextTokenizer(json, config, dir);
+  }
+
+  /** Token ids of `text`; `addSpecialTokens` adds what the tokenizer's post-processor adds (BOS, ...). */
+  encode(text: string, addSpecialTokens = true): number[] {
+    return this.#tokenizer.encode(text, { add_special_tokens: addSpecialTokens }).ids;
+  }
+
+  /** Text of `ids`, special tokens left out. */
+  decode(ids: readonly number[]): string {
+    return ids.length === 0 ? '' : this.#tokenizer.decode(ids as number[], DECODE);
+  }
+
+  /** The prompt text of a conversation, by the checkpoint's chat template. */
+  renderChat(messages: readonly ChatMessage[], addGenerationPrompt: boolean, name: string): string {
+    if (!this.chatTemplate)
+      throw argTypeError(`${name} is a list of messages, but tokenizer_config.json has no chat_template`);
+    return this.chatTemplate.render(messages, addGenerationPrompt, name);
+  }
+}

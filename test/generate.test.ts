@@ -1,0 +1,273 @@
+/**
+ * model.generate / model.complete on tiny random checkpoints with real tokenizers: greedy decoding
+ * against argmax over model.logits step by step; seeded sampling that gives the same tokens alone
+ * and among other streams; batch invariance of whole generations; stop strings, maxTokens, EOS;
+ * aborts that free their sequence; waiting in order; prefix reuse across the turns of a chat.
+ */
+import * as path from 'path';
+import { GenerationResult, MoeModel } from '../lib/index';
+import { makeTempDir, removeTempDir } from './helpers/checkpoint';
+import { randomTokens } from './helpers/model/compare';
+import { writeRandomModel } from './helpers/model/random-model';
+import { writeTokenizer } from './helpers/text/tokenizer-files';
+
+let dir = '';
+let byteLevelDir = '';
+let sentencePieceDir = '';
+beforeAll(() => {
+  dir = makeTempDir('generate');
+  byteLevelDir = writeRandomModel(path.join(dir, 'mixtral'), { family: 'mixtral', seed: 21, gguf: false }).hfDir;
+  writeTokenizer(byteLevelDir, 'byte-level', 320);
+  sentencePieceDir = writeRandomModel(path.join(dir, 'qwen3moe'), { family: 'qwen3moe', seed: 22, gguf: false }).hfDir;
+  writeTokenizer(sentencePieceDir, 'sentencepiece', 384);
+});
+afterAll(() => removeTempDir(dir));
+
+const EOS = 2;
+
+/** Greedy tokens by full recomputation: argmax (lowest id on ties) of model.logits over the sequence so far. */
+async function argmaxChain(model: MoeModel, prompt: number[], steps: number): Promise<number[]> {
+  const out: number[] = [];
+  const seq = prompt.slice();
+  for (let s = 0; s < steps; s++) {
+    const logits = await model.logits(seq);
+    let best = 0;
+    for (let i = 1; i < logits.length; i++) if (logits[i] > logits[best]) best = i;
+    out.push(best);
+    if (best === EOS) break;
+    seq.push(best);
+  }
+  return out;
+}
+
+async function collect(
+  gen: AsyncIterator<{ token: number; text: string }, GenerationResult>,
+): Promise<{ pieces: { token: number; text: string }[]; result: GenerationResult }> {
+  const pieces: { token: number; text: string }[] = [];
+  for (;;) {
+    const r = await gen.next();
+    if (r.done) return { pieces, result: r.value };
+    pieces.push(r.value);
+  }
+}
+
+describe('byte-level model, 8 sequences', () => {
+  let model: MoeModel;
+  beforeAll(async () => {
+    model = await MoeModel.load(byteLevelDir, { maxSequences: 8 });
+  });
+  afterAll(() => model.dispose());
+
+  test('temperature 0 gives the tokens of argmax over model.logits, step by step', async () => {
+    for (const [n, seed] of [
+      [1, 1],
+      [7, 2],
+      [33, 3],
+    ]) {
+      const prompt = randomTokens(n, 320, seed);
+      const result = await model.complete(prompt, { temperature: 0, maxTokens: 12 });
+      const expected = await argmaxChain(model, prompt, 12);
+      expect(result.tokens).toEqual(expected);
+      expect(result.finishReason).toBe(expected[expected.length - 1] === EOS ? 'stop' : 'length');
+      expect(result.usage).toMatchObject({
+        promptTokens: n,
+        completionTokens: expected.length,
+        totalTokens: n + expected.length,
+      });
+    }
+  });
+
+  test('streamed pieces join to the text, which is the decode of the tokens', async () => {
+    const { pieces, result } = await collect(
+      model.generate('the café 日本', { temperature: 1.2, seed: 5, maxTokens: 40 }),
+    );
+    expect(pieces.map((p) => p.token)).toEqual(result.tokens);
+    expect(pieces.map((p) => p.text).join('')).toBe(result.text);
+    expect(result.text).toBe(model.detokenize(result.tokens));
+    expect(result.usage.promptTokens).toBe(model.tokenize('the café 日本').length);
+  });
+
+  test('the same seed gives the same tokens alone and among 8 concurrent streams', async () => {
+    const options = { temperature: 0.9, topK: 40, topP: 0.95, minP: 0.01, repetitionPenalty: 1.1, maxTokens: 20 };
+    const prompt = 'déjà vu';
+    const alone = await model.complete(prompt, { ...options, seed: 1234 });
+    const others = Array.from({ length: 7 }, (_, i) =>
+      model.complete(i % 2 ? randomTokens(5 + i * 9, 320, 40 + i) : `prompt ${i} 🙂`, { ...options, seed: i }),
+    );
+    const together = await Promise.all([model.complete(prompt, { ...options, seed: 1234 }), ...others]);
+    expect(together[0].tokens).toEqual(alone.tokens);
+    expect(together[0].text).toBe(alone.text);
+    // The seed matters: other seeds on the same prompt give other tokens.
+    const reseeded = await Promise.all([1, 2, 3].map((seed) => model.complete(prompt, { ...options, seed })));
+    expect(reseeded.some((r) => r.tokens.join() !== alone.tokens.join())).toBe(true);
+  });
+
+  test('a batch of 8 different prompts gives each the tokens it gets alone (greedy and sampled)', async () => {
+    const prompts = Array.from({ length: 8 }, (_, i) => randomTokens(1 + i * 11, 320, 60 + i));
+    const opts = (i: number) =>
+      i % 2 ? { temperature: 0, maxTokens: 10 } : { temperature: 1, seed: i, maxTokens: 10 };
+    const alone: number[][] = [];
+    for (let i = 0; i < 8; i++) alone.push((await model.complete(prompts[i], opts(i))).tokens);
+    const batch = await Promise.all(prompts.map((p, i) => model.complete(p, opts(i))));
+    batch.forEach((r, i) => expect(r.tokens).toEqual(alone[i]));
+  });
+
+  test('maxTokens bounds the output; the context bounds it too', async () => {
+    const r = await model.complete(randomTokens(9, 320, 70), { temperature: 0, maxTokens: 3 });
+    const expected = await argmaxChain(model, randomTokens(9, 320, 70), 3);
+    expect(r.tokens).toEqual(expected);
+    if (!expected.includes(EOS)) expect(r.finishReason).toBe('length');
+    // A prompt that fills the context leaves room for one sampled token.
+    const full = await model.complete(randomTokens(128, 320, 71), { temperature: 0, maxTokens: 50 });
+    expect(full.tokens.length).toBe(1);
+  });
+
+  test('a stop string that spans two tokens ends the text just before it', async () => {
+    const prompt = randomTokens(6, 320, 80);
+    const { pieces, result } = await collect(model.generate(prompt, { temperature: 0, maxTokens: 40 }));
+    // Two neighbouring pieces with text: the stop string is the last character of one and the first of the next.
+    const i = pieces.findIndex((p, k) => k > 0 && p.text.length > 0 && pieces[k - 1].text.length > 0);
+    expect(i).toBeGreaterThan(0);
+    const stop = [...pieces[i - 1].text].pop()! + [...pieces[i].text][0];
+    const at = result.text.indexOf(stop);
+    const stopped = await model.complete(prompt, { temperature: 0, maxTokens: 40, stop: ['never here', stop] });
+    expect(stopped.finishReason).toBe('stop');
+    expect(stopped.text).toBe(result.text.slice(0, at));
+    // Pieces stream the text before the stop string and nothing after it.
+    const streamed = await collect(model.generate(prompt, { temperature: 0, maxTokens: 40, stop }));
+    expect(streamed.pieces.map((p) => p.text).join('')).toBe(result.text.slice(0, at));
+  });
+
+  test('EOS ends the generation with finishReason stop; its token is the last one, without text', async () => {
+    // A hot temperature makes EOS (1 of 320 ids) come up within a few seeds.
+    const prompt = randomTokens(5, 320, 90);
+    for (let seed = 0; seed < 60; seed++) {
+      const r = await model.complete(prompt, { temperature: 3, seed, maxTokens: 60 });
+      if (r.tokens.includes(EOS)) {
+        expect(r.tokens[r.tokens.length - 1]).toBe(EOS);
+        expect(r.finishReason).toBe('stop');
+        expect(r.text).toBe(model.detokenize(r.tokens));
+        return;
+      }
+      expect(r.finishReason).toBe('length');
+    }
+    throw new Error('no generation sampled EOS');
+  });
+});
+
+test('a long prompt joins in chunks: a running stream keeps getting tokens meanwhile', async () => {
+  const model = await MoeModel.load(byteLevelDir, { maxSequences: 2, contextLength: 1024 });
+  try {
+    const events: string[] = [];
+    let started: Promise<unknown> | null = null;
+    const longPrompt = randomTokens(900, 320, 130);
+    const startLong = async () => {
+      events.push('long submitted');
+      for await (const piece of model.generate(longPrompt, { temperature: 0, maxTokens: 2 })) {
+        void piece;
+        events.push('long');
+      }
+    };
+    for await (const piece of model.generate(randomTokens(3, 320, 131), { temperature: 1, seed: 1, maxTokens: 60 })) {
+      void piece;
+      events.push('short');
+      if (events.length === 2) started = startLong();
+    }
+    await started;
+    const from = events.indexOf('long submitted');
+    const firstLong = events.indexOf('long');
+    // 900 prompt tokens at 256 per step take 4 steps, each of which also decodes the running stream.
+    expect(firstLong - from - 1).toBeGreaterThanOrEqual(4);
+    const alone = await model.complete(longPrompt, { temperature: 0, maxTokens: 2 });
+    expect(alone.tokens).toEqual(await argmaxChain(model, longPrompt, 2));
+  } finally {
+    model.dispose();
+  }
+});
+
+describe('one sequence at a time (maxSequences 1, a 64-position cache)', () => {
+  let model: MoeModel;
+  beforeAll(async () => {
+    model = await MoeModel.load(byteLevelDir, { maxSequences: 1, contextLength: 64 });
+  });
+  afterAll(() => model.dispose());
+
+  test('an abort mid-stream ends the stream and frees its cache for the next request', async () => {
+    const controller = new AbortController();
+    const gen = model.generate(randomTokens(20, 320, 100), { temperature: 1, seed: 1, signal: controller.signal });
+    const pieces: number[] = [];
+    for await (const piece of gen) {
+      pieces.push(piece.token);
+      if (pieces.length === 3) controller.abort();
+    }
+    expect(pieces.length).toBeGreaterThanOrEqual(3);
+    expect(pieces.length).toBeLessThanOrEqual(4);
+    // The next request needs the whole cache (64 positions): it runs only if the aborted one was freed.
+    const next = await model.complete(randomTokens(60, 320, 101), { temperature: 0, maxTokens: 5 });
+    expect(next.tokens).toEqual(await argmaxChain(model, randomTokens(60, 320, 101), 5));
+  });
+
+  test('complete() with an aborted signal resolves with finishReason abort; breaking out of a stream aborts it', async () => {
+    const controller = new AbortController();
+    const running = model.complete(randomTokens(10, 320, 110), { signal: controller.signal, maxTokens: 50, seed: 3 });
+    setImmediate(() => controller.abort());
+    const r = await running;
+    expect(r.finishReason).toBe('abort');
+    expect(r.tokens.length).toBeLessThan(50);
+    expect((await model.complete([5], { signal: AbortSignal.abort() })).finishReason).toBe('abort');
+    for await (const piece of model.generate([5, 6], { seed: 4 })) {
+      expect(typeof piece.token).toBe('number');
+      break;
+    }
+    const after = await model.complete(randomTokens(60, 320, 111), { temperature: 0, maxTokens: 4 });
+    expect(after.tokens.length).toBeGreaterThan(0);
+  });
+
+  test('requests beyond maxSequences wait and run in arrival order', async () => {
+    const order: number[] = [];
+    const runs = [0, 1, 2, 3].map((i) =>
+      model.complete(randomTokens(4, 320, 120 + i), { temperature: 0, maxTokens: 3 }).then((r) => {
+        order.push(i);
+        return r;
+      }),
+    );
+    const results = await Promise.all(runs);
+    expect(order).toEqual([0, 1, 2, 3]);
+    for (let i = 0; i < 4; i++)
+      expect(results[i].tokens).toEqual(await argmaxChain(model, randomTokens(4, 320, 120 + i), 3));
+  });
+});
+
+describe('sentencepiece model: conversations reuse their prefix', () => {
+  test('the next turn of a chat reuses the cache and gives the tokens of a fresh model', async () => {
+    const model = await MoeModel.load(sentencePieceDir, { maxSequences: 2, contextLength: 256 });
+    const fresh = await MoeModel.load(sentencePieceDir, { maxSequences: 2, contextLength: 256 });
+    try {
+      const messages = [
+        { role: 'system', content: 'be brief' },
+        { role: 'user', content: 'the café 日本?' },
+      ];
+      const first = await model.complete(messages, { temperature: 0, maxTokens: 8 });
+      expect(first.usage.cachedPromptTokens).toBe(0);
+      const next = [...messages, { role: 'assistant', content: first.text }, { role: 'user', content: 'and then?' }];
+      const second = await model.complete(next, { temperature: 0, maxTokens: 8 });
+      // The first turn's prompt is a prefix of the second's: its cache is taken over.
+      expect(second.usage.cachedPromptTokens).toBeGreaterThanOrEqual(first.usage.promptTokens);
+      expect(second.usage.cachedPromptTokens).toBeLessThan(second.usage.promptTokens);
+      const reference = await fresh.complete(next, { temperature: 0, maxTokens: 8 });
+      expect(reference.usage.cachedPromptTokens).toBe(0);
+      expect(second.tokens).toEqual(reference.tokens);
+      // The same prompt again reuses all of it but the last token.
+      const again = await model.complete(next, { temperature: 0, maxTokens: 8 });
+      expect(again.usage.cachedPromptTokens).toBe(again.usage.promptTokens - 1);
+      expect(again.tokens).toEqual(reference.tokens);
+      // model.logits still gets a sequence when kept prefixes fill the cache.
+      await model.complete(randomTokens(250, 384, 5), { temperature: 0, maxTokens: 4 });
+      await model.complete(randomTokens(250, 384, 6), { temperature: 0, maxTokens: 4 });
+      expect((await model.logits(randomTokens(256, 384, 7))).length).toBe(384);
+    } finally {
+      model.dispose();
+      fresh.dispose();
+    }
+  });
+});
