@@ -3,8 +3,11 @@
   # its own static library with its own flags; everything else targets baseline x86-64 (or arm64), so
   # the binary loads on any CPU of its architecture and picks kernels at run time.
   # The source lists live in csrc/sources.gypi, which CMakeLists.txt reads too: add a file there once.
-  "includes": ["csrc/sources.gypi"],
+  # FUSED_MOE_GLIBC_FLOOR=1 (set by scripts/prebuild.js) links the prebuilt binary so that it loads on
+  # glibc 2.28: see csrc/platform/glibc_floor.cpp.
+  "includes": ["csrc/sources.gypi", "csrc/platform/glibc_floor.gypi"],
   "variables": {
+    "fmoe_glibc_floor%": "<!(node -p \"process.env.FUSED_MOE_GLIBC_FLOOR === '1' ? 1 : 0\")",
     "fmoe_cflags": ["-O3", "-fno-math-errno", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-unused-parameter"]
   },
   "target_defaults": {
@@ -47,7 +50,11 @@
                   "<@(fmoe_probe_sources)", "<@(fmoe_napi_sources)"],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_DEPRECATED", "NAPI_CPP_EXCEPTIONS", "NODE_API_SWALLOW_UNTHROWABLE_EXCEPTIONS"],
-      "libraries": ["-ldl", "-lpthread"]
+      "libraries": ["-ldl", "-lpthread"],
+      "conditions": [["OS=='linux' and fmoe_glibc_floor==1", {
+        "sources": ["<@(fmoe_glibc_floor_sources)"],
+        "ldflags": ["<@(fmoe_glibc_floor_ldflags)"]
+      }]]
     }
   ]
 }

@@ -30,4 +30,5 @@ if (argv[0] === 'run') {
   );
 } else {
   process.exitCode = doctor.main(argv);
+  if (argv.length === 0 || argv[0] === '--help' || argv[0] === '-h') process.stdout.write(`\n${cli.RUN_USAGE}\n`);
 }

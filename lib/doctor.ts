@@ -8,7 +8,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { BackendInfo, binding, bindingPath, bindingSearchPaths, CudaDeviceInfo, packageRoot } from './binding';
 import { ENV_VARS, envSettings } from './env';
-import { RuntimeInfo, runtimeInfo, runtimeLine } from './platform';
+import { PlatformSupport, platformSupport, RuntimeInfo, runtimeInfo, runtimeLine } from './platform';
 
 export interface DoctorDevice extends CudaDeviceInfo {
   index: number;
@@ -17,6 +17,8 @@ export interface DoctorDevice extends CudaDeviceInfo {
 export interface DoctorReport {
   package: { name: string; version: string; path: string };
   runtime: RuntimeInfo;
+  /** What the package offers this platform: a prebuilt binary (and its glibc floor) or a source build. */
+  platform: PlatformSupport;
   addon: {
     loaded: boolean;
     /** The .node file node-gyp-build picked (null when none was found). */
@@ -90,9 +92,11 @@ function errorOf(err: unknown): { code: string; message: string } {
 /** Gathers the report. Never throws. */
 export function doctorReport(): DoctorReport {
   const env = envSettings();
+  const runtime = runtimeInfo();
   const report: DoctorReport = {
     package: packageInfo(),
-    runtime: runtimeInfo(),
+    runtime,
+    platform: platformSupport(runtime),
     addon: { loaded: false, path: null, kind: null, searched: bindingSearchPaths(), error: null },
     cpu: null,
     cuda: null,
@@ -159,6 +163,7 @@ export function formatReport(r: DoctorReport): string {
 
   row(r.package.name, `${r.package.version} (${r.package.path})`);
   row('runtime', runtimeLine(r.runtime));
+  row('platform', r.platform.text);
   if (r.addon.loaded) {
     row('addon', `${r.addon.kind ?? 'loaded'}: ${r.addon.path ?? '(path unknown)'}`);
   } else {

@@ -15,6 +15,8 @@ const path = require('path');
 
 const root = path.join(__dirname, '..');
 const NAPI_VERSION = 8; // binding.gyp's NAPI_VERSION; package.json binary.napi_versions
+// The oldest glibc the prebuilt binaries load on (csrc/platform/glibc_floor.cpp; test:pack checks it).
+const GLIBC_FLOOR = '2.28';
 
 /** The full path of an executable named `name` on `envPath`, or null. */
 function which(name, envPath = process.env.PATH || '') {
@@ -198,7 +200,8 @@ function report(title, facts, solutions) {
 
 function prebuildFacts() {
   const shipped = listPrebuilds();
-  return [`prebuilt binaries in this package: ${shipped.length ? shipped.join(', ') : 'none'}`];
+  const floor = shipped.some((f) => /\.glibc\.node$/.test(f)) ? ` (glibc ${GLIBC_FLOOR} or newer)` : '';
+  return [`prebuilt binaries in this package: ${shipped.length ? shipped.join(', ') + floor : 'none'}`];
 }
 
 function main() {
@@ -287,6 +290,7 @@ function main() {
 }
 
 module.exports = {
+  GLIBC_FLOOR,
   which,
   libcInfo,
   runtimeLine,

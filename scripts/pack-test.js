@@ -9,15 +9,25 @@
 //   - runs `fused-moe doctor` from the install and checks it reports the prebuilt binary;
 //   - checks the binary loads on a baseline x86-64 CPU: no AVX in the code that runs at load time
 //     (objdump), and, where qemu-x86_64 is installed, a forward pass on an emulated CPU without AVX;
-//   - prints the newest glibc and libstdc++ symbol versions the binary needs.
-// Options: --rebuild (always remake the prebuilt binary), --keep (keep the temporary folder).
+//   - checks each glibc prebuilt binary needs no glibc symbol version above 2.28 and no libstdc++
+//     (objdump -T), and, as root with debootstrap, loads the x64 one in a Debian 11 root (glibc 2.31;
+//     scripts/debian-root.js) and runs a forward pass there;
+//   - on linux-x64 with the arm64 cross compiler and qemu-user: runs the cross-built C++ core tests
+//     under qemu-aarch64 for each arm64 kernel set, and the installed arm64 prebuilt binary with an arm64
+//     Node.js (scripts/qemu-arm64.js): the forward pass, doctor, and every expert type per kernel set;
+//   - every kernel set of every platform checked here, every expert type (float32, bfloat16, float16,
+//     int8, int4) against the float64 reference (scripts/kernel-sweep.js); a table of the largest errors.
+// Options: --rebuild (always remake the prebuilt binaries), --keep (keep the temporary folder).
 'use strict';
 
 const childProcess = require('child_process');
 const fs = require('fs');
 const os = require('os');
 const path = require('path');
-const { which } = require('./install');
+const { which, GLIBC_FLOOR } = require('./install');
+const cross = require('./cross-arm64');
+const qemuArm64 = require('./qemu-arm64');
+const debianRoot = require('./debian-root');
 
 const root = path.join(__dirname, '..');
 const tuple = `${os.platform()}-${os.arch()}`;
@@ -88,19 +98,36 @@ function newestMtime(dir, skip) {
   return newest;
 }
 
-// ---- 1. the prebuilt binary ---------------------------------------------------------------------------
-function ensurePrebuild(npm) {
-  const dir = path.join(root, 'prebuilds', tuple);
+// ---- 1. the prebuilt binaries -------------------------------------------------------------------------
+/** The platforms `npm run build:prebuilds` makes here: this one, and linux-arm64 where it cross-compiles. */
+function builtTuples() {
+  const tuples = [tuple];
+  if (tuple === 'linux-x64' && cross.compiler()) tuples.push('linux-arm64');
+  return tuples;
+}
+
+function prebuiltFile(t) {
+  const dir = path.join(root, 'prebuilds', t);
   const node = (fs.existsSync(dir) ? fs.readdirSync(dir) : []).find((n) => n.endsWith('.node'));
+  return node ? path.join(dir, node) : null;
+}
+
+/** -> { [tuple]: path of its .node } */
+function ensurePrebuild(npm) {
   const sources = Math.max(
     // The addon's sources: all of csrc/ but the tests, the CUDA kernels and the CUDA self-test.
     newestMtime(path.join(root, 'csrc'), (p) => /[\\/](tests|tools)$/.test(p) || /\.cuh?$/.test(p)),
     fs.statSync(path.join(root, 'binding.gyp')).mtimeMs,
   );
-  if (node && !argv.includes('--rebuild') && fs.statSync(path.join(dir, node)).mtimeMs >= sources) {
-    log(`using prebuilds/${tuple}/${node} (newer than the sources; --rebuild remakes it)`);
+  const fresh = (t) => {
+    const file = prebuiltFile(t);
+    return file && fs.statSync(file).mtimeMs >= sources;
+  };
+  const tuples = builtTuples();
+  if (!argv.includes('--rebuild') && tuples.every(fresh)) {
+    log(`using prebuilds/{${tuples.join(',')}} (newer than the sources; --rebuild remakes them)`);
   } else {
-    log(`making prebuilds/${tuple} (npm run build:prebuilds)`);
+    log(`making prebuilds/{${tuples.join(',')}} (npm run build:prebuilds)`);
     run(process.execPath, [npm, 'run', 'build:prebuilds'], {
       cwd: root,
       stdio: 'inherit',
@@ -108,8 +135,13 @@ function ensurePrebuild(npm) {
       encoding: undefined,
     });
   }
-  const built = fs.readdirSync(dir).find((n) => n.endsWith('.node'));
-  return path.join(dir, built);
+  if (!cross.compiler() && tuple === 'linux-x64') log(`  linux-arm64: not built, ${cross.MISSING}`);
+  const files = {};
+  for (const t of tuples) {
+    files[t] = prebuiltFile(t);
+    if (!files[t]) throw new Error(`npm run build:prebuilds left no prebuilds/${t}/*.node`);
+  }
+  return files;
 }
 
 // ---- 2. the tarball -----------------------------------------------------------------------------------
@@ -142,10 +174,11 @@ function pack(npm, work) {
   const info = JSON.parse(r.stdout.slice(r.stdout.indexOf('[')))[0];
   const files = info.files.map((f) => f.path);
   for (const f of REQUIRED) check(files.includes(f), `the tarball lacks ${f}`);
-  check(
-    files.some((f) => f.startsWith(`prebuilds/${tuple}/`) && f.endsWith('.node')),
-    `the tarball lacks prebuilds/${tuple}/*.node`,
-  );
+  for (const t of builtTuples())
+    check(
+      files.some((f) => f.startsWith(`prebuilds/${t}/`) && f.endsWith('.node')),
+      `the tarball lacks prebuilds/${t}/*.node`,
+    );
   const stray = files.filter((f) => !ALLOWED.test(f) || /(^|\/)(test|tests|bench)\//.test(f));
   check(stray.length === 0, `the tarball holds files it should not: ${stray.join(', ')}`);
   log(
@@ -505,8 +538,8 @@ function loadTimeExtensions(file) {
   return found;
 }
 
-function symbolVersions(file) {
-  const objdump = which('objdump');
+function symbolVersions(file, tool = 'objdump') {
+  const objdump = which(tool) || which('objdump');
   if (!objdump) return null;
   const r = run(objdump, ['-T', file]);
   const newest = (prefix) => {
@@ -556,18 +589,198 @@ function portability(addon, c) {
   } else {
     log(`  emulated baseline CPU run: skipped (${qemu ? 'the install failed' : 'qemu-x86_64 not installed'})`);
   }
+}
 
-  const v = symbolVersions(addon);
-  if (v) log(`the binary needs glibc >= ${v.glibc} and libstdc++ symbols up to GLIBCXX_${v.glibcxx}`);
+// ---- 5. the glibc floor and the other platforms ---------------------------------------------------------
+function versionAbove(a, b) {
+  const x = a.split('.').map(Number),
+    y = b.split('.').map(Number);
+  for (let i = 0; i < Math.max(x.length, y.length); i++)
+    if ((x[i] || 0) !== (y[i] || 0)) return (x[i] || 0) > (y[i] || 0);
+  return false;
+}
+
+/** Each glibc prebuilt binary: no glibc symbol version above the floor, no libstdc++ at all. */
+function glibcFloor(addons) {
+  for (const [t, file] of Object.entries(addons)) {
+    if (!/glibc/.test(path.basename(file))) continue;
+    const v = symbolVersions(file, t === 'linux-arm64' ? 'aarch64-linux-gnu-objdump' : 'objdump');
+    if (!v) {
+      log(`glibc floor of prebuilds/${t}: skipped, objdump not found`);
+      continue;
+    }
+    log(`prebuilds/${t} needs glibc >= ${v.glibc}` + (v.glibcxx ? ` and GLIBCXX_${v.glibcxx}` : ', no libstdc++'));
+    check(
+      v.glibc && !versionAbove(v.glibc, GLIBC_FLOOR),
+      `prebuilds/${t} needs GLIBC_${v.glibc}, above the ${GLIBC_FLOOR} floor (csrc/platform/glibc_floor.cpp)`,
+    );
+    check(!v.glibcxx, `prebuilds/${t} needs the system libstdc++ (GLIBCXX_${v.glibcxx}): link it statically`);
+  }
+}
+
+/** The largest error per platform, kernel set and expert type, printed at the end. */
+const sweepTable = [];
+
+/**
+ * scripts/kernel-sweep.js once per kernel set through `runNode(args, env)`; a set the CPU lacks is
+ * skipped. Records the errors; returns the sets that ran.
+ */
+function kernelSweep(platform, c, sets, runNode) {
+  fs.copyFileSync(path.join(__dirname, 'kernel-sweep.js'), path.join(c.app, 'kernel-sweep.js'));
+  const ran = [];
+  for (const isa of sets) {
+    const r = runNode(['kernel-sweep.js', path.join(root, 'test', 'helpers')], { ...c.env, FUSED_MOE_ISA: isa });
+    if (r.status !== 0 && /cannot run here/.test(r.stderr)) {
+      log(`  ${isa}: skipped, this CPU lacks it`);
+      continue;
+    }
+    if (
+      !check(
+        r.status === 0,
+        `kernel sweep with ${isa} on ${platform} exited with ${r.status ?? r.signal}: ${(r.stderr || '').slice(-1500)}`,
+      )
+    )
+      continue;
+    const res = JSON.parse(r.stdout.trim().split('\n').pop());
+    check(res.isa === isa, `kernel sweep with FUSED_MOE_ISA=${isa} on ${platform} ran ${res.isa}`);
+    for (const e of res.results) {
+      sweepTable.push({ platform, isa, ...e });
+      check(e.ok, `${platform} ${isa} ${e.expert} experts: relative L2 error ${e.err} over the bound ${e.tol}`);
+    }
+    log(`  ${isa}: ${res.results.map((e) => `${e.expert} ${e.err.toExponential(1)}`).join(', ')}`);
+    ran.push(isa);
+  }
+  return ran;
+}
+
+function nativeSweep(c) {
+  log(`every expert type per kernel set, ${tuple} (kernel-sweep.js against the float64 reference)`);
+  const sets = os.arch() === 'x64' ? ['scalar', 'avx2', 'avx512', 'avx512bf16'] : ['scalar', 'neon'];
+  kernelSweep(tuple, c, sets, (args, env) => run(process.execPath, args, { cwd: c.app, env }));
+}
+
+function checkForward(res, what, isa) {
+  if (
+    !check(
+      res.errSync < 1e-4 && res.errAsync < 1e-4,
+      `${what}: forward differs from the reference: ${JSON.stringify(res)}`,
+    )
+  )
+    return;
+  if (isa) check(res.isa === isa, `${what}: ran ${res.isa}, expected ${isa}`);
+  log(`  ${what}: kernels ${res.isa}, max error ${Math.max(res.errSync, res.errAsync).toExponential(1)}`);
+}
+
+/** The arm64 prebuilt binary under emulation: C++ tests, the installed package with an arm64 Node. */
+async function arm64(npm, c, addons) {
+  if (!addons['linux-arm64']) return;
+  const why = qemuArm64.unavailable();
+  if (why) {
+    log(`linux-arm64 under emulation: skipped, ${why}`);
+    return;
+  }
+  log('linux-arm64: the cross-built C++ core tests under qemu-aarch64, per kernel set');
+  for (const r of await qemuArm64.cppTests()) {
+    if (r.skipped) log(`  ${r.test} ${r.isa}: skipped, the emulated CPU lacks it`);
+    else if (check(r.ok, `${r.test} with FUSED_MOE_ISA=${r.isa} under qemu-aarch64 failed:\n${r.output.slice(-2000)}`))
+      log(`  ${r.test} ${r.isa}: ${r.output.split('\n').pop()}`);
+  }
+
+  const node = qemuArm64.arm64Node(npm);
+  const runNode = (args, env) => qemuArm64.runArm64(node, args, { cwd: c.app, env });
+  log(`linux-arm64: the installed package with an arm64 Node.js ${process.versions.node} under qemu-aarch64`);
+  const auto = runNode(['cjs.js'], c.env);
+  if (check(auto.status === 0, `arm64 cjs.js exited with ${auto.status ?? auto.signal}: ${auto.stderr.slice(-1500)}`))
+    checkForward(JSON.parse(auto.stdout.trim().split('\n').pop()), 'arm64 forward', 'neon');
+  const scalar = runNode(['cjs.js'], { ...c.env, FUSED_MOE_ISA: 'scalar' });
+  if (check(scalar.status === 0, `arm64 cjs.js (scalar) exited with ${scalar.status}: ${scalar.stderr.slice(-1500)}`))
+    checkForward(JSON.parse(scalar.stdout.trim().split('\n').pop()), 'arm64 forward, FUSED_MOE_ISA=scalar', 'scalar');
+  const doctor = runNode([path.join(c.pkgDir, 'bin', 'fused-moe.js'), 'doctor', '--json'], c.env);
+  if (check(doctor.status === 0, `arm64 doctor exited with ${doctor.status}: ${doctor.stdout.slice(-1500)}`)) {
+    const rep = JSON.parse(doctor.stdout);
+    check(
+      rep.addon.kind === 'prebuilt' && /prebuilds[\\/]linux-arm64[\\/]/.test(rep.addon.path),
+      `arm64 doctor: addon ${rep.addon.kind} ${rep.addon.path}, expected prebuilds/linux-arm64`,
+    );
+    check(
+      rep.platform && rep.platform.prebuilt,
+      `arm64 doctor does not report the prebuilt platform: ${JSON.stringify(rep.platform)}`,
+    );
+    log(
+      `  doctor: ${rep.addon.kind} ${path.relative(c.pkgDir, rep.addon.path)}, kernel sets ${rep.cpu.supported.join(', ')}`,
+    );
+  }
+  log('linux-arm64: every expert type per kernel set under emulation');
+  kernelSweep('linux-arm64', c, qemuArm64.ARM64_SETS, runNode);
+}
+
+/** The x64 prebuilt binary on Debian 11's glibc 2.31, entered with chroot. */
+function debian11(c) {
+  if (tuple !== 'linux-x64') return;
+  const why = debianRoot.unavailable();
+  if (why) {
+    log(`Debian 11 root: skipped, ${why}`);
+    return;
+  }
+  const dir = debianRoot.ensureRoot(log);
+  const glibc = debianRoot.rootGlibc(dir);
+  log(`Debian 11 root (glibc ${glibc}): the installed package, its install script and a forward pass`);
+  const app = debianRoot.install(c.app, dir);
+  const inRoot = (argv, env = {}) => debianRoot.run(argv, { dir, cwd: app, env: { PREBUILDS_ONLY: '1', ...env } });
+  const inst = inRoot(['node', 'node_modules/fused-moe/scripts/install.js']);
+  check(inst.status === 0, `install.js in the Debian 11 root exited with ${inst.status}: ${inst.stderr.slice(-1500)}`);
+  for (const isa of [null, 'scalar']) {
+    const r = inRoot(['node', 'cjs.js'], isa ? { FUSED_MOE_ISA: isa } : {});
+    if (
+      check(
+        r.status === 0,
+        `cjs.js in the Debian 11 root exited with ${r.status ?? r.signal}: ${r.stderr.slice(-1500)}`,
+      )
+    )
+      checkForward(
+        JSON.parse(r.stdout.trim().split('\n').pop()),
+        `Debian 11${isa ? ', FUSED_MOE_ISA=' + isa : ''}`,
+        isa,
+      );
+  }
+  const doctor = inRoot(['node', 'node_modules/fused-moe/bin/fused-moe.js', 'doctor', '--json']);
+  if (
+    check(
+      doctor.status === 0,
+      `doctor in the Debian 11 root exited with ${doctor.status}: ${doctor.stdout.slice(-1500)}`,
+    )
+  ) {
+    const rep = JSON.parse(doctor.stdout);
+    check(
+      rep.addon.kind === 'prebuilt' && rep.runtime.libc.version === glibc,
+      `doctor in the Debian 11 root: addon ${rep.addon.kind}, glibc ${rep.runtime.libc.version}`,
+    );
+  }
+}
+
+function printSweepTable() {
+  if (!sweepTable.length) return;
+  console.log('\nlargest relative L2 error against the float64 reference (kernel-sweep.js, 2 sizes each):');
+  const experts = [...new Set(sweepTable.map((r) => r.expert))];
+  console.log(['platform'.padEnd(12), 'kernels'.padEnd(11), ...experts.map((e) => e.padStart(9))].join(' '));
+  const rows = [...new Set(sweepTable.map((r) => `${r.platform} ${r.isa}`))];
+  for (const row of rows) {
+    const [platform, isa] = row.split(' ');
+    const cells = experts.map((e) => {
+      const hit = sweepTable.find((r) => r.platform === platform && r.isa === isa && r.expert === e);
+      return (hit ? hit.err.toExponential(1) : '-').padStart(9);
+    });
+    console.log([platform.padEnd(12), isa.padEnd(11), ...cells].join(' '));
+  }
 }
 
 // ---- main ---------------------------------------------------------------------------------------------
-function main() {
+async function main() {
   const npm = npmCli();
   const work = fs.mkdtempSync(path.join(os.tmpdir(), 'fused-moe-pack-'));
   let consumer = null;
   try {
-    const addon = ensurePrebuild(npm);
+    const addons = ensurePrebuild(npm);
     const tarball = pack(npm, work);
     consumer = install(npm, work, tarball);
     if (consumer) {
@@ -575,13 +788,20 @@ function main() {
       failureMessages(consumer, work);
       sourceBuild(npm, consumer, work);
     }
-    portability(addon, consumer);
+    portability(addons[tuple], consumer);
+    glibcFloor(addons);
+    if (consumer) {
+      nativeSweep(consumer);
+      debian11(consumer);
+      await arm64(npm, consumer, addons);
+    }
   } catch (e) {
     fail(e && e.stack ? e.stack : String(e));
   } finally {
     if (argv.includes('--keep')) log(`kept ${work}`);
     else fs.rmSync(work, { recursive: true, force: true });
   }
+  printSweepTable();
   const secs = ((Date.now() - started) / 1000).toFixed(1);
   if (failures.length) {
     console.log(`\npack test FAILED in ${secs}s: ${failures.length} problem(s)`);
@@ -591,4 +811,7 @@ function main() {
   }
 }
 
-main();
+main().catch((e) => {
+  console.error(e);
+  process.exitCode = 1;
+});

@@ -2,6 +2,9 @@
 // `npm run build:prebuilds`: makes prebuilds/<platform>-<arch>/fused-moe.<libc>.node with prebuildify, the
 // binary `npm install` uses without compiling. It is a Node-API build (one binary for every Node.js
 // with Node-API 8), stripped, and tagged with its libc so a musl system never picks a glibc binary.
+// On glibc it is linked for a glibc 2.28 floor (FUSED_MOE_GLIBC_FLOOR, see binding.gyp). On linux-x64
+// it then cross-compiles prebuilds/linux-arm64 too (scripts/cross-arm64.js) where aarch64-linux-gnu-g++
+// is installed, and says so where it is not.
 //
 // prebuildify runs `node-gyp rebuild`, which empties build/. The CUDA backend library, when
 // `npm run build:cmake` has built it into build/Release, is kept aside first and then copied beside the
@@ -33,6 +36,8 @@ function main() {
   // node-gyp reads npm_config_nodedir and JOBS from the environment prebuildify passes on.
   Object.assign(process.env, buildEnv(process.env));
   const libc = libcInfo().family;
+  // csrc/platform/glibc_floor.cpp knows the first glibc symbol versions of these two architectures.
+  if (libc === 'glibc' && ['x64', 'arm64'].includes(os.arch())) process.env.FUSED_MOE_GLIBC_FLOOR = '1';
 
   const opts = {
     cwd: root,
@@ -62,12 +67,27 @@ function main() {
         console.log(`prebuilds/${tuple}/${name}  ${fs.statSync(path.join(outDir, name)).size} bytes`);
       }
     } catch (e) {
-      console.error(`prebuild failed: ${e && e.message ? e.message : e}`);
-      process.exitCode = 1;
+      failed(e);
+      return;
     } finally {
       fs.rmSync(stash, { recursive: true, force: true });
     }
+    if (tuple === 'linux-x64' && libc === 'glibc') crossArm64().catch(failed);
   });
+}
+
+function failed(e) {
+  console.error(`prebuild failed: ${e && e.message ? e.message : e}`);
+  process.exitCode = 1;
+}
+
+async function crossArm64() {
+  const cross = require('./cross-arm64');
+  if (!cross.compiler()) {
+    console.log(`prebuilds/linux-arm64: skipped, ${cross.MISSING}`);
+    return;
+  }
+  await cross.buildAddon();
 }
 
 function strip(file) {

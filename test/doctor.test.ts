@@ -3,6 +3,7 @@ import { spawnSync } from 'child_process';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
+import { platformSupport, PREBUILT_PLATFORMS, RuntimeInfo } from '../lib/platform';
 
 const root = path.join(__dirname, '..');
 const bin = path.join(root, 'bin', 'fused-moe.js');
@@ -34,6 +35,7 @@ test('text report: version, binary, CPU kernels, CUDA state', () => {
   expect(r.stdout).toMatch(
     new RegExp(`^runtime\\s+${process.platform}-${process.arch}.*Node\\.js ${process.versions.node}`, 'm'),
   );
+  expect(r.stdout).toMatch(/^platform\s+(prebuilt binary for|no prebuilt binary|the \S+ prebuilt binary needs)/m);
   expect(r.stdout).toMatch(/^addon\s+(local build|prebuilt|other): \S+\.node$/m);
   expect(r.stdout).toMatch(/^cpu\s+\w+ kernels, \d+ threads/m);
   expect(r.stdout).toMatch(/kernel sets this CPU and build support: scalar/);
@@ -54,6 +56,10 @@ test('--json: one object with every field, consistent with itself', () => {
     addonNapi: 8,
   });
   expect(report.runtime.napi).toBeGreaterThanOrEqual(8);
+  expect(typeof report.platform.prebuilt).toBe('boolean');
+  expect(report.platform.kernels).toContain('scalar');
+  // Every kernel set the CPU runs is one the platform's binary holds.
+  for (const isa of report.cpu.supported) expect(report.platform.kernels).toContain(isa);
   if (process.platform === 'linux') expect(['glibc', 'musl']).toContain(report.runtime.libc.family);
   expect(report.addon.loaded).toBe(true);
   expect(fs.existsSync(report.addon.path)).toBe(true);
@@ -134,5 +140,37 @@ test('usage and unknown commands', () => {
   expect(doctor(['doctr'])).toMatchObject({
     status: 2,
     stdout: expect.stringMatching(/unknown command or option 'doctr'/),
+  });
+});
+
+describe('what each platform gets (platformSupport)', () => {
+  const runtime = (platform: NodeJS.Platform, arch: string, family: 'glibc' | 'musl' | null, version: string | null) =>
+    ({ platform, arch, libc: { family, version }, node: '20.0.0', napi: 9, addonNapi: 8 }) as RuntimeInfo;
+
+  test.each([
+    ['linux', 'x64', 'glibc', '2.28', true, ['scalar', 'avx2', 'avx512', 'avx512bf16']],
+    ['linux', 'x64', 'glibc', '2.31', true, ['scalar', 'avx2', 'avx512', 'avx512bf16']],
+    ['linux', 'arm64', 'glibc', '2.36', true, ['scalar', 'neon']],
+    ['linux', 'x64', 'glibc', '2.27', false, ['scalar', 'avx2', 'avx512', 'avx512bf16']],
+    ['linux', 'arm64', 'glibc', '2.17', false, ['scalar', 'neon']],
+    ['linux', 'x64', 'musl', null, false, ['scalar', 'avx2', 'avx512', 'avx512bf16']],
+    ['linux', 'arm64', 'musl', null, false, ['scalar', 'neon']],
+    ['darwin', 'arm64', null, null, false, ['scalar', 'neon']],
+    ['win32', 'x64', null, null, false, ['scalar', 'avx2', 'avx512', 'avx512bf16']],
+    ['linux', 'riscv64', 'glibc', '2.36', false, ['scalar']],
+  ] as const)('%s-%s %s %s: prebuilt %s', (platform, arch, family, version, prebuilt, kernels) => {
+    const s = platformSupport(runtime(platform, arch, family, version));
+    expect(s.prebuilt).toBe(prebuilt);
+    expect(s.kernels).toEqual(kernels);
+    if (prebuilt) expect(s.text).toMatch(new RegExp(`^prebuilt binary for ${platform}-${arch}, glibc >= 2\\.28 `));
+    else expect(s.text).toMatch(/builds the CPU addon from source/);
+    if (version && !prebuilt && arch !== 'riscv64') expect(s.text).toContain(`needs glibc 2.28, this is ${version}`);
+  });
+
+  test('the table names the glibc floor that pack-test checks, for both prebuilt platforms', () => {
+    expect(PREBUILT_PLATFORMS.map((p) => `${p.platform}-${p.arch} ${p.libc} ${p.minGlibc}`)).toEqual([
+      'linux-x64 glibc 2.28',
+      'linux-arm64 glibc 2.28',
+    ]);
   });
 });

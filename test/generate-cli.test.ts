@@ -61,4 +61,5 @@ test('usage errors exit 2; a bad folder exits 1 with the reason; doctor still an
     stderr: expect.stringMatching(/config\.json/),
   });
   expect(cli(['doctor', '--json']).status).toBe(0);
+  expect(cli(['--help']).stdout).toMatch(/^usage: fused-moe doctor[^]*^usage: fused-moe run/m);
 });

@@ -2,9 +2,10 @@
  * The sampler (lib/generate/sampling) against a float64 reference written here from the definitions
  * (full sort, Hugging Face's order: repetition penalty, temperature, top-k, top-p, min-p): on fresh
  * random logits of odd and round vocabulary sizes, sampled tokens stay inside the reference's support
- * and their frequencies match its probabilities.
+ * and their frequencies match its probabilities. Stop strings over text cut into random pieces.
  */
 import { Prng, Sampler, checkSampling } from '../lib/generate/sampling';
+import { StopMatcher } from '../lib/generate/stop';
 import { rng } from './helpers/reference';
 
 interface Params {
@@ -102,4 +103,33 @@ test('checkSampling fills the defaults', () => {
   const p = checkSampling('options', {});
   expect(p).toMatchObject({ temperature: 1, topK: 0, topP: 1, minP: 0, repetitionPenalty: 1 });
   expect(Number.isSafeInteger(p.seed)).toBe(true);
+});
+
+test('stop strings: the text before the first one, however the text is cut into pieces', () => {
+  const rand = rng(17);
+  const alphabet = [...'abab cé日🙂'];
+  const pick = (n: number) => Array.from({ length: n }, () => alphabet[Math.floor(rand() * alphabet.length)]).join('');
+  for (let k = 0; k < 500; k++) {
+    const text = pick(1 + Math.floor(rand() * 30));
+    const stops = Array.from({ length: 1 + Math.floor(rand() * 3) }, () => pick(1 + Math.floor(rand() * 4)));
+    // The stop string that is complete first (ties: the longer one) ends the text where it starts.
+    const hits = stops
+      .map((s) => ({ start: text.indexOf(s), end: text.indexOf(s) + s.length }))
+      .filter((h) => h.start >= 0)
+      .sort((a, b) => a.end - b.end || a.start - b.start);
+    const expected = hits.length > 0 ? text.slice(0, hits[0].start) : text;
+    const m = new StopMatcher(stops);
+    let out = '';
+    let stopped = false;
+    for (let at = 0; at < text.length && !stopped;) {
+      const n = 1 + Math.floor(rand() * 4);
+      const r = m.push(text.slice(at, at + n));
+      out += r.text;
+      stopped = r.stopped;
+      at += n;
+    }
+    if (!stopped) out += m.flush();
+    expect(stopped).toBe(hits.length > 0);
+    expect(out).toBe(expected);
+  }
 });

@@ -9,6 +9,11 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
+#elif defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMD
+#define HWCAP_ASIMD (1UL << 1)
+#endif
 #endif
 
 namespace fmoe {
@@ -66,6 +71,9 @@ bool cpu_supports(Isa isa) {
     default:
       return false;
   }
+#elif defined(__aarch64__) && defined(__linux__)
+  // Advanced SIMD is part of every Linux arm64 CPU profile, but the kernel says so: ask it.
+  return isa == Isa::Neon && (getauxval(AT_HWCAP) & HWCAP_ASIMD) != 0;
 #elif defined(__aarch64__)
   return isa == Isa::Neon;
 #else

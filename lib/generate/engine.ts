@@ -220,16 +220,18 @@ export class Engine {
       if (request.done) continue;
       try {
         const { kept, common } = this.#longestPrefix(request.prompt);
-        if (kept && common > 0) {
+        if (kept) {
           this.#kept.splice(this.#kept.indexOf(kept), 1);
-          if (kept.sequence.length > common) await this.#model.truncateSequence(kept.sequence, common);
           request.sequence = kept.sequence;
+          if (kept.sequence.length > common) await this.#model.truncateSequence(kept.sequence, common);
           request.fed = request.cached = common;
         } else {
           request.sequence = this.#model.createSequence();
         }
         this.#running.push(request);
       } catch (err) {
+        if (request.sequence) this.#model.freeSequence(request.sequence);
+        request.sequence = null;
         request.fail(err);
       }
     }
@@ -270,57 +272,31 @@ export class Engine {
     return batch;
   }
 
-  /** After a step: samples for each request whose prompt is complete, emits, and ends the finished. */
+  /**
+   * After a step: samples the next token of a request whose prompt is complete and emits it. The last
+   * piece (end-of-sequence, maxTokens, a full context) also carries what the detokenizer and the stop
+   * matcher held back; a stop string ends the request with the text before it.
+   */
   #advance(r: Request, logits: Float32Array): void {
     if (r.done || r.fed < r.prompt.length) return;
     const token = r.sampler.sample(logits, r.tokens);
     r.generated.push(token);
     r.tokens.push(token);
-    if (r.eos.has(token)) {
-      this.#emitFinal(r, token, '', 'stop');
-      return;
-    }
-    const text = r.decoder ? r.decoder.push(token) : '';
+    const eos = r.eos.has(token);
+    const last = eos || r.generated.length >= r.maxTokens || r.fed + 1 > this.#model.options.contextLength;
+    let text = eos || !r.decoder ? '' : r.decoder.push(token);
+    if (last && r.decoder) text += r.decoder.flush();
     if (r.stop) {
-      const { text: safe, stopped } = r.stop.push(text);
-      if (stopped) {
-        r.emit({ token, text: safe });
+      const match = r.stop.push(text);
+      if (match.stopped) {
+        r.emit({ token, text: match.text });
         this.#end(r, 'stop');
         return;
       }
-      if (!this.#atLimit(r)) {
-        r.emit({ token, text: safe });
-        return;
-      }
-      this.#emitFinal(r, token, safe, 'length', true);
-      return;
+      text = last ? match.text + r.stop.flush() : match.text;
     }
-    if (this.#atLimit(r)) this.#emitFinal(r, token, text, 'length', true);
-    else r.emit({ token, text });
-  }
-
-  #atLimit(r: Request): boolean {
-    return r.generated.length >= r.maxTokens || r.sequence!.length + 1 > this.#model.options.contextLength;
-  }
-
-  /**
-   * The last piece: `text` plus whatever the detokenizer and the stop matcher held back. `stopChecked`:
-   * `text` already went through the stop matcher.
-   */
-  #emitFinal(r: Request, token: number, text: string, reason: FinishReason, stopChecked = false): void {
-    let rest = r.decoder ? r.decoder.flush() : '';
-    if (r.stop) {
-      const { text: safe, stopped } = r.stop.push(stopChecked ? rest : text + rest);
-      if (stopped) {
-        r.emit({ token, text: (stopChecked ? text : '') + safe });
-        this.#end(r, 'stop');
-        return;
-      }
-      rest = safe + r.stop.flush();
-      text = stopChecked ? text : '';
-    }
-    r.emit({ token, text: text + rest });
-    this.#end(r, reason);
+    r.emit({ token, text });
+    if (last) this.#end(r, eos ? 'stop' : 'length');
   }
 
   /** Ends a request: keeps its cache as a prefix, or frees it when it was aborted or failed. */

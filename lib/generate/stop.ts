@@ -30,10 +30,12 @@ export class StopMatcher {
   /** Adds text; returns the text now safe to emit, and whether a stop string was found. */
   push(text: string): { text: string; stopped: boolean } {
     const buf = this.#held + text;
+    // The stop string that ends first (ties: the longer one) wins, wherever the text was cut into pieces.
     let at = -1;
+    let end = Infinity;
     for (const s of this.#stops) {
       const i = buf.indexOf(s);
-      if (i >= 0 && (at < 0 || i < at)) at = i;
+      if (i >= 0 && (i + s.length < end || (i + s.length === end && i < at))) [at, end] = [i, i + s.length];
     }
     if (at >= 0) {
       this.#held = '';

@@ -277,7 +277,6 @@ export class MoeModel {
         path.join(dir, 'tokenizer.json'),
         `the tokenizer has ids up to ${tokenizer.vocabLimit - 1}, beyond the model's vocab_size of ${cfg.vocabSize}`,
       );
-    for (const id of tokenizer?.eosTokenIds ?? []) if (!cfg.eosTokenIds.includes(id)) cfg.eosTokenIds.push(id);
     const contextLength = checkInteger(
       'options.contextLength',
       options.contextLength ?? Math.min(4096, cfg.maxPositions),

@@ -1,5 +1,5 @@
 /** Chat templates: the checkpoint's Jinja template, rendered by @huggingface/jinja. */
-import { Template } from '@huggingface/jinja';
+import type { Template } from '@huggingface/jinja';
 import { argRangeError, argTypeError, messageOf } from '../errors';
 import { describe, isRecord } from '../validate';
 
@@ -28,7 +28,9 @@ export class ChatTemplate {
     readonly bosToken: string | null,
     readonly eosToken: string | null,
   ) {
-    this.#template = new Template(source);
+    // eslint-disable-next-line @typescript-eslint/no-require-imports -- loaded on first use, as the tokenizer library
+    const { Template: Impl } = require('@huggingface/jinja') as typeof import('@huggingface/jinja');
+    this.#template = new Impl(source);
   }
 
   /**

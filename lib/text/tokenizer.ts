@@ -4,7 +4,7 @@
  * fallback, ...), and tokenizer_config.json for the special tokens and the chat template.
  */
 import * as path from 'path';
-import { Tokenizer } from '@huggingface/tokenizers';
+import type { Tokenizer } from '@huggingface/tokenizers';
 import { argTypeError, checkpointError, messageOf } from '../errors';
 import { isFile, readJson } from '../safetensors/resolve';
 import { isRecord } from '../validate';
@@ -42,7 +42,9 @@ export class TextTokenizer {
 
   constructor(tokenizerJson: object, config: Record<string, unknown>, source: string) {
     try {
-      this.#tokenizer = new Tokenizer(tokenizerJson, config);
+      // eslint-disable-next-line @typescript-eslint/no-require-imports -- loaded on first use: a program that reads no tokenizer does not pay for it
+      const { Tokenizer: Impl } = require('@huggingface/tokenizers') as typeof import('@huggingface/tokenizers');
+      this.#tokenizer = new Impl(tokenizerJson, config);
     } catch (err) {
       throw checkpointError(source, `tokenizer.json cannot be read: ${messageOf(err)}`, err);
     }
