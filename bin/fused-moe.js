@@ -30,5 +30,6 @@ if (argv[0] === 'run') {
   );
 } else {
   process.exitCode = doctor.main(argv);
-  if (argv.length === 0 || argv[0] === '--help' || argv[0] === '-h') process.stdout.write(`\n${cli.RUN_USAGE}\n`);
+  if (argv.length === 0 || argv[0] === '--help' || argv[0] === '-h')
+    process.stdout.write(`\n${cli.RUN_USAGE}\n\n${serve.SERVE_USAGE}\n`);
 }

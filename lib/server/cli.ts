@@ -7,9 +7,10 @@ import * as path from 'path';
 import { parseArgs } from 'util';
 import { MoeModel, LoadProgress } from '../model/model';
 import { createServer } from './server';
+import { progressLine } from '../cli';
 import { modelEngine } from './model-engine';
 
-const USAGE = `usage: fused-moe serve <checkpoint dir> [options]
+export const SERVE_USAGE = `usage: fused-moe serve <checkpoint dir> [options]
   --port N            port to listen on (default 8080)
   --host ADDR         address to bind (default 127.0.0.1, loopback only)
   --quantize Q        none | int8 | int4 (default none)
@@ -29,24 +30,18 @@ function positiveInt(name: string, v: string | undefined, fallback: number | und
   return n;
 }
 
-/** Draws a bar on a terminal, one line per 10% otherwise (logs stay readable). */
+/** Draws the progress bar on a terminal, one line per 10% otherwise (logs stay readable). */
 export function progressPrinter(out: NodeJS.WriteStream): (p: LoadProgress) => void {
   let lastDecile = -1;
   return (p) => {
-    const frac = p.totalBytes > 0 ? p.bytes / p.totalBytes : 1;
     if (out.isTTY) {
-      const width = 30;
-      const full = Math.round(frac * width);
-      out.write(
-        `\rloading [${'#'.repeat(full)}${'.'.repeat(width - full)}] ${(frac * 100).toFixed(0)}% ${p.tensors}/${p.totalTensors} tensors`,
-      );
-      if (p.tensors === p.totalTensors) out.write('\n');
-    } else {
-      const decile = Math.floor(frac * 10);
-      if (decile > lastDecile) {
-        lastDecile = decile;
-        out.write(`loading: ${decile * 10}% (${p.tensors}/${p.totalTensors} tensors)\n`);
-      }
+      out.write(`\r${progressLine(p)}${p.tensors === p.totalTensors ? '\n' : ''}`);
+      return;
+    }
+    const decile = Math.floor((p.totalBytes > 0 ? p.bytes / p.totalBytes : 1) * 10);
+    if (decile > lastDecile) {
+      lastDecile = decile;
+      out.write(`loading: ${decile * 10}% (${p.tensors}/${p.totalTensors} tensors)\n`);
     }
   };
 }
@@ -73,16 +68,16 @@ export async function serveMain(argv: string[]): Promise<number> {
       },
     });
   } catch (err) {
-    console.error(`fused-moe serve: ${(err as Error).message}\n${USAGE}`);
+    console.error(`fused-moe serve: ${(err as Error).message}\n${SERVE_USAGE}`);
     return 2;
   }
   const { values, positionals } = args;
   if (values.help) {
-    console.log(USAGE);
+    console.log(SERVE_USAGE);
     return 0;
   }
   if (positionals.length !== 1) {
-    console.error(`fused-moe serve: expected one checkpoint folder\n${USAGE}`);
+    console.error(`fused-moe serve: expected one checkpoint folder\n${SERVE_USAGE}`);
     return 2;
   }
   const dir = path.resolve(positionals[0]);
