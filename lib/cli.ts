@@ -39,7 +39,8 @@ function number(name: string, v: string | undefined): number | undefined {
   return n;
 }
 
-function progressLine(p: LoadProgress): string {
+/** One line of the loading progress bar. */
+export function progressLine(p: LoadProgress): string {
   const width = 30;
   const done = p.totalBytes > 0 ? p.bytes / p.totalBytes : 1;
   const bar = '#'.repeat(Math.round(done * width)).padEnd(width, '.');

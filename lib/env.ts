@@ -9,6 +9,8 @@ export interface EnvVar {
   effect: string;
   /** Which part reads it. */
   readBy: string;
+  /** Its value is never printed (doctor shows only that it is set). */
+  secret?: boolean;
 }
 
 export const ENV_VARS: readonly EnvVar[] = [
@@ -53,6 +55,12 @@ export const ENV_VARS: readonly EnvVar[] = [
     readBy: 'install script (scripts/install.js), addon loader (lib/binding.ts, node-gyp-build)',
   },
   {
+    name: 'FUSED_MOE_API_KEY',
+    effect: 'the API key `fused-moe serve` requires when --api-key is not given',
+    readBy: 'the serve command (lib/server/cli.ts)',
+    secret: true,
+  },
+  {
     name: 'npm_config_build_from_source',
     effect: "'true': build the addon from source on install even when a prebuilt binary fits",
     readBy: 'install script (scripts/install.js)',
@@ -62,6 +70,6 @@ export const ENV_VARS: readonly EnvVar[] = [
 /** The variables of the table that are set, with their values. */
 export function envSettings(env: NodeJS.ProcessEnv = process.env): Record<string, string> {
   const set: Record<string, string> = {};
-  for (const v of ENV_VARS) if (env[v.name] !== undefined) set[v.name] = env[v.name] as string;
+  for (const v of ENV_VARS) if (env[v.name] !== undefined) set[v.name] = v.secret ? '(set)' : (env[v.name] as string);
   return set;
 }

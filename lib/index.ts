@@ -32,6 +32,11 @@ export type {
 } from './generate/index';
 export { TextTokenizer } from './text/tokenizer';
 export type { ChatMessage } from './text/chat';
+export { createServer } from './server/server';
+export type { ServerOptions, FusedMoeServer } from './server/server';
+export { modelEngine } from './server/model-engine';
+export type { GenerationEngine, GenerationRun } from './server/engine';
+export type { CompletionRequest } from './server/request';
 export { MoeError, AbortError } from './errors';
 export type { MoeErrorCode } from './errors';
 export type { BackendInfo, CudaDeviceInfo } from './binding';

@@ -42,6 +42,9 @@ class Backend {
   virtual void forward(const float* x, int64_t T, float* out, const CancelFlag* cancel) = 0;
   // Routing only: experts[T, k], weights[T, k].
   virtual void route(const float* x, int64_t T, int32_t* experts, float* weights) = 0;
+  // Adds to counts[E] the tokens each expert received in every forward so far (routing telemetry);
+  // a backend that does not count adds nothing.
+  virtual void add_routed_tokens(uint64_t* counts) const { (void)counts; }
 };
 
 // Builds a CPU layer a part at a time, so a caller on an event loop can spread the packing over many

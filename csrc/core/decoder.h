@@ -127,6 +127,9 @@ class Decoder {
   virtual int64_t sequence_length(int64_t id) const = 0;
   virtual void sequence_truncate(int64_t id, int64_t length) = 0;
   virtual int64_t free_cache_positions() const = 0;
+  // Tokens routed to each expert of each layer since load: counts[layers * num_experts], zero for
+  // dense layers.
+  virtual std::vector<uint64_t> routed_tokens() const = 0;
 
   // Runs one step: tokens holds each sequence's `count` tokens in order. logits receives, sequence by
   // sequence, count rows (all_logits) or one row of V floats. Checked before any work: token ids, known

@@ -5,6 +5,7 @@
 // (expert, column tile) items on the shared pool. A shared expert is a one-expert layer of its own
 // (same packing and kernels) run over the whole chunk, its output added in the combine.
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -133,6 +134,9 @@ class CpuBackend final : public Backend {
            (shared_ ? shared_->native_bytes() : 0);
   }
   const MoeConfig& config() const override { return cfg_; }
+  void add_routed_tokens(uint64_t* counts) const override {
+    for (size_t e = 0; e < routed_.size(); e++) counts[e] += routed_[e].load(std::memory_order_relaxed);
+  }
   int64_t panel() const { return kernels_->panel; }
 
   void route(const float* x, int64_t T, int32_t* experts, float* weights) override {
@@ -230,6 +234,9 @@ class CpuBackend final : public Backend {
     route_topk(logits.data(), T, route_spec(), experts.data(), weights.data());
     Dispatch d;
     dispatch_by_expert(experts.data(), T, k, E, d);
+    for (int64_t e = 0; e < E; e++)
+      routed_[size_t(e)].fetch_add(uint64_t(d.offsets[size_t(e) + 1] - d.offsets[size_t(e)]),
+                                   std::memory_order_relaxed);
 
     AlignedBuffer xs_buf = alloc_aligned(size_t(R * H) * sizeof(float), "gathered tokens");
     AlignedBuffer act_buf = alloc_aligned(size_t(R * F) * sizeof(float), "SwiGLU activations");
@@ -301,6 +308,8 @@ class CpuBackend final : public Backend {
   }
 
   MoeConfig cfg_;
+  // Tokens each expert received (telemetry); relaxed atomics, as forwards may run at once.
+  std::vector<std::atomic<uint64_t>> routed_ = std::vector<std::atomic<uint64_t>>(size_t(cfg_.num_experts));
   const KernelSet* kernels_;
   std::vector<float> gate_, bias_, shared_gate_;
   std::unique_ptr<CpuBackend> shared_;  // the shared expert, or null

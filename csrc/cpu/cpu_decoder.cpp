@@ -335,6 +335,14 @@ class CpuDecoder final : public Decoder {
 
   int64_t free_cache_positions() const override { return pool_.free_blocks() * cfg_.block_tokens; }
 
+  std::vector<uint64_t> routed_tokens() const override {
+    const int64_t E = cfg_.num_experts;
+    std::vector<uint64_t> counts(size_t(cfg_.layers * E), 0);
+    for (int64_t l = 0; l < cfg_.layers; l++)
+      if (layers_[size_t(l)].moe) layers_[size_t(l)].moe->add_routed_tokens(counts.data() + l * E);
+    return counts;
+  }
+
   void step(const int32_t* tokens, const StepSequence* seqs, int64_t num_seqs, float* logits,
             const CancelFlag* cancel) override {
     if (!missing().empty()) fail(ErrorCode::Invalid, "the model is not fully loaded: " + missing() + " is missing");

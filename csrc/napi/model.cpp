@@ -77,7 +77,8 @@ Napi::Function NativeModel::Init(Napi::Env env) {
        InstanceMethod<&NativeModel::SequenceFree>("sequenceFree"),
        InstanceMethod<&NativeModel::SequenceLength>("sequenceLength"),
        InstanceMethod<&NativeModel::SequenceTruncate>("sequenceTruncate"), InstanceMethod<&NativeModel::Step>("step"),
-       InstanceMethod<&NativeModel::Info>("info"), InstanceMethod<&NativeModel::Dispose>("dispose")});
+       InstanceMethod<&NativeModel::Info>("info"), InstanceMethod<&NativeModel::RoutedTokens>("routedTokens"),
+       InstanceMethod<&NativeModel::Dispose>("dispose")});
 }
 
 NativeModel::NativeModel(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeModel>(info) {
@@ -308,6 +309,17 @@ Napi::Value NativeModel::Info(const Napi::CallbackInfo& info) {
   o.Set("nativeBytes", decoder_ ? double(decoder_->native_bytes()) : 0.0);
   o.Set("freeCachePositions", decoder_ && !busy_->load() ? double(decoder_->free_cache_positions()) : 0.0);
   return o;
+}
+
+// Tokens routed to each expert of each layer, [layers * experts]. Safe while a step runs: the counts
+// are atomics and the layers are fixed once loaded (MoeModel calls it only on a loaded model).
+Napi::Value NativeModel::RoutedTokens(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!decoder_) throw_moe_error(env, ErrorCode::Disposed, "this model was disposed");
+  const std::vector<uint64_t> counts = decoder_->routed_tokens();
+  Napi::Float64Array out = Napi::Float64Array::New(env, counts.size());
+  for (size_t i = 0; i < counts.size(); i++) out[i] = double(counts[i]);
+  return out;
 }
 
 Napi::Value NativeModel::Dispose(const Napi::CallbackInfo& info) {

@@ -23,6 +23,8 @@ export interface GenerateOptions extends SamplingOptions {
   stop?: string | string[];
   /** Ends the generation (finishReason 'abort'); its sequence is freed at the next step. */
   signal?: AbortSignal;
+  /** Keep generating past end-of-sequence tokens, up to maxTokens (benchmarks use it); default false. */
+  ignoreEos?: boolean;
 }
 
 /** The stream generate() returns: pieces as they come; its final result is the iterator's return value. */
@@ -93,7 +95,9 @@ export function generate(model: GenerateModel, engine: Engine, prompt: unknown, 
   if (stop.length > 0 && !model.tokenizer) throw noTokenizer();
   const signal = checkSignal('options.signal', o.signal);
   const ids = promptTokens(model, prompt);
-  const eos = new Set([...model.config.eosTokenIds, ...(model.tokenizer?.eosTokenIds ?? [])]);
+  if (o.ignoreEos !== undefined && typeof o.ignoreEos !== 'boolean')
+    throw argTypeError(`options.ignoreEos must be a boolean, got ${describe(o.ignoreEos)}`);
+  const eos = new Set(o.ignoreEos ? [] : [...model.config.eosTokenIds, ...(model.tokenizer?.eosTokenIds ?? [])]);
   const request = new Request(ids, params, maxTokens, stop, model.tokenizer, eos);
 
   if (signal) {

@@ -106,6 +106,7 @@ export interface NativeModel {
   /** seqs: [id, count, allLogits (0/1)] per sequence. Resolves with `logits` once it is written. */
   step(tokens: Int32Array, seqs: Float64Array, logits: Float32Array, cancel?: NativeCancel): Promise<Float32Array>;
   info(): { nativeBytes: number; freeCachePositions: number };
+  routedTokens(): Float64Array;
   dispose(): void;
 }
 
@@ -372,6 +373,21 @@ export class MoeModel {
   /** Bytes of native memory the model holds (weights and KV cache); 0 after dispose(). */
   get nativeBytes(): number {
     return this.#native ? this.#native.info().nativeBytes : 0;
+  }
+
+  /**
+   * Tokens routed to each expert of each layer since load: [layer][expert] (zeros for dense layers);
+   * what the server's routing telemetry reports.
+   */
+  expertTokenCounts(): number[][] {
+    const flat = this.#live().routedTokens();
+    const E = this.config.moe.numExperts;
+    return Array.from({ length: this.config.numLayers }, (_, l) => Array.from(flat.subarray(l * E, (l + 1) * E)));
+  }
+
+  /** Generations running in the step loop and waiting for a sequence, and finished prefixes kept. */
+  get generationStats(): { running: number; waiting: number; kept: number } {
+    return this.#engine?.stats ?? { running: 0, waiting: 0, kept: 0 };
   }
 
   /** Token ids of `text`, with the special tokens the tokenizer adds (such as BOS) unless told not to. */

@@ -1,0 +1,330 @@
+#!/usr/bin/env node
+// The generation benchmark: continuous batching in MoeModel.generate against llama.cpp (node-llama-cpp,
+// CPU, the same threads, one context with as many parallel sequences) on the same random weights.
+//
+//   npm run bench:generate                       Mixtral width (2 layers), bf16 and int4, 1/4/8/16 streams
+//   node bench/generate.js --quick               small shapes, a minute or two
+//   --formats bf16,int4  --streams 1,4,8,16  --engines ours,llama  --tokens 48  --cache-dir DIR  --json
+//
+// For each number of streams N: N prompts of PROMPT tokens start together, each generates TOKENS tokens
+// greedily (end-of-sequence ignored, so every stream runs its full length). Reported: the aggregate
+// decode rate while all N streams run (tokens of every stream between the last first token and the
+// first last token, over that time), time to first token and inter-token latency p50/p99, and the
+// decode rate as a fraction of the same run's read bandwidth on the bytes one step reads.
+// Then, ours only: 8 streams run, and a 2,000-token prompt arrives; the p99 inter-token latency of the
+// 8 streams before and while that prompt is read, against the time of one prefill chunk.
+'use strict';
+const { spawnSync } = require('child_process');
+const fs = require('fs');
+const os = require('os');
+const path = require('path');
+
+const { MODELS, QUICK_MODELS, ensureModel, weightCounts } = require('./model-files');
+const { writeBenchTokenizer } = require('./tokenizer-file');
+const { fmt, median } = require('./util');
+
+const root = path.join(__dirname, '..');
+const THREADS = 2;
+const now = () => Number(process.hrtime.bigint()) / 1e6;
+
+function quantile(v, q) {
+  if (v.length === 0) return NaN;
+  const s = [...v].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.floor(q * s.length))];
+}
+
+function promptOf(n, V, seed) {
+  let s = seed >>> 0;
+  return Array.from({ length: n }, () => {
+    s = (Math.imul(s, 1103515245) + 12345) >>> 0;
+    return 259 + (s % (V - 259)); // past <unk>, <s>, </s> and the byte tokens
+  });
+}
+
+/** Per-stream token times (ms) -> the figures every engine reports. */
+function summarize(starts, times) {
+  const firsts = times.map((t) => t[0]);
+  const lasts = times.map((t) => t[t.length - 1]);
+  const from = Math.max(...firsts),
+    to = Math.min(...lasts);
+  let inWindow = 0;
+  for (const t of times) for (const x of t) if (x > from && x <= to) inWindow++;
+  const itl = times.flatMap((t) => t.slice(1).map((x, i) => x - t[i]));
+  return {
+    decodeTokS: to > from ? (inWindow / (to - from)) * 1e3 : NaN,
+    ttftP50: quantile(
+      firsts.map((f, i) => f - starts[i]),
+      0.5,
+    ),
+    ttftP99: quantile(
+      firsts.map((f, i) => f - starts[i]),
+      0.99,
+    ),
+    itlP50: quantile(itl, 0.5),
+    itlP99: quantile(itl, 0.99),
+  };
+}
+
+// ---- the engines, each in a child process --------------------------------------------------------
+async function runOurs(job) {
+  const { MoeModel } = require(path.join(root, 'dist'));
+  const model = await MoeModel.load(job.dir, {
+    quantize: job.quantize,
+    contextLength: job.context,
+    maxSequences: Math.max(...job.streams),
+    threads: THREADS,
+  });
+  const out = { streams: {} };
+  const stream = async (prompt, maxTokens, times, started) => {
+    started.push(now());
+    const gen = model.generate(prompt, { maxTokens, temperature: 0, ignoreEos: true });
+    for await (const piece of gen) {
+      void piece;
+      times.push(now());
+    }
+  };
+  await model.complete(promptOf(job.prompt, job.V, 1), { maxTokens: 4, temperature: 0 }); // warm-up
+  for (const N of job.streams) {
+    const figures = [];
+    for (let rep = 0; rep < job.reps; rep++) {
+      const times = Array.from({ length: N }, () => []);
+      const starts = [];
+      // Distinct prompts each time, so that no stream reuses a kept prefix.
+      await Promise.all(
+        times.map((t, i) => stream(promptOf(job.prompt, job.V, 1000 * rep + 17 * N + i + 2), job.tokens, t, starts)),
+      );
+      figures.push(summarize(starts, times));
+    }
+    out.streams[N] = figures;
+  }
+  if (job.longPrompt) {
+    // 8 streams in steady state, then a long prompt joins; latencies split at its arrival and at its
+    // first token (when its prompt has been read).
+    const times = Array.from({ length: 8 }, () => []);
+    const starts = [];
+    const running = times.map((t, i) => stream(promptOf(job.prompt, job.V, 90_000 + i), job.tokens * 3, t, starts));
+    while (times.some((t) => t.length < job.tokens / 2)) await new Promise((r) => setTimeout(r, 5));
+    const arrived = now();
+    const longTimes = [];
+    await stream(promptOf(job.longPrompt, job.V, 77), 1, longTimes, []);
+    const read = longTimes[0];
+    await Promise.all(running);
+    const gaps = (lo, hi) =>
+      times.flatMap((t) =>
+        t
+          .slice(1)
+          .map((x, i) => [t[i], x])
+          .filter(([a]) => a >= lo && a < hi)
+          .map(([a, b]) => b - a),
+      );
+    // One prefill chunk alone: the step that reads PROMPT_TOKENS_PER_STEP prompt tokens of one fresh sequence.
+    const chunk = [];
+    for (let r = 0; r < 3; r++) {
+      const t = now();
+      await model.logits(promptOf(job.chunkTokens, job.V, 500 + r));
+      chunk.push(now() - t);
+    }
+    out.longPrompt = {
+      tokens: job.longPrompt,
+      readMs: read - arrived,
+      itlP99Before: quantile(gaps(0, arrived), 0.99),
+      itlP99During: quantile(gaps(arrived, read), 0.99),
+      itlMaxDuring: Math.max(...gaps(arrived, read)),
+      chunkMs: median(chunk),
+    };
+  }
+  model.dispose();
+  return out;
+}
+
+async function runLlama(job) {
+  const { getLlama, LlamaLogLevel } = await import('node-llama-cpp');
+  const llama = await getLlama({
+    build: 'never',
+    gpu: false,
+    logLevel: LlamaLogLevel.error,
+    progressLogs: false,
+    maxThreads: THREADS,
+  });
+  const model = await llama.loadModel({ modelPath: job.gguf, gpuLayers: 0, useMmap: false });
+  const out = { streams: {} };
+  for (const N of job.streams) {
+    const context = await model.createContext({
+      contextSize: job.context,
+      sequences: N,
+      batchSize: 512,
+      threads: THREADS,
+    });
+    const figures = [];
+    for (let rep = 0; rep < job.reps; rep++) {
+      const times = Array.from({ length: N }, () => []);
+      const starts = [];
+      const seqs = times.map(() => context.getSequence());
+      await Promise.all(
+        seqs.map(async (seq, i) => {
+          starts.push(now());
+          let n = 0;
+          for await (const token of seq.evaluate(promptOf(job.prompt, job.V, 1000 * rep + 17 * N + i + 2), {
+            temperature: 0,
+          })) {
+            void token;
+            times[i].push(now());
+            if (++n >= job.tokens) break;
+          }
+        }),
+      );
+      figures.push(summarize(starts, times));
+      for (const s of seqs) s.dispose();
+    }
+    out.streams[N] = figures;
+    out.contextSize = context.contextSize;
+    await context.dispose();
+  }
+  await model.dispose();
+  await llama.dispose();
+  return out;
+}
+
+if (process.argv[2] === '--child') {
+  const job = JSON.parse(process.argv[3]);
+  (job.engine === 'ours' ? runOurs(job) : runLlama(job)).then(
+    (r) => {
+      process.stdout.write('\n' + JSON.stringify(r) + '\n');
+      process.exit(0);
+    },
+    (e) => {
+      process.stderr.write(`${(e && e.stack) || e}\n`);
+      process.exit(1);
+    },
+  );
+  return;
+}
+
+// ---- the run ---------------------------------------------------------------------------------------
+const args = process.argv.slice(2);
+const opt = (name) => {
+  const i = args.indexOf(name);
+  return i >= 0 ? args[i + 1] : undefined;
+};
+const quick = args.includes('--quick'),
+  jsonOut = args.includes('--json');
+const log = (s) => (jsonOut ? process.stderr : process.stdout).write(s + '\n');
+const FORMATS = {
+  bf16: { ours: 'none', gguf: 'BF16' },
+  int8: { ours: 'int8', gguf: 'Q8_0' },
+  int4: { ours: 'int4', gguf: 'Q4_0' },
+};
+const formats = (opt('--formats') || 'bf16,int4').split(',');
+for (const f of formats)
+  if (!FORMATS[f]) throw new RangeError(`--formats: '${f}' is not one of ${Object.keys(FORMATS).join(', ')}`);
+const engines = (opt('--engines') || 'ours,llama').split(',');
+const streams = (opt('--streams') || '1,4,8,16').split(',').map(Number);
+const name = 'mixtral';
+const m = (quick ? QUICK_MODELS : MODELS)[name];
+const cacheDir = opt('--cache-dir') || path.join(os.tmpdir(), 'fused-moe-bench-models' + (quick ? '-quick' : ''));
+const RUN = {
+  prompt: quick ? 16 : 32,
+  tokens: Number(opt('--tokens') || (quick ? 16 : 48)),
+  reps: quick ? 1 : 2,
+  longPrompt: quick ? 300 : 2000,
+  chunkTokens: 256,
+};
+// Bytes one decode step reads with N streams: attention and LM head once, the experts the N tokens
+// pick (expected distinct experts of E with N*k uniform picks), routers in float32.
+const BYTES_PER_WEIGHT = { bf16: 2, int8: 1 + 2 / 32, int4: 0.5 + 2 / 32 };
+function stepBytes(N, bpw) {
+  const w = weightCounts(m);
+  const picked = m.E * (1 - Math.pow(1 - 1 / m.E, N * m.k)); // expected distinct experts per layer
+  return (w.attn + (w.experts * picked) / m.E + w.lmHead) * bpw + 4 * w.router;
+}
+
+function runChild(job) {
+  const r = spawnSync(process.execPath, [__filename, '--child', JSON.stringify(job)], {
+    encoding: 'utf8',
+    stdio: ['ignore', 'pipe', 'inherit'],
+    maxBuffer: 1 << 26,
+  });
+  if (r.status !== 0) return { error: `exit ${r.status}${r.signal ? ' (' + r.signal + ')' : ''}` };
+  return JSON.parse(r.stdout.trim().split('\n').pop());
+}
+
+const binding = require('node-gyp-build')(root);
+const readGBs = () => binding.bench.readBandwidth(quick ? 64 << 20 : 1 << 30, THREADS);
+let bw = readGBs();
+log(
+  `fused-moe generate bench: ${os.cpus()[0].model}, ${os.cpus().length} cores; ${THREADS} threads; read ${fmt(bw)} GB/s`,
+);
+const files = ensureModel(cacheDir, name, m, engines.includes('llama') ? formats.map((f) => FORMATS[f].gguf) : [], log);
+writeBenchTokenizer(files.hf, m.V);
+const context = RUN.longPrompt + RUN.tokens * 4 + 64;
+const results = [];
+for (const format of formats) {
+  for (const engine of engines) {
+    log(`${name} ${format} ${engine}: streams ${streams.join(', ')} ...`);
+    const job = { engine, format, V: m.V, streams, context, ...RUN };
+    if (engine === 'ours') Object.assign(job, { dir: files.hf, quantize: FORMATS[format].ours });
+    else Object.assign(job, { gguf: files.gguf[FORMATS[format].gguf], longPrompt: 0 });
+    const r = runChild(job);
+    results.push({ format, engine, ...r });
+    if (r.error) log(`  failed: ${r.error}`);
+  }
+}
+bw = Math.max(bw, readGBs());
+
+const rows = [];
+log(
+  `\n| format | streams | engine | decode tok/s (agg.) | vs 1 stream | of read bw | TTFT p50/p99 ms | ITL p50/p99 ms |`,
+);
+log(`| --- | --- | --- | --- | --- | --- | --- | --- |`);
+for (const r of results) {
+  if (r.error) continue;
+  const one = r.streams[1] ? median(r.streams[1].map((f) => f.decodeTokS)) : NaN;
+  for (const N of streams) {
+    const f = r.streams[N];
+    const rate = median(f.map((x) => x.decodeTokS));
+    const bytes = stepBytes(N, BYTES_PER_WEIGHT[r.format]);
+    const frac = ((rate / N) * bytes) / (bw * 1e9);
+    const row = {
+      format: r.format,
+      engine: r.engine,
+      streams: N,
+      decodeTokS: rate,
+      vsOne: rate / one,
+      readFraction: frac,
+      ttftP50: median(f.map((x) => x.ttftP50)),
+      ttftP99: median(f.map((x) => x.ttftP99)),
+      itlP50: median(f.map((x) => x.itlP50)),
+      itlP99: median(f.map((x) => x.itlP99)),
+    };
+    rows.push(row);
+    log(
+      `| ${r.format} | ${N} | ${r.engine} | ${fmt(rate)} | ${fmt(row.vsOne)}× | ${(frac * 100).toFixed(0)}% | ${fmt(row.ttftP50)} / ${fmt(row.ttftP99)} | ${fmt(row.itlP50)} / ${fmt(row.itlP99)} |`,
+    );
+  }
+}
+for (const format of formats) {
+  const ours = rows.find((x) => x.format === format && x.engine === 'ours' && x.streams === Math.max(...streams));
+  const llama = rows.find((x) => x.format === format && x.engine === 'llama' && x.streams === Math.max(...streams));
+  if (ours && llama)
+    log(`${format}: ${ours.streams} streams, ours / llama.cpp = ${fmt(ours.decodeTokS / llama.decodeTokS)}×`);
+  const lp = results.find((x) => x.format === format && x.engine === 'ours')?.longPrompt;
+  if (lp)
+    log(
+      `${format}: a ${lp.tokens}-token prompt read in ${fmt(lp.readMs)} ms while 8 streams ran: their ITL p99 ${fmt(lp.itlP99Before)} -> ${fmt(lp.itlP99During)} ms (max ${fmt(lp.itlMaxDuring)}); one ${RUN.chunkTokens}-token chunk alone ${fmt(lp.chunkMs)} ms`,
+    );
+}
+const started = new Date().toISOString();
+const file = path.join(__dirname, 'results', `generate-${started.replace(/[:.]/g, '-')}${quick ? '-quick' : ''}.json`);
+fs.mkdirSync(path.dirname(file), { recursive: true });
+const out = {
+  date: started,
+  command: `node bench/generate.js ${args.join(' ')}`.trim(),
+  cpu: os.cpus()[0].model,
+  readGBs: bw,
+  run: RUN,
+  model: m,
+  rows,
+  results,
+};
+fs.writeFileSync(file, JSON.stringify(out, null, 1));
+if (jsonOut) process.stdout.write(JSON.stringify(out) + '\n');

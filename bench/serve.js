@@ -1,0 +1,210 @@
+#!/usr/bin/env node
+// The server load test: `fused-moe serve` on the Mixtral-width benchmark model, driven over loopback.
+//
+//   npm run bench:serve                 bf16; about 10 minutes after the model files exist
+//   node bench/serve.js --quick         small shapes, a minute
+//   --quantize int4  --tokens 32  --cache-dir DIR  --json
+//
+// Phases (each request: a distinct token-id prompt, greedy, end-of-sequence ignored):
+//   1. one at a time: SINGLE streaming requests, each alone (the single-stream rate and latency);
+//   2. 32 concurrent streaming clients against --max-sequences 16 (16 run, 16 wait);
+//   3. a burst of 200 requests against a queue of 50: those past 16 running + 50 waiting get 429.
+// Every request must end with a full answer, a 429 or a 400: nothing may be lost. Reported: requests
+// completed and refused, time to first token and inter-token latency p50/p99, aggregate tokens/s.
+'use strict';
+const { spawn } = require('child_process');
+const os = require('os');
+const fs = require('fs');
+const path = require('path');
+const { MODELS, QUICK_MODELS, ensureModel } = require('./model-files');
+const { writeBenchTokenizer } = require('./tokenizer-file');
+const { fmt } = require('./util');
+
+const args = process.argv.slice(2);
+const opt = (n) => (args.indexOf(n) >= 0 ? args[args.indexOf(n) + 1] : undefined);
+const quick = args.includes('--quick'),
+  jsonOut = args.includes('--json');
+const log = (s) => (jsonOut ? process.stderr : process.stdout).write(s + '\n');
+const quantize = opt('--quantize') || 'none';
+const m = (quick ? QUICK_MODELS : MODELS).mixtral;
+const cacheDir = opt('--cache-dir') || path.join(os.tmpdir(), 'fused-moe-bench-models' + (quick ? '-quick' : ''));
+const TOKENS = Number(opt('--tokens') || (quick ? 16 : 32));
+const PROMPT = quick ? 16 : 32;
+const SINGLE = quick ? 3 : 4;
+const MAX_SEQUENCES = 16,
+  MAX_QUEUE = 50;
+const now = () => Number(process.hrtime.bigint()) / 1e6;
+const quantile = (v, q) =>
+  v.length ? [...v].sort((a, b) => a - b)[Math.min(v.length - 1, Math.floor(q * v.length))] : NaN;
+
+function promptOf(seed) {
+  let s = seed >>> 0;
+  return Array.from({ length: PROMPT }, () => {
+    s = (Math.imul(s, 1103515245) + 12345) >>> 0;
+    return 259 + (s % (m.V - 259));
+  });
+}
+
+/** One streaming completion; resolves with its status and token times (never rejects). */
+async function request(base, seed) {
+  const start = now();
+  const times = [];
+  try {
+    const res = await fetch(`${base}/v1/completions`, {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({
+        prompt: promptOf(seed),
+        max_tokens: TOKENS,
+        temperature: 0,
+        stream: true,
+        ignore_eos: true,
+        stream_options: { include_usage: true },
+      }),
+    });
+    if (res.status !== 200) {
+      await res.text();
+      return { status: res.status, start, times };
+    }
+    const decoder = new TextDecoder();
+    let buffered = '';
+    let usage,
+      done = false;
+    for await (const part of res.body) {
+      buffered += decoder.decode(part, { stream: true });
+      let cut;
+      while ((cut = buffered.indexOf('\n\n')) >= 0) {
+        const event = buffered.slice(0, cut);
+        buffered = buffered.slice(cut + 2);
+        if (!event.startsWith('data: ')) continue;
+        const data = event.slice(6);
+        if (data === '[DONE]') done = true;
+        else {
+          const chunk = JSON.parse(data);
+          if (chunk.usage) usage = chunk.usage;
+          else if (chunk.choices[0].text) times.push(now());
+        }
+      }
+    }
+    const complete = done && usage && usage.completion_tokens === TOKENS;
+    return { status: complete ? 200 : 'incomplete', start, times, usage };
+  } catch (err) {
+    return { status: `error: ${err.message}`, start, times };
+  }
+}
+
+function figures(results, ms) {
+  const ok = results.filter((r) => r.status === 200);
+  const itl = ok.flatMap((r) => r.times.slice(1).map((t, i) => t - r.times[i]));
+  const ttft = ok.map((r) => r.times[0] - r.start);
+  const statuses = {};
+  for (const r of results) statuses[r.status] = (statuses[r.status] || 0) + 1;
+  const tokens = ok.reduce((s, r) => s + r.usage.completion_tokens, 0);
+  return {
+    requests: results.length,
+    statuses,
+    tokens,
+    tokS: (tokens / ms) * 1e3,
+    ttftP50: quantile(ttft, 0.5),
+    ttftP99: quantile(ttft, 0.99),
+    itlP50: quantile(itl, 0.5),
+    itlP99: quantile(itl, 0.99),
+  };
+}
+
+async function main() {
+  const files = ensureModel(cacheDir, 'mixtral', m, [], log);
+  writeBenchTokenizer(files.hf, m.V);
+  const cli = path.join(__dirname, '..', 'bin', 'fused-moe.js');
+  const server = spawn(
+    process.execPath,
+    [
+      cli,
+      'serve',
+      files.hf,
+      '--port',
+      '0',
+      '--quantize',
+      quantize,
+      '--max-sequences',
+      String(MAX_SEQUENCES),
+      '--max-queue',
+      String(MAX_QUEUE),
+      '--context',
+      String(PROMPT + TOKENS + 64),
+      '--threads',
+      '2',
+    ],
+    { stdio: ['ignore', 'ignore', 'pipe'] },
+  );
+  let base;
+  server.stderr.setEncoding('utf8');
+  await new Promise((resolve, reject) => {
+    server.stderr.on('data', (s) => {
+      const hit = /listening on (http:\/\/\S+)/.exec(s);
+      if (hit) base = hit[1];
+      if (/model ready/.test(s)) resolve();
+      if (/failed/.test(s)) reject(new Error(s));
+    });
+    server.on('exit', (code) => reject(new Error(`the server exited with ${code}`)));
+  });
+  log(
+    `server at ${base}, ${quantize === 'none' ? 'bf16' : quantize}; ${TOKENS} tokens per request, prompts of ${PROMPT}`,
+  );
+  await request(base, 1); // warm-up
+  const phases = {};
+  let t = now();
+  const single = [];
+  for (let i = 0; i < SINGLE; i++) single.push(await request(base, 100 + i));
+  phases.single = figures(single, now() - t);
+  t = now();
+  const conc = await Promise.all(Array.from({ length: 32 }, (_, i) => request(base, 200 + i)));
+  phases.concurrent32 = figures(conc, now() - t);
+  t = now();
+  const burst = await Promise.all(Array.from({ length: 200 }, (_, i) => request(base, 1000 + i)));
+  phases.burst200 = figures(burst, now() - t);
+  const metrics = await (await fetch(`${base}/metrics`)).text();
+  server.kill('SIGTERM');
+  const exit = await new Promise((r) => server.on('exit', (code) => r(code)));
+
+  log(`\n| phase | requests | outcome | tokens/s (agg.) | TTFT p50/p99 ms | ITL p50/p99 ms |`);
+  log(`| --- | --- | --- | --- | --- | --- |`);
+  for (const [name, f] of Object.entries(phases))
+    log(
+      `| ${name} | ${f.requests} | ${Object.entries(f.statuses)
+        .map(([s, n]) => `${n}× ${s}`)
+        .join(', ')} | ${fmt(f.tokS)} | ${fmt(f.ttftP50)} / ${fmt(f.ttftP99)} | ${fmt(f.itlP50)} / ${fmt(f.itlP99)} |`,
+    );
+  const lost = [...single, ...conc, ...burst].filter(
+    (r) => r.status !== 200 && r.status !== 429 && r.status !== 400,
+  ).length;
+  log(`\nlost (neither a full answer nor 429/400): ${lost}; server exit code after SIGTERM: ${exit}`);
+  log(
+    `32 clients / one at a time: ${fmt(phases.concurrent32.tokS / phases.single.tokS)}× aggregate; ITL p99 ${fmt(phases.concurrent32.itlP99)} ms against single-stream ${fmt(phases.single.itlP99)} ms`,
+  );
+  const queueLine = metrics
+    .split('\n')
+    .find((l) => l.startsWith('fused_moe_requests_total{endpoint="/v1/completions",status="429"}'));
+  log(`metrics: ${queueLine || 'no 429 counted'}`);
+  const out = {
+    date: new Date().toISOString(),
+    command: `node bench/serve.js ${args.join(' ')}`.trim(),
+    cpu: os.cpus()[0].model,
+    quantize,
+    tokens: TOKENS,
+    prompt: PROMPT,
+    phases,
+    lost,
+    exit,
+  };
+  const file = path.join(__dirname, 'results', `serve-${out.date.replace(/[:.]/g, '-')}${quick ? '-quick' : ''}.json`);
+  fs.mkdirSync(path.dirname(file), { recursive: true });
+  fs.writeFileSync(file, JSON.stringify(out, null, 1));
+  if (jsonOut) process.stdout.write(JSON.stringify(out) + '\n');
+  if (lost > 0 || exit !== 0) process.exitCode = 1;
+}
+
+main().catch((e) => {
+  console.error(e);
+  process.exit(1);
+});

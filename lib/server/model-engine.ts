@@ -1,0 +1,61 @@
+/** The server's engine over a MoeModel: each request is one model.generate in the model's step loop. */
+import type { MoeModel } from '../model/model';
+import type { Generation, GenerationResult } from '../generate/index';
+import type { GenerationEngine, GenerationRun } from './engine';
+import type { CompletionRequest } from './request';
+
+export function modelEngine(model: MoeModel): GenerationEngine {
+  return {
+    maxSequences: model.options.maxSequences,
+    start(request: CompletionRequest, signal: AbortSignal): GenerationRun {
+      let result: GenerationResult | undefined;
+      // generate() checks everything before queueing: its errors come out of the first next().
+      let failure: unknown;
+      let generation: Generation | undefined;
+      try {
+        generation = model.generate(
+          Array.isArray(request.prompt) && typeof request.prompt[0] === 'object'
+            ? // Templates know system, user and assistant; OpenAI's newer 'developer' role is the system one.
+              (request.prompt as { role: string; content: string }[]).map((m) =>
+                m.role === 'developer' ? { ...m, role: 'system' } : m,
+              )
+            : request.prompt,
+          {
+            maxTokens: request.maxTokens,
+            temperature: request.temperature,
+            topP: request.topP,
+            topK: request.topK,
+            minP: request.minP,
+            repetitionPenalty: request.repetitionPenalty,
+            seed: request.seed,
+            stop: request.stop,
+            ignoreEos: request.ignoreEos,
+            signal,
+          },
+        );
+      } catch (err) {
+        failure = err;
+      }
+      return {
+        async next() {
+          if (!generation) throw failure;
+          const r = await generation.next();
+          if (!r.done) return r;
+          result = r.value;
+          return { done: true, value: undefined };
+        },
+        result() {
+          if (!result) throw new Error('the generation has not finished');
+          return {
+            finishReason: result.finishReason,
+            promptTokens: result.usage.promptTokens,
+            completionTokens: result.usage.completionTokens,
+          };
+        },
+      };
+    },
+    queueDepth: () => model.generationStats.waiting,
+    activeSequences: () => model.generationStats.running,
+    expertTokens: () => model.expertTokenCounts(),
+  };
+}

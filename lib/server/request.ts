@@ -1,0 +1,207 @@
+/**
+ * The body of `POST /v1/chat/completions` and `POST /v1/completions`, checked field by field into what
+ * the generator takes. A field of the wrong type or out of range is a 400 that names it, before the
+ * model sees anything. Fields this server does not know are ignored, as most OpenAI-compatible servers
+ * do; known features it does not have (n > 1, logprobs, tools, echo) are refused rather than dropped.
+ */
+import { invalidRequest } from './api-error';
+import { describe, isRecord } from '../validate';
+
+export interface ChatMessage {
+  role: string;
+  content: string;
+}
+
+export interface CompletionRequest {
+  endpoint: 'chat' | 'completion';
+  /** Chat messages, a text prompt, or token ids (completions only). */
+  prompt: ChatMessage[] | string | number[];
+  stream: boolean;
+  includeUsage: boolean;
+  maxTokens?: number;
+  temperature?: number;
+  topP?: number;
+  topK?: number;
+  minP?: number;
+  repetitionPenalty?: number;
+  seed?: number;
+  stop: string[];
+  /** Generate maxTokens even past end-of-sequence tokens (vLLM's extension; benchmarks use it). */
+  ignoreEos: boolean;
+}
+
+const ROLES = ['system', 'developer', 'user', 'assistant', 'tool'];
+/** OpenAI's own limit on stop sequences. */
+const MAX_STOP = 4;
+
+type Body = Record<string, unknown>;
+
+function present(body: Body, key: string): boolean {
+  return body[key] !== undefined && body[key] !== null;
+}
+
+function number(body: Body, key: string, min: number, max: number, minOpen = false): number | undefined {
+  if (!present(body, key)) return undefined;
+  const v = body[key];
+  if (typeof v !== 'number' || !Number.isFinite(v))
+    throw invalidRequest(`'${key}' must be a number, got ${describe(v)}`, key, 'invalid_type');
+  if (v > max || v < min || (minOpen && v === min))
+    throw invalidRequest(`'${key}' must be in ${minOpen ? '(' : '['}${min}, ${max}], got ${v}`, key, 'invalid_value');
+  return v;
+}
+
+function integer(body: Body, key: string, min: number, max = Number.MAX_SAFE_INTEGER): number | undefined {
+  const v = number(body, key, min, max);
+  if (v !== undefined && !Number.isInteger(v))
+    throw invalidRequest(`'${key}' must be an integer, got ${v}`, key, 'invalid_type');
+  return v;
+}
+
+function boolean(body: Body, key: string): boolean {
+  if (!present(body, key)) return false;
+  if (typeof body[key] !== 'boolean')
+    throw invalidRequest(`'${key}' must be a boolean, got ${describe(body[key])}`, key, 'invalid_type');
+  return body[key] as boolean;
+}
+
+/** Refuses a feature this server does not implement unless the value asks for nothing. */
+function notSupported(body: Body, key: string, harmless: (v: unknown) => boolean, what: string): void {
+  if (present(body, key) && !harmless(body[key]))
+    throw invalidRequest(`'${key}' is not supported by this server: ${what}`, key, 'unsupported_parameter');
+}
+
+function stops(body: Body): string[] {
+  if (!present(body, 'stop')) return [];
+  const v = body.stop;
+  const list = typeof v === 'string' ? [v] : v;
+  if (!Array.isArray(list) || !list.every((s) => typeof s === 'string'))
+    throw invalidRequest(`'stop' must be a string or an array of strings, got ${describe(v)}`, 'stop', 'invalid_type');
+  if (list.length > MAX_STOP)
+    throw invalidRequest(`'stop' takes at most ${MAX_STOP} sequences, got ${list.length}`, 'stop', 'invalid_value');
+  if (list.some((s) => s.length === 0))
+    throw invalidRequest(`'stop' sequences must not be empty`, 'stop', 'invalid_value');
+  return list as string[];
+}
+
+function messageContent(v: unknown, param: string): string {
+  if (typeof v === 'string') return v;
+  if (Array.isArray(v)) {
+    // The array form: only text parts; this server has no images or audio.
+    return v
+      .map((part, i) => {
+        if (!isRecord(part) || part.type !== 'text' || typeof part.text !== 'string')
+          throw invalidRequest(
+            `'${param}[${i}]' must be a text part { type: 'text', text: string }; this server reads text only`,
+            `${param}[${i}]`,
+            'invalid_type',
+          );
+        return part.text;
+      })
+      .join('');
+  }
+  throw invalidRequest(
+    `'${param}' must be a string or an array of text parts, got ${describe(v)}`,
+    param,
+    'invalid_type',
+  );
+}
+
+function messages(body: Body): ChatMessage[] {
+  const v = body.messages;
+  if (!Array.isArray(v) || v.length === 0)
+    throw invalidRequest(`'messages' must be a non-empty array, got ${describe(v)}`, 'messages', 'invalid_type');
+  return v.map((m, i) => {
+    const param = `messages[${i}]`;
+    if (!isRecord(m)) throw invalidRequest(`'${param}' must be an object, got ${describe(m)}`, param, 'invalid_type');
+    if (typeof m.role !== 'string' || !ROLES.includes(m.role))
+      throw invalidRequest(
+        `'${param}.role' must be one of ${ROLES.map((r) => `'${r}'`).join(', ')}, got ${describe(m.role)}`,
+        `${param}.role`,
+        'invalid_value',
+      );
+    // An assistant turn with tool calls may have null content; it still renders as an empty turn.
+    const content = m.content === null && m.role === 'assistant' ? '' : messageContent(m.content, `${param}.content`);
+    return { role: m.role, content };
+  });
+}
+
+function prompt(body: Body): string | number[] {
+  let v = body.prompt;
+  // A list of one prompt is that prompt; several prompts would be several choices (n > 1).
+  if (Array.isArray(v) && v.length === 1 && (typeof v[0] === 'string' || Array.isArray(v[0]))) v = v[0];
+  if (typeof v === 'string') return v;
+  if (Array.isArray(v) && v.length > 0 && v.every((t) => Number.isInteger(t) && t >= 0)) return v as number[];
+  if (Array.isArray(v) && v.length > 1 && v.every((p) => typeof p === 'string' || Array.isArray(p)))
+    throw invalidRequest(
+      `'prompt' with several prompts is not supported: send one prompt per request`,
+      'prompt',
+      'unsupported_parameter',
+    );
+  throw invalidRequest(
+    `'prompt' must be a string or a non-empty array of token ids, got ${describe(v)}`,
+    'prompt',
+    'invalid_type',
+  );
+}
+
+/** Checks a parsed JSON body for one of the two generating endpoints. */
+export function parseCompletionRequest(endpoint: 'chat' | 'completion', body: unknown): CompletionRequest {
+  if (!isRecord(body)) throw invalidRequest(`the request body must be a JSON object, got ${describe(body)}`);
+  if (present(body, 'model') && typeof body.model !== 'string')
+    throw invalidRequest(`'model' must be a string, got ${describe(body.model)}`, 'model', 'invalid_type');
+  const stream = boolean(body, 'stream');
+  let includeUsage = false;
+  if (present(body, 'stream_options')) {
+    const o = body.stream_options;
+    if (!isRecord(o))
+      throw invalidRequest(`'stream_options' must be an object, got ${describe(o)}`, 'stream_options', 'invalid_type');
+    if (!stream)
+      throw invalidRequest(`'stream_options' is only allowed when 'stream' is true`, 'stream_options', 'invalid_value');
+    includeUsage = boolean(o, 'include_usage');
+  }
+  const n = integer(body, 'n', 1);
+  if (n !== undefined && n !== 1)
+    throw invalidRequest(
+      `'n' must be 1 on this server (one choice per request), got ${n}`,
+      'n',
+      'unsupported_parameter',
+    );
+  const best = integer(body, 'best_of', 1);
+  if (best !== undefined && best !== 1)
+    throw invalidRequest(`'best_of' must be 1 on this server, got ${best}`, 'best_of', 'unsupported_parameter');
+  notSupported(body, 'logprobs', (v) => v === false || v === 0, 'no log probabilities are returned');
+  notSupported(body, 'top_logprobs', (v) => v === 0, 'no log probabilities are returned');
+  notSupported(body, 'echo', (v) => v === false, 'the prompt is not echoed');
+  notSupported(body, 'suffix', (v) => v === '', 'no insertion mode');
+  notSupported(body, 'tools', (v) => Array.isArray(v) && v.length === 0, 'no tool calling');
+  notSupported(body, 'functions', (v) => Array.isArray(v) && v.length === 0, 'no function calling');
+  notSupported(body, 'logit_bias', (v) => isRecord(v) && Object.keys(v).length === 0, 'no logit bias');
+  notSupported(body, 'response_format', (v) => isRecord(v) && v.type === 'text', 'text output only');
+  for (const key of ['frequency_penalty', 'presence_penalty']) {
+    const v = number(body, key, -2, 2);
+    if (v !== undefined && v !== 0)
+      throw invalidRequest(
+        `'${key}' is not supported by this server (use repetition_penalty)`,
+        key,
+        'unsupported_parameter',
+      );
+  }
+  const maxCompletion = integer(body, 'max_completion_tokens', 1);
+  const maxTokens = integer(body, 'max_tokens', 1);
+  return {
+    endpoint,
+    prompt: endpoint === 'chat' ? messages(body) : prompt(body),
+    stream,
+    includeUsage,
+    maxTokens: maxCompletion ?? maxTokens,
+    temperature: number(body, 'temperature', 0, 2),
+    topP: number(body, 'top_p', 0, 1, true),
+    // Extensions with the names vLLM and llama.cpp's server use.
+    topK: integer(body, 'top_k', 0),
+    minP: number(body, 'min_p', 0, 1),
+    repetitionPenalty: number(body, 'repetition_penalty', 0, 10, true),
+    seed: integer(body, 'seed', 0),
+    stop: stops(body),
+    ignoreEos: boolean(body, 'ignore_eos'),
+  };
+}

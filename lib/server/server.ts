@@ -1,0 +1,354 @@
+/**
+ * An OpenAI-compatible HTTP server over one model: `/v1/chat/completions`, `/v1/completions` (streaming
+ * or not), `/v1/models`, `/health` and `/metrics`. It adds no scheduler of its own: every request
+ * becomes one generation in the model's shared step loop, and the queue bound here only decides when
+ * to answer 429 instead of waiting.
+ */
+import * as http from 'http';
+import { randomBytes, timingSafeEqual } from 'crypto';
+import { ApiError, invalidRequest } from './api-error';
+import { CompletionRequest, parseCompletionRequest } from './request';
+import { ServerMetrics } from './metrics';
+import type { GenerationEngine, FinishReason } from './engine';
+import { messageOf } from '../errors';
+
+export interface ServerOptions {
+  /** Requests must carry `Authorization: Bearer <apiKey>`; /health and /metrics stay open. */
+  apiKey?: string;
+  /** The id `/v1/models` lists and responses carry; default 'fused-moe'. */
+  modelId?: string;
+  /** Requests that may wait for a sequence slot before new ones get 429; default 64. */
+  maxQueue?: number;
+  /** Largest request body in bytes; default 1 MiB. */
+  maxBodyBytes?: number;
+}
+
+export interface FusedMoeServer extends http.Server {
+  /**
+   * Stops accepting requests, lets running ones finish for up to `graceMs` (default 10 s), then
+   * aborts the rest and closes every connection.
+   */
+  shutdown(graceMs?: number): Promise<void>;
+}
+
+interface Running {
+  abort: AbortController;
+  done: Promise<void>;
+}
+
+const JSON_TYPE = 'application/json; charset=utf-8';
+
+export function createServer(
+  engine: GenerationEngine | Promise<GenerationEngine>,
+  options: ServerOptions = {},
+): FusedMoeServer {
+  const modelId = options.modelId ?? 'fused-moe';
+  const maxQueue = options.maxQueue ?? 64;
+  const maxBodyBytes = options.maxBodyBytes ?? 1 << 20;
+  const created = Math.floor(Date.now() / 1000);
+  const key = options.apiKey === undefined ? undefined : Buffer.from(`Bearer ${options.apiKey}`);
+  let ready: GenerationEngine | undefined;
+  let loadError: unknown;
+  let stopping = false;
+  const running = new Set<Running>();
+
+  const metrics = new ServerMetrics({
+    queueDepth: () => ready?.queueDepth() ?? 0,
+    activeSequences: () => ready?.activeSequences() ?? 0,
+    expertTokens: () => ready?.expertTokens() ?? [],
+  });
+
+  Promise.resolve(engine).then(
+    (e) => (ready = e),
+    (err) => (loadError = err),
+  );
+
+  const server = http.createServer((req, res) => {
+    const endpoint = endpointOf(req);
+    res.on('finish', () => metrics.requests.inc({ endpoint, status: String(res.statusCode) }));
+    handle(req, res, endpoint).catch((err) => fail(res, err));
+  }) as FusedMoeServer;
+
+  async function handle(req: http.IncomingMessage, res: http.ServerResponse, endpoint: string): Promise<void> {
+    const url = new URL(req.url ?? '/', 'http://localhost');
+    const route = `${req.method} ${url.pathname}`;
+    if (url.pathname === '/health') {
+      if (req.method !== 'GET') throw methodNotAllowed(req, 'GET');
+      if (loadError) return send(res, 503, { status: 'failed', error: messageOf(loadError) });
+      if (stopping) return send(res, 503, { status: 'stopping' });
+      return send(res, ready ? 200 : 503, { status: ready ? 'ok' : 'loading' });
+    }
+    if (url.pathname === '/metrics') {
+      if (req.method !== 'GET') throw methodNotAllowed(req, 'GET');
+      const text = await metrics.registry.metrics();
+      res.writeHead(200, { 'Content-Type': metrics.registry.contentType });
+      res.end(text);
+      return;
+    }
+    authorize(req);
+    if (url.pathname === '/v1/models') {
+      if (req.method !== 'GET') throw methodNotAllowed(req, 'GET');
+      return send(res, 200, { object: 'list', data: [modelObject()] });
+    }
+    if (url.pathname.startsWith('/v1/models/')) {
+      if (req.method !== 'GET') throw methodNotAllowed(req, 'GET');
+      const id = decodeURIComponent(url.pathname.slice('/v1/models/'.length));
+      if (id !== modelId)
+        throw new ApiError(
+          404,
+          `The model '${id}' does not exist; this server has '${modelId}'`,
+          'invalid_request_error',
+          'model',
+          'model_not_found',
+        );
+      return send(res, 200, modelObject());
+    }
+    const kind =
+      route === 'POST /v1/chat/completions' ? 'chat' : route === 'POST /v1/completions' ? 'completion' : undefined;
+    if (!kind) {
+      if (url.pathname === '/v1/chat/completions' || url.pathname === '/v1/completions')
+        throw methodNotAllowed(req, 'POST');
+      throw new ApiError(404, `Invalid URL (${req.method} ${url.pathname})`, 'invalid_request_error');
+    }
+    const body = await readJson(req);
+    const request = parseCompletionRequest(kind, body);
+    if (stopping) throw new ApiError(503, 'The server is shutting down', 'server_error', null, 'shutting_down');
+    if (loadError) throw new ApiError(503, `The model failed to load: ${messageOf(loadError)}`, 'server_error');
+    if (!ready)
+      throw new ApiError(
+        503,
+        'The model is still loading; retry when /health answers 200',
+        'server_error',
+        null,
+        'loading',
+        { 'Retry-After': '5' },
+      );
+    const inFlight = running.size;
+    if (inFlight >= ready.maxSequences + maxQueue)
+      throw new ApiError(
+        429,
+        `Too many requests: ${ready.maxSequences} running and ${maxQueue} waiting is the limit; retry later`,
+        'requests',
+        null,
+        'rate_limit_exceeded',
+        { 'Retry-After': '1' },
+      );
+    await generate(ready, request, req, res, endpoint);
+  }
+
+  async function generate(
+    engine: GenerationEngine,
+    request: CompletionRequest,
+    req: http.IncomingMessage,
+    res: http.ServerResponse,
+    endpoint: string,
+  ): Promise<void> {
+    const abort = new AbortController();
+    let settle!: () => void;
+    const entry: Running = { abort, done: new Promise<void>((r) => (settle = r)) };
+    running.add(entry);
+    // A client that goes away cancels its sequence; the step loop frees it at its next step.
+    const onClose = () => {
+      if (res.writableFinished) return;
+      metrics.cancelled.inc({ endpoint });
+      abort.abort();
+    };
+    res.on('close', onClose);
+    const arrived = performance.now();
+    try {
+      const run = engine.start(request, abort.signal);
+      const id = `${request.endpoint === 'chat' ? 'chatcmpl' : 'cmpl'}-${randomBytes(12).toString('hex')}`;
+      const object = request.endpoint === 'chat' ? 'chat.completion' : 'text_completion';
+      const chunkObject = request.endpoint === 'chat' ? 'chat.completion.chunk' : 'text_completion';
+      const createdAt = Math.floor(Date.now() / 1000);
+      // The first token is awaited before any header, so that a request the model refuses (a prompt
+      // over the context, a template that throws) still gets a plain 400.
+      const first = await run.next();
+      let last = performance.now();
+      let text = '';
+      let tokens = 0;
+      const onToken = () => {
+        const now = performance.now();
+        if (tokens === 0) metrics.timeToFirstToken.observe({ endpoint }, (now - arrived) / 1000);
+        else metrics.interTokenLatency.observe({ endpoint }, (now - last) / 1000);
+        last = now;
+        tokens++;
+        metrics.token(endpoint);
+      };
+      const choice = (content: string, finish: FinishReason | null) =>
+        request.endpoint === 'chat'
+          ? { index: 0, delta: content === '' && finish ? {} : { content }, logprobs: null, finish_reason: finish }
+          : { index: 0, text: content, logprobs: null, finish_reason: finish };
+      if (request.stream) {
+        res.writeHead(200, {
+          'Content-Type': 'text/event-stream; charset=utf-8',
+          'Cache-Control': 'no-cache',
+          Connection: 'keep-alive',
+        });
+        const usageField = request.includeUsage ? { usage: null } : {};
+        const event = (data: unknown) => res.write(`data: ${JSON.stringify(data)}\n\n`);
+        const chunk = (c: unknown) =>
+          event({ id, object: chunkObject, created: createdAt, model: modelId, choices: [c], ...usageField });
+        if (request.endpoint === 'chat')
+          chunk({ index: 0, delta: { role: 'assistant', content: '' }, logprobs: null, finish_reason: null });
+        for (let piece = first; !piece.done; piece = await run.next()) {
+          onToken();
+          if (piece.value.text !== '') chunk(choice(piece.value.text, null));
+        }
+        const result = run.result();
+        if (result.finishReason === 'abort') return void res.end();
+        chunk(choice('', result.finishReason));
+        if (request.includeUsage)
+          event({ id, object: chunkObject, created: createdAt, model: modelId, choices: [], usage: usage(result) });
+        res.end('data: [DONE]\n\n');
+        metrics.promptTokens.inc({ endpoint }, result.promptTokens);
+        return;
+      }
+      for (let piece = first; !piece.done; piece = await run.next()) {
+        onToken();
+        text += piece.value.text;
+      }
+      const result = run.result();
+      metrics.promptTokens.inc({ endpoint }, result.promptTokens);
+      if (result.finishReason === 'abort') return void res.destroy();
+      const message =
+        request.endpoint === 'chat'
+          ? {
+              index: 0,
+              message: { role: 'assistant', content: text, refusal: null },
+              logprobs: null,
+              finish_reason: result.finishReason,
+            }
+          : { index: 0, text, logprobs: null, finish_reason: result.finishReason };
+      send(res, 200, { id, object, created: createdAt, model: modelId, choices: [message], usage: usage(result) });
+    } finally {
+      res.off('close', onClose);
+      running.delete(entry);
+      settle();
+    }
+  }
+
+  function usage(r: { promptTokens: number; completionTokens: number }) {
+    return {
+      prompt_tokens: r.promptTokens,
+      completion_tokens: r.completionTokens,
+      total_tokens: r.promptTokens + r.completionTokens,
+    };
+  }
+
+  function modelObject() {
+    return { id: modelId, object: 'model', created, owned_by: 'fused-moe' };
+  }
+
+  function authorize(req: http.IncomingMessage): void {
+    if (!key) return;
+    const got = Buffer.from(req.headers.authorization ?? '');
+    if (got.length !== key.length || !timingSafeEqual(got, key))
+      throw new ApiError(
+        401,
+        'Incorrect or missing API key: send Authorization: Bearer <key>',
+        'invalid_request_error',
+        null,
+        'invalid_api_key',
+      );
+  }
+
+  function readJson(req: http.IncomingMessage): Promise<unknown> {
+    const declared = Number(req.headers['content-length'] ?? 0);
+    if (declared > maxBodyBytes) return Promise.reject(tooLarge(declared));
+    return new Promise((resolve, reject) => {
+      const parts: Buffer[] = [];
+      let size = 0;
+      req.on('data', (b: Buffer) => {
+        size += b.length;
+        if (size > maxBodyBytes) {
+          req.removeAllListeners('data');
+          req.resume();
+          reject(tooLarge(size));
+        } else parts.push(b);
+      });
+      req.on('error', reject);
+      req.on('end', () => {
+        if (size > maxBodyBytes) return;
+        const text = Buffer.concat(parts).toString('utf8');
+        try {
+          resolve(JSON.parse(text));
+        } catch (err) {
+          reject(invalidRequest(`The request body is not valid JSON: ${messageOf(err)}`, null, 'invalid_json'));
+        }
+      });
+    });
+  }
+
+  function tooLarge(size: number): ApiError {
+    return invalidRequest(
+      `The request body is too large: ${size} bytes, the limit is ${maxBodyBytes}`,
+      null,
+      'body_too_large',
+    );
+  }
+
+  function fail(res: http.ServerResponse, err: unknown): void {
+    if (res.headersSent) {
+      // A stream already under way: an error event in the OpenAI shape, then the end of the stream.
+      const api = err instanceof ApiError ? err : new ApiError(500, messageOf(err), 'server_error');
+      if (!res.writableEnded) res.end(`data: ${JSON.stringify(api.body())}\n\n`);
+      return;
+    }
+    const api = toApiError(err);
+    send(res, api.status, api.body(), api.headers);
+  }
+
+  server.shutdown = async (graceMs = 10_000) => {
+    stopping = true;
+    const closed = new Promise<void>((r) => server.close(() => r()));
+    server.closeIdleConnections();
+    const all = () => Promise.all([...running].map((r) => r.done));
+    let timer: NodeJS.Timeout | undefined;
+    const graceOver = new Promise<void>((r) => (timer = setTimeout(r, graceMs)));
+    await Promise.race([all(), graceOver]);
+    clearTimeout(timer);
+    for (const r of running) r.abort.abort();
+    await all();
+    server.closeAllConnections();
+    await closed;
+  };
+  return server;
+}
+
+function methodNotAllowed(req: http.IncomingMessage, allowed: string): ApiError {
+  return new ApiError(
+    405,
+    `Method ${req.method} is not allowed here; use ${allowed}`,
+    'invalid_request_error',
+    null,
+    null,
+    { Allow: allowed },
+  );
+}
+
+/** Errors of the generator: a bad argument is the client's (400), anything else the server's (500). */
+function toApiError(err: unknown): ApiError {
+  if (err instanceof ApiError) return err;
+  if (err instanceof TypeError || err instanceof RangeError) {
+    const tooLong = /context/i.test(err.message);
+    return invalidRequest(err.message, null, tooLong ? 'context_length_exceeded' : 'invalid_value');
+  }
+  return new ApiError(500, `The server failed: ${messageOf(err)}`, 'server_error');
+}
+
+function send(res: http.ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
+  const text = JSON.stringify(body);
+  res.writeHead(status, { 'Content-Type': JSON_TYPE, 'Content-Length': Buffer.byteLength(text), ...headers });
+  res.end(text);
+}
+
+/** The metrics label of a request: its route, or 'other' (never the raw path, which a client picks). */
+function endpointOf(req: http.IncomingMessage): string {
+  const p = (req.url ?? '').split('?')[0];
+  return ['/v1/chat/completions', '/v1/completions', '/v1/models', '/health', '/metrics'].includes(p)
+    ? p
+    : p.startsWith('/v1/models/')
+      ? '/v1/models/{id}'
+      : 'other';
+}

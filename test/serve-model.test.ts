@@ -1,0 +1,240 @@
+/**
+ * The OpenAI-compatible server over a real (tiny, random) model with a real tokenizer and chat
+ * template, driven by the official `openai` client: what the server answers must be what the model
+ * generates on its own, streamed or not; stop strings, seeds, usage; 16 streams of which half
+ * disconnect; and the routing telemetry against the tokens the model actually stepped.
+ */
+import * as path from 'path';
+import { AddressInfo } from 'net';
+import OpenAI from 'openai';
+import { MoeModel } from '../lib/index';
+import { createServer, FusedMoeServer } from '../lib/server/server';
+import { modelEngine } from '../lib/server/model-engine';
+import { makeTempDir, removeTempDir } from './helpers/checkpoint';
+import { writeRandomModel } from './helpers/model/random-model';
+import { writeTokenizer } from './helpers/text/tokenizer-files';
+
+const KEY = 'serve-key';
+let dir = '';
+let model: MoeModel;
+let server: FusedMoeServer;
+let base = '';
+let client: OpenAI;
+
+beforeAll(async () => {
+  dir = makeTempDir('serve');
+  const hf = writeRandomModel(path.join(dir, 'mixtral'), { family: 'mixtral', seed: 31, gguf: false }).hfDir;
+  writeTokenizer(hf, 'byte-level', 320);
+  model = await MoeModel.load(hf, { maxSequences: 16 });
+  server = createServer(modelEngine(model), { apiKey: KEY, modelId: 'tiny-mixtral' });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+  client = new OpenAI({ apiKey: KEY, baseURL: `${base}/v1`, maxRetries: 0 });
+});
+afterAll(async () => {
+  await server?.shutdown(0);
+  model?.dispose();
+  removeTempDir(dir);
+});
+
+const chat = [
+  { role: 'system' as const, content: 'You are terse.' },
+  { role: 'user' as const, content: 'Name the experts: café, 日本, 🙂' },
+];
+
+/** A metric's value from /metrics, summed over its labels (0 while a labelled counter has no series). */
+async function metric(name: string): Promise<number> {
+  const text = await (await fetch(`${base}/metrics`)).text();
+  if (!text.includes(`# TYPE ${name} `)) throw new Error(`${name} is not in /metrics`);
+  return text
+    .split('\n')
+    .filter((l) => l.startsWith(name + ' ') || l.startsWith(name + '{'))
+    .reduce((sum, l) => sum + Number(l.split(' ').pop()), 0);
+}
+
+test('chat, streamed and not, gives what model.complete gives, with its usage', async () => {
+  const alone = await model.complete(chat, { temperature: 0, maxTokens: 12 });
+  const r = await client.chat.completions.create({
+    model: 'tiny-mixtral',
+    messages: chat,
+    temperature: 0,
+    max_tokens: 12,
+  });
+  expect(r.choices[0].message.content).toBe(alone.text);
+  expect(r.choices[0].finish_reason).toBe(alone.finishReason === 'stop' ? 'stop' : 'length');
+  expect(r.usage).toEqual({
+    prompt_tokens: alone.usage.promptTokens,
+    completion_tokens: alone.usage.completionTokens,
+    total_tokens: alone.usage.totalTokens,
+  });
+  const stream = await client.chat.completions.create({
+    model: 'tiny-mixtral',
+    messages: chat,
+    temperature: 0,
+    max_tokens: 12,
+    stream: true,
+    stream_options: { include_usage: true },
+  });
+  let text = '';
+  let usage: OpenAI.CompletionUsage | null | undefined;
+  for await (const chunk of stream) {
+    if (chunk.choices.length) text += chunk.choices[0].delta.content ?? '';
+    else usage = chunk.usage;
+  }
+  expect(text).toBe(alone.text);
+  expect(usage?.completion_tokens).toBe(alone.usage.completionTokens);
+});
+
+test('completions: a text prompt and token ids; a stop string cuts the text before it', async () => {
+  const prompt = 'the quick brown fox';
+  const alone = await model.complete(prompt, { temperature: 0, maxTokens: 16, ignoreEos: true });
+  const r = await client.completions.create({
+    model: 'x',
+    prompt,
+    temperature: 0,
+    max_tokens: 16,
+    ignore_eos: true,
+  } as never);
+  expect(r.choices[0].text).toBe(alone.text);
+  const ids = model.tokenize(prompt);
+  const byIds = await client.completions.create({
+    model: 'x',
+    prompt: ids,
+    temperature: 0,
+    max_tokens: 16,
+    ignore_eos: true,
+  } as never);
+  expect(byIds.choices[0].text).toBe(alone.text);
+  // A stop string from the middle of the greedy text: the answer ends right before it.
+  const text = alone.text;
+  const at = Math.max(1, Math.floor(text.length / 2));
+  const stop = text.slice(at, at + 3);
+  if (stop.length === 0) throw new Error('the greedy text is too short for this test');
+  const cut = await client.completions.create({
+    model: 'x',
+    prompt,
+    temperature: 0,
+    max_tokens: 16,
+    ignore_eos: true,
+    stop: [stop],
+  } as never);
+  expect(cut.choices[0].text).toBe(text.slice(0, text.indexOf(stop)));
+  expect(cut.choices[0].finish_reason).toBe('stop');
+});
+
+test('the same seed gives the same text twice', async () => {
+  const ask = () =>
+    client.chat.completions
+      .create({ model: 'x', messages: chat, temperature: 1, top_p: 0.95, seed: 1234, max_tokens: 20 })
+      .then((r) => r.choices[0].message.content);
+  const [a, b] = await Promise.all([ask(), ask()]);
+  expect(a).toBe(b);
+  expect(await ask()).toBe(a);
+});
+
+test('errors through the client: no key, a prompt over the context, bad parameters', async () => {
+  const anon = new OpenAI({ apiKey: 'nope', baseURL: `${base}/v1`, maxRetries: 0 });
+  await expect(anon.chat.completions.create({ model: 'x', messages: chat })).rejects.toBeInstanceOf(
+    OpenAI.AuthenticationError,
+  );
+  const long = Array.from({ length: 200 }, (_, i) => 300 + (i % 20));
+  const err = await client.completions.create({ model: 'x', prompt: long }).catch((e: unknown) => e);
+  expect(err).toBeInstanceOf(OpenAI.BadRequestError);
+  expect((err as InstanceType<typeof OpenAI.APIError>).code).toBe('context_length_exceeded');
+  expect((err as Error).message).toContain('128');
+  const bad = await client.completions.create({ model: 'x', prompt: [1, 99999] }).catch((e: unknown) => e);
+  expect(bad).toBeInstanceOf(OpenAI.BadRequestError);
+  expect((bad as Error).message).toContain('320');
+  expect(await metric('fused_moe_active_sequences')).toBe(0);
+});
+
+test('16 streams, half disconnecting mid-way: the others finish with their own text, and nothing stays active', async () => {
+  const cancelledBefore = await metric('fused_moe_requests_cancelled_total');
+  const params = (i: number) => ({
+    model: 'x',
+    messages: [{ role: 'user' as const, content: `stream ${i}` }],
+    temperature: 0.9,
+    seed: 100 + i,
+    max_tokens: 90,
+    ignore_eos: true,
+  });
+  const runs = Array.from({ length: 16 }, async (_, i) => {
+    const stream = await client.chat.completions.create({ ...params(i), stream: true } as never);
+    let text = '';
+    let chunks = 0;
+    for await (const c of stream as unknown as AsyncIterable<OpenAI.ChatCompletionChunk>) {
+      text += c.choices[0]?.delta.content ?? '';
+      // Leaving the loop closes the connection: the server must cancel the sequence.
+      if (i % 2 === 1 && ++chunks === 2) return { i, aborted: true, text };
+    }
+    return { i, aborted: false, text };
+  });
+  const results = await Promise.all(runs);
+  for (const r of results.filter((x) => !x.aborted)) {
+    const alone = await client.chat.completions.create(params(r.i) as never);
+    expect(r.text).toBe((alone as OpenAI.ChatCompletion).choices[0].message.content);
+  }
+  // The aborted sequences are freed at the next step of the loop.
+  for (let t = 0; t < 100 && (await metric('fused_moe_active_sequences')) !== 0; t++)
+    await new Promise((res) => setTimeout(res, 20));
+  expect(await metric('fused_moe_active_sequences')).toBe(0);
+  expect(await metric('fused_moe_requests_cancelled_total')).toBe(cancelledBefore + 8);
+  expect(model.generationStats).toMatchObject({ running: 0, waiting: 0 });
+});
+
+test('routing telemetry counts top_k picks for every token the model steps, per MoE layer', async () => {
+  const k = model.config.moe.topK;
+  const before = model.expertTokenCounts();
+  const r = await model.complete([7, 300, 301, 302, 305, 309, 311], { temperature: 0, maxTokens: 5, ignoreEos: true });
+  const after = model.expertTokenCounts();
+  // Tokens fed to the model: the prompt (less any cached prefix) and every sampled token but the last.
+  const stepped = r.usage.promptTokens - r.usage.cachedPromptTokens + r.usage.completionTokens - 1;
+  for (let l = 0; l < after.length; l++) {
+    const delta = after[l].reduce((s, v) => s + v, 0) - before[l].reduce((s, v) => s + v, 0);
+    expect(delta).toBe(model.config.moeLayers[l] ? stepped * k : 0);
+  }
+  const text = await (await fetch(`${base}/metrics`)).text();
+  for (let e = 0; e < after[0].length; e++)
+    expect(text).toContain(`fused_moe_expert_tokens_total{layer="0",expert="${e}"} ${after[0][e]}`);
+});
+
+test('fused-moe serve: ready on /health, SIGTERM lets a running request finish and exits 0', async () => {
+  const { spawn } = await import('child_process');
+  const cli = path.join(__dirname, '..', 'bin', 'fused-moe.js');
+  const child = spawn(
+    process.execPath,
+    [cli, 'serve', path.join(dir, 'mixtral', 'hf'), '--port', '0', '--grace', '20'],
+    {
+      stdio: ['ignore', 'ignore', 'pipe'],
+    },
+  );
+  let err = '';
+  child.stderr.setEncoding('utf8');
+  const exited = new Promise<number | null>((r) => child.on('exit', (code) => r(code)));
+  const url = await new Promise<string>((resolve, reject) => {
+    child.stderr.on('data', (s: string) => {
+      err += s;
+      const hit = /listening on (http:\/\/\S+)/.exec(err);
+      if (hit) resolve(hit[1]);
+    });
+    void exited.then((code) => reject(new Error(`serve exited with ${code}: ${err}`)));
+  });
+  for (let t = 0; t < 500 && (await fetch(`${url}/health`)).status !== 200; t++)
+    await new Promise((r) => setTimeout(r, 20));
+  expect((await fetch(`${url}/health`)).status).toBe(200);
+  const models = await (await fetch(`${url}/v1/models`)).json();
+  expect((models as { data: { id: string }[] }).data[0].id).toBe('hf');
+  const cli2 = new OpenAI({ apiKey: 'none', baseURL: `${url}/v1`, maxRetries: 0 });
+  const running = cli2.completions.create({
+    model: 'hf',
+    prompt: 'the fox',
+    max_tokens: 60,
+    ignore_eos: true,
+  } as never);
+  await new Promise((r) => setTimeout(r, 5));
+  child.kill('SIGTERM');
+  const answer = (await running) as OpenAI.Completion;
+  expect(answer.usage?.completion_tokens).toBe(60);
+  expect(await exited).toBe(0);
+  expect(err).toContain('SIGTERM');
+});

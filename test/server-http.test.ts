@@ -1,0 +1,347 @@
+/**
+ * The HTTP layer of the OpenAI-compatible server, driven by the official `openai` client, over a fake
+ * engine whose output the test can predict (the prompt's text reversed, one character per token). The
+ * real model behind the same server is tested in server-model.test.ts.
+ */
+import { AddressInfo } from 'net';
+import OpenAI from 'openai';
+import { createServer, FusedMoeServer } from '../lib/server/server';
+import type { GenerationEngine, GenerationRun } from '../lib/server/engine';
+import type { CompletionRequest } from '../lib/server/request';
+
+const KEY = 'test-key-7';
+
+class FakeEngine implements GenerationEngine {
+  maxSequences = 2;
+  started: { request: CompletionRequest; signal: AbortSignal }[] = [];
+  /** When set, every generation waits for it before each token. */
+  gate: Promise<void> | undefined;
+  active = 0;
+
+  start(request: CompletionRequest, signal: AbortSignal): GenerationRun {
+    this.started.push({ request, signal });
+    const source =
+      typeof request.prompt === 'string'
+        ? request.prompt
+        : Array.isArray(request.prompt) && typeof request.prompt[0] === 'number'
+          ? (request.prompt as number[]).join(',')
+          : (request.prompt as { content: string }[]).map((m) => m.content).join('|');
+    if (source.includes('TOO-LONG')) {
+      return {
+        next: () => Promise.reject(new RangeError('the prompt has 9000 tokens; the context holds 4096')),
+        result: () => ({ finishReason: 'stop', promptTokens: 0, completionTokens: 0 }),
+      };
+    }
+    const out = [...source].reverse();
+    const limit = request.maxTokens ?? out.length;
+    let i = 0;
+    let finish: 'stop' | 'length' | 'abort' = 'stop';
+    this.active++;
+    let counted = true;
+    const release = () => {
+      if (counted) this.active--;
+      counted = false;
+    };
+    return {
+      next: async () => {
+        if (this.gate) await this.gate;
+        if (signal.aborted) {
+          finish = 'abort';
+          release();
+          return { done: true, value: undefined };
+        }
+        if (i >= out.length || i >= limit) {
+          finish = i < out.length ? 'length' : 'stop';
+          release();
+          return { done: true, value: undefined };
+        }
+        return { done: false, value: { token: out[i].codePointAt(0)!, text: out[i++] } };
+      },
+      result: () => ({ finishReason: finish, promptTokens: [...source].length, completionTokens: i }),
+    };
+  }
+  queueDepth() {
+    return Math.max(0, this.active - this.maxSequences);
+  }
+  activeSequences() {
+    return Math.min(this.active, this.maxSequences);
+  }
+  expertTokens() {
+    return [
+      [3, 1],
+      [0, 4],
+    ];
+  }
+}
+
+async function listen(server: FusedMoeServer): Promise<string> {
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  return `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+}
+
+const reverse = (s: string) => [...s].reverse().join('');
+
+describe('server over a fake engine', () => {
+  let engine: FakeEngine;
+  let server: FusedMoeServer;
+  let base: string;
+  let client: OpenAI;
+
+  beforeEach(async () => {
+    engine = new FakeEngine();
+    server = createServer(engine, { apiKey: KEY, modelId: 'tiny-moe', maxQueue: 1, maxBodyBytes: 4096 });
+    base = await listen(server);
+    client = new OpenAI({ apiKey: KEY, baseURL: `${base}/v1`, maxRetries: 0 });
+  });
+  afterEach(async () => {
+    engine.gate = undefined;
+    await server.shutdown(0);
+  });
+
+  test('chat completion, not streamed: text, usage and finish reason', async () => {
+    const r = await client.chat.completions.create({
+      model: 'tiny-moe',
+      messages: [{ role: 'user', content: 'héllo wörld' }],
+    });
+    expect(r.object).toBe('chat.completion');
+    expect(r.model).toBe('tiny-moe');
+    expect(r.choices[0].message).toMatchObject({ role: 'assistant', content: reverse('héllo wörld') });
+    expect(r.choices[0].finish_reason).toBe('stop');
+    expect(r.usage).toEqual({ prompt_tokens: 11, completion_tokens: 11, total_tokens: 22 });
+  });
+
+  test('chat completion, streamed with usage: chunks join to the text, then a usage chunk', async () => {
+    const stream = await client.chat.completions.create({
+      model: 'tiny-moe',
+      messages: [{ role: 'user', content: 'abcdefgh' }],
+      max_tokens: 5,
+      stream: true,
+      stream_options: { include_usage: true },
+    });
+    let text = '';
+    const finishes: (string | null)[] = [];
+    let usage: OpenAI.CompletionUsage | null | undefined;
+    for await (const chunk of stream) {
+      expect(chunk.object).toBe('chat.completion.chunk');
+      if (chunk.choices.length) {
+        text += chunk.choices[0].delta.content ?? '';
+        finishes.push(chunk.choices[0].finish_reason);
+      } else usage = chunk.usage;
+    }
+    expect(text).toBe('hgfed');
+    expect(finishes.at(-1)).toBe('length');
+    expect(finishes.slice(0, -1).every((f) => f === null)).toBe(true);
+    expect(usage).toEqual({ prompt_tokens: 8, completion_tokens: 5, total_tokens: 13 });
+  });
+
+  test('completions with a string prompt and with token ids, streamed and not', async () => {
+    const r = await client.completions.create({ model: 'tiny-moe', prompt: 'xyz', max_tokens: 2 });
+    expect(r.object).toBe('text_completion');
+    expect(r.choices[0]).toMatchObject({ text: 'zy', finish_reason: 'length' });
+    const s = await client.completions.create({ model: 'tiny-moe', prompt: [12, 34], stream: true });
+    let text = '';
+    for await (const c of s) text += c.choices[0]?.text ?? '';
+    expect(text).toBe(reverse('12,34'));
+    expect(engine.started.at(-1)!.request.prompt).toEqual([12, 34]);
+  });
+
+  test('models, health and the parameters the engine receives', async () => {
+    const models = await client.models.list();
+    expect(models.data.map((m) => m.id)).toEqual(['tiny-moe']);
+    expect((await client.models.retrieve('tiny-moe')).id).toBe('tiny-moe');
+    await expect(client.models.retrieve('other')).rejects.toBeInstanceOf(OpenAI.NotFoundError);
+    expect((await fetch(`${base}/health`)).status).toBe(200);
+    await client.chat.completions.create({
+      model: 'x',
+      messages: [
+        { role: 'system', content: 'be brief' },
+        { role: 'user', content: [{ type: 'text', text: 'hi' }] },
+      ],
+      temperature: 0.5,
+      top_p: 0.9,
+      seed: 42,
+      stop: ['a', 'bc'],
+      max_completion_tokens: 7,
+    });
+    expect(engine.started.at(-1)!.request).toMatchObject({
+      endpoint: 'chat',
+      prompt: [
+        { role: 'system', content: 'be brief' },
+        { role: 'user', content: 'hi' },
+      ],
+      temperature: 0.5,
+      topP: 0.9,
+      seed: 42,
+      stop: ['a', 'bc'],
+      maxTokens: 7,
+      stream: false,
+    });
+  });
+
+  test('401 without the key; /health and /metrics stay open', async () => {
+    const anon = new OpenAI({ apiKey: 'wrong', baseURL: `${base}/v1`, maxRetries: 0 });
+    const err = await anon.models.list().catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(OpenAI.AuthenticationError);
+    expect((err as InstanceType<typeof OpenAI.APIError>).code).toBe('invalid_api_key');
+    const raw = await fetch(`${base}/v1/models`);
+    expect(raw.status).toBe(401);
+    expect((await json(raw)).error).toMatchObject({ type: 'invalid_request_error', code: 'invalid_api_key' });
+    expect((await fetch(`${base}/metrics`)).status).toBe(200);
+  });
+
+  test.each([
+    [{ temperature: 'hot' }, 'temperature'],
+    [{ temperature: 2.5 }, 'temperature'],
+    [{ top_p: 0 }, 'top_p'],
+    [{ top_p: 1.5 }, 'top_p'],
+    [{ max_tokens: 2.5 }, 'max_tokens'],
+    [{ max_tokens: 0 }, 'max_tokens'],
+    [{ n: 2 }, 'n'],
+    [{ seed: 'x' }, 'seed'],
+    [{ stop: [1, 2] }, 'stop'],
+    [{ stop: ['a', 'b', 'c', 'd', 'e'] }, 'stop'],
+    [{ stream: 'yes' }, 'stream'],
+    [{ logprobs: true }, 'logprobs'],
+    [{ messages: [] }, 'messages'],
+    [{ messages: [{ role: 'wizard', content: 'x' }] }, 'messages[0].role'],
+    [{ messages: [{ role: 'user', content: 5 }] }, 'messages[0].content'],
+  ])('bad parameter %j is a 400 naming %s, and never reaches the engine', async (patch, param) => {
+    const body = { model: 'tiny-moe', messages: [{ role: 'user', content: 'hi' }], ...patch };
+    const err = await client.chat.completions.create(body as never).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(OpenAI.BadRequestError);
+    const e = err as InstanceType<typeof OpenAI.BadRequestError>;
+    expect(e.param).toBe(param);
+    expect(e.type).toBe('invalid_request_error');
+    expect(e.message).toContain(param.split('[')[0]);
+    expect(engine.started).toHaveLength(0);
+  });
+
+  test('malformed JSON, a body over the limit and an unknown route: OpenAI error objects', async () => {
+    const post = (path: string, body: string) =>
+      fetch(`${base}${path}`, {
+        method: 'POST',
+        headers: { Authorization: `Bearer ${KEY}`, 'Content-Type': 'application/json' },
+        body,
+      });
+    const bad = await post('/v1/chat/completions', '{"messages": [');
+    expect(bad.status).toBe(400);
+    expect((await json(bad)).error).toMatchObject({ type: 'invalid_request_error', code: 'invalid_json', param: null });
+    const big = await post('/v1/completions', JSON.stringify({ prompt: 'x'.repeat(5000) }));
+    expect(big.status).toBe(400);
+    expect((await json(big)).error.message).toMatch(/too large.*4096/);
+    const none = await post('/v1/embeddings', '{}');
+    expect(none.status).toBe(404);
+    expect((await json(none)).error.message).toContain('/v1/embeddings');
+    const wrongMethod = await fetch(`${base}/v1/chat/completions`, { headers: { Authorization: `Bearer ${KEY}` } });
+    expect(wrongMethod.status).toBe(405);
+    expect(engine.started).toHaveLength(0);
+  });
+
+  test('a prompt the model refuses is a 400 with context_length_exceeded, streamed or not', async () => {
+    for (const stream of [false, true]) {
+      const err = await client.completions
+        .create({ model: 'tiny-moe', prompt: 'TOO-LONG', stream } as never)
+        .catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(OpenAI.BadRequestError);
+      expect((err as InstanceType<typeof OpenAI.APIError>).code).toBe('context_length_exceeded');
+      expect((err as Error).message).toContain('4096');
+    }
+  });
+
+  test('past maxSequences + maxQueue requests get 429 with Retry-After', async () => {
+    let open!: () => void;
+    engine.gate = new Promise((r) => (open = r));
+    const held = [0, 1, 2].map(() =>
+      client.completions.create({ model: 'tiny-moe', prompt: 'abc' }).then((r) => r.choices[0].text),
+    );
+    await waitFor(() => engine.started.length === 3);
+    const res = await fetch(`${base}/v1/completions`, {
+      method: 'POST',
+      headers: { Authorization: `Bearer ${KEY}`, 'Content-Type': 'application/json' },
+      body: JSON.stringify({ prompt: 'abc' }),
+    });
+    expect(res.status).toBe(429);
+    expect(res.headers.get('retry-after')).toBe('1');
+    expect((await json(res)).error.code).toBe('rate_limit_exceeded');
+    const err = await client.completions.create({ model: 'tiny-moe', prompt: 'abc' }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(OpenAI.RateLimitError);
+    open();
+    expect(await Promise.all(held)).toEqual(['cba', 'cba', 'cba']);
+  });
+
+  test('a client that disconnects aborts its generation', async () => {
+    let open!: () => void;
+    engine.gate = new Promise((r) => (open = r));
+    const abort = new AbortController();
+    const pending = client.chat.completions
+      .create(
+        { model: 'tiny-moe', messages: [{ role: 'user', content: 'abc' }], stream: true },
+        { signal: abort.signal },
+      )
+      .catch((e: unknown) => e);
+    await waitFor(() => engine.started.length === 1);
+    abort.abort();
+    await waitFor(() => engine.started[0].signal.aborted);
+    open();
+    expect(await pending).toBeInstanceOf(OpenAI.APIUserAbortError);
+  });
+
+  test('metrics: requests by status, token counters, latency histograms and expert routing', async () => {
+    await client.chat.completions.create({ model: 'm', messages: [{ role: 'user', content: 'abcd' }] });
+    await client.chat.completions.create({ model: 'm', messages: [] }).catch(() => undefined);
+    const text = await (await fetch(`${base}/metrics`)).text();
+    expect(text).toContain('fused_moe_requests_total{endpoint="/v1/chat/completions",status="200"} 1');
+    expect(text).toContain('fused_moe_requests_total{endpoint="/v1/chat/completions",status="400"} 1');
+    expect(text).toContain('fused_moe_generated_tokens_total{endpoint="/v1/chat/completions"} 4');
+    expect(text).toContain('fused_moe_prompt_tokens_total{endpoint="/v1/chat/completions"} 4');
+    expect(text).toContain('fused_moe_time_to_first_token_seconds_count{endpoint="/v1/chat/completions"} 1');
+    expect(text).toContain('fused_moe_inter_token_latency_seconds_count{endpoint="/v1/chat/completions"} 3');
+    expect(text).toContain('fused_moe_expert_tokens_total{layer="1",expert="1"} 4');
+    expect(text).toMatch(/fused_moe_queue_depth 0/);
+  });
+
+  test('shutdown lets a running stream finish, then refuses connections', async () => {
+    let open!: () => void;
+    engine.gate = new Promise((r) => (open = r));
+    const pending = client.completions.create({ model: 'm', prompt: 'abc' });
+    await waitFor(() => engine.started.length === 1);
+    const stopped = server.shutdown(5000);
+    expect((await fetch(`${base}/health`).catch(() => undefined))?.status ?? 'refused').not.toBe(200);
+    open();
+    expect((await pending).choices[0].text).toBe('cba');
+    await stopped;
+    await expect(fetch(`${base}/health`)).rejects.toThrow();
+  });
+});
+
+test('/health answers 503 until the engine is ready', async () => {
+  let ready!: (e: GenerationEngine) => void;
+  const server = createServer(new Promise<GenerationEngine>((r) => (ready = r)));
+  const base = await listen(server);
+  try {
+    const loading = await fetch(`${base}/health`);
+    expect(loading.status).toBe(503);
+    expect(await json(loading)).toEqual({ status: 'loading' });
+    const early = await fetch(`${base}/v1/completions`, { method: 'POST', body: '{"prompt":"x"}' });
+    expect(early.status).toBe(503);
+    ready(new FakeEngine());
+    await waitFor(async () => (await fetch(`${base}/health`)).status === 200);
+  } finally {
+    await server.shutdown(0);
+  }
+});
+
+/** A response's JSON error body, typed for the assertions. */
+async function json(
+  res: Response,
+): Promise<{ error: { message: string; type: string; code: string | null; param: string | null } }> {
+  return (await res.json()) as never;
+}
+
+async function waitFor(cond: () => boolean | Promise<boolean>, ms = 5000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!(await cond())) {
+    if (Date.now() > end) throw new Error('timed out waiting');
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
