@@ -58,39 +58,34 @@ void store_row(void* base, DType dt, size_t offset, int64_t n, const float* src)
   }
 }
 
-// Merges one tile's partial (mt, lt, acct) into a row's state. An empty state (m = -inf, l = 0,
-// acc = 0) takes the partial's values exactly, so a stored partial merged later gives the same bits
-// as one merged as soon as it is computed.
-void merge_partial(float& m, float& l, float* acc, float mt, float lt, const float* acct, int64_t D) {
-  if (mt == kNegInf) return;  // the row sees no key of this tile
-  const float mn = std::max(m, mt);
-  const float a = std::exp(m - mn), b = std::exp(mt - mn);
-  for (int64_t d = 0; d < D; d++) acc[d] = acc[d] * a + acct[d] * b;
-  l = l * a + lt * b;
-  m = mn;
-}
-
 int64_t round_up(int64_t n, int64_t w) { return (n + w - 1) / w * w; }
 
-// Per-thread scratch of one work item: its query rows gathered, one tile's keys (transposed) and
-// values widened to float and padded for the tile kernel, and the tile's partials of every row.
+// Per-thread scratch of one work item, kept across calls and only grown: its query rows gathered, one
+// tile's keys (transposed) and values widened to float and padded for the tile kernel, the tile's
+// partials of every row, and the rows' running state (m, l, acc).
 struct TileScratch {
   int64_t ldk = 0, ldv = 0;
-  std::vector<float> q, krow, kt, v, s, m, l, acc;
+  std::vector<float> q, krow, kt, v, s, m, l, acc, run_m, run_l, run_acc;
   std::vector<int32_t> lo, hi;
-  TileScratch(const AttentionTileKernels& kern, int64_t block_tokens, int64_t D, int64_t rows) {
+  void prepare(const AttentionTileKernels& kern, int64_t block_tokens, int64_t D, int64_t rows) {
     ldk = round_up(block_tokens, kern.width);
     ldv = round_up(D, kern.width);
-    q.resize(size_t(rows * D));
-    krow.resize(size_t(D));
-    kt.resize(size_t(D * ldk));
-    v.resize(size_t(block_tokens * ldv));  // zero: the padding past D stays zero
-    s.resize(size_t(rows * ldk));
-    m.resize(size_t(rows));
-    l.resize(size_t(rows));
-    acc.resize(size_t(rows * ldv));
-    lo.resize(size_t(rows));
-    hi.resize(size_t(rows));
+    auto grow = [](auto& buf, int64_t n) {
+      if (buf.size() < size_t(n)) buf.resize(size_t(n));
+    };
+    grow(q, rows * D);
+    grow(krow, D);
+    grow(kt, D * ldk);
+    v.assign(size_t(block_tokens * ldv), 0.0f);  // the padding past D must be zero
+    grow(s, rows * ldk);
+    grow(m, rows);
+    grow(l, rows);
+    grow(acc, rows * ldv);
+    grow(run_m, rows);
+    grow(run_l, rows);
+    grow(run_acc, rows * ldv);
+    grow(lo, rows);
+    grow(hi, rows);
   }
 };
 
@@ -157,9 +152,12 @@ void tile_partials(const StepGeometry& g, const AttentionSeq& s, int64_t t0, int
 // order; writes the normalised output.
 void attend_streaming(const StepGeometry& g, const AttentionSeq& s, int64_t j, int64_t t0, int64_t t1, const float* q,
                       float* out, TileScratch& t) {
-  const int64_t D = g.D, G = g.G, H = g.p->heads;
+  const int64_t D = g.D, G = g.G, H = g.p->heads, ldv = t.ldv;
   const int64_t rows = (t1 - t0) * G;
-  std::vector<float> m(size_t(rows), kNegInf), l(size_t(rows), 0.0f), acc(size_t(rows * D), 0.0f);
+  float *m = t.run_m.data(), *l = t.run_l.data(), *acc = t.run_acc.data();
+  std::fill(m, m + rows, kNegInf);
+  std::fill(l, l + rows, 0.0f);
+  std::fill(acc, acc + rows * ldv, 0.0f);
   gather_queries(g, s, j, t0, t1, q, t);
   const int64_t pos_first = s.past + t0, pos_last = s.past + t1 - 1;
   const int64_t b_first = first_visible(pos_first, g.p->window) / g.Bt, b_last = pos_last / g.Bt;
@@ -171,15 +169,15 @@ void attend_streaming(const StepGeometry& g, const AttentionSeq& s, int64_t j, i
     int64_t r0, r1;
     tile_partials(g, s, t0, t1, block_pos, n, t, r0, r1);
     for (int64_t row = r0; row < r1; row++)
-      merge_partial(m[size_t(row)], l[size_t(row)], acc.data() + row * D, t.m[size_t(row)], t.l[size_t(row)],
-                    t.acc.data() + row * t.ldv, D);
+      g.kern->merge(m + row, l + row, acc + row * ldv, t.m[size_t(row)], t.l[size_t(row)], t.acc.data() + row * ldv,
+                    ldv);
   }
   for (int64_t i = t0; i < t1; i++)
     for (int64_t r = 0; r < G; r++) {
       const int64_t row = (i - t0) * G + r;
       float* o = out + (s.row + i) * H * D + (j * G + r) * D;
-      const float inv = 1.0f / l[size_t(row)];
-      for (int64_t d = 0; d < D; d++) o[d] = acc[size_t(row * D + d)] * inv;
+      const float inv = 1.0f / l[row];
+      for (int64_t d = 0; d < D; d++) o[d] = acc[row * ldv + d] * inv;
     }
 }
 
@@ -301,13 +299,16 @@ void attention(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_seqs,
           items.push_back({i, j, t0, std::min(s.count, t0 + kQueryTokensPerItem), 0, 0, -1});
     }
   }
-  // Stored partials: m, l, then D values, per (row, tile), tile-major within a (sequence, KV head).
-  std::vector<float> store(size_t(partials) * size_t(D + 2));
+  // Stored partials: m, l, then the padded row of values, per (row, tile), tile-major within a
+  // (sequence, KV head).
+  const int64_t ldv = round_up(D, kern->width), slot_floats = ldv + 2;
+  std::vector<float> store(size_t(partials * slot_floats));
 
   int64_t max_rows = 0;
   for (const Item& it : items) max_rows = std::max(max_rows, (it.t1 - it.t0) * G);
   pool.parallel_for(int64_t(items.size()), 1, p.threads, [&](int64_t begin, int64_t end, int) {
-    TileScratch t(*g.kern, g.Bt, D, max_rows);
+    static thread_local TileScratch t;
+    t.prepare(*kern, g.Bt, D, max_rows);
     for (int64_t w = begin; w < end; w++) {
       const Item& it = items[size_t(w)];
       const AttentionSeq& s = seqs[it.seq];
@@ -324,11 +325,11 @@ void attention(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_seqs,
         int64_t r0, r1;
         tile_partials(g, s, 0, s.count, block_pos, n, t, r0, r1);
         for (int64_t row = 0; row < s.count * G; row++) {
-          float* slot = store.data() + size_t(it.partial_base + ((b - it.b0) * s.count * G + row)) * size_t(D + 2);
+          float* slot = store.data() + (it.partial_base + (b - it.b0) * s.count * G + row) * slot_floats;
           const bool seen = row >= r0 && row < r1 && t.lo[size_t(row)] < t.hi[size_t(row)];
           slot[0] = seen ? t.m[size_t(row)] : kNegInf;
           slot[1] = seen ? t.l[size_t(row)] : 0.0f;
-          if (seen) std::memcpy(slot + 2, t.acc.data() + row * t.ldv, size_t(D) * sizeof(float));
+          if (seen) std::memcpy(slot + 2, t.acc.data() + row * ldv, size_t(ldv) * sizeof(float));
         }
       }
     }
@@ -336,7 +337,7 @@ void attention(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_seqs,
 
   if (merges.empty()) return;
   pool.parallel_for(int64_t(merges.size()), 1, p.threads, [&](int64_t begin, int64_t end, int) {
-    std::vector<float> acc(static_cast<size_t>(D));
+    std::vector<float> acc(static_cast<size_t>(ldv));
     for (int64_t w = begin; w < end; w++) {
       const Item& it = merges[size_t(w)];
       const AttentionSeq& s = seqs[it.seq];
@@ -345,8 +346,8 @@ void attention(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_seqs,
         float m = kNegInf, l = 0;
         std::fill(acc.begin(), acc.end(), 0.0f);
         for (int64_t b = it.b0; b < it.b1; b++) {
-          const float* slot = store.data() + size_t(it.partial_base + (b - it.b0) * rows + row) * size_t(D + 2);
-          merge_partial(m, l, acc.data(), slot[0], slot[1], slot + 2, D);
+          const float* slot = store.data() + (it.partial_base + (b - it.b0) * rows + row) * slot_floats;
+          kern->merge(&m, &l, acc.data(), slot[0], slot[1], slot + 2, ldv);
         }
         const int64_t i = row / G, r = row % G;
         float* o = out + (s.row + i) * H * D + (it.head * G + r) * D;

@@ -26,6 +26,12 @@ struct AttentionTileKernels {
   void (*partials)(const float* q, int64_t ldq, int64_t R, int64_t D, float scale, const float* kt, int64_t ldk,
                    const float* v, int64_t ldv, const int32_t* lo, const int32_t* hi, float* s, float* m, float* l,
                    float* acc, int64_t ldacc);
+  // Merges a tile's partial (mt, lt, acct) into a row's running state (m, l, acc), n floats of acc (a
+  // multiple of width): acc = acc * exp(m - m') + acct * exp(mt - m') with m' = max(m, mt), the same
+  // for l. Nothing changes when mt = -inf (the row saw no key of the tile); an empty state (m = -inf,
+  // l = 0, acc = 0) takes the partial exactly, so a partial stored and merged later gives the same bits
+  // as one merged at once.
+  void (*merge)(float* m, float* l, float* acc, float mt, float lt, const float* acct, int64_t n);
 };
 
 // Sets compiled into this binary (nullptr where not built for this architecture).

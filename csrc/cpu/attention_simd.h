@@ -6,6 +6,7 @@
 // each takes its products in ascending d; several rows share every key load. The weighted values are
 // vectorised over d: rows that see the same keys (the query heads of one token) share every value load.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -155,7 +156,18 @@ struct Tile {
     }
   }
 
-  static constexpr AttentionTileKernels make(Isa isa) { return AttentionTileKernels{isa, W, partials}; }
+  static void merge(float* m, float* l, float* acc, float mt, float lt, const float* acct, int64_t n) {
+    if (mt == -std::numeric_limits<float>::infinity()) return;
+    const float mn = *m > mt ? *m : mt;
+    const float a = std::exp(*m - mn), b = std::exp(mt - mn);
+    const V av = O::set1(a), bv = O::set1(b);
+    for (int64_t d = 0; d < n; d += W)
+      O::store(acc + d, O::add(O::mul(O::load(acc + d), av), O::mul(O::load(acct + d), bv)));
+    *l = *l * a + lt * b;
+    *m = mn;
+  }
+
+  static constexpr AttentionTileKernels make(Isa isa) { return AttentionTileKernels{isa, W, partials, merge}; }
 };
 
 }  // namespace
