@@ -93,7 +93,7 @@ template <class O>
 struct Tile {
   using V = typename O::V;
   static constexpr int W = O::W;
-  // Register tiles: scores 8 rows x 1 vector or 4 x 2; weighted values MRP rows x 4 vectors.
+  // Register tiles: scores 8 rows x 1 vector or 4 x 2; weighted values kMrPv rows x 4 vectors.
   static constexpr int kMrPv = O::kAcc >= 16 ? 4 : 2;
   static constexpr int kNvPv = 4;
 
