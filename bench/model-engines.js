@@ -10,18 +10,7 @@ const root = path.join(__dirname, '..');
 const now = () => Number(process.hrtime.bigint()) / 1e6;
 
 async function runOurs(job) {
-  // The decode steps go to the native decoder directly (one token on a kept sequence); MoeModel's
-  // public API has only whole-sequence logits() so far. The addon object MoeModel loads is the one
-  // require() caches, so wrapping its constructor here hands the bench the instance MoeModel makes.
   const addon = require('node-gyp-build')(root);
-  const Native = addon.NativeModel;
-  let native;
-  addon.NativeModel = new Proxy(Native, {
-    construct(target, args) {
-      native = new target(...args);
-      return native;
-    },
-  });
   const { MoeModel } = require(path.join(root, 'dist'));
   const t0 = now();
   const model = await MoeModel.load(job.dir, {
@@ -30,8 +19,6 @@ async function runOurs(job) {
     threads: job.threads,
   });
   const loadS = (now() - t0) / 1e3;
-  addon.NativeModel = Native;
-  if (!native) throw new Error('the bench could not reach the native decoder of MoeModel');
 
   const prompt = Int32Array.from(job.prompt);
   await model.logits(prompt); // warm-up: workspaces, first touch of every weight page
@@ -44,20 +31,21 @@ async function runOurs(job) {
     if (!out.every(Number.isFinite)) finite = false;
   }
 
-  const V = model.config.vocabSize;
-  const logits = new Float32Array(V);
-  const seq = native.sequenceCreate();
+  // Decode: one token per step on a kept sequence, through the model's internal step API (the public
+  // API has only whole-sequence logits() so far).
+  const seq = model.createSequence();
   const decodeMs = [];
   try {
-    await native.step(Int32Array.from(job.decodePrefix), Float64Array.of(seq, job.decodePrefix.length, 0), logits);
+    await model.step([{ sequence: seq, tokens: job.decodePrefix }]);
+    let logits;
     for (let i = 0; i < job.decodeTokens.length; i++) {
       const t = now();
-      await native.step(Int32Array.of(job.decodeTokens[i]), Float64Array.of(seq, 1, 0), logits);
+      [logits] = await model.step([{ sequence: seq, tokens: [job.decodeTokens[i]] }]);
       if (i >= job.warmDecode) decodeMs.push(now() - t);
     }
     if (!logits.every(Number.isFinite)) finite = false;
   } finally {
-    native.sequenceFree(seq);
+    seq.free();
   }
   const info = { nativeBytes: model.nativeBytes, isa: addon.backendInfo().cpu.isa, finite };
   model.dispose();

@@ -9,13 +9,15 @@
 
 #include "../core/error.h"
 #include "../core/thread_pool.h"
+#include "attention_simd.h"
 
 namespace fmoe {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-// Query tokens per prefill work item: with G query heads per KV head, 16 * G rows share each K/V tile.
-constexpr int64_t kQueryTokensPerItem = 16;
+// Query tokens per prefill work item: with G query heads per KV head, 64 * G rows share each K/V tile
+// (its widening and transposition).
+constexpr int64_t kQueryTokensPerItem = 64;
 // A sequence with at most this many new tokens (a decode step) is split over its keys instead.
 constexpr int64_t kSplitMaxTokens = 4;
 
@@ -56,43 +58,41 @@ void store_row(void* base, DType dt, size_t offset, int64_t n, const float* src)
   }
 }
 
-// A fixed-order dot product: eight running sums (lane = index mod 8), added pairwise at the end. The
-// compiler may vectorise it but not reorder it, so every caller gets the same bits.
-float dot(const float* a, const float* b, int64_t n) {
-  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int l = 0; l < 8; l++) s[l] += a[i + l] * b[i + l];
-  for (int l = 0; i < n; i++, l++) s[l] += a[i] * b[i];
-  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-}
+int64_t round_up(int64_t n, int64_t w) { return (n + w - 1) / w * w; }
 
-// Merges one tile's partial (mt, lt, acct) into a row's state. An empty state (m = -inf, l = 0,
-// acc = 0) takes the partial's values exactly, so a stored partial merged later gives the same bits
-// as one merged as soon as it is computed.
-void merge_partial(float& m, float& l, float* acc, float mt, float lt, const float* acct, int64_t D) {
-  if (mt == kNegInf) return;  // the row sees no key of this tile
-  const float mn = std::max(m, mt);
-  const float a = std::exp(m - mn), b = std::exp(mt - mn);
-  for (int64_t d = 0; d < D; d++) acc[d] = acc[d] * a + acct[d] * b;
-  l = l * a + lt * b;
-  m = mn;
-}
-
-// Per-thread scratch for one tile: the block's keys and values widened to float, and one row's scores.
+// Per-thread scratch of one work item, kept across calls and only grown: its query rows gathered, one
+// tile's keys (transposed) and values widened to float and padded for the tile kernel, the tile's
+// partials of every row, and the rows' running state (m, l, acc).
 struct TileScratch {
-  std::vector<float> k, v, s, acc;
-  void reserve(int64_t block_tokens, int64_t D) {
-    k.resize(size_t(block_tokens * D));
-    v.resize(size_t(block_tokens * D));
-    s.resize(size_t(block_tokens));
-    acc.resize(size_t(D));
+  int64_t ldk = 0, ldv = 0;
+  std::vector<float> q, krow, kt, v, s, m, l, acc, run_m, run_l, run_acc;
+  std::vector<int32_t> lo, hi;
+  void prepare(const AttentionTileKernels& kern, int64_t block_tokens, int64_t D, int64_t rows) {
+    ldk = round_up(block_tokens, kern.width);
+    ldv = round_up(D, kern.width);
+    auto grow = [](auto& buf, int64_t n) {
+      if (buf.size() < size_t(n)) buf.resize(size_t(n));
+    };
+    grow(q, rows * D);
+    grow(krow, D);
+    grow(kt, D * ldk);
+    v.assign(size_t(block_tokens * ldv), 0.0f);  // the padding past D must be zero
+    grow(s, rows * ldk);
+    grow(m, rows);
+    grow(l, rows);
+    grow(acc, rows * ldv);
+    grow(run_m, rows);
+    grow(run_l, rows);
+    grow(run_acc, rows * ldv);
+    grow(lo, rows);
+    grow(hi, rows);
   }
 };
 
 struct StepGeometry {
   const KvCacheView* cache;
   const AttentionParams* p;
+  const AttentionTileKernels* kern;
   int64_t G;  // query heads per KV head
   int64_t D;
   int64_t Bt;
@@ -101,44 +101,64 @@ struct StepGeometry {
 // The first position a query at `pos` sees.
 int64_t first_visible(int64_t pos, int64_t window) { return window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0; }
 
-// Loads block `b` of a sequence's table, KV head j, into the scratch (slots [0, n)).
+// Widens block `b` of a sequence's table, KV head j, slots [0, n), into the scratch: keys transposed.
 void load_tile(const StepGeometry& g, const AttentionSeq& s, int64_t b, int64_t j, int64_t n, TileScratch& t) {
-  const int64_t block = s.blocks[b];
-  const size_t base = size_t(((block * g.cache->kv_heads + j) * g.Bt) * g.D);
-  load_row(g.cache->k, g.cache->dtype, base, n * g.D, t.k.data());
-  load_row(g.cache->v, g.cache->dtype, base, n * g.D, t.v.data());
+  const int64_t D = g.D;
+  const size_t base = size_t(((s.blocks[b] * g.cache->kv_heads + j) * g.Bt) * D);
+  float* row = t.krow.data();
+  for (int64_t i = 0; i < n; i++) {
+    load_row(g.cache->k, g.cache->dtype, base + size_t(i * D), D, row);
+    for (int64_t d = 0; d < D; d++) t.kt[size_t(d * t.ldk + i)] = row[d];
+    load_row(g.cache->v, g.cache->dtype, base + size_t(i * D), D, t.v.data() + i * t.ldv);
+  }
 }
 
-// One row's partial over the loaded tile (positions block_pos .. block_pos + n - 1): its max score, sum of
-// exponentials and weighted values, over the keys visible from `pos`. mt = -inf when none is.
-void tile_partial(const StepGeometry& g, const float* q, int64_t pos, int64_t block_pos, int64_t n, TileScratch& t,
-                  float& mt, float& lt, float* acct) {
-  const int64_t D = g.D;
-  const int64_t lo = std::max<int64_t>(first_visible(pos, g.p->window) - block_pos, 0);
-  const int64_t hi = std::min<int64_t>(pos - block_pos + 1, n);  // slots [lo, hi) are visible
-  mt = kNegInf;
-  lt = 0;
-  if (lo >= hi) return;
-  for (int64_t j = lo; j < hi; j++) {
-    t.s[size_t(j)] = g.p->scale * dot(q, t.k.data() + j * D, D);
-    mt = std::max(mt, t.s[size_t(j)]);
+// Gathers the query rows of new tokens [t0, t1) of sequence s for KV head j: row (i - t0) * G + r is
+// head j * G + r of token i.
+void gather_queries(const StepGeometry& g, const AttentionSeq& s, int64_t j, int64_t t0, int64_t t1, const float* q,
+                    TileScratch& t) {
+  const int64_t D = g.D, G = g.G, H = g.p->heads;
+  for (int64_t i = t0; i < t1; i++)
+    std::memcpy(t.q.data() + (i - t0) * G * D, q + (s.row + i) * H * D + j * G * D, size_t(G * D) * sizeof(float));
+}
+
+// The tile partials of the gathered rows (tokens [t0, t1)) over block b (positions block_pos ..
+// block_pos + n - 1), each row over the keys it sees; rows [r0, r1) are the ones that see any.
+void tile_partials(const StepGeometry& g, const AttentionSeq& s, int64_t t0, int64_t t1, int64_t block_pos, int64_t n,
+                   TileScratch& t, int64_t& r0, int64_t& r1) {
+  const int64_t G = g.G, R = (t1 - t0) * G;
+  r0 = R;
+  r1 = 0;
+  for (int64_t i = t0; i < t1; i++) {
+    const int64_t pos = s.past + i;
+    const int64_t lo = std::max<int64_t>(first_visible(pos, g.p->window) - block_pos, 0);
+    const int64_t hi = std::min<int64_t>(pos - block_pos + 1, n);  // slots [lo, hi) are visible
+    for (int64_t r = (i - t0) * G; r < (i - t0 + 1) * G; r++) {
+      t.lo[size_t(r)] = int32_t(lo);
+      t.hi[size_t(r)] = int32_t(hi);
+      if (lo < hi) {
+        r0 = std::min(r0, r);
+        r1 = r + 1;
+      }
+    }
   }
-  for (int64_t d = 0; d < D; d++) acct[d] = 0;
-  for (int64_t j = lo; j < hi; j++) {
-    const float e = std::exp(t.s[size_t(j)] - mt);
-    lt += e;
-    const float* vj = t.v.data() + j * D;
-    for (int64_t d = 0; d < D; d++) acct[d] += e * vj[d];
-  }
+  if (r0 >= r1) return;
+  g.kern->partials(t.q.data() + r0 * g.D, g.D, r1 - r0, g.D, g.p->scale, t.kt.data(), t.ldk, t.v.data(), t.ldv,
+                   t.lo.data() + r0, t.hi.data() + r0, t.s.data() + r0 * t.ldk, t.m.data() + r0, t.l.data() + r0,
+                   t.acc.data() + r0 * t.ldv, t.ldv);
 }
 
 // Rows [t0, t1) of sequence s (all G heads of KV head j), every visible tile streamed and merged in
 // order; writes the normalised output.
 void attend_streaming(const StepGeometry& g, const AttentionSeq& s, int64_t j, int64_t t0, int64_t t1, const float* q,
                       float* out, TileScratch& t) {
-  const int64_t D = g.D, G = g.G, H = g.p->heads;
+  const int64_t D = g.D, G = g.G, H = g.p->heads, ldv = t.ldv;
   const int64_t rows = (t1 - t0) * G;
-  std::vector<float> m(size_t(rows), kNegInf), l(size_t(rows), 0.0f), acc(size_t(rows * D), 0.0f);
+  float *m = t.run_m.data(), *l = t.run_l.data(), *acc = t.run_acc.data();
+  std::fill(m, m + rows, kNegInf);
+  std::fill(l, l + rows, 0.0f);
+  std::fill(acc, acc + rows * ldv, 0.0f);
+  gather_queries(g, s, j, t0, t1, q, t);
   const int64_t pos_first = s.past + t0, pos_last = s.past + t1 - 1;
   const int64_t b_first = first_visible(pos_first, g.p->window) / g.Bt, b_last = pos_last / g.Bt;
   const int64_t end = s.past + s.count;  // positions written so far
@@ -146,23 +166,18 @@ void attend_streaming(const StepGeometry& g, const AttentionSeq& s, int64_t j, i
     const int64_t block_pos = b * g.Bt;
     const int64_t n = std::min(g.Bt, end - block_pos);
     load_tile(g, s, b, j, n, t);
-    for (int64_t i = t0; i < t1; i++) {
-      const int64_t pos = s.past + i;
-      for (int64_t r = 0; r < G; r++) {
-        const int64_t h = j * G + r;
-        const int64_t row = (i - t0) * G + r;
-        float mt, lt;
-        tile_partial(g, q + (s.row + i) * H * D + h * D, pos, block_pos, n, t, mt, lt, t.acc.data());
-        merge_partial(m[size_t(row)], l[size_t(row)], acc.data() + row * D, mt, lt, t.acc.data(), D);
-      }
-    }
+    int64_t r0, r1;
+    tile_partials(g, s, t0, t1, block_pos, n, t, r0, r1);
+    for (int64_t row = r0; row < r1; row++)
+      g.kern->merge(m + row, l + row, acc + row * ldv, t.m[size_t(row)], t.l[size_t(row)], t.acc.data() + row * ldv,
+                    ldv);
   }
   for (int64_t i = t0; i < t1; i++)
     for (int64_t r = 0; r < G; r++) {
       const int64_t row = (i - t0) * G + r;
       float* o = out + (s.row + i) * H * D + (j * G + r) * D;
-      const float inv = 1.0f / l[size_t(row)];
-      for (int64_t d = 0; d < D; d++) o[d] = acc[size_t(row * D + d)] * inv;
+      const float inv = 1.0f / l[row];
+      for (int64_t d = 0; d < D; d++) o[d] = acc[row * ldv + d] * inv;
     }
 }
 
@@ -173,7 +188,38 @@ struct Item {
   int64_t partial_base;  // split items: index of tile b0's partials in the step's store, -1 otherwise
 };
 
+// The scalar set: attention_simd.h with one float per "vector". min and max return the second operand
+// when one is NaN, as the x86 instructions do.
+struct OpsScalar {
+  using V = float;
+  static constexpr int W = 1;
+  static constexpr int kAcc = 8;
+  static V zero() { return 0.0f; }
+  static V set1(float v) { return v; }
+  static V bcast(const float* p) { return *p; }
+  static V load(const float* p) { return *p; }
+  static void store(float* p, V v) { *p = v; }
+  static V fma(V a, V b, V c) { return a * b + c; }
+  static V add(V a, V b) { return a + b; }
+  static V mul(V a, V b) { return a * b; }
+  static V min(V a, V b) { return a < b ? a : b; }
+  static V max(V a, V b) { return a > b ? a : b; }
+  static V round(V a) { return std::nearbyint(a); }
+  static V pow2(V p, V n) { return std::ldexp(p, int(n)); }
+};
+
+constexpr AttentionTileKernels kAttnScalar = attn::Tile<OpsScalar>::make(Isa::Scalar);
+
 }  // namespace
+
+const AttentionTileKernels* attention_kernels_scalar() { return &kAttnScalar; }
+
+const AttentionTileKernels* attention_kernels_for(Isa isa) {
+  const AttentionTileKernels* k = nullptr;
+  if (isa == Isa::Avx512 || isa == Isa::Avx512Bf16) k = attention_kernels_avx512();
+  if (!k && (isa == Isa::Avx512 || isa == Isa::Avx512Bf16 || isa == Isa::Avx2)) k = attention_kernels_avx2();
+  return k ? k : attention_kernels_scalar();
+}
 
 void attention_check(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_seqs, int64_t rows) {
   if (c.kv_heads <= 0 || c.head_dim <= 0 || c.block_tokens <= 0 || c.num_blocks < 0 || (!c.k && c.num_blocks) ||
@@ -221,7 +267,8 @@ void attention(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_seqs,
                                  "kv_heads (" +
                                  std::to_string(c.kv_heads) + ")");
   if (p.window < 0) fail(ErrorCode::Invalid, "attention: window must be >= 0");
-  const StepGeometry g{&c, &p, p.heads / c.kv_heads, c.head_dim, c.block_tokens};
+  const AttentionTileKernels* kern = p.kernels ? p.kernels : attention_kernels_for(select_kernels()->isa);
+  const StepGeometry g{&c, &p, kern, p.heads / c.kv_heads, c.head_dim, c.block_tokens};
   const int64_t KV = c.kv_heads, D = g.D, G = g.G, H = p.heads;
   ThreadPool& pool = ThreadPool::instance();
   const int64_t nthreads = std::max(1, pool.size());
@@ -252,12 +299,16 @@ void attention(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_seqs,
           items.push_back({i, j, t0, std::min(s.count, t0 + kQueryTokensPerItem), 0, 0, -1});
     }
   }
-  // Stored partials: m, l, then D values, per (row, tile), tile-major within a (sequence, KV head).
-  std::vector<float> store(size_t(partials) * size_t(D + 2));
+  // Stored partials: m, l, then the padded row of values, per (row, tile), tile-major within a
+  // (sequence, KV head).
+  const int64_t ldv = round_up(D, kern->width), slot_floats = ldv + 2;
+  std::vector<float> store(size_t(partials * slot_floats));
 
+  int64_t max_rows = 0;
+  for (const Item& it : items) max_rows = std::max(max_rows, (it.t1 - it.t0) * G);
   pool.parallel_for(int64_t(items.size()), 1, p.threads, [&](int64_t begin, int64_t end, int) {
-    TileScratch t;
-    t.reserve(g.Bt, D);
+    static thread_local TileScratch t;
+    t.prepare(*kern, g.Bt, D, max_rows);
     for (int64_t w = begin; w < end; w++) {
       const Item& it = items[size_t(w)];
       const AttentionSeq& s = seqs[it.seq];
@@ -265,25 +316,28 @@ void attention(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_seqs,
         attend_streaming(g, s, it.head, it.t0, it.t1, q, out, t);
         continue;
       }
+      gather_queries(g, s, it.head, 0, s.count, q, t);
       const int64_t end_pos = s.past + s.count;
       for (int64_t b = it.b0; b < it.b1; b++) {
         const int64_t block_pos = b * g.Bt;
         const int64_t n = std::min(g.Bt, end_pos - block_pos);
         load_tile(g, s, b, it.head, n, t);
-        for (int64_t i = 0; i < s.count; i++)
-          for (int64_t r = 0; r < G; r++) {
-            const int64_t row = i * G + r;
-            float* slot = store.data() + size_t(it.partial_base + ((b - it.b0) * s.count * G + row)) * size_t(D + 2);
-            tile_partial(g, q + (s.row + i) * H * D + (it.head * G + r) * D, s.past + i, block_pos, n, t, slot[0],
-                         slot[1], slot + 2);
-          }
+        int64_t r0, r1;
+        tile_partials(g, s, 0, s.count, block_pos, n, t, r0, r1);
+        for (int64_t row = 0; row < s.count * G; row++) {
+          float* slot = store.data() + (it.partial_base + (b - it.b0) * s.count * G + row) * slot_floats;
+          const bool seen = row >= r0 && row < r1 && t.lo[size_t(row)] < t.hi[size_t(row)];
+          slot[0] = seen ? t.m[size_t(row)] : kNegInf;
+          slot[1] = seen ? t.l[size_t(row)] : 0.0f;
+          if (seen) std::memcpy(slot + 2, t.acc.data() + row * ldv, size_t(ldv) * sizeof(float));
+        }
       }
     }
   });
 
   if (merges.empty()) return;
   pool.parallel_for(int64_t(merges.size()), 1, p.threads, [&](int64_t begin, int64_t end, int) {
-    std::vector<float> acc(static_cast<size_t>(D));
+    std::vector<float> acc(static_cast<size_t>(ldv));
     for (int64_t w = begin; w < end; w++) {
       const Item& it = merges[size_t(w)];
       const AttentionSeq& s = seqs[it.seq];
@@ -292,8 +346,8 @@ void attention(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_seqs,
         float m = kNegInf, l = 0;
         std::fill(acc.begin(), acc.end(), 0.0f);
         for (int64_t b = it.b0; b < it.b1; b++) {
-          const float* slot = store.data() + size_t(it.partial_base + (b - it.b0) * rows + row) * size_t(D + 2);
-          merge_partial(m, l, acc.data(), slot[0], slot[1], slot + 2, D);
+          const float* slot = store.data() + (it.partial_base + (b - it.b0) * rows + row) * slot_floats;
+          kern->merge(&m, &l, acc.data(), slot[0], slot[1], slot + 2, ldv);
         }
         const int64_t i = row / G, r = row % G;
         float* o = out + (s.row + i) * H * D + (it.head * G + r) * D;

@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "../core/dtype.h"
+#include "attention_kernels.h"
 
 namespace fmoe {
 
@@ -44,6 +45,8 @@ struct AttentionParams {
   float scale = 0;     // multiplies q . k, usually 1 / sqrt(head_dim)
   int64_t window = 0;  // sliding window: a query at p sees keys in (p - window, p]; 0: every key <= p
   int threads = 0;     // at most this many pool threads (0: all)
+  // The tile kernel set; nullptr: the one for the process's expert kernels (select_kernels()).
+  const AttentionTileKernels* kernels = nullptr;
 };
 
 // Checks a step's sequences against the cache: block ids in range, tables long enough, rows inside

@@ -96,6 +96,21 @@ struct Sequence {
   int64_t length = 0;
 };
 
+// A step's buffers, kept across steps and only grown: a fresh allocation per step costs page faults
+// (the large ones are mapped) on every prompt. Steps of one model never overlap, so one set serves all.
+struct StepWorkspace {
+  std::vector<float> x, xn, qkv, q, k, v, att, y, y2, gate, cos, sin, out_rows;
+  std::vector<int64_t> pos;
+  std::vector<AttentionSeq> att_seqs;
+
+  // The buffer with room for n elements; its contents are unspecified.
+  template <class T>
+  static T* grow(std::vector<T>& buf, int64_t n) {
+    if (buf.size() < size_t(n)) buf.resize(size_t(n));
+    return buf.data();
+  }
+};
+
 class CpuDecoder final : public Decoder {
  public:
   explicit CpuDecoder(const DecoderConfig& cfg) : cfg_(cfg), kernels_(select_kernels()), pool_(cfg.cache_blocks) {
@@ -419,15 +434,22 @@ class CpuDecoder final : public Decoder {
     const int64_t H = cfg_.hidden, D = cfg_.head_dim, NQ = cfg_.heads * D, NKV = cfg_.kv_heads * D;
     const int64_t NQKV = NQ + 2 * NKV;
     const int threads = cfg_.threads;
-    std::vector<float> x(size_t(T * H)), xn(size_t(T * H)), qkv(size_t(T * NQKV)), q(size_t(T * NQ)),
-        k(size_t(T * NKV)), v(size_t(T * NKV)), att(size_t(T * NQ)), y(size_t(T * H)), y2;
+    StepWorkspace& w = work_;
+    float* x = w.grow(w.x, T * H);
+    float* xn = w.grow(w.xn, T * H);
+    float* qkv = w.grow(w.qkv, T * NQKV);
+    float* q = w.grow(w.q, T * NQ);
+    float* k = w.grow(w.k, T * NKV);
+    float* v = w.grow(w.v, T * NKV);
+    float* att = w.grow(w.att, T * NQ);
+    float* y = w.grow(w.y, T * H);
     // Embedding rows, widened to float.
     for (int64_t t = 0; t < T; t++)
       for (int64_t h = 0; h < H; h++)
-        x[size_t(t * H + h)] = load_as_f32(embedding_.get(), cfg_.embed_dtype, size_t(int64_t(tokens[t]) * H + h));
+        x[t * H + h] = load_as_f32(embedding_.get(), cfg_.embed_dtype, size_t(int64_t(tokens[t]) * H + h));
     // Positions and the attention's view of each sequence.
-    std::vector<int64_t> pos(static_cast<size_t>(T));
-    std::vector<AttentionSeq> att_seqs;
+    int64_t* pos = w.grow(w.pos, T);
+    w.att_seqs.clear();
     int64_t row = 0;
     for (int64_t i = 0; i < num_seqs; i++) {
       const Sequence& s = find(seqs[i].id);
@@ -437,12 +459,14 @@ class CpuDecoder final : public Decoder {
       a.past = s.length;
       a.count = seqs[i].count;
       a.row = row;
-      for (int64_t j = 0; j < a.count; j++) pos[size_t(row + j)] = s.length + j;
-      if (a.count > 0) att_seqs.push_back(a);
+      for (int64_t j = 0; j < a.count; j++) pos[row + j] = s.length + j;
+      if (a.count > 0) w.att_seqs.push_back(a);
       row += a.count;
     }
-    std::vector<float> cos(size_t(T * D / 2)), sin(size_t(T * D / 2));
-    rope_tables(pos.data(), T, D, cfg_.rope_theta, cos.data(), sin.data());
+    const std::vector<AttentionSeq>& att_seqs = w.att_seqs;
+    float* cos = w.grow(w.cos, T * D / 2);
+    float* sin = w.grow(w.sin, T * D / 2);
+    rope_tables(pos, T, D, cfg_.rope_theta, cos, sin);
     AttentionParams ap;
     ap.heads = cfg_.heads;
     ap.scale = float(1.0 / std::sqrt(double(D)));
@@ -453,35 +477,35 @@ class CpuDecoder final : public Decoder {
       check_cancel(cancel);
       Layer& L = layers_[size_t(l)];
       // Attention.
-      rms_norm(x.data(), T, H, H, L.attn_norm.data(), cfg_.rms_eps, xn.data(), H);
-      L.qkv.forward(xn.data(), H, T, qkv.data(), NQKV, threads);
+      rms_norm(x, T, H, H, L.attn_norm.data(), cfg_.rms_eps, xn, H);
+      L.qkv.forward(xn, H, T, qkv, NQKV, threads);
       for (int64_t t = 0; t < T; t++) {
-        const float* r = qkv.data() + t * NQKV;
-        std::memcpy(&q[size_t(t * NQ)], r, size_t(NQ) * 4);
-        std::memcpy(&k[size_t(t * NKV)], r + NQ, size_t(NKV) * 4);
-        std::memcpy(&v[size_t(t * NKV)], r + NQ + NKV, size_t(NKV) * 4);
+        const float* r = qkv + t * NQKV;
+        std::memcpy(q + t * NQ, r, size_t(NQ) * 4);
+        std::memcpy(k + t * NKV, r + NQ, size_t(NKV) * 4);
+        std::memcpy(v + t * NKV, r + NQ + NKV, size_t(NKV) * 4);
         if (cfg_.qkv_bias) {
-          for (int64_t i = 0; i < NQ; i++) q[size_t(t * NQ + i)] += L.q_bias[size_t(i)];
-          for (int64_t i = 0; i < NKV; i++) k[size_t(t * NKV + i)] += L.k_bias[size_t(i)];
-          for (int64_t i = 0; i < NKV; i++) v[size_t(t * NKV + i)] += L.v_bias[size_t(i)];
+          for (int64_t i = 0; i < NQ; i++) q[t * NQ + i] += L.q_bias[size_t(i)];
+          for (int64_t i = 0; i < NKV; i++) k[t * NKV + i] += L.k_bias[size_t(i)];
+          for (int64_t i = 0; i < NKV; i++) v[t * NKV + i] += L.v_bias[size_t(i)];
         }
       }
       if (cfg_.clip_qkv > 0) {
         const float c = cfg_.clip_qkv;
-        for (float* buf : {q.data(), k.data(), v.data()}) {
-          const int64_t n = buf == q.data() ? T * NQ : T * NKV;
+        for (float* buf : {q, k, v}) {
+          const int64_t n = buf == q ? T * NQ : T * NKV;
           for (int64_t i = 0; i < n; i++) buf[i] = std::min(c, std::max(-c, buf[i]));
         }
       }
       if (cfg_.qk_norm == QkNorm::Head) {
-        rms_norm(q.data(), T * cfg_.heads, D, D, L.q_norm.data(), cfg_.rms_eps, q.data(), D);
-        rms_norm(k.data(), T * cfg_.kv_heads, D, D, L.k_norm.data(), cfg_.rms_eps, k.data(), D);
+        rms_norm(q, T * cfg_.heads, D, D, L.q_norm.data(), cfg_.rms_eps, q, D);
+        rms_norm(k, T * cfg_.kv_heads, D, D, L.k_norm.data(), cfg_.rms_eps, k, D);
       } else if (cfg_.qk_norm == QkNorm::Projection) {
-        rms_norm(q.data(), T, NQ, NQ, L.q_norm.data(), cfg_.rms_eps, q.data(), NQ);
-        rms_norm(k.data(), T, NKV, NKV, L.k_norm.data(), cfg_.rms_eps, k.data(), NKV);
+        rms_norm(q, T, NQ, NQ, L.q_norm.data(), cfg_.rms_eps, q, NQ);
+        rms_norm(k, T, NKV, NKV, L.k_norm.data(), cfg_.rms_eps, k, NKV);
       }
-      rope_apply(q.data(), T, cfg_.heads, D, NQ, cos.data(), sin.data());
-      rope_apply(k.data(), T, cfg_.kv_heads, D, NKV, cos.data(), sin.data());
+      rope_apply(q, T, cfg_.heads, D, NQ, cos, sin);
+      rope_apply(k, T, cfg_.kv_heads, D, NKV, cos, sin);
       KvCacheView cache;
       cache.k = L.k_cache.get();
       cache.v = L.v_cache.get();
@@ -490,46 +514,48 @@ class CpuDecoder final : public Decoder {
       cache.head_dim = D;
       cache.block_tokens = cfg_.block_tokens;
       cache.dtype = cfg_.kv_dtype;
-      kv_cache_write(cache, att_seqs.data(), int64_t(att_seqs.size()), k.data(), v.data());
-      attention(cache, att_seqs.data(), int64_t(att_seqs.size()), ap, q.data(), att.data());
-      L.o.forward(att.data(), NQ, T, y.data(), H, threads);
-      for (int64_t i = 0; i < T * H; i++) x[size_t(i)] += y[size_t(i)];
+      kv_cache_write(cache, att_seqs.data(), int64_t(att_seqs.size()), k, v);
+      attention(cache, att_seqs.data(), int64_t(att_seqs.size()), ap, q, att);
+      L.o.forward(att, NQ, T, y, H, threads);
+      for (int64_t i = 0; i < T * H; i++) x[i] += y[i];
       check_cancel(cancel);
       // The MLP.
-      rms_norm(x.data(), T, H, H, L.ffn_norm.data(), cfg_.rms_eps, xn.data(), H);
+      rms_norm(x, T, H, H, L.ffn_norm.data(), cfg_.rms_eps, xn, H);
       if (L.moe) {
-        L.moe->forward(xn.data(), T, y.data(), cancel);
-        for (int64_t i = 0; i < T * H; i++) x[size_t(i)] += y[size_t(i)];
+        L.moe->forward(xn, T, y, cancel);
+        for (int64_t i = 0; i < T * H; i++) x[i] += y[i];
         if (L.shared) {
-          y2.resize(size_t(T * H));
-          L.shared->forward(xn.data(), T, y2.data(), cancel);
-          std::vector<float> g(static_cast<size_t>(T), 1.0f);
+          float* y2 = w.grow(w.y2, T * H);
+          L.shared->forward(xn, T, y2, cancel);
+          float* g = w.grow(w.gate, T);
           if (cfg_.shared_gate) {
-            L.shared_gate.forward(xn.data(), H, T, g.data(), 1, threads);
-            for (float& gv : g) gv = sigmoid(gv);
+            L.shared_gate.forward(xn, H, T, g, 1, threads);
+            for (int64_t t = 0; t < T; t++) g[t] = sigmoid(g[t]);
+          } else {
+            std::fill(g, g + T, 1.0f);
           }
           for (int64_t t = 0; t < T; t++)
-            for (int64_t h = 0; h < H; h++) x[size_t(t * H + h)] += g[size_t(t)] * y2[size_t(t * H + h)];
+            for (int64_t h = 0; h < H; h++) x[t * H + h] += g[t] * y2[t * H + h];
         }
       } else {
-        L.shared->forward(xn.data(), T, y.data(), cancel);
-        for (int64_t i = 0; i < T * H; i++) x[size_t(i)] += y[size_t(i)];
+        L.shared->forward(xn, T, y, cancel);
+        for (int64_t i = 0; i < T * H; i++) x[i] += y[i];
       }
     }
     check_cancel(cancel);
     // The rows whose logits are asked for: final norm, then the LM head.
-    std::vector<float> out_rows;
+    float* out_rows = w.grow(w.out_rows, logit_rows(seqs, num_seqs) * H);
     int64_t R = 0;
     row = 0;
     for (int64_t i = 0; i < num_seqs; i++) {
       const int64_t c = seqs[i].count;
       const int64_t first = seqs[i].all_logits ? 0 : c - 1;
       for (int64_t j = std::max<int64_t>(first, 0); j < c; j++, R++)
-        out_rows.insert(out_rows.end(), &x[size_t((row + j) * H)], &x[size_t((row + j) * H)] + H);
+        std::memcpy(out_rows + R * H, x + (row + j) * H, size_t(H) * sizeof(float));
       row += c;
     }
-    rms_norm(out_rows.data(), R, H, H, final_norm_.data(), cfg_.rms_eps, out_rows.data(), H);
-    lm_head_.forward(out_rows.data(), H, R, logits, cfg_.vocab, threads);
+    rms_norm(out_rows, R, H, H, final_norm_.data(), cfg_.rms_eps, out_rows, H);
+    lm_head_.forward(out_rows, H, R, logits, cfg_.vocab, threads);
   }
 
   DecoderConfig cfg_;
@@ -543,6 +569,7 @@ class CpuDecoder final : public Decoder {
   size_t cache_bytes_ = 0;
   std::map<int64_t, Sequence> sequences_;
   int64_t next_id_ = 1;
+  StepWorkspace work_;
 };
 
 }  // namespace

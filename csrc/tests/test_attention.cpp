@@ -72,6 +72,7 @@ static void reference_row(const History& s, int64_t pos, int64_t h, int64_t H, i
 struct Shape {
   int64_t H, KV, D, Bt, window;
   DType dt;
+  const AttentionTileKernels* kern;  // the tile kernel set under test
 };
 
 static History make_history(std::mt19937& rng, const Shape& sh, int64_t len, std::vector<int32_t>& free_blocks) {
@@ -124,6 +125,7 @@ static std::vector<float> run_step(Cache& c, const Shape& sh, const std::vector<
   p.scale = float(1.0 / std::sqrt(double(D)));
   p.window = sh.window;
   p.threads = threads;
+  p.kernels = sh.kern;
   std::vector<float> out(size_t(rows * H * D), NAN);
   attention(c.view, seqs.data(), int64_t(seqs.size()), p, q.data(), out.data());
   return out;
@@ -156,13 +158,14 @@ static void test_shape(const Shape& sh, uint64_t seed) {
   const int64_t H = sh.H, D = sh.D;
   const size_t row_floats = size_t(H * D);
   // Three sequences: a prompt of 23 tokens, a long one decoded at position 41, a short one of 3 + 2.
-  const int64_t pool_blocks = 64;
+  const int64_t pool_blocks = 160;
   std::vector<int32_t> free_blocks(pool_blocks);
   std::iota(free_blocks.begin(), free_blocks.end(), 0);
   std::shuffle(free_blocks.begin(), free_blocks.end(), rng);  // tables are not contiguous
   History a = make_history(rng, sh, 23, free_blocks);
   History b = make_history(rng, sh, 42, free_blocks);
   History c = make_history(rng, sh, 5, free_blocks);
+  History d = make_history(rng, sh, 150, free_blocks);  // several prefill work items
 
   // Step 1: b's first 41 tokens and c's first 3, in one call.
   Cache cache(pool_blocks, sh.KV, D, sh.Bt, sh.dt);
@@ -174,11 +177,20 @@ static void test_shape(const Shape& sh, uint64_t seed) {
       {row_error(s2, 0, {&a, 0, 23}, sh), row_error(s2, 23, {&b, 41, 1}, sh), row_error(s2, 24, {&c, 3, 2}, sh)});
   // float32 scores and sums over at most 42 keys of D products.
   const double tol = 2e-6 * std::sqrt(double(D));
-  if (e1 > tol || e2 > tol)
-    std::fprintf(stderr, "H=%lld KV=%lld D=%lld Bt=%lld window=%lld dtype=%s: errors %.3g %.3g (tol %.3g)\n",
-                 (long long)H, (long long)sh.KV, (long long)D, (long long)sh.Bt, (long long)sh.window,
-                 dtype_name(sh.dt), e1, e2, tol);
-  CHECK(e1 <= tol && e2 <= tol);
+  // A long prompt in one call, and in chunks of 70 and 80 tokens.
+  Cache long_cache(pool_blocks, sh.KV, D, sh.Bt, sh.dt);
+  std::vector<float> dw = run_step(long_cache, sh, {{&d, 0, 150}});
+  const double e3 = row_error(dw, 0, {&d, 0, 150}, sh);
+  if (e1 > tol || e2 > tol || e3 > tol)
+    std::fprintf(stderr, "%s H=%lld KV=%lld D=%lld Bt=%lld window=%lld dtype=%s: errors %.3g %.3g %.3g (tol %.3g)\n",
+                 isa_name(sh.kern->isa), (long long)H, (long long)sh.KV, (long long)D, (long long)sh.Bt,
+                 (long long)sh.window, dtype_name(sh.dt), e1, e2, e3, tol);
+  CHECK(e1 <= tol && e2 <= tol && e3 <= tol);
+  Cache long_chunks(pool_blocks, sh.KV, D, sh.Bt, sh.dt);
+  std::vector<float> d1 = run_step(long_chunks, sh, {{&d, 0, 70}});
+  std::vector<float> d2 = run_step(long_chunks, sh, {{&d, 70, 80}}, 1);
+  CHECK(same_bits(d1.data(), dw.data(), 70 * row_floats));
+  CHECK(same_bits(d2.data(), dw.data() + 70 * row_floats, 80 * row_floats));
 
   // Alone instead of in a batch: the same bits.
   Cache alone(pool_blocks, sh.KV, D, sh.Bt, sh.dt);
@@ -278,13 +290,20 @@ static void test_bad_input() {
 int main() {
   test_f16_conversion();
   test_bad_input();
-  uint64_t seed = 1;
-  for (DType dt : {DType::F32, DType::BF16, DType::F16}) {
-    test_shape({6, 2, 40, 5, 0, dt}, seed++);    // 3 query heads per KV head, odd block size
-    test_shape({4, 4, 17, 8, 0, dt}, seed++);    // no grouping, odd head size
-    test_shape({8, 1, 64, 16, 0, dt}, seed++);   // one KV head (multi-query)
-    test_shape({6, 3, 24, 4, 9, dt}, seed++);    // sliding window of 9
-    test_shape({2, 1, 128, 32, 0, dt}, seed++);  // head_dim 128, blocks of 32
+  // Every tile kernel set this CPU runs.
+  for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512}) {
+    if (isa != Isa::Scalar && !cpu_supports(isa)) continue;
+    const AttentionTileKernels* kern = attention_kernels_for(isa);
+    if (kern->isa != isa) continue;  // not built for this architecture
+    uint64_t seed = 1;
+    for (DType dt : {DType::F32, DType::BF16, DType::F16}) {
+      test_shape({6, 2, 40, 5, 0, dt, kern}, seed++);    // 3 query heads per KV head, odd block size
+      test_shape({4, 4, 17, 8, 0, dt, kern}, seed++);    // no grouping, odd head size
+      test_shape({8, 1, 64, 16, 0, dt, kern}, seed++);   // one KV head (multi-query)
+      test_shape({6, 3, 24, 4, 9, dt, kern}, seed++);    // sliding window of 9
+      test_shape({2, 1, 128, 32, 0, dt, kern}, seed++);  // head_dim 128, blocks of 32
+      test_shape({10, 2, 6, 21, 0, dt, kern}, seed++);   // 5 heads per KV head, tiny head, 21-key blocks
+    }
   }
   if (failures) {
     std::fprintf(stderr, "%d attention check(s) failed\n", failures);

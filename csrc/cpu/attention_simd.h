@@ -1,0 +1,175 @@
+// One body for every attention tile kernel (attention_kernels.h), on an Ops struct (vector type, width,
+// load / broadcast / fma, ...): the ISA units instantiate it with their Ops, attention.cpp with a scalar
+// one. Everything sits in an anonymous namespace, as kernels_simd.h explains: a copy per ISA unit.
+//
+// The scores are GEMM-shaped: the keys are transposed, so one vector holds a row's scores for W keys and
+// each takes its products in ascending d; several rows share every key load. The weighted values are
+// vectorised over d: rows that see the same keys (the query heads of one token) share every value load.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "attention_kernels.h"
+
+namespace fmoe {
+namespace attn {
+namespace {
+
+// Runs f(std::integral_constant<int, n>) for a run-time n in [1, N].
+template <int N, class F>
+inline void with_count(int n, F&& f) {
+  if (n == N)
+    f(std::integral_constant<int, N>());
+  else if constexpr (N > 1)
+    with_count<N - 1>(n, f);
+}
+
+// exp(x) lane by lane, Cephes-style (|rel err| ~1e-7); the clamp keeps 2^n a normal number (below it
+// the result is < 2e-38, nothing next to the row's largest term, 1). NaN stays NaN: min and max return
+// their second operand when one is NaN.
+template <class O>
+inline typename O::V vexp(typename O::V x) {
+  using V = typename O::V;
+  x = O::max(O::set1(-87.0f), O::min(O::set1(88.0f), x));
+  const V n = O::round(O::mul(x, O::set1(1.44269504088896341f)));
+  V r = O::fma(n, O::set1(-0.693359375f), x);
+  r = O::fma(n, O::set1(2.12194440e-4f), r);
+  V p = O::set1(1.9875691500e-4f);
+  p = O::fma(p, r, O::set1(1.3981999507e-3f));
+  p = O::fma(p, r, O::set1(8.3334519073e-3f));
+  p = O::fma(p, r, O::set1(4.1665795894e-2f));
+  p = O::fma(p, r, O::set1(1.6666665459e-1f));
+  p = O::fma(p, r, O::set1(5.0000001201e-1f));
+  p = O::fma(p, O::mul(r, r), O::add(r, O::set1(1.0f)));
+  return O::pow2(p, n);
+}
+
+// s[m][c] = scale * (q_m . k_c) for MR rows and NV vectors of keys.
+template <class O, int MR, int NV>
+inline void qk_block(const float* q, int64_t ldq, int64_t D, float scale, const float* kt, int64_t ldk, float* s,
+                     int64_t lds) {
+  using V = typename O::V;
+  constexpr int W = O::W;
+  V acc[MR][NV];
+  for (int m = 0; m < MR; m++)
+    for (int n = 0; n < NV; n++) acc[m][n] = O::zero();
+  for (int64_t d = 0; d < D; d++) {
+    V k[NV];
+    for (int n = 0; n < NV; n++) k[n] = O::load(kt + d * ldk + n * W);
+    for (int m = 0; m < MR; m++) {
+      const V qb = O::bcast(q + m * ldq + d);
+      for (int n = 0; n < NV; n++) acc[m][n] = O::fma(qb, k[n], acc[m][n]);
+    }
+  }
+  const V sc = O::set1(scale);
+  for (int m = 0; m < MR; m++)
+    for (int n = 0; n < NV; n++) O::store(s + m * lds + n * W, O::mul(acc[m][n], sc));
+}
+
+// acc[m][d] = sum over keys j in [lo, hi) of p[m][j] * v_j[d], for MR rows and NV vectors of d.
+template <class O, int MR, int NV>
+inline void pv_block(const float* p, int64_t ldp, int64_t lo, int64_t hi, const float* v, int64_t ldv, float* acc,
+                     int64_t ldacc) {
+  using V = typename O::V;
+  constexpr int W = O::W;
+  V a[MR][NV];
+  for (int m = 0; m < MR; m++)
+    for (int n = 0; n < NV; n++) a[m][n] = O::zero();
+  for (int64_t j = lo; j < hi; j++) {
+    V vv[NV];
+    for (int n = 0; n < NV; n++) vv[n] = O::load(v + j * ldv + n * W);
+    for (int m = 0; m < MR; m++) {
+      const V pb = O::bcast(p + m * ldp + j);
+      for (int n = 0; n < NV; n++) a[m][n] = O::fma(pb, vv[n], a[m][n]);
+    }
+  }
+  for (int m = 0; m < MR; m++)
+    for (int n = 0; n < NV; n++) O::store(acc + m * ldacc + n * W, a[m][n]);
+}
+
+template <class O>
+struct Tile {
+  using V = typename O::V;
+  static constexpr int W = O::W;
+  // Register tiles: scores 8 rows x 1 vector or 4 x 2; weighted values kMrPv rows x 4 vectors.
+  static constexpr int kMrPv = O::kAcc >= 16 ? 4 : 2;
+  static constexpr int kNvPv = 4;
+
+  template <int NV, int MR>
+  static void qk_rows(int64_t R, const float* q, int64_t ldq, int64_t D, float scale, const float* kt, int64_t ldk,
+                      float* s) {
+    int64_t r = 0;
+    for (; r + MR <= R; r += MR) qk_block<O, MR, NV>(q + r * ldq, ldq, D, scale, kt, ldk, s + r * ldk, ldk);
+    if (r < R)
+      with_count<MR - 1>(int(R - r), [&](auto mr) {
+        qk_block<O, decltype(mr)::value, NV>(q + r * ldq, ldq, D, scale, kt, ldk, s + r * ldk, ldk);
+      });
+  }
+
+  static void partials(const float* q, int64_t ldq, int64_t R, int64_t D, float scale, const float* kt, int64_t ldk,
+                       const float* v, int64_t ldv, const int32_t* lo, const int32_t* hi, float* s, float* m, float* l,
+                       float* acc, int64_t ldacc) {
+    constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+    // Scores of every row over the key vectors any row sees.
+    int64_t top = 0;
+    for (int64_t r = 0; r < R; r++) top = hi[r] > top ? hi[r] : top;
+    const int64_t nk = (top + W - 1) / W;
+    int64_t c = 0;
+    for (; c + 2 <= nk; c += 2) qk_rows<2, 4>(R, q, ldq, D, scale, kt + c * W, ldk, s + c * W);
+    if (c < nk) qk_rows<1, 8>(R, q, ldq, D, scale, kt + c * W, ldk, s + c * W);
+    // Each row's max, exponentials (in place of its scores) and their sum, over its own keys.
+    for (int64_t r = 0; r < R; r++) {
+      m[r] = kNegInf;
+      l[r] = 0;
+      if (lo[r] >= hi[r]) continue;
+      float* sr = s + r * ldk;
+      float mx = kNegInf;
+      for (int64_t j = lo[r]; j < hi[r]; j++) mx = mx < sr[j] ? sr[j] : mx;
+      const V neg_mx = O::set1(-mx);
+      for (int64_t j = lo[r] / W * W; j < hi[r]; j += W) O::store(sr + j, vexp<O>(O::add(O::load(sr + j), neg_mx)));
+      float sum = 0;
+      for (int64_t j = lo[r]; j < hi[r]; j++) sum += sr[j];
+      m[r] = mx;
+      l[r] = sum;
+    }
+    // Weighted values; consecutive rows with the same keys share the value loads.
+    const int64_t nv = ldv / W;
+    for (int64_t r = 0; r < R;) {
+      if (lo[r] >= hi[r]) {
+        r++;
+        continue;
+      }
+      int g = 1;
+      while (g < kMrPv && r + g < R && lo[r + g] == lo[r] && hi[r + g] == hi[r]) g++;
+      for (int64_t c0 = 0; c0 < nv; c0 += kNvPv) {
+        const int nc = int(nv - c0 < kNvPv ? nv - c0 : kNvPv);
+        with_count<kMrPv>(g, [&](auto mr) {
+          with_count<kNvPv>(nc, [&](auto ncv) {
+            pv_block<O, decltype(mr)::value, decltype(ncv)::value>(s + r * ldk, ldk, lo[r], hi[r], v + c0 * W, ldv,
+                                                                   acc + r * ldacc + c0 * W, ldacc);
+          });
+        });
+      }
+      r += g;
+    }
+  }
+
+  static void merge(float* m, float* l, float* acc, float mt, float lt, const float* acct, int64_t n) {
+    if (mt == -std::numeric_limits<float>::infinity()) return;
+    const float mn = *m > mt ? *m : mt;
+    const float a = std::exp(*m - mn), b = std::exp(mt - mn);
+    const V av = O::set1(a), bv = O::set1(b);
+    for (int64_t d = 0; d < n; d += W)
+      O::store(acc + d, O::add(O::mul(O::load(acc + d), av), O::mul(O::load(acct + d), bv)));
+    *l = *l * a + lt * b;
+    *m = mn;
+  }
+
+  static constexpr AttentionTileKernels make(Isa isa) { return AttentionTileKernels{isa, W, partials, merge}; }
+};
+
+}  // namespace
+}  // namespace attn
+}  // namespace fmoe
