@@ -74,10 +74,10 @@ const RUN = quick
 
 // ---- bytes and FLOPs ------------------------------------------------------------------------------
 const GROUP = 32;
-// Bytes per weight of the projection matrices. Ours: codes plus one float32 scale per group of 32
+// Bytes per weight of the projection matrices. Ours: codes plus one IEEE half scale per group of 32
 // (csrc/cpu/packing.h, quant_group_bytes); llama.cpp: Q8_0 / Q4_0 blocks of 34 / 18 bytes per 32.
 const BYTES_PER_WEIGHT = {
-  ours: { bf16: 2, int8: 1 + 4 / GROUP, int4: 0.5 + 4 / GROUP },
+  ours: { bf16: 2, int8: 1 + 2 / GROUP, int4: 0.5 + 2 / GROUP },
   llama: { bf16: 2, int8: 34 / 32, int4: 18 / 32 },
 };
 
