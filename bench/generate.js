@@ -117,7 +117,7 @@ async function runOurs(job) {
           .filter(([a]) => a >= lo && a < hi)
           .map(([a, b]) => b - a),
       );
-    // One prefill chunk alone: the step that reads PROMPT_TOKENS_PER_STEP prompt tokens of one fresh sequence.
+    // One prefill chunk alone: a step of TOKENS_PER_STEP (lib/generate/engine.ts) prompt tokens of a fresh sequence.
     const chunk = [];
     for (let r = 0; r < 3; r++) {
       const t = now();
@@ -155,11 +155,13 @@ async function runLlama(job) {
       batchSize: 512,
       threads: THREADS,
     });
+    // The context's sequences are made once and cleared between repetitions.
+    const seqs = Array.from({ length: N }, () => context.getSequence());
     const figures = [];
     for (let rep = 0; rep < job.reps; rep++) {
       const times = Array.from({ length: N }, () => []);
       const starts = [];
-      const seqs = times.map(() => context.getSequence());
+      await Promise.all(seqs.map((seq) => seq.clearHistory()));
       await Promise.all(
         seqs.map(async (seq, i) => {
           starts.push(now());
@@ -174,7 +176,6 @@ async function runLlama(job) {
         }),
       );
       figures.push(summarize(starts, times));
-      for (const s of seqs) s.dispose();
     }
     out.streams[N] = figures;
     out.contextSize = context.contextSize;

@@ -1,7 +1,7 @@
 /**
  * Continuous batching: one step loop per model. Each step decodes one token for every running request
- * and adds prompt tokens of requests still reading their prompt, at most PROMPT_TOKENS_PER_STEP in
- * all, in one native call (each expert's weights are read once per step for every token that picked
+ * and adds prompt tokens of requests still reading their prompt, up to TOKENS_PER_STEP tokens in all
+ * (decode tokens included), in one native call (each expert's weights are read once per step for every token that picked
  * it). A long prompt thus joins in chunks and never stalls the streams already running. At most
  * maxSequences requests run; the others wait in arrival order.
  *
@@ -16,8 +16,13 @@ import type { TextTokenizer } from '../text/tokenizer';
 import { Sampler, SamplingParams } from './sampling';
 import { StopMatcher } from './stop';
 
-/** Prompt tokens all requests together feed per step. */
-export const PROMPT_TOKENS_PER_STEP = 256;
+/**
+ * Tokens one step feeds, decode tokens included: a step with a prompt chunk then costs about what a
+ * 256-token prompt alone costs, so a long prompt delays the running streams by about that much.
+ */
+export const TOKENS_PER_STEP = 256;
+/** Prompt tokens a step may always add, however many streams decode (so prompts never starve). */
+const MIN_PROMPT_TOKENS_PER_STEP = 16;
 
 export type FinishReason = 'stop' | 'length' | 'abort';
 
@@ -253,7 +258,8 @@ export class Engine {
   /** This step's entries: one token of each decoding request, then prompt chunks within the budget. */
   #plan(): { request: Request; tokens: number[] }[] {
     const batch: { request: Request; tokens: number[] }[] = [];
-    let budget = PROMPT_TOKENS_PER_STEP;
+    const decoding = this.#running.filter((r) => r.fed >= r.prompt.length).length;
+    let budget = Math.max(MIN_PROMPT_TOKENS_PER_STEP, TOKENS_PER_STEP - decoding);
     for (const r of this.#running) {
       if (r.fed >= r.prompt.length) batch.push({ request: r, tokens: r.tokens.slice(r.fed, r.fed + 1) });
       else if (budget > 0) {
