@@ -7,10 +7,12 @@
 //
 // Phases (each request: a distinct token-id prompt, greedy, end-of-sequence ignored):
 //   1. one at a time: SINGLE streaming requests, each alone (the single-stream rate and latency);
-//   2. 32 concurrent streaming clients against --max-sequences 16 (16 run, 16 wait);
-//   3. a burst of 200 requests against a queue of 50: those past 16 running + 50 waiting get 429.
+//   2. 16 concurrent streaming clients (as many as --max-sequences: all decode together);
+//   3. 32 concurrent streaming clients against --max-sequences 16 (16 run, 16 wait);
+//   4. a burst of 200 requests against a queue of 50: those past 16 running + 50 waiting get 429.
 // Every request must end with a full answer, a 429 or a 400: nothing may be lost. Reported: requests
-// completed and refused, time to first token and inter-token latency p50/p99, aggregate tokens/s.
+// completed and refused, time to first token and inter-token latency p50/p99, aggregate tokens/s over
+// the phase's wall time, and the decode rate while all of a phase's streams run.
 'use strict';
 const { spawn } = require('child_process');
 const os = require('os');
@@ -93,15 +95,29 @@ async function request(base, seed) {
   }
 }
 
-function figures(results, ms) {
+function figures(results, ms, oneAtATime = false) {
   const ok = results.filter((r) => r.status === 200);
   const itl = ok.flatMap((r) => r.times.slice(1).map((t, i) => t - r.times[i]));
   const ttft = ok.map((r) => r.times[0] - r.start);
   const statuses = {};
   for (const r of results) statuses[r.status] = (statuses[r.status] || 0) + 1;
   const tokens = ok.reduce((s, r) => s + r.usage.completion_tokens, 0);
+  // The decode rate while every stream of the phase runs: tokens between the last first token and the
+  // first last token, over that time; one at a time, each request's own rate.
+  const from = Math.max(...ok.map((r) => r.times[0])),
+    to = Math.min(...ok.map((r) => r.times[r.times.length - 1]));
+  let inWindow = 0;
+  for (const r of ok) for (const x of r.times) if (x > from && x <= to) inWindow++;
+  const own = ok.map((r) => ((r.times.length - 1) / (r.times[r.times.length - 1] - r.times[0])) * 1e3);
+  // Phases in waves (more clients than sequences) have no such window: no figure.
+  const decodeTokS = oneAtATime
+    ? own.sort((a, b) => a - b)[own.length >> 1]
+    : to > from
+      ? (inWindow / (to - from)) * 1e3
+      : NaN;
   return {
     requests: results.length,
+    decodeTokS,
     statuses,
     tokens,
     tokS: (tokens / ms) * 1e3,
@@ -156,7 +172,10 @@ async function main() {
   let t = now();
   const single = [];
   for (let i = 0; i < SINGLE; i++) single.push(await request(base, 100 + i));
-  phases.single = figures(single, now() - t);
+  phases.single = figures(single, now() - t, true);
+  t = now();
+  const sixteen = await Promise.all(Array.from({ length: MAX_SEQUENCES }, (_, i) => request(base, 300 + i)));
+  phases.concurrent16 = figures(sixteen, now() - t);
   t = now();
   const conc = await Promise.all(Array.from({ length: 32 }, (_, i) => request(base, 200 + i)));
   phases.concurrent32 = figures(conc, now() - t);
@@ -167,18 +186,23 @@ async function main() {
   server.kill('SIGTERM');
   const exit = await new Promise((r) => server.on('exit', (code) => r(code)));
 
-  log(`\n| phase | requests | outcome | tokens/s (agg.) | TTFT p50/p99 ms | ITL p50/p99 ms |`);
-  log(`| --- | --- | --- | --- | --- | --- |`);
+  log(`\n| phase | requests | outcome | tokens/s (agg., wall) | decode tok/s | TTFT p50/p99 ms | ITL p50/p99 ms |`);
+  log(`| --- | --- | --- | --- | --- | --- | --- |`);
   for (const [name, f] of Object.entries(phases))
     log(
       `| ${name} | ${f.requests} | ${Object.entries(f.statuses)
         .map(([s, n]) => `${n}× ${s}`)
-        .join(', ')} | ${fmt(f.tokS)} | ${fmt(f.ttftP50)} / ${fmt(f.ttftP99)} | ${fmt(f.itlP50)} / ${fmt(f.itlP99)} |`,
+        .join(
+          ', ',
+        )} | ${fmt(f.tokS)} | ${Number.isNaN(f.decodeTokS) ? '—' : fmt(f.decodeTokS)} | ${fmt(f.ttftP50)} / ${fmt(f.ttftP99)} | ${fmt(f.itlP50)} / ${fmt(f.itlP99)} |`,
     );
-  const lost = [...single, ...conc, ...burst].filter(
+  const lost = [...single, ...sixteen, ...conc, ...burst].filter(
     (r) => r.status !== 200 && r.status !== 429 && r.status !== 400,
   ).length;
   log(`\nlost (neither a full answer nor 429/400): ${lost}; server exit code after SIGTERM: ${exit}`);
+  log(
+    `16 streams / one at a time: ${fmt(phases.concurrent16.decodeTokS / phases.single.decodeTokS)}× decode rate; ITL p99 ${fmt(phases.concurrent16.itlP99)} ms`,
+  );
   log(
     `32 clients / one at a time: ${fmt(phases.concurrent32.tokS / phases.single.tokS)}× aggregate; ITL p99 ${fmt(phases.concurrent32.itlP99)} ms against single-stream ${fmt(phases.single.itlP99)} ms`,
   );
