@@ -9,7 +9,6 @@ import { AddressInfo } from 'net';
 import OpenAI from 'openai';
 import { MoeModel } from '../lib/index';
 import { createServer, FusedMoeServer } from '../lib/server/server';
-import { modelEngine } from '../lib/server/model-engine';
 import { makeTempDir, removeTempDir } from './helpers/checkpoint';
 import { writeRandomModel } from './helpers/model/random-model';
 import { writeTokenizer } from './helpers/text/tokenizer-files';
@@ -26,7 +25,7 @@ beforeAll(async () => {
   const hf = writeRandomModel(path.join(dir, 'mixtral'), { family: 'mixtral', seed: 31, gguf: false }).hfDir;
   writeTokenizer(hf, 'byte-level', 320);
   model = await MoeModel.load(hf, { maxSequences: 16 });
-  server = createServer(modelEngine(model), { apiKey: KEY, modelId: 'tiny-mixtral' });
+  server = createServer(model, { apiKey: KEY, modelId: 'tiny-mixtral' });
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
   base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
   client = new OpenAI({ apiKey: KEY, baseURL: `${base}/v1`, maxRetries: 0 });

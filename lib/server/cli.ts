@@ -8,7 +8,6 @@ import { parseArgs } from 'util';
 import { MoeModel, LoadProgress } from '../model/model';
 import { createServer } from './server';
 import { progressLine } from '../cli';
-import { modelEngine } from './model-engine';
 
 export const SERVE_USAGE = `usage: fused-moe serve <checkpoint dir> [options]
   --port N            port to listen on (default 8080)
@@ -112,7 +111,7 @@ export async function serveMain(argv: string[]): Promise<number> {
     threads,
     onProgress: progressPrinter(process.stderr),
   });
-  const server = createServer(loading.then(modelEngine), { apiKey, modelId, maxQueue, maxBodyBytes });
+  const server = createServer(loading, { apiKey, modelId, maxQueue, maxBodyBytes });
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
     server.listen(port, host, () => resolve());

@@ -10,6 +10,8 @@ import { ApiError, invalidRequest } from './api-error';
 import { CompletionRequest, parseCompletionRequest } from './request';
 import { ServerMetrics } from './metrics';
 import type { GenerationEngine, FinishReason } from './engine';
+import { MoeModel } from '../model/model';
+import { modelEngine } from './model-engine';
 import { messageOf } from '../errors';
 
 export interface ServerOptions {
@@ -38,8 +40,12 @@ interface Running {
 
 const JSON_TYPE = 'application/json; charset=utf-8';
 
+/**
+ * The server over a model (or any GenerationEngine), or a promise of one: until it resolves, /health
+ * answers 503 and generating requests get 503.
+ */
 export function createServer(
-  engine: GenerationEngine | Promise<GenerationEngine>,
+  model: MoeModel | GenerationEngine | Promise<MoeModel | GenerationEngine>,
   options: ServerOptions = {},
 ): FusedMoeServer {
   const modelId = options.modelId ?? 'fused-moe';
@@ -58,8 +64,8 @@ export function createServer(
     expertTokens: () => ready?.expertTokens() ?? [],
   });
 
-  Promise.resolve(engine).then(
-    (e) => (ready = e),
+  Promise.resolve(model).then(
+    (m) => (ready = m instanceof MoeModel ? modelEngine(m) : m),
     (err) => (loadError = err),
   );
 
