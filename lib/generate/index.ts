@@ -35,6 +35,8 @@ export interface GenerateModel {
   readonly config: { vocabSize: number; eosTokenIds: number[] };
   readonly options: Readonly<{ contextLength: number }>;
   readonly tokenizer: TextTokenizer | undefined;
+  /** Sampling defaults from the checkpoint's generation_config.json. */
+  readonly generationDefaults: Readonly<Omit<SamplingOptions, 'seed'>>;
   tokenize(text: string): number[];
 }
 
@@ -81,7 +83,7 @@ export function noTokenizer(): MoeError {
 export function generate(model: GenerateModel, engine: Engine, prompt: unknown, options: unknown): Generation {
   const o = options ?? {};
   checkObject('options', o);
-  const params = checkSampling('options', o);
+  const params = checkSampling('options', o, model.generationDefaults);
   const room = model.options.contextLength;
   let maxTokens = room;
   if (o.maxTokens !== undefined) {

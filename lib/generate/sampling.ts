@@ -30,14 +30,33 @@ function finite(name: string, v: unknown, fallback: number, ok: (x: number) => b
   return v;
 }
 
-/** Checks the sampling fields of `options` (named `name`), defaults filled in. */
-export function checkSampling(name: string, o: Record<string, unknown>): SamplingParams {
+/**
+ * Checks the sampling fields of `options` (named `name`); a field left out takes `defaults` (the
+ * checkpoint's generation_config.json), else the built-in default.
+ */
+export function checkSampling(
+  name: string,
+  o: Record<string, unknown>,
+  defaults: Omit<SamplingOptions, 'seed'> = {},
+): SamplingParams {
   return {
-    temperature: finite(`${name}.temperature`, o.temperature, 1, (x) => x >= 0, 'a number >= 0'),
-    topK: finite(`${name}.topK`, o.topK, 0, (x) => Number.isInteger(x) && x >= 0, `an integer >= 0`),
-    topP: finite(`${name}.topP`, o.topP, 1, (x) => x > 0 && x <= 1, 'in (0, 1]'),
-    minP: finite(`${name}.minP`, o.minP, 0, (x) => x >= 0 && x <= 1, 'in [0, 1]'),
-    repetitionPenalty: finite(`${name}.repetitionPenalty`, o.repetitionPenalty, 1, (x) => x > 0, 'a number > 0'),
+    temperature: finite(
+      `${name}.temperature`,
+      o.temperature,
+      defaults.temperature ?? 1,
+      (x) => x >= 0,
+      'a number >= 0',
+    ),
+    topK: finite(`${name}.topK`, o.topK, defaults.topK ?? 0, (x) => Number.isInteger(x) && x >= 0, `an integer >= 0`),
+    topP: finite(`${name}.topP`, o.topP, defaults.topP ?? 1, (x) => x > 0 && x <= 1, 'in (0, 1]'),
+    minP: finite(`${name}.minP`, o.minP, defaults.minP ?? 0, (x) => x >= 0 && x <= 1, 'in [0, 1]'),
+    repetitionPenalty: finite(
+      `${name}.repetitionPenalty`,
+      o.repetitionPenalty,
+      defaults.repetitionPenalty ?? 1,
+      (x) => x > 0,
+      'a number > 0',
+    ),
     seed: finite(
       `${name}.seed`,
       o.seed,
@@ -46,6 +65,43 @@ export function checkSampling(name: string, o: Record<string, unknown>): Samplin
       'a non-negative integer',
     ),
   };
+}
+
+/**
+ * The sampling defaults a checkpoint's generation_config.json sets: `temperature`, `top_k`, `top_p`,
+ * `min_p`, `repetition_penalty`, and `do_sample: false` (greedy). A value out of its range is left out,
+ * so a stray field never stops a model from loading.
+ */
+export function samplingDefaults(gen: Record<string, unknown> | undefined): Omit<SamplingOptions, 'seed'> {
+  const out: Omit<SamplingOptions, 'seed'> = {};
+  if (!gen) return out;
+  const num = (v: unknown, ok: (x: number) => boolean) =>
+    typeof v === 'number' && Number.isFinite(v) && ok(v) ? v : undefined;
+  const set = <K extends keyof typeof out>(key: K, v: number | undefined) => {
+    if (v !== undefined) out[key] = v;
+  };
+  set(
+    'temperature',
+    num(gen.temperature, (x) => x >= 0),
+  );
+  set(
+    'topK',
+    num(gen.top_k, (x) => Number.isInteger(x) && x >= 0),
+  );
+  set(
+    'topP',
+    num(gen.top_p, (x) => x > 0 && x <= 1),
+  );
+  set(
+    'minP',
+    num(gen.min_p, (x) => x >= 0 && x <= 1),
+  );
+  set(
+    'repetitionPenalty',
+    num(gen.repetition_penalty, (x) => x > 0),
+  );
+  if (gen.do_sample === false) out.temperature = 0;
+  return out;
 }
 
 /** xoshiro128** seeded through splitmix32: small, fast, and the same stream on every platform. */

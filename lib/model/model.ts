@@ -22,6 +22,7 @@ import {
   noTokenizer,
 } from '../generate/index';
 import { TextTokenizer } from '../text/tokenizer';
+import { SamplingOptions, samplingDefaults } from '../generate/sampling';
 
 export type KvCacheDtype = 'bfloat16' | 'float16' | 'float32';
 
@@ -218,6 +219,11 @@ export class MoeModel {
   /** The checkpoint's tokenizer (tokenizer.json), or undefined when the folder has none. */
   readonly tokenizer: TextTokenizer | undefined;
   /**
+   * Sampling defaults from generation_config.json (temperature, topK, topP, minP, repetitionPenalty;
+   * `do_sample: false` is temperature 0): what generate uses for an option left out.
+   */
+  readonly generationDefaults: Readonly<Omit<SamplingOptions, 'seed'>>;
+  /**
    * Positions per KV cache block.
    * @internal
    */
@@ -231,11 +237,13 @@ export class MoeModel {
     options: MoeModel['options'],
     native: NativeModel,
     tokenizer: TextTokenizer | undefined,
+    generationDefaults: Omit<SamplingOptions, 'seed'>,
   ) {
     this.config = config;
     this.options = options;
     this.#native = native;
     this.tokenizer = tokenizer;
+    this.generationDefaults = Object.freeze(generationDefaults);
   }
 
   /** Loads a Hugging Face checkpoint folder (config.json, safetensors shards, generation_config.json). */
@@ -264,7 +272,7 @@ export class MoeModel {
     );
     const genFile = path.join(dir, 'generation_config.json');
     const gen = ((await isFile(genFile)) ? await readJson(genFile, 'generation config') : undefined) as
-      { eos_token_id?: unknown } | undefined;
+      Record<string, unknown> | undefined;
     if (gen && gen.eos_token_id !== undefined) {
       const extra = (Array.isArray(gen.eos_token_id) ? gen.eos_token_id : [gen.eos_token_id]).filter((x): x is number =>
         Number.isSafeInteger(x),
@@ -361,6 +369,7 @@ export class MoeModel {
         { quantize, quantGroupSize: Number(quantGroupSize), kvCacheDtype, contextLength, maxSequences, threads },
         native,
         tokenizer,
+        samplingDefaults(gen),
       );
       native = undefined;
       return model;
