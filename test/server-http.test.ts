@@ -229,6 +229,12 @@ describe('server over a fake engine', () => {
     const big = await post('/v1/completions', JSON.stringify({ prompt: 'x'.repeat(5000) }));
     expect(big.status).toBe(400);
     expect((await json(big)).error.message).toMatch(/too large.*4096/);
+    // The same limit through the client's own error class.
+    const viaClient = await client.completions
+      .create({ model: 'm', prompt: 'y'.repeat(5000) })
+      .catch((e: unknown) => e);
+    expect(viaClient).toBeInstanceOf(OpenAI.BadRequestError);
+    expect((viaClient as InstanceType<typeof OpenAI.APIError>).code).toBe('body_too_large');
     const none = await post('/v1/embeddings', '{}');
     expect(none.status).toBe(404);
     expect((await json(none)).error.message).toContain('/v1/embeddings');
