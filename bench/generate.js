@@ -14,32 +14,18 @@
 // Then, ours only: 8 streams run, and a 2,000-token prompt arrives; the p99 inter-token latency of the
 // 8 streams before and while that prompt is read, against the time of one prefill chunk.
 'use strict';
-const { spawnSync } = require('child_process');
 const fs = require('fs');
 const os = require('os');
 const path = require('path');
 
-const { MODELS, QUICK_MODELS, ensureModel, weightCounts } = require('./model-files');
+const { MODELS, QUICK_MODELS, FORMATS, benchTokens, ensureModel, weightCounts } = require('./model-files');
+const { runAsChild, runChild, cliOptions } = require('./child');
 const { writeBenchTokenizer } = require('./tokenizer-file');
-const { fmt, median } = require('./util');
+const { fmt, median, quantile } = require('./util');
 
 const root = path.join(__dirname, '..');
 const THREADS = 2;
 const now = () => Number(process.hrtime.bigint()) / 1e6;
-
-function quantile(v, q) {
-  if (v.length === 0) return NaN;
-  const s = [...v].sort((a, b) => a - b);
-  return s[Math.min(s.length - 1, Math.floor(q * s.length))];
-}
-
-function promptOf(n, V, seed) {
-  let s = seed >>> 0;
-  return Array.from({ length: n }, () => {
-    s = (Math.imul(s, 1103515245) + 12345) >>> 0;
-    return 259 + (s % (V - 259)); // past <unk>, <s>, </s> and the byte tokens
-  });
-}
 
 /** Per-stream token times (ms) -> the figures every engine reports. */
 function summarize(starts, times) {
@@ -83,7 +69,7 @@ async function runOurs(job) {
       times.push(now());
     }
   };
-  await model.complete(promptOf(job.prompt, job.V, 1), { maxTokens: 4, temperature: 0 }); // warm-up
+  await model.complete(benchTokens(job.prompt, job.V, 1), { maxTokens: 4, temperature: 0 }); // warm-up
   for (const N of job.streams) {
     const figures = [];
     for (let rep = 0; rep < job.reps; rep++) {
@@ -91,7 +77,7 @@ async function runOurs(job) {
       const starts = [];
       // Distinct prompts each time, so that no stream reuses a kept prefix.
       await Promise.all(
-        times.map((t, i) => stream(promptOf(job.prompt, job.V, 1000 * rep + 17 * N + i + 2), job.tokens, t, starts)),
+        times.map((t, i) => stream(benchTokens(job.prompt, job.V, 1000 * rep + 17 * N + i + 2), job.tokens, t, starts)),
       );
       figures.push(summarize(starts, times));
     }
@@ -102,11 +88,11 @@ async function runOurs(job) {
     // first token (when its prompt has been read).
     const times = Array.from({ length: 8 }, () => []);
     const starts = [];
-    const running = times.map((t, i) => stream(promptOf(job.prompt, job.V, 90_000 + i), job.tokens * 3, t, starts));
+    const running = times.map((t, i) => stream(benchTokens(job.prompt, job.V, 90_000 + i), job.tokens * 3, t, starts));
     while (times.some((t) => t.length < job.tokens / 2)) await new Promise((r) => setTimeout(r, 5));
     const arrived = now();
     const longTimes = [];
-    await stream(promptOf(job.longPrompt, job.V, 77), 1, longTimes, []);
+    await stream(benchTokens(job.longPrompt, job.V, 77), 1, longTimes, []);
     const read = longTimes[0];
     await Promise.all(running);
     const gaps = (lo, hi) =>
@@ -121,7 +107,7 @@ async function runOurs(job) {
     const chunk = [];
     for (let r = 0; r < 3; r++) {
       const t = now();
-      await model.logits(promptOf(job.chunkTokens, job.V, 500 + r));
+      await model.logits(benchTokens(job.chunkTokens, job.V, 500 + r));
       chunk.push(now() - t);
     }
     out.longPrompt = {
@@ -166,7 +152,7 @@ async function runLlama(job) {
         seqs.map(async (seq, i) => {
           starts.push(now());
           let n = 0;
-          for await (const token of seq.evaluate(promptOf(job.prompt, job.V, 1000 * rep + 17 * N + i + 2), {
+          for await (const token of seq.evaluate(benchTokens(job.prompt, job.V, 1000 * rep + 17 * N + i + 2), {
             temperature: 0,
           })) {
             void token;
@@ -186,35 +172,10 @@ async function runLlama(job) {
   return out;
 }
 
-if (process.argv[2] === '--child') {
-  const job = JSON.parse(process.argv[3]);
-  (job.engine === 'ours' ? runOurs(job) : runLlama(job)).then(
-    (r) => {
-      process.stdout.write('\n' + JSON.stringify(r) + '\n');
-      process.exit(0);
-    },
-    (e) => {
-      process.stderr.write(`${(e && e.stack) || e}\n`);
-      process.exit(1);
-    },
-  );
-  return;
-}
+if (runAsChild(() => ({ ours: runOurs, llama: runLlama }))) return;
 
 // ---- the run ---------------------------------------------------------------------------------------
-const args = process.argv.slice(2);
-const opt = (name) => {
-  const i = args.indexOf(name);
-  return i >= 0 ? args[i + 1] : undefined;
-};
-const quick = args.includes('--quick'),
-  jsonOut = args.includes('--json');
-const log = (s) => (jsonOut ? process.stderr : process.stdout).write(s + '\n');
-const FORMATS = {
-  bf16: { ours: 'none', gguf: 'BF16' },
-  int8: { ours: 'int8', gguf: 'Q8_0' },
-  int4: { ours: 'int4', gguf: 'Q4_0' },
-};
+const { args, opt, quick, jsonOut, log } = cliOptions();
 const formats = (opt('--formats') || 'bf16,int4').split(',');
 for (const f of formats)
   if (!FORMATS[f]) throw new RangeError(`--formats: '${f}' is not one of ${Object.keys(FORMATS).join(', ')}`);
@@ -239,16 +200,6 @@ function stepBytes(N, bpw) {
   return (w.attn + (w.experts * picked) / m.E + w.lmHead) * bpw + 4 * w.router;
 }
 
-function runChild(job) {
-  const r = spawnSync(process.execPath, [__filename, '--child', JSON.stringify(job)], {
-    encoding: 'utf8',
-    stdio: ['ignore', 'pipe', 'inherit'],
-    maxBuffer: 1 << 26,
-  });
-  if (r.status !== 0) return { error: `exit ${r.status}${r.signal ? ' (' + r.signal + ')' : ''}` };
-  return JSON.parse(r.stdout.trim().split('\n').pop());
-}
-
 const binding = require('node-gyp-build')(root);
 const readGBs = () => binding.bench.readBandwidth(quick ? 64 << 20 : 1 << 30, THREADS);
 let bw = readGBs();
@@ -265,7 +216,7 @@ for (const format of formats) {
     const job = { engine, format, V: m.V, streams, context, ...RUN };
     if (engine === 'ours') Object.assign(job, { dir: files.hf, quantize: FORMATS[format].ours });
     else Object.assign(job, { gguf: files.gguf[FORMATS[format].gguf], longPrompt: 0 });
-    const r = runChild(job);
+    const r = runChild(__filename, job);
     results.push({ format, engine, ...r });
     if (r.error) log(`  failed: ${r.error}`);
   }

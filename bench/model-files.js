@@ -638,4 +638,31 @@ function ensureModel(cacheDir, name, m, ggufTypes, log) {
 
 const gb = (b) => (b / 1e9).toFixed(2);
 
-module.exports = { MODELS, QUICK_MODELS, ensureModel, weightCounts, fileBytes, toF16, quantQ8, quantQ4 };
+/** The formats the benchmarks compare: ours (`quantize` at load) against llama.cpp's GGUF type. */
+const FORMATS = {
+  bf16: { ours: 'none', gguf: 'BF16' },
+  int8: { ours: 'int8', gguf: 'Q8_0' },
+  int4: { ours: 'int4', gguf: 'Q4_0' },
+};
+
+/** n token ids from a seeded LCG, past <unk>, <s>, </s> and the byte tokens (the models' vocabulary). */
+function benchTokens(n, V, seed) {
+  let s = seed >>> 0;
+  return Array.from({ length: n }, () => {
+    s = (Math.imul(s, 1103515245) + 12345) >>> 0;
+    return 259 + (s % (V - 259));
+  });
+}
+
+module.exports = {
+  MODELS,
+  QUICK_MODELS,
+  FORMATS,
+  benchTokens,
+  ensureModel,
+  weightCounts,
+  fileBytes,
+  toF16,
+  quantQ8,
+  quantQ4,
+};

@@ -17,41 +17,26 @@
 // (`quantize`, group 32) against llama.cpp BF16 / Q8_0 / Q4_0 GGUF of the same values. Each (model,
 // engine, format) runs in a child process, one after the other. Results go to bench/results/.
 'use strict';
-const { spawnSync } = require('child_process');
 const fs = require('fs');
 const os = require('os');
 const path = require('path');
 
-const { MODELS, QUICK_MODELS, ensureModel, weightCounts, fileBytes } = require('./model-files');
+const { MODELS, QUICK_MODELS, FORMATS, benchTokens, ensureModel, weightCounts, fileBytes } = require('./model-files');
+const { runAsChild, runChild, cliOptions } = require('./child');
 const { fmt, pct, median } = require('./util');
 
 const root = path.join(__dirname, '..');
 
-if (process.argv[2] === '--child') {
-  const job = JSON.parse(process.argv[3]);
-  const { runOurs, runLlama } = require('./model-engines');
-  (job.engine === 'ours' ? runOurs(job) : runLlama(job)).then(
-    (r) => {
-      process.stdout.write('\n' + JSON.stringify(r) + '\n');
-      process.exit(0);
-    },
-    (e) => {
-      process.stderr.write(`${(e && e.stack) || e}\n`);
-      process.exit(1);
-    },
-  );
+if (
+  runAsChild(() => {
+    const { runOurs, runLlama } = require('./model-engines');
+    return { ours: runOurs, llama: runLlama };
+  })
+)
   return;
-}
 
 // ---- options ------------------------------------------------------------------------------------
-const args = process.argv.slice(2);
-const opt = (name) => {
-  const i = args.indexOf(name);
-  return i >= 0 ? args[i + 1] : undefined;
-};
-const quick = args.includes('--quick'),
-  jsonOut = args.includes('--json');
-const log = (s) => (jsonOut ? process.stderr : process.stdout).write(s + '\n');
+const { args, opt, quick, jsonOut, log } = cliOptions();
 const list = (name, all) => {
   const v = opt(name) ? opt(name).split(',') : all;
   for (const x of v) if (!all.includes(x)) throw new RangeError(`${name}: '${x}' is not one of ${all.join(', ')}`);
@@ -59,11 +44,6 @@ const list = (name, all) => {
 };
 const shapes = quick ? QUICK_MODELS : MODELS;
 const modelNames = list('--models', Object.keys(shapes));
-const FORMATS = {
-  bf16: { ours: 'none', gguf: 'BF16' },
-  int8: { ours: 'int8', gguf: 'Q8_0' },
-  int4: { ours: 'int4', gguf: 'Q4_0' },
-};
 const formats = list('--formats', Object.keys(FORMATS));
 const engines = list('--engines', ['ours', 'llama']);
 const cacheDir = opt('--cache-dir') || path.join(os.tmpdir(), 'fused-moe-bench-models' + (quick ? '-quick' : ''));
@@ -124,24 +104,6 @@ const promptCeiling = (format) =>
   format === 'bf16' && ceilings.bf16DotGflops ? ceilings.bf16DotGflops : ceilings.fmaGflops;
 
 // ---- run ------------------------------------------------------------------------------------------
-function tokens(n, V, seed) {
-  let s = seed >>> 0;
-  return Array.from({ length: n }, () => {
-    s = (Math.imul(s, 1103515245) + 12345) >>> 0;
-    return 259 + (s % (V - 259)); // past <unk>, <s>, </s> and the byte tokens
-  });
-}
-
-function runChild(job) {
-  const r = spawnSync(process.execPath, [__filename, '--child', JSON.stringify(job)], {
-    encoding: 'utf8',
-    stdio: ['ignore', 'pipe', 'inherit'],
-    maxBuffer: 1 << 26,
-  });
-  if (r.status !== 0) return { error: `exit ${r.status}${r.signal ? ' (' + r.signal + ')' : ''}` };
-  return JSON.parse(r.stdout.trim().split('\n').pop());
-}
-
 log(
   `fused-moe model bench: ${os.cpus()[0].model}, ${os.cpus().length} cores, ${(os.totalmem() / 2 ** 30).toFixed(0)} GiB; ${THREADS} threads each; kernels ${cpu.isa}`,
 );
@@ -198,9 +160,9 @@ for (const name of modelNames) {
     failed = true;
     continue;
   }
-  const prompt = tokens(RUN.promptTokens, m.V, 11);
-  const decodePrefix = tokens(RUN.prefix, m.V, 12);
-  const decodeTokens = tokens(RUN.warmDecode + RUN.decodeSteps, m.V, 13);
+  const prompt = benchTokens(RUN.promptTokens, m.V, 11);
+  const decodePrefix = benchTokens(RUN.prefix, m.V, 12);
+  const decodeTokens = benchTokens(RUN.warmDecode + RUN.decodeSteps, m.V, 13);
   for (const format of formats) {
     const row = {
       model: name,
@@ -235,7 +197,7 @@ for (const name of modelNames) {
         context: RUN.context,
       };
       log(`${name} ${format} ${engine} ...`);
-      const r = runChild(job);
+      const r = runChild(__filename, job);
       if (r.error) {
         log(`${name} ${format} ${engine}: child failed: ${r.error}`);
         failed = true;

@@ -18,15 +18,12 @@ const { spawn } = require('child_process');
 const os = require('os');
 const fs = require('fs');
 const path = require('path');
-const { MODELS, QUICK_MODELS, ensureModel } = require('./model-files');
+const { MODELS, QUICK_MODELS, benchTokens, ensureModel } = require('./model-files');
+const { cliOptions } = require('./child');
 const { writeBenchTokenizer } = require('./tokenizer-file');
-const { fmt } = require('./util');
+const { fmt, quantile } = require('./util');
 
-const args = process.argv.slice(2);
-const opt = (n) => (args.indexOf(n) >= 0 ? args[args.indexOf(n) + 1] : undefined);
-const quick = args.includes('--quick'),
-  jsonOut = args.includes('--json');
-const log = (s) => (jsonOut ? process.stderr : process.stdout).write(s + '\n');
+const { args, opt, quick, jsonOut, log } = cliOptions();
 const quantize = opt('--quantize') || 'none';
 const m = (quick ? QUICK_MODELS : MODELS).mixtral;
 const cacheDir = opt('--cache-dir') || path.join(os.tmpdir(), 'fused-moe-bench-models' + (quick ? '-quick' : ''));
@@ -36,16 +33,6 @@ const SINGLE = quick ? 3 : 4;
 const MAX_SEQUENCES = 16,
   MAX_QUEUE = 50;
 const now = () => Number(process.hrtime.bigint()) / 1e6;
-const quantile = (v, q) =>
-  v.length ? [...v].sort((a, b) => a - b)[Math.min(v.length - 1, Math.floor(q * v.length))] : NaN;
-
-function promptOf(seed) {
-  let s = seed >>> 0;
-  return Array.from({ length: PROMPT }, () => {
-    s = (Math.imul(s, 1103515245) + 12345) >>> 0;
-    return 259 + (s % (m.V - 259));
-  });
-}
 
 /** One streaming completion; resolves with its status and token times (never rejects). */
 async function request(base, seed) {
@@ -56,7 +43,7 @@ async function request(base, seed) {
       method: 'POST',
       headers: { 'Content-Type': 'application/json' },
       body: JSON.stringify({
-        prompt: promptOf(seed),
+        prompt: benchTokens(PROMPT, m.V, seed),
         max_tokens: TOKENS,
         temperature: 0,
         stream: true,

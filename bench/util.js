@@ -47,4 +47,11 @@ function fmt(v) {
 
 const pct = (f) => (Number.isFinite(f) ? (100 * f).toFixed(0) + '%' : '-');
 
-module.exports = { fill, median, fmt, pct };
+/** The q-quantile of v (nearest rank, from below); NaN for no values. */
+function quantile(v, q) {
+  if (v.length === 0) return NaN;
+  const s = [...v].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.floor(q * s.length))];
+}
+
+module.exports = { fill, median, quantile, fmt, pct };
