@@ -19,6 +19,7 @@ namespace fmoe {
 namespace {
 
 struct OpsAvx512Bf16 : OpsAvx512 {
+  static constexpr int kDotTemps = 1;  // vpdpbusd needs only the nibble mask
   static Raw load_raw(const char* p) { return _mm512_loadu_si512(p); }
   // One (x[k], x[k+1]) bf16 pair in every 32-bit lane.
   static Raw bcast_pair(const uint16_t* p) {

@@ -13,6 +13,7 @@ struct OpsNeon {
   using V = float32x4_t;
   static constexpr int W = 4;
   static constexpr int kAcc = 24;
+  static constexpr int kRegs = 32;  // vector registers (simd_gemm.h Shapes)
 
   static V zero() { return vdupq_n_f32(0.0f); }
   static V set1(float v) { return vdupq_n_f32(v); }

@@ -14,6 +14,8 @@ struct OpsAvx2 {
   using V = __m256;
   static constexpr int W = 8;
   static constexpr int kAcc = 12;
+  static constexpr int kRegs = 16;      // vector registers
+  static constexpr int kDotTemps = 3;  // dot-product constants and temporaries (ops_avx512.h)
 
   static V zero() { return _mm256_setzero_ps(); }
   static V set1(float v) { return _mm256_set1_ps(v); }
@@ -46,6 +48,7 @@ struct OpsAvx2 {
   // ---- integer dot products for quantized experts (kI4Dot, kI8Dot in kernels_simd.h) ----
   using Raw = __m256i;
   static Raw izero() { return _mm256_setzero_si256(); }
+  static Raw iset1(int32_t v) { return _mm256_set1_epi32(v); }
   // 32 bytes of quads (packing.h): the low nibbles (k = b of each lane's byte b) and the high ones.
   static void load_u4(const char* p, Raw& lo, Raw& hi) {
     const __m256i r = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), mask = _mm256_set1_epi8(0x0f);
@@ -65,9 +68,7 @@ struct OpsAvx2 {
   static Raw bcast_word_pair(const int32_t* x2) { return _mm256_set1_epi32(*x2); }
   // acc[i] += w.word[2i] * x.word[2i] + w.word[2i+1] * x.word[2i+1] (signed words, |x| <= 32767).
   static Raw dot_s16(Raw acc, Raw w, Raw x) { return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x)); }
-  static V sub_to_float(Raw acc, int32_t corr) {
-    return _mm256_cvtepi32_ps(_mm256_sub_epi32(acc, _mm256_set1_epi32(corr)));
-  }
+  static V to_float(Raw acc) { return _mm256_cvtepi32_ps(acc); }
 
   // quant.h's group rule for activations, vectorised with the same bits (ops_avx512.h has the rule).
   // A short tail goes through a zero-padded copy, so every value takes the vector path.

@@ -15,6 +15,10 @@ struct OpsAvx512 {
   using Raw = __m512i;
   static constexpr int W = 16;
   static constexpr int kAcc = 24;
+  // Vector registers, and how many of them the integer dot products hold besides accumulators, codes
+  // and broadcasts (the nibble mask, vpmaddubsw's pair sums and the ones of vpmaddwd).
+  static constexpr int kRegs = 32;
+  static constexpr int kDotTemps = 3;
 
   static V zero() { return _mm512_setzero_ps(); }
   static V set1(float v) { return _mm512_set1_ps(v); }
@@ -51,15 +55,14 @@ struct OpsAvx512 {
     hi = _mm512_and_si512(_mm512_srli_epi16(r, 4), mask);
   }
   static Raw izero() { return _mm512_setzero_si512(); }
+  static Raw iset1(int32_t v) { return _mm512_set1_epi32(v); }
   // acc[i] += sum over the lane's 4 bytes of u (unsigned, < 16) times the 4 signed bytes at x4 (|x| <=
   // 127): vpmaddubsw's pair sums stay far from int16 saturation (at most 2 * 15 * 127).
   static Raw dot_u8s8(Raw acc, Raw u, const int32_t* x4) {
     const __m512i pairs = _mm512_maddubs_epi16(u, _mm512_set1_epi32(*x4));
     return _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
   }
-  static V sub_to_float(Raw acc, int32_t corr) {
-    return _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, _mm512_set1_epi32(corr)));
-  }
+  static V to_float(Raw acc) { return _mm512_cvtepi32_ps(acc); }
   // 32 bytes of int8 code pairs (packing.h, Dot order), sign-extended to words.
   static Raw load_s8_pairs(const char* p) {
     return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));

@@ -15,12 +15,24 @@ namespace {
 //            block stays in L2 while every row block of the call passes over it.
 //   decode:  few rows; more panels side by side so enough independent chains hide the FMA latency
 //            while the weights stream from memory once, with software prefetch ahead of the loads.
-template <class O, int NMAT>
+template <class O, int MODE, int NMAT, bool DOT_TILE = is_dot(MODE) && O::kRegs >= 32>
 struct Shapes {
   static constexpr int kNpPrefill = 2;
   static constexpr int kMrPrefill = O::kAcc / (NMAT * kNpPrefill);
   static constexpr int kNpDecode = 8 / NMAT;
   static constexpr int kMrDecode = O::kAcc / 8 > 0 ? O::kAcc / 8 : 1;
+};
+// With 32 registers the integer-dot modes also hold one step's unpacked codes for the whole tile (two
+// registers per panel and matrix for int4, one for int8; micro_qdot) and a row's broadcasts, so the
+// tiles are narrower. Prefill: two panel-matrices (w13: one panel of both; w2: two panels) of 6 rows;
+// on 2 Zen 4 cores with GCC 12 the int4 prefill ran at 450 GOP/s with 6 rows, 380-410 with 7-10 (the
+// compiler starts to spill accumulators) and 320 with 12. Decode: four panel-matrices of 3 rows.
+template <class O, int MODE, int NMAT>
+struct Shapes<O, MODE, NMAT, true> {
+  static constexpr int kNpPrefill = 2 / NMAT;
+  static constexpr int kMrPrefill = 6;
+  static constexpr int kNpDecode = 4 / NMAT;
+  static constexpr int kMrDecode = 3;
 };
 
 // At most this many rows per expert take the decode shape, chosen by measurement (`bench.js --switch`,
@@ -114,7 +126,7 @@ size_t panel_bytes(int64_t K, int64_t gsz, int W) {
 template <class O, int MODE, int NMAT, class Epi>
 static void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t gsz, const char* b, size_t pstride,
                  int64_t p_begin, int64_t p_end, ActEpoch epoch, Epi&& epi) {
-  using S = Shapes<O, NMAT>;
+  using S = Shapes<O, MODE, NMAT>;
   const bool decode = M <= decode_rows_limit();
   const char* a = pack_act<O, MODE>(x, ldx, M, K, decode ? S::kMrDecode : S::kMrPrefill, gsz, epoch);
   if (decode) {

@@ -226,6 +226,12 @@ static void micro_q(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_t g
 //           code * x products per lane.
 // A group's sum is an exact int32 (|.| < 2^31 for groups of at most 128), then c += (float(sum) * sx) *
 // scale: one conversion and two roundings per group, whatever the tile, so batch invariance holds.
+// Registers: the MR x NP x NMAT accumulators, the codes of one step unpacked for every panel, and one
+// row's broadcasts (Shapes in simd_gemm.h sizes the tile for that on 32 registers). A step's codes are
+// unpacked once, then each row's broadcast meets every panel: no broadcast stays live across rows, so
+// the compiler has nothing to hoist and the accumulators stay in registers. Where that does not fit
+// (int4 on 16 registers) the codes are unpacked one panel at a time. kI4Dot accumulators start at
+// -corr, which takes the nibbles' offset out of the sum for free.
 template <class O, int MODE, int NMAT, int MR, int NP>
 static void micro_qdot(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_t gsz, const char* b, size_t pstride,
                        float* c, bool carry) {
@@ -241,6 +247,8 @@ static void micro_qdot(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_
   const int32_t* aq = reinterpret_cast<const int32_t*>(ap);  // [Kp / kstep * words][MR] words of codes
   const float* asx = reinterpret_cast<const float*>(aq + Kp / kstep * words * MR);  // [ng][MR]
   const int32_t* acorr = reinterpret_cast<const int32_t*>(asx + ng * MR);           // [ng][MR], kI4Dot
+  // int4: whether the whole tile's codes fit beside the accumulators and two broadcasts.
+  constexpr bool kAllCodes = MR * NP * NMAT + 2 * NP * NMAT + 2 + O::kDotTemps <= O::kRegs;
   if (!carry)
     for (int i = 0; i < MR * NP * NMAT; i++) O::store(c + i * W, O::zero());
   for (int64_t g0 = k0; g0 < k1; g0 += gsz) {
@@ -250,20 +258,39 @@ static void micro_qdot(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_
     const int32_t* aqg = aq + g0 / kstep * words * MR;
     I acc[MR][NP][NMAT];
 #pragma GCC unroll 16
-    for (int m = 0; m < MR; m++)
+    for (int m = 0; m < MR; m++) {
+      const I init = MODE == kI4Dot ? O::iset1(-acorr[gi * MR + m]) : O::izero();
 #pragma GCC unroll 8
       for (int p = 0; p < NP; p++)
 #pragma GCC unroll 2
-        for (int q = 0; q < NMAT; q++) acc[m][p][q] = O::izero();
+        for (int q = 0; q < NMAT; q++) acc[m][p][q] = init;
+    }
     for (int64_t s = 0; s < steps; s++) {
       const char* bk = bc + size_t(s) * cstep;
       const int32_t* x0 = aqg + s * words * MR;
-      if constexpr (MODE == kI4Dot) {  // k = 8s .. 8s+3 of every row, then 8s+4 .. 8s+7
+      if constexpr (MODE == kI4Dot && kAllCodes) {  // k = 8s .. 8s+3 of every row (lo), then 8s+4 .. 8s+7 (hi)
+        I lo[NP][NMAT], hi[NP][NMAT];
+#pragma GCC unroll 8
+        for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+          for (int q = 0; q < NMAT; q++) O::load_u4(bk + p * pstride + q * W * 4, lo[p][q], hi[p][q]);
+#pragma GCC unroll 16
+        for (int m = 0; m < MR; m++) {
+#pragma GCC unroll 8
+          for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+            for (int q = 0; q < NMAT; q++) acc[m][p][q] = O::dot_u8s8(acc[m][p][q], lo[p][q], x0 + m);
+#pragma GCC unroll 8
+          for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+            for (int q = 0; q < NMAT; q++) acc[m][p][q] = O::dot_u8s8(acc[m][p][q], hi[p][q], x0 + MR + m);
+        }
+      } else if constexpr (MODE == kI4Dot) {  // 16 registers: one panel's codes at a time
 #pragma GCC unroll 8
         for (int p = 0; p < NP; p++)
 #pragma GCC unroll 2
           for (int q = 0; q < NMAT; q++) {
-            I lo, hi;  // two registers per panel: unpacked one panel at a time
+            I lo, hi;
             O::load_u4(bk + p * pstride + q * W * 4, lo, hi);
 #pragma GCC unroll 16
             for (int m = 0; m < MR; m++)
@@ -293,8 +320,7 @@ static void micro_qdot(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_
 #pragma GCC unroll 16
         for (int m = 0; m < MR; m++) {
           float* cm = c + ((m * NP + p) * NMAT + q) * W;
-          const V sum = O::sub_to_float(acc[m][p][q], MODE == kI4Dot ? acorr[gi * MR + m] : 0);
-          O::store(cm, O::fma(O::mul(sum, O::set1(asx[gi * MR + m])), sv, O::load(cm)));
+          O::store(cm, O::fma(O::mul(O::to_float(acc[m][p][q]), O::set1(asx[gi * MR + m])), sv, O::load(cm)));
         }
       }
   }
