@@ -4,7 +4,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <vector>
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -59,5 +61,90 @@ inline AlignedBuffer alloc_aligned(size_t bytes, const char* what) {
   if (!p) oom();
   return AlignedBuffer(p, AlignedFree{0});
 }
+
+// Workspaces of the forward passes, kept between calls. Mapping and unmapping tens of megabytes per
+// forward made the kernel clear fresh pages every time: a fifth of a 512-token prefill of a Qwen3-shaped
+// layer went to clear_page. A Workspace hands its buffer back to the pool when it goes; the pool keeps
+// the kKeepIdle largest idle ones (one forward nests at most two: the layer's and its shared expert's)
+// and frees them all when the last user goes (WorkspaceUser), so a disposed model holds nothing.
+class WorkspacePool {
+ public:
+  static WorkspacePool& instance() {
+    static WorkspacePool* pool = new WorkspacePool();  // never destroyed: outlives every user
+    return *pool;
+  }
+  struct Block {
+    AlignedBuffer buf;
+    size_t bytes = 0;
+  };
+  // The smallest idle block of at least `bytes`, or a new one.
+  Block take(size_t bytes, const char* what) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      size_t best = idle_.size();
+      for (size_t i = 0; i < idle_.size(); i++)
+        if (idle_[i].bytes >= bytes && (best == idle_.size() || idle_[i].bytes < idle_[best].bytes)) best = i;
+      if (best < idle_.size()) {
+        Block b = std::move(idle_[best]);
+        idle_.erase(idle_.begin() + std::ptrdiff_t(best));
+        return b;
+      }
+    }
+    Block b;
+    b.buf = alloc_aligned(bytes, what);
+    b.bytes = bytes;
+    return b;
+  }
+  void give_back(Block b) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (users_ == 0) return;  // the last user is gone: b is freed here
+    idle_.push_back(std::move(b));
+    if (idle_.size() > kKeepIdle) {  // drop the smallest
+      size_t smallest = 0;
+      for (size_t i = 1; i < idle_.size(); i++)
+        if (idle_[i].bytes < idle_[smallest].bytes) smallest = i;
+      idle_.erase(idle_.begin() + std::ptrdiff_t(smallest));
+    }
+  }
+  void add_user() {
+    std::lock_guard<std::mutex> lock(mu_);
+    users_++;
+  }
+  void remove_user() {
+    std::vector<Block> freed;
+    std::lock_guard<std::mutex> lock(mu_);
+    if (--users_ == 0) freed.swap(idle_);
+  }
+
+ private:
+  static constexpr size_t kKeepIdle = 2;
+  std::mutex mu_;
+  std::vector<Block> idle_;
+  int64_t users_ = 0;
+};
+
+// Registers an owner of forwards (a layer) with the pool for its lifetime.
+struct WorkspaceUser {
+  WorkspaceUser() { WorkspacePool::instance().add_user(); }
+  ~WorkspaceUser() { WorkspacePool::instance().remove_user(); }
+  WorkspaceUser(const WorkspaceUser&) = delete;
+  WorkspaceUser& operator=(const WorkspaceUser&) = delete;
+};
+
+// A forward's scratch memory of at least `bytes`, from the pool and back to it on destruction. Its
+// contents are whatever the last user left.
+class Workspace {
+ public:
+  Workspace(size_t bytes, const char* what) : block_(WorkspacePool::instance().take(bytes, what)) {}
+  ~Workspace() {
+    if (block_.buf) WorkspacePool::instance().give_back(std::move(block_));
+  }
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+  float* floats() const { return static_cast<float*>(block_.buf.get()); }
+
+ private:
+  WorkspacePool::Block block_;
+};
 
 }  // namespace fmoe

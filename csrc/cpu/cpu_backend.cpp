@@ -238,12 +238,15 @@ class CpuBackend final : public Backend {
       routed_[size_t(e)].fetch_add(uint64_t(d.offsets[size_t(e) + 1] - d.offsets[size_t(e)]),
                                    std::memory_order_relaxed);
 
-    AlignedBuffer xs_buf = alloc_aligned(size_t(R * H) * sizeof(float), "gathered tokens");
-    AlignedBuffer act_buf = alloc_aligned(size_t(R * F) * sizeof(float), "SwiGLU activations");
-    AlignedBuffer y_buf = alloc_aligned(size_t(R * H) * sizeof(float), "expert outputs");
-    float* xs = static_cast<float*>(xs_buf.get());
-    float* act = static_cast<float*>(act_buf.get());
-    float* ys = static_cast<float*>(y_buf.get());
+    // One workspace: gathered tokens [R, H], SwiGLU activations [R, F], expert outputs [R, H], and the
+    // shared expert's outputs [T, H]; each part starts on a cache line.
+    auto line = [](int64_t n) { return (n + 15) / 16 * 16; };
+    const int64_t shared_floats = shared_ ? line(T * H) : 0;
+    Workspace ws(size_t(2 * line(R * H) + line(R * F) + shared_floats) * sizeof(float), "the MoE workspace");
+    float* xs = ws.floats();
+    float* act = xs + line(R * H);
+    float* ys = act + line(R * F);
+    float* shared_y = shared_ ? ys + line(R * H) : nullptr;
     std::vector<int64_t> position(static_cast<size_t>(R));  // row t*k+j -> its place in expert order
     for (int64_t i = 0; i < R; i++) {
       position[size_t(d.rows[i])] = i;
@@ -271,11 +274,9 @@ class CpuBackend final : public Backend {
         kernels_->down(act + r0 * F, F, rows, H, F, w2_[it.expert].get(), dt, it.begin, it.end, ys + r0 * H, H, epoch);
     });
     // The shared expert over every token, and its per-token gate sigmoid(shared_gate . x).
-    AlignedBuffer shared_buf;
     std::vector<float> shared_logit;
     if (shared_) {
-      shared_buf = alloc_aligned(size_t(T * H) * sizeof(float), "shared expert outputs");
-      shared_->forward_chunk(x, T, static_cast<float*>(shared_buf.get()), cancel);
+      shared_->forward_chunk(x, T, shared_y, cancel);
       if (!shared_gate_.empty()) {
         shared_logit.resize(size_t(T));
         pool.parallel_for(T, 16, threads(), [&](int64_t b, int64_t e, int) {
@@ -283,7 +284,6 @@ class CpuBackend final : public Backend {
         });
       }
     }
-    const float* shared_y = static_cast<const float*>(shared_buf.get());
     // Combine: gather-reduce in pick order, then the shared expert, one token at a time, so the sum
     // order never changes.
     pool.parallel_for(T, 16, threads(), [&](int64_t b, int64_t e, int) {
@@ -307,6 +307,7 @@ class CpuBackend final : public Backend {
     });
   }
 
+  WorkspaceUser workspace_user_;  // first member: the pool outlives every forward of this layer
   MoeConfig cfg_;
   // Tokens each expert received (telemetry); relaxed atomics, as forwards may run at once.
   std::vector<std::atomic<uint64_t>> routed_ = std::vector<std::atomic<uint64_t>>(size_t(cfg_.num_experts));
