@@ -14,7 +14,7 @@ struct OpsAvx2 {
   using V = __m256;
   static constexpr int W = 8;
   static constexpr int kAcc = 12;
-  static constexpr int kRegs = 16;      // vector registers
+  static constexpr int kRegs = 16;     // vector registers
   static constexpr int kDotTemps = 3;  // dot-product constants and temporaries (ops_avx512.h)
 
   static V zero() { return _mm256_setzero_ps(); }
