@@ -120,10 +120,10 @@ const CASES = [
   },
   { name: 'fine-bf16', ...FINE, dtype: 'bfloat16', T: [1, 256], isas: ['avx512bf16', 'avx512'], reps: 5 },
   { name: 'fine-bf16-scalar', ...FINE, dtype: 'bfloat16', T: [1], isas: ['scalar'], reps: 3 },
-  { name: 'dsv2lite-bf16', ...DSV2_LITE, dtype: 'bfloat16', T: [1, 512], isas: ['avx512bf16'], reps: 5 },
-  { name: 'dsv2lite-f32', ...DSV2_LITE, dtype: 'float32', T: [1, 512], isas: ['avx512', 'avx2'], reps: 3 },
-  { name: 'qwen3-30b-bf16', ...QWEN3_30B, dtype: 'bfloat16', T: [1, 512], isas: ['avx512bf16'], reps: 5 },
-  { name: 'qwen3-30b-f32', ...QWEN3_30B, dtype: 'float32', T: [1, 512], isas: ['avx512', 'avx2'], reps: 3 },
+  { name: 'dsv2lite-bf16', ...DSV2_LITE, dtype: 'bfloat16', T: [1, 512], isas: ['avx512bf16'], reps: 9 },
+  { name: 'dsv2lite-f32', ...DSV2_LITE, dtype: 'float32', T: [1, 512], isas: ['avx512', 'avx2'], reps: 7 },
+  { name: 'qwen3-30b-bf16', ...QWEN3_30B, dtype: 'bfloat16', T: [1, 512], isas: ['avx512bf16'], reps: 9 },
+  { name: 'qwen3-30b-f32', ...QWEN3_30B, dtype: 'float32', T: [1, 512], isas: ['avx512', 'avx2'], reps: 7 },
 ];
 const QUICK = [
   { name: 'quick-f32', H: 256, F: 512, E: 4, k: 2, dtype: 'float32', T: [1, 16], isas: ['*'], reps: 3 },
