@@ -9,6 +9,10 @@
 //   node bench/bench.js --switch        the decode / prefill switch measurement only
 //   --json                              the results object on stdout (the table goes to stderr)
 //
+// At T = 1 every forward also follows a read probe of its own, and "%bw paired" (which the decode
+// targets use) is the median of the per-forward fractions: the run's ceiling alone swung 68-102% on
+// one case between runs minutes apart.
+//
 // The kernel set is fixed per process (FUSED_MOE_ISA), so every (case, set) runs in a child process
 // of this script (`--child`) and reports JSON on stdout. Results are written to
 // bench/results/<date>.json. It uses the raw addon, so it needs no TypeScript build.
@@ -216,8 +220,12 @@ function runChild(spec) {
     const used = new Set(layer.route(x).experts).size;
     layer.forwardSync(x, out); // warm-up: workspaces, page faults, caches
     const times = [];
+    // Decode is bandwidth-bound and this machine's bandwidth swings within seconds: at T = 1 each
+    // forward is paired with a read probe taken just before it (probes[i] beside times[i]).
+    const probes = T === 1 && spec.paired ? [] : undefined;
     const until = Date.now() + (spec.minMs || 0);
     for (let r = 0; r < spec.reps || Date.now() < until; r++) {
+      if (probes) probes.push(binding.bench.readBandwidth(256 << 20, binding.backendInfo().cpu.threads));
       const t = process.hrtime.bigint();
       layer.forwardSync(x, out);
       times.push(Number(process.hrtime.bigint() - t) / 1e6);
@@ -225,7 +233,7 @@ function runChild(spec) {
     }
     let finite = true;
     for (let i = 0; i < out.length; i++) if (!Number.isFinite(out[i])) finite = false;
-    results.push({ T, ms: median(times), times, expertsUsed: used, finite });
+    results.push({ T, ms: median(times), times, probes, expertsUsed: used, finite });
   }
   const info = layer.info();
   layer.dispose();
@@ -307,6 +315,7 @@ for (const c of cases) {
         T: c.T,
         reps: c.reps,
         minMs: quick ? 0 : 1000,
+        paired: !quick,
       };
       const r = spawnSync(process.execPath, [__filename, '--child', JSON.stringify(spec)], {
         env,
@@ -354,6 +363,10 @@ for (const c of cases) {
             isa === 'avx512bf16' && c.dtype === 'bfloat16' && ceilings.bf16DotGflops
               ? gflops / ceilings.bf16DotGflops
               : undefined,
+          // Median over forwards of each forward's bytes/s against the probe taken just before it.
+          pairedBwFraction: x.probes
+            ? median(x.times.map((ms, i) => bytes / (ms / 1e3) / 1e9 / x.probes[i]))
+            : undefined,
           expertsUsed: x.expertsUsed,
           finite: x.finite,
         });
@@ -391,7 +404,20 @@ const scalarOf = (r) =>
       s.T === r.T &&
       !s.shape,
   );
-const head = ['case', 'set', 'T', 'ms', 'tok/s', 'GB/s', '%bw', 'GFLOP/s', '%fma', 'scalar ms', 'x scalar'];
+const head = [
+  'case',
+  'set',
+  'T',
+  'ms',
+  'tok/s',
+  'GB/s',
+  '%bw',
+  '%bw paired',
+  'GFLOP/s',
+  '%fma',
+  'scalar ms',
+  'x scalar',
+];
 const table = [head];
 for (const r of rows.filter((r) => !r.shape)) {
   const s = r.isa !== 'scalar' ? scalarOf(r) : undefined;
@@ -403,6 +429,7 @@ for (const r of rows.filter((r) => !r.shape)) {
     fmt(r.tokensPerS),
     fmt(r.weightGBs),
     pct(r.bwFraction),
+    r.pairedBwFraction !== undefined ? pct(r.pairedBwFraction) : '',
     fmt(r.gflops),
     pct(r.fmaFraction) + (r.dotFraction !== undefined ? ` (${pct(r.dotFraction)} dot)` : ''),
     s ? fmt(s.ms) : '',
@@ -437,12 +464,14 @@ for (const name of [...new Set(sw.map((r) => r.case))]) {
 // Targets on the headline cases.
 const find = (cs, isa, T) => rows.find((r) => r.case === cs && r.isa === isa && r.T === T && !r.shape);
 const targets = [];
+// Decode fractions: against the paired probes where the run took them (the median of per-forward ratios).
+const decodeBw = (r) => (r.pairedBwFraction !== undefined ? r.pairedBwFraction : r.bwFraction);
 const dec = find('mixtral-decode-bf16', 'avx512bf16', 1);
 if (dec)
   targets.push({
     target: 'decode bf16 T=1 weight bytes/s >= 85% of read bandwidth',
-    value: dec.bwFraction,
-    ok: dec.bwFraction >= 0.85,
+    value: decodeBw(dec),
+    ok: decodeBw(dec) >= 0.85,
   });
 const pf = find('mixtral-f32', 'avx512', 512);
 if (pf)
@@ -471,8 +500,8 @@ for (const fam of ['dsv2lite', 'qwen3-30b']) {
   if (d)
     targets.push({
       target: `${fam} decode bf16 T=1 picked + shared expert bytes/s >= 85% of read bandwidth`,
-      value: d.bwFraction,
-      ok: d.bwFraction >= 0.85,
+      value: decodeBw(d),
+      ok: decodeBw(d) >= 0.85,
     });
   const f = find(`${fam}-f32`, 'avx512', 512);
   if (f)
@@ -507,8 +536,8 @@ for (const [q, want] of [
     });
     targets.push({
       target: `decode ${q} T=1 ${isa} codes+scales bytes/s >= 80% of read bandwidth`,
-      value: r.bwFraction,
-      ok: r.bwFraction >= 0.8,
+      value: decodeBw(r),
+      ok: decodeBw(r) >= 0.8,
     });
   }
 }
