@@ -37,6 +37,10 @@ const FINE = { H: 2048, F: 1408, E: 64, k: 8 };
 const DSV2_LITE = { H: 2048, F: 1408, E: 64, k: 6, Fs: 2816, routing: 'softmax-topk' };
 const QWEN3_30B = { H: 2048, F: 768, E: 128, k: 8, routing: 'softmax-topk-renorm' };
 const GROUP = 128; // quantGroupSize of the quantized cases
+// One Mixtral expert quantized at group 32 (the llama.cpp Q8_0 / Q4_0 layout the model uses), all rows
+// on it: the quantized micro-kernels from decode (T = 1) through a few rows per expert (continuous
+// batching) to prefill tiles (T = 64).
+const EXPERT = { H: 4096, F: 14336, E: 1, k: 1 };
 const CASES = [
   {
     name: 'mixtral-decode-bf16',
@@ -122,6 +126,26 @@ const CASES = [
     isas: ['avx512bf16', 'avx512'],
     reps: 5,
   },
+  {
+    name: 'expert-int4-g32',
+    ...EXPERT,
+    dtype: 'bfloat16',
+    quantize: 'int4',
+    group: 32,
+    T: [1, 4, 16, 64],
+    isas: ['avx512bf16', 'avx512', 'avx2'],
+    reps: 9,
+  },
+  {
+    name: 'expert-int8-g32',
+    ...EXPERT,
+    dtype: 'bfloat16',
+    quantize: 'int8',
+    group: 32,
+    T: [1, 4, 16, 64],
+    isas: ['avx512bf16', 'avx512', 'avx2'],
+    reps: 9,
+  },
   { name: 'fine-bf16', ...FINE, dtype: 'bfloat16', T: [1, 256], isas: ['avx512bf16', 'avx512'], reps: 5 },
   { name: 'fine-bf16-scalar', ...FINE, dtype: 'bfloat16', T: [1], isas: ['scalar'], reps: 3 },
   { name: 'dsv2lite-bf16', ...DSV2_LITE, dtype: 'bfloat16', T: [1, 512], isas: ['avx512bf16'], reps: 9 },
@@ -201,7 +225,7 @@ function runChild(spec) {
       weightDtype: dtype,
       device: 'cpu',
       quantize: spec.quantize || 'none',
-      quantGroupSize: GROUP,
+      quantGroupSize: spec.group || GROUP,
       routing: spec.routing,
       sharedIntermediateSize: Fs,
     },
@@ -310,6 +334,7 @@ for (const c of cases) {
         k: c.k,
         dtype: c.dtype,
         quantize: c.quantize,
+        group: c.group,
         routing: c.routing,
         Fs: c.Fs,
         T: c.T,
@@ -329,8 +354,9 @@ for (const c of cases) {
       }
       const res = JSON.parse(r.stdout.trim().split('\n').pop());
       // Bytes per weight read: the stored dtype, or the codes plus one 16-bit scale per group.
+      const g = c.group || GROUP;
       const es =
-        c.quantize === 'int8' ? 1 + 2 / GROUP : c.quantize === 'int4' ? 0.5 + 2 / GROUP : c.dtype === 'float32' ? 4 : 2;
+        c.quantize === 'int8' ? 1 + 2 / g : c.quantize === 'int4' ? 0.5 + 2 / g : c.dtype === 'float32' ? 4 : 2;
       for (const x of res.results) {
         const s = x.ms / 1e3;
         // Weights actually read: each picked expert once, and the shared expert.
