@@ -249,8 +249,21 @@ static void micro_qdot(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_
   const int32_t* acorr = reinterpret_cast<const int32_t*>(asx + ng * MR);           // [ng][MR], kI4Dot
   // int4: whether the whole tile's codes fit beside the accumulators and two broadcasts.
   constexpr bool kAllCodes = MR * NP * NMAT + 2 * NP * NMAT + 2 + O::kDotTemps <= O::kRegs;
-  if (!carry)
+  // Whether c fits in registers too, beside the integer accumulators and the codes: then it is loaded
+  // once per call instead of loaded and stored once per group (the same FMAs in the same order).
+  constexpr int kCodeRegs = (MODE == kI4Dot ? 2 : 1) * NP * NMAT;
+  constexpr bool kRegC = kAllCodes && 2 * MR * NP * NMAT + kCodeRegs + 2 + O::kDotTemps <= O::kRegs;
+  V cr[kRegC ? MR : 1][NP][NMAT];
+  if constexpr (kRegC) {
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; m++)
+#pragma GCC unroll 8
+      for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+        for (int q = 0; q < NMAT; q++) cr[m][p][q] = carry ? O::load(c + ((m * NP + p) * NMAT + q) * W) : O::zero();
+  } else if (!carry) {
     for (int i = 0; i < MR * NP * NMAT; i++) O::store(c + i * W, O::zero());
+  }
   for (int64_t g0 = k0; g0 < k1; g0 += gsz) {
     const int64_t gi = g0 / gsz, steps = (imin(gsz, K - g0) + kstep - 1) / kstep;
     const char* bg = b + size_t(gi) * gbytes;
@@ -319,10 +332,23 @@ static void micro_qdot(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_
         const V sv = O::load_f16(reinterpret_cast<const uint16_t*>(bg + p * pstride) + q * W);
 #pragma GCC unroll 16
         for (int m = 0; m < MR; m++) {
-          float* cm = c + ((m * NP + p) * NMAT + q) * W;
-          O::store(cm, O::fma(O::mul(O::to_float(acc[m][p][q]), O::set1(asx[gi * MR + m])), sv, O::load(cm)));
+          const V scaled = O::mul(O::to_float(acc[m][p][q]), O::set1(asx[gi * MR + m]));
+          if constexpr (kRegC) {
+            cr[m][p][q] = O::fma(scaled, sv, cr[m][p][q]);
+          } else {
+            float* cm = c + ((m * NP + p) * NMAT + q) * W;
+            O::store(cm, O::fma(scaled, sv, O::load(cm)));
+          }
         }
       }
+  }
+  if constexpr (kRegC) {
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; m++)
+#pragma GCC unroll 8
+      for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+        for (int q = 0; q < NMAT; q++) O::store(c + ((m * NP + p) * NMAT + q) * W, cr[m][p][q]);
   }
 }
 
