@@ -63,10 +63,9 @@ inline AlignedBuffer alloc_aligned(size_t bytes, const char* what) {
 }
 
 // Workspaces of the forward passes, kept between calls. Mapping and unmapping tens of megabytes per
-// forward made the kernel clear fresh pages every time: a fifth of a 512-token prefill of a Qwen3-shaped
-// layer went to clear_page. A Workspace hands its buffer back to the pool when it goes; the pool keeps
-// the kKeepIdle largest idle ones (one forward nests at most two: the layer's and its shared expert's)
-// and frees them all when the last user goes (WorkspaceUser), so a disposed model holds nothing.
+// forward made the kernel clear fresh pages (clear_page) on every call. A Workspace hands its buffer back to the pool
+// when it goes; the pool keeps the kKeepIdle largest idle ones (one forward nests at most two: the layer's and its
+// shared expert's) and frees them all when the last user goes (WorkspaceUser), so a disposed model holds nothing.
 class WorkspacePool {
  public:
   static WorkspacePool& instance() {

@@ -14,7 +14,7 @@ namespace {
 //   prefill: many rows share each weight load; NP panels x MR rows, k blocked by kc so the panels'
 //            block stays in L2 while every row block of the call passes over it.
 //   decode:  few rows; more panels side by side so enough independent chains hide the FMA latency
-//            while the weights stream from memory once, with software prefetch ahead of the loads.
+//            while the weights stream from memory once.
 template <class O, int MODE, int NMAT, bool DOT_TILE = is_dot(MODE) && O::kRegs >= 32>
 struct Shapes {
   static constexpr int kNpPrefill = 2;
@@ -25,8 +25,8 @@ struct Shapes {
 // With 32 registers the integer-dot modes also hold one step's unpacked codes for the whole tile (two
 // registers per panel and matrix for int4, one for int8; micro_qdot) and a row's broadcasts, so the
 // tiles are narrower. Prefill: two panel-matrices (w13: one panel of both; w2: two panels) of 6 rows;
-// on 2 Zen 4 cores with GCC 12 the int4 prefill ran at 450 GOP/s with 6 rows, 380-410 with 7-10 (the
-// compiler starts to spill accumulators) and 320 with 12. Decode: four panel-matrices of 3 rows.
+// with 7 to 12 rows GCC 12 spills accumulators again and the int4 prefill ran slower on 2 Zen 4 cores
+// (`bench.js --cases expert-int4-g32` repeats it, kMrPrefill edited). Decode: four panel-matrices of 3 rows.
 template <class O, int MODE, int NMAT>
 struct Shapes<O, MODE, NMAT, true> {
   static constexpr int kNpPrefill = 2 / NMAT;

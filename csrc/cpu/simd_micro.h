@@ -252,7 +252,7 @@ static void micro_qdot(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_
   // Whether c fits in registers too, beside the integer accumulators and the codes: then it is loaded
   // once per call instead of loaded and stored once per group (the same FMAs in the same order).
   constexpr int kCodeRegs = (MODE == kI4Dot ? 2 : 1) * NP * NMAT;
-  constexpr bool kRegC = kAllCodes && 2 * MR * NP * NMAT + kCodeRegs + 2 + O::kDotTemps <= O::kRegs;
+  constexpr bool kRegC = 2 * MR * NP * NMAT + kCodeRegs + 2 + O::kDotTemps <= O::kRegs;
   V cr[kRegC ? MR : 1][NP][NMAT];
   if constexpr (kRegC) {
 #pragma GCC unroll 16
