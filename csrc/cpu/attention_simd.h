@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "attention_kernels.h"
+#include "simd_exp.h"
 
 namespace fmoe {
 namespace attn {
@@ -24,26 +25,6 @@ inline void with_count(int n, F&& f) {
     f(std::integral_constant<int, N>());
   else if constexpr (N > 1)
     with_count<N - 1>(n, f);
-}
-
-// exp(x) lane by lane, Cephes-style (|rel err| ~1e-7); the clamp keeps 2^n a normal number (below it
-// the result is < 2e-38, nothing next to the row's largest term, 1). NaN stays NaN: min and max return
-// their second operand when one is NaN.
-template <class O>
-inline typename O::V vexp(typename O::V x) {
-  using V = typename O::V;
-  x = O::max(O::set1(-87.0f), O::min(O::set1(88.0f), x));
-  const V n = O::round(O::mul(x, O::set1(1.44269504088896341f)));
-  V r = O::fma(n, O::set1(-0.693359375f), x);
-  r = O::fma(n, O::set1(2.12194440e-4f), r);
-  V p = O::set1(1.9875691500e-4f);
-  p = O::fma(p, r, O::set1(1.3981999507e-3f));
-  p = O::fma(p, r, O::set1(8.3334519073e-3f));
-  p = O::fma(p, r, O::set1(4.1665795894e-2f));
-  p = O::fma(p, r, O::set1(1.6666665459e-1f));
-  p = O::fma(p, r, O::set1(5.0000001201e-1f));
-  p = O::fma(p, O::mul(r, r), O::add(r, O::set1(1.0f)));
-  return O::pow2(p, n);
 }
 
 // s[m][c] = scale * (q_m . k_c) for MR rows and NV vectors of keys.

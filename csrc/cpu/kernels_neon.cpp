@@ -28,7 +28,7 @@ struct OpsNeon {
   static V max(V a, V b) { return vmaxq_f32(a, b); }
   static V neg(V a) { return vnegq_f32(a); }
   static V round(V a) { return vrndnq_f32(a); }
-  // p * 2^n for integral n in [-126, 127] (silu_mul's clamp keeps n there).
+  // p * 2^n for integral n in [-126, 127] (vexp's clamp in simd_exp.h keeps n there).
   static V pow2(V p, V n) {
     const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
     return vmulq_f32(p, vreinterpretq_f32_s32(e));

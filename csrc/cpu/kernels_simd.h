@@ -24,31 +24,18 @@
 #include <cstdint>
 #include <cstring>
 
+#include "simd_exp.h"
 #include "simd_gemm.h"
 
 namespace fmoe {
 namespace simd {
 namespace {
 
-// silu(g) * u, lane by lane, with a Cephes-style exp: |rel err| ~1e-7 over the clamped range.
-// The clamp keeps 2^n finite; beyond it silu is 0 or g to float precision anyway. NaN in g stays NaN
-// through the final product.
+// silu(g) * u, lane by lane: g / (1 + exp(-g)) * u with simd_exp.h's exp. Beyond its clamp silu is 0 or
+// g to float precision anyway. NaN in g stays NaN through the final product.
 template <class O>
 inline typename O::V silu_mul(typename O::V g, typename O::V u) {
-  using V = typename O::V;
-  const V x = O::max(O::min(O::neg(g), O::set1(88.0f)), O::set1(-87.0f));
-  const V n = O::round(O::mul(x, O::set1(1.44269504088896341f)));
-  V r = O::fma(n, O::set1(-0.693359375f), x);
-  r = O::fma(n, O::set1(2.12194440e-4f), r);
-  V p = O::set1(1.9875691500e-4f);
-  p = O::fma(p, r, O::set1(1.3981999507e-3f));
-  p = O::fma(p, r, O::set1(8.3334519073e-3f));
-  p = O::fma(p, r, O::set1(4.1665795894e-2f));
-  p = O::fma(p, r, O::set1(1.6666665459e-1f));
-  p = O::fma(p, r, O::set1(5.0000001201e-1f));
-  p = O::fma(p, O::mul(r, r), O::add(r, O::set1(1.0f)));
-  const V e = O::pow2(p, n);  // exp(-g)
-  return O::mul(O::div(g, O::add(O::set1(1.0f), e)), u);
+  return O::mul(O::div(g, O::add(O::set1(1.0f), vexp<O>(O::neg(g)))), u);
 }
 
 // The KernelSet functions for one ISA. BF16_MODE: kBF16 (shift) or kBF16Dot; I8_MODE / I4_MODE: kI8 /

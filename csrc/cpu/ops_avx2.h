@@ -30,7 +30,7 @@ struct OpsAvx2 {
   static V max(V a, V b) { return _mm256_max_ps(a, b); }
   static V neg(V a) { return _mm256_xor_ps(a, _mm256_set1_ps(-0.0f)); }
   static V round(V a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  // p * 2^n for integral n in [-126, 127] (silu_mul's clamp keeps n there).
+  // p * 2^n for integral n in [-126, 127] (vexp's clamp in simd_exp.h keeps n there).
   static V pow2(V p, V n) {
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
