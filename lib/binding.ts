@@ -69,12 +69,13 @@ export interface CudaDeviceInfo {
 export interface BackendInfo {
   /**
    * isa: the kernel set in use; int8Activations / int4Activations: how int8 / int4 experts meet the
-   * activations: 'int16' / 'int8' where the set quantizes them per group for integer dot products (the
-   * x86 SIMD sets), 'float32' for the scalar and NEON sets.
+   * activations: 'int16' or 'int8' / 'int8' where the set quantizes them per group for integer dot
+   * products (the x86 SIMD sets; int8 experts get int8 activations on avx512bf16, with VNNI), 'float32'
+   * for the scalar and NEON sets.
    */
   cpu: {
     isa: string | null;
-    int8Activations: 'float32' | 'int16' | null;
+    int8Activations: 'float32' | 'int16' | 'int8' | null;
     int4Activations: 'float32' | 'int8' | null;
     threads: number;
     supported: string[];

@@ -71,9 +71,13 @@ function sameBits(a: Float32Array, b: Float32Array): boolean {
 }
 
 /** The reference this set is held to, and the bound. */
-function expected(isa: string, c: Run, m: ReturnType<typeof makeFamilyCase>): { ref: Float64Array; tol: number } {
+function expected(
+  isa: string,
+  int8Activations: string,
+  c: Run,
+  m: ReturnType<typeof makeFamilyCase>,
+): { ref: Float64Array; tol: number } {
   if (c.quantize) {
-    const info = binding().backendInfo().cpu;
     const deq = (w: ArrayLike<number>, K: number) => dequantizeRows(quantizeRows(w, K, 'int8', 32), K, 32);
     const r = m.ref;
     const q = {
@@ -83,14 +87,14 @@ function expected(isa: string, c: Run, m: ReturnType<typeof makeFamilyCase>): { 
       w2: deq(r.w2, c.F),
       shared: { ...r.shared!, w1: deq(r.shared!.w1, c.H), w3: deq(r.shared!.w3, c.H), w2: deq(r.shared!.w2, r.Fs) },
     };
-    // The set's int8 activations: int16 on the x86 SIMD sets, float32 elsewhere (backendInfo per set).
-    const int16 = isa !== 'scalar' && isa !== 'neon' && info.int8Activations === 'int16';
-    return int16
-      ? {
-          ref: familyForward(q, m.x, c.T, quantizedActivations(16, 32)),
-          tol: narrowedTolerance('int16', { ...c, k: 1 }),
-        }
-      : { ref: familyForward(q, m.x, c.T), tol: FLOAT32_TOL };
+    // The set's int8 activations, as its backendInfo reports them: int16 or int8 on the x86 SIMD sets,
+    // float32 elsewhere.
+    if (int8Activations === 'float32') return { ref: familyForward(q, m.x, c.T), tol: FLOAT32_TOL };
+    const bits = int8Activations === 'int16' ? 16 : 8;
+    return {
+      ref: familyForward(q, m.x, c.T, quantizedActivations(bits, 32)),
+      tol: narrowedTolerance(bits === 16 ? 'int16' : 'int8', { ...c, k: 1 }),
+    };
   }
   if (narrowsBf16(isa, c.dtype))
     return { ref: familyForward(m.ref, m.x, c.T, bf16Activations), tol: narrowedTolerance('bf16', c) };
@@ -105,13 +109,15 @@ describe.each(supported)('kernel set %s', (isa) => {
       timeout: 600000,
     });
     if (r.status !== 0) throw new Error(`families-case.js failed (${isa}): ${r.stderr || r.error}`);
-    expect(JSON.parse(r.stdout.trim().split('\n').pop() as string).isa).toBe(isa);
+    const report = JSON.parse(r.stdout.trim().split('\n').pop() as string);
+    expect(report.isa).toBe(isa);
+    expect(['float32', 'int16', 'int8']).toContain(report.int8Activations);
     for (const c of cases) {
       const bytes = fs.readFileSync(path.join(dir, `${c.name}.out.bin`));
       const all = new Float32Array(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength));
       const n = c.T * c.H;
       const [full, again, alone, split] = [0, 1, 2, 3].map((i) => all.subarray(i * n, (i + 1) * n));
-      const { ref, tol } = expected(isa, c, made.get(c.name)!);
+      const { ref, tol } = expected(isa, report.int8Activations, c, made.get(c.name)!);
       const err = relL2(full, ref);
       if (!(err < tol)) throw new Error(`${c.name}: error ${err} >= ${tol}`);
       expect([c.name, sameBits(full, again), sameBits(full, alone), sameBits(full, split)]).toEqual([

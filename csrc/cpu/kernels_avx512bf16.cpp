@@ -3,10 +3,13 @@
 //   bf16 weights: vdpbf16ps (two k per lane per instruction, twice the products of an FMA), activations
 //                 rounded to bf16;
 //   int4 weights: vpdpbusd (AVX-512 VNNI; four k per lane, unsigned nibble x signed byte) where avx512
-//                 needs vpmaddubsw + vpmaddwd + vpaddd, on the same int8 activations and the same sums.
-// int8 weights keep avx512's vpmaddwd + vpaddd: on Zen 4 that ran the prefill at 234 GFLOP/s against
-// 178-190 for vpdpwssd. Every CPU with AVX512-BF16 also has AVX512-VNNI; the set asks for both
-// (isa_select.cpp).
+//                 needs vpmaddubsw + vpmaddwd + vpaddd, on the same int8 activations and the same sums;
+//   int8 weights: vpdpbusd too, codes stored offset-binary (code + 128), activations narrowed to int8
+//                 (avx512 and avx2 keep int16 activations: without VNNI an unsigned byte times a signed
+//                 one saturates vpmaddubsw's pair sums, and the workarounds cost what int16 costs).
+//                 That is four products per lane and instruction against vpmaddwd's two, and the
+//                 quantization of llama.cpp's Q8_0 (int8 weights and activations, groups of 32).
+// Every CPU with AVX512-BF16 also has AVX512-VNNI; the set asks for both (isa_select.cpp).
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
@@ -21,6 +24,8 @@ namespace {
 struct OpsAvx512Bf16 : OpsAvx512 {
   static constexpr int kDotTemps = 1;  // vpdpbusd needs only the nibble mask
   static Raw load_raw(const char* p) { return _mm512_loadu_si512(p); }
+  // 64 bytes of offset-binary int8 quads (packing.h, Vnni order): the operand of dot_u8s8 as they are.
+  static Raw load_u8(const char* p) { return _mm512_loadu_si512(p); }
   // One (x[k], x[k+1]) bf16 pair in every 32-bit lane.
   static Raw bcast_pair(const uint16_t* p) {
     int32_t v;
@@ -41,7 +46,7 @@ struct OpsAvx512Bf16 : OpsAvx512 {
     }
   }
   // The integer dot products in one VNNI instruction each (OpsAvx512 composes them from vpmaddubsw /
-  // vpmaddwd); the same sums.
+  // vpmaddwd); the same sums. Exact for any unsigned byte u: the four products add straight into 32 bits.
   // The activation word is broadcast by the instruction's memory operand ({1to16}). Through the
   // intrinsic GCC loads each broadcast into a register of its own first: one more instruction per row
   // and step, a third of the int4 tile's instructions at a few rows per expert.
@@ -70,7 +75,7 @@ double dot_peak_loop(int64_t iters) {
   return double(iters) * 16 * 16 * 4;
 }
 
-using Set = simd::Kernels<OpsAvx512Bf16, simd::kBF16Dot, simd::kI8Dot, simd::kI4Dot>;
+using Set = simd::Kernels<OpsAvx512Bf16, simd::kBF16Dot, simd::kI8Vnni, simd::kI4Dot>;
 constexpr KernelSet kAvx512Bf16 = Set::make(Isa::Avx512Bf16, "avx512bf16");
 
 }  // namespace

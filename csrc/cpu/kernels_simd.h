@@ -39,12 +39,13 @@ inline typename O::V silu_mul(typename O::V g, typename O::V u) {
 }
 
 // The KernelSet functions for one ISA. BF16_MODE: kBF16 (shift) or kBF16Dot; I8_MODE / I4_MODE: kI8 /
-// kI4 (float activations, Plain code order) or kI8Dot / kI4Dot (integer activations, Dot order).
+// kI4 (float activations, Plain code order) or kI8Dot / kI4Dot (integer activations, Dot order), or
+// kI8Vnni / kI4Dot (int8 activations for both, Vnni order).
 template <class O, int BF16_MODE, int I8_MODE = kI8, int I4_MODE = kI4>
 struct Kernels {
   static_assert(is_dot(I8_MODE) == is_dot(I4_MODE), "one code order per set");
   static constexpr int W = O::W;
-  static constexpr CodeOrder kOrder = is_dot(I4_MODE) ? CodeOrder::Dot : CodeOrder::Plain;
+  static constexpr CodeOrder kOrder = code_order(I8_MODE);
 
   static bool pairs(DType dt) { return dt == DType::BF16; }
   static size_t w13_bytes(int64_t H, int64_t F, DType dt) { return packed_w13_bytes(H, F, dt, W, pairs(dt)); }
@@ -169,7 +170,9 @@ struct Kernels {
                      qpack2,
                      swiglu_q,
                      down_q,
-                     I8_MODE == kI8Dot ? "int16" : "float32",
+                     I8_MODE == kI8Dot    ? "int16"
+                     : I8_MODE == kI8Vnni ? "int8"
+                                          : "float32",
                      I4_MODE == kI4Dot ? "int8" : "float32"};
   }
 };

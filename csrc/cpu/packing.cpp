@@ -118,6 +118,9 @@ void pack_quant(const void* const* src, int nmat, int64_t N, int64_t K, DType dt
             auto code = [&](int64_t k) { return k < gl ? codes[k] : 0; };
             if (q == Quant::Int8 && order == CodeOrder::Plain) {
               for (int64_t s = 0; s < gl; s++) out[(s * nmat + mat) * nr + j] = uint8_t(codes[s]);
+            } else if (q == Quant::Int8 && order == CodeOrder::Vnni) {
+              for (int64_t s = 0; s < (gl + 3) / 4; s++)
+                for (int b = 0; b < 4; b++) out[((s * nmat + mat) * nr + j) * 4 + b] = uint8_t(code(4 * s + b) + 128);
             } else if (q == Quant::Int8) {
               for (int64_t s = 0; s < (gl + 1) / 2; s++)
                 for (int b = 0; b < 2; b++) out[((s * nmat + mat) * nr + j) * 2 + b] = uint8_t(code(2 * s + b));

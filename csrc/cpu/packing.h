@@ -45,15 +45,18 @@ void pack_w2_panels(const void* w2, int64_t H, int64_t F, DType dt, void* dst);
 //     int4: eight k per step, a 32-bit lane per column: byte b holds k = b in its low nibble and
 //           k = 4 + b in its high one (offset-binary), so one mask (and a shift) gives a column's four
 //           consecutive unsigned codes per lane, the operand of vpdpbusd.
+//   Vnni (vpdpbusd for int8 too): int4 as in Dot;
+//     int8: four k per step, a 32-bit lane per column: byte b holds k = b offset-binary (code + 128),
+//           so one load gives a column's four unsigned codes per lane, the operand of vpdpbusd.
 // Codes past the end of a short last group are code 0. Scales sit in front of their codes so a decode
 // kernel reads one stream per panel; `static` keeps a private copy in each unit (the ISA units include
 // this header too, see kernels_simd.h).
-enum class CodeOrder : int { Plain = 0, Dot = 1 };
+enum class CodeOrder : int { Plain = 0, Dot = 1, Vnni = 2 };
 constexpr size_t kScaleBytes = 2;  // one IEEE half per column and group
 static inline size_t quant_group_bytes(int nmat, int64_t nr, Quant q, int64_t gl, CodeOrder order) {
   int64_t code_bytes;
   if (q == Quant::Int8)
-    code_bytes = order == CodeOrder::Plain ? gl : (gl + 1) / 2 * 2;
+    code_bytes = order == CodeOrder::Plain ? gl : order == CodeOrder::Dot ? (gl + 1) / 2 * 2 : (gl + 3) / 4 * 4;
   else
     code_bytes = order == CodeOrder::Plain ? (gl + 1) / 2 : (gl + 7) / 8 * 4;
   return size_t(nmat) * size_t(nr) * (kScaleBytes + size_t(code_bytes));

@@ -46,10 +46,12 @@ enum Mode {
   kI4 = 5,       // int4 code pairs + per-group scales, both nibbles of a byte per load (NEON)
   kI4Dot = 6,    // int4 code quads . int8 activations through an unsigned x signed byte dot product
   kI8Dot = 7,    // int8 code pairs . int16 activations through a signed word dot product
+  kI8Vnni = 8,   // int8 code quads (offset-binary) . int8 activations through VNNI's vpdpbusd
 };
 
 constexpr bool is_quant(int mode) { return mode >= kI8; }
-constexpr bool is_dot(int mode) { return mode == kI4Dot || mode == kI8Dot; }
+constexpr bool is_dot(int mode) { return mode == kI4Dot || mode == kI8Dot || mode == kI8Vnni; }
+constexpr bool is_int8(int mode) { return mode == kI8 || mode == kI8Dot || mode == kI8Vnni; }
 
 template <int MODE>
 struct ModeInfo {

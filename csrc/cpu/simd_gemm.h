@@ -107,16 +107,20 @@ constexpr int64_t prefill_kc() {
 template <int MODE, int NMAT, int NP, int W>
 int64_t prefill_kc_quant(int64_t gsz) {
   const int64_t per_k = int64_t(NP) * NMAT * W;  // code bytes per k (int4: half that)
-  const int64_t kc = int64_t(64 * 1024) * (MODE == kI8 || MODE == kI8Dot ? 1 : 2) / per_k / gsz * gsz;
+  const int64_t kc = int64_t(64 * 1024) * (is_int8(MODE) ? 1 : 2) / per_k / gsz * gsz;
   return kc > gsz ? kc : gsz;
+}
+
+// The code order (packing.h) a quantized mode reads.
+constexpr CodeOrder code_order(int mode) {
+  return mode == kI8Vnni ? CodeOrder::Vnni : is_dot(mode) ? CodeOrder::Dot : CodeOrder::Plain;
 }
 
 // Bytes of one packed panel of NMAT matrices over a reduction of K.
 template <int MODE, int NMAT>
 size_t panel_bytes(int64_t K, int64_t gsz, int W) {
   if constexpr (is_quant(MODE)) {
-    return quant_panel_bytes(NMAT, K, W, MODE == kI8 || MODE == kI8Dot ? Quant::Int8 : Quant::Int4, gsz,
-                             is_dot(MODE) ? CodeOrder::Dot : CodeOrder::Plain);
+    return quant_panel_bytes(NMAT, K, W, is_int8(MODE) ? Quant::Int8 : Quant::Int4, gsz, code_order(MODE));
   } else {
     constexpr int kg = ModeInfo<MODE>::kg;
     return size_t((K + kg - 1) / kg) * NMAT * W * kg * ModeInfo<MODE>::es;

@@ -222,6 +222,9 @@ static void micro_q(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_t g
 //   kI4Dot: int8 activations . unsigned nibbles u = code + 8 (quads order, packing.h): one vpdpbusd (or
 //           vpmaddubsw + vpmaddwd without VNNI) adds four u * x products per 32-bit lane;
 //           sum(code * x) = sum(u * x) - corr.
+//   kI8Vnni: int8 activations . unsigned bytes u = code + 128 (Vnni order): one vpdpbusd adds four
+//           u * x products per lane (exact: no pair sum saturates, unlike vpmaddubsw's); sum(code * x)
+//           = sum(u * x) - corr.
 //   kI8Dot: int16 activations . int8 codes sign-extended to words (pairs order): one vpmaddwd adds two
 //           code * x products per lane.
 // A group's sum is an exact int32 (|.| < 2^31 for groups of at most 128), then c += (float(sum) * sx) *
@@ -230,23 +233,24 @@ static void micro_q(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_t g
 // row's broadcasts (Shapes in simd_gemm.h sizes the tile for that on 32 registers). A step's codes are
 // unpacked once, then each row's broadcast meets every panel: no broadcast stays live across rows, so
 // the compiler has nothing to hoist and the accumulators stay in registers. Where that does not fit
-// (int4 on 16 registers) the codes are unpacked one panel at a time. kI4Dot accumulators start at
-// -corr, which takes the nibbles' offset out of the sum for free.
+// (int4 on 16 registers) the codes are unpacked one panel at a time. kI4Dot and kI8Vnni accumulators
+// start at -corr, which takes the codes' offset out of the sum for free.
 template <class O, int MODE, int NMAT, int MR, int NP>
 static void micro_qdot(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_t gsz, const char* b, size_t pstride,
                        float* c, bool carry) {
   using V = typename O::V;
   using I = typename O::Raw;
   constexpr int W = O::W;
-  constexpr int kstep = MODE == kI4Dot ? 8 : 2;                          // k per step
+  constexpr bool kOffset = MODE != kI8Dot;                               // unsigned codes, accumulators at -corr
+  constexpr int kstep = MODE == kI4Dot ? 8 : MODE == kI8Vnni ? 4 : 2;    // k per step
   constexpr int words = MODE == kI4Dot ? 2 : 1;                          // activation words per step and row
-  constexpr size_t cstep = size_t(NMAT) * W * (MODE == kI4Dot ? 4 : 2);  // code bytes of one step of one panel
+  constexpr size_t cstep = size_t(NMAT) * W * (MODE == kI8Dot ? 2 : 4);  // code bytes of one step of one panel
   constexpr size_t sbytes = size_t(NMAT) * W * kScaleBytes;              // scale bytes of one group of one panel
   const size_t gbytes = sbytes + size_t(gsz / kstep) * cstep;
   const int64_t Kp = (K + kstep - 1) / kstep * kstep, ng = (K + gsz - 1) / gsz;
   const int32_t* aq = reinterpret_cast<const int32_t*>(ap);  // [Kp / kstep * words][MR] words of codes
   const float* asx = reinterpret_cast<const float*>(aq + Kp / kstep * words * MR);  // [ng][MR]
-  const int32_t* acorr = reinterpret_cast<const int32_t*>(asx + ng * MR);           // [ng][MR], kI4Dot
+  const int32_t* acorr = reinterpret_cast<const int32_t*>(asx + ng * MR);           // [ng][MR], kOffset
   // int4: whether the whole tile's codes fit beside the accumulators and two broadcasts.
   constexpr bool kAllCodes = MR * NP * NMAT + 2 * NP * NMAT + 2 + O::kDotTemps <= O::kRegs;
   // Whether c fits in registers too, beside the integer accumulators and the codes: then it is loaded
@@ -272,7 +276,7 @@ static void micro_qdot(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_
     I acc[MR][NP][NMAT];
 #pragma GCC unroll 16
     for (int m = 0; m < MR; m++) {
-      const I init = MODE == kI4Dot ? O::iset1(-acorr[gi * MR + m]) : O::izero();
+      const I init = kOffset ? O::iset1(-acorr[gi * MR + m]) : O::izero();
 #pragma GCC unroll 8
       for (int p = 0; p < NP; p++)
 #pragma GCC unroll 2
@@ -298,6 +302,18 @@ static void micro_qdot(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_
 #pragma GCC unroll 2
             for (int q = 0; q < NMAT; q++) acc[m][p][q] = O::dot_u8s8(acc[m][p][q], hi[p][q], x0 + MR + m);
         }
+      } else if constexpr (MODE == kI8Vnni) {  // k = 4s .. 4s+3: every panel's codes, then each row's broadcast
+        I u[NP][NMAT];
+#pragma GCC unroll 8
+        for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+          for (int q = 0; q < NMAT; q++) u[p][q] = O::load_u8(bk + p * pstride + q * W * 4);
+#pragma GCC unroll 16
+        for (int m = 0; m < MR; m++)
+#pragma GCC unroll 8
+          for (int p = 0; p < NP; p++)
+#pragma GCC unroll 2
+            for (int q = 0; q < NMAT; q++) acc[m][p][q] = O::dot_u8s8(acc[m][p][q], u[p][q], x0 + m);
       } else if constexpr (MODE == kI4Dot) {  // 16 registers: one panel's codes at a time
 #pragma GCC unroll 8
         for (int p = 0; p < NP; p++)

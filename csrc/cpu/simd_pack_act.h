@@ -13,29 +13,33 @@ namespace {
 // the micro-kernel broadcasts from one sequential stream through one pointer.
 
 // Bytes per row of integer-dot activations (pack_act): the codes (K padded to a whole step), then per
-// group a scale (and for kI4Dot a correction).
+// group a scale (and for kI4Dot / kI8Vnni a correction).
 template <int MODE>
 size_t dot_act_row_bytes(int64_t K, int64_t gsz) {
   const int64_t ng = (K + gsz - 1) / gsz;
   if constexpr (MODE == kI4Dot)
     return size_t((K + 7) / 8 * 2 + 2 * ng) * 4;
+  else if constexpr (MODE == kI8Vnni)
+    return size_t((K + 3) / 4 + 2 * ng) * 4;
   else
     return size_t((K + 1) / 2 + ng) * 4;
 }
 
 // Packs M rows of K floats (row stride ldx) into row blocks of MR (see above), in a per-thread buffer.
-// kBF16Dot rounds to bf16 first and pads K to even with zeros. kI4Dot / kI8Dot quantize each row's groups
-// of gsz to int8 / int16 by quant.h's rule with a float32 scale (qmax 127 / 32767) and lay out, per row
-// block of mr rows: the codes as [Kp / 4 or Kp / 2][mr] 32-bit words (four int8 or two int16; K padded
-// with zeros to a whole step, 8 or 2), the scales [ng][mr], and for kI4Dot corr = 8 * sum(codes) per
-// group [ng][mr], which removes the nibbles' offset of 8.
+// kBF16Dot rounds to bf16 first and pads K to even with zeros. kI4Dot / kI8Vnni / kI8Dot quantize each
+// row's groups of gsz to int8 / int8 / int16 by quant.h's rule with a float32 scale (qmax 127 / 127 /
+// 32767) and lay out, per row block of mr rows: the codes as [Kp / 4 or Kp / 2][mr] 32-bit words (four
+// int8 or two int16; K padded with zeros to a whole step, 8, 4 or 2), the scales [ng][mr], and for
+// kI4Dot / kI8Vnni corr = 8 or 128 * sum(codes) per group [ng][mr], which removes the weight codes'
+// offset (8 for nibbles, 128 for bytes).
 template <class O, int MODE>
 static const char* pack_act_into(Scratch& sbuf, const float* x, int64_t ldx, int64_t M, int64_t K, int MR,
                                  int64_t gsz) {
   static thread_local Scratch rbuf;
   if constexpr (is_dot(MODE)) {
-    using Code = std::conditional_t<MODE == kI4Dot, int8_t, int16_t>;
-    constexpr int64_t kstep = MODE == kI4Dot ? 8 : 2, per_word = 4 / sizeof(Code);
+    using Code = std::conditional_t<MODE == kI8Dot, int16_t, int8_t>;
+    constexpr int64_t kstep = MODE == kI4Dot ? 8 : MODE == kI8Vnni ? 4 : 2, per_word = 4 / sizeof(Code);
+    constexpr int32_t offset = MODE == kI4Dot ? 8 : 128;  // of the weight codes
     const int64_t Kp = (K + kstep - 1) / kstep * kstep, ng = (K + gsz - 1) / gsz;
     const size_t arow = dot_act_row_bytes<MODE>(K, gsz);
     char* buf = static_cast<char*>(sbuf.get(size_t(M) * arow));
@@ -44,16 +48,16 @@ static const char* pack_act_into(Scratch& sbuf, const float* x, int64_t ldx, int
       const int64_t mr = imin(MR, M - m0);
       int32_t* codes = reinterpret_cast<int32_t*>(buf + size_t(m0) * arow);
       float* sx = reinterpret_cast<float*>(codes + Kp / per_word * mr);
-      int32_t* corr = reinterpret_cast<int32_t*>(sx + ng * mr);  // kI4Dot only
+      int32_t* corr = reinterpret_cast<int32_t*>(sx + ng * mr);  // int8 codes only
       for (int64_t m = 0; m < mr; m++) {
         const float* src = x + (m0 + m) * ldx;
         std::memset(row + K, 0, size_t(Kp - K) * sizeof(Code));
         for (int64_t gi = 0; gi < ng; gi++) {
           const int64_t k0 = gi * gsz, n = imin(gsz, K - k0);
-          if constexpr (MODE == kI4Dot) {
+          if constexpr (MODE != kI8Dot) {
             int32_t sum = 0;
             sx[gi * mr + m] = O::quantize_i8(src + k0, n, row + k0, &sum);
-            corr[gi * mr + m] = 8 * sum;
+            corr[gi * mr + m] = offset * sum;
           } else {
             sx[gi * mr + m] = O::quantize_i16(src + k0, n, row + k0);
           }
