@@ -25,6 +25,12 @@ export const ENV_VARS: readonly EnvVar[] = [
     readBy: 'native addon (csrc/core/thread_pool.cpp)',
   },
   {
+    name: 'FUSED_MOE_SPIN_US',
+    effect:
+      'microseconds a pool thread spins for its next job before it sleeps (default 100; 0 never spins, for shared machines)',
+    readBy: 'native addon (csrc/core/thread_pool.cpp)',
+  },
+  {
     name: 'FUSED_MOE_DECODE_ROWS',
     effect: 'most rows per expert that take the decode tile shape (default 3), for tuning on other machines',
     readBy: 'native addon (csrc/cpu/simd_gemm.h)',

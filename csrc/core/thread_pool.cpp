@@ -1,5 +1,6 @@
 #include "thread_pool.h"
 
+#include <chrono>
 #include <cstdlib>
 #include <fstream>
 #include <set>
@@ -32,6 +33,37 @@ int ThreadPool::default_threads() {
     if (v >= 1 && v <= 1024) return v;
   }
   return physical_cores();
+}
+
+int ThreadPool::spin_us() {
+  static const int us = [] {
+    const char* env = std::getenv("FUSED_MOE_SPIN_US");
+    const int v = env ? std::atoi(env) : -1;
+    return v >= 0 && v <= 10000 ? v : 100;
+  }();
+  return us;
+}
+
+// A hint to the core that this is a spin-wait loop (frees the sibling hyper-thread, saves power).
+static inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// Spins until ready() or spin_us() have passed; returns ready(). The clock is read every 64 turns.
+template <class Ready>
+static bool spin_until(const Ready& ready) {
+  const int us = ThreadPool::spin_us();
+  if (us == 0) return ready();
+  const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(us);
+  for (unsigned i = 1;; i++) {
+    if (ready()) return true;
+    cpu_relax();
+    if (i % 64 == 0 && std::chrono::steady_clock::now() >= until) return ready();
+  }
 }
 
 ThreadPool& ThreadPool::instance() {
@@ -79,6 +111,7 @@ void ThreadPool::run_chunks(Job& job, int worker) {
 void ThreadPool::worker_loop(int index) {
   uint64_t seen = 0;
   for (;;) {
+    spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; });
     std::shared_ptr<Job> job;
     {
       std::unique_lock<std::mutex> lock(mutex_);
@@ -127,6 +160,7 @@ void ThreadPool::parallel_for(int64_t n, int64_t chunk, int max_threads, const R
   }
   wake_.notify_all();
   run_chunks(*job, 0);
+  spin_until([&] { return job->done.load(std::memory_order_acquire) == n; });
   std::exception_ptr err;
   {
     std::unique_lock<std::mutex> lock(mutex_);

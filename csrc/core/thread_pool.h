@@ -4,6 +4,10 @@
 // in arrival order (a ticket queue), so a small request is never starved by a long prefill that
 // keeps submitting phases: it waits for at most the phase running now. A job is a range of items handed out in dynamic
 // chunks, so an expert with many tokens does not leave a core idle.
+//
+// Between jobs the threads spin for a short while (FUSED_MOE_SPIN_US, default 100 µs) before they sleep:
+// a decode step runs a few dozen phases back to back, many of them tens of microseconds long, and
+// waking a sleeping thread through the kernel costs about that much on a virtual machine.
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -30,6 +34,10 @@ class ThreadPool {
   ThreadPool& operator=(const ThreadPool&) = delete;
 
   int size() const { return int(workers_.size()) + 1; }
+
+  // How long a thread spins for the next job (a worker) or for the last items of its job (the caller)
+  // before it sleeps: FUSED_MOE_SPIN_US microseconds, 0 to 10000 (default 100; 0 never spins).
+  static int spin_us();
 
   // Runs fn over [0, n) in chunks of `chunk` items on at most max_threads threads (0: all), the caller
   // included. Returns when every item is done. Exceptions from fn are rethrown here (the first one).
@@ -59,7 +67,7 @@ class ThreadPool {
   std::mutex mutex_;
   std::condition_variable wake_;
   std::condition_variable done_;
-  uint64_t generation_ = 0;
+  std::atomic<uint64_t> generation_{0};  // changed under mutex_; read without it while spinning
   bool stop_ = false;
   std::shared_ptr<Job> job_;  // the current job, under mutex_
 };
