@@ -1,13 +1,21 @@
 // The two engines of bench/model.js, each run in a child process of its own (so that one model's
 // memory is gone before the next loads): ours through MoeModel, llama.cpp through node-llama-cpp.
 // A job: { engine, dir | gguf, quantize, prompt: number[], decodePrefix: number[], decodeTokens:
-// number[], warmDecode, promptReps, threads, context }. Both report the same figures:
-// { loadS, promptMs: [...], decodeMs: [...], info }.
+// number[], warmDecode, promptReps, threads, context, probeBytes }. Both report the same figures:
+// { loadS, promptMs: [...], decodeMs: [...], decodeProbes: [...], info }. With probeBytes, every decode
+// step follows a read-bandwidth probe of that many bytes (decodeProbes[i], GB/s, beside decodeMs[i]):
+// this machine's bandwidth moves within a run, so each step is compared with the memory of its moment.
 'use strict';
 const path = require('path');
 
 const root = path.join(__dirname, '..');
 const now = () => Number(process.hrtime.bigint()) / 1e6;
+
+// The read probe before a decode step, or null without probeBytes.
+function probe(job) {
+  if (!job.probeBytes) return null;
+  return require('node-gyp-build')(root).bench.readBandwidth(job.probeBytes, job.threads);
+}
 
 async function runOurs(job) {
   const addon = require('node-gyp-build')(root);
@@ -34,14 +42,17 @@ async function runOurs(job) {
   // Decode: one token per step on a kept sequence, through the model's internal step API (the public
   // API has only whole-sequence logits() so far).
   const seq = model.createSequence();
-  const decodeMs = [];
+  const decodeMs = [],
+    decodeProbes = [];
   try {
     await model.step([{ sequence: seq, tokens: job.decodePrefix }]);
     let logits;
     for (let i = 0; i < job.decodeTokens.length; i++) {
+      const p = i >= job.warmDecode ? probe(job) : null;
       const t = now();
       [logits] = await model.step([{ sequence: seq, tokens: [job.decodeTokens[i]] }]);
       if (i >= job.warmDecode) decodeMs.push(now() - t);
+      if (p !== null) decodeProbes.push(p);
     }
     if (!logits.every(Number.isFinite)) finite = false;
   } finally {
@@ -49,7 +60,7 @@ async function runOurs(job) {
   }
   const info = { nativeBytes: model.nativeBytes, isa: addon.backendInfo().cpu.isa, finite };
   model.dispose();
-  return { loadS, promptMs, decodeMs, info };
+  return { loadS, promptMs, decodeMs, decodeProbes, info };
 }
 
 async function runLlama(job) {
@@ -90,11 +101,14 @@ async function runLlama(job) {
 
   await seq.clearHistory();
   await seq.evaluateWithoutGeneratingNewTokens(job.decodePrefix);
-  const decodeMs = [];
+  const decodeMs = [],
+    decodeProbes = [];
   for (let i = 0; i < job.decodeTokens.length; i++) {
+    const p = i >= job.warmDecode ? probe(job) : null;
     const t = now();
     await seq.controlledEvaluate([[job.decodeTokens[i], ask]]);
     if (i >= job.warmDecode) decodeMs.push(now() - t);
+    if (p !== null) decodeProbes.push(p);
   }
   const info = {
     systemInfo: llama.systemInfo,
@@ -104,7 +118,7 @@ async function runLlama(job) {
   await context.dispose();
   await model.dispose();
   await llama.dispose();
-  return { loadS, promptMs, decodeMs, info };
+  return { loadS, promptMs, decodeMs, decodeProbes, info };
 }
 
 module.exports = { runOurs, runLlama };

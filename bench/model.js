@@ -49,8 +49,16 @@ const engines = list('--engines', ['ours', 'llama']);
 const cacheDir = opt('--cache-dir') || path.join(os.tmpdir(), 'fused-moe-bench-models' + (quick ? '-quick' : ''));
 const THREADS = 2;
 const RUN = quick
-  ? { promptTokens: 64, promptReps: 3, prefix: 8, warmDecode: 2, decodeSteps: 12, context: 256 }
-  : { promptTokens: 512, promptReps: 3, prefix: 16, warmDecode: 4, decodeSteps: 64, context: 1024 };
+  ? { promptTokens: 64, promptReps: 3, prefix: 8, warmDecode: 2, decodeSteps: 12, context: 256, probeBytes: 0 }
+  : {
+      promptTokens: 512,
+      promptReps: 3,
+      prefix: 16,
+      warmDecode: 4,
+      decodeSteps: 64,
+      context: 1024,
+      probeBytes: 256 << 20,
+    };
 
 // ---- bytes and FLOPs ------------------------------------------------------------------------------
 const GROUP = 32;
@@ -192,6 +200,7 @@ for (const name of modelNames) {
         decodePrefix,
         decodeTokens,
         warmDecode: RUN.warmDecode,
+        probeBytes: RUN.probeBytes,
         promptReps: RUN.promptReps,
         threads: THREADS,
         context: RUN.context,
@@ -218,6 +227,11 @@ for (const name of modelNames) {
         decodeMedianMs: decodeMs,
         decodeTokPerS: 1e3 / decodeMs,
         decodeGBs: bytes / (decodeMs / 1e3) / 1e9,
+        // Median over steps of each step's bytes/s against the read probe taken just before it.
+        decodePairedBwFraction:
+          r.decodeProbes && r.decodeProbes.length === r.decodeMs.length && r.decodeProbes.length > 0
+            ? median(r.decodeMs.map((ms, i) => bytes / (ms / 1e3) / 1e9 / r.decodeProbes[i]))
+            : undefined,
         // Steps over twice the median: stalls (another process took a core mid-step).
         decodeStalls: r.decodeMs.filter((t) => t > 2 * decodeMs).length,
       };
@@ -263,6 +277,8 @@ const head = [
   'ours/llama',
   '%bw ours',
   'llama',
+  '%bw paired ours',
+  'llama',
 ];
 const table = [head];
 for (const r of rows) {
@@ -281,6 +297,8 @@ for (const r of rows) {
     ratio(o.decodeTokPerS, l.decodeTokPerS),
     o.decodeTokPerS ? pct(o.decodeBwFraction) : '-',
     l.decodeTokPerS ? pct(l.decodeBwFraction) : '-',
+    o.decodePairedBwFraction !== undefined ? pct(o.decodePairedBwFraction) : '-',
+    l.decodePairedBwFraction !== undefined ? pct(l.decodePairedBwFraction) : '-',
   ]);
 }
 const widths = head.map((_, i) => Math.max(...table.map((row) => String(row[i]).length)));
@@ -288,18 +306,20 @@ log('');
 for (const row of table) log(row.map((v, i) => String(v).padStart(widths[i])).join('  '));
 log(
   `prompt: ${RUN.promptTokens} tokens, median of ${RUN.promptReps}; %peak of the ${fmaIsa} f32 FMA peak (bf16: of the bf16 dot peak). ` +
-    `decode: batch 1, median of ${RUN.decodeSteps} steps after a ${RUN.prefix}-token prefix; %bw: bytes a token reads / time, of the read probe.`,
+    `decode: batch 1, median of ${RUN.decodeSteps} steps after a ${RUN.prefix}-token prefix; %bw: bytes a token reads / time, of the run's read probe; ` +
+    `%bw paired: the median over steps of the same against a probe taken just before each step (the decode target uses it where measured).`,
 );
 
 const targets = [];
 for (const r of rows) {
   if (!r.ours) continue;
   const tag = `${r.model} ${r.format}`;
+  const bw = r.ours.decodePairedBwFraction ?? r.ours.decodeBwFraction;
   targets.push({
-    target: `${tag}: decode >= 85% of read bandwidth`,
-    value: r.ours.decodeBwFraction,
-    ok: r.ours.decodeBwFraction >= 0.85,
-    show: pct(r.ours.decodeBwFraction),
+    target: `${tag}: decode >= 85% of read bandwidth${r.ours.decodePairedBwFraction !== undefined ? ' (paired probe)' : ''}`,
+    value: bw,
+    ok: bw >= 0.85,
+    show: pct(bw),
   });
   if (r.llama) {
     const d = r.ours.decodeTokPerS / r.llama.decodeTokPerS,
