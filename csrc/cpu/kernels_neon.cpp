@@ -33,7 +33,6 @@ struct OpsNeon {
     const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
     return vmulq_f32(p, vreinterpretq_f32_s32(e));
   }
-  static void prefetch(const char* p) { __builtin_prefetch(p, 0, 3); }
 
   static V load_f16(const uint16_t* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
   static V bf16_lo(const char* p) {

@@ -35,7 +35,6 @@ struct OpsAvx2 {
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
   }
-  static void prefetch(const char* p) { _mm_prefetch(p, _MM_HINT_T0); }
 
   static V load_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   static V bf16_lo(const char* p) {

@@ -37,7 +37,6 @@ struct OpsAvx512 {
   static V round(V a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   // p * 2^n for integral n.
   static V pow2(V p, V n) { return _mm512_scalef_ps(p, n); }
-  static void prefetch(const char* p) { _mm_prefetch(p, _MM_HINT_T0); }
 
   static V load_f16(const uint16_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));

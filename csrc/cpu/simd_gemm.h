@@ -49,7 +49,7 @@ inline int decode_rows_limit() {
   return limit;
 }
 
-template <class O, int MODE, int NMAT, int MR, int NP, bool PF, class Epi>
+template <class O, int MODE, int NMAT, int MR, int NP, class Epi>
 static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, const char* b, size_t pstride,
                   int64_t p_begin, int64_t p_end, Epi&& epi) {
   constexpr int W = O::W;
@@ -76,7 +76,7 @@ static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, 
         for (int64_t m0 = 0; m0 < M; m0 += MR) {
           const int mr = int(imin(MR, M - m0));
           float* cm = cg + m0 * np * NMAT * W;
-          micro_rows<O, MODE, NMAT, MR, np, PF>(mr, a + size_t(m0) * arow, K, k0, k1, gsz, bp, pstride, cm, k0 > 0);
+          micro_rows<O, MODE, NMAT, MR, np>(mr, a + size_t(m0) * arow, K, k0, k1, gsz, bp, pstride, cm, k0 > 0);
           if (k1 == Kr) epi(cm, m0, mr, pg, np);
         }
       }
@@ -134,15 +134,14 @@ static void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t gsz,
   const bool decode = M <= decode_rows_limit();
   const char* a = pack_act<O, MODE>(x, ldx, M, K, decode ? S::kMrDecode : S::kMrPrefill, gsz, epoch);
   if (decode) {
-    sweep<O, MODE, NMAT, S::kMrDecode, S::kNpDecode, false>(a, M, K, int64_t(1) << 40, gsz, b, pstride, p_begin, p_end,
-                                                            epi);
+    sweep<O, MODE, NMAT, S::kMrDecode, S::kNpDecode>(a, M, K, int64_t(1) << 40, gsz, b, pstride, p_begin, p_end, epi);
   } else {
     int64_t kc;
     if constexpr (is_quant(MODE))
       kc = prefill_kc_quant<MODE, NMAT, S::kNpPrefill, O::W>(gsz);
     else
       kc = prefill_kc<MODE, NMAT, S::kNpPrefill, O::W>();
-    sweep<O, MODE, NMAT, S::kMrPrefill, S::kNpPrefill, false>(a, M, K, kc, gsz, b, pstride, p_begin, p_end, epi);
+    sweep<O, MODE, NMAT, S::kMrPrefill, S::kNpPrefill>(a, M, K, kc, gsz, b, pstride, p_begin, p_end, epi);
   }
 }
 

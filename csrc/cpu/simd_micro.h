@@ -12,7 +12,7 @@ namespace {
 // c holds the accumulators between calls ([MR][NP][NMAT][W] floats): loaded when `carry`, always
 // stored. `b` points at the first panel, panels are `pstride` bytes apart. K is the real reduction
 // length (odd K: the kBF16 tail uses only the low half of the last pair; kBF16Dot gets padded rows).
-template <class O, int MODE, int NMAT, int MR, int NP, bool PF>
+template <class O, int MODE, int NMAT, int MR, int NP>
 static void micro(const char* ap, int64_t K, int64_t k0, int64_t k1, const char* b, size_t pstride, float* c,
                   bool carry) {
   using V = typename O::V;
@@ -31,10 +31,6 @@ static void micro(const char* ap, int64_t K, int64_t k0, int64_t k1, const char*
   if constexpr (MODE == kF32 || MODE == kF16) {
     for (int64_t k = k0; k < k1; k++) {
       const char* bk = b + size_t(k) * step;
-      if (PF) {
-#pragma GCC unroll 8
-        for (int p = 0; p < NP; p++) O::prefetch(bk + p * pstride + 16 * step);
-      }
       V w[NP][NMAT];
 #pragma GCC unroll 8
       for (int p = 0; p < NP; p++)
@@ -61,10 +57,6 @@ static void micro(const char* ap, int64_t K, int64_t k0, int64_t k1, const char*
     int64_t k = k0;
     for (; k < kfull; k += 2) {
       const char* bk = b + size_t(k / 2) * step;
-      if (PF) {
-#pragma GCC unroll 8
-        for (int p = 0; p < NP; p++) O::prefetch(bk + p * pstride + 16 * step);
-      }
       V w[NP][NMAT];
 #pragma GCC unroll 8
       for (int p = 0; p < NP; p++)
@@ -102,10 +94,6 @@ static void micro(const char* ap, int64_t K, int64_t k0, int64_t k1, const char*
   } else {  // kBF16Dot: rows are bf16, K padded to even with zeros on both sides
     for (int64_t k = k0; k < k1; k += 2) {
       const char* bk = b + size_t(k / 2) * step;
-      if (PF) {
-#pragma GCC unroll 8
-        for (int p = 0; p < NP; p++) O::prefetch(bk + p * pstride + 16 * step);
-      }
       typename O::Raw w[NP][NMAT];
 #pragma GCC unroll 8
       for (int p = 0; p < NP; p++)
@@ -369,18 +357,18 @@ static void micro_qdot(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_
 }
 
 // micro<..., mr, NP> (or micro_q) for a run-time mr in [1, MR].
-template <class O, int MODE, int NMAT, int MR, int NP, bool PF>
+template <class O, int MODE, int NMAT, int MR, int NP>
 static void micro_rows(int mr, const char* a, int64_t K, int64_t k0, int64_t k1, int64_t gsz, const char* b,
                        size_t pstride, float* c, bool carry) {
   if constexpr (MR > 1) {
-    if (mr < MR) return micro_rows<O, MODE, NMAT, MR - 1, NP, PF>(mr, a, K, k0, k1, gsz, b, pstride, c, carry);
+    if (mr < MR) return micro_rows<O, MODE, NMAT, MR - 1, NP>(mr, a, K, k0, k1, gsz, b, pstride, c, carry);
   }
   if constexpr (is_dot(MODE))
     micro_qdot<O, MODE, NMAT, MR, NP>(a, K, k0, k1, gsz, b, pstride, c, carry);
   else if constexpr (is_quant(MODE))
     micro_q<O, MODE, NMAT, MR, NP>(a, K, k0, k1, gsz, b, pstride, c, carry);
   else
-    micro<O, MODE, NMAT, MR, NP, PF>(a, K, k0, k1, b, pstride, c, carry);
+    micro<O, MODE, NMAT, MR, NP>(a, K, k0, k1, b, pstride, c, carry);
 }
 
 }  // namespace
