@@ -1,9 +1,10 @@
 /**
  * The benchmark runs: `node bench/bench.js --quick --json` exits 0 and reports sane, positive figures
- * for every kernel set this machine supports.
+ * for every kernel set this machine supports; `node bench/quant-error.js` prints its table.
  */
 import { spawnSync } from 'child_process';
 import * as path from 'path';
+import { binding } from '../lib/binding';
 
 test('bench --quick --json prints sane numbers', () => {
   const r = spawnSync(process.execPath, [path.join(__dirname, '..', 'bench', 'bench.js'), '--quick', '--json'], {
@@ -27,5 +28,30 @@ test('bench --quick --json prints sane numbers', () => {
       ]);
     }
     expect(row.finite).toBe(true);
+  }
+});
+
+test('quant-error prints a row per kernel set and format, each error in its range', () => {
+  const r = spawnSync(process.execPath, [path.join(__dirname, '..', 'bench', 'quant-error.js')], {
+    encoding: 'utf8',
+    timeout: 300000,
+  });
+  expect(r.status).toBe(0);
+  const rows = r.stdout
+    .trim()
+    .split('\n')
+    .slice(1)
+    .map((line) => line.trim().split(/\s+/));
+  const supported = binding().backendInfo().cpu.supported;
+  expect(rows.length).toBe(2 * supported.length);
+  for (const [isa, quantize, acts, ...errs] of rows) {
+    expect(supported).toContain(isa);
+    expect(['float32', 'int16', 'int8']).toContain(acts);
+    // Uniform weights: int8 about 0.6-1.5%, int4 about 12% (bench/RESULTS.md, "Quantization error").
+    const [lo, hi] = quantize === 'int8' ? [0.3, 2] : [8, 16];
+    for (const e of errs) {
+      const v = parseFloat(e);
+      expect([isa, quantize, v > lo && v < hi]).toEqual([isa, quantize, true]);
+    }
   }
 });
