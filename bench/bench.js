@@ -106,8 +106,9 @@ const CASES = [
     isas: ['avx512bf16', 'avx512', 'scalar'],
     reps: 5,
   },
-  // Quantized prefill: both sets take integer dot products; for int4, avx512bf16 uses VNNI's vpdpbusd
-  // where avx512 composes the same sums from vpmaddubsw + vpmaddwd (int8 runs the same code on both).
+  // Quantized prefill: both sets take integer dot products; avx512bf16 uses VNNI's vpdpbusd (int8 with
+  // int8 activations), avx512 composes the int4 sums from vpmaddubsw + vpmaddwd and feeds int8 int16
+  // activations through vpmaddwd.
   {
     name: 'mid-int8',
     ...MID,

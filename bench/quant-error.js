@@ -1,8 +1,8 @@
 // The error table of bench/RESULTS.md ("Quantized experts"): relative L2 error of the block's output
 // against float64 on the unquantized weights, for int8 and int4 at groups 32, 64 and 128, on every
-// kernel set this CPU runs. The cases are the err-* cases of test/quant.test.ts (random weights uniform
-// in ±a, H = 256, F = 512, E = 4, k = 2, T = 32, seed 30 + group), written and run by the same fixtures
-// (test/fixtures/kernel-prepare.js, kernel-case.js). The arithmetic is deterministic: any machine that
+// kernel set this CPU runs. The cases are the err-* cases of test/quant.test.ts (quantErrorCases in
+// test/helpers/quant.ts: random weights uniform in ±a, H = 256, F = 512, E = 4, k = 2, T = 32, seed
+// 30 + group), written and run by the same fixtures (test/fixtures/kernel-prepare.js, kernel-case.js). The arithmetic is deterministic: any machine that
 // runs a set gives the same figures.
 // Usage: node bench/quant-error.js
 'use strict';
@@ -13,22 +13,10 @@ const { spawnSync } = require('child_process');
 const binding = require('node-gyp-build')(path.join(__dirname, '..'));
 
 const fixtures = path.join(__dirname, '..', 'test', 'fixtures');
-const cases = [];
-for (const quantize of ['int8', 'int4'])
-  for (const group of [32, 64, 128])
-    cases.push({
-      name: `err-${quantize}-g${group}`,
-      H: 256,
-      F: 512,
-      E: 4,
-      k: 2,
-      T: 32,
-      dtype: 'float32',
-      quantize,
-      group,
-      seed: 30 + group,
-      routing: 'softmax-topk-renorm',
-    });
+const { loadTs } = require('../test/helpers/load-ts');
+const { quantErrorCases } = loadTs('quant.ts');
+const { relL2 } = loadTs('reference.ts');
+const cases = quantErrorCases();
 
 function run(script, dir, env) {
   const r = spawnSync(process.execPath, [path.join(fixtures, script), dir], { env, encoding: 'utf8' });
@@ -39,16 +27,6 @@ function run(script, dir, env) {
 function readF64(file) {
   const b = fs.readFileSync(file);
   return new Float64Array(b.buffer.slice(b.byteOffset, b.byteOffset + b.byteLength));
-}
-
-function relL2(y, ref) {
-  let num = 0,
-    den = 0;
-  for (let i = 0; i < ref.length; i++) {
-    num += (y[i] - ref[i]) ** 2;
-    den += ref[i] ** 2;
-  }
-  return Math.sqrt(num / den);
 }
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fused-moe-quant-error-'));

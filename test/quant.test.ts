@@ -32,7 +32,7 @@ import * as path from 'path';
 
 import { MoeLayer } from '../lib';
 import { Case, makeCase, relL2, rng } from './helpers/reference';
-import { QMAX, QuantKind, quantizeRows } from './helpers/quant';
+import { QMAX, QuantKind, quantErrorCases, quantizeRows } from './helpers/quant';
 import { CHAIN, FLOAT32_TOL, narrowedTolerance } from './helpers/tolerance';
 
 const supported: string[] = binding().backendInfo().cpu.supported;
@@ -139,21 +139,7 @@ const cases: QCase[] = [
   },
 ];
 // The error table: every format and group size on float32 uniform weights, sizes the groups divide.
-for (const quantize of ['int8', 'int4'] as const)
-  for (const group of [32, 64, 128] as const)
-    cases.push({
-      name: `err-${quantize}-g${group}`,
-      H: 256,
-      F: 512,
-      E: 4,
-      k: 2,
-      T: 32,
-      dtype: 'float32',
-      quantize,
-      group,
-      seed: 30 + group,
-      ...r,
-    });
+cases.push(...quantErrorCases());
 
 let dir = '';
 // ref: float64 on the unquantized weights; refq: on the dequantized weights; refqa8 / refqa16: that with

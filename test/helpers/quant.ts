@@ -106,3 +106,27 @@ export function quantizedActivations(bits: 8 | 16, g: number): (row: Float64Arra
   const qmax = bits === 8 ? 127 : 32767;
   return (row) => dequantizeRows(quantizeRowsTo(row, row.length, qmax, g), row.length, g);
 }
+
+/**
+ * The error-table cases (test/quant.test.ts, bench/quant-error.js): every format and group size on
+ * float32 weights uniform in +-a, at sizes the groups divide.
+ */
+export function quantErrorCases() {
+  const cases = [];
+  for (const quantize of ['int8', 'int4'] as const)
+    for (const group of [32, 64, 128] as const)
+      cases.push({
+        name: `err-${quantize}-g${group}`,
+        H: 256,
+        F: 512,
+        E: 4,
+        k: 2,
+        T: 32,
+        dtype: 'float32' as const,
+        quantize,
+        group,
+        seed: 30 + group,
+        routing: 'softmax-topk-renorm' as const,
+      });
+  return cases;
+}
