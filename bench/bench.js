@@ -24,7 +24,7 @@ const path = require('path');
 
 const root = path.join(__dirname, '..');
 const binding = require('node-gyp-build')(root);
-const { fill, fmt, pct, median } = require('./util');
+const { fill, fmt, pct, median, pairedBwFraction } = require('./util');
 
 // ---- cases --------------------------------------------------------------------------------------
 // Mixtral-8x7B: H 4096, F 14336, E 8, k 2. "mid": the same block scaled by 1/4 per side. "fine": a
@@ -391,9 +391,7 @@ for (const c of cases) {
               ? gflops / ceilings.bf16DotGflops
               : undefined,
           // Median over forwards of each forward's bytes/s against the probe taken just before it.
-          pairedBwFraction: x.probes
-            ? median(x.times.map((ms, i) => bytes / (ms / 1e3) / 1e9 / x.probes[i]))
-            : undefined,
+          pairedBwFraction: pairedBwFraction(bytes, x.times, x.probes),
           expertsUsed: x.expertsUsed,
           finite: x.finite,
         });

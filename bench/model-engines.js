@@ -11,10 +11,12 @@ const path = require('path');
 const root = path.join(__dirname, '..');
 const now = () => Number(process.hrtime.bigint()) / 1e6;
 
-// The read probe before a decode step, or null without probeBytes.
+// The read probe before a decode step (GB/s), or null without probeBytes.
+let addonForProbe = null;
 function probe(job) {
   if (!job.probeBytes) return null;
-  return require('node-gyp-build')(root).bench.readBandwidth(job.probeBytes, job.threads);
+  addonForProbe = addonForProbe || require('node-gyp-build')(root);
+  return addonForProbe.bench.readBandwidth(job.probeBytes, job.threads);
 }
 
 async function runOurs(job) {

@@ -23,7 +23,7 @@ const path = require('path');
 
 const { MODELS, QUICK_MODELS, FORMATS, benchTokens, ensureModel, weightCounts, fileBytes } = require('./model-files');
 const { runAsChild, runChild, cliOptions } = require('./child');
-const { fmt, pct, median } = require('./util');
+const { fmt, pct, median, pairedBwFraction } = require('./util');
 
 const root = path.join(__dirname, '..');
 
@@ -228,10 +228,7 @@ for (const name of modelNames) {
         decodeTokPerS: 1e3 / decodeMs,
         decodeGBs: bytes / (decodeMs / 1e3) / 1e9,
         // Median over steps of each step's bytes/s against the read probe taken just before it.
-        decodePairedBwFraction:
-          r.decodeProbes && r.decodeProbes.length === r.decodeMs.length && r.decodeProbes.length > 0
-            ? median(r.decodeMs.map((ms, i) => bytes / (ms / 1e3) / 1e9 / r.decodeProbes[i]))
-            : undefined,
+        decodePairedBwFraction: pairedBwFraction(bytes, r.decodeMs, r.decodeProbes),
         // Steps over twice the median: stalls (another process took a core mid-step).
         decodeStalls: r.decodeMs.filter((t) => t > 2 * decodeMs).length,
       };

@@ -54,4 +54,11 @@ function quantile(v, q) {
   return s[Math.min(s.length - 1, Math.floor(q * s.length))];
 }
 
-module.exports = { fill, median, quantile, fmt, pct };
+// Bandwidth-bound steps against a read probe taken just before each: the median over steps of
+// bytes / time / probe (GB/s), or undefined without one probe per step.
+function pairedBwFraction(bytes, ms, probes) {
+  if (!probes || probes.length === 0 || probes.length !== ms.length) return undefined;
+  return median(ms.map((t, i) => bytes / (t / 1e3) / 1e9 / probes[i]));
+}
+
+module.exports = { fill, median, quantile, fmt, pct, pairedBwFraction };
