@@ -21,13 +21,19 @@ export const ENV_VARS: readonly EnvVar[] = [
   },
   {
     name: 'FUSED_MOE_THREADS',
-    effect: 'size of the process-wide CPU thread pool (default: physical cores)',
+    effect: 'size of the process-wide CPU thread pool (default: the physical cores the process may run on)',
     readBy: 'native addon (csrc/core/thread_pool.cpp)',
   },
   {
     name: 'FUSED_MOE_SPIN_US',
     effect:
       'microseconds a pool thread spins for its next job before it sleeps (default 100; 0 never spins, for shared machines)',
+    readBy: 'native addon (csrc/core/thread_pool.cpp)',
+  },
+  {
+    name: 'FUSED_MOE_PIN_THREADS',
+    effect:
+      "'0': leave the pool threads' placement to the OS (default: each worker pinned to a core of its own when the pool fits the process's cores)",
     readBy: 'native addon (csrc/core/thread_pool.cpp)',
   },
   {

@@ -7,24 +7,45 @@
 #include <string>
 #include <utility>
 
+#ifdef __linux__
+#include <sched.h>
+#endif
+
 namespace fmoe {
 
-// Physical cores from sysfs topology (hyper-threads share FMA units, so they add little here).
-static int physical_cores() {
-  unsigned logical = std::thread::hardware_concurrency();
-  if (logical == 0) logical = 1;
+// The CPUs this process may run on (its affinity mask), one per physical core: the first allowed
+// hyper-thread of each, in CPU order (siblings share FMA units, so they add little here). Empty where
+// the mask is unknown; each allowed CPU counts as a core where the topology is.
+static std::vector<int> core_cpus() {
+  std::vector<int> cpus;
 #ifdef __linux__
+  cpu_set_t mask;
+  CPU_ZERO(&mask);
+  if (sched_getaffinity(0, sizeof mask, &mask) != 0) return cpus;
   std::set<std::pair<std::string, std::string>> cores;
-  for (unsigned cpu = 0; cpu < logical; cpu++) {
-    std::string base = "/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/topology/";
-    std::ifstream pkg(base + "physical_package_id"), core(base + "core_id");
+  bool topology = true;
+  for (int cpu = 0; cpu < CPU_SETSIZE; cpu++) {
+    if (!CPU_ISSET(cpu, &mask)) continue;
     std::string p, c;
-    if (!(pkg >> p) || !(core >> c)) return int(logical);
-    cores.insert({p, c});
+    if (topology) {
+      const std::string base = "/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/topology/";
+      std::ifstream pkg(base + "physical_package_id"), core(base + "core_id");
+      topology = bool(pkg >> p) && bool(core >> c);
+    }
+    if (!topology || cores.insert({p, c}).second) cpus.push_back(cpu);
   }
-  if (!cores.empty()) return int(cores.size());
+  if (!topology) {  // unreadable after all: every allowed CPU, once
+    cpus.clear();
+    for (int cpu = 0; cpu < CPU_SETSIZE; cpu++)
+      if (CPU_ISSET(cpu, &mask)) cpus.push_back(cpu);
+  }
 #endif
-  return int(logical);
+  return cpus;
+}
+
+static const std::vector<int>& cached_core_cpus() {
+  static const std::vector<int> cpus = core_cpus();
+  return cpus;
 }
 
 int ThreadPool::default_threads() {
@@ -32,7 +53,15 @@ int ThreadPool::default_threads() {
     int v = std::atoi(env);
     if (v >= 1 && v <= 1024) return v;
   }
-  return physical_cores();
+  const size_t cores = cached_core_cpus().size();
+  if (cores > 0) return int(cores);
+  const unsigned logical = std::thread::hardware_concurrency();
+  return logical > 0 ? int(logical) : 1;
+}
+
+bool ThreadPool::pin_requested() {
+  const char* env = std::getenv("FUSED_MOE_PIN_THREADS");
+  return !(env && std::string(env) == "0");
 }
 
 int ThreadPool::spin_us() {
@@ -74,7 +103,27 @@ ThreadPool& ThreadPool::instance() {
 
 ThreadPool::ThreadPool(int threads) {
   if (threads < 1) threads = 1;
-  for (int i = 1; i < threads; i++) workers_.emplace_back([this, i] { worker_loop(i); });
+  const std::vector<int>& cpus = cached_core_cpus();
+  pinned_ = threads > 1 && pin_requested() && size_t(threads) <= cpus.size();
+  for (int i = 1; i < threads; i++)
+    workers_.emplace_back([this, i, cpu = pinned_ ? cpus[size_t(i)] : -1] {
+      if (cpu >= 0) pin_to(cpu);
+      worker_loop(i);
+    });
+}
+
+// Worker i stays on core i; the callers (the JavaScript thread, libuv's threads) are left free and
+// settle on core 0. Left to itself, the scheduler often woke a worker on the core of the caller that had
+// just woken it after an idle spell, and the phase then ran on one core until it moved one of them.
+void ThreadPool::pin_to(int cpu) {
+#ifdef __linux__
+  cpu_set_t mask;
+  CPU_ZERO(&mask);
+  CPU_SET(cpu, &mask);
+  sched_setaffinity(0, sizeof mask, &mask);  // 0: the calling thread; a failure leaves it unpinned
+#else
+  (void)cpu;
+#endif
 }
 
 ThreadPool::~ThreadPool() {

@@ -8,6 +8,9 @@
 // Between jobs the threads spin for a short while (FUSED_MOE_SPIN_US, default 100 µs) before they sleep:
 // a decode step runs a few dozen phases back to back, many of them tens of microseconds long, and
 // waking a sleeping thread through the kernel costs about that much on a virtual machine.
+//
+// When the pool has no more threads than the process has cores (the default), each worker is pinned to a
+// core of its own (FUSED_MOE_PIN_THREADS=0 turns it off); the thread that submits a job is not pinned.
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -24,9 +27,12 @@ class ThreadPool {
  public:
   using RangeFn = std::function<void(int64_t begin, int64_t end, int worker)>;
 
-  // The process-wide pool; its size is the physical core count (or FUSED_MOE_THREADS).
+  // The process-wide pool; its size is the count of physical cores the process may run on (or
+  // FUSED_MOE_THREADS).
   static ThreadPool& instance();
   static int default_threads();
+  // FUSED_MOE_PIN_THREADS is not "0": pin the workers when the pool fits the cores the process may use.
+  static bool pin_requested();
 
   explicit ThreadPool(int threads);
   ~ThreadPool();
@@ -38,6 +44,9 @@ class ThreadPool {
   // How long a thread spins for the next job (a worker) or for the last items of its job (the caller)
   // before it sleeps: FUSED_MOE_SPIN_US microseconds, 0 to 10000 (default 100; 0 never spins).
   static int spin_us();
+
+  // Whether each worker is pinned to a core of its own (ThreadPool(), FUSED_MOE_PIN_THREADS).
+  bool pinned() const { return pinned_; }
 
   // Runs fn over [0, n) in chunks of `chunk` items on at most max_threads threads (0: all), the caller
   // included. Returns when every item is done. Exceptions from fn are rethrown here (the first one).
@@ -56,6 +65,7 @@ class ThreadPool {
     std::exception_ptr error;  // the first exception, under mutex_
   };
 
+  static void pin_to(int cpu);
   void worker_loop(int index);
   void run_chunks(Job& job, int worker);
 
@@ -70,6 +80,7 @@ class ThreadPool {
   std::atomic<uint64_t> generation_{0};  // changed under mutex_; read without it while spinning
   bool stop_ = false;
   std::shared_ptr<Job> job_;  // the current job, under mutex_
+  bool pinned_ = false;
 };
 
 }  // namespace fmoe

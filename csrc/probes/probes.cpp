@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -67,36 +68,61 @@ uint64_t read_slice(const uint64_t* p, size_t n) {
   return s0 ^ s1 ^ s2 ^ s3;
 }
 
+// The probe's buffer, kept from one call to the next of the same size. Allocating, first-touching and
+// freeing 256 MiB of huge pages before each paired forward (bench.js, model.js) slowed the next few
+// forwards by up to a third on a 2-core VM, so the pairing pulled the fractions down instead of
+// measuring the machine.
+struct ProbeBuffer {
+  std::mutex mutex;
+  uint64_t* data = nullptr;
+  size_t bytes = 0;
+  int threads = 0;
+};
+
+ProbeBuffer& probe_buffer() {
+  static ProbeBuffer* b = new ProbeBuffer;  // never freed: it lives as long as the process
+  return *b;
+}
+
 }  // namespace
 
 double probe_read_bandwidth(size_t bytes, int threads) {
   if (threads < 1) threads = 1;
   constexpr size_t kHuge = size_t(2) << 20;
   bytes = std::max<size_t>(bytes / kHuge * kHuge, kHuge);
-  uint64_t* buf = static_cast<uint64_t*>(std::aligned_alloc(kHuge, bytes));
-  if (!buf) return 0;
-#ifdef MADV_HUGEPAGE
-  // The packed weights live on huge pages too (cpu_backend.cpp): measure the same kind of memory.
-  madvise(buf, bytes, MADV_HUGEPAGE);
-#endif
+  ProbeBuffer& kept = probe_buffer();
+  std::lock_guard<std::mutex> lock(kept.mutex);
   // Slices are whole 256-byte blocks so the wide loop needs no tail.
   const size_t words = bytes / 8, per = (words / size_t(threads) + 31) / 32 * 32;
-  const bool wide = cpu_supports(Isa::Avx512);
   auto slice = [&](int i, size_t& b, size_t& n) {
     b = std::min(words, per * size_t(i));
     n = std::min(words, b + per) - b;
   };
-  // First touch by the thread that reads the slice later (pages land near it on NUMA machines).
-  run_together(threads, [&](int i) {
-    size_t b, n;
-    slice(i, b, n);
-    // Distinct contents everywhere: the host may merge equal pages, and merged pages read from cache.
-    uint64_t x = 0x9e3779b97f4a7c15ull ^ (uint64_t(i) << 32);
-    for (size_t j = 0; j < n; j++) {
-      x ^= x << 13, x ^= x >> 7, x ^= x << 17;
-      buf[b + j] = x;
-    }
-  });
+  if (kept.bytes != bytes || kept.threads != threads) {
+    std::free(kept.data);
+    kept.data = static_cast<uint64_t*>(std::aligned_alloc(kHuge, bytes));
+    kept.bytes = kept.data ? bytes : 0;
+    kept.threads = threads;
+    if (!kept.data) return 0;
+    uint64_t* buf = kept.data;
+#ifdef MADV_HUGEPAGE
+    // The packed weights live on huge pages too (cpu_backend.cpp): measure the same kind of memory.
+    madvise(buf, bytes, MADV_HUGEPAGE);
+#endif
+    // First touch by the thread that reads the slice later (pages land near it on NUMA machines).
+    run_together(threads, [&](int i) {
+      size_t b, n;
+      slice(i, b, n);
+      // Distinct contents everywhere: the host may merge equal pages, and merged pages read from cache.
+      uint64_t x = 0x9e3779b97f4a7c15ull ^ (uint64_t(i) << 32);
+      for (size_t j = 0; j < n; j++) {
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        buf[b + j] = x;
+      }
+    });
+  }
+  const uint64_t* buf = kept.data;
+  const bool wide = cpu_supports(Isa::Avx512);
   std::atomic<uint64_t> sink{0};
   std::vector<double> times;
   for (int pass = 0; pass < 6; pass++) {
@@ -107,7 +133,6 @@ double probe_read_bandwidth(size_t bytes, int threads) {
     });
     if (pass > 0) times.push_back(t);  // the first pass warms the TLB and the threads
   }
-  std::free(buf);
   return double(bytes) / median(times) / 1e9;
 }
 

@@ -4,7 +4,8 @@
 #include "../cpu/kernels.h"
 
 namespace fmoe {
-// GB/s of streaming reads over `bytes` of memory by `threads` threads (median of a few passes).
+// GB/s of streaming reads over `bytes` of memory by `threads` threads (median of a few passes). The
+// buffer is kept for the next call with the same size and threads.
 double probe_read_bandwidth(size_t bytes, int threads);
 // float32 GFLOP/s (2 per FMA lane) of the given ISA's FMA units on `threads` threads; 0 if unsupported.
 // For Isa::Avx512Bf16 it is the bf16 dot-product peak instead (vdpbf16ps: 4 float operations per lane),

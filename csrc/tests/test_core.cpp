@@ -3,9 +3,15 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <random>
 #include <vector>
+
+#ifdef __linux__
+#include <sched.h>
+#endif
 
 #include "core/backend.h"
 #include "core/dispatch.h"
@@ -373,6 +379,48 @@ static void test_pool() {
   CHECK(threw);
 }
 
+// A pool the size of the cores pins each worker to a core of its own; a larger one pins nothing and
+// still does every item.
+static void test_pool_pinning() {
+  const int cores = ThreadPool::default_threads();
+  ThreadPool bigger(cores + 1);
+  CHECK(!bigger.pinned());
+  std::vector<int> hit(500, 0);
+  bigger.parallel_for(500, 3, 0, [&](int64_t b, int64_t e, int) {
+    for (int64_t i = b; i < e; i++) hit[i]++;
+  });
+  for (int v : hit) CHECK(v == 1);
+#ifdef __linux__
+  if (cores < 2 || !ThreadPool::pin_requested() || std::getenv("FUSED_MOE_THREADS")) return;
+  ThreadPool pool(cores);
+  CHECK(pool.pinned());
+  // cpus[w]: the CPUs worker w ran items on (workers only; the caller is not pinned).
+  std::vector<std::vector<int>> cpus(static_cast<size_t>(cores));
+  std::mutex m;
+  int wide_masks = 0;  // workers whose affinity mask holds more than one CPU
+  for (int job = 0; job < 200; job++)
+    pool.parallel_for(64, 1, 0, [&](int64_t, int64_t, int w) {
+      const int cpu = sched_getcpu();
+      cpu_set_t mask;
+      CPU_ZERO(&mask);
+      const bool one = sched_getaffinity(0, sizeof mask, &mask) == 0 && CPU_COUNT(&mask) == 1;
+      std::lock_guard<std::mutex> lock(m);
+      if (w > 0 && !one) wide_masks++;
+      if (w > 0 && std::find(cpus[size_t(w)].begin(), cpus[size_t(w)].end(), cpu) == cpus[size_t(w)].end())
+        cpus[size_t(w)].push_back(cpu);
+    });
+  CHECK(wide_masks == 0);
+  std::vector<int> seen;
+  for (int w = 1; w < cores; w++) {
+    CHECK(cpus[size_t(w)].size() <= 1);  // never moved
+    for (int cpu : cpus[size_t(w)]) {
+      CHECK(std::find(seen.begin(), seen.end(), cpu) == seen.end());  // no two workers share a core
+      seen.push_back(cpu);
+    }
+  }
+#endif
+}
+
 // Float64 reference of one token through the whole layer.
 static void reference(const MoeConfig& c, const std::vector<float>& gate, const std::vector<double>& w1,
                       const std::vector<double>& w3, const std::vector<double>& w2, const float* x, double* out) {
@@ -475,6 +523,7 @@ int main() {
   test_options();
   test_factory();
   test_pool();
+  test_pool_pinning();
   test_quantizer();
   for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Neon}) test_quant_kernels(isa);
   for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Neon})
