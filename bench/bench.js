@@ -8,8 +8,6 @@
 //   node bench/bench.js --cases mixtral-decode-bf16,mid-f32 --isa avx512bf16,scalar
 //   node bench/bench.js --switch        the decode / prefill switch measurement only
 //   --json                              the results object on stdout (the table goes to stderr)
-//   --idle-ms 50                        the process sleeps that long before each T = 1 forward (after
-//                                       its probe), as a server does between requests
 //
 // At T = 1 every forward also follows a read probe of its own, and "%bw paired" (which the decode
 // targets use) is the median of the per-forward fractions: the run's ceiling alone swung 68-102% on
@@ -251,10 +249,8 @@ function runChild(spec) {
     // forward is paired with a read probe taken just before it (probes[i] beside times[i]).
     const probes = T === 1 && spec.paired ? [] : undefined;
     const until = Date.now() + (spec.minMs || 0);
-    const idle = new Int32Array(new SharedArrayBuffer(4)); // Atomics.wait on it: a plain sleep
     for (let r = 0; r < spec.reps || Date.now() < until; r++) {
       if (probes) probes.push(binding.bench.readBandwidth(256 << 20, binding.backendInfo().cpu.threads));
-      if (T === 1 && spec.idleMs > 0) Atomics.wait(idle, 0, 0, spec.idleMs);
       const t = process.hrtime.bigint();
       layer.forwardSync(x, out);
       times.push(Number(process.hrtime.bigint() - t) / 1e6);
@@ -290,8 +286,6 @@ const supported = info.supported;
 const threads = info.threads;
 const isaFilter = opt('--isa') ? opt('--isa').split(',') : null;
 const caseFilter = opt('--cases') ? opt('--cases').split(',') : null;
-const idleMs = opt('--idle-ms') ? Number(opt('--idle-ms')) : 0;
-if (!(idleMs >= 0 && idleMs <= 10000)) throw new RangeError('--idle-ms: expected milliseconds from 0 to 10000');
 let cases = quick ? QUICK : switchOnly ? SWITCH : CASES.concat(SWITCH);
 if (caseFilter) cases = CASES.concat(SWITCH, QUICK).filter((c) => caseFilter.includes(c.name));
 
@@ -348,7 +342,6 @@ for (const c of cases) {
         reps: c.reps,
         minMs: quick ? 0 : 1000,
         paired: !quick,
-        idleMs,
       };
       const r = spawnSync(process.execPath, [__filename, '--child', JSON.stringify(spec)], {
         env,
@@ -582,7 +575,6 @@ const result = {
   date: new Date().toISOString(),
   machine: { cpu: os.cpus()[0].model, threads, supported },
   quick,
-  idleMs,
   ceilings,
   rows,
   switch: switchSummary,

@@ -10,6 +10,7 @@
  * the next turn of a chat does not recompute the conversation so far. Kept prefixes are dropped least
  * recently used first when a step needs their cache blocks, and beyond maxSequences of them.
  */
+import { type DecoderConfig, positionCost } from '../model/config';
 import type { ModelSequence, StepEntry } from '../model/model';
 import { StreamDecoder } from '../text/stream';
 import type { TextTokenizer } from '../text/tokenizer';
@@ -17,8 +18,9 @@ import { Sampler, SamplingParams } from './sampling';
 import { StopMatcher } from './stop';
 
 /**
- * Tokens one step feeds, decode tokens included: a step with a prompt chunk then costs about what a
- * 256-token prompt alone costs, so a long prompt delays the running streams by about that much.
+ * A step's work: at most what a 256-token prompt alone costs (positionCost() counts a token's
+ * attention to the positions before it), decode tokens included, so a long prompt delays the running
+ * streams by about that much per step however deep into its context the chunk lies.
  */
 export const TOKENS_PER_STEP = 256;
 /** Prompt tokens a step may always add, however many streams decode (so prompts never starve). */
@@ -49,7 +51,7 @@ export interface GenerationResult {
 
 /** What the engine uses of MoeModel (its internal sequence API). */
 export interface EngineModel {
-  readonly config: { vocabSize: number; eosTokenIds: number[] };
+  readonly config: DecoderConfig;
   readonly options: Readonly<{ contextLength: number; maxSequences: number }>;
   readonly cacheBlockTokens: number;
   createSequence(): ModelSequence;
@@ -157,12 +159,17 @@ export class Engine {
   /** Kept prefixes, least recently used first. */
   readonly #kept: Kept[] = [];
   readonly #totalBlocks: number;
+  /** positionCost() of the model, and the work of a TOKENS_PER_STEP-token prompt alone in those units. */
+  readonly #positionCost: number;
+  #stepBudget = 0;
   #looping = false;
 
   constructor(model: EngineModel) {
     this.#model = model;
     const { contextLength, maxSequences } = model.options;
     this.#totalBlocks = Math.ceil(contextLength / model.cacheBlockTokens) * maxSequences;
+    this.#positionCost = positionCost(model.config);
+    for (let p = 0; p < TOKENS_PER_STEP; p++) this.#stepBudget += this.#tokenCost(p);
   }
 
   /** Queues a request; the loop starts if it was idle. */
@@ -255,18 +262,36 @@ export class Engine {
     return { kept: best, common: bestCommon };
   }
 
-  /** This step's entries: one token of each decoding request, then prompt chunks within the budget. */
+  /** The work of the token at `position` of its sequence, in units of one token's weight work. */
+  #tokenCost(position: number): number {
+    const window = this.#model.config.slidingWindow;
+    const seen = window > 0 ? Math.min(position + 1, window) : position + 1;
+    return 1 + this.#positionCost * seen;
+  }
+
+  /**
+   * This step's entries: one token of each decoding request, then prompt chunks while the step's work
+   * stays within that of a TOKENS_PER_STEP-token prompt alone (but at least MIN_PROMPT_TOKENS_PER_STEP
+   * prompt tokens when a prompt is waiting).
+   */
   #plan(): { request: Request; tokens: number[] }[] {
     const batch: { request: Request; tokens: number[] }[] = [];
-    const decoding = this.#running.filter((r) => r.fed >= r.prompt.length).length;
-    let budget = Math.max(MIN_PROMPT_TOKENS_PER_STEP, TOKENS_PER_STEP - decoding);
+    let budget = this.#stepBudget;
+    for (const r of this.#running) if (r.fed >= r.prompt.length) budget -= this.#tokenCost(r.fed);
+    let minimum = MIN_PROMPT_TOKENS_PER_STEP;
     for (const r of this.#running) {
-      if (r.fed >= r.prompt.length) batch.push({ request: r, tokens: r.tokens.slice(r.fed, r.fed + 1) });
-      else if (budget > 0) {
-        const n = Math.min(r.prompt.length - r.fed, budget);
-        budget -= n;
-        batch.push({ request: r, tokens: r.tokens.slice(r.fed, r.fed + n) });
+      if (r.fed >= r.prompt.length) {
+        batch.push({ request: r, tokens: r.tokens.slice(r.fed, r.fed + 1) });
+        continue;
       }
+      let n = 0;
+      for (; r.fed + n < r.prompt.length; n++) {
+        const cost = this.#tokenCost(r.fed + n);
+        if (cost > budget && n >= minimum) break;
+        budget -= cost;
+      }
+      minimum = Math.max(0, minimum - n);
+      if (n > 0) batch.push({ request: r, tokens: r.tokens.slice(r.fed, r.fed + n) });
     }
     let need = 0;
     for (const b of batch) {

@@ -342,3 +342,27 @@ export function expectedShapes(cfg: DecoderConfig, i: number): Map<string, numbe
   }
   return shapes;
 }
+
+/**
+ * The CPU time of attending one earlier position, as a fraction of a token's weight work (the q, k, v
+ * and o projections and the MLP of every layer; not the LM head, which a prompt token skips). The
+ * generation steps budget their tokens with it. Attention spends about twice a projection's time per
+ * multiply-add (a 256-token chunk of the Qwen3-MoE-width bench model took 58% longer after 1,792
+ * tokens than at the start, where its multiply-adds grow by 26%), hence the factor 2.
+ */
+export function positionCost(cfg: DecoderConfig): number {
+  const H = cfg.hiddenSize;
+  const qo = 2 * H * cfg.numHeads * cfg.headDim,
+    kv = 2 * H * cfg.numKvHeads * cfg.headDim;
+  const moe = cfg.moe;
+  let weights = 0;
+  for (const isMoe of cfg.moeLayers)
+    weights +=
+      qo +
+      kv +
+      (isMoe
+        ? moe.topK * 3 * H * moe.intermediateSize + 3 * H * moe.sharedIntermediateSize + moe.numExperts * H
+        : 3 * H * cfg.denseIntermediateSize);
+  const perPosition = cfg.numLayers * 2 * cfg.numHeads * cfg.headDim; // q.k and p.v, every head
+  return (2 * perPosition) / weights;
+}
