@@ -57,7 +57,8 @@ async function runOurs(job) {
   const model = await MoeModel.load(job.dir, {
     quantize: job.quantize,
     contextLength: job.context,
-    maxSequences: Math.max(...job.streams),
+    // The long-prompt run needs its 8 streams and the prompt running at once.
+    maxSequences: Math.max(...job.streams, job.longPrompt ? 9 : 1),
     threads: THREADS,
   });
   const out = { streams: {} };
