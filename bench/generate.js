@@ -54,6 +54,7 @@ function summarize(starts, times) {
 // ---- the engines, each in a child process --------------------------------------------------------
 async function runOurs(job) {
   const { MoeModel } = require(path.join(root, 'dist'));
+  const { positionCost } = require(path.join(root, 'dist', 'model', 'config'));
   const model = await MoeModel.load(job.dir, {
     quantize: job.quantize,
     contextLength: job.context,
@@ -129,6 +130,36 @@ async function runOurs(job) {
       });
     }
     out.longPrompt = { tokens: job.longPrompt, runs, riseInChunks: median(runs.map((r) => r.riseInChunks)) };
+    // The step budget's cost model (positionCost, lib/model/config.ts) against the clock: a chunk fed
+    // after most of the long prompt, against the same chunk at the start of a sequence.
+    const depth = Math.max(0, job.longPrompt - job.chunkTokens);
+    const fresh = [],
+      deep = [];
+    for (let r = 0; r < 3; r++) {
+      const seq = model.createSequence();
+      try {
+        let t = now();
+        await model.step([{ sequence: seq, tokens: benchTokens(job.chunkTokens, job.V, 600 + r) }]);
+        fresh.push(now() - t);
+        await model.truncateSequence(seq, 0);
+        await model.step([{ sequence: seq, tokens: benchTokens(depth, job.V, 700 + r) }]);
+        t = now();
+        await model.step([{ sequence: seq, tokens: benchTokens(job.chunkTokens, job.V, 800 + r) }]);
+        deep.push(now() - t);
+      } finally {
+        seq.free();
+      }
+    }
+    const a = positionCost(model.config),
+      n = job.chunkTokens;
+    const work = (p) => n + a * (n * p + (n * (n + 1)) / 2);
+    out.longPrompt.deepChunk = {
+      depth,
+      freshMs: median(fresh),
+      deepMs: median(deep),
+      measured: median(deep) / median(fresh),
+      modelled: work(depth) / work(0),
+    };
   }
   model.dispose();
   return out;
@@ -278,6 +309,10 @@ for (const format of formats) {
       );
     log(
       `${format}: p99 inter-token latency rise while the long prompt is read, median of ${lp.runs.length} runs: ${lp.riseInChunks.toFixed(2)} chunks (target <= 1)`,
+    );
+    const d = lp.deepChunk;
+    log(
+      `${format}: a ${RUN.chunkTokens}-token chunk after ${d.depth} tokens ${fmt(d.deepMs)} ms, at the start ${fmt(d.freshMs)} ms: ${fmt(d.measured)}× (the step budget's cost model: ${fmt(d.modelled)}×)`,
     );
   }
 }

@@ -346,9 +346,9 @@ export function expectedShapes(cfg: DecoderConfig, i: number): Map<string, numbe
 /**
  * The CPU time of attending one earlier position, as a fraction of a token's weight work (the q, k, v
  * and o projections and the MLP of every layer; not the LM head, which a prompt token skips). The
- * generation steps budget their tokens with it. Attention spends about twice a projection's time per
- * multiply-add (a 256-token chunk of the Qwen3-MoE-width bench model took 58% longer after 1,792
- * tokens than at the start, where its multiply-adds grow by 26%), hence the factor 2.
+ * generation steps budget their tokens with it. The CPU attention kernels spend about twice a
+ * projection's time per multiply-add, hence the factor 2 (`bench:generate` prints the ratio this
+ * predicts for a chunk deep into a prompt beside the measured one).
  */
 export function positionCost(cfg: DecoderConfig): number {
   const H = cfg.hiddenSize;
