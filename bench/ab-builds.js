@@ -1,6 +1,6 @@
 #!/usr/bin/env node
-// Paired A/B of two builds of the addon on one quantized decode case. Both addons are loaded into one
-// process, each builds the same layer from the same bf16 weights, and single forwards alternate between
+// Paired A/B of two builds of the addon on one case (a decode, or a 128-token prefill). Both addons are
+// loaded into one process, each builds the same layer from the same bf16 weights, and forwards alternate between
 // them (A B, then B A), so both see the same machine state; on a shared machine, where runs of the
 // bench spread 2x apart, this still resolves a few percent. Prints each build's median time, its packed
 // bytes and the median of the per-pair time ratios B / A.
@@ -12,11 +12,16 @@ const { fill, median } = require('./util');
 
 const MIXTRAL = { H: 4096, F: 14336, E: 8, k: 2 };
 const L3 = { H: 1024, F: 3584, E: 2, k: 2 }; // bench.js's l3-* cases: two experts' codes fit in L3
+const MID = { H: 1024, F: 3584, E: 8, k: 2 }; // bench.js's mid-* cases
 const CASES = {
   'mixtral-decode-int8': { ...MIXTRAL, quantize: 'int8' },
   'mixtral-decode-int4': { ...MIXTRAL, quantize: 'int4' },
   'l3-decode-int8': { ...L3, quantize: 'int8' },
   'l3-decode-int4': { ...L3, quantize: 'int4' },
+  'l3-decode-bf16': { ...L3 },
+  'mid-prefill-bf16': { ...MID, T: 128 },
+  'mid-prefill-int8': { ...MID, quantize: 'int8', T: 128 },
+  'mid-prefill-int4': { ...MID, quantize: 'int4', T: 128 },
 };
 
 const [fileA, fileB, name, pairsArg, groupArg] = process.argv.slice(2);
@@ -34,7 +39,7 @@ const load = (file) => {
 const A = load(fileA),
   B = load(fileB);
 
-const { H, F, E, k, quantize } = CASES[name];
+const { H, F, E, k, quantize, T = 1 } = CASES[name];
 const per = (n, scale, seed) => Array.from({ length: E }, (_, e) => fill(n, true, scale, seed + 7 * e));
 const w1 = per(F * H, 1 / Math.sqrt(H), 1),
   w3 = per(F * H, 1 / Math.sqrt(H), 2),
@@ -53,8 +58,8 @@ const config = {
 const layers = [new A.NativeLayer(config, gate, w1, w3, w2), new B.NativeLayer(config, gate, w1, w3, w2)];
 w1.length = w3.length = w2.length = 0; // each layer holds its own packed copy
 
-const x = fill(H, false, 1, 101),
-  out = new Float32Array(H);
+const x = fill(T * H, false, 1, 101),
+  out = new Float32Array(T * H);
 const time = (layer) => {
   const t = process.hrtime.bigint();
   layer.forwardSync(x, out);
