@@ -13,12 +13,15 @@ const { fill, median } = require('./util');
 const MIXTRAL = { H: 4096, F: 14336, E: 8, k: 2 };
 const L3 = { H: 1024, F: 3584, E: 2, k: 2 }; // bench.js's l3-* cases: two experts' codes fit in L3
 const MID = { H: 1024, F: 3584, E: 8, k: 2 }; // bench.js's mid-* cases
+const QWEN3_30B = { H: 2048, F: 768, E: 128, k: 8 }; // fine-grained experts, a few MiB each
 const CASES = {
   'mixtral-decode-int8': { ...MIXTRAL, quantize: 'int8' },
   'mixtral-decode-int4': { ...MIXTRAL, quantize: 'int4' },
   'l3-decode-int8': { ...L3, quantize: 'int8' },
   'l3-decode-int4': { ...L3, quantize: 'int4' },
   'l3-decode-bf16': { ...L3 },
+  'qwen3-decode-bf16': { ...QWEN3_30B },
+  'qwen3-decode-int4': { ...QWEN3_30B, quantize: 'int4' },
   'mid-prefill-bf16': { ...MID, T: 128 },
   'mid-prefill-int8': { ...MID, quantize: 'int8', T: 128 },
   'mid-prefill-int4': { ...MID, quantize: 'int4', T: 128 },
@@ -58,11 +61,14 @@ const config = {
 const layers = [new A.NativeLayer(config, gate, w1, w3, w2), new B.NativeLayer(config, gate, w1, w3, w2)];
 w1.length = w3.length = w2.length = 0; // each layer holds its own packed copy
 
-const x = fill(T * H, false, 1, 101),
+// Eight inputs in turn, the same for both builds: with many experts each input picks others, as the
+// tokens of a real decode do, rather than the same few that stay in cache.
+const xs = Array.from({ length: 8 }, (_, i) => fill(T * H, false, 1, 101 + i)),
   out = new Float32Array(T * H);
+let step = 0;
 const time = (layer) => {
   const t = process.hrtime.bigint();
-  layer.forwardSync(x, out);
+  layer.forwardSync(xs[step % xs.length], out);
   return Number(process.hrtime.bigint() - t) / 1e6;
 };
 for (let i = 0; i < 3; i++) layers.forEach(time); // warm-up: workspaces, page faults, caches
@@ -72,6 +78,7 @@ for (let i = 0; i < pairs; i++) {
   const order = i % 2 ? [0, 1] : [1, 0];
   const t = [0, 0];
   for (const j of order) t[j] = time(layers[j]);
+  step++;
   ms[0].push(t[0]);
   ms[1].push(t[1]);
   ratio.push(t[1] / t[0]);
