@@ -7,7 +7,8 @@
 
 namespace fmoe {
 
-void gate_logits(const float* x, int64_t T, int64_t H, const float* gate, int64_t E, float* logits) {
+void gate_logits(const float* x, int64_t T, int64_t H, const float* gate, int64_t E, float* logits, int64_t ld) {
+  if (ld == 0) ld = E;
   for (int64_t t = 0; t < T; t++) {
     const float* xt = x + t * H;
     for (int64_t e = 0; e < E; e++) {
@@ -21,7 +22,7 @@ void gate_logits(const float* x, int64_t T, int64_t H, const float* gate, int64_
       double sum = 0;
       for (int j = 0; j < 8; j++) sum += acc[j];
       for (; h < H; h++) sum += double(xt[h]) * g[h];
-      logits[t * E + e] = float(sum);
+      logits[t * ld + e] = float(sum);
     }
   }
 }

@@ -29,8 +29,9 @@ void route_topk(const float* logits, int64_t T, const RouteSpec& spec, int32_t* 
 void route_topk(const float* logits, int64_t T, int64_t E, int64_t k, Routing routing, int32_t* experts,
                 float* weights);
 
-// logits[t*E + e] = gate_e . x_t: eight float32 partial sums over strided lanes, added in double with
-// the tail, stored as float.
-void gate_logits(const float* x, int64_t T, int64_t H, const float* gate, int64_t E, float* logits);
+// logits[t*ld + e] = gate_e . x_t (ld = E when 0): eight float32 partial sums over strided lanes, added
+// in double with the tail, stored as float. Each logit's sum order depends on H alone, so the experts
+// and tokens may be split over threads in any way.
+void gate_logits(const float* x, int64_t T, int64_t H, const float* gate, int64_t E, float* logits, int64_t ld = 0);
 
 }  // namespace fmoe

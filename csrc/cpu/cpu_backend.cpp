@@ -164,11 +164,20 @@ class CpuBackend final : public Backend {
   int threads() const { return cfg_.threads; }
   RouteSpec route_spec() const { return fmoe::route_spec(cfg_, bias_.empty() ? nullptr : bias_.data()); }
 
+  // Split over tokens, or at decode over experts, so that one thread does not read the whole router
+  // (1 MiB for 128 experts of 2048) while the others wait.
   void compute_logits(const float* x, int64_t T, float* logits) {
     const int64_t H = cfg_.hidden, E = cfg_.num_experts;
-    ThreadPool::instance().parallel_for(T, 8, threads(), [&](int64_t b, int64_t e, int) {
-      gate_logits(x + b * H, e - b, H, gate_.data(), E, logits + b * E);
-    });
+    ThreadPool& pool = ThreadPool::instance();
+    if (T >= 4 * int64_t(pool.size())) {
+      pool.parallel_for(T, 8, threads(), [&](int64_t b, int64_t e, int) {
+        gate_logits(x + b * H, e - b, H, gate_.data(), E, logits + b * E);
+      });
+    } else {
+      pool.parallel_for(E, 16, threads(), [&](int64_t b, int64_t e, int) {
+        gate_logits(x, T, H, gate_.data() + b * H, e - b, logits + b, E);
+      });
+    }
   }
 
   // Splits each expert's columns [0, cols) into tiles so every thread gets several items: at least 16 per
