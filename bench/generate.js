@@ -150,7 +150,7 @@ async function runOurs(job) {
         seq.free();
       }
     }
-    const a = positionCost(model.config),
+    const a = positionCost(model.config, job.quantize),
       n = job.chunkTokens;
     const work = (p) => n + a * (n * p + (n * (n + 1)) / 2);
     out.longPrompt.deepChunk = {

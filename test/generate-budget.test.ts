@@ -3,7 +3,7 @@
  * each step: a long prompt joins in chunks whose work, attention to the positions before them
  * included, stays within that of a 256-token prompt alone, so chunks deep in a prompt are shorter.
  */
-import { DecoderConfig, parseDecoderConfig, positionCost } from '../lib/model/config';
+import { ATTENTION_MAC_COST, DecoderConfig, parseDecoderConfig, positionCost } from '../lib/model/config';
 import type { ModelSequence, StepEntry } from '../lib/model/model';
 import { Engine, EngineModel, Request, TOKENS_PER_STEP } from '../lib/generate/engine';
 import { checkSampling } from '../lib/generate/sampling';
@@ -34,10 +34,10 @@ interface Entry {
 }
 
 /** A model whose steps only advance the sequences and record what they were given. */
-function standIn(config: DecoderConfig, steps: Entry[][]): EngineModel {
+function standIn(config: DecoderConfig, steps: Entry[][], quantize = 'none'): EngineModel {
   return {
     config,
-    options: { contextLength: 16384, maxSequences: 8 },
+    options: { contextLength: 16384, maxSequences: 8, quantize },
     cacheBlockTokens: 16,
     createSequence: () => ({ length: 0 }) as ModelSequence,
     async step(batch: readonly StepEntry[]) {
@@ -65,48 +65,60 @@ async function drain(r: Request): Promise<void> {
   while (!(await r.next()).done);
 }
 
-test('positionCost: twice the attention multiply-adds per position over the weight multiply-adds per token', () => {
+test('positionCost: the attention multiply-adds per position, weighted by format, over the weight multiply-adds per token', () => {
   // Per layer: q and o 2 * 2048 * 4096, k and v 2 * 2048 * 512, 8 experts of 3 * 2048 * 768, the router
   // 128 * 2048; attention 2 * 32 * 128 per position.
   const weights = 2 * 2048 * 4096 + 2 * 2048 * 512 + 8 * 3 * 2048 * 768 + 128 * 2048;
-  expect(positionCost(qwen3)).toBeCloseTo((2 * 2 * 32 * 128) / weights, 12);
+  for (const q of ['none', 'int8', 'int4'])
+    expect(positionCost(qwen3, q)).toBeCloseTo((ATTENTION_MAC_COST[q] * 2 * 32 * 128) / weights, 12);
+  expect(positionCost(qwen3)).toBe(positionCost(qwen3, 'none'));
+  // Attention weighs more beside the faster integer projections.
+  expect(ATTENTION_MAC_COST.int4).toBeGreaterThan(ATTENTION_MAC_COST.none);
+  expect(ATTENTION_MAC_COST.int8).toBeGreaterThan(ATTENTION_MAC_COST.none);
 });
 
-test('a long prompt beside running streams: every step within the work of a 256-token prompt alone', async () => {
-  const steps: Entry[][] = [];
-  const engine = new Engine(standIn(qwen3, steps));
-  const streams = Array.from({ length: 3 }, (_, i) => request([1 + i, 2, 3], 400));
-  for (const s of streams) engine.submit(s);
-  const long = request(
-    Array.from({ length: 3000 }, (_, i) => 1 + (i % 60)),
-    1,
-  );
-  engine.submit(long);
-  await Promise.all([...streams, long].map(drain));
+const longChunkCounts: Record<string, number> = {};
+test.each(['none', 'int4'])(
+  'a long prompt beside running streams (quantize %s): every step within the work of a 256-token prompt alone',
+  async (quantize) => {
+    const steps: Entry[][] = [];
+    const engine = new Engine(standIn(qwen3, steps, quantize));
+    const streams = Array.from({ length: 3 }, (_, i) => request([1 + i, 2, 3], 400));
+    for (const s of streams) engine.submit(s);
+    const long = request(
+      Array.from({ length: 3000 }, (_, i) => 1 + (i % 60)),
+      1,
+    );
+    engine.submit(long);
+    await Promise.all([...streams, long].map(drain));
 
-  // The cost model, written out: a token at position p attends p + 1 positions.
-  const a = positionCost(qwen3);
-  const cost = (e: Entry) => e.tokens + a * (e.tokens * e.position + (e.tokens * (e.tokens + 1)) / 2);
-  const budget = cost({ position: 0, tokens: TOKENS_PER_STEP });
-  const chunks: Entry[] = [];
-  for (const step of steps) {
-    const prompt = step.filter((e) => e.tokens > 1);
-    chunks.push(...prompt);
-    const total = step.reduce((s, e) => s + cost(e), 0);
-    if (prompt.length > 0) expect(total).toBeLessThanOrEqual(budget + 1e-9);
-  }
-  // The long prompt is fed once, in order, in chunks that shrink as its context grows.
-  const longChunks = chunks.filter((e) => e.tokens > 3 || e.position >= 3);
-  let next = 0;
-  for (const c of longChunks) {
-    expect(c.position).toBe(next);
-    next += c.tokens;
-  }
-  expect(next).toBe(3000);
-  expect(longChunks[0].tokens).toBeGreaterThan(longChunks[longChunks.length - 2].tokens * 1.5);
-  // It took more steps than 256-token chunks would (3000 / 253 rounds up to 12).
-  expect(longChunks.length).toBeGreaterThan(12);
-});
+    // The cost model, written out: a token at position p attends p + 1 positions.
+    const a = positionCost(qwen3, quantize);
+    const cost = (e: Entry) => e.tokens + a * (e.tokens * e.position + (e.tokens * (e.tokens + 1)) / 2);
+    const budget = cost({ position: 0, tokens: TOKENS_PER_STEP });
+    const chunks: Entry[] = [];
+    for (const step of steps) {
+      const prompt = step.filter((e) => e.tokens > 1);
+      chunks.push(...prompt);
+      const total = step.reduce((s, e) => s + cost(e), 0);
+      if (prompt.length > 0) expect(total).toBeLessThanOrEqual(budget + 1e-9);
+    }
+    // The long prompt is fed once, in order, in chunks that shrink as its context grows.
+    const longChunks = chunks.filter((e) => e.tokens > 3 || e.position >= 3);
+    let next = 0;
+    for (const c of longChunks) {
+      expect(c.position).toBe(next);
+      next += c.tokens;
+    }
+    expect(next).toBe(3000);
+    expect(longChunks[0].tokens).toBeGreaterThan(longChunks[longChunks.length - 2].tokens * 1.5);
+    // It took more steps than 256-token chunks would (3000 / 253 rounds up to 12).
+    expect(longChunks.length).toBeGreaterThan(12);
+    longChunkCounts[quantize] = longChunks.length;
+    // With int4 projections attention weighs more, so the same prompt takes more, shorter chunks.
+    if (quantize === 'int4') expect(longChunkCounts.int4).toBeGreaterThan(longChunkCounts.none);
+  },
+);
 
 test('a prompt always gets some tokens, however much of the budget the running streams take', async () => {
   // Few weights and wide attention; the streams' decode tokens alone then outweigh a step once their

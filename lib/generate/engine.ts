@@ -52,7 +52,7 @@ export interface GenerationResult {
 /** What the engine uses of MoeModel (its internal sequence API). */
 export interface EngineModel {
   readonly config: DecoderConfig;
-  readonly options: Readonly<{ contextLength: number; maxSequences: number }>;
+  readonly options: Readonly<{ contextLength: number; maxSequences: number; quantize: string }>;
   readonly cacheBlockTokens: number;
   createSequence(): ModelSequence;
   step(batch: readonly StepEntry[]): Promise<Float32Array[]>;
@@ -168,7 +168,7 @@ export class Engine {
     this.#model = model;
     const { contextLength, maxSequences } = model.options;
     this.#totalBlocks = Math.ceil(contextLength / model.cacheBlockTokens) * maxSequences;
-    this.#positionCost = positionCost(model.config);
+    this.#positionCost = positionCost(model.config, model.options.quantize);
     for (let p = 0; p < TOKENS_PER_STEP; p++) this.#stepBudget += this.#tokenCost(p);
   }
 

@@ -344,13 +344,23 @@ export function expectedShapes(cfg: DecoderConfig, i: number): Map<string, numbe
 }
 
 /**
- * The CPU time of attending one earlier position, as a fraction of a token's weight work (the q, k, v
- * and o projections and the MLP of every layer; not the LM head, which a prompt token skips). The
- * generation steps budget their tokens with it. The CPU attention kernels spend about twice a
- * projection's time per multiply-add, hence the factor 2 (`bench:generate` prints the ratio this
- * predicts for a chunk deep into a prompt beside the measured one).
+ * Time of one attention multiply-add (float32, SIMD) over one projection multiply-add in a prompt, by
+ * the model's `quantize` option: bf16 projections run on the bf16 dot product, int8 and int4 ones on
+ * integer dot products, all faster per multiply-add than attention. Fitted to `bench:generate`'s
+ * deep-chunk line (a 256-token chunk after 1,744 tokens against one at the start; `bench/RESULTS.md`,
+ * eighth run: bf16 3.7, int8 4.9, int4 4.3, and int4 5.5 in the seventh), rounded up where one run
+ * alone stands: too high a cost only makes the chunks shorter, too low one delays the running streams.
+ * 'none' also covers float32 and fp16 weights, whose projections cost attention's rate or less.
  */
-export function positionCost(cfg: DecoderConfig): number {
+export const ATTENTION_MAC_COST: Readonly<Record<string, number>> = { none: 4, int8: 5, int4: 5.5 };
+
+/**
+ * The CPU time of attending one earlier position, as a fraction of a token's weight work (the q, k, v
+ * and o projections and the MLP of every layer; not the LM head, which a prompt token skips), for the
+ * model's `quantize` option. The generation steps budget their tokens with it (`bench:generate` prints
+ * the ratio this predicts for a chunk deep into a prompt beside the measured one).
+ */
+export function positionCost(cfg: DecoderConfig, quantize = 'none'): number {
   const H = cfg.hiddenSize;
   const qo = 2 * H * cfg.numHeads * cfg.headDim,
     kv = 2 * H * cfg.numKvHeads * cfg.headDim;
@@ -364,5 +374,5 @@ export function positionCost(cfg: DecoderConfig): number {
         ? moe.topK * 3 * H * moe.intermediateSize + 3 * H * moe.sharedIntermediateSize + moe.numExperts * H
         : 3 * H * cfg.denseIntermediateSize);
   const perPosition = cfg.numLayers * 2 * cfg.numHeads * cfg.headDim; // q.k and p.v, every head
-  return (2 * perPosition) / weights;
+  return ((ATTENTION_MAC_COST[quantize] ?? ATTENTION_MAC_COST.none) * perPosition) / weights;
 }
