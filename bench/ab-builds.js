@@ -21,6 +21,7 @@ const CASES = {
   'l3-decode-int4': { ...L3, quantize: 'int4' },
   'l3-decode-bf16': { ...L3 },
   'qwen3-decode-bf16': { ...QWEN3_30B },
+  'qwen3-decode-int8': { ...QWEN3_30B, quantize: 'int8' },
   'qwen3-decode-int4': { ...QWEN3_30B, quantize: 'int4' },
   'mid-prefill-bf16': { ...MID, T: 128 },
   'mid-prefill-int8': { ...MID, quantize: 'int8', T: 128 },
