@@ -14,6 +14,7 @@ const MIXTRAL = { H: 4096, F: 14336, E: 8, k: 2 };
 const L3 = { H: 1024, F: 3584, E: 2, k: 2 }; // bench.js's l3-* cases: two experts' codes fit in L3
 const MID = { H: 1024, F: 3584, E: 8, k: 2 }; // bench.js's mid-* cases
 const QWEN3_30B = { H: 2048, F: 768, E: 128, k: 8 }; // fine-grained experts, a few MiB each
+const DSV2_LITE = { H: 2048, F: 1408, E: 64, k: 6, Fs: 2816 }; // and two shared experts
 const CASES = {
   'mixtral-decode-int8': { ...MIXTRAL, quantize: 'int8' },
   'mixtral-decode-int4': { ...MIXTRAL, quantize: 'int4' },
@@ -21,6 +22,7 @@ const CASES = {
   'l3-decode-int4': { ...L3, quantize: 'int4' },
   'l3-decode-bf16': { ...L3 },
   'qwen3-decode-bf16': { ...QWEN3_30B },
+  'dsv2lite-decode-bf16': { ...DSV2_LITE },
   'qwen3-decode-int8': { ...QWEN3_30B, quantize: 'int8' },
   'qwen3-decode-int4': { ...QWEN3_30B, quantize: 'int4' },
   'mid-prefill-bf16': { ...MID, T: 128 },
@@ -43,7 +45,7 @@ const load = (file) => {
 const A = load(fileA),
   B = load(fileB);
 
-const { H, F, E, k, quantize, T = 1 } = CASES[name];
+const { H, F, E, k, quantize, T = 1, Fs = 0 } = CASES[name];
 const per = (n, scale, seed) => Array.from({ length: E }, (_, e) => fill(n, true, scale, seed + 7 * e));
 const w1 = per(F * H, 1 / Math.sqrt(H), 1),
   w3 = per(F * H, 1 / Math.sqrt(H), 2),
@@ -58,8 +60,17 @@ const config = {
   device: 'cpu',
   quantize,
   quantGroupSize: group,
+  sharedIntermediateSize: Fs,
 };
-const layers = [new A.NativeLayer(config, gate, w1, w3, w2), new B.NativeLayer(config, gate, w1, w3, w2)];
+const shared =
+  Fs > 0
+    ? {
+        w1: fill(Fs * H, true, 1 / Math.sqrt(H), 5),
+        w3: fill(Fs * H, true, 1 / Math.sqrt(H), 6),
+        w2: fill(H * Fs, true, 1 / Math.sqrt(Fs), 8),
+      }
+    : undefined;
+const layers = [A, B].map((addon) => new addon.NativeLayer(config, gate, w1, w3, w2, { shared }));
 w1.length = w3.length = w2.length = 0; // each layer holds its own packed copy
 
 // Eight inputs in turn, the same for both builds: with many experts each input picks others, as the
