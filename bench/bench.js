@@ -6,7 +6,7 @@
 //   node bench/bench.js                 all cases (about 10 minutes on a 2-core machine)
 //   node bench/bench.js --quick         tiny shapes, every set, a few seconds (the smoke test runs it)
 //   node bench/bench.js --cases mixtral-decode-bf16,mid-f32 --isa avx512bf16,scalar
-//   node bench/bench.js --switch        the decode / prefill switch measurement only
+//   node bench/bench.js --switch        the decode / prefill switch measurement only (bf16, f32, int4)
 //   --json                              the results object on stdout (the table goes to stderr)
 //
 // At T = 1 every forward also follows a read probe of its own, and "%bw paired" (which the decode
@@ -193,6 +193,19 @@ const SWITCH = [
     T: [1, 2, 3, 4, 6, 8, 12, 16],
     isas: ['avx512'],
     reps: 5,
+  },
+  {
+    name: 'switch-int4',
+    H: 4096,
+    F: 14336,
+    E: 1,
+    k: 1,
+    dtype: 'bfloat16',
+    quantize: 'int4',
+    group: 32,
+    T: [1, 2, 3, 4, 6, 8],
+    isas: ['avx512bf16'],
+    reps: 9,
   },
 ];
 
