@@ -18,6 +18,7 @@ const DSV2_LITE = { H: 2048, F: 1408, E: 64, k: 6, Fs: 2816 }; // and two shared
 const CASES = {
   'mixtral-decode-int8': { ...MIXTRAL, quantize: 'int8' },
   'mixtral-decode-int4': { ...MIXTRAL, quantize: 'int4' },
+  'mixtral-16tok-int4': { ...MIXTRAL, quantize: 'int4', T: 16 },
   'l3-decode-int8': { ...L3, quantize: 'int8' },
   'l3-decode-int4': { ...L3, quantize: 'int4' },
   'l3-decode-bf16': { ...L3 },
