@@ -1,14 +1,14 @@
 #!/usr/bin/env node
-// Paired A/B of two builds of the addon on one case (a decode, or a 128-token prefill). Both addons are
-// loaded into one process, each builds the same layer from the same bf16 weights, and forwards alternate between
-// them (A B, then B A), so both see the same machine state; on a shared machine, where runs of the
-// bench spread 2x apart, this still resolves a few percent. Prints each build's median time, its packed
-// bytes and the median of the per-pair time ratios B / A.
+// Paired A/B of two builds of the addon on one case (a decode, or a 16- or 128-token forward). Both
+// addons are loaded into one process, each builds the same layer from the same bf16 weights, and
+// forwards alternate between them (A B, then B A), so both see the same machine state; on a shared
+// machine, where runs of the bench spread 2x apart, this still resolves a few percent. Prints each
+// build's median time, its packed bytes and the median of the per-pair time ratios B / A.
 //
 //   FUSED_MOE_ISA=avx512bf16 node bench/ab-builds.js old/fused_moe.node build/Release/fused_moe.node \
 //     mixtral-decode-int4 [pairs = 40] [group = 128]
 'use strict';
-const { fill, median } = require('./util');
+const { fill, layerWeights, median } = require('./util');
 
 const MIXTRAL = { H: 4096, F: 14336, E: 8, k: 2 };
 const L3 = { H: 1024, F: 3584, E: 2, k: 2 }; // bench.js's l3-* cases: two experts' codes fit in L3
@@ -47,11 +47,7 @@ const A = load(fileA),
   B = load(fileB);
 
 const { H, F, E, k, quantize, T = 1, Fs = 0 } = CASES[name];
-const per = (n, scale, seed) => Array.from({ length: E }, (_, e) => fill(n, true, scale, seed + 7 * e));
-const w1 = per(F * H, 1 / Math.sqrt(H), 1),
-  w3 = per(F * H, 1 / Math.sqrt(H), 2),
-  w2 = per(H * F, 1 / Math.sqrt(F), 3);
-const gate = fill(E * H, false, 2 / Math.sqrt(H), 4);
+const { w1, w3, w2, gate, shared } = layerWeights({ H, F, E, Fs }, true);
 const config = {
   hiddenSize: H,
   intermediateSize: F,
@@ -63,14 +59,6 @@ const config = {
   quantGroupSize: group,
   sharedIntermediateSize: Fs,
 };
-const shared =
-  Fs > 0
-    ? {
-        w1: fill(Fs * H, true, 1 / Math.sqrt(H), 5),
-        w3: fill(Fs * H, true, 1 / Math.sqrt(H), 6),
-        w2: fill(H * Fs, true, 1 / Math.sqrt(Fs), 8),
-      }
-    : undefined;
 const layers = [A, B].map((addon) => new addon.NativeLayer(config, gate, w1, w3, w2, { shared }));
 w1.length = w3.length = w2.length = 0; // each layer holds its own packed copy
 

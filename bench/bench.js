@@ -24,7 +24,7 @@ const path = require('path');
 
 const root = path.join(__dirname, '..');
 const binding = require('node-gyp-build')(root);
-const { fill, fmt, pct, median, pairedBwFraction } = require('./util');
+const { fill, layerWeights, fmt, pct, median, pairedBwFraction } = require('./util');
 
 // ---- cases --------------------------------------------------------------------------------------
 // Mixtral-8x7B: H 4096, F 14336, E 8, k 2. "mid": the same block scaled by 1/4 per side. "fine": a
@@ -214,22 +214,8 @@ function runChild(spec) {
   const { H, F, E, k, dtype } = spec;
   const u16 = dtype !== 'float32';
   const t0 = process.hrtime.bigint();
-  // Every expert gets its own random weights (a 64 Ki block per expert and matrix, repeated): identical
-  // experts could share cache lines or host pages and flatter the bandwidth figures.
-  const per = (n, scale, seed) => Array.from({ length: E }, (_, e) => fill(n, u16, scale, seed + 7 * e));
-  const w1 = per(F * H, 1 / Math.sqrt(H), 1),
-    w3 = per(F * H, 1 / Math.sqrt(H), 2),
-    w2 = per(H * F, 1 / Math.sqrt(F), 3);
-  const gate = fill(E * H, false, 2 / Math.sqrt(H), 4);
   const Fs = spec.Fs || 0;
-  const shared =
-    Fs > 0
-      ? {
-          w1: fill(Fs * H, u16, 1 / Math.sqrt(H), 5),
-          w3: fill(Fs * H, u16, 1 / Math.sqrt(H), 6),
-          w2: fill(H * Fs, u16, 1 / Math.sqrt(Fs), 8),
-        }
-      : undefined;
+  const { w1, w3, w2, gate, shared } = layerWeights({ H, F, E, Fs }, u16);
   const layer = new binding.NativeLayer(
     {
       hiddenSize: H,

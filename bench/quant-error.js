@@ -2,8 +2,8 @@
 // against float64 on the unquantized weights, for int8 and int4 at groups 32, 64 and 128, on every
 // kernel set this CPU runs. The cases are the err-* cases of test/quant.test.ts (quantErrorCases in
 // test/helpers/quant.ts: random weights uniform in ±a, H = 256, F = 512, E = 4, k = 2, T = 32, seed
-// 30 + group), written and run by the same fixtures (test/fixtures/kernel-prepare.js, kernel-case.js). The arithmetic is deterministic: any machine that
-// runs a set gives the same figures.
+// 30 + group), written and run by the same fixtures (test/fixtures/kernel-prepare.js, kernel-case.js).
+// The arithmetic is deterministic: any machine that runs a set gives the same figures.
 // Usage: node bench/quant-error.js
 'use strict';
 const fs = require('fs');

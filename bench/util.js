@@ -1,4 +1,4 @@
-// Small helpers of bench/bench.js.
+// Small helpers of the benchmarks.
 'use strict';
 
 // n random values in [-scale, scale] (never zero), as float32 or as bf16 bits: a 64 Ki block from a
@@ -54,6 +54,27 @@ function quantile(v, q) {
   return s[Math.min(s.length - 1, Math.floor(q * s.length))];
 }
 
+// Random weights of one MoE layer from fixed seeds (bench.js, ab-builds.js): per-expert w1, w3, w2 (bf16
+// bits or float32), the float32 gate, and the shared expert's matrices when Fs > 0. Every expert gets
+// its own values: identical experts could share cache lines or host pages and flatter the bandwidth.
+function layerWeights({ H, F, E, Fs = 0 }, bf16) {
+  const per = (n, scale, seed) => Array.from({ length: E }, (_, e) => fill(n, bf16, scale, seed + 7 * e));
+  return {
+    w1: per(F * H, 1 / Math.sqrt(H), 1),
+    w3: per(F * H, 1 / Math.sqrt(H), 2),
+    w2: per(H * F, 1 / Math.sqrt(F), 3),
+    gate: fill(E * H, false, 2 / Math.sqrt(H), 4),
+    shared:
+      Fs > 0
+        ? {
+            w1: fill(Fs * H, bf16, 1 / Math.sqrt(H), 5),
+            w3: fill(Fs * H, bf16, 1 / Math.sqrt(H), 6),
+            w2: fill(H * Fs, bf16, 1 / Math.sqrt(Fs), 8),
+          }
+        : undefined,
+  };
+}
+
 // Bandwidth-bound steps against a read probe taken just before each: the median over steps of
 // bytes / time / probe (GB/s), or undefined without one probe per step.
 function pairedBwFraction(bytes, ms, probes) {
@@ -61,4 +82,4 @@ function pairedBwFraction(bytes, ms, probes) {
   return median(ms.map((t, i) => bytes / (t / 1e3) / 1e9 / probes[i]));
 }
 
-module.exports = { fill, median, quantile, fmt, pct, pairedBwFraction };
+module.exports = { fill, layerWeights, median, quantile, fmt, pct, pairedBwFraction };
