@@ -205,19 +205,23 @@ static void micro_q(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_t g
   }
 }
 
-// The int4 decode (one or two rows) streams the codes from memory once, each panel a stream of its own,
-// and the hardware prefetchers alone left the loads waiting: asking for the lines kPrefetchCodeBytes
-// ahead in every panel ran it 7-12% faster (`bench/ab-builds.js` mixtral- and qwen3-decode-int4, Zen 5,
-// 2 cores; 1 KiB gained less, 3 and 4 KiB lost 3-7% against 2 KiB). The int8 decode gained nothing.
-constexpr size_t kPrefetchCodeBytes = 2048;
-template <int MR, int NP, size_t CSTEP>
+// The int4 micro-kernel streams the codes from memory once per row block, each panel a stream of its
+// own, and the hardware prefetchers alone left the loads waiting: asking for the lines ahead in every
+// panel ran the decode 7-12% faster (`bench/ab-builds.js` mixtral- and qwen3-decode-int4, Zen 5, 2
+// cores; 1 KiB ahead gained less, 3 and 4 KiB lost 3-7% against 2 KiB) and the 16-token forward of
+// mixtral-16tok-int4, 3 to 6 rows per expert, 10-13% (mid-prefill-int4 6%). What hides the latency is
+// the bytes in flight per tile, not per panel: the one-panel tile of the prefill shape (w13) ran 8-12%
+// faster again at 4 KiB ahead than at 2 KiB (3 KiB: 5%, 6 KiB: 1-7%).
+template <int NP>
+constexpr size_t prefetch_code_bytes() {
+  return NP >= 2 ? 2048 : 4096;
+}
+template <size_t CSTEP, int NP>
 inline void prefetch_codes(const char* bk, size_t pstride) {
-  if constexpr (MR <= 2) {
 #pragma GCC unroll 8
-    for (int p = 0; p < NP; p++)
+  for (int p = 0; p < NP; p++)
 #pragma GCC unroll 4
-      for (size_t l = 0; l < CSTEP; l += 64) __builtin_prefetch(bk + p * pstride + l + kPrefetchCodeBytes, 0, 3);
-  }
+    for (size_t l = 0; l < CSTEP; l += 64) __builtin_prefetch(bk + p * pstride + l + prefetch_code_bytes<NP>(), 0, 3);
 }
 
 // The integer dot-product micro-kernels. The activations were quantized per row and group (pack_act:
@@ -294,7 +298,7 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
       const char* bk = bc + size_t(s) * cstep;
       const int32_t* x0 = aqg + s * words * MR;
       if constexpr (MODE == kI4Dot && kAllCodes) {  // k = 8s .. 8s+3 of every row (lo), then 8s+4 .. 8s+7 (hi)
-        prefetch_codes<MR, NP, cstep>(bk, pstride);
+        prefetch_codes<cstep, NP>(bk, pstride);
         I lo[NP][NMAT], hi[NP][NMAT];
 #pragma GCC unroll 8
         for (int p = 0; p < NP; p++)
