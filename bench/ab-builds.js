@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 // Paired A/B of two builds of the addon on one case (a decode, or a 16- or 128-token forward). Both
-// addons are loaded into one process, each builds the same layer from the same bf16 weights, and
+// addons are loaded into one process, each builds the same layer from the same weights (bf16, or float32 in the f32 cases), and
 // forwards alternate between them (A B, then B A), so both see the same machine state; on a shared
 // machine, where runs of the bench spread 2x apart, this still resolves a few percent. Prints each
 // build's median time, its packed bytes and the median of the per-pair time ratios B / A.
@@ -29,6 +29,8 @@ const CASES = {
   'mid-prefill-bf16': { ...MID, T: 128 },
   'mid-prefill-int8': { ...MID, quantize: 'int8', T: 128 },
   'mid-prefill-int4': { ...MID, quantize: 'int4', T: 128 },
+  'qwen3-prefill-f32': { ...QWEN3_30B, f32: true, T: 512 },
+  'qwen3-prefill-bf16': { ...QWEN3_30B, T: 512 },
 };
 
 const [fileA, fileB, name, pairsArg, groupArg] = process.argv.slice(2);
@@ -46,14 +48,14 @@ const load = (file) => {
 const A = load(fileA),
   B = load(fileB);
 
-const { H, F, E, k, quantize, T = 1, Fs = 0 } = CASES[name];
-const { w1, w3, w2, gate, shared } = layerWeights({ H, F, E, Fs }, true);
+const { H, F, E, k, quantize, T = 1, Fs = 0, f32 = false } = CASES[name];
+const { w1, w3, w2, gate, shared } = layerWeights({ H, F, E, Fs }, !f32);
 const config = {
   hiddenSize: H,
   intermediateSize: F,
   numExperts: E,
   topK: k,
-  weightDtype: 'bfloat16',
+  weightDtype: f32 ? 'float32' : 'bfloat16',
   device: 'cpu',
   quantize,
   quantGroupSize: group,

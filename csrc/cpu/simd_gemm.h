@@ -65,7 +65,20 @@ static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, 
   const int64_t nb = kc >= Kr ? 1 : imax(1, int64_t(128 * 1024 / sizeof(float)) / gsize);
   static thread_local Scratch cbuf;
   float* c = static_cast<float*>(cbuf.get(size_t(nb * gsize) * sizeof(float)));
-  auto run = [&](auto np_tag, int64_t p0, int64_t ng) {  // ng groups of np panels from panel p0
+  // With several row blocks, every block of panels (a group over one k block) is read from memory by the
+  // first row block and from L2 by the others, which left the first waiting on memory: the float modes
+  // instead ask for the next block's lines while the current one's row blocks run, a share per row block.
+  const int64_t row_blocks = (M + MR - 1) / MR;
+  constexpr bool kFetchNext = !is_quant(MODE);
+  constexpr size_t kStep = size_t(NMAT) * W * kg * ModeInfo<MODE>::es;  // bytes of one k step of one panel
+  auto next_lines = [&](int64_t p_next, int64_t k0, int64_t k1) {       // [k0, k1) of the group at p_next
+    NextLines n;
+    const size_t from = size_t(k0 / kg) * kStep, to = size_t((k1 + kg - 1) / kg) * kStep;
+    n.base = b + size_t(p_next) * pstride + from;
+    n.count = int64_t((to - from + 63) / 64);
+    return n;
+  };
+  auto run = [&](auto np_tag, int64_t p0, int64_t ng, int64_t p_after) {  // ng groups of np panels from p0
     constexpr int np = decltype(np_tag)::value;
     for (int64_t k0 = 0; k0 < Kr; k0 += kc) {
       const int64_t k1 = imin(Kr, k0 + kc);
@@ -73,10 +86,25 @@ static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, 
         const int64_t pg = p0 + g * np;
         const char* bp = b + size_t(pg) * pstride;
         float* cg = c + g * gsize;
-        for (int64_t m0 = 0; m0 < M; m0 += MR) {
+        // The group this thread computes next: the block's next group, else the next k block's first,
+        // else the next run's first.
+        NextLines next;
+        if (kFetchNext && row_blocks > 1) {
+          if (g + 1 < ng)
+            next = next_lines(pg + np, k0, k1);
+          else if (k1 < Kr)
+            next = next_lines(p0, k1, imin(Kr, k1 + kc));
+          else if (p_after >= 0)
+            next = next_lines(p_after, 0, imin(Kr, kc));
+        }
+        const int64_t lines = next.count, share = (lines + row_blocks - 1) / row_blocks;
+        next.every = imax(1, ((k1 - k0 + kg - 1) / kg) / imax(1, share));
+        for (int64_t m0 = 0, i = 0; m0 < M; m0 += MR, i++) {
           const int mr = int(imin(MR, M - m0));
           float* cm = cg + m0 * np * NMAT * W;
-          micro_rows<O, MODE, NMAT, MR, np>(mr, a + size_t(m0) * arow, K, k0, k1, gsz, bp, pstride, cm, k0 > 0);
+          next.first = i * share;
+          next.count = imax(0, imin(share, lines - next.first));
+          micro_rows<O, MODE, NMAT, MR, np>(mr, a + size_t(m0) * arow, K, k0, k1, gsz, bp, pstride, cm, k0 > 0, next);
           if (k1 == Kr) epi(cm, m0, mr, pg, np);
         }
       }
@@ -86,13 +114,14 @@ static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, 
   int64_t p = p_begin;
   for (; p + NP <= p_end; p += nb * NP) {
     const int64_t ng = imin(nb, (p_end - p) / NP);
-    run(std::integral_constant<int, NP>(), p, ng);
+    const int64_t after = ng == nb && p + (nb + 1) * NP <= p_end ? p + nb * NP : -1;  // the next run's start
+    run(std::integral_constant<int, NP>(), p, ng, after);
     if (ng < nb) {
       p += ng * NP;
       break;
     }
   }
-  for (; p < p_end; p += nb) run(std::integral_constant<int, 1>(), p, imin(nb, p_end - p));
+  for (; p < p_end; p += nb) run(std::integral_constant<int, 1>(), p, imin(nb, p_end - p), -1);
 }
 
 // K for the k blocks of the prefill shape: the NP panels' slice of k (192 KiB) stays in L2 across row

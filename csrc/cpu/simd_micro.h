@@ -8,13 +8,39 @@ namespace fmoe {
 namespace simd {
 namespace {
 
+// Lines of the next block of panels that a float micro-kernel call asks for while it computes from the
+// current one (sweep): `count` lines from `base + 64 * first` in each of its NP panels (the same pstride
+// apart), one line of every panel each `every` k steps. base == nullptr: none.
+struct NextLines {
+  const char* base = nullptr;
+  int64_t first = 0, count = 0, every = 1;
+};
+
+// Issues the next of NextLines' prefetches when its turn has come (once per k step).
+template <int NP>
+struct NextLinesCursor {
+  const char* at;
+  int64_t left, wait, every;
+  explicit NextLinesCursor(const NextLines& n)
+      : at(n.base ? n.base + 64 * n.first : nullptr), left(n.base ? n.count : 0), wait(n.every), every(n.every) {}
+  inline void step(size_t pstride) {
+    if (left > 0 && --wait == 0) {
+      wait = every;
+      left--;
+#pragma GCC unroll 8
+      for (int p = 0; p < NP; p++) __builtin_prefetch(at + p * pstride, 0, 3);
+      at += 64;
+    }
+  }
+};
+
 // The micro-kernel: MR rows x NP panels x NMAT matrices of W-wide accumulators over k in [k0, k1).
 // c holds the accumulators between calls ([MR][NP][NMAT][W] floats): loaded when `carry`, always
 // stored. `b` points at the first panel, panels are `pstride` bytes apart. K is the real reduction
 // length (odd K: the kBF16 tail uses only the low half of the last pair; kBF16Dot gets padded rows).
 template <class O, int MODE, int NMAT, int MR, int NP>
 static void micro(const char* ap, int64_t K, int64_t k0, int64_t k1, const char* b, size_t pstride, float* c,
-                  bool carry) {
+                  bool carry, const NextLines& next) {
   using V = typename O::V;
   constexpr int W = O::W;
   constexpr int es = ModeInfo<MODE>::es, kg = ModeInfo<MODE>::kg;
@@ -27,9 +53,11 @@ static void micro(const char* ap, int64_t K, int64_t k0, int64_t k1, const char*
 #pragma GCC unroll 2
       for (int q = 0; q < NMAT; q++) acc[m][p][q] = carry ? O::load(c + ((m * NP + p) * NMAT + q) * W) : O::zero();
   const float* af = reinterpret_cast<const float*>(ap);
+  NextLinesCursor<NP> pf(next);
 
   if constexpr (MODE == kF32 || MODE == kF16) {
     for (int64_t k = k0; k < k1; k++) {
+      pf.step(pstride);
       const char* bk = b + size_t(k) * step;
       V w[NP][NMAT];
 #pragma GCC unroll 8
@@ -56,6 +84,7 @@ static void micro(const char* ap, int64_t K, int64_t k0, int64_t k1, const char*
     const int64_t kfull = imin(k1, K & ~int64_t(1));
     int64_t k = k0;
     for (; k < kfull; k += 2) {
+      pf.step(pstride);
       const char* bk = b + size_t(k / 2) * step;
       V w[NP][NMAT];
 #pragma GCC unroll 8
@@ -93,6 +122,7 @@ static void micro(const char* ap, int64_t K, int64_t k0, int64_t k1, const char*
     }
   } else {  // kBF16Dot: rows are bf16, K padded to even with zeros on both sides
     for (int64_t k = k0; k < k1; k += 2) {
+      pf.step(pstride);
       const char* bk = b + size_t(k / 2) * step;
       typename O::Raw w[NP][NMAT];
 #pragma GCC unroll 8
@@ -384,16 +414,16 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
 // micro<..., mr, NP> (or micro_q) for a run-time mr in [1, MR].
 template <class O, int MODE, int NMAT, int MR, int NP>
 static void micro_rows(int mr, const char* a, int64_t K, int64_t k0, int64_t k1, int64_t gsz, const char* b,
-                       size_t pstride, float* c, bool carry) {
+                       size_t pstride, float* c, bool carry, const NextLines& next) {
   if constexpr (MR > 1) {
-    if (mr < MR) return micro_rows<O, MODE, NMAT, MR - 1, NP>(mr, a, K, k0, k1, gsz, b, pstride, c, carry);
+    if (mr < MR) return micro_rows<O, MODE, NMAT, MR - 1, NP>(mr, a, K, k0, k1, gsz, b, pstride, c, carry, next);
   }
   if constexpr (is_dot(MODE))
     micro_qdot<O, MODE, NMAT, MR, NP>(a, K, k0, k1, gsz, b, pstride, c, carry);
   else if constexpr (is_quant(MODE))
     micro_q<O, MODE, NMAT, MR, NP>(a, K, k0, k1, gsz, b, pstride, c, carry);
   else
-    micro<O, MODE, NMAT, MR, NP>(a, K, k0, k1, b, pstride, c, carry);
+    micro<O, MODE, NMAT, MR, NP>(a, K, k0, k1, b, pstride, c, carry, next);
 }
 
 }  // namespace
