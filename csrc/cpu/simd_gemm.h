@@ -49,7 +49,13 @@ inline int decode_rows_limit() {
   return limit;
 }
 
-template <class O, int MODE, int NMAT, int MR, int NP, class Epi>
+// The code order (packing.h) a quantized mode reads.
+constexpr CodeOrder code_order(int mode) {
+  return mode == kI8Vnni ? CodeOrder::Vnni : is_dot(mode) ? CodeOrder::Dot : CodeOrder::Plain;
+}
+
+// NEXT: each row block asks for its share of the next block of panels (below).
+template <class O, int MODE, int NMAT, int MR, int NP, bool NEXT, class Epi>
 static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, const char* b, size_t pstride,
                   int64_t p_begin, int64_t p_end, Epi&& epi) {
   constexpr int W = O::W;
@@ -66,14 +72,26 @@ static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, 
   static thread_local Scratch cbuf;
   float* c = static_cast<float*>(cbuf.get(size_t(nb * gsize) * sizeof(float)));
   // With several row blocks, every block of panels (a group over one k block) is read from memory by the
-  // first row block and from L2 by the others, which left the first waiting on memory: the float modes
-  // instead ask for the next block's lines while the current one's row blocks run, a share per row block.
+  // first row block and from L2 by the others, which left the first waiting on memory: each row block
+  // instead asks for its share of the next block's lines while it runs from the current one.
   const int64_t row_blocks = (M + MR - 1) / MR;
-  constexpr bool kFetchNext = !is_quant(MODE);
-  constexpr size_t kStep = size_t(NMAT) * W * kg * ModeInfo<MODE>::es;  // bytes of one k step of one panel
-  auto next_lines = [&](int64_t p_next, int64_t k0, int64_t k1) {       // [k0, k1) of the group at p_next
+  // k per micro-kernel step (one NextLinesCursor::step), and bytes of [k0, k1) in a panel.
+  constexpr int kStepK = MODE == kI4Dot ? 8 : MODE == kI8Vnni ? 4 : (kg == 2 || MODE == kI4 || MODE == kI8Dot) ? 2 : 1;
+  auto byte_range = [&](int64_t k0, int64_t k1, size_t& from, size_t& to) {
+    if constexpr (is_quant(MODE)) {  // whole groups, each its scales then its codes
+      const size_t gb = quant_group_bytes(NMAT, W, is_int8(MODE) ? Quant::Int8 : Quant::Int4, gsz, code_order(MODE));
+      from = size_t(k0 / gsz) * gb;
+      to = size_t((k1 + gsz - 1) / gsz) * gb;
+    } else {
+      constexpr size_t step = size_t(NMAT) * W * kg * ModeInfo<MODE>::es;  // bytes of one k step
+      from = size_t(k0 / kg) * step;
+      to = size_t((k1 + kg - 1) / kg) * step;
+    }
+  };
+  auto next_lines = [&](int64_t p_next, int64_t k0, int64_t k1) {  // [k0, k1) of the group at p_next
     NextLines n;
-    const size_t from = size_t(k0 / kg) * kStep, to = size_t((k1 + kg - 1) / kg) * kStep;
+    size_t from, to;
+    byte_range(k0, k1, from, to);
     n.base = b + size_t(p_next) * pstride + from;
     n.count = int64_t((to - from + 63) / 64);
     return n;
@@ -89,7 +107,7 @@ static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, 
         // The group this thread computes next: the block's next group, else the next k block's first,
         // else the next run's first.
         NextLines next;
-        if (kFetchNext && row_blocks > 1) {
+        if (NEXT && row_blocks > 1) {
           if (g + 1 < ng)
             next = next_lines(pg + np, k0, k1);
           else if (k1 < Kr)
@@ -98,13 +116,14 @@ static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, 
             next = next_lines(p_after, 0, imin(Kr, kc));
         }
         const int64_t lines = next.count, share = (lines + row_blocks - 1) / row_blocks;
-        next.every = imax(1, ((k1 - k0 + kg - 1) / kg) / imax(1, share));
+        next.every = imax(1, ((k1 - k0 + kStepK - 1) / kStepK) / imax(1, share));
         for (int64_t m0 = 0, i = 0; m0 < M; m0 += MR, i++) {
           const int mr = int(imin(MR, M - m0));
           float* cm = cg + m0 * np * NMAT * W;
           next.first = i * share;
           next.count = imax(0, imin(share, lines - next.first));
-          micro_rows<O, MODE, NMAT, MR, np>(mr, a + size_t(m0) * arow, K, k0, k1, gsz, bp, pstride, cm, k0 > 0, next);
+          micro_rows<O, MODE, NMAT, MR, np, NEXT>(mr, a + size_t(m0) * arow, K, k0, k1, gsz, bp, pstride, cm, k0 > 0,
+                                                  next);
           if (k1 == Kr) epi(cm, m0, mr, pg, np);
         }
       }
@@ -140,11 +159,6 @@ int64_t prefill_kc_quant(int64_t gsz) {
   return kc > gsz ? kc : gsz;
 }
 
-// The code order (packing.h) a quantized mode reads.
-constexpr CodeOrder code_order(int mode) {
-  return mode == kI8Vnni ? CodeOrder::Vnni : is_dot(mode) ? CodeOrder::Dot : CodeOrder::Plain;
-}
-
 // Bytes of one packed panel of NMAT matrices over a reduction of K.
 template <int MODE, int NMAT>
 size_t panel_bytes(int64_t K, int64_t gsz, int W) {
@@ -163,14 +177,19 @@ static void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t gsz,
   const bool decode = M <= decode_rows_limit();
   const char* a = pack_act<O, MODE>(x, ldx, M, K, decode ? S::kMrDecode : S::kMrPrefill, gsz, epoch);
   if (decode) {
-    sweep<O, MODE, NMAT, S::kMrDecode, S::kNpDecode>(a, M, K, int64_t(1) << 40, gsz, b, pstride, p_begin, p_end, epi);
+    sweep<O, MODE, NMAT, S::kMrDecode, S::kNpDecode, false>(a, M, K, int64_t(1) << 40, gsz, b, pstride, p_begin, p_end,
+                                                            epi);
   } else {
     int64_t kc;
     if constexpr (is_quant(MODE))
       kc = prefill_kc_quant<MODE, NMAT, S::kNpPrefill, O::W>(gsz);
     else
       kc = prefill_kc<MODE, NMAT, S::kNpPrefill, O::W>();
-    sweep<O, MODE, NMAT, S::kMrPrefill, S::kNpPrefill>(a, M, K, kc, gsz, b, pstride, p_begin, p_end, epi);
+    // Not int4: its codes are a quarter of float32's bytes per multiply-add and its micro-kernel already
+    // prefetches ahead in the block it reads (prefetch_codes); fetching the next block too ran the
+    // prefill 3% slower (`bench/ab-builds.js` mid-prefill-int4 1.03, where mid-prefill-int8 gained 0.93).
+    constexpr bool kNext = MODE != kI4 && MODE != kI4Dot;
+    sweep<O, MODE, NMAT, S::kMrPrefill, S::kNpPrefill, kNext>(a, M, K, kc, gsz, b, pstride, p_begin, p_end, epi);
   }
 }
 

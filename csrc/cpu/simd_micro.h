@@ -8,7 +8,7 @@ namespace fmoe {
 namespace simd {
 namespace {
 
-// Lines of the next block of panels that a float micro-kernel call asks for while it computes from the
+// Lines of the next block of panels that a micro-kernel call asks for while it computes from the
 // current one (sweep): `count` lines from `base + 64 * first` in each of its NP panels (the same pstride
 // apart), one line of every panel each `every` k steps. base == nullptr: none.
 struct NextLines {
@@ -16,15 +16,16 @@ struct NextLines {
   int64_t first = 0, count = 0, every = 1;
 };
 
-// Issues the next of NextLines' prefetches when its turn has come (once per k step).
-template <int NP>
+// Issues the next of NextLines' prefetches when its turn has come (once per k step); compiled out of
+// the kernels that never fetch ahead (ON false: the decode shape, int4).
+template <int NP, bool ON>
 struct NextLinesCursor {
   const char* at;
   int64_t left, wait, every;
   explicit NextLinesCursor(const NextLines& n)
       : at(n.base ? n.base + 64 * n.first : nullptr), left(n.base ? n.count : 0), wait(n.every), every(n.every) {}
   inline void step(size_t pstride) {
-    if (left > 0 && --wait == 0) {
+    if (ON && left > 0 && --wait == 0) {
       wait = every;
       left--;
 #pragma GCC unroll 8
@@ -38,7 +39,7 @@ struct NextLinesCursor {
 // c holds the accumulators between calls ([MR][NP][NMAT][W] floats): loaded when `carry`, always
 // stored. `b` points at the first panel, panels are `pstride` bytes apart. K is the real reduction
 // length (odd K: the kBF16 tail uses only the low half of the last pair; kBF16Dot gets padded rows).
-template <class O, int MODE, int NMAT, int MR, int NP>
+template <class O, int MODE, int NMAT, int MR, int NP, bool NEXT>
 static void micro(const char* ap, int64_t K, int64_t k0, int64_t k1, const char* b, size_t pstride, float* c,
                   bool carry, const NextLines& next) {
   using V = typename O::V;
@@ -53,7 +54,7 @@ static void micro(const char* ap, int64_t K, int64_t k0, int64_t k1, const char*
 #pragma GCC unroll 2
       for (int q = 0; q < NMAT; q++) acc[m][p][q] = carry ? O::load(c + ((m * NP + p) * NMAT + q) * W) : O::zero();
   const float* af = reinterpret_cast<const float*>(ap);
-  NextLinesCursor<NP> pf(next);
+  NextLinesCursor<NP, NEXT> pf(next);
 
   if constexpr (MODE == kF32 || MODE == kF16) {
     for (int64_t k = k0; k < k1; k++) {
@@ -152,15 +153,16 @@ static void micro(const char* ap, int64_t K, int64_t k0, int64_t k1, const char*
 // (ascending k), then c += sum * scale with one FMA: the float weights never exist, and the scale costs
 // one FMA per group instead of one multiply per weight. c stays in memory between groups: only the
 // group sums and the decoded weights need registers.
-template <class O, int MODE, int NMAT, int MR, int NP>
+template <class O, int MODE, int NMAT, int MR, int NP, bool NEXT>
 static void micro_q(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_t gsz, const char* b, size_t pstride,
-                    float* c, bool carry) {
+                    float* c, bool carry, const NextLines& next) {
   using V = typename O::V;
   constexpr int W = O::W;
   constexpr size_t cstep = size_t(NMAT) * W;      // code bytes of one k step of one panel
   constexpr size_t sbytes = cstep * kScaleBytes;  // scale bytes of one group of one panel
   const size_t gbytes = sbytes + size_t(MODE == kI8 ? gsz : gsz / 2) * cstep;
   const float* af = reinterpret_cast<const float*>(ap);
+  NextLinesCursor<NP, NEXT> pf(next);
   if (!carry)
     for (int i = 0; i < MR * NP * NMAT; i++) O::store(c + i * W, O::zero());
   for (int64_t g0 = k0, gi = k0 / gsz; g0 < k1; g0 += gsz, gi++) {
@@ -176,6 +178,7 @@ static void micro_q(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_t g
         for (int q = 0; q < NMAT; q++) acc[m][p][q] = O::zero();
     if constexpr (MODE == kI8) {
       for (int64_t s = 0; s < gl; s++) {
+        pf.step(pstride);
         const char* bk = bc + size_t(s) * cstep;
         V w[NP][NMAT];
 #pragma GCC unroll 8
@@ -194,6 +197,7 @@ static void micro_q(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_t g
     } else {
       const int64_t pairs = gl / 2;
       for (int64_t s = 0; s < pairs; s++) {
+        pf.step(pstride);
         const char* bk = bc + size_t(s) * cstep;
         V lo[NP][NMAT], hi[NP][NMAT];
 #pragma GCC unroll 8
@@ -275,9 +279,10 @@ inline void prefetch_codes(const char* bk, size_t pstride) {
 // Never inlined: inlined into the sweep, GCC 12 allocated its registers together with the caller's
 // loop state and spilled codes and the nibble mask inside the k loop. Kept apart it ran 2-5% faster
 // on every quantized case and 7-9% with AVX2 (`bench/ab-builds.js`, Zen 5, 2 cores).
-template <class O, int MODE, int NMAT, int MR, int NP>
+template <class O, int MODE, int NMAT, int MR, int NP, bool NEXT>
 __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_t gsz,
-                                                 const char* b, size_t pstride, float* c, bool carry) {
+                                                 const char* b, size_t pstride, float* c, bool carry,
+                                                 const NextLines& next) {
   using V = typename O::V;
   using I = typename O::Raw;
   constexpr int W = O::W;
@@ -297,6 +302,7 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
   // once per call instead of loaded and stored once per group (the same FMAs in the same order).
   constexpr int kCodeRegs = (MODE == kI4Dot ? 2 : 1) * NP * NMAT;
   constexpr bool kRegC = 2 * MR * NP * NMAT + kCodeRegs + 2 + O::kDotTemps <= O::kRegs;
+  NextLinesCursor<NP, NEXT> pf(next);
   V cr[kRegC ? MR : 1][NP][NMAT];
   if constexpr (kRegC) {
 #pragma GCC unroll 16
@@ -325,6 +331,7 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
         for (int q = 0; q < NMAT; q++) acc[m][p][q] = init;
     }
     for (int64_t s = 0; s < steps; s++) {
+      pf.step(pstride);
       const char* bk = bc + size_t(s) * cstep;
       const int32_t* x0 = aqg + s * words * MR;
       if constexpr (MODE == kI4Dot && kAllCodes) {  // k = 8s .. 8s+3 of every row (lo), then 8s+4 .. 8s+7 (hi)
@@ -412,18 +419,18 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
 }
 
 // micro<..., mr, NP> (or micro_q) for a run-time mr in [1, MR].
-template <class O, int MODE, int NMAT, int MR, int NP>
+template <class O, int MODE, int NMAT, int MR, int NP, bool NEXT>
 static void micro_rows(int mr, const char* a, int64_t K, int64_t k0, int64_t k1, int64_t gsz, const char* b,
                        size_t pstride, float* c, bool carry, const NextLines& next) {
   if constexpr (MR > 1) {
-    if (mr < MR) return micro_rows<O, MODE, NMAT, MR - 1, NP>(mr, a, K, k0, k1, gsz, b, pstride, c, carry, next);
+    if (mr < MR) return micro_rows<O, MODE, NMAT, MR - 1, NP, NEXT>(mr, a, K, k0, k1, gsz, b, pstride, c, carry, next);
   }
   if constexpr (is_dot(MODE))
-    micro_qdot<O, MODE, NMAT, MR, NP>(a, K, k0, k1, gsz, b, pstride, c, carry);
+    micro_qdot<O, MODE, NMAT, MR, NP, NEXT>(a, K, k0, k1, gsz, b, pstride, c, carry, next);
   else if constexpr (is_quant(MODE))
-    micro_q<O, MODE, NMAT, MR, NP>(a, K, k0, k1, gsz, b, pstride, c, carry);
+    micro_q<O, MODE, NMAT, MR, NP, NEXT>(a, K, k0, k1, gsz, b, pstride, c, carry, next);
   else
-    micro<O, MODE, NMAT, MR, NP>(a, K, k0, k1, b, pstride, c, carry, next);
+    micro<O, MODE, NMAT, MR, NP, NEXT>(a, K, k0, k1, b, pstride, c, carry, next);
 }
 
 }  // namespace
