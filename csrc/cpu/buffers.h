@@ -33,10 +33,11 @@ using AlignedBuffer = std::unique_ptr<void, AlignedFree>;
 
 // Large buffers (packed weights, big workspaces) are mapped directly, 2 MiB aligned and asked to live
 // on transparent huge pages: the decode kernels stream gigabytes through them, and 4 KiB pages cost a
-// TLB miss every 4 KiB. Mapping them (not malloc) also gives the memory back to the system the moment
-// a layer is freed; malloc would keep it in its heap once its mmap threshold has grown.
+// TLB miss every 4 KiB. Buffers from kMapped up are mapped too, on ordinary pages: mapping (not malloc)
+// gives the memory back to the system the moment a layer is freed, where malloc would keep it in its
+// heap once its mmap threshold has grown (a small layer's experts are one buffer of a few hundred KiB).
 inline AlignedBuffer alloc_aligned(size_t bytes, const char* what) {
-  constexpr size_t kHuge = size_t(2) << 20;
+  constexpr size_t kHuge = size_t(2) << 20, kMapped = size_t(64) << 10;
   auto oom = [&] {
     fail(ErrorCode::OutOfMemory, std::string("could not allocate ") + std::to_string(bytes) + " bytes for " + what);
   };
@@ -55,6 +56,11 @@ inline AlignedBuffer alloc_aligned(size_t bytes, const char* what) {
     madvise(aligned, size, MADV_HUGEPAGE);
 #endif
     return AlignedBuffer(aligned, AlignedFree{size});
+  }
+  if (bytes >= kMapped) {
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) oom();
+    return AlignedBuffer(p, AlignedFree{bytes});
   }
 #endif
   void* p = std::aligned_alloc(64, bytes == 0 ? 64 : (bytes + 63) / 64 * 64);
