@@ -26,6 +26,8 @@ const CASES = {
   'dsv2lite-decode-bf16': { ...DSV2_LITE },
   'qwen3-decode-int8': { ...QWEN3_30B, quantize: 'int8' },
   'qwen3-decode-int4': { ...QWEN3_30B, quantize: 'int4' },
+  // One expert whose w2 has an LM head's shape (many short panels: K = 2048, 32768 columns).
+  'wide-decode-int4': { H: 32768, F: 2048, E: 1, k: 1, quantize: 'int4' },
   'mid-prefill-bf16': { ...MID, T: 128 },
   'mid-prefill-int8': { ...MID, quantize: 'int8', T: 128 },
   'mid-prefill-int4': { ...MID, quantize: 'int4', T: 128 },

@@ -1,11 +1,15 @@
 #include "thread_pool.h"
 
+#include <algorithm>
 #include <chrono>
+#include <climits>
 #include <cstdlib>
 #include <fstream>
 #include <set>
 #include <string>
 #include <utility>
+
+#include "error.h"
 
 #ifdef __linux__
 #include <sched.h>
@@ -135,11 +139,41 @@ ThreadPool::~ThreadPool() {
   for (auto& t : workers_) t.join();
 }
 
+// The next chunk for `worker`: the front of its own share, else the back of the largest share left.
+bool ThreadPool::claim(Job& job, int worker, int64_t& begin, int64_t& end) {
+  const auto front = [](uint64_t s) { return int64_t(s >> 32); };
+  const auto back = [](uint64_t s) { return int64_t(s & 0xffffffffu); };
+  std::atomic<uint64_t>& own = job.shares[size_t(worker)].span;
+  for (uint64_t s = own.load(std::memory_order_relaxed); front(s) < back(s);) {
+    const int64_t f = front(s), e = std::min(back(s), f + job.chunk);
+    if (own.compare_exchange_weak(s, (uint64_t(e) << 32) | uint64_t(back(s)), std::memory_order_relaxed)) {
+      begin = f, end = e;
+      return true;
+    }
+  }
+  for (;;) {
+    int victim = -1;
+    int64_t most = 0;
+    for (int w = 0; w < job.limit; w++) {
+      const uint64_t s = job.shares[size_t(w)].span.load(std::memory_order_relaxed);
+      if (back(s) - front(s) > most) most = back(s) - front(s), victim = w;
+    }
+    if (victim < 0) return false;
+    std::atomic<uint64_t>& other = job.shares[size_t(victim)].span;
+    uint64_t s = other.load(std::memory_order_relaxed);
+    if (front(s) >= back(s)) continue;
+    const int64_t e = back(s), b = std::max(front(s), e - job.chunk);
+    if (other.compare_exchange_weak(s, (uint64_t(front(s)) << 32) | uint64_t(b), std::memory_order_relaxed)) {
+      begin = b, end = e;
+      return true;
+    }
+  }
+}
+
 void ThreadPool::run_chunks(Job& job, int worker) {
   for (;;) {
-    const int64_t begin = job.next.fetch_add(job.chunk);
-    if (begin >= job.n) return;
-    const int64_t end = begin + job.chunk < job.n ? begin + job.chunk : job.n;
+    int64_t begin, end;
+    if (!claim(job, worker, begin, end)) return;
     // After an error the remaining items are skipped but still counted, so the caller's wait ends.
     if (!job.failed.load()) {
       try {
@@ -175,6 +209,7 @@ void ThreadPool::worker_loop(int index) {
 
 void ThreadPool::parallel_for(int64_t n, int64_t chunk, int max_threads, const RangeFn& fn) {
   if (n <= 0) return;
+  if (n > int64_t(INT32_MAX)) fail(ErrorCode::Internal, "parallel_for: more than 2^31 - 1 items");
   if (chunk < 1) chunk = 1;
   int limit = size();
   if (max_threads > 0 && max_threads < limit) limit = max_threads;
@@ -202,6 +237,10 @@ void ThreadPool::parallel_for(int64_t n, int64_t chunk, int max_threads, const R
   job->n = n;
   job->chunk = chunk;
   job->limit = limit;
+  job->shares.reset(new Job::Share[size_t(limit)]);
+  for (int w = 0; w < limit; w++)
+    job->shares[size_t(w)].span.store((uint64_t(n * w / limit) << 32) | uint64_t(n * (w + 1) / limit),
+                                      std::memory_order_relaxed);
   {
     std::lock_guard<std::mutex> lock(mutex_);
     job_ = job;

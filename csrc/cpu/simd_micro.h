@@ -245,17 +245,24 @@ static void micro_q(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_t g
 // cores; 1 KiB ahead gained less, 3 and 4 KiB lost 3-7% against 2 KiB) and the 16-token forward of
 // mixtral-16tok-int4, 3 to 6 rows per expert, 10-13% (mid-prefill-int4 6%). What hides the latency is
 // the bytes in flight per tile, not per panel: the one-panel tile of the prefill shape (w13) ran 8-12%
-// faster again at 4 KiB ahead than at 2 KiB (3 KiB: 5%, 6 KiB: 1-7%).
+// faster again at 4 KiB ahead than at 2 KiB (3 KiB: 5%, 6 KiB: 1-7%). Near the end of its panels a tile
+// asks for the start of the next tile's (the same panels NP further on, where the same thread goes
+// next: ThreadPool hands out contiguous shares), not for the rest of its own, which it already has;
+// every tile but a thread's first then starts warm: 0.91-0.99 on wide-decode-int4, whose w2 is many
+// short panels, 0.94-0.99 on qwen3-decode-int4. Hints to L2 (T1) or non-temporal ones lost 1-8%.
 template <int NP>
 constexpr size_t prefetch_code_bytes() {
   return NP >= 2 ? 2048 : 4096;
 }
 template <size_t CSTEP, int NP>
-inline void prefetch_codes(const char* bk, size_t pstride) {
+// bk: this step's codes in the tile's first panel, which ends at panel_end.
+inline void prefetch_codes(const char* bk, const char* panel_end, size_t pstride) {
+  const char* ahead = bk + prefetch_code_bytes<NP>();
+  if (ahead >= panel_end) ahead += (NP - 1) * pstride;
 #pragma GCC unroll 8
   for (int p = 0; p < NP; p++)
 #pragma GCC unroll 4
-    for (size_t l = 0; l < CSTEP; l += 64) __builtin_prefetch(bk + p * pstride + l + prefetch_code_bytes<NP>(), 0, 3);
+    for (size_t l = 0; l < CSTEP; l += 64) __builtin_prefetch(ahead + p * pstride + l, 0, 3);
 }
 
 // The integer dot-product micro-kernels. The activations were quantized per row and group (pack_act:
@@ -335,7 +342,7 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
       const char* bk = bc + size_t(s) * cstep;
       const int32_t* x0 = aqg + s * words * MR;
       if constexpr (MODE == kI4Dot && kAllCodes) {  // k = 8s .. 8s+3 of every row (lo), then 8s+4 .. 8s+7 (hi)
-        prefetch_codes<cstep, NP>(bk, pstride);
+        prefetch_codes<cstep, NP>(bk, b + pstride, pstride);
         I lo[NP][NMAT], hi[NP][NMAT];
 #pragma GCC unroll 8
         for (int p = 0; p < NP; p++)

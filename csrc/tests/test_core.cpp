@@ -1,12 +1,15 @@
 // C++ tests of the core, no Node: routing rules, dispatch order, dtype conversions, the thread pool,
 // the quantizer's edge cases, and every CPU kernel set this machine runs against a float64 reference.
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <random>
+#include <thread>
 #include <vector>
 
 #ifdef __linux__
@@ -377,6 +380,28 @@ static void test_pool() {
     threw = std::strcmp(e.what(), "boom") == 0;
   }
   CHECK(threw);
+  // Each thread starts on a share of its own; the others take over the share of a thread that is held
+  // up. The caller (worker 0) waits in its first item until every other item is done: that only happens
+  // if the workers took the rest of its share.
+  for (int64_t n : {3, 10, 101}) {
+    std::atomic<int64_t> done{0};
+    std::vector<int> once(size_t(n), 0);
+    bool stuck = false;
+    pool.parallel_for(n, 1, 0, [&](int64_t b, int64_t e, int w) {
+      for (int64_t i = b; i < e; i++) {
+        once[size_t(i)]++;
+        if (w == 0 && i == 0) {
+          const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+          while (done.load() < n - 1 && std::chrono::steady_clock::now() < until) std::this_thread::yield();
+          stuck = done.load() < n - 1;
+        } else {
+          done.fetch_add(1);
+        }
+      }
+    });
+    CHECK(!stuck);
+    for (int v : once) CHECK(v == 1);
+  }
 }
 
 // A pool the size of the cores pins each worker to a core of its own; a larger one pins nothing and
