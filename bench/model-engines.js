@@ -52,7 +52,8 @@ async function runOurs(job) {
     for (let i = 0; i < job.decodeTokens.length; i++) {
       const p = i >= job.warmDecode ? probe(job) : null;
       const t = now();
-      [logits] = await model.step([{ sequence: seq, tokens: [job.decodeTokens[i]] }]);
+      // As generation steps (lib/generate/engine.ts): the logits are read before the next step.
+      [logits] = await model.step([{ sequence: seq, tokens: [job.decodeTokens[i]] }], { reuseLogits: true });
       if (i >= job.warmDecode) decodeMs.push(now() - t);
       if (p !== null) decodeProbes.push(p);
     }

@@ -110,6 +110,39 @@ describe.each(variants)('$name: the same bits however the work is batched', ({ f
     sequence.free();
     expect(firstBitDifference(decoded, await model.logits(tokens))).toBe(-1);
   });
+
+  test("reuseLogits: each step writes the bits of a fresh buffer into the model's own", async () => {
+    const tokens = randomTokens(7, V, 10);
+    const fresh = model.createSequence(),
+      reused = model.createSequence();
+    let previous: Float32Array | undefined;
+    for (let i = 0; i < tokens.length; i++) {
+      const [expected] = await run(model, [{ sequence: fresh, tokens: [tokens[i]] }]);
+      const [rows] = await model.step([{ sequence: reused, tokens: [tokens[i]] }], { reuseLogits: true });
+      expect([i, firstBitDifference(rows, expected)]).toEqual([i, -1]);
+      if (previous) expect(rows.buffer).toBe(previous.buffer); // the next step overwrote it
+      previous = rows;
+    }
+    // More rows than any step before: a larger buffer, still the same bits, and the sizes of each entry.
+    const [a, b] = await model.step(
+      [
+        { sequence: fresh, tokens: tokens.slice(0, 3), all: true },
+        { sequence: reused, tokens: tokens.slice(0, 2), all: true },
+      ],
+      { reuseLogits: true },
+    );
+    expect([a.length, b.length, a.buffer === b.buffer, a.buffer === previous!.buffer]).toEqual([
+      3 * V,
+      2 * V,
+      true,
+      false,
+    ]);
+    // A smaller step after it uses the same (larger) buffer.
+    const [again] = await model.step([{ sequence: fresh, tokens: [tokens[3]] }], { reuseLogits: true });
+    expect([again.length, again.buffer === a.buffer]).toEqual([V, true]);
+    fresh.free();
+    reused.free();
+  });
 });
 
 describe('sequences', () => {

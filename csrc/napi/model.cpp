@@ -95,6 +95,7 @@ NativeModel::~NativeModel() = default;
 
 void NativeModel::release(Napi::Env env) {
   decoder_.reset();
+  step_logits_ = std::make_shared<std::vector<float>>();  // a running step keeps its own reference
   if (external_bytes_) Napi::MemoryManagement::AdjustExternalMemory(env, -external_bytes_);
   external_bytes_ = 0;
 }
@@ -281,12 +282,16 @@ Napi::Value NativeModel::Step(const Napi::CallbackInfo& info) {
     cancel = NativeCancel::Unwrap(o)->flag();
   }
   auto tokens = std::make_shared<std::vector<int32_t>>(tok, tok + T);
-  auto out = std::make_shared<std::vector<float>>();
+  // Steps of a few rows (decode, generation) reuse the model's buffer; a large one (every position of a
+  // long prompt) gets its own, freed after the step.
+  constexpr int64_t kKeptLogitsBytes = int64_t(32) << 20;
+  std::shared_ptr<std::vector<float>> out =
+      rows * V * int64_t(sizeof(float)) <= kKeptLogitsBytes ? step_logits_ : std::make_shared<std::vector<float>>();
   auto out_ref = std::make_shared<Napi::Reference<Napi::Value>>(Napi::Persistent(info[2]));
   auto* w = new ModelWorker(
       env, "fused-moe:model-step", std::move(d), busy_,
       [tokens, seqs, out, rows, V, cancel](fmoe::Decoder& dec) {
-        out->resize(size_t(rows * V));
+        out->resize(size_t(rows * V));  // grows only when a step has more rows than any before
         dec.step(tokens->data(), seqs.data(), int64_t(seqs.size()), out->data(), cancel.get());
       },
       // Back on the main thread: the logits go into the caller's array, which may have been detached.

@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <memory>
+#include <vector>
 
 #include "../core/decoder.h"
 
@@ -35,6 +36,9 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
 
   std::shared_ptr<fmoe::Decoder> decoder_;
   std::shared_ptr<std::atomic<bool>> busy_ = std::make_shared<std::atomic<bool>>(false);
+  // The logits of the running step, kept from one step to the next (steps run one at a time): a fresh
+  // buffer per step cost its allocation, zeroing and first-touch page faults each time.
+  std::shared_ptr<std::vector<float>> step_logits_ = std::make_shared<std::vector<float>>();
   int64_t external_bytes_ = 0;
 };
 

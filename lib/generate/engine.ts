@@ -55,7 +55,7 @@ export interface EngineModel {
   readonly options: Readonly<{ contextLength: number; maxSequences: number; quantize: string }>;
   readonly cacheBlockTokens: number;
   createSequence(): ModelSequence;
-  step(batch: readonly StepEntry[]): Promise<Float32Array[]>;
+  step(batch: readonly StepEntry[], options?: { reuseLogits?: boolean }): Promise<Float32Array[]>;
   freeSequence(sequence: ModelSequence): void;
   truncateSequence(sequence: ModelSequence, length: number): Promise<void>;
 }
@@ -208,7 +208,11 @@ export class Engine {
         if (batch.length === 0) continue;
         let logits: Float32Array[];
         try {
-          logits = await this.#model.step(batch.map((b) => ({ sequence: b.request.sequence!, tokens: b.tokens })));
+          // The sampler reads each row before the next step: the model's logits buffer serves every step.
+          logits = await this.#model.step(
+            batch.map((b) => ({ sequence: b.request.sequence!, tokens: b.tokens })),
+            { reuseLogits: true },
+          );
         } catch (err) {
           for (const { request } of batch) this.#end(request, null, err);
           continue;
