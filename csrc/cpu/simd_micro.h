@@ -249,7 +249,10 @@ static void micro_q(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_t g
 // asks for the start of the next tile's (the same panels NP further on, where the same thread goes
 // next: ThreadPool hands out contiguous shares), not for the rest of its own, which it already has;
 // every tile but a thread's first then starts warm: 0.91-0.99 on wide-decode-int4, whose w2 is many
-// short panels, 0.94-0.99 on qwen3-decode-int4. Hints to L2 (T1) or non-temporal ones lost 1-8%.
+// short panels, 0.94-0.99 on qwen3-decode-int4. Hints to L2 (T1) or non-temporal ones lost 1-8%. The
+// int8 decode (kI8Vnni without NEXT) prefetches the same way: mixtral-decode-int8 0.90-0.96,
+// qwen3-decode-int8 0.965-0.98, but l3-decode-int8, whose codes sit in L3, 1.05; its prefill, which
+// fetches the next block instead (NEXT), ran 4% slower with both.
 template <int NP>
 constexpr size_t prefetch_code_bytes() {
   return NP >= 2 ? 2048 : 4096;
@@ -360,6 +363,7 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
             for (int q = 0; q < NMAT; q++) acc[m][p][q] = O::dot_u8s8(acc[m][p][q], hi[p][q], x0 + MR + m);
         }
       } else if constexpr (MODE == kI8Vnni) {  // k = 4s .. 4s+3: every panel's codes, then each row's broadcast
+        if constexpr (!NEXT) prefetch_codes<cstep, NP>(bk, b + pstride, pstride);
         I u[NP][NMAT];
 #pragma GCC unroll 8
         for (int p = 0; p < NP; p++)
