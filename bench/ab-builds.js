@@ -1,9 +1,10 @@
 #!/usr/bin/env node
-// Paired A/B of two builds of the addon on one case (a decode, or a 16- or 128-token forward). Both
-// addons are loaded into one process, each builds the same layer from the same weights (bf16, or float32 in the f32 cases), and
-// forwards alternate between them (A B, then B A), so both see the same machine state; on a shared
-// machine, where runs of the bench spread 2x apart, this still resolves a few percent. Prints each
-// build's median time, its packed bytes and the median of the per-pair time ratios B / A.
+// Paired A/B of two builds of the addon on one case (a decode, or a 16- to 512-token forward). Both
+// addons are loaded into one process, each builds the same layer from the same weights (bf16, or
+// float32 in the f32 cases), and forwards alternate between them (A B, then B A), so both see the
+// same machine state; on a shared machine, where runs of the bench spread 2x apart, this still
+// resolves a few percent. Prints each build's median time, its packed bytes and the median of the
+// per-pair time ratios B / A.
 //
 //   FUSED_MOE_ISA=avx512bf16 node bench/ab-builds.js old/fused_moe.node build/Release/fused_moe.node \
 //     mixtral-decode-int4 [pairs = 40] [group = 128]

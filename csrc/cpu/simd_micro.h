@@ -257,8 +257,8 @@ template <int NP>
 constexpr size_t prefetch_code_bytes() {
   return NP >= 2 ? 2048 : 4096;
 }
-template <size_t CSTEP, int NP>
 // bk: this step's codes in the tile's first panel, which ends at panel_end.
+template <size_t CSTEP, int NP>
 inline void prefetch_codes(const char* bk, const char* panel_end, size_t pstride) {
   const char* ahead = bk + prefetch_code_bytes<NP>();
   if (ahead >= panel_end) ahead += (NP - 1) * pstride;
