@@ -17,6 +17,17 @@ namespace {
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 
+// The row blocks of a GEMM call: as few as MR rows per block allow, their sizes as even as can be
+// (26 rows at MR = 12: 9, 9, 8, not 12, 12, 2, whose last tile keeps too few chains busy). Activation
+// packing and the sweep both cut rows this way; block i holds rows [start(i), start(i) + rows(i)).
+struct RowBlocks {
+  int64_t count, base, extra;
+  RowBlocks(int64_t M, int64_t MR)
+      : count((M + MR - 1) / MR), base(count ? M / count : 0), extra(count ? M % count : 0) {}
+  int64_t start(int64_t i) const { return i * base + imin(i, extra); }
+  int rows(int64_t i) const { return int(base + (i < extra ? 1 : 0)); }
+};
+
 // A per-thread scratch buffer that grows and is reused across calls.
 struct Scratch {
   void* ptr = nullptr;

@@ -74,7 +74,8 @@ static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, 
   // With several row blocks, every block of panels (a group over one k block) is read from memory by the
   // first row block and from L2 by the others, which left the first waiting on memory: each row block
   // instead asks for its share of the next block's lines while it runs from the current one.
-  const int64_t row_blocks = (M + MR - 1) / MR;
+  const RowBlocks blocks(M, MR);
+  const int64_t row_blocks = blocks.count;
   // k per micro-kernel step (one NextLinesCursor::step), and bytes of [k0, k1) in a panel.
   constexpr int kStepK = MODE == kI4Dot ? 8 : MODE == kI8Vnni ? 4 : (kg == 2 || MODE == kI4 || MODE == kI8Dot) ? 2 : 1;
   auto byte_range = [&](int64_t k0, int64_t k1, size_t& from, size_t& to) {
@@ -117,8 +118,9 @@ static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, 
         }
         const int64_t lines = next.count, share = (lines + row_blocks - 1) / row_blocks;
         next.every = imax(1, ((k1 - k0 + kStepK - 1) / kStepK) / imax(1, share));
-        for (int64_t m0 = 0, i = 0; m0 < M; m0 += MR, i++) {
-          const int mr = int(imin(MR, M - m0));
+        for (int64_t i = 0; i < row_blocks; i++) {
+          const int64_t m0 = blocks.start(i);
+          const int mr = blocks.rows(i);
           float* cm = cg + m0 * np * NMAT * W;
           next.first = i * share;
           next.count = imax(0, imin(share, lines - next.first));

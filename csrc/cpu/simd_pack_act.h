@@ -25,13 +25,12 @@ size_t dot_act_row_bytes(int64_t K, int64_t gsz) {
     return size_t((K + 1) / 2 + ng) * 4;
 }
 
-// Packs M rows of K floats (row stride ldx) into row blocks of MR (see above), in a per-thread buffer.
-// kBF16Dot rounds to bf16 first and pads K to even with zeros. kI4Dot / kI8Vnni / kI8Dot quantize each
-// row's groups of gsz to int8 / int8 / int16 by quant.h's rule with a float32 scale (qmax 127 / 127 /
-// 32767) and lay out, per row block of mr rows: the codes as [Kp / 4 or Kp / 2][mr] 32-bit words (four
-// int8 or two int16; K padded with zeros to a whole step, 8, 4 or 2), the scales [ng][mr], and for
-// kI4Dot / kI8Vnni corr = 8 or 128 * sum(codes) per group [ng][mr], which removes the weight codes'
-// offset (8 for nibbles, 128 for bytes).
+// Packs M rows of K floats (row stride ldx) into the row blocks of RowBlocks(M, MR) (see above), in a per-thread
+// buffer. kBF16Dot rounds to bf16 first and pads K to even with zeros. kI4Dot / kI8Vnni / kI8Dot quantize each row's
+// groups of gsz to int8 / int8 / int16 by quant.h's rule with a float32 scale (qmax 127 / 127 / 32767) and lay out, per
+// row block of mr rows: the codes as [Kp / 4 or Kp / 2][mr] 32-bit words (four int8 or two int16; K padded with zeros
+// to a whole step, 8, 4 or 2), the scales [ng][mr], and for kI4Dot / kI8Vnni corr = 8 or 128 * sum(codes) per group
+// [ng][mr], which removes the weight codes' offset (8 for nibbles, 128 for bytes).
 template <class O, int MODE>
 static const char* pack_act_into(Scratch& sbuf, const float* x, int64_t ldx, int64_t M, int64_t K, int MR,
                                  int64_t gsz) {
@@ -44,8 +43,9 @@ static const char* pack_act_into(Scratch& sbuf, const float* x, int64_t ldx, int
     const size_t arow = dot_act_row_bytes<MODE>(K, gsz);
     char* buf = static_cast<char*>(sbuf.get(size_t(M) * arow));
     Code* row = static_cast<Code*>(rbuf.get(size_t(Kp) * sizeof(Code)));
-    for (int64_t m0 = 0; m0 < M; m0 += MR) {
-      const int64_t mr = imin(MR, M - m0);
+    const RowBlocks blocks(M, MR);
+    for (int64_t bi = 0; bi < blocks.count; bi++) {
+      const int64_t m0 = blocks.start(bi), mr = blocks.rows(bi);
       int32_t* codes = reinterpret_cast<int32_t*>(buf + size_t(m0) * arow);
       float* sx = reinterpret_cast<float*>(codes + Kp / per_word * mr);
       int32_t* corr = reinterpret_cast<int32_t*>(sx + ng * mr);  // int8 codes only
@@ -68,8 +68,9 @@ static const char* pack_act_into(Scratch& sbuf, const float* x, int64_t ldx, int
     return buf;
   } else if constexpr (MODE != kBF16Dot) {
     float* buf = static_cast<float*>(sbuf.get(size_t(M * K) * sizeof(float)));
-    for (int64_t m0 = 0; m0 < M; m0 += MR) {
-      const int64_t mr = imin(MR, M - m0);
+    const RowBlocks blocks(M, MR);
+    for (int64_t bi = 0; bi < blocks.count; bi++) {
+      const int64_t m0 = blocks.start(bi), mr = blocks.rows(bi);
       float* dst = buf + m0 * K;
       for (int64_t m = 0; m < mr; m++) {
         const float* src = x + (m0 + m) * ldx;
@@ -81,8 +82,9 @@ static const char* pack_act_into(Scratch& sbuf, const float* x, int64_t ldx, int
     const int64_t Kh = (K + 1) / 2;  // pairs per row
     uint32_t* buf = static_cast<uint32_t*>(sbuf.get(size_t(M * Kh) * sizeof(uint32_t)));
     uint16_t* row = static_cast<uint16_t*>(rbuf.get(size_t(2 * Kh) * sizeof(uint16_t)));
-    for (int64_t m0 = 0; m0 < M; m0 += MR) {
-      const int64_t mr = imin(MR, M - m0);
+    const RowBlocks blocks(M, MR);
+    for (int64_t bi = 0; bi < blocks.count; bi++) {
+      const int64_t m0 = blocks.start(bi), mr = blocks.rows(bi);
       uint32_t* dst = buf + m0 * Kh;
       for (int64_t m = 0; m < mr; m++) {
         O::round_bf16(x + (m0 + m) * ldx, K, row);
