@@ -20,6 +20,8 @@ const CASES = {
   'mixtral-decode-int8': { ...MIXTRAL, quantize: 'int8' },
   'mixtral-decode-int4': { ...MIXTRAL, quantize: 'int4' },
   'mixtral-16tok-int4': { ...MIXTRAL, quantize: 'int4', T: 16 },
+  'mixtral-16tok-int8': { ...MIXTRAL, quantize: 'int8', T: 16 },
+  'mixtral-16tok-bf16': { ...MIXTRAL, T: 16 },
   'l3-decode-int8': { ...L3, quantize: 'int8' },
   'l3-decode-int4': { ...L3, quantize: 'int4' },
   'l3-decode-bf16': { ...L3 },

@@ -15,10 +15,17 @@ namespace {
 //            block stays in L2 while every row block of the call passes over it.
 //   decode:  few rows; more panels side by side so enough independent chains hide the FMA latency
 //            while the weights stream from memory once.
+//   few:     more rows than decode takes but no more than kMrFew: the prefill tile over the whole of k,
+//            all rows in one row block, so the weights stream once as in decode (k blocks and the
+//            next-block prefetch only pay when several row blocks reuse a block from L2). At 16 tokens
+//            of a Mixtral-shaped layer, 3 to 7 rows per expert, `bench/ab-builds.js` on 2 Zen 5 cores:
+//            mixtral-16tok-int8 0.72 / 0.78, -bf16 0.86 / 0.90, -int4 0.96; the integer-dot tiles take
+//            8 rows here, where their prefill blocks of 6 would split 7 rows into 4 and 3.
 template <class O, int MODE, int NMAT, bool DOT_TILE = is_dot(MODE) && O::kRegs >= 32>
 struct Shapes {
   static constexpr int kNpPrefill = 2;
   static constexpr int kMrPrefill = O::kAcc / (NMAT * kNpPrefill);
+  static constexpr int kMrFew = kMrPrefill;  // one prefill row block
   static constexpr int kNpDecode = 8 / NMAT;
   static constexpr int kMrDecode = O::kAcc / 8 > 0 ? O::kAcc / 8 : 1;
 };
@@ -33,6 +40,7 @@ struct Shapes<O, MODE, NMAT, true> {
   static constexpr int kMrPrefill = 6;
   static constexpr int kNpDecode = 4 / NMAT;
   static constexpr int kMrDecode = 3;
+  static constexpr int kMrFew = 8;  // spills a little, less than two passes over the codes cost
 };
 
 // At most this many rows per expert take the decode shape, chosen by measurement (`bench.js --switch`,
@@ -177,10 +185,14 @@ static void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t gsz,
                  int64_t p_begin, int64_t p_end, ActEpoch epoch, Epi&& epi) {
   using S = Shapes<O, MODE, NMAT>;
   const bool decode = M <= decode_rows_limit();
-  const char* a = pack_act<O, MODE>(x, ldx, M, K, decode ? S::kMrDecode : S::kMrPrefill, gsz, epoch);
+  const bool few = !decode && M <= S::kMrFew;
+  const char* a = pack_act<O, MODE>(x, ldx, M, K, decode ? S::kMrDecode : few ? S::kMrFew : S::kMrPrefill, gsz, epoch);
   if (decode) {
     sweep<O, MODE, NMAT, S::kMrDecode, S::kNpDecode, false>(a, M, K, int64_t(1) << 40, gsz, b, pstride, p_begin, p_end,
                                                             epi);
+  } else if (few) {
+    sweep<O, MODE, NMAT, S::kMrFew, S::kNpPrefill, false>(a, M, K, int64_t(1) << 40, gsz, b, pstride, p_begin, p_end,
+                                                          epi);
   } else {
     int64_t kc;
     if constexpr (is_quant(MODE))
