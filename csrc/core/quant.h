@@ -53,8 +53,13 @@ inline float quantize_group(const float* v, int64_t n, int qmax, int8_t* codes) 
     for (int64_t i = 0; i < n; i++) codes[i] = 0;
     return scale;
   }
+  // Rounding to an integer by adding and taking away 1.5 * 2^23: the sum has no bits below 1, so the
+  // addition rounds v / scale to nearest, ties to even, as nearbyint does in the default mode, for any
+  // |v / scale| < 2^22 (here at most qmax and a little). Unlike a call to nearbyint, which the baseline
+  // x86-64 target cannot inline, the loop vectorises: quantizing at load ran about twice as fast.
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
   for (int64_t i = 0; i < n; i++) {
-    float q = std::nearbyint(v[i] / scale);  // default rounding mode: to nearest, ties to even
+    float q = (v[i] / scale + kRound) - kRound;
     q = q > float(qmax) ? float(qmax) : q < -float(qmax) ? -float(qmax) : q;
     codes[i] = int8_t(q);
   }
