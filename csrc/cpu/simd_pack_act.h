@@ -25,12 +25,13 @@ size_t dot_act_row_bytes(int64_t K, int64_t gsz) {
     return size_t((K + 1) / 2 + ng) * 4;
 }
 
-// Packs M rows of K floats (row stride ldx) into the row blocks of RowBlocks(M, MR) (see above), in a per-thread
-// buffer. kBF16Dot rounds to bf16 first and pads K to even with zeros. kI4Dot / kI8Vnni / kI8Dot quantize each row's
-// groups of gsz to int8 / int8 / int16 by quant.h's rule with a float32 scale (qmax 127 / 127 / 32767) and lay out, per
-// row block of mr rows: the codes as [Kp / 4 or Kp / 2][mr] 32-bit words (four int8 or two int16; K padded with zeros
-// to a whole step, 8, 4 or 2), the scales [ng][mr], and for kI4Dot / kI8Vnni corr = 8 or 128 * sum(codes) per group
-// [ng][mr], which removes the weight codes' offset (8 for nibbles, 128 for bytes).
+// Packs M rows of K floats (row stride ldx) into the row blocks of RowBlocks(M, MR) (see above), in a
+// per-thread buffer. kBF16Dot rounds to bf16 first and pads K to even with zeros. kI4Dot / kI8Vnni /
+// kI8Dot quantize each row's groups of gsz to int8 / int8 / int16 by quant.h's rule with a float32
+// scale (qmax 127 / 127 / 32767) and lay out, per row block of mr rows: the codes as [Kp / 4 or Kp / 2]
+// [mr] 32-bit words (four int8 or two int16; K padded with zeros to a whole step, 8, 4 or 2), the
+// scales [ng][mr], and for kI4Dot / kI8Vnni corr = 8 or 128 * sum(codes) per group [ng][mr], which
+// removes the weight codes' offset (8 for nibbles, 128 for bytes).
 template <class O, int MODE>
 static const char* pack_act_into(Scratch& sbuf, const float* x, int64_t ldx, int64_t M, int64_t K, int MR,
                                  int64_t gsz) {
