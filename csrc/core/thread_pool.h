@@ -8,7 +8,7 @@
 // (the kernels prefetch past the end of a tile into the next one); a thread whose share is done takes
 // chunks from the back of the largest share left. Against chunks handed out in turn (which gave one
 // thread every other tile), with that prefetch: decode of one MoE layer 0.91 (qwen3-decode-int4), 0.92
-// (int8), 0.95 (bf16, and mixtral-decode-int4), 0.94 (dsv2lite-decode-bf16), prefill 0.96-0.97
+// (int8), 0.95 (bf16, and mixtral-decode-int4), 0.94 (dsv2lite-decode-bf16), prefill 0.96-1.02
 // (`bench/ab-builds.js`, Zen 5, 2 cores, time ratios).
 //
 // Between jobs the threads spin for a short while (FUSED_MOE_SPIN_US, default 100 µs) before they sleep:

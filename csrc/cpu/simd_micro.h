@@ -249,8 +249,8 @@ static void micro_q(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_t g
 // asks for the start of the next tile's (the same panels NP further on, where the same thread goes
 // next: ThreadPool hands out contiguous shares), not for the rest of its own, which it already has;
 // every tile but a thread's first then starts warm: 0.91-0.99 on wide-decode-int4, whose w2 is many
-// short panels, 0.94-0.99 on qwen3-decode-int4. Hints to L2 (T1) or non-temporal ones lost 1-8%. The
-// int8 decode (kI8Vnni without NEXT) prefetches the same way: mixtral-decode-int8 0.90-0.96,
+// short panels, 0.94-0.99 on qwen3-decode-int4. Hints to L2 (T1) or non-temporal ones lost 0-9%. The
+// int8 decode (kI8Vnni without NEXT) prefetches the same way: mixtral-decode-int8 0.94-0.96,
 // qwen3-decode-int8 0.965-0.98, but l3-decode-int8, whose codes sit in L3, 1.05; its prefill, which
 // fetches the next block instead (NEXT), ran 4% slower with both.
 template <int NP>
