@@ -5,6 +5,8 @@
 // { loadS, promptMs: [...], decodeMs: [...], decodeProbes: [...], info }. With probeBytes, every decode
 // step follows a read-bandwidth probe of that many bytes (decodeProbes[i], GB/s, beside decodeMs[i]):
 // this machine's bandwidth moves within a run, so each step is compared with the memory of its moment.
+// Ours also reports decodePhaseMs: the measured decode steps' milliseconds per step in each part of the
+// model (MoeModel.stepTimes()).
 'use strict';
 const path = require('path');
 
@@ -46,6 +48,7 @@ async function runOurs(job) {
   const seq = model.createSequence();
   const decodeMs = [],
     decodeProbes = [];
+  let phasesBefore;
   try {
     await model.step([{ sequence: seq, tokens: job.decodePrefix }]);
     let logits;
@@ -53,6 +56,7 @@ async function runOurs(job) {
       const p = i >= job.warmDecode ? probe(job) : null;
       const t = now();
       // As generation steps (lib/generate/engine.ts): the logits are read before the next step.
+      if (i === job.warmDecode) phasesBefore = model.stepTimes();
       [logits] = await model.step([{ sequence: seq, tokens: [job.decodeTokens[i]] }], { reuseLogits: true });
       if (i >= job.warmDecode) decodeMs.push(now() - t);
       if (p !== null) decodeProbes.push(p);
@@ -61,9 +65,14 @@ async function runOurs(job) {
   } finally {
     seq.free();
   }
+  // Milliseconds per measured decode step in each part of the model (MoeModel.stepTimes()).
+  const phasesAfter = model.stepTimes();
+  const decodePhaseMs = {};
+  for (const p of Object.keys(phasesAfter.seconds))
+    decodePhaseMs[p] = ((phasesAfter.seconds[p] - phasesBefore.seconds[p]) * 1e3) / decodeMs.length;
   const info = { nativeBytes: model.nativeBytes, isa: addon.backendInfo().cpu.isa, finite };
   model.dispose();
-  return { loadS, promptMs, decodeMs, decodeProbes, info };
+  return { loadS, promptMs, decodeMs, decodeProbes, decodePhaseMs, info };
 }
 
 async function runLlama(job) {

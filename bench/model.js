@@ -76,6 +76,18 @@ function decodeBytes(m, bpw) {
   return (w.attn + (w.experts * m.k) / m.E + w.lmHead) * bpw + 4 * w.router + 2 * m.H;
 }
 
+/** Bytes each timed part of a decode step reads (MoeModel.stepTimes() phases with weights). */
+function decodePhaseBytes(m, bpw) {
+  const w = weightCounts(m);
+  const output = m.layers * m.H * m.heads * m.D;
+  return {
+    qkv: (w.attn - output) * bpw,
+    output: output * bpw,
+    mlp: ((w.experts * m.k) / m.E) * bpw + 4 * w.router,
+    lmHead: w.lmHead * bpw,
+  };
+}
+
 /** FLOPs of a T-token prompt on a fresh sequence: the projections, routed experts and router of every
  * token, causal attention (QK and PV), and the LM head of the last token only. */
 function promptFlops(m, T) {
@@ -231,6 +243,7 @@ for (const name of modelNames) {
         decodePairedBwFraction: pairedBwFraction(bytes, r.decodeMs, r.decodeProbes),
         // Steps over twice the median: stalls (another process took a core mid-step).
         decodeStalls: r.decodeMs.filter((t) => t > 2 * decodeMs).length,
+        decodePhaseMs: r.decodePhaseMs,
       };
       if (r.info && r.info.finite === false) {
         log(`${name} ${format} ${engine}: non-finite logits`);
@@ -240,6 +253,18 @@ for (const name of modelNames) {
         `  load ${fmt(r.loadS)} s; prompt ${fmt(promptMs)} ms (${r.promptMs.map(fmt).join(' ')}); decode median ${fmt(decodeMs)} ms ` +
           `of ${r.decodeMs.length} steps (min ${fmt(Math.min(...r.decodeMs))}, max ${fmt(Math.max(...r.decodeMs))}, ${row[engine].decodeStalls} over 2x)`,
       );
+      if (r.decodePhaseMs) {
+        // Mean ms per step in each part, and the GB/s of the parts that stream weights, against the median
+        // of the probes taken before the steps (or the run's probe).
+        const phaseBytes = decodePhaseBytes(m, bpw);
+        const probe = r.decodeProbes && r.decodeProbes.length ? median(r.decodeProbes) : ceilings.readGBs;
+        const parts = Object.entries(r.decodePhaseMs).map(([p, ms]) => {
+          if (!phaseBytes[p]) return `${p} ${fmt(ms)}`;
+          const gbs = phaseBytes[p] / (ms / 1e3) / 1e9;
+          return `${p} ${fmt(ms)} (${fmt(gbs)} GB/s, ${pct(gbs / probe)})`;
+        });
+        log(`  decode ms per step by part (% of the ${fmt(probe)} GB/s probe): ${parts.join(', ')}`);
+      }
       save(undefined);
     }
   }

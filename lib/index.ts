@@ -18,7 +18,7 @@ export type {
 export { openSafetensors } from './safetensors/index';
 export type { SafetensorsFile, TensorInfo, TensorView, FromSafetensorsOptions } from './safetensors/index';
 export { MoeModel } from './model/model';
-export type { LoadOptions, LoadProgress, LogitsOptions, KvCacheDtype } from './model/model';
+export type { LoadOptions, LoadProgress, LogitsOptions, KvCacheDtype, StepPhase, StepTimes } from './model/model';
 export type { DecoderConfig, MoeBlockConfig, QkNorm, Architecture } from './model/config';
 export { SUPPORTED_ARCHITECTURES } from './model/config';
 export type {

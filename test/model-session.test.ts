@@ -204,4 +204,34 @@ describe('sequences', () => {
       model.config.vocabSize,
     );
   });
+
+  test('stepTimes() counts the steps that completed, their tokens, and time within their wall time', async () => {
+    const before = model.stepTimes();
+    const sequence = model.createSequence();
+    const t0 = process.hrtime.bigint();
+    await model.step([{ sequence, tokens: randomTokens(9, model.config.vocabSize, 12) }]);
+    for (let i = 0; i < 3; i++) await model.step([{ sequence, tokens: [20 + i] }]);
+    const wall = Number(process.hrtime.bigint() - t0) / 1e9;
+    // A refused step (past the context) adds nothing.
+    await expect(model.step([{ sequence, tokens: Array(40).fill(5) }])).rejects.toThrow(RangeError);
+    const after = model.stepTimes();
+    sequence.free();
+    expect(after.steps - before.steps).toBe(4);
+    expect(after.tokens - before.tokens).toBe(12);
+    const phases = Object.keys(after.seconds).sort();
+    expect(phases).toEqual(['attention', 'lmHead', 'mlp', 'other', 'output', 'qkv']);
+    let spent = 0;
+    for (const p of phases) {
+      const d = after.seconds[p as keyof typeof after.seconds] - before.seconds[p as keyof typeof before.seconds];
+      expect(d).toBeGreaterThan(0); // every phase runs in every step of this model
+      spent += d;
+    }
+    expect(spent).toBeLessThanOrEqual(wall);
+  });
+});
+
+test('stepTimes() of a disposed model throws', async () => {
+  const model = await MoeModel.load(written.get('mixtral')!.hfDir, { contextLength: 16 });
+  model.dispose();
+  expect(() => model.stepTimes()).toThrow(/disposed/);
 });

@@ -110,6 +110,22 @@ struct StepSequence {
   bool all_logits = false;  // logits of every new token, else of the last one only
 };
 
+// Where the steps' time went, per part of the model, summed since load: what bench/model.js reports
+// against the bytes each part reads.
+enum class StepPhase : int {
+  Qkv,        // the Q, K and V projections (and their norms, biases and rotary embedding)
+  Attention,  // the KV cache write and attention over the cache
+  Output,     // the output projection
+  Mlp,        // the MoE block (router, experts, shared expert) or the dense MLP
+  LmHead,     // the final norm and the LM head
+  Other,      // embedding, RMSNorms, residuals
+  Count
+};
+struct StepTimes {
+  uint64_t steps = 0, tokens = 0;
+  uint64_t nanoseconds[int(StepPhase::Count)] = {};
+};
+
 class Decoder {
  public:
   virtual ~Decoder() = default;
@@ -130,6 +146,8 @@ class Decoder {
   // Tokens routed to each expert of each layer since load: counts[layers * num_experts], zero for
   // dense layers.
   virtual std::vector<uint64_t> routed_tokens() const = 0;
+  // Time of every step that completed since load, by phase.
+  virtual StepTimes step_times() const = 0;
 
   // Runs one step: tokens holds each sequence's `count` tokens in order. logits receives, sequence by
   // sequence, count rows (all_logits) or one row of V floats. Checked before any work: token ids, known

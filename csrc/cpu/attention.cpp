@@ -274,7 +274,21 @@ void attention(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_seqs,
   const int64_t nthreads = std::max(1, pool.size());
 
   // Decode-like sequences (few new tokens) are split over their tiles so a long context keeps every
-  // thread busy; their partials are stored, then merged in tile order by a second pass.
+  // thread busy; their partials are stored, then merged in tile order by a second pass. That pays only
+  // where one (sequence, KV head) could hold up the step, its work (tiles x new tokens) over half a
+  // thread's share; otherwise the store and the second pass cost more than they spread (a 1-token
+  // Qwen3-width decode at a short context spent about twice as long in attention split as streamed).
+  // Either way, the same bits.
+  const int64_t used = p.threads > 0 ? std::min<int64_t>(p.threads, nthreads) : nthreads;
+  int64_t total_work = 0, largest_split = 0;
+  for (int64_t i = 0; i < num_seqs; i++) {
+    const AttentionSeq& s = seqs[i];
+    if (s.count == 0) continue;
+    const int64_t tiles = (s.past + s.count - 1) / g.Bt - first_visible(s.past, p.window) / g.Bt + 1;
+    total_work += KV * tiles * s.count;
+    if (s.count <= kSplitMaxTokens) largest_split = std::max(largest_split, tiles * s.count);
+  }
+  const bool split = p.split_decode > 0 || (p.split_decode < 0 && used > 1 && largest_split * 2 * used > total_work);
   std::vector<Item> items;
   int64_t partials = 0;  // (row, tile) partials stored, rows being G per token
   std::vector<Item> merges;
@@ -284,7 +298,7 @@ void attention(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_seqs,
     const int64_t b_first = first_visible(s.past, p.window) / g.Bt;
     const int64_t b_last = (s.past + s.count - 1) / g.Bt;
     const int64_t tiles = b_last - b_first + 1;
-    if (s.count <= kSplitMaxTokens && tiles > 1) {
+    if (split && s.count <= kSplitMaxTokens && tiles > 1) {
       const int64_t want = std::max<int64_t>(1, 4 * nthreads / std::max<int64_t>(1, KV * num_seqs));
       const int64_t per = std::max<int64_t>(1, (tiles + want - 1) / want);
       for (int64_t j = 0; j < KV; j++) {

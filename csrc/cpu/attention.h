@@ -45,6 +45,9 @@ struct AttentionParams {
   float scale = 0;     // multiplies q . k, usually 1 / sqrt(head_dim)
   int64_t window = 0;  // sliding window: a query at p sees keys in (p - window, p]; 0: every key <= p
   int threads = 0;     // at most this many pool threads (0: all)
+  // Decode-like sequences (at most 4 new tokens) split over their keys: -1 where it pays (attention.cpp),
+  // 0 never, 1 always (the tests take both paths; they give the same bits).
+  int split_decode = -1;
   // The tile kernel set; nullptr: the one for the process's expert kernels (select_kernels()).
   const AttentionTileKernels* kernels = nullptr;
 };

@@ -1,6 +1,9 @@
 // The CPU decoder (decoder.h): projections on the experts' packed GEMM (linear.h), attention over the
 // paged cache (attention.h), the MoE block and the dense MLP as CPU MoE layers (cpu_backend.cpp).
 #include <algorithm>
+#include <array>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <map>
@@ -350,6 +353,15 @@ class CpuDecoder final : public Decoder {
 
   int64_t free_cache_positions() const override { return pool_.free_blocks() * cfg_.block_tokens; }
 
+  StepTimes step_times() const override {
+    StepTimes t;
+    t.steps = steps_.load(std::memory_order_relaxed);
+    t.tokens = step_tokens_.load(std::memory_order_relaxed);
+    for (int i = 0; i < int(StepPhase::Count); i++)
+      t.nanoseconds[i] = phase_ns_[size_t(i)].load(std::memory_order_relaxed);
+    return t;
+  }
+
   std::vector<uint64_t> routed_tokens() const override {
     const int64_t E = cfg_.num_experts;
     std::vector<uint64_t> counts(size_t(cfg_.layers * E), 0);
@@ -392,8 +404,13 @@ class CpuDecoder final : public Decoder {
       if (need > int64_t(s.blocks.size()) && !pool_.allocate(need - int64_t(s.blocks.size()), s.blocks))
         fail(ErrorCode::Internal, "the KV cache lost blocks while a step was planned");
     }
-    run(tokens, T, seqs, num_seqs, logits, cancel);
+    PhaseClock clock;
+    run(tokens, T, seqs, num_seqs, logits, cancel, clock);
     for (int64_t i = 0; i < num_seqs; i++) find(seqs[i].id).length += seqs[i].count;
+    for (int i = 0; i < int(StepPhase::Count); i++)
+      phase_ns_[size_t(i)].fetch_add(clock.ns[i], std::memory_order_relaxed);
+    steps_.fetch_add(1, std::memory_order_relaxed);
+    step_tokens_.fetch_add(uint64_t(T), std::memory_order_relaxed);
   }
 
  private:
@@ -429,8 +446,20 @@ class CpuDecoder final : public Decoder {
     if (cancel && cancel->load()) fail(ErrorCode::Aborted, "the operation was aborted");
   }
 
+  // Times the phases of one step: to(p) charges the time since the previous mark to phase p.
+  struct PhaseClock {
+    using Clock = std::chrono::steady_clock;
+    Clock::time_point last = Clock::now();
+    uint64_t ns[int(StepPhase::Count)] = {};
+    void to(StepPhase p) {
+      const Clock::time_point now = Clock::now();
+      ns[int(p)] += uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(now - last).count());
+      last = now;
+    }
+  };
+
   void run(const int32_t* tokens, int64_t T, const StepSequence* seqs, int64_t num_seqs, float* logits,
-           const CancelFlag* cancel) {
+           const CancelFlag* cancel, PhaseClock& clock) {
     const int64_t H = cfg_.hidden, D = cfg_.head_dim, NQ = cfg_.heads * D, NKV = cfg_.kv_heads * D;
     const int64_t NQKV = NQ + 2 * NKV;
     const int threads = cfg_.threads;
@@ -467,6 +496,7 @@ class CpuDecoder final : public Decoder {
     float* cos = w.grow(w.cos, T * D / 2);
     float* sin = w.grow(w.sin, T * D / 2);
     rope_tables(pos, T, D, cfg_.rope_theta, cos, sin);
+    clock.to(StepPhase::Other);
     AttentionParams ap;
     ap.heads = cfg_.heads;
     ap.scale = float(1.0 / std::sqrt(double(D)));
@@ -478,6 +508,7 @@ class CpuDecoder final : public Decoder {
       Layer& L = layers_[size_t(l)];
       // Attention.
       rms_norm(x, T, H, H, L.attn_norm.data(), cfg_.rms_eps, xn, H);
+      clock.to(StepPhase::Other);
       L.qkv.forward(xn, H, T, qkv, NQKV, threads);
       for (int64_t t = 0; t < T; t++) {
         const float* r = qkv + t * NQKV;
@@ -506,6 +537,7 @@ class CpuDecoder final : public Decoder {
       }
       rope_apply(q, T, cfg_.heads, D, NQ, cos, sin);
       rope_apply(k, T, cfg_.kv_heads, D, NKV, cos, sin);
+      clock.to(StepPhase::Qkv);
       KvCacheView cache;
       cache.k = L.k_cache.get();
       cache.v = L.v_cache.get();
@@ -516,11 +548,14 @@ class CpuDecoder final : public Decoder {
       cache.dtype = cfg_.kv_dtype;
       kv_cache_write(cache, att_seqs.data(), int64_t(att_seqs.size()), k, v);
       attention(cache, att_seqs.data(), int64_t(att_seqs.size()), ap, q, att);
+      clock.to(StepPhase::Attention);
       L.o.forward(att, NQ, T, y, H, threads);
+      clock.to(StepPhase::Output);
       for (int64_t i = 0; i < T * H; i++) x[i] += y[i];
       check_cancel(cancel);
       // The MLP.
       rms_norm(x, T, H, H, L.ffn_norm.data(), cfg_.rms_eps, xn, H);
+      clock.to(StepPhase::Other);
       if (L.moe) {
         L.moe->forward(xn, T, y, cancel);
         for (int64_t i = 0; i < T * H; i++) x[i] += y[i];
@@ -541,6 +576,7 @@ class CpuDecoder final : public Decoder {
         L.shared->forward(xn, T, y, cancel);
         for (int64_t i = 0; i < T * H; i++) x[i] += y[i];
       }
+      clock.to(StepPhase::Mlp);
     }
     check_cancel(cancel);
     // The rows whose logits are asked for: final norm, then the LM head.
@@ -554,8 +590,10 @@ class CpuDecoder final : public Decoder {
         std::memcpy(out_rows + R * H, x + (row + j) * H, size_t(H) * sizeof(float));
       row += c;
     }
+    clock.to(StepPhase::Other);
     rms_norm(out_rows, R, H, H, final_norm_.data(), cfg_.rms_eps, out_rows, H);
     lm_head_.forward(out_rows, H, R, logits, cfg_.vocab, threads);
+    clock.to(StepPhase::LmHead);
   }
 
   DecoderConfig cfg_;
@@ -570,6 +608,9 @@ class CpuDecoder final : public Decoder {
   std::map<int64_t, Sequence> sequences_;
   int64_t next_id_ = 1;
   StepWorkspace work_;
+  // step_times(): read from the JavaScript thread while a step may run.
+  std::array<std::atomic<uint64_t>, size_t(StepPhase::Count)> phase_ns_{};
+  std::atomic<uint64_t> steps_{0}, step_tokens_{0};
 };
 
 }  // namespace

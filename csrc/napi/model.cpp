@@ -78,7 +78,7 @@ Napi::Function NativeModel::Init(Napi::Env env) {
        InstanceMethod<&NativeModel::SequenceLength>("sequenceLength"),
        InstanceMethod<&NativeModel::SequenceTruncate>("sequenceTruncate"), InstanceMethod<&NativeModel::Step>("step"),
        InstanceMethod<&NativeModel::Info>("info"), InstanceMethod<&NativeModel::RoutedTokens>("routedTokens"),
-       InstanceMethod<&NativeModel::Dispose>("dispose")});
+       InstanceMethod<&NativeModel::StepTimes>("stepTimes"), InstanceMethod<&NativeModel::Dispose>("dispose")});
 }
 
 NativeModel::NativeModel(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeModel>(info) {
@@ -325,6 +325,22 @@ Napi::Value NativeModel::RoutedTokens(const Napi::CallbackInfo& info) {
   Napi::Float64Array out = Napi::Float64Array::New(env, counts.size());
   for (size_t i = 0; i < counts.size(); i++) out[i] = double(counts[i]);
   return out;
+}
+
+// Steps, tokens and seconds per phase of every step completed since load (atomics, like RoutedTokens).
+Napi::Value NativeModel::StepTimes(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!decoder_) throw_moe_error(env, ErrorCode::Disposed, "this model was disposed");
+  const fmoe::StepTimes t = decoder_->step_times();
+  static const char* const kNames[] = {"qkv", "attention", "output", "mlp", "lmHead", "other"};
+  static_assert(sizeof(kNames) / sizeof(kNames[0]) == size_t(fmoe::StepPhase::Count), "a name per phase");
+  Napi::Object seconds = Napi::Object::New(env);
+  for (int i = 0; i < int(fmoe::StepPhase::Count); i++) seconds.Set(kNames[i], double(t.nanoseconds[i]) * 1e-9);
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("steps", double(t.steps));
+  o.Set("tokens", double(t.tokens));
+  o.Set("seconds", seconds);
+  return o;
 }
 
 Napi::Value NativeModel::Dispose(const Napi::CallbackInfo& info) {

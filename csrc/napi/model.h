@@ -28,6 +28,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   Napi::Value Step(const Napi::CallbackInfo& info);
   Napi::Value Info(const Napi::CallbackInfo& info);
   Napi::Value RoutedTokens(const Napi::CallbackInfo& info);
+  Napi::Value StepTimes(const Napi::CallbackInfo& info);
   Napi::Value Dispose(const Napi::CallbackInfo& info);
 
   // The decoder, checked live and idle (no load or step running).

@@ -98,7 +98,8 @@ struct StepSeq {
   int64_t past, count;
 };
 
-static std::vector<float> run_step(Cache& c, const Shape& sh, const std::vector<StepSeq>& step, int threads = 0) {
+static std::vector<float> run_step(Cache& c, const Shape& sh, const std::vector<StepSeq>& step, int threads = 0,
+                                   int split_decode = -1) {
   const int64_t H = sh.H, KV = sh.KV, D = sh.D;
   int64_t rows = 0;
   for (const StepSeq& s : step) rows += s.count;
@@ -125,6 +126,7 @@ static std::vector<float> run_step(Cache& c, const Shape& sh, const std::vector<
   p.scale = float(1.0 / std::sqrt(double(D)));
   p.window = sh.window;
   p.threads = threads;
+  p.split_decode = split_decode;
   p.kernels = sh.kern;
   std::vector<float> out(size_t(rows * H * D), NAN);
   attention(c.view, seqs.data(), int64_t(seqs.size()), p, q.data(), out.data());
@@ -172,7 +174,7 @@ static void test_shape(const Shape& sh, uint64_t seed) {
   std::vector<float> s1 = run_step(cache, sh, {{&b, 0, 41}, {&c, 0, 3}});
   const double e1 = std::max(row_error(s1, 0, {&b, 0, 41}, sh), row_error(s1, 41, {&c, 0, 3}, sh));
   // Step 2: a's whole prompt, b's decode at 41 (split over keys), c's two more tokens.
-  std::vector<float> s2 = run_step(cache, sh, {{&a, 0, 23}, {&b, 41, 1}, {&c, 3, 2}});
+  std::vector<float> s2 = run_step(cache, sh, {{&a, 0, 23}, {&b, 41, 1}, {&c, 3, 2}}, 0, 1);
   const double e2 = std::max(
       {row_error(s2, 0, {&a, 0, 23}, sh), row_error(s2, 23, {&b, 41, 1}, sh), row_error(s2, 24, {&c, 3, 2}, sh)});
   // float32 scores and sums over at most 42 keys of D products.

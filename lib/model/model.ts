@@ -108,7 +108,23 @@ export interface NativeModel {
   step(tokens: Int32Array, seqs: Float64Array, logits: Float32Array, cancel?: NativeCancel): Promise<Float32Array>;
   info(): { nativeBytes: number; freeCachePositions: number };
   routedTokens(): Float64Array;
+  stepTimes(): StepTimes;
   dispose(): void;
+}
+
+/** The parts of a step that stepTimes() times. */
+export type StepPhase = 'qkv' | 'attention' | 'output' | 'mlp' | 'lmHead' | 'other';
+
+/**
+ * Steps completed since load, the tokens they held, and the seconds they spent in each part of the
+ * model: the Q/K/V projections (with their norms and rotary embedding), the KV cache write and attention,
+ * the output projection, the MoE block or dense MLP, the final norm and LM head, and the rest
+ * (embedding, RMSNorms, residuals).
+ */
+export interface StepTimes {
+  steps: number;
+  tokens: number;
+  seconds: Record<StepPhase, number>;
 }
 
 const KV_DTYPES: readonly KvCacheDtype[] = ['bfloat16', 'float16', 'float32'];
@@ -394,6 +410,15 @@ export class MoeModel {
     const flat = this.#live().routedTokens();
     const E = this.config.moe.numExperts;
     return Array.from({ length: this.config.numLayers }, (_, l) => Array.from(flat.subarray(l * E, (l + 1) * E)));
+  }
+
+  /**
+   * Where the native steps' time went since load, by part of the model. Two readings around a run give
+   * its split (bench/model.js reports each part against the bytes it reads).
+   */
+  stepTimes(): StepTimes {
+    const t = this.#live().stepTimes();
+    return { steps: t.steps, tokens: t.tokens, seconds: { ...t.seconds } };
   }
 
   /** Generations running in the step loop and waiting for a sequence, and finished prefixes kept. */
