@@ -151,6 +151,18 @@ class Scratch {
   }
 }
 const scratches = new Map<number, Scratch>();
+/** The first index of the largest value (a NaN at 0 wins; elsewhere NaN never does). */
+function argmax(x: Float32Array | Float64Array): number {
+  let best = 0,
+    top = x[0];
+  for (let i = 1; i < x.length; i++)
+    if (x[i] > top) {
+      top = x[i];
+      best = i;
+    }
+  return best;
+}
+
 function scratchFor(vocab: number): Scratch {
   let s = scratches.get(vocab);
   if (!s) scratches.set(vocab, (s = new Scratch(vocab)));
@@ -170,6 +182,7 @@ export class Sampler {
   sample(logits: Float32Array, history: readonly number[]): number {
     const V = logits.length;
     const { temperature, topK, topP, minP, repetitionPenalty } = this.#params;
+    if (temperature === 0 && repetitionPenalty === 1) return argmax(logits); // greedy: nothing to copy
     const sc = scratchFor(V);
     const x = sc.values;
     for (let i = 0; i < V; i++) x[i] = logits[i];
@@ -181,8 +194,7 @@ export class Sampler {
           x[t] = x[t] < 0 ? x[t] * repetitionPenalty : x[t] / repetitionPenalty;
         }
     }
-    let best = 0;
-    for (let i = 1; i < V; i++) if (x[i] > x[best]) best = i;
+    const best = argmax(x);
     if (temperature === 0) return best;
 
     // Probabilities relative to the most likely token (which has 1).
