@@ -72,8 +72,11 @@ async function runOurs(job) {
     }
   };
   await model.complete(benchTokens(job.prompt, job.V, 1), { maxTokens: 4, temperature: 0 }); // warm-up
+  out.phases = {};
   for (const N of job.streams) {
     const figures = [];
+    const before = model.stepTimes(),
+      t0 = now();
     for (let rep = 0; rep < job.reps; rep++) {
       const times = Array.from({ length: N }, () => []);
       const starts = [];
@@ -84,6 +87,18 @@ async function runOurs(job) {
       figures.push(summarize(starts, times));
     }
     out.streams[N] = figures;
+    // Where the native steps of these runs (prompts included) spent their time, and their share of the wall
+    // time (the rest: the step loop, sampling, streaming in JavaScript).
+    const after = model.stepTimes(),
+      steps = after.steps - before.steps;
+    const msPerStep = {};
+    let nativeMs = 0;
+    for (const p of Object.keys(after.seconds)) {
+      const ms = (after.seconds[p] - before.seconds[p]) * 1e3;
+      msPerStep[p] = ms / steps;
+      nativeMs += ms;
+    }
+    out.phases[N] = { steps, wallMs: now() - t0, nativeMs, msPerStep };
   }
   if (job.longPrompt) {
     // 8 streams in steady state, then a long prompt joins; latencies split at its arrival and at its
@@ -293,6 +308,16 @@ for (const r of results) {
     rows.push(row);
     log(
       `| ${r.format} | ${N} | ${r.engine} | ${fmt(rate)} | ${fmt(row.vsOne)}× | ${(frac * 100).toFixed(0)}% | ${fmt(row.ttftP50)} / ${fmt(row.ttftP99)} | ${fmt(row.itlP50)} / ${fmt(row.itlP99)} |`,
+    );
+  }
+}
+for (const r of results) {
+  if (r.error || !r.phases) continue;
+  for (const N of streams) {
+    const p = r.phases[N];
+    const parts = Object.entries(p.msPerStep).map(([k, ms]) => `${k} ${fmt(ms)}`);
+    log(
+      `${r.format} ${N} streams: native steps ${((p.nativeMs / p.wallMs) * 100).toFixed(0)}% of the wall time; ms per step (${p.steps} steps, prompts included): ${parts.join(', ')}`,
     );
   }
 }
