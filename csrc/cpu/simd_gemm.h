@@ -14,7 +14,7 @@ namespace {
 //   prefill: many rows share each weight load; NP panels x MR rows, k blocked by kc so the panels'
 //            block stays in L2 while every row block of the call passes over it.
 //   decode:  few rows; more panels side by side so enough independent chains hide the FMA latency
-//            while the weights stream from memory once.
+//            while the weights stream from memory once (up to kMrDecodeMax rows in one row block).
 //   few:     more rows than decode takes but no more than kMrFew: the prefill tile over the whole of k,
 //            all rows in one row block, so the weights stream once as in decode (k blocks and the
 //            next-block prefetch only pay when several row blocks reuse a block from L2). At 16 tokens
@@ -28,19 +28,24 @@ struct Shapes {
   static constexpr int kMrFew = kMrPrefill;  // one prefill row block
   static constexpr int kNpDecode = 8 / NMAT;
   static constexpr int kMrDecode = O::kAcc / 8 > 0 ? O::kAcc / 8 : 1;
+  static constexpr int kMrDecodeMax = kMrDecode;  // rows the decode panels take in one row block
 };
 // With 32 registers the integer-dot modes also hold one step's unpacked codes for the whole tile (two
 // registers per panel and matrix for int4, one for int8; micro_qdot) and a row's broadcasts, so the
 // tiles are narrower. Prefill: two panel-matrices (w13: one panel of both; w2: two panels) of 6 rows;
 // with 7 to 12 rows GCC 12 spills accumulators again and the int4 prefill ran slower on 2 Zen 4 cores
-// (`bench.js --cases expert-int4-g32` repeats it, kMrPrefill edited). Decode: four panel-matrices of 3 rows.
+// (`bench.js --cases expert-int4-g32` repeats it, kMrPrefill edited). Decode: four panel-matrices of 3 rows,
+// and of 4 rows for exactly 4 (16 accumulators and 8 code registers still fit): the few shape's narrower
+// tile kept fewer bytes of codes in flight. At 16 tokens of a Mixtral-shaped layer (`bench/ab-builds.js`,
+// Zen 5, 2 cores): mixtral-16tok-int4 0.93-0.99 over four runs, mixtral-16tok-int8 0.885-0.94 over three.
 template <class O, int MODE, int NMAT>
 struct Shapes<O, MODE, NMAT, true> {
   static constexpr int kNpPrefill = 2 / NMAT;
   static constexpr int kMrPrefill = 6;
   static constexpr int kNpDecode = 4 / NMAT;
   static constexpr int kMrDecode = 3;
-  static constexpr int kMrFew = 8;  // spills a little, less than two passes over the codes cost
+  static constexpr int kMrDecodeMax = 4;  // the decode panels at 4 rows: 16 accumulators beside the codes
+  static constexpr int kMrFew = 8;        // spills a little, less than two passes over the codes cost
 };
 
 // At most this many rows per expert take the decode shape, chosen by measurement (`bench.js --switch`,
@@ -185,11 +190,16 @@ static void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t gsz,
                  int64_t p_begin, int64_t p_end, ActEpoch epoch, Epi&& epi) {
   using S = Shapes<O, MODE, NMAT>;
   const bool decode = M <= decode_rows_limit();
-  const bool few = !decode && M <= S::kMrFew;
-  const char* a = pack_act<O, MODE>(x, ldx, M, K, decode ? S::kMrDecode : few ? S::kMrFew : S::kMrPrefill, gsz, epoch);
+  const bool decode_max = !decode && S::kMrDecodeMax > S::kMrDecode && M <= S::kMrDecodeMax;
+  const bool few = !decode && !decode_max && M <= S::kMrFew;
+  const int block_rows = decode ? S::kMrDecode : decode_max ? S::kMrDecodeMax : few ? S::kMrFew : S::kMrPrefill;
+  const char* a = pack_act<O, MODE>(x, ldx, M, K, block_rows, gsz, epoch);
   if (decode) {
     sweep<O, MODE, NMAT, S::kMrDecode, S::kNpDecode, false>(a, M, K, int64_t(1) << 40, gsz, b, pstride, p_begin, p_end,
                                                             epi);
+  } else if (decode_max) {
+    sweep<O, MODE, NMAT, S::kMrDecodeMax, S::kNpDecode, false>(a, M, K, int64_t(1) << 40, gsz, b, pstride, p_begin,
+                                                               p_end, epi);
   } else if (few) {
     sweep<O, MODE, NMAT, S::kMrFew, S::kNpPrefill, false>(a, M, K, int64_t(1) << 40, gsz, b, pstride, p_begin, p_end,
                                                           epi);
