@@ -52,13 +52,18 @@ describe('event loop and fairness', () => {
       }),
     );
     h.disable();
+    // One forward again, right after: a machine loaded by others (another test file, another process)
+    // stretches both this forward and the loop's delays.
+    const t2 = performance.now();
+    await layers[0].forward(x);
+    const lastForwardMs = performance.now() - t2;
     layers.forEach((l) => l.dispose());
     expect(h.count).toBeGreaterThan(100);
-    // A loop held by the forwards would stall for whole forwards: p99 about oneForwardMs, timed in this
+    // A loop held by the forwards would stall for whole forwards: p99 about one forward, timed in this
     // run. A free loop waits only on the OS scheduler: p99 near 10 ms on an idle 2-core machine, but
-    // 30 to 70 ms seen beside other busy processes. So the bound is a quarter of this run's forward,
-    // and never below 20 ms.
-    expect(h.percentile(99) / 1e6).toBeLessThan(Math.max(20, oneForwardMs / 4));
+    // 30 to 70 ms seen beside other busy processes. So the bound is a quarter of the longer of the two
+    // forwards timed around the loop, and never below 20 ms.
+    expect(h.percentile(99) / 1e6).toBeLessThan(Math.max(20, Math.max(oneForwardMs, lastForwardMs) / 4));
   });
 
   test('a small request is not starved behind long prefills on another layer', async () => {
