@@ -5,6 +5,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../core/error.h"
@@ -279,12 +280,17 @@ void attention(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_seqs,
   // thread's share; otherwise the store and the second pass cost more than they spread (`node
   // bench/model.js --models qwen3moe --formats int4 --engines ours`, the attention part of a decode step
   // with its KV cache write: 0.197 and 0.218 ms split, 0.162 and 0.163 streamed). Either way, the same bits.
+  // The cache blocks (tiles) the new tokens of s see: [first block, last block].
+  auto visible_blocks = [&](const AttentionSeq& s) {
+    return std::make_pair(first_visible(s.past, p.window) / g.Bt, (s.past + s.count - 1) / g.Bt);
+  };
   const int64_t used = p.threads > 0 ? std::min<int64_t>(p.threads, nthreads) : nthreads;
   int64_t total_work = 0, largest_split = 0;
   for (int64_t i = 0; i < num_seqs; i++) {
     const AttentionSeq& s = seqs[i];
     if (s.count == 0) continue;
-    const int64_t tiles = (s.past + s.count - 1) / g.Bt - first_visible(s.past, p.window) / g.Bt + 1;
+    const auto [b_first, b_last] = visible_blocks(s);
+    const int64_t tiles = b_last - b_first + 1;
     total_work += KV * tiles * s.count;
     if (s.count <= kSplitMaxTokens) largest_split = std::max(largest_split, tiles * s.count);
   }
@@ -295,8 +301,7 @@ void attention(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_seqs,
   for (int64_t i = 0; i < num_seqs; i++) {
     const AttentionSeq& s = seqs[i];
     if (s.count == 0) continue;
-    const int64_t b_first = first_visible(s.past, p.window) / g.Bt;
-    const int64_t b_last = (s.past + s.count - 1) / g.Bt;
+    const auto [b_first, b_last] = visible_blocks(s);
     const int64_t tiles = b_last - b_first + 1;
     if (split && s.count <= kSplitMaxTokens && tiles > 1) {
       const int64_t want = std::max<int64_t>(1, 4 * nthreads / std::max<int64_t>(1, KV * num_seqs));

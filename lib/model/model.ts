@@ -417,8 +417,7 @@ export class MoeModel {
    * its split (bench/model.js reports each part against the bytes it reads).
    */
   stepTimes(): StepTimes {
-    const t = this.#live().stepTimes();
-    return { steps: t.steps, tokens: t.tokens, seconds: { ...t.seconds } };
+    return this.#live().stepTimes(); // a fresh object from the binding at every call
   }
 
   /** Generations running in the step loop and waiting for a sequence, and finished prefixes kept. */
