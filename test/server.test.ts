@@ -126,7 +126,12 @@ describe('cancellation', () => {
     const p = big.forward(xb, { signal: ac.signal });
     setTimeout(() => ac.abort(), 100);
     await expect(p).rejects.toMatchObject({ name: 'AbortError', code: 'ABORT_ERR' });
-    expect(performance.now() - t0).toBeLessThan(1200);
+    const aborted = performance.now() - t0;
+    // Early against the whole forward timed now, in the same machine state (some 1500 ms when idle; a
+    // fixed bound failed when another test loaded the machine).
+    const t1 = performance.now();
+    await big.forward(xb);
+    expect(aborted).toBeLessThan(0.5 * (performance.now() - t1));
     // The layer still works after the abort.
     expect(bits(await big.forward(large.x))).toEqual(bits(big.forwardSync(large.x)));
     big.dispose();
