@@ -27,8 +27,13 @@ namespace {
 
 // Workspace bound per forward chunk: long inputs are processed in chunks so memory stays bounded.
 constexpr size_t kChunkWorkspaceBytes = size_t(128) << 20;
-// Work per pool job: a few milliseconds of FMAs, the longest another layer's request waits for the cores.
+// Work per pool job: a few milliseconds of FMAs, or of weights streamed from memory, the longest another
+// layer's request waits for the cores.
 constexpr double kJobFlops = 2.0e9;
+constexpr double kJobBytes = 256.0 * (1 << 20);
+// Weight bytes per item at most: a few dozen microseconds of streaming, the longest a thread that has
+// run out of items waits at the end of a job for another thread's last one.
+constexpr double kItemBytes = 2.0 * (1 << 20);
 
 struct WorkItem {
   int64_t expert, begin, end;
@@ -182,10 +187,13 @@ class CpuBackend final : public Backend {
 
   // Splits each expert's columns [0, cols) into tiles so every thread gets several items: at least 16 per
   // thread over the phase, and at least 8 per thread in every bounded job (run_bounded), so the last
-  // item of a job leaves the other threads idle for a small fraction of it. Tiles are whole pairs of
+  // item of a job leaves the other threads idle for a small fraction of it. An item is bounded in FLOPs
+  // and in weight bytes: at a few rows per expert the bytes take the time, and an expert that one token
+  // picked, split by its share of the rows alone, made items of tens of MiB. Tiles are whole pairs of
   // panels where they can be (the prefill micro-tile is two panels wide); the activations of an expert
   // are packed once per thread and phase, whatever the tile (kernels.h), so small tiles cost little.
-  std::vector<WorkItem> tile_items(const Dispatch& d, int64_t cols, int64_t total_rows, int64_t flops_per_cell) const {
+  std::vector<WorkItem> tile_items(const Dispatch& d, int64_t cols, int64_t total_rows, int64_t flops_per_cell,
+                                   double bytes_per_col) const {
     const int64_t P = kernels_->panel;
     const int64_t nthreads = std::max(1, ThreadPool::instance().size());
     const double item_cap = kJobFlops / double(8 * nthreads);
@@ -194,8 +202,9 @@ class CpuBackend final : public Backend {
       const int64_t rows = d.offsets[e + 1] - d.offsets[e];
       if (rows == 0) continue;
       const double flops = double(rows) * double(cols) * double(flops_per_cell);
-      const int64_t want = std::max<int64_t>(
-          {1, (16 * nthreads * rows + total_rows - 1) / total_rows, int64_t(std::ceil(flops / item_cap))});
+      const int64_t want = std::max<int64_t>({1, (16 * nthreads * rows + total_rows - 1) / total_rows,
+                                              int64_t(std::ceil(flops / item_cap)),
+                                              int64_t(std::ceil(double(cols) * bytes_per_col / kItemBytes))});
       int64_t tile = (cols + want - 1) / want;
       const int64_t unit = cols >= 4 * P ? 2 * P : P;
       tile = std::max<int64_t>(unit, (tile + unit - 1) / unit * unit);
@@ -204,12 +213,13 @@ class CpuBackend final : public Backend {
     return items;
   }
 
-  // Runs the items as several pool jobs of bounded work (about kJobFlops each), so a request on another
-  // layer waits for at most one such job, and a cancelled request stops between them. Each job still
-  // holds enough items to keep every thread busy. flops_per_cell: FLOPs per (row, column) of an item.
-  // fn(item, first row, rows, epoch): every item of the phase gets the same activation epoch (kernels.h).
+  // Runs the items as several pool jobs of bounded work (about kJobFlops or kJobBytes each), so a request
+  // on another layer waits for at most one such job, and a cancelled request stops between them. Each
+  // job still holds enough items to keep every thread busy. flops_per_cell: FLOPs per (row, column) of
+  // an item; bytes_per_col: weight bytes per column. fn(item, first row, rows, epoch): every item of the
+  // phase gets the same activation epoch (kernels.h).
   template <typename Fn>
-  void run_bounded(const std::vector<WorkItem>& items, const Dispatch& d, int64_t flops_per_cell,
+  void run_bounded(const std::vector<WorkItem>& items, const Dispatch& d, int64_t flops_per_cell, double bytes_per_col,
                    const CancelFlag* cancel, const Fn& fn) {
     ThreadPool& pool = ThreadPool::instance();
     const ActEpoch epoch = new_activation_epoch();  // this phase's input is written: earlier copies are stale
@@ -218,11 +228,12 @@ class CpuBackend final : public Backend {
     while (begin < items.size()) {
       if (cancel && cancel->load()) fail(ErrorCode::Aborted, "the operation was aborted");
       size_t end = begin;
-      double flops = 0;
-      while (end < items.size() && (end - begin < min_items || flops < kJobFlops)) {
+      double flops = 0, bytes = 0;
+      while (end < items.size() && (end - begin < min_items || (flops < kJobFlops && bytes < kJobBytes))) {
         const WorkItem& it = items[end++];
         flops += double(d.offsets[it.expert + 1] - d.offsets[it.expert]) * double(it.end - it.begin) *
                  double(flops_per_cell);
+        bytes += double(it.end - it.begin) * bytes_per_col;
       }
       pool.parallel_for(int64_t(end - begin), 1, threads(), [&](int64_t b, int64_t e, int) {
         for (int64_t i = b; i < e; i++) {
@@ -265,18 +276,19 @@ class CpuBackend final : public Backend {
     }
 
     ThreadPool& pool = ThreadPool::instance();
-    std::vector<WorkItem> up = tile_items(d, F, R, 2 * 2 * H);
+    const double up_bytes = double(w13_bytes_) / double(F), down_bytes = double(w2_bytes_) / double(H);
+    std::vector<WorkItem> up = tile_items(d, F, R, 2 * 2 * H, up_bytes);
     const Quant q = cfg_.quant;
     const int64_t g = cfg_.quant_group;
-    run_bounded(up, d, 2 * 2 * H, cancel, [&](const WorkItem& it, int64_t r0, int64_t rows, ActEpoch epoch) {
+    run_bounded(up, d, 2 * 2 * H, up_bytes, cancel, [&](const WorkItem& it, int64_t r0, int64_t rows, ActEpoch epoch) {
       if (q != Quant::None)
         kernels_->swiglu_quant(xs + r0 * H, H, rows, H, F, w13_of(it.expert), q, g, it.begin, it.end, act + r0 * F, F,
                                epoch);
       else
         kernels_->swiglu(xs + r0 * H, H, rows, H, F, w13_of(it.expert), dt, it.begin, it.end, act + r0 * F, F, epoch);
     });
-    std::vector<WorkItem> downs = tile_items(d, H, R, 2 * F);
-    run_bounded(downs, d, 2 * F, cancel, [&](const WorkItem& it, int64_t r0, int64_t rows, ActEpoch epoch) {
+    std::vector<WorkItem> downs = tile_items(d, H, R, 2 * F, down_bytes);
+    run_bounded(downs, d, 2 * F, down_bytes, cancel, [&](const WorkItem& it, int64_t r0, int64_t rows, ActEpoch epoch) {
       if (q != Quant::None)
         kernels_->down_quant(act + r0 * F, F, rows, H, F, w2_of(it.expert), q, g, it.begin, it.end, ys + r0 * H, H,
                              epoch);
