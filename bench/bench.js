@@ -11,7 +11,9 @@
 //
 // At T = 1 every forward also follows a read probe of its own, and "%bw paired" (which the decode
 // targets use) is the median of the per-forward fractions: the run's ceiling alone swung 68-102% on
-// one case between runs minutes apart.
+// one case between runs minutes apart. Between the probe and the timed forward runs one untimed forward
+// of another token, as consecutive decode steps follow each other: the forward right after a probe
+// pays for the probe (the pool's threads asleep, the router's weights evicted).
 //
 // The kernel set is fixed per process (FUSED_MOE_ISA), so every (case, set) runs in a child process
 // of this script (`--child`) and reports JSON on stdout. Results are written to
@@ -247,9 +249,13 @@ function runChild(spec) {
     // Decode is bandwidth-bound and this machine's bandwidth swings within seconds: at T = 1 each
     // forward is paired with a read probe taken just before it (probes[i] beside times[i]).
     const probes = T === 1 && spec.paired ? [] : undefined;
+    const settle = fill(T * H, false, 1, 200 + T);
     const until = Date.now() + (spec.minMs || 0);
     for (let r = 0; r < spec.reps || Date.now() < until; r++) {
-      if (probes) probes.push(binding.bench.readBandwidth(256 << 20, binding.backendInfo().cpu.threads));
+      if (probes) {
+        probes.push(binding.bench.readBandwidth(256 << 20, binding.backendInfo().cpu.threads));
+        layer.forwardSync(settle, out);
+      }
       const t = process.hrtime.bigint();
       layer.forwardSync(x, out);
       times.push(Number(process.hrtime.bigint() - t) / 1e6);

@@ -2,9 +2,12 @@
 // memory is gone before the next loads): ours through MoeModel, llama.cpp through node-llama-cpp.
 // A job: { engine, dir | gguf, quantize, prompt: number[], decodePrefix: number[], decodeTokens:
 // number[], warmDecode, promptReps, threads, context, probeBytes }. Both report the same figures:
-// { loadS, promptMs: [...], decodeMs: [...], decodeProbes: [...], info }. With probeBytes, every decode
-// step follows a read-bandwidth probe of that many bytes (decodeProbes[i], GB/s, beside decodeMs[i]):
-// this machine's bandwidth moves within a run, so each step is compared with the memory of its moment.
+// { loadS, promptMs: [...], decodeMs: [...], decodeProbes: [...], info }. With probeBytes, every measured
+// decode step follows a read-bandwidth probe of that many bytes (decodeProbes[i], GB/s, beside
+// decodeMs[i]): this machine's bandwidth moves within a run, so each step is compared with the memory
+// of its moment. Between the probe and the measured step runs one unmeasured step (settleTokens[i]):
+// the step right after a probe ran 5-60% slower than the steps after it (the pool's threads asleep,
+// the small tensors evicted), a cost of the probe that back-to-back generation steps never pay.
 // Ours also reports decodePhaseMs: the measured decode steps' milliseconds per step in each part of the
 // model (MoeModel.stepTimes()).
 'use strict';
@@ -47,29 +50,33 @@ async function runOurs(job) {
   // API has only whole-sequence logits() so far).
   const seq = model.createSequence();
   const decodeMs = [],
-    decodeProbes = [];
-  let phasesBefore;
+    decodeProbes = [],
+    decodePhaseMs = {};
   try {
     await model.step([{ sequence: seq, tokens: job.decodePrefix }]);
     let logits;
+    const decode = async (token) => {
+      // As generation steps (lib/generate/engine.ts): the logits are read before the next step.
+      [logits] = await model.step([{ sequence: seq, tokens: [token] }], { reuseLogits: true });
+    };
     for (let i = 0; i < job.decodeTokens.length; i++) {
       const p = i >= job.warmDecode ? probe(job) : null;
-      const t = now();
-      // As generation steps (lib/generate/engine.ts): the logits are read before the next step.
-      if (i === job.warmDecode) phasesBefore = model.stepTimes();
-      [logits] = await model.step([{ sequence: seq, tokens: [job.decodeTokens[i]] }], { reuseLogits: true });
-      if (i >= job.warmDecode) decodeMs.push(now() - t);
+      if (p !== null) await decode(job.settleTokens[i]); // unmeasured (above)
+      const before = model.stepTimes().seconds,
+        t = now();
+      await decode(job.decodeTokens[i]);
+      if (i < job.warmDecode) continue;
+      decodeMs.push(now() - t);
       if (p !== null) decodeProbes.push(p);
+      // Milliseconds in each part of the model (MoeModel.stepTimes()), summed over the measured steps.
+      const after = model.stepTimes().seconds;
+      for (const k of Object.keys(after)) decodePhaseMs[k] = (decodePhaseMs[k] || 0) + (after[k] - before[k]) * 1e3;
     }
     if (!logits.every(Number.isFinite)) finite = false;
   } finally {
     seq.free();
   }
-  // Milliseconds per measured decode step in each part of the model (MoeModel.stepTimes()).
-  const phasesAfter = model.stepTimes();
-  const decodePhaseMs = {};
-  for (const p of Object.keys(phasesAfter.seconds))
-    decodePhaseMs[p] = ((phasesAfter.seconds[p] - phasesBefore.seconds[p]) * 1e3) / decodeMs.length;
+  for (const k of Object.keys(decodePhaseMs)) decodePhaseMs[k] /= decodeMs.length;
   const info = { nativeBytes: model.nativeBytes, isa: addon.backendInfo().cpu.isa, finite };
   model.dispose();
   return { loadS, promptMs, decodeMs, decodeProbes, decodePhaseMs, info };
@@ -117,6 +124,7 @@ async function runLlama(job) {
     decodeProbes = [];
   for (let i = 0; i < job.decodeTokens.length; i++) {
     const p = i >= job.warmDecode ? probe(job) : null;
+    if (p !== null) await seq.controlledEvaluate([[job.settleTokens[i], ask]]); // unmeasured (above)
     const t = now();
     await seq.controlledEvaluate([[job.decodeTokens[i], ask]]);
     if (i >= job.warmDecode) decodeMs.push(now() - t);

@@ -183,6 +183,7 @@ for (const name of modelNames) {
   const prompt = benchTokens(RUN.promptTokens, m.V, 11);
   const decodePrefix = benchTokens(RUN.prefix, m.V, 12);
   const decodeTokens = benchTokens(RUN.warmDecode + RUN.decodeSteps, m.V, 13);
+  const settleTokens = benchTokens(RUN.warmDecode + RUN.decodeSteps, m.V, 14);
   for (const format of formats) {
     const row = {
       model: name,
@@ -211,6 +212,7 @@ for (const name of modelNames) {
         prompt,
         decodePrefix,
         decodeTokens,
+        settleTokens,
         warmDecode: RUN.warmDecode,
         probeBytes: RUN.probeBytes,
         promptReps: RUN.promptReps,
@@ -329,7 +331,7 @@ for (const row of table) log(row.map((v, i) => String(v).padStart(widths[i])).jo
 log(
   `prompt: ${RUN.promptTokens} tokens, median of ${RUN.promptReps}; %peak of the ${fmaIsa} f32 FMA peak (bf16: of the bf16 dot peak). ` +
     `decode: batch 1, median of ${RUN.decodeSteps} steps after a ${RUN.prefix}-token prefix; %bw: bytes a token reads / time, of the run's read probe; ` +
-    `%bw paired: the median over steps of the same against a probe taken just before each step (the decode target uses it where measured).`,
+    `%bw paired: the median over steps of the same against a probe taken just before each step, one unmeasured step between them (the decode target uses it where measured).`,
 );
 
 const targets = [];
