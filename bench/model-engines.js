@@ -8,10 +8,11 @@
 // of its moment. Between the probe and the measured step runs one unmeasured step (settleTokens[i]):
 // the step right after a probe ran 5-60% slower than the steps after it (the pool's threads asleep,
 // the small tensors evicted), a cost of the probe that back-to-back generation steps never pay.
-// Ours also reports decodePhaseMs: the measured decode steps' milliseconds per step in each part of the
-// model (MoeModel.stepTimes()).
+// Ours also reports decodePhaseMs: the median over the measured decode steps of each part's milliseconds
+// (MoeModel.stepTimes()); a median, since the few steps the host stalls would inflate a mean.
 'use strict';
 const path = require('path');
+const { median } = require('./util');
 
 const root = path.join(__dirname, '..');
 const now = () => Number(process.hrtime.bigint()) / 1e6;
@@ -51,7 +52,7 @@ async function runOurs(job) {
   const seq = model.createSequence();
   const decodeMs = [],
     decodeProbes = [],
-    decodePhaseMs = {};
+    phaseMs = {};
   try {
     await model.step([{ sequence: seq, tokens: job.decodePrefix }]);
     let logits;
@@ -68,15 +69,15 @@ async function runOurs(job) {
       if (i < job.warmDecode) continue;
       decodeMs.push(now() - t);
       if (p !== null) decodeProbes.push(p);
-      // Milliseconds in each part of the model (MoeModel.stepTimes()), summed over the measured steps.
       const after = model.stepTimes().seconds;
-      for (const k of Object.keys(after)) decodePhaseMs[k] = (decodePhaseMs[k] || 0) + (after[k] - before[k]) * 1e3;
+      for (const k of Object.keys(after)) (phaseMs[k] = phaseMs[k] || []).push((after[k] - before[k]) * 1e3);
     }
     if (!logits.every(Number.isFinite)) finite = false;
   } finally {
     seq.free();
   }
-  for (const k of Object.keys(decodePhaseMs)) decodePhaseMs[k] /= decodeMs.length;
+  const decodePhaseMs = {};
+  for (const k of Object.keys(phaseMs)) decodePhaseMs[k] = median(phaseMs[k]);
   const info = { nativeBytes: model.nativeBytes, isa: addon.backendInfo().cpu.isa, finite };
   model.dispose();
   return { loadS, promptMs, decodeMs, decodeProbes, decodePhaseMs, info };

@@ -256,7 +256,7 @@ for (const name of modelNames) {
           `of ${r.decodeMs.length} steps (min ${fmt(Math.min(...r.decodeMs))}, max ${fmt(Math.max(...r.decodeMs))}, ${row[engine].decodeStalls} over 2x)`,
       );
       if (r.decodePhaseMs) {
-        // Mean ms per step in each part, and the GB/s of the parts that stream weights, against the median
+        // Median ms per step in each part, and the GB/s of the parts that stream weights, against the median
         // of the probes taken before the steps (or the run's probe).
         const phaseBytes = decodePhaseBytes(m, bpw);
         const probe = r.decodeProbes && r.decodeProbes.length ? median(r.decodeProbes) : ceilings.readGBs;
