@@ -6,7 +6,7 @@
 // decode step follows a read-bandwidth probe of that many bytes (decodeProbes[i], GB/s, beside
 // decodeMs[i]): this machine's bandwidth moves within a run, so each step is compared with the memory
 // of its moment. Between the probe and the measured step runs one unmeasured step (settleTokens[i]):
-// the step right after a probe ran 5-60% slower than the steps after it (the pool's threads asleep,
+// the step right after a probe ran slower than the steps after it (the pool's threads asleep,
 // the small tensors evicted), a cost of the probe that back-to-back generation steps never pay.
 // Ours also reports decodePhaseMs: the median over the measured decode steps of each part's milliseconds
 // (MoeModel.stepTimes()); a median, since the few steps the host stalls would inflate a mean.
@@ -62,7 +62,7 @@ async function runOurs(job) {
     };
     for (let i = 0; i < job.decodeTokens.length; i++) {
       const p = i >= job.warmDecode ? probe(job) : null;
-      if (p !== null) await decode(job.settleTokens[i]); // unmeasured (above)
+      if (p !== null && job.settleTokens) await decode(job.settleTokens[i]); // unmeasured (above)
       const before = model.stepTimes().seconds,
         t = now();
       await decode(job.decodeTokens[i]);
@@ -125,7 +125,7 @@ async function runLlama(job) {
     decodeProbes = [];
   for (let i = 0; i < job.decodeTokens.length; i++) {
     const p = i >= job.warmDecode ? probe(job) : null;
-    if (p !== null) await seq.controlledEvaluate([[job.settleTokens[i], ask]]); // unmeasured (above)
+    if (p !== null && job.settleTokens) await seq.controlledEvaluate([[job.settleTokens[i], ask]]); // unmeasured (above)
     const t = now();
     await seq.controlledEvaluate([[job.decodeTokens[i], ask]]);
     if (i >= job.warmDecode) decodeMs.push(now() - t);

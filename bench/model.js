@@ -11,6 +11,8 @@
 //   --cache-dir DIR                              where the model files live (default: the OS temp
 //                                                folder, fused-moe-bench-models; reused across runs)
 //   --json                                       the results object on stdout (the table goes to stderr)
+//   --no-settle                                  each measured decode step right after its read probe,
+//                                                without the unmeasured step between (bench/model-engines.js)
 //
 // Models: a Mixtral-8x7B-width model with 2 layers and a Qwen3-30B-A3B-width model with 4 layers
 // (bench/model-files.js), random bf16 weights from a fixed seed. Formats: ours bf16 / int8 / int4
@@ -183,7 +185,7 @@ for (const name of modelNames) {
   const prompt = benchTokens(RUN.promptTokens, m.V, 11);
   const decodePrefix = benchTokens(RUN.prefix, m.V, 12);
   const decodeTokens = benchTokens(RUN.warmDecode + RUN.decodeSteps, m.V, 13);
-  const settleTokens = benchTokens(RUN.warmDecode + RUN.decodeSteps, m.V, 14);
+  const settleTokens = args.includes('--no-settle') ? null : benchTokens(RUN.warmDecode + RUN.decodeSteps, m.V, 14);
   for (const format of formats) {
     const row = {
       model: name,
