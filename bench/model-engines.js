@@ -1,13 +1,14 @@
 // The two engines of bench/model.js, each run in a child process of its own (so that one model's
 // memory is gone before the next loads): ours through MoeModel, llama.cpp through node-llama-cpp.
 // A job: { engine, dir | gguf, quantize, prompt: number[], decodePrefix: number[], decodeTokens:
-// number[], warmDecode, promptReps, threads, context, probeBytes }. Both report the same figures:
-// { loadS, promptMs: [...], decodeMs: [...], decodeProbes: [...], info }. With probeBytes, every measured
-// decode step follows a read-bandwidth probe of that many bytes (decodeProbes[i], GB/s, beside
-// decodeMs[i]): this machine's bandwidth moves within a run, so each step is compared with the memory
-// of its moment. Between the probe and the measured step runs one unmeasured step (settleTokens[i]):
-// the step right after a probe ran slower than the steps after it (the pool's threads asleep,
-// the small tensors evicted), a cost of the probe that back-to-back generation steps never pay.
+// number[], settleTokens: number[] | null, warmDecode, promptReps, threads, context, probeBytes }. Both
+// report the same figures: { loadS, promptMs: [...], decodeMs: [...], decodeProbes: [...], info }. With
+// probeBytes, every measured decode step follows a read-bandwidth probe of that many bytes
+// (decodeProbes[i], GB/s, beside decodeMs[i]): this machine's bandwidth moves within a run, so each
+// step is compared with the memory of its moment. Between the probe and the measured step runs one
+// unmeasured step (settleTokens[i]): the step right after a probe ran slower than the steps after it
+// (the pool's threads asleep, the small tensors evicted), a cost of the probe that back-to-back
+// generation steps never pay.
 // Ours also reports decodePhaseMs: the median over the measured decode steps of each part's milliseconds
 // (MoeModel.stepTimes()); a median, since the few steps the host stalls would inflate a mean.
 'use strict';
