@@ -137,6 +137,8 @@ export interface NativeBinding {
     readBandwidth(bytes: number, threads: number): number;
     fmaPeak(isa: number, threads: number): number;
     quantize(values: Float32Array, K: number, kind: string, group: number): { scales: Float32Array; codes: Int8Array };
+    /** Sets a kernel tuning value for the whole process ('shortPanelBytes'); returns the previous one. */
+    setTuning(name: 'shortPanelBytes', value: number): number;
   };
 }
 

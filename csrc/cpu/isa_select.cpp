@@ -136,6 +136,11 @@ const KernelSet* select_kernels() {
   return choice.kernels;
 }
 
+std::atomic<size_t>& short_panel_bytes() {
+  static std::atomic<size_t> bytes{size_t(24) << 10};
+  return bytes;
+}
+
 ActEpoch new_activation_epoch() {
   static std::atomic<ActEpoch> last{kNoActCache};
   return last.fetch_add(1, std::memory_order_relaxed) + 1;  // only uniqueness matters, not order

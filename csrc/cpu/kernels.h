@@ -7,6 +7,7 @@
 // reduction axis. Its bits must not depend on M (how many tokens an expert got), on which rows share a
 // micro-tile, or on how [begin, end) ranges are split across threads.
 #pragma once
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 
@@ -87,5 +88,10 @@ bool cpu_supports(Isa isa);
 const KernelSet* select_kernels();
 // A set by ISA if built and supported, else nullptr (tests and the bench force each one).
 const KernelSet* kernels_for(Isa isa);
+
+// Integer-dot panels shorter than this many bytes take the decode tile one panel at a time (simd_gemm.h
+// explains why). A run-time value only so that a benchmark can compare two settings in one process
+// (`bench/ab-model.js`, through binding.bench.setTuning); nothing else changes it.
+std::atomic<size_t>& short_panel_bytes();
 
 }  // namespace fmoe

@@ -48,6 +48,7 @@ struct OpsAvx2 {
   using Raw = __m256i;
   static Raw izero() { return _mm256_setzero_si256(); }
   static Raw iset1(int32_t v) { return _mm256_set1_epi32(v); }
+  static Raw iadd(Raw a, Raw b) { return _mm256_add_epi32(a, b); }
   // 32 bytes of quads (packing.h): the low nibbles (k = b of each lane's byte b) and the high ones.
   static void load_u4(const char* p, Raw& lo, Raw& hi) {
     const __m256i r = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), mask = _mm256_set1_epi8(0x0f);

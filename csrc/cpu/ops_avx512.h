@@ -55,6 +55,7 @@ struct OpsAvx512 {
   }
   static Raw izero() { return _mm512_setzero_si512(); }
   static Raw iset1(int32_t v) { return _mm512_set1_epi32(v); }
+  static Raw iadd(Raw a, Raw b) { return _mm512_add_epi32(a, b); }
   // acc[i] += sum over the lane's 4 bytes of u (unsigned, < 16) times the 4 signed bytes at x4 (|x| <=
   // 127): vpmaddubsw's pair sums stay far from int16 saturation (at most 2 * 15 * 127).
   static Raw dot_u8s8(Raw acc, Raw u, const int32_t* x4) {

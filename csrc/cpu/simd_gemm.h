@@ -194,7 +194,14 @@ static void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t gsz,
   const bool few = !decode && !decode_max && M <= S::kMrFew;
   const int block_rows = decode ? S::kMrDecode : decode_max ? S::kMrDecodeMax : few ? S::kMrFew : S::kMrPrefill;
   const char* a = pack_act<O, MODE>(x, ldx, M, K, block_rows, gsz, epoch);
-  if (decode) {
+  // Integer-dot panels shorter than short_panel_bytes() (24 KiB) take the decode tile one panel at a time.
+  // A tile's panels are side by side in memory, each a stream of its own; short ones (Qwen3's int4 w2,
+  // 6.9 KiB at K = 768; int4 at K = 2048, 18 KiB) end before the hardware prefetchers are up to speed.
+  // One panel at a time, consecutive panels are one stream. Longer panels (int8 at K = 2048, 34 KiB;
+  // int4 w1/w3 pairs, 36 KiB) keep the wider tile. `bench/ab-model.js` compares the settings.
+  if (decode && is_dot(MODE) && pstride < short_panel_bytes().load(std::memory_order_relaxed)) {
+    sweep<O, MODE, NMAT, S::kMrDecode, 1, false>(a, M, K, int64_t(1) << 40, gsz, b, pstride, p_begin, p_end, epi);
+  } else if (decode) {
     sweep<O, MODE, NMAT, S::kMrDecode, S::kNpDecode, false>(a, M, K, int64_t(1) << 40, gsz, b, pstride, p_begin, p_end,
                                                             epi);
   } else if (decode_max) {

@@ -306,12 +306,17 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
   const int32_t* aq = reinterpret_cast<const int32_t*>(ap);  // [Kp / kstep * words][MR] words of codes
   const float* asx = reinterpret_cast<const float*>(aq + Kp / kstep * words * MR);  // [ng][MR]
   const int32_t* acorr = reinterpret_cast<const int32_t*>(asx + ng * MR);           // [ng][MR], kOffset
+  // int4 on one panel (the decode tile of short panels, and leftover panels): the high nibbles' products
+  // go to accumulators of their own, so a step's two dot products do not wait on each other (the group's
+  // sum is an exact integer, whatever the order). Only where the extra accumulators fit beside the codes.
+  constexpr bool kSplit = MODE == kI4Dot && NP == 1 && 2 * MR * NMAT + 2 * NMAT + 2 + O::kDotTemps <= O::kRegs;
+  constexpr int kAccRegs = MR * NP * NMAT * (kSplit ? 2 : 1);
   // int4: whether the whole tile's codes fit beside the accumulators and two broadcasts.
-  constexpr bool kAllCodes = MR * NP * NMAT + 2 * NP * NMAT + 2 + O::kDotTemps <= O::kRegs;
+  constexpr bool kAllCodes = kAccRegs + 2 * NP * NMAT + 2 + O::kDotTemps <= O::kRegs;
   // Whether c fits in registers too, beside the integer accumulators and the codes: then it is loaded
   // once per call instead of loaded and stored once per group (the same FMAs in the same order).
   constexpr int kCodeRegs = (MODE == kI4Dot ? 2 : 1) * NP * NMAT;
-  constexpr bool kRegC = 2 * MR * NP * NMAT + kCodeRegs + 2 + O::kDotTemps <= O::kRegs;
+  constexpr bool kRegC = MR * NP * NMAT + kAccRegs + kCodeRegs + 2 + O::kDotTemps <= O::kRegs;
   NextLinesCursor<NP, NEXT> pf(next);
   V cr[kRegC ? MR : 1][NP][NMAT];
   if constexpr (kRegC) {
@@ -331,14 +336,17 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
     const char* bg = b + size_t(gi) * gbytes;
     const char* bc = bg + sbytes;
     const int32_t* aqg = aq + g0 / kstep * words * MR;
-    I acc[MR][NP][NMAT];
+    I acc[MR][NP][NMAT], acc_hi[kSplit ? MR : 1][kSplit ? NP : 1][kSplit ? NMAT : 1];
 #pragma GCC unroll 16
     for (int m = 0; m < MR; m++) {
       const I init = kOffset ? O::iset1(-acorr[gi * MR + m]) : O::izero();
 #pragma GCC unroll 8
       for (int p = 0; p < NP; p++)
 #pragma GCC unroll 2
-        for (int q = 0; q < NMAT; q++) acc[m][p][q] = init;
+        for (int q = 0; q < NMAT; q++) {
+          acc[m][p][q] = init;
+          if constexpr (kSplit) acc_hi[m][p][q] = O::izero();
+        }
     }
     for (int64_t s = 0; s < steps; s++) {
       pf.step(pstride);
@@ -360,7 +368,12 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
 #pragma GCC unroll 8
           for (int p = 0; p < NP; p++)
 #pragma GCC unroll 2
-            for (int q = 0; q < NMAT; q++) acc[m][p][q] = O::dot_u8s8(acc[m][p][q], hi[p][q], x0 + MR + m);
+            for (int q = 0; q < NMAT; q++) {
+              if constexpr (kSplit)
+                acc_hi[m][p][q] = O::dot_u8s8(acc_hi[m][p][q], hi[p][q], x0 + MR + m);
+              else
+                acc[m][p][q] = O::dot_u8s8(acc[m][p][q], hi[p][q], x0 + MR + m);
+            }
         }
       } else if constexpr (MODE == kI8Vnni) {  // k = 4s .. 4s+3: every panel's codes, then each row's broadcast
         if constexpr (!NEXT) prefetch_codes<cstep, NP>(bk, b + pstride, pstride);
@@ -383,8 +396,14 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
             I lo, hi;
             O::load_u4(bk + p * pstride + q * W * 4, lo, hi);
 #pragma GCC unroll 16
-            for (int m = 0; m < MR; m++)
-              acc[m][p][q] = O::dot_u8s8(O::dot_u8s8(acc[m][p][q], lo, x0 + m), hi, x0 + MR + m);
+            for (int m = 0; m < MR; m++) {
+              if constexpr (kSplit) {
+                acc[m][p][q] = O::dot_u8s8(acc[m][p][q], lo, x0 + m);
+                acc_hi[m][p][q] = O::dot_u8s8(acc_hi[m][p][q], hi, x0 + MR + m);
+              } else {
+                acc[m][p][q] = O::dot_u8s8(O::dot_u8s8(acc[m][p][q], lo, x0 + m), hi, x0 + MR + m);
+              }
+            }
           }
       } else {  // k = 2s, 2s+1: every panel's words first, then one broadcast per row
         I w[NP][NMAT];
@@ -409,6 +428,7 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
         const V sv = O::load_f16(reinterpret_cast<const uint16_t*>(bg + p * pstride) + q * W);
 #pragma GCC unroll 16
         for (int m = 0; m < MR; m++) {
+          if constexpr (kSplit) acc[m][p][q] = O::iadd(acc[m][p][q], acc_hi[m][p][q]);
           const V scaled = O::mul(O::to_float(acc[m][p][q]), O::set1(asx[gi * MR + m]));
           if constexpr (kRegC) {
             cr[m][p][q] = O::fma(scaled, sv, cr[m][p][q]);

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "../core/quant.h"
+#include "../cpu/kernels.h"
 #include "probes.h"
 
 namespace fmoe_napi {
@@ -51,11 +52,25 @@ static Napi::Value Quantize(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// setTuning(name, value) -> the previous value. 'shortPanelBytes': kernels.h short_panel_bytes().
+static Napi::Value SetTuning(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 2 || !info[0].IsString() || !info[1].IsNumber())
+    throw Napi::TypeError::New(env, "setTuning(name: string, value: number)");
+  const std::string name = info[0].As<Napi::String>().Utf8Value();
+  const double value = info[1].As<Napi::Number>().DoubleValue();
+  if (name != "shortPanelBytes") throw Napi::RangeError::New(env, "setTuning: name must be 'shortPanelBytes'");
+  if (!(value >= 0 && value <= double(1ull << 40)))
+    throw Napi::RangeError::New(env, "setTuning: value must be a byte count from 0 to 2^40");
+  return Napi::Number::New(env, double(fmoe::short_panel_bytes().exchange(size_t(value))));
+}
+
 void register_bench(Napi::Env env, Napi::Object exports) {
   Napi::Object bench = Napi::Object::New(env);
   bench.Set("readBandwidth", Napi::Function::New(env, ReadBandwidth, "readBandwidth"));
   bench.Set("fmaPeak", Napi::Function::New(env, FmaPeak, "fmaPeak"));
   bench.Set("quantize", Napi::Function::New(env, Quantize, "quantize"));
+  bench.Set("setTuning", Napi::Function::New(env, SetTuning, "setTuning"));
   exports.Set("bench", bench);
 }
 

@@ -1,0 +1,101 @@
+#!/usr/bin/env node
+// Paired A/B of a kernel tuning value (binding.bench.setTuning) over a whole model's decode steps, in one
+// process: the value flips between A and B from one step to the next (A B, then B A), each measured step
+// after an unmeasured one with the same value, so both see the same machine state. Where runs of
+// `bench/model.js` spread far apart on a shared machine, this resolves a few percent: an A/A run (the
+// same value on both sides) reads within 1% of 1.00. Prints each side's median step time and MLP (MoE)
+// part, and the medians of the per-pair ratios B / A.
+//
+//   node bench/model.js --models qwen3moe --formats int4 --engines ours   (writes the model files once)
+//   node bench/ab-model.js qwen3moe int4 shortPanelBytes 0 24576 [pairs = 60] [streams = 1]
+//
+// The model is one of bench/model.js's (its files in the same cache folder: --cache-dir DIR).
+'use strict';
+const os = require('os');
+const path = require('path');
+const fs = require('fs');
+const { median } = require('./util');
+const root = path.join(__dirname, '..');
+const { MoeModel } = require(path.join(root, 'dist'));
+const binding = require('node-gyp-build')(root);
+
+const args = process.argv.slice(2);
+const dirAt = args.indexOf('--cache-dir');
+const cacheDir = dirAt >= 0 ? args.splice(dirAt, 2)[1] : path.join(os.tmpdir(), 'fused-moe-bench-models');
+const [model, quantize, name, a, b, pairsArg, streamsArg] = args;
+const usage =
+  'usage: node bench/ab-model.js <mixtral | qwen3moe> <none | int8 | int4> shortPanelBytes <A> <B> [pairs] [streams]';
+if (!model || !quantize || !name || a === undefined || b === undefined) {
+  console.error(usage);
+  process.exit(2);
+}
+const folder = fs.existsSync(cacheDir) && fs.readdirSync(cacheDir).find((d) => d.startsWith(model + '-'));
+if (!folder) {
+  console.error(`no ${model} files in ${cacheDir}: run bench/model.js --models ${model} first`);
+  process.exit(2);
+}
+const pairs = Number(pairsArg) || 60,
+  streams = Number(streamsArg) || 1;
+
+(async () => {
+  const m = await MoeModel.load(path.join(cacheDir, folder, 'hf'), {
+    quantize,
+    contextLength: 4 * pairs + 64,
+    maxSequences: streams,
+    threads: binding.backendInfo().cpu.threads,
+  });
+  const seqs = Array.from({ length: streams }, () => m.createSequence());
+  await m.step(seqs.map((s, j) => ({ sequence: s, tokens: Array.from({ length: 16 }, (_, i) => 100 + i + 37 * j) })));
+  let next = 0;
+  const step = () =>
+    m.step(
+      seqs.map((s, j) => ({ sequence: s, tokens: [200 + ((next++ * 7919 + j * 131) % 1000)] })),
+      { reuseLogits: true },
+    );
+  const side = { A: { ms: [], mlp: [] }, B: { ms: [], mlp: [] } },
+    ratio = [],
+    mlpRatio = [];
+  const original = binding.bench.setTuning(name, Number(a));
+  try {
+    for (let i = 0; i < pairs + 2; i++) {
+      const got = {};
+      for (const s of i % 2 ? ['A', 'B'] : ['B', 'A']) {
+        binding.bench.setTuning(name, Number(s === 'A' ? a : b));
+        await step(); // settle: the same value, unmeasured
+        const before = m.stepTimes().seconds.mlp;
+        const t = process.hrtime.bigint();
+        await step();
+        got[s] = { ms: Number(process.hrtime.bigint() - t) / 1e6, mlp: (m.stepTimes().seconds.mlp - before) * 1e3 };
+      }
+      if (i < 2) continue; // warm-up pairs
+      for (const s of ['A', 'B']) {
+        side[s].ms.push(got[s].ms);
+        side[s].mlp.push(got[s].mlp);
+      }
+      ratio.push(got.B.ms / got.A.ms);
+      mlpRatio.push(got.B.mlp / got.A.mlp);
+    }
+  } finally {
+    binding.bench.setTuning(name, original);
+    m.dispose();
+  }
+  const f = (x) => x.toFixed(3);
+  console.log(
+    JSON.stringify({
+      model,
+      quantize,
+      streams,
+      tuning: name,
+      A: Number(a),
+      B: Number(b),
+      pairs,
+      stepMs: [f(median(side.A.ms)), f(median(side.B.ms))],
+      mlpMs: [f(median(side.A.mlp)), f(median(side.B.mlp))],
+      ratioBA: f(median(ratio)),
+      mlpRatioBA: f(median(mlpRatio)),
+    }),
+  );
+})().catch((err) => {
+  console.error(err);
+  process.exit(1);
+});
