@@ -109,7 +109,6 @@ ThreadPool::ThreadPool(int threads) {
   if (threads < 1) threads = 1;
   const std::vector<int>& cpus = cached_core_cpus();
   pinned_ = threads > 1 && pin_requested() && size_t(threads) <= cpus.size();
-  if (pinned_) worker_cpus_.assign(cpus.begin() + 1, cpus.begin() + threads);
   for (int i = 1; i < threads; i++)
     workers_.emplace_back([this, i, cpu = pinned_ ? cpus[size_t(i)] : -1] {
       if (cpu >= 0) pin_to(cpu);
@@ -117,8 +116,8 @@ ThreadPool::ThreadPool(int threads) {
     });
 }
 
-// Worker i stays on core i; the callers (the JavaScript thread, libuv's threads) run on core 0 while they
-// work (CallerScope). Left to itself, the scheduler often woke a worker on the core of the caller that had
+// Worker i stays on core i; the callers (the JavaScript thread, libuv's threads) are left free and
+// settle on core 0. Left to itself, the scheduler often woke a worker on the core of the caller that had
 // just woken it after an idle spell, and the phase then ran on one core until it moved one of them.
 void ThreadPool::pin_to(int cpu) {
 #ifdef __linux__
@@ -129,47 +128,6 @@ void ThreadPool::pin_to(int cpu) {
 #else
   (void)cpu;
 #endif
-}
-
-namespace {
-// The outermost CallerScope of this thread: how deep scopes nest, and the mask to restore.
-struct CallerState {
-  int depth = 0;
-  bool moved = false;
-#ifdef __linux__
-  cpu_set_t saved;
-#endif
-};
-thread_local CallerState caller_state;
-}  // namespace
-
-// Measured on a 2-core VM (a worker pinned to core 1, the step on a libuv thread): without it the caller
-// sat on core 1 for about a third of a Qwen3-shaped decode's MoE jobs, and in two thirds of those the
-// worker ran none of the job's items, so the job took one core's time.
-ThreadPool::CallerScope::CallerScope(const ThreadPool& pool) {
-  CallerState& st = caller_state;
-  if (st.depth++ > 0) return;
-#ifdef __linux__
-  if (!pool.pinned_) return;
-  cpu_set_t now, want;
-  if (sched_getaffinity(0, sizeof now, &now) != 0) return;
-  want = now;
-  for (int cpu : pool.worker_cpus_) CPU_CLR(cpu, &want);
-  if (CPU_COUNT(&want) == 0 || CPU_EQUAL(&want, &now)) return;  // a worker itself, or already off them
-  if (sched_setaffinity(0, sizeof want, &want) == 0) {
-    st.saved = now;
-    st.moved = true;
-  }
-#endif
-}
-
-ThreadPool::CallerScope::~CallerScope() {
-  CallerState& st = caller_state;
-  if (--st.depth > 0) return;
-#ifdef __linux__
-  if (st.moved) sched_setaffinity(0, sizeof st.saved, &st.saved);
-#endif
-  st.moved = false;
 }
 
 ThreadPool::~ThreadPool() {
@@ -259,7 +217,6 @@ void ThreadPool::parallel_for(int64_t n, int64_t chunk, int max_threads, const R
     fn(0, n, 0);
     return;
   }
-  CallerScope off_workers(*this);
   struct Turn {  // waits for this job's ticket; passes the turn on when the job ends
     ThreadPool& p;
     explicit Turn(ThreadPool& pool) : p(pool) {

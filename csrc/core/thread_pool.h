@@ -16,10 +16,7 @@
 // waking a sleeping thread through the kernel costs about that much on a virtual machine.
 //
 // When the pool has no more threads than the process has cores (the default), each worker is pinned to a
-// core of its own (FUSED_MOE_PIN_THREADS=0 turns it off). The thread that submits jobs (a libuv thread,
-// or the JavaScript thread) is kept off the workers' cores while it works (CallerScope): left to the
-// scheduler, it ran on a worker's core for a third of the MoE jobs of a decode, and the worker, sharing
-// that core, then took part in almost none of them.
+// core of its own (FUSED_MOE_PIN_THREADS=0 turns it off); the thread that submits a job is not pinned.
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -56,21 +53,6 @@ class ThreadPool {
 
   // Whether each worker is pinned to a core of its own (ThreadPool(), FUSED_MOE_PIN_THREADS).
   bool pinned() const { return pinned_; }
-  // The CPU of each pinned worker (empty when not pinned).
-  const std::vector<int>& worker_cpus() const { return worker_cpus_; }
-
-  // While one lives on a thread, that thread runs only on the cores no worker is pinned to (restored when
-  // the outermost one on the thread ends; nested ones cost nothing). parallel_for takes one itself; the
-  // entry points of a forward or a step take one around the whole call, so its jobs pay no system call.
-  // A no-op where the workers are not pinned, or where the thread may run on workers' cores only.
-  class CallerScope {
-   public:
-    CallerScope() : CallerScope(instance()) {}
-    explicit CallerScope(const ThreadPool& pool);
-    ~CallerScope();
-    CallerScope(const CallerScope&) = delete;
-    CallerScope& operator=(const CallerScope&) = delete;
-  };
 
   // Runs fn over [0, n) in chunks of `chunk` items on at most max_threads threads (0: all), the caller
   // included. Returns when every item is done. Exceptions from fn are rethrown here (the first one).
@@ -110,7 +92,6 @@ class ThreadPool {
   bool stop_ = false;
   std::shared_ptr<Job> job_;  // the current job, under mutex_
   bool pinned_ = false;
-  std::vector<int> worker_cpus_;  // the CPU each pinned worker runs on
 };
 
 }  // namespace fmoe

@@ -147,7 +147,6 @@ class CpuBackend final : public Backend {
   int64_t panel() const { return kernels_->panel; }
 
   void route(const float* x, int64_t T, int32_t* experts, float* weights) override {
-    ThreadPool::CallerScope off_workers;  // every job of the call with the caller off the workers' cores
     const int64_t E = cfg_.num_experts;
     std::vector<float> logits;
     for (int64_t t0 = 0; t0 < T; t0 += chunk_tokens_) {
@@ -159,7 +158,6 @@ class CpuBackend final : public Backend {
   }
 
   void forward(const float* x, int64_t T, float* out, const CancelFlag* cancel) override {
-    ThreadPool::CallerScope off_workers;
     for (int64_t t0 = 0; t0 < T; t0 += chunk_tokens_) {
       if (cancel && cancel->load()) fail(ErrorCode::Aborted, "the operation was aborted");
       const int64_t n = std::min(chunk_tokens_, T - t0);

@@ -373,7 +373,6 @@ class CpuDecoder final : public Decoder {
   void step(const int32_t* tokens, const StepSequence* seqs, int64_t num_seqs, float* logits,
             const CancelFlag* cancel) override {
     if (!missing().empty()) fail(ErrorCode::Invalid, "the model is not fully loaded: " + missing() + " is missing");
-    ThreadPool::CallerScope off_workers;  // the whole step with the caller off the workers' cores
     // Everything is checked before any state changes.
     int64_t T = 0, new_blocks = 0;
     for (int64_t i = 0; i < num_seqs; i++) {

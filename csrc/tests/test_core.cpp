@@ -443,37 +443,6 @@ static void test_pool_pinning() {
       seen.push_back(cpu);
     }
   }
-  // The caller runs its items off the workers' cores, and gets its own mask back after the job.
-  CHECK(int(pool.worker_cpus().size()) == cores - 1);
-  cpu_set_t before, after;
-  CPU_ZERO(&before);
-  CPU_ZERO(&after);
-  CHECK(sched_getaffinity(0, sizeof before, &before) == 0);
-  int caller_on_worker_core = 0, caller_items = 0;
-  for (int job = 0; job < 50; job++)
-    pool.parallel_for(64, 1, 0, [&](int64_t b, int64_t e, int w) {
-      if (w != 0) return;
-      cpu_set_t mask;
-      CPU_ZERO(&mask);
-      if (sched_getaffinity(0, sizeof mask, &mask) != 0) return;
-      std::lock_guard<std::mutex> lock(m);
-      caller_items += int(e - b);
-      for (int cpu : pool.worker_cpus()) caller_on_worker_core += CPU_ISSET(cpu, &mask) ? 1 : 0;
-    });
-  CHECK(caller_items > 0);
-  CHECK(caller_on_worker_core == 0);
-  CHECK(sched_getaffinity(0, sizeof after, &after) == 0);
-  CHECK(CPU_EQUAL(&before, &after));
-  {  // nested scopes: the inner one changes nothing, the outer one restores
-    ThreadPool::CallerScope outer(pool);
-    { ThreadPool::CallerScope inner(pool); }
-    cpu_set_t inside;
-    CPU_ZERO(&inside);
-    CHECK(sched_getaffinity(0, sizeof inside, &inside) == 0);
-    for (int cpu : pool.worker_cpus()) CHECK(!CPU_ISSET(cpu, &inside));
-  }
-  CHECK(sched_getaffinity(0, sizeof after, &after) == 0);
-  CHECK(CPU_EQUAL(&before, &after));
 #endif
 }
 
