@@ -111,3 +111,16 @@ if(NOT CMAKE_JS_VERSION AND EXISTS "${_fmoe_selftest_dir}/main.cpp")
            COMMAND fmoe_cuda_selftest --lib "$<TARGET_FILE:fused_moe_cuda>" --no-bench)
   set_tests_properties(cuda_selftest PROPERTIES SKIP_RETURN_CODE 77 TIMEOUT 300)
 endif()
+
+# The FFN tile sweep (bench/gpu/ffn_tiles.cu): a tuning aid, built only when asked for by name.
+if(NOT CMAKE_JS_VERSION AND EXISTS "${FMOE_SOURCE_DIR}/bench/gpu/ffn_tiles.cu")
+  add_executable(fmoe_ffn_tiles EXCLUDE_FROM_ALL "${FMOE_SOURCE_DIR}/bench/gpu/ffn_tiles.cu")
+  set_target_properties(fmoe_ffn_tiles PROPERTIES
+    CUDA_ARCHITECTURES "${FMOE_CUDA_ARCHITECTURES}"
+    CUDA_RUNTIME_LIBRARY Static
+    CUDA_STANDARD 17
+    CUDA_STANDARD_REQUIRED ON
+    RUNTIME_OUTPUT_DIRECTORY "$<1:${CMAKE_BINARY_DIR}>")
+  target_compile_options(fmoe_ffn_tiles PRIVATE -O3)
+endif()
+

@@ -357,20 +357,27 @@ static cudaError_t launch_f32(const gemm_args& g, int64_t tiles_cap, cudaStream_
 
 // ---- configurations (data: chosen by batch size) ------------------------------------------------------
 //
-//   config  block_m  use                       mma tile (BM x BN x BK, warps, stages)   f32 tile
-//   0       16       decode: <= 16 rows/expert 16 x 64 x 64, 4 warps (1x4), 4 stages     16 x 64 x 32, 2x2/thread
-//   1       64       mid-size batches          64 x 64 x 32, 4 warps (2x2), 4 stages     64 x 64 x 32, 4x4/thread
-//   2       128      prefill (16-bit only)     128 x 64 x 32, 8 warps (4x2), 4 stages    -
+//   config  block_m  use                         mma tiles: up (w1/w3) / down (w2)          f32 tile
+//   0       16       decode: <= 16 rows/expert   16x64x64 4 stages / 16x64x64 8 stages      16 x 64 x 32, 2x2/thread
+//                    ... grid under 2 per SM     down 16x64x128, 3 stages
+//   1       64       mid-size batches            64x64x32 4 stages / 64x128x64 3 stages     64 x 64 x 32, 4x4/thread
+//                    ... >= 135 KiB per block    up 64x128x64, 3 stages
+//   2       128      prefill (16-bit only)       128x64x32 4 stages / 128x128x32 4 stages   -
+//                    ... >= 162 KiB per block    up 128x128x64, 3 stages
 //
-// The float32 path has no 128-row tile: ffn_pick_config never gives it config 2. Shared memory stays
-// under 99 KiB, the per-block limit of sm_89.
+// Timed on an H200 with bench/gpu/ffn_tiles.cu (bench/gpu/RESULTS.md). A decode w2 pass over few
+// experts has about one block per SM (H/64 per expert), and then longer K steps keep more bytes in flight
+// per block; the larger prefill tiles need more shared memory than sm_89 has (99 KiB per block), so each
+// launch checks the device's limit and falls back to the smaller shape. The float32 path has no 128-row
+// tile: ffn_pick_config never gives it config 2. Tile shapes never change a sum's order, so every
+// choice gives the same bits (the self-test checks it).
 
 #define FFN_CONFIGS 3
 
 int ffn_pick_config(int64_t n_rows, int64_t n_expert, int dtype) {
   const int64_t per_expert = n_rows / (n_expert > 0 ? n_expert : 1);  // average rows per expert
   if (per_expert <= 16) return 0;
-  if (per_expert <= 128 || dtype == 0) return 1;
+  if (per_expert <= 64 || dtype == 0) return 1;
   return 2;
 }
 
@@ -385,27 +392,40 @@ int ffn_block_m(int config) {
   }
 }
 
+// Dynamic shared memory of an mma tile shape, as launch_mma asks for it.
+static constexpr size_t mma_smem(int BM, int BN, int BK, int STAGES, int NB) {
+  return (size_t)STAGES * (BM + NB * BN) * (BK + 8) * sizeof(uint16_t);
+}
+
 template <bool BF16>
-static cudaError_t ffn_mma(const gemm_args& up, const gemm_args& down, int config, int64_t tiles_cap,
-                           cudaStream_t stream) {
+static cudaError_t ffn_mma(const gemm_args& up, const gemm_args& down, const ffn_problem& p, cudaStream_t stream) {
+  const int64_t tiles_cap = p.tiles_cap;
+  const size_t smem = p.smem_per_block > 0 ? (size_t)p.smem_per_block : 0;
   cudaError_t err;
-  switch (config) {
-    case 0:
+  switch (p.config) {
+    case 0: {
       // Decode: every byte of weight is used once, so speed is bytes in flight. The w1/w3 pass has
-      // 2 x F/64 blocks of two matrices each; the w2 pass only 2 x H/64 (128 for Mixtral at k = 2,
-      // about one per SM), so its ring is twice as deep: 7 slots of 8 KB ahead per block, about 7 MB
-      // in flight, 92 KB of shared memory (under sm_89's 99 KB). The depth changes no sum's order.
-      // Not yet measured on a GPU.
+      // 2 x F/64 blocks per expert; the w2 pass only H/64 per expert (128 for Mixtral at T = 1, about one
+      // per SM), where 128-wide K steps stream faster than a deeper ring of 64-wide ones.
       err = launch_mma<16, 64, 64, 16, 16, 4, 2, BF16>(up, tiles_cap, stream);
-      if (err == cudaSuccess) err = launch_mma<16, 64, 64, 16, 16, 8, 1, BF16>(down, tiles_cap, stream);
-      return err;
+      if (err != cudaSuccess) return err;
+      const bool small_grid = p.sm_count > 0 && tiles_cap * (p.Hp / 64) < 2 * (int64_t)p.sm_count;
+      if (small_grid) return launch_mma<16, 64, 128, 16, 16, 3, 1, BF16>(down, tiles_cap, stream);
+      return launch_mma<16, 64, 64, 16, 16, 8, 1, BF16>(down, tiles_cap, stream);
+    }
     case 1:
-      err = launch_mma<64, 64, 32, 32, 32, 4, 2, BF16>(up, tiles_cap, stream);
-      if (err == cudaSuccess) err = launch_mma<64, 64, 32, 32, 32, 4, 1, BF16>(down, tiles_cap, stream);
+      if (smem >= mma_smem(64, 128, 64, 3, 2))
+        err = launch_mma<64, 128, 64, 32, 64, 3, 2, BF16>(up, tiles_cap, stream);
+      else
+        err = launch_mma<64, 64, 32, 32, 32, 4, 2, BF16>(up, tiles_cap, stream);
+      if (err == cudaSuccess) err = launch_mma<64, 128, 64, 32, 64, 3, 1, BF16>(down, tiles_cap, stream);
       return err;
     default:
-      err = launch_mma<128, 64, 32, 32, 32, 4, 2, BF16>(up, tiles_cap, stream);
-      if (err == cudaSuccess) err = launch_mma<128, 64, 32, 32, 32, 4, 1, BF16>(down, tiles_cap, stream);
+      if (smem >= mma_smem(128, 128, 64, 3, 2))
+        err = launch_mma<128, 128, 64, 64, 32, 3, 2, BF16>(up, tiles_cap, stream);
+      else
+        err = launch_mma<128, 64, 32, 32, 32, 4, 2, BF16>(up, tiles_cap, stream);
+      if (err == cudaSuccess) err = launch_mma<128, 128, 32, 64, 32, 4, 1, BF16>(down, tiles_cap, stream);
       return err;
   }
 }
@@ -461,8 +481,8 @@ cudaError_t ffn_cuda(const ffn_problem* p, cudaStream_t stream) {
   down.out = p->y;
   down.ldo = p->Hp;
 
-  if (p->dtype == 1) return ffn_mma<true>(up, down, p->config, p->tiles_cap, stream);
-  if (p->dtype == 2) return ffn_mma<false>(up, down, p->config, p->tiles_cap, stream);
+  if (p->dtype == 1) return ffn_mma<true>(up, down, *p, stream);
+  if (p->dtype == 2) return ffn_mma<false>(up, down, *p, stream);
   return ffn_f32(up, down, p->config, p->tiles_cap, stream);
 }
 

@@ -32,24 +32,26 @@
 // slice's missing rows are zero and add nothing): the dispatch, the grouped GEMM and the combine treat
 // them as any other expert.
 struct fmoe_cuda_layer {
-  int64_t H = 0;          // hidden size
-  int64_t F = 0;          // intermediate (expert FFN) size
-  int64_t E = 0;          // experts in the GEMM: routed + shared slices
-  int64_t k = 0;          // picks per token in the GEMM: routed + shared slices
-  int64_t E_routed = 0;   // routed experts
-  int64_t k_routed = 0;   // routed picks per token
-  int64_t Fs = 0;         // shared expert width (0: none)
-  int n_shared = 0;       // shared expert slices
-  gating_params gp{};     // the router's rules (bias pointer set once uploaded)
-  float* bias = nullptr;  // [E_routed] device, or null
-  int64_t Hp = 0;         // H padded to FMOE_PAD
-  int64_t Fp = 0;         // F padded to FMOE_PAD
-  int routing = 0;        // fmoe_cuda_routing
-  int dtype = 0;          // 0 float32, 1 bfloat16, 2 float16
-  int device = 0;         // CUDA ordinal
-  size_t es = 4;          // bytes per weight element
-  size_t hes = 4;         // bytes per SwiGLU activation element (float32 path keeps float32)
-  int64_t chunk_max = 1;  // tokens per chunk
+  int64_t H = 0;           // hidden size
+  int64_t F = 0;           // intermediate (expert FFN) size
+  int64_t E = 0;           // experts in the GEMM: routed + shared slices
+  int64_t k = 0;           // picks per token in the GEMM: routed + shared slices
+  int64_t E_routed = 0;    // routed experts
+  int64_t k_routed = 0;    // routed picks per token
+  int64_t Fs = 0;          // shared expert width (0: none)
+  int n_shared = 0;        // shared expert slices
+  gating_params gp{};      // the router's rules (bias pointer set once uploaded)
+  float* bias = nullptr;   // [E_routed] device, or null
+  int64_t Hp = 0;          // H padded to FMOE_PAD
+  int64_t Fp = 0;          // F padded to FMOE_PAD
+  int routing = 0;         // fmoe_cuda_routing
+  int dtype = 0;           // 0 float32, 1 bfloat16, 2 float16
+  int device = 0;          // CUDA ordinal
+  int sm_count = 0;        // its multiprocessors, and the shared memory a block may opt in to: the FFN's
+  int smem_per_block = 0;  // tile shapes depend on them (never its results)
+  size_t es = 4;           // bytes per weight element
+  size_t hes = 4;          // bytes per SwiGLU activation element (float32 path keeps float32)
+  int64_t chunk_max = 1;   // tokens per chunk
 
   std::mutex mu;  // serialises forward/route: they share the stream and the workspace
   cudaStream_t stream = nullptr;
@@ -261,6 +263,8 @@ static int run_chunk(fmoe_cuda_layer* L, const float* x, int64_t n, float* out, 
   p.Fp = L->Fp;
   p.top_k = (int)L->k;
   p.tiles_cap = fmoe_padded_rows_cap(n_rows, L->E, bm) / bm;
+  p.sm_count = L->sm_count;
+  p.smem_per_block = L->smem_per_block;
   p.x = L->dtype == 0 ? (const void*)L->xf : (const void*)L->xh;
   p.w1 = L->w1;
   p.w3 = L->w3;
@@ -444,10 +448,17 @@ static int layer_create(const fmoe_cuda_config* cfg, const float* gate, const vo
                    "CUDA device %d has compute capability %d.%d; the CUDA backend needs 8.0 (Ampere) or newer",
                    cfg->device, major, minor);
 
+  int sm_count = 0, smem_per_block = 0;
+  CUDA_TRY(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, cfg->device), "cudaDeviceGetAttribute");
+  CUDA_TRY(cudaDeviceGetAttribute(&smem_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, cfg->device),
+           "cudaDeviceGetAttribute");
+
   fmoe_cuda_layer* L = new (std::nothrow) fmoe_cuda_layer;
   if (!L) return set_err(err, err_len, FMOE_CUDA_ERR_OOM, "out of host memory");
   L->H = cfg->hidden;
   L->F = cfg->intermediate;
+  L->sm_count = sm_count;
+  L->smem_per_block = smem_per_block;
   L->E_routed = cfg->num_experts;
   L->k_routed = cfg->top_k;
   L->Fs = cfg->shared_intermediate;

@@ -57,15 +57,17 @@ int ffn_pick_config(int64_t n_rows, int64_t n_expert, int dtype);  // n_rows = T
 int ffn_block_m(int config);                                       // rows per tile (the dispatch padding)
 
 typedef struct {
-  int dtype;          // 0 float32, 1 bfloat16, 2 float16 (weights, and activations of the MMA path)
-  int config;         // from ffn_pick_config
-  int64_t Hp, Fp;     // padded hidden and intermediate sizes (multiples of FMOE_PAD)
-  int top_k;          // k: sorted_rows holds t*k + j
-  int64_t tiles_cap;  // grid height: an upper bound of *num_tiles for this config's block_m
-  const void* x;      // [T, Hp] activations: float32 for dtype 0, else 16-bit of the weight dtype
-  const void* w1;     // [E, Fp, Hp]
-  const void* w3;     // [E, Fp, Hp]
-  const void* w2;     // [E, Hp, Fp]
+  int dtype;           // 0 float32, 1 bfloat16, 2 float16 (weights, and activations of the MMA path)
+  int config;          // from ffn_pick_config
+  int64_t Hp, Fp;      // padded hidden and intermediate sizes (multiples of FMOE_PAD)
+  int top_k;           // k: sorted_rows holds t*k + j
+  int64_t tiles_cap;   // grid height: an upper bound of *num_tiles for this config's block_m
+  int sm_count;        // the device's multiprocessors; 0: unknown (the shapes for large grids)
+  int smem_per_block;  // the device's opt-in shared memory per block, bytes; 0: unknown (the smallest shapes)
+  const void* x;       // [T, Hp] activations: float32 for dtype 0, else 16-bit of the weight dtype
+  const void* w1;      // [E, Fp, Hp]
+  const void* w3;      // [E, Fp, Hp]
+  const void* w2;      // [E, Hp, Fp]
   const int32_t* sorted_rows;
   const int32_t* tile_expert;
   const int32_t* num_tiles;  // device scalar written by dispatch_cuda

@@ -132,13 +132,14 @@ double time_queued_ms(int n, int trials, Fn enqueue, fmoe_cuda_layer* layer) {
   return ms[ms.size() / 2];
 }
 
-// Times the layer at the Mixtral batch sizes; rows to stdout.
-std::vector<BenchRow> bench_layer(fmoe_cuda_layer* layer, const Case& c, double ceiling_gbps) {
+// Times the layer at each batch size; rows to stdout.
+std::vector<BenchRow> bench_layer(fmoe_cuda_layer* layer, const Case& c, double ceiling_gbps,
+                                  const std::vector<int64_t>& batch_sizes) {
   std::vector<BenchRow> rows;
   const double es = c.dtype == 0 ? 4.0 : 2.0;
   say("\n%6s %11s %11s %11s %11s %8s %10s %8s %9s\n", "T", "queued us", "per call", "min call", "host-array", "experts",
       "weight GB/s", "of copy", "TFLOP/s");
-  for (int64_t T : {int64_t(1), int64_t(16), int64_t(128), int64_t(512), int64_t(4096)}) {
+  for (int64_t T : batch_sizes) {
     Case cT = c;
     cT.T = T;
     const std::vector<float> x = make_input(cT, fresh_seed(1000 + uint64_t(T)));
@@ -187,7 +188,8 @@ std::vector<BenchRow> bench_layer(fmoe_cuda_layer* layer, const Case& c, double 
 
 }  // namespace
 
-int run_bench(const std::string& io_dir, const std::string& out_dir, const std::string& json_head) {
+int run_bench(const std::string& io_dir, const std::string& out_dir, const std::string& json_head,
+              const std::vector<int64_t>& batch_sizes) {
   const size_t report_start = g_report.size();
   const double ceiling = copy_ceiling_gbps();
   say("\ndevice-to-device copy ceiling: %.0f GB/s (1 GiB, read + write, median of 15)\n", ceiling);
@@ -218,7 +220,7 @@ int run_bench(const std::string& io_dir, const std::string& out_dir, const std::
     }
     fclose(f);
   }
-  const std::vector<BenchRow> rows = bench_layer(layer, L.c, ceiling);
+  const std::vector<BenchRow> rows = bench_layer(layer, L.c, ceiling, batch_sizes);
   api.destroy(layer);
   if (!out_dir.empty())
     write_bench_results(out_dir, json_head, source, L.c, ceiling, rows, g_report.substr(report_start));

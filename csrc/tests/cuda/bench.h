@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace fmoe_selftest {
 
@@ -19,6 +20,8 @@ struct BenchRow {
 // Copy ceiling, then the layer (weights from torch_baseline.py in io_dir when given, else generated; with
 // io_dir its output for x.f32 goes to io_dir/out.f32), the table on stdout, and cuda_bench.json / .txt in
 // out_dir when given. Returns 0, or 2 when the weights cannot be read or the output cannot be written.
-int run_bench(const std::string& io_dir, const std::string& out_dir, const std::string& json_head);
+// batch_sizes: the T values timed, in order.
+int run_bench(const std::string& io_dir, const std::string& out_dir, const std::string& json_head,
+              const std::vector<int64_t>& batch_sizes);
 
 }  // namespace fmoe_selftest

@@ -23,6 +23,7 @@ fmoe_cuda_layer* create(const HostLayer& L) {
   cfg.routing = L.c.routing;
   cfg.weight_dtype = L.c.dtype;
   cfg.device = 0;
+  cfg.routed_scale = 1.0;  // zero is rejected: the ABI has no implicit defaults
   char err[512] = {0};
   fmoe_cuda_layer* layer = nullptr;
   const int rc =

@@ -1,7 +1,7 @@
 // fmoe_cuda_selftest: checks the CUDA backend on a real GPU against a float64 CPU reference, then times it.
 //
 //   fmoe_cuda_selftest --lib path/to/libfused_moe_cuda.so [--out DIR] [--seed N] [--no-bench]
-//   fmoe_cuda_selftest --lib ... --bench-only [--io DIR] [--out DIR]
+//   fmoe_cuda_selftest --lib ... --bench-only [--io DIR] [--out DIR] [--bench-t 1,4096]
 //
 // Correctness (exit status 1 on any failure; 2 on a setup error; 77 when there is no CUDA device):
 //  - every pipeline stage on its own, through the launchers of moe_cuda.cuh linked into this program:
@@ -22,10 +22,10 @@
 // failure can be replayed with --seed.
 //
 // Speed (skipped with --no-bench): the Mixtral-8x7B layer (H=4096, F=14336, E=8, k=2, bfloat16) at
-// T = 1, 16, 128, 512, 4096, timed with CUDA events (warm-up, then the median of single calls), weight
-// GB/s against a device-to-device copy measured in the same run. With --io DIR the layer uses weights
-// written by bench/gpu/torch_baseline.py (meta.txt, gate.f32, w1.bin, w3.bin, w2.bin, x.f32), and its
-// output for x.f32 goes to DIR/out.f32 for the comparison on the Python side.
+// T = 1, 16, 128, 512, 4096 (or those of --bench-t), timed with CUDA events (warm-up, then the median of single calls),
+// weight GB/s against a device-to-device copy measured in the same run. With --io DIR the layer uses weights written by
+// bench/gpu/torch_baseline.py (meta.txt, gate.f32, w1.bin, w3.bin, w2.bin, x.f32), and its output for x.f32 goes to
+// DIR/out.f32 for the comparison on the Python side.
 //
 // Results: stdout, and with --out (or the environment variable FMOE_SELFTEST_OUT) cuda_selftest.json /
 // cuda_selftest.txt (correctness) and cuda_bench.json / cuda_bench.txt (speed).
@@ -38,12 +38,14 @@
 // files); this file is the command line.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
 #include <string>
+#include <vector>
 
 #include "bench.h"
 #include "fused_moe_cuda.h"
@@ -53,8 +55,26 @@
 
 using namespace fmoe_selftest;
 
+// "1,16,4096" -> {1, 16, 4096}; false on anything else (empty items, signs, values out of range).
+static bool parse_batch_sizes(const std::string& s, std::vector<int64_t>& out) {
+  std::vector<int64_t> v;
+  size_t i = 0;
+  while (i <= s.size()) {
+    const size_t j = std::min(s.find(',', i), s.size());
+    const std::string item = s.substr(i, j - i);
+    if (item.empty() || item.find_first_not_of("0123456789") != std::string::npos || item.size() > 5) return false;
+    const long long t = std::stoll(item);
+    if (t < 1 || t > 65536) return false;
+    v.push_back(t);
+    i = j + 1;
+  }
+  out = v;
+  return !out.empty();
+}
+
 int main(int argc, char** argv) {
   std::string lib, out_dir, io_dir;
+  std::vector<int64_t> bench_t = {1, 16, 128, 512, 4096};  // batch sizes timed
   bool bench = true, correctness = true, seed_given = false;
   for (int i = 1; i < argc; i++) {
     const std::string a = argv[i];
@@ -69,11 +89,17 @@ int main(int argc, char** argv) {
       seed_given = true;
     } else if (a == "--no-bench")
       bench = false;
-    else if (a == "--bench-only")
+    else if (a == "--bench-t" && i + 1 < argc) {
+      if (!parse_batch_sizes(argv[++i], bench_t)) {
+        fprintf(stderr, "--bench-t must be a comma-separated list of batch sizes from 1 to 65536, got '%s'\n", argv[i]);
+        return 2;
+      }
+    } else if (a == "--bench-only")
       correctness = false;
     else {
       fprintf(stderr,
-              "usage: %s --lib libfused_moe_cuda.so [--out DIR] [--seed N] [--no-bench | --bench-only [--io DIR]]\n",
+              "usage: %s --lib libfused_moe_cuda.so [--out DIR] [--seed N] [--no-bench | --bench-only [--io DIR]] "
+              "[--bench-t LIST]\n",
               argv[0]);
       return 2;
     }
@@ -128,7 +154,7 @@ int main(int argc, char** argv) {
   }
 
   if (bench) {
-    const int bench_rc = run_bench(io_dir, out_dir, head);
+    const int bench_rc = run_bench(io_dir, out_dir, head, bench_t);
     if (bench_rc != 0) return bench_rc;
   }
   return g_failures == 0 ? 0 : 1;

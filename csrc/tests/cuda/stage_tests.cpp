@@ -227,7 +227,14 @@ void test_ffn(int64_t H, int64_t F, int64_t E, int64_t k, int64_t T, int dtype, 
   bool agree = true;
   std::string agree_detail;
   const int n_configs = dtype == 0 ? 2 : 3;
-  for (int config = 0; config < n_configs; config++) {
+  // Each configuration with the device unknown (the shapes every GPU can run) and with this device's shared
+  // memory and an endless supply of SMs (the large-memory shapes, and the decode shape for small grids).
+  int smem_per_block = 0;
+  cuda_check(cudaDeviceGetAttribute(&smem_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0), "attribute");
+  for (int run_shape = 0; run_shape < 2 * n_configs; run_shape++) {
+    const int config = run_shape / 2;
+    const bool device_shapes = run_shape % 2 == 1;
+    const std::string cname = "_cfg" + std::to_string(config) + (device_shapes ? "_device" : "");
     const int64_t bm = ffn_block_m(config);
     const HostDispatch D = ref_dispatch(picks, E, bm);
     const int64_t rows_cap = fmoe_padded_rows_cap(n_rows, E, bm), tiles_cap = rows_cap / bm;
@@ -245,6 +252,8 @@ void test_ffn(int64_t H, int64_t F, int64_t E, int64_t k, int64_t T, int dtype, 
     p.Fp = Fp;
     p.top_k = int(k);
     p.tiles_cap = tiles_cap;
+    p.sm_count = device_shapes ? 1 << 20 : 0;
+    p.smem_per_block = device_shapes ? smem_per_block : 0;
     p.x = dx.p;
     p.w1 = dw1.p;
     p.w3 = dw3.p;
@@ -258,22 +267,21 @@ void test_ffn(int64_t H, int64_t F, int64_t E, int64_t k, int64_t T, int dtype, 
     for (int run = 0; run < 2; run++) {
       dh.poison(0xFF);
       dy.poison(0xFF);
-      stage_sync(ffn_cuda(&p, 0), name + "_cfg" + std::to_string(config));
+      stage_sync(ffn_cuda(&p, 0), name + cname);
       const std::vector<float> ys = dy.get<float>(size_t(rows_cap * Hp));
       y[run].assign(size_t(n_rows * H), 0.0f);  // back to pick order, H columns
       for (int64_t row = 0; row < n_rows; row++)
         memcpy(&y[run][size_t(row * H)], &ys[size_t(int64_t(D.inv[size_t(row)]) * Hp)], size_t(H) * 4);
     }
     const double err = rel_l2(y[0], yref);
-    check(std::isfinite(err) && err < tol, name + "_cfg" + std::to_string(config),
+    check(std::isfinite(err) && err < tol, name + cname,
           "block_m " + std::to_string(bm) + ", rel_l2 " + fmt("%.3e", err) + " (tolerance " + fmt("%.0e", tol) + ")");
-    check(same_bits(y[0].data(), y[1].data(), y[0].size() * 4), name + "_cfg" + std::to_string(config) + "/repeatable",
-          "second run, same bits");
-    if (config == 0)
+    check(same_bits(y[0].data(), y[1].data(), y[0].size() * 4), name + cname + "/repeatable", "second run, same bits");
+    if (run_shape == 0)
       first = y[0];
     else if (!same_bits(first.data(), y[0].data(), first.size() * 4)) {
       agree = false;
-      agree_detail += " config " + std::to_string(config) + " differs;";
+      agree_detail += " " + cname.substr(1) + " differs;";
     }
   }
   check(agree, name + "/configs_agree", agree ? "every tile configuration gives the same bits" : agree_detail);
