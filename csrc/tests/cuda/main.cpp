@@ -8,7 +8,7 @@
 //    gating (E = 8, 16, 60, 64, 256; k = 1, 2, 4, 8; both routings; exact ties; NaN and infinite input; a
 //    NaN router row), dispatch (uniform, skewed and sparse expert choices; block_m 16, 64, 128), the
 //    input conversion to bf16/fp16 (bit-exact, subnormals, overflow, NaN), the expert FFN (every tile
-//    configuration of each weight dtype, and all configurations give the same bits) and combine
+//    configuration and shape of each weight dtype, and all of them give the same bits) and combine
 //    (bit-exact against a host fmaf emulation);
 //  - the whole layer through the library's C ABI (dlopen, as the addon does): relative L2 error against
 //    float64 on odd sizes, E = 8, 16, 60, 64 (and more), k = 1, 2, 4, 8, both routings, float32/bf16/fp16
