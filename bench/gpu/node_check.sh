@@ -54,9 +54,15 @@ run() {
   [ -d dist ] || tar -xJf "$PACK/dist.tar.xz"
   mkdir -p build/Release && cp "$PACK/fused_moe.node" build/Release/
   export FUSED_MOE_CUDA_LIBRARY="$PACK/libfused_moe_cuda.so"
-  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || echo "nvidia-smi: no GPU here"
+  local gpu=0
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2> /dev/null && gpu=1
   echo "node $(node --version)"
   node bin/fused-moe.js doctor
+  # With a GPU here, the CUDA tests must run, not skip.
+  if [ "$gpu" = 1 ] && ! node -e "const c = require('./dist').backendInfo().cuda;
+      if (!c.available) { console.error('FAIL: a GPU is here but the addon cannot use it: ' + c.reason); process.exit(1); }"; then
+    exit 1
+  fi
   echo "== jest ${TESTS[*]}"
   node node_modules/jest/bin/jest.js --ci "${TESTS[@]}"
 }

@@ -10,6 +10,7 @@
 #                                       # the full shipping list (default: the GPU's own architecture)
 #   SKIP_TORCH=1 / SKIP_BENCH=1         # leave out the PyTorch side / all timing
 #   BUILD_DIR=...                       # build folder (default: build-cuda-check in the repository)
+#   .gpu-node/ beside the checkout      # also runs the Node tests on CUDA (bench/gpu/node_check.sh)
 #   FMOE_GPU_DRY_RUN=pass|fail|build-fail
 #                                       # no GPU, no nvcc: bench/gpu/dry_run.sh fakes the build, the
 #                                       # self-test and PyTorch (as passing, failing, or not building) so
@@ -150,6 +151,18 @@ main() {
     echo "FAIL: the CUDA self-test did not run to completion or reported failures"; status=1
   fi
   collect
+
+  # The Node path, where bench/gpu/node_check.sh pack has left .gpu-node/ beside the checkout.
+  if [ -z "$DRY" ] && [ -f "$ROOT/.gpu-node/node.xz" ]; then
+    step "Node addon on CUDA (bench/gpu/node_check.sh run; log in node_check.log)"
+    OUT="$WORK" timeout 300 bash "$ROOT/bench/gpu/node_check.sh" run > /dev/null 2>&1
+    local node_rc=$?
+    awk '/^cuda/,/^env/' "$WORK/node_check.log" | grep -v '^env'
+    grep -E "^(PASS|FAIL)|^Tests:|^FAIL:" "$WORK/node_check.log" | head -20
+    echo "node check exit status $node_rc"
+    [ "$node_rc" -eq 0 ] || status=1
+    collect
+  fi
 
   if [ "${SKIP_BENCH:-0}" != "1" ]; then
     local have_torch=0 io_args=() PY=(python3 "$ROOT/bench/gpu/torch_baseline.py")
