@@ -3,7 +3,7 @@
 # (bench/gpu/ffn_tiles.cu) for this GPU's architecture, runs the sweep, then profiles the kernels of two
 # Mixtral-8x7B forwards at each batch size with Nsight Compute (clocks left alone). Needs nvcc, cmake, ncu.
 #
-#   bench/gpu/profile.sh                 # T = 1 and 4096; results in $OUT (else build-cuda-profile/out)
+#   bench/gpu/profile.sh                 # T = 1, 16 and 4096; results in $OUT (else build-cuda-profile/out)
 #   PROFILE_T="1 16 512" bench/gpu/profile.sh
 #
 # Files: ffn_tiles.txt (the sweep), ncu_T<T>.csv (one row per kernel and metric), profile.log.
@@ -31,7 +31,7 @@ LIB="$BUILD/cmake/Release/libfused_moe_cuda.so"
 METRICS=gpu__time_duration.sum,dram__bytes_read.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,\
 sm__throughput.avg.pct_of_peak_sustained_elapsed,launch__grid_size,launch__block_size,launch__registers_per_thread,\
 launch__occupancy_limit_shared_mem,sm__warps_active.avg.pct_of_peak_sustained_active
-for T in ${PROFILE_T:-1 4096}; do
+for T in ${PROFILE_T:-1 16 4096}; do
   echo "== ncu, T = $T: the kernels of the second and third forwards"
   # The route call and the first forward launch 7 kernels; two forwards launch 12.
   timeout 240 ncu --clock-control none --metrics "$METRICS" --kernel-name regex:'gating|dispatch|convert|ffn|combine' \
