@@ -116,9 +116,11 @@ ThreadPool::ThreadPool(int threads) {
     });
 }
 
-// Worker i stays on core i; the callers (the JavaScript thread, libuv's threads) are left free and
-// settle on core 0. Left to itself, the scheduler often woke a worker on the core of the caller that had
-// just woken it after an idle spell, and the phase then ran on one core until it moved one of them.
+// Worker i stays on core i. Unpinned, the scheduler often woke a worker on the core of the caller that
+// had just woken it after an idle spell, and the phase then ran on one core until it moved one of them.
+// The callers (the JavaScript thread, libuv's threads) stay free: they still sit on a worker's core for
+// part of a decode's jobs, but holding them off it (confined, or moved at each job) did not make the
+// decode faster, and confined callers of several processes crowded one core.
 void ThreadPool::pin_to(int cpu) {
 #ifdef __linux__
   cpu_set_t mask;

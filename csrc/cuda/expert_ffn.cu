@@ -251,10 +251,15 @@ static __global__ void __launch_bounds__((BM / WM) * (BN / WN) * 32) ffn_mma_ker
       }
 }
 
+// Dynamic shared memory of an mma tile shape: the ring of A and B tiles, rows padded by 8 halves.
+static constexpr size_t mma_smem(int BM, int BN, int BK, int STAGES, int NB) {
+  return (size_t)STAGES * (BM + NB * BN) * (BK + 8) * sizeof(uint16_t);
+}
+
 template <int BM, int BN, int BK, int WM, int WN, int STAGES, int NB, bool BF16>
 static cudaError_t launch_mma(const gemm_args& g, int64_t tiles_cap, cudaStream_t stream) {
   constexpr int THREADS = (BM / WM) * (BN / WN) * 32;
-  constexpr size_t smem = (size_t)STAGES * (BM + NB * BN) * (BK + 8) * sizeof(uint16_t);
+  constexpr size_t smem = mma_smem(BM, BN, BK, STAGES, NB);
   // Above 48 KiB of dynamic shared memory a kernel must opt in; the call is cheap and per device.
   cudaError_t err = cudaFuncSetAttribute(ffn_mma_kernel<BM, BN, BK, WM, WN, STAGES, NB, BF16>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
@@ -390,11 +395,6 @@ int ffn_block_m(int config) {
     default:
       return 128;
   }
-}
-
-// Dynamic shared memory of an mma tile shape, as launch_mma asks for it.
-static constexpr size_t mma_smem(int BM, int BN, int BK, int STAGES, int NB) {
-  return (size_t)STAGES * (BM + NB * BN) * (BK + 8) * sizeof(uint16_t);
 }
 
 template <bool BF16>
