@@ -141,6 +141,11 @@ std::atomic<size_t>& short_panel_bytes() {
   return bytes;
 }
 
+std::atomic<int>& decode_streams() {
+  static std::atomic<int> on{1};
+  return on;
+}
+
 ActEpoch new_activation_epoch() {
   static std::atomic<ActEpoch> last{kNoActCache};
   return last.fetch_add(1, std::memory_order_relaxed) + 1;  // only uniqueness matters, not order

@@ -93,5 +93,8 @@ const KernelSet* kernels_for(Isa isa);
 // explains why). A run-time value only so that a benchmark can compare two settings in one process
 // (`bench/ab-model.js`, through binding.bench.setTuning); nothing else changes it.
 std::atomic<size_t>& short_panel_bytes();
+// Whether the integer-dot decode tile reads its panels far apart (simd_gemm.h sweep_streams); run-time
+// for the same reason.
+std::atomic<int>& decode_streams();
 
 }  // namespace fmoe

@@ -70,12 +70,12 @@ struct Kernels {
   static void swiglu_mode(const float* x, int64_t ldx, int64_t M, int64_t H, int64_t F, const void* w13,
                           int64_t f_begin, int64_t f_end, float* act, int64_t ldact, ActEpoch epoch, int64_t gsz = 0) {
     const size_t pstride = panel_bytes<MODE, 2>(H, gsz, W);
-    auto epi = [&](const float* c, int64_t m0, int mr, int64_t p0, int np) {
+    auto epi = [&](const float* c, int64_t m0, int mr, int64_t p0, int np, int64_t pgap) {
       for (int m = 0; m < mr; m++)
         for (int p = 0; p < np; p++) {
           const float* cg = c + size_t((m * np + p) * 2) * W;
           const typename O::V r = silu_mul<O>(O::load(cg), O::load(cg + W));
-          const int64_t f0 = (p0 + p) * W;
+          const int64_t f0 = (p0 + p * pgap) * W;
           float* dst = act + (m0 + m) * ldact + f0;
           if (f0 + W <= F) {
             O::store(dst, r);
@@ -94,11 +94,11 @@ struct Kernels {
   static void down_mode(const float* act, int64_t ldact, int64_t M, int64_t H, int64_t F, const void* w2,
                         int64_t h_begin, int64_t h_end, float* y, int64_t ldy, ActEpoch epoch, int64_t gsz = 0) {
     const size_t pstride = panel_bytes<MODE, 1>(F, gsz, W);
-    auto epi = [&](const float* c, int64_t m0, int mr, int64_t p0, int np) {
+    auto epi = [&](const float* c, int64_t m0, int mr, int64_t p0, int np, int64_t pgap) {
       for (int m = 0; m < mr; m++)
         for (int p = 0; p < np; p++) {
           const float* cg = c + size_t(m * np + p) * W;
-          const int64_t h0 = (p0 + p) * W;
+          const int64_t h0 = (p0 + p * pgap) * W;
           float* dst = y + (m0 + m) * ldy + h0;
           if (h0 + W <= H)
             O::store(dst, O::load(cg));

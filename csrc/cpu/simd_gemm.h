@@ -67,7 +67,8 @@ constexpr CodeOrder code_order(int mode) {
   return mode == kI8Vnni ? CodeOrder::Vnni : is_dot(mode) ? CodeOrder::Dot : CodeOrder::Plain;
 }
 
-// NEXT: each row block asks for its share of the next block of panels (below).
+// NEXT: each row block asks for its share of the next block of panels (below). epi(c, m0, mr, p0, np, gap)
+// takes a finished tile of mr rows from m0 whose panel p is panel p0 + p * gap (gap 1 here).
 template <class O, int MODE, int NMAT, int MR, int NP, bool NEXT, class Epi>
 static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, const char* b, size_t pstride,
                   int64_t p_begin, int64_t p_end, Epi&& epi) {
@@ -139,7 +140,7 @@ static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, 
           next.count = imax(0, imin(share, lines - next.first));
           micro_rows<O, MODE, NMAT, MR, np, NEXT>(mr, a + size_t(m0) * arow, K, k0, k1, gsz, bp, pstride, cm, k0 > 0,
                                                   next);
-          if (k1 == Kr) epi(cm, m0, mr, pg, np);
+          if (k1 == Kr) epi(cm, m0, mr, pg, np, 1);
         }
       }
     }
@@ -156,6 +157,41 @@ static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, 
     }
   }
   for (; p < p_end; p += nb) run(std::integral_constant<int, 1>(), p, imin(nb, p_end - p), -1);
+}
+
+// The integer-dot decode tile over panels far apart: [p_begin, p_end) is cut into NP runs of q panels
+// and each tile takes the i-th panel of every run (panel stride q), so a thread reads NP sequential
+// streams at once, each a run of whole panels. On adjacent panels (one stream per thread, or NP panels
+// a panel apart) the int4 decode kernel read about 80% of the read probe, whose threads read 8 streams
+// each; on NP far-apart streams it came within about 10% of it. `node bench/ab-model.js qwen3moe int4
+// decodeStreams 0 1`, 2 Zen 5 cores: step 0.87-0.94 (int8 0.95, Mixtral int8 0.97, Mixtral int4 and
+// bf16 1.00, so the float modes keep sweep). Each column still sums its groups in order in one
+// micro-kernel call, so the bits are those of sweep.
+template <class O, int MODE, int NMAT, int MR, int NP, class Epi>
+static void sweep_streams(const char* a, int64_t M, int64_t K, int64_t gsz, const char* b, size_t pstride,
+                          int64_t p_begin, int64_t p_end, Epi&& epi) {
+  static_assert(is_dot(MODE), "the integer-dot modes only");
+  const int64_t q = (p_end - p_begin) / NP;
+  if (q == 0)
+    return sweep<O, MODE, NMAT, MR, 1, false>(a, M, K, int64_t(1) << 40, gsz, b, pstride, p_begin, p_end, epi);
+  const size_t arow = dot_act_row_bytes<MODE>(K, gsz);
+  static thread_local Scratch cbuf;
+  float* c = static_cast<float*>(cbuf.get(size_t(MR) * NP * NMAT * O::W * sizeof(float)));
+  const RowBlocks blocks(M, MR);
+  const NextLines none;
+  for (int64_t i = 0; i < q; i++) {
+    const int64_t pg = p_begin + i;
+    for (int64_t r = 0; r < blocks.count; r++) {
+      const int64_t m0 = blocks.start(r);
+      const int mr = blocks.rows(r);
+      // Near a panel's end micro_qdot's prefetch runs on into the next panel of each run: the next tile's.
+      micro_rows<O, MODE, NMAT, MR, NP, false>(mr, a + size_t(m0) * arow, K, 0, K, gsz, b + size_t(pg) * pstride,
+                                               size_t(q) * pstride, c, false, none);
+      epi(c, m0, mr, pg, NP, q);
+    }
+  }
+  const int64_t rest = p_begin + q * NP;
+  if (rest < p_end) sweep<O, MODE, NMAT, MR, 1, false>(a, M, K, int64_t(1) << 40, gsz, b, pstride, rest, p_end, epi);
 }
 
 // K for the k blocks of the prefill shape: the NP panels' slice of k (192 KiB) stays in L2 across row
@@ -194,11 +230,16 @@ static void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t gsz,
   const bool few = !decode && !decode_max && M <= S::kMrFew;
   const int block_rows = decode ? S::kMrDecode : decode_max ? S::kMrDecodeMax : few ? S::kMrFew : S::kMrPrefill;
   const char* a = pack_act<O, MODE>(x, ldx, M, K, block_rows, gsz, epoch);
-  // Integer-dot panels shorter than short_panel_bytes() (24 KiB) take the decode tile one panel at a time.
+  // With decode_streams() off (the comparison it is measured against): integer-dot panels shorter than
+  // short_panel_bytes() (24 KiB) take the decode tile one panel at a time.
   // A tile's panels are side by side in memory, each a stream of its own; short ones (Qwen3's int4 w2,
   // 6.9 KiB at K = 768; int4 at K = 2048, 18 KiB) end before the hardware prefetchers are up to speed.
   // One panel at a time, consecutive panels are one stream. Longer panels (int8 at K = 2048, 34 KiB;
   // int4 w1/w3 pairs, 36 KiB) keep the wider tile. `bench/ab-model.js` compares the settings.
+  if constexpr (is_dot(MODE)) {
+    if (decode && decode_streams().load(std::memory_order_relaxed))
+      return sweep_streams<O, MODE, NMAT, S::kMrDecode, S::kNpDecode>(a, M, K, gsz, b, pstride, p_begin, p_end, epi);
+  }
   if (decode && is_dot(MODE) && pstride < short_panel_bytes().load(std::memory_order_relaxed)) {
     sweep<O, MODE, NMAT, S::kMrDecode, 1, false>(a, M, K, int64_t(1) << 40, gsz, b, pstride, p_begin, p_end, epi);
   } else if (decode) {

@@ -59,7 +59,9 @@ static Napi::Value SetTuning(const Napi::CallbackInfo& info) {
     throw Napi::TypeError::New(env, "setTuning(name: string, value: number)");
   const std::string name = info[0].As<Napi::String>().Utf8Value();
   const double value = info[1].As<Napi::Number>().DoubleValue();
-  if (name != "shortPanelBytes") throw Napi::RangeError::New(env, "setTuning: name must be 'shortPanelBytes'");
+  if (name == "decodeStreams") return Napi::Number::New(env, fmoe::decode_streams().exchange(value != 0 ? 1 : 0));
+  if (name != "shortPanelBytes")
+    throw Napi::RangeError::New(env, "setTuning: name must be 'shortPanelBytes' or 'decodeStreams'");
   if (!(value >= 0 && value <= double(1ull << 40)))
     throw Napi::RangeError::New(env, "setTuning: value must be a byte count from 0 to 2^40");
   return Napi::Number::New(env, double(fmoe::short_panel_bytes().exchange(size_t(value))));
