@@ -164,9 +164,9 @@ static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, 
 // streams at once, each a run of whole panels. On adjacent panels (one stream per thread, or NP panels
 // a panel apart) the int4 decode kernel read about 80% of the read probe, whose threads read 8 streams
 // each; on NP far-apart streams it came within about 10% of it. `node bench/ab-model.js qwen3moe int4
-// decodeStreams 0 1`, 2 Zen 5 cores: step 0.87-0.94 (int8 0.95, Mixtral int8 0.97, Mixtral int4 and
-// bf16 1.00, so the float modes keep sweep). Each column still sums its groups in order in one
-// micro-kernel call, so the bits are those of sweep.
+// decodeStreams 0 1`, 2 Zen 5 cores: step 0.87-0.94 (int8 0.95, Mixtral int8 0.97, Mixtral int4 1.00;
+// bf16 gained nothing, 0.995, so the float modes keep sweep). Each column still sums its groups in
+// order in one micro-kernel call, so the bits are those of sweep.
 template <class O, int MODE, int NMAT, int MR, int NP, class Epi>
 static void sweep_streams(const char* a, int64_t M, int64_t K, int64_t gsz, const char* b, size_t pstride,
                           int64_t p_begin, int64_t p_end, Epi&& epi) {
@@ -230,16 +230,16 @@ static void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t gsz,
   const bool few = !decode && !decode_max && M <= S::kMrFew;
   const int block_rows = decode ? S::kMrDecode : decode_max ? S::kMrDecodeMax : few ? S::kMrFew : S::kMrPrefill;
   const char* a = pack_act<O, MODE>(x, ldx, M, K, block_rows, gsz, epoch);
-  // With decode_streams() off (the comparison it is measured against): integer-dot panels shorter than
-  // short_panel_bytes() (24 KiB) take the decode tile one panel at a time.
-  // A tile's panels are side by side in memory, each a stream of its own; short ones (Qwen3's int4 w2,
-  // 6.9 KiB at K = 768; int4 at K = 2048, 18 KiB) end before the hardware prefetchers are up to speed.
-  // One panel at a time, consecutive panels are one stream. Longer panels (int8 at K = 2048, 34 KiB;
-  // int4 w1/w3 pairs, 36 KiB) keep the wider tile. `bench/ab-model.js` compares the settings.
   if constexpr (is_dot(MODE)) {
     if (decode && decode_streams().load(std::memory_order_relaxed))
       return sweep_streams<O, MODE, NMAT, S::kMrDecode, S::kNpDecode>(a, M, K, gsz, b, pstride, p_begin, p_end, epi);
   }
+  // With decode_streams() off (the layout sweep_streams is measured against): integer-dot panels
+  // shorter than short_panel_bytes() (24 KiB) take the decode tile one panel at a time.
+  // A tile's panels are side by side in memory, each a stream of its own; short ones (Qwen3's int4 w2,
+  // 6.9 KiB at K = 768; int4 at K = 2048, 18 KiB) end before the hardware prefetchers are up to speed.
+  // One panel at a time, consecutive panels are one stream. Longer panels (int8 at K = 2048, 34 KiB;
+  // int4 w1/w3 pairs, 36 KiB) keep the wider tile. `bench/ab-model.js` compares the settings.
   if (decode && is_dot(MODE) && pstride < short_panel_bytes().load(std::memory_order_relaxed)) {
     sweep<O, MODE, NMAT, S::kMrDecode, 1, false>(a, M, K, int64_t(1) << 40, gsz, b, pstride, p_begin, p_end, epi);
   } else if (decode) {

@@ -52,7 +52,8 @@ static Napi::Value Quantize(const Napi::CallbackInfo& info) {
   return out;
 }
 
-// setTuning(name, value) -> the previous value. 'shortPanelBytes': kernels.h short_panel_bytes().
+// setTuning(name, value) -> the previous value. 'shortPanelBytes': kernels.h short_panel_bytes();
+// 'decodeStreams' (0 or 1): kernels.h decode_streams().
 static Napi::Value SetTuning(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() < 2 || !info[0].IsString() || !info[1].IsNumber())
