@@ -123,4 +123,3 @@ if(NOT CMAKE_JS_VERSION AND EXISTS "${FMOE_SOURCE_DIR}/bench/gpu/ffn_tiles.cu")
     RUNTIME_OUTPUT_DIRECTORY "$<1:${CMAKE_BINARY_DIR}>")
   target_compile_options(fmoe_ffn_tiles PRIVATE -O3)
 endif()
-

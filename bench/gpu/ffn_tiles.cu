@@ -7,7 +7,7 @@
 //
 // Rows: batch size T, pass (up = w1/w3 with SwiGLU, down = w2), tile BMxBNxBK / warp tile / stages,
 // microseconds (median of 5 batches of back-to-back launches), weight GB/s and its fraction of the copy,
-// TFLOP/s of the picked rows' products, and "same bits" against the first (shipped) shape of its group.
+// TFLOP/s of the picked rows' products, and "same bits" against the first shape timed at that T.
 #include "../../csrc/cuda/expert_ffn.cu"
 
 #include <algorithm>
@@ -192,7 +192,7 @@ int main() {
       const double us_up = time_us([&] { check(s.up(up, r.tiles, 0), s.name); }, reps);
       const double us_down = time_us([&] { check(s.down(down, r.tiles, 0), s.name); }, reps);
       check(cudaDeviceSynchronize(), "run");
-      // Outputs of real rows only (padding rows are never written), compared with the group's first shape.
+      // Outputs of real rows only (padding rows are never written), compared with the first shape at this T.
       std::vector<uint16_t> hh(n_pos * F);
       std::vector<float> yy(n_pos * H);
       check(cudaMemcpy(hh.data(), b.h, 2 * hh.size(), cudaMemcpyDeviceToHost), "h");

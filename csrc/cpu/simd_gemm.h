@@ -161,12 +161,13 @@ static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, 
 
 // The integer-dot decode tile over panels far apart: [p_begin, p_end) is cut into NP runs of q panels
 // and each tile takes the i-th panel of every run (panel stride q), so a thread reads NP sequential
-// streams at once, each a run of whole panels. On adjacent panels (one stream per thread, or NP panels
-// a panel apart) the int4 decode kernel read about 80% of the read probe, whose threads read 8 streams
-// each; on NP far-apart streams it came within about 10% of it. `node bench/ab-model.js qwen3moe int4
-// decodeStreams 0 1`, 2 Zen 5 cores: step 0.87-0.94 (int8 0.95, Mixtral int8 0.97, Mixtral int4 1.00;
-// bf16 gained nothing, 0.995, so the float modes keep sweep). Each column still sums its groups in
-// order in one micro-kernel call, so the bits are those of sweep.
+// streams at once, each a run of whole panels, as the read probe's threads do (8 streams each). On
+// adjacent panels (one stream per thread for short panels) Qwen3's int4 LM head read 62-85% of the read
+// probe over 14 runs of `node bench/model.js --models qwen3moe --formats int4 --engines ours`, 82-102%
+// on far ones (two runs). `node bench/ab-model.js qwen3moe int4 decodeStreams 0 1`, 2 Zen 5 cores: step
+// 0.87-0.94 (int8 0.95, Mixtral int8 0.97, Mixtral int4 1.00); the float modes gained nothing in a trial
+// and keep sweep. Each column still sums its groups in order in one micro-kernel call, so the bits are
+// those of sweep.
 template <class O, int MODE, int NMAT, int MR, int NP, class Epi>
 static void sweep_streams(const char* a, int64_t M, int64_t K, int64_t gsz, const char* b, size_t pstride,
                           int64_t p_begin, int64_t p_end, Epi&& epi) {
