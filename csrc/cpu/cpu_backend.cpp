@@ -170,7 +170,8 @@ class CpuBackend final : public Backend {
   RouteSpec route_spec() const { return fmoe::route_spec(cfg_, bias_.empty() ? nullptr : bias_.data()); }
 
   // Split over tokens, or at decode over experts, so that one thread does not read the whole router
-  // (1 MiB for 128 experts of 2048) while the others wait.
+  // (1 MiB for 128 experts of 2048) while the others wait. At decode each thread takes two long ranges
+  // of experts, each read as four streams (gate_logits).
   void compute_logits(const float* x, int64_t T, float* logits) {
     const int64_t H = cfg_.hidden, E = cfg_.num_experts;
     ThreadPool& pool = ThreadPool::instance();
@@ -179,7 +180,9 @@ class CpuBackend final : public Backend {
         gate_logits(x + b * H, e - b, H, gate_.data(), E, logits + b * E);
       });
     } else {
-      pool.parallel_for(E, 16, threads(), [&](int64_t b, int64_t e, int) {
+      const int64_t n = std::max(1, std::min(threads() > 0 ? threads() : pool.size(), pool.size()));
+      const int64_t chunk = std::max<int64_t>(16, (E + 2 * n - 1) / (2 * n));
+      pool.parallel_for(E, chunk, threads(), [&](int64_t b, int64_t e, int) {
         gate_logits(x, T, H, gate_.data() + b * H, e - b, logits + b, E);
       });
     }

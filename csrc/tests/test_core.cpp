@@ -104,6 +104,40 @@ static void test_routing_families() {
   CHECK(ids[0] == 1 && ids[1] == 0);
 }
 
+// gate_logits reads the rows of a block far apart: every logit must still be its own row's dot product,
+// in the same bits whatever range of experts a call covers (one expert per call takes the plain
+// one-row path) and close to a float64 reference.
+static void test_gate_logits() {
+  std::mt19937 gen(1234);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  for (int64_t E : {1, 3, 4, 5, 7, 60, 64, 129})
+    for (int64_t H : {1, 7, 8, 13, 2051}) {
+      const int64_t T = 3;
+      std::vector<float> x(size_t(T * H)), g(size_t(E * H)), whole(size_t(T * E)), single(size_t(T * E)),
+          split(size_t(T * E));
+      for (float& v : x) v = u(gen);
+      for (float& v : g) v = u(gen);
+      gate_logits(x.data(), T, H, g.data(), E, whole.data());
+      for (int64_t e = 0; e < E; e++) gate_logits(x.data(), T, H, g.data() + e * H, 1, single.data() + e, E);
+      const int64_t cut = E / 3;  // two calls of uneven size
+      gate_logits(x.data(), T, H, g.data(), cut, split.data(), E);
+      gate_logits(x.data(), T, H, g.data() + cut * H, E - cut, split.data() + cut, E);
+      CHECK(std::memcmp(whole.data(), single.data(), whole.size() * sizeof(float)) == 0);
+      CHECK(std::memcmp(whole.data(), split.data(), whole.size() * sizeof(float)) == 0);
+      double worst = 0;
+      for (int64_t t = 0; t < T; t++)
+        for (int64_t e = 0; e < E; e++) {
+          double ref = 0, mag = 0;
+          for (int64_t h = 0; h < H; h++) {
+            ref += double(x[size_t(t * H + h)]) * double(g[size_t(e * H + h)]);
+            mag += std::fabs(double(x[size_t(t * H + h)]) * double(g[size_t(e * H + h)]));
+          }
+          worst = std::max(worst, std::fabs(double(whole[size_t(t * E + e)]) - ref) / (mag + 1e-30));
+        }
+      CHECK(worst < 1e-5);  // float32 partial sums: a few ulps of the sum of magnitudes
+    }
+}
+
 static void test_dispatch() {
   const int32_t experts[8] = {2, 0, 1, 2, 0, 2, 1, 0};  // T=4, k=2
   Dispatch d;
@@ -543,6 +577,7 @@ static void test_backend(Isa isa, DType dt, int64_t H, int64_t F, int64_t E, int
 int main() {
   test_routing();
   test_routing_families();
+  test_gate_logits();
   test_dispatch();
   test_dtypes();
   test_options();
