@@ -74,7 +74,8 @@ describe('event loop and fairness', () => {
     // prefill must hold many jobs on any machine: 4096 tokens are 26 GFLOP, about 13 jobs. Sized by
     // time, a loaded machine measures a low rate and makes the prefill only a few jobs long.
     const T = 4096;
-    await big.forward(large.x); // warm-up
+    await big.forward(large.x); // warm-ups: neither layer's first forward is timed
+    await tiny.forward(small.x);
     const xb = randomF32(T * 512, rng(84));
     let bigDone = 0;
     let firstBigMs = 0;
@@ -93,9 +94,12 @@ describe('event loop and fairness', () => {
     big.dispose();
     tiny.dispose();
     // Four prefills were queued first; the small request starts beside the running one and its
-    // phases interleave with it, so it finishes long before even one prefill does. Both times come from
-    // the same stretch of the run, so a machine loaded by others slows them alike.
-    expect(finishedBefore).toBe(0);
+    // phases interleave with it, so it takes a fraction of one prefill and never waits for a queued
+    // one. Both times come from the same stretch of the run, so a machine loaded by others slows
+    // them alike. The prefill that was running may finish first when the small request starts late
+    // (the 20 ms timer on a loaded machine; a whole-suite run saw it once): one finished prefill is
+    // allowed, not two.
+    expect(finishedBefore).toBeLessThanOrEqual(1);
     expect(tinyMs).toBeLessThan(0.5 * firstBigMs);
   });
 });
