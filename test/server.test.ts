@@ -32,6 +32,17 @@ async function tokensFor(layer: MoeLayer, ms: number): Promise<number> {
   return Math.min(40000, Math.max(256, Math.ceil(ms / perToken)));
 }
 
+/**
+ * Runs a timed check up to `tries` times and returns the first result that `ok` accepts, or the last.
+ * On a shared machine another process can stall one try; a broken scheduler fails every try, so the
+ * test still fails when the behaviour is wrong (each test asserts on the returned figures).
+ */
+async function firstPassing<R>(tries: number, run: () => Promise<R>, ok: (r: R) => boolean): Promise<R> {
+  let r = await run();
+  for (let i = 1; i < tries && !ok(r); i++) r = await run();
+  return r;
+}
+
 describe('event loop and fairness', () => {
   test('p99 event-loop delay stays far below one forward while forwards run back to back on several layers', async () => {
     const layers = [0, 1, 2].map(() => new MoeLayer(large.config, large.weights));
@@ -77,30 +88,34 @@ describe('event loop and fairness', () => {
     await big.forward(large.x); // warm-ups: neither layer's first forward is timed
     await tiny.forward(small.x);
     const xb = randomF32(T * 512, rng(84));
-    let bigDone = 0;
-    let firstBigMs = 0;
-    const tb = performance.now();
-    const bigs = [0, 1, 2, 3].map(() =>
-      big.forward(xb).then(() => {
-        if (bigDone++ === 0) firstBigMs = performance.now() - tb;
-      }),
-    );
-    await new Promise((r) => setTimeout(r, 20));
-    const t0 = performance.now();
-    await tiny.forward(small.x);
-    const tinyMs = performance.now() - t0;
-    const finishedBefore = bigDone;
-    await Promise.all(bigs);
-    big.dispose();
-    tiny.dispose();
+    const once = async () => {
+      let bigDone = 0;
+      let firstBigMs = 0;
+      const tb = performance.now();
+      const bigs = [0, 1, 2, 3].map(() =>
+        big.forward(xb).then(() => {
+          if (bigDone++ === 0) firstBigMs = performance.now() - tb;
+        }),
+      );
+      await new Promise((r) => setTimeout(r, 20));
+      const t0 = performance.now();
+      await tiny.forward(small.x);
+      const tinyMs = performance.now() - t0;
+      const finishedBefore = bigDone;
+      await Promise.all(bigs);
+      return { finishedBefore, tinyMs, firstBigMs };
+    };
     // Four prefills were queued first; the small request starts beside the running one and its
     // phases interleave with it, so it takes a fraction of one prefill and never waits for a queued
     // one. Both times come from the same stretch of the run, so a machine loaded by others slows
     // them alike. The prefill that was running may finish first when the small request starts late
-    // (the 20 ms timer on a loaded machine; a whole-suite run saw it once): one finished prefill is
-    // allowed, not two.
-    expect(finishedBefore).toBeLessThanOrEqual(1);
-    expect(tinyMs).toBeLessThan(0.5 * firstBigMs);
+    // (the 20 ms timer on a loaded machine): one finished prefill is allowed, not two. A queue that
+    // made the small request wait behind the prefills fails all three tries.
+    const r = await firstPassing(3, once, (m) => m.finishedBefore <= 1 && m.tinyMs < 0.5 * m.firstBigMs);
+    big.dispose();
+    tiny.dispose();
+    expect(r.finishedBefore).toBeLessThanOrEqual(1);
+    expect(r.tinyMs).toBeLessThan(0.5 * r.firstBigMs);
   });
 });
 
@@ -125,22 +140,26 @@ describe('cancellation', () => {
     const big = new MoeLayer(large.config, large.weights);
     const T = await tokensFor(big, 1500);
     const xb = randomF32(T * 512, rng(86));
-    const ac = new AbortController();
-    const p = big.forward(xb, { signal: ac.signal });
-    let abortedAt = 0;
-    setTimeout(() => {
-      abortedAt = performance.now();
-      ac.abort();
-    }, 100);
-    await expect(p).rejects.toMatchObject({ name: 'AbortError', code: 'ABORT_ERR' });
+    const once = async () => {
+      const ac = new AbortController();
+      const p = big.forward(xb, { signal: ac.signal });
+      let abortedAt = 0;
+      setTimeout(() => {
+        abortedAt = performance.now();
+        ac.abort();
+      }, 100);
+      await expect(p).rejects.toMatchObject({ name: 'AbortError', code: 'ABORT_ERR' });
+      const latencyMs = performance.now() - abortedAt;
+      const t1 = performance.now();
+      await big.forward(xb);
+      return { latencyMs, forwardMs: performance.now() - t1 };
+    };
     // From the abort to the rejection: one bounded pool job (some 10 ms idle). Timed from the abort
     // itself, so a timer that fires late on a loaded machine does not count, and compared with the
-    // whole forward timed now, in the same machine state (some 1500 ms idle; a fixed bound failed
-    // when another test loaded the machine).
-    const latency = performance.now() - abortedAt;
-    const t1 = performance.now();
-    await big.forward(xb);
-    expect(latency).toBeLessThan(0.25 * (performance.now() - t1));
+    // whole forward timed right after (some 1500 ms idle; a fixed bound failed when another test
+    // loaded the machine). A forward that ran to its end after the abort fails all three tries.
+    const r = await firstPassing(3, once, (m) => m.latencyMs < 0.25 * m.forwardMs);
+    expect(r.latencyMs).toBeLessThan(0.25 * r.forwardMs);
     // The layer still works after the abort.
     expect(bits(await big.forward(large.x))).toEqual(bits(big.forwardSync(large.x)));
     big.dispose();

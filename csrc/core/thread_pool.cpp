@@ -109,6 +109,7 @@ ThreadPool::ThreadPool(int threads) {
   if (threads < 1) threads = 1;
   const std::vector<int>& cpus = cached_core_cpus();
   pinned_ = threads > 1 && pin_requested() && size_t(threads) <= cpus.size();
+  if (pinned_) home_.assign(cpus.begin(), cpus.begin() + threads);
   for (int i = 1; i < threads; i++)
     workers_.emplace_back([this, i, cpu = pinned_ ? cpus[size_t(i)] : -1] {
       if (cpu >= 0) pin_to(cpu);
@@ -116,11 +117,11 @@ ThreadPool::ThreadPool(int threads) {
     });
 }
 
-// Worker i stays on core i. Unpinned, the scheduler often woke a worker on the core of the caller that
-// had just woken it after an idle spell, and the phase then ran on one core until it moved one of them.
-// The callers (the JavaScript thread, libuv's threads) stay free: they still sit on a worker's core for
-// part of a decode's jobs, but holding them off it (confined, or moved at each job) did not make the
-// decode faster, and confined callers of several processes crowded one core.
+// Worker i starts on core i and stays on one core (leave_caller_core may trade it). Unpinned, the
+// scheduler often woke a worker on the core of the caller that had just woken it after an idle spell,
+// and the phase then ran on one core until it moved one of them. The callers (the JavaScript thread,
+// libuv's threads) stay free: holding them off the workers' cores (confined, or moved at each job) did
+// not make the decode faster, and confined callers of several processes crowded one core.
 void ThreadPool::pin_to(int cpu) {
 #ifdef __linux__
   cpu_set_t mask;
@@ -129,6 +130,30 @@ void ThreadPool::pin_to(int cpu) {
   sched_setaffinity(0, sizeof mask, &mask);  // 0: the calling thread; a failure leaves it unpinned
 #else
   (void)cpu;
+#endif
+}
+
+// The scheduler often leaves a caller on a worker's core after a sleep or a read probe, while the core
+// no worker holds idles: the two then share one core, and the worker ran none of the job's items. The
+// worker, not the caller, moves: to the core no worker holds, which takes the worker's old core as
+// the free one. Moving the caller instead (once per job, its mask given back at once) failed the
+// fairness test of test/server.test.ts beside other processes: a caller forced onto a busy core
+// waited there at each job, while a worker that waits only leaves its items to the caller.
+void ThreadPool::leave_caller_core(int index, int caller_cpu) {
+#ifdef __linux__
+  if (!pinned_ || caller_cpu < 0 || sched_getcpu() != caller_cpu) return;
+  int target;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (home_[size_t(index)] != caller_cpu) return;
+    target = home_[0];
+    home_[0] = caller_cpu;
+    home_[size_t(index)] = target;
+  }
+  pin_to(target);
+#else
+  (void)index;
+  (void)caller_cpu;
 #endif
 }
 
@@ -205,7 +230,10 @@ void ThreadPool::worker_loop(int index) {
       seen = generation_;
       job = job_;
     }
-    if (job && index < job->limit) run_chunks(*job, index);
+    if (job && index < job->limit) {
+      leave_caller_core(index, job->caller_cpu);
+      run_chunks(*job, index);
+    }
   }
 }
 
@@ -239,6 +267,9 @@ void ThreadPool::parallel_for(int64_t n, int64_t chunk, int max_threads, const R
   job->n = n;
   job->chunk = chunk;
   job->limit = limit;
+#ifdef __linux__
+  if (pinned_) job->caller_cpu = sched_getcpu();
+#endif
   job->shares.reset(new Job::Share[size_t(limit)]);
   for (int w = 0; w < limit; w++)
     job->shares[size_t(w)].span.store((uint64_t(n * w / limit) << 32) | uint64_t(n * (w + 1) / limit),

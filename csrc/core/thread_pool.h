@@ -16,7 +16,8 @@
 // waking a sleeping thread through the kernel costs about that much on a virtual machine.
 //
 // When the pool has no more threads than the process has cores (the default), each worker is pinned to a
-// core of its own (FUSED_MOE_PIN_THREADS=0 turns it off); the thread that submits a job is not pinned.
+// core of its own (FUSED_MOE_PIN_THREADS=0 turns it off); the thread that submits a job is not pinned,
+// and a worker that finds it on its core moves to the core no worker holds.
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -65,6 +66,7 @@ class ThreadPool {
     const RangeFn* fn = nullptr;
     int64_t n = 0, chunk = 1;
     int limit = 0;
+    int caller_cpu = -1;  // where the caller was when it submitted the job (-1: unknown)
     // Per thread: the items of its share not yet claimed, [front, back) packed as (front << 32) | back.
     struct alignas(64) Share {
       std::atomic<uint64_t> span{0};
@@ -76,6 +78,7 @@ class ThreadPool {
   };
 
   static void pin_to(int cpu);
+  void leave_caller_core(int index, int caller_cpu);
   void worker_loop(int index);
   void run_chunks(Job& job, int worker);
   static bool claim(Job& job, int worker, int64_t& begin, int64_t& end);
@@ -92,6 +95,9 @@ class ThreadPool {
   bool stop_ = false;
   std::shared_ptr<Job> job_;  // the current job, under mutex_
   bool pinned_ = false;
+  // Pinned pools: the core of each thread's place (index 0: the caller's, held by no worker), under
+  // mutex_. A worker that finds the caller on its core trades places with index 0 (leave_caller_core).
+  std::vector<int> home_;
 };
 
 }  // namespace fmoe
