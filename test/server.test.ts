@@ -51,30 +51,39 @@ describe('event loop and fairness', () => {
     const T = 2048;
     await layers[0].forward(large.x); // warm-up
     const x = randomF32(T * 512, rng(83));
-    const t1 = performance.now();
-    await layers[0].forward(x);
-    const oneForwardMs = performance.now() - t1;
-    const h = monitorEventLoopDelay({ resolution: 1 });
-    h.enable();
-    const t0 = performance.now();
-    await Promise.all(
-      layers.map(async (l) => {
-        while (performance.now() - t0 < 2000) await l.forward(x);
-      }),
-    );
-    h.disable();
-    // One forward again, right after: a machine loaded by others (another test file, another process)
-    // stretches both this forward and the loop's delays.
-    const t2 = performance.now();
-    await layers[0].forward(x);
-    const lastForwardMs = performance.now() - t2;
+    const once = async () => {
+      const t1 = performance.now();
+      await layers[0].forward(x);
+      const oneForwardMs = performance.now() - t1;
+      const h = monitorEventLoopDelay({ resolution: 1 });
+      h.enable();
+      const t0 = performance.now();
+      await Promise.all(
+        layers.map(async (l) => {
+          while (performance.now() - t0 < 2000) await l.forward(x);
+        }),
+      );
+      h.disable();
+      // One forward again, right after: a machine loaded by others (another test file, another
+      // process) stretches both this forward and the loop's delays.
+      const t2 = performance.now();
+      await layers[0].forward(x);
+      const lastForwardMs = performance.now() - t2;
+      // A loop held by the forwards would stall for whole forwards: p99 about one forward, timed in
+      // this run. A free loop waits only on the OS scheduler: p99 near 10 ms on an idle 2-core
+      // machine, but 30 to 70 ms seen beside other busy processes. So the bound is a quarter of the
+      // longer of the two forwards timed around the loop, and never below 20 ms.
+      return {
+        count: h.count,
+        p99Ms: h.percentile(99) / 1e6,
+        boundMs: Math.max(20, Math.max(oneForwardMs, lastForwardMs) / 4),
+      };
+    };
+    // A held loop fails every try; a try that another process stalled is run again.
+    const r = await firstPassing(3, once, (m) => m.count > 100 && m.p99Ms < m.boundMs);
     layers.forEach((l) => l.dispose());
-    expect(h.count).toBeGreaterThan(100);
-    // A loop held by the forwards would stall for whole forwards: p99 about one forward, timed in this
-    // run. A free loop waits only on the OS scheduler: p99 near 10 ms on an idle 2-core machine, but
-    // 30 to 70 ms seen beside other busy processes. So the bound is a quarter of the longer of the two
-    // forwards timed around the loop, and never below 20 ms.
-    expect(h.percentile(99) / 1e6).toBeLessThan(Math.max(20, Math.max(oneForwardMs, lastForwardMs) / 4));
+    expect(r.count).toBeGreaterThan(100);
+    expect(r.p99Ms).toBeLessThan(r.boundMs);
   });
 
   test('a small request is not starved behind long prefills on another layer', async () => {
