@@ -171,16 +171,21 @@ class CpuBackend final : public Backend {
 
   // Split over tokens, or at decode over experts, so that one thread does not read the whole router
   // (1 MiB for 128 experts of 2048) while the others wait. At decode each thread takes two long ranges
-  // of experts, each read as four streams (gate_logits).
+  // of experts, each read as four streams (gate_logits); over tokens, the kernel set's router kernel
+  // takes up to 32 tokens a call, each read of the router's rows shared by four of them.
   void compute_logits(const float* x, int64_t T, float* logits) {
     const int64_t H = cfg_.hidden, E = cfg_.num_experts;
     ThreadPool& pool = ThreadPool::instance();
+    const int64_t n = std::max(1, std::min(threads() > 0 ? threads() : pool.size(), pool.size()));
     if (T >= 4 * int64_t(pool.size())) {
-      pool.parallel_for(T, 8, threads(), [&](int64_t b, int64_t e, int) {
-        gate_logits(x + b * H, e - b, H, gate_.data(), E, logits + b * E);
+      const int64_t chunk = std::min<int64_t>(32, std::max<int64_t>(8, T / (2 * n)));
+      pool.parallel_for(T, chunk, threads(), [&](int64_t b, int64_t e, int) {
+        if (kernels_->gate_logits)
+          kernels_->gate_logits(x + b * H, e - b, H, gate_.data(), E, logits + b * E);
+        else
+          gate_logits(x + b * H, e - b, H, gate_.data(), E, logits + b * E);
       });
     } else {
-      const int64_t n = std::max(1, std::min(threads() > 0 ? threads() : pool.size(), pool.size()));
       const int64_t chunk = std::max<int64_t>(16, (E + 2 * n - 1) / (2 * n));
       pool.parallel_for(E, chunk, threads(), [&](int64_t b, int64_t e, int) {
         gate_logits(x, T, H, gate_.data() + b * H, e - b, logits + b, E);

@@ -72,6 +72,10 @@ struct KernelSet {
   // in integers.
   const char* int8_activations;
   const char* int4_activations;
+
+  // The router's logits of T tokens, logits[t * E + e], bit for bit those of gate_logits (routing.h), or
+  // nullptr where the set has no faster form (gate_logits then serves).
+  void (*gate_logits)(const float* x, int64_t T, int64_t H, const float* gate, int64_t E, float* logits);
 };
 
 // Kernel sets compiled into this binary; each returns nullptr when not built for this architecture.

@@ -38,6 +38,146 @@ inline typename O::V silu_mul(typename O::V g, typename O::V u) {
   return O::mul(O::div(g, O::add(O::set1(1.0f), vexp<O>(O::neg(g)))), u);
 }
 
+#if defined(__x86_64__)
+// The router's logits at this unit's width, bit for bit those of gate_logits (routing.h): each logit is
+// eight float sums, lane j taking x[h + j] * g[h + j] for h = 0, 8, 16, ... with each product rounded
+// before its add, as the portable code's separate multiply and add do (the empty asm keeps the compiler
+// from fusing them into one FMA, which rounds once), then the lanes in order and the tail added in
+// double. With AVX-512 one register holds the eight sums of two tokens. The portable code reads the
+// whole router (Qwen3's 1 MiB) again for every token, 128 bits at a time; here four tokens share each
+// load of four experts' rows.
+typedef float GateLanes __attribute__((vector_size(32)));
+
+inline GateLanes gate_load(const float* p) {
+  GateLanes v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// The logits of one token's eight sums: the lanes in order, then the tail.
+inline float gate_finish(const float* lanes, const float* x, const float* g, int64_t h, int64_t H) {
+  double sum = 0;
+  for (int j = 0; j < 8; j++) sum += lanes[j];
+  for (int64_t i = h; i < H; i++) sum += double(x[i]) * g[i];
+  return float(sum);
+}
+
+// TB tokens by EB experts, eight lanes each.
+template <int TB, int EB>
+inline void gate_tile(const float* x, int64_t H, const float* g, float* logits, int64_t E) {
+  GateLanes acc[TB][EB];
+#pragma GCC unroll 8
+  for (int t = 0; t < TB; t++)
+#pragma GCC unroll 8
+    for (int e = 0; e < EB; e++) acc[t][e] = GateLanes{};
+  int64_t h = 0;
+  for (; h + 8 <= H; h += 8) {
+    GateLanes gv[EB];
+#pragma GCC unroll 8
+    for (int e = 0; e < EB; e++) gv[e] = gate_load(g + e * H + h);
+#pragma GCC unroll 8
+    for (int t = 0; t < TB; t++) {
+      const GateLanes xv = gate_load(x + t * H + h);
+#pragma GCC unroll 8
+      for (int e = 0; e < EB; e++) {
+        GateLanes prod = xv * gv[e];
+        asm("" : "+x"(prod));
+        acc[t][e] += prod;
+      }
+    }
+  }
+  for (int t = 0; t < TB; t++)
+    for (int e = 0; e < EB; e++) {
+      float lanes[8];
+      std::memcpy(lanes, &acc[t][e], sizeof lanes);
+      logits[t * E + e] = gate_finish(lanes, x + t * H, g + e * H, h, H);
+    }
+}
+
+#if defined(__AVX512F__)
+typedef float GatePairs __attribute__((vector_size(64)));  // [token a's eight lanes | token b's]
+
+// Two pairs of tokens by EB experts.
+template <int EB>
+inline void gate_tile_pairs(const float* x, int64_t H, const float* g, float* logits, int64_t E) {
+  GatePairs acc[2][EB];
+#pragma GCC unroll 8
+  for (int t = 0; t < 2; t++)
+#pragma GCC unroll 8
+    for (int e = 0; e < EB; e++) acc[t][e] = GatePairs{};
+  int64_t h = 0;
+  for (; h + 8 <= H; h += 8) {
+    GatePairs xv[2];
+#pragma GCC unroll 2
+    for (int t = 0; t < 2; t++) {
+      const GateLanes a = gate_load(x + (2 * t) * H + h), b = gate_load(x + (2 * t + 1) * H + h);
+      xv[t] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    }
+#pragma GCC unroll 8
+    for (int e = 0; e < EB; e++) {
+      const GateLanes gh = gate_load(g + e * H + h);
+      const GatePairs gv = __builtin_shufflevector(gh, gh, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
+#pragma GCC unroll 2
+      for (int t = 0; t < 2; t++) {
+        GatePairs prod = xv[t] * gv;
+        asm("" : "+v"(prod));
+        acc[t][e] += prod;
+      }
+    }
+  }
+  for (int t = 0; t < 4; t++)
+    for (int e = 0; e < EB; e++) {
+      float lanes[16];
+      std::memcpy(lanes, &acc[t / 2][e], sizeof lanes);
+      logits[t * E + e] = gate_finish(lanes + 8 * (t % 2), x + t * H, g + e * H, h, H);
+    }
+}
+#endif
+
+// Four tokens by four experts: two pairs of tokens with AVX-512.
+inline void gate_tile_4x4(const float* x, int64_t H, const float* g, float* logits, int64_t E) {
+#if defined(__AVX512F__)
+  gate_tile_pairs<4>(x, H, g, logits, E);
+#else
+  gate_tile<4, 4>(x, H, g, logits, E);
+#endif
+}
+
+// Four tokens by four experts at a time, over blocks of router rows of about
+// 256 KiB that stay in L2 while every token of the call meets them.
+inline void gate_logits_simd(const float* x, int64_t T, int64_t H, const float* gate, int64_t E, float* logits) {
+  const int64_t rows = H > 0 ? (int64_t(256) << 10) / (H * int64_t(sizeof(float))) / 4 * 4 : E;
+  const int64_t block = rows < 4 ? 4 : rows;
+  for (int64_t e0 = 0; e0 < E; e0 += block) {
+    const int64_t e1 = e0 + block < E ? e0 + block : E;
+    for (int64_t t = 0; t < T;) {
+      const bool four = T - t >= 4;
+      int64_t e = e0;
+      for (; e + 4 <= e1; e += 4) {
+        const float* xt = x + t * H;
+        const float* g = gate + e * H;
+        float* out = logits + t * E + e;
+        if (four)
+          gate_tile_4x4(xt, H, g, out, E);
+        else
+          gate_tile<1, 4>(xt, H, g, out, E);
+      }
+      for (; e < e1; e++) {
+        if (four)
+          gate_tile<4, 1>(x + t * H, H, gate + e * H, logits + t * E + e, E);
+        else
+          gate_tile<1, 1>(x + t * H, H, gate + e * H, logits + t * E + e, E);
+      }
+      t += four ? 4 : 1;
+    }
+  }
+}
+
+constexpr void (*kGateLogits)(const float*, int64_t, int64_t, const float*, int64_t, float*) = gate_logits_simd;
+#else
+constexpr void (*kGateLogits)(const float*, int64_t, int64_t, const float*, int64_t, float*) = nullptr;
+#endif
+
 // The KernelSet functions for one ISA. BF16_MODE: kBF16 (shift) or kBF16Dot; I8_MODE / I4_MODE: kI8 /
 // kI4 (float activations, Plain code order) or kI8Dot / kI4Dot (integer activations, Dot order), or
 // kI8Vnni / kI4Dot (int8 activations for both, Vnni order).
@@ -173,7 +313,8 @@ struct Kernels {
                      I8_MODE == kI8Dot    ? "int16"
                      : I8_MODE == kI8Vnni ? "int8"
                                           : "float32",
-                     I4_MODE == kI4Dot ? "int8" : "float32"};
+                     I4_MODE == kI4Dot ? "int8" : "float32",
+                     kGateLogits};
   }
 };
 
