@@ -13,6 +13,9 @@
 //   --json                                       the results object on stdout (the table goes to stderr)
 //   --no-settle                                  each measured decode step right after its read probe,
 //                                                without the unmeasured step between (bench/model-engines.js)
+//   --prefix N                                   decode after an N-token prefix instead of 16 (a long
+//                                                context: the attention part grows; the %bw figures
+//                                                still count no KV cache bytes)
 //
 // Models: a Mixtral-8x7B-width model with 2 layers and a Qwen3-30B-A3B-width model with 4 layers
 // (bench/model-files.js), random bf16 weights from a fixed seed. Formats: ours bf16 / int8 / int4
@@ -61,6 +64,13 @@ const RUN = quick
       context: 1024,
       probeBytes: 256 << 20,
     };
+if (opt('--prefix')) {
+  const n = Number(opt('--prefix'));
+  if (!Number.isInteger(n) || n < 1 || n > 30000) throw new RangeError(`--prefix: expected an integer from 1 to 30000`);
+  RUN.prefix = n;
+  // The prefix, every warm-up, measured and settling step, and some room.
+  RUN.context = Math.max(RUN.context, n + 2 * (RUN.warmDecode + RUN.decodeSteps) + 64);
+}
 
 // ---- bytes and FLOPs ------------------------------------------------------------------------------
 const GROUP = 32;

@@ -22,25 +22,6 @@ constexpr int64_t kQueryTokensPerItem = 64;
 // A sequence with at most this many new tokens (a decode step) is split over its keys instead.
 constexpr int64_t kSplitMaxTokens = 4;
 
-// Widens n elements of the cache to float.
-void load_row(const void* base, DType dt, size_t offset, int64_t n, float* dst) {
-  switch (dt) {
-    case DType::F32:
-      std::memcpy(dst, static_cast<const float*>(base) + offset, size_t(n) * 4);
-      return;
-    case DType::BF16: {
-      const uint16_t* s = static_cast<const uint16_t*>(base) + offset;
-      for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(s[i]);
-      return;
-    }
-    case DType::F16: {
-      const uint16_t* s = static_cast<const uint16_t*>(base) + offset;
-      for (int64_t i = 0; i < n; i++) dst[i] = f16_to_f32(s[i]);
-      return;
-    }
-  }
-}
-
 void store_row(void* base, DType dt, size_t offset, int64_t n, const float* src) {
   switch (dt) {
     case DType::F32:
@@ -66,7 +47,7 @@ int64_t round_up(int64_t n, int64_t w) { return (n + w - 1) / w * w; }
 // partials of every row, and the rows' running state (m, l, acc).
 struct TileScratch {
   int64_t ldk = 0, ldv = 0;
-  std::vector<float> q, krow, kt, v, s, m, l, acc, run_m, run_l, run_acc;
+  std::vector<float> q, kt, v, s, m, l, acc, run_m, run_l, run_acc;
   std::vector<int32_t> lo, hi;
   void prepare(const AttentionTileKernels& kern, int64_t block_tokens, int64_t D, int64_t rows) {
     ldk = round_up(block_tokens, kern.width);
@@ -75,7 +56,6 @@ struct TileScratch {
       if (buf.size() < size_t(n)) buf.resize(size_t(n));
     };
     grow(q, rows * D);
-    grow(krow, D);
     grow(kt, D * ldk);
     v.assign(size_t(block_tokens * ldv), 0.0f);  // the padding past D must be zero
     grow(s, rows * ldk);
@@ -102,16 +82,24 @@ struct StepGeometry {
 // The first position a query at `pos` sees.
 int64_t first_visible(int64_t pos, int64_t window) { return window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0; }
 
-// Widens block `b` of a sequence's table, KV head j, slots [0, n), into the scratch: keys transposed.
+// Widens block `b` of a sequence's table, KV head j, slots [0, n), into the scratch: the keys are
+// already transposed in the cache, so each of their D rows is n contiguous elements.
 void load_tile(const StepGeometry& g, const AttentionSeq& s, int64_t b, int64_t j, int64_t n, TileScratch& t) {
   const int64_t D = g.D;
   const size_t base = size_t(((s.blocks[b] * g.cache->kv_heads + j) * g.Bt) * D);
-  float* row = t.krow.data();
-  for (int64_t i = 0; i < n; i++) {
-    load_row(g.cache->k, g.cache->dtype, base + size_t(i * D), D, row);
-    for (int64_t d = 0; d < D; d++) t.kt[size_t(d * t.ldk + i)] = row[d];
-    load_row(g.cache->v, g.cache->dtype, base + size_t(i * D), D, t.v.data() + i * t.ldv);
-  }
+  const DType dt = g.cache->dtype;
+  const size_t es = dtype_size(dt);
+  const char* k = static_cast<const char*>(g.cache->k) + base * es;
+  const char* v = static_cast<const char*>(g.cache->v) + base * es;
+  // Rows as long as the scratch's (a full block of a width-multiple size, a width-multiple D) are one run.
+  if (n == g.Bt && t.ldk == g.Bt)
+    g.kern->widen(k, dt, D * n, t.kt.data());
+  else
+    for (int64_t d = 0; d < D; d++) g.kern->widen(k + size_t(d * g.Bt) * es, dt, n, t.kt.data() + d * t.ldk);
+  if (t.ldv == D)
+    g.kern->widen(v, dt, n * D, t.v.data());
+  else
+    for (int64_t i = 0; i < n; i++) g.kern->widen(v + size_t(i * D) * es, dt, D, t.v.data() + i * t.ldv);
 }
 
 // Gathers the query rows of new tokens [t0, t1) of sequence s for KV head j: row (i - t0) * G + r is
@@ -251,10 +239,10 @@ void kv_cache_write(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_
       const int64_t pos = s.past + t;
       const int64_t block = s.blocks[pos / Bt], slot = pos % Bt;
       for (int64_t j = 0; j < KV; j++) {
-        const size_t dst = size_t(((block * KV + j) * Bt + slot) * D);
+        const size_t head = size_t((block * KV + j) * Bt * D);  // the block's part for KV head j
         const size_t src = size_t((s.row + t) * KV * D + j * D);
-        store_row(c.k, c.dtype, dst, D, k + src);
-        store_row(c.v, c.dtype, dst, D, v + src);
+        for (int64_t d = 0; d < D; d++) store_row(c.k, c.dtype, head + size_t(d * Bt + slot), 1, k + src + d);
+        store_row(c.v, c.dtype, head + size_t(slot * D), D, v + src);
       }
     }
   }

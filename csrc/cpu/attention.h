@@ -2,7 +2,9 @@
 //
 // The cache of one layer is a pool of blocks; a block holds `block_tokens` consecutive positions of
 // one sequence, for every KV head, K and V apart:
-//   k, v: [num_blocks][kv_heads][block_tokens][head_dim], elements of `dtype`.
+//   k: [num_blocks][kv_heads][head_dim][block_tokens], v: [num_blocks][kv_heads][block_tokens][head_dim],
+//   elements of `dtype`. Keys are stored transposed, as the tile kernel reads them: each key is written
+//   once, and read again at every later step.
 // A sequence owns a list of blocks (its block table): position p lives in block table[p / block_tokens]
 // at slot p % block_tokens. Sequences of different lengths share the pool without copying.
 //
@@ -21,8 +23,8 @@
 namespace fmoe {
 
 struct KvCacheView {
-  void* k = nullptr;          // [num_blocks][kv_heads][block_tokens][head_dim]
-  void* v = nullptr;          // same layout
+  void* k = nullptr;          // [num_blocks][kv_heads][head_dim][block_tokens]
+  void* v = nullptr;          // [num_blocks][kv_heads][block_tokens][head_dim]
   int64_t num_blocks = 0;     // blocks in the pool
   int64_t kv_heads = 0;       // KV heads
   int64_t head_dim = 0;       // D

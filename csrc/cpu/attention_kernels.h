@@ -32,6 +32,8 @@ struct AttentionTileKernels {
   // l = 0, acc = 0) takes the partial exactly, so a partial stored and merged later gives the same bits
   // as one merged at once.
   void (*merge)(float* m, float* l, float* acc, float mt, float lt, const float* acct, int64_t n);
+  // dst[i] = element i of src (n elements of the cache's dtype) as float: exact for every dtype.
+  void (*widen)(const void* src, DType dt, int64_t n, float* dst);
 };
 
 // Sets compiled into this binary (nullptr where not built for this architecture).

@@ -8,6 +8,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -148,7 +149,38 @@ struct Tile {
     *m = mn;
   }
 
-  static constexpr AttentionTileKernels make(Isa isa) { return AttentionTileKernels{isa, W, partials, merge}; }
+  // Cache elements to float, at this unit's width: bf16 by a shift and float32 by a copy, which the
+  // compiler vectorises, fp16 through O's conversion (the scalar set: dtype.h's). The keys and values of
+  // every tile pass through here at every step; the portable loop ran at baseline width.
+  static void widen(const void* src, DType dt, int64_t n, float* dst) {
+    if (dt == DType::F32) {
+      std::memcpy(dst, src, size_t(n) * sizeof(float));
+      return;
+    }
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    if (dt == DType::BF16) {
+      for (int64_t i = 0; i < n; i++) {
+        const uint32_t u = uint32_t(s[i]) << 16;
+        std::memcpy(dst + i, &u, sizeof u);
+      }
+      return;
+    }
+    if constexpr (W == 1) {
+      for (int64_t i = 0; i < n; i++) dst[i] = f16_to_f32(s[i]);
+    } else {
+      int64_t i = 0;
+      for (; i + W <= n; i += W) O::store(dst + i, O::load_f16(s + i));
+      if (i < n) {  // the tail through a padded copy
+        uint16_t part[W] = {};
+        float out[W];
+        std::memcpy(part, s + i, size_t(n - i) * sizeof(uint16_t));
+        O::store(out, O::load_f16(part));
+        std::memcpy(dst + i, out, size_t(n - i) * sizeof(float));
+      }
+    }
+  }
+
+  static constexpr AttentionTileKernels make(Isa isa) { return AttentionTileKernels{isa, W, partials, merge, widen}; }
 };
 
 }  // namespace
