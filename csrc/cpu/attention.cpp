@@ -22,19 +22,22 @@ constexpr int64_t kQueryTokensPerItem = 64;
 // A sequence with at most this many new tokens (a decode step) is split over its keys instead.
 constexpr int64_t kSplitMaxTokens = 4;
 
-void store_row(void* base, DType dt, size_t offset, int64_t n, const float* src) {
+// Stores n floats, src[i * src_stride], as elements offset + i * stride of the cache (its dtype).
+void store_elems(void* base, DType dt, size_t offset, size_t stride, int64_t n, const float* src, int64_t src_stride) {
   switch (dt) {
-    case DType::F32:
-      std::memcpy(static_cast<float*>(base) + offset, src, size_t(n) * 4);
+    case DType::F32: {
+      float* d = static_cast<float*>(base) + offset;
+      for (int64_t i = 0; i < n; i++) d[size_t(i) * stride] = src[i * src_stride];
       return;
+    }
     case DType::BF16: {
       uint16_t* d = static_cast<uint16_t*>(base) + offset;
-      for (int64_t i = 0; i < n; i++) d[i] = f32_to_bf16(src[i]);
+      for (int64_t i = 0; i < n; i++) d[size_t(i) * stride] = f32_to_bf16(src[i * src_stride]);
       return;
     }
     case DType::F16: {
       uint16_t* d = static_cast<uint16_t*>(base) + offset;
-      for (int64_t i = 0; i < n; i++) d[i] = f32_to_f16(src[i]);
+      for (int64_t i = 0; i < n; i++) d[size_t(i) * stride] = f32_to_f16(src[i * src_stride]);
       return;
     }
   }
@@ -235,15 +238,21 @@ void kv_cache_write(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_
   const int64_t KV = c.kv_heads, D = c.head_dim, Bt = c.block_tokens;
   for (int64_t i = 0; i < num_seqs; i++) {
     const AttentionSeq& s = seqs[i];
-    for (int64_t t = 0; t < s.count; t++) {
-      const int64_t pos = s.past + t;
+    // Runs of the new tokens that fall in one block: a key row of the block ([head_dim][block_tokens])
+    // takes the run's values of one d in one pass.
+    for (int64_t t0 = 0; t0 < s.count;) {
+      const int64_t pos = s.past + t0;
       const int64_t block = s.blocks[pos / Bt], slot = pos % Bt;
+      const int64_t run = std::min(s.count - t0, Bt - slot);
       for (int64_t j = 0; j < KV; j++) {
         const size_t head = size_t((block * KV + j) * Bt * D);  // the block's part for KV head j
-        const size_t src = size_t((s.row + t) * KV * D + j * D);
-        for (int64_t d = 0; d < D; d++) store_row(c.k, c.dtype, head + size_t(d * Bt + slot), 1, k + src + d);
-        store_row(c.v, c.dtype, head + size_t(slot * D), D, v + src);
+        const int64_t src = (s.row + t0) * KV * D + j * D;
+        for (int64_t d = 0; d < D; d++)
+          store_elems(c.k, c.dtype, head + size_t(d * Bt + slot), 1, run, k + src + d, KV * D);
+        for (int64_t t = 0; t < run; t++)
+          store_elems(c.v, c.dtype, head + size_t((slot + t) * D), 1, D, v + src + t * KV * D, 1);
       }
+      t0 += run;
     }
   }
 }
