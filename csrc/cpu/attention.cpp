@@ -22,22 +22,22 @@ constexpr int64_t kQueryTokensPerItem = 64;
 // A sequence with at most this many new tokens (a decode step) is split over its keys instead.
 constexpr int64_t kSplitMaxTokens = 4;
 
-// Stores n floats, src[i * src_stride], as elements offset + i * stride of the cache (its dtype).
-void store_elems(void* base, DType dt, size_t offset, size_t stride, int64_t n, const float* src, int64_t src_stride) {
+// Stores n floats, src[i * src_stride], as elements [offset, offset + n) of the cache (its dtype).
+void store_elems(void* base, DType dt, size_t offset, int64_t n, const float* src, int64_t src_stride) {
   switch (dt) {
     case DType::F32: {
       float* d = static_cast<float*>(base) + offset;
-      for (int64_t i = 0; i < n; i++) d[size_t(i) * stride] = src[i * src_stride];
+      for (int64_t i = 0; i < n; i++) d[i] = src[i * src_stride];
       return;
     }
     case DType::BF16: {
       uint16_t* d = static_cast<uint16_t*>(base) + offset;
-      for (int64_t i = 0; i < n; i++) d[size_t(i) * stride] = f32_to_bf16(src[i * src_stride]);
+      for (int64_t i = 0; i < n; i++) d[i] = f32_to_bf16(src[i * src_stride]);
       return;
     }
     case DType::F16: {
       uint16_t* d = static_cast<uint16_t*>(base) + offset;
-      for (int64_t i = 0; i < n; i++) d[size_t(i) * stride] = f32_to_f16(src[i * src_stride]);
+      for (int64_t i = 0; i < n; i++) d[i] = f32_to_f16(src[i * src_stride]);
       return;
     }
   }
@@ -248,9 +248,9 @@ void kv_cache_write(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_
         const size_t head = size_t((block * KV + j) * Bt * D);  // the block's part for KV head j
         const int64_t src = (s.row + t0) * KV * D + j * D;
         for (int64_t d = 0; d < D; d++)
-          store_elems(c.k, c.dtype, head + size_t(d * Bt + slot), 1, run, k + src + d, KV * D);
+          store_elems(c.k, c.dtype, head + size_t(d * Bt + slot), run, k + src + d, KV * D);
         for (int64_t t = 0; t < run; t++)
-          store_elems(c.v, c.dtype, head + size_t((slot + t) * D), 1, D, v + src + t * KV * D, 1);
+          store_elems(c.v, c.dtype, head + size_t((slot + t) * D), D, v + src + t * KV * D, 1);
       }
       t0 += run;
     }
