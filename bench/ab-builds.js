@@ -12,16 +12,22 @@
 const { fill, layerWeights, median } = require('./util');
 
 const MIXTRAL = { H: 4096, F: 14336, E: 8, k: 2 };
+const EXPERT = { H: 4096, F: 14336, E: 1, k: 1 };
 const L3 = { H: 1024, F: 3584, E: 2, k: 2 }; // bench.js's l3-* cases: two experts' codes fit in L3
 const MID = { H: 1024, F: 3584, E: 8, k: 2 }; // bench.js's mid-* cases
 const QWEN3_30B = { H: 2048, F: 768, E: 128, k: 8 }; // fine-grained experts, a few MiB each
 const DSV2_LITE = { H: 2048, F: 1408, E: 64, k: 6, Fs: 2816 }; // and two shared experts
 const CASES = {
+  'mixtral-decode-bf16': { ...MIXTRAL },
   'mixtral-decode-int8': { ...MIXTRAL, quantize: 'int8' },
   'mixtral-decode-int4': { ...MIXTRAL, quantize: 'int4' },
   'mixtral-16tok-int4': { ...MIXTRAL, quantize: 'int4', T: 16 },
   'mixtral-16tok-int8': { ...MIXTRAL, quantize: 'int8', T: 16 },
   'mixtral-16tok-bf16': { ...MIXTRAL, T: 16 },
+  // One Mixtral expert with 4 or 6 rows (16 streams: 4 rows per expert on average): the few-rows tile.
+  'expert-4tok-bf16': { ...EXPERT, T: 4 },
+  'expert-6tok-bf16': { ...EXPERT, T: 6 },
+  'expert-4tok-f32': { ...EXPERT, f32: true, T: 4 },
   'l3-decode-int8': { ...L3, quantize: 'int8' },
   'l3-decode-int4': { ...L3, quantize: 'int4' },
   'l3-decode-bf16': { ...L3 },

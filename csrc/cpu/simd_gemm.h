@@ -20,7 +20,9 @@ namespace {
 //            next-block prefetch only pay when several row blocks reuse a block from L2). At 16 tokens
 //            of a Mixtral-shaped layer, 3 to 7 rows per expert, `bench/ab-builds.js` on 2 Zen 5 cores:
 //            mixtral-16tok-int8 0.72 / 0.78, -bf16 0.86 / 0.90, -int4 0.96; the integer-dot tiles take
-//            8 rows here, where their prefill blocks of 6 would split 7 rows into 4 and 3.
+//            8 rows here, where their prefill blocks of 6 would split 7 rows into 4 and 3. Its two
+//            panels a thread are too few streams for the hardware prefetchers alone: it fetches ahead
+//            in them (kFetchAhead, simd_micro.h).
 template <class O, int MODE, int NMAT, bool DOT_TILE = is_dot(MODE) && O::kRegs >= 32>
 struct Shapes {
   static constexpr int kNpPrefill = 2;
@@ -67,9 +69,9 @@ constexpr CodeOrder code_order(int mode) {
   return mode == kI8Vnni ? CodeOrder::Vnni : is_dot(mode) ? CodeOrder::Dot : CodeOrder::Plain;
 }
 
-// NEXT: each row block asks for its share of the next block of panels (below). epi(c, m0, mr, p0, np, gap)
-// takes a finished tile of mr rows from m0 whose panel p is panel p0 + p * gap (gap 1 here).
-template <class O, int MODE, int NMAT, int MR, int NP, bool NEXT, class Epi>
+// FETCH (simd_micro.h): kFetchNext, each row block asks for its share of the next block of panels (below). epi(c, m0,
+// mr, p0, np, gap) takes a finished tile of mr rows from m0 whose panel p is panel p0 + p * gap (gap 1 here).
+template <class O, int MODE, int NMAT, int MR, int NP, int FETCH, class Epi>
 static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, const char* b, size_t pstride,
                   int64_t p_begin, int64_t p_end, Epi&& epi) {
   constexpr int W = O::W;
@@ -122,7 +124,7 @@ static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, 
         // The group this thread computes next: the block's next group, else the next k block's first,
         // else the next run's first.
         NextLines next;
-        if (NEXT && row_blocks > 1) {
+        if (FETCH == kFetchNext && row_blocks > 1) {
           if (g + 1 < ng)
             next = next_lines(pg + np, k0, k1);
           else if (k1 < Kr)
@@ -138,8 +140,8 @@ static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, 
           float* cm = cg + m0 * np * NMAT * W;
           next.first = i * share;
           next.count = imax(0, imin(share, lines - next.first));
-          micro_rows<O, MODE, NMAT, MR, np, NEXT>(mr, a + size_t(m0) * arow, K, k0, k1, gsz, bp, pstride, cm, k0 > 0,
-                                                  next);
+          micro_rows<O, MODE, NMAT, MR, np, FETCH>(mr, a + size_t(m0) * arow, K, k0, k1, gsz, bp, pstride, cm, k0 > 0,
+                                                   next);
           if (k1 == Kr) epi(cm, m0, mr, pg, np, 1);
         }
       }
@@ -174,7 +176,7 @@ static void sweep_streams(const char* a, int64_t M, int64_t K, int64_t gsz, cons
   static_assert(is_dot(MODE), "the integer-dot modes only");
   const int64_t q = (p_end - p_begin) / NP;
   if (q == 0)
-    return sweep<O, MODE, NMAT, MR, 1, false>(a, M, K, int64_t(1) << 40, gsz, b, pstride, p_begin, p_end, epi);
+    return sweep<O, MODE, NMAT, MR, 1, kFetchNone>(a, M, K, int64_t(1) << 40, gsz, b, pstride, p_begin, p_end, epi);
   const size_t arow = dot_act_row_bytes<MODE>(K, gsz);
   static thread_local Scratch cbuf;
   float* c = static_cast<float*>(cbuf.get(size_t(MR) * NP * NMAT * O::W * sizeof(float)));
@@ -186,13 +188,14 @@ static void sweep_streams(const char* a, int64_t M, int64_t K, int64_t gsz, cons
       const int64_t m0 = blocks.start(r);
       const int mr = blocks.rows(r);
       // Near a panel's end micro_qdot's prefetch runs on into the next panel of each run: the next tile's.
-      micro_rows<O, MODE, NMAT, MR, NP, false>(mr, a + size_t(m0) * arow, K, 0, K, gsz, b + size_t(pg) * pstride,
-                                               size_t(q) * pstride, c, false, none);
+      micro_rows<O, MODE, NMAT, MR, NP, kFetchNone>(mr, a + size_t(m0) * arow, K, 0, K, gsz, b + size_t(pg) * pstride,
+                                                    size_t(q) * pstride, c, false, none);
       epi(c, m0, mr, pg, NP, q);
     }
   }
   const int64_t rest = p_begin + q * NP;
-  if (rest < p_end) sweep<O, MODE, NMAT, MR, 1, false>(a, M, K, int64_t(1) << 40, gsz, b, pstride, rest, p_end, epi);
+  if (rest < p_end)
+    sweep<O, MODE, NMAT, MR, 1, kFetchNone>(a, M, K, int64_t(1) << 40, gsz, b, pstride, rest, p_end, epi);
 }
 
 // K for the k blocks of the prefill shape: the NP panels' slice of k (192 KiB) stays in L2 across row
@@ -242,16 +245,16 @@ static void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t gsz,
   // One panel at a time, consecutive panels are one stream. Longer panels (int8 at K = 2048, 34 KiB;
   // int4 w1/w3 pairs, 36 KiB) keep the wider tile. `bench/ab-model.js` compares the settings.
   if (decode && is_dot(MODE) && pstride < short_panel_bytes().load(std::memory_order_relaxed)) {
-    sweep<O, MODE, NMAT, S::kMrDecode, 1, false>(a, M, K, int64_t(1) << 40, gsz, b, pstride, p_begin, p_end, epi);
+    sweep<O, MODE, NMAT, S::kMrDecode, 1, kFetchNone>(a, M, K, int64_t(1) << 40, gsz, b, pstride, p_begin, p_end, epi);
   } else if (decode) {
-    sweep<O, MODE, NMAT, S::kMrDecode, S::kNpDecode, false>(a, M, K, int64_t(1) << 40, gsz, b, pstride, p_begin, p_end,
-                                                            epi);
+    sweep<O, MODE, NMAT, S::kMrDecode, S::kNpDecode, kFetchNone>(a, M, K, int64_t(1) << 40, gsz, b, pstride, p_begin,
+                                                                 p_end, epi);
   } else if (decode_max) {
-    sweep<O, MODE, NMAT, S::kMrDecodeMax, S::kNpDecode, false>(a, M, K, int64_t(1) << 40, gsz, b, pstride, p_begin,
-                                                               p_end, epi);
+    sweep<O, MODE, NMAT, S::kMrDecodeMax, S::kNpDecode, kFetchNone>(a, M, K, int64_t(1) << 40, gsz, b, pstride, p_begin,
+                                                                    p_end, epi);
   } else if (few) {
-    sweep<O, MODE, NMAT, S::kMrFew, S::kNpPrefill, false>(a, M, K, int64_t(1) << 40, gsz, b, pstride, p_begin, p_end,
-                                                          epi);
+    sweep<O, MODE, NMAT, S::kMrFew, S::kNpPrefill, kFetchAhead>(a, M, K, int64_t(1) << 40, gsz, b, pstride, p_begin,
+                                                                p_end, epi);
   } else {
     int64_t kc;
     if constexpr (is_quant(MODE))
@@ -261,8 +264,8 @@ static void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t gsz,
     // Not int4: its codes are a quarter of float32's bytes per multiply-add and its micro-kernel already
     // prefetches ahead in the block it reads (prefetch_codes); fetching the next block too ran the
     // prefill 3% slower (`bench/ab-builds.js` mid-prefill-int4 1.03, where mid-prefill-int8 gained 0.93).
-    constexpr bool kNext = MODE != kI4 && MODE != kI4Dot;
-    sweep<O, MODE, NMAT, S::kMrPrefill, S::kNpPrefill, kNext>(a, M, K, kc, gsz, b, pstride, p_begin, p_end, epi);
+    constexpr int kFetch = MODE != kI4 && MODE != kI4Dot ? kFetchNext : kFetchNone;
+    sweep<O, MODE, NMAT, S::kMrPrefill, S::kNpPrefill, kFetch>(a, M, K, kc, gsz, b, pstride, p_begin, p_end, epi);
   }
 }
 

@@ -16,6 +16,13 @@ struct NextLines {
   int64_t first = 0, count = 0, every = 1;
 };
 
+// How a micro-kernel call fetches ahead of its loads. kFetchNext: NextLines' share of the next block of
+// panels (the prefill shape, several row blocks over each block). kFetchAhead: the lines a little ahead
+// in its own panels (prefetch_codes; the few-rows shape, one row block streaming its panels once).
+// kFetchNone: the hardware prefetchers alone, except in the integer-dot kernels, which always fetch
+// ahead when they do not fetch the next block.
+constexpr int kFetchNone = 0, kFetchNext = 1, kFetchAhead = 2;
+
 // Issues the next of NextLines' prefetches when its turn has come (once per k step); compiled out of
 // the kernels that never fetch ahead (ON false: the decode shape, int4).
 template <int NP, bool ON>
@@ -35,11 +42,44 @@ struct NextLinesCursor {
   }
 };
 
+// Fetching ahead. The int4 micro-kernel streams the codes from memory once per row block, each panel a stream of its
+// own, and the hardware prefetchers alone left the loads waiting: asking for the lines ahead in every
+// panel ran the decode 7-12% faster (`bench/ab-builds.js` mixtral- and qwen3-decode-int4, Zen 5, 2
+// cores; 1 KiB ahead gained less, 3 and 4 KiB lost 3-7% against 2 KiB) and the 16-token forward of
+// mixtral-16tok-int4, 3 to 6 rows per expert, 10-13% (mid-prefill-int4 6%). What hides the latency is
+// the bytes in flight per tile, not per panel: the one-panel tile of the prefill shape (w13) ran 8-12%
+// faster again at 4 KiB ahead than at 2 KiB (3 KiB: 5%, 6 KiB: 1-7%). Near the end of its panels a tile
+// asks for the start of the next tile's (the same panels NP further on, where the same thread goes
+// next: ThreadPool hands out contiguous shares), not for the rest of its own, which it already has;
+// every tile but a thread's first then starts warm: 0.91-0.99 on wide-decode-int4, whose w2 is many
+// short panels, 0.94-0.99 on qwen3-decode-int4. Hints to L2 (T1) or non-temporal ones lost 0-9%. The
+// int8 decode (kI8Vnni without kFetchNext) prefetches the same way: mixtral-decode-int8 0.94-0.96,
+// qwen3-decode-int8 0.965-0.98, but l3-decode-int8, whose codes sit in L3, 1.05; its prefill, which
+// fetches the next block instead (kFetchNext), ran 4% slower with both. The float modes fetch ahead in
+// the few-rows tile (kFetchAhead): one Mixtral expert at 4 rows (16 streams: 4 rows per expert on
+// average) ran 13-17% faster in bf16 (avx512bf16 and avx512) and float32, the 16-token Mixtral layer 7-19%
+// (`bench/ab-builds.js expert-4tok-bf16`, `expert-4tok-f32`, `mixtral-16tok-bf16`, both orders, Zen 5, 2
+// cores). Their decode tile, four or eight streams a thread, does not: mixtral-decode-bf16 lost 1-10%.
+template <int NP>
+constexpr size_t prefetch_code_bytes() {
+  return NP >= 2 ? 2048 : 4096;
+}
+// bk: this step's codes in the tile's first panel, which ends at panel_end.
+template <size_t CSTEP, int NP>
+inline void prefetch_codes(const char* bk, const char* panel_end, size_t pstride) {
+  const char* ahead = bk + prefetch_code_bytes<NP>();
+  if (ahead >= panel_end) ahead += (NP - 1) * pstride;
+#pragma GCC unroll 8
+  for (int p = 0; p < NP; p++)
+#pragma GCC unroll 4
+    for (size_t l = 0; l < CSTEP; l += 64) __builtin_prefetch(ahead + p * pstride + l, 0, 3);
+}
+
 // The micro-kernel: MR rows x NP panels x NMAT matrices of W-wide accumulators over k in [k0, k1).
 // c holds the accumulators between calls ([MR][NP][NMAT][W] floats): loaded when `carry`, always
 // stored. `b` points at the first panel, panels are `pstride` bytes apart. K is the real reduction
 // length (odd K: the kBF16 tail uses only the low half of the last pair; kBF16Dot gets padded rows).
-template <class O, int MODE, int NMAT, int MR, int NP, bool NEXT>
+template <class O, int MODE, int NMAT, int MR, int NP, int FETCH>
 static void micro(const char* ap, int64_t K, int64_t k0, int64_t k1, const char* b, size_t pstride, float* c,
                   bool carry, const NextLines& next) {
   using V = typename O::V;
@@ -54,12 +94,13 @@ static void micro(const char* ap, int64_t K, int64_t k0, int64_t k1, const char*
 #pragma GCC unroll 2
       for (int q = 0; q < NMAT; q++) acc[m][p][q] = carry ? O::load(c + ((m * NP + p) * NMAT + q) * W) : O::zero();
   const float* af = reinterpret_cast<const float*>(ap);
-  NextLinesCursor<NP, NEXT> pf(next);
+  NextLinesCursor<NP, FETCH == kFetchNext> pf(next);
 
   if constexpr (MODE == kF32 || MODE == kF16) {
     for (int64_t k = k0; k < k1; k++) {
       pf.step(pstride);
       const char* bk = b + size_t(k) * step;
+      if constexpr (FETCH == kFetchAhead) prefetch_codes<step, NP>(bk, b + pstride, pstride);
       V w[NP][NMAT];
 #pragma GCC unroll 8
       for (int p = 0; p < NP; p++)
@@ -87,6 +128,7 @@ static void micro(const char* ap, int64_t K, int64_t k0, int64_t k1, const char*
     for (; k < kfull; k += 2) {
       pf.step(pstride);
       const char* bk = b + size_t(k / 2) * step;
+      if constexpr (FETCH == kFetchAhead) prefetch_codes<step, NP>(bk, b + pstride, pstride);
       V w[NP][NMAT];
 #pragma GCC unroll 8
       for (int p = 0; p < NP; p++)
@@ -125,6 +167,7 @@ static void micro(const char* ap, int64_t K, int64_t k0, int64_t k1, const char*
     for (int64_t k = k0; k < k1; k += 2) {
       pf.step(pstride);
       const char* bk = b + size_t(k / 2) * step;
+      if constexpr (FETCH == kFetchAhead) prefetch_codes<step, NP>(bk, b + pstride, pstride);
       typename O::Raw w[NP][NMAT];
 #pragma GCC unroll 8
       for (int p = 0; p < NP; p++)
@@ -153,7 +196,7 @@ static void micro(const char* ap, int64_t K, int64_t k0, int64_t k1, const char*
 // (ascending k), then c += sum * scale with one FMA: the float weights never exist, and the scale costs
 // one FMA per group instead of one multiply per weight. c stays in memory between groups: only the
 // group sums and the decoded weights need registers.
-template <class O, int MODE, int NMAT, int MR, int NP, bool NEXT>
+template <class O, int MODE, int NMAT, int MR, int NP, int FETCH>
 static void micro_q(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_t gsz, const char* b, size_t pstride,
                     float* c, bool carry, const NextLines& next) {
   using V = typename O::V;
@@ -162,7 +205,7 @@ static void micro_q(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_t g
   constexpr size_t sbytes = cstep * kScaleBytes;  // scale bytes of one group of one panel
   const size_t gbytes = sbytes + size_t(MODE == kI8 ? gsz : gsz / 2) * cstep;
   const float* af = reinterpret_cast<const float*>(ap);
-  NextLinesCursor<NP, NEXT> pf(next);
+  NextLinesCursor<NP, FETCH == kFetchNext> pf(next);
   if (!carry)
     for (int i = 0; i < MR * NP * NMAT; i++) O::store(c + i * W, O::zero());
   for (int64_t g0 = k0, gi = k0 / gsz; g0 < k1; g0 += gsz, gi++) {
@@ -239,35 +282,6 @@ static void micro_q(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_t g
   }
 }
 
-// The int4 micro-kernel streams the codes from memory once per row block, each panel a stream of its
-// own, and the hardware prefetchers alone left the loads waiting: asking for the lines ahead in every
-// panel ran the decode 7-12% faster (`bench/ab-builds.js` mixtral- and qwen3-decode-int4, Zen 5, 2
-// cores; 1 KiB ahead gained less, 3 and 4 KiB lost 3-7% against 2 KiB) and the 16-token forward of
-// mixtral-16tok-int4, 3 to 6 rows per expert, 10-13% (mid-prefill-int4 6%). What hides the latency is
-// the bytes in flight per tile, not per panel: the one-panel tile of the prefill shape (w13) ran 8-12%
-// faster again at 4 KiB ahead than at 2 KiB (3 KiB: 5%, 6 KiB: 1-7%). Near the end of its panels a tile
-// asks for the start of the next tile's (the same panels NP further on, where the same thread goes
-// next: ThreadPool hands out contiguous shares), not for the rest of its own, which it already has;
-// every tile but a thread's first then starts warm: 0.91-0.99 on wide-decode-int4, whose w2 is many
-// short panels, 0.94-0.99 on qwen3-decode-int4. Hints to L2 (T1) or non-temporal ones lost 0-9%. The
-// int8 decode (kI8Vnni without NEXT) prefetches the same way: mixtral-decode-int8 0.94-0.96,
-// qwen3-decode-int8 0.965-0.98, but l3-decode-int8, whose codes sit in L3, 1.05; its prefill, which
-// fetches the next block instead (NEXT), ran 4% slower with both.
-template <int NP>
-constexpr size_t prefetch_code_bytes() {
-  return NP >= 2 ? 2048 : 4096;
-}
-// bk: this step's codes in the tile's first panel, which ends at panel_end.
-template <size_t CSTEP, int NP>
-inline void prefetch_codes(const char* bk, const char* panel_end, size_t pstride) {
-  const char* ahead = bk + prefetch_code_bytes<NP>();
-  if (ahead >= panel_end) ahead += (NP - 1) * pstride;
-#pragma GCC unroll 8
-  for (int p = 0; p < NP; p++)
-#pragma GCC unroll 4
-    for (size_t l = 0; l < CSTEP; l += 64) __builtin_prefetch(ahead + p * pstride + l, 0, 3);
-}
-
 // The integer dot-product micro-kernels. The activations were quantized per row and group (pack_act:
 // codes, scale sx, and for kI4Dot corr = 8 * sum of the codes).
 //   kI4Dot: int8 activations . unsigned nibbles u = code + 8 (quads order, packing.h): one vpdpbusd (or
@@ -289,7 +303,7 @@ inline void prefetch_codes(const char* bk, const char* panel_end, size_t pstride
 // Never inlined: inlined into the sweep, GCC 12 allocated its registers together with the caller's
 // loop state and spilled codes and the nibble mask inside the k loop. Kept apart it ran 2-5% faster
 // on every quantized case and 7-9% with AVX2 (`bench/ab-builds.js`, Zen 5, 2 cores).
-template <class O, int MODE, int NMAT, int MR, int NP, bool NEXT>
+template <class O, int MODE, int NMAT, int MR, int NP, int FETCH>
 __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_t gsz,
                                                  const char* b, size_t pstride, float* c, bool carry,
                                                  const NextLines& next) {
@@ -317,7 +331,7 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
   // once per call instead of loaded and stored once per group (the same FMAs in the same order).
   constexpr int kCodeRegs = (MODE == kI4Dot ? 2 : 1) * NP * NMAT;
   constexpr bool kRegC = MR * NP * NMAT + kAccRegs + kCodeRegs + 2 + O::kDotTemps <= O::kRegs;
-  NextLinesCursor<NP, NEXT> pf(next);
+  NextLinesCursor<NP, FETCH == kFetchNext> pf(next);
   V cr[kRegC ? MR : 1][NP][NMAT];
   if constexpr (kRegC) {
 #pragma GCC unroll 16
@@ -376,7 +390,7 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
             }
         }
       } else if constexpr (MODE == kI8Vnni) {  // k = 4s .. 4s+3: every panel's codes, then each row's broadcast
-        if constexpr (!NEXT) prefetch_codes<cstep, NP>(bk, b + pstride, pstride);
+        if constexpr (FETCH != kFetchNext) prefetch_codes<cstep, NP>(bk, b + pstride, pstride);
         I u[NP][NMAT];
 #pragma GCC unroll 8
         for (int p = 0; p < NP; p++)
@@ -450,18 +464,18 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
 }
 
 // micro<..., mr, NP> (or micro_q) for a run-time mr in [1, MR].
-template <class O, int MODE, int NMAT, int MR, int NP, bool NEXT>
+template <class O, int MODE, int NMAT, int MR, int NP, int FETCH>
 static void micro_rows(int mr, const char* a, int64_t K, int64_t k0, int64_t k1, int64_t gsz, const char* b,
                        size_t pstride, float* c, bool carry, const NextLines& next) {
   if constexpr (MR > 1) {
-    if (mr < MR) return micro_rows<O, MODE, NMAT, MR - 1, NP, NEXT>(mr, a, K, k0, k1, gsz, b, pstride, c, carry, next);
+    if (mr < MR) return micro_rows<O, MODE, NMAT, MR - 1, NP, FETCH>(mr, a, K, k0, k1, gsz, b, pstride, c, carry, next);
   }
   if constexpr (is_dot(MODE))
-    micro_qdot<O, MODE, NMAT, MR, NP, NEXT>(a, K, k0, k1, gsz, b, pstride, c, carry, next);
+    micro_qdot<O, MODE, NMAT, MR, NP, FETCH>(a, K, k0, k1, gsz, b, pstride, c, carry, next);
   else if constexpr (is_quant(MODE))
-    micro_q<O, MODE, NMAT, MR, NP, NEXT>(a, K, k0, k1, gsz, b, pstride, c, carry, next);
+    micro_q<O, MODE, NMAT, MR, NP, FETCH>(a, K, k0, k1, gsz, b, pstride, c, carry, next);
   else
-    micro<O, MODE, NMAT, MR, NP, NEXT>(a, K, k0, k1, b, pstride, c, carry, next);
+    micro<O, MODE, NMAT, MR, NP, FETCH>(a, K, k0, k1, b, pstride, c, carry, next);
 }
 
 }  // namespace
