@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // The CPU benchmark: time per forward, tokens/s, weight GB/s and GFLOP/s of the MoE block per kernel
-// set, each as a fraction of the machine ceilings measured in this same run (streaming read bandwidth
-// and the FMA peak of the set's vector width), with the scalar set's figure beside it.
+// set, each as a fraction of the machine ceilings measured in this same run (streaming read bandwidth,
+// the FMA peak of the set's vector width, and for avx512bf16 the bf16 or int8 dot-product peak its
+// weights run on), with the scalar set's figure beside it.
 //
 //   node bench/bench.js                 all cases (about 10 minutes on a 2-core machine)
 //   node bench/bench.js --quick         tiny shapes, every set, a few seconds (the smoke test runs it)
@@ -135,7 +136,7 @@ const CASES = [
     dtype: 'bfloat16',
     quantize: 'int4',
     group: 32,
-    T: [1, 4, 16, 64],
+    T: [1, 2, 3, 4, 6, 8, 16, 64],
     isas: ['avx512bf16', 'avx512', 'avx2'],
     reps: 9,
   },
@@ -299,20 +300,28 @@ log(`fused-moe CPU bench: ${os.cpus()[0].model}, ${threads} threads, sets: ${sup
 const ISA_INDEX = { scalar: 0, avx2: 1, avx512: 2, avx512bf16: 3, neon: 4 };
 // They are measured again after the cases and the higher figure is kept: a ceiling caught low (another
 // process on the machine) would flatter every fraction.
-const ceilings = { readGBs: 0, fmaGflops: {}, bf16DotGflops: 0 };
+const ceilings = { readGBs: 0, fmaGflops: {}, bf16DotGflops: 0, int8DotGflops: 0 };
 function measureCeilings() {
   ceilings.readGBs = Math.max(ceilings.readGBs, binding.bench.readBandwidth(quick ? 64 << 20 : 1 << 30, threads));
   for (const isa of ['avx2', 'avx512', 'neon'])
     if (supported.includes(isa))
       ceilings.fmaGflops[isa] = Math.max(ceilings.fmaGflops[isa] || 0, binding.bench.fmaPeak(ISA_INDEX[isa], threads));
-  if (supported.includes('avx512bf16'))
+  if (supported.includes('avx512bf16')) {
     ceilings.bf16DotGflops = Math.max(ceilings.bf16DotGflops, binding.bench.fmaPeak(ISA_INDEX.avx512bf16, threads));
+    ceilings.int8DotGflops = Math.max(ceilings.int8DotGflops, binding.bench.int8DotPeak(threads));
+  }
 }
+// The ceiling of a case's integer or bf16 dot products: the avx512bf16 set runs quantized weights on
+// vpdpbusd (int8 dot peak) and bf16 weights on vdpbf16ps (bf16 dot peak); the others have no dot ceiling.
+const dotCeiling = (isa, c) =>
+  isa !== 'avx512bf16' ? 0 : c.quantize ? ceilings.int8DotGflops : c.dtype === 'bfloat16' ? ceilings.bf16DotGflops : 0;
 measureCeilings();
 log(
   `ceilings: read ${fmt(ceilings.readGBs)} GB/s; f32 FMA peak ${Object.entries(ceilings.fmaGflops)
     .map(([k, v]) => `${k} ${fmt(v)}`)
-    .join(', ')} GFLOP/s` + (ceilings.bf16DotGflops ? `; bf16 dot peak ${fmt(ceilings.bf16DotGflops)} GFLOP/s` : ''),
+    .join(', ')} GFLOP/s` +
+    (ceilings.bf16DotGflops ? `; bf16 dot peak ${fmt(ceilings.bf16DotGflops)} GFLOP/s` : '') +
+    (ceilings.int8DotGflops ? `; int8 dot peak ${fmt(ceilings.int8DotGflops)} GFLOP/s` : ''),
 );
 
 // The FMA ceiling of a set: its width's f32 peak (avx512bf16 runs f32 math at avx512 width).
@@ -391,10 +400,7 @@ for (const c of cases) {
           gflops,
           bwFraction: gbs / ceilings.readGBs,
           fmaFraction: gflops / fmaCeiling(isa),
-          dotFraction:
-            isa === 'avx512bf16' && c.dtype === 'bfloat16' && ceilings.bf16DotGflops
-              ? gflops / ceilings.bf16DotGflops
-              : undefined,
+          dotFraction: dotCeiling(isa, c) ? gflops / dotCeiling(isa, c) : undefined,
           // Median over forwards of each forward's bytes/s against the probe taken just before it.
           pairedBwFraction: pairedBwFraction(bytes, x.times, x.probes),
           expertsUsed: x.expertsUsed,
@@ -412,14 +418,15 @@ if (!quick) {
   for (const r of rows) {
     r.bwFraction = r.weightGBs / ceilings.readGBs;
     r.fmaFraction = r.gflops / fmaCeiling(r.isa);
-    if (r.dotFraction !== undefined) r.dotFraction = r.gflops / ceilings.bf16DotGflops;
+    if (r.dotFraction !== undefined) r.dotFraction = r.gflops / dotCeiling(r.isa, r);
   }
   log(
     `ceilings after the cases (the higher of the two kept): read ${fmt(ceilings.readGBs)} GB/s; f32 FMA peak ` +
       `${Object.entries(ceilings.fmaGflops)
         .map(([k, v]) => `${k} ${fmt(v)}`)
         .join(', ')} GFLOP/s` +
-      (ceilings.bf16DotGflops ? `; bf16 dot peak ${fmt(ceilings.bf16DotGflops)} GFLOP/s` : ''),
+      (ceilings.bf16DotGflops ? `; bf16 dot peak ${fmt(ceilings.bf16DotGflops)} GFLOP/s` : '') +
+      (ceilings.int8DotGflops ? `; int8 dot peak ${fmt(ceilings.int8DotGflops)} GFLOP/s` : ''),
   );
 }
 const scalarOf = (r) =>
@@ -461,7 +468,8 @@ for (const r of rows.filter((r) => !r.shape)) {
     pct(r.bwFraction),
     r.pairedBwFraction !== undefined ? pct(r.pairedBwFraction) : '',
     fmt(r.gflops),
-    pct(r.fmaFraction) + (r.dotFraction !== undefined ? ` (${pct(r.dotFraction)} dot)` : ''),
+    pct(r.fmaFraction) +
+      (r.dotFraction !== undefined ? ` (${pct(r.dotFraction)} ${r.quantize ? 'int8' : 'bf16'} dot)` : ''),
     s ? fmt(s.ms) : '',
     s ? fmt(s.ms / r.ms) + 'x' : '',
   ]);

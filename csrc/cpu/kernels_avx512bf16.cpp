@@ -75,6 +75,26 @@ double dot_peak_loop(int64_t iters) {
   return double(iters) * 16 * 16 * 4;
 }
 
+// Peak of the int8 dot product (vpdpbusd), the ceiling of the int8 and int4 kernels on this set: 16
+// independent accumulators, 4 multiply-adds (8 operations, counted as the bench counts GFLOP) per lane
+// per instruction.
+double int8_dot_peak_loop(int64_t iters) {
+  __m512i acc[16];
+  for (int i = 0; i < 16; i++) acc[i] = _mm512_set1_epi32(i);
+  const __m512i a = _mm512_set1_epi8(1), b = _mm512_set1_epi8(3);
+  for (int64_t it = 0; it < iters; it++) {
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; i++) acc[i] = _mm512_dpbusd_epi32(acc[i], a, b);
+  }
+  __m512i s = acc[0];
+  for (int i = 1; i < 16; i++) s = _mm512_add_epi32(s, acc[i]);
+  int32_t out[16];
+  _mm512_storeu_si512(out, s);
+  volatile int32_t sink = out[0];
+  (void)sink;
+  return double(iters) * 16 * 16 * 8;
+}
+
 using Set = simd::Kernels<OpsAvx512Bf16, simd::kBF16Dot, simd::kI8Vnni, simd::kI4Dot>;
 constexpr KernelSet kAvx512Bf16 = Set::make(Isa::Avx512Bf16, "avx512bf16");
 
@@ -82,6 +102,7 @@ constexpr KernelSet kAvx512Bf16 = Set::make(Isa::Avx512Bf16, "avx512bf16");
 
 const KernelSet* kernels_avx512bf16() { return &kAvx512Bf16; }
 double probe_dot_loop_avx512bf16(int64_t iters) { return dot_peak_loop(iters); }
+double probe_int8_dot_loop_avx512bf16(int64_t iters) { return int8_dot_peak_loop(iters); }
 
 }  // namespace fmoe
 #else
@@ -89,5 +110,6 @@ double probe_dot_loop_avx512bf16(int64_t iters) { return dot_peak_loop(iters); }
 namespace fmoe {
 const KernelSet* kernels_avx512bf16() { return nullptr; }
 double probe_dot_loop_avx512bf16(int64_t) { return 0; }
+double probe_int8_dot_loop_avx512bf16(int64_t) { return 0; }
 }  // namespace fmoe
 #endif

@@ -23,6 +23,11 @@ static Napi::Value FmaPeak(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), fmoe::probe_fma_peak(fmoe::Isa(isa), threads));
 }
 
+static Napi::Value Int8DotPeak(const Napi::CallbackInfo& info) {
+  const int threads = info[0].As<Napi::Number>().Int32Value();
+  return Napi::Number::New(info.Env(), fmoe::probe_int8_dot_peak(threads));
+}
+
 // (values: Float32Array [rows, K], K, 'int8' | 'int4', group) -> { scales: Float32Array [rows, ceil(K/group)],
 // codes: Int8Array [rows, K] }: quant.h's groups along each row.
 static Napi::Value Quantize(const Napi::CallbackInfo& info) {
@@ -72,6 +77,7 @@ void register_bench(Napi::Env env, Napi::Object exports) {
   Napi::Object bench = Napi::Object::New(env);
   bench.Set("readBandwidth", Napi::Function::New(env, ReadBandwidth, "readBandwidth"));
   bench.Set("fmaPeak", Napi::Function::New(env, FmaPeak, "fmaPeak"));
+  bench.Set("int8DotPeak", Napi::Function::New(env, Int8DotPeak, "int8DotPeak"));
   bench.Set("quantize", Napi::Function::New(env, Quantize, "quantize"));
   bench.Set("setTuning", Napi::Function::New(env, SetTuning, "setTuning"));
   exports.Set("bench", bench);

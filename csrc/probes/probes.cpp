@@ -22,6 +22,7 @@ namespace fmoe {
 double probe_fma_loop_avx2(int64_t iters);
 double probe_fma_loop_avx512(int64_t iters);
 double probe_dot_loop_avx512bf16(int64_t iters);
+double probe_int8_dot_loop_avx512bf16(int64_t iters);
 double probe_fma_loop_neon(int64_t iters);
 uint64_t probe_read_avx512(const void* p, size_t bytes);
 
@@ -82,6 +83,33 @@ struct ProbeBuffer {
 ProbeBuffer& probe_buffer() {
   static ProbeBuffer* b = new ProbeBuffer;  // never freed: it lives as long as the process
   return *b;
+}
+
+// Operations a second of `loop` (operations done per call) on `threads` threads together.
+double peak_of(double (*loop)(int64_t), int threads) {
+  if (loop(1) == 0) return 0;  // not built for this architecture
+  // Calibrate to about 0.15 s per thread, then take the median of three runs.
+  int64_t iters = 1 << 16;
+  for (;;) {
+    const double t = run_together(1, [&](int) { loop(iters); });
+    if (t > 0.02 || iters > (int64_t(1) << 34)) {
+      iters = std::max<int64_t>(iters, int64_t(double(iters) * 0.15 / std::max(t, 1e-6)));
+      break;
+    }
+    iters *= 4;
+  }
+  std::vector<double> rates;
+  for (int r = 0; r < 3; r++) {
+    std::atomic<double> flops{0};
+    const double t = run_together(threads, [&](int) {
+      const double f = loop(iters);
+      double cur = flops.load();
+      while (!flops.compare_exchange_weak(cur, cur + f)) {
+      }
+    });
+    rates.push_back(flops.load() / t / 1e9);
+  }
+  return median(rates);
 }
 
 }  // namespace
@@ -156,29 +184,13 @@ double probe_fma_peak(Isa isa, int threads) {
     default:
       return 0;
   }
-  if (loop(1) == 0) return 0;  // not built for this architecture
-  // Calibrate to about 0.15 s per thread, then take the median of three runs.
-  int64_t iters = 1 << 16;
-  for (;;) {
-    const double t = run_together(1, [&](int) { loop(iters); });
-    if (t > 0.02 || iters > (int64_t(1) << 34)) {
-      iters = std::max<int64_t>(iters, int64_t(double(iters) * 0.15 / std::max(t, 1e-6)));
-      break;
-    }
-    iters *= 4;
-  }
-  std::vector<double> rates;
-  for (int r = 0; r < 3; r++) {
-    std::atomic<double> flops{0};
-    const double t = run_together(threads, [&](int) {
-      const double f = loop(iters);
-      double cur = flops.load();
-      while (!flops.compare_exchange_weak(cur, cur + f)) {
-      }
-    });
-    rates.push_back(flops.load() / t / 1e9);
-  }
-  return median(rates);
+  return peak_of(loop, threads);
+}
+
+double probe_int8_dot_peak(int threads) {
+  if (threads < 1) threads = 1;
+  if (!cpu_supports(Isa::Avx512Bf16)) return 0;
+  return peak_of(probe_int8_dot_loop_avx512bf16, threads);
 }
 
 }  // namespace fmoe

@@ -11,4 +11,7 @@ double probe_read_bandwidth(size_t bytes, int threads);
 // For Isa::Avx512Bf16 it is the bf16 dot-product peak instead (vdpbf16ps: 4 float operations per lane),
 // the ceiling of bf16 weights on that set.
 double probe_fma_peak(Isa isa, int threads);
+// The int8 dot-product peak (vpdpbusd) of the avx512bf16 set, whose int8 and int4 kernels run on it, in
+// GFLOP/s (2 per multiply-add, as the benchmark counts a quantized layer's work); 0 if unsupported.
+double probe_int8_dot_peak(int threads);
 }  // namespace fmoe
