@@ -322,8 +322,12 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
   const int32_t* acorr = reinterpret_cast<const int32_t*>(asx + ng * MR);           // [ng][MR], kOffset
   // int4 on one panel (the decode tile of short panels, and leftover panels): the high nibbles' products
   // go to accumulators of their own, so a step's two dot products do not wait on each other (the group's
-  // sum is an exact integer, whatever the order). Only where the extra accumulators fit beside the codes.
-  constexpr bool kSplit = MODE == kI4Dot && NP == 1 && 2 * MR * NMAT + 2 * NMAT + 2 + O::kDotTemps <= O::kRegs;
+  // sum is an exact integer, whatever the order). Only where the extra accumulators fit beside the codes,
+  // and only for fewer than 8 accumulators (vpdpbusd's latency times its rate): the prefill tile's 12
+  // (w13, 6 rows) already hide it, and split they left c no registers, so every group loaded and stored
+  // it: one Mixtral expert at 64 rows ran 10% faster unsplit (`bench/ab-builds.js expert-64tok-int4`).
+  constexpr bool kSplit =
+      MODE == kI4Dot && NP == 1 && MR * NMAT < 8 && 2 * MR * NMAT + 2 * NMAT + 2 + O::kDotTemps <= O::kRegs;
   constexpr int kAccRegs = MR * NP * NMAT * (kSplit ? 2 : 1);
   // int4: whether the whole tile's codes fit beside the accumulators and two broadcasts.
   constexpr bool kAllCodes = kAccRegs + 2 * NP * NMAT + 2 + O::kDotTemps <= O::kRegs;
