@@ -69,8 +69,9 @@ constexpr CodeOrder code_order(int mode) {
   return mode == kI8Vnni ? CodeOrder::Vnni : is_dot(mode) ? CodeOrder::Dot : CodeOrder::Plain;
 }
 
-// FETCH (simd_micro.h): kFetchNext, each row block asks for its share of the next block of panels (below). epi(c, m0,
-// mr, p0, np, gap) takes a finished tile of mr rows from m0 whose panel p is panel p0 + p * gap (gap 1 here).
+// FETCH: how the micro-kernels fetch ahead (simd_micro.h); with kFetchNext each row block asks for its
+// share of the next block of panels (below). epi(c, m0, mr, p0, np, gap) takes a finished tile of mr
+// rows from m0 whose panel p is panel p0 + p * gap (gap 1 here).
 template <class O, int MODE, int NMAT, int MR, int NP, int FETCH, class Epi>
 static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, const char* b, size_t pstride,
                   int64_t p_begin, int64_t p_end, Epi&& epi) {

@@ -24,7 +24,7 @@ struct NextLines {
 constexpr int kFetchNone = 0, kFetchNext = 1, kFetchAhead = 2;
 
 // Issues the next of NextLines' prefetches when its turn has come (once per k step); compiled out of
-// the kernels that never fetch ahead (ON false: the decode shape, int4).
+// the calls that do not fetch the next block (ON false).
 template <int NP, bool ON>
 struct NextLinesCursor {
   const char* at;
@@ -42,22 +42,22 @@ struct NextLinesCursor {
   }
 };
 
-// Fetching ahead. The int4 micro-kernel streams the codes from memory once per row block, each panel a stream of its
-// own, and the hardware prefetchers alone left the loads waiting: asking for the lines ahead in every
-// panel ran the decode 7-12% faster (`bench/ab-builds.js` mixtral- and qwen3-decode-int4, Zen 5, 2
-// cores; 1 KiB ahead gained less, 3 and 4 KiB lost 3-7% against 2 KiB) and the 16-token forward of
-// mixtral-16tok-int4, 3 to 6 rows per expert, 10-13% (mid-prefill-int4 6%). What hides the latency is
+// Fetching ahead. The int4 micro-kernel streams the codes from memory once per row block, each panel a
+// stream of its own, and the hardware prefetchers alone left the loads waiting: asking for the lines
+// ahead in every panel ran the decode 7-12% faster (`bench/ab-builds.js` mixtral- and qwen3-decode-int4,
+// Zen 5, 2 cores; 1 KiB ahead gained less, 3 and 4 KiB lost 3-7% against 2 KiB) and the 16-token forward
+// of mixtral-16tok-int4, 3 to 6 rows per expert, 10-13% (mid-prefill-int4 6%). What hides the latency is
 // the bytes in flight per tile, not per panel: the one-panel tile of the prefill shape (w13) ran 8-12%
 // faster again at 4 KiB ahead than at 2 KiB (3 KiB: 5%, 6 KiB: 1-7%). Near the end of its panels a tile
-// asks for the start of the next tile's (the same panels NP further on, where the same thread goes
-// next: ThreadPool hands out contiguous shares), not for the rest of its own, which it already has;
-// every tile but a thread's first then starts warm: 0.91-0.99 on wide-decode-int4, whose w2 is many
-// short panels, 0.94-0.99 on qwen3-decode-int4. Hints to L2 (T1) or non-temporal ones lost 0-9%. The
-// int8 decode (kI8Vnni without kFetchNext) prefetches the same way: mixtral-decode-int8 0.94-0.96,
-// qwen3-decode-int8 0.965-0.98, but l3-decode-int8, whose codes sit in L3, 1.05; its prefill, which
-// fetches the next block instead (kFetchNext), ran 4% slower with both. The float modes fetch ahead in
-// the few-rows tile (kFetchAhead): one Mixtral expert at 4 rows (16 streams: 4 rows per expert on
-// average) ran 13-17% faster in bf16 (avx512bf16 and avx512) and float32, the 16-token Mixtral layer 7-19%
+// asks for the start of the next tile's (the same panels NP further on, where the same thread goes next:
+// ThreadPool hands out contiguous shares), not for the rest of its own, which it already has; every tile
+// but a thread's first then starts warm: 0.91-0.99 on wide-decode-int4, whose w2 is many short panels,
+// 0.94-0.99 on qwen3-decode-int4. Hints to L2 (T1) or non-temporal ones lost 0-9%. The int8 decode
+// (kI8Vnni without kFetchNext) prefetches the same way: mixtral-decode-int8 0.94-0.96, qwen3-decode-int8
+// 0.965-0.98, but l3-decode-int8, whose codes sit in L3, 1.05; its prefill, which fetches the next block
+// instead (kFetchNext), ran 4% slower with both. The float modes fetch ahead in the few-rows tile
+// (kFetchAhead): one Mixtral expert at 4 rows (16 streams: 4 rows per expert on average) ran 13-17%
+// faster in bf16 (avx512bf16 and avx512) and float32, the 16-token Mixtral layer 7-19%
 // (`bench/ab-builds.js expert-4tok-bf16`, `expert-4tok-f32`, `mixtral-16tok-bf16`, both orders, Zen 5, 2
 // cores). Their decode tile, four or eight streams a thread, does not: mixtral-decode-bf16 lost 1-10%.
 template <int NP>
