@@ -47,12 +47,21 @@ struct OpsAvx512Bf16 : OpsAvx512 {
   }
   // The integer dot products in one VNNI instruction each (OpsAvx512 composes them from vpmaddubsw /
   // vpmaddwd); the same sums. Exact for any unsigned byte u: the four products add straight into 32 bits.
-  // The activation word is broadcast by the instruction's memory operand ({1to16}). Through the
-  // intrinsic GCC loads each broadcast into a register of its own first: one more instruction per row
-  // and step, a third of the int4 tile's instructions at a few rows per expert.
-  static Raw dot_u8s8(Raw acc, Raw u, const int32_t* x4) {
-    asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u), "m"(*x4));
+  static Raw dot_u8s8(Raw acc, Raw u, Raw x) {
+    asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(x));
     return acc;
+  }
+  // A row's activation word in a register, for every panel of the tile (asm: GCC folds the intrinsic
+  // back into each use). Folded into each vpdpbusd as a {1to16} operand, the tile made one broadcast
+  // load per vpdpbusd, and those loads, not the dot products, set the pace on Zen 5. One load per row
+  // and step instead, `bench/ab-builds.js A B CASE 14 32` on 2 Zen 5 cores, both orders:
+  // expert-4tok-int4 0.87, expert-8tok-int4 0.885, expert-64tok-int4 0.92, mixtral-16tok-int4 0.92,
+  // mid-prefill-int8 0.91, mixtral-decode-int4 0.95; the int8 decode within noise (0.99). The register
+  // form of vpdpbusd is asm too: through the intrinsic GCC 12 copied every accumulator twice per step.
+  static Raw bcast_x4(const int32_t* x4) {
+    Raw x;
+    asm("vpbroadcastd %1, %0" : "=v"(x) : "m"(*x4));
+    return x;
   }
 };
 

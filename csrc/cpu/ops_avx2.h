@@ -55,12 +55,13 @@ struct OpsAvx2 {
     lo = _mm256_and_si256(r, mask);
     hi = _mm256_and_si256(_mm256_srli_epi16(r, 4), mask);
   }
-  // acc[i] += sum over the lane's 4 bytes of u (unsigned, < 16) times the 4 signed bytes at x4 (|x| <=
-  // 127): vpmaddubsw's pair sums stay far from int16 saturation (at most 2 * 15 * 127).
-  static Raw dot_u8s8(Raw acc, Raw u, const int32_t* x4) {
-    const __m256i pairs = _mm256_maddubs_epi16(u, _mm256_set1_epi32(*x4));
+  // acc[i] += sum over the lane's 4 bytes of u (unsigned, < 16) times the lane's 4 signed bytes of x
+  // (|x| <= 127): vpmaddubsw's pair sums stay far from int16 saturation (at most 2 * 15 * 127).
+  static Raw dot_u8s8(Raw acc, Raw u, Raw x) {
+    const __m256i pairs = _mm256_maddubs_epi16(u, x);
     return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
   }
+  static Raw bcast_x4(const int32_t* x4) { return _mm256_set1_epi32(*x4); }
   // 16 bytes of int8 code pairs (packing.h, Dot order), sign-extended to words.
   static Raw load_s8_pairs(const char* p) {
     return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));

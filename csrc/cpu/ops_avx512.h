@@ -56,12 +56,14 @@ struct OpsAvx512 {
   static Raw izero() { return _mm512_setzero_si512(); }
   static Raw iset1(int32_t v) { return _mm512_set1_epi32(v); }
   static Raw iadd(Raw a, Raw b) { return _mm512_add_epi32(a, b); }
-  // acc[i] += sum over the lane's 4 bytes of u (unsigned, < 16) times the 4 signed bytes at x4 (|x| <=
-  // 127): vpmaddubsw's pair sums stay far from int16 saturation (at most 2 * 15 * 127).
-  static Raw dot_u8s8(Raw acc, Raw u, const int32_t* x4) {
-    const __m512i pairs = _mm512_maddubs_epi16(u, _mm512_set1_epi32(*x4));
+  // acc[i] += sum over the lane's 4 bytes of u (unsigned, < 16) times the lane's 4 signed bytes of x
+  // (|x| <= 127): vpmaddubsw's pair sums stay far from int16 saturation (at most 2 * 15 * 127).
+  static Raw dot_u8s8(Raw acc, Raw u, Raw x) {
+    const __m512i pairs = _mm512_maddubs_epi16(u, x);
     return _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
   }
+  // The four activation bytes at x4 in every lane, for dot_u8s8.
+  static Raw bcast_x4(const int32_t* x4) { return _mm512_set1_epi32(*x4); }
   static V to_float(Raw acc) { return _mm512_cvtepi32_ps(acc); }
   // 32 bytes of int8 code pairs (packing.h, Dot order), sign-extended to words.
   static Raw load_s8_pairs(const char* p) {

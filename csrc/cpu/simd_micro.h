@@ -296,8 +296,9 @@ static void micro_q(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_t g
 // scale: one conversion and two roundings per group, whatever the tile, so batch invariance holds.
 // Registers: the MR x NP x NMAT accumulators, the codes of one step unpacked for every panel, and one
 // row's broadcasts (Shapes in simd_gemm.h sizes the tile for that on 32 registers). A step's codes are
-// unpacked once, then each row's broadcast meets every panel: no broadcast stays live across rows, so
-// the compiler has nothing to hoist and the accumulators stay in registers. Where that does not fit
+// unpacked once, then each row's broadcast, loaded into a register once (O::bcast_x4), meets every
+// panel: no broadcast stays live across rows, so the compiler has nothing to hoist and the
+// accumulators stay in registers. Where that does not fit
 // (int4 on 16 registers) the codes are unpacked one panel at a time. kI4Dot and kI8Vnni accumulators
 // start at -corr, which takes the codes' offset out of the sum for free.
 // Never inlined: inlined into the sweep, GCC 12 allocated its registers together with the caller's
@@ -319,7 +320,7 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
   const int64_t Kp = (K + kstep - 1) / kstep * kstep, ng = (K + gsz - 1) / gsz;
   const int32_t* aq = reinterpret_cast<const int32_t*>(ap);  // [Kp / kstep * words][MR] words of codes
   const float* asx = reinterpret_cast<const float*>(aq + Kp / kstep * words * MR);  // [ng][MR]
-  const int32_t* acorr = reinterpret_cast<const int32_t*>(asx + ng * MR);           // [ng][MR], kOffset
+  const int32_t* astart = reinterpret_cast<const int32_t*>(asx + ng * MR);          // -corr [ng][MR], kOffset
   // int4 on one panel (the decode tile of short panels, and leftover panels): the high nibbles' products
   // go to accumulators of their own, so a step's two dot products do not wait on each other (the group's
   // sum is an exact integer, whatever the order). Only where the extra accumulators fit beside the codes,
@@ -357,7 +358,7 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
     I acc[MR][NP][NMAT], acc_hi[kSplit ? MR : 1][kSplit ? NP : 1][kSplit ? NMAT : 1];
 #pragma GCC unroll 16
     for (int m = 0; m < MR; m++) {
-      const I init = kOffset ? O::iset1(-acorr[gi * MR + m]) : O::izero();
+      const I init = kOffset ? O::iset1(astart[gi * MR + m]) : O::izero();
 #pragma GCC unroll 8
       for (int p = 0; p < NP; p++)
 #pragma GCC unroll 2
@@ -379,18 +380,20 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
           for (int q = 0; q < NMAT; q++) O::load_u4(bk + p * pstride + q * W * 4, lo[p][q], hi[p][q]);
 #pragma GCC unroll 16
         for (int m = 0; m < MR; m++) {
+          const I xlo = O::bcast_x4(x0 + m);
 #pragma GCC unroll 8
           for (int p = 0; p < NP; p++)
 #pragma GCC unroll 2
-            for (int q = 0; q < NMAT; q++) acc[m][p][q] = O::dot_u8s8(acc[m][p][q], lo[p][q], x0 + m);
+            for (int q = 0; q < NMAT; q++) acc[m][p][q] = O::dot_u8s8(acc[m][p][q], lo[p][q], xlo);
+          const I xhi = O::bcast_x4(x0 + MR + m);
 #pragma GCC unroll 8
           for (int p = 0; p < NP; p++)
 #pragma GCC unroll 2
             for (int q = 0; q < NMAT; q++) {
               if constexpr (kSplit)
-                acc_hi[m][p][q] = O::dot_u8s8(acc_hi[m][p][q], hi[p][q], x0 + MR + m);
+                acc_hi[m][p][q] = O::dot_u8s8(acc_hi[m][p][q], hi[p][q], xhi);
               else
-                acc[m][p][q] = O::dot_u8s8(acc[m][p][q], hi[p][q], x0 + MR + m);
+                acc[m][p][q] = O::dot_u8s8(acc[m][p][q], hi[p][q], xhi);
             }
         }
       } else if constexpr (MODE == kI8Vnni) {  // k = 4s .. 4s+3: every panel's codes, then each row's broadcast
@@ -401,11 +404,13 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
 #pragma GCC unroll 2
           for (int q = 0; q < NMAT; q++) u[p][q] = O::load_u8(bk + p * pstride + q * W * 4);
 #pragma GCC unroll 16
-        for (int m = 0; m < MR; m++)
+        for (int m = 0; m < MR; m++) {
+          const I xv = O::bcast_x4(x0 + m);
 #pragma GCC unroll 8
           for (int p = 0; p < NP; p++)
 #pragma GCC unroll 2
-            for (int q = 0; q < NMAT; q++) acc[m][p][q] = O::dot_u8s8(acc[m][p][q], u[p][q], x0 + m);
+            for (int q = 0; q < NMAT; q++) acc[m][p][q] = O::dot_u8s8(acc[m][p][q], u[p][q], xv);
+        }
       } else if constexpr (MODE == kI4Dot) {  // 16 registers: one panel's codes at a time
 #pragma GCC unroll 8
         for (int p = 0; p < NP; p++)
@@ -416,10 +421,11 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
 #pragma GCC unroll 16
             for (int m = 0; m < MR; m++) {
               if constexpr (kSplit) {
-                acc[m][p][q] = O::dot_u8s8(acc[m][p][q], lo, x0 + m);
-                acc_hi[m][p][q] = O::dot_u8s8(acc_hi[m][p][q], hi, x0 + MR + m);
+                acc[m][p][q] = O::dot_u8s8(acc[m][p][q], lo, O::bcast_x4(x0 + m));
+                acc_hi[m][p][q] = O::dot_u8s8(acc_hi[m][p][q], hi, O::bcast_x4(x0 + MR + m));
               } else {
-                acc[m][p][q] = O::dot_u8s8(O::dot_u8s8(acc[m][p][q], lo, x0 + m), hi, x0 + MR + m);
+                acc[m][p][q] =
+                    O::dot_u8s8(O::dot_u8s8(acc[m][p][q], lo, O::bcast_x4(x0 + m)), hi, O::bcast_x4(x0 + MR + m));
               }
             }
           }

@@ -30,8 +30,9 @@ size_t dot_act_row_bytes(int64_t K, int64_t gsz) {
 // kI8Dot quantize each row's groups of gsz to int8 / int8 / int16 by quant.h's rule with a float32
 // scale (qmax 127 / 127 / 32767) and lay out, per row block of mr rows: the codes as [Kp / 4 or Kp / 2]
 // [mr] 32-bit words (four int8 or two int16; K padded with zeros to a whole step, 8, 4 or 2), the
-// scales [ng][mr], and for kI4Dot / kI8Vnni corr = 8 or 128 * sum(codes) per group [ng][mr], which
-// removes the weight codes' offset (8 for nibbles, 128 for bytes).
+// scales [ng][mr], and for kI4Dot / kI8Vnni -corr per group [ng][mr], corr = 8 or 128 * sum(codes),
+// which removes the weight codes' offset (8 for nibbles, 128 for bytes). Stored negated, as the
+// micro-kernel's accumulators start: a broadcast straight from memory, no negation on the way.
 template <class O, int MODE>
 static const char* pack_act_into(Scratch& sbuf, const float* x, int64_t ldx, int64_t M, int64_t K, int MR,
                                  int64_t gsz) {
@@ -49,7 +50,7 @@ static const char* pack_act_into(Scratch& sbuf, const float* x, int64_t ldx, int
       const int64_t m0 = blocks.start(bi), mr = blocks.rows(bi);
       int32_t* codes = reinterpret_cast<int32_t*>(buf + size_t(m0) * arow);
       float* sx = reinterpret_cast<float*>(codes + Kp / per_word * mr);
-      int32_t* corr = reinterpret_cast<int32_t*>(sx + ng * mr);  // int8 codes only
+      int32_t* start = reinterpret_cast<int32_t*>(sx + ng * mr);  // -corr, int8 codes only
       for (int64_t m = 0; m < mr; m++) {
         const float* src = x + (m0 + m) * ldx;
         std::memset(row + K, 0, size_t(Kp - K) * sizeof(Code));
@@ -58,7 +59,7 @@ static const char* pack_act_into(Scratch& sbuf, const float* x, int64_t ldx, int
           if constexpr (MODE != kI8Dot) {
             int32_t sum = 0;
             sx[gi * mr + m] = O::quantize_i8(src + k0, n, row + k0, &sum);
-            corr[gi * mr + m] = offset * sum;
+            start[gi * mr + m] = -offset * sum;
           } else {
             sx[gi * mr + m] = O::quantize_i16(src + k0, n, row + k0);
           }
