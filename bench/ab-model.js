@@ -9,6 +9,7 @@
 //   node bench/model.js --models qwen3moe --formats int4 --engines ours   (writes the model files once)
 //   node bench/ab-model.js qwen3moe int4 shortPanelBytes 0 24576 [pairs = 60] [streams = 1]
 //   node bench/ab-model.js qwen3moe int4 decodeStreams 0 1
+//   node bench/ab-model.js qwen3moe none tilePanels 4 8
 //
 // The model is one of bench/model.js's (its files in the same cache folder: --cache-dir DIR).
 'use strict';
@@ -25,7 +26,7 @@ const dirAt = args.indexOf('--cache-dir');
 const cacheDir = dirAt >= 0 ? args.splice(dirAt, 2)[1] : path.join(os.tmpdir(), 'fused-moe-bench-models');
 const [model, quantize, name, a, b, pairsArg, streamsArg] = args;
 const usage =
-  'usage: node bench/ab-model.js <mixtral | qwen3moe> <none | int8 | int4> <shortPanelBytes | decodeStreams> <A> <B> [pairs] [streams]';
+  'usage: node bench/ab-model.js <mixtral | qwen3moe> <none | int8 | int4> <shortPanelBytes | decodeStreams | tilePanels> <A> <B> [pairs] [streams]';
 if (!model || !quantize || !name || a === undefined || b === undefined) {
   console.error(usage);
   process.exit(2);

@@ -197,9 +197,9 @@ class CpuBackend final : public Backend {
   // thread over the phase, and at least 8 per thread in every bounded job (run_bounded), so the last
   // item of a job leaves the other threads idle for a small fraction of it. An item is bounded in FLOPs
   // and in weight bytes: at a few rows per expert the bytes take the time, and an expert that one token
-  // picked, split by its share of the rows alone, made items of tens of MiB. Tiles are whole pairs of
-  // panels where they can be (the prefill micro-tile is two panels wide); the activations of an expert
-  // are packed once per thread and phase, whatever the tile (kernels.h), so small tiles cost little.
+  // picked, split by its share of the rows alone, made items of tens of MiB. Tiles are multiples of
+  // tile_panels() where the columns allow (kernels.h); the activations of an expert are packed once
+  // per thread and phase, whatever the tile (kernels.h), so small tiles cost little.
   std::vector<WorkItem> tile_items(const Dispatch& d, int64_t cols, int64_t total_rows, int64_t flops_per_cell,
                                    double bytes_per_col) const {
     const int64_t P = kernels_->panel;
@@ -214,7 +214,8 @@ class CpuBackend final : public Backend {
                                               int64_t(std::ceil(flops / item_cap)),
                                               int64_t(std::ceil(double(cols) * bytes_per_col / kItemBytes))});
       int64_t tile = (cols + want - 1) / want;
-      const int64_t unit = cols >= 4 * P ? 2 * P : P;
+      const int64_t U = tile_panels().load(std::memory_order_relaxed);
+      const int64_t unit = cols >= 2 * U * P ? U * P : P;
       tile = std::max<int64_t>(unit, (tile + unit - 1) / unit * unit);
       for (int64_t c = 0; c < cols; c += tile) items.push_back({e, c, std::min(cols, c + tile)});
     }

@@ -146,6 +146,11 @@ std::atomic<int>& decode_streams() {
   return on;
 }
 
+std::atomic<int>& tile_panels() {
+  static std::atomic<int> panels{8};
+  return panels;
+}
+
 ActEpoch new_activation_epoch() {
   static std::atomic<ActEpoch> last{kNoActCache};
   return last.fetch_add(1, std::memory_order_relaxed) + 1;  // only uniqueness matters, not order

@@ -100,5 +100,9 @@ std::atomic<size_t>& short_panel_bytes();
 // Whether the integer-dot decode tile reads its panels far apart (simd_gemm.h sweep_streams); run-time
 // for the same reason.
 std::atomic<int>& decode_streams();
+// Column tiles (the work items of an expert phase and of a dense layer) are multiples of this many
+// panels where the columns allow: 8, the float decode tile's width, so that no tile leaves panels for
+// the sweep to run one at a time (one memory stream instead of eight). Run-time for the same reason.
+std::atomic<int>& tile_panels();
 
 }  // namespace fmoe

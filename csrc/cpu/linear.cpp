@@ -45,11 +45,12 @@ void PackedLinear::forward(const float* x, int64_t ldx, int64_t M, float* y, int
   const int64_t P = kernels_->panel;
   // Column tiles of whole panels, 16 per thread so uneven speeds even out: a thread that finishes first
   // waits for at most one tile of the other (a 151936-row LM head in 8 tiles kept it idle up to 1/8 of
-  // the call). Tiles are multiples of 4 panels, the widest micro-tile (decode), so none is cut short.
+  // the call). Tiles are multiples of tile_panels() (kernels.h).
   const int64_t nthreads = std::max(1, pool.size());
   const int64_t panels = (out_ + P - 1) / P;
-  const int64_t tiles = std::max<int64_t>(1, std::min<int64_t>((panels + 3) / 4, 16 * nthreads));
-  const int64_t per = ((panels + tiles - 1) / tiles + 3) / 4 * 4;
+  const int64_t U = tile_panels().load(std::memory_order_relaxed);
+  const int64_t tiles = std::max<int64_t>(1, std::min<int64_t>((panels + U - 1) / U, 16 * nthreads));
+  const int64_t per = ((panels + tiles - 1) / tiles + U - 1) / U * U;
   const ActEpoch epoch = new_activation_epoch();  // x is this call's input: no earlier packed copy serves
   pool.parallel_for(tiles, 1, threads, [&](int64_t b, int64_t e, int) {
     for (int64_t t = b; t < e; t++) {
