@@ -29,6 +29,7 @@ const CASES = {
   'expert-6tok-bf16': { ...EXPERT, T: 6 },
   'expert-4tok-f32': { ...EXPERT, f32: true, T: 4 },
   'expert-4tok-int4': { ...EXPERT, quantize: 'int4', T: 4 },
+  'expert-6tok-int4': { ...EXPERT, quantize: 'int4', T: 6 },
   'expert-8tok-int4': { ...EXPERT, quantize: 'int4', T: 8 },
   'expert-64tok-int4': { ...EXPERT, quantize: 'int4', T: 64 },
   'l3-decode-int8': { ...L3, quantize: 'int8' },
