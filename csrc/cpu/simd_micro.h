@@ -298,9 +298,9 @@ static void micro_q(const char* ap, int64_t K, int64_t k0, int64_t k1, int64_t g
 // row's broadcasts (Shapes in simd_gemm.h sizes the tile for that on 32 registers). A step's codes are
 // unpacked once, then each row's broadcast, loaded into a register once (O::bcast_x4), meets every
 // panel: no broadcast stays live across rows, so the compiler has nothing to hoist and the
-// accumulators stay in registers. Where that does not fit
-// (int4 on 16 registers) the codes are unpacked one panel at a time. kI4Dot and kI8Vnni accumulators
-// start at -corr, which takes the codes' offset out of the sum for free.
+// accumulators stay in registers. Where that does not fit (int4 on 16 registers) the codes are
+// unpacked one panel at a time. kI4Dot and kI8Vnni accumulators start at -corr, which takes the
+// codes' offset out of the sum for free.
 // Never inlined: inlined into the sweep, GCC 12 allocated its registers together with the caller's
 // loop state and spilled codes and the nibble mask inside the k loop. Kept apart it ran 2-5% faster
 // on every quantized case and 7-9% with AVX2 (`bench/ab-builds.js`, Zen 5, 2 cores).
