@@ -3,13 +3,15 @@
 // process: the value flips between A and B from one step to the next (A B, then B A), each measured step
 // after an unmeasured one with the same value, so both see the same machine state. Where runs of
 // `bench/model.js` spread far apart on a shared machine, this resolves a few percent: an A/A run (the
-// same value on both sides) reads within 1% of 1.00. Prints each side's median step time and MLP (MoE)
-// part, and the medians of the per-pair ratios B / A.
+// same value on both sides) reads within 1% of 1.00. Prints each side's median step time and the time of
+// one part of the step (MoeModel.stepTimes(): mlp unless --part names another), and the medians of the
+// per-pair ratios B / A. Each step adds a position to every sequence: 300 pairs reach 1,216 positions.
 //
 //   node bench/model.js --models qwen3moe --formats int4 --engines ours   (writes the model files once)
 //   node bench/ab-model.js qwen3moe int4 shortPanelBytes 0 24576 [pairs = 60] [streams = 1]
 //   node bench/ab-model.js qwen3moe int4 decodeStreams 0 1
 //   node bench/ab-model.js qwen3moe none tilePanels 4 8
+//   node bench/ab-model.js qwen3moe int4 attentionPrefetch 0 1 300 --part attention
 //
 // The model is one of bench/model.js's (its files in the same cache folder: --cache-dir DIR).
 'use strict';
@@ -24,9 +26,11 @@ const binding = require('node-gyp-build')(root);
 const args = process.argv.slice(2);
 const dirAt = args.indexOf('--cache-dir');
 const cacheDir = dirAt >= 0 ? args.splice(dirAt, 2)[1] : path.join(os.tmpdir(), 'fused-moe-bench-models');
+const partAt = args.indexOf('--part');
+const part = partAt >= 0 ? args.splice(partAt, 2)[1] : 'mlp';
 const [model, quantize, name, a, b, pairsArg, streamsArg] = args;
 const usage =
-  'usage: node bench/ab-model.js <mixtral | qwen3moe> <none | int8 | int4> <shortPanelBytes | decodeStreams | tilePanels> <A> <B> [pairs] [streams]';
+  'usage: node bench/ab-model.js <mixtral | qwen3moe> <none | int8 | int4> <shortPanelBytes | decodeStreams | tilePanels | attentionPrefetch> <A> <B> [pairs] [streams] [--part qkv | attention | output | mlp | lmHead | other] [--cache-dir DIR]';
 if (!model || !quantize || !name || a === undefined || b === undefined) {
   console.error(usage);
   process.exit(2);
@@ -46,6 +50,11 @@ const pairs = Number(pairsArg) || 60,
     maxSequences: streams,
     threads: binding.backendInfo().cpu.threads,
   });
+  if (!(part in m.stepTimes().seconds)) {
+    console.error(`--part must be one of ${Object.keys(m.stepTimes().seconds).join(', ')}, got ${part}`);
+    m.dispose();
+    process.exit(2);
+  }
   const seqs = Array.from({ length: streams }, () => m.createSequence());
   await m.step(seqs.map((s, j) => ({ sequence: s, tokens: Array.from({ length: 16 }, (_, i) => 100 + i + 37 * j) })));
   let next = 0;
@@ -54,9 +63,9 @@ const pairs = Number(pairsArg) || 60,
       seqs.map((s, j) => ({ sequence: s, tokens: [200 + ((next++ * 7919 + j * 131) % 1000)] })),
       { reuseLogits: true },
     );
-  const side = { A: { ms: [], mlp: [] }, B: { ms: [], mlp: [] } },
+  const side = { A: { ms: [], part: [] }, B: { ms: [], part: [] } },
     ratio = [],
-    mlpRatio = [];
+    partRatio = [];
   const original = binding.bench.setTuning(name, Number(a));
   try {
     for (let i = 0; i < pairs + 2; i++) {
@@ -64,18 +73,18 @@ const pairs = Number(pairsArg) || 60,
       for (const s of i % 2 ? ['A', 'B'] : ['B', 'A']) {
         binding.bench.setTuning(name, Number(s === 'A' ? a : b));
         await step(); // settle: the same value, unmeasured
-        const before = m.stepTimes().seconds.mlp;
+        const before = m.stepTimes().seconds[part];
         const t = process.hrtime.bigint();
         await step();
-        got[s] = { ms: Number(process.hrtime.bigint() - t) / 1e6, mlp: (m.stepTimes().seconds.mlp - before) * 1e3 };
+        got[s] = { ms: Number(process.hrtime.bigint() - t) / 1e6, part: (m.stepTimes().seconds[part] - before) * 1e3 };
       }
       if (i < 2) continue; // warm-up pairs
       for (const s of ['A', 'B']) {
         side[s].ms.push(got[s].ms);
-        side[s].mlp.push(got[s].mlp);
+        side[s].part.push(got[s].part);
       }
       ratio.push(got.B.ms / got.A.ms);
-      mlpRatio.push(got.B.mlp / got.A.mlp);
+      partRatio.push(got.B.part / got.A.part);
     }
   } finally {
     binding.bench.setTuning(name, original);
@@ -92,9 +101,10 @@ const pairs = Number(pairsArg) || 60,
       B: Number(b),
       pairs,
       stepMs: [f(median(side.A.ms)), f(median(side.B.ms))],
-      mlpMs: [f(median(side.A.mlp)), f(median(side.B.mlp))],
+      part,
+      partMs: [f(median(side.A.part)), f(median(side.B.part))],
       ratioBA: f(median(ratio)),
-      mlpRatioBA: f(median(mlpRatio)),
+      partRatioBA: f(median(partRatio)),
     }),
   );
 })().catch((err) => {

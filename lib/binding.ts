@@ -140,7 +140,7 @@ export interface NativeBinding {
     int8DotPeak(threads: number): number;
     quantize(values: Float32Array, K: number, kind: string, group: number): { scales: Float32Array; codes: Int8Array };
     /** Sets a kernel tuning value for the whole process (csrc/cpu/kernels.h); returns the previous one. */
-    setTuning(name: 'shortPanelBytes' | 'decodeStreams' | 'tilePanels', value: number): number;
+    setTuning(name: 'shortPanelBytes' | 'decodeStreams' | 'tilePanels' | 'attentionPrefetch', value: number): number;
   };
 }
 

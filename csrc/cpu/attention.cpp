@@ -105,6 +105,25 @@ void load_tile(const StepGeometry& g, const AttentionSeq& s, int64_t b, int64_t 
     for (int64_t i = 0; i < n; i++) g.kern->widen(v + size_t(i * D) * es, dt, D, t.v.data() + i * t.ldv);
 }
 
+// Asks for block b's keys and values of KV head j ahead of load_tile. The blocks of one sequence and
+// head are 4 KiB runs far apart (the pool interleaves heads and sequences), where the hardware
+// prefetchers start afresh at every tile: at decode the widening copy then waited on each tile's
+// loads. One tile ahead covers it; further ahead, or into L2 only, gained nothing more
+// (`bench/ab-model.js qwen3moe int4 attentionPrefetch 0 1 300 --part attention`: 0.88 of the
+// attention time, 16 to 1,216 positions).
+void prefetch_tile(const StepGeometry& g, const AttentionSeq& s, int64_t b, int64_t j) {
+  if (!attention_prefetch().load(std::memory_order_relaxed)) return;
+  const size_t es = dtype_size(g.cache->dtype);
+  const size_t base = size_t(((s.blocks[b] * g.cache->kv_heads + j) * g.Bt) * g.D) * es;
+  const size_t bytes = size_t(g.Bt * g.D) * es;
+  const char* k = static_cast<const char*>(g.cache->k) + base;
+  const char* v = static_cast<const char*>(g.cache->v) + base;
+  for (size_t o = 0; o < bytes; o += 64) {
+    __builtin_prefetch(k + o, 0, 3);
+    __builtin_prefetch(v + o, 0, 3);
+  }
+}
+
 // Gathers the query rows of new tokens [t0, t1) of sequence s for KV head j: row (i - t0) * G + r is
 // head j * G + r of token i.
 void gather_queries(const StepGeometry& g, const AttentionSeq& s, int64_t j, int64_t t0, int64_t t1, const float* q,
@@ -157,6 +176,7 @@ void attend_streaming(const StepGeometry& g, const AttentionSeq& s, int64_t j, i
   for (int64_t b = b_first; b <= b_last; b++) {
     const int64_t block_pos = b * g.Bt;
     const int64_t n = std::min(g.Bt, end - block_pos);
+    if (b < b_last) prefetch_tile(g, s, b + 1, j);
     load_tile(g, s, b, j, n, t);
     int64_t r0, r1;
     tile_partials(g, s, t0, t1, block_pos, n, t, r0, r1);
@@ -205,6 +225,11 @@ constexpr AttentionTileKernels kAttnScalar = attn::Tile<OpsScalar>::make(Isa::Sc
 }  // namespace
 
 const AttentionTileKernels* attention_kernels_scalar() { return &kAttnScalar; }
+
+std::atomic<int>& attention_prefetch() {
+  static std::atomic<int> on{1};
+  return on;
+}
 
 const AttentionTileKernels* attention_kernels_for(Isa isa) {
   const AttentionTileKernels* k = nullptr;
@@ -337,6 +362,7 @@ void attention(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_seqs,
       for (int64_t b = it.b0; b < it.b1; b++) {
         const int64_t block_pos = b * g.Bt;
         const int64_t n = std::min(g.Bt, end_pos - block_pos);
+        if (b + 1 < it.b1) prefetch_tile(g, s, b + 1, it.head);
         load_tile(g, s, b, it.head, n, t);
         int64_t r0, r1;
         tile_partials(g, s, 0, s.count, block_pos, n, t, r0, r1);

@@ -15,6 +15,7 @@
 // partials are merged from the first tile to the last. A long decode computes its tiles' partials in
 // parallel and merges them afterwards in the same order: the same bits as the streaming form.
 #pragma once
+#include <atomic>
 #include <cstdint>
 
 #include "../core/dtype.h"
@@ -53,6 +54,11 @@ struct AttentionParams {
   // The tile kernel set; nullptr: the one for the process's expert kernels (select_kernels()).
   const AttentionTileKernels* kernels = nullptr;
 };
+
+// Whether each tile asks for the next tile's keys and values while it computes (attention.cpp). A
+// run-time value only so that a benchmark can compare both settings in one process (`bench/ab-model.js`,
+// through binding.bench.setTuning('attentionPrefetch')); nothing else changes it.
+std::atomic<int>& attention_prefetch();
 
 // Checks a step's sequences against the cache: block ids in range, tables long enough, rows inside
 // [0, rows). Throws MoeException(Invalid) naming what is wrong.

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "../core/quant.h"
+#include "../cpu/attention.h"
 #include "../cpu/kernels.h"
 #include "probes.h"
 
@@ -58,7 +59,8 @@ static Napi::Value Quantize(const Napi::CallbackInfo& info) {
 }
 
 // setTuning(name, value) -> the previous value. 'shortPanelBytes': kernels.h short_panel_bytes();
-// 'decodeStreams' (0 or 1): kernels.h decode_streams(); 'tilePanels' (1 to 64): kernels.h tile_panels().
+// 'decodeStreams' (0 or 1): kernels.h decode_streams(); 'tilePanels' (1 to 64): kernels.h tile_panels();
+// 'attentionPrefetch' (0 or 1): attention.h attention_prefetch().
 static Napi::Value SetTuning(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() < 2 || !info[0].IsString() || !info[1].IsNumber())
@@ -66,13 +68,16 @@ static Napi::Value SetTuning(const Napi::CallbackInfo& info) {
   const std::string name = info[0].As<Napi::String>().Utf8Value();
   const double value = info[1].As<Napi::Number>().DoubleValue();
   if (name == "decodeStreams") return Napi::Number::New(env, fmoe::decode_streams().exchange(value != 0 ? 1 : 0));
+  if (name == "attentionPrefetch")
+    return Napi::Number::New(env, fmoe::attention_prefetch().exchange(value != 0 ? 1 : 0));
   if (name == "tilePanels") {
     if (!(value >= 1 && value <= 64 && value == double(int(value))))
       throw Napi::RangeError::New(env, "setTuning: tilePanels must be an integer from 1 to 64");
     return Napi::Number::New(env, fmoe::tile_panels().exchange(int(value)));
   }
   if (name != "shortPanelBytes")
-    throw Napi::RangeError::New(env, "setTuning: name must be 'shortPanelBytes', 'decodeStreams' or 'tilePanels'");
+    throw Napi::RangeError::New(
+        env, "setTuning: name must be 'shortPanelBytes', 'decodeStreams', 'tilePanels' or 'attentionPrefetch'");
   if (!(value >= 0 && value <= double(1ull << 40)))
     throw Napi::RangeError::New(env, "setTuning: value must be a byte count from 0 to 2^40");
   return Napi::Number::New(env, double(fmoe::short_panel_bytes().exchange(size_t(value))));
