@@ -10,7 +10,8 @@
 // greedily (end-of-sequence ignored, so every stream runs its full length). Reported: the aggregate
 // decode rate while all N streams run (tokens of every stream between the last first token and the
 // first last token, over that time), time to first token and inter-token latency p50/p99, and the
-// decode rate as a fraction of the same run's read bandwidth on the bytes one step reads.
+// decode rate as a fraction of the same run's read bandwidth on the bytes one step reads; each the
+// median of three runs, the runs of every N taking turns (1, 4, 8, 16 streams, then again).
 // Then, ours only: 8 streams run, and a 2,000-token prompt arrives; the p99 inter-token latency of the
 // 8 streams before and while that prompt is read, against the time of one prefill chunk.
 'use strict';
@@ -72,33 +73,44 @@ async function runOurs(job) {
     }
   };
   await model.complete(benchTokens(job.prompt, job.V, 1), { maxTokens: 4, temperature: 0 }); // warm-up
-  out.phases = {};
+  // The runs of every N take turns (1, 4, 8, 16 streams, then again), so that a change in the machine's
+  // speed during the run falls on every N alike and the ratios to one stream compare runs of one time.
+  const spent = {};
   for (const N of job.streams) {
-    const figures = [];
-    const before = model.stepTimes(),
-      t0 = now();
-    for (let rep = 0; rep < job.reps; rep++) {
+    out.streams[N] = [];
+    spent[N] = { steps: 0, wallMs: 0, seconds: {} };
+  }
+  for (let rep = 0; rep < job.reps; rep++) {
+    for (const N of job.streams) {
+      const before = model.stepTimes(),
+        t0 = now();
       const times = Array.from({ length: N }, () => []);
       const starts = [];
       // Distinct prompts each time, so that no stream reuses a kept prefix.
       await Promise.all(
         times.map((t, i) => stream(benchTokens(job.prompt, job.V, 1000 * rep + 17 * N + i + 2), job.tokens, t, starts)),
       );
-      figures.push(summarize(starts, times));
+      out.streams[N].push(summarize(starts, times));
+      const after = model.stepTimes(),
+        acc = spent[N];
+      acc.steps += after.steps - before.steps;
+      acc.wallMs += now() - t0;
+      for (const p of Object.keys(after.seconds))
+        acc.seconds[p] = (acc.seconds[p] || 0) + (after.seconds[p] - before.seconds[p]);
     }
-    out.streams[N] = figures;
-    // Where the native steps of these runs (prompts included) spent their time, and their share of the wall
-    // time (the rest: the step loop, sampling, streaming in JavaScript).
-    const after = model.stepTimes(),
-      steps = after.steps - before.steps;
+  }
+  // Where the native steps of these runs (prompts included) spent their time, and their share of the wall
+  // time (the rest: the step loop, sampling, streaming in JavaScript).
+  out.phases = {};
+  for (const N of job.streams) {
+    const { steps, wallMs, seconds } = spent[N];
     const msPerStep = {};
     let nativeMs = 0;
-    for (const p of Object.keys(after.seconds)) {
-      const ms = (after.seconds[p] - before.seconds[p]) * 1e3;
-      msPerStep[p] = ms / steps;
-      nativeMs += ms;
+    for (const p of Object.keys(seconds)) {
+      msPerStep[p] = (seconds[p] * 1e3) / steps;
+      nativeMs += seconds[p] * 1e3;
     }
-    out.phases[N] = { steps, wallMs: now() - t0, nativeMs, msPerStep };
+    out.phases[N] = { steps, wallMs, nativeMs, msPerStep };
   }
   if (job.longPrompt) {
     // 8 streams in steady state, then a long prompt joins; latencies split at its arrival and at its
@@ -191,6 +203,9 @@ async function runLlama(job) {
   });
   const model = await llama.loadModel({ modelPath: job.gguf, gpuLayers: 0, useMmap: false });
   const out = { streams: {} };
+  // One context per N, each with N sequences (made once, cleared between repetitions); the runs of every
+  // N take turns, as ours do.
+  const contexts = {};
   for (const N of job.streams) {
     const context = await model.createContext({
       contextSize: job.context,
@@ -198,10 +213,13 @@ async function runLlama(job) {
       batchSize: 512,
       threads: THREADS,
     });
-    // The context's sequences are made once and cleared between repetitions.
-    const seqs = Array.from({ length: N }, () => context.getSequence());
-    const figures = [];
-    for (let rep = 0; rep < job.reps; rep++) {
+    contexts[N] = { context, seqs: Array.from({ length: N }, () => context.getSequence()) };
+    out.streams[N] = [];
+    out.contextSize = context.contextSize;
+  }
+  for (let rep = 0; rep < job.reps; rep++) {
+    for (const N of job.streams) {
+      const { seqs } = contexts[N];
       const times = Array.from({ length: N }, () => []);
       const starts = [];
       await Promise.all(seqs.map((seq) => seq.clearHistory()));
@@ -218,12 +236,10 @@ async function runLlama(job) {
           }
         }),
       );
-      figures.push(summarize(starts, times));
+      out.streams[N].push(summarize(starts, times));
     }
-    out.streams[N] = figures;
-    out.contextSize = context.contextSize;
-    await context.dispose();
   }
+  for (const N of job.streams) await contexts[N].context.dispose();
   await model.dispose();
   await llama.dispose();
   return out;
@@ -244,7 +260,7 @@ const cacheDir = opt('--cache-dir') || path.join(os.tmpdir(), 'fused-moe-bench-m
 const RUN = {
   prompt: quick ? 16 : 32,
   tokens: Number(opt('--tokens') || (quick ? 16 : 48)),
-  reps: quick ? 1 : 2,
+  reps: quick ? 1 : 3,
   longPrompt: quick ? 300 : 2000,
   chunkTokens: 256,
 };
