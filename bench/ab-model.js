@@ -12,6 +12,7 @@
 //   node bench/ab-model.js qwen3moe int4 decodeStreams 0 1
 //   node bench/ab-model.js qwen3moe none tilePanels 4 8
 //   node bench/ab-model.js qwen3moe int4 attentionPrefetch 0 1 300 --part attention
+//   node bench/ab-model.js mixtral int4 attentionInPlace 0 1 40 16 --part attention
 //
 // The model is one of bench/model.js's (its files in the same cache folder: --cache-dir DIR).
 'use strict';
@@ -30,7 +31,7 @@ const partAt = args.indexOf('--part');
 const part = partAt >= 0 ? args.splice(partAt, 2)[1] : 'mlp';
 const [model, quantize, name, a, b, pairsArg, streamsArg] = args;
 const usage =
-  'usage: node bench/ab-model.js <mixtral | qwen3moe> <none | int8 | int4> <shortPanelBytes | decodeStreams | tilePanels | attentionPrefetch> <A> <B> [pairs] [streams] [--part qkv | attention | output | mlp | lmHead | other] [--cache-dir DIR]';
+  'usage: node bench/ab-model.js <mixtral | qwen3moe> <none | int8 | int4> <shortPanelBytes | decodeStreams | tilePanels | attentionPrefetch | attentionInPlace> <A> <B> [pairs] [streams] [--part qkv | attention | output | mlp | lmHead | other] [--cache-dir DIR]';
 if (!model || !quantize || !name || a === undefined || b === undefined) {
   console.error(usage);
   process.exit(2);

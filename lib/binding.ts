@@ -139,8 +139,11 @@ export interface NativeBinding {
     /** GFLOP/s of vpdpbusd (the avx512bf16 set's int8 and int4 kernels), 0 where that set cannot run. */
     int8DotPeak(threads: number): number;
     quantize(values: Float32Array, K: number, kind: string, group: number): { scales: Float32Array; codes: Int8Array };
-    /** Sets a kernel tuning value for the whole process (csrc/cpu/kernels.h); returns the previous one. */
-    setTuning(name: 'shortPanelBytes' | 'decodeStreams' | 'tilePanels' | 'attentionPrefetch', value: number): number;
+    /** Sets a kernel tuning value for the whole process (csrc/cpu/kernels.h, attention.h); returns the previous one. */
+    setTuning(
+      name: 'shortPanelBytes' | 'decodeStreams' | 'tilePanels' | 'attentionPrefetch' | 'attentionInPlace',
+      value: number,
+    ): number;
   };
 }
 

@@ -17,7 +17,7 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Query tokens per prefill work item: with G query heads per KV head, 64 * G rows share each K/V tile
-// (its widening and transposition).
+// (its loads, and its widening where it is widened).
 constexpr int64_t kQueryTokensPerItem = 64;
 // A sequence with at most this many new tokens (a decode step) is split over its keys instead.
 constexpr int64_t kSplitMaxTokens = 4;
@@ -46,10 +46,11 @@ void store_elems(void* base, DType dt, size_t offset, int64_t n, const float* sr
 int64_t round_up(int64_t n, int64_t w) { return (n + w - 1) / w * w; }
 
 // Per-thread scratch of one work item, kept across calls and only grown: its query rows gathered, one
-// tile's keys (transposed) and values widened to float and padded for the tile kernel, the tile's
-// partials of every row, and the rows' running state (m, l, acc).
+// tile's keys (transposed) and values widened to float and padded for the tile kernel (or where a bf16
+// tile lies in the cache), the tile's partials of every row, and the rows' running state (m, l, acc).
 struct TileScratch {
   int64_t ldk = 0, ldv = 0;
+  const uint16_t *kt_bf16 = nullptr, *v_bf16 = nullptr;  // the tile in the cache (StepGeometry::in_place)
   std::vector<float> q, kt, v, s, m, l, acc, run_m, run_l, run_acc;
   std::vector<int32_t> lo, hi;
   void prepare(const AttentionTileKernels& kern, int64_t block_tokens, int64_t D, int64_t rows) {
@@ -80,13 +81,21 @@ struct StepGeometry {
   int64_t G;  // query heads per KV head
   int64_t D;
   int64_t Bt;
+  // bf16 tiles whose rows are whole vectors (block_tokens and head_dim multiples of the width) are read
+  // in the cache by partials_bf16; others are widened into the scratch first. Same bits either way
+  // (test_attention.cpp). The widening copy stored and loaded every key and value once more: in place,
+  // the attention part of a step took 0.88-0.93 of its time at 16 to 1,216 positions (`node
+  // bench/ab-model.js qwen3moe int4 attentionInPlace 0 1 300 --part attention`, both orders) and
+  // 0.83-0.86 with 16 streams (`mixtral int4 attentionInPlace 0 1 40 16`).
+  bool in_place;
 };
 
 // The first position a query at `pos` sees.
 int64_t first_visible(int64_t pos, int64_t window) { return window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0; }
 
-// Widens block `b` of a sequence's table, KV head j, slots [0, n), into the scratch: the keys are
-// already transposed in the cache, so each of their D rows is n contiguous elements.
+// Widens block `b` of a sequence's table, KV head j, slots [0, n), into the scratch (the keys are
+// already transposed in the cache, so each of their D rows is n contiguous elements), or notes where
+// it lies for partials_bf16.
 void load_tile(const StepGeometry& g, const AttentionSeq& s, int64_t b, int64_t j, int64_t n, TileScratch& t) {
   const int64_t D = g.D;
   const size_t base = size_t(((s.blocks[b] * g.cache->kv_heads + j) * g.Bt) * D);
@@ -94,6 +103,11 @@ void load_tile(const StepGeometry& g, const AttentionSeq& s, int64_t b, int64_t 
   const size_t es = dtype_size(dt);
   const char* k = static_cast<const char*>(g.cache->k) + base * es;
   const char* v = static_cast<const char*>(g.cache->v) + base * es;
+  if (g.in_place) {
+    t.kt_bf16 = reinterpret_cast<const uint16_t*>(k);
+    t.v_bf16 = reinterpret_cast<const uint16_t*>(v);
+    return;
+  }
   // Rows as long as the scratch's (a full block of a width-multiple size, a width-multiple D) are one run.
   if (n == g.Bt && t.ldk == g.Bt)
     g.kern->widen(k, dt, D * n, t.kt.data());
@@ -154,9 +168,14 @@ void tile_partials(const StepGeometry& g, const AttentionSeq& s, int64_t t0, int
     }
   }
   if (r0 >= r1) return;
-  g.kern->partials(t.q.data() + r0 * g.D, g.D, r1 - r0, g.D, g.p->scale, t.kt.data(), t.ldk, t.v.data(), t.ldv,
-                   t.lo.data() + r0, t.hi.data() + r0, t.s.data() + r0 * t.ldk, t.m.data() + r0, t.l.data() + r0,
-                   t.acc.data() + r0 * t.ldv, t.ldv);
+  if (g.in_place)
+    g.kern->partials_bf16(t.q.data() + r0 * g.D, g.D, r1 - r0, g.D, g.p->scale, t.kt_bf16, g.Bt, t.v_bf16, g.D,
+                          t.lo.data() + r0, t.hi.data() + r0, t.s.data() + r0 * t.ldk, t.m.data() + r0, t.l.data() + r0,
+                          t.acc.data() + r0 * t.ldv, t.ldv);
+  else
+    g.kern->partials(t.q.data() + r0 * g.D, g.D, r1 - r0, g.D, g.p->scale, t.kt.data(), t.ldk, t.v.data(), t.ldv,
+                     t.lo.data() + r0, t.hi.data() + r0, t.s.data() + r0 * t.ldk, t.m.data() + r0, t.l.data() + r0,
+                     t.acc.data() + r0 * t.ldv, t.ldv);
 }
 
 // Rows [t0, t1) of sequence s (all G heads of KV head j), every visible tile streamed and merged in
@@ -210,6 +229,12 @@ struct OpsScalar {
   static V set1(float v) { return v; }
   static V bcast(const float* p) { return *p; }
   static V load(const float* p) { return *p; }
+  static V load_bf16(const uint16_t* p) {
+    const uint32_t u = uint32_t(*p) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  }
   static void store(float* p, V v) { *p = v; }
   static V fma(V a, V b, V c) { return a * b + c; }
   static V add(V a, V b) { return a + b; }
@@ -227,6 +252,11 @@ constexpr AttentionTileKernels kAttnScalar = attn::Tile<OpsScalar>::make(Isa::Sc
 const AttentionTileKernels* attention_kernels_scalar() { return &kAttnScalar; }
 
 std::atomic<int>& attention_prefetch() {
+  static std::atomic<int> on{1};
+  return on;
+}
+
+std::atomic<int>& attention_in_place() {
   static std::atomic<int> on{1};
   return on;
 }
@@ -291,7 +321,9 @@ void attention(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_seqs,
                                  std::to_string(c.kv_heads) + ")");
   if (p.window < 0) fail(ErrorCode::Invalid, "attention: window must be >= 0");
   const AttentionTileKernels* kern = p.kernels ? p.kernels : attention_kernels_for(select_kernels()->isa);
-  const StepGeometry g{&c, &p, kern, p.heads / c.kv_heads, c.head_dim, c.block_tokens};
+  const bool in_place = c.dtype == DType::BF16 && c.block_tokens % kern->width == 0 && c.head_dim % kern->width == 0 &&
+                        attention_in_place().load(std::memory_order_relaxed) != 0;
+  const StepGeometry g{&c, &p, kern, p.heads / c.kv_heads, c.head_dim, c.block_tokens, in_place};
   const int64_t KV = c.kv_heads, D = g.D, G = g.G, H = p.heads;
   ThreadPool& pool = ThreadPool::instance();
   const int64_t nthreads = std::max(1, pool.size());

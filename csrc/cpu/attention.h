@@ -59,6 +59,9 @@ struct AttentionParams {
 // run-time value only so that a benchmark can compare both settings in one process (`bench/ab-model.js`,
 // through binding.bench.setTuning('attentionPrefetch')); nothing else changes it.
 std::atomic<int>& attention_prefetch();
+// Whether bf16 tiles are read where they lie in the cache (attention.cpp, partials_bf16) rather than
+// widened into a scratch first; run-time for the same reason ('attentionInPlace').
+std::atomic<int>& attention_in_place();
 
 // Checks a step's sequences against the cache: block ids in range, tables long enough, rows inside
 // [0, rows). Throws MoeException(Invalid) naming what is wrong.

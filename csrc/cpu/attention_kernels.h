@@ -26,6 +26,11 @@ struct AttentionTileKernels {
   void (*partials)(const float* q, int64_t ldq, int64_t R, int64_t D, float scale, const float* kt, int64_t ldk,
                    const float* v, int64_t ldv, const int32_t* lo, const int32_t* hi, float* s, float* m, float* l,
                    float* acc, int64_t ldacc);
+  // partials with kt and v of bf16 elements (the cache's own, read where they lie: no widening copy),
+  // the same computation: a bf16 widens to float exactly.
+  void (*partials_bf16)(const float* q, int64_t ldq, int64_t R, int64_t D, float scale, const uint16_t* kt, int64_t ldk,
+                        const uint16_t* v, int64_t ldv, const int32_t* lo, const int32_t* hi, float* s, float* m,
+                        float* l, float* acc, int64_t ldacc);
   // Merges a tile's partial (mt, lt, acct) into a row's running state (m, l, acc), n floats of acc (a
   // multiple of width): acc = acc * exp(m - m') + acct * exp(mt - m') with m' = max(m, mt), the same
   // for l. Nothing changes when mt = -inf (the row saw no key of the tile); an empty state (m = -inf,

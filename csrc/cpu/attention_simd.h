@@ -28,9 +28,18 @@ inline void with_count(int n, F&& f) {
     with_count<N - 1>(n, f);
 }
 
+// A vector of keys or values: float (a widened tile) or bf16 (the cache's own elements), the same floats.
+template <class O, class E>
+inline typename O::V load_elems(const E* p) {
+  if constexpr (std::is_same_v<E, float>)
+    return O::load(p);
+  else
+    return O::load_bf16(p);
+}
+
 // s[m][c] = scale * (q_m . k_c) for MR rows and NV vectors of keys.
-template <class O, int MR, int NV>
-inline void qk_block(const float* q, int64_t ldq, int64_t D, float scale, const float* kt, int64_t ldk, float* s,
+template <class O, int MR, int NV, class E>
+inline void qk_block(const float* q, int64_t ldq, int64_t D, float scale, const E* kt, int64_t ldk, float* s,
                      int64_t lds) {
   using V = typename O::V;
   constexpr int W = O::W;
@@ -39,7 +48,7 @@ inline void qk_block(const float* q, int64_t ldq, int64_t D, float scale, const 
     for (int n = 0; n < NV; n++) acc[m][n] = O::zero();
   for (int64_t d = 0; d < D; d++) {
     V k[NV];
-    for (int n = 0; n < NV; n++) k[n] = O::load(kt + d * ldk + n * W);
+    for (int n = 0; n < NV; n++) k[n] = load_elems<O>(kt + d * ldk + n * W);
     for (int m = 0; m < MR; m++) {
       const V qb = O::bcast(q + m * ldq + d);
       for (int n = 0; n < NV; n++) acc[m][n] = O::fma(qb, k[n], acc[m][n]);
@@ -51,8 +60,8 @@ inline void qk_block(const float* q, int64_t ldq, int64_t D, float scale, const 
 }
 
 // acc[m][d] = sum over keys j in [lo, hi) of p[m][j] * v_j[d], for MR rows and NV vectors of d.
-template <class O, int MR, int NV>
-inline void pv_block(const float* p, int64_t ldp, int64_t lo, int64_t hi, const float* v, int64_t ldv, float* acc,
+template <class O, int MR, int NV, class E>
+inline void pv_block(const float* p, int64_t ldp, int64_t lo, int64_t hi, const E* v, int64_t ldv, float* acc,
                      int64_t ldacc) {
   using V = typename O::V;
   constexpr int W = O::W;
@@ -61,7 +70,7 @@ inline void pv_block(const float* p, int64_t ldp, int64_t lo, int64_t hi, const 
     for (int n = 0; n < NV; n++) a[m][n] = O::zero();
   for (int64_t j = lo; j < hi; j++) {
     V vv[NV];
-    for (int n = 0; n < NV; n++) vv[n] = O::load(v + j * ldv + n * W);
+    for (int n = 0; n < NV; n++) vv[n] = load_elems<O>(v + j * ldv + n * W);
     for (int m = 0; m < MR; m++) {
       const V pb = O::bcast(p + m * ldp + j);
       for (int n = 0; n < NV; n++) a[m][n] = O::fma(pb, vv[n], a[m][n]);
@@ -79,8 +88,8 @@ struct Tile {
   static constexpr int kMrPv = O::kAcc >= 16 ? 4 : 2;
   static constexpr int kNvPv = 4;
 
-  template <int NV, int MR>
-  static void qk_rows(int64_t R, const float* q, int64_t ldq, int64_t D, float scale, const float* kt, int64_t ldk,
+  template <int NV, int MR, class E>
+  static void qk_rows(int64_t R, const float* q, int64_t ldq, int64_t D, float scale, const E* kt, int64_t ldk,
                       float* s) {
     int64_t r = 0;
     for (; r + MR <= R; r += MR) qk_block<O, MR, NV>(q + r * ldq, ldq, D, scale, kt, ldk, s + r * ldk, ldk);
@@ -90,9 +99,11 @@ struct Tile {
       });
   }
 
-  static void partials(const float* q, int64_t ldq, int64_t R, int64_t D, float scale, const float* kt, int64_t ldk,
-                       const float* v, int64_t ldv, const int32_t* lo, const int32_t* hi, float* s, float* m, float* l,
-                       float* acc, int64_t ldacc) {
+  // partials (attention_kernels.h) over keys and values of element type E: float, or bf16.
+  template <class E>
+  static void partials_of(const float* q, int64_t ldq, int64_t R, int64_t D, float scale, const E* kt, int64_t ldk,
+                          const E* v, int64_t ldv, const int32_t* lo, const int32_t* hi, float* s, float* m, float* l,
+                          float* acc, int64_t ldacc) {
     constexpr float kNegInf = -std::numeric_limits<float>::infinity();
     // Scores of every row over the key vectors any row sees.
     int64_t top = 0;
@@ -138,6 +149,17 @@ struct Tile {
     }
   }
 
+  static void partials(const float* q, int64_t ldq, int64_t R, int64_t D, float scale, const float* kt, int64_t ldk,
+                       const float* v, int64_t ldv, const int32_t* lo, const int32_t* hi, float* s, float* m, float* l,
+                       float* acc, int64_t ldacc) {
+    partials_of(q, ldq, R, D, scale, kt, ldk, v, ldv, lo, hi, s, m, l, acc, ldacc);
+  }
+  static void partials_bf16(const float* q, int64_t ldq, int64_t R, int64_t D, float scale, const uint16_t* kt,
+                            int64_t ldk, const uint16_t* v, int64_t ldv, const int32_t* lo, const int32_t* hi, float* s,
+                            float* m, float* l, float* acc, int64_t ldacc) {
+    partials_of(q, ldq, R, D, scale, kt, ldk, v, ldv, lo, hi, s, m, l, acc, ldacc);
+  }
+
   static void merge(float* m, float* l, float* acc, float mt, float lt, const float* acct, int64_t n) {
     if (mt == -std::numeric_limits<float>::infinity()) return;
     const float mn = *m > mt ? *m : mt;
@@ -180,7 +202,9 @@ struct Tile {
     }
   }
 
-  static constexpr AttentionTileKernels make(Isa isa) { return AttentionTileKernels{isa, W, partials, merge, widen}; }
+  static constexpr AttentionTileKernels make(Isa isa) {
+    return AttentionTileKernels{isa, W, partials, partials_bf16, merge, widen};
+  }
 };
 
 }  // namespace

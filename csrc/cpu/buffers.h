@@ -3,6 +3,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -36,8 +37,9 @@ using AlignedBuffer = std::unique_ptr<void, AlignedFree>;
 // TLB miss every 4 KiB. Buffers from kMapped up are mapped too, on ordinary pages: mapping (not malloc)
 // gives the memory back to the system the moment a layer is freed, where malloc would keep it in its
 // heap once its mmap threshold has grown (a small layer's experts are one buffer of a few hundred KiB).
+constexpr size_t kMappedBytes = size_t(64) << 10;  // buffers from this size up are mapped (zeroed pages)
 inline AlignedBuffer alloc_aligned(size_t bytes, const char* what) {
-  constexpr size_t kHuge = size_t(2) << 20, kMapped = size_t(64) << 10;
+  constexpr size_t kHuge = size_t(2) << 20, kMapped = kMappedBytes;
   auto oom = [&] {
     fail(ErrorCode::OutOfMemory, std::string("could not allocate ") + std::to_string(bytes) + " bytes for " + what);
   };
@@ -66,6 +68,18 @@ inline AlignedBuffer alloc_aligned(size_t bytes, const char* what) {
   void* p = std::aligned_alloc(64, bytes == 0 ? 64 : (bytes + 63) / 64 * 64);
   if (!p) oom();
   return AlignedBuffer(p, AlignedFree{0});
+}
+
+// alloc_aligned, every byte zero: a mapping comes zeroed, a small buffer from the heap is cleared (large
+// ones are not written here, so their pages are only committed as they are used).
+inline AlignedBuffer alloc_zeroed(size_t bytes, const char* what) {
+  AlignedBuffer buf = alloc_aligned(bytes, what);
+#ifdef __linux__
+  if (bytes < kMappedBytes) std::memset(buf.get(), 0, bytes);
+#else
+  std::memset(buf.get(), 0, bytes);
+#endif
+  return buf;
 }
 
 // Workspaces of the forward passes, kept between calls. Mapping and unmapping tens of megabytes per

@@ -140,8 +140,10 @@ class CpuDecoder final : public Decoder {
       } else {
         L.shared_builder = make_cpu_builder(moe_config(1, 1, cfg.dense_intermediate, Routing::SoftmaxTopkRenorm));
       }
-      L.k_cache = alloc_aligned(cache_bytes, "the K cache");
-      L.v_cache = alloc_aligned(cache_bytes, "the V cache");
+      // Zeroed: the attention reads whole vectors of a block, slots past a sequence's end included (their
+      // lanes are computed and never used), so those slots must hold numbers from the start.
+      L.k_cache = alloc_zeroed(cache_bytes, "the K cache");
+      L.v_cache = alloc_zeroed(cache_bytes, "the V cache");
     }
     lm_head_ = PackedLinear(kernels_, cfg.vocab, H, cfg.weight_dtype, cfg.quant, cfg.quant_group, "the LM head");
     embedding_ = alloc_aligned(size_t(cfg.vocab * H) * dtype_size(cfg.embed_dtype), "the embedding table");

@@ -21,6 +21,11 @@ struct OpsAvx2 {
   static V set1(float v) { return _mm256_set1_ps(v); }
   static V bcast(const float* p) { return _mm256_broadcast_ss(p); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
+  // 8 bf16 values as floats (exact: a bf16 is the high half of a float).
+  static V load_bf16(const uint16_t* p) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }

@@ -24,6 +24,11 @@ struct OpsAvx512 {
   static V set1(float v) { return _mm512_set1_ps(v); }
   static V bcast(const float* p) { return _mm512_set1_ps(*p); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
+  // 16 bf16 values as floats (exact: a bf16 is the high half of a float).
+  static V load_bf16(const uint16_t* p) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }

@@ -60,7 +60,7 @@ static Napi::Value Quantize(const Napi::CallbackInfo& info) {
 
 // setTuning(name, value) -> the previous value. 'shortPanelBytes': kernels.h short_panel_bytes();
 // 'decodeStreams' (0 or 1): kernels.h decode_streams(); 'tilePanels' (1 to 64): kernels.h tile_panels();
-// 'attentionPrefetch' (0 or 1): attention.h attention_prefetch().
+// 'attentionPrefetch', 'attentionInPlace' (0 or 1): attention.h attention_prefetch(), attention_in_place().
 static Napi::Value SetTuning(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() < 2 || !info[0].IsString() || !info[1].IsNumber())
@@ -70,6 +70,8 @@ static Napi::Value SetTuning(const Napi::CallbackInfo& info) {
   if (name == "decodeStreams") return Napi::Number::New(env, fmoe::decode_streams().exchange(value != 0 ? 1 : 0));
   if (name == "attentionPrefetch")
     return Napi::Number::New(env, fmoe::attention_prefetch().exchange(value != 0 ? 1 : 0));
+  if (name == "attentionInPlace")
+    return Napi::Number::New(env, fmoe::attention_in_place().exchange(value != 0 ? 1 : 0));
   if (name == "tilePanels") {
     if (!(value >= 1 && value <= 64 && value == double(int(value))))
       throw Napi::RangeError::New(env, "setTuning: tilePanels must be an integer from 1 to 64");
@@ -77,7 +79,9 @@ static Napi::Value SetTuning(const Napi::CallbackInfo& info) {
   }
   if (name != "shortPanelBytes")
     throw Napi::RangeError::New(
-        env, "setTuning: name must be 'shortPanelBytes', 'decodeStreams', 'tilePanels' or 'attentionPrefetch'");
+        env,
+        "setTuning: name must be 'shortPanelBytes', 'decodeStreams', 'tilePanels', 'attentionPrefetch' or "
+        "'attentionInPlace'");
   if (!(value >= 0 && value <= double(1ull << 40)))
     throw Napi::RangeError::New(env, "setTuning: value must be a byte count from 0 to 2^40");
   return Napi::Number::New(env, double(fmoe::short_panel_bytes().exchange(size_t(value))));
