@@ -31,6 +31,7 @@ const CASES = {
   'expert-4tok-int4': { ...EXPERT, quantize: 'int4', T: 4 },
   'expert-6tok-int4': { ...EXPERT, quantize: 'int4', T: 6 },
   'expert-8tok-int4': { ...EXPERT, quantize: 'int4', T: 8 },
+  'expert-16tok-int4': { ...EXPERT, quantize: 'int4', T: 16 },
   'expert-64tok-int4': { ...EXPERT, quantize: 'int4', T: 64 },
   'l3-decode-int8': { ...L3, quantize: 'int8' },
   'l3-decode-int4': { ...L3, quantize: 'int4' },
