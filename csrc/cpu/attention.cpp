@@ -86,7 +86,10 @@ struct StepGeometry {
   // (test_attention.cpp). The widening copy stored and loaded every key and value once more: in place,
   // the attention part of a step took 0.88-0.93 of its time at 16 to 1,216 positions (`node
   // bench/ab-model.js qwen3moe int4 attentionInPlace 0 1 300 --part attention`, both orders) and
-  // 0.83-0.86 with 16 streams (`mixtral int4 attentionInPlace 0 1 40 16`).
+  // 0.83-0.86 with 16 streams (`mixtral int4 attentionInPlace 0 1 40 16`). Not the scalar set (arm64
+  // runs it too): its a * b + c is left to the compiler, which on aarch64 fuses such pairs where it
+  // pleases, and a second body of it (bf16) lost the bit equality of chunked and whole prompts there
+  // (test_attention under qemu-aarch64); its float body keeps it.
   bool in_place;
 };
 
@@ -321,8 +324,8 @@ void attention(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_seqs,
                                  std::to_string(c.kv_heads) + ")");
   if (p.window < 0) fail(ErrorCode::Invalid, "attention: window must be >= 0");
   const AttentionTileKernels* kern = p.kernels ? p.kernels : attention_kernels_for(select_kernels()->isa);
-  const bool in_place = c.dtype == DType::BF16 && c.block_tokens % kern->width == 0 && c.head_dim % kern->width == 0 &&
-                        attention_in_place().load(std::memory_order_relaxed) != 0;
+  const bool in_place = c.dtype == DType::BF16 && kern->width > 1 && c.block_tokens % kern->width == 0 &&
+                        c.head_dim % kern->width == 0 && attention_in_place().load(std::memory_order_relaxed) != 0;
   const StepGeometry g{&c, &p, kern, p.heads / c.kv_heads, c.head_dim, c.block_tokens, in_place};
   const int64_t KV = c.kv_heads, D = g.D, G = g.G, H = p.heads;
   ThreadPool& pool = ThreadPool::instance();
