@@ -28,7 +28,7 @@
     "fmoe_avx2_sources": ["csrc/cpu/kernels_avx2.cpp", "csrc/cpu/attention_avx2.cpp"],
     "fmoe_avx512_sources": ["csrc/cpu/kernels_avx512.cpp", "csrc/cpu/attention_avx512.cpp"],
     "fmoe_avx512bf16_sources": ["csrc/cpu/kernels_avx512bf16.cpp"],
-    "fmoe_neon_sources": ["csrc/cpu/kernels_neon.cpp"],
+    "fmoe_neon_sources": ["csrc/cpu/kernels_neon.cpp", "csrc/cpu/attention_neon.cpp"],
     "fmoe_napi_sources": [
       "csrc/napi/convert.cpp",
       "csrc/napi/layer.cpp",

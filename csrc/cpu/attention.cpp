@@ -86,9 +86,9 @@ struct StepGeometry {
   // (test_attention.cpp). The widening copy stored and loaded every key and value once more: in place,
   // the attention part of a step took 0.88-0.93 of its time at 16 to 1,216 positions (`node
   // bench/ab-model.js qwen3moe int4 attentionInPlace 0 1 300 --part attention`, both orders) and
-  // 0.83-0.86 with 16 streams (`mixtral int4 attentionInPlace 0 1 40 16`). Not the scalar set (arm64
-  // runs it too): its a * b + c is left to the compiler, which on aarch64 fuses such pairs where it
-  // pleases, and a second body of it (bf16) lost the bit equality of chunked and whole prompts there
+  // 0.83-0.86 with 16 streams (`mixtral int4 attentionInPlace 0 1 40 16`). Not the scalar set: its
+  // a * b + c is left to the compiler, which on aarch64 (FUSED_MOE_ISA=scalar there) fuses such pairs
+  // where it pleases, and a second body of it (bf16) lost the bit equality of chunked and whole prompts
   // (test_attention under qemu-aarch64); its float body keeps it.
   bool in_place;
 };
@@ -268,6 +268,7 @@ const AttentionTileKernels* attention_kernels_for(Isa isa) {
   const AttentionTileKernels* k = nullptr;
   if (isa == Isa::Avx512 || isa == Isa::Avx512Bf16) k = attention_kernels_avx512();
   if (!k && (isa == Isa::Avx512 || isa == Isa::Avx512Bf16 || isa == Isa::Avx2)) k = attention_kernels_avx2();
+  if (isa == Isa::Neon) k = attention_kernels_neon();
   return k ? k : attention_kernels_scalar();
 }
 

@@ -45,6 +45,7 @@ struct AttentionTileKernels {
 const AttentionTileKernels* attention_kernels_scalar();
 const AttentionTileKernels* attention_kernels_avx2();
 const AttentionTileKernels* attention_kernels_avx512();
+const AttentionTileKernels* attention_kernels_neon();
 
 // The set for an expert kernel set's instruction set (the widest attention set it can run), so that
 // FUSED_MOE_ISA and the tests' forced sets choose both.

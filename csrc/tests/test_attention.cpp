@@ -303,7 +303,7 @@ int main() {
   test_f16_conversion();
   test_bad_input();
   // Every tile kernel set this CPU runs.
-  for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512}) {
+  for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon}) {
     if (isa != Isa::Scalar && !cpu_supports(isa)) continue;
     const AttentionTileKernels* kern = attention_kernels_for(isa);
     if (kern->isa != isa) continue;  // not built for this architecture
