@@ -96,16 +96,23 @@ struct StepGeometry {
 // The first position a query at `pos` sees.
 int64_t first_visible(int64_t pos, int64_t window) { return window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0; }
 
+// Where block `b` of a sequence's table holds KV head j's keys and values in the cache.
+struct TileInCache {
+  const char *k, *v;
+};
+TileInCache tile_in_cache(const StepGeometry& g, const AttentionSeq& s, int64_t b, int64_t j) {
+  const size_t at = size_t(((s.blocks[b] * g.cache->kv_heads + j) * g.Bt) * g.D) * dtype_size(g.cache->dtype);
+  return {static_cast<const char*>(g.cache->k) + at, static_cast<const char*>(g.cache->v) + at};
+}
+
 // Widens block `b` of a sequence's table, KV head j, slots [0, n), into the scratch (the keys are
 // already transposed in the cache, so each of their D rows is n contiguous elements), or notes where
 // it lies for partials_bf16.
 void load_tile(const StepGeometry& g, const AttentionSeq& s, int64_t b, int64_t j, int64_t n, TileScratch& t) {
   const int64_t D = g.D;
-  const size_t base = size_t(((s.blocks[b] * g.cache->kv_heads + j) * g.Bt) * D);
   const DType dt = g.cache->dtype;
   const size_t es = dtype_size(dt);
-  const char* k = static_cast<const char*>(g.cache->k) + base * es;
-  const char* v = static_cast<const char*>(g.cache->v) + base * es;
+  const auto [k, v] = tile_in_cache(g, s, b, j);
   if (g.in_place) {
     t.kt_bf16 = reinterpret_cast<const uint16_t*>(k);
     t.v_bf16 = reinterpret_cast<const uint16_t*>(v);
@@ -130,11 +137,8 @@ void load_tile(const StepGeometry& g, const AttentionSeq& s, int64_t b, int64_t 
 // attention time, 16 to 1,216 positions).
 void prefetch_tile(const StepGeometry& g, const AttentionSeq& s, int64_t b, int64_t j) {
   if (!attention_prefetch().load(std::memory_order_relaxed)) return;
-  const size_t es = dtype_size(g.cache->dtype);
-  const size_t base = size_t(((s.blocks[b] * g.cache->kv_heads + j) * g.Bt) * g.D) * es;
-  const size_t bytes = size_t(g.Bt * g.D) * es;
-  const char* k = static_cast<const char*>(g.cache->k) + base;
-  const char* v = static_cast<const char*>(g.cache->v) + base;
+  const auto [k, v] = tile_in_cache(g, s, b, j);
+  const size_t bytes = size_t(g.Bt * g.D) * dtype_size(g.cache->dtype);
   for (size_t o = 0; o < bytes; o += 64) {
     __builtin_prefetch(k + o, 0, 3);
     __builtin_prefetch(v + o, 0, 3);

@@ -34,12 +34,12 @@ using AlignedBuffer = std::unique_ptr<void, AlignedFree>;
 
 // Large buffers (packed weights, big workspaces) are mapped directly, 2 MiB aligned and asked to live
 // on transparent huge pages: the decode kernels stream gigabytes through them, and 4 KiB pages cost a
-// TLB miss every 4 KiB. Buffers from kMapped up are mapped too, on ordinary pages: mapping (not malloc)
+// TLB miss every 4 KiB. Buffers from kMappedBytes up are mapped too, on ordinary pages: mapping (not malloc)
 // gives the memory back to the system the moment a layer is freed, where malloc would keep it in its
 // heap once its mmap threshold has grown (a small layer's experts are one buffer of a few hundred KiB).
 constexpr size_t kMappedBytes = size_t(64) << 10;  // buffers from this size up are mapped (zeroed pages)
 inline AlignedBuffer alloc_aligned(size_t bytes, const char* what) {
-  constexpr size_t kHuge = size_t(2) << 20, kMapped = kMappedBytes;
+  constexpr size_t kHuge = size_t(2) << 20;
   auto oom = [&] {
     fail(ErrorCode::OutOfMemory, std::string("could not allocate ") + std::to_string(bytes) + " bytes for " + what);
   };
@@ -59,7 +59,7 @@ inline AlignedBuffer alloc_aligned(size_t bytes, const char* what) {
 #endif
     return AlignedBuffer(aligned, AlignedFree{size});
   }
-  if (bytes >= kMapped) {
+  if (bytes >= kMappedBytes) {
     void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) oom();
     return AlignedBuffer(p, AlignedFree{bytes});
