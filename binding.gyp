@@ -21,6 +21,14 @@
   },
   "targets": [
     {
+      # The portable kernel sets, unfused (attention_scalar.cpp says why).
+      "target_name": "fmoe_kernels_portable",
+      "type": "static_library",
+      "sources": ["<@(fmoe_portable_sources)"],
+      "cflags_cc": ["-ffp-contract=off"],
+      "xcode_settings": {"OTHER_CPLUSPLUSFLAGS": ["-O3", "-fno-math-errno", "-ffp-contract=off"]}
+    },
+    {
       "target_name": "fmoe_kernels_avx2",
       "type": "static_library",
       "sources": ["<@(fmoe_avx2_sources)"],
@@ -45,7 +53,7 @@
     },
     {
       "target_name": "fused_moe",
-      "dependencies": ["fmoe_kernels_avx2", "fmoe_kernels_avx512", "fmoe_kernels_avx512bf16", "fmoe_kernels_neon"],
+      "dependencies": ["fmoe_kernels_portable", "fmoe_kernels_avx2", "fmoe_kernels_avx512", "fmoe_kernels_avx512bf16", "fmoe_kernels_neon"],
       "sources": ["<@(fmoe_core_sources)", "<@(fmoe_cpu_sources)", "<@(fmoe_cuda_host_sources)",
                   "<@(fmoe_probe_sources)", "<@(fmoe_napi_sources)"],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],

@@ -11,7 +11,6 @@
     ],
     "fmoe_cpu_sources": [
       "csrc/cpu/packing.cpp",
-      "csrc/cpu/kernels_scalar.cpp",
       "csrc/cpu/isa_select.cpp",
       "csrc/cpu/cpu_backend.cpp",
       "csrc/cpu/linear.cpp",
@@ -25,6 +24,7 @@
     "fmoe_probe_sources": [
       "csrc/probes/probes.cpp"
     ],
+    "fmoe_portable_sources": ["csrc/cpu/kernels_scalar.cpp", "csrc/cpu/attention_scalar.cpp"],
     "fmoe_avx2_sources": ["csrc/cpu/kernels_avx2.cpp", "csrc/cpu/attention_avx2.cpp"],
     "fmoe_avx512_sources": ["csrc/cpu/kernels_avx512.cpp", "csrc/cpu/attention_avx512.cpp"],
     "fmoe_avx512bf16_sources": ["csrc/cpu/kernels_avx512bf16.cpp"],

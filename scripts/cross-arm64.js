@@ -39,8 +39,11 @@ function settings() {
   const addon = gyp.targets.find((t) => t.target_name === 'fused_moe');
   const cflags = ['-std=c++17', '-fexceptions', '-fPIC', ...gyp.variables.fmoe_cflags];
   const list = (...names) => names.flatMap((n) => sources[n]);
+  const portable = gyp.targets.find((t) => t.target_name === 'fmoe_kernels_portable');
   return {
     cflags,
+    // Flags of one unit beyond cflags: the portable kernel sets' own (binding.gyp).
+    unitFlags: Object.fromEntries(sources.fmoe_portable_sources.map((f) => [f, portable.cflags_cc])),
     defines: addon.defines.map((d) => `-D${d}`),
     includes: [
       `-I${path.join(root, 'csrc')}`,
@@ -53,6 +56,7 @@ function settings() {
       'fmoe_cpu_sources',
       'fmoe_cuda_host_sources',
       'fmoe_probe_sources',
+      'fmoe_portable_sources',
       'fmoe_avx2_sources',
       'fmoe_avx512_sources',
       'fmoe_avx512bf16_sources',
@@ -92,7 +96,7 @@ function stale(obj, src) {
 /** Empties build-arm64/obj when the compile command differs from the one its objects were made with. */
 function dropStaleObjects(s) {
   const file = path.join(outDir, 'flags');
-  const now = JSON.stringify([CXX, s.cflags, s.defines, s.includes]);
+  const now = JSON.stringify([CXX, s.cflags, s.unitFlags, s.defines, s.includes]);
   let before = null;
   try {
     before = fs.readFileSync(file, 'utf8');
@@ -120,7 +124,8 @@ async function compile(srcs, s, jobs) {
     while (queue.length && !failed) {
       const [src, obj] = queue.shift();
       fs.mkdirSync(path.dirname(obj), { recursive: true });
-      const args = [...s.cflags, ...s.defines, ...s.includes, '-MMD', '-MF', obj.replace(/\.o$/, '.d')];
+      const args = [...s.cflags, ...(s.unitFlags[src] || []), ...s.defines, ...s.includes];
+      args.push('-MMD', '-MF', obj.replace(/\.o$/, '.d'));
       console.log(`  CXX(arm64) ${src}`);
       const code = await new Promise((resolve) => {
         const child = childProcess.spawn(CXX, [...args, '-c', src, '-o', obj], { cwd: root, stdio: 'inherit' });

@@ -10,7 +10,6 @@
 
 #include "../core/error.h"
 #include "../core/thread_pool.h"
-#include "attention_simd.h"
 
 namespace fmoe {
 namespace {
@@ -86,10 +85,7 @@ struct StepGeometry {
   // (test_attention.cpp). The widening copy stored and loaded every key and value once more: in place,
   // the attention part of a step took 0.88-0.93 of its time at 16 to 1,216 positions (`node
   // bench/ab-model.js qwen3moe int4 attentionInPlace 0 1 300 --part attention`, both orders) and
-  // 0.83-0.86 with 16 streams (`mixtral int4 attentionInPlace 0 1 40 16`). Not the scalar set: its
-  // a * b + c is left to the compiler, which on aarch64 (FUSED_MOE_ISA=scalar there) fuses such pairs
-  // where it pleases, and a second body of it (bf16) lost the bit equality of chunked and whole prompts
-  // (test_attention under qemu-aarch64); its float body keeps it.
+  // 0.83-0.86 with 16 streams (`mixtral int4 attentionInPlace 0 1 40 16`).
   bool in_place;
 };
 
@@ -226,37 +222,7 @@ struct Item {
   int64_t partial_base;  // split items: index of tile b0's partials in the step's store, -1 otherwise
 };
 
-// The scalar set: attention_simd.h with one float per "vector". min and max return the second operand
-// when one is NaN, as the x86 instructions do.
-struct OpsScalar {
-  using V = float;
-  static constexpr int W = 1;
-  static constexpr int kAcc = 8;
-  static V zero() { return 0.0f; }
-  static V set1(float v) { return v; }
-  static V bcast(const float* p) { return *p; }
-  static V load(const float* p) { return *p; }
-  static V load_bf16(const uint16_t* p) {
-    const uint32_t u = uint32_t(*p) << 16;
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-  }
-  static void store(float* p, V v) { *p = v; }
-  static V fma(V a, V b, V c) { return a * b + c; }
-  static V add(V a, V b) { return a + b; }
-  static V mul(V a, V b) { return a * b; }
-  static V min(V a, V b) { return a < b ? a : b; }
-  static V max(V a, V b) { return a > b ? a : b; }
-  static V round(V a) { return std::nearbyint(a); }
-  static V pow2(V p, V n) { return std::ldexp(p, int(n)); }
-};
-
-constexpr AttentionTileKernels kAttnScalar = attn::Tile<OpsScalar>::make(Isa::Scalar);
-
 }  // namespace
-
-const AttentionTileKernels* attention_kernels_scalar() { return &kAttnScalar; }
 
 std::atomic<int>& attention_prefetch() {
   static std::atomic<int> on{1};
@@ -329,8 +295,8 @@ void attention(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_seqs,
                                  std::to_string(c.kv_heads) + ")");
   if (p.window < 0) fail(ErrorCode::Invalid, "attention: window must be >= 0");
   const AttentionTileKernels* kern = p.kernels ? p.kernels : attention_kernels_for(select_kernels()->isa);
-  const bool in_place = c.dtype == DType::BF16 && kern->width > 1 && c.block_tokens % kern->width == 0 &&
-                        c.head_dim % kern->width == 0 && attention_in_place().load(std::memory_order_relaxed) != 0;
+  const bool in_place = c.dtype == DType::BF16 && c.block_tokens % kern->width == 0 && c.head_dim % kern->width == 0 &&
+                        attention_in_place().load(std::memory_order_relaxed) != 0;
   const StepGeometry g{&c, &p, kern, p.heads / c.kv_heads, c.head_dim, c.block_tokens, in_place};
   const int64_t KV = c.kv_heads, D = g.D, G = g.G, H = p.heads;
   ThreadPool& pool = ThreadPool::instance();
