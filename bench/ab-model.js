@@ -5,7 +5,8 @@
 // `bench/model.js` spread far apart on a shared machine, this resolves a few percent: an A/A run (the
 // same value on both sides) reads within 1% of 1.00. Prints each side's median step time and the time of
 // one part of the step (MoeModel.stepTimes(): mlp unless --part names another), and the medians of the
-// per-pair ratios B / A. Each step adds a position to every sequence: 300 pairs reach 1,216 positions.
+// per-pair ratios B / A. Each step adds a position to every sequence: 300 pairs reach 1,216 positions
+// (after a prefix of 16 tokens, or of --prefix N).
 //
 //   node bench/model.js --models qwen3moe --formats int4 --engines ours   (writes the model files once)
 //   node bench/ab-model.js qwen3moe int4 shortPanelBytes 0 24576 [pairs = 60] [streams = 1]
@@ -13,6 +14,8 @@
 //   node bench/ab-model.js qwen3moe none tilePanels 4 8
 //   node bench/ab-model.js qwen3moe int4 attentionPrefetch 0 1 300 --part attention
 //   node bench/ab-model.js mixtral int4 attentionInPlace 0 1 40 16 --part attention
+//   node bench/ab-model.js qwen3moe int4 attentionSpan 1 8 40 --part attention --prefix 4000
+//   node bench/ab-model.js qwen3moe int4 attentionSpan 1 8 8 --part attention --prompt 2048
 //
 // The model is one of bench/model.js's (its files in the same cache folder: --cache-dir DIR).
 'use strict';
@@ -29,9 +32,23 @@ const dirAt = args.indexOf('--cache-dir');
 const cacheDir = dirAt >= 0 ? args.splice(dirAt, 2)[1] : path.join(os.tmpdir(), 'fused-moe-bench-models');
 const partAt = args.indexOf('--part');
 const part = partAt >= 0 ? args.splice(partAt, 2)[1] : 'mlp';
+// --prompt T: each measured unit is a fresh T-token prompt (in native steps of 512 tokens, its sequence
+// freed after) instead of a decode step.
+const promptAt = args.indexOf('--prompt');
+const prompt = promptAt >= 0 ? Number(args.splice(promptAt, 2)[1]) : 0;
+if (!Number.isInteger(prompt) || prompt < 0 || prompt > 30000) {
+  console.error('--prompt: expected an integer from 1 to 30000');
+  process.exit(2);
+}
+const prefixAt = args.indexOf('--prefix');
+const prefix = prefixAt >= 0 ? Number(args.splice(prefixAt, 2)[1]) : 16;
+if (!Number.isInteger(prefix) || prefix < 1 || prefix > 30000) {
+  console.error('--prefix: expected an integer from 1 to 30000');
+  process.exit(2);
+}
 const [model, quantize, name, a, b, pairsArg, streamsArg] = args;
 const usage =
-  'usage: node bench/ab-model.js <mixtral | qwen3moe> <none | int8 | int4> <shortPanelBytes | decodeStreams | tilePanels | attentionPrefetch | attentionInPlace> <A> <B> [pairs] [streams] [--part qkv | attention | output | mlp | lmHead | other] [--cache-dir DIR]';
+  'usage: node bench/ab-model.js <mixtral | qwen3moe> <none | int8 | int4> <shortPanelBytes | decodeStreams | tilePanels | attentionPrefetch | attentionInPlace | attentionSpan> <A> <B> [pairs] [streams] [--part qkv | attention | output | mlp | lmHead | other] [--prefix N | --prompt T] [--cache-dir DIR]';
 if (!model || !quantize || !name || a === undefined || b === undefined) {
   console.error(usage);
   process.exit(2);
@@ -47,7 +64,7 @@ const pairs = Number(pairsArg) || 60,
 (async () => {
   const m = await MoeModel.load(path.join(cacheDir, folder, 'hf'), {
     quantize,
-    contextLength: 4 * pairs + 64,
+    contextLength: Math.max(prefix + 4 * pairs, prompt) + 64,
     maxSequences: streams,
     threads: binding.backendInfo().cpu.threads,
   });
@@ -57,13 +74,32 @@ const pairs = Number(pairsArg) || 60,
     process.exit(2);
   }
   const seqs = Array.from({ length: streams }, () => m.createSequence());
-  await m.step(seqs.map((s, j) => ({ sequence: s, tokens: Array.from({ length: 16 }, (_, i) => 100 + i + 37 * j) })));
+  for (let done = 0; done < prefix; done += 256) {
+    const n = Math.min(256, prefix - done);
+    await m.step(
+      seqs.map((s, j) => ({
+        sequence: s,
+        tokens: Array.from({ length: n }, (_, i) => 100 + ((done + i + 37 * j) % 5000)),
+      })),
+    );
+  }
   let next = 0;
-  const step = () =>
+  const decodeStep = () =>
     m.step(
       seqs.map((s, j) => ({ sequence: s, tokens: [200 + ((next++ * 7919 + j * 131) % 1000)] })),
       { reuseLogits: true },
     );
+  const promptRun = async () => {
+    const s = m.createSequence();
+    const first = next++;
+    for (let done = 0; done < prompt; done += 512) {
+      const n = Math.min(512, prompt - done);
+      const tokens = Array.from({ length: n }, (_, i) => 100 + (((done + i) * 7 + first * 131) % 5000));
+      await m.step([{ sequence: s, tokens }], { reuseLogits: true });
+    }
+    m.freeSequence(s);
+  };
+  const step = prompt > 0 ? promptRun : decodeStep;
   const side = { A: { ms: [], part: [] }, B: { ms: [], part: [] } },
     ratio = [],
     partRatio = [];
@@ -101,6 +137,8 @@ const pairs = Number(pairsArg) || 60,
       A: Number(a),
       B: Number(b),
       pairs,
+      prefix,
+      prompt,
       stepMs: [f(median(side.A.ms)), f(median(side.B.ms))],
       part,
       partMs: [f(median(side.A.part)), f(median(side.B.part))],

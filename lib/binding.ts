@@ -141,7 +141,8 @@ export interface NativeBinding {
     quantize(values: Float32Array, K: number, kind: string, group: number): { scales: Float32Array; codes: Int8Array };
     /** Sets a kernel tuning value for the whole process (csrc/cpu/kernels.h, attention.h); returns the previous one. */
     setTuning(
-      name: 'shortPanelBytes' | 'decodeStreams' | 'tilePanels' | 'attentionPrefetch' | 'attentionInPlace',
+      name:
+        'shortPanelBytes' | 'decodeStreams' | 'tilePanels' | 'attentionPrefetch' | 'attentionInPlace' | 'attentionSpan',
       value: number,
     ): number;
   };

@@ -1,6 +1,7 @@
 #include "attention.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -44,24 +45,33 @@ void store_elems(void* base, DType dt, size_t offset, int64_t n, const float* sr
 
 int64_t round_up(int64_t n, int64_t w) { return (n + w - 1) / w * w; }
 
+// Cache blocks per span at most (attention_span_blocks()).
+constexpr int64_t kMaxSpanBlocks = 16;
+
 // Per-thread scratch of one work item, kept across calls and only grown: its query rows gathered, one
-// tile's keys (transposed) and values widened to float and padded for the tile kernel (or where a bf16
-// tile lies in the cache), the tile's partials of every row, and the rows' running state (m, l, acc).
+// span's keys (transposed) and values widened to float and padded for the tile kernel, block by block
+// (or where the bf16 blocks lie in the cache), the span's scores and partials of every row, and the
+// rows' running state (m, l, acc).
 struct TileScratch {
-  int64_t ldk = 0, ldv = 0;
-  const uint16_t *kt_bf16 = nullptr, *v_bf16 = nullptr;  // the tile in the cache (StepGeometry::in_place)
+  int64_t ldk = 0, ldv = 0, lds = 0;
+  std::array<const float*, kMaxSpanBlocks> kf{}, vf{};     // the span's blocks, widened
+  std::array<const uint16_t*, kMaxSpanBlocks> kb{}, vb{};  // or in the cache (StepGeometry::in_place)
   std::vector<float> q, kt, v, s, m, l, acc, run_m, run_l, run_acc;
   std::vector<int32_t> lo, hi;
-  void prepare(const AttentionTileKernels& kern, int64_t block_tokens, int64_t D, int64_t rows) {
+  void prepare(const AttentionTileKernels& kern, int64_t block_tokens, int64_t span, int64_t D, int64_t rows) {
     ldk = round_up(block_tokens, kern.width);
     ldv = round_up(D, kern.width);
+    lds = span * ldk;
     auto grow = [](auto& buf, int64_t n) {
       if (buf.size() < size_t(n)) buf.resize(size_t(n));
     };
     grow(q, rows * D);
-    grow(kt, D * ldk);
-    v.assign(size_t(block_tokens * ldv), 0.0f);  // the padding past D must be zero
-    grow(s, rows * ldk);
+    grow(kt, span * D * ldk);
+    if (ldv > D)
+      v.assign(size_t(span * block_tokens * ldv), 0.0f);  // the padding past D must be zero
+    else
+      grow(v, span * block_tokens * ldv);
+    grow(s, rows * lds);
     grow(m, rows);
     grow(l, rows);
     grow(acc, rows * ldv);
@@ -87,7 +97,26 @@ struct StepGeometry {
   // bench/ab-model.js qwen3moe int4 attentionInPlace 0 1 300 --part attention`, both orders) and
   // 0.83-0.86 with 16 streams (`mixtral int4 attentionInPlace 0 1 40 16`).
   bool in_place;
+  // Cache blocks per span: the tile kernel takes a span's keys in one call, with one softmax and one
+  // merge, where the blocks' keys are whole vectors (block_tokens a multiple of the width); else 1.
+  // Per block, the merge (two exponentials, a pass over the row's values) and the softmax's bookkeeping
+  // cost as much as a third of the products. `node bench/ab-model.js qwen3moe int4 attentionSpan`
+  // (paired, 2 Zen 5 cores), the attention part of a decode step after a 4,000-token prefix: 2 blocks
+  // 1.12x the time of 4, 8 blocks 0.94-0.95x, 16 blocks 0.97-0.98x of 8; 8 blocks against 1: 0.80 at
+  // 16 to 1,216 positions, 0.94 with 16 streams; the attention of a 512- or 2,048-token prompt
+  // (`--prompt 512`, `--prompt 2048`): 0.69x, 0.63x.
+  int64_t span;
 };
+
+// The blocks [first, last] of span `sp` that a call sees: those of [sp * span, sp * span + span) within
+// [b_first, b_last]. A row's keys lie in the same spans whichever call computes it, and within a span
+// the kernel gives a row the same bits whichever of its blocks before the row's first key are included.
+struct SpanBlocks {
+  int64_t first, last;
+};
+SpanBlocks span_blocks(const StepGeometry& g, int64_t sp, int64_t b_first, int64_t b_last) {
+  return {std::max(sp * g.span, b_first), std::min(sp * g.span + g.span - 1, b_last)};
+}
 
 // The first position a query at `pos` sees.
 int64_t first_visible(int64_t pos, int64_t window) { return window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0; }
@@ -101,43 +130,53 @@ TileInCache tile_in_cache(const StepGeometry& g, const AttentionSeq& s, int64_t 
   return {static_cast<const char*>(g.cache->k) + at, static_cast<const char*>(g.cache->v) + at};
 }
 
-// Widens block `b` of a sequence's table, KV head j, slots [0, n), into the scratch (the keys are
-// already transposed in the cache, so each of their D rows is n contiguous elements), or notes where
-// it lies for partials_bf16.
-void load_tile(const StepGeometry& g, const AttentionSeq& s, int64_t b, int64_t j, int64_t n, TileScratch& t) {
+// Widens blocks [f, e] of a sequence's table, KV head j, into the scratch (the keys are already
+// transposed in the cache, so each of their D rows is a run of contiguous elements), or notes where
+// they lie for partials_bf16. `end`: the positions written so far (the last block may be partial).
+void load_span(const StepGeometry& g, const AttentionSeq& s, SpanBlocks sb, int64_t j, int64_t end, TileScratch& t) {
   const int64_t D = g.D;
   const DType dt = g.cache->dtype;
   const size_t es = dtype_size(dt);
-  const auto [k, v] = tile_in_cache(g, s, b, j);
-  if (g.in_place) {
-    t.kt_bf16 = reinterpret_cast<const uint16_t*>(k);
-    t.v_bf16 = reinterpret_cast<const uint16_t*>(v);
-    return;
+  for (int64_t i = 0; i <= sb.last - sb.first; i++) {
+    const int64_t b = sb.first + i;
+    const auto [k, v] = tile_in_cache(g, s, b, j);
+    if (g.in_place) {
+      t.kb[size_t(i)] = reinterpret_cast<const uint16_t*>(k);
+      t.vb[size_t(i)] = reinterpret_cast<const uint16_t*>(v);
+      continue;
+    }
+    const int64_t n = std::min(g.Bt, end - b * g.Bt);
+    float* kt = t.kt.data() + i * D * t.ldk;
+    float* vt = t.v.data() + i * g.Bt * t.ldv;
+    t.kf[size_t(i)] = kt;
+    t.vf[size_t(i)] = vt;
+    // Rows as long as the scratch's (a full block of a width-multiple size, a width-multiple D) are one run.
+    if (n == g.Bt && t.ldk == g.Bt)
+      g.kern->widen(k, dt, D * n, kt);
+    else
+      for (int64_t d = 0; d < D; d++) g.kern->widen(k + size_t(d * g.Bt) * es, dt, n, kt + d * t.ldk);
+    if (t.ldv == D)
+      g.kern->widen(v, dt, n * D, vt);
+    else
+      for (int64_t r = 0; r < n; r++) g.kern->widen(v + size_t(r * D) * es, dt, D, vt + r * t.ldv);
   }
-  // Rows as long as the scratch's (a full block of a width-multiple size, a width-multiple D) are one run.
-  if (n == g.Bt && t.ldk == g.Bt)
-    g.kern->widen(k, dt, D * n, t.kt.data());
-  else
-    for (int64_t d = 0; d < D; d++) g.kern->widen(k + size_t(d * g.Bt) * es, dt, n, t.kt.data() + d * t.ldk);
-  if (t.ldv == D)
-    g.kern->widen(v, dt, n * D, t.v.data());
-  else
-    for (int64_t i = 0; i < n; i++) g.kern->widen(v + size_t(i * D) * es, dt, D, t.v.data() + i * t.ldv);
 }
 
-// Asks for block b's keys and values of KV head j ahead of load_tile. The blocks of one sequence and
-// head are 4 KiB runs far apart (the pool interleaves heads and sequences), where the hardware
-// prefetchers start afresh at every tile: at decode the widening copy then waited on each tile's
-// loads. One tile ahead covers it; further ahead, or into L2 only, gained nothing more
-// (`bench/ab-model.js qwen3moe int4 attentionPrefetch 0 1 300 --part attention`: 0.88 of the
-// attention time, 16 to 1,216 positions).
-void prefetch_tile(const StepGeometry& g, const AttentionSeq& s, int64_t b, int64_t j) {
+// Asks for blocks [f, e]'s keys and values of KV head j ahead of load_span (the next span's, while this
+// one computes). The blocks of one sequence and head are 4 KiB runs far apart (the pool interleaves
+// heads and sequences), where the hardware prefetchers start afresh at every block: at decode the
+// kernel then waited on each block's loads. With spans of one block, one block ahead covered it and
+// further ahead or into L2 only gained nothing more (`bench/ab-model.js qwen3moe int4
+// attentionPrefetch 0 1 300 --part attention`: 0.88 of the attention time, 16 to 1,216 positions).
+void prefetch_span(const StepGeometry& g, const AttentionSeq& s, SpanBlocks sb, int64_t j) {
   if (!attention_prefetch().load(std::memory_order_relaxed)) return;
-  const auto [k, v] = tile_in_cache(g, s, b, j);
   const size_t bytes = size_t(g.Bt * g.D) * dtype_size(g.cache->dtype);
-  for (size_t o = 0; o < bytes; o += 64) {
-    __builtin_prefetch(k + o, 0, 3);
-    __builtin_prefetch(v + o, 0, 3);
+  for (int64_t b = sb.first; b <= sb.last; b++) {
+    const auto [k, v] = tile_in_cache(g, s, b, j);
+    for (size_t o = 0; o < bytes; o += 64) {
+      __builtin_prefetch(k + o, 0, 3);
+      __builtin_prefetch(v + o, 0, 3);
+    }
   }
 }
 
@@ -150,17 +189,19 @@ void gather_queries(const StepGeometry& g, const AttentionSeq& s, int64_t j, int
     std::memcpy(t.q.data() + (i - t0) * G * D, q + (s.row + i) * H * D + j * G * D, size_t(G * D) * sizeof(float));
 }
 
-// The tile partials of the gathered rows (tokens [t0, t1)) over block b (positions block_pos ..
-// block_pos + n - 1), each row over the keys it sees; rows [r0, r1) are the ones that see any.
-void tile_partials(const StepGeometry& g, const AttentionSeq& s, int64_t t0, int64_t t1, int64_t block_pos, int64_t n,
+// The span partials of the gathered rows (tokens [t0, t1)) over blocks [f, e] (positions f * Bt on,
+// `end` of them written so far), each row over the keys it sees; rows [r0, r1) are the ones that see any.
+void span_partials(const StepGeometry& g, const AttentionSeq& s, int64_t t0, int64_t t1, SpanBlocks sb, int64_t end,
                    TileScratch& t, int64_t& r0, int64_t& r1) {
   const int64_t G = g.G, R = (t1 - t0) * G;
+  const int64_t span_pos = sb.first * g.Bt;
+  const int64_t n = std::min(end, (sb.last + 1) * g.Bt) - span_pos;  // keys written in the span
   r0 = R;
   r1 = 0;
   for (int64_t i = t0; i < t1; i++) {
     const int64_t pos = s.past + i;
-    const int64_t lo = std::max<int64_t>(first_visible(pos, g.p->window) - block_pos, 0);
-    const int64_t hi = std::min<int64_t>(pos - block_pos + 1, n);  // slots [lo, hi) are visible
+    const int64_t lo = std::max<int64_t>(first_visible(pos, g.p->window) - span_pos, 0);
+    const int64_t hi = std::min<int64_t>(pos - span_pos + 1, n);  // keys [lo, hi) are visible
     for (int64_t r = (i - t0) * G; r < (i - t0 + 1) * G; r++) {
       t.lo[size_t(r)] = int32_t(lo);
       t.hi[size_t(r)] = int32_t(hi);
@@ -172,13 +213,13 @@ void tile_partials(const StepGeometry& g, const AttentionSeq& s, int64_t t0, int
   }
   if (r0 >= r1) return;
   if (g.in_place)
-    g.kern->partials_bf16(t.q.data() + r0 * g.D, g.D, r1 - r0, g.D, g.p->scale, t.kt_bf16, g.Bt, t.v_bf16, g.D,
-                          t.lo.data() + r0, t.hi.data() + r0, t.s.data() + r0 * t.ldk, t.m.data() + r0, t.l.data() + r0,
-                          t.acc.data() + r0 * t.ldv, t.ldv);
+    g.kern->partials_bf16(t.q.data() + r0 * g.D, g.D, r1 - r0, g.D, g.p->scale, t.kb.data(), t.vb.data(), g.Bt, g.D,
+                          t.lo.data() + r0, t.hi.data() + r0, t.s.data() + r0 * t.lds, t.lds, t.m.data() + r0,
+                          t.l.data() + r0, t.acc.data() + r0 * t.ldv, t.ldv);
   else
-    g.kern->partials(t.q.data() + r0 * g.D, g.D, r1 - r0, g.D, g.p->scale, t.kt.data(), t.ldk, t.v.data(), t.ldv,
-                     t.lo.data() + r0, t.hi.data() + r0, t.s.data() + r0 * t.ldk, t.m.data() + r0, t.l.data() + r0,
-                     t.acc.data() + r0 * t.ldv, t.ldv);
+    g.kern->partials(t.q.data() + r0 * g.D, g.D, r1 - r0, g.D, g.p->scale, t.kf.data(), t.vf.data(), t.ldk, t.ldv,
+                     t.lo.data() + r0, t.hi.data() + r0, t.s.data() + r0 * t.lds, t.lds, t.m.data() + r0,
+                     t.l.data() + r0, t.acc.data() + r0 * t.ldv, t.ldv);
 }
 
 // Rows [t0, t1) of sequence s (all G heads of KV head j), every visible tile streamed and merged in
@@ -195,13 +236,12 @@ void attend_streaming(const StepGeometry& g, const AttentionSeq& s, int64_t j, i
   const int64_t pos_first = s.past + t0, pos_last = s.past + t1 - 1;
   const int64_t b_first = first_visible(pos_first, g.p->window) / g.Bt, b_last = pos_last / g.Bt;
   const int64_t end = s.past + s.count;  // positions written so far
-  for (int64_t b = b_first; b <= b_last; b++) {
-    const int64_t block_pos = b * g.Bt;
-    const int64_t n = std::min(g.Bt, end - block_pos);
-    if (b < b_last) prefetch_tile(g, s, b + 1, j);
-    load_tile(g, s, b, j, n, t);
+  for (int64_t sp = b_first / g.span; sp <= b_last / g.span; sp++) {
+    const SpanBlocks sb = span_blocks(g, sp, b_first, b_last);
+    if (sb.last < b_last) prefetch_span(g, s, span_blocks(g, sp + 1, b_first, b_last), j);
+    load_span(g, s, sb, j, end, t);
     int64_t r0, r1;
-    tile_partials(g, s, t0, t1, block_pos, n, t, r0, r1);
+    span_partials(g, s, t0, t1, sb, end, t, r0, r1);
     for (int64_t row = r0; row < r1; row++)
       g.kern->merge(m + row, l + row, acc + row * ldv, t.m[size_t(row)], t.l[size_t(row)], t.acc.data() + row * ldv,
                     ldv);
@@ -218,8 +258,8 @@ void attend_streaming(const StepGeometry& g, const AttentionSeq& s, int64_t j, i
 struct Item {
   int64_t seq, head;     // sequence, KV head
   int64_t t0, t1;        // new tokens [t0, t1) of the sequence
-  int64_t b0, b1;        // split items: tiles [b0, b1) of the table; streaming items: unused
-  int64_t partial_base;  // split items: index of tile b0's partials in the step's store, -1 otherwise
+  int64_t p0, p1;        // split items: spans [p0, p1) of the table; streaming items: unused
+  int64_t partial_base;  // split items: index of span p0's partials in the step's store, -1 otherwise
 };
 
 }  // namespace
@@ -232,6 +272,11 @@ std::atomic<int>& attention_prefetch() {
 std::atomic<int>& attention_in_place() {
   static std::atomic<int> on{1};
   return on;
+}
+
+std::atomic<int>& attention_span_blocks() {
+  static std::atomic<int> blocks{8};
+  return blocks;
 }
 
 const AttentionTileKernels* attention_kernels_for(Isa isa) {
@@ -297,7 +342,8 @@ void attention(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_seqs,
   const AttentionTileKernels* kern = p.kernels ? p.kernels : attention_kernels_for(select_kernels()->isa);
   const bool in_place = c.dtype == DType::BF16 && c.block_tokens % kern->width == 0 && c.head_dim % kern->width == 0 &&
                         attention_in_place().load(std::memory_order_relaxed) != 0;
-  const StepGeometry g{&c, &p, kern, p.heads / c.kv_heads, c.head_dim, c.block_tokens, in_place};
+  const int64_t span = c.block_tokens % kern->width == 0 ? attention_span_blocks().load(std::memory_order_relaxed) : 1;
+  const StepGeometry g{&c, &p, kern, p.heads / c.kv_heads, c.head_dim, c.block_tokens, in_place, span};
   const int64_t KV = c.kv_heads, D = g.D, G = g.G, H = p.heads;
   ThreadPool& pool = ThreadPool::instance();
   const int64_t nthreads = std::max(1, pool.size());
@@ -330,15 +376,16 @@ void attention(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_seqs,
     const AttentionSeq& s = seqs[i];
     if (s.count == 0) continue;
     const auto [b_first, b_last] = visible_blocks(s);
-    const int64_t tiles = b_last - b_first + 1;
-    if (split && s.count <= kSplitMaxTokens && tiles > 1) {
+    const int64_t sp_first = b_first / span, spans = b_last / span - sp_first + 1;
+    if (split && s.count <= kSplitMaxTokens && spans > 1) {
       const int64_t want = std::max<int64_t>(1, 4 * nthreads / std::max<int64_t>(1, KV * num_seqs));
-      const int64_t per = std::max<int64_t>(1, (tiles + want - 1) / want);
+      const int64_t per = std::max<int64_t>(1, (spans + want - 1) / want);
       for (int64_t j = 0; j < KV; j++) {
-        merges.push_back({i, j, 0, s.count, b_first, b_last + 1, partials});
-        for (int64_t b = b_first; b <= b_last; b += per)
-          items.push_back({i, j, 0, s.count, b, std::min(b + per, b_last + 1), partials + (b - b_first) * s.count * G});
-        partials += tiles * s.count * G;
+        merges.push_back({i, j, 0, s.count, sp_first, sp_first + spans, partials});
+        for (int64_t sp = sp_first; sp < sp_first + spans; sp += per)
+          items.push_back(
+              {i, j, 0, s.count, sp, std::min(sp + per, sp_first + spans), partials + (sp - sp_first) * s.count * G});
+        partials += spans * s.count * G;
       }
     } else {
       for (int64_t j = 0; j < KV; j++)
@@ -346,7 +393,7 @@ void attention(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_seqs,
           items.push_back({i, j, t0, std::min(s.count, t0 + kQueryTokensPerItem), 0, 0, -1});
     }
   }
-  // Stored partials: m, l, then the padded row of values, per (row, tile), tile-major within a
+  // Stored partials: m, l, then the padded row of values, per (row, span), span-major within a
   // (sequence, KV head).
   const int64_t ldv = round_up(D, kern->width), slot_floats = ldv + 2;
   std::vector<float> store(size_t(partials * slot_floats));
@@ -355,7 +402,7 @@ void attention(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_seqs,
   for (const Item& it : items) max_rows = std::max(max_rows, (it.t1 - it.t0) * G);
   pool.parallel_for(int64_t(items.size()), 1, p.threads, [&](int64_t begin, int64_t end, int) {
     static thread_local TileScratch t;
-    t.prepare(*kern, g.Bt, D, max_rows);
+    t.prepare(*kern, g.Bt, span, D, max_rows);
     for (int64_t w = begin; w < end; w++) {
       const Item& it = items[size_t(w)];
       const AttentionSeq& s = seqs[it.seq];
@@ -365,15 +412,15 @@ void attention(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_seqs,
       }
       gather_queries(g, s, it.head, 0, s.count, q, t);
       const int64_t end_pos = s.past + s.count;
-      for (int64_t b = it.b0; b < it.b1; b++) {
-        const int64_t block_pos = b * g.Bt;
-        const int64_t n = std::min(g.Bt, end_pos - block_pos);
-        if (b + 1 < it.b1) prefetch_tile(g, s, b + 1, it.head);
-        load_tile(g, s, b, it.head, n, t);
+      const auto [b_first, b_last] = visible_blocks(s);
+      for (int64_t sp = it.p0; sp < it.p1; sp++) {
+        const SpanBlocks sb = span_blocks(g, sp, b_first, b_last);
+        if (sp + 1 < it.p1) prefetch_span(g, s, span_blocks(g, sp + 1, b_first, b_last), it.head);
+        load_span(g, s, sb, it.head, end_pos, t);
         int64_t r0, r1;
-        tile_partials(g, s, 0, s.count, block_pos, n, t, r0, r1);
+        span_partials(g, s, 0, s.count, sb, end_pos, t, r0, r1);
         for (int64_t row = 0; row < s.count * G; row++) {
-          float* slot = store.data() + (it.partial_base + (b - it.b0) * s.count * G + row) * slot_floats;
+          float* slot = store.data() + (it.partial_base + (sp - it.p0) * s.count * G + row) * slot_floats;
           const bool seen = row >= r0 && row < r1 && t.lo[size_t(row)] < t.hi[size_t(row)];
           slot[0] = seen ? t.m[size_t(row)] : kNegInf;
           slot[1] = seen ? t.l[size_t(row)] : 0.0f;
@@ -393,8 +440,8 @@ void attention(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_seqs,
       for (int64_t row = 0; row < rows; row++) {
         float m = kNegInf, l = 0;
         std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t b = it.b0; b < it.b1; b++) {
-          const float* slot = store.data() + (it.partial_base + (b - it.b0) * rows + row) * slot_floats;
+        for (int64_t sp = it.p0; sp < it.p1; sp++) {
+          const float* slot = store.data() + (it.partial_base + (sp - it.p0) * rows + row) * slot_floats;
           kern->merge(&m, &l, acc.data(), slot[0], slot[1], slot + 2, ldv);
         }
         const int64_t i = row / G, r = row % G;

@@ -10,10 +10,11 @@
 //
 // Determinism contract: the output of a query row is one fixed computation over its visible keys,
 // whatever else is in the batch, however the step's tokens were chunked, and however the work is split
-// over threads. Keys are taken in tiles that are the cache's blocks (fixed absolute positions). Each
-// tile gives a partial softmax (max, sum of exponentials, weighted sum of V), computed alone, and the
-// partials are merged from the first tile to the last. A long decode computes its tiles' partials in
-// parallel and merges them afterwards in the same order: the same bits as the streaming form.
+// over threads. Keys are taken in spans of a few of the cache's blocks, at fixed absolute positions
+// (blocks [i * span, (i + 1) * span) of a sequence's table). Each span gives a partial softmax (max, sum
+// of exponentials, weighted sum of V), computed alone, and the partials are merged from the first span
+// to the last. A long decode computes its spans' partials in parallel and merges them afterwards in the
+// same order: the same bits as the streaming form.
 #pragma once
 #include <atomic>
 #include <cstdint>
@@ -62,6 +63,9 @@ std::atomic<int>& attention_prefetch();
 // Whether bf16 tiles are read where they lie in the cache (attention.cpp, partials_bf16) rather than
 // widened into a scratch first; run-time for the same reason ('attentionInPlace').
 std::atomic<int>& attention_in_place();
+// Cache blocks the tile kernel takes in one call (attention.cpp, StepGeometry::span), 1 to 16, 8 by
+// default; run-time for the same reason ('attentionSpan'). The bits depend on it.
+std::atomic<int>& attention_span_blocks();
 
 // Checks a step's sequences against the cache: block ids in range, tables long enough, rows inside
 // [0, rows). Throws MoeException(Invalid) naming what is wrong.

@@ -1,11 +1,13 @@
 // The SIMD tile kernel of attention (attention.cpp): the partial softmax of several query rows over one
-// tile of keys, one set per instruction set, chosen at run time like the expert kernels (kernels.h).
+// span of keys (a few cache blocks), one set per instruction set, chosen at run time like the expert
+// kernels (kernels.h).
 //
 // Determinism: every row's partial is one fixed computation, whichever rows share the call: its scores
-// are chains over d in ascending order, its exponentials lane by lane, its sum of exponentials and its
-// weighted values chains over the tile's keys in ascending order. So a prompt's row gives the same bits
-// streamed with its neighbours as alone in a decode split over keys. Different sets may differ in the
-// last bits (vector exp, FMA contraction); a process uses one set.
+// are chains over d in ascending order, its exponentials lane by lane, its sum of exponentials lane by
+// lane over the span's vectors and then over the lanes in order, its weighted values chains over the
+// span's keys in ascending order. So a prompt's row gives the same bits streamed with its neighbours as
+// alone in a decode split over keys. Different sets may differ in the last bits (vector exp, FMA
+// contraction); a process uses one set.
 #pragma once
 #include <cstdint>
 
@@ -17,21 +19,23 @@ struct AttentionTileKernels {
   Isa isa;
   // Floats per vector: the key tile's and the values' rows are padded to a multiple of it.
   int64_t width;
-  // For r < R, query row q + r * ldq (D floats) over the tile's keys [lo[r], hi[r]) (lo < hi):
+  // For r < R, query row q + r * ldq (D floats) over the span's keys [lo[r], hi[r]) (lo < hi):
   //   s_j = scale * (q_r . k_j),  m[r] = max_j s_j,  l[r] = sum_j exp(s_j - m[r]),
   //   acc[r * ldacc + d] = sum_j exp(s_j - m[r]) * v_j[d]   (d < ldv; ldacc >= ldv).
-  // kt: the keys transposed, [D][ldk] floats (ldk a multiple of width, >= every hi); v: [keys][ldv]
-  // floats, ldv a multiple of width with zeros past D. s: scratch of R * ldk floats. Rows with lo >= hi
-  // get m = -inf, l = 0 and no acc.
-  void (*partials)(const float* q, int64_t ldq, int64_t R, int64_t D, float scale, const float* kt, int64_t ldk,
-                   const float* v, int64_t ldv, const int32_t* lo, const int32_t* hi, float* s, float* m, float* l,
-                   float* acc, int64_t ldacc);
+  // A span is one or more cache blocks: key j is slot j % ldk of block j / ldk, whose keys are kt[j / ldk]
+  // (transposed, [D][ldk] elements) and whose values are v[j / ldk] ([slot][ldv] elements, ldv a multiple
+  // of width with zeros past D). ldk is a multiple of width; a span of several blocks has no slots past
+  // a block's end (ldk = block_tokens). s: scratch of R * lds floats, lds a multiple of width >= every
+  // hi. Rows with lo >= hi get m = -inf, l = 0 and no acc.
+  void (*partials)(const float* q, int64_t ldq, int64_t R, int64_t D, float scale, const float* const* kt,
+                   const float* const* v, int64_t ldk, int64_t ldv, const int32_t* lo, const int32_t* hi, float* s,
+                   int64_t lds, float* m, float* l, float* acc, int64_t ldacc);
   // partials with kt and v of bf16 elements (the cache's own, read where they lie: no widening copy),
   // the same computation: a bf16 widens to float exactly.
-  void (*partials_bf16)(const float* q, int64_t ldq, int64_t R, int64_t D, float scale, const uint16_t* kt, int64_t ldk,
-                        const uint16_t* v, int64_t ldv, const int32_t* lo, const int32_t* hi, float* s, float* m,
-                        float* l, float* acc, int64_t ldacc);
-  // Merges a tile's partial (mt, lt, acct) into a row's running state (m, l, acc), n floats of acc (a
+  void (*partials_bf16)(const float* q, int64_t ldq, int64_t R, int64_t D, float scale, const uint16_t* const* kt,
+                        const uint16_t* const* v, int64_t ldk, int64_t ldv, const int32_t* lo, const int32_t* hi,
+                        float* s, int64_t lds, float* m, float* l, float* acc, int64_t ldacc);
+  // Merges a span's partial (mt, lt, acct) into a row's running state (m, l, acc), n floats of acc (a
   // multiple of width): acc = acc * exp(m - m') + acct * exp(mt - m') with m' = max(m, mt), the same
   // for l. Nothing changes when mt = -inf (the row saw no key of the tile); an empty state (m = -inf,
   // l = 0, acc = 0) takes the partial exactly, so a partial stored and merged later gives the same bits

@@ -37,9 +37,9 @@ inline typename O::V load_elems(const E* p) {
     return O::load_bf16(p);
 }
 
-// s[m][c] = scale * (q_m . k_c) for MR rows and NV vectors of keys.
+// s[m][c] = scale * (q_m . k_c) for MR rows and NV vectors of keys, vector n's row d at kp[n] + d * ldk.
 template <class O, int MR, int NV, class E>
-inline void qk_block(const float* q, int64_t ldq, int64_t D, float scale, const E* kt, int64_t ldk, float* s,
+inline void qk_block(const float* q, int64_t ldq, int64_t D, float scale, const E* const* kp, int64_t ldk, float* s,
                      int64_t lds) {
   using V = typename O::V;
   constexpr int W = O::W;
@@ -48,7 +48,7 @@ inline void qk_block(const float* q, int64_t ldq, int64_t D, float scale, const 
     for (int n = 0; n < NV; n++) acc[m][n] = O::zero();
   for (int64_t d = 0; d < D; d++) {
     V k[NV];
-    for (int n = 0; n < NV; n++) k[n] = load_elems<O>(kt + d * ldk + n * W);
+    for (int n = 0; n < NV; n++) k[n] = load_elems<O>(kp[n] + d * ldk);
     for (int m = 0; m < MR; m++) {
       const V qb = O::bcast(q + m * ldq + d);
       for (int n = 0; n < NV; n++) acc[m][n] = O::fma(qb, k[n], acc[m][n]);
@@ -59,21 +59,26 @@ inline void qk_block(const float* q, int64_t ldq, int64_t D, float scale, const 
     for (int n = 0; n < NV; n++) O::store(s + m * lds + n * W, O::mul(acc[m][n], sc));
 }
 
-// acc[m][d] = sum over keys j in [lo, hi) of p[m][j] * v_j[d], for MR rows and NV vectors of d.
+// acc[m][c] = sum over keys j in [lo, hi) of p[m][j] * v_j[col + c], for MR rows and NV vectors of
+// values; key j is slot j % ldk of block j / ldk, whose values are vb[j / ldk] ([slot][ldv]).
 template <class O, int MR, int NV, class E>
-inline void pv_block(const float* p, int64_t ldp, int64_t lo, int64_t hi, const E* v, int64_t ldv, float* acc,
-                     int64_t ldacc) {
+inline void pv_block(const float* p, int64_t ldp, int64_t lo, int64_t hi, const E* const* vb, int64_t ldk, int64_t ldv,
+                     int64_t col, float* acc, int64_t ldacc) {
   using V = typename O::V;
   constexpr int W = O::W;
   V a[MR][NV];
   for (int m = 0; m < MR; m++)
     for (int n = 0; n < NV; n++) a[m][n] = O::zero();
-  for (int64_t j = lo; j < hi; j++) {
-    V vv[NV];
-    for (int n = 0; n < NV; n++) vv[n] = load_elems<O>(v + j * ldv + n * W);
-    for (int m = 0; m < MR; m++) {
-      const V pb = O::bcast(p + m * ldp + j);
-      for (int n = 0; n < NV; n++) a[m][n] = O::fma(pb, vv[n], a[m][n]);
+  for (int64_t j = lo; j < hi;) {
+    const int64_t b = j / ldk, end = hi < (b + 1) * ldk ? hi : (b + 1) * ldk;
+    const E* v = vb[b] + (j - b * ldk) * ldv + col;  // key j's values
+    for (; j < end; j++, v += ldv) {
+      V vv[NV];
+      for (int n = 0; n < NV; n++) vv[n] = load_elems<O>(v + n * W);
+      for (int m = 0; m < MR; m++) {
+        const V pb = O::bcast(p + m * ldp + j);
+        for (int n = 0; n < NV; n++) a[m][n] = O::fma(pb, vv[n], a[m][n]);
+      }
     }
   }
   for (int m = 0; m < MR; m++)
@@ -89,43 +94,76 @@ struct Tile {
   static constexpr int kNvPv = 4;
 
   template <int NV, int MR, class E>
-  static void qk_rows(int64_t R, const float* q, int64_t ldq, int64_t D, float scale, const E* kt, int64_t ldk,
-                      float* s) {
+  static void qk_rows(int64_t R, const float* q, int64_t ldq, int64_t D, float scale, const E* const* kp, int64_t ldk,
+                      float* s, int64_t lds) {
     int64_t r = 0;
-    for (; r + MR <= R; r += MR) qk_block<O, MR, NV>(q + r * ldq, ldq, D, scale, kt, ldk, s + r * ldk, ldk);
+    for (; r + MR <= R; r += MR) qk_block<O, MR, NV>(q + r * ldq, ldq, D, scale, kp, ldk, s + r * lds, lds);
     if (r < R)
       with_count<MR - 1>(int(R - r), [&](auto mr) {
-        qk_block<O, decltype(mr)::value, NV>(q + r * ldq, ldq, D, scale, kt, ldk, s + r * ldk, ldk);
+        qk_block<O, decltype(mr)::value, NV>(q + r * ldq, ldq, D, scale, kp, ldk, s + r * lds, lds);
       });
+  }
+
+  // Lanes of x in order: the largest, and the sum (fixed orders, the same in every call).
+  static float lanes_max(V x) {
+    float f[W];
+    O::store(f, x);
+    float mx = f[0];
+    for (int i = 1; i < W; i++) mx = mx < f[i] ? f[i] : mx;
+    return mx;
+  }
+  static float lanes_sum(V x) {
+    float f[W];
+    O::store(f, x);
+    float sum = f[0];
+    for (int i = 1; i < W; i++) sum += f[i];
+    return sum;
   }
 
   // partials (attention_kernels.h) over keys and values of element type E: float, or bf16.
   template <class E>
-  static void partials_of(const float* q, int64_t ldq, int64_t R, int64_t D, float scale, const E* kt, int64_t ldk,
-                          const E* v, int64_t ldv, const int32_t* lo, const int32_t* hi, float* s, float* m, float* l,
-                          float* acc, int64_t ldacc) {
+  static void partials_of(const float* q, int64_t ldq, int64_t R, int64_t D, float scale, const E* const* kt,
+                          const E* const* v, int64_t ldk, int64_t ldv, const int32_t* lo, const int32_t* hi, float* s,
+                          int64_t lds, float* m, float* l, float* acc, int64_t ldacc) {
     constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-    // Scores of every row over the key vectors any row sees.
+    // Scores of every row over the key vectors any row sees; a vector lies in one block (ldk is a
+    // multiple of W).
     int64_t top = 0;
     for (int64_t r = 0; r < R; r++) top = hi[r] > top ? hi[r] : top;
     const int64_t nk = (top + W - 1) / W;
+    auto keys = [&](int64_t c) { return kt[c * W / ldk] + c * W % ldk; };  // key vector c, row 0
     int64_t c = 0;
-    for (; c + 2 <= nk; c += 2) qk_rows<2, 4>(R, q, ldq, D, scale, kt + c * W, ldk, s + c * W);
-    if (c < nk) qk_rows<1, 8>(R, q, ldq, D, scale, kt + c * W, ldk, s + c * W);
-    // Each row's max, exponentials (in place of its scores) and their sum, over its own keys.
+    for (; c + 2 <= nk; c += 2) {
+      const E* kp[2] = {keys(c), keys(c + 1)};
+      qk_rows<2, 4>(R, q, ldq, D, scale, kp, ldk, s + c * W, lds);
+    }
+    if (c < nk) {
+      const E* kp[1] = {keys(c)};
+      qk_rows<1, 8>(R, q, ldq, D, scale, kp, ldk, s + c * W, lds);
+    }
+    // Each row's max, exponentials (in place of its scores) and their sum, over its own keys, lane by
+    // lane over the vectors they lie in; the lanes outside [lo, hi) are set aside first (-inf for the
+    // max, 0 for the sum). Each lane sees the same keys wherever the span starts, as spans start on
+    // whole blocks.
     for (int64_t r = 0; r < R; r++) {
       m[r] = kNegInf;
       l[r] = 0;
       if (lo[r] >= hi[r]) continue;
-      float* sr = s + r * ldk;
-      float mx = kNegInf;
-      for (int64_t j = lo[r]; j < hi[r]; j++) mx = mx < sr[j] ? sr[j] : mx;
+      float* sr = s + r * lds;
+      const int64_t j0 = lo[r] / W * W, j1 = (hi[r] + W - 1) / W * W;
+      for (int64_t j = j0; j < lo[r]; j++) sr[j] = kNegInf;
+      for (int64_t j = hi[r]; j < j1; j++) sr[j] = kNegInf;
+      V mv = O::load(sr + j0);
+      for (int64_t j = j0 + W; j < j1; j += W) mv = O::max(mv, O::load(sr + j));
+      const float mx = lanes_max(mv);
       const V neg_mx = O::set1(-mx);
-      for (int64_t j = lo[r] / W * W; j < hi[r]; j += W) O::store(sr + j, vexp<O>(O::add(O::load(sr + j), neg_mx)));
-      float sum = 0;
-      for (int64_t j = lo[r]; j < hi[r]; j++) sum += sr[j];
+      for (int64_t j = j0; j < j1; j += W) O::store(sr + j, vexp<O>(O::add(O::load(sr + j), neg_mx)));
+      for (int64_t j = j0; j < lo[r]; j++) sr[j] = 0;
+      for (int64_t j = hi[r]; j < j1; j++) sr[j] = 0;
+      V sv = O::load(sr + j0);
+      for (int64_t j = j0 + W; j < j1; j += W) sv = O::add(sv, O::load(sr + j));
       m[r] = mx;
-      l[r] = sum;
+      l[r] = lanes_sum(sv);
     }
     // Weighted values; consecutive rows with the same keys share the value loads.
     const int64_t nv = ldv / W;
@@ -140,7 +178,7 @@ struct Tile {
         const int nc = int(nv - c0 < kNvPv ? nv - c0 : kNvPv);
         with_count<kMrPv>(g, [&](auto mr) {
           with_count<kNvPv>(nc, [&](auto ncv) {
-            pv_block<O, decltype(mr)::value, decltype(ncv)::value>(s + r * ldk, ldk, lo[r], hi[r], v + c0 * W, ldv,
+            pv_block<O, decltype(mr)::value, decltype(ncv)::value>(s + r * lds, lds, lo[r], hi[r], v, ldk, ldv, c0 * W,
                                                                    acc + r * ldacc + c0 * W, ldacc);
           });
         });
@@ -149,15 +187,15 @@ struct Tile {
     }
   }
 
-  static void partials(const float* q, int64_t ldq, int64_t R, int64_t D, float scale, const float* kt, int64_t ldk,
-                       const float* v, int64_t ldv, const int32_t* lo, const int32_t* hi, float* s, float* m, float* l,
-                       float* acc, int64_t ldacc) {
-    partials_of(q, ldq, R, D, scale, kt, ldk, v, ldv, lo, hi, s, m, l, acc, ldacc);
+  static void partials(const float* q, int64_t ldq, int64_t R, int64_t D, float scale, const float* const* kt,
+                       const float* const* v, int64_t ldk, int64_t ldv, const int32_t* lo, const int32_t* hi, float* s,
+                       int64_t lds, float* m, float* l, float* acc, int64_t ldacc) {
+    partials_of(q, ldq, R, D, scale, kt, v, ldk, ldv, lo, hi, s, lds, m, l, acc, ldacc);
   }
-  static void partials_bf16(const float* q, int64_t ldq, int64_t R, int64_t D, float scale, const uint16_t* kt,
-                            int64_t ldk, const uint16_t* v, int64_t ldv, const int32_t* lo, const int32_t* hi, float* s,
-                            float* m, float* l, float* acc, int64_t ldacc) {
-    partials_of(q, ldq, R, D, scale, kt, ldk, v, ldv, lo, hi, s, m, l, acc, ldacc);
+  static void partials_bf16(const float* q, int64_t ldq, int64_t R, int64_t D, float scale, const uint16_t* const* kt,
+                            const uint16_t* const* v, int64_t ldk, int64_t ldv, const int32_t* lo, const int32_t* hi,
+                            float* s, int64_t lds, float* m, float* l, float* acc, int64_t ldacc) {
+    partials_of(q, ldq, R, D, scale, kt, v, ldk, ldv, lo, hi, s, lds, m, l, acc, ldacc);
   }
 
   static void merge(float* m, float* l, float* acc, float mt, float lt, const float* acct, int64_t n) {

@@ -60,7 +60,8 @@ static Napi::Value Quantize(const Napi::CallbackInfo& info) {
 
 // setTuning(name, value) -> the previous value. 'shortPanelBytes': kernels.h short_panel_bytes();
 // 'decodeStreams' (0 or 1): kernels.h decode_streams(); 'tilePanels' (1 to 64): kernels.h tile_panels();
-// 'attentionPrefetch', 'attentionInPlace' (0 or 1): attention.h attention_prefetch(), attention_in_place().
+// 'attentionPrefetch', 'attentionInPlace' (0 or 1): attention.h attention_prefetch(), attention_in_place();
+// 'attentionSpan' (1 to 16): attention.h attention_span_blocks().
 static Napi::Value SetTuning(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() < 2 || !info[0].IsString() || !info[1].IsNumber())
@@ -72,6 +73,11 @@ static Napi::Value SetTuning(const Napi::CallbackInfo& info) {
     return Napi::Number::New(env, fmoe::attention_prefetch().exchange(value != 0 ? 1 : 0));
   if (name == "attentionInPlace")
     return Napi::Number::New(env, fmoe::attention_in_place().exchange(value != 0 ? 1 : 0));
+  if (name == "attentionSpan") {
+    if (!(value >= 1 && value <= 16 && value == double(int(value))))
+      throw Napi::RangeError::New(env, "setTuning: attentionSpan must be an integer from 1 to 16");
+    return Napi::Number::New(env, fmoe::attention_span_blocks().exchange(int(value)));
+  }
   if (name == "tilePanels") {
     if (!(value >= 1 && value <= 64 && value == double(int(value))))
       throw Napi::RangeError::New(env, "setTuning: tilePanels must be an integer from 1 to 64");
@@ -80,8 +86,8 @@ static Napi::Value SetTuning(const Napi::CallbackInfo& info) {
   if (name != "shortPanelBytes")
     throw Napi::RangeError::New(
         env,
-        "setTuning: name must be 'shortPanelBytes', 'decodeStreams', 'tilePanels', 'attentionPrefetch' or "
-        "'attentionInPlace'");
+        "setTuning: name must be 'shortPanelBytes', 'decodeStreams', 'tilePanels', 'attentionPrefetch', "
+        "'attentionInPlace' or 'attentionSpan'");
   if (!(value >= 0 && value <= double(1ull << 40)))
     throw Napi::RangeError::New(env, "setTuning: value must be a byte count from 0 to 2^40");
   return Napi::Number::New(env, double(fmoe::short_panel_bytes().exchange(size_t(value))));

@@ -315,6 +315,7 @@ int main() {
       test_shape({6, 3, 24, 4, 9, dt, kern}, seed++);    // sliding window of 9
       test_shape({2, 1, 128, 32, 0, dt, kern}, seed++);  // head_dim 128, blocks of 32
       test_shape({10, 2, 6, 21, 0, dt, kern}, seed++);   // 5 heads per KV head, tiny head, 21-key blocks
+      test_shape({4, 2, 32, 16, 40, dt, kern}, seed++);  // a window that starts inside a span of blocks
     }
   }
   if (failures) {
