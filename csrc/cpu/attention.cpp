@@ -56,6 +56,7 @@ struct TileScratch {
   int64_t ldk = 0, ldv = 0, lds = 0;
   std::array<const float*, kMaxSpanBlocks> kf{}, vf{};     // the span's blocks, widened
   std::array<const uint16_t*, kMaxSpanBlocks> kb{}, vb{};  // or in the cache (StepGeometry::in_place)
+  std::array<const char*, 2 * kMaxSpanBlocks> ahead{};     // the next span's blocks (fetch_ahead)
   std::vector<float> q, kt, v, s, m, l, acc, run_m, run_l, run_acc;
   std::vector<int32_t> lo, hi;
   void prepare(const AttentionTileKernels& kern, int64_t block_tokens, int64_t span, int64_t D, int64_t rows) {
@@ -162,22 +163,26 @@ void load_span(const StepGeometry& g, const AttentionSeq& s, SpanBlocks sb, int6
   }
 }
 
-// Asks for blocks [f, e]'s keys and values of KV head j ahead of load_span (the next span's, while this
-// one computes). The blocks of one sequence and head are 4 KiB runs far apart (the pool interleaves
-// heads and sequences), where the hardware prefetchers start afresh at every block: at decode the
-// kernel then waited on each block's loads. With spans of one block, one block ahead covered it and
-// further ahead or into L2 only gained nothing more (`bench/ab-model.js qwen3moe int4
-// attentionPrefetch 0 1 300 --part attention`: 0.88 of the attention time, 16 to 1,216 positions).
-void prefetch_span(const StepGeometry& g, const AttentionSeq& s, SpanBlocks sb, int64_t j) {
-  if (!attention_prefetch().load(std::memory_order_relaxed)) return;
-  const size_t bytes = size_t(g.Bt * g.D) * dtype_size(g.cache->dtype);
+// The next span's keys and values (blocks [f, e] of KV head j), for the kernel to fetch while it
+// computes this one. The blocks of one sequence and head are 4 KiB runs far apart (the pool interleaves
+// heads and sequences), where the hardware prefetchers start afresh at every block. With spans of one
+// block, fetching the next block ahead took 0.88 of the attention time and further ahead or into L2
+// only gained nothing more (`bench/ab-model.js qwen3moe int4 attentionPrefetch 0 1 300 --part
+// attention`, 16 to 1,216 positions). A span's worth asked for at once, before the kernel, stalled the
+// loads behind it (that loop alone held 12% of the attention time of a decode after 4,000 positions,
+// and the attention took 0.94 of its time without fetching ahead); spread over the kernel's loop, 0.75
+// (`node bench/ab-model.js qwen3moe int4 attentionPrefetch 0 1 40 --part attention --prefix 4000`,
+// both orders), 0.87 at 16 to 1,216 positions, 0.97 with 16 streams (`mixtral int4 attentionPrefetch
+// 0 1 40 16`).
+FetchAhead fetch_ahead(const StepGeometry& g, const AttentionSeq& s, SpanBlocks sb, int64_t j, TileScratch& t) {
+  if (!attention_prefetch().load(std::memory_order_relaxed)) return {};
+  int64_t n = 0;
   for (int64_t b = sb.first; b <= sb.last; b++) {
     const auto [k, v] = tile_in_cache(g, s, b, j);
-    for (size_t o = 0; o < bytes; o += 64) {
-      __builtin_prefetch(k + o, 0, 3);
-      __builtin_prefetch(v + o, 0, 3);
-    }
+    t.ahead[size_t(n++)] = k;
+    t.ahead[size_t(n++)] = v;
   }
+  return {t.ahead.data(), n, g.Bt * g.D * int64_t(dtype_size(g.cache->dtype))};
 }
 
 // Gathers the query rows of new tokens [t0, t1) of sequence s for KV head j: row (i - t0) * G + r is
@@ -192,7 +197,7 @@ void gather_queries(const StepGeometry& g, const AttentionSeq& s, int64_t j, int
 // The span partials of the gathered rows (tokens [t0, t1)) over blocks [f, e] (positions f * Bt on,
 // `end` of them written so far), each row over the keys it sees; rows [r0, r1) are the ones that see any.
 void span_partials(const StepGeometry& g, const AttentionSeq& s, int64_t t0, int64_t t1, SpanBlocks sb, int64_t end,
-                   TileScratch& t, int64_t& r0, int64_t& r1) {
+                   const FetchAhead& ahead, TileScratch& t, int64_t& r0, int64_t& r1) {
   const int64_t G = g.G, R = (t1 - t0) * G;
   const int64_t span_pos = sb.first * g.Bt;
   const int64_t n = std::min(end, (sb.last + 1) * g.Bt) - span_pos;  // keys written in the span
@@ -215,11 +220,11 @@ void span_partials(const StepGeometry& g, const AttentionSeq& s, int64_t t0, int
   if (g.in_place)
     g.kern->partials_bf16(t.q.data() + r0 * g.D, g.D, r1 - r0, g.D, g.p->scale, t.kb.data(), t.vb.data(), g.Bt, g.D,
                           t.lo.data() + r0, t.hi.data() + r0, t.s.data() + r0 * t.lds, t.lds, t.m.data() + r0,
-                          t.l.data() + r0, t.acc.data() + r0 * t.ldv, t.ldv);
+                          t.l.data() + r0, t.acc.data() + r0 * t.ldv, t.ldv, ahead);
   else
     g.kern->partials(t.q.data() + r0 * g.D, g.D, r1 - r0, g.D, g.p->scale, t.kf.data(), t.vf.data(), t.ldk, t.ldv,
                      t.lo.data() + r0, t.hi.data() + r0, t.s.data() + r0 * t.lds, t.lds, t.m.data() + r0,
-                     t.l.data() + r0, t.acc.data() + r0 * t.ldv, t.ldv);
+                     t.l.data() + r0, t.acc.data() + r0 * t.ldv, t.ldv, ahead);
 }
 
 // Rows [t0, t1) of sequence s (all G heads of KV head j), every visible tile streamed and merged in
@@ -238,10 +243,11 @@ void attend_streaming(const StepGeometry& g, const AttentionSeq& s, int64_t j, i
   const int64_t end = s.past + s.count;  // positions written so far
   for (int64_t sp = b_first / g.span; sp <= b_last / g.span; sp++) {
     const SpanBlocks sb = span_blocks(g, sp, b_first, b_last);
-    if (sb.last < b_last) prefetch_span(g, s, span_blocks(g, sp + 1, b_first, b_last), j);
     load_span(g, s, sb, j, end, t);
+    const FetchAhead ahead =
+        sb.last < b_last ? fetch_ahead(g, s, span_blocks(g, sp + 1, b_first, b_last), j, t) : FetchAhead{};
     int64_t r0, r1;
-    span_partials(g, s, t0, t1, sb, end, t, r0, r1);
+    span_partials(g, s, t0, t1, sb, end, ahead, t, r0, r1);
     for (int64_t row = r0; row < r1; row++)
       g.kern->merge(m + row, l + row, acc + row * ldv, t.m[size_t(row)], t.l[size_t(row)], t.acc.data() + row * ldv,
                     ldv);
@@ -415,10 +421,11 @@ void attention(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_seqs,
       const auto [b_first, b_last] = visible_blocks(s);
       for (int64_t sp = it.p0; sp < it.p1; sp++) {
         const SpanBlocks sb = span_blocks(g, sp, b_first, b_last);
-        if (sp + 1 < it.p1) prefetch_span(g, s, span_blocks(g, sp + 1, b_first, b_last), it.head);
         load_span(g, s, sb, it.head, end_pos, t);
+        const FetchAhead ahead =
+            sp + 1 < it.p1 ? fetch_ahead(g, s, span_blocks(g, sp + 1, b_first, b_last), it.head, t) : FetchAhead{};
         int64_t r0, r1;
-        span_partials(g, s, 0, s.count, sb, end_pos, t, r0, r1);
+        span_partials(g, s, 0, s.count, sb, end_pos, ahead, t, r0, r1);
         for (int64_t row = 0; row < s.count * G; row++) {
           float* slot = store.data() + (it.partial_base + (sp - it.p0) * s.count * G + row) * slot_floats;
           const bool seen = row >= r0 && row < r1 && t.lo[size_t(row)] < t.hi[size_t(row)];

@@ -56,9 +56,9 @@ struct AttentionParams {
   const AttentionTileKernels* kernels = nullptr;
 };
 
-// Whether each tile asks for the next tile's keys and values while it computes (attention.cpp). A
-// run-time value only so that a benchmark can compare both settings in one process (`bench/ab-model.js`,
-// through binding.bench.setTuning('attentionPrefetch')); nothing else changes it.
+// Whether each span's kernel call asks for the next span's keys and values while it computes
+// (attention.cpp). A run-time value only so that a benchmark can compare both settings in one process
+// (`bench/ab-model.js`, through binding.bench.setTuning('attentionPrefetch')); nothing else changes it.
 std::atomic<int>& attention_prefetch();
 // Whether bf16 tiles are read where they lie in the cache (attention.cpp, partials_bf16) rather than
 // widened into a scratch first; run-time for the same reason ('attentionInPlace').

@@ -15,6 +15,14 @@
 
 namespace fmoe {
 
+// Memory a kernel call asks for while it computes (the next span's keys and values): `count` runs of
+// `bytes` bytes, at runs[i].
+struct FetchAhead {
+  const char* const* runs = nullptr;
+  int64_t count = 0;
+  int64_t bytes = 0;
+};
+
 struct AttentionTileKernels {
   Isa isa;
   // Floats per vector: the key tile's and the values' rows are padded to a multiple of it.
@@ -26,15 +34,16 @@ struct AttentionTileKernels {
   // (transposed, [D][ldk] elements) and whose values are v[j / ldk] ([slot][ldv] elements, ldv a multiple
   // of width with zeros past D). ldk is a multiple of width; a span of several blocks has no slots past
   // a block's end (ldk = block_tokens). s: scratch of R * lds floats, lds a multiple of width >= every
-  // hi. Rows with lo >= hi get m = -inf, l = 0 and no acc.
+  // hi. Rows with lo >= hi get m = -inf, l = 0 and no acc. `ahead`'s lines are fetched spread over the
+  // scores' loop, a few at a time (a span's worth at once stalled the loads behind them).
   void (*partials)(const float* q, int64_t ldq, int64_t R, int64_t D, float scale, const float* const* kt,
                    const float* const* v, int64_t ldk, int64_t ldv, const int32_t* lo, const int32_t* hi, float* s,
-                   int64_t lds, float* m, float* l, float* acc, int64_t ldacc);
+                   int64_t lds, float* m, float* l, float* acc, int64_t ldacc, const FetchAhead& ahead);
   // partials with kt and v of bf16 elements (the cache's own, read where they lie: no widening copy),
   // the same computation: a bf16 widens to float exactly.
   void (*partials_bf16)(const float* q, int64_t ldq, int64_t R, int64_t D, float scale, const uint16_t* const* kt,
                         const uint16_t* const* v, int64_t ldk, int64_t ldv, const int32_t* lo, const int32_t* hi,
-                        float* s, int64_t lds, float* m, float* l, float* acc, int64_t ldacc);
+                        float* s, int64_t lds, float* m, float* l, float* acc, int64_t ldacc, const FetchAhead& ahead);
   // Merges a span's partial (mt, lt, acct) into a row's running state (m, l, acc), n floats of acc (a
   // multiple of width): acc = acc * exp(m - m') + acct * exp(mt - m') with m' = max(m, mt), the same
   // for l. Nothing changes when mt = -inf (the row saw no key of the tile); an empty state (m = -inf,

@@ -37,16 +37,36 @@ inline typename O::V load_elems(const E* p) {
     return O::load_bf16(p);
 }
 
-// s[m][c] = scale * (q_m . k_c) for MR rows and NV vectors of keys, vector n's row d at kp[n] + d * ldk.
+// Walks a FetchAhead (attention_kernels.h): each step() asks for `per` runs of 8 cache lines.
+struct AheadCursor {
+  const FetchAhead& ahead;
+  int64_t per = 0, run = 0, off = 0;
+  void step() {
+    for (int64_t i = 0; i < per && run < ahead.count; i++) {
+      const char* p = ahead.runs[run] + off;
+      const int64_t lines = (ahead.bytes - off + 63) / 64;
+      for (int64_t l = 0; l < 8 && l < lines; l++) __builtin_prefetch(p + 64 * l, 0, 3);
+      off += 512;
+      if (off >= ahead.bytes) {
+        off = 0;
+        run++;
+      }
+    }
+  }
+};
+
+// s[m][c] = scale * (q_m . k_c) for MR rows and NV vectors of keys, vector n's row d at kp[n] + d * ldk;
+// every eighth d asks the cursor for more of the lines ahead.
 template <class O, int MR, int NV, class E>
 inline void qk_block(const float* q, int64_t ldq, int64_t D, float scale, const E* const* kp, int64_t ldk, float* s,
-                     int64_t lds) {
+                     int64_t lds, AheadCursor& ahead) {
   using V = typename O::V;
   constexpr int W = O::W;
   V acc[MR][NV];
   for (int m = 0; m < MR; m++)
     for (int n = 0; n < NV; n++) acc[m][n] = O::zero();
   for (int64_t d = 0; d < D; d++) {
+    if ((d & 7) == 0) ahead.step();
     V k[NV];
     for (int n = 0; n < NV; n++) k[n] = load_elems<O>(kp[n] + d * ldk);
     for (int m = 0; m < MR; m++) {
@@ -95,12 +115,12 @@ struct Tile {
 
   template <int NV, int MR, class E>
   static void qk_rows(int64_t R, const float* q, int64_t ldq, int64_t D, float scale, const E* const* kp, int64_t ldk,
-                      float* s, int64_t lds) {
+                      float* s, int64_t lds, AheadCursor& ahead) {
     int64_t r = 0;
-    for (; r + MR <= R; r += MR) qk_block<O, MR, NV>(q + r * ldq, ldq, D, scale, kp, ldk, s + r * lds, lds);
+    for (; r + MR <= R; r += MR) qk_block<O, MR, NV>(q + r * ldq, ldq, D, scale, kp, ldk, s + r * lds, lds, ahead);
     if (r < R)
       with_count<MR - 1>(int(R - r), [&](auto mr) {
-        qk_block<O, decltype(mr)::value, NV>(q + r * ldq, ldq, D, scale, kp, ldk, s + r * lds, lds);
+        qk_block<O, decltype(mr)::value, NV>(q + r * ldq, ldq, D, scale, kp, ldk, s + r * lds, lds, ahead);
       });
   }
 
@@ -124,7 +144,7 @@ struct Tile {
   template <class E>
   static void partials_of(const float* q, int64_t ldq, int64_t R, int64_t D, float scale, const E* const* kt,
                           const E* const* v, int64_t ldk, int64_t ldv, const int32_t* lo, const int32_t* hi, float* s,
-                          int64_t lds, float* m, float* l, float* acc, int64_t ldacc) {
+                          int64_t lds, float* m, float* l, float* acc, int64_t ldacc, const FetchAhead& ahead) {
     constexpr float kNegInf = -std::numeric_limits<float>::infinity();
     // Scores of every row over the key vectors any row sees; a vector lies in one block (ldk is a
     // multiple of W).
@@ -132,14 +152,18 @@ struct Tile {
     for (int64_t r = 0; r < R; r++) top = hi[r] > top ? hi[r] : top;
     const int64_t nk = (top + W - 1) / W;
     auto keys = [&](int64_t c) { return kt[c * W / ldk] + c * W % ldk; };  // key vector c, row 0
+    // The lines ahead, spread evenly over the cursor's steps (one per eight d of every qk_block).
+    const int64_t steps = ((nk / 2) * ((R + 3) / 4) + (nk % 2) * ((R + 7) / 8)) * ((D + 7) / 8);
+    const int64_t runs8 = ahead.count * ((ahead.bytes + 511) / 512);
+    AheadCursor cursor{ahead, steps > 0 ? (runs8 + steps - 1) / steps : 0};
     int64_t c = 0;
     for (; c + 2 <= nk; c += 2) {
       const E* kp[2] = {keys(c), keys(c + 1)};
-      qk_rows<2, 4>(R, q, ldq, D, scale, kp, ldk, s + c * W, lds);
+      qk_rows<2, 4>(R, q, ldq, D, scale, kp, ldk, s + c * W, lds, cursor);
     }
     if (c < nk) {
       const E* kp[1] = {keys(c)};
-      qk_rows<1, 8>(R, q, ldq, D, scale, kp, ldk, s + c * W, lds);
+      qk_rows<1, 8>(R, q, ldq, D, scale, kp, ldk, s + c * W, lds, cursor);
     }
     // Each row's max, exponentials (in place of its scores) and their sum, over its own keys, lane by
     // lane over the vectors they lie in; the lanes outside [lo, hi) are set aside first (-inf for the
@@ -189,13 +213,14 @@ struct Tile {
 
   static void partials(const float* q, int64_t ldq, int64_t R, int64_t D, float scale, const float* const* kt,
                        const float* const* v, int64_t ldk, int64_t ldv, const int32_t* lo, const int32_t* hi, float* s,
-                       int64_t lds, float* m, float* l, float* acc, int64_t ldacc) {
-    partials_of(q, ldq, R, D, scale, kt, v, ldk, ldv, lo, hi, s, lds, m, l, acc, ldacc);
+                       int64_t lds, float* m, float* l, float* acc, int64_t ldacc, const FetchAhead& ahead) {
+    partials_of(q, ldq, R, D, scale, kt, v, ldk, ldv, lo, hi, s, lds, m, l, acc, ldacc, ahead);
   }
   static void partials_bf16(const float* q, int64_t ldq, int64_t R, int64_t D, float scale, const uint16_t* const* kt,
                             const uint16_t* const* v, int64_t ldk, int64_t ldv, const int32_t* lo, const int32_t* hi,
-                            float* s, int64_t lds, float* m, float* l, float* acc, int64_t ldacc) {
-    partials_of(q, ldq, R, D, scale, kt, v, ldk, ldv, lo, hi, s, lds, m, l, acc, ldacc);
+                            float* s, int64_t lds, float* m, float* l, float* acc, int64_t ldacc,
+                            const FetchAhead& ahead) {
+    partials_of(q, ldq, R, D, scale, kt, v, ldk, ldv, lo, hi, s, lds, m, l, acc, ldacc, ahead);
   }
 
   static void merge(float* m, float* l, float* acc, float mt, float lt, const float* acct, int64_t n) {
