@@ -170,10 +170,10 @@ void load_span(const StepGeometry& g, const AttentionSeq& s, SpanBlocks sb, int6
 // only gained nothing more (`bench/ab-model.js qwen3moe int4 attentionPrefetch 0 1 300 --part
 // attention`, 16 to 1,216 positions). A span's worth asked for at once, before the kernel, stalled the
 // loads behind it (that loop alone held 12% of the attention time of a decode after 4,000 positions,
-// and the attention took 0.94 of its time without fetching ahead); spread over the kernel's loop, 0.75
-// (`node bench/ab-model.js qwen3moe int4 attentionPrefetch 0 1 40 --part attention --prefix 4000`,
-// both orders), 0.87 at 16 to 1,216 positions, 0.97 with 16 streams (`mixtral int4 attentionPrefetch
-// 0 1 40 16`).
+// and the attention took 0.94 of its time without fetching ahead); spread over the scores' loop, 0.75;
+// over the whole call (scores and weighted values), 0.64-0.65 (`node bench/ab-model.js qwen3moe int4
+// attentionPrefetch 0 1 40 --part attention --prefix 4000`, both orders), 0.80 at 16 to 1,216
+// positions, 1.00 with 16 streams (`mixtral int4 attentionPrefetch 0 1 40 16`).
 FetchAhead fetch_ahead(const StepGeometry& g, const AttentionSeq& s, SpanBlocks sb, int64_t j, TileScratch& t) {
   if (!attention_prefetch().load(std::memory_order_relaxed)) return {};
   int64_t n = 0;

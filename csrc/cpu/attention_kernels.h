@@ -34,8 +34,8 @@ struct AttentionTileKernels {
   // (transposed, [D][ldk] elements) and whose values are v[j / ldk] ([slot][ldv] elements, ldv a multiple
   // of width with zeros past D). ldk is a multiple of width; a span of several blocks has no slots past
   // a block's end (ldk = block_tokens). s: scratch of R * lds floats, lds a multiple of width >= every
-  // hi. Rows with lo >= hi get m = -inf, l = 0 and no acc. `ahead`'s lines are fetched spread over the
-  // scores' loop, a few at a time (a span's worth at once stalled the loads behind them).
+  // hi. Rows with lo >= hi get m = -inf, l = 0 and no acc. `ahead`'s lines are fetched a few at a time,
+  // spread over the whole call (a span's worth at once stalled the loads behind them).
   void (*partials)(const float* q, int64_t ldq, int64_t R, int64_t D, float scale, const float* const* kt,
                    const float* const* v, int64_t ldk, int64_t ldv, const int32_t* lo, const int32_t* hi, float* s,
                    int64_t lds, float* m, float* l, float* acc, int64_t ldacc, const FetchAhead& ahead);

@@ -37,12 +37,14 @@ inline typename O::V load_elems(const E* p) {
     return O::load_bf16(p);
 }
 
-// Walks a FetchAhead (attention_kernels.h): each step() asks for `per` runs of 8 cache lines.
+// Walks a FetchAhead (attention_kernels.h) in `chunks` runs of 8 cache lines, spread evenly over
+// `steps` calls of step().
 struct AheadCursor {
   const FetchAhead& ahead;
-  int64_t per = 0, run = 0, off = 0;
+  int64_t chunks = 0, steps = 1;
+  int64_t credit = 0, run = 0, off = 0;
   void step() {
-    for (int64_t i = 0; i < per && run < ahead.count; i++) {
+    for (credit += chunks; credit >= steps && run < ahead.count; credit -= steps) {
       const char* p = ahead.runs[run] + off;
       const int64_t lines = (ahead.bytes - off + 63) / 64;
       for (int64_t l = 0; l < 8 && l < lines; l++) __builtin_prefetch(p + 64 * l, 0, 3);
@@ -80,10 +82,11 @@ inline void qk_block(const float* q, int64_t ldq, int64_t D, float scale, const 
 }
 
 // acc[m][c] = sum over keys j in [lo, hi) of p[m][j] * v_j[col + c], for MR rows and NV vectors of
-// values; key j is slot j % ldk of block j / ldk, whose values are vb[j / ldk] ([slot][ldv]).
+// values; key j is slot j % ldk of block j / ldk, whose values are vb[j / ldk] ([slot][ldv]). Every
+// eighth key asks the cursor for more of the lines ahead.
 template <class O, int MR, int NV, class E>
 inline void pv_block(const float* p, int64_t ldp, int64_t lo, int64_t hi, const E* const* vb, int64_t ldk, int64_t ldv,
-                     int64_t col, float* acc, int64_t ldacc) {
+                     int64_t col, float* acc, int64_t ldacc, AheadCursor& ahead) {
   using V = typename O::V;
   constexpr int W = O::W;
   V a[MR][NV];
@@ -93,6 +96,7 @@ inline void pv_block(const float* p, int64_t ldp, int64_t lo, int64_t hi, const 
     const int64_t b = j / ldk, end = hi < (b + 1) * ldk ? hi : (b + 1) * ldk;
     const E* v = vb[b] + (j - b * ldk) * ldv + col;  // key j's values
     for (; j < end; j++, v += ldv) {
+      if (((j - lo) & 7) == 0) ahead.step();
       V vv[NV];
       for (int n = 0; n < NV; n++) vv[n] = load_elems<O>(v + n * W);
       for (int m = 0; m < MR; m++) {
@@ -140,6 +144,15 @@ struct Tile {
     return sum;
   }
 
+  // Rows from r that share row r's keys and one weighted-values tile (at most kMrPv); 0 where row r
+  // sees no key.
+  static int pv_group(int64_t r, int64_t R, const int32_t* lo, const int32_t* hi) {
+    if (lo[r] >= hi[r]) return 0;
+    int g = 1;
+    while (g < kMrPv && r + g < R && lo[r + g] == lo[r] && hi[r + g] == hi[r]) g++;
+    return g;
+  }
+
   // partials (attention_kernels.h) over keys and values of element type E: float, or bf16.
   template <class E>
   static void partials_of(const float* q, int64_t ldq, int64_t R, int64_t D, float scale, const E* const* kt,
@@ -152,10 +165,16 @@ struct Tile {
     for (int64_t r = 0; r < R; r++) top = hi[r] > top ? hi[r] : top;
     const int64_t nk = (top + W - 1) / W;
     auto keys = [&](int64_t c) { return kt[c * W / ldk] + c * W % ldk; };  // key vector c, row 0
-    // The lines ahead, spread evenly over the cursor's steps (one per eight d of every qk_block).
-    const int64_t steps = ((nk / 2) * ((R + 3) / 4) + (nk % 2) * ((R + 7) / 8)) * ((D + 7) / 8);
-    const int64_t runs8 = ahead.count * ((ahead.bytes + 511) / 512);
-    AheadCursor cursor{ahead, steps > 0 ? (runs8 + steps - 1) / steps : 0};
+    // The lines ahead, spread evenly over the whole call: its steps are one per eight d of every
+    // qk_block and one per eight keys of every pv_block (the row groups below).
+    const int64_t nv = ldv / W;
+    int64_t steps = ((nk / 2) * ((R + 3) / 4) + (nk % 2) * ((R + 7) / 8)) * ((D + 7) / 8);
+    for (int64_t r = 0; r < R;) {
+      const int g = pv_group(r, R, lo, hi);
+      if (g > 0) steps += (nv + kNvPv - 1) / kNvPv * ((hi[r] - lo[r] + 7) / 8);
+      r += g > 0 ? g : 1;
+    }
+    AheadCursor cursor{ahead, ahead.count * ((ahead.bytes + 511) / 512), steps > 0 ? steps : 1};
     int64_t c = 0;
     for (; c + 2 <= nk; c += 2) {
       const E* kp[2] = {keys(c), keys(c + 1)};
@@ -190,20 +209,18 @@ struct Tile {
       l[r] = lanes_sum(sv);
     }
     // Weighted values; consecutive rows with the same keys share the value loads.
-    const int64_t nv = ldv / W;
     for (int64_t r = 0; r < R;) {
-      if (lo[r] >= hi[r]) {
+      const int g = pv_group(r, R, lo, hi);
+      if (g == 0) {
         r++;
         continue;
       }
-      int g = 1;
-      while (g < kMrPv && r + g < R && lo[r + g] == lo[r] && hi[r + g] == hi[r]) g++;
       for (int64_t c0 = 0; c0 < nv; c0 += kNvPv) {
         const int nc = int(nv - c0 < kNvPv ? nv - c0 : kNvPv);
         with_count<kMrPv>(g, [&](auto mr) {
           with_count<kNvPv>(nc, [&](auto ncv) {
             pv_block<O, decltype(mr)::value, decltype(ncv)::value>(s + r * lds, lds, lo[r], hi[r], v, ldk, ldv, c0 * W,
-                                                                   acc + r * ldacc + c0 * W, ldacc);
+                                                                   acc + r * ldacc + c0 * W, ldacc, cursor);
           });
         });
       }
