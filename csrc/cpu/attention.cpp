@@ -227,7 +227,7 @@ void span_partials(const StepGeometry& g, const AttentionSeq& s, int64_t t0, int
                      t.l.data() + r0, t.acc.data() + r0 * t.ldv, t.ldv, ahead);
 }
 
-// Rows [t0, t1) of sequence s (all G heads of KV head j), every visible tile streamed and merged in
+// Rows [t0, t1) of sequence s (all G heads of KV head j), every visible span streamed and merged in
 // order; writes the normalised output.
 void attend_streaming(const StepGeometry& g, const AttentionSeq& s, int64_t j, int64_t t0, int64_t t1, const float* q,
                       float* out, TileScratch& t) {
@@ -354,8 +354,8 @@ void attention(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_seqs,
   ThreadPool& pool = ThreadPool::instance();
   const int64_t nthreads = std::max(1, pool.size());
 
-  // Decode-like sequences (few new tokens) are split over their tiles so a long context keeps every
-  // thread busy; their partials are stored, then merged in tile order by a second pass. That pays only
+  // Decode-like sequences (few new tokens) are split over their spans so a long context keeps every
+  // thread busy; their partials are stored, then merged in span order by a second pass. That pays only
   // where one (sequence, KV head) could hold up the step, its work (tiles x new tokens) over half a
   // thread's share; otherwise the store and the second pass cost more than they spread (`node
   // bench/model.js --models qwen3moe --formats int4 --engines ours`, the attention part of a decode step
@@ -376,7 +376,7 @@ void attention(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_seqs,
   }
   const bool split = p.split_decode > 0 || (p.split_decode < 0 && used > 1 && largest_split * 2 * used > total_work);
   std::vector<Item> items;
-  int64_t partials = 0;  // (row, tile) partials stored, rows being G per token
+  int64_t partials = 0;  // (row, span) partials stored, rows being G per token
   std::vector<Item> merges;
   for (int64_t i = 0; i < num_seqs; i++) {
     const AttentionSeq& s = seqs[i];
