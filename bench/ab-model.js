@@ -36,7 +36,7 @@ const part = partAt >= 0 ? args.splice(partAt, 2)[1] : 'mlp';
 // freed after) instead of a decode step.
 const promptAt = args.indexOf('--prompt');
 const prompt = promptAt >= 0 ? Number(args.splice(promptAt, 2)[1]) : 0;
-if (!Number.isInteger(prompt) || prompt < 0 || prompt > 30000) {
+if (promptAt >= 0 && (!Number.isInteger(prompt) || prompt < 1 || prompt > 30000)) {
   console.error('--prompt: expected an integer from 1 to 30000');
   process.exit(2);
 }

@@ -45,9 +45,6 @@ void store_elems(void* base, DType dt, size_t offset, int64_t n, const float* sr
 
 int64_t round_up(int64_t n, int64_t w) { return (n + w - 1) / w * w; }
 
-// Cache blocks per span at most (attention_span_blocks()).
-constexpr int64_t kMaxSpanBlocks = 16;
-
 // Per-thread scratch of one work item, kept across calls and only grown: its query rows gathered, one
 // span's keys (transposed) and values widened to float and padded for the tile kernel, block by block
 // (or where the bf16 blocks lie in the cache), the span's scores and partials of every row, and the
@@ -169,8 +166,8 @@ void load_span(const StepGeometry& g, const AttentionSeq& s, SpanBlocks sb, int6
 // block, fetching the next block ahead took 0.88 of the attention time and further ahead or into L2
 // only gained nothing more (`bench/ab-model.js qwen3moe int4 attentionPrefetch 0 1 300 --part
 // attention`, 16 to 1,216 positions). A span's worth asked for at once, before the kernel, stalled the
-// loads behind it (that loop alone held 12% of the attention time of a decode after 4,000 positions,
-// and the attention took 0.94 of its time without fetching ahead); spread over the scores' loop, 0.75;
+// loads behind it (the prefetch loop stood out in a profile of a decode after 4,000 positions, and the
+// attention took 0.94 of its time without fetching ahead); spread over the scores' loop, 0.75;
 // over the whole call (scores and weighted values), 0.64-0.65 (`node bench/ab-model.js qwen3moe int4
 // attentionPrefetch 0 1 40 --part attention --prefix 4000`, both orders), 0.80 at 16 to 1,216
 // positions, 1.00 with 16 streams (`mixtral int4 attentionPrefetch 0 1 40 16`).

@@ -63,8 +63,9 @@ std::atomic<int>& attention_prefetch();
 // Whether bf16 tiles are read where they lie in the cache (attention.cpp, partials_bf16) rather than
 // widened into a scratch first; run-time for the same reason ('attentionInPlace').
 std::atomic<int>& attention_in_place();
-// Cache blocks the tile kernel takes in one call (attention.cpp, StepGeometry::span), 1 to 16, 8 by
-// default; run-time for the same reason ('attentionSpan'). The bits depend on it.
+// Cache blocks the tile kernel takes in one call (attention.cpp, StepGeometry::span), 1 to
+// kMaxSpanBlocks, 8 by default; run-time for the same reason ('attentionSpan'). The bits depend on it.
+constexpr int kMaxSpanBlocks = 16;
 std::atomic<int>& attention_span_blocks();
 
 // Checks a step's sequences against the cache: block ids in range, tables long enough, rows inside

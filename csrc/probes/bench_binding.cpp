@@ -61,7 +61,7 @@ static Napi::Value Quantize(const Napi::CallbackInfo& info) {
 // setTuning(name, value) -> the previous value. 'shortPanelBytes': kernels.h short_panel_bytes();
 // 'decodeStreams' (0 or 1): kernels.h decode_streams(); 'tilePanels' (1 to 64): kernels.h tile_panels();
 // 'attentionPrefetch', 'attentionInPlace' (0 or 1): attention.h attention_prefetch(), attention_in_place();
-// 'attentionSpan' (1 to 16): attention.h attention_span_blocks().
+// 'attentionSpan' (1 to kMaxSpanBlocks): attention.h attention_span_blocks().
 static Napi::Value SetTuning(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() < 2 || !info[0].IsString() || !info[1].IsNumber())
@@ -74,8 +74,9 @@ static Napi::Value SetTuning(const Napi::CallbackInfo& info) {
   if (name == "attentionInPlace")
     return Napi::Number::New(env, fmoe::attention_in_place().exchange(value != 0 ? 1 : 0));
   if (name == "attentionSpan") {
-    if (!(value >= 1 && value <= 16 && value == double(int(value))))
-      throw Napi::RangeError::New(env, "setTuning: attentionSpan must be an integer from 1 to 16");
+    if (!(value >= 1 && value <= fmoe::kMaxSpanBlocks && value == double(int(value))))
+      throw Napi::RangeError::New(
+          env, "setTuning: attentionSpan must be an integer from 1 to " + std::to_string(fmoe::kMaxSpanBlocks));
     return Napi::Number::New(env, fmoe::attention_span_blocks().exchange(int(value)));
   }
   if (name == "tilePanels") {
