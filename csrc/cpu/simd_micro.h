@@ -60,14 +60,20 @@ struct NextLinesCursor {
 // faster in bf16 (avx512bf16 and avx512) and float32, the 16-token Mixtral layer 7-19%
 // (`bench/ab-builds.js expert-4tok-bf16`, `expert-4tok-f32`, `mixtral-16tok-bf16`, both orders, Zen 5, 2
 // cores). Their decode tile, four or eight streams a thread, does not: mixtral-decode-bf16 lost 1-10%.
+// The VNNI set's int4 tiles of 5 or more rows (a few-rows expert at continuous batching, and prefill)
+// are bound by their dot products, not by the loads, and fetch further ahead: 16 KiB per panel ran
+// expert-6tok-int4 at 0.92-0.96, expert-16tok-int4 0.97 and mixtral-16tok-int4 0.93-0.98 of 2 or 4 KiB,
+// expert-8tok-int4, expert-64tok-int4 and mid-prefill-int4 within 1% (`bench/ab-builds.js A B CASE 20
+// 32`, group 32, Zen 5, 2 cores). The avx512 set, whose dot products take three instructions, lost 2-3%
+// on mixtral-16tok-int4 and keeps the short distance (OpsAvx512::kManyRowsAhead 0).
 template <int NP>
 constexpr size_t prefetch_code_bytes() {
   return NP >= 2 ? 2048 : 4096;
 }
 // bk: this step's codes in the tile's first panel, which ends at panel_end.
-template <size_t CSTEP, int NP>
+template <size_t CSTEP, int NP, size_t AHEAD = prefetch_code_bytes<NP>()>
 inline void prefetch_codes(const char* bk, const char* panel_end, size_t pstride) {
-  const char* ahead = bk + prefetch_code_bytes<NP>();
+  const char* ahead = bk + AHEAD;
   if (ahead >= panel_end) ahead += (NP - 1) * pstride;
 #pragma GCC unroll 8
   for (int p = 0; p < NP; p++)
@@ -332,6 +338,8 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
   constexpr int kAccRegs = MR * NP * NMAT * (kSplit ? 2 : 1);
   // int4: whether the whole tile's codes fit beside the accumulators and two broadcasts.
   constexpr bool kAllCodes = kAccRegs + 2 * NP * NMAT + 2 + O::kDotTemps <= O::kRegs;
+  // Bytes ahead in each panel: the set's own distance for tiles of 5 or more rows, where it has one.
+  constexpr size_t kAhead = MR >= 5 && O::kManyRowsAhead ? O::kManyRowsAhead : prefetch_code_bytes<NP>();
   // Whether c fits in registers too, beside the integer accumulators and the codes: then it is loaded
   // once per call instead of loaded and stored once per group (the same FMAs in the same order).
   constexpr int kCodeRegs = (MODE == kI4Dot ? 2 : 1) * NP * NMAT;
@@ -372,7 +380,7 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
       const char* bk = bc + size_t(s) * cstep;
       const int32_t* x0 = aqg + s * words * MR;
       if constexpr (MODE == kI4Dot && kAllCodes) {  // k = 8s .. 8s+3 of every row (lo), then 8s+4 .. 8s+7 (hi)
-        prefetch_codes<cstep, NP>(bk, b + pstride, pstride);
+        prefetch_codes<cstep, NP, kAhead>(bk, b + pstride, pstride);
         I lo[NP][NMAT], hi[NP][NMAT];
 #pragma GCC unroll 8
         for (int p = 0; p < NP; p++)
