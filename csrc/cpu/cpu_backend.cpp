@@ -279,10 +279,15 @@ class CpuBackend final : public Backend {
     float* ys = act + line(R * F);
     float* shared_y = shared_ ? ys + line(R * H) : nullptr;
     std::vector<int64_t> position(static_cast<size_t>(R));  // row t*k+j -> its place in expert order
+    // One token: every expert's single row is the token itself, so the experts read x where it is: no
+    // copies, and each thread packs it once for all its experts (same pointer, same epoch). Qwen3's MoE
+    // part at decode, `bench/ab-model.js` with a trial setting for it, both orders: 0.986, 1 / 1.012.
+    const bool one_token = T == 1;
     for (int64_t i = 0; i < R; i++) {
       position[size_t(d.rows[i])] = i;
-      std::memcpy(xs + i * H, x + (d.rows[i] / k) * H, size_t(H) * sizeof(float));
+      if (!one_token) std::memcpy(xs + i * H, x + (d.rows[i] / k) * H, size_t(H) * sizeof(float));
     }
+    auto rows_of = [&](int64_t r0) { return one_token ? x : xs + r0 * H; };
 
     ThreadPool& pool = ThreadPool::instance();
     const double up_bytes = double(w13_bytes_) / double(F), down_bytes = double(w2_bytes_) / double(H);
@@ -291,10 +296,10 @@ class CpuBackend final : public Backend {
     const int64_t g = cfg_.quant_group;
     run_bounded(up, d, 2 * 2 * H, up_bytes, cancel, [&](const WorkItem& it, int64_t r0, int64_t rows, ActEpoch epoch) {
       if (q != Quant::None)
-        kernels_->swiglu_quant(xs + r0 * H, H, rows, H, F, w13_of(it.expert), q, g, it.begin, it.end, act + r0 * F, F,
+        kernels_->swiglu_quant(rows_of(r0), H, rows, H, F, w13_of(it.expert), q, g, it.begin, it.end, act + r0 * F, F,
                                epoch);
       else
-        kernels_->swiglu(xs + r0 * H, H, rows, H, F, w13_of(it.expert), dt, it.begin, it.end, act + r0 * F, F, epoch);
+        kernels_->swiglu(rows_of(r0), H, rows, H, F, w13_of(it.expert), dt, it.begin, it.end, act + r0 * F, F, epoch);
     });
     std::vector<WorkItem> downs = tile_items(d, H, R, 2 * F, down_bytes);
     run_bounded(downs, d, 2 * F, down_bytes, cancel, [&](const WorkItem& it, int64_t r0, int64_t rows, ActEpoch epoch) {
