@@ -280,8 +280,9 @@ class CpuBackend final : public Backend {
     float* shared_y = shared_ ? ys + line(R * H) : nullptr;
     std::vector<int64_t> position(static_cast<size_t>(R));  // row t*k+j -> its place in expert order
     // One token: every expert's single row is the token itself, so the experts read x where it is: no
-    // copies, and each thread packs it once for all its experts (same pointer, same epoch). Qwen3's MoE
-    // part at decode, `bench/ab-model.js` with a trial setting for it, both orders: 0.986, 1 / 1.012.
+    // copies, and each thread packs it once for all its experts (same pointer, same epoch). One Qwen3
+    // layer at one token, `bench/ab-builds.js OLD NEW qwen3-decode-int4 200 32`: 0.958, 1 / 1.068 the
+    // other way round.
     const bool one_token = T == 1;
     for (int64_t i = 0; i < R; i++) {
       position[size_t(d.rows[i])] = i;
