@@ -265,12 +265,14 @@ const RUN = {
   chunkTokens: 256,
 };
 // Bytes one decode step reads with N streams: attention and LM head once, the experts the N tokens
-// pick (expected distinct experts of E with N*k uniform picks), routers in float32.
+// pick (expected distinct experts of E with N*k uniform picks), the routers (ours in bf16, as the
+// checkpoint's values are; llama.cpp's GGUF in float32).
 const BYTES_PER_WEIGHT = { bf16: 2, int8: 1 + 2 / 32, int4: 0.5 + 2 / 32 };
-function stepBytes(N, bpw) {
+const ROUTER_BYTES = { ours: 2, llama: 4 };
+function stepBytes(N, bpw, routerBytes) {
   const w = weightCounts(m);
   const picked = m.E * (1 - Math.pow(1 - 1 / m.E, N * m.k)); // expected distinct experts per layer
-  return (w.attn + (w.experts * picked) / m.E + w.lmHead) * bpw + 4 * w.router;
+  return (w.attn + (w.experts * picked) / m.E + w.lmHead) * bpw + routerBytes * w.router;
 }
 
 const binding = require('node-gyp-build')(root);
@@ -307,7 +309,7 @@ for (const r of results) {
   for (const N of streams) {
     const f = r.streams[N];
     const rate = median(f.map((x) => x.decodeTokS));
-    const bytes = stepBytes(N, BYTES_PER_WEIGHT[r.format]);
+    const bytes = stepBytes(N, BYTES_PER_WEIGHT[r.format], ROUTER_BYTES[r.engine]);
     const frac = ((rate / N) * bytes) / (bw * 1e9);
     const row = {
       format: r.format,

@@ -81,21 +81,25 @@ const BYTES_PER_WEIGHT = {
   llama: { bf16: 2, int8: 34 / 32, int4: 18 / 32 },
 };
 
-/** Bytes one decode step reads: every attention matrix, the k picked experts of each layer, the router
- * (float32 in both), the LM head, one embeddings row (bf16). The KV cache (under 1% here) is left out. */
-function decodeBytes(m, bpw) {
+/** Bytes per value of the router an engine reads: ours keeps a bf16 checkpoint's router in bf16 (every
+ * value is a bf16 value), llama.cpp reads the float32 router of the GGUF files. */
+const ROUTER_BYTES = { ours: 2, llama: 4 };
+
+/** Bytes one decode step reads: every attention matrix, the k picked experts of each layer, the router,
+ * the LM head, one embeddings row (bf16). The KV cache (under 1% here) is left out. */
+function decodeBytes(m, bpw, routerBytes) {
   const w = weightCounts(m);
-  return (w.attn + (w.experts * m.k) / m.E + w.lmHead) * bpw + 4 * w.router + 2 * m.H;
+  return (w.attn + (w.experts * m.k) / m.E + w.lmHead) * bpw + routerBytes * w.router + 2 * m.H;
 }
 
 /** Bytes each timed part of a decode step reads (MoeModel.stepTimes() phases with weights). */
-function decodePhaseBytes(m, bpw) {
+function decodePhaseBytes(m, bpw, routerBytes) {
   const w = weightCounts(m);
   const output = m.layers * m.H * m.heads * m.D;
   return {
     qkv: (w.attn - output) * bpw,
     output: output * bpw,
-    mlp: ((w.experts * m.k) / m.E) * bpw + 4 * w.router,
+    mlp: ((w.experts * m.k) / m.E) * bpw + routerBytes * w.router,
     lmHead: w.lmHead * bpw,
   };
 }
@@ -240,7 +244,7 @@ for (const name of modelNames) {
       }
       const promptMs = median(r.promptMs),
         decodeMs = median(r.decodeMs);
-      const bytes = decodeBytes(m, bpw);
+      const bytes = decodeBytes(m, bpw, ROUTER_BYTES[engine]);
       row[engine] = {
         loadS: r.loadS,
         info: r.info,
@@ -270,7 +274,7 @@ for (const name of modelNames) {
       if (r.decodePhaseMs) {
         // Median ms per step in each part, and the GB/s of the parts that stream weights, against the median
         // of the probes taken before the steps (or the run's probe).
-        const phaseBytes = decodePhaseBytes(m, bpw);
+        const phaseBytes = decodePhaseBytes(m, bpw, ROUTER_BYTES[engine]);
         const probe = r.decodeProbes && r.decodeProbes.length ? median(r.decodeProbes) : ceilings.readGBs;
         const parts = Object.entries(r.decodePhaseMs).map(([p, ms]) => {
           if (!phaseBytes[p]) return `${p} ${fmt(ms)}`;

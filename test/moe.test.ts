@@ -113,6 +113,36 @@ describe(`MoeLayer on the CPU (${backendInfo().cpu.isa})`, () => {
     }
   });
 
+  // Such a router is kept in bf16 and widened as it is read: at one token (the portable kernel, over
+  // experts) and at 50 (the kernel set's, over tokens) the routing and the output follow the reference
+  // of the same values.
+  test('a router of bf16 values routes and computes as the reference says', () => {
+    for (const T of [1, 3, 50]) {
+      const c: Case = { ...base, H: 52, F: 24, E: 13, k: 3, T, seed: 31 + T };
+      const { config, weights, x, ref } = makeCase(c);
+      const exact = encode(weights.gate as Float32Array, 'bfloat16').exact;
+      const gate = Float32Array.from(exact);
+      const layer = new MoeLayer(config, { ...weights, gate });
+      try {
+        const { experts, weights: w } = layer.route(x);
+        for (let t = 0; t < T; t++) {
+          const logits = Array.from({ length: c.E }, (_, e) => {
+            let s = 0;
+            for (let i = 0; i < c.H; i++) s += exact[e * c.H + i] * x[t * c.H + i];
+            return s;
+          });
+          const r = referenceRoute(logits, c.k, ref.renorm);
+          expect(Array.from(experts.subarray(t * c.k, (t + 1) * c.k))).toEqual(r.ids);
+          for (let j = 0; j < c.k; j++) expect(w[t * c.k + j]).toBeCloseTo(r.w[j], 6);
+        }
+        const err = relL2(layer.forwardSync(x), referenceMoe({ ...ref, gate: exact }, x, T));
+        expect(err).toBeLessThan(weightTolerance(backendInfo().cpu.isa ?? '', c.dtype));
+      } finally {
+        layer.dispose();
+      }
+    }
+  });
+
   test('ties: identical router rows pick the lower expert index', () => {
     const H = 16,
       F = 8,

@@ -6,6 +6,8 @@
 #include <limits>
 #include <vector>
 
+#include "dtype.h"
+
 namespace fmoe {
 
 namespace {
@@ -19,13 +21,34 @@ inline Lanes4 load4(const float* p) {
   return v;
 }
 
+// Eight values as two groups of four lanes: from float32, or from bf16 widened exactly (each value the
+// high half of its float's bits; the interleave with zeros is one unpack per group on SSE2 and NEON).
+inline void load8(const float* p, Lanes4& lo, Lanes4& hi) {
+  lo = load4(p);
+  hi = load4(p + 4);
+}
+
+inline void load8(const uint16_t* p, Lanes4& lo, Lanes4& hi) {
+  typedef uint16_t Half8 __attribute__((vector_size(16)));
+  Half8 h;
+  std::memcpy(&h, p, sizeof h);
+  const Half8 zero = {};
+  const Half8 l = __builtin_shufflevector(zero, h, 0, 8, 1, 9, 2, 10, 3, 11);
+  const Half8 u = __builtin_shufflevector(zero, h, 4, 12, 5, 13, 6, 14, 7, 15);
+  std::memcpy(&lo, &l, sizeof lo);
+  std::memcpy(&hi, &u, sizeof hi);
+}
+
+inline float value_at(const float* g, int64_t i) { return g[i]; }
+inline float value_at(const uint16_t* g, int64_t i) { return bf16_to_f32(g[i]); }
+
 // NB experts' logits for one token, each summed exactly as gate_logits documents: expert q's row at
 // g + q * rows_apart rows of H, its logit at out[q * rows_apart]. The token's values are loaded once for
 // the NB experts and the 8 * NB sums run side by side; one expert at a time left each sum waiting on its
 // previous add (`bench/ab-builds.js`, Zen 5, 2 cores: qwen3-decode-bf16 0.92 / 0.94,
 // dsv2lite-decode-bf16 0.95, qwen3-prefill-f32 0.96).
-template <int NB>
-inline void gate_block(const float* xt, int64_t H, const float* g, int64_t rows_apart, float* out) {
+template <int NB, class G>
+inline void gate_block(const float* xt, int64_t H, const G* g, int64_t rows_apart, float* out) {
   const int64_t stride = rows_apart * H;
   Lanes4 lo[NB], hi[NB];  // lanes 0-3 and 4-7 of each expert's eight sums
   for (int q = 0; q < NB; q++) lo[q] = hi[q] = Lanes4{};
@@ -33,22 +56,23 @@ inline void gate_block(const float* xt, int64_t H, const float* g, int64_t rows_
   for (; h + 8 <= H; h += 8) {
     const Lanes4 xl = load4(xt + h), xh = load4(xt + h + 4);
     for (int q = 0; q < NB; q++) {
-      lo[q] += xl * load4(g + q * stride + h);
-      hi[q] += xh * load4(g + q * stride + h + 4);
+      Lanes4 gl, gh;
+      load8(g + q * stride + h, gl, gh);
+      lo[q] += xl * gl;
+      hi[q] += xh * gh;
     }
   }
   for (int q = 0; q < NB; q++) {
     double sum = 0;
     for (int j = 0; j < 4; j++) sum += lo[q][j];
     for (int j = 0; j < 4; j++) sum += hi[q][j];
-    for (int64_t i = h; i < H; i++) sum += double(xt[i]) * g[q * stride + i];
+    for (int64_t i = h; i < H; i++) sum += double(xt[i]) * value_at(g, q * stride + i);
     out[q * rows_apart] = float(sum);
   }
 }
 
-}  // namespace
-
-void gate_logits(const float* x, int64_t T, int64_t H, const float* gate, int64_t E, float* logits, int64_t ld) {
+template <class G>
+void gate_logits_of(const float* x, int64_t T, int64_t H, const G* gate, int64_t E, float* logits, int64_t ld) {
   if (ld == 0) ld = E;
   for (int64_t t = 0; t < T; t++) {
     const float* xt = x + t * H;
@@ -62,6 +86,17 @@ void gate_logits(const float* x, int64_t T, int64_t H, const float* gate, int64_
     for (int64_t e = 0; e < quarter; e++) gate_block<4>(xt, H, gate + e * H, quarter, out + e);
     for (int64_t e = 4 * quarter; e < E; e++) gate_block<1>(xt, H, gate + e * H, 1, out + e);
   }
+}
+
+}  // namespace
+
+void gate_logits(const float* x, int64_t T, int64_t H, const float* gate, int64_t E, float* logits, int64_t ld) {
+  gate_logits_of(x, T, H, gate, E, logits, ld);
+}
+
+void gate_logits_bf16(const float* x, int64_t T, int64_t H, const uint16_t* gate, int64_t E, float* logits,
+                      int64_t ld) {
+  gate_logits_of(x, T, H, gate, E, logits, ld);
 }
 
 // a is a better pick than b: larger value, NaN ranks below every number, ties to the lower index.

@@ -34,4 +34,9 @@ void route_topk(const float* logits, int64_t T, int64_t E, int64_t k, Routing ro
 // and tokens may be split over threads in any way.
 void gate_logits(const float* x, int64_t T, int64_t H, const float* gate, int64_t E, float* logits, int64_t ld = 0);
 
+// The same logits from a router stored as bf16 (`gate` holds each value's upper 16 bits): bit for bit
+// gate_logits on the widened values, in half the bytes where every router value is a bf16 value.
+void gate_logits_bf16(const float* x, int64_t T, int64_t H, const uint16_t* gate, int64_t E, float* logits,
+                      int64_t ld = 0);
+
 }  // namespace fmoe

@@ -76,6 +76,8 @@ struct KernelSet {
   // The router's logits of T tokens, logits[t * E + e], bit for bit those of gate_logits (routing.h), or
   // nullptr where the set has no faster form (gate_logits then serves).
   void (*gate_logits)(const float* x, int64_t T, int64_t H, const float* gate, int64_t E, float* logits);
+  // The same from a router stored as bf16 (routing.h gate_logits_bf16), or nullptr.
+  void (*gate_logits_bf16)(const float* x, int64_t T, int64_t H, const uint16_t* gate, int64_t E, float* logits);
 };
 
 // Kernel sets compiled into this binary; each returns nullptr when not built for this architecture.

@@ -54,17 +54,39 @@ inline GateLanes gate_load(const float* p) {
   return v;
 }
 
+// A router stored as bf16 (routing.h gate_logits_bf16): eight values widened exactly, each the high
+// half of its float's bits, so every product and sum is the one the float router gives.
+inline GateLanes gate_load(const uint16_t* p) {
+  typedef uint16_t Half8 __attribute__((vector_size(16)));
+  typedef uint32_t Word8 __attribute__((vector_size(32)));
+  Half8 h;
+  std::memcpy(&h, p, sizeof h);
+  const Word8 w = __builtin_convertvector(h, Word8) << 16;
+  GateLanes v;
+  std::memcpy(&v, &w, sizeof v);
+  return v;
+}
+
+inline float gate_value(const float* g, int64_t i) { return g[i]; }
+inline float gate_value(const uint16_t* g, int64_t i) {
+  const uint32_t bits = uint32_t(g[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
 // The logits of one token's eight sums: the lanes in order, then the tail.
-inline float gate_finish(const float* lanes, const float* x, const float* g, int64_t h, int64_t H) {
+template <class G>
+inline float gate_finish(const float* lanes, const float* x, const G* g, int64_t h, int64_t H) {
   double sum = 0;
   for (int j = 0; j < 8; j++) sum += lanes[j];
-  for (int64_t i = h; i < H; i++) sum += double(x[i]) * g[i];
+  for (int64_t i = h; i < H; i++) sum += double(x[i]) * gate_value(g, i);
   return float(sum);
 }
 
 // TB tokens by EB experts, eight lanes each.
-template <int TB, int EB>
-inline void gate_tile(const float* x, int64_t H, const float* g, float* logits, int64_t E) {
+template <int TB, int EB, class G>
+inline void gate_tile(const float* x, int64_t H, const G* g, float* logits, int64_t E) {
   GateLanes acc[TB][EB];
 #pragma GCC unroll 8
   for (int t = 0; t < TB; t++)
@@ -98,8 +120,8 @@ inline void gate_tile(const float* x, int64_t H, const float* g, float* logits, 
 typedef float GatePairs __attribute__((vector_size(64)));  // [token a's eight lanes | token b's]
 
 // Two pairs of tokens by EB experts.
-template <int EB>
-inline void gate_tile_pairs(const float* x, int64_t H, const float* g, float* logits, int64_t E) {
+template <int EB, class G>
+inline void gate_tile_pairs(const float* x, int64_t H, const G* g, float* logits, int64_t E) {
   GatePairs acc[2][EB];
 #pragma GCC unroll 8
   for (int t = 0; t < 2; t++)
@@ -135,7 +157,8 @@ inline void gate_tile_pairs(const float* x, int64_t H, const float* g, float* lo
 #endif
 
 // Four tokens by four experts: two pairs of tokens with AVX-512.
-inline void gate_tile_4x4(const float* x, int64_t H, const float* g, float* logits, int64_t E) {
+template <class G>
+inline void gate_tile_4x4(const float* x, int64_t H, const G* g, float* logits, int64_t E) {
 #if defined(__AVX512F__)
   gate_tile_pairs<4>(x, H, g, logits, E);
 #else
@@ -145,8 +168,9 @@ inline void gate_tile_4x4(const float* x, int64_t H, const float* g, float* logi
 
 // Four tokens by four experts at a time, over blocks of router rows of about
 // 256 KiB that stay in L2 while every token of the call meets them.
-inline void gate_logits_simd(const float* x, int64_t T, int64_t H, const float* gate, int64_t E, float* logits) {
-  const int64_t rows = H > 0 ? (int64_t(256) << 10) / (H * int64_t(sizeof(float))) / 4 * 4 : E;
+template <class G>
+inline void gate_logits_simd(const float* x, int64_t T, int64_t H, const G* gate, int64_t E, float* logits) {
+  const int64_t rows = H > 0 ? (int64_t(256) << 10) / (H * int64_t(sizeof(G))) / 4 * 4 : E;
   const int64_t block = rows < 4 ? 4 : rows;
   for (int64_t e0 = 0; e0 < E; e0 += block) {
     const int64_t e1 = e0 + block < E ? e0 + block : E;
@@ -155,7 +179,7 @@ inline void gate_logits_simd(const float* x, int64_t T, int64_t H, const float* 
       int64_t e = e0;
       for (; e + 4 <= e1; e += 4) {
         const float* xt = x + t * H;
-        const float* g = gate + e * H;
+        const G* g = gate + e * H;
         float* out = logits + t * E + e;
         if (four)
           gate_tile_4x4(xt, H, g, out, E);
@@ -173,9 +197,12 @@ inline void gate_logits_simd(const float* x, int64_t T, int64_t H, const float* 
   }
 }
 
-constexpr void (*kGateLogits)(const float*, int64_t, int64_t, const float*, int64_t, float*) = gate_logits_simd;
+constexpr void (*kGateLogits)(const float*, int64_t, int64_t, const float*, int64_t, float*) = gate_logits_simd<float>;
+constexpr void (*kGateLogitsBf16)(const float*, int64_t, int64_t, const uint16_t*, int64_t,
+                                  float*) = gate_logits_simd<uint16_t>;
 #else
 constexpr void (*kGateLogits)(const float*, int64_t, int64_t, const float*, int64_t, float*) = nullptr;
+constexpr void (*kGateLogitsBf16)(const float*, int64_t, int64_t, const uint16_t*, int64_t, float*) = nullptr;
 #endif
 
 // The KernelSet functions for one ISA. BF16_MODE: kBF16 (shift) or kBF16Dot; I8_MODE / I4_MODE: kI8 /
@@ -314,7 +341,8 @@ struct Kernels {
                      : I8_MODE == kI8Vnni ? "int8"
                                           : "float32",
                      I4_MODE == kI4Dot ? "int8" : "float32",
-                     kGateLogits};
+                     kGateLogits,
+                     kGateLogitsBf16};
   }
 };
 

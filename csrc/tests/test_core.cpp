@@ -146,6 +146,40 @@ static void test_gate_logits() {
     }
 }
 
+// A router of bf16 values kept as bf16 (the CPU layer does so for every bf16 checkpoint) must give the
+// bits of the same values as float32, over any range of experts and in every kernel set's router kernel;
+// the values are fresh random bf16 values (not rounded floats that happen to agree in float32).
+static void test_gate_logits_bf16() {
+  std::mt19937 gen(4321);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  for (int64_t E : {1, 4, 6, 64, 129})
+    for (int64_t H : {1, 9, 16, 2053}) {
+      const int64_t T = 1 + (E + 2 * H) % 9;
+      std::vector<float> x(size_t(T * H)), g(size_t(E * H)), want(size_t(T * E)), mine(size_t(T * E), -1.0f),
+          split(size_t(T * E), -1.0f);
+      std::vector<uint16_t> gb(size_t(E * H));
+      for (float& v : x) v = u(gen);
+      for (size_t i = 0; i < gb.size(); i++) {
+        gb[i] = f32_to_bf16(u(gen));
+        g[i] = bf16_to_f32(gb[i]);
+      }
+      gate_logits(x.data(), T, H, g.data(), E, want.data());
+      gate_logits_bf16(x.data(), T, H, gb.data(), E, mine.data());
+      CHECK(std::memcmp(want.data(), mine.data(), want.size() * sizeof(float)) == 0);
+      const int64_t cut = (E + 1) / 2;
+      gate_logits_bf16(x.data(), T, H, gb.data(), cut, split.data(), E);
+      gate_logits_bf16(x.data(), T, H, gb.data() + cut * H, E - cut, split.data() + cut, E);
+      CHECK(std::memcmp(want.data(), split.data(), want.size() * sizeof(float)) == 0);
+      for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Neon}) {
+        const KernelSet* ks = kernels_for(isa);
+        if (!ks || !ks->gate_logits_bf16) continue;
+        std::vector<float> set(size_t(T * E), -1.0f);
+        ks->gate_logits_bf16(x.data(), T, H, gb.data(), E, set.data());
+        CHECK(std::memcmp(want.data(), set.data(), want.size() * sizeof(float)) == 0);
+      }
+    }
+}
+
 static void test_dispatch() {
   const int32_t experts[8] = {2, 0, 1, 2, 0, 2, 1, 0};  // T=4, k=2
   Dispatch d;
@@ -584,6 +618,7 @@ int main() {
   test_routing();
   test_routing_families();
   test_gate_logits();
+  test_gate_logits_bf16();
   test_dispatch();
   test_dtypes();
   test_options();
