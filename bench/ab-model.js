@@ -1,12 +1,14 @@
 #!/usr/bin/env node
-// Paired A/B of a kernel tuning value (binding.bench.setTuning) over a whole model's decode steps, in one
-// process: the value flips between A and B from one step to the next (A B, then B A), each measured step
-// after an unmeasured one with the same value, so both see the same machine state. Where runs of
-// `bench/model.js` spread far apart on a shared machine, this resolves a few percent: an A/A run (the
-// same value on both sides) reads within 1% of 1.00. Prints each side's median step time and the time of
-// one part of the step (MoeModel.stepTimes(): mlp unless --part names another), and the medians of the
-// per-pair ratios B / A. Each step adds a position to every sequence: 300 pairs reach 1,216 positions
-// (after a prefix of 16 tokens, or of --prefix N).
+// Paired A/B over a whole model's decode steps, in one process: of a kernel tuning value
+// (binding.bench.setTuning), which flips between A and B from one step to the next, or of two builds
+// (`build`: A and B are two checkouts, each with its dist/ and its addon built, each loading its own
+// copy of the model). The sides alternate (A B, then B A), each measured step after an unmeasured one
+// on the same side, so both see the same machine state. Where runs of `bench/model.js` spread far apart
+// on a shared machine, this resolves a few percent: an A/A run (the same value on both sides) reads
+// within 1% of 1.00. Prints each side's median step time and the time of one part of the step
+// (MoeModel.stepTimes(): mlp unless --part names another), and the medians of the per-pair ratios
+// B / A. Each step adds a position to every sequence: 300 pairs reach 1,216 positions (after a prefix
+// of 16 tokens, or of --prefix N).
 //
 //   node bench/model.js --models qwen3moe --formats int4 --engines ours   (writes the model files once)
 //   node bench/ab-model.js qwen3moe int4 shortPanelBytes 0 24576 [pairs = 60] [streams = 1]
@@ -16,6 +18,8 @@
 //   node bench/ab-model.js mixtral int4 attentionInPlace 0 1 40 16 --part attention
 //   node bench/ab-model.js qwen3moe int4 attentionSpan 1 8 40 --part attention --prefix 4000
 //   node bench/ab-model.js qwen3moe int4 attentionSpan 1 8 8 --part attention --prompt 2048
+//   git worktree add ../old HEAD~1 && (cd ../old && npm ci && npm run build)
+//   node bench/ab-model.js qwen3moe int4 build ../old . 150
 //
 // The model is one of bench/model.js's (its files in the same cache folder: --cache-dir DIR).
 'use strict';
@@ -24,7 +28,6 @@ const path = require('path');
 const fs = require('fs');
 const { median } = require('./util');
 const root = path.join(__dirname, '..');
-const { MoeModel } = require(path.join(root, 'dist'));
 const binding = require('node-gyp-build')(root);
 
 const args = process.argv.slice(2);
@@ -48,7 +51,7 @@ if (!Number.isInteger(prefix) || prefix < 1 || prefix > 30000) {
 }
 const [model, quantize, name, a, b, pairsArg, streamsArg] = args;
 const usage =
-  'usage: node bench/ab-model.js <mixtral | qwen3moe> <none | int8 | int4> <shortPanelBytes | decodeStreams | tilePanels | attentionPrefetch | attentionInPlace | attentionSpan> <A> <B> [pairs] [streams] [--part qkv | attention | output | mlp | lmHead | other] [--prefix N | --prompt T] [--cache-dir DIR]';
+  'usage: node bench/ab-model.js <mixtral | qwen3moe> <none | int8 | int4> <shortPanelBytes | decodeStreams | tilePanels | attentionPrefetch | attentionInPlace | attentionSpan | build> <A> <B> [pairs] [streams] [--part qkv | attention | output | mlp | lmHead | other] [--prefix N | --prompt T] [--cache-dir DIR]';
 if (!model || !quantize || !name || a === undefined || b === undefined) {
   console.error(usage);
   process.exit(2);
@@ -61,7 +64,18 @@ if (!folder) {
 const pairs = Number(pairsArg) || 60,
   streams = Number(streamsArg) || 1;
 
-(async () => {
+// build: each side is a checkout (its dist/ and addon); otherwise both sides share this checkout's model
+// and differ in the tuning value.
+const builds = name === 'build';
+const roots = builds ? [path.resolve(a), path.resolve(b)] : [root];
+for (const r of roots)
+  if (!fs.existsSync(path.join(r, 'dist', 'index.js'))) {
+    console.error(`${r}: no dist/index.js (run npm run build there)`);
+    process.exit(2);
+  }
+
+async function open(r) {
+  const { MoeModel } = require(path.join(r, 'dist'));
   const m = await MoeModel.load(path.join(cacheDir, folder, 'hf'), {
     quantize,
     contextLength: Math.max(prefix + 4 * pairs, prompt) + 64,
@@ -69,9 +83,8 @@ const pairs = Number(pairsArg) || 60,
     threads: binding.backendInfo().cpu.threads,
   });
   if (!(part in m.stepTimes().seconds)) {
-    console.error(`--part must be one of ${Object.keys(m.stepTimes().seconds).join(', ')}, got ${part}`);
     m.dispose();
-    process.exit(2);
+    throw new Error(`--part must be one of ${Object.keys(m.stepTimes().seconds).join(', ')}, got ${part}`);
   }
   const seqs = Array.from({ length: streams }, () => m.createSequence());
   for (let done = 0; done < prefix; done += 256) {
@@ -83,13 +96,20 @@ const pairs = Number(pairsArg) || 60,
       })),
     );
   }
+  return { m, seqs };
+}
+
+(async () => {
+  const opened = [];
+  for (const r of roots) opened.push(await open(r));
+  const of = { A: opened[0], B: opened[opened.length - 1] };
   let next = 0;
-  const decodeStep = () =>
+  const decodeStep = ({ m, seqs }) =>
     m.step(
       seqs.map((s, j) => ({ sequence: s, tokens: [200 + ((next++ * 7919 + j * 131) % 1000)] })),
       { reuseLogits: true },
     );
-  const promptRun = async () => {
+  const promptRun = async ({ m }) => {
     const s = m.createSequence();
     const first = next++;
     for (let done = 0; done < prompt; done += 512) {
@@ -103,16 +123,17 @@ const pairs = Number(pairsArg) || 60,
   const side = { A: { ms: [], part: [] }, B: { ms: [], part: [] } },
     ratio = [],
     partRatio = [];
-  const original = binding.bench.setTuning(name, Number(a));
+  const original = builds ? undefined : binding.bench.setTuning(name, Number(a));
   try {
     for (let i = 0; i < pairs + 2; i++) {
       const got = {};
       for (const s of i % 2 ? ['A', 'B'] : ['B', 'A']) {
-        binding.bench.setTuning(name, Number(s === 'A' ? a : b));
-        await step(); // settle: the same value, unmeasured
+        if (!builds) binding.bench.setTuning(name, Number(s === 'A' ? a : b));
+        const { m } = of[s];
+        await step(of[s]); // settle: the same side, unmeasured
         const before = m.stepTimes().seconds[part];
         const t = process.hrtime.bigint();
-        await step();
+        await step(of[s]);
         got[s] = { ms: Number(process.hrtime.bigint() - t) / 1e6, part: (m.stepTimes().seconds[part] - before) * 1e3 };
       }
       if (i < 2) continue; // warm-up pairs
@@ -124,8 +145,8 @@ const pairs = Number(pairsArg) || 60,
       partRatio.push(got.B.part / got.A.part);
     }
   } finally {
-    binding.bench.setTuning(name, original);
-    m.dispose();
+    if (!builds) binding.bench.setTuning(name, original);
+    for (const o of opened) o.m.dispose();
   }
   const f = (x) => x.toFixed(3);
   console.log(
@@ -134,8 +155,8 @@ const pairs = Number(pairsArg) || 60,
       quantize,
       streams,
       tuning: name,
-      A: Number(a),
-      B: Number(b),
+      A: builds ? a : Number(a),
+      B: builds ? b : Number(b),
       pairs,
       prefix,
       prompt,

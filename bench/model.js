@@ -262,6 +262,7 @@ for (const name of modelNames) {
         // Steps over twice the median: stalls (another process took a core mid-step).
         decodeStalls: r.decodeMs.filter((t) => t > 2 * decodeMs).length,
         decodePhaseMs: r.decodePhaseMs,
+        decodeOutsideMs: r.decodeOutsideMs,
       };
       if (r.info && r.info.finite === false) {
         log(`${name} ${format} ${engine}: non-finite logits`);
@@ -282,6 +283,11 @@ for (const name of modelNames) {
           return `${p} ${fmt(ms)} (${fmt(gbs)} GB/s, ${pct(gbs / probe)})`;
         });
         log(`  decode ms per step by part (% of the ${fmt(probe)} GB/s probe): ${parts.join(', ')}`);
+        if (r.decodeOutsideMs !== undefined)
+          log(
+            `  decode ms per step outside the native step (call, wake-ups, logits copy): ${fmt(r.decodeOutsideMs)} ` +
+              `(${pct(r.decodeOutsideMs / decodeMs)} of the median step)`,
+          );
       }
       save(undefined);
     }
