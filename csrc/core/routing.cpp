@@ -22,7 +22,8 @@ inline Lanes4 load4(const float* p) {
 }
 
 // Eight values as two groups of four lanes: from float32, or from bf16 widened exactly (each value the
-// high half of its float's bits; the interleave with zeros is one unpack per group on SSE2 and NEON).
+// high half of its float's bits: interleaved after a zero half on these little-endian targets, one
+// unpack per group on SSE2 and NEON).
 inline void load8(const float* p, Lanes4& lo, Lanes4& hi) {
   lo = load4(p);
   hi = load4(p + 4);
