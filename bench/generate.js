@@ -19,7 +19,15 @@ const fs = require('fs');
 const os = require('os');
 const path = require('path');
 
-const { MODELS, QUICK_MODELS, FORMATS, benchTokens, ensureModel, weightCounts } = require('./model-files');
+const {
+  MODELS,
+  QUICK_MODELS,
+  FORMATS,
+  benchTokens,
+  ensureModel,
+  weightCounts,
+  ROUTER_BYTES,
+} = require('./model-files');
 const { runAsChild, runChild, cliOptions } = require('./child');
 const { writeBenchTokenizer } = require('./tokenizer-file');
 const { fmt, median, quantile } = require('./util');
@@ -265,10 +273,8 @@ const RUN = {
   chunkTokens: 256,
 };
 // Bytes one decode step reads with N streams: attention and LM head once, the experts the N tokens
-// pick (expected distinct experts of E with N*k uniform picks), the routers (ours in bf16, as the
-// checkpoint's values are; llama.cpp's GGUF in float32).
+// pick (expected distinct experts of E with N*k uniform picks), the routers (ROUTER_BYTES a value).
 const BYTES_PER_WEIGHT = { bf16: 2, int8: 1 + 2 / 32, int4: 0.5 + 2 / 32 };
-const ROUTER_BYTES = { ours: 2, llama: 4 };
 function stepBytes(N, bpw, routerBytes) {
   const w = weightCounts(m);
   const picked = m.E * (1 - Math.pow(1 - 1 / m.E, N * m.k)); // expected distinct experts per layer

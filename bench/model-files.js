@@ -590,6 +590,10 @@ function weightCounts(m) {
   return { attn, experts, router, embed, lmHead, total: attn + experts + router + embed + lmHead };
 }
 
+/** Bytes per router value each engine reads: ours keeps a bf16 checkpoint's router in bf16 (every value
+ * is a bf16 value), llama.cpp reads the float32 router of the GGUF files. */
+const ROUTER_BYTES = { ours: 2, llama: 4 };
+
 /** Bytes each file of a model takes (within a few MB: norms and the vocabulary are left out). */
 function fileBytes(m, file) {
   const w = weightCounts(m);
@@ -661,6 +665,7 @@ module.exports = {
   benchTokens,
   ensureModel,
   weightCounts,
+  ROUTER_BYTES,
   fileBytes,
   toF16,
   quantQ8,

@@ -26,7 +26,16 @@ const fs = require('fs');
 const os = require('os');
 const path = require('path');
 
-const { MODELS, QUICK_MODELS, FORMATS, benchTokens, ensureModel, weightCounts, fileBytes } = require('./model-files');
+const {
+  MODELS,
+  QUICK_MODELS,
+  FORMATS,
+  benchTokens,
+  ensureModel,
+  weightCounts,
+  fileBytes,
+  ROUTER_BYTES,
+} = require('./model-files');
 const { runAsChild, runChild, cliOptions } = require('./child');
 const { fmt, pct, median, pairedBwFraction } = require('./util');
 
@@ -81,12 +90,8 @@ const BYTES_PER_WEIGHT = {
   llama: { bf16: 2, int8: 34 / 32, int4: 18 / 32 },
 };
 
-/** Bytes per value of the router an engine reads: ours keeps a bf16 checkpoint's router in bf16 (every
- * value is a bf16 value), llama.cpp reads the float32 router of the GGUF files. */
-const ROUTER_BYTES = { ours: 2, llama: 4 };
-
-/** Bytes one decode step reads: every attention matrix, the k picked experts of each layer, the router,
- * the LM head, one embeddings row (bf16). The KV cache (under 1% here) is left out. */
+/** Bytes one decode step reads: every attention matrix, the k picked experts of each layer, the router
+ * (ROUTER_BYTES a value), the LM head, one embeddings row (bf16). The KV cache (under 1% here) is left out. */
 function decodeBytes(m, bpw, routerBytes) {
   const w = weightCounts(m);
   return (w.attn + (w.experts * m.k) / m.E + w.lmHead) * bpw + routerBytes * w.router + 2 * m.H;
