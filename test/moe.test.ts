@@ -14,6 +14,21 @@ function run(c: Case) {
   }
 }
 
+/** layer.route(x) picks the experts, and gives the weights, of the float64 reference on router `gate`. */
+function expectReferenceRoute(layer: MoeLayer, c: Case, gate: ArrayLike<number>, x: Float32Array, renorm: boolean) {
+  const { experts, weights: w } = layer.route(x);
+  for (let t = 0; t < c.T; t++) {
+    const logits = Array.from({ length: c.E }, (_, e) => {
+      let s = 0;
+      for (let i = 0; i < c.H; i++) s += gate[e * c.H + i] * x[t * c.H + i];
+      return s;
+    });
+    const r = referenceRoute(logits, c.k, renorm);
+    expect(Array.from(experts.subarray(t * c.k, (t + 1) * c.k))).toEqual(r.ids);
+    for (let j = 0; j < c.k; j++) expect(w[t * c.k + j]).toBeCloseTo(r.w[j], 6);
+  }
+}
+
 const base = { routing: 'softmax-topk-renorm' as const, dtype: 'float32' as const };
 const cases: Case[] = [
   { ...base, H: 72, F: 200, E: 6, k: 2, T: 37, seed: 1 },
@@ -98,17 +113,7 @@ describe(`MoeLayer on the CPU (${backendInfo().cpu.isa})`, () => {
       const c: Case = { ...base, H: 48, F: 16, E: 12, k: 3, T: 50, seed: 24, routing };
       const { config, weights, x, ref } = makeCase(c);
       const layer = new MoeLayer(config, weights);
-      const { experts, weights: w } = layer.route(x);
-      for (let t = 0; t < c.T; t++) {
-        const logits = Array.from({ length: c.E }, (_, e) => {
-          let s = 0;
-          for (let i = 0; i < c.H; i++) s += ref.gate[e * c.H + i] * x[t * c.H + i];
-          return s;
-        });
-        const r = referenceRoute(logits, c.k, ref.renorm);
-        expect(Array.from(experts.subarray(t * c.k, (t + 1) * c.k))).toEqual(r.ids);
-        for (let j = 0; j < c.k; j++) expect(w[t * c.k + j]).toBeCloseTo(r.w[j], 6);
-      }
+      expectReferenceRoute(layer, c, ref.gate, x, ref.renorm);
       layer.dispose();
     }
   });
@@ -124,17 +129,7 @@ describe(`MoeLayer on the CPU (${backendInfo().cpu.isa})`, () => {
       const gate = Float32Array.from(exact);
       const layer = new MoeLayer(config, { ...weights, gate });
       try {
-        const { experts, weights: w } = layer.route(x);
-        for (let t = 0; t < T; t++) {
-          const logits = Array.from({ length: c.E }, (_, e) => {
-            let s = 0;
-            for (let i = 0; i < c.H; i++) s += exact[e * c.H + i] * x[t * c.H + i];
-            return s;
-          });
-          const r = referenceRoute(logits, c.k, ref.renorm);
-          expect(Array.from(experts.subarray(t * c.k, (t + 1) * c.k))).toEqual(r.ids);
-          for (let j = 0; j < c.k; j++) expect(w[t * c.k + j]).toBeCloseTo(r.w[j], 6);
-        }
+        expectReferenceRoute(layer, c, exact, x, ref.renorm);
         const err = relL2(layer.forwardSync(x), referenceMoe({ ...ref, gate: exact }, x, T));
         expect(err).toBeLessThan(weightTolerance(backendInfo().cpu.isa ?? '', c.dtype));
       } finally {
