@@ -10,8 +10,9 @@
 // greedily (end-of-sequence ignored, so every stream runs its full length). Reported: the aggregate
 // decode rate while all N streams run (tokens of every stream between the last first token and the
 // first last token, over that time), time to first token and inter-token latency p50/p99, and the
-// decode rate as a fraction of the same run's read bandwidth on the bytes one step reads; each the
-// median of three runs, the runs of every N taking turns (1, 4, 8, 16 streams, then again).
+// decode rate as a fraction of the same run's read bandwidth on the bytes one step reads, and of the
+// step's roofline (stepRoofline: the read probe and the dot product's peak, both of the same run); each
+// the median of three runs, the runs of every N taking turns (1, 4, 8, 16 streams, then again).
 // Then, ours only: 8 streams run, and a 2,000-token prompt arrives; the p99 inter-token latency of the
 // 8 streams before and while that prompt is read, against the time of one prefill chunk.
 'use strict';
@@ -273,17 +274,50 @@ const RUN = {
   chunkTokens: 256,
 };
 // Bytes one decode step reads with N streams: attention and LM head once, the experts the N tokens
-// pick (expected distinct experts of E with N*k uniform picks), the routers (ROUTER_BYTES a value).
+// pick (expected distinct experts: each token picks k distinct experts of E, uniformly, so an expert
+// escapes N tokens with probability (1 - k/E)^N), the routers (ROUTER_BYTES a value).
 const BYTES_PER_WEIGHT = { bf16: 2, int8: 1 + 2 / 32, int4: 0.5 + 2 / 32 };
 function stepBytes(N, bpw, routerBytes) {
   const w = weightCounts(m);
-  const picked = m.E * (1 - Math.pow(1 - 1 / m.E, N * m.k)); // expected distinct experts per layer
+  const picked = m.E * (1 - Math.pow(1 - m.k / m.E, N)); // expected distinct experts per layer
   return (w.attn + (w.experts * picked) / m.E + w.lmHead) * bpw + routerBytes * w.router;
+}
+
+// The step's roofline with N streams, in ms: each part takes the longer of its weight bytes at the read
+// probe and its multiply-adds at the dot product's peak (GMAC/s). The experts of a layer count one by
+// one: an expert with a few rows streams, one with many computes, and they do not overlap each other's
+// time. Under uniform routing an expert's rows are Binomial(N, k/E). Attention over the KV cache, the
+// norms and the embeddings are left out (under 2% of a step here).
+function binomial(n, r, p) {
+  let c = 1;
+  for (let i = 0; i < r; i++) c = (c * (n - i)) / (i + 1);
+  return c * Math.pow(p, r) * Math.pow(1 - p, n - r);
+}
+function stepRoofline(N, bpw, routerBytes, readGBs, peakGmacs) {
+  const part = (weights, rows) => Math.max((weights * bpw) / (readGBs * 1e6), (rows * weights) / (peakGmacs * 1e6));
+  const w = weightCounts(m);
+  const expert = 3 * m.H * m.F;
+  let experts = 0;
+  for (let r = 1; r <= N; r++) experts += binomial(N, r, m.k / m.E) * part(expert, r);
+  const layer = part(w.attn / m.layers, N) + (routerBytes * m.E * m.H) / (readGBs * 1e6) + m.E * experts;
+  return m.layers * layer + part(w.lmHead, N);
 }
 
 const binding = require('node-gyp-build')(root);
 const readGBs = () => binding.bench.readBandwidth(quick ? 64 << 20 : 1 << 30, THREADS);
 let bw = readGBs();
+// Multiply-add peaks (GMAC/s) of the kernels each format runs: the integer dot product (vpdpbusd) for
+// int8 and int4, the bf16 dot product (or float32 FMA without it) for bf16; 0 where not measured.
+const ISA_INDEX = { scalar: 0, avx2: 1, avx512: 2, avx512bf16: 3, neon: 4 };
+const cpuInfo = binding.backendInfo().cpu;
+const fmaIsa = ['avx512bf16', 'avx512', 'avx2', 'neon'].find((i) => cpuInfo.supported.includes(i));
+const peaks = { int: 0, bf16: 0 };
+function measurePeaks() {
+  peaks.int = Math.max(peaks.int, binding.bench.int8DotPeak(THREADS) / 2);
+  if (fmaIsa) peaks.bf16 = Math.max(peaks.bf16, binding.bench.fmaPeak(ISA_INDEX[fmaIsa], THREADS) / 2);
+}
+measurePeaks();
+const peakOf = (format) => (format === 'bf16' ? peaks.bf16 : peaks.int);
 log(
   `fused-moe generate bench: ${os.cpus()[0].model}, ${os.cpus().length} cores; ${THREADS} threads; read ${fmt(bw)} GB/s`,
 );
@@ -303,12 +337,13 @@ for (const format of formats) {
   }
 }
 bw = Math.max(bw, readGBs());
+measurePeaks();
 
 const rows = [];
 log(
-  `\n| format | streams | engine | decode tok/s (agg.) | vs 1 stream | of read bw | TTFT p50/p99 ms | ITL p50/p99 ms |`,
+  `\n| format | streams | engine | decode tok/s (agg.) | vs 1 stream | of read bw | of roofline | TTFT p50/p99 ms | ITL p50/p99 ms |`,
 );
-log(`| --- | --- | --- | --- | --- | --- | --- | --- |`);
+log(`| --- | --- | --- | --- | --- | --- | --- | --- | --- |`);
 for (const r of results) {
   if (r.error) continue;
   const one = r.streams[1] ? median(r.streams[1].map((f) => f.decodeTokS)) : NaN;
@@ -317,6 +352,8 @@ for (const r of results) {
     const rate = median(f.map((x) => x.decodeTokS));
     const bytes = stepBytes(N, BYTES_PER_WEIGHT[r.format], ROUTER_BYTES[r.engine]);
     const frac = ((rate / N) * bytes) / (bw * 1e9);
+    const peak = peakOf(r.format);
+    const roofline = peak > 0 ? stepRoofline(N, BYTES_PER_WEIGHT[r.format], ROUTER_BYTES[r.engine], bw, peak) : NaN;
     const row = {
       format: r.format,
       engine: r.engine,
@@ -324,6 +361,7 @@ for (const r of results) {
       decodeTokS: rate,
       vsOne: rate / one,
       readFraction: frac,
+      rooflineFraction: (rate / N) * (roofline / 1e3),
       ttftP50: median(f.map((x) => x.ttftP50)),
       ttftP99: median(f.map((x) => x.ttftP99)),
       itlP50: median(f.map((x) => x.itlP50)),
@@ -331,7 +369,7 @@ for (const r of results) {
     };
     rows.push(row);
     log(
-      `| ${r.format} | ${N} | ${r.engine} | ${fmt(rate)} | ${fmt(row.vsOne)}× | ${(frac * 100).toFixed(0)}% | ${fmt(row.ttftP50)} / ${fmt(row.ttftP99)} | ${fmt(row.itlP50)} / ${fmt(row.itlP99)} |`,
+      `| ${r.format} | ${N} | ${r.engine} | ${fmt(rate)} | ${fmt(row.vsOne)}× | ${(frac * 100).toFixed(0)}% | ${Number.isFinite(roofline) ? (row.rooflineFraction * 100).toFixed(0) + '%' : '-'} | ${fmt(row.ttftP50)} / ${fmt(row.ttftP99)} | ${fmt(row.itlP50)} / ${fmt(row.itlP99)} |`,
     );
   }
 }
@@ -346,6 +384,15 @@ for (const r of results) {
   }
 }
 for (const format of formats) {
+  const peak = peakOf(format);
+  if (peak > 0 && streams.length > 1) {
+    const rate = (N) => (N / stepRoofline(N, BYTES_PER_WEIGHT[format], ROUTER_BYTES.ours, bw, peak)) * 1e3;
+    const lo = Math.min(...streams),
+      hi = Math.max(...streams);
+    log(
+      `${format}: the roofline (read ${fmt(bw)} GB/s, ${fmt(peak)} GMAC/s) allows ${fmt(rate(lo))} tok/s at ${lo} stream(s) and ${fmt(rate(hi))} at ${hi}: ${fmt(rate(hi) / rate(lo))}×`,
+    );
+  }
   const ours = rows.find((x) => x.format === format && x.engine === 'ours' && x.streams === Math.max(...streams));
   const llama = rows.find((x) => x.format === format && x.engine === 'llama' && x.streams === Math.max(...streams));
   if (ours && llama)
@@ -373,6 +420,7 @@ const out = {
   command: `node bench/generate.js ${args.join(' ')}`.trim(),
   cpu: os.cpus()[0].model,
   readGBs: bw,
+  peakGmacs: peaks,
   run: RUN,
   model: m,
   rows,
