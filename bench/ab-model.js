@@ -5,10 +5,12 @@
 // copy of the model). The sides alternate (A B, then B A), each measured step after an unmeasured one
 // on the same side, so both see the same machine state. Where runs of `bench/model.js` spread far apart
 // on a shared machine, this resolves a few percent: an A/A run (the same value on both sides) reads
-// within 1% of 1.00. Prints each side's median step time and the time of one part of the step
-// (MoeModel.stepTimes(): mlp unless --part names another), and the medians of the per-pair ratios
-// B / A. Each step adds a position to every sequence: 300 pairs reach 1,216 positions (after a prefix
-// of 16 tokens, or of --prefix N).
+// within 1% of 1.00. Two builds are not alike that way: each side has its own copy of the model, and in
+// A/A runs of `build` (one checkout on both sides) the copy loaded second ran 3-9% faster (0.943 at one
+// Qwen3 stream, 0.910 and 0.967 at 16 Mixtral streams): run both orders and take the geometric mean.
+// Prints each side's median step time and the time of one part of the step (MoeModel.stepTimes(): mlp
+// unless --part names another), and the medians of the per-pair ratios B / A. Each step adds a position
+// to every sequence: 300 pairs reach 1,216 positions (after a prefix of 16 tokens, or of --prefix N).
 //
 //   node bench/model.js --models qwen3moe --formats int4 --engines ours   (writes the model files once)
 //   node bench/ab-model.js qwen3moe int4 shortPanelBytes 0 24576 [pairs = 60] [streams = 1]

@@ -37,7 +37,7 @@ struct Shapes {
 // tiles are narrower. Prefill: two panel-matrices (w13: one panel of both; w2: two panels) of 6 rows;
 // with 7 to 12 rows GCC 12 spills accumulators again and the int4 prefill ran slower on 2 Zen 4 cores
 // (`bench.js --cases expert-int4-g32` repeats it, kMrPrefill edited). Decode: four panel-matrices of 3 rows,
-// and of 4 rows for exactly 4 (16 accumulators and 8 code registers still fit): the few shape's narrower
+// and of 4 rows (5 or 6 with VNNI, kMrDecodeMax below) for up to that many: the few shape's narrower
 // tile kept fewer bytes of codes in flight. At 16 tokens of a Mixtral-shaped layer (`bench/ab-builds.js`,
 // Zen 5, 2 cores): mixtral-16tok-int4 0.93-0.99 over four runs, mixtral-16tok-int8 0.885-0.94 over three.
 template <class O, int MODE, int NMAT>
@@ -46,8 +46,20 @@ struct Shapes<O, MODE, NMAT, true> {
   static constexpr int kMrPrefill = 6;
   static constexpr int kNpDecode = 4 / NMAT;
   static constexpr int kMrDecode = 3;
-  static constexpr int kMrDecodeMax = 4;  // the decode panels at 4 rows: 16 accumulators beside the codes
-  static constexpr int kMrFew = 8;        // spills a little, less than two passes over the codes cost
+  // The decode panels take 4 rows in one row block (16 accumulators beside the codes), and with a
+  // one-instruction dot product (VNNI: O::kDotTemps 1) as many as fit beside one step's codes of all
+  // four panel-matrices and a row's broadcast (micro_qdot's kAllCodes): 5 for int4, 6 for int8. Those
+  // rows took the few-rows tile before, whose two panel-matrices share each broadcast between two dot
+  // products instead of four. `bench/ab-builds.js A B CASE 20 32`, Zen 5, 2 cores, both orders:
+  // expert-5tok-int8 0.83 / 0.88, expert-6tok-int8 0.87 / 0.92, mixtral-16tok-int4 0.95-0.98,
+  // mixtral-16tok-int8 0.95 / 0.98; expert-5tok-int4 within the noise of an A/A pair (0.96-1.01). A
+  // decode step of 16 Mixtral streams, new / old with the new build loaded second, then first
+  // (`bench/ab-model.js mixtral QUANT build`): int8 0.97 / 0.93, int4 0.95 / 1.065 (geometric mean 1.01:
+  // no change). The avx512 set's int8 (three instructions a dot product) ran 5 rows 8-10% slower this
+  // way: 4 there.
+  static constexpr int kCodeRegs = 4 * (MODE == kI4Dot ? 2 : 1);
+  static constexpr int kMrDecodeMax = O::kDotTemps <= 1 ? (O::kRegs - kCodeRegs - 2 - O::kDotTemps) / 4 : 4;
+  static constexpr int kMrFew = 8;  // spills a little, less than two passes over the codes cost
 };
 
 // At most this many rows per expert take the decode shape, chosen by measurement (`bench.js --switch`,
