@@ -6,8 +6,9 @@
 // on the same side, so both see the same machine state. Where runs of `bench/model.js` spread far apart
 // on a shared machine, this resolves a few percent: an A/A run (the same value on both sides) reads
 // within 1% of 1.00. Two builds are not alike that way: each side has its own copy of the model, and in
-// A/A runs of `build` (one checkout on both sides) the copy loaded second ran 3-9% faster (0.943 at one
-// Qwen3 stream, 0.910 and 0.967 at 16 Mixtral streams): run both orders and take the geometric mean.
+// A/A runs of `build` (one checkout on both sides) the copy loaded second ran up to 9% faster (0.943 at
+// one Qwen3 stream, 0.910 and 0.967 at 16 Mixtral streams; other runs within 1%), so `build` then runs
+// again in a child process with the checkouts swapped and prints the geometric mean of both orders.
 // Prints each side's median step time and the time of one part of the step (MoeModel.stepTimes(): mlp
 // unless --part names another), and the medians of the per-pair ratios B / A. Each step adds a position
 // to every sequence: 300 pairs reach 1,216 positions (after a prefix of 16 tokens, or of --prefix N).
@@ -28,6 +29,7 @@
 const os = require('os');
 const path = require('path');
 const fs = require('fs');
+const { spawnSync } = require('child_process');
 const { median } = require('./util');
 const root = path.join(__dirname, '..');
 const binding = require('node-gyp-build')(root);
@@ -151,24 +153,44 @@ async function open(r) {
     for (const o of opened) o.m.dispose();
   }
   const f = (x) => x.toFixed(3);
-  console.log(
-    JSON.stringify({
-      model,
-      quantize,
-      streams,
-      tuning: name,
-      A: builds ? a : Number(a),
-      B: builds ? b : Number(b),
-      pairs,
-      prefix,
-      prompt,
-      stepMs: [f(median(side.A.ms)), f(median(side.B.ms))],
-      part,
-      partMs: [f(median(side.A.part)), f(median(side.B.part))],
-      ratioBA: f(median(ratio)),
-      partRatioBA: f(median(partRatio)),
-    }),
-  );
+  const result = {
+    model,
+    quantize,
+    streams,
+    tuning: name,
+    A: builds ? a : Number(a),
+    B: builds ? b : Number(b),
+    pairs,
+    prefix,
+    prompt,
+    stepMs: [f(median(side.A.ms)), f(median(side.B.ms))],
+    part,
+    partMs: [f(median(side.A.part)), f(median(side.B.part))],
+    ratioBA: f(median(ratio)),
+    partRatioBA: f(median(partRatio)),
+  };
+  console.log(JSON.stringify(result));
+  if (builds && !process.env.FUSED_MOE_AB_SWAPPED) {
+    // The same comparison with the other checkout loaded first; B / A there is A / B here.
+    const argv = [__filename, model, quantize, 'build', b, a, String(pairs), String(streams), '--part', part];
+    argv.push('--prefix', String(prefix), '--cache-dir', cacheDir, ...(prompt > 0 ? ['--prompt', String(prompt)] : []));
+    const r = spawnSync(process.execPath, argv, {
+      encoding: 'utf8',
+      stdio: ['ignore', 'pipe', 'inherit'],
+      env: { ...process.env, FUSED_MOE_AB_SWAPPED: '1' },
+    });
+    if (r.status !== 0) throw new Error(`the swapped run failed (exit ${r.status})`);
+    const swapped = JSON.parse(r.stdout.trim().split('\n').pop());
+    console.log(JSON.stringify(swapped));
+    const both = (x, y) => f(Math.sqrt(Number(x) / Number(y)));
+    console.log(
+      JSON.stringify({
+        bothOrders: true,
+        ratioBA: both(result.ratioBA, swapped.ratioBA),
+        partRatioBA: both(result.partRatioBA, swapped.partRatioBA),
+      }),
+    );
+  }
 })().catch((err) => {
   console.error(err);
   process.exit(1);
