@@ -27,7 +27,7 @@ const path = require('path');
 
 const root = path.join(__dirname, '..');
 const binding = require('node-gyp-build')(root);
-const { fill, layerWeights, fmt, pct, median, pairedBwFraction } = require('./util');
+const { fill, layerWeights, fmt, pct, median, pairedBwFraction, ISA_INDEX } = require('./util');
 
 // ---- cases --------------------------------------------------------------------------------------
 // Mixtral-8x7B: H 4096, F 14336, E 8, k 2. "mid": the same block scaled by 1/4 per side. "fine": a
@@ -297,7 +297,6 @@ if (caseFilter) cases = CASES.concat(SWITCH, QUICK).filter((c) => caseFilter.inc
 
 // Ceilings, measured first so they see the same machine state as the cases.
 log(`fused-moe CPU bench: ${os.cpus()[0].model}, ${threads} threads, sets: ${supported.join(' ')}`);
-const ISA_INDEX = { scalar: 0, avx2: 1, avx512: 2, avx512bf16: 3, neon: 4 };
 // They are measured again after the cases and the higher figure is kept: a ceiling caught low (another
 // process on the machine) would flatter every fraction.
 const ceilings = { readGBs: 0, fmaGflops: {}, bf16DotGflops: 0, int8DotGflops: 0 };

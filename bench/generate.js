@@ -31,7 +31,7 @@ const {
 } = require('./model-files');
 const { runAsChild, runChild, cliOptions } = require('./child');
 const { writeBenchTokenizer } = require('./tokenizer-file');
-const { fmt, median, quantile } = require('./util');
+const { fmt, median, quantile, ISA_INDEX } = require('./util');
 
 const root = path.join(__dirname, '..');
 const THREADS = 2;
@@ -308,7 +308,6 @@ const readGBs = () => binding.bench.readBandwidth(quick ? 64 << 20 : 1 << 30, TH
 let bw = readGBs();
 // Multiply-add peaks (GMAC/s) of the kernels each format runs: the integer dot product (vpdpbusd) for
 // int8 and int4, the bf16 dot product (or float32 FMA without it) for bf16; 0 where not measured.
-const ISA_INDEX = { scalar: 0, avx2: 1, avx512: 2, avx512bf16: 3, neon: 4 };
 const cpuInfo = binding.backendInfo().cpu;
 const fmaIsa = ['avx512bf16', 'avx512', 'avx2', 'neon'].find((i) => cpuInfo.supported.includes(i));
 const peaks = { int: 0, bf16: 0 };

@@ -37,7 +37,7 @@ const {
   ROUTER_BYTES,
 } = require('./model-files');
 const { runAsChild, runChild, cliOptions } = require('./child');
-const { fmt, pct, median, pairedBwFraction } = require('./util');
+const { fmt, pct, median, pairedBwFraction, ISA_INDEX } = require('./util');
 
 const root = path.join(__dirname, '..');
 
@@ -131,7 +131,6 @@ function memAvailable() {
 // ---- ceilings -------------------------------------------------------------------------------------
 const binding = require('node-gyp-build')(root);
 const cpu = binding.backendInfo().cpu;
-const ISA_INDEX = { scalar: 0, avx2: 1, avx512: 2, avx512bf16: 3, neon: 4 };
 const fmaIsa = ['avx512', 'avx2', 'neon'].find((i) => cpu.supported.includes(i));
 const ceilings = { readGBs: 0, fmaGflops: 0, bf16DotGflops: 0 };
 // Measured before and after the cases, the higher kept: a ceiling caught low would flatter every fraction.

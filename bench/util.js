@@ -82,4 +82,7 @@ function pairedBwFraction(bytes, ms, probes) {
   return median(ms.map((t, i) => bytes / (t / 1e3) / 1e9 / probes[i]));
 }
 
-module.exports = { fill, layerWeights, median, quantile, fmt, pct, pairedBwFraction };
+/** The native Isa enum's values (csrc/cpu/kernels.h), as binding.bench.fmaPeak takes them. */
+const ISA_INDEX = { scalar: 0, avx2: 1, avx512: 2, avx512bf16: 3, neon: 4 };
+
+module.exports = { fill, layerWeights, median, quantile, fmt, pct, pairedBwFraction, ISA_INDEX };
