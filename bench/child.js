@@ -2,6 +2,7 @@
 // one model's memory is gone before the next loads) that prints its result as the last line, and the
 // same command-line conventions.
 'use strict';
+const path = require('path');
 const { spawnSync } = require('child_process');
 
 /**
@@ -36,9 +37,23 @@ function runChild(script, job) {
   return JSON.parse(r.stdout.trim().split('\n').pop());
 }
 
-/** The options every benchmark takes: `--name value`, --quick, --json (the table then goes to stderr). */
-function cliOptions() {
+/**
+ * The options every benchmark takes: --quick, --json (the table then goes to stderr), and its own
+ * `values` (`--name value`) and `flags`.
+ */
+function cliOptions({ values = [], flags = [] } = {}) {
   const args = process.argv.slice(2);
+  // Anything else is refused, so a mistyped option (or --help) never starts a long run with defaults.
+  const flagNames = ['--quick', '--json', ...flags];
+  for (let i = 0; i < args.length; i++) {
+    if (values.includes(args[i]) && i + 1 < args.length) i++;
+    else if (!flagNames.includes(args[i])) {
+      const known = [...values.map((v) => `${v} VALUE`), ...flagNames].join(', ');
+      const what = values.includes(args[i]) ? `${args[i]} needs a value` : `unexpected '${args[i]}'`;
+      process.stderr.write(`${path.basename(process.argv[1])}: ${what}; options: ${known}\n`);
+      process.exit(2);
+    }
+  }
   const opt = (name) => {
     const i = args.indexOf(name);
     return i >= 0 ? args[i + 1] : undefined;

@@ -257,7 +257,9 @@ async function runLlama(job) {
 if (runAsChild(() => ({ ours: runOurs, llama: runLlama }))) return;
 
 // ---- the run ---------------------------------------------------------------------------------------
-const { args, opt, quick, jsonOut, log } = cliOptions();
+const { args, opt, quick, jsonOut, log } = cliOptions({
+  values: ['--formats', '--engines', '--streams', '--tokens', '--cache-dir'],
+});
 const formats = (opt('--formats') || 'bf16,int4').split(',');
 for (const f of formats)
   if (!FORMATS[f]) throw new RangeError(`--formats: '${f}' is not one of ${Object.keys(FORMATS).join(', ')}`);

@@ -50,7 +50,10 @@ if (
   return;
 
 // ---- options ------------------------------------------------------------------------------------
-const { args, opt, quick, jsonOut, log } = cliOptions();
+const { args, opt, quick, jsonOut, log } = cliOptions({
+  values: ['--models', '--formats', '--engines', '--prefix', '--cache-dir'],
+  flags: ['--no-settle'],
+});
 const list = (name, all) => {
   const v = opt(name) ? opt(name).split(',') : all;
   for (const x of v) if (!all.includes(x)) throw new RangeError(`${name}: '${x}' is not one of ${all.join(', ')}`);

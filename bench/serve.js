@@ -23,7 +23,7 @@ const { cliOptions } = require('./child');
 const { writeBenchTokenizer } = require('./tokenizer-file');
 const { fmt, quantile } = require('./util');
 
-const { args, opt, quick, jsonOut, log } = cliOptions();
+const { args, opt, quick, jsonOut, log } = cliOptions({ values: ['--quantize', '--tokens', '--cache-dir'] });
 const quantize = opt('--quantize') || 'none';
 const m = (quick ? QUICK_MODELS : MODELS).mixtral;
 const cacheDir = opt('--cache-dir') || path.join(os.tmpdir(), 'fused-moe-bench-models' + (quick ? '-quick' : ''));
