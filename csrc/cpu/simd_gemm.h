@@ -52,7 +52,7 @@ struct Shapes<O, MODE, NMAT, true> {
   // rows took the few-rows tile before, whose two panel-matrices share each broadcast between two dot
   // products instead of four. `bench/ab-builds.js A B CASE 20 32`, Zen 5, 2 cores, both orders:
   // expert-5tok-int8 0.83 / 0.88, expert-6tok-int8 0.87 / 0.92, mixtral-16tok-int4 0.95-0.98,
-  // mixtral-16tok-int8 0.95 / 0.98; expert-5tok-int4 within the noise of an A/A pair (0.96-1.01). A
+  // mixtral-16tok-int8 0.95 / 0.98; expert-5tok-int4 0.98, 1.04, 1.01 (an A/A pair read 0.94-0.99). A
   // decode step of 16 Mixtral streams, new / old with the new build loaded second, then first
   // (`bench/ab-model.js mixtral QUANT build`): int8 0.97 / 0.93, int4 0.95 / 1.065 (geometric mean 1.01:
   // no change). The avx512 set's int8 (three instructions a dot product) ran 5 rows 8-10% slower this
