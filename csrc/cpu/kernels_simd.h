@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "../core/dtype.h"
 #include "simd_exp.h"
 #include "simd_gemm.h"
 
@@ -68,12 +69,7 @@ inline GateLanes gate_load(const uint16_t* p) {
 }
 
 inline float gate_value(const float* g, int64_t i) { return g[i]; }
-inline float gate_value(const uint16_t* g, int64_t i) {
-  const uint32_t bits = uint32_t(g[i]) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+inline float gate_value(const uint16_t* g, int64_t i) { return bf16_to_f32(g[i]); }
 
 // The logits of one token's eight sums: the lanes in order, then the tail.
 template <class G>
