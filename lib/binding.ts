@@ -142,7 +142,13 @@ export interface NativeBinding {
     /** Sets a kernel tuning value for the whole process (csrc/cpu/kernels.h, attention.h); returns the previous one. */
     setTuning(
       name:
-        'shortPanelBytes' | 'decodeStreams' | 'tilePanels' | 'attentionPrefetch' | 'attentionInPlace' | 'attentionSpan',
+        | 'shortPanelBytes'
+        | 'decodeStreams'
+        | 'tilePanels'
+        | 'attentionPrefetch'
+        | 'attentionInPlace'
+        | 'attentionSpan'
+        | 'spinUs',
       value: number,
     ): number;
   };

@@ -143,6 +143,27 @@ describe.each(variants)('$name: the same bits however the work is batched', ({ f
     fresh.free();
     reused.free();
   });
+
+  test("reuseLogits: the model's buffer transferred during a step leaves the steps' bits alone", async () => {
+    const tokens = randomTokens(4, V, 12);
+    const fresh = model.createSequence(),
+      reused = model.createSequence();
+    const [first] = await model.step([{ sequence: reused, tokens: [tokens[0]] }], { reuseLogits: true });
+    await run(model, [{ sequence: fresh, tokens: [tokens[0]] }]);
+    for (let i = 1; i < tokens.length; i++) {
+      const running = model.step([{ sequence: reused, tokens: [tokens[i]] }], { reuseLogits: true });
+      // The runtime may copy the native memory or detach the array; either way the step writes memory
+      // the model still owns.
+      const buffer = first.buffer as ArrayBuffer;
+      const moved = structuredClone(buffer, { transfer: [buffer] });
+      expect(moved.byteLength).toBeGreaterThanOrEqual(V * 4);
+      const [rows] = await running;
+      const [expected] = await run(model, [{ sequence: fresh, tokens: [tokens[i]] }]);
+      expect([i, firstBitDifference(rows, expected)]).toEqual([i, -1]);
+    }
+    fresh.free();
+    reused.free();
+  });
 });
 
 describe('sequences', () => {

@@ -68,14 +68,16 @@ bool ThreadPool::pin_requested() {
   return !(env && std::string(env) == "0");
 }
 
-int ThreadPool::spin_us() {
-  static const int us = [] {
+std::atomic<int>& ThreadPool::spin_setting() {
+  static std::atomic<int> us{[] {
     const char* env = std::getenv("FUSED_MOE_SPIN_US");
     const int v = env ? std::atoi(env) : -1;
-    return v >= 0 && v <= 10000 ? v : 100;
-  }();
+    return v >= 0 && v <= 10000 ? v : kDefaultSpinUs;
+  }()};
   return us;
 }
+
+int ThreadPool::spin_us() { return spin_setting().load(std::memory_order_relaxed); }
 
 // A hint to the core that this is a spin-wait loop (frees the sibling hyper-thread, saves power).
 static inline void cpu_relax() {

@@ -51,6 +51,9 @@ class ThreadPool {
   // How long a thread spins for the next job (a worker) or for the last items of its job (the caller)
   // before it sleeps: FUSED_MOE_SPIN_US microseconds, 0 to 10000 (default 100; 0 never spins).
   static int spin_us();
+  static constexpr int kDefaultSpinUs = 100;
+  // The value spin_us() reads; bench/ab-model.js flips it (binding.bench.setTuning('spinUs')).
+  static std::atomic<int>& spin_setting();
 
   // Whether each worker is pinned to a core of its own (ThreadPool(), FUSED_MOE_PIN_THREADS).
   bool pinned() const { return pinned_; }

@@ -77,8 +77,9 @@ Napi::Function NativeModel::Init(Napi::Env env) {
        InstanceMethod<&NativeModel::SequenceFree>("sequenceFree"),
        InstanceMethod<&NativeModel::SequenceLength>("sequenceLength"),
        InstanceMethod<&NativeModel::SequenceTruncate>("sequenceTruncate"), InstanceMethod<&NativeModel::Step>("step"),
-       InstanceMethod<&NativeModel::Info>("info"), InstanceMethod<&NativeModel::RoutedTokens>("routedTokens"),
-       InstanceMethod<&NativeModel::StepTimes>("stepTimes"), InstanceMethod<&NativeModel::Dispose>("dispose")});
+       InstanceMethod<&NativeModel::LogitsBuffer>("logitsBuffer"), InstanceMethod<&NativeModel::Info>("info"),
+       InstanceMethod<&NativeModel::RoutedTokens>("routedTokens"), InstanceMethod<&NativeModel::StepTimes>("stepTimes"),
+       InstanceMethod<&NativeModel::Dispose>("dispose")});
 }
 
 NativeModel::NativeModel(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeModel>(info) {
@@ -96,6 +97,7 @@ NativeModel::~NativeModel() = default;
 void NativeModel::release(Napi::Env env) {
   decoder_.reset();
   step_logits_ = std::make_shared<std::vector<float>>();  // a running step keeps its own reference
+  direct_logits_.reset();
   if (external_bytes_) Napi::MemoryManagement::AdjustExternalMemory(env, -external_bytes_);
   external_bytes_ = 0;
 }
@@ -273,7 +275,7 @@ Napi::Value NativeModel::Step(const Napi::CallbackInfo& info) {
   const int32_t* tok = static_cast<const int32_t*>(typed_data(info[0], napi_int32_array, size_t(T), "tokens"));
   const int64_t rows = fmoe::Decoder::logit_rows(seqs.data(), int64_t(seqs.size()));
   const int64_t V = d->config().vocab;
-  typed_data_mut(info[2], napi_float32_array, size_t(rows * V), "logits");
+  float* const target = static_cast<float*>(typed_data_mut(info[2], napi_float32_array, size_t(rows * V), "logits"));
   std::shared_ptr<fmoe::CancelFlag> cancel;
   if (info.Length() > 3 && info[3].IsObject()) {
     AddonData* data = env.GetInstanceData<AddonData>();
@@ -282,12 +284,29 @@ Napi::Value NativeModel::Step(const Napi::CallbackInfo& info) {
     cancel = NativeCancel::Unwrap(o)->flag();
   }
   auto tokens = std::make_shared<std::vector<int32_t>>(tok, tok + T);
-  // Steps of a few rows (decode, generation) reuse the model's buffer; a large one (every position of a
-  // long prompt) gets its own, freed after the step.
+  auto out_ref = std::make_shared<Napi::Reference<Napi::Value>>(Napi::Persistent(info[2]));
+  // Logits that lie in the model's direct buffer (LogitsBuffer) are written in place.
+  std::shared_ptr<std::vector<float>> direct = direct_logits_;
+  if (!direct || rows * V == 0 || std::less<const float*>()(target, direct->data()) ||
+      std::less<const float*>()(direct->data() + direct->size(), target + rows * V))
+    direct.reset();
+  if (direct) {
+    auto* w = new ModelWorker(
+        env, "fused-moe:model-step", std::move(d), busy_,
+        [tokens, seqs, direct, target, cancel](fmoe::Decoder& dec) {
+          dec.step(tokens->data(), seqs.data(), int64_t(seqs.size()), target, cancel.get());
+        },
+        [out_ref](Napi::Env) -> Napi::Value { return out_ref->Value(); }, "run a model step");
+    Napi::Promise p = w->promise();
+    w->Queue();
+    return p;
+  }
+  // Any other array may be detached or resized while the step runs: the step writes a native buffer,
+  // copied into the array once it is over. Steps of a few rows reuse the model's buffer; a large one
+  // (every position of a long prompt) gets its own, freed after the step.
   constexpr int64_t kKeptLogitsBytes = int64_t(32) << 20;
   std::shared_ptr<std::vector<float>> out =
       rows * V * int64_t(sizeof(float)) <= kKeptLogitsBytes ? step_logits_ : std::make_shared<std::vector<float>>();
-  auto out_ref = std::make_shared<Napi::Reference<Napi::Value>>(Napi::Persistent(info[2]));
   auto* w = new ModelWorker(
       env, "fused-moe:model-step", std::move(d), busy_,
       [tokens, seqs, out, rows, V, cancel](fmoe::Decoder& dec) {
@@ -306,6 +325,31 @@ Napi::Value NativeModel::Step(const Napi::CallbackInfo& info) {
   Napi::Promise p = w->promise();
   w->Queue();
   return p;
+}
+
+// (floats: number) -> Float32Array over native memory that steps write their logits into directly
+// (direct_logits_); it replaces the model's previous one. Where the runtime refuses external buffers, a
+// plain Float32Array (steps then copy into it).
+Napi::Value NativeModel::LogitsBuffer(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!decoder_) throw_moe_error(env, ErrorCode::Disposed, "this model was disposed");
+  const double n = info[0].IsNumber() ? info[0].As<Napi::Number>().DoubleValue() : -1;
+  if (!(n >= 1 && n <= double(int64_t(1) << 32)) || n != double(int64_t(n)))
+    throw Napi::RangeError::New(env, "floats must be an integer in [1, 2^32]");
+  auto mem = std::make_shared<std::vector<float>>(size_t(n));
+  auto* hold = new std::shared_ptr<std::vector<float>>(mem);
+  napi_value buffer;
+  const napi_status status = napi_create_external_arraybuffer(
+      env, mem->data(), mem->size() * sizeof(float),
+      [](napi_env, void*, void* hint) { delete static_cast<std::shared_ptr<std::vector<float>>*>(hint); }, hold,
+      &buffer);
+  if (status != napi_ok) {
+    delete hold;
+    if (env.IsExceptionPending()) env.GetAndClearPendingException();
+    return Napi::Float32Array::New(env, size_t(n));
+  }
+  direct_logits_ = std::move(mem);
+  return Napi::Float32Array::New(env, size_t(n), Napi::ArrayBuffer(env, buffer), 0);
 }
 
 Napi::Value NativeModel::Info(const Napi::CallbackInfo& info) {

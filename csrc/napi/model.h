@@ -26,6 +26,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   Napi::Value SequenceLength(const Napi::CallbackInfo& info);
   Napi::Value SequenceTruncate(const Napi::CallbackInfo& info);
   Napi::Value Step(const Napi::CallbackInfo& info);
+  Napi::Value LogitsBuffer(const Napi::CallbackInfo& info);
   Napi::Value Info(const Napi::CallbackInfo& info);
   Napi::Value RoutedTokens(const Napi::CallbackInfo& info);
   Napi::Value StepTimes(const Napi::CallbackInfo& info);
@@ -40,6 +41,11 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   // The logits of the running step, kept from one step to the next (steps run one at a time): a fresh
   // buffer per step cost its allocation, zeroing and first-touch page faults each time.
   std::shared_ptr<std::vector<float>> step_logits_ = std::make_shared<std::vector<float>>();
+  // The memory of the last LogitsBuffer(), which JS sees as an external ArrayBuffer: a step whose logits
+  // array lies in it gets them written there, with no copy on the main thread after the step. The buffer's
+  // finalizer holds a reference too, so neither dispose() nor a detached or collected array frees memory a
+  // step still writes.
+  std::shared_ptr<std::vector<float>> direct_logits_;
   int64_t external_bytes_ = 0;
 };
 

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "../core/quant.h"
+#include "../core/thread_pool.h"
 #include "../cpu/attention.h"
 #include "../cpu/kernels.h"
 #include "probes.h"
@@ -61,7 +62,8 @@ static Napi::Value Quantize(const Napi::CallbackInfo& info) {
 // setTuning(name, value) -> the previous value. 'shortPanelBytes': kernels.h short_panel_bytes();
 // 'decodeStreams' (0 or 1): kernels.h decode_streams(); 'tilePanels' (1 to 64): kernels.h tile_panels();
 // 'attentionPrefetch', 'attentionInPlace' (0 or 1): attention.h attention_prefetch(), attention_in_place();
-// 'attentionSpan' (1 to kMaxSpanBlocks): attention.h attention_span_blocks().
+// 'attentionSpan' (1 to kMaxSpanBlocks): attention.h attention_span_blocks(); 'spinUs' (0 to 10000):
+// thread_pool.h ThreadPool::spin_setting().
 static Napi::Value SetTuning(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() < 2 || !info[0].IsString() || !info[1].IsNumber())
@@ -79,6 +81,11 @@ static Napi::Value SetTuning(const Napi::CallbackInfo& info) {
           env, "setTuning: attentionSpan must be an integer from 1 to " + std::to_string(fmoe::kMaxSpanBlocks));
     return Napi::Number::New(env, fmoe::attention_span_blocks().exchange(int(value)));
   }
+  if (name == "spinUs") {
+    if (!(value >= 0 && value <= 10000 && value == double(int(value))))
+      throw Napi::RangeError::New(env, "setTuning: spinUs must be an integer from 0 to 10000");
+    return Napi::Number::New(env, fmoe::ThreadPool::spin_setting().exchange(int(value)));
+  }
   if (name == "tilePanels") {
     if (!(value >= 1 && value <= 64 && value == double(int(value))))
       throw Napi::RangeError::New(env, "setTuning: tilePanels must be an integer from 1 to 64");
@@ -88,7 +95,7 @@ static Napi::Value SetTuning(const Napi::CallbackInfo& info) {
     throw Napi::RangeError::New(
         env,
         "setTuning: name must be 'shortPanelBytes', 'decodeStreams', 'tilePanels', 'attentionPrefetch', "
-        "'attentionInPlace' or 'attentionSpan'");
+        "'attentionInPlace', 'attentionSpan' or 'spinUs'");
   if (!(value >= 0 && value <= double(1ull << 40)))
     throw Napi::RangeError::New(env, "setTuning: value must be a byte count from 0 to 2^40");
   return Napi::Number::New(env, double(fmoe::short_panel_bytes().exchange(size_t(value))));

@@ -106,6 +106,8 @@ export interface NativeModel {
   sequenceTruncate(id: number, length: number): void;
   /** seqs: [id, count, allLogits (0/1)] per sequence. Resolves with `logits` once it is written. */
   step(tokens: Int32Array, seqs: Float64Array, logits: Float32Array, cancel?: NativeCancel): Promise<Float32Array>;
+  /** A Float32Array over native memory that steps write their logits into in place (no copy after the step). */
+  logitsBuffer(floats: number): Float32Array;
   info(): { nativeBytes: number; freeCachePositions: number };
   routedTokens(): Float64Array;
   stepTimes(): StepTimes;
@@ -512,9 +514,11 @@ export class MoeModel {
    * Runs one native step over several sequences: each entry's tokens go to its sequence's next
    * positions. Resolves with each entry's logits ([count * vocab] with `all`, else [vocab]; empty for
    * no tokens), views of one buffer. Steps queue behind every earlier call on the model. With
-   * `reuseLogits`, that buffer is the model's own and the next step with `reuseLogits` overwrites it: for
-   * a caller that reads the logits before it asks for the next step (a fresh 600 KB array per decode
-   * step of a 150k vocabulary cost its allocation and garbage collection every token).
+   * `reuseLogits`, that buffer is the model's own, native memory the step writes in place, and the next
+   * step with `reuseLogits` overwrites it while it runs: for a caller that reads the logits before it
+   * asks for the next step (a fresh 600 KB array per decode step of a 150k vocabulary cost its
+   * allocation and garbage collection every token, and copying it in after the step 25-50 µs). A step
+   * that fails may leave it partly written.
    * @internal
    */
   step(
@@ -548,7 +552,8 @@ export class MoeModel {
       const n = rows.reduce((a, b) => a + b, 0) * V;
       let logits: Float32Array;
       if (options.reuseLogits === true) {
-        if (!this.#stepLogits || this.#stepLogits.length < n) this.#stepLogits = new Float32Array(n);
+        if (!this.#stepLogits || this.#stepLogits.length < n)
+          this.#stepLogits = n > 0 ? native.logitsBuffer(n) : new Float32Array(0);
         logits = this.#stepLogits.subarray(0, n);
       } else {
         logits = new Float32Array(n);
