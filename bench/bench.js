@@ -28,6 +28,7 @@ const path = require('path');
 const root = path.join(__dirname, '..');
 const binding = require('node-gyp-build')(root);
 const { fill, layerWeights, fmt, pct, median, pairedBwFraction, ISA_INDEX } = require('./util');
+const { cliOptions } = require('./child');
 
 // ---- cases --------------------------------------------------------------------------------------
 // Mixtral-8x7B: H 4096, F 14336, E 8, k 2. "mid": the same block scaled by 1/4 per side. "fine": a
@@ -277,15 +278,8 @@ if (process.argv[2] === '--child') {
 }
 
 // ---- parent ---------------------------------------------------------------------------------------
-const args = process.argv.slice(2);
-const opt = (name) => {
-  const i = args.indexOf(name);
-  return i >= 0 ? args[i + 1] : undefined;
-};
-const quick = args.includes('--quick'),
-  jsonOut = args.includes('--json'),
-  switchOnly = args.includes('--switch');
-const log = (s) => (jsonOut ? process.stderr : process.stdout).write(s + '\n');
+const { args, opt, quick, jsonOut, log } = cliOptions({ values: ['--cases', '--isa'], flags: ['--switch'] });
+const switchOnly = args.includes('--switch');
 
 const info = binding.backendInfo().cpu;
 const supported = info.supported;

@@ -38,13 +38,13 @@ function runChild(script, job) {
 }
 
 /**
- * The options every benchmark takes: --quick, --json (the table then goes to stderr), and its own
- * `values` (`--name value`) and `flags`.
+ * A benchmark's options: the `common` flags (--quick, --json: the table then goes to stderr, unless
+ * the script names fewer), and its own `values` (`--name value`) and `flags`.
  */
-function cliOptions({ values = [], flags = [] } = {}) {
+function cliOptions({ values = [], flags = [], common = ['--quick', '--json'] } = {}) {
   const args = process.argv.slice(2);
   // Anything else is refused, so a mistyped option (or --help) never starts a long run with defaults.
-  const flagNames = ['--quick', '--json', ...flags];
+  const flagNames = [...common, ...flags];
   for (let i = 0; i < args.length; i++) {
     if (values.includes(args[i]) && i + 1 < args.length) i++;
     else if (!flagNames.includes(args[i])) {

@@ -4,11 +4,10 @@
 'use strict';
 const { MoeLayer, backendInfo } = require('../dist');
 const { fill, median } = require('./util');
+const { cliOptions } = require('./child');
 
-const arg = (name, fallback) => {
-  const i = process.argv.indexOf(`--${name}`);
-  return i > 0 ? process.argv[i + 1] : fallback;
-};
+const { opt } = cliOptions({ values: ['--dtype', '--device'], common: [] });
+const arg = (name, fallback) => opt(`--${name}`) ?? fallback;
 const dtype = arg('dtype', 'bfloat16');
 const device = arg('device', 'cpu');
 const H = 1024,

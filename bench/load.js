@@ -13,12 +13,11 @@ const path = require('path');
 const { monitorEventLoopDelay } = require('perf_hooks');
 const { MoeLayer, openSafetensors } = require('../dist');
 const { fill, fmt } = require('./util');
+const { cliOptions } = require('./child');
 
-const arg = (name, fallback) => {
-  const i = process.argv.indexOf(`--${name}`);
-  return i > 0 ? process.argv[i + 1] : fallback;
-};
-const small = process.argv.includes('--small');
+const { opt, args } = cliOptions({ values: ['--threads', '--dir'], flags: ['--small'], common: ['--json'] });
+const arg = (name, fallback) => opt(`--${name}`) ?? fallback;
+const small = args.includes('--small');
 const H = small ? 1024 : 4096,
   F = small ? 3584 : 14336,
   E = 8,
@@ -165,7 +164,7 @@ async function main() {
       fwdMs,
       rssMB: { before: r0, open: r1, loaded: r2, afterGc: r3 },
     };
-    if (process.argv.includes('--json')) console.log(JSON.stringify(result));
+    if (args.includes('--json')) console.log(JSON.stringify(result));
   } finally {
     cleanup();
   }
