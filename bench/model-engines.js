@@ -80,7 +80,7 @@ async function runOurs(job) {
   const decodePhaseMs = {};
   for (const k of Object.keys(phaseMs)) decodePhaseMs[k] = median(phaseMs[k]);
   // Each step's time outside the native step's parts: the JavaScript call, the N-API call and the
-  // threads' wake-ups on the way in and out, and the copy of the logits into the caller's array.
+  // threads' wake-ups on the way in and out (reuseLogits: the step writes the logits in place).
   const parts = Object.values(phaseMs);
   const decodeOutsideMs = median(decodeMs.map((t, i) => t - parts.reduce((a, p) => a + p[i], 0)));
   const info = { nativeBytes: model.nativeBytes, isa: addon.backendInfo().cpu.isa, finite };

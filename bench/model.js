@@ -292,7 +292,7 @@ for (const name of modelNames) {
         log(`  decode ms per step by part (% of the ${fmt(probe)} GB/s probe): ${parts.join(', ')}`);
         if (r.decodeOutsideMs !== undefined)
           log(
-            `  decode ms per step outside the native step (call, wake-ups, logits copy): ${fmt(r.decodeOutsideMs)} ` +
+            `  decode ms per step outside the native step (call, wake-ups): ${fmt(r.decodeOutsideMs)} ` +
               `(${pct(r.decodeOutsideMs / decodeMs)} of the median step)`,
           );
       }
