@@ -21,6 +21,7 @@
 //   node bench/ab-model.js mixtral int4 attentionInPlace 0 1 40 16 --part attention
 //   node bench/ab-model.js qwen3moe int4 attentionSpan 1 8 40 --part attention --prefix 4000
 //   node bench/ab-model.js qwen3moe int4 attentionSpan 1 8 8 --part attention --prompt 2048
+//   node bench/ab-model.js qwen3moe int4 spinUs 100 500 150 --part qkv
 //   git worktree add ../old HEAD~1 && (cd ../old && npm ci && npm run build)
 //   node bench/ab-model.js qwen3moe int4 build ../old . 150
 //
