@@ -336,7 +336,7 @@ Napi::Value NativeModel::LogitsBuffer(const Napi::CallbackInfo& info) {
   const double n = info[0].IsNumber() ? info[0].As<Napi::Number>().DoubleValue() : -1;
   if (!(n >= 1 && n <= double(int64_t(1) << 32)) || n != double(int64_t(n)))
     throw Napi::RangeError::New(env, "floats must be an integer in [1, 2^32]");
-  auto mem = std::make_shared<std::vector<float>>(size_t(n));
+  auto mem = native_call(env, "allocate the logits", [&] { return std::make_shared<std::vector<float>>(size_t(n)); });
   auto* hold = new std::shared_ptr<std::vector<float>>(mem);
   napi_value buffer;
   const napi_status status = napi_create_external_arraybuffer(
