@@ -338,16 +338,23 @@ Napi::Value NativeModel::LogitsBuffer(const Napi::CallbackInfo& info) {
     throw Napi::RangeError::New(env, "floats must be an integer in [1, 2^32]");
   auto mem = native_call(env, "allocate the logits", [&] { return std::make_shared<std::vector<float>>(size_t(n)); });
   auto* hold = new std::shared_ptr<std::vector<float>>(mem);
+  const int64_t bytes = int64_t(mem->size() * sizeof(float));
   napi_value buffer;
   const napi_status status = napi_create_external_arraybuffer(
-      env, mem->data(), mem->size() * sizeof(float),
-      [](napi_env, void*, void* hint) { delete static_cast<std::shared_ptr<std::vector<float>>*>(hint); }, hold,
-      &buffer);
+      env, mem->data(), size_t(bytes),
+      [](napi_env e, void*, void* hint) {
+        auto* held = static_cast<std::shared_ptr<std::vector<float>>*>(hint);
+        int64_t total;
+        napi_adjust_external_memory(e, -int64_t((*held)->size() * sizeof(float)), &total);
+        delete held;
+      },
+      hold, &buffer);
   if (status != napi_ok) {
     delete hold;
     if (env.IsExceptionPending()) env.GetAndClearPendingException();
     return Napi::Float32Array::New(env, size_t(n));
   }
+  Napi::MemoryManagement::AdjustExternalMemory(env, bytes);  // the garbage collector sees what it holds
   direct_logits_ = std::move(mem);
   return Napi::Float32Array::New(env, size_t(n), Napi::ArrayBuffer(env, buffer), 0);
 }
