@@ -57,7 +57,7 @@ struct Shapes<O, MODE, NMAT, true> {
   // (`bench/ab-model.js mixtral QUANT build`): int8 0.97 / 0.93, int4 0.95 / 1.065 (geometric mean 1.01:
   // no change). The avx512 set's int8 (three instructions a dot product) ran 5 rows 8-10% slower this
   // way: 4 there.
-  static constexpr int kCodeRegs = 4 * (MODE == kI4Dot ? 2 : 1);
+  static constexpr int kCodeRegs = kNpDecode * NMAT * (MODE == kI4Dot ? 2 : 1);  // as micro_qdot's
   static constexpr int kMrDecodeMax = O::kDotTemps <= 1 ? (O::kRegs - kCodeRegs - 2 - O::kDotTemps) / 4 : 4;
   static constexpr int kMrFew = 8;  // spills a little, less than two passes over the codes cost
 };

@@ -290,38 +290,35 @@ Napi::Value NativeModel::Step(const Napi::CallbackInfo& info) {
   if (!direct || rows * V == 0 || std::less<const float*>()(target, direct->data()) ||
       std::less<const float*>()(direct->data() + direct->size(), target + rows * V))
     direct.reset();
+  ModelWorker::Work work;
+  ModelWorker::Done done;
   if (direct) {
-    auto* w = new ModelWorker(
-        env, "fused-moe:model-step", std::move(d), busy_,
-        [tokens, seqs, direct, target, cancel](fmoe::Decoder& dec) {
-          dec.step(tokens->data(), seqs.data(), int64_t(seqs.size()), target, cancel.get());
-        },
-        [out_ref](Napi::Env) -> Napi::Value { return out_ref->Value(); }, "run a model step");
-    Napi::Promise p = w->promise();
-    w->Queue();
-    return p;
+    work = [tokens, seqs, direct, target, cancel](fmoe::Decoder& dec) {
+      dec.step(tokens->data(), seqs.data(), int64_t(seqs.size()), target, cancel.get());
+    };
+    done = [out_ref](Napi::Env) -> Napi::Value { return out_ref->Value(); };
+  } else {
+    // Any other array may be detached or resized while the step runs: the step writes a native buffer,
+    // copied into the array once it is over. Steps of a few rows reuse the model's buffer; a large one
+    // (every position of a long prompt) gets its own, freed after the step.
+    constexpr int64_t kKeptLogitsBytes = int64_t(32) << 20;
+    std::shared_ptr<std::vector<float>> out =
+        rows * V * int64_t(sizeof(float)) <= kKeptLogitsBytes ? step_logits_ : std::make_shared<std::vector<float>>();
+    work = [tokens, seqs, out, rows, V, cancel](fmoe::Decoder& dec) {
+      out->resize(size_t(rows * V));  // grows only when a step has more rows than any before
+      dec.step(tokens->data(), seqs.data(), int64_t(seqs.size()), out->data(), cancel.get());
+    };
+    // Back on the main thread: the logits go into the caller's array, which may have been detached.
+    done = [out, out_ref](Napi::Env e) -> Napi::Value {
+      Napi::Float32Array a = out_ref->Value().As<Napi::Float32Array>();
+      if (a.ElementLength() != out->size() || (!out->empty() && a.Data() == nullptr))
+        throw make_moe_error(e, ErrorCode::Shape, "logits was detached or resized during the step");
+      if (!out->empty()) std::memcpy(a.Data(), out->data(), out->size() * sizeof(float));
+      return a;
+    };
   }
-  // Any other array may be detached or resized while the step runs: the step writes a native buffer,
-  // copied into the array once it is over. Steps of a few rows reuse the model's buffer; a large one
-  // (every position of a long prompt) gets its own, freed after the step.
-  constexpr int64_t kKeptLogitsBytes = int64_t(32) << 20;
-  std::shared_ptr<std::vector<float>> out =
-      rows * V * int64_t(sizeof(float)) <= kKeptLogitsBytes ? step_logits_ : std::make_shared<std::vector<float>>();
-  auto* w = new ModelWorker(
-      env, "fused-moe:model-step", std::move(d), busy_,
-      [tokens, seqs, out, rows, V, cancel](fmoe::Decoder& dec) {
-        out->resize(size_t(rows * V));  // grows only when a step has more rows than any before
-        dec.step(tokens->data(), seqs.data(), int64_t(seqs.size()), out->data(), cancel.get());
-      },
-      // Back on the main thread: the logits go into the caller's array, which may have been detached.
-      [out, out_ref](Napi::Env e) -> Napi::Value {
-        Napi::Float32Array a = out_ref->Value().As<Napi::Float32Array>();
-        if (a.ElementLength() != out->size() || (!out->empty() && a.Data() == nullptr))
-          throw make_moe_error(e, ErrorCode::Shape, "logits was detached or resized during the step");
-        if (!out->empty()) std::memcpy(a.Data(), out->data(), out->size() * sizeof(float));
-        return a;
-      },
-      "run a model step");
+  auto* w = new ModelWorker(env, "fused-moe:model-step", std::move(d), busy_, std::move(work), std::move(done),
+                            "run a model step");
   Napi::Promise p = w->promise();
   w->Queue();
   return p;
