@@ -2,7 +2,7 @@
 // memory is gone before the next loads): ours through MoeModel, llama.cpp through node-llama-cpp.
 // A job: { engine, dir | gguf, quantize, prompt: number[], decodePrefix: number[], decodeTokens:
 // number[], settleTokens: number[] | null, warmDecode, promptReps, threads, context, probeBytes }. Both
-// report the same figures: { loadS, promptMs: [...], decodeMs: [...], decodeProbes: [...], info }. With
+// report the same figures: { loadS, residentGB, promptMs: [...], decodeMs: [...], decodeProbes: [...], info }. With
 // probeBytes, every measured decode step follows a read-bandwidth probe of that many bytes
 // (decodeProbes[i], GB/s, beside decodeMs[i]): this machine's bandwidth moves within a run, so each
 // step is compared with the memory of its moment. Between the probe and the measured step runs one
@@ -36,6 +36,7 @@ async function runOurs(job) {
     threads: job.threads,
   });
   const loadS = (now() - t0) / 1e3;
+  const residentGB = process.memoryUsage().rss / 1e9; // the process right after the load
 
   const prompt = Int32Array.from(job.prompt);
   await model.logits(prompt); // warm-up: workspaces, first touch of every weight page
@@ -85,7 +86,7 @@ async function runOurs(job) {
   const decodeOutsideMs = median(decodeMs.map((t, i) => t - parts.reduce((a, p) => a + p[i], 0)));
   const info = { nativeBytes: model.nativeBytes, isa: addon.backendInfo().cpu.isa, finite };
   model.dispose();
-  return { loadS, promptMs, decodeMs, decodeProbes, decodePhaseMs, decodeOutsideMs, info };
+  return { loadS, residentGB, promptMs, decodeMs, decodeProbes, decodePhaseMs, decodeOutsideMs, info };
 }
 
 async function runLlama(job) {
@@ -109,6 +110,7 @@ async function runLlama(job) {
     threads: job.threads,
   });
   const loadS = (now() - t0) / 1e3;
+  const residentGB = process.memoryUsage().rss / 1e9; // the process right after the load
   const seq = context.getSequence();
   // The last token asks for the next one, so that llama.cpp computes its logits (the LM head): a batch
   // with no output skips it. Greedy sampling of one token adds well under a millisecond.
@@ -144,7 +146,7 @@ async function runLlama(job) {
   await context.dispose();
   await model.dispose();
   await llama.dispose();
-  return { loadS, promptMs, decodeMs, decodeProbes, info };
+  return { loadS, residentGB, promptMs, decodeMs, decodeProbes, info };
 }
 
 module.exports = { runOurs, runLlama };

@@ -254,6 +254,7 @@ for (const name of modelNames) {
       const bytes = decodeBytes(m, bpw, ROUTER_BYTES[engine]);
       row[engine] = {
         loadS: r.loadS,
+        residentGB: r.residentGB,
         info: r.info,
         promptMs: r.promptMs,
         decodeMs: r.decodeMs,
@@ -276,7 +277,7 @@ for (const name of modelNames) {
         failed = true;
       }
       log(
-        `  load ${fmt(r.loadS)} s; prompt ${fmt(promptMs)} ms (${r.promptMs.map(fmt).join(' ')}); decode median ${fmt(decodeMs)} ms ` +
+        `  load ${fmt(r.loadS)} s (resident ${fmt(r.residentGB)} GB after); prompt ${fmt(promptMs)} ms (${r.promptMs.map(fmt).join(' ')}); decode median ${fmt(decodeMs)} ms ` +
           `of ${r.decodeMs.length} steps (min ${fmt(Math.min(...r.decodeMs))}, max ${fmt(Math.max(...r.decodeMs))}, ${row[engine].decodeStalls} over 2x)`,
       );
       if (r.decodePhaseMs) {

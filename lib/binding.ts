@@ -132,6 +132,11 @@ export interface NativeBinding {
   mapFile(path: string, offset?: number, length?: number): ArrayBuffer;
   /** The same, with every page brought in on a worker thread. */
   mapFileAsync(path: string, offset?: number, length?: number): Promise<ArrayBuffer>;
+  /**
+   * Drops the resident pages of a view of a mapping made by mapFile / mapFileAsync (they are read from
+   * the file again if touched); false, and nothing done, for any other array.
+   */
+  dropPages(view: ArrayBufferView): boolean;
   /** Benchmark and test support (csrc/probes): not part of the package API, may change at any time. */
   bench: {
     readBandwidth(bytes: number, threads: number): number;

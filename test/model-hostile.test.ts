@@ -186,6 +186,53 @@ describe('concurrency, aborts and disposal', () => {
     m.dispose(); // twice: nothing
   });
 
+  // Linux: the process's resident pages of mapped files (/proc/self/status), in bytes.
+  const residentFileBytes = (): number | null => {
+    const m = /RssFile:\s+(\d+) kB/.exec(
+      fs.existsSync('/proc/self/status') ? fs.readFileSync('/proc/self/status', 'utf8') : '',
+    );
+    return m ? Number(m[1]) * 1024 : null;
+  };
+
+  test('a loaded model holds no second copy of the checkpoint; dispose() when idle frees at once', async () => {
+    // About 25 MB of float32 experts, and the embedding read twice (tied to the LM head).
+    const big = writeRandomModel(path.join(dir, 'big'), {
+      family: 'qwen3moe',
+      dtype: 'float32',
+      seed: 63,
+      expertFfn: 2048,
+      tieWordEmbeddings: true,
+      gguf: false,
+    });
+    const fileBytes = fs
+      .readdirSync(big.hfDir)
+      .filter((f) => f.endsWith('.safetensors'))
+      .reduce((a, f) => a + fs.statSync(path.join(big.hfDir, f)).size, 0);
+    expect(fileBytes).toBeGreaterThan(20e6);
+    const before = residentFileBytes();
+    const m = await MoeModel.load(big.hfDir, { contextLength: 64 });
+    const after = residentFileBytes();
+    // Each tensor's mapping is read while it is packed, then its pages are given back: without that
+    // they stay resident until the garbage collector unmaps them, a second copy of every weight.
+    if (before !== null && after !== null) expect(after - before).toBeLessThan(fileBytes / 4);
+    const tokens = randomTokens(9, m.config.vocabSize, 7);
+    const first = await m.logits(tokens, { all: true });
+    const bytes = m.nativeBytes,
+      rss = process.memoryUsage().rss;
+    expect(bytes).toBeGreaterThan(fileBytes / 2);
+    m.dispose();
+    // Nothing ran or waited: the native memory went back before this line.
+    expect(rss - process.memoryUsage().rss).toBeGreaterThan(bytes * 0.8);
+    // The dropped pages read the file again: a second load gives the same bits.
+    const again = await MoeModel.load(big.hfDir, { contextLength: 64 });
+    const running = again.logits(tokens, { all: true });
+    await new Promise(setImmediate); // its step is on a worker thread now
+    const rss2 = process.memoryUsage().rss;
+    again.dispose(); // freed once the running call has ended, which it does normally
+    expect(rss2 - process.memoryUsage().rss).toBeLessThan(bytes * 0.2);
+    expect(firstBitDifference(await running, first)).toBe(-1);
+  });
+
   test('repeated failures leak nothing: resident memory stays flat, the model gives the same bits', async () => {
     const shape = path.join(dir, 'shape');
     // Wide experts (about 4 MB of weights) so that a leaked load would show clearly.

@@ -651,4 +651,36 @@ describe('the native mapping (mapFile, mapFileAsync)', () => {
     expect(() => b.mapFile(file, -1)).toThrow(expect.objectContaining({ name: 'RangeError' }));
     expect(() => b.mapFile(42 as unknown as string)).toThrow(expect.objectContaining({ name: 'TypeError' }));
   });
+
+  test('dropPages gives back the resident pages of a mapping; its views read the file again; other arrays untouched', async () => {
+    const file = path.join(root, 'drop.bin');
+    const data = new Uint8Array(16 << 20);
+    let x = 12345;
+    for (let i = 0; i < data.length; i += 4) {
+      x = (Math.imul(x, 1103515245) + 12345) >>> 0;
+      data[i] = x >>> 24;
+    }
+    fs.writeFileSync(file, data);
+    const b = binding();
+    const residentFile = () => {
+      const m = /RssFile:\s+(\d+) kB/.exec(
+        fs.existsSync('/proc/self/status') ? fs.readFileSync('/proc/self/status', 'utf8') : '',
+      );
+      return m ? Number(m[1]) * 1024 : null;
+    };
+    const view = new Uint8Array(await b.mapFileAsync(file, 4096)); // brought in
+    const before = residentFile();
+    expect(b.dropPages(view)).toBe(process.platform !== 'win32');
+    const after = residentFile();
+    if (before !== null && after !== null) expect(before - after).toBeGreaterThan(12 << 20);
+    expect(Buffer.compare(Buffer.from(view.buffer), Buffer.from(data.buffer, 4096))).toBe(0);
+    // Not mappings made here, or not a whole mapping: nothing done, the data intact.
+    const own = Float32Array.from([1.5, -2, 3]);
+    expect(b.dropPages(own)).toBe(false);
+    expect(Array.from(own)).toEqual([1.5, -2, 3]);
+    expect(b.dropPages(view.subarray(8192))).toBe(false);
+    expect(b.dropPages(new Uint8Array(b.mapFile(file, 0, 0)))).toBe(false);
+    for (const bad of [undefined, 42, view.buffer, {}])
+      expect(() => b.dropPages(bad as unknown as Uint8Array)).toThrow(expect.objectContaining({ name: 'TypeError' }));
+  });
 });

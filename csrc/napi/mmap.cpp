@@ -5,6 +5,9 @@
 //   mapFileAsync(path, offset?, length?) -> Promise<ArrayBuffer>
 //       maps and brings every page in on a worker thread, so a caller that reads it all next (packing
 //       a layer) neither reads the disk nor takes page faults on the event loop
+//   dropPages(view) -> boolean
+//       gives back the resident pages of a mapping made here, whose copy the caller has made: the
+//       mapping stays valid and reads the file again where touched. Anything else is left alone (false)
 //
 // JS may write into any ArrayBuffer, so regions are mapped PROT_READ|PROT_WRITE with MAP_PRIVATE: a
 // write makes a private copy of its page that never reaches the file. The mapping is unmapped by the
@@ -13,7 +16,9 @@
 
 #include <cerrno>
 #include <cstring>
+#include <mutex>
 #include <string>
+#include <unordered_map>
 
 #ifndef _WIN32
 #include <fcntl.h>
@@ -139,7 +144,19 @@ static bool populate(const Region& r, std::string* why) {
   return true;
 }
 
-static void unmap(Napi::Env, void*, Region* r) {
+// The regions handed to JavaScript and not yet unmapped, by the address of their first requested byte
+// (distinct while they live): dropPages() acts on these only. Every thread's environment shares it.
+static std::mutex live_mutex;
+static std::unordered_map<const void*, Region>& live_regions() {
+  static auto* regions = new std::unordered_map<const void*, Region>();  // never destroyed: finalizers may run at exit
+  return *regions;
+}
+
+static void unmap(Napi::Env, void* data, Region* r) {
+  {
+    std::lock_guard<std::mutex> lock(live_mutex);
+    live_regions().erase(data);
+  }
   munmap(r->base, r->mapped);
   delete r;
 }
@@ -147,8 +164,34 @@ static void unmap(Napi::Env, void*, Region* r) {
 // Hands the region to an ArrayBuffer whose finalizer unmaps it.
 static Napi::ArrayBuffer to_buffer(Napi::Env env, const Region& r) {
   if (!r.base) return Napi::ArrayBuffer::New(env, 0);
+  void* data = static_cast<char*>(r.base) + r.gap;
+  {
+    std::lock_guard<std::mutex> lock(live_mutex);
+    live_regions()[data] = r;
+  }
   auto* owned = new Region(r);
-  return Napi::ArrayBuffer::New(env, static_cast<char*>(r.base) + r.gap, r.length, unmap, owned);
+  return Napi::ArrayBuffer::New(env, data, r.length, unmap, owned);
+}
+
+// The loaders copy each tensor into the model and hold its mapping only until the garbage collector
+// runs: until then its pages count in the process's resident memory, a second copy of the checkpoint.
+// MADV_DONTNEED drops them now. On a private mapping a page read again comes from the file: a view
+// stays valid and reads what it read before, unless JavaScript wrote to it (its copy is dropped too).
+static Napi::Value DropPages(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsTypedArray())
+    throw Napi::TypeError::New(env, "dropPages(view) expects a typed array");
+  Napi::TypedArray view = info[0].As<Napi::TypedArray>();
+  if (view.ByteOffset() != 0) return Napi::Boolean::New(env, false);  // a mapping's views start at its start
+  const void* data = view.ArrayBuffer().Data();
+  Region r;
+  {
+    std::lock_guard<std::mutex> lock(live_mutex);
+    auto it = live_regions().find(data);
+    if (it == live_regions().end() || !data) return Napi::Boolean::New(env, false);
+    r = it->second;
+  }
+  return Napi::Boolean::New(env, madvise(r.base, r.mapped, MADV_DONTNEED) == 0);
 }
 
 static Napi::Value MapFile(const Napi::CallbackInfo& info) {
@@ -208,6 +251,8 @@ static Napi::Value MapFileAsync(const Napi::CallbackInfo& info) {
 
 #else
 
+static Napi::Value DropPages(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), false); }
+
 static Napi::Value MapFile(const Napi::CallbackInfo& info) {
   throw checkpoint_error(info.Env(), get_path(info), "memory-mapped checkpoints are not supported on Windows yet");
 }
@@ -225,6 +270,7 @@ static Napi::Value MapFileAsync(const Napi::CallbackInfo& info) {
 void register_mmap(Napi::Env env, Napi::Object exports) {
   exports.Set("mapFile", Napi::Function::New(env, MapFile, "mapFile"));
   exports.Set("mapFileAsync", Napi::Function::New(env, MapFileAsync, "mapFileAsync"));
+  exports.Set("dropPages", Napi::Function::New(env, DropPages, "dropPages"));
 }
 
 }  // namespace fmoe_napi

@@ -7,6 +7,7 @@ import * as path from 'path';
 import { binding, NativeCancel } from '../binding';
 import { AbortError, MoeError, argRangeError, argTypeError, checkpointError, fromNative } from '../errors';
 import { openSafetensors } from '../safetensors/index';
+import { dropPages } from '../safetensors/map';
 import type { SafetensorsFile, TensorView } from '../safetensors/index';
 import { isFile, readJson } from '../safetensors/resolve';
 import { checkInteger, checkObject, checkOneOf, checkSignal, describe } from '../validate';
@@ -250,6 +251,8 @@ export class MoeModel {
   /** step()'s logits with reuseLogits, kept from one step to the next. */
   #stepLogits: Float32Array | undefined;
   #busy: Promise<unknown> = Promise.resolve();
+  /** Calls queued on #busy that have not settled. */
+  #pending = 0;
   #engine: Engine | undefined;
 
   private constructor(
@@ -378,6 +381,7 @@ export class MoeModel {
         } catch (err) {
           throw fromNative(err);
         }
+        dropPages(views); // copied into the model: the mapping's pages are not needed until GC unmaps it
         bytes += item.names.reduce((a, n) => a + bytesOf(n), 0);
         tensors += item.names.length;
         options.onProgress?.({ bytes, totalBytes, tensors, totalTensors });
@@ -598,13 +602,17 @@ export class MoeModel {
     }
   }
 
-  /** Frees the weights and the KV cache once the running step (if any) ends; later calls throw. */
+  /**
+   * Frees the weights and the KV cache: at once when no call is running or queued (so that memory is
+   * back before the caller's next synchronous line), else once the running call ends; later calls throw.
+   */
   dispose(): void {
     const native = this.#native;
     if (!native) return;
     this.#native = undefined;
     this.#stepLogits = undefined;
-    void this.#busy.finally(() => native.dispose());
+    if (this.#pending === 0) native.dispose();
+    else void this.#busy.finally(() => native.dispose());
   }
 
   #generator(): Engine {
@@ -618,8 +626,12 @@ export class MoeModel {
 
   /** Runs fn after every earlier call on this model has settled (one native step at a time). */
   #exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    this.#pending++;
     const run = this.#busy.then(fn, fn);
-    this.#busy = run.catch(() => undefined);
+    const settled = () => {
+      this.#pending--;
+    };
+    this.#busy = run.then(settled, settled);
     return run;
   }
 

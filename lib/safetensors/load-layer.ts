@@ -8,7 +8,7 @@ import { checkInteger, checkObject, checkOneOf, checkSignal, describe } from '..
 import { TensorEntry, widenToFloat32 } from './format';
 import { blockLayout, configObject } from './families';
 import { readHfConfig } from './hf';
-import { isViewable, mapTensor, mapTensorResident } from './map';
+import { dropPages, isViewable, mapTensor, mapTensorResident } from './map';
 import { readJson, resolveCheckpoint, ShardHeaders } from './resolve';
 
 /**
@@ -210,5 +210,7 @@ export async function loadLayer<L>(factory: LayerFactory<L>, p: string, options:
   const weights: MoeWeights = { gate: gateToFloat32(gate), w1: v1, w3: v3, w2: v2 };
   if (s.length) weights.shared = { w1: s[0], w3: s[1], w2: s[2], gate: sharedGate && gateToFloat32(sharedGate) };
   if (scoreBias) weights.scoreBias = gateToFloat32(scoreBias);
-  return factory.create(config, weights, { signal: options.signal });
+  const created = await factory.create(config, weights, { signal: options.signal });
+  dropPages([...v1, ...v3, ...v2, ...s]); // packed into the layer (the mappings go when collected)
+  return created;
 }

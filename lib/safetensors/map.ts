@@ -87,3 +87,11 @@ export async function mapTensorResident(e: TensorEntry): Promise<TensorView> {
   }
   return viewOf(e, type, buffer);
 }
+
+/**
+ * Gives back the resident pages of mapped views whose data has been copied (into a model or a layer):
+ * the views stay valid and read the file again if touched. Views that are not mappings are left alone.
+ */
+export function dropPages(views: Iterable<TensorView>): void {
+  for (const v of views) binding().dropPages(v);
+}
