@@ -9,7 +9,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { AbortError, MoeError } from '../lib/errors';
 import { MoeModel } from '../lib/model/model';
-import { makeTempDir, RawTensor, removeTempDir, writeSafetensors } from './helpers/checkpoint';
+import { makeTempDir, RawTensor, removeTempDir, residentFileBytes, writeSafetensors } from './helpers/checkpoint';
 import { firstBitDifference, randomTokens } from './helpers/model/compare';
 import { RandomModel, writeRandomModel } from './helpers/model/random-model';
 
@@ -185,14 +185,6 @@ describe('concurrency, aborts and disposal', () => {
     expect(m.nativeBytes).toBe(0);
     m.dispose(); // twice: nothing
   });
-
-  // Linux: the process's resident pages of mapped files (/proc/self/status), in bytes.
-  const residentFileBytes = (): number | null => {
-    const m = /RssFile:\s+(\d+) kB/.exec(
-      fs.existsSync('/proc/self/status') ? fs.readFileSync('/proc/self/status', 'utf8') : '',
-    );
-    return m ? Number(m[1]) * 1024 : null;
-  };
 
   test('a loaded model holds no second copy of the checkpoint; dispose() when idle frees at once', async () => {
     // About 25 MB of float32 experts, and the embedding read twice (tied to the LM head).

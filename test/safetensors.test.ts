@@ -13,6 +13,7 @@ import {
   makeTempDir,
   moeTensors,
   removeTempDir,
+  residentFileBytes,
   safetensorsBytes,
   TinyModel,
   writeSafetensors,
@@ -662,16 +663,10 @@ describe('the native mapping (mapFile, mapFileAsync)', () => {
     }
     fs.writeFileSync(file, data);
     const b = binding();
-    const residentFile = () => {
-      const m = /RssFile:\s+(\d+) kB/.exec(
-        fs.existsSync('/proc/self/status') ? fs.readFileSync('/proc/self/status', 'utf8') : '',
-      );
-      return m ? Number(m[1]) * 1024 : null;
-    };
     const view = new Uint8Array(await b.mapFileAsync(file, 4096)); // brought in
-    const before = residentFile();
+    const before = residentFileBytes();
     expect(b.dropPages(view)).toBe(process.platform !== 'win32');
-    const after = residentFile();
+    const after = residentFileBytes();
     if (before !== null && after !== null) expect(before - after).toBeGreaterThan(12 << 20);
     expect(Buffer.compare(Buffer.from(view.buffer), Buffer.from(data.buffer, 4096))).toBe(0);
     // Not mappings made here, or not a whole mapping: nothing done, the data intact.
