@@ -13,11 +13,12 @@ export type MoeErrorCode =
   | 'ERR_MOE_DISPOSED'
   | 'ERR_MOE_LOAD'
   | 'ERR_MOE_CHECKPOINT'
+  | 'ERR_MOE_NUMERIC'
   | 'ERR_MOE_INTERNAL';
 
 /**
  * Errors that are not argument mistakes: missing device, CUDA failure, out of memory, a broken
- * checkpoint, a disposed layer, a bug.
+ * checkpoint, a disposed layer, logits no token can be sampled from, a bug.
  */
 export class MoeError extends Error {
   readonly code: MoeErrorCode;

@@ -3,9 +3,14 @@
  * anything is queued, while a stream already running goes on undisturbed and nothing is left behind in
  * the KV cache. Also a model disposed under a running generation, and a model without a tokenizer.
  */
+import * as fs from 'fs';
 import * as path from 'path';
+import { Engine, EngineModel, Request } from '../lib/generate/engine';
+import { checkSampling, Sampler } from '../lib/generate/sampling';
 import { MoeError, MoeModel } from '../lib/index';
 import type { GenerateOptions, Prompt } from '../lib/index';
+import { parseDecoderConfig } from '../lib/model/config';
+import type { ModelSequence, StepEntry } from '../lib/model/model';
 import { makeTempDir, removeTempDir } from './helpers/checkpoint';
 import { randomTokens } from './helpers/model/compare';
 import { writeRandomModel } from './helpers/model/random-model';
@@ -129,4 +134,146 @@ test('without tokenizer.json: token ids generate (with empty text); text, messag
   } finally {
     model.dispose();
   }
+});
+
+describe('failures inside the step loop end their own request only; the process lives on', () => {
+  // A stand-in model (as test/generate-budget.test.ts uses): the logits of the second sequence it creates
+  // hold `bad`; the others favour token 7.
+  const config = parseDecoderConfig({
+    architectures: ['MixtralForCausalLM'],
+    hidden_size: 64,
+    intermediate_size: 96,
+    num_hidden_layers: 1,
+    num_attention_heads: 4,
+    num_key_value_heads: 2,
+    num_local_experts: 4,
+    num_experts_per_tok: 2,
+    vocab_size: 32,
+    eos_token_id: 31,
+  });
+  type Marked = ModelSequence & { poisoned?: boolean };
+  function standIn(bad: number): { model: EngineModel; created: Marked[] } {
+    const created: Marked[] = [];
+    const model: EngineModel = {
+      config,
+      options: { contextLength: 256, maxSequences: 4, quantize: 'none' },
+      cacheBlockTokens: 16,
+      createSequence: () => {
+        const s = { length: 0, poisoned: created.length === 1 } as Marked;
+        created.push(s);
+        return s;
+      },
+      async step(batch: readonly StepEntry[]) {
+        for (const e of batch) e.sequence.length += e.tokens.length;
+        await new Promise((r) => setImmediate(r));
+        return batch.map((e) => {
+          const logits = new Float32Array(config.vocabSize).fill(-1);
+          logits[7] = 1;
+          if ((e.sequence as Marked).poisoned) logits[3] = bad;
+          return logits;
+        });
+      },
+      freeSequence() {},
+      async truncateSequence(s: ModelSequence, n: number) {
+        s.length = n;
+      },
+    };
+    return { model, created };
+  }
+  const request = (options: Record<string, unknown>, maxTokens: number) =>
+    new Request([1, 2, 3], checkSampling('options', options), maxTokens, [], undefined, new Set([31]));
+  async function outcome(r: Request): Promise<string> {
+    try {
+      for (;;) {
+        const next = await r.next();
+        if (next.done) return `${next.value.finishReason} ${next.value.tokens.join(',')}`;
+      }
+    } catch (err) {
+      return `${(err as MoeError).code}`;
+    }
+  }
+
+  test.each([
+    ['NaN', 'greedy', NaN, { temperature: 0 }],
+    ['NaN', 'sampled', NaN, { temperature: 0.8, seed: 3 }],
+    ['+Infinity', 'greedy', Infinity, { temperature: 0 }],
+    ['+Infinity', 'sampled', Infinity, { temperature: 1, topK: 5, seed: 4 }],
+  ])('logits holding %s, %s: ERR_MOE_NUMERIC for that request, the others finish', async (_, __, bad, options) => {
+    const { model, created } = standIn(bad);
+    const engine = new Engine(model);
+    const healthy = request({ temperature: 0 }, 6);
+    const poisoned = request(options, 6);
+    engine.submit(healthy);
+    engine.submit(poisoned);
+    expect(await Promise.all([outcome(healthy), outcome(poisoned)])).toEqual(['length 7,7,7,7,7,7', 'ERR_MOE_NUMERIC']);
+    expect(created.map((c) => c.poisoned)).toEqual([false, true]);
+    expect(engine.stats).toEqual({ running: 0, waiting: 0, kept: 1 }); // the failed sequence is not kept
+  });
+
+  test('-Infinity logits are tokens that cannot be picked; a row of nothing else cannot be sampled', () => {
+    const row = new Float32Array(32).fill(-Infinity);
+    row[9] = -50;
+    row[4] = -60;
+    for (const options of [{ temperature: 0 }, { temperature: 2, seed: 1 }, { temperature: 1, topP: 0.5, seed: 2 }]) {
+      const sampler = new Sampler(checkSampling('options', options));
+      for (let i = 0; i < 20; i++) expect([9, 4]).toContain(sampler.sample(row, [9]));
+      expect(() => sampler.sample(new Float32Array(32).fill(-Infinity), [])).toThrow(
+        expect.objectContaining({ code: 'ERR_MOE_NUMERIC' }),
+      );
+    }
+  });
+
+  test('next() called again before the last call settled: each gets the next piece, in order', async () => {
+    const { model } = standIn(0);
+    const engine = new Engine(model);
+    const r = request({ temperature: 0 }, 3);
+    engine.submit(r);
+    const calls = [r.next(), r.next(), r.next(), r.next()];
+    const got = await Promise.all(calls);
+    expect(got.map((g) => (g.done ? `done ${g.value.finishReason}` : g.value.token))).toEqual([7, 7, 7, 'done length']);
+  });
+
+  test('a tokenizer that gives no id, or whose decoder throws: a clear error, the model still generates from ids', async () => {
+    const noId = writeRandomModel(path.join(dir, 'no-id'), { family: 'olmoe', seed: 31, gguf: false }).hfDir;
+    writeTokenizer(noId, 'byte-level', 320);
+    const editTokenizer = (folder: string, edit: (t: Record<string, unknown>) => void) => {
+      const file = path.join(folder, 'tokenizer.json');
+      const t = JSON.parse(fs.readFileSync(file, 'utf8'));
+      edit(t);
+      fs.writeFileSync(file, JSON.stringify(t));
+    };
+    // A post-processor naming a special token the vocabulary does not have.
+    editTokenizer(noId, (t) => {
+      t.post_processor = {
+        type: 'TemplateProcessing',
+        single: [{ SpecialToken: { id: '<none>', type_id: 0 } }],
+        pair: [],
+        special_tokens: {},
+      };
+    });
+    const throwing = writeRandomModel(path.join(dir, 'throwing'), { family: 'olmoe', seed: 31, gguf: false }).hfDir;
+    writeTokenizer(throwing, 'byte-level', 320);
+    editTokenizer(throwing, (t) => {
+      t.decoder = { type: 'Sequence', decoders: [null] };
+    });
+    const a = await MoeModel.load(noId, { maxSequences: 2 });
+    const b = await MoeModel.load(throwing, { maxSequences: 2 });
+    try {
+      const running = a.complete([5, 6, 7], { temperature: 0, maxTokens: 12 });
+      expect(() => a.generate('hello')).toThrow(
+        expect.objectContaining({
+          code: 'ERR_MOE_CHECKPOINT',
+          message: expect.stringMatching(/tokenizer\.json gave undefined at position 0/),
+        }),
+      );
+      expect(() => a.tokenize('hello')).toThrow(expect.objectContaining({ code: 'ERR_MOE_CHECKPOINT' }));
+      expect((await running).tokens).toHaveLength(12);
+      // The decoder runs on each sampled token, inside the step loop: the request rejects with its error.
+      await expect(b.complete([5, 6, 7], { temperature: 0, maxTokens: 4 })).rejects.toThrow();
+      expect(await b.complete([5, 6, 7], { temperature: 0, maxTokens: 1 }).catch(() => null)).toBeNull();
+    } finally {
+      a.dispose();
+      b.dispose();
+    }
+  });
 });

@@ -114,6 +114,17 @@ describe('bad arguments: TypeError or RangeError naming the argument', () => {
     await expect(model.logits('abc' as never)).rejects.toThrow(TypeError);
     await expect(model.logits([])).rejects.toThrow(/tokens must hold at least one token/);
     await expect(model.logits([5], { signal: {} as never })).rejects.toThrow(/options\.signal must be an AbortSignal/);
+    // Array-likes whose length is no length, or far beyond their ids: named, and nothing allocated for them.
+    await expect(model.logits({ length: -5 } as never)).rejects.toThrow(
+      'tokens.length must be a non-negative integer, got -5',
+    );
+    expect(() => model.detokenize({ length: Infinity } as never)).toThrow(
+      expect.objectContaining({
+        name: 'RangeError',
+        message: 'ids.length must be a non-negative integer, got Infinity',
+      }),
+    );
+    expect(() => model.detokenize({ length: 2 ** 40, 0: 5 } as never)).toThrow(/ids\[1\] must be a token id/);
     await stillUsable();
   });
 
@@ -129,6 +140,26 @@ describe('bad arguments: TypeError or RangeError naming the argument', () => {
     await expect(MoeModel.load(good.hfDir, { kvCacheDtype: 'int8' as never })).rejects.toThrow(RangeError);
     await expect(MoeModel.load(good.hfDir, { contextLength: 0 })).rejects.toThrow(/options\.contextLength/);
     await expect(MoeModel.load(42 as never)).rejects.toThrow(TypeError);
+    // More cache blocks than the native side takes: named by the two options that make them.
+    await expect(MoeModel.load(good.hfDir, { contextLength: 2 ** 24, maxSequences: 4096 })).rejects.toThrow(
+      'options.contextLength x options.maxSequences must be at most 2^34 positions (2^30 cache blocks of 16), got 16777216 x 4096',
+    );
+  });
+
+  test('a KV cache bigger than the memory: ERR_MOE_OUT_OF_MEMORY before its block lists are made', async () => {
+    // 2^30 blocks, terabytes of cache: the lists of free blocks and holders alone took 8 GB (and tens of
+    // seconds) before the refusal.
+    const rss0 = process.memoryUsage().rss;
+    let peak = rss0;
+    const sample = setInterval(() => (peak = Math.max(peak, process.memoryUsage().rss)), 1);
+    const err = await rejection(MoeModel.load(good.hfDir, { contextLength: 2 ** 22, maxSequences: 4096 }));
+    clearInterval(sample);
+    peak = Math.max(peak, process.memoryUsage().rss);
+    expect([err.constructor, err.code]).toEqual([MoeError, 'ERR_MOE_OUT_OF_MEMORY']);
+    expect(err.message).toMatch(/^the KV cache \(contextLength x maxSequences positions\) needs \d+ MiB/);
+    expect(err.message).toMatch(/a smaller contextLength or maxSequences/);
+    expect(peak - rss0).toBeLessThan(256 << 20);
+    await stillUsable();
   });
 });
 

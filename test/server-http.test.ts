@@ -240,6 +240,10 @@ describe('server over a fake engine', () => {
     expect((await json(none)).error.message).toContain('/v1/embeddings');
     const wrongMethod = await fetch(`${base}/v1/chat/completions`, { headers: { Authorization: `Bearer ${KEY}` } });
     expect(wrongMethod.status).toBe(405);
+    // A model id that is not valid percent-encoding: the client's mistake, not a server error.
+    const badId = await fetch(`${base}/v1/models/%E0%A4%A`, { headers: { Authorization: `Bearer ${KEY}` } });
+    expect(badId.status).toBe(400);
+    expect((await json(badId)).error).toMatchObject({ type: 'invalid_request_error', param: 'model' });
     expect(engine.started).toHaveLength(0);
   });
 

@@ -28,12 +28,13 @@ size_t available_memory_bytes() {
 #endif
 }
 
-void check_memory_available(size_t bytes, const char* what) {
+void check_memory_available(size_t bytes, const char* what, const char* hint) {
   const size_t avail = available_memory_bytes();
   if (avail != 0 && bytes > avail)
     fail(ErrorCode::OutOfMemory,
          std::string(what) + " needs " + std::to_string(bytes >> 20) + " MiB but only " + std::to_string(avail >> 20) +
-             " MiB are available; use 16-bit weights, fewer experts, or a machine with more memory");
+             " MiB are available; " +
+             (hint ? hint : "use 16-bit weights, fewer experts, or a machine with more memory"));
 }
 
 }  // namespace fmoe

@@ -6,6 +6,7 @@
 namespace fmoe {
 // Bytes available for new allocations (MemAvailable + free swap on Linux); 0 when unknown.
 size_t available_memory_bytes();
-// Throws MoeException(OutOfMemory) naming `what` when `bytes` exceeds what is available.
-void check_memory_available(size_t bytes, const char* what);
+// Throws MoeException(OutOfMemory) naming `what` when `bytes` exceeds what is available; `hint` says
+// how to need less (the default speaks of weights).
+void check_memory_available(size_t bytes, const char* what, const char* hint = nullptr);
 }  // namespace fmoe

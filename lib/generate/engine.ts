@@ -75,7 +75,8 @@ export class Request {
   text = '';
   done = false;
   readonly #pieces: GenerationPiece[] = [];
-  #wake: (() => void) | null = null;
+  /** Callers of next() waiting for a piece or the end, in the order they called. */
+  #waiters: (() => void)[] = [];
   #result: GenerationResult | null = null;
   #error: unknown = null;
   /** Called once when the request ends, however it ends. */
@@ -135,14 +136,14 @@ export class Request {
       if (piece) return { value: piece, done: false };
       if (this.#error !== null) throw this.#error;
       if (this.#result) return { value: this.#result, done: true };
-      await new Promise<void>((resolve) => (this.#wake = resolve));
+      await new Promise<void>((resolve) => this.#waiters.push(resolve));
     }
   }
 
   #notify(): void {
-    const wake = this.#wake;
-    this.#wake = null;
-    wake?.();
+    const waiters = this.#waiters;
+    this.#waiters = [];
+    for (const wake of waiters) wake();
   }
 }
 
@@ -217,8 +218,20 @@ export class Engine {
           for (const { request } of batch) this.#end(request, null, err);
           continue;
         }
-        batch.forEach((b, i) => this.#advance(b.request, logits[i]));
+        // A request whose sampling or detokenizing fails (logits no token can come from, a tokenizer
+        // that throws) ends with that error; the others go on.
+        batch.forEach((b, i) => {
+          try {
+            this.#advance(b.request, logits[i]);
+          } catch (err) {
+            this.#end(b.request, null, err);
+          }
+        });
       }
+    } catch (err) {
+      // Nothing above should throw; if it does, every request ends with the error rather than waiting
+      // forever (and the process does not die of an unhandled rejection).
+      for (const r of [...this.#running, ...this.#waiting.splice(0)]) this.#end(r, null, err);
     } finally {
       this.#looping = false;
     }

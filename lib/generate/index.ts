@@ -65,6 +65,14 @@ export function promptTokens(model: GenerateModel, prompt: unknown): number[] {
     throw argTypeError(
       `${NAME} must be a string, an array of { role, content } messages or an array of token ids, got ${describe(prompt)}`,
     );
+  // The tokenizer's ids (a template's special tokens among them) must be the model's too.
+  const V = model.config.vocabSize,
+    beyond = ids.findIndex((t) => t >= V);
+  if (beyond >= 0)
+    throw new MoeError(
+      'ERR_MOE_CHECKPOINT',
+      `the tokenizer gave id ${ids[beyond]} at position ${beyond} of the prompt, beyond the model's vocabulary of ${V}`,
+    );
   if (ids.length === 0) throw argRangeError(`${NAME} gives no tokens; at least one is needed`);
   const context = model.options.contextLength;
   if (ids.length > context)

@@ -3,7 +3,7 @@
  * and min-p (the order Hugging Face's generate applies them), then one draw from the request's own
  * PRNG. A request's tokens depend only on its logits and its seed, never on what else runs.
  */
-import { argRangeError, argTypeError } from '../errors';
+import { argRangeError, argTypeError, MoeError } from '../errors';
 import { describe } from '../validate';
 
 export interface SamplingOptions {
@@ -152,15 +152,30 @@ class Scratch {
 }
 const scratches = new Map<number, Scratch>();
 /** The first index of the largest value (a NaN at 0 wins; elsewhere NaN never does). */
+/**
+ * The index of the largest value (the first of equals); -1 when a value is NaN or +Infinity or every
+ * value is -Infinity: no token can be chosen from such a row.
+ */
 function argmax(x: Float32Array | Float64Array): number {
-  let best = 0,
-    top = x[0];
-  for (let i = 1; i < x.length; i++)
-    if (x[i] > top) {
-      top = x[i];
+  let best = -1,
+    top = -Infinity,
+    nan = false;
+  for (let i = 0; i < x.length; i++) {
+    const v = x[i];
+    if (v > top) {
+      top = v;
       best = i;
-    }
-  return best;
+    } else if (v !== v) nan = true;
+  }
+  return nan || top === Infinity ? -1 : best;
+}
+
+function notSampleable(): MoeError {
+  return new MoeError(
+    'ERR_MOE_NUMERIC',
+    'the logits of this step hold NaN or +Infinity, or every token is -Infinity: no token can be sampled ' +
+      '(an overflow in the model: float16 weights or a float16 KV cache hold at most 65504)',
+  );
 }
 
 function scratchFor(vocab: number): Scratch {
@@ -182,7 +197,11 @@ export class Sampler {
   sample(logits: Float32Array, history: readonly number[]): number {
     const V = logits.length;
     const { temperature, topK, topP, minP, repetitionPenalty } = this.#params;
-    if (temperature === 0 && repetitionPenalty === 1) return argmax(logits); // greedy: nothing to copy
+    if (temperature === 0 && repetitionPenalty === 1) {
+      const best = argmax(logits); // greedy: nothing to copy
+      if (best < 0) throw notSampleable();
+      return best;
+    }
     const sc = scratchFor(V);
     const x = sc.values;
     for (let i = 0; i < V; i++) x[i] = logits[i];
@@ -195,6 +214,7 @@ export class Sampler {
         }
     }
     const best = argmax(x);
+    if (best < 0) throw notSampleable();
     if (temperature === 0) return best;
 
     // Probabilities relative to the most likely token (which has 1).

@@ -314,6 +314,11 @@ export class MoeModel {
       1,
       1 << 24,
     );
+    if (Math.ceil(contextLength / BLOCK_TOKENS) * maxSequences > 2 ** 30)
+      throw argRangeError(
+        `options.contextLength x options.maxSequences must be at most 2^34 positions (2^30 cache blocks of ` +
+          `${BLOCK_TOKENS}), got ${contextLength} x ${maxSequences}`,
+      );
     if (signal?.aborted) throw aborted();
 
     const file = await openSafetensors(dir);
@@ -689,16 +694,20 @@ export class MoeModel {
     if (tokens === null || typeof tokens !== 'object' || typeof (tokens as { length?: unknown }).length !== 'number')
       throw argTypeError(`${name} must be an array of token ids, got ${describe(tokens)}`);
     const n = tokens.length;
+    if (!Number.isSafeInteger(n) || n < 0)
+      throw argRangeError(`${name}.length must be a non-negative integer, got ${n}`);
     if (withinContext && n > this.options.contextLength)
       throw argRangeError(`${name} holds ${n} tokens, more than the context of ${this.options.contextLength}`);
-    const ids = new Int32Array(n);
+    // Read once, into an array that grows as ids check out: an array-like with a huge length and no ids
+    // allocates nothing.
     const V = this.config.vocabSize;
+    const ids: number[] = [];
     for (let i = 0; i < n; i++) {
       const t = tokens[i];
       if (typeof t !== 'number' || !Number.isInteger(t) || t < 0 || t >= V)
         throw argRangeError(`${name}[${i}] must be a token id in [0, ${V}), got ${describe(t)}`);
-      ids[i] = t;
+      ids.push(t);
     }
-    return ids;
+    return Int32Array.from(ids);
   }
 }

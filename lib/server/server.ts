@@ -98,7 +98,18 @@ export function createServer(
     }
     if (url.pathname.startsWith('/v1/models/')) {
       if (req.method !== 'GET') throw methodNotAllowed(req, 'GET');
-      const id = decodeURIComponent(url.pathname.slice('/v1/models/'.length));
+      const raw = url.pathname.slice('/v1/models/'.length);
+      let id: string;
+      try {
+        id = decodeURIComponent(raw);
+      } catch {
+        throw new ApiError(
+          400,
+          `The model id '${raw}' is not valid percent-encoding`,
+          'invalid_request_error',
+          'model',
+        );
+      }
       if (id !== modelId)
         throw new ApiError(
           404,

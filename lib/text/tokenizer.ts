@@ -39,8 +39,10 @@ export class TextTokenizer {
   /** One past the largest id the tokenizer can produce. */
   readonly vocabLimit: number;
   readonly #tokenizer: Tokenizer;
+  readonly #source: string;
 
   constructor(tokenizerJson: object, config: Record<string, unknown>, source: string) {
+    this.#source = source;
     try {
       // eslint-disable-next-line @typescript-eslint/no-require-imports -- loaded on first use: a program that reads no tokenizer does not pay for it
       const { Tokenizer: Impl } = require('@huggingface/tokenizers') as typeof import('@huggingface/tokenizers');
@@ -84,7 +86,15 @@ export class TextTokenizer {
 
   /** Token ids of `text`; `addSpecialTokens` adds what the tokenizer's post-processor adds (BOS, ...). */
   encode(text: string, addSpecialTokens = true): number[] {
-    return this.#tokenizer.encode(text, { add_special_tokens: addSpecialTokens }).ids;
+    const ids = this.#tokenizer.encode(text, { add_special_tokens: addSpecialTokens }).ids;
+    // A tokenizer.json whose post-processor names a token it does not have gives no id for it.
+    for (let i = 0; i < ids.length; i++)
+      if (!Number.isSafeInteger(ids[i]) || ids[i] < 0)
+        throw checkpointError(
+          this.#source,
+          `tokenizer.json gave ${String(ids[i])} at position ${i} of an encoding, not a token id`,
+        );
+    return ids;
   }
 
   /** Text of `ids`, special tokens left out. */
