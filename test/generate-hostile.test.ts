@@ -10,6 +10,7 @@ import { checkSampling, Sampler } from '../lib/generate/sampling';
 import { MoeError, MoeModel } from '../lib/index';
 import type { GenerateOptions, Prompt } from '../lib/index';
 import { parseDecoderConfig } from '../lib/model/config';
+import { TextTokenizer } from '../lib/text/tokenizer';
 import type { ModelSequence, StepEntry } from '../lib/model/model';
 import { makeTempDir, removeTempDir } from './helpers/checkpoint';
 import { randomTokens } from './helpers/model/compare';
@@ -103,6 +104,34 @@ describe('on a model with a running stream (maxSequences 1, 64 positions)', () =
     const full = await model.complete(randomTokens(63, 320, 3), { temperature: 0, maxTokens: 2 });
     expect(full.tokens.length).toBe(1 + Number(full.tokens[0] !== 2));
   });
+});
+
+test('a text far longer than the context is refused from a prefix, not tokenized whole', async () => {
+  const model = await MoeModel.load(withTokenizer, { contextLength: 64 });
+  const encode = jest.spyOn(TextTokenizer.prototype, 'encode');
+  try {
+    const text = 'a megabyte of words, '.repeat(50000);
+    for (const prompt of [text, [{ role: 'user', content: text }]] as Prompt[]) {
+      encode.mockClear();
+      expect(() => model.generate(prompt)).toThrow(
+        expect.objectContaining({
+          name: 'RangeError',
+          message: expect.stringMatching(
+            /^promptOrMessages holds more than \d+ tokens \(its first 512 characters give \d+\), more than the context of 64$/,
+          ),
+        }),
+      );
+      // One prefix of 8 characters a position was enough; the megabyte never reached the tokenizer.
+      expect(encode.mock.calls.map(([t]) => t.length)).toEqual([512]);
+    }
+    // Up to the first prefix's length a text is tokenized whole, and its count is exact.
+    expect(() => model.generate(text.slice(0, 500))).toThrow(
+      /^promptOrMessages holds \d+ tokens, more than the context of 64$/,
+    );
+  } finally {
+    encode.mockRestore();
+    model.dispose();
+  }
 });
 
 test('disposing the model under a running generation rejects it with ERR_MOE_DISPOSED', async () => {

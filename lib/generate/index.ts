@@ -37,20 +37,46 @@ export interface GenerateModel {
   readonly tokenizer: TextTokenizer | undefined;
   /** Sampling defaults from the checkpoint's generation_config.json. */
   readonly generationDefaults: Readonly<Omit<SamplingOptions, 'seed'>>;
-  tokenize(text: string): number[];
 }
 
 const NAME = 'promptOrMessages';
 
+/** Characters a token of text the first prefix assumes: ordinary text runs 3 to 5. */
+const CHARS_PER_TOKEN = 8;
+/** Tokens a cut through the text can add to a prefix beyond what the whole text has there. */
+const CUT_MARGIN = 64;
+
+/**
+ * The ids of a prompt text. A text far longer than the context is refused before it is tokenized whole
+ * (the tokenizer runs on the event loop: a megabyte took about a second, every stream waiting): prefixes
+ * of doubling length go first, from CHARS_PER_TOKEN characters a position of the context, until the
+ * text ends or a prefix already holds more tokens than the context.
+ */
+function encodePrompt(tokenizer: TextTokenizer, text: string, addSpecialTokens: boolean, context: number): number[] {
+  for (let n = context * CHARS_PER_TOKEN; n < text.length; n *= 2) {
+    const cut = text.charCodeAt(n - 1) >= 0xd800 && text.charCodeAt(n - 1) < 0xdc00 ? n - 1 : n; // whole pairs
+    const count = tokenizer.encode(text.slice(0, cut), addSpecialTokens).length;
+    if (count > context + CUT_MARGIN)
+      throw argRangeError(
+        `${NAME} holds more than ${count - CUT_MARGIN} tokens (its first ${cut} characters give ${count}), ` +
+          `more than the context of ${context}`,
+      );
+  }
+  return tokenizer.encode(text, addSpecialTokens);
+}
+
 /** The prompt's token ids, checked. */
 export function promptTokens(model: GenerateModel, prompt: unknown): number[] {
   let ids: number[];
-  if (typeof prompt === 'string') ids = model.tokenize(prompt);
-  else if (Array.isArray(prompt) && prompt.length > 0 && isRecord(prompt[0])) {
+  const context = model.options.contextLength;
+  if (typeof prompt === 'string') {
+    if (!model.tokenizer) throw noTokenizer();
+    ids = encodePrompt(model.tokenizer, prompt, true, context);
+  } else if (Array.isArray(prompt) && prompt.length > 0 && isRecord(prompt[0])) {
     const messages = checkMessages(NAME, prompt);
     if (!model.tokenizer) throw noTokenizer();
     // The template writes the special tokens (BOS, ...) itself.
-    ids = model.tokenizer.encode(model.tokenizer.renderChat(messages, true, NAME), false);
+    ids = encodePrompt(model.tokenizer, model.tokenizer.renderChat(messages, true, NAME), false, context);
   } else if (
     (Array.isArray(prompt) || ArrayBuffer.isView(prompt)) &&
     typeof (prompt as ArrayLike<unknown>).length === 'number'
@@ -74,7 +100,6 @@ export function promptTokens(model: GenerateModel, prompt: unknown): number[] {
       `the tokenizer gave id ${ids[beyond]} at position ${beyond} of the prompt, beyond the model's vocabulary of ${V}`,
     );
   if (ids.length === 0) throw argRangeError(`${NAME} gives no tokens; at least one is needed`);
-  const context = model.options.contextLength;
   if (ids.length > context)
     throw argRangeError(`${NAME} holds ${ids.length} tokens, more than the context of ${context}`);
   return ids;
