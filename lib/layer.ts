@@ -2,7 +2,16 @@
 import { binding, NativeCancel, NativeLayer, NativeWeightExtras, WeightArray } from './binding';
 import { scheduler } from './scheduler';
 import { AbortError, argRangeError, argTypeError, fromNative, MoeError } from './errors';
-import { checkedProduct, checkInteger, checkObject, checkOneOf, checkSignal, checkTyped, describe } from './validate';
+import {
+  checkedProduct,
+  checkInteger,
+  checkObject,
+  checkOneOf,
+  checkSignal,
+  checkTyped,
+  describe,
+  typedLength,
+} from './validate';
 import { FromSafetensorsOptions, loadLayer } from './safetensors/index';
 
 export type Routing = 'softmax-topk-renorm' | 'softmax-topk' | 'sigmoid-topk' | 'sigmoid-topk-renorm';
@@ -486,13 +495,14 @@ export class MoeLayer {
 
   #tokens(x: unknown): number {
     if (!(x instanceof Float32Array)) throw argTypeError(`x must be a Float32Array, got ${describe(x)}`);
-    const H = this.config.hiddenSize;
-    if (x.length % H !== 0)
+    const H = this.config.hiddenSize,
+      n = typedLength(x); // what the native side reads, even from a subclass that says otherwise
+    if (n % H !== 0)
       throw argRangeError(
-        `x must hold T * hiddenSize (${H}) elements, got ${x.length} (not a multiple of ${H})`,
+        `x must hold T * hiddenSize (${H}) elements, got ${n} (not a multiple of ${H})`,
         'ERR_MOE_SHAPE',
       );
-    return x.length / H;
+    return n / H;
   }
 
   #out(out: unknown, T: number): Float32Array {

@@ -1,6 +1,14 @@
 /** Argument checks that read as declarations; each error names the argument, expected and actual. */
 import { argRangeError, argTypeError } from './errors';
 
+/** %TypedArray%.prototype.length: the getter a subclass's own `length` cannot replace. */
+const intrinsicLength = Object.getOwnPropertyDescriptor(Object.getPrototypeOf(Int8Array.prototype), 'length')!.get!;
+
+/** A typed array's real element count (0 when detached), whatever its class says its length is. */
+export function typedLength(v: ArrayBufferView): number {
+  return intrinsicLength.call(v) as number;
+}
+
 export function describe(v: unknown): string {
   if (v === null) return 'null';
   if (Array.isArray(v)) return `an array of length ${v.length}`;
@@ -52,7 +60,7 @@ export function checkTyped<T extends ArrayBufferView>(
   detail = '',
 ): T {
   if (!(v instanceof ctor)) throw argTypeError(`${name} must be a ${ctor.name}${detail}, got ${describe(v)}`);
-  const len = (v as unknown as { length: number }).length;
+  const len = typedLength(v as ArrayBufferView);
   if (len !== length) throw argRangeError(`${name} must have ${length} elements${detail}, got ${len}`, 'ERR_MOE_SHAPE');
   return v as unknown as T;
 }

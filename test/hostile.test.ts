@@ -163,6 +163,19 @@ describe('hostile input', () => {
     const pm = layer.forward(xm);
     xm.fill(NaN);
     expect(relL2(await pm, want)).toBeLessThan(1e-5);
+    // A subclass whose length lies: the sizes are those of the memory the native side reads.
+    class Liar extends Float32Array {
+      get length(): number {
+        return good.x.length;
+      }
+    }
+    expect(layer.forwardSync(new Liar(0)).length).toBe(0);
+    expect((await layer.forward(new Liar(0))).length).toBe(0);
+    const liar = Liar.from(good.x.subarray(0, good.config.hiddenSize)) as Liar;
+    expect(layer.forwardSync(liar)).toHaveLength(good.config.hiddenSize);
+    expect(() => layer.forwardSync(good.x, { out: new Liar(0) })).toThrow(
+      expect.objectContaining({ code: 'ERR_MOE_SHAPE', message: expect.stringMatching(/options\.out.*got 0/) }),
+    );
     layer.dispose();
   });
 
