@@ -270,4 +270,30 @@ describe('sentencepiece model: conversations reuse their prefix', () => {
       fresh.dispose();
     }
   });
+
+  test('model.logits during a generation: a kept prefix gives way, counting the step in flight', async () => {
+    // 2 x 8 blocks of 16 positions. A kept prefix of 7 blocks; a generation growing from 20 positions;
+    // a 112-position logits call (7 blocks) after every piece. When the step in flight takes the
+    // generation into its third block, the prefix must go: counted before that step, it had stayed.
+    const model = await MoeModel.load(sentencePieceDir, { maxSequences: 2, contextLength: 128 });
+    try {
+      await model.complete(randomTokens(100, 384, 8), { temperature: 0, maxTokens: 12, ignoreEos: true });
+      expect(model.generationStats.kept).toBe(1);
+      const calls: Promise<unknown>[] = [];
+      const q = randomTokens(112, 384, 9);
+      for await (const piece of model.generate(randomTokens(20, 384, 10), {
+        temperature: 0,
+        maxTokens: 30,
+        ignoreEos: true,
+      })) {
+        expect(piece.token).toBeGreaterThanOrEqual(0);
+        calls.push(model.logits(q));
+      }
+      const settled = await Promise.allSettled(calls);
+      expect(settled.filter((r) => r.status === 'rejected')).toEqual([]);
+      expect(settled).toHaveLength(30);
+    } finally {
+      model.dispose();
+    }
+  });
 });

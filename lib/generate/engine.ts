@@ -189,7 +189,10 @@ export class Engine {
     request.finish('abort');
   }
 
-  /** Drops kept prefixes, least recently used first, until `positions` more fit in the cache. */
+  /**
+   * Drops kept prefixes, least recently used first, until `positions` more fit in the cache once the
+   * steps already queued have run (their frees are queued before the caller's next call).
+   */
   makeRoom(positions: number): void {
     const need = this.#blocks(positions);
     while (this.#kept.length > 0 && this.#freeBlocks() < need) this.#evict();
@@ -373,9 +376,13 @@ export class Engine {
     return Math.ceil(positions / this.#model.cacheBlockTokens);
   }
 
+  /**
+   * Blocks not held by running or kept sequences. A running request counts what it has fed, so the
+   * step in flight (or queued) is in it: makeRoom() runs while one may be.
+   */
   #freeBlocks(): number {
     let used = 0;
-    for (const r of this.#running) if (r.sequence) used += this.#blocks(r.sequence.length);
+    for (const r of this.#running) if (r.sequence) used += this.#blocks(Math.max(r.sequence.length, r.fed));
     for (const k of this.#kept) used += this.#blocks(k.sequence.length);
     return this.#totalBlocks - used;
   }

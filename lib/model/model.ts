@@ -488,7 +488,7 @@ export class MoeModel {
     }
     const all = options.all === true;
     if (ids.length === 0) return Promise.reject(argRangeError('tokens must hold at least one token'));
-    // Kept generation prefixes give way to this call's sequence.
+    // Kept generation prefixes give way to this call's sequence (their blocks are freed before it runs).
     this.#engine?.makeRoom(ids.length);
     return this.#exclusive(async () => {
       const native = this.#live();
