@@ -14,7 +14,10 @@ const KEY = 'test-key-7';
 class FakeEngine implements GenerationEngine {
   maxSequences = 2;
   started: { request: CompletionRequest; signal: AbortSignal }[] = [];
-  /** When set, every generation waits for it before each token. */
+  /**
+   * When set, every generation waits for it before each token, after the first N of a prompt that
+   * starts with `N:` (a prompt written `2:abc` yields 'c' and 'b' before it waits).
+   */
   gate: Promise<void> | undefined;
   active = 0;
 
@@ -44,7 +47,7 @@ class FakeEngine implements GenerationEngine {
     };
     return {
       next: async () => {
-        if (this.gate) await this.gate;
+        if (this.gate && i >= Number(/^(\d+):/.exec(source)?.[1] ?? 0)) await this.gate;
         if (signal.aborted) {
           finish = 'abort';
           release();
@@ -321,6 +324,33 @@ describe('server over a fake engine', () => {
     expect((await pending).choices[0].text).toBe('cba');
     await stopped;
     await expect(fetch(`${base}/health`)).rejects.toThrow();
+  });
+
+  test('shutdown past its grace: a stream under way ends with an error event, a request with no token yet gets 503', async () => {
+    let open!: () => void;
+    engine.gate = new Promise((r) => (open = r));
+    const post = (body: object) =>
+      fetch(`${base}/v1/completions`, {
+        method: 'POST',
+        headers: { Authorization: `Bearer ${KEY}`, 'Content-Type': 'application/json' },
+        body: JSON.stringify(body),
+      });
+    const streamed = await post({ prompt: '2:abcdef', stream: true }); // headers come with its first token
+    const waiting = post({ prompt: 'xyz' });
+    await waitFor(() => engine.started.length === 2);
+    const stopped = server.shutdown(0);
+    await waitFor(() => engine.started.every((s) => s.signal.aborted)); // the grace (0 ms) is over
+    open();
+    const events = (await streamed.text()).split('\n\n').filter((e) => e !== '');
+    expect(events.map((e) => JSON.parse(e.slice('data: '.length)))).toEqual([
+      expect.objectContaining({ choices: [expect.objectContaining({ text: 'f', finish_reason: null })] }),
+      expect.objectContaining({ choices: [expect.objectContaining({ text: 'e', finish_reason: null })] }),
+      { error: expect.objectContaining({ code: 'shutting_down', type: 'server_error' }) },
+    ]);
+    const refused = await waiting;
+    expect(refused.status).toBe(503);
+    expect((await json(refused)).error).toMatchObject({ code: 'shutting_down' });
+    await stopped;
   });
 });
 

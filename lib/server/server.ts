@@ -129,7 +129,7 @@ export function createServer(
     }
     const body = await readJson(req);
     const request = parseCompletionRequest(kind, body);
-    if (stopping) throw new ApiError(503, 'The server is shutting down', 'server_error', null, 'shutting_down');
+    if (stopping) throw shuttingDown();
     if (loadError) throw new ApiError(503, `The model failed to load: ${messageOf(loadError)}`, 'server_error');
     if (!ready)
       throw new ApiError(
@@ -181,6 +181,8 @@ export function createServer(
       // The first token is awaited before any header, so that a request the model refuses (a prompt
       // over the context, a template that throws) still gets a plain 400.
       const first = await run.next();
+      // Cancelled by shutdown() before its first token (waiting for a sequence, or reading its prompt).
+      if (first.done && run.result().finishReason === 'abort' && stopping) throw shuttingDown();
       let last = performance.now();
       let text = '';
       let tokens = 0;
@@ -213,7 +215,11 @@ export function createServer(
           if (piece.value.text !== '') chunk(choice(piece.value.text, null));
         }
         const result = run.result();
-        if (result.finishReason === 'abort') return void res.end();
+        if (result.finishReason === 'abort') {
+          // Cut by shutdown(): the client is still there, and an error event tells it the answer is not whole.
+          if (stopping) fail(res, shuttingDown());
+          return void res.end();
+        }
         chunk(choice('', result.finishReason));
         if (request.includeUsage)
           event({ id, object: chunkObject, created: createdAt, model: modelId, choices: [], usage: usage(result) });
@@ -227,7 +233,10 @@ export function createServer(
       }
       const result = run.result();
       metrics.promptTokens.inc({ endpoint }, result.promptTokens);
-      if (result.finishReason === 'abort') return void res.destroy();
+      if (result.finishReason === 'abort') {
+        if (stopping) throw shuttingDown();
+        return void res.destroy();
+      }
       const message =
         request.endpoint === 'chat'
           ? {
@@ -238,11 +247,17 @@ export function createServer(
             }
           : { index: 0, text, logprobs: null, finish_reason: result.finishReason };
       send(res, 200, { id, object, created: createdAt, model: modelId, choices: [message], usage: usage(result) });
+    } catch (err) {
+      fail(res, err); // answered before `done` settles: shutdown() closes the connections once all are
     } finally {
       res.off('close', onClose);
       running.delete(entry);
       settle();
     }
+  }
+
+  function shuttingDown(): ApiError {
+    return new ApiError(503, 'The server is shutting down', 'server_error', null, 'shutting_down');
   }
 
   function usage(r: { promptTokens: number; completionTokens: number }) {
