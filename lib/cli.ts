@@ -7,6 +7,7 @@ import * as readline from 'readline';
 import { parseArgs } from 'util';
 import type { ChatMessage } from './text/chat';
 import type { GenerateOptions, GenerationResult, Prompt } from './generate/index';
+import { checkSampling } from './generate/sampling';
 import { MoeModel } from './model/model';
 import type { LoadOptions, LoadProgress } from './model/model';
 
@@ -25,12 +26,17 @@ export const RUN_USAGE = [
   '  --threads N               CPU threads (default all)',
 ].join('\n');
 
-interface Io {
+export interface Io {
   out: (s: string) => void;
   err: (s: string) => void;
 }
 
 const defaultIo: Io = { out: (s) => process.stdout.write(s), err: (s) => process.stderr.write(s) };
+
+/** Whether `io` writes to a terminal's stderr (the progress bar redraws one line there). */
+function errIsTerminal(io: Io): boolean {
+  return io === defaultIo && process.stderr.isTTY === true;
+}
 
 function number(name: string, v: string | undefined): number | undefined {
   if (v === undefined) return undefined;
@@ -47,6 +53,22 @@ export function progressLine(p: LoadProgress): string {
   const [unit, scale] = p.totalBytes >= 1e9 ? ['GB', 1e9] : ['MB', 1e6];
   const size = (b: number) => (b / scale).toFixed(2);
   return `loading [${bar}] ${Math.round(done * 100)}% ${size(p.bytes)}/${size(p.totalBytes)} ${unit}, ${p.tensors}/${p.totalTensors} tensors`;
+}
+
+/** Draws the progress bar on a terminal, one line per 10% otherwise (logs stay readable). */
+export function progressPrinter(write: (s: string) => void, terminal: boolean): (p: LoadProgress) => void {
+  let lastDecile = -1;
+  return (p) => {
+    if (terminal) {
+      write(`\r${progressLine(p)}${p.tensors === p.totalTensors ? '\n' : ''}`);
+      return;
+    }
+    const decile = Math.floor((p.totalBytes > 0 ? p.bytes / p.totalBytes : 1) * 10);
+    if (decile > lastDecile) {
+      lastDecile = decile;
+      write(`loading: ${decile * 10}% (${p.tensors}/${p.totalTensors} tensors)\n`);
+    }
+  };
 }
 
 /** Streams one generation to `io.out`; returns its result and timings. */
@@ -127,7 +149,19 @@ export async function run(argv: string[], io: Io = defaultIo): Promise<number> {
     io.err('fused-moe run: --chat needs a terminal; use -p "prompt" otherwise\n');
     return 2;
   }
+  if (!chat && values.prompt === '') {
+    io.err(`fused-moe run: -p needs a prompt that is not empty\n${RUN_USAGE}\n`);
+    return 2;
+  }
   let model: MoeModel | undefined;
+  // A reader that goes away (`fused-moe run ... | head`) ends the generation quietly. The listener stays:
+  // a write already under way may report its EPIPE after this function has returned.
+  const readerGone = new AbortController();
+  const onStdoutError = (err: NodeJS.ErrnoException) => {
+    if (err.code === 'EPIPE') readerGone.abort();
+    else io.err(`\nfused-moe run: cannot write the output: ${err.message}\n`);
+  };
+  if (io === defaultIo) process.stdout.on('error', onStdoutError);
   try {
     const generateOptions: GenerateOptions = {
       maxTokens: number('max-tokens', values['max-tokens'] as string | undefined) ?? 256,
@@ -138,17 +172,27 @@ export async function run(argv: string[], io: Io = defaultIo): Promise<number> {
       repetitionPenalty: number('repetition-penalty', values['repetition-penalty'] as string | undefined),
       seed: number('seed', values.seed as string | undefined),
     };
+    // Checked before the load, which may take minutes.
+    checkSampling('options', generateOptions as Record<string, unknown>);
+    if (!Number.isSafeInteger(generateOptions.maxTokens) || generateOptions.maxTokens! < 1)
+      throw new RangeError(`--max-tokens must be an integer >= 1, got ${generateOptions.maxTokens}`);
     const loadOptions: LoadOptions = {
       quantize: values.quantize as LoadOptions['quantize'],
       contextLength: number('context', values.context as string | undefined),
       threads: number('threads', values.threads as string | undefined),
-      onProgress: (p) => io.err(`\r${progressLine(p)}`),
+      onProgress: progressPrinter(io.err, errIsTerminal(io)),
     };
     const t0 = performance.now();
     model = await MoeModel.load(positionals[0], loadOptions);
-    io.err(`\nloaded in ${((performance.now() - t0) / 1000).toFixed(1)} s\n`);
+    io.err(`loaded in ${((performance.now() - t0) / 1000).toFixed(1)} s\n`);
     if (!chat) {
-      const { result, firstMs, lastMs } = await stream(model, values.prompt as string, generateOptions, io);
+      const { result, firstMs, lastMs } = await stream(
+        model,
+        values.prompt as string,
+        { ...generateOptions, signal: readerGone.signal },
+        io,
+      );
+      if (readerGone.signal.aborted) return 0;
       io.out('\n');
       io.err(speedLine(result, firstMs, lastMs) + '\n');
       return 0;
@@ -156,18 +200,29 @@ export async function run(argv: string[], io: Io = defaultIo): Promise<number> {
     await chatLoop(model, generateOptions, values.system as string | undefined, io);
     return 0;
   } catch (err) {
-    io.err(`\nfused-moe run: ${(err as Error).message}\n`);
+    io.err(`fused-moe run: ${(err as Error).message}\n`);
     return 1;
   } finally {
     model?.dispose();
   }
 }
 
-/** Reads a line per user turn; the reply streams; Ctrl-C stops a reply, Ctrl-D (or Ctrl-C at the prompt) leaves. */
-async function chatLoop(model: MoeModel, options: GenerateOptions, system: string | undefined, io: Io): Promise<void> {
+/**
+ * Reads a line per user turn; the reply streams; Ctrl-C stops a reply, Ctrl-D (or Ctrl-C at the prompt)
+ * leaves. `input` and `output` are the terminal (other streams in tests).
+ * @internal
+ */
+export async function chatLoop(
+  model: MoeModel,
+  options: GenerateOptions,
+  system: string | undefined,
+  io: Io,
+  input: NodeJS.ReadableStream = process.stdin,
+  output: NodeJS.WritableStream = process.stdout,
+): Promise<void> {
   if (!model.tokenizer?.chatTemplate) throw new Error('the checkpoint has no chat template (tokenizer_config.json)');
   const messages: ChatMessage[] = system ? [{ role: 'system', content: system }] : [];
-  const rl = readline.createInterface({ input: process.stdin, output: process.stdout, terminal: true });
+  const rl = readline.createInterface({ input, output, terminal: true });
   let controller: AbortController | null = null;
   let closed = false;
   rl.on('SIGINT', () => {
@@ -178,21 +233,48 @@ async function chatLoop(model: MoeModel, options: GenerateOptions, system: strin
   const ask = () =>
     new Promise<string | null>((resolve) => {
       if (closed) return resolve(null);
-      rl.once('close', () => resolve(null));
-      rl.question('> ', resolve);
+      const onClose = () => resolve(null);
+      rl.once('close', onClose);
+      rl.question('> ', (line) => {
+        rl.off('close', onClose);
+        resolve(line);
+      });
     });
+  const first = system ? 1 : 0; // the system message stays
   try {
     for (;;) {
       const line = await ask();
       if (line === null) break;
       if (line.trim() === '') continue;
       messages.push({ role: 'user', content: line });
-      controller = new AbortController();
-      const { result, firstMs, lastMs } = await stream(model, messages, { ...options, signal: controller.signal }, io);
-      controller = null;
-      io.out('\n');
-      io.err(speedLine(result, firstMs, lastMs) + '\n');
-      messages.push({ role: 'assistant', content: result.text });
+      for (;;) {
+        controller = new AbortController();
+        try {
+          const { result, firstMs, lastMs } = await stream(
+            model,
+            messages,
+            { ...options, signal: controller.signal },
+            io,
+          );
+          io.out('\n');
+          io.err(speedLine(result, firstMs, lastMs) + '\n');
+          messages.push({ role: 'assistant', content: result.text });
+          break;
+        } catch (err) {
+          // A conversation past the context loses its oldest exchange and tries again; a turn that does
+          // not fit alone, or any other failure, is reported and dropped, and the chat goes on.
+          if (err instanceof RangeError && /context/.test(err.message) && messages.length - first > 1) {
+            messages.splice(first, 2);
+            io.err('(the oldest exchange was dropped to fit the context)\n');
+            continue;
+          }
+          messages.pop();
+          io.err(`fused-moe run: ${(err as Error).message}\n`);
+          break;
+        } finally {
+          controller = null;
+        }
+      }
     }
   } finally {
     rl.close();

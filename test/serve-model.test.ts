@@ -237,3 +237,26 @@ test('fused-moe serve: ready on /health, SIGTERM lets a running request finish a
   expect(await exited).toBe(0);
   expect(err).toContain('SIGTERM');
 });
+
+test('fused-moe serve: a SIGTERM sent on the listening line (the model still loading) exits 0', async () => {
+  const { spawn } = await import('child_process');
+  const cli = path.join(__dirname, '..', 'bin', 'fused-moe.js');
+  for (let round = 0; round < 3; round++) {
+    const child = spawn(process.execPath, [cli, 'serve', path.join(dir, 'mixtral', 'hf'), '--port', '0'], {
+      stdio: ['ignore', 'ignore', 'pipe'],
+    });
+    let err = '';
+    child.stderr.setEncoding('utf8');
+    child.stderr.on('data', (s: string) => {
+      err += s;
+      if (/listening on/.test(s)) child.kill('SIGTERM'); // as a supervisor that waits for the line would
+    });
+    const [code, signal] = await new Promise<[number | null, string | null]>((r) =>
+      child.on('exit', (c, sig) => r([c, sig])),
+    );
+    // Killed by the signal itself (code null) where the handlers came after the line.
+    expect([round, code, signal]).toEqual([round, 0, null]);
+    expect(err).toContain('SIGTERM: finishing');
+    expect(err).not.toContain('failed to load');
+  }
+});

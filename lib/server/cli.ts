@@ -5,9 +5,9 @@
  */
 import * as path from 'path';
 import { parseArgs } from 'util';
-import { MoeModel, LoadProgress } from '../model/model';
+import { MoeModel } from '../model/model';
 import { createServer } from './server';
-import { progressLine } from '../cli';
+import { progressPrinter } from '../cli';
 
 export const SERVE_USAGE = `usage: fused-moe serve <checkpoint dir> [options]
   --port N            port to listen on (default 8080)
@@ -27,22 +27,6 @@ function positiveInt(name: string, v: string | undefined, fallback: number | und
   const n = Number(v);
   if (!Number.isInteger(n) || n < 0) throw new Error(`--${name} must be a non-negative integer, got '${v}'`);
   return n;
-}
-
-/** Draws the progress bar on a terminal, one line per 10% otherwise (logs stay readable). */
-export function progressPrinter(out: NodeJS.WriteStream): (p: LoadProgress) => void {
-  let lastDecile = -1;
-  return (p) => {
-    if (out.isTTY) {
-      out.write(`\r${progressLine(p)}${p.tensors === p.totalTensors ? '\n' : ''}`);
-      return;
-    }
-    const decile = Math.floor((p.totalBytes > 0 ? p.bytes / p.totalBytes : 1) * 10);
-    if (decile > lastDecile) {
-      lastDecile = decile;
-      out.write(`loading: ${decile * 10}% (${p.tensors}/${p.totalTensors} tensors)\n`);
-    }
-  };
 }
 
 export async function serveMain(argv: string[]): Promise<number> {
@@ -104,12 +88,14 @@ export async function serveMain(argv: string[]): Promise<number> {
   const modelId = values['model-id'] ?? path.basename(dir);
   const apiKey = values['api-key'] ?? process.env.FUSED_MOE_API_KEY;
 
+  const loadAbort = new AbortController(); // a signal while the model loads stops the load too
   const loading = MoeModel.load(dir, {
     quantize,
     contextLength,
     maxSequences,
     threads,
-    onProgress: progressPrinter(process.stderr),
+    signal: loadAbort.signal,
+    onProgress: progressPrinter((t) => process.stderr.write(t), process.stderr.isTTY === true),
   });
   const server = createServer(loading, { apiKey, modelId, maxQueue, maxBodyBytes });
   await new Promise<void>((resolve, reject) => {
@@ -120,18 +106,13 @@ export async function serveMain(argv: string[]): Promise<number> {
   });
   // The bound port, not the asked one: --port 0 picks a free port (tests and benchmarks use it).
   const bound = (server.address() as { port: number }).port;
-  console.error(`fused-moe: listening on http://${host}:${bound} (model '${modelId}' loading)`);
-  loading.then(
-    () => console.error(`fused-moe: model ready; try GET http://${host}:${bound}/v1/models`),
-    (err) => {
-      console.error(`fused-moe: the model failed to load: ${(err as Error).message}`);
-      process.exitCode = 1;
-      void server.shutdown(0);
-    },
-  );
-  return new Promise<number>((resolve) => {
+  let stopping = false;
+  // The handlers are in place before the line that tells a supervisor the server is up.
+  const exited = new Promise<number>((resolve) => {
     const stop = (signal: string) => {
+      stopping = true;
       console.error(`fused-moe: ${signal}: finishing running requests (up to ${grace} s)`);
+      loadAbort.abort();
       void server
         .shutdown(grace * 1000)
         .then(async () => (await loading.catch(() => undefined))?.dispose())
@@ -140,4 +121,15 @@ export async function serveMain(argv: string[]): Promise<number> {
     process.once('SIGTERM', () => stop('SIGTERM'));
     process.once('SIGINT', () => stop('SIGINT'));
   });
+  console.error(`fused-moe: listening on http://${host}:${bound} (model '${modelId}' loading)`);
+  loading.then(
+    () => console.error(`fused-moe: model ready; try GET http://${host}:${bound}/v1/models`),
+    (err) => {
+      if (stopping) return; // the load was stopped by the signal
+      console.error(`fused-moe: the model failed to load: ${(err as Error).message}`);
+      process.exitCode = 1;
+      void server.shutdown(0);
+    },
+  );
+  return exited;
 }
