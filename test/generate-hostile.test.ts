@@ -167,7 +167,7 @@ test('without tokenizer.json: token ids generate (with empty text); text, messag
 
 describe('failures inside the step loop end their own request only; the process lives on', () => {
   // A stand-in model (as test/generate-budget.test.ts uses): the logits of the second sequence it creates
-  // hold `bad`; the others favour token 7.
+  // are all `bad`; the others favour token 7.
   const config = parseDecoderConfig({
     architectures: ['MixtralForCausalLM'],
     hidden_size: 64,
@@ -198,7 +198,7 @@ describe('failures inside the step loop end their own request only; the process 
         return batch.map((e) => {
           const logits = new Float32Array(config.vocabSize).fill(-1);
           logits[7] = 1;
-          if ((e.sequence as Marked).poisoned) logits[3] = bad;
+          if ((e.sequence as Marked).poisoned) logits.fill(bad);
           return logits;
         });
       },
@@ -239,16 +239,20 @@ describe('failures inside the step loop end their own request only; the process 
     expect(engine.stats).toEqual({ running: 0, waiting: 0, kept: 1 }); // the failed sequence is not kept
   });
 
-  test('-Infinity logits are tokens that cannot be picked; a row of nothing else cannot be sampled', () => {
+  test('-Infinity and NaN logits are tokens that cannot be picked; a row of nothing else cannot be sampled', () => {
     const row = new Float32Array(32).fill(-Infinity);
     row[9] = -50;
     row[4] = -60;
+    row[0] = row[17] = NaN;
     for (const options of [{ temperature: 0 }, { temperature: 2, seed: 1 }, { temperature: 1, topP: 0.5, seed: 2 }]) {
       const sampler = new Sampler(checkSampling('options', options));
       for (let i = 0; i < 20; i++) expect([9, 4]).toContain(sampler.sample(row, [9]));
-      expect(() => sampler.sample(new Float32Array(32).fill(-Infinity), [])).toThrow(
-        expect.objectContaining({ code: 'ERR_MOE_NUMERIC' }),
-      );
+      for (const bad of [
+        new Float32Array(32).fill(-Infinity),
+        new Float32Array(32).fill(NaN),
+        Float32Array.of(1, Infinity, 2),
+      ])
+        expect(() => sampler.sample(bad, [])).toThrow(expect.objectContaining({ code: 'ERR_MOE_NUMERIC' }));
     }
   });
 

@@ -151,30 +151,28 @@ class Scratch {
   }
 }
 const scratches = new Map<number, Scratch>();
-/** The first index of the largest value (a NaN at 0 wins; elsewhere NaN never does). */
+
 /**
- * The index of the largest value (the first of equals); -1 when a value is NaN or +Infinity or every
- * value is -Infinity: no token can be chosen from such a row.
+ * The index of the largest value (the first of equals); NaN is never the largest. -1 when no value is
+ * above -Infinity or the largest is +Infinity: no token can be chosen from such a row. One comparison
+ * a value, as a plain argmax: this runs over the whole vocabulary at every greedy token.
  */
 function argmax(x: Float32Array | Float64Array): number {
   let best = -1,
-    top = -Infinity,
-    nan = false;
-  for (let i = 0; i < x.length; i++) {
-    const v = x[i];
-    if (v > top) {
-      top = v;
+    top = -Infinity;
+  for (let i = 0; i < x.length; i++)
+    if (x[i] > top) {
+      top = x[i];
       best = i;
-    } else if (v !== v) nan = true;
-  }
-  return nan || top === Infinity ? -1 : best;
+    }
+  return top === Infinity ? -1 : best;
 }
 
 function notSampleable(): MoeError {
   return new MoeError(
     'ERR_MOE_NUMERIC',
-    'the logits of this step hold NaN or +Infinity, or every token is -Infinity: no token can be sampled ' +
-      '(an overflow in the model: float16 weights or a float16 KV cache hold at most 65504)',
+    'the logits of this step have no finite largest value (NaN or -Infinity throughout, or +Infinity): ' +
+      'no token can be sampled (an overflow in the model: float16 weights or a float16 KV cache hold at most 65504)',
   );
 }
 
@@ -220,7 +218,10 @@ export class Sampler {
     // Probabilities relative to the most likely token (which has 1).
     const top = x[best];
     let total = 0;
-    for (let i = 0; i < V; i++) total += x[i] = Math.exp((x[i] - top) / temperature);
+    for (let i = 0; i < V; i++) {
+      const p = Math.exp((x[i] - top) / temperature);
+      total += x[i] = p >= 0 ? p : 0; // a NaN logit is never drawn
+    }
     const order = sc.order;
     let n: number;
     if ((topK > 0 && topK < V) || topP < 1) {
