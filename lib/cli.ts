@@ -6,6 +6,7 @@
 import * as readline from 'readline';
 import { parseArgs } from 'util';
 import type { ChatMessage } from './text/chat';
+import { checkMaxTokens } from './generate/index';
 import type { GenerateOptions, GenerationResult, Prompt } from './generate/index';
 import { checkSampling } from './generate/sampling';
 import { MoeModel } from './model/model';
@@ -174,8 +175,7 @@ export async function run(argv: string[], io: Io = defaultIo): Promise<number> {
     };
     // Checked before the load, which may take minutes.
     checkSampling('options', generateOptions as Record<string, unknown>);
-    if (!Number.isSafeInteger(generateOptions.maxTokens) || generateOptions.maxTokens! < 1)
-      throw new RangeError(`--max-tokens must be an integer >= 1, got ${generateOptions.maxTokens}`);
+    checkMaxTokens('--max-tokens', generateOptions.maxTokens);
     const loadOptions: LoadOptions = {
       quantize: values.quantize as LoadOptions['quantize'],
       contextLength: number('context', values.context as string | undefined),

@@ -114,14 +114,17 @@ struct StepWorkspace {
   }
 };
 
+// Bytes of one layer's K cache (or V cache).
+size_t layer_cache_bytes(const DecoderConfig& cfg) {
+  return size_t(cfg.cache_blocks) * size_t(cfg.kv_heads * cfg.block_tokens * cfg.head_dim) * dtype_size(cfg.kv_dtype);
+}
+
 // The config checked, then the KV cache's bytes (and the block pool's bookkeeping, 8 bytes a block)
 // against the memory left: before the pool fills its lists, which for a cache far too big took seconds
 // of the caller's thread and gigabytes before the refusal.
 int64_t checked_cache_blocks(const DecoderConfig& cfg) {
   validate_decoder_config(cfg);
-  const size_t blocks = size_t(cfg.cache_blocks);
-  const size_t cache_bytes = blocks * size_t(cfg.kv_heads * cfg.block_tokens * cfg.head_dim) * dtype_size(cfg.kv_dtype);
-  check_memory_available(size_t(cfg.layers) * 2 * cache_bytes + blocks * 8,
+  check_memory_available(size_t(cfg.layers) * 2 * layer_cache_bytes(cfg) + size_t(cfg.cache_blocks) * 8,
                          "the KV cache (contextLength x maxSequences positions)",
                          "a smaller contextLength or maxSequences fits in less");
   return cfg.cache_blocks;
@@ -132,8 +135,7 @@ class CpuDecoder final : public Decoder {
   explicit CpuDecoder(const DecoderConfig& cfg)
       : cfg_(cfg), kernels_(select_kernels()), pool_(checked_cache_blocks(cfg)) {
     const int64_t H = cfg.hidden, D = cfg.head_dim;
-    const size_t cache_bytes =
-        size_t(cfg.cache_blocks) * size_t(cfg.kv_heads * cfg.block_tokens * D) * dtype_size(cfg.kv_dtype);
+    const size_t cache_bytes = layer_cache_bytes(cfg);
     layers_.resize(size_t(cfg.layers));
     for (int64_t l = 0; l < cfg.layers; l++) {
       Layer& L = layers_[size_t(l)];
@@ -630,8 +632,7 @@ class CpuDecoder final : public Decoder {
 }  // namespace
 
 std::unique_ptr<Decoder> make_cpu_decoder(const DecoderConfig& cfg) {
-  validate_decoder_config(cfg);
-  try {
+  try {  // the constructor checks the config first (checked_cache_blocks)
     return std::make_unique<CpuDecoder>(cfg);
   } catch (const std::bad_alloc&) {
     fail(ErrorCode::OutOfMemory, "not enough memory for the model");

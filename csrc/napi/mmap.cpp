@@ -145,20 +145,24 @@ static bool populate(const Region& r, std::string* why) {
 }
 
 // The regions handed to JavaScript and not yet unmapped, by the address of their first requested byte
-// (distinct while they live): dropPages() acts on these only. Every thread's environment shares it.
+// (distinct while they live): the finalizers unmap from here, and dropPages() acts on these only. Every
+// thread's environment shares it.
 static std::mutex live_mutex;
 static std::unordered_map<const void*, Region>& live_regions() {
   static auto* regions = new std::unordered_map<const void*, Region>();  // never destroyed: finalizers may run at exit
   return *regions;
 }
 
-static void unmap(Napi::Env, void* data, Region* r) {
+static void unmap(Napi::Env, void* data) {
+  Region r;
   {
     std::lock_guard<std::mutex> lock(live_mutex);
-    live_regions().erase(data);
+    auto it = live_regions().find(data);
+    if (it == live_regions().end()) return;
+    r = it->second;
+    live_regions().erase(it);
   }
-  munmap(r->base, r->mapped);
-  delete r;
+  munmap(r.base, r.mapped);
 }
 
 // Hands the region to an ArrayBuffer whose finalizer unmaps it.
@@ -169,8 +173,7 @@ static Napi::ArrayBuffer to_buffer(Napi::Env env, const Region& r) {
     std::lock_guard<std::mutex> lock(live_mutex);
     live_regions()[data] = r;
   }
-  auto* owned = new Region(r);
-  return Napi::ArrayBuffer::New(env, data, r.length, unmap, owned);
+  return Napi::ArrayBuffer::New(env, data, r.length, unmap);
 }
 
 // The loaders copy each tensor into the model and hold its mapping only until the garbage collector
@@ -188,7 +191,7 @@ static Napi::Value DropPages(const Napi::CallbackInfo& info) {
   {
     std::lock_guard<std::mutex> lock(live_mutex);
     auto it = live_regions().find(data);
-    if (it == live_regions().end() || !data) return Napi::Boolean::New(env, false);
+    if (it == live_regions().end()) return Napi::Boolean::New(env, false);
     r = it->second;
   }
   return Napi::Boolean::New(env, madvise(r.base, r.mapped, MADV_DONTNEED) == 0);

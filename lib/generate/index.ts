@@ -105,6 +105,14 @@ export function promptTokens(model: GenerateModel, prompt: unknown): number[] {
   return ids;
 }
 
+/** A maxTokens option: undefined, or an integer >= 1. */
+export function checkMaxTokens(name: string, v: unknown): number | undefined {
+  if (v === undefined) return undefined;
+  if (typeof v !== 'number') throw argTypeError(`${name} must be a number, got ${describe(v)}`);
+  if (!Number.isSafeInteger(v) || v < 1) throw argRangeError(`${name} must be an integer >= 1, got ${v}`);
+  return v;
+}
+
 export function noTokenizer(): MoeError {
   return new MoeError(
     'ERR_MOE_CHECKPOINT',
@@ -117,15 +125,7 @@ export function generate(model: GenerateModel, engine: Engine, prompt: unknown, 
   const o = options ?? {};
   checkObject('options', o);
   const params = checkSampling('options', o, model.generationDefaults);
-  const room = model.options.contextLength;
-  let maxTokens = room;
-  if (o.maxTokens !== undefined) {
-    if (typeof o.maxTokens !== 'number')
-      throw argTypeError(`options.maxTokens must be a number, got ${describe(o.maxTokens)}`);
-    if (!Number.isSafeInteger(o.maxTokens) || o.maxTokens < 1)
-      throw argRangeError(`options.maxTokens must be an integer >= 1, got ${o.maxTokens}`);
-    maxTokens = o.maxTokens;
-  }
+  const maxTokens = checkMaxTokens('options.maxTokens', o.maxTokens) ?? model.options.contextLength;
   const stop = checkStop('options.stop', o.stop);
   if (stop.length > 0 && !model.tokenizer) throw noTokenizer();
   const signal = checkSignal('options.signal', o.signal);
