@@ -1,10 +1,12 @@
 /**
  * model.generate and model.complete: the prompt (text, messages through the chat template, or token
- * ids) checked and tokenized up front, then one request of the model's step loop (engine.ts).
+ * ids) checked and tokenized up front, then one request of the model's step loop (engine.ts). A long
+ * text is tokenized on a worker thread (TextTokenizer.encodeAsync): the request joins the loop once its
+ * ids are known, and what would have been thrown comes out of the first next().
  */
 import { MoeError, argRangeError, argTypeError } from '../errors';
 import { ChatMessage, checkMessages } from '../text/chat';
-import type { TextTokenizer } from '../text/tokenizer';
+import { TextTokenizer } from '../text/tokenizer';
 import { checkObject, checkSignal, describe, isRecord } from '../validate';
 import { Engine, GenerationPiece, GenerationResult, Request } from './engine';
 import { SamplingOptions, checkSampling } from './sampling';
@@ -48,36 +50,55 @@ const CUT_MARGIN = 64;
 
 /**
  * The ids of a prompt text. A text far longer than the context is refused before it is tokenized whole
- * (the tokenizer runs on the event loop: a megabyte took about a second, every stream waiting): prefixes
- * of doubling length go first, from CHARS_PER_TOKEN characters a position of the context, until the
- * text ends or a prefix already holds more tokens than the context.
+ * (a megabyte takes the tokenizer about a second): prefixes of doubling length go first, from
+ * CHARS_PER_TOKEN characters a position of the context, until the text ends or a prefix already holds
+ * more tokens than the context. Pieces shorter than TextTokenizer.WORKER_MIN_CHARS are tokenized at
+ * once; from the first longer one on, on the tokenizer's worker thread (a promise).
  */
-function encodePrompt(tokenizer: TextTokenizer, text: string, addSpecialTokens: boolean, context: number): number[] {
-  for (let n = context * CHARS_PER_TOKEN; n < text.length; n *= 2) {
-    const cut = text.charCodeAt(n - 1) >= 0xd800 && text.charCodeAt(n - 1) < 0xdc00 ? n - 1 : n; // whole pairs
-    const count = tokenizer.encode(text.slice(0, cut), addSpecialTokens).length;
+function encodePrompt(
+  tokenizer: TextTokenizer,
+  text: string,
+  addSpecialTokens: boolean,
+  context: number,
+): number[] | Promise<number[]> {
+  const cuts: number[] = [];
+  for (let n = context * CHARS_PER_TOKEN; n < text.length; n *= 2)
+    cuts.push(text.charCodeAt(n - 1) >= 0xd800 && text.charCodeAt(n - 1) < 0xdc00 ? n - 1 : n); // whole pairs
+  const checkPrefix = (cut: number, count: number) => {
     if (count > context + CUT_MARGIN)
       throw argRangeError(
         `${NAME} holds more than ${count - CUT_MARGIN} tokens (its first ${cut} characters give ${count}), ` +
           `more than the context of ${context}`,
       );
-  }
-  return tokenizer.encode(text, addSpecialTokens);
+  };
+  const long = TextTokenizer.WORKER_MIN_CHARS;
+  let i = 0;
+  for (; i < cuts.length && cuts[i] < long; i++)
+    checkPrefix(cuts[i], tokenizer.encode(text.slice(0, cuts[i]), addSpecialTokens).length);
+  if (i === cuts.length && text.length < long) return tokenizer.encode(text, addSpecialTokens);
+  return (async () => {
+    for (; i < cuts.length; i++)
+      checkPrefix(cuts[i], (await tokenizer.encodeAsync(text.slice(0, cuts[i]), addSpecialTokens)).length);
+    return tokenizer.encodeAsync(text, addSpecialTokens);
+  })();
 }
 
-/** The prompt's token ids, checked. */
-export function promptTokens(model: GenerateModel, prompt: unknown): number[] {
-  let ids: number[];
+/** The prompt's token ids, checked; a promise where a long text is tokenized off the event loop. */
+export function promptTokens(model: GenerateModel, prompt: unknown): number[] | Promise<number[]> {
   const context = model.options.contextLength;
   if (typeof prompt === 'string') {
     if (!model.tokenizer) throw noTokenizer();
-    ids = encodePrompt(model.tokenizer, prompt, true, context);
-  } else if (Array.isArray(prompt) && prompt.length > 0 && isRecord(prompt[0])) {
+    return checkedIds(model, encodePrompt(model.tokenizer, prompt, true, context));
+  }
+  if (Array.isArray(prompt) && prompt.length > 0 && isRecord(prompt[0])) {
     const messages = checkMessages(NAME, prompt);
     if (!model.tokenizer) throw noTokenizer();
     // The template writes the special tokens (BOS, ...) itself.
-    ids = encodePrompt(model.tokenizer, model.tokenizer.renderChat(messages, true, NAME), false, context);
-  } else if (
+    const text = model.tokenizer.renderChat(messages, true, NAME);
+    return checkedIds(model, encodePrompt(model.tokenizer, text, false, context));
+  }
+  let ids: number[];
+  if (
     (Array.isArray(prompt) || ArrayBuffer.isView(prompt)) &&
     typeof (prompt as ArrayLike<unknown>).length === 'number'
   ) {
@@ -91,6 +112,14 @@ export function promptTokens(model: GenerateModel, prompt: unknown): number[] {
     throw argTypeError(
       `${NAME} must be a string, an array of { role, content } messages or an array of token ids, got ${describe(prompt)}`,
     );
+  return checkedIds(model, ids);
+}
+
+function checkedIds(model: GenerateModel, ids: number[]): number[];
+function checkedIds(model: GenerateModel, ids: number[] | Promise<number[]>): number[] | Promise<number[]>;
+function checkedIds(model: GenerateModel, ids: number[] | Promise<number[]>): number[] | Promise<number[]> {
+  if (ids instanceof Promise) return ids.then((resolved) => checkedIds(model, resolved));
+  const context = model.options.contextLength;
   // The tokenizer's ids (a template's special tokens among them) must be the model's too.
   const V = model.config.vocabSize,
     beyond = ids.findIndex((t) => t >= V);
@@ -120,7 +149,11 @@ export function noTokenizer(): MoeError {
   );
 }
 
-/** Checks everything, then queues the request; throws before anything is queued. */
+/**
+ * Checks everything, then queues the request; throws before anything is queued. A prompt text long
+ * enough to be tokenized on the worker thread is queued once its ids are known, and its errors reject
+ * next().
+ */
 export function generate(model: GenerateModel, engine: Engine, prompt: unknown, options: unknown): Generation {
   const o = options ?? {};
   checkObject('options', o);
@@ -129,28 +162,38 @@ export function generate(model: GenerateModel, engine: Engine, prompt: unknown, 
   const stop = checkStop('options.stop', o.stop);
   if (stop.length > 0 && !model.tokenizer) throw noTokenizer();
   const signal = checkSignal('options.signal', o.signal);
-  const ids = promptTokens(model, prompt);
   if (o.ignoreEos !== undefined && typeof o.ignoreEos !== 'boolean')
     throw argTypeError(`options.ignoreEos must be a boolean, got ${describe(o.ignoreEos)}`);
   const eos = new Set(o.ignoreEos ? [] : [...model.config.eosTokenIds, ...(model.tokenizer?.eosTokenIds ?? [])]);
-  const request = new Request(ids, params, maxTokens, stop, model.tokenizer, eos);
 
-  if (signal) {
-    const onAbort = () => engine.cancel(request);
-    if (signal.aborted) request.finish('abort');
-    else {
-      signal.addEventListener('abort', onAbort, { once: true });
-      request.onEnd = () => signal.removeEventListener('abort', onAbort);
+  const start = (ids: number[]): Request => {
+    const request = new Request(ids, params, maxTokens, stop, model.tokenizer, eos);
+    if (signal) {
+      const onAbort = () => engine.cancel(request);
+      if (signal.aborted) request.finish('abort');
+      else {
+        signal.addEventListener('abort', onAbort, { once: true });
+        request.onEnd = () => signal.removeEventListener('abort', onAbort);
+      }
     }
-  }
-  if (!request.done) engine.submit(request);
+    if (!request.done) engine.submit(request);
+    return request;
+  };
+  const ids = promptTokens(model, prompt);
+  let request: Request | Promise<Request>;
+  if (ids instanceof Promise) {
+    request = ids.then(start);
+    request.catch(() => undefined); // a generation never read must not end the process
+  } else request = start(ids);
+
   const generation: Generation = {
-    next: () => request.next(),
+    next: request instanceof Request ? request.next.bind(request) : async () => (await request).next(),
     async return(): Promise<IteratorResult<GenerationPiece, GenerationResult>> {
-      engine.cancel(request);
+      const r = await request;
+      engine.cancel(r);
       for (;;) {
-        const r = await request.next();
-        if (r.done) return r;
+        const piece = await r.next();
+        if (piece.done) return piece;
       }
     },
     [Symbol.asyncIterator]() {

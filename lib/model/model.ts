@@ -616,6 +616,7 @@ export class MoeModel {
     if (!native) return;
     this.#native = undefined;
     this.#stepLogits = undefined;
+    this.tokenizer?.dispose(disposedError());
     if (this.#pending === 0) native.dispose();
     else void this.#busy.finally(() => native.dispose());
   }
@@ -625,7 +626,7 @@ export class MoeModel {
   }
 
   #live(): NativeModel {
-    if (!this.#native) throw new MoeError('ERR_MOE_DISPOSED', 'this MoeModel was disposed; load a new one');
+    if (!this.#native) throw disposedError();
     return this.#native;
   }
 
@@ -710,4 +711,8 @@ export class MoeModel {
     }
     return Int32Array.from(ids);
   }
+}
+
+function disposedError(): MoeError {
+  return new MoeError('ERR_MOE_DISPOSED', 'this MoeModel was disposed; load a new one');
 }

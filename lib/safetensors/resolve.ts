@@ -23,13 +23,15 @@ export interface CheckpointLayout {
   files: string[];
 }
 
-/** A JSON file of at most 100 MiB, parsed; `what` names it in the error. */
-export async function readJson(file: string, what: string): Promise<unknown> {
+/** A JSON file of at most 100 MiB, parsed; `what` names it in the error. `onText` sees the text read. */
+export async function readJson(file: string, what: string, onText?: (text: string) => void): Promise<unknown> {
   try {
     const st = await fsp.stat(file);
     if (!st.isFile()) throw new Error('not a regular file');
     if (st.size > MAX_JSON_BYTES) throw new Error(`${st.size} bytes is over the ${MAX_JSON_BYTES / 2 ** 20} MiB limit`);
-    return JSON.parse(await fsp.readFile(file, 'utf8'));
+    const text = await fsp.readFile(file, 'utf8');
+    onText?.(text);
+    return JSON.parse(text);
   } catch (err) {
     throw checkpointError(file, `cannot read the ${what}: ${messageOf(err)}`, err);
   }

@@ -3,12 +3,14 @@
  * algorithms as the Rust `tokenizers` library: byte-level BPE, SentencePiece-style BPE with byte
  * fallback, ...), and tokenizer_config.json for the special tokens and the chat template.
  */
+import { createHash } from 'crypto';
 import * as path from 'path';
 import type { Tokenizer } from '@huggingface/tokenizers';
-import { argTypeError, checkpointError, messageOf } from '../errors';
+import { MoeError, argTypeError, checkpointError, messageOf } from '../errors';
 import { isFile, readJson } from '../safetensors/resolve';
 import { isRecord } from '../validate';
 import { ChatMessage, ChatTemplate } from './chat';
+import { EncodeWorker, WorkerUnavailable } from './encode-worker';
 
 /** Options every decode uses, so that streamed pieces and the whole decode agree. */
 const DECODE = { skip_special_tokens: true, clean_up_tokenization_spaces: false } as const;
@@ -38,11 +40,24 @@ export class TextTokenizer {
   readonly chatTemplate: ChatTemplate | null;
   /** One past the largest id the tokenizer can produce. */
   readonly vocabLimit: number;
+  /** Texts from this many UTF-16 code units on are tokenized on a worker thread by encodeAsync. */
+  static readonly WORKER_MIN_CHARS = 8192;
   readonly #tokenizer: Tokenizer;
   readonly #source: string;
+  readonly #worker: EncodeWorker | null;
 
-  constructor(tokenizerJson: object, config: Record<string, unknown>, source: string) {
+  /**
+   * `file`: where tokenizerJson was read from and the SHA-256 of its text; without it encodeAsync
+   * tokenizes on the calling thread.
+   */
+  constructor(
+    tokenizerJson: object,
+    config: Record<string, unknown>,
+    source: string,
+    file?: { path: string; sha256: string },
+  ) {
     this.#source = source;
+    this.#worker = file ? new EncodeWorker({ file: file.path, sha256: file.sha256, config }) : null;
     try {
       // eslint-disable-next-line @typescript-eslint/no-require-imports -- loaded on first use: a program that reads no tokenizer does not pay for it
       const { Tokenizer: Impl } = require('@huggingface/tokenizers') as typeof import('@huggingface/tokenizers');
@@ -76,17 +91,45 @@ export class TextTokenizer {
   static async load(dir: string): Promise<TextTokenizer | undefined> {
     const file = path.join(dir, 'tokenizer.json');
     if (!(await isFile(file))) return undefined;
-    const json = await readJson(file, 'tokenizer');
+    let sha256 = '';
+    const json = await readJson(file, 'tokenizer', (text) => {
+      sha256 = createHash('sha256').update(text).digest('hex');
+    });
     if (!isRecord(json)) throw checkpointError(file, 'must hold a JSON object');
     const configFile = path.join(dir, 'tokenizer_config.json');
     const config = (await isFile(configFile)) ? await readJson(configFile, 'tokenizer config') : {};
     if (!isRecord(config)) throw checkpointError(configFile, 'must hold a JSON object');
-    return new TextTokenizer(json, config, dir);
+    return new TextTokenizer(json, config, dir, { path: file, sha256 });
   }
 
   /** Token ids of `text`; `addSpecialTokens` adds what the tokenizer's post-processor adds (BOS, ...). */
   encode(text: string, addSpecialTokens = true): number[] {
-    const ids = this.#tokenizer.encode(text, { add_special_tokens: addSpecialTokens }).ids;
+    return this.#checked(this.#tokenizer.encode(text, { add_special_tokens: addSpecialTokens }).ids);
+  }
+
+  /**
+   * encode() without holding the event loop: a text of WORKER_MIN_CHARS or more is tokenized on a
+   * worker thread (the same ids), shorter ones at once. Where the worker cannot serve (a tokenizer not
+   * loaded from a folder, a tokenizer.json changed since, no threads) the text is tokenized here.
+   */
+  async encodeAsync(text: string, addSpecialTokens = true): Promise<number[]> {
+    if (text.length < TextTokenizer.WORKER_MIN_CHARS || !this.#worker) return this.encode(text, addSpecialTokens);
+    let ids: Float64Array;
+    try {
+      ids = await this.#worker.encode(text, addSpecialTokens);
+    } catch (err) {
+      if (err instanceof WorkerUnavailable) return this.encode(text, addSpecialTokens);
+      throw err;
+    }
+    return this.#checked(Array.from(ids));
+  }
+
+  /** Stops the worker thread: encodes in flight there reject with `reason`, later ones run here. */
+  dispose(reason: Error = new MoeError('ERR_MOE_DISPOSED', 'this tokenizer was disposed')): void {
+    this.#worker?.close(reason);
+  }
+
+  #checked(ids: number[]): number[] {
     // A tokenizer.json whose post-processor names a token it does not have gives no id for it.
     for (let i = 0; i < ids.length; i++)
       if (!Number.isSafeInteger(ids[i]) || ids[i] < 0)

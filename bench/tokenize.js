@@ -1,0 +1,202 @@
+#!/usr/bin/env node
+// How long a prompt text holds the event loop while it is tokenized: TextTokenizer.encode on the
+// calling thread against encodeAsync, which sends a text of WORKER_MIN_CHARS or more to a worker thread
+// (lib/text/encode-worker.ts). Every stream of the generation loop waits while the event loop is held,
+// so the figure that matters is the longest gap between two turns of the loop during the call, not the
+// call's own time. The tokenizer is a byte-level BPE whose merges are learnt here, from a fixed seed,
+// on text of a made-up language with a Zipf-like word distribution (the same text style is tokenized):
+// 6,000 words, so the merges end when every word is one token (about 4,000).
+//
+//   npm run build:ts && node bench/tokenize.js [--sizes 16000,64000,256000] [--runs 5] [--merges 4000]
+'use strict';
+const fs = require('fs');
+const os = require('os');
+const path = require('path');
+const { TextTokenizer } = require('../dist');
+const { fmt, median } = require('./util');
+
+function arg(name, fallback) {
+  const i = process.argv.indexOf(`--${name}`);
+  return i > 0 ? process.argv[i + 1] : fallback;
+}
+const SIZES = arg('sizes', '16000,64000,256000').split(',').map(Number);
+const RUNS = Number(arg('runs', 5));
+const MERGES = Number(arg('merges', 4000));
+
+function lcg(seed) {
+  let s = seed >>> 0;
+  return () => (s = (Math.imul(s, 1103515245) + 12345) >>> 0) / 4294967296;
+}
+
+// A lexicon of 6,000 words of 1 to 4 syllables, drawn with weight 1 / rank.
+const rand = lcg(2026);
+const SYL = ['ka', 'to', 'ri', 'men', 'sa', 'lo', 've', 'dun', 'pi', 'shor', 'el', 'tha', 'qu', 'ing', 'ba', 'zo'];
+const LEXICON = Array.from({ length: 6000 }, () => {
+  let w = '';
+  for (let n = 1 + Math.floor(rand() * 4); n > 0; n--) w += SYL[Math.floor(rand() * SYL.length)];
+  return w;
+});
+const CUMULATIVE = [];
+LEXICON.reduce((sum, _, i) => (CUMULATIVE[i] = sum + 1 / (i + 1)), 0);
+function text(r, chars) {
+  let s = '';
+  const total = CUMULATIVE[CUMULATIVE.length - 1];
+  while (s.length < chars) {
+    const x = r() * total;
+    let lo = 0,
+      hi = CUMULATIVE.length - 1;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (CUMULATIVE[mid] < x) lo = mid + 1;
+      else hi = mid;
+    }
+    s += (s && r() < 0.08 ? '. ' : ' ') + LEXICON[lo];
+  }
+  return s.slice(0, chars);
+}
+
+/** GPT-2's printable stand-in for each byte. */
+function byteChars() {
+  const direct = [];
+  for (let b = 0x21; b <= 0x7e; b++) direct.push(b);
+  for (let b = 0xa1; b <= 0xac; b++) direct.push(b);
+  for (let b = 0xae; b <= 0xff; b++) direct.push(b);
+  let extra = 0;
+  return Array.from({ length: 256 }, (_, b) => String.fromCodePoint(direct.includes(b) ? b : 256 + extra++));
+}
+
+/** tokenizer.json of a byte-level BPE with `count` merges learnt on `corpus` (words counted once each). */
+function writeTokenizer(dir, corpus, count) {
+  const bytes = byteChars();
+  const counts = new Map();
+  for (const w of corpus.split(/(?= )/)) counts.set(w, (counts.get(w) || 0) + 1);
+  let words = [...counts].map(([w, c]) => [[...Buffer.from(w, 'utf8')].map((b) => bytes[b]), c]);
+  const vocab = { '<unk>': 0, '<s>': 1, '</s>': 2 };
+  bytes.forEach((c, b) => (vocab[c] = 3 + b));
+  const merges = [];
+  while (merges.length < count) {
+    const pairs = new Map();
+    for (const [s, c] of words)
+      for (let i = 0; i + 1 < s.length; i++) {
+        const key = s[i] + '\u0000' + s[i + 1];
+        pairs.set(key, (pairs.get(key) || 0) + c);
+      }
+    let best = null,
+      bestCount = 0;
+    for (const [k, c] of pairs) if (c > bestCount || (c === bestCount && k < best)) [best, bestCount] = [k, c];
+    if (!best) break;
+    const [a, b] = best.split('\u0000');
+    merges.push([a, b]);
+    if (!(a + b in vocab)) vocab[a + b] = Object.keys(vocab).length;
+    words = words.map(([s, c]) => {
+      const out = [];
+      for (let i = 0; i < s.length; i++)
+        if (i + 1 < s.length && s[i] === a && s[i + 1] === b) {
+          out.push(a + b);
+          i++;
+        } else out.push(s[i]);
+      return [out, c];
+    });
+  }
+  const added = ['<unk>', '<s>', '</s>'].map((content, id) => ({
+    id,
+    content,
+    single_word: false,
+    lstrip: false,
+    rstrip: false,
+    normalized: false,
+    special: true,
+  }));
+  const json = {
+    version: '1.0',
+    truncation: null,
+    padding: null,
+    added_tokens: added,
+    normalizer: null,
+    pre_tokenizer: { type: 'ByteLevel', add_prefix_space: false, trim_offsets: true, use_regex: true },
+    post_processor: null,
+    decoder: { type: 'ByteLevel', add_prefix_space: true, trim_offsets: true, use_regex: true },
+    model: {
+      type: 'BPE',
+      dropout: null,
+      unk_token: null,
+      continuing_subword_prefix: null,
+      end_of_word_suffix: null,
+      fuse_unk: false,
+      byte_fallback: false,
+      ignore_merges: false,
+      vocab,
+      merges,
+    },
+  };
+  fs.writeFileSync(path.join(dir, 'tokenizer.json'), JSON.stringify(json));
+  return merges.length;
+}
+
+/** Runs `fn` (which returns a promise) and the longest gap between two turns of the event loop meanwhile. */
+async function longestGap(fn) {
+  const now = () => performance.now();
+  let last = now(),
+    longest = 0,
+    running = true;
+  const turn = () => {
+    const t = now();
+    longest = Math.max(longest, t - last);
+    last = t;
+    if (running) setImmediate(turn);
+  };
+  setImmediate(turn);
+  const t0 = now();
+  const result = await fn();
+  const wallMs = now() - t0;
+  running = false;
+  longest = Math.max(longest, now() - last);
+  return { result, wallMs, longestMs: longest };
+}
+
+async function main() {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fused-moe-tokenize-'));
+  try {
+    const learnt = writeTokenizer(dir, text(lcg(1), 400_000), MERGES);
+    const tokenizer = await TextTokenizer.load(dir);
+    console.log(`byte-level BPE of ${learnt} merges; worker from ${TextTokenizer.WORKER_MIN_CHARS} characters`);
+    // The worker starts on first use: its start (a thread, the tokenizer built again) is timed apart.
+    const first = text(lcg(2), TextTokenizer.WORKER_MIN_CHARS);
+    const warm = await longestGap(() => tokenizer.encodeAsync(first));
+    console.log(
+      `worker start and first encode: ${fmt(warm.wallMs)} ms, event loop held at most ${fmt(warm.longestMs)} ms`,
+    );
+    console.log(
+      '| characters | tokens | encode (event loop held), ms | encodeAsync: wall ms | encodeAsync: event loop held at most, ms |',
+    );
+    console.log('| --- | --- | --- | --- | --- |');
+    for (const size of SIZES) {
+      const sync = [],
+        wall = [],
+        held = [];
+      let tokens = 0;
+      for (let r = 0; r < RUNS; r++) {
+        // Fresh texts each run (the BPE cache holds words, not texts); the worker's first, so that the
+        // garbage of the encode on this thread is not collected during it.
+        const other = text(lcg(200 + r), size);
+        const a = await longestGap(() => tokenizer.encodeAsync(other));
+        wall.push(a.wallMs);
+        held.push(a.longestMs);
+        const t = text(lcg(100 + r), size);
+        const t0 = performance.now();
+        const ids = tokenizer.encode(t);
+        sync.push(performance.now() - t0);
+        tokens = ids.length;
+      }
+      console.log(`| ${size} | ${tokens} | ${fmt(median(sync))} | ${fmt(median(wall))} | ${fmt(median(held))} |`);
+    }
+    tokenizer.dispose();
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+main().catch((err) => {
+  console.error(err);
+  process.exit(1);
+});
