@@ -7,6 +7,7 @@
 import * as fs from 'fs';
 import * as path from 'path';
 import { MoeError, MoeModel } from '../lib/index';
+import { createServer } from '../lib/server/server';
 import { TextTokenizer } from '../lib/text/tokenizer';
 import { makeTempDir, removeTempDir } from './helpers/checkpoint';
 import { rng } from './helpers/reference';
@@ -193,4 +194,18 @@ test('disposing the model while a prompt is tokenized rejects its generation wit
   const generation = model.generate(randomText(13, 150_000));
   model.dispose();
   await expect(generation.next()).rejects.toMatchObject({ code: 'ERR_MOE_DISPOSED' });
+});
+
+test('the server starts the worker as it takes the model; dispose stops it', async () => {
+  const model = await MoeModel.load(modelDir);
+  const server = createServer(model);
+  try {
+    expect(model.tokenizer!.workerRunning).toBe(false); // the server takes the model a microtask later
+    await new Promise((r) => setImmediate(r));
+    expect(model.tokenizer!.workerRunning).toBe(true);
+  } finally {
+    await server.shutdown(0);
+    model.dispose();
+  }
+  expect(model.tokenizer!.workerRunning).toBe(false);
 });

@@ -5,6 +5,9 @@ import type { GenerationEngine, GenerationRun } from './engine';
 import type { CompletionRequest } from './request';
 
 export function modelEngine(model: MoeModel): GenerationEngine {
+  // Long prompts are tokenized on the tokenizer's worker thread: started now, so the first one does
+  // not wait for it to build its tokenizer.
+  model.tokenizer?.startWorker();
   return {
     maxSequences: model.options.maxSequences,
     start(request: CompletionRequest, signal: AbortSignal): GenerationRun {

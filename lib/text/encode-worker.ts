@@ -64,16 +64,26 @@ export class EncodeWorker {
     this.#source = source;
   }
 
-  /** The ids of `text`, computed on the worker thread. */
-  encode(text: string, addSpecialTokens: boolean): Promise<Float64Array> {
-    if (this.#unavailable) return Promise.reject(this.#unavailable);
-    let worker: Worker;
+  /** Whether the thread has been started and has not failed or been closed. */
+  get running(): boolean {
+    return this.#worker !== null;
+  }
+
+  /** Starts the thread now (encode starts it otherwise): its tokenizer is built meanwhile. */
+  start(): void {
+    if (this.#unavailable || this.#worker) return;
     try {
-      worker = this.#worker ??= this.#start();
+      this.#worker = this.#start();
     } catch (err) {
       this.#fail(err);
-      return Promise.reject(this.#unavailable);
     }
+  }
+
+  /** The ids of `text`, computed on the worker thread. */
+  encode(text: string, addSpecialTokens: boolean): Promise<Float64Array> {
+    this.start();
+    const worker = this.#worker;
+    if (!worker) return Promise.reject(this.#unavailable);
     const id = this.#nextId++;
     return new Promise<Float64Array>((resolve, reject) => {
       this.#pending.set(id, { resolve, reject });

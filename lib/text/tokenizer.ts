@@ -124,6 +124,19 @@ export class TextTokenizer {
     return this.#checked(Array.from(ids));
   }
 
+  /**
+   * Starts the worker thread now instead of at the first long text, which would otherwise wait while
+   * the thread builds its tokenizer (0.8 s for a vocabulary of 150,000); the server does this.
+   */
+  startWorker(): void {
+    this.#worker?.start();
+  }
+
+  /** Whether the worker thread runs (started, not failed, not disposed). */
+  get workerRunning(): boolean {
+    return this.#worker?.running ?? false;
+  }
+
   /** Stops the worker thread: encodes in flight there reject with `reason`, later ones run here. */
   dispose(reason: Error = new MoeError('ERR_MOE_DISPOSED', 'this tokenizer was disposed')): void {
     this.#worker?.close(reason);
