@@ -13,6 +13,7 @@ const fs = require('fs');
 const os = require('os');
 const path = require('path');
 const { TextTokenizer } = require('../dist');
+const { baseVocab, byteChars, byteLevelJson } = require('./tokenizer-file');
 const { fmt, median } = require('./util');
 
 function arg(name, fallback) {
@@ -55,24 +56,13 @@ function text(r, chars) {
   return s.slice(0, chars);
 }
 
-/** GPT-2's printable stand-in for each byte. */
-function byteChars() {
-  const direct = [];
-  for (let b = 0x21; b <= 0x7e; b++) direct.push(b);
-  for (let b = 0xa1; b <= 0xac; b++) direct.push(b);
-  for (let b = 0xae; b <= 0xff; b++) direct.push(b);
-  let extra = 0;
-  return Array.from({ length: 256 }, (_, b) => String.fromCodePoint(direct.includes(b) ? b : 256 + extra++));
-}
-
 /** tokenizer.json of a byte-level BPE with `count` merges learnt on `corpus` (words counted once each). */
 function writeTokenizer(dir, corpus, count) {
   const bytes = byteChars();
   const counts = new Map();
   for (const w of corpus.split(/(?= )/)) counts.set(w, (counts.get(w) || 0) + 1);
   let words = [...counts].map(([w, c]) => [[...Buffer.from(w, 'utf8')].map((b) => bytes[b]), c]);
-  const vocab = { '<unk>': 0, '<s>': 1, '</s>': 2 };
-  bytes.forEach((c, b) => (vocab[c] = 3 + b));
+  const vocab = baseVocab();
   const merges = [];
   while (merges.length < count) {
     const pairs = new Map();
@@ -98,38 +88,7 @@ function writeTokenizer(dir, corpus, count) {
       return [out, c];
     });
   }
-  const added = ['<unk>', '<s>', '</s>'].map((content, id) => ({
-    id,
-    content,
-    single_word: false,
-    lstrip: false,
-    rstrip: false,
-    normalized: false,
-    special: true,
-  }));
-  const json = {
-    version: '1.0',
-    truncation: null,
-    padding: null,
-    added_tokens: added,
-    normalizer: null,
-    pre_tokenizer: { type: 'ByteLevel', add_prefix_space: false, trim_offsets: true, use_regex: true },
-    post_processor: null,
-    decoder: { type: 'ByteLevel', add_prefix_space: true, trim_offsets: true, use_regex: true },
-    model: {
-      type: 'BPE',
-      dropout: null,
-      unk_token: null,
-      continuing_subword_prefix: null,
-      end_of_word_suffix: null,
-      fuse_unk: false,
-      byte_fallback: false,
-      ignore_merges: false,
-      vocab,
-      merges,
-    },
-  };
-  fs.writeFileSync(path.join(dir, 'tokenizer.json'), JSON.stringify(json));
+  fs.writeFileSync(path.join(dir, 'tokenizer.json'), JSON.stringify(byteLevelJson(vocab, merges)));
   return merges.length;
 }
 

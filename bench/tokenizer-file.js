@@ -15,20 +15,23 @@ function byteChars() {
   return Array.from({ length: 256 }, (_, b) => String.fromCodePoint(direct.includes(b) ? b : 256 + extra++));
 }
 
-function writeBenchTokenizer(dir, vocabSize) {
-  const file = path.join(dir, 'tokenizer.json');
-  if (fs.existsSync(file)) return;
-  const specials = ['<unk>', '<s>', '</s>'];
+const SPECIALS = ['<unk>', '<s>', '</s>'];
+
+/** The vocabulary's first 259 ids: the three specials, then the 256 bytes. */
+function baseVocab() {
   const vocab = {};
-  specials.forEach((s, i) => (vocab[s] = i));
+  SPECIALS.forEach((s, i) => (vocab[s] = i));
   byteChars().forEach((c, b) => (vocab[c] = 3 + b));
-  // 'Ġ' is the byte-level spelling of a space: filler id i decodes to " w<i>".
-  for (let id = 259; id < vocabSize; id++) vocab[`\u0120w${id}`] = id;
-  const json = {
+  return vocab;
+}
+
+/** tokenizer.json of a byte-level BPE (GPT-2 style pre-tokenizer and decoder) with these ids and merges. */
+function byteLevelJson(vocab, merges) {
+  return {
     version: '1.0',
     truncation: null,
     padding: null,
-    added_tokens: specials.map((content, id) => ({
+    added_tokens: SPECIALS.map((content, id) => ({
       id,
       content,
       single_word: false,
@@ -51,10 +54,18 @@ function writeBenchTokenizer(dir, vocabSize) {
       byte_fallback: false,
       ignore_merges: false,
       vocab,
-      merges: [],
+      merges,
     },
   };
-  fs.writeFileSync(file + '.tmp', JSON.stringify(json));
+}
+
+function writeBenchTokenizer(dir, vocabSize) {
+  const file = path.join(dir, 'tokenizer.json');
+  if (fs.existsSync(file)) return;
+  const vocab = baseVocab();
+  // 'Ġ' is the byte-level spelling of a space: filler id i decodes to " w<i>".
+  for (let id = 259; id < vocabSize; id++) vocab[`\u0120w${id}`] = id;
+  fs.writeFileSync(file + '.tmp', JSON.stringify(byteLevelJson(vocab, [])));
   fs.writeFileSync(
     path.join(dir, 'tokenizer_config.json'),
     JSON.stringify({ bos_token: '<s>', eos_token: '</s>', unk_token: '<unk>', add_bos_token: false }, null, 2) + '\n',
@@ -62,4 +73,4 @@ function writeBenchTokenizer(dir, vocabSize) {
   fs.renameSync(file + '.tmp', file);
 }
 
-module.exports = { writeBenchTokenizer };
+module.exports = { writeBenchTokenizer, baseVocab, byteChars, byteLevelJson };
