@@ -235,6 +235,39 @@ ${REFERENCE}
 })().catch((e) => { console.error(e); process.exit(1); });
 `;
 
+// A long text through the tokenizer's worker thread (lib/text/encode-worker.ts), which requires
+// @huggingface/tokenizers by the path it resolves to in the install: the same ids as on this thread, and
+// the worker running (where it could not start, encodeAsync would quietly tokenize here).
+const TOKENIZER = `'use strict';
+const fs = require('fs');
+const { TextTokenizer } = require('fused-moe');
+(async () => {
+  fs.mkdirSync('tok', { recursive: true });
+  const direct = [];
+  for (let b = 0x21; b <= 0x7e; b++) direct.push(b);
+  for (let b = 0xa1; b <= 0xac; b++) direct.push(b);
+  for (let b = 0xae; b <= 0xff; b++) direct.push(b);
+  let extra = 0;
+  const vocab = {};
+  for (let b = 0; b < 256; b++) vocab[String.fromCodePoint(direct.includes(b) ? b : 256 + extra++)] = b;
+  fs.writeFileSync('tok/tokenizer.json', JSON.stringify({
+    version: '1.0', truncation: null, padding: null, added_tokens: [], normalizer: null,
+    pre_tokenizer: { type: 'ByteLevel', add_prefix_space: false, trim_offsets: true, use_regex: true },
+    post_processor: null,
+    decoder: { type: 'ByteLevel', add_prefix_space: true, trim_offsets: true, use_regex: true },
+    model: { type: 'BPE', dropout: null, unk_token: null, continuing_subword_prefix: null, end_of_word_suffix: null,
+      fuse_unk: false, byte_fallback: false, ignore_merges: false, vocab, merges: [] },
+  }));
+  const t = await TextTokenizer.load('tok');
+  const text = 'déjà vu, 日本語 🙂 '.repeat(1500);
+  const asyncIds = await t.encodeAsync(text);
+  const same = JSON.stringify(asyncIds) === JSON.stringify(t.encode(text));
+  const workerRunning = t.workerRunning;
+  t.dispose();
+  console.log(JSON.stringify({ chars: text.length, tokens: asyncIds.length, same, workerRunning }));
+})().catch((e) => { console.error(e); process.exit(1); });
+`;
+
 const ESM = `import { MoeLayer, backendInfo } from 'fused-moe';
 import cjs from 'fused-moe';
 ${REFERENCE}
@@ -274,6 +307,7 @@ function writeConsumer(app) {
   );
   fs.writeFileSync(path.join(app, 'cjs.js'), CJS);
   fs.writeFileSync(path.join(app, 'esm.mjs'), ESM);
+  fs.writeFileSync(path.join(app, 'tokenizer.js'), TOKENIZER);
   fs.writeFileSync(path.join(app, 'consumer.ts'), TS_CJS);
   fs.writeFileSync(path.join(app, 'consumer.mts'), TS_ESM);
   fs.writeFileSync(
@@ -385,6 +419,14 @@ function consumerChecks(c) {
   if (esm) {
     check(esm.err < tol, `ESM forward differs from the reference: ${JSON.stringify(esm)}`);
     check(esm.sameClass, 'the ESM and CommonJS entry points export different MoeLayer classes');
+  }
+
+  log("a long text through the tokenizer's worker thread");
+  const tok = runJson(process.execPath, ['tokenizer.js'], { cwd: c.app, env: c.env }, 'tokenizer.js');
+  if (tok) {
+    check(tok.same, `the worker's ids differ from the calling thread's: ${JSON.stringify(tok)}`);
+    check(tok.workerRunning, `the tokenizer's worker thread did not run from the install: ${JSON.stringify(tok)}`);
+    log(`  ${tok.chars} characters, ${tok.tokens} tokens: the same ids on the worker thread`);
   }
 
   log('tsc --noEmit on a TypeScript consumer (CommonJS and ESM) against the shipped declarations');
