@@ -87,6 +87,18 @@ describe.each(['byte-level', 'sentencepiece'] as const)('%s tokenizer', (kind) =
   });
 });
 
+test('a text that is not a string is a TypeError naming it, on either path', async () => {
+  const t = await tokenizerIn('types', 'byte-level');
+  try {
+    for (const bad of [42, null, undefined, ['a'.repeat(10_000)], { length: 10_000 }]) {
+      expect(() => t.encode(bad as unknown as string)).toThrow(/^text must be a string, got /);
+      await expect(t.encodeAsync(bad as unknown as string)).rejects.toThrow(/^text must be a string, got /);
+    }
+  } finally {
+    t.dispose();
+  }
+});
+
 test('a tokenizer.json changed since it was loaded is not used: the loaded tokenizer gives the ids', async () => {
   const t = await tokenizerIn('changed', 'sentencepiece');
   try {

@@ -8,7 +8,7 @@ import * as path from 'path';
 import type { Tokenizer } from '@huggingface/tokenizers';
 import { MoeError, argTypeError, checkpointError, messageOf } from '../errors';
 import { isFile, readJson } from '../safetensors/resolve';
-import { isRecord } from '../validate';
+import { describe, isRecord } from '../validate';
 import { ChatMessage, ChatTemplate } from './chat';
 import { EncodeWorker, WorkerUnavailable } from './encode-worker';
 
@@ -30,6 +30,10 @@ function templateText(v: unknown): string | null {
     return named ? (named.template as string) : null;
   }
   return null;
+}
+
+function checkText(text: unknown): void {
+  if (typeof text !== 'string') throw argTypeError(`text must be a string, got ${describe(text)}`);
 }
 
 export class TextTokenizer {
@@ -104,6 +108,7 @@ export class TextTokenizer {
 
   /** Token ids of `text`; `addSpecialTokens` adds what the tokenizer's post-processor adds (BOS, ...). */
   encode(text: string, addSpecialTokens = true): number[] {
+    checkText(text);
     return this.#checked(this.#tokenizer.encode(text, { add_special_tokens: addSpecialTokens }).ids);
   }
 
@@ -113,6 +118,7 @@ export class TextTokenizer {
    * loaded from a folder, a tokenizer.json changed since, no threads) the text is tokenized here.
    */
   async encodeAsync(text: string, addSpecialTokens = true): Promise<number[]> {
+    checkText(text);
     if (text.length < TextTokenizer.WORKER_MIN_CHARS || !this.#worker) return this.encode(text, addSpecialTokens);
     let ids: Float64Array;
     try {
