@@ -218,7 +218,6 @@ export function moeTensors(
   return m;
 }
 
-/** A fresh folder under the system temp directory; remove it with removeTempDir. */
 /** The process's resident pages of mapped files, in bytes (RssFile in /proc/self/status); null off Linux. */
 export function residentFileBytes(): number | null {
   const status = fs.existsSync('/proc/self/status') ? fs.readFileSync('/proc/self/status', 'utf8') : '';
@@ -226,6 +225,7 @@ export function residentFileBytes(): number | null {
   return m ? Number(m[1]) * 1024 : null;
 }
 
+/** A fresh folder under the system temp directory; remove it with removeTempDir. */
 export function makeTempDir(tag: string): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), `fused-moe-${tag}-`));
 }
