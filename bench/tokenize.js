@@ -1,13 +1,18 @@
 #!/usr/bin/env node
-// How long a prompt text holds the event loop while it is tokenized: TextTokenizer.encode on the
-// calling thread against encodeAsync, which sends a text of WORKER_MIN_CHARS or more to a worker thread
-// (lib/text/encode-worker.ts). Every stream of the generation loop waits while the event loop is held,
-// so the figure that matters is the longest gap between two turns of the loop during the call, not the
-// call's own time. The tokenizer is a byte-level BPE whose merges are learnt here, from a fixed seed,
-// on text of a made-up language with a Zipf-like word distribution (the same text style is tokenized):
-// 6,000 words, so the merges end when every word is one token (about 4,000).
+// How long a prompt holds the event loop while it is tokenized: TextTokenizer.encode on the calling
+// thread against encodeAsync, which sends a text of WORKER_MIN_CHARS or more to a worker thread
+// (lib/text/encode-worker.ts); and while a conversation is rendered through the chat template:
+// renderChat against renderChatAsync, which sends one of WORKER_MIN_MESSAGES or more there. Every
+// stream of the generation loop waits while the event loop is held, so the figure that matters is the
+// longest gap between two turns of the loop during the call, not the call's own time. The tokenizer is
+// a byte-level BPE whose merges are learnt here, from a fixed seed, on text of a made-up language with
+// a Zipf-like word distribution (the same text style is tokenized): 6,000 words, so the merges end when
+// every word is one token (about 4,000). The chat template is one in the style of the ChatML family's
+// (a reverse scan for the last user turn, earlier reasoning cut from assistant turns); the
+// conversations are of short turns, as many as a request body of a megabyte holds at the most.
 //
-//   npm run build:ts && node bench/tokenize.js [--sizes 16000,64000,256000] [--runs 5] [--merges 4000]
+//   npm run build:ts && node bench/tokenize.js [--sizes 16000,64000,256000] [--messages 1000,5000,20000]
+//     [--runs 5] [--merges 4000]
 'use strict';
 const fs = require('fs');
 const os = require('os');
@@ -21,6 +26,7 @@ function arg(name, fallback) {
   return i > 0 ? process.argv[i + 1] : fallback;
 }
 const SIZES = arg('sizes', '16000,64000,256000').split(',').map(Number);
+const MESSAGES = arg('messages', '1000,5000,20000').split(',').map(Number);
 const RUNS = Number(arg('runs', 5));
 const MERGES = Number(arg('merges', 4000));
 
@@ -56,6 +62,27 @@ function text(r, chars) {
   return s.slice(0, chars);
 }
 
+const CHAT_TEMPLATE =
+  "{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}" +
+  '{%- set ns = namespace(last_user=messages|length - 1, found=false) %}' +
+  '{%- for message in messages[::-1] %}{%- if not ns.found and message.role == "user" %}' +
+  '{%- set ns.found = true %}{%- set ns.last_user = (messages|length - 1) - loop.index0 %}{%- endif %}{%- endfor %}' +
+  '{%- for message in messages %}' +
+  '{%- if message.role == "user" or (message.role == "system" and not loop.first) %}' +
+  "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}" +
+  '{%- elif message.role == "assistant" %}{%- set content = message.content %}' +
+  "{%- if loop.index0 < ns.last_user and '</think>' in content %}{%- set content = content.split('</think>')[-1] %}{%- endif %}" +
+  "{{- '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}" +
+  "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}";
+
+/** A conversation of `n` short turns (3 to 8 words), a system turn first. */
+function conversation(r, n) {
+  return Array.from({ length: n }, (_, i) => ({
+    role: i === 0 ? 'system' : i % 2 ? 'user' : 'assistant',
+    content: text(r, 15 + Math.floor(r() * 30)),
+  }));
+}
+
 /** tokenizer.json of a byte-level BPE with `count` merges learnt on `corpus` (words counted once each). */
 function writeTokenizer(dir, corpus, count) {
   const bytes = byteChars();
@@ -89,6 +116,10 @@ function writeTokenizer(dir, corpus, count) {
     });
   }
   fs.writeFileSync(path.join(dir, 'tokenizer.json'), JSON.stringify(byteLevelJson(vocab, merges)));
+  fs.writeFileSync(
+    path.join(dir, 'tokenizer_config.json'),
+    JSON.stringify({ bos_token: '<s>', eos_token: '</s>', chat_template: CHAT_TEMPLATE }),
+  );
   return merges.length;
 }
 
@@ -148,6 +179,32 @@ async function main() {
         tokens = ids.length;
       }
       console.log(`| ${size} | ${tokens} | ${fmt(median(sync))} | ${fmt(median(wall))} | ${fmt(median(held))} |`);
+    }
+    console.log(`\nchat template: worker from ${TextTokenizer.WORKER_MIN_MESSAGES} messages`);
+    console.log(
+      '| messages | characters | JSON bytes | renderChat (event loop held), ms | renderChatAsync: wall ms | renderChatAsync: event loop held at most, ms |',
+    );
+    console.log('| --- | --- | --- | --- | --- | --- |');
+    for (const n of MESSAGES) {
+      const sync = [],
+        wall = [],
+        held = [];
+      let chars = 0,
+        bytes = 0;
+      for (let r = 0; r < RUNS; r++) {
+        const other = conversation(lcg(400 + r), n);
+        const a = await longestGap(() => tokenizer.renderChatAsync(other, true, 'messages'));
+        wall.push(a.wallMs);
+        held.push(a.longestMs);
+        const messages = conversation(lcg(300 + r), n);
+        const t0 = performance.now();
+        chars = tokenizer.renderChat(messages, true, 'messages').length;
+        sync.push(performance.now() - t0);
+        bytes = JSON.stringify({ messages }).length;
+      }
+      console.log(
+        `| ${n} | ${chars} | ${bytes} | ${fmt(median(sync))} | ${fmt(median(wall))} | ${fmt(median(held))} |`,
+      );
     }
     tokenizer.dispose();
   } finally {

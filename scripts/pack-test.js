@@ -235,9 +235,10 @@ ${REFERENCE}
 })().catch((e) => { console.error(e); process.exit(1); });
 `;
 
-// A long text through the tokenizer's worker thread (lib/text/encode-worker.ts), which requires
-// @huggingface/tokenizers by the path it resolves to in the install: the same ids as on this thread, and
-// the worker running (where it could not start, encodeAsync would quietly tokenize here).
+// A long text and a long conversation through the tokenizer's worker thread (lib/text/encode-worker.ts),
+// which requires @huggingface/tokenizers and @huggingface/jinja by the paths they resolve to in the
+// install: the same ids and text as on this thread, the worker running, and the conversation not
+// rendered here (where the worker could not serve, both would quietly run on this thread).
 const TOKENIZER = `'use strict';
 const fs = require('fs');
 const { TextTokenizer } = require('fused-moe');
@@ -258,13 +259,23 @@ const { TextTokenizer } = require('fused-moe');
     model: { type: 'BPE', dropout: null, unk_token: null, continuing_subword_prefix: null, end_of_word_suffix: null,
       fuse_unk: false, byte_fallback: false, ignore_merges: false, vocab, merges: [] },
   }));
+  fs.writeFileSync('tok/tokenizer_config.json', JSON.stringify({ bos_token: '<s>', eos_token: '</s>',
+    chat_template: '{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}' }));
   const t = await TextTokenizer.load('tok');
   const text = 'déjà vu, 日本語 🙂 '.repeat(1500);
   const asyncIds = await t.encodeAsync(text);
   const same = JSON.stringify(asyncIds) === JSON.stringify(t.encode(text));
+  const messages = Array.from({ length: 100 }, (_, i) => ({ role: i % 2 ? 'assistant' : 'user', content: 'turn ' + i }));
+  const render = t.chatTemplate.render.bind(t.chatTemplate);
+  let renderedHere = 0;
+  t.chatTemplate.render = (...args) => (renderedHere++, render(...args));
+  const asyncText = await t.renderChatAsync(messages, true, 'messages');
+  const renderedOnWorker = renderedHere === 0;
+  const sameText = asyncText === t.renderChat(messages, true, 'messages');
   const workerRunning = t.workerRunning;
   t.dispose();
-  console.log(JSON.stringify({ chars: text.length, tokens: asyncIds.length, same, workerRunning }));
+  console.log(JSON.stringify({ chars: text.length, tokens: asyncIds.length, same, workerRunning,
+    messages: messages.length, sameText, renderedOnWorker }));
 })().catch((e) => { console.error(e); process.exit(1); });
 `;
 
@@ -421,12 +432,15 @@ function consumerChecks(c) {
     check(esm.sameClass, 'the ESM and CommonJS entry points export different MoeLayer classes');
   }
 
-  log("a long text through the tokenizer's worker thread");
+  log("a long text and a long conversation through the tokenizer's worker thread");
   const tok = runJson(process.execPath, ['tokenizer.js'], { cwd: c.app, env: c.env }, 'tokenizer.js');
   if (tok) {
     check(tok.same, `the worker's ids differ from the calling thread's: ${JSON.stringify(tok)}`);
     check(tok.workerRunning, `the tokenizer's worker thread did not run from the install: ${JSON.stringify(tok)}`);
+    check(tok.sameText, `the worker's rendering differs from the calling thread's: ${JSON.stringify(tok)}`);
+    check(tok.renderedOnWorker, `the conversation was not rendered on the worker thread: ${JSON.stringify(tok)}`);
     log(`  ${tok.chars} characters, ${tok.tokens} tokens: the same ids on the worker thread`);
+    log(`  ${tok.messages} messages: the same text rendered on the worker thread`);
   }
 
   log('tsc --noEmit on a TypeScript consumer (CommonJS and ESM) against the shipped declarations');

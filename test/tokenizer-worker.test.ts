@@ -1,8 +1,9 @@
 /**
- * Long texts are tokenized on a worker thread (TextTokenizer.encodeAsync, lib/text/encode-worker.ts):
- * the same ids as on the calling thread, the event loop free meanwhile, the calling thread's tokenizer
- * whenever the worker cannot be trusted or cannot run, and generate / complete / the server taking a
- * long prompt that way with the same tokens and the same errors (out of the first next()).
+ * Long texts are tokenized, and long conversations rendered through the chat template, on a worker
+ * thread (TextTokenizer.encodeAsync and renderChatAsync, lib/text/encode-worker.ts): the same ids and
+ * text as on the calling thread, the event loop free meanwhile, the calling thread's tokenizer whenever
+ * the worker cannot be trusted or cannot run, and generate / complete / the server taking a long prompt
+ * that way with the same tokens and the same errors (out of the first next()).
  */
 import * as fs from 'fs';
 import * as path from 'path';
@@ -64,6 +65,16 @@ async function turnsWhile<T>(p: Promise<T>): Promise<{ value: T; turns: number }
   }
 }
 
+const ROLES = ['system', 'user', 'assistant'];
+/** A conversation of `n` messages of random roles and short random texts (some empty). */
+function conversation(seed: number, n: number): { role: string; content: string }[] {
+  const rand = rng(seed);
+  return Array.from({ length: n }, () => ({
+    role: ROLES[Math.floor(rand() * ROLES.length)],
+    content: randomText(Math.floor(rand() * 1e9), Math.floor(rand() * 40)),
+  }));
+}
+
 describe.each(['byte-level', 'sentencepiece'] as const)('%s tokenizer', (kind) => {
   let t: TextTokenizer;
   beforeAll(async () => {
@@ -85,6 +96,78 @@ describe.each(['byte-level', 'sentencepiece'] as const)('%s tokenizer', (kind) =
     expect(value).toEqual(t.encode(text));
     expect(turns).toBeGreaterThan(0);
   });
+
+  test('renderChatAsync gives the text of renderChat, on the worker from WORKER_MIN_MESSAGES on', async () => {
+    const many = TextTokenizer.WORKER_MIN_MESSAGES;
+    const render = jest.spyOn(t.chatTemplate!, 'render');
+    try {
+      for (const [i, n] of [1, many - 1, many, many + 1, 301].entries()) {
+        const messages = conversation(300 + i, n);
+        for (const generation of [true, false]) {
+          render.mockClear();
+          const text = await t.renderChatAsync(messages, generation, 'messages');
+          // On this thread below the threshold, never from it on.
+          expect(render).toHaveBeenCalledTimes(n < many ? 1 : 0);
+          expect(text).toBe(t.renderChat(messages, generation, 'messages'));
+        }
+      }
+    } finally {
+      render.mockRestore();
+    }
+  });
+
+  test('the event loop runs while a long conversation is rendered', async () => {
+    const messages = conversation(8, 20_000);
+    const { value, turns } = await turnsWhile(t.renderChatAsync(messages, true, 'messages'));
+    expect(value).toBe(t.renderChat(messages, true, 'messages'));
+    expect(turns).toBeGreaterThan(0);
+  });
+});
+
+test('a template that refuses a long conversation on the worker throws the RangeError of renderChat', async () => {
+  const t = await tokenizerIn('refuses', 'byte-level');
+  const render = jest.spyOn(t.chatTemplate!, 'render');
+  try {
+    const messages = [...conversation(20, 200), { role: 'tool', content: 'x' }];
+    const refused = t.renderChatAsync(messages, true, 'messages');
+    await expect(refused).rejects.toThrow(RangeError);
+    expect(render).not.toHaveBeenCalled(); // refused on the worker, not rendered again here
+    await expect(refused).rejects.toMatchObject({
+      code: 'ERR_OUT_OF_RANGE',
+      message: 'messages: the chat template refused the messages: unknown role tool',
+    });
+    expect(() => t.renderChat(messages, true, 'messages')).toThrow(
+      'messages: the chat template refused the messages: unknown role tool',
+    );
+  } finally {
+    render.mockRestore();
+    t.dispose();
+  }
+});
+
+test('messages that are not plain objects, or that the worker cannot receive, are rendered here', async () => {
+  const t = await tokenizerIn('not-plain', 'sentencepiece');
+  const render = jest.spyOn(t.chatTemplate!, 'render');
+  try {
+    class Message {
+      constructor(
+        readonly role: string,
+        readonly content: string,
+      ) {}
+    }
+    const plain = conversation(21, 100);
+    const instances = plain.map((m) => new Message(m.role, m.content));
+    const uncopyable = plain.map((m) => ({ ...m, format: () => m.content }));
+    const expected = t.renderChat(plain, true, 'messages');
+    for (const messages of [instances, uncopyable]) {
+      render.mockClear();
+      expect(await t.renderChatAsync(messages, true, 'messages')).toBe(expected);
+      expect(render).toHaveBeenCalledTimes(1);
+    }
+  } finally {
+    render.mockRestore();
+    t.dispose();
+  }
 });
 
 test('a text that is not a string is a TypeError naming it, on either path', async () => {
@@ -123,15 +206,19 @@ test('a tokenizer built from an object (no file) tokenizes on the calling thread
   expect(turns).toBe(0);
 });
 
-test('dispose rejects an encode in flight and later ones run on the calling thread', async () => {
+test('dispose rejects calls in flight and later ones run on the calling thread', async () => {
   const t = await tokenizerIn('dispose', 'byte-level');
   const text = randomText(10, 100_000);
-  const inFlight = t.encodeAsync(text);
+  const messages = conversation(22, 5_000);
+  const inFlight = [t.encodeAsync(text), t.renderChatAsync(messages, true, 'messages')];
   t.dispose(new MoeError('ERR_MOE_DISPOSED', 'gone'));
-  await expect(inFlight).rejects.toMatchObject({ code: 'ERR_MOE_DISPOSED' });
-  const { value, turns } = await turnsWhile(t.encodeAsync(text));
-  expect(value).toEqual(t.encode(text));
-  expect(turns).toBe(0);
+  for (const p of inFlight) await expect(p).rejects.toMatchObject({ code: 'ERR_MOE_DISPOSED' });
+  const encoded = await turnsWhile(t.encodeAsync(text));
+  expect(encoded.value).toEqual(t.encode(text));
+  expect(encoded.turns).toBe(0);
+  const rendered = await turnsWhile(t.renderChatAsync(messages, true, 'messages'));
+  expect(rendered.value).toBe(t.renderChat(messages, true, 'messages'));
+  expect(rendered.turns).toBe(0);
 });
 
 describe('generate with a prompt long enough for the worker', () => {
@@ -167,6 +254,33 @@ describe('generate with a prompt long enough for the worker', () => {
     const first = await generation.next();
     expect(first.done).toBe(false);
     expect((await generation.next()).value).toMatchObject({ finishReason: 'length' });
+  });
+
+  test('a long conversation gives the tokens of its rendering, and joins the loop once rendered', async () => {
+    const messages = conversation(23, 2 * TextTokenizer.WORKER_MIN_MESSAGES);
+    const options = { temperature: 0, maxTokens: 3 };
+    const rendered = model.tokenizer!.renderChat(messages, true, 'messages');
+    const generation = model.generate(messages, options);
+    expect(model.generationStats).toMatchObject({ running: 0, waiting: 0 }); // still on the worker
+    const pieces: number[] = [];
+    for await (const piece of generation) pieces.push(piece.token);
+    const fromRendered = await model.complete(model.tokenize(rendered, { addSpecialTokens: false }), options);
+    expect(pieces).toEqual(fromRendered.tokens);
+  });
+
+  test('a long conversation the template refuses rejects the first next(), and the model goes on', async () => {
+    const messages = [...conversation(24, 100), { role: 'tool', content: 'x' }];
+    const generation = model.generate(messages); // does not throw: the template has not run yet
+    const expected = expect.objectContaining({
+      name: 'RangeError',
+      message: 'promptOrMessages: the chat template refused the messages: unknown role tool',
+    });
+    await expect(generation.next()).rejects.toEqual(expected);
+    await expect(model.complete(messages)).rejects.toEqual(expected);
+    // A short one is refused by generate() itself, as before.
+    expect(() => model.generate(messages.slice(-2))).toThrow(RangeError);
+    const ok = await model.complete(conversation(25, 70), { maxTokens: 2, temperature: 0 });
+    expect(ok.tokens.length).toBeGreaterThan(0);
   });
 
   test('an abort while the prompt is tokenized ends it with finishReason abort', async () => {

@@ -1,8 +1,9 @@
 /**
  * model.generate and model.complete: the prompt (text, messages through the chat template, or token
  * ids) checked and tokenized up front, then one request of the model's step loop (engine.ts). A long
- * text is tokenized on a worker thread (TextTokenizer.encodeAsync): the request joins the loop once its
- * ids are known, and what would have been thrown comes out of the first next().
+ * text is tokenized, and a long conversation rendered, on a worker thread (TextTokenizer.encodeAsync,
+ * renderChatAsync): the request joins the loop once its ids are known, and what would have been thrown
+ * comes out of the first next().
  */
 import { MoeError, argRangeError, argTypeError } from '../errors';
 import { ChatMessage, checkMessages } from '../text/chat';
@@ -92,10 +93,17 @@ export function promptTokens(model: GenerateModel, prompt: unknown): number[] | 
   }
   if (Array.isArray(prompt) && prompt.length > 0 && isRecord(prompt[0])) {
     const messages = checkMessages(NAME, prompt);
-    if (!model.tokenizer) throw noTokenizer();
-    // The template writes the special tokens (BOS, ...) itself.
-    const text = model.tokenizer.renderChat(messages, true, NAME);
-    return checkedIds(model, encodePrompt(model.tokenizer, text, false, context));
+    const tokenizer = model.tokenizer;
+    if (!tokenizer) throw noTokenizer();
+    // The template writes the special tokens (BOS, ...) itself. A long conversation is rendered on the
+    // worker thread; a short one (or a checkpoint without a template) here, so that its errors throw.
+    if (messages.length < TextTokenizer.WORKER_MIN_MESSAGES || !tokenizer.chatTemplate)
+      return checkedIds(model, encodePrompt(tokenizer, tokenizer.renderChat(messages, true, NAME), false, context));
+    const text = tokenizer.renderChatAsync(messages, true, NAME);
+    return checkedIds(
+      model,
+      text.then((t) => encodePrompt(tokenizer, t, false, context)),
+    );
   }
   let ids: number[];
   if (

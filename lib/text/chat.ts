@@ -24,7 +24,7 @@ export class ChatTemplate {
 
   /** Parses the template once; throws what the parser throws. */
   constructor(
-    source: string,
+    readonly source: string,
     readonly bosToken: string | null,
     readonly eosToken: string | null,
   ) {
@@ -46,7 +46,12 @@ export class ChatTemplate {
         eos_token: this.eosToken ?? '',
       });
     } catch (err) {
-      throw argRangeError(`${name}: the chat template refused the messages: ${messageOf(err)}`);
+      throw ChatTemplate.refusal(name, messageOf(err));
     }
+  }
+
+  /** The error of a template that raised `message` while rendering the argument `name`. */
+  static refusal(name: string, message: string): RangeError {
+    return argRangeError(`${name}: the chat template refused the messages: ${message}`);
   }
 }

@@ -1,12 +1,16 @@
 /**
- * A worker thread that tokenizes long texts, so that the event loop (and with it every stream of the
- * step loop) goes on meanwhile: @huggingface/tokenizers encodes about 1 MB of text a second, and a
- * prompt of 256,000 characters (37,600 tokens) held the main thread 108 ms (`node bench/tokenize.js`).
+ * A worker thread that tokenizes long texts and renders long conversations through the chat template,
+ * so that the event loop (and with it every stream of the step loop) goes on meanwhile:
+ * @huggingface/tokenizers encodes about 1 MB of text a second, and a prompt of 256,000 characters
+ * (37,600 tokens) held the main thread 108 ms; @huggingface/jinja's time goes by the message, and the
+ * 20,000 short turns of a megabyte's request body held it 101 ms (`node bench/tokenize.js`).
  *
  * The worker builds its own tokenizer from the checkpoint's tokenizer.json, and only if the file still
- * holds the bytes the main thread loaded (the same SHA-256): its ids are the main thread's ids. Any
- * failure of the worker (it cannot start, the file changed, it dies) makes `encode` reject with
- * WorkerUnavailable, and the caller tokenizes on its own thread instead.
+ * holds the bytes the main thread loaded (the same SHA-256): its ids are the main thread's ids. Its
+ * template is parsed from the same source as the main thread's, with the same special tokens. Any
+ * failure of the worker (it cannot start, the file changed, it dies, the messages cannot be copied to
+ * it) makes `encode` and `render` reject with WorkerUnavailable, and the caller does the work on its
+ * own thread instead; a template that refuses the messages is a TemplateRefusal.
  */
 import { Worker } from 'worker_threads';
 
@@ -18,14 +22,20 @@ export interface EncodeWorkerSource {
   sha256: string;
   /** tokenizer_config.json's object (special tokens). */
   config: Record<string, unknown>;
+  /** The chat template's source and the special tokens it is given (ChatTemplate), or null. */
+  chatTemplate: { source: string; bosToken: string; eosToken: string } | null;
 }
 
-/** The worker cannot serve (did not start, stopped, or the file changed): tokenize elsewhere. */
+/** The worker cannot serve (did not start, stopped, or the file changed): do the work elsewhere. */
 export class WorkerUnavailable extends Error {}
+
+/** The chat template raised on the worker; the message is the template's own. */
+export class TemplateRefusal extends Error {}
 
 // Plain JavaScript run as the worker (eval: the same source whether the package runs from dist/ or its
 // TypeScript runs under a test transform). Ids travel as float64, so a value that is not a token id
-// arrives as one the caller's check refuses (NaN), never as a wrapped integer.
+// arrives as one the caller's check refuses (NaN), never as a wrapped integer. The template is parsed
+// at the first render (it parsed on the main thread already); an error there is not a refusal.
 const WORKER_SOURCE = `
 const { parentPort, workerData } = require('worker_threads');
 const text = require('fs').readFileSync(workerData.file, 'utf8');
@@ -33,7 +43,27 @@ const digest = require('crypto').createHash('sha256').update(text).digest('hex')
 if (digest !== workerData.sha256) throw new Error(workerData.file + ' changed since it was loaded');
 const { Tokenizer } = require(workerData.module);
 const tokenizer = new Tokenizer(JSON.parse(text), workerData.config);
+let template = null;
+function render(m) {
+  const t = workerData.chatTemplate;
+  try {
+    if (!template) template = new (require(workerData.jinja).Template)(t.source);
+  } catch (err) {
+    return { id: m.id, error: String((err && err.message) || err) };
+  }
+  try {
+    const context = { messages: m.messages, add_generation_prompt: m.addGenerationPrompt,
+      bos_token: t.bosToken, eos_token: t.eosToken };
+    return { id: m.id, text: template.render(context) };
+  } catch (err) {
+    return { id: m.id, refused: err instanceof Error ? err.message : String(err) };
+  }
+}
 parentPort.on('message', (m) => {
+  if (m.kind === 'render') {
+    parentPort.postMessage(render(m));
+    return;
+  }
   let ids;
   try {
     ids = tokenizer.encode(m.text, { add_special_tokens: m.addSpecialTokens }).ids;
@@ -47,8 +77,17 @@ parentPort.on('message', (m) => {
 });
 `;
 
+/** A reply of the worker: ids (encode), text (render), the template's refusal, or its failure. */
+interface Reply {
+  id: number;
+  ids?: Float64Array;
+  text?: string;
+  refused?: string;
+  error?: string;
+}
+
 interface Pending {
-  resolve(ids: Float64Array): void;
+  resolve(reply: Reply): void;
   reject(err: Error): void;
 }
 
@@ -80,15 +119,39 @@ export class EncodeWorker {
   }
 
   /** The ids of `text`, computed on the worker thread. */
-  encode(text: string, addSpecialTokens: boolean): Promise<Float64Array> {
+  async encode(text: string, addSpecialTokens: boolean): Promise<Float64Array> {
+    const reply = await this.#call({ kind: 'encode', text, addSpecialTokens });
+    if (reply.ids) return reply.ids;
+    // An encode that throws in the worker throws on the caller's thread too, with its own stack.
+    throw new WorkerUnavailable(reply.error ?? 'the tokenizer worker failed');
+  }
+
+  /**
+   * The chat template's text of `messages`, rendered on the worker thread. A template that raises
+   * rejects with TemplateRefusal; messages that cannot be copied to the thread, with WorkerUnavailable.
+   */
+  async render(messages: readonly object[], addGenerationPrompt: boolean): Promise<string> {
+    if (!this.#source.chatTemplate) throw new WorkerUnavailable('the checkpoint has no chat template');
+    const reply = await this.#call({ kind: 'render', messages, addGenerationPrompt });
+    if (typeof reply.text === 'string') return reply.text;
+    if (reply.refused !== undefined) throw new TemplateRefusal(reply.refused);
+    throw new WorkerUnavailable(reply.error ?? 'the tokenizer worker failed');
+  }
+
+  #call(message: Record<string, unknown>): Promise<Reply> {
     this.start();
     const worker = this.#worker;
     if (!worker) return Promise.reject(this.#unavailable);
     const id = this.#nextId++;
-    return new Promise<Float64Array>((resolve, reject) => {
+    return new Promise<Reply>((resolve, reject) => {
+      try {
+        worker.postMessage({ ...message, id }); // throws for a value the thread cannot receive (a function)
+      } catch (err) {
+        reject(new WorkerUnavailable(`the worker cannot take the request: ${String((err as Error)?.message ?? err)}`));
+        return;
+      }
       this.#pending.set(id, { resolve, reject });
-      worker.ref(); // a pending encode keeps the process alive; an idle worker does not
-      worker.postMessage({ id, text, addSpecialTokens });
+      worker.ref(); // a pending call keeps the process alive; an idle worker does not
     });
   }
 
@@ -106,20 +169,20 @@ export class EncodeWorker {
       eval: true,
       workerData: {
         module: require.resolve('@huggingface/tokenizers'),
+        jinja: require.resolve('@huggingface/jinja'),
         file: this.#source.file,
         sha256: this.#source.sha256,
         config: this.#source.config,
+        chatTemplate: this.#source.chatTemplate,
       },
     });
     worker.unref();
-    worker.on('message', (m: { id: number; ids?: Float64Array; error?: string }) => {
+    worker.on('message', (m: Reply) => {
       const p = this.#pending.get(m.id);
       if (!p) return;
       this.#pending.delete(m.id);
       if (this.#pending.size === 0) worker.unref();
-      // An encode that throws in the worker throws on the caller's thread too, with its own stack.
-      if (m.ids) p.resolve(m.ids);
-      else p.reject(new WorkerUnavailable(m.error ?? 'the tokenizer worker failed'));
+      p.resolve(m);
     });
     worker.on('error', (err) => this.#fail(err));
     worker.on('exit', () => this.#fail(new Error('the tokenizer worker stopped')));

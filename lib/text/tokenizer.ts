@@ -10,7 +10,7 @@ import { MoeError, argTypeError, checkpointError, messageOf } from '../errors';
 import { isFile, readJson } from '../safetensors/resolve';
 import { describe, isRecord } from '../validate';
 import { ChatMessage, ChatTemplate } from './chat';
-import { EncodeWorker, WorkerUnavailable } from './encode-worker';
+import { EncodeWorker, TemplateRefusal, WorkerUnavailable } from './encode-worker';
 
 /** Options every decode uses, so that streamed pieces and the whole decode agree. */
 const DECODE = { skip_special_tokens: true, clean_up_tokenization_spaces: false } as const;
@@ -46,6 +46,11 @@ export class TextTokenizer {
   readonly vocabLimit: number;
   /** Texts from this many UTF-16 code units on are tokenized on a worker thread by encodeAsync. */
   static readonly WORKER_MIN_CHARS = 8192;
+  /**
+   * Conversations of this many messages or more are rendered on a worker thread by renderChatAsync:
+   * a template's time goes by the message, hardly by the length of the text.
+   */
+  static readonly WORKER_MIN_MESSAGES = 64;
   readonly #tokenizer: Tokenizer;
   readonly #source: string;
   readonly #worker: EncodeWorker | null;
@@ -61,7 +66,6 @@ export class TextTokenizer {
     file?: { path: string; sha256: string },
   ) {
     this.#source = source;
-    this.#worker = file ? new EncodeWorker({ file: file.path, sha256: file.sha256, config }) : null;
     try {
       // eslint-disable-next-line @typescript-eslint/no-require-imports -- loaded on first use: a program that reads no tokenizer does not pay for it
       const { Tokenizer: Impl } = require('@huggingface/tokenizers') as typeof import('@huggingface/tokenizers');
@@ -86,6 +90,15 @@ export class TextTokenizer {
         err,
       );
     }
+    const chat = this.chatTemplate;
+    this.#worker = file
+      ? new EncodeWorker({
+          file: file.path,
+          sha256: file.sha256,
+          config,
+          chatTemplate: chat && { source: chat.source, bosToken: chat.bosToken ?? '', eosToken: chat.eosToken ?? '' },
+        })
+      : null;
   }
 
   /**
@@ -143,7 +156,7 @@ export class TextTokenizer {
     return this.#worker?.running ?? false;
   }
 
-  /** Stops the worker thread: encodes in flight there reject with `reason`, later ones run here. */
+  /** Stops the worker thread: calls in flight there reject with `reason`, later ones run here. */
   dispose(reason: Error = new MoeError('ERR_MOE_DISPOSED', 'this tokenizer was disposed')): void {
     this.#worker?.close(reason);
   }
@@ -169,5 +182,25 @@ export class TextTokenizer {
     if (!this.chatTemplate)
       throw argTypeError(`${name} is a list of messages, but tokenizer_config.json has no chat_template`);
     return this.chatTemplate.render(messages, addGenerationPrompt, name);
+  }
+
+  /**
+   * renderChat() without holding the event loop: a conversation of WORKER_MIN_MESSAGES or more, each
+   * a plain object, is rendered on the worker thread (the same text, the same RangeError when the
+   * template refuses it); others, or where the worker cannot serve, here.
+   */
+  async renderChatAsync(messages: readonly ChatMessage[], addGenerationPrompt: boolean, name: string): Promise<string> {
+    const worker = this.#worker;
+    // Only plain objects reach the thread as they are: a class's getters or methods would not.
+    const plain = messages.every((m) => Object.getPrototypeOf(m) === Object.prototype);
+    if (!this.chatTemplate || !worker || !plain || messages.length < TextTokenizer.WORKER_MIN_MESSAGES)
+      return this.renderChat(messages, addGenerationPrompt, name);
+    try {
+      return await worker.render(messages, addGenerationPrompt);
+    } catch (err) {
+      if (err instanceof TemplateRefusal) throw ChatTemplate.refusal(name, err.message);
+      if (err instanceof WorkerUnavailable) return this.renderChat(messages, addGenerationPrompt, name);
+      throw err;
+    }
   }
 }
