@@ -147,6 +147,22 @@ test('errors through the client: no key, a prompt over the context, bad paramete
   expect(await metric('fused_moe_active_sequences')).toBe(0);
 });
 
+test("a conversation long enough for the tokenizer's worker: refused by the template, or over the context", async () => {
+  const turns = Array.from({ length: 100 }, (_, i) => ({
+    role: i % 2 ? ('assistant' as const) : ('user' as const),
+    content: `turn ${i}`,
+  }));
+  // The request's checks let a tool turn through; the test template refuses it, on the worker thread.
+  const tool = { role: 'tool', content: 'x', tool_call_id: 'call-1' } as const;
+  const refused = await client.chat.completions.create({ model: 'x', messages: [...turns, tool] }).catch((e) => e);
+  expect(refused).toBeInstanceOf(OpenAI.BadRequestError);
+  expect((refused as Error).message).toContain('the chat template refused the messages: unknown role tool');
+  const long = await client.chat.completions.create({ model: 'x', messages: turns }).catch((e: unknown) => e);
+  expect(long).toBeInstanceOf(OpenAI.BadRequestError);
+  expect((long as InstanceType<typeof OpenAI.APIError>).code).toBe('context_length_exceeded');
+  expect(await metric('fused_moe_active_sequences')).toBe(0);
+});
+
 test('16 streams, half disconnecting mid-way: the others finish with their own text, and nothing stays active', async () => {
   const cancelledBefore = await metric('fused_moe_requests_cancelled_total');
   const params = (i: number) => ({
