@@ -144,6 +144,30 @@ async function longestGap(fn) {
   return { result, wallMs, longestMs: longest };
 }
 
+/**
+ * RUNS times: the async call on a fresh input (its wall time and the longest gap of the event loop),
+ * then the sync call on another (its time, which is the event loop's hold); medians, and what the last
+ * sync call returned. The async call goes first, so that the garbage of the sync call is not collected
+ * during it.
+ */
+async function compare(asyncInput, asyncCall, syncInput, syncCall) {
+  const sync = [],
+    wall = [],
+    held = [];
+  let last;
+  for (let r = 0; r < RUNS; r++) {
+    const other = asyncInput(r);
+    const a = await longestGap(() => asyncCall(other));
+    wall.push(a.wallMs);
+    held.push(a.longestMs);
+    const input = syncInput(r);
+    const t0 = performance.now();
+    last = syncCall(input);
+    sync.push(performance.now() - t0);
+  }
+  return { sync: median(sync), wall: median(wall), held: median(held), last };
+}
+
 async function main() {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fused-moe-tokenize-'));
   try {
@@ -161,24 +185,14 @@ async function main() {
     );
     console.log('| --- | --- | --- | --- | --- |');
     for (const size of SIZES) {
-      const sync = [],
-        wall = [],
-        held = [];
-      let tokens = 0;
-      for (let r = 0; r < RUNS; r++) {
-        // Fresh texts each run (the BPE cache holds words, not texts); the worker's first, so that the
-        // garbage of the encode on this thread is not collected during it.
-        const other = text(lcg(200 + r), size);
-        const a = await longestGap(() => tokenizer.encodeAsync(other));
-        wall.push(a.wallMs);
-        held.push(a.longestMs);
-        const t = text(lcg(100 + r), size);
-        const t0 = performance.now();
-        const ids = tokenizer.encode(t);
-        sync.push(performance.now() - t0);
-        tokens = ids.length;
-      }
-      console.log(`| ${size} | ${tokens} | ${fmt(median(sync))} | ${fmt(median(wall))} | ${fmt(median(held))} |`);
+      // Fresh texts each run (the BPE cache holds words, not texts).
+      const m = await compare(
+        (r) => text(lcg(200 + r), size),
+        (t) => tokenizer.encodeAsync(t),
+        (r) => text(lcg(100 + r), size),
+        (t) => tokenizer.encode(t).length,
+      );
+      console.log(`| ${size} | ${m.last} | ${fmt(m.sync)} | ${fmt(m.wall)} | ${fmt(m.held)} |`);
     }
     console.log(`\nchat template: worker from ${TextTokenizer.WORKER_MIN_MESSAGES} messages`);
     console.log(
@@ -186,25 +200,18 @@ async function main() {
     );
     console.log('| --- | --- | --- | --- | --- | --- |');
     for (const n of MESSAGES) {
-      const sync = [],
-        wall = [],
-        held = [];
-      let chars = 0,
-        bytes = 0;
-      for (let r = 0; r < RUNS; r++) {
-        const other = conversation(lcg(400 + r), n);
-        const a = await longestGap(() => tokenizer.renderChatAsync(other, true, 'messages'));
-        wall.push(a.wallMs);
-        held.push(a.longestMs);
-        const messages = conversation(lcg(300 + r), n);
-        const t0 = performance.now();
-        chars = tokenizer.renderChat(messages, true, 'messages').length;
-        sync.push(performance.now() - t0);
-        bytes = JSON.stringify({ messages }).length;
-      }
-      console.log(
-        `| ${n} | ${chars} | ${bytes} | ${fmt(median(sync))} | ${fmt(median(wall))} | ${fmt(median(held))} |`,
+      let bytes = 0;
+      const m = await compare(
+        (r) => conversation(lcg(400 + r), n),
+        (c) => tokenizer.renderChatAsync(c, true, 'messages'),
+        (r) => {
+          const c = conversation(lcg(300 + r), n);
+          bytes = JSON.stringify({ messages: c }).length;
+          return c;
+        },
+        (c) => tokenizer.renderChat(c, true, 'messages').length,
       );
+      console.log(`| ${n} | ${m.last} | ${bytes} | ${fmt(m.sync)} | ${fmt(m.wall)} | ${fmt(m.held)} |`);
     }
     tokenizer.dispose();
   } finally {

@@ -3,7 +3,7 @@
  * so that the event loop (and with it every stream of the step loop) goes on meanwhile:
  * @huggingface/tokenizers encodes about 1 MB of text a second, and a prompt of 256,000 characters
  * (37,600 tokens) held the main thread 108-124 ms; @huggingface/jinja's time goes by the message, and
- * the 20,000 short turns of a megabyte's request body held it 81-102 ms (`node bench/tokenize.js`).
+ * the 20,000 short turns of a megabyte's request body held it 81-103 ms (`node bench/tokenize.js`).
  *
  * The worker builds its own tokenizer from the checkpoint's tokenizer.json, and only if the file still
  * holds the bytes the main thread loaded (the same SHA-256): its ids are the main thread's ids. Its
