@@ -124,7 +124,7 @@ struct TileInCache {
   const char *k, *v;
 };
 TileInCache tile_in_cache(const StepGeometry& g, const AttentionSeq& s, int64_t b, int64_t j) {
-  const size_t at = size_t(((s.blocks[b] * g.cache->kv_heads + j) * g.Bt) * g.D) * dtype_size(g.cache->dtype);
+  const size_t at = kv_block_offset(*g.cache, s.blocks[b], j) * dtype_size(g.cache->dtype);
   return {static_cast<const char*>(g.cache->k) + at, static_cast<const char*>(g.cache->v) + at};
 }
 
@@ -322,7 +322,7 @@ void kv_cache_write(const KvCacheView& c, const AttentionSeq* seqs, int64_t num_
       const int64_t block = s.blocks[pos / Bt], slot = pos % Bt;
       const int64_t run = std::min(s.count - t0, Bt - slot);
       for (int64_t j = 0; j < KV; j++) {
-        const size_t head = size_t((block * KV + j) * Bt * D);  // the block's part for KV head j
+        const size_t head = kv_block_offset(c, block, j);  // the block's part for KV head j
         const int64_t src = (s.row + t0) * KV * D + j * D;
         for (int64_t d = 0; d < D; d++)
           store_elems(c.k, c.dtype, head + size_t(d * Bt + slot), run, k + src + d, KV * D);

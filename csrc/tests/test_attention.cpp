@@ -299,9 +299,52 @@ static void test_bad_input() {
   CHECK(threw);
 }
 
+// The layout attention.h documents: every (block, KV head) part inside the cache and apart from the
+// others, a block's heads adjacent, and kv_cache_write putting each key and value where the attention
+// reads it (kv_block_offset; keys [head_dim][block_tokens], values [block_tokens][head_dim]).
+static void test_cache_layout() {
+  const int64_t N = 5, KV = 3, D = 4, Bt = 2, part = Bt * D;
+  Cache c(N, KV, D, Bt, DType::F32);
+  std::vector<int> owner(size_t(N * KV * part), -1);
+  for (int64_t b = 0; b < N; b++)
+    for (int64_t j = 0; j < KV; j++) {
+      const size_t off = kv_block_offset(c.view, b, j);
+      CHECK(off % size_t(part) == 0 && off + size_t(part) <= owner.size());
+      if (off + size_t(part) > owner.size()) continue;
+      for (int64_t e = 0; e < part; e++) {
+        CHECK(owner[off + size_t(e)] < 0);
+        owner[off + size_t(e)] = int(b * KV + j);
+      }
+      if (j + 1 < KV) CHECK(kv_block_offset(c.view, b, j + 1) == off + size_t(part));
+    }
+  // Three tokens at positions 1..3 of a sequence on blocks {3, 1}: slots 1 of block 3, 0 and 1 of block 1.
+  const int32_t table[2] = {3, 1};
+  AttentionSeq s;
+  s.blocks = table;
+  s.num_blocks = 2;
+  s.past = 1;
+  s.count = 3;
+  std::vector<float> k(size_t(3 * KV * D)), v(k.size());
+  for (size_t i = 0; i < k.size(); i++) k[i] = float(i) + 0.25f, v[i] = -float(i) - 0.5f;
+  kv_cache_write(c.view, &s, 1, k.data(), v.data());
+  const float* kc = reinterpret_cast<const float*>(c.kbuf.data());
+  const float* vc = reinterpret_cast<const float*>(c.vbuf.data());
+  for (int64_t t = 0; t < 3; t++) {
+    const int64_t pos = 1 + t, block = table[pos / Bt], slot = pos % Bt;
+    for (int64_t j = 0; j < KV; j++) {
+      const size_t off = kv_block_offset(c.view, block, j);
+      for (int64_t d = 0; d < D; d++) {
+        CHECK(kc[off + size_t(d * Bt + slot)] == k[size_t((t * KV + j) * D + d)]);
+        CHECK(vc[off + size_t(slot * D + d)] == v[size_t((t * KV + j) * D + d)]);
+      }
+    }
+  }
+}
+
 int main() {
   test_f16_conversion();
   test_bad_input();
+  test_cache_layout();
   // Every tile kernel set this CPU runs.
   for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon}) {
     if (isa != Isa::Scalar && !cpu_supports(isa)) continue;
