@@ -319,11 +319,7 @@ static void test_cache_layout() {
     }
   // Three tokens at positions 1..3 of a sequence on blocks {3, 1}: slots 1 of block 3, 0 and 1 of block 1.
   const int32_t table[2] = {3, 1};
-  AttentionSeq s;
-  s.blocks = table;
-  s.num_blocks = 2;
-  s.past = 1;
-  s.count = 3;
+  const AttentionSeq s{table, 2, /*past*/ 1, /*count*/ 3, /*row*/ 0};
   std::vector<float> k(size_t(3 * KV * D)), v(k.size());
   for (size_t i = 0; i < k.size(); i++) k[i] = float(i) + 0.25f, v[i] = -float(i) - 0.5f;
   kv_cache_write(c.view, &s, 1, k.data(), v.data());
