@@ -13,6 +13,7 @@
  * own thread instead; a template that refuses the messages is a TemplateRefusal.
  */
 import { Worker } from 'worker_threads';
+import { messageOf } from '../errors';
 
 /** What the worker needs to build the same tokenizer. */
 export interface EncodeWorkerSource {
@@ -147,7 +148,7 @@ export class EncodeWorker {
       try {
         worker.postMessage({ ...message, id }); // throws for a value the thread cannot receive (a function)
       } catch (err) {
-        reject(new WorkerUnavailable(`the worker cannot take the request: ${String((err as Error)?.message ?? err)}`));
+        reject(new WorkerUnavailable(`the worker cannot take the request: ${messageOf(err)}`));
         return;
       }
       this.#pending.set(id, { resolve, reject });
@@ -191,9 +192,7 @@ export class EncodeWorker {
 
   #fail(err: unknown): void {
     if (this.#unavailable) return;
-    this.#unavailable = new WorkerUnavailable(
-      `the tokenizer worker is unavailable: ${String((err as Error)?.message ?? err)}`,
-    );
+    this.#unavailable = new WorkerUnavailable(`the tokenizer worker is unavailable: ${messageOf(err)}`);
     this.close(this.#unavailable);
   }
 

@@ -192,9 +192,12 @@ export class TextTokenizer {
   async renderChatAsync(messages: readonly ChatMessage[], addGenerationPrompt: boolean, name: string): Promise<string> {
     const worker = this.#worker;
     // Only plain objects reach the thread as they are: a class's getters or methods would not.
-    const plain = messages.every((m) => Object.getPrototypeOf(m) === Object.prototype);
-    if (!this.chatTemplate || !worker || !plain || messages.length < TextTokenizer.WORKER_MIN_MESSAGES)
-      return this.renderChat(messages, addGenerationPrompt, name);
+    const onWorker =
+      worker &&
+      this.chatTemplate &&
+      messages.length >= TextTokenizer.WORKER_MIN_MESSAGES &&
+      messages.every((m) => Object.getPrototypeOf(m) === Object.prototype);
+    if (!onWorker) return this.renderChat(messages, addGenerationPrompt, name);
     try {
       return await worker.render(messages, addGenerationPrompt);
     } catch (err) {
