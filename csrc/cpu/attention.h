@@ -26,7 +26,8 @@ namespace fmoe {
 
 // A cache block holds every KV head's part, head after head: a block's heads are one run of memory. (Each
 // head's blocks together instead ran attention after 4,000 positions 1.17-1.31 times as fast, and at 16
-// short streams 0.81-0.96 times: bench/RESULTS.md, twenty-eighth run.)
+// short streams 0.81-0.96 times: bench/RESULTS.md, twenty-eighth run; groups of 8 blocks head by head, each
+// sequence handed runs of ids, 1.17 and 0.79-0.93 times: twenty-ninth run.)
 struct KvCacheView {
   void* k = nullptr;          // [num_blocks][kv_heads][head_dim][block_tokens]
   void* v = nullptr;          // [num_blocks][kv_heads][block_tokens][head_dim]
