@@ -21,6 +21,8 @@ export const RUN_USAGE = [
   '  -n, --max-tokens N        tokens to generate at most (default 256)',
   '  --temperature T           0 is greedy (default 0.7)',
   '  --top-k K, --top-p P, --min-p P, --repetition-penalty R, --seed S',
+  '  --presence-penalty P      subtracted from the logit of every token already output, -2 to 2',
+  '  --frequency-penalty F     subtracted once for each time a token is already in the output, -2 to 2',
   '  --system TEXT             a system message that opens the chat',
   '  --quantize none|int8|int4 quantize the weights at load (default none)',
   '  --context N               context length in tokens (default min(4096, the model maximum))',
@@ -126,6 +128,8 @@ export async function run(argv: string[], io: Io = defaultIo): Promise<number> {
         'top-p': { type: 'string' },
         'min-p': { type: 'string' },
         'repetition-penalty': { type: 'string' },
+        'presence-penalty': { type: 'string' },
+        'frequency-penalty': { type: 'string' },
         seed: { type: 'string' },
         quantize: { type: 'string' },
         context: { type: 'string' },
@@ -171,6 +175,8 @@ export async function run(argv: string[], io: Io = defaultIo): Promise<number> {
       topP: number('top-p', values['top-p'] as string | undefined),
       minP: number('min-p', values['min-p'] as string | undefined),
       repetitionPenalty: number('repetition-penalty', values['repetition-penalty'] as string | undefined),
+      presencePenalty: number('presence-penalty', values['presence-penalty'] as string | undefined),
+      frequencyPenalty: number('frequency-penalty', values['frequency-penalty'] as string | undefined),
       seed: number('seed', values.seed as string | undefined),
     };
     // Checked before the load, which may take minutes.

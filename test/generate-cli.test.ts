@@ -79,6 +79,8 @@ test('bad options are refused before the model loads (a folder that does not exi
   for (const [flag, message] of [
     [['-n', '0'], /--max-tokens must be an integer >= 1, got 0/],
     [['--top-p', '2'], /options\.topP/],
+    [['--presence-penalty', '3'], /options\.presencePenalty must be in \[-2, 2\], got 3/],
+    [['--frequency-penalty', 'lots'], /--frequency-penalty must be a number, got 'lots'/],
   ] as [string[], RegExp][]) {
     const r = cli(['run', nowhere, '-p', 'x', ...flag]);
     expect(r.status).toBe(1);

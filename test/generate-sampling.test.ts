@@ -14,13 +14,30 @@ interface Params {
   topP: number;
   minP: number;
   repetitionPenalty: number;
+  presencePenalty?: number;
+  frequencyPenalty?: number;
+  logitBias?: Map<number, number>;
 }
 
-/** The probability of every token under the reference definitions. */
-function referenceDistribution(logits: Float32Array, history: number[], p: Params): Float64Array {
+/**
+ * The probability of every token under the reference definitions: OpenAI's logit bias (added first)
+ * and its presence and frequency penalties over `output` (mu - c * frequency - (c > 0) * presence),
+ * between the repetition penalty and the temperature.
+ */
+function referenceDistribution(
+  logits: Float32Array,
+  history: number[],
+  p: Params,
+  output: number[] = [],
+): Float64Array {
   const V = logits.length;
   const x = Float64Array.from(logits);
+  for (const [t, b] of p.logitBias ?? []) x[t] += b;
   for (const t of new Set(history)) x[t] = x[t] < 0 ? x[t] * p.repetitionPenalty : x[t] / p.repetitionPenalty;
+  for (let t = 0; t < V; t++) {
+    const c = output.filter((o) => o === t).length;
+    x[t] -= c * (p.frequencyPenalty ?? 0) + (c > 0 ? 1 : 0) * (p.presencePenalty ?? 0);
+  }
   const order = Array.from({ length: V }, (_, i) => i).sort((a, b) => x[b] - x[a] || a - b);
   const out = new Float64Array(V);
   if (p.temperature === 0) {
@@ -52,18 +69,50 @@ const settings: [string, Params][] = [
   ['top-p', { temperature: 1.3, topK: 0, topP: 0.6, minP: 0, repetitionPenalty: 1 }],
   ['min-p', { temperature: 1, topK: 0, topP: 1, minP: 0.2, repetitionPenalty: 1 }],
   ['all together', { temperature: 0.8, topK: 12, topP: 0.9, minP: 0.05, repetitionPenalty: 1.3 }],
+  [
+    'presence and frequency penalties, logit bias',
+    { temperature: 0.9, topK: 0, topP: 1, minP: 0, repetitionPenalty: 1, presencePenalty: 0.7, frequencyPenalty: 0.45 },
+  ],
+  [
+    'penalties, bias and every filter',
+    {
+      temperature: 1.1,
+      topK: 9,
+      topP: 0.85,
+      minP: 0.02,
+      repetitionPenalty: 1.2,
+      presencePenalty: -0.5,
+      frequencyPenalty: 1.5,
+    },
+  ],
 ];
+
+/** A logit bias on a few random tokens, some of them raised far enough to matter. */
+function randomBias(V: number, rand: () => number): Map<number, number> {
+  const bias = new Map<number, number>();
+  for (let i = 0; i < 6; i++) bias.set(Math.floor(rand() * V), Math.round((rand() * 2 - 1) * 600) / 100);
+  return bias;
+}
+
+/** An output with repeats: tokens drawn from a few, so counts reach 2 and more. */
+function randomOutput(V: number, rand: () => number, n: number): number[] {
+  const pool = Array.from({ length: 7 }, () => Math.floor(rand() * V));
+  return Array.from({ length: n }, () => pool[Math.floor(rand() * pool.length)]);
+}
 
 describe.each([33, 320, 1027])('vocabulary of %i', (V) => {
   test.each(settings)('%s: support and frequencies match the reference', (_, params) => {
     const rand = rng(V + params.topK);
     const logits = randomLogits(V, rand, 4);
     const history = Array.from({ length: 20 }, () => Math.floor(rand() * V));
-    const expected = referenceDistribution(logits, history, params);
-    const sampler = new Sampler({ ...params, seed: 99 });
+    const penalised = params.presencePenalty !== undefined;
+    const output = penalised ? randomOutput(V, rand, 25) : [];
+    const p = penalised ? { ...params, logitBias: randomBias(V, rand) } : params;
+    const expected = referenceDistribution(logits, [...history, ...output], p, output);
+    const sampler = new Sampler({ ...p, seed: 99 });
     const draws = 6000;
     const counts = new Float64Array(V);
-    for (let i = 0; i < draws; i++) counts[sampler.sample(logits, history)]++;
+    for (let i = 0; i < draws; i++) counts[sampler.sample(logits, [...history, ...output], output)]++;
     for (let t = 0; t < V; t++) {
       if (expected[t] === 0) expect(counts[t]).toBe(0);
       // Five standard deviations of a binomial count, plus one.
@@ -82,6 +131,85 @@ describe.each([33, 320, 1027])('vocabulary of %i', (V) => {
       expect(new Sampler({ ...params, seed: k }).sample(logits, history)).toBe(expected);
     }
   });
+
+  test('temperature 0 with penalties and a bias is the argmax of the adjusted logits', () => {
+    const rand = rng(5 * V);
+    for (let k = 0; k < 20; k++) {
+      const logits = randomLogits(V, rand, 1);
+      const output = randomOutput(V, rand, 12);
+      const params = {
+        temperature: 0,
+        topK: 0,
+        topP: 1,
+        minP: 0,
+        repetitionPenalty: 1,
+        presencePenalty: rand() * 4 - 2,
+        frequencyPenalty: rand() * 4 - 2,
+        logitBias: randomBias(V, rand),
+      };
+      const expected = referenceDistribution(logits, output, params, output).indexOf(1);
+      expect(new Sampler({ ...params, seed: k }).sample(logits, output, output)).toBe(expected);
+    }
+  });
+
+  test('the output counts kept between tokens give what a count from scratch gives', () => {
+    // Greedy with a strong frequency penalty: which token wins changes with the counts at every step.
+    const rand = rng(7 * V);
+    const params = { temperature: 0, topK: 0, topP: 1, minP: 0, repetitionPenalty: 1, frequencyPenalty: 0.3, seed: 1 };
+    const kept = new Sampler({ ...params, presencePenalty: 0.1 });
+    const output: number[] = [];
+    const base = randomLogits(V, rand, 1);
+    for (let step = 0; step < 60; step++) {
+      const logits = Float32Array.from(base, (v) => v + (rand() - 0.5) * 0.05);
+      const fresh = new Sampler({ ...params, presencePenalty: 0.1 }).sample(logits, [], output.slice());
+      const token = kept.sample(logits, [], output);
+      expect(token).toBe(fresh);
+      expect(token).toBe(referenceDistribution(logits, [], { ...params, presencePenalty: 0.1 }, output).indexOf(1));
+      output.push(token);
+    }
+    expect(new Set(output).size).toBeGreaterThan(3); // the penalty did move the argmax around
+  });
+});
+
+test('checkSampling: the penalties and the logit bias, and what each refuses', () => {
+  const p = checkSampling(
+    'o',
+    { presencePenalty: -2, frequencyPenalty: 2, logitBias: { '0': -100, '41': 100, '7': 0 } },
+    {},
+    42,
+  );
+  expect(p.presencePenalty).toBe(-2);
+  expect(p.frequencyPenalty).toBe(2);
+  expect([...p.logitBias!]).toEqual([
+    [0, -100],
+    [41, 100],
+  ]); // a bias of 0 is left out
+  expect(checkSampling('o', {}).logitBias!.size).toBe(0);
+  const refused: [Record<string, unknown>, ErrorConstructor, RegExp][] = [
+    [{ presencePenalty: 2.01 }, RangeError, /o\.presencePenalty must be in \[-2, 2\], got 2\.01/],
+    [{ frequencyPenalty: '1' }, TypeError, /o\.frequencyPenalty must be a number/],
+    [{ frequencyPenalty: NaN }, RangeError, /o\.frequencyPenalty/],
+    [{ logitBias: [1, 2] }, TypeError, /o\.logitBias must be a plain object/],
+    [{ logitBias: new Map([[1, 2]]) }, TypeError, /o\.logitBias must be a plain object/],
+    [{ logitBias: 'x' }, TypeError, /o\.logitBias/],
+    [{ logitBias: { '-1': 1 } }, RangeError, /o\.logitBias: every key must be a token id in \[0, 42\), got "-1"/],
+    [{ logitBias: { '01': 1 } }, RangeError, /got "01"/],
+    [{ logitBias: { '1.5': 1 } }, RangeError, /got "1\.5"/],
+    [{ logitBias: { '42': 1 } }, RangeError, /got "42"/],
+    [{ logitBias: { '3': 100.5 } }, RangeError, /o\.logitBias\[3\] must be in \[-100, 100\], got 100\.5/],
+    [{ logitBias: { '3': Infinity } }, RangeError, /o\.logitBias\[3\]/],
+    [{ logitBias: { '3': '2' } }, TypeError, /o\.logitBias\[3\] must be a number/],
+  ];
+  for (const [o, type, message] of refused) {
+    let thrown: unknown;
+    try {
+      checkSampling('o', o, {}, 42);
+    } catch (err) {
+      thrown = err;
+    }
+    expect(thrown).toBeInstanceOf(type);
+    expect((thrown as Error).message).toMatch(message);
+  }
 });
 
 test('the PRNG: one stream per seed, uniform in [0, 1)', () => {

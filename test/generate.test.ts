@@ -77,6 +77,35 @@ describe('byte-level model, 8 sequences', () => {
     }
   });
 
+  test('presence and frequency penalties count the output only, the bias applies: against model.logits', async () => {
+    const prompt = randomTokens(9, 320, 11);
+    const bias: Record<number, number> = { [prompt[0]]: 3, 17: -100 }; // raise a prompt token, all but ban another
+    const [presence, frequency, steps] = [0.8, 0.6, 16];
+    const result = await model.complete(prompt, {
+      temperature: 0,
+      maxTokens: steps,
+      presencePenalty: presence,
+      frequencyPenalty: frequency,
+      logitBias: bias,
+      ignoreEos: true,
+    });
+    // The same choices from full recomputations, adjusted here in float64: bias, then the penalties
+    // over the tokens generated so far (the prompt's own tokens are not penalised).
+    const out: number[] = [];
+    for (let s = 0; s < steps; s++) {
+      const x = Float64Array.from(await model.logits([...prompt, ...out]));
+      for (const [id, b] of Object.entries(bias)) x[Number(id)] += b;
+      for (const t of new Set(out)) x[t] -= presence + frequency * out.filter((o) => o === t).length;
+      let best = 0;
+      for (let i = 1; i < x.length; i++) if (x[i] > x[best]) best = i;
+      out.push(best);
+    }
+    expect(result.tokens).toEqual(out);
+    expect(out).not.toContain(17);
+    const plain = await model.complete(prompt, { temperature: 0, maxTokens: steps, ignoreEos: true });
+    expect(plain.tokens).not.toEqual(out); // the adjustments did change the greedy choice
+  });
+
   test('streamed pieces join to the text, which is the decode of the tokens', async () => {
     const { pieces, result } = await collect(
       model.generate('the café 日本', { temperature: 1.2, seed: 5, maxTokens: 40 }),

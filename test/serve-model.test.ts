@@ -121,6 +121,53 @@ test('completions: a text prompt and token ids; a stop string cuts the text befo
   expect(cut.choices[0].finish_reason).toBe('stop');
 });
 
+test('presence and frequency penalties and a logit bias through the client give what model.complete gives', async () => {
+  const prompt = 'the quick brown fox';
+  const alone = await model.complete(prompt, {
+    temperature: 0,
+    maxTokens: 12,
+    presencePenalty: 0.5,
+    frequencyPenalty: 0.9,
+    logitBias: { 40: 5, 41: -100 },
+    ignoreEos: true,
+  });
+  const r = await client.completions.create({
+    model: 'x',
+    prompt,
+    temperature: 0,
+    max_tokens: 12,
+    presence_penalty: 0.5,
+    frequency_penalty: 0.9,
+    logit_bias: { '40': 5, '41': -100 },
+    ignore_eos: true,
+  } as never);
+  expect(r.choices[0].text).toBe(alone.text);
+  // A bias of 100 forces its token.
+  const forced = await model.complete(prompt, {
+    temperature: 0,
+    maxTokens: 3,
+    logitBias: { 65: 100 },
+    ignoreEos: true,
+  });
+  expect(forced.tokens).toEqual([65, 65, 65]);
+  const viaClient = await client.completions.create({
+    model: 'x',
+    prompt,
+    temperature: 0,
+    max_tokens: 3,
+    logit_bias: { '65': 100 },
+    ignore_eos: true,
+  } as never);
+  expect(viaClient.choices[0].text).toBe(model.detokenize([65, 65, 65]));
+  // An id past the vocabulary is the client's error.
+  const bad = await client.completions
+    .create({ model: 'x', prompt, logit_bias: { '320': 1 } } as never)
+    .catch((e: unknown) => e);
+  expect(bad).toBeInstanceOf(OpenAI.BadRequestError);
+  expect((bad as Error).message).toMatch(/logitBias.*\[0, 320\).*"320"/);
+  expect(await metric('fused_moe_active_sequences')).toBe(0);
+});
+
 test('the same seed gives the same text twice', async () => {
   const ask = () =>
     client.chat.completions

@@ -165,8 +165,14 @@ describe('server over a fake engine', () => {
       seed: 42,
       stop: ['a', 'bc'],
       max_completion_tokens: 7,
+      presence_penalty: 0.5,
+      frequency_penalty: -0.25,
+      logit_bias: { '17': -100, '3': 2.5 },
     });
     expect(engine.started.at(-1)!.request).toMatchObject({
+      presencePenalty: 0.5,
+      frequencyPenalty: -0.25,
+      logitBias: { '17': -100, '3': 2.5 },
       endpoint: 'chat',
       prompt: [
         { role: 'system', content: 'be brief' },
@@ -205,6 +211,13 @@ describe('server over a fake engine', () => {
     [{ stop: ['a', 'b', 'c', 'd', 'e'] }, 'stop'],
     [{ stream: 'yes' }, 'stream'],
     [{ logprobs: true }, 'logprobs'],
+    [{ presence_penalty: 2.5 }, 'presence_penalty'],
+    [{ frequency_penalty: 'x' }, 'frequency_penalty'],
+    [{ logit_bias: [5] }, 'logit_bias'],
+    [{ logit_bias: { five: 1 } }, 'logit_bias'],
+    [{ logit_bias: { '-5': 1 } }, 'logit_bias'],
+    [{ logit_bias: { '5': 101 } }, 'logit_bias'],
+    [{ logit_bias: { '5': '1' } }, 'logit_bias'],
     [{ messages: [] }, 'messages'],
     [{ messages: [{ role: 'wizard', content: 'x' }] }, 'messages[0].role'],
     [{ messages: [{ role: 'user', content: 5 }] }, 'messages[0].content'],

@@ -330,7 +330,7 @@ export class Engine {
    */
   #advance(r: Request, logits: Float32Array): void {
     if (r.done || r.fed < r.prompt.length) return;
-    const token = r.sampler.sample(logits, r.tokens);
+    const token = r.sampler.sample(logits, r.tokens, r.generated);
     r.generated.push(token);
     r.tokens.push(token);
     const eos = r.eos.has(token);

@@ -165,7 +165,7 @@ export function noTokenizer(): MoeError {
 export function generate(model: GenerateModel, engine: Engine, prompt: unknown, options: unknown): Generation {
   const o = options ?? {};
   checkObject('options', o);
-  const params = checkSampling('options', o, model.generationDefaults);
+  const params = checkSampling('options', o, model.generationDefaults, model.config.vocabSize);
   const maxTokens = checkMaxTokens('options.maxTokens', o.maxTokens) ?? model.options.contextLength;
   const stop = checkStop('options.stop', o.stop);
   if (stop.length > 0 && !model.tokenizer) throw noTokenizer();

@@ -1,7 +1,8 @@
 /**
- * Choosing the next token from a row of logits: repetition penalty, then temperature, top-k, top-p
- * and min-p (the order Hugging Face's generate applies them), then one draw from the request's own
- * PRNG. A request's tokens depend only on its logits and its seed, never on what else runs.
+ * Choosing the next token from a row of logits: the logit bias, the repetition penalty, the presence
+ * and frequency penalties (OpenAI's), then temperature, top-k, top-p and min-p (the order Hugging
+ * Face's generate applies them), then one draw from the request's own PRNG. A request's tokens depend
+ * only on its logits, its output so far and its seed, never on what else runs.
  */
 import { argRangeError, argTypeError, MoeError } from '../errors';
 import { describe } from '../validate';
@@ -17,11 +18,32 @@ export interface SamplingOptions {
   minP?: number;
   /** Divides positive (multiplies negative) logits of tokens already in the prompt or output; default 1. */
   repetitionPenalty?: number;
+  /** Subtracted once from the logit of every token already in the output, in [-2, 2]; default 0. */
+  presencePenalty?: number;
+  /** Subtracted from a token's logit once for each time it is in the output, in [-2, 2]; default 0. */
+  frequencyPenalty?: number;
+  /**
+   * Added to the logits of the token ids given as keys (`{ 50256: -100 }`), in [-100, 100], before
+   * anything else; -100 all but bans a token and 100 all but forces it.
+   */
+  logitBias?: Readonly<Record<number, number>>;
   /** Seed of the request's PRNG (a non-negative integer); default: a random one. */
   seed?: number;
 }
 
-export type SamplingParams = Required<SamplingOptions>;
+/** Checked sampling options (checkSampling); the penalties and the bias may be left out (none). */
+export interface SamplingParams extends Required<
+  Omit<SamplingOptions, 'presencePenalty' | 'frequencyPenalty' | 'logitBias'>
+> {
+  presencePenalty?: number;
+  frequencyPenalty?: number;
+  /** Token id to bias. */
+  logitBias?: ReadonlyMap<number, number>;
+}
+
+/** OpenAI's bounds on the presence and frequency penalties, and on a logit bias. */
+const MAX_PENALTY = 2;
+const MAX_BIAS = 100;
 
 function finite(name: string, v: unknown, fallback: number, ok: (x: number) => boolean, expected: string): number {
   if (v === undefined) return fallback;
@@ -31,15 +53,46 @@ function finite(name: string, v: unknown, fallback: number, ok: (x: number) => b
 }
 
 /**
+ * `logitBias` checked into a map: a plain object whose keys are token ids below `vocab` (when given)
+ * and whose values are numbers in [-100, 100]. A bias of 0 is left out.
+ */
+export function checkLogitBias(name: string, v: unknown, vocab: number | undefined): ReadonlyMap<number, number> {
+  const out = new Map<number, number>();
+  if (v === undefined) return out;
+  const proto = v !== null && typeof v === 'object' ? (Object.getPrototypeOf(v) as unknown) : undefined;
+  if (proto !== Object.prototype && proto !== null)
+    throw argTypeError(`${name} must be a plain object of token id -> bias, got ${describe(v)}`);
+  for (const [key, bias] of Object.entries(v as Record<string, unknown>)) {
+    const id = Number(key);
+    if (!/^(0|[1-9][0-9]*)$/.test(key) || !Number.isSafeInteger(id) || (vocab !== undefined && id >= vocab))
+      throw argRangeError(
+        `${name}: every key must be a token id${vocab !== undefined ? ` in [0, ${vocab})` : ''}, got ${JSON.stringify(key)}`,
+      );
+    if (typeof bias !== 'number') throw argTypeError(`${name}[${key}] must be a number, got ${describe(bias)}`);
+    if (!Number.isFinite(bias) || Math.abs(bias) > MAX_BIAS)
+      throw argRangeError(`${name}[${key}] must be in [-${MAX_BIAS}, ${MAX_BIAS}], got ${bias}`);
+    if (bias !== 0) out.set(id, bias);
+  }
+  return out;
+}
+
+/**
  * Checks the sampling fields of `options` (named `name`); a field left out takes `defaults` (the
- * checkpoint's generation_config.json), else the built-in default.
+ * checkpoint's generation_config.json), else the built-in default. With `vocab`, the ids of
+ * `logitBias` must be below it.
  */
 export function checkSampling(
   name: string,
   o: Record<string, unknown>,
   defaults: Omit<SamplingOptions, 'seed'> = {},
+  vocab?: number,
 ): SamplingParams {
+  const penalty = (key: 'presencePenalty' | 'frequencyPenalty') =>
+    finite(`${name}.${key}`, o[key], 0, (x) => Math.abs(x) <= MAX_PENALTY, `in [-${MAX_PENALTY}, ${MAX_PENALTY}]`);
   return {
+    presencePenalty: penalty('presencePenalty'),
+    frequencyPenalty: penalty('frequencyPenalty'),
+    logitBias: checkLogitBias(`${name}.logitBias`, o.logitBias, vocab),
     temperature: finite(
       `${name}.temperature`,
       o.temperature,
@@ -77,7 +130,10 @@ export function samplingDefaults(gen: Record<string, unknown> | undefined): Omit
   if (!gen) return out;
   const num = (v: unknown, ok: (x: number) => boolean) =>
     typeof v === 'number' && Number.isFinite(v) && ok(v) ? v : undefined;
-  const set = <K extends keyof typeof out>(key: K, v: number | undefined) => {
+  const set = <K extends 'temperature' | 'topK' | 'topP' | 'minP' | 'repetitionPenalty'>(
+    key: K,
+    v: number | undefined,
+  ) => {
     if (v !== undefined) out[key] = v;
   };
   set(
@@ -185,17 +241,31 @@ function scratchFor(vocab: number): Scratch {
 export class Sampler {
   readonly #params: SamplingParams;
   readonly #prng: Prng;
+  /** Whether the presence or frequency penalty is on; then #counts holds each output token's count. */
+  readonly #penalised: boolean;
+  #counts = new Map<number, number>();
+  /** The output array #counts was taken from, and how many of its tokens it has counted. */
+  #counted: readonly number[] | null = null;
+  #countedLength = 0;
 
   constructor(params: SamplingParams) {
     this.#params = params;
     this.#prng = new Prng(params.seed);
+    this.#penalised = (params.presencePenalty ?? 0) !== 0 || (params.frequencyPenalty ?? 0) !== 0;
   }
 
-  /** The next token from `logits` ([vocab]); `history` holds the tokens the repetition penalty sees. */
-  sample(logits: Float32Array, history: readonly number[]): number {
+  /**
+   * The next token from `logits` ([vocab]); `history` holds the tokens the repetition penalty sees (the
+   * prompt and the output), `output` the tokens the presence and frequency penalties see. The counts of
+   * `output` are kept between calls while it only grows (the generation's own array), so a token costs
+   * only its new entries.
+   */
+  sample(logits: Float32Array, history: readonly number[], output: readonly number[] = []): number {
     const V = logits.length;
     const { temperature, topK, topP, minP, repetitionPenalty } = this.#params;
-    if (temperature === 0 && repetitionPenalty === 1) {
+    const bias = this.#params.logitBias;
+    const biased = bias !== undefined && bias.size > 0;
+    if (temperature === 0 && repetitionPenalty === 1 && !this.#penalised && !biased) {
       const best = argmax(logits); // greedy: nothing to copy
       if (best < 0) throw notSampleable();
       return best;
@@ -203,6 +273,7 @@ export class Sampler {
     const sc = scratchFor(V);
     const x = sc.values;
     for (let i = 0; i < V; i++) x[i] = logits[i];
+    if (biased) for (const [t, b] of bias) if (t < V) x[t] += b;
     if (repetitionPenalty !== 1) {
       const stamp = ++sc.stampNow;
       for (const t of history)
@@ -210,6 +281,11 @@ export class Sampler {
           sc.stamp[t] = stamp;
           x[t] = x[t] < 0 ? x[t] * repetitionPenalty : x[t] / repetitionPenalty;
         }
+    }
+    if (this.#penalised) {
+      const presence = this.#params.presencePenalty ?? 0,
+        frequency = this.#params.frequencyPenalty ?? 0;
+      for (const [t, c] of this.#outputCounts(output)) if (t < V) x[t] -= presence + frequency * c;
     }
     const best = argmax(x);
     if (best < 0) throw notSampleable();
@@ -258,6 +334,20 @@ export class Sampler {
       if (u < 0) return order[i];
     }
     return order[kept - 1];
+  }
+
+  /** How many times each token is in `output`, counting only what was added since the last call. */
+  #outputCounts(output: readonly number[]): Map<number, number> {
+    if (output !== this.#counted || output.length < this.#countedLength) {
+      this.#counts = new Map();
+      this.#counted = output;
+      this.#countedLength = 0;
+    }
+    for (; this.#countedLength < output.length; this.#countedLength++) {
+      const t = output[this.#countedLength];
+      this.#counts.set(t, (this.#counts.get(t) ?? 0) + 1);
+    }
+    return this.#counts;
   }
 
   /**

@@ -2,9 +2,12 @@
  * The body of `POST /v1/chat/completions` and `POST /v1/completions`, checked field by field into what
  * the generator takes. A field of the wrong type or out of range is a 400 that names it, before the
  * model sees anything. Fields this server does not know are ignored, as most OpenAI-compatible servers
- * do; known features it does not have (n > 1, logprobs, tools, echo) are refused rather than dropped.
+ * do; known features it does not have (n > 1, logprobs, tools, echo, JSON output) are refused rather than
+ * dropped.
  */
 import { invalidRequest } from './api-error';
+import { messageOf } from '../errors';
+import { checkLogitBias } from '../generate/sampling';
 import { describe, isRecord } from '../validate';
 
 export interface ChatMessage {
@@ -24,6 +27,10 @@ export interface CompletionRequest {
   topK?: number;
   minP?: number;
   repetitionPenalty?: number;
+  presencePenalty?: number;
+  frequencyPenalty?: number;
+  /** Token id (a decimal string, as JSON keys are) -> bias in [-100, 100]. */
+  logitBias?: Record<string, number>;
   seed?: number;
   stop: string[];
   /** Generate maxTokens even past end-of-sequence tokens (vLLM's extension; benchmarks use it). */
@@ -68,6 +75,17 @@ function boolean(body: Body, key: string): boolean {
 function notSupported(body: Body, key: string, harmless: (v: unknown) => boolean, what: string): void {
   if (present(body, key) && !harmless(body[key]))
     throw invalidRequest(`'${key}' is not supported by this server: ${what}`, key, 'unsupported_parameter');
+}
+
+/** `logit_bias`: token ids (decimal strings) to numbers in [-100, 100]; the model checks the ids' range. */
+function logitBias(body: Body): Record<string, number> | undefined {
+  if (!present(body, 'logit_bias')) return undefined;
+  try {
+    checkLogitBias('logit_bias', body.logit_bias, undefined);
+  } catch (err) {
+    throw invalidRequest(messageOf(err), 'logit_bias', err instanceof TypeError ? 'invalid_type' : 'invalid_value');
+  }
+  return body.logit_bias as Record<string, number>;
 }
 
 function stops(body: Body): string[] {
@@ -175,17 +193,7 @@ export function parseCompletionRequest(endpoint: 'chat' | 'completion', body: un
   notSupported(body, 'suffix', (v) => v === '', 'no insertion mode');
   notSupported(body, 'tools', (v) => Array.isArray(v) && v.length === 0, 'no tool calling');
   notSupported(body, 'functions', (v) => Array.isArray(v) && v.length === 0, 'no function calling');
-  notSupported(body, 'logit_bias', (v) => isRecord(v) && Object.keys(v).length === 0, 'no logit bias');
   notSupported(body, 'response_format', (v) => isRecord(v) && v.type === 'text', 'text output only');
-  for (const key of ['frequency_penalty', 'presence_penalty']) {
-    const v = number(body, key, -2, 2);
-    if (v !== undefined && v !== 0)
-      throw invalidRequest(
-        `'${key}' is not supported by this server (use repetition_penalty)`,
-        key,
-        'unsupported_parameter',
-      );
-  }
   const maxCompletion = integer(body, 'max_completion_tokens', 1);
   const maxTokens = integer(body, 'max_tokens', 1);
   return {
@@ -200,6 +208,9 @@ export function parseCompletionRequest(endpoint: 'chat' | 'completion', body: un
     topK: integer(body, 'top_k', 0),
     minP: number(body, 'min_p', 0, 1),
     repetitionPenalty: number(body, 'repetition_penalty', 0, 10, true),
+    presencePenalty: number(body, 'presence_penalty', -2, 2),
+    frequencyPenalty: number(body, 'frequency_penalty', -2, 2),
+    logitBias: logitBias(body),
     seed: integer(body, 'seed', 0),
     stop: stops(body),
     ignoreEos: boolean(body, 'ignore_eos'),
