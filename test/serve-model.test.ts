@@ -164,7 +164,8 @@ test('presence and frequency penalties and a logit bias through the client give 
     .create({ model: 'x', prompt, logit_bias: { '320': 1 } } as never)
     .catch((e: unknown) => e);
   expect(bad).toBeInstanceOf(OpenAI.BadRequestError);
-  expect((bad as Error).message).toMatch(/logitBias.*\[0, 320\).*"320"/);
+  expect((bad as InstanceType<typeof OpenAI.APIError>).param).toBe('logit_bias');
+  expect((bad as Error).message).toMatch(/logit_bias.*\[0, 320\).*"320"/);
   expect(await metric('fused_moe_active_sequences')).toBe(0);
 });
 

@@ -3,6 +3,9 @@ import type { MoeModel } from '../model/model';
 import type { Generation, GenerationResult } from '../generate/index';
 import type { GenerationEngine, GenerationRun } from './engine';
 import type { CompletionRequest } from './request';
+import { invalidRequest } from './api-error';
+import { messageOf } from '../errors';
+import { checkLogitBias } from '../generate/sampling';
 
 export function modelEngine(model: MoeModel): GenerationEngine {
   // Long prompts are tokenized on the tokenizer's worker thread: started now, so the first one does
@@ -16,6 +19,13 @@ export function modelEngine(model: MoeModel): GenerationEngine {
       let failure: unknown;
       let generation: Generation | undefined;
       try {
+        // The ids of logit_bias against this model's vocabulary, as a 400 that names the field.
+        if (request.logitBias !== undefined)
+          try {
+            checkLogitBias('logit_bias', request.logitBias, model.config.vocabSize);
+          } catch (err) {
+            throw invalidRequest(messageOf(err), 'logit_bias', 'invalid_value');
+          }
         generation = model.generate(
           Array.isArray(request.prompt) && typeof request.prompt[0] === 'object'
             ? // Templates know system, user and assistant; OpenAI's newer 'developer' role is the system one.
