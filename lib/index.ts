@@ -29,6 +29,8 @@ export type {
   GenerationResult,
   FinishReason,
   SamplingOptions,
+  TokenLogprob,
+  TokenLogprobs,
 } from './generate/index';
 export { TextTokenizer } from './text/tokenizer';
 export type { ChatMessage } from './text/chat';

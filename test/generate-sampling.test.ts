@@ -2,8 +2,10 @@
  * The sampler (lib/generate/sampling) against a float64 reference written here from the definitions
  * (full sort, Hugging Face's order: repetition penalty, temperature, top-k, top-p, min-p): on fresh
  * random logits of odd and round vocabulary sizes, sampled tokens stay inside the reference's support
- * and their frequencies match its probabilities. Stop strings over text cut into random pieces.
+ * and their frequencies match its probabilities. Log probabilities against a float64 log-softmax.
+ * Stop strings over text cut into random pieces.
  */
+import { checkLogprobs, tokenLogprobs } from '../lib/generate/logprobs';
 import { Prng, Sampler, checkSampling } from '../lib/generate/sampling';
 import { StopMatcher } from '../lib/generate/stop';
 import { rng } from './helpers/reference';
@@ -169,6 +171,68 @@ describe.each([33, 320, 1027])('vocabulary of %i', (V) => {
     }
     expect(new Set(output).size).toBeGreaterThan(3); // the penalty did move the argmax around
   });
+});
+
+describe.each([1, 33, 320, 1027, 4096])('log probabilities over a vocabulary of %i', (V) => {
+  /** log-softmax in float64 by its definition, and every id ranked (the lower id first on ties). */
+  function reference(logits: Float32Array): { logprob: Float64Array; ranked: number[] } {
+    const x = Float64Array.from(logits);
+    const m = Math.max(...x);
+    const z = x.reduce((s, v) => s + Math.exp(v - m), 0);
+    const logprob = x.map((v) => v - m - Math.log(z));
+    const ranked = Array.from({ length: V }, (_, i) => i).sort((a, b) => x[b] - x[a] || a - b);
+    return { logprob, ranked };
+  }
+
+  test.each([0, 1, 5, 20])('the token and the top %i against the float64 log-softmax', (top) => {
+    const rand = rng(V * 31 + top);
+    for (const spread of [0.5, 8, 40]) {
+      const logits = randomLogits(V, rand, spread);
+      // Ties: the largest value copied to two random ids, so the order among equals shows.
+      const best = logits.indexOf(Math.max(...logits));
+      for (let i = 0; i < 2; i++) logits[Math.floor(rand() * V)] = logits[best];
+      const ref = reference(logits);
+      const token = Math.floor(rand() * V);
+      const got = tokenLogprobs(logits, token, top);
+      expect(got.token).toBe(token);
+      expect(Math.abs(got.logprob - ref.logprob[token])).toBeLessThan(1e-9 * Math.max(1, Math.abs(ref.logprob[token])));
+      expect(got.topLogprobs.map((t) => t.token)).toEqual(ref.ranked.slice(0, Math.min(top, V)));
+      for (const t of got.topLogprobs) expect(Math.abs(t.logprob - ref.logprob[t.token])).toBeLessThan(1e-9);
+      if (V <= 320) {
+        // The probabilities sum to 1.
+        let total = 0;
+        for (let t = 0; t < V; t++) total += Math.exp(tokenLogprobs(logits, t, 0).logprob);
+        expect(Math.abs(total - 1)).toBeLessThan(1e-9);
+      }
+    }
+  });
+
+  test('a NaN logit has no probability and is never listed', () => {
+    const logits = randomLogits(V, rng(V + 5), 3);
+    if (V < 2) return;
+    logits[0] = NaN;
+    const got = tokenLogprobs(logits, 0, Math.min(V, 20));
+    expect(got.logprob).toBe(-Infinity);
+    expect(got.topLogprobs.map((t) => t.token)).not.toContain(0);
+    const rest = reference(logits.subarray(1).slice());
+    expect(Math.abs(tokenLogprobs(logits, 1, 0).logprob - rest.logprob[0])).toBeLessThan(1e-9);
+  });
+});
+
+test('checkLogprobs: off, on, the number of alternatives, and what it refuses', () => {
+  expect(checkLogprobs('options', {})).toBeNull();
+  expect(checkLogprobs('options', { logprobs: false })).toBeNull();
+  expect(checkLogprobs('options', { logprobs: true })).toBe(0);
+  expect(checkLogprobs('options', { logprobs: true, topLogprobs: 20 })).toBe(20);
+  expect(() => checkLogprobs('options', { logprobs: 1 })).toThrow(/options\.logprobs must be a boolean, got number 1/);
+  expect(() => checkLogprobs('options', { logprobs: true, topLogprobs: 21 })).toThrow(
+    /options\.topLogprobs must be an integer in \[0, 20\], got 21/,
+  );
+  expect(() => checkLogprobs('options', { logprobs: true, topLogprobs: 1.5 })).toThrow(RangeError);
+  expect(() => checkLogprobs('options', { logprobs: true, topLogprobs: '3' })).toThrow(TypeError);
+  expect(() => checkLogprobs('options', { topLogprobs: 3 })).toThrow(
+    /options\.topLogprobs needs options\.logprobs: true/,
+  );
 });
 
 test('checkSampling: the penalties and the logit bias, and what each refuses', () => {

@@ -106,6 +106,33 @@ describe('byte-level model, 8 sequences', () => {
     expect(plain.tokens).not.toEqual(out); // the adjustments did change the greedy choice
   });
 
+  test('log probabilities are the float64 log-softmax of model.logits, whatever the sampling did', async () => {
+    const prompt = randomTokens(6, 320, 12);
+    const top = 4;
+    const options = { temperature: 1.3, seed: 9, frequencyPenalty: 1, logitBias: { 5: 4 }, maxTokens: 10 };
+    const { pieces, result } = await collect(model.generate(prompt, { ...options, logprobs: true, topLogprobs: top }));
+    // Asking for them changes nothing else.
+    expect(result.tokens).toEqual((await model.complete(prompt, options)).tokens);
+    expect(result.logprobs!.map((e) => e.token)).toEqual(result.tokens);
+    for (let s = 0; s < result.tokens.length; s++) {
+      const x = Float64Array.from(await model.logits([...prompt, ...result.tokens.slice(0, s)]));
+      const m = Math.max(...x);
+      const logZ = m + Math.log(x.reduce((sum, v) => sum + Math.exp(v - m), 0));
+      const ranked = Array.from(x.keys()).sort((a, b) => x[b] - x[a] || a - b);
+      const entry = result.logprobs![s];
+      expect(Math.abs(entry.logprob - (x[entry.token] - logZ))).toBeLessThan(1e-6);
+      expect(entry.topLogprobs.map((t) => t.token)).toEqual(ranked.slice(0, top));
+      for (const t of entry.topLogprobs) expect(Math.abs(t.logprob - (x[t.token] - logZ))).toBeLessThan(1e-6);
+      expect(pieces[s]).toMatchObject({ token: entry.token, logprob: entry.logprob, topLogprobs: entry.topLogprobs });
+    }
+    const plain = await model.complete(prompt, { ...options, logprobs: true });
+    expect(plain.logprobs!.every((e) => e.topLogprobs.length === 0)).toBe(true);
+    expect((await model.complete(prompt, options)).logprobs).toBeUndefined();
+    expect(() => model.generate(prompt, { topLogprobs: 2 })).toThrow(
+      /options\.topLogprobs needs options\.logprobs: true/,
+    );
+  });
+
   test('streamed pieces join to the text, which is the decode of the tokens', async () => {
     const { pieces, result } = await collect(
       model.generate('the café 日本', { temperature: 1.2, seed: 5, maxTokens: 40 }),

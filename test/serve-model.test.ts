@@ -169,6 +169,47 @@ test('presence and frequency penalties and a logit bias through the client give 
   expect(await metric('fused_moe_active_sequences')).toBe(0);
 });
 
+test('log probabilities through the client are those of model.complete; their bytes join to the text', async () => {
+  const options = { temperature: 0.8, seed: 4, maxTokens: 14 };
+  const alone = await model.complete(chat, { ...options, logprobs: true, topLogprobs: 3 });
+  const r = await client.chat.completions.create({
+    model: 'x',
+    messages: chat,
+    temperature: 0.8,
+    seed: 4,
+    max_tokens: 14,
+    logprobs: true,
+    top_logprobs: 3,
+  });
+  const text = (t: number) => Buffer.from(model.tokenizer!.tokenBytes(t)).toString();
+  const content = r.choices[0].logprobs!.content!;
+  expect(content).toEqual(
+    alone.logprobs!.map((e) => ({
+      token: text(e.token),
+      logprob: e.logprob,
+      bytes: [...model.tokenizer!.tokenBytes(e.token)],
+      top_logprobs: e.topLogprobs.map((t) => ({
+        token: text(t.token),
+        logprob: t.logprob,
+        bytes: [...model.tokenizer!.tokenBytes(t.token)],
+      })),
+    })),
+  );
+  // Special tokens (ids 0-2) have no text; the others' bytes are the text's UTF-8.
+  const bytes = content.filter((_, i) => alone.tokens[i] > 2).flatMap((e) => e.bytes!);
+  expect(Buffer.from(bytes).toString()).toBe(r.choices[0].message.content);
+  const c = await client.completions.create({
+    model: 'x',
+    prompt: 'the quick',
+    temperature: 0,
+    max_tokens: 5,
+    logprobs: 2,
+  });
+  const greedy = await model.complete('the quick', { temperature: 0, maxTokens: 5, logprobs: true, topLogprobs: 2 });
+  expect(c.choices[0].logprobs!.token_logprobs).toEqual(greedy.logprobs!.map((e) => e.logprob));
+  expect(c.choices[0].logprobs!.tokens).toEqual(greedy.tokens.map(text));
+});
+
 test('the same seed gives the same text twice', async () => {
   const ask = () =>
     client.chat.completions

@@ -58,11 +58,24 @@ class FakeEngine implements GenerationEngine {
           release();
           return { done: true, value: undefined };
         }
-        return { done: false, value: { token: out[i].codePointAt(0)!, text: out[i++] } };
+        const token = out[i].codePointAt(0)!;
+        // '_' stands for a token whose text is held back (part of a character): it has none of its own.
+        const piece = { token, text: out[i] === '_' ? '' : out[i] };
+        i++;
+        if (request.topLogprobs === undefined) return { done: false, value: piece };
+        // Made-up log probabilities: -i/10 for the i-th token; its alternatives are the next code points,
+        // the second of them impossible (-Infinity).
+        const logprob = -i / 10;
+        const topLogprobs = Array.from({ length: request.topLogprobs }, (_, k) => ({
+          token: token + 1 + k,
+          logprob: k === 1 ? -Infinity : logprob - 1 - k,
+        }));
+        return { done: false, value: { ...piece, logprob, topLogprobs } };
       },
       result: () => ({ finishReason: finish, promptTokens: [...source].length, completionTokens: i }),
     };
   }
+  tokenBytes?: (token: number) => Uint8Array | undefined = (token) => Buffer.from(String.fromCodePoint(token));
   queueDepth() {
     return Math.max(0, this.active - this.maxSequences);
   }
@@ -148,6 +161,99 @@ describe('server over a fake engine', () => {
     expect(engine.started.at(-1)!.request.prompt).toEqual([12, 34]);
   });
 
+  test('chat log probabilities, streamed and not: text, bytes, alternatives, held-back tokens', async () => {
+    const messages = [{ role: 'user' as const, content: 'ab_é' }]; // tokens é, _, b, a
+    const expected = [...'é_ba'].map((c, i) => ({
+      token: c,
+      logprob: -(i + 1) / 10,
+      bytes: [...Buffer.from(c)],
+      top_logprobs: [
+        { token: String.fromCodePoint(c.codePointAt(0)! + 1), logprob: -(i + 1) / 10 - 1, bytes: expect.any(Array) },
+        { token: String.fromCodePoint(c.codePointAt(0)! + 2), logprob: -9999, bytes: expect.any(Array) },
+      ],
+    }));
+    const r = await client.chat.completions.create({ model: 'x', messages, logprobs: true, top_logprobs: 2 });
+    expect(r.choices[0].message.content).toBe('éba');
+    expect(r.choices[0].logprobs).toEqual({ content: expected, refusal: null });
+    expect(engine.started.at(-1)!.request.topLogprobs).toBe(2);
+
+    const stream = await client.chat.completions.create({
+      model: 'x',
+      messages,
+      logprobs: true,
+      top_logprobs: 2,
+      stream: true,
+    });
+    const chunks: { text: string; tokens: string[] }[] = [];
+    const streamed: unknown[] = [];
+    for await (const c of stream) {
+      const content = c.choices[0]?.logprobs?.content ?? [];
+      streamed.push(...content);
+      chunks.push({ text: c.choices[0]?.delta.content ?? '', tokens: content.map((e) => e.token) });
+    }
+    expect(streamed).toEqual(expected);
+    // The held-back token goes out with the next chunk of text.
+    expect(chunks.filter((c) => c.tokens.length > 0)).toEqual([
+      { text: 'é', tokens: ['é'] },
+      { text: 'b', tokens: ['_', 'b'] },
+      { text: 'a', tokens: ['a'] },
+    ]);
+
+    const none = await client.chat.completions.create({ model: 'x', messages });
+    expect(none.choices[0].logprobs).toBeNull();
+    expect(engine.started.at(-1)!.request.topLogprobs).toBeUndefined();
+    // Without the engine's token bytes a token is named by its id.
+    engine.tokenBytes = undefined;
+    const ids = await client.chat.completions.create({ model: 'x', messages, logprobs: true });
+    expect(ids.choices[0].logprobs!.content!.map((e) => [e.token, e.bytes, e.top_logprobs])).toEqual(
+      [...'é_ba'].map((c) => [`token_id:${c.codePointAt(0)}`, null, []]),
+    );
+  });
+
+  test('completions log probabilities: tokens, log probabilities, alternatives with the token, offsets', async () => {
+    const expected = (top: number) => ({
+      tokens: [...'é_ba'],
+      token_logprobs: [-0.1, -0.2, -0.3, -0.4],
+      top_logprobs: [...'é_ba'].map((c, i) => {
+        const cp = c.codePointAt(0)!;
+        const alternatives = [
+          [String.fromCodePoint(cp + 1), -(i + 1) / 10 - 1],
+          [String.fromCodePoint(cp + 2), -9999],
+        ].slice(0, top);
+        return Object.fromEntries([...alternatives, [c, -(i + 1) / 10]]);
+      }),
+      text_offset: [0, 1, 2, 3],
+    });
+    for (const top of [0, 2]) {
+      const r = await client.completions.create({ model: 'x', prompt: 'ab_é', logprobs: top });
+      expect(r.choices[0].text).toBe('éba');
+      expect(r.choices[0].logprobs).toEqual(expected(top));
+    }
+    const stream = await client.completions.create({ model: 'x', prompt: 'ab_é', logprobs: 2, stream: true });
+    const parts: NonNullable<OpenAI.Completions.CompletionChoice['logprobs']>[] = [];
+    for await (const c of stream) if (c.choices[0]?.logprobs) parts.push(c.choices[0].logprobs);
+    expect(parts.map((p) => p.tokens)).toEqual([['é'], ['_', 'b'], ['a']]);
+    const joined = { tokens: [], token_logprobs: [], top_logprobs: [], text_offset: [] } as Record<string, unknown[]>;
+    for (const p of parts)
+      for (const key of Object.keys(joined)) joined[key].push(...(p as Record<string, unknown[]>)[key]);
+    expect(joined).toEqual(expected(2));
+    // A token whose text is '__proto__' is a key like any other.
+    engine.tokenBytes = () => Buffer.from('__proto__');
+    const proto = await client.completions.create({ model: 'x', prompt: 'ab', logprobs: 1 });
+    expect(Object.entries(proto.choices[0].logprobs!.top_logprobs![0])).toEqual([['__proto__', -1.1]]);
+    for (const [patch, param] of [
+      [{ logprobs: true }, 'logprobs'],
+      [{ logprobs: 21 }, 'logprobs'],
+      [{ top_logprobs: 2 }, 'top_logprobs'],
+    ] as const) {
+      const err = await client.completions
+        .create({ model: 'x', prompt: 'hi', ...patch } as never)
+        .catch((e: unknown) => e as InstanceType<typeof OpenAI.BadRequestError>);
+      expect(err).toBeInstanceOf(OpenAI.BadRequestError);
+      expect((err as InstanceType<typeof OpenAI.BadRequestError>).param).toBe(param);
+    }
+  });
+
   test('models, health and the parameters the engine receives', async () => {
     const models = await client.models.list();
     expect(models.data.map((m) => m.id)).toEqual(['tiny-moe']);
@@ -210,7 +316,10 @@ describe('server over a fake engine', () => {
     [{ stop: [1, 2] }, 'stop'],
     [{ stop: ['a', 'b', 'c', 'd', 'e'] }, 'stop'],
     [{ stream: 'yes' }, 'stream'],
-    [{ logprobs: true }, 'logprobs'],
+    [{ logprobs: 1 }, 'logprobs'],
+    [{ logprobs: true, top_logprobs: 21 }, 'top_logprobs'],
+    [{ logprobs: true, top_logprobs: 1.5 }, 'top_logprobs'],
+    [{ top_logprobs: 3 }, 'top_logprobs'],
     [{ presence_penalty: 2.5 }, 'presence_penalty'],
     [{ frequency_penalty: 'x' }, 'frequency_penalty'],
     [{ logit_bias: [5] }, 'logit_bias'],

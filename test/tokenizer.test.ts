@@ -1,8 +1,8 @@
 /**
  * The checkpoint tokenizer (lib/text): round trips of text with multi-byte characters through a real
  * byte-level BPE and a real SentencePiece-style BPE (byte fallback, metaspace); streamed pieces that
- * never hold half a character and join to exactly the whole decode; the chat template; and how
- * MoeModel loads, uses and refuses tokenizer files.
+ * never hold half a character and join to exactly the whole decode; each token's bytes; the chat
+ * template; and how MoeModel loads, uses and refuses tokenizer files.
  */
 import * as fs from 'fs';
 import * as path from 'path';
@@ -104,6 +104,24 @@ describe.each([
       const ids = Array.from({ length: 1 + (i % 40) }, () => Math.floor(rand() * vocabSize));
       expect(stream(t, ids).join('')).toBe(t.decode(ids));
     }
+  });
+
+  test("tokens' bytes join to the text's UTF-8, parts of characters included; specials are their text", () => {
+    const rand = rng(13 * vocabSize);
+    let partial = 0;
+    for (let i = 0; i < 30; i++) {
+      const text = randomText(rand, 5 + i * 2).replace(/^\s+/, '') || 'x';
+      const ids = t.encode(text, false);
+      const bytes = ids.map((id) => t.tokenBytes(id));
+      partial += bytes.filter((b) => !Buffer.from(Buffer.from(b).toString('utf8')).equals(b)).length;
+      // A metaspace tokenizer's first token holds the space it prepends; the decoder drops it.
+      const expected = Buffer.from(kind === 'sentencepiece' ? ' ' + text : text);
+      expect(Buffer.concat(bytes)).toEqual(expected);
+    }
+    expect(partial).toBeGreaterThan(0);
+    expect(Buffer.from(t.tokenBytes(2)).toString()).toBe('</s>');
+    expect(t.tokenBytes(vocabSize + 5)).toEqual(new Uint8Array(0));
+    expect(() => t.tokenBytes(-1)).toThrow(/id must be a token id \(an integer >= 0\), got number -1/);
   });
 
   test('the chat template renders messages, the generation prompt and the special tokens', () => {

@@ -14,6 +14,7 @@ import { type DecoderConfig, positionCost } from '../model/config';
 import type { ModelSequence, StepEntry } from '../model/model';
 import { StreamDecoder } from '../text/stream';
 import type { TextTokenizer } from '../text/tokenizer';
+import { TokenLogprob, TokenLogprobs, tokenLogprobs } from './logprobs';
 import { Sampler, SamplingParams } from './sampling';
 import { StopMatcher } from './stop';
 
@@ -33,6 +34,10 @@ export interface GenerationPiece {
   token: number;
   /** Text that became final with it ('' while a character or a possible stop string is incomplete). */
   text: string;
+  /** With the `logprobs` option: the token's log probability under the model. */
+  logprob?: number;
+  /** With `logprobs` and `topLogprobs`: the step's most likely tokens, most likely first. */
+  topLogprobs?: TokenLogprob[];
 }
 
 export interface GenerationResult {
@@ -47,6 +52,8 @@ export interface GenerationResult {
     /** Prompt tokens whose KV cache was reused from an earlier request rather than computed. */
     cachedPromptTokens: number;
   };
+  /** With the `logprobs` option: one entry per token of `tokens`. */
+  logprobs?: TokenLogprobs[];
 }
 
 /** What the engine uses of MoeModel (its internal sequence API). */
@@ -68,6 +75,8 @@ export class Request {
   /** Prompt, then every sampled token: what the repetition penalty sees. */
   readonly tokens: number[];
   readonly generated: number[] = [];
+  /** Entries of the generated tokens when log probabilities are asked for. */
+  readonly logprobs: TokenLogprobs[] | null;
   sequence: ModelSequence | null = null;
   /** Tokens of `tokens` that are in the sequence's cache or in the step running. */
   fed = 0;
@@ -89,7 +98,10 @@ export class Request {
     stop: string[],
     tokenizer: TextTokenizer | undefined,
     readonly eos: ReadonlySet<number>,
+    /** Alternatives each token lists with its log probability; null: no log probabilities. */
+    readonly topLogprobs: number | null = null,
   ) {
+    this.logprobs = topLogprobs === null ? null : [];
     this.sampler = new Sampler(params);
     this.decoder = tokenizer ? new StreamDecoder(tokenizer) : null;
     this.stop = stop.length > 0 ? new StopMatcher(stop) : null;
@@ -116,6 +128,7 @@ export class Request {
         totalTokens: this.prompt.length + n,
         cachedPromptTokens: this.cached,
       },
+      ...(this.logprobs ? { logprobs: this.logprobs.slice() } : {}),
     };
     this.onEnd?.();
     this.#notify();
@@ -145,6 +158,13 @@ export class Request {
     this.#waiters = [];
     for (const wake of waiters) wake();
   }
+}
+
+function pieceOf(token: number, text: string, scored: TokenLogprobs | null): GenerationPiece {
+  if (!scored) return { token, text };
+  const piece: GenerationPiece = { token, text, logprob: scored.logprob };
+  if (scored.topLogprobs.length > 0) piece.topLogprobs = scored.topLogprobs;
+  return piece;
 }
 
 interface Kept {
@@ -331,7 +351,9 @@ export class Engine {
   #advance(r: Request, logits: Float32Array): void {
     if (r.done || r.fed < r.prompt.length) return;
     const token = r.sampler.sample(logits, r.tokens, r.generated);
+    const scored = r.logprobs ? tokenLogprobs(logits, token, r.topLogprobs ?? 0) : null;
     r.generated.push(token);
+    if (scored) r.logprobs!.push(scored);
     r.tokens.push(token);
     const eos = r.eos.has(token);
     const last = eos || r.generated.length >= r.maxTokens || r.fed + 1 > this.#model.options.contextLength;
@@ -340,13 +362,13 @@ export class Engine {
     if (r.stop) {
       const match = r.stop.push(text);
       if (match.stopped) {
-        r.emit({ token, text: match.text });
+        r.emit(pieceOf(token, match.text, scored));
         this.#end(r, 'stop');
         return;
       }
       text = last ? match.text + r.stop.flush() : match.text;
     }
-    r.emit({ token, text });
+    r.emit(pieceOf(token, text, scored));
     if (last) this.#end(r, eos ? 'stop' : 'length');
   }
 

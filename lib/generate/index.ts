@@ -10,11 +10,13 @@ import { ChatMessage, checkMessages } from '../text/chat';
 import { TextTokenizer } from '../text/tokenizer';
 import { checkObject, checkSignal, describe, isRecord } from '../validate';
 import { Engine, GenerationPiece, GenerationResult, Request } from './engine';
+import { checkLogprobs } from './logprobs';
 import { SamplingOptions, checkSampling } from './sampling';
 import { checkStop } from './stop';
 
 export type { GenerationPiece, GenerationResult, FinishReason } from './engine';
 export type { SamplingOptions } from './sampling';
+export type { TokenLogprob, TokenLogprobs } from './logprobs';
 
 /** A prompt: text, a conversation for the chat template, or token ids (used as they are). */
 export type Prompt = string | readonly ChatMessage[] | ArrayLike<number>;
@@ -28,6 +30,13 @@ export interface GenerateOptions extends SamplingOptions {
   signal?: AbortSignal;
   /** Keep generating past end-of-sequence tokens, up to maxTokens (benchmarks use it); default false. */
   ignoreEos?: boolean;
+  /**
+   * Give each token's log probability under the model (the log-softmax of its logits, before the bias,
+   * the penalties and the temperature): pieces carry `logprob`, the result `logprobs`; default false.
+   */
+  logprobs?: boolean;
+  /** With `logprobs`: list the step's most likely tokens too, this many (0 to 20); default 0. */
+  topLogprobs?: number;
 }
 
 /** The stream generate() returns: pieces as they come; its final result is the iterator's return value. */
@@ -172,10 +181,11 @@ export function generate(model: GenerateModel, engine: Engine, prompt: unknown, 
   const signal = checkSignal('options.signal', o.signal);
   if (o.ignoreEos !== undefined && typeof o.ignoreEos !== 'boolean')
     throw argTypeError(`options.ignoreEos must be a boolean, got ${describe(o.ignoreEos)}`);
+  const topLogprobs = checkLogprobs('options', o);
   const eos = new Set(o.ignoreEos ? [] : [...model.config.eosTokenIds, ...(model.tokenizer?.eosTokenIds ?? [])]);
 
   const start = (ids: number[]): Request => {
-    const request = new Request(ids, params, maxTokens, stop, model.tokenizer, eos);
+    const request = new Request(ids, params, maxTokens, stop, model.tokenizer, eos, topLogprobs);
     if (signal) {
       const onAbort = () => engine.cancel(request);
       if (signal.aborted) request.finish('abort');

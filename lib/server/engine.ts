@@ -2,13 +2,23 @@
  * What the server needs from a model: start one generation for a checked request, and the numbers
  * the metrics report. `modelEngine` adapts a MoeModel; tests may pass their own.
  */
+import type { TokenLogprob } from '../generate/logprobs';
 import type { CompletionRequest } from './request';
 
 export type FinishReason = 'stop' | 'length' | 'abort';
 
+export interface GeneratedToken {
+  token: number;
+  text: string;
+  /** When the request asked for log probabilities: the token's. */
+  logprob?: number;
+  /** ... and the request's topLogprobs most likely tokens of the step. */
+  topLogprobs?: TokenLogprob[];
+}
+
 export interface GenerationRun {
   /** The next generated token and its text (empty while a UTF-8 character is incomplete). */
-  next(): Promise<IteratorResult<{ token: number; text: string }>>;
+  next(): Promise<IteratorResult<GeneratedToken>>;
   /** Valid once next() has returned done. */
   result(): { finishReason: FinishReason; promptTokens: number; completionTokens: number };
 }
@@ -20,6 +30,11 @@ export interface GenerationEngine {
   start(request: CompletionRequest, signal: AbortSignal): GenerationRun;
   queueDepth(): number;
   activeSequences(): number;
+  /**
+   * The bytes of a token alone, for the text of log probabilities; without it (or without a tokenizer)
+   * a token is written `token_id:<id>`.
+   */
+  tokenBytes?(token: number): Uint8Array | undefined;
   /** Tokens routed to each expert of each MoE layer since load ([layer][expert]); empty if unknown. */
   expertTokens(): ArrayLike<ArrayLike<number>>;
 }

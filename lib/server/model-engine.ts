@@ -46,6 +46,8 @@ export function modelEngine(model: MoeModel): GenerationEngine {
             seed: request.seed,
             stop: request.stop,
             ignoreEos: request.ignoreEos,
+            logprobs: request.topLogprobs !== undefined,
+            topLogprobs: request.topLogprobs,
             signal,
           },
         );
@@ -72,6 +74,7 @@ export function modelEngine(model: MoeModel): GenerationEngine {
     },
     queueDepth: () => model.generationStats.waiting,
     activeSequences: () => model.generationStats.running,
+    tokenBytes: (token) => model.tokenizer?.tokenBytes(token),
     expertTokens: () => model.expertTokenCounts(),
   };
 }

@@ -2,8 +2,7 @@
  * The body of `POST /v1/chat/completions` and `POST /v1/completions`, checked field by field into what
  * the generator takes. A field of the wrong type or out of range is a 400 that names it, before the
  * model sees anything. Fields this server does not know are ignored, as most OpenAI-compatible servers
- * do; known features it does not have (n > 1, logprobs, tools, echo, JSON output) are refused rather than
- * dropped.
+ * do; known features it does not have (n > 1, tools, echo, JSON output) are refused rather than dropped.
  */
 import { invalidRequest } from './api-error';
 import { messageOf } from '../errors';
@@ -35,11 +34,18 @@ export interface CompletionRequest {
   stop: string[];
   /** Generate maxTokens even past end-of-sequence tokens (vLLM's extension; benchmarks use it). */
   ignoreEos: boolean;
+  /**
+   * Present when log probabilities are asked for (chat `logprobs: true`, completions `logprobs: N`):
+   * how many of the most likely tokens each token lists besides its own.
+   */
+  topLogprobs?: number;
 }
 
 const ROLES = ['system', 'developer', 'user', 'assistant', 'tool'];
 /** OpenAI's own limit on stop sequences. */
 const MAX_STOP = 4;
+/** OpenAI's chat limit on top_logprobs; completions' `logprobs` gets the same here (OpenAI: 5). */
+const MAX_TOP_LOGPROBS = 20;
 
 type Body = Record<string, unknown>;
 
@@ -187,8 +193,6 @@ export function parseCompletionRequest(endpoint: 'chat' | 'completion', body: un
   const best = integer(body, 'best_of', 1);
   if (best !== undefined && best !== 1)
     throw invalidRequest(`'best_of' must be 1 on this server, got ${best}`, 'best_of', 'unsupported_parameter');
-  notSupported(body, 'logprobs', (v) => v === false || v === 0, 'no log probabilities are returned');
-  notSupported(body, 'top_logprobs', (v) => v === 0, 'no log probabilities are returned');
   notSupported(body, 'echo', (v) => v === false, 'the prompt is not echoed');
   notSupported(body, 'suffix', (v) => v === '', 'no insertion mode');
   notSupported(body, 'tools', (v) => Array.isArray(v) && v.length === 0, 'no tool calling');
@@ -214,5 +218,21 @@ export function parseCompletionRequest(endpoint: 'chat' | 'completion', body: un
     seed: integer(body, 'seed', 0),
     stop: stops(body),
     ignoreEos: boolean(body, 'ignore_eos'),
+    topLogprobs: endpoint === 'chat' ? chatLogprobs(body) : completionLogprobs(body),
   };
+}
+
+/** Chat: `logprobs: true` asks for them, `top_logprobs` for that many alternatives a token. */
+function chatLogprobs(body: Body): number | undefined {
+  const on = boolean(body, 'logprobs');
+  const top = integer(body, 'top_logprobs', 0, MAX_TOP_LOGPROBS);
+  if (top !== undefined && top > 0 && !on)
+    throw invalidRequest(`'top_logprobs' needs 'logprobs': true`, 'top_logprobs', 'invalid_value');
+  return on ? (top ?? 0) : undefined;
+}
+
+/** Completions: `logprobs: N` asks for them with N alternatives a token (and the token's own). */
+function completionLogprobs(body: Body): number | undefined {
+  notSupported(body, 'top_logprobs', () => false, "on /v1/completions 'logprobs': N asks for N alternatives");
+  return integer(body, 'logprobs', 0, MAX_TOP_LOGPROBS);
 }

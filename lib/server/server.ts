@@ -9,6 +9,7 @@ import { randomBytes, timingSafeEqual } from 'crypto';
 import { ApiError, invalidRequest } from './api-error';
 import { CompletionRequest, parseCompletionRequest } from './request';
 import { ServerMetrics } from './metrics';
+import { LogprobWriter } from './logprobs';
 import type { GenerationEngine, FinishReason } from './engine';
 import { MoeModel } from '../model/model';
 import { modelEngine } from './model-engine';
@@ -194,10 +195,23 @@ export function createServer(
         tokens++;
         metrics.token(endpoint);
       };
+      const logprobs = request.topLogprobs === undefined ? null : new LogprobWriter(engine.tokenBytes?.bind(engine));
+      /** The log probabilities of the tokens gathered since the last choice, in the endpoint's shape. */
+      const takeLogprobs = () =>
+        !logprobs || logprobs.pending === 0
+          ? null
+          : request.endpoint === 'chat'
+            ? logprobs.takeChat()
+            : logprobs.takeCompletion();
       const choice = (content: string, finish: FinishReason | null) =>
         request.endpoint === 'chat'
-          ? { index: 0, delta: content === '' && finish ? {} : { content }, logprobs: null, finish_reason: finish }
-          : { index: 0, text: content, logprobs: null, finish_reason: finish };
+          ? {
+              index: 0,
+              delta: content === '' && finish ? {} : { content },
+              logprobs: takeLogprobs(),
+              finish_reason: finish,
+            }
+          : { index: 0, text: content, logprobs: takeLogprobs(), finish_reason: finish };
       if (request.stream) {
         res.writeHead(200, {
           'Content-Type': 'text/event-stream; charset=utf-8',
@@ -212,6 +226,7 @@ export function createServer(
           chunk({ index: 0, delta: { role: 'assistant', content: '' }, logprobs: null, finish_reason: null });
         for (let piece = first; !piece.done; piece = await run.next()) {
           onToken();
+          logprobs?.add(piece.value);
           if (piece.value.text !== '') chunk(choice(piece.value.text, null));
         }
         const result = run.result();
@@ -229,6 +244,7 @@ export function createServer(
       }
       for (let piece = first; !piece.done; piece = await run.next()) {
         onToken();
+        logprobs?.add(piece.value);
         text += piece.value.text;
       }
       const result = run.result();
@@ -242,10 +258,10 @@ export function createServer(
           ? {
               index: 0,
               message: { role: 'assistant', content: text, refusal: null },
-              logprobs: null,
+              logprobs: takeLogprobs(),
               finish_reason: result.finishReason,
             }
-          : { index: 0, text, logprobs: null, finish_reason: result.finishReason };
+          : { index: 0, text, logprobs: takeLogprobs(), finish_reason: result.finishReason };
       send(res, 200, { id, object, created: createdAt, model: modelId, choices: [message], usage: usage(result) });
     } catch (err) {
       fail(res, err); // answered before `done` settles: shutdown() closes the connections once all are

@@ -6,11 +6,12 @@
 import { createHash } from 'crypto';
 import * as path from 'path';
 import type { Tokenizer } from '@huggingface/tokenizers';
-import { MoeError, argTypeError, checkpointError, messageOf } from '../errors';
+import { MoeError, argRangeError, argTypeError, checkpointError, messageOf } from '../errors';
 import { isFile, readJson } from '../safetensors/resolve';
 import { describe, isRecord } from '../validate';
 import { ChatMessage, ChatTemplate } from './chat';
 import { EncodeWorker, TemplateRefusal, WorkerUnavailable } from './encode-worker';
+import { tokenBytesOf } from './token-bytes';
 
 /** Options every decode uses, so that streamed pieces and the whole decode agree. */
 const DECODE = { skip_special_tokens: true, clean_up_tokenization_spaces: false } as const;
@@ -54,6 +55,9 @@ export class TextTokenizer {
   readonly #tokenizer: Tokenizer;
   readonly #source: string;
   readonly #worker: EncodeWorker | null;
+  readonly #pieceBytes: (piece: string) => Uint8Array;
+  /** Added tokens (specials among them) by id: their text is their content, not a vocabulary entry. */
+  readonly #added = new Map<number, string>();
 
   /**
    * `file`: where tokenizerJson was read from and the SHA-256 of its text; without it encodeAsync
@@ -73,6 +77,8 @@ export class TextTokenizer {
     } catch (err) {
       throw checkpointError(source, `tokenizer.json cannot be read: ${messageOf(err)}`, err);
     }
+    this.#pieceBytes = tokenBytesOf((tokenizerJson as Record<string, unknown>).decoder);
+    for (const [id, token] of this.#tokenizer.get_added_tokens_decoder()) this.#added.set(id, token.content);
     this.bosToken = tokenText(config.bos_token);
     this.eosToken = tokenText(config.eos_token);
     const eos = this.eosToken === null ? undefined : this.#tokenizer.token_to_id(this.eosToken);
@@ -175,6 +181,19 @@ export class TextTokenizer {
   /** Text of `ids`, special tokens left out. */
   decode(ids: readonly number[]): string {
     return ids.length === 0 ? '' : this.#tokenizer.decode(ids as number[], DECODE);
+  }
+
+  /**
+   * The bytes of token `id` alone, a special token's text included (the `bytes` of OpenAI's log
+   * probabilities): a token may hold part of a UTF-8 character. Empty for an id the tokenizer lacks.
+   */
+  tokenBytes(id: number): Uint8Array {
+    if (!Number.isSafeInteger(id) || id < 0)
+      throw argRangeError(`id must be a token id (an integer >= 0), got ${describe(id)}`);
+    const added = this.#added.get(id);
+    if (added !== undefined) return new TextEncoder().encode(added);
+    const piece = this.#tokenizer.id_to_token(id);
+    return piece === undefined ? new Uint8Array(0) : this.#pieceBytes(piece);
   }
 
   /** The prompt text of a conversation, by the checkpoint's chat template. */

@@ -1,0 +1,73 @@
+/**
+ * Log probabilities of generated tokens, when a request asks for them: the log-softmax of the model's
+ * own logits (before the logit bias, the penalties and the temperature, as vLLM reports them by
+ * default), for the token chosen and for the most likely tokens of the step. One pass over the
+ * vocabulary a token, in float64.
+ */
+import { argRangeError, argTypeError } from '../errors';
+import { describe } from '../validate';
+
+/** OpenAI's bound on the alternatives a token may list. */
+export const MAX_TOP_LOGPROBS = 20;
+
+export interface TokenLogprob {
+  token: number;
+  /** Natural log of the token's probability under the model. */
+  logprob: number;
+}
+
+export interface TokenLogprobs extends TokenLogprob {
+  /** The most likely tokens of the step, most likely first (the lower id first on ties). */
+  topLogprobs: TokenLogprob[];
+}
+
+/**
+ * The `logprobs` and `topLogprobs` options: null when log probabilities are not asked for, else how
+ * many alternatives each token lists (0 to MAX_TOP_LOGPROBS).
+ */
+export function checkLogprobs(name: string, o: Record<string, unknown>): number | null {
+  const { logprobs, topLogprobs } = o;
+  if (logprobs !== undefined && typeof logprobs !== 'boolean')
+    throw argTypeError(`${name}.logprobs must be a boolean, got ${describe(logprobs)}`);
+  if (topLogprobs === undefined) return logprobs ? 0 : null;
+  if (typeof topLogprobs !== 'number')
+    throw argTypeError(`${name}.topLogprobs must be a number, got ${describe(topLogprobs)}`);
+  if (!Number.isInteger(topLogprobs) || topLogprobs < 0 || topLogprobs > MAX_TOP_LOGPROBS)
+    throw argRangeError(`${name}.topLogprobs must be an integer in [0, ${MAX_TOP_LOGPROBS}], got ${topLogprobs}`);
+  if (!logprobs) throw argRangeError(`${name}.topLogprobs needs ${name}.logprobs: true`);
+  return topLogprobs;
+}
+
+/**
+ * The log probability of `token` and the `top` most likely tokens under `logits` ([vocab]). A NaN
+ * logit counts as -Infinity, as the sampler never draws it.
+ */
+export function tokenLogprobs(logits: Float32Array, token: number, top: number): TokenLogprobs {
+  const V = logits.length;
+  let max = -Infinity;
+  for (let i = 0; i < V; i++) if (logits[i] > max) max = logits[i];
+  let sum = 0;
+  for (let i = 0; i < V; i++) {
+    const e = Math.exp(logits[i] - max);
+    if (e >= 0) sum += e;
+  }
+  const logSum = max + Math.log(sum);
+  const logprobOf = (t: number) => (logits[t] >= -Infinity ? logits[t] - logSum : -Infinity);
+
+  // The `top` largest, kept sorted: most values fail the first comparison with the smallest kept.
+  const ids: number[] = [];
+  const k = Math.min(top, V);
+  for (let i = 0; i < V && k > 0; i++) {
+    const v = logits[i];
+    if (!(v >= -Infinity) || (ids.length === k && !(v > logits[ids[k - 1]]))) continue;
+    let at = ids.length === k ? k - 1 : ids.length;
+    while (at > 0 && v > logits[ids[at - 1]]) at--; // after equal values: the lower id stays first
+    if (ids.length === k) ids.pop();
+    ids.splice(at, 0, i);
+  }
+  return {
+    token,
+    logprob: logprobOf(token),
+    topLogprobs: ids.map((t) => ({ token: t, logprob: logprobOf(t) })),
+  };
+}
