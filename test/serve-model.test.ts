@@ -210,6 +210,26 @@ test('log probabilities through the client are those of model.complete; their by
   expect(c.choices[0].logprobs!.tokens).toEqual(greedy.tokens.map(text));
 });
 
+test('n choices are the generations of seeds seed + i; a refused prompt ends them all', async () => {
+  const options = { temperature: 1.1, maxTokens: 10 };
+  const r = await client.chat.completions.create({
+    model: 'x',
+    messages: chat,
+    n: 3,
+    seed: 40,
+    max_tokens: 10,
+    temperature: 1.1,
+  });
+  const alone = await Promise.all([40, 41, 42].map((seed) => model.complete(chat, { ...options, seed })));
+  expect(r.choices.map((c) => c.message.content)).toEqual(alone.map((a) => a.text));
+  expect(new Set(alone.map((a) => a.text)).size).toBeGreaterThan(1);
+  expect(r.usage!.completion_tokens).toBe(alone.reduce((s, a) => s + a.usage.completionTokens, 0));
+  const long = 'word '.repeat(5000);
+  const err = await client.completions.create({ model: 'x', prompt: long, n: 3 }).catch((e: unknown) => e);
+  expect(err).toBeInstanceOf(OpenAI.BadRequestError);
+  expect(await metric('fused_moe_active_sequences')).toBe(0);
+});
+
 test('the same seed gives the same text twice', async () => {
   const ask = () =>
     client.chat.completions

@@ -254,6 +254,44 @@ describe('server over a fake engine', () => {
     }
   });
 
+  test('n choices: one generation each, seeds seed + i, usage counting the prompt once; streamed by index', async () => {
+    const messages = [{ role: 'user' as const, content: 'ab_é' }];
+    const r = await client.chat.completions.create({ model: 'x', messages, n: 3, seed: 10, logprobs: true });
+    expect(r.choices.map((c) => [c.index, c.message.content, c.finish_reason])).toEqual([
+      [0, 'éba', 'stop'],
+      [1, 'éba', 'stop'],
+      [2, 'éba', 'stop'],
+    ]);
+    expect(r.choices.map((c) => c.logprobs!.content!.length)).toEqual([4, 4, 4]);
+    expect(engine.started.map((s) => s.request.seed)).toEqual([10, 11, 12]);
+    expect(r.usage).toEqual({ prompt_tokens: 4, completion_tokens: 12, total_tokens: 16 });
+
+    const stream = await client.completions.create({
+      model: 'x',
+      prompt: 'xyz',
+      n: 2,
+      max_tokens: 2,
+      stream: true,
+      stream_options: { include_usage: true },
+    });
+    const texts = ['', ''];
+    const finishes: (string | null)[] = [null, null];
+    let usage: OpenAI.CompletionUsage | undefined;
+    for await (const c of stream) {
+      for (const ch of c.choices) {
+        texts[ch.index] += ch.text;
+        if (ch.finish_reason) finishes[ch.index] = ch.finish_reason;
+      }
+      if (c.usage) usage = c.usage;
+    }
+    expect(texts).toEqual(['zy', 'zy']);
+    expect(finishes).toEqual(['length', 'length']);
+    expect(usage).toEqual({ prompt_tokens: 3, completion_tokens: 4, total_tokens: 7 });
+    // Without a seed each choice draws its own.
+    await client.completions.create({ model: 'x', prompt: 'q', n: 2 });
+    expect(engine.started.slice(-2).map((s) => s.request.seed)).toEqual([undefined, undefined]);
+  });
+
   test('models, health and the parameters the engine receives', async () => {
     const models = await client.models.list();
     expect(models.data.map((m) => m.id)).toEqual(['tiny-moe']);
@@ -311,7 +349,9 @@ describe('server over a fake engine', () => {
     [{ top_p: 1.5 }, 'top_p'],
     [{ max_tokens: 2.5 }, 'max_tokens'],
     [{ max_tokens: 0 }, 'max_tokens'],
-    [{ n: 2 }, 'n'],
+    [{ n: 0 }, 'n'],
+    [{ n: 1.5 }, 'n'],
+    [{ n: 4 }, 'n'],
     [{ seed: 'x' }, 'seed'],
     [{ stop: [1, 2] }, 'stop'],
     [{ stop: ['a', 'b', 'c', 'd', 'e'] }, 'stop'],
@@ -402,6 +442,14 @@ describe('server over a fake engine', () => {
     expect(err).toBeInstanceOf(OpenAI.RateLimitError);
     open();
     expect(await Promise.all(held)).toEqual(['cba', 'cba', 'cba']);
+    // Each choice is a sequence: two requests of n = 2 are past the 3 that fit.
+    engine.gate = new Promise((r) => (open = r));
+    const pair = client.completions.create({ model: 'x', prompt: 'abc', n: 2 });
+    await waitFor(() => engine.started.length === 5);
+    const second = await client.completions.create({ model: 'x', prompt: 'abc', n: 2 }).catch((e: unknown) => e);
+    expect(second).toBeInstanceOf(OpenAI.RateLimitError);
+    open();
+    expect((await pair).choices.map((c) => c.text)).toEqual(['cba', 'cba']);
   });
 
   test('a client that disconnects aborts its generation', async () => {

@@ -2,7 +2,8 @@
  * The body of `POST /v1/chat/completions` and `POST /v1/completions`, checked field by field into what
  * the generator takes. A field of the wrong type or out of range is a 400 that names it, before the
  * model sees anything. Fields this server does not know are ignored, as most OpenAI-compatible servers
- * do; known features it does not have (n > 1, tools, echo, JSON output) are refused rather than dropped.
+ * do; known features it does not have (best_of > 1, tools, echo, JSON output) are refused rather than
+ * dropped.
  */
 import { invalidRequest } from './api-error';
 import { messageOf } from '../errors';
@@ -16,6 +17,8 @@ export interface ChatMessage {
 
 export interface CompletionRequest {
   endpoint: 'chat' | 'completion';
+  /** Choices to generate for the prompt, each its own sequence. */
+  n: number;
   /** Chat messages, a text prompt, or token ids (completions only). */
   prompt: ChatMessage[] | string | number[];
   stream: boolean;
@@ -44,6 +47,8 @@ export interface CompletionRequest {
 const ROLES = ['system', 'developer', 'user', 'assistant', 'tool'];
 /** OpenAI's own limit on stop sequences. */
 const MAX_STOP = 4;
+/** OpenAI's limit on n. */
+const MAX_CHOICES = 128;
 /** OpenAI's chat limit on top_logprobs; completions' `logprobs` gets the same here (OpenAI: 5). */
 const MAX_TOP_LOGPROBS = 20;
 
@@ -183,13 +188,7 @@ export function parseCompletionRequest(endpoint: 'chat' | 'completion', body: un
       throw invalidRequest(`'stream_options' is only allowed when 'stream' is true`, 'stream_options', 'invalid_value');
     includeUsage = boolean(o, 'include_usage');
   }
-  const n = integer(body, 'n', 1);
-  if (n !== undefined && n !== 1)
-    throw invalidRequest(
-      `'n' must be 1 on this server (one choice per request), got ${n}`,
-      'n',
-      'unsupported_parameter',
-    );
+  const n = integer(body, 'n', 1, MAX_CHOICES) ?? 1;
   const best = integer(body, 'best_of', 1);
   if (best !== undefined && best !== 1)
     throw invalidRequest(`'best_of' must be 1 on this server, got ${best}`, 'best_of', 'unsupported_parameter');
@@ -203,6 +202,7 @@ export function parseCompletionRequest(endpoint: 'chat' | 'completion', body: un
   return {
     endpoint,
     prompt: endpoint === 'chat' ? messages(body) : prompt(body),
+    n,
     stream,
     includeUsage,
     maxTokens: maxCompletion ?? maxTokens,
@@ -215,7 +215,7 @@ export function parseCompletionRequest(endpoint: 'chat' | 'completion', body: un
     presencePenalty: number(body, 'presence_penalty', -2, 2),
     frequencyPenalty: number(body, 'frequency_penalty', -2, 2),
     logitBias: logitBias(body),
-    seed: integer(body, 'seed', 0),
+    seed: integer(body, 'seed', 0, Number.MAX_SAFE_INTEGER - MAX_CHOICES),
     stop: stops(body),
     ignoreEos: boolean(body, 'ignore_eos'),
     topLogprobs: endpoint === 'chat' ? chatLogprobs(body) : completionLogprobs(body),

@@ -10,7 +10,7 @@ import { ApiError, invalidRequest } from './api-error';
 import { CompletionRequest, parseCompletionRequest } from './request';
 import { ServerMetrics } from './metrics';
 import { LogprobWriter } from './logprobs';
-import type { GenerationEngine, FinishReason } from './engine';
+import type { GenerationEngine, FinishReason, GeneratedToken } from './engine';
 import { MoeModel } from '../model/model';
 import { modelEngine } from './model-engine';
 import { messageOf } from '../errors';
@@ -20,7 +20,7 @@ export interface ServerOptions {
   apiKey?: string;
   /** The id `/v1/models` lists and responses carry; default 'fused-moe'. */
   modelId?: string;
-  /** Requests that may wait for a sequence slot before new ones get 429; default 64. */
+  /** Requests that may wait for a sequence slot before new ones get 429 (a choice of n counts as one); default 64. */
   maxQueue?: number;
   /** Largest request body in bytes; default 1 MiB. */
   maxBodyBytes?: number;
@@ -35,6 +35,8 @@ export interface FusedMoeServer extends http.Server {
 }
 
 interface Running {
+  /** Sequences its choices take. */
+  sequences: number;
   abort: AbortController;
   done: Promise<void>;
 }
@@ -141,8 +143,17 @@ export function createServer(
         'loading',
         { 'Retry-After': '5' },
       );
-    const inFlight = running.size;
-    if (inFlight >= ready.maxSequences + maxQueue)
+    // Each choice is a sequence: n of them count as n requests against the queue.
+    const capacity = ready.maxSequences + maxQueue;
+    if (request.n > capacity)
+      throw invalidRequest(
+        `'n' must be at most ${capacity} on this server (${ready.maxSequences} running and ${maxQueue} waiting), got ${request.n}`,
+        'n',
+        'invalid_value',
+      );
+    let inFlight = 0;
+    for (const r of running) inFlight += r.sequences;
+    if (inFlight + request.n > capacity)
       throw new ApiError(
         429,
         `Too many requests: ${ready.maxSequences} running and ${maxQueue} waiting is the limit; retry later`,
@@ -163,7 +174,7 @@ export function createServer(
   ): Promise<void> {
     const abort = new AbortController();
     let settle!: () => void;
-    const entry: Running = { abort, done: new Promise<void>((r) => (settle = r)) };
+    const entry: Running = { sequences: request.n, abort, done: new Promise<void>((r) => (settle = r)) };
     running.add(entry);
     // A client that goes away cancels its sequence; the step loop frees it at its next step.
     const onClose = () => {
@@ -174,44 +185,73 @@ export function createServer(
     res.on('close', onClose);
     const arrived = performance.now();
     try {
-      const run = engine.start(request, abort.signal);
+      // One generation per choice (n), each a sequence of the step loop; with a seed, choice i uses seed + i.
+      const runs = Array.from({ length: request.n }, (_, i) =>
+        engine.start(
+          request.seed === undefined || i === 0 ? request : { ...request, seed: request.seed + i },
+          abort.signal,
+        ),
+      );
       const id = `${request.endpoint === 'chat' ? 'chatcmpl' : 'cmpl'}-${randomBytes(12).toString('hex')}`;
       const object = request.endpoint === 'chat' ? 'chat.completion' : 'text_completion';
       const chunkObject = request.endpoint === 'chat' ? 'chat.completion.chunk' : 'text_completion';
       const createdAt = Math.floor(Date.now() / 1000);
-      // The first token is awaited before any header, so that a request the model refuses (a prompt
-      // over the context, a template that throws) still gets a plain 400.
-      const first = await run.next();
+      // The first tokens are awaited before any header, so that a request the model refuses (a prompt
+      // over the context, a template that throws) still gets a plain 400; the other choices then end.
+      let firsts: IteratorResult<GeneratedToken>[];
+      try {
+        firsts = await Promise.all(runs.map((r) => r.next()));
+      } catch (err) {
+        abort.abort();
+        throw err;
+      }
       // Cancelled by shutdown() before its first token (waiting for a sequence, or reading its prompt).
-      if (first.done && run.result().finishReason === 'abort' && stopping) throw shuttingDown();
-      let last = performance.now();
-      let text = '';
-      let tokens = 0;
-      const onToken = () => {
+      if (stopping && firsts.some((f, i) => f.done && runs[i].result().finishReason === 'abort')) throw shuttingDown();
+      const choices = runs.map((run, index) => ({
+        run,
+        index,
+        first: firsts[index],
+        text: '',
+        tokens: 0,
+        last: 0,
+        logprobs: request.topLogprobs === undefined ? null : new LogprobWriter(engine.tokenBytes?.bind(engine)),
+      }));
+      type Choice = (typeof choices)[number];
+      const onToken = (c: Choice, piece: GeneratedToken) => {
         const now = performance.now();
-        if (tokens === 0) metrics.timeToFirstToken.observe({ endpoint }, (now - arrived) / 1000);
-        else metrics.interTokenLatency.observe({ endpoint }, (now - last) / 1000);
-        last = now;
-        tokens++;
+        if (c.tokens === 0) metrics.timeToFirstToken.observe({ endpoint }, (now - arrived) / 1000);
+        else metrics.interTokenLatency.observe({ endpoint }, (now - c.last) / 1000);
+        c.last = now;
+        c.tokens++;
         metrics.token(endpoint);
+        c.logprobs?.add(piece);
       };
-      const logprobs = request.topLogprobs === undefined ? null : new LogprobWriter(engine.tokenBytes?.bind(engine));
-      /** The log probabilities of the tokens gathered since the last choice, in the endpoint's shape. */
-      const takeLogprobs = () =>
-        !logprobs || logprobs.pending === 0
+      /** Runs a choice to its end, `onPiece` for each token; its result. */
+      const drain = async (c: Choice, onPiece: (piece: GeneratedToken) => void) => {
+        for (let piece = c.first; !piece.done; piece = await c.run.next()) {
+          onToken(c, piece.value);
+          onPiece(piece.value);
+        }
+        const result = c.run.result();
+        metrics.promptTokens.inc({ endpoint }, result.promptTokens);
+        return result;
+      };
+      /** The log probabilities of the choice's tokens gathered since the last call, in the endpoint's shape. */
+      const takeLogprobs = (c: Choice) =>
+        !c.logprobs || c.logprobs.pending === 0
           ? null
           : request.endpoint === 'chat'
-            ? logprobs.takeChat()
-            : logprobs.takeCompletion();
-      const choice = (content: string, finish: FinishReason | null) =>
+            ? c.logprobs.takeChat()
+            : c.logprobs.takeCompletion();
+      const delta = (c: Choice, content: string, finish: FinishReason | null) =>
         request.endpoint === 'chat'
           ? {
-              index: 0,
+              index: c.index,
               delta: content === '' && finish ? {} : { content },
-              logprobs: takeLogprobs(),
+              logprobs: takeLogprobs(c),
               finish_reason: finish,
             }
-          : { index: 0, text: content, logprobs: takeLogprobs(), finish_reason: finish };
+          : { index: c.index, text: content, logprobs: takeLogprobs(c), finish_reason: finish };
       if (request.stream) {
         res.writeHead(200, {
           'Content-Type': 'text/event-stream; charset=utf-8',
@@ -222,47 +262,43 @@ export function createServer(
         const event = (data: unknown) => res.write(`data: ${JSON.stringify(data)}\n\n`);
         const chunk = (c: unknown) =>
           event({ id, object: chunkObject, created: createdAt, model: modelId, choices: [c], ...usageField });
-        if (request.endpoint === 'chat')
-          chunk({ index: 0, delta: { role: 'assistant', content: '' }, logprobs: null, finish_reason: null });
-        for (let piece = first; !piece.done; piece = await run.next()) {
-          onToken();
-          logprobs?.add(piece.value);
-          if (piece.value.text !== '') chunk(choice(piece.value.text, null));
-        }
-        const result = run.result();
-        if (result.finishReason === 'abort') {
+        const results = await Promise.all(
+          choices.map(async (c) => {
+            if (request.endpoint === 'chat')
+              chunk({ index: c.index, delta: { role: 'assistant', content: '' }, logprobs: null, finish_reason: null });
+            const result = await drain(c, (piece) => {
+              if (piece.text !== '') chunk(delta(c, piece.text, null));
+            });
+            if (result.finishReason !== 'abort') chunk(delta(c, '', result.finishReason));
+            return result;
+          }),
+        );
+        if (results.some((r) => r.finishReason === 'abort')) {
           // Cut by shutdown(): the client is still there, and an error event tells it the answer is not whole.
           if (stopping) fail(res, shuttingDown());
           return void res.end();
         }
-        chunk(choice('', result.finishReason));
         if (request.includeUsage)
-          event({ id, object: chunkObject, created: createdAt, model: modelId, choices: [], usage: usage(result) });
+          event({ id, object: chunkObject, created: createdAt, model: modelId, choices: [], usage: usage(results) });
         res.end('data: [DONE]\n\n');
-        metrics.promptTokens.inc({ endpoint }, result.promptTokens);
         return;
       }
-      for (let piece = first; !piece.done; piece = await run.next()) {
-        onToken();
-        logprobs?.add(piece.value);
-        text += piece.value.text;
-      }
-      const result = run.result();
-      metrics.promptTokens.inc({ endpoint }, result.promptTokens);
-      if (result.finishReason === 'abort') {
+      const results = await Promise.all(choices.map((c) => drain(c, (piece) => (c.text += piece.text))));
+      if (results.some((r) => r.finishReason === 'abort')) {
         if (stopping) throw shuttingDown();
         return void res.destroy();
       }
-      const message =
+      const answers = choices.map((c, i) =>
         request.endpoint === 'chat'
           ? {
-              index: 0,
-              message: { role: 'assistant', content: text, refusal: null },
-              logprobs: takeLogprobs(),
-              finish_reason: result.finishReason,
+              index: c.index,
+              message: { role: 'assistant', content: c.text, refusal: null },
+              logprobs: takeLogprobs(c),
+              finish_reason: results[i].finishReason,
             }
-          : { index: 0, text, logprobs: takeLogprobs(), finish_reason: result.finishReason };
-      send(res, 200, { id, object, created: createdAt, model: modelId, choices: [message], usage: usage(result) });
+          : { index: c.index, text: c.text, logprobs: takeLogprobs(c), finish_reason: results[i].finishReason },
+      );
+      send(res, 200, { id, object, created: createdAt, model: modelId, choices: answers, usage: usage(results) });
     } catch (err) {
       fail(res, err); // answered before `done` settles: shutdown() closes the connections once all are
     } finally {
@@ -276,11 +312,13 @@ export function createServer(
     return new ApiError(503, 'The server is shutting down', 'server_error', null, 'shutting_down');
   }
 
-  function usage(r: { promptTokens: number; completionTokens: number }) {
+  /** Usage of a request's choices: the prompt once, the generated tokens of every choice. */
+  function usage(results: { promptTokens: number; completionTokens: number }[]) {
+    const completion = results.reduce((sum, r) => sum + r.completionTokens, 0);
     return {
-      prompt_tokens: r.promptTokens,
-      completion_tokens: r.completionTokens,
-      total_tokens: r.promptTokens + r.completionTokens,
+      prompt_tokens: results[0].promptTokens,
+      completion_tokens: completion,
+      total_tokens: results[0].promptTokens + completion,
     };
   }
 
