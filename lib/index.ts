@@ -31,6 +31,7 @@ export type {
   SamplingOptions,
   TokenLogprob,
   TokenLogprobs,
+  PromptTokenLogprobs,
 } from './generate/index';
 export { TextTokenizer } from './text/tokenizer';
 export type { ChatMessage } from './text/chat';

@@ -220,18 +220,30 @@ describe.each([1, 33, 320, 1027, 4096])('log probabilities over a vocabulary of 
 });
 
 test('checkLogprobs: off, on, the number of alternatives, and what it refuses', () => {
-  expect(checkLogprobs('options', {})).toBeNull();
-  expect(checkLogprobs('options', { logprobs: false })).toBeNull();
-  expect(checkLogprobs('options', { logprobs: true })).toBe(0);
-  expect(checkLogprobs('options', { logprobs: true, topLogprobs: 20 })).toBe(20);
+  expect(checkLogprobs('options', {})).toEqual({ output: false, prompt: false, top: 0 });
+  expect(checkLogprobs('options', { logprobs: false })).toEqual({ output: false, prompt: false, top: 0 });
+  expect(checkLogprobs('options', { logprobs: true })).toEqual({ output: true, prompt: false, top: 0 });
+  expect(checkLogprobs('options', { logprobs: true, topLogprobs: 20 })).toEqual({
+    output: true,
+    prompt: false,
+    top: 20,
+  });
+  expect(checkLogprobs('options', { promptLogprobs: true, topLogprobs: 2 })).toEqual({
+    output: false,
+    prompt: true,
+    top: 2,
+  });
   expect(() => checkLogprobs('options', { logprobs: 1 })).toThrow(/options\.logprobs must be a boolean, got number 1/);
+  expect(() => checkLogprobs('options', { promptLogprobs: 'yes' })).toThrow(
+    /options\.promptLogprobs must be a boolean/,
+  );
   expect(() => checkLogprobs('options', { logprobs: true, topLogprobs: 21 })).toThrow(
     /options\.topLogprobs must be an integer in \[0, 20\], got 21/,
   );
   expect(() => checkLogprobs('options', { logprobs: true, topLogprobs: 1.5 })).toThrow(RangeError);
   expect(() => checkLogprobs('options', { logprobs: true, topLogprobs: '3' })).toThrow(TypeError);
   expect(() => checkLogprobs('options', { topLogprobs: 3 })).toThrow(
-    /options\.topLogprobs needs options\.logprobs: true/,
+    /options\.topLogprobs needs options\.logprobs or options\.promptLogprobs: true/,
   );
 });
 

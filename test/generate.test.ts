@@ -5,7 +5,7 @@
  * aborts that free their sequence; waiting in order; prefix reuse across the turns of a chat.
  */
 import * as path from 'path';
-import { GenerationResult, MoeModel } from '../lib/index';
+import { GenerationPiece, GenerationResult, MoeModel } from '../lib/index';
 import { makeTempDir, removeTempDir } from './helpers/checkpoint';
 import { randomTokens } from './helpers/model/compare';
 import { writeRandomModel } from './helpers/model/random-model';
@@ -41,9 +41,9 @@ async function argmaxChain(model: MoeModel, prompt: number[], steps: number): Pr
 }
 
 async function collect(
-  gen: AsyncIterator<{ token: number; text: string }, GenerationResult>,
-): Promise<{ pieces: { token: number; text: string }[]; result: GenerationResult }> {
-  const pieces: { token: number; text: string }[] = [];
+  gen: AsyncIterator<GenerationPiece, GenerationResult>,
+): Promise<{ pieces: GenerationPiece[]; result: GenerationResult }> {
+  const pieces: GenerationPiece[] = [];
   for (;;) {
     const r = await gen.next();
     if (r.done) return { pieces, result: r.value };
@@ -129,8 +129,40 @@ describe('byte-level model, 8 sequences', () => {
     expect(plain.logprobs!.every((e) => e.topLogprobs.length === 0)).toBe(true);
     expect((await model.complete(prompt, options)).logprobs).toBeUndefined();
     expect(() => model.generate(prompt, { topLogprobs: 2 })).toThrow(
-      /options\.topLogprobs needs options\.logprobs: true/,
+      /options\.topLogprobs needs options\.logprobs or options\.promptLogprobs: true/,
     );
+  });
+
+  test('prompt log probabilities: each prompt token under the logits of the positions before it', async () => {
+    const prompt = randomTokens(75, 320, 13); // three chunks of scored prompt tokens
+    const top = 3;
+    const other = model.complete(randomTokens(20, 320, 14), { temperature: 0, maxTokens: 30 });
+    const { pieces, result } = await collect(
+      model.generate(prompt, { temperature: 0, maxTokens: 3, promptLogprobs: true, topLogprobs: top }),
+    );
+    await other;
+    const all = await model.logits(prompt, { all: true });
+    const V = 320;
+    expect(result.promptLogprobs).toHaveLength(prompt.length);
+    expect(result.promptLogprobs![0]).toEqual({ token: prompt[0], logprob: null, topLogprobs: [] });
+    for (let p = 1; p < prompt.length; p++) {
+      const x = Float64Array.from(all.subarray((p - 1) * V, p * V));
+      const m = Math.max(...x);
+      const logZ = m + Math.log(x.reduce((sum, v) => sum + Math.exp(v - m), 0));
+      const ranked = Array.from(x.keys()).sort((a, b) => x[b] - x[a] || a - b);
+      const entry = result.promptLogprobs![p];
+      expect(entry.token).toBe(prompt[p]);
+      expect(Math.abs(entry.logprob! - (x[prompt[p]] - logZ))).toBeLessThan(1e-6);
+      expect(entry.topLogprobs.map((t) => t.token)).toEqual(ranked.slice(0, top));
+    }
+    expect(pieces[0].promptLogprobs).toBe(result.promptLogprobs);
+    expect(pieces.slice(1).every((p) => p.promptLogprobs === undefined)).toBe(true);
+    expect(result.logprobs).toBeUndefined();
+    // The same tokens as without scoring; the prompt was computed whole, though a prefix was kept.
+    expect(result.tokens).toEqual((await model.complete(prompt, { temperature: 0, maxTokens: 3 })).tokens);
+    const again = await model.complete(prompt, { temperature: 0, maxTokens: 3, promptLogprobs: true });
+    expect(again.usage.cachedPromptTokens).toBe(0);
+    expect(again.promptLogprobs!.map((e) => e.logprob)).toEqual(result.promptLogprobs!.map((e) => e.logprob));
   });
 
   test('streamed pieces join to the text, which is the decode of the tokens', async () => {

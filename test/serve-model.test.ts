@@ -210,6 +210,48 @@ test('log probabilities through the client are those of model.complete; their by
   expect(c.choices[0].logprobs!.tokens).toEqual(greedy.tokens.map(text));
 });
 
+test('echo with logprobs scores the prompt as an evaluation harness asks (max_tokens 1)', async () => {
+  const prompt = 'the quick brown fox jumps over';
+  const ids = model.tokenize(prompt);
+  const r = await client.completions.create({
+    model: 'x',
+    prompt,
+    echo: true,
+    logprobs: 1,
+    max_tokens: 1,
+    temperature: 0,
+  });
+  const alone = await model.complete(prompt, {
+    temperature: 0,
+    maxTokens: 1,
+    promptLogprobs: true,
+    logprobs: true,
+    topLogprobs: 1,
+  });
+  const text = (t: number) => Buffer.from(model.tokenizer!.tokenBytes(t)).toString();
+  const lp = r.choices[0].logprobs!;
+  expect(r.choices[0].text).toBe(prompt + alone.text);
+  expect(lp.tokens).toEqual([...ids, ...alone.tokens].map(text));
+  expect(lp.token_logprobs).toEqual([
+    null,
+    ...alone.promptLogprobs!.slice(1).map((e) => e.logprob),
+    alone.logprobs![0].logprob,
+  ]);
+  expect(lp.top_logprobs![0]).toBeNull();
+  expect(Object.values(lp.top_logprobs![1]).length).toBeGreaterThanOrEqual(1);
+  // The sum over the prompt is the log-likelihood a harness reads: the same as from model.logits.
+  const all = await model.logits(ids, { all: true });
+  const V = model.config.vocabSize;
+  let sum = 0;
+  for (let p = 1; p < ids.length; p++) {
+    const x = Float64Array.from(all.subarray((p - 1) * V, p * V));
+    const m = Math.max(...x);
+    sum += x[ids[p]] - m - Math.log(x.reduce((s, v) => s + Math.exp(v - m), 0));
+  }
+  const got = (lp.token_logprobs as (number | null)[]).slice(1, ids.length).reduce((s: number, v) => s + v!, 0);
+  expect(Math.abs(got - sum)).toBeLessThan(1e-6 * ids.length);
+});
+
 test('n choices are the generations of seeds seed + i; a refused prompt ends them all', async () => {
   const options = { temperature: 1.1, maxTokens: 10 };
   const r = await client.chat.completions.create({

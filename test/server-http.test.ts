@@ -70,12 +70,24 @@ class FakeEngine implements GenerationEngine {
           token: token + 1 + k,
           logprob: k === 1 ? -Infinity : logprob - 1 - k,
         }));
-        return { done: false, value: { ...piece, logprob, topLogprobs } };
+        // Echo: the prompt's characters, scored -k/100 (the first not at all), on the first token.
+        const promptLogprobs =
+          request.echo && i === 1
+            ? [...source].map((ch, k) => ({
+                token: ch.codePointAt(0)!,
+                logprob: k === 0 ? null : -k / 100,
+                topLogprobs: [],
+              }))
+            : undefined;
+        return { done: false, value: { ...piece, logprob, topLogprobs, ...(promptLogprobs && { promptLogprobs }) } };
       },
       result: () => ({ finishReason: finish, promptTokens: [...source].length, completionTokens: i }),
     };
   }
   tokenBytes?: (token: number) => Uint8Array | undefined = (token) => Buffer.from(String.fromCodePoint(token));
+  detokenize(ids: number[]): string {
+    return ids.map((t) => String.fromCodePoint(t)).join(',');
+  }
   queueDepth() {
     return Math.max(0, this.active - this.maxSequences);
   }
@@ -290,6 +302,49 @@ describe('server over a fake engine', () => {
     // Without a seed each choice draws its own.
     await client.completions.create({ model: 'x', prompt: 'q', n: 2 });
     expect(engine.started.slice(-2).map((s) => s.request.seed)).toEqual([undefined, undefined]);
+  });
+
+  test('echo: the prompt first, in the text and in the log probabilities; streamed first', async () => {
+    const plain = await client.completions.create({ model: 'x', prompt: 'xyz', echo: true });
+    expect(plain.choices[0].text).toBe('xyzzyx');
+    expect(plain.choices[0].logprobs).toBeNull();
+    const ids = await client.completions.create({ model: 'x', prompt: [65, 66], echo: true, max_tokens: 1 });
+    expect(ids.choices[0].text).toBe('A,B6'); // the ids' text, then the fake's first token of '65,66' reversed
+    const scored = await client.completions.create({
+      model: 'x',
+      prompt: 'xyz',
+      echo: true,
+      logprobs: 1,
+      max_tokens: 2,
+    });
+    expect(scored.choices[0].text).toBe('xyzzy');
+    expect(scored.choices[0].logprobs).toEqual({
+      tokens: ['x', 'y', 'z', 'z', 'y'],
+      token_logprobs: [null, -0.01, -0.02, -0.1, -0.2],
+      top_logprobs: [null, { y: -0.01 }, { z: -0.02 }, { '{': -1.1, z: -0.1 }, { z: -1.2, y: -0.2 }],
+      text_offset: [0, 1, 2, 3, 4],
+    });
+    const stream = await client.completions.create({
+      model: 'x',
+      prompt: 'xyz',
+      echo: true,
+      logprobs: 0,
+      stream: true,
+    });
+    const chunks: [string, string[] | undefined][] = [];
+    for await (const c of stream) chunks.push([c.choices[0].text, c.choices[0].logprobs?.tokens]);
+    expect(chunks).toEqual([
+      ['xyz', ['x', 'y', 'z']],
+      ['z', ['z']],
+      ['y', ['y']],
+      ['x', ['x']],
+      ['', undefined],
+    ]);
+    const chat = await client.chat.completions
+      .create({ model: 'x', messages: [{ role: 'user', content: 'hi' }], echo: true } as never)
+      .catch((e: unknown) => e);
+    expect(chat).toBeInstanceOf(OpenAI.BadRequestError);
+    expect((chat as InstanceType<typeof OpenAI.BadRequestError>).param).toBe('echo');
   });
 
   test('models, health and the parameters the engine receives', async () => {

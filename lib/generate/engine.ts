@@ -14,7 +14,7 @@ import { type DecoderConfig, positionCost } from '../model/config';
 import type { ModelSequence, StepEntry } from '../model/model';
 import { StreamDecoder } from '../text/stream';
 import type { TextTokenizer } from '../text/tokenizer';
-import { TokenLogprob, TokenLogprobs, tokenLogprobs } from './logprobs';
+import { LogprobRequest, PromptTokenLogprobs, TokenLogprob, TokenLogprobs, tokenLogprobs } from './logprobs';
 import { Sampler, SamplingParams } from './sampling';
 import { StopMatcher } from './stop';
 
@@ -26,6 +26,12 @@ import { StopMatcher } from './stop';
 export const TOKENS_PER_STEP = 256;
 /** Prompt tokens a step may always add, however many streams decode (so prompts never starve). */
 const MIN_PROMPT_TOKENS_PER_STEP = 16;
+/**
+ * Prompt tokens a step feeds of a request that scores its prompt: each needs its row of logits (the LM
+ * head, and vocab floats of memory), which the step's budget does not count.
+ */
+const SCORED_PROMPT_TOKENS_PER_STEP = 32;
+const NO_SCORING: LogprobRequest = { output: false, prompt: false, top: 0 };
 
 export type FinishReason = 'stop' | 'length' | 'abort';
 
@@ -38,6 +44,8 @@ export interface GenerationPiece {
   logprob?: number;
   /** With `logprobs` and `topLogprobs`: the step's most likely tokens, most likely first. */
   topLogprobs?: TokenLogprob[];
+  /** With `promptLogprobs`, on the first piece only: one entry per prompt token. */
+  promptLogprobs?: PromptTokenLogprobs[];
 }
 
 export interface GenerationResult {
@@ -54,6 +62,8 @@ export interface GenerationResult {
   };
   /** With the `logprobs` option: one entry per token of `tokens`. */
   logprobs?: TokenLogprobs[];
+  /** With the `promptLogprobs` option: one entry per prompt token (the first has no log probability). */
+  promptLogprobs?: PromptTokenLogprobs[];
 }
 
 /** What the engine uses of MoeModel (its internal sequence API). */
@@ -75,8 +85,10 @@ export class Request {
   /** Prompt, then every sampled token: what the repetition penalty sees. */
   readonly tokens: number[];
   readonly generated: number[] = [];
-  /** Entries of the generated tokens when log probabilities are asked for. */
+  /** Entries of the generated tokens when their log probabilities are asked for. */
   readonly logprobs: TokenLogprobs[] | null;
+  /** Entries of the prompt's tokens when their log probabilities are asked for, filled as it is fed. */
+  readonly promptLogprobs: PromptTokenLogprobs[] | null;
   sequence: ModelSequence | null = null;
   /** Tokens of `tokens` that are in the sequence's cache or in the step running. */
   fed = 0;
@@ -98,10 +110,11 @@ export class Request {
     stop: string[],
     tokenizer: TextTokenizer | undefined,
     readonly eos: ReadonlySet<number>,
-    /** Alternatives each token lists with its log probability; null: no log probabilities. */
-    readonly topLogprobs: number | null = null,
+    /** Which log probabilities to give, and how many alternatives each token lists. */
+    readonly scoring: LogprobRequest = NO_SCORING,
   ) {
-    this.logprobs = topLogprobs === null ? null : [];
+    this.logprobs = scoring.output ? [] : null;
+    this.promptLogprobs = scoring.prompt ? [{ token: prompt[0], logprob: null, topLogprobs: [] }] : null;
     this.sampler = new Sampler(params);
     this.decoder = tokenizer ? new StreamDecoder(tokenizer) : null;
     this.stop = stop.length > 0 ? new StopMatcher(stop) : null;
@@ -129,6 +142,7 @@ export class Request {
         cachedPromptTokens: this.cached,
       },
       ...(this.logprobs ? { logprobs: this.logprobs.slice() } : {}),
+      ...(this.promptLogprobs ? { promptLogprobs: this.promptLogprobs } : {}),
     };
     this.onEnd?.();
     this.#notify();
@@ -160,10 +174,13 @@ export class Request {
   }
 }
 
-function pieceOf(token: number, text: string, scored: TokenLogprobs | null): GenerationPiece {
-  if (!scored) return { token, text };
-  const piece: GenerationPiece = { token, text, logprob: scored.logprob };
-  if (scored.topLogprobs.length > 0) piece.topLogprobs = scored.topLogprobs;
+function pieceOf(r: Request, token: number, text: string, scored: TokenLogprobs | null): GenerationPiece {
+  const piece: GenerationPiece = { token, text };
+  if (scored) {
+    piece.logprob = scored.logprob;
+    if (scored.topLogprobs.length > 0) piece.topLogprobs = scored.topLogprobs;
+  }
+  if (r.promptLogprobs && r.generated.length === 1) piece.promptLogprobs = r.promptLogprobs;
   return piece;
 }
 
@@ -234,7 +251,7 @@ export class Engine {
         try {
           // The sampler reads each row before the next step: the model's logits buffer serves every step.
           logits = await this.#model.step(
-            batch.map((b) => ({ sequence: b.request.sequence!, tokens: b.tokens })),
+            batch.map((b) => ({ sequence: b.request.sequence!, tokens: b.tokens, all: b.scored })),
             { reuseLogits: true },
           );
         } catch (err) {
@@ -245,7 +262,7 @@ export class Engine {
         // that throws) ends with that error; the others go on.
         batch.forEach((b, i) => {
           try {
-            this.#advance(b.request, logits[i]);
+            this.#advance(b.request, b.scored ? this.#scorePrompt(b.request, logits[i], b.tokens.length) : logits[i]);
           } catch (err) {
             this.#end(b.request, null, err);
           }
@@ -271,7 +288,10 @@ export class Engine {
       const request = this.#waiting.shift()!;
       if (request.done) continue;
       try {
-        const { kept, common } = this.#longestPrefix(request.prompt);
+        // A prompt to score is computed whole: a kept prefix has no logits for its positions.
+        const { kept, common } = request.promptLogprobs
+          ? { kept: null, common: 0 }
+          : this.#longestPrefix(request.prompt);
         if (kept) {
           this.#kept.splice(this.#kept.indexOf(kept), 1);
           request.sequence = kept.sequence;
@@ -314,24 +334,25 @@ export class Engine {
    * stays within that of a TOKENS_PER_STEP-token prompt alone (but at least MIN_PROMPT_TOKENS_PER_STEP
    * prompt tokens when a prompt is waiting).
    */
-  #plan(): { request: Request; tokens: number[] }[] {
-    const batch: { request: Request; tokens: number[] }[] = [];
+  #plan(): { request: Request; tokens: number[]; scored: boolean }[] {
+    const batch: { request: Request; tokens: number[]; scored: boolean }[] = [];
     let budget = this.#stepBudget;
     for (const r of this.#running) if (r.fed >= r.prompt.length) budget -= this.#tokenCost(r.fed);
     let minimum = MIN_PROMPT_TOKENS_PER_STEP;
     for (const r of this.#running) {
       if (r.fed >= r.prompt.length) {
-        batch.push({ request: r, tokens: r.tokens.slice(r.fed, r.fed + 1) });
+        batch.push({ request: r, tokens: r.tokens.slice(r.fed, r.fed + 1), scored: false });
         continue;
       }
+      const scored = r.promptLogprobs !== null;
       let n = 0;
       for (; r.fed + n < r.prompt.length; n++) {
         const cost = this.#tokenCost(r.fed + n);
-        if (cost > budget && n >= minimum) break;
+        if ((cost > budget && n >= minimum) || (scored && n >= SCORED_PROMPT_TOKENS_PER_STEP)) break;
         budget -= cost;
       }
       minimum = Math.max(0, minimum - n);
-      if (n > 0) batch.push({ request: r, tokens: r.tokens.slice(r.fed, r.fed + n) });
+      if (n > 0) batch.push({ request: r, tokens: r.tokens.slice(r.fed, r.fed + n), scored });
     }
     let need = 0;
     for (const b of batch) {
@@ -348,10 +369,25 @@ export class Engine {
    * piece (end-of-sequence, maxTokens, a full context) also carries what the detokenizer and the stop
    * matcher held back; a stop string ends the request with the text before it.
    */
+  /**
+   * Scores the prompt tokens that the rows of a chunk's `count` tokens predict (row k, the token after
+   * the chunk's k-th); returns the last row, the logits of the token to sample.
+   */
+  #scorePrompt(r: Request, rows: Float32Array, count: number): Float32Array {
+    const V = this.#model.config.vocabSize;
+    const start = r.fed - count;
+    for (let k = 0; k < count && !r.done; k++) {
+      const next = start + k + 1;
+      if (next < r.prompt.length)
+        r.promptLogprobs!.push(tokenLogprobs(rows.subarray(k * V, (k + 1) * V), r.prompt[next], r.scoring.top));
+    }
+    return rows.subarray((count - 1) * V, count * V);
+  }
+
   #advance(r: Request, logits: Float32Array): void {
     if (r.done || r.fed < r.prompt.length) return;
     const token = r.sampler.sample(logits, r.tokens, r.generated);
-    const scored = r.logprobs ? tokenLogprobs(logits, token, r.topLogprobs ?? 0) : null;
+    const scored = r.logprobs ? tokenLogprobs(logits, token, r.scoring.top) : null;
     r.generated.push(token);
     if (scored) r.logprobs!.push(scored);
     r.tokens.push(token);
@@ -362,13 +398,13 @@ export class Engine {
     if (r.stop) {
       const match = r.stop.push(text);
       if (match.stopped) {
-        r.emit(pieceOf(token, match.text, scored));
+        r.emit(pieceOf(r, token, match.text, scored));
         this.#end(r, 'stop');
         return;
       }
       text = last ? match.text + r.stop.flush() : match.text;
     }
-    r.emit(pieceOf(token, text, scored));
+    r.emit(pieceOf(r, token, text, scored));
     if (last) this.#end(r, eos ? 'stop' : 'length');
   }
 

@@ -16,7 +16,7 @@ import { checkStop } from './stop';
 
 export type { GenerationPiece, GenerationResult, FinishReason } from './engine';
 export type { SamplingOptions } from './sampling';
-export type { TokenLogprob, TokenLogprobs } from './logprobs';
+export type { TokenLogprob, TokenLogprobs, PromptTokenLogprobs } from './logprobs';
 
 /** A prompt: text, a conversation for the chat template, or token ids (used as they are). */
 export type Prompt = string | readonly ChatMessage[] | ArrayLike<number>;
@@ -35,7 +35,12 @@ export interface GenerateOptions extends SamplingOptions {
    * the penalties and the temperature): pieces carry `logprob`, the result `logprobs`; default false.
    */
   logprobs?: boolean;
-  /** With `logprobs`: list the step's most likely tokens too, this many (0 to 20); default 0. */
+  /**
+   * Give the log probability of each prompt token after the first (the prompt is then computed whole,
+   * with no cached prefix): the first piece carries `promptLogprobs`, the result too; default false.
+   */
+  promptLogprobs?: boolean;
+  /** With `logprobs` or `promptLogprobs`: each token also lists this many most likely tokens (0 to 20); default 0. */
   topLogprobs?: number;
 }
 
@@ -181,11 +186,11 @@ export function generate(model: GenerateModel, engine: Engine, prompt: unknown, 
   const signal = checkSignal('options.signal', o.signal);
   if (o.ignoreEos !== undefined && typeof o.ignoreEos !== 'boolean')
     throw argTypeError(`options.ignoreEos must be a boolean, got ${describe(o.ignoreEos)}`);
-  const topLogprobs = checkLogprobs('options', o);
+  const scoring = checkLogprobs('options', o);
   const eos = new Set(o.ignoreEos ? [] : [...model.config.eosTokenIds, ...(model.tokenizer?.eosTokenIds ?? [])]);
 
   const start = (ids: number[]): Request => {
-    const request = new Request(ids, params, maxTokens, stop, model.tokenizer, eos, topLogprobs);
+    const request = new Request(ids, params, maxTokens, stop, model.tokenizer, eos, scoring);
     if (signal) {
       const onAbort = () => engine.cancel(request);
       if (signal.aborted) request.finish('abort');

@@ -21,21 +21,41 @@ export interface TokenLogprobs extends TokenLogprob {
   topLogprobs: TokenLogprob[];
 }
 
-/**
- * The `logprobs` and `topLogprobs` options: null when log probabilities are not asked for, else how
- * many alternatives each token lists (0 to MAX_TOP_LOGPROBS).
- */
-export function checkLogprobs(name: string, o: Record<string, unknown>): number | null {
-  const { logprobs, topLogprobs } = o;
-  if (logprobs !== undefined && typeof logprobs !== 'boolean')
-    throw argTypeError(`${name}.logprobs must be a boolean, got ${describe(logprobs)}`);
-  if (topLogprobs === undefined) return logprobs ? 0 : null;
-  if (typeof topLogprobs !== 'number')
-    throw argTypeError(`${name}.topLogprobs must be a number, got ${describe(topLogprobs)}`);
-  if (!Number.isInteger(topLogprobs) || topLogprobs < 0 || topLogprobs > MAX_TOP_LOGPROBS)
-    throw argRangeError(`${name}.topLogprobs must be an integer in [0, ${MAX_TOP_LOGPROBS}], got ${topLogprobs}`);
-  if (!logprobs) throw argRangeError(`${name}.topLogprobs needs ${name}.logprobs: true`);
-  return topLogprobs;
+/** A prompt token's entry: the first token has no log probability (nothing comes before it). */
+export interface PromptTokenLogprobs {
+  token: number;
+  logprob: number | null;
+  topLogprobs: TokenLogprob[];
+}
+
+/** What the `logprobs`, `promptLogprobs` and `topLogprobs` options ask for. */
+export interface LogprobRequest {
+  /** Score the generated tokens. */
+  output: boolean;
+  /** Score the prompt's tokens. */
+  prompt: boolean;
+  /** Alternatives each scored token lists (0 to MAX_TOP_LOGPROBS). */
+  top: number;
+}
+
+/** The `logprobs`, `promptLogprobs` and `topLogprobs` options, checked. */
+export function checkLogprobs(name: string, o: Record<string, unknown>): LogprobRequest {
+  const flag = (key: 'logprobs' | 'promptLogprobs') => {
+    const v = o[key];
+    if (v !== undefined && typeof v !== 'boolean')
+      throw argTypeError(`${name}.${key} must be a boolean, got ${describe(v)}`);
+    return v === true;
+  };
+  const output = flag('logprobs'),
+    prompt = flag('promptLogprobs');
+  const top = o.topLogprobs;
+  if (top === undefined) return { output, prompt, top: 0 };
+  if (typeof top !== 'number') throw argTypeError(`${name}.topLogprobs must be a number, got ${describe(top)}`);
+  if (!Number.isInteger(top) || top < 0 || top > MAX_TOP_LOGPROBS)
+    throw argRangeError(`${name}.topLogprobs must be an integer in [0, ${MAX_TOP_LOGPROBS}], got ${top}`);
+  if (!output && !prompt)
+    throw argRangeError(`${name}.topLogprobs needs ${name}.logprobs or ${name}.promptLogprobs: true`);
+  return { output, prompt, top };
 }
 
 /**

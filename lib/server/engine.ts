@@ -2,7 +2,7 @@
  * What the server needs from a model: start one generation for a checked request, and the numbers
  * the metrics report. `modelEngine` adapts a MoeModel; tests may pass their own.
  */
-import type { TokenLogprob } from '../generate/logprobs';
+import type { PromptTokenLogprobs, TokenLogprob } from '../generate/logprobs';
 import type { CompletionRequest } from './request';
 
 export type FinishReason = 'stop' | 'length' | 'abort';
@@ -14,6 +14,8 @@ export interface GeneratedToken {
   logprob?: number;
   /** ... and the request's topLogprobs most likely tokens of the step. */
   topLogprobs?: TokenLogprob[];
+  /** With echo and log probabilities, on the first token: the prompt's tokens, scored. */
+  promptLogprobs?: PromptTokenLogprobs[];
 }
 
 export interface GenerationRun {
@@ -35,6 +37,8 @@ export interface GenerationEngine {
    * a token is written `token_id:<id>`.
    */
   tokenBytes?(token: number): Uint8Array | undefined;
+  /** The text of token ids, for echoing a prompt given as ids; without it such a prompt echoes as ''. */
+  detokenize?(ids: number[]): string;
   /** Tokens routed to each expert of each MoE layer since load ([layer][expert]); empty if unknown. */
   expertTokens(): ArrayLike<ArrayLike<number>>;
 }

@@ -4,7 +4,11 @@
  * `token_logprobs`, `top_logprobs`, `text_offset`). A request's tokens gather here as they come and
  * go out with the next piece of text, so a streamed chunk carries the tokens whose text it holds.
  */
+import type { PromptTokenLogprobs, TokenLogprob } from '../generate/logprobs';
 import type { GeneratedToken } from './engine';
+
+/** A token to write: generated (its log probability when asked), or an echoed prompt's (null first). */
+type Scored = { token: number; logprob?: number | null; topLogprobs?: TokenLogprob[] };
 
 /** What OpenAI writes for a probability too small for a float (JSON has no -Infinity). */
 const LOG_ZERO = -9999;
@@ -18,7 +22,7 @@ interface ChatTokenLogprob {
 export class LogprobWriter {
   readonly #bytesOf: ((token: number) => Uint8Array | undefined) | undefined;
   readonly #decoder = new TextDecoder('utf-8');
-  #pending: GeneratedToken[] = [];
+  #pending: Scored[] = [];
   /** Characters of token text written so far (completions' text_offset). */
   #offset = 0;
 
@@ -28,6 +32,11 @@ export class LogprobWriter {
 
   add(piece: GeneratedToken): void {
     this.#pending.push(piece);
+  }
+
+  /** An echoed prompt's tokens, before the generated ones; the first has no log probability. */
+  addPrompt(entries: readonly PromptTokenLogprobs[]): void {
+    this.#pending.push(...entries);
   }
 
   get pending(): number {
@@ -49,40 +58,46 @@ export class LogprobWriter {
    */
   takeCompletion(): {
     tokens: string[];
-    token_logprobs: number[];
-    top_logprobs: Record<string, number>[];
+    token_logprobs: (number | null)[];
+    top_logprobs: (Record<string, number> | null)[];
     text_offset: number[];
   } {
     const out = {
       tokens: [] as string[],
-      token_logprobs: [] as number[],
-      top_logprobs: [] as Record<string, number>[],
+      token_logprobs: [] as (number | null)[],
+      top_logprobs: [] as (Record<string, number> | null)[],
       text_offset: [] as number[],
     };
     for (const p of this.#take()) {
       const { token, logprob } = this.#entry(p.token, p.logprob);
+      out.tokens.push(token);
+      out.text_offset.push(this.#offset);
+      this.#offset += token.length;
+      if (p.logprob === null) {
+        // An echoed prompt's first token: nothing comes before it.
+        out.token_logprobs.push(null);
+        out.top_logprobs.push(null);
+        continue;
+      }
       const top = Object.create(null) as Record<string, number>; // a token may read '__proto__'
       for (const t of [...(p.topLogprobs ?? []), p]) {
         const e = this.#entry(t.token, t.logprob);
         if (!Object.hasOwn(top, e.token)) top[e.token] = e.logprob;
       }
-      out.tokens.push(token);
       out.token_logprobs.push(logprob);
       out.top_logprobs.push(top);
-      out.text_offset.push(this.#offset);
-      this.#offset += token.length;
     }
     return out;
   }
 
-  #take(): GeneratedToken[] {
+  #take(): Scored[] {
     const taken = this.#pending;
     this.#pending = [];
     return taken;
   }
 
-  #entry(token: number, logprob: number | undefined): ChatTokenLogprob {
-    const lp = logprob !== undefined && Number.isFinite(logprob) ? logprob : LOG_ZERO;
+  #entry(token: number, logprob: number | null | undefined): ChatTokenLogprob {
+    const lp = typeof logprob === 'number' && Number.isFinite(logprob) ? logprob : LOG_ZERO;
     const bytes = this.#bytesOf?.(token);
     if (!bytes) return { token: `token_id:${token}`, logprob: lp, bytes: null };
     return { token: this.#decoder.decode(bytes), logprob: lp, bytes: Array.from(bytes) };

@@ -47,6 +47,7 @@ export function modelEngine(model: MoeModel): GenerationEngine {
             stop: request.stop,
             ignoreEos: request.ignoreEos,
             logprobs: request.topLogprobs !== undefined,
+            promptLogprobs: request.echo && request.topLogprobs !== undefined,
             topLogprobs: request.topLogprobs,
             signal,
           },
@@ -75,6 +76,7 @@ export function modelEngine(model: MoeModel): GenerationEngine {
     queueDepth: () => model.generationStats.waiting,
     activeSequences: () => model.generationStats.running,
     tokenBytes: (token) => model.tokenizer?.tokenBytes(token),
+    detokenize: (ids) => (model.tokenizer ? model.tokenizer.decode(ids) : ''),
     expertTokens: () => model.expertTokenCounts(),
   };
 }

@@ -2,8 +2,7 @@
  * The body of `POST /v1/chat/completions` and `POST /v1/completions`, checked field by field into what
  * the generator takes. A field of the wrong type or out of range is a 400 that names it, before the
  * model sees anything. Fields this server does not know are ignored, as most OpenAI-compatible servers
- * do; known features it does not have (best_of > 1, tools, echo, JSON output) are refused rather than
- * dropped.
+ * do; known features it does not have (best_of > 1, tools, JSON output) are refused rather than dropped.
  */
 import { invalidRequest } from './api-error';
 import { messageOf } from '../errors';
@@ -42,6 +41,8 @@ export interface CompletionRequest {
    * how many of the most likely tokens each token lists besides its own.
    */
   topLogprobs?: number;
+  /** Completions: the text starts with the prompt (and the log probabilities with its tokens'). */
+  echo: boolean;
 }
 
 const ROLES = ['system', 'developer', 'user', 'assistant', 'tool'];
@@ -192,7 +193,7 @@ export function parseCompletionRequest(endpoint: 'chat' | 'completion', body: un
   const best = integer(body, 'best_of', 1);
   if (best !== undefined && best !== 1)
     throw invalidRequest(`'best_of' must be 1 on this server, got ${best}`, 'best_of', 'unsupported_parameter');
-  notSupported(body, 'echo', (v) => v === false, 'the prompt is not echoed');
+  if (endpoint === 'chat') notSupported(body, 'echo', (v) => v === false, 'echo is a /v1/completions field');
   notSupported(body, 'suffix', (v) => v === '', 'no insertion mode');
   notSupported(body, 'tools', (v) => Array.isArray(v) && v.length === 0, 'no tool calling');
   notSupported(body, 'functions', (v) => Array.isArray(v) && v.length === 0, 'no function calling');
@@ -219,6 +220,7 @@ export function parseCompletionRequest(endpoint: 'chat' | 'completion', body: un
     stop: stops(body),
     ignoreEos: boolean(body, 'ignore_eos'),
     topLogprobs: endpoint === 'chat' ? chatLogprobs(body) : completionLogprobs(body),
+    echo: endpoint === 'completion' && boolean(body, 'echo'),
   };
 }
 

@@ -217,6 +217,18 @@ export function createServer(
         logprobs: request.topLogprobs === undefined ? null : new LogprobWriter(engine.tokenBytes?.bind(engine)),
       }));
       type Choice = (typeof choices)[number];
+      /** What echo puts first: the prompt as sent (token ids as their text). */
+      const promptText = !request.echo
+        ? ''
+        : typeof request.prompt === 'string'
+          ? request.prompt
+          : (engine.detokenize?.(request.prompt as number[]) ?? '');
+      /** Echo: the prompt's text, its tokens' log probabilities gathered before the generated ones. */
+      const echo = (c: Choice) => {
+        const scored = c.first.done ? undefined : c.first.value.promptLogprobs;
+        if (scored) c.logprobs?.addPrompt(scored);
+        return promptText;
+      };
       const onToken = (c: Choice, piece: GeneratedToken) => {
         const now = performance.now();
         if (c.tokens === 0) metrics.timeToFirstToken.observe({ endpoint }, (now - arrived) / 1000);
@@ -266,6 +278,7 @@ export function createServer(
           choices.map(async (c) => {
             if (request.endpoint === 'chat')
               chunk({ index: c.index, delta: { role: 'assistant', content: '' }, logprobs: null, finish_reason: null });
+            if (request.echo) chunk(delta(c, echo(c), null));
             const result = await drain(c, (piece) => {
               if (piece.text !== '') chunk(delta(c, piece.text, null));
             });
@@ -283,6 +296,7 @@ export function createServer(
         res.end('data: [DONE]\n\n');
         return;
       }
+      if (request.echo) for (const c of choices) c.text = echo(c);
       const results = await Promise.all(choices.map((c) => drain(c, (piece) => (c.text += piece.text))));
       if (results.some((r) => r.finishReason === 'abort')) {
         if (stopping) throw shuttingDown();
