@@ -9,7 +9,8 @@ import { GenerationPiece, GenerationResult, MoeModel } from '../lib/index';
 import { makeTempDir, removeTempDir } from './helpers/checkpoint';
 import { randomTokens } from './helpers/model/compare';
 import { writeRandomModel } from './helpers/model/random-model';
-import { writeTokenizer } from './helpers/text/tokenizer-files';
+import { Template } from '@huggingface/jinja';
+import { TOOLS_TEMPLATE, writeTokenizer } from './helpers/text/tokenizer-files';
 
 let dir = '';
 let byteLevelDir = '';
@@ -268,6 +269,44 @@ test('a long prompt joins in chunks: a running stream keeps getting tokens meanw
     expect(firstLong - from - 1).toBeGreaterThanOrEqual(4);
     const alone = await model.complete(longPrompt, { temperature: 0, maxTokens: 2 });
     expect(alone.tokens).toEqual(await argmaxChain(model, longPrompt, 2));
+  } finally {
+    model.dispose();
+  }
+});
+
+test('tools reach the chat template, on the calling thread and on the worker', async () => {
+  const hf = writeRandomModel(path.join(dir, 'tools'), { family: 'mixtral', seed: 23, gguf: false }).hfDir;
+  writeTokenizer(hf, 'byte-level', 320, { chatTemplate: TOOLS_TEMPLATE });
+  const model = await MoeModel.load(hf, { contextLength: 4096 });
+  try {
+    const tools = [
+      { type: 'function', function: { name: 'get_weather', parameters: { type: 'object', properties: {} } } },
+    ];
+    const turn = [
+      { role: 'user', content: 'weather in Bern?' },
+      {
+        role: 'assistant',
+        content: '',
+        tool_calls: [{ id: 'c1', type: 'function', function: { name: 'get_weather', arguments: { city: 'Bern' } } }],
+      },
+      { role: 'tool', tool_call_id: 'c1', content: '21 C' },
+    ];
+    for (const messages of [turn, Array.from({ length: 22 }, () => turn).flat()]) {
+      const text = new Template(TOOLS_TEMPLATE).render({
+        messages,
+        tools,
+        add_generation_prompt: true,
+        bos_token: '<s>',
+        eos_token: '</s>',
+      });
+      expect(text).toContain('{"name": "get_weather", "arguments": {"city": "Bern"}}');
+      const r = await model.complete(messages, { tools, temperature: 0, maxTokens: 2 });
+      expect(r.usage.promptTokens).toBe(model.tokenize(text, { addSpecialTokens: false }).length);
+      const without = await model.complete(messages, { temperature: 0, maxTokens: 2 });
+      expect(without.usage.promptTokens).toBeLessThan(r.usage.promptTokens);
+    }
+    expect(() => model.generate('plain text', { tools })).toThrow(/options\.tools needs a prompt of messages/);
+    expect(() => model.generate(turn, { tools: 'all' as never })).toThrow(/options\.tools must be an array/);
   } finally {
     model.dispose();
   }

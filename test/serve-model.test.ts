@@ -272,6 +272,14 @@ test('n choices are the generations of seeds seed + i; a refused prompt ends the
   expect(await metric('fused_moe_active_sequences')).toBe(0);
 });
 
+test('tools with a template that teaches no tool-call syntax: a 400 naming tools', async () => {
+  const err = await client.chat.completions
+    .create({ model: 'x', messages: chat, tools: [{ type: 'function', function: { name: 'f' } }] })
+    .catch((e: unknown) => e);
+  expect(err).toBeInstanceOf(OpenAI.BadRequestError);
+  expect((err as InstanceType<typeof OpenAI.BadRequestError>).param).toBe('tools');
+});
+
 test('the same seed gives the same text twice', async () => {
   const ask = () =>
     client.chat.completions

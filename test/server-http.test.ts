@@ -13,6 +13,7 @@ const KEY = 'test-key-7';
 
 class FakeEngine implements GenerationEngine {
   maxSequences = 2;
+  toolCallSyntax: 'hermes' | undefined = 'hermes';
   started: { request: CompletionRequest; signal: AbortSignal }[] = [];
   /**
    * When set, every generation waits for it before each token, after the first N of a prompt that
@@ -59,8 +60,8 @@ class FakeEngine implements GenerationEngine {
           return { done: true, value: undefined };
         }
         const token = out[i].codePointAt(0)!;
-        // '_' stands for a token whose text is held back (part of a character): it has none of its own.
-        const piece = { token, text: out[i] === '_' ? '' : out[i] };
+        // '~' stands for a token whose text is held back (part of a character): it has none of its own.
+        const piece = { token, text: out[i] === '~' ? '' : out[i] };
         i++;
         if (request.topLogprobs === undefined) return { done: false, value: piece };
         // Made-up log probabilities: -i/10 for the i-th token; its alternatives are the next code points,
@@ -174,8 +175,8 @@ describe('server over a fake engine', () => {
   });
 
   test('chat log probabilities, streamed and not: text, bytes, alternatives, held-back tokens', async () => {
-    const messages = [{ role: 'user' as const, content: 'ab_é' }]; // tokens é, _, b, a
-    const expected = [...'é_ba'].map((c, i) => ({
+    const messages = [{ role: 'user' as const, content: 'ab~é' }]; // tokens é, ~, b, a
+    const expected = [...'é~ba'].map((c, i) => ({
       token: c,
       logprob: -(i + 1) / 10,
       bytes: [...Buffer.from(c)],
@@ -207,7 +208,7 @@ describe('server over a fake engine', () => {
     // The held-back token goes out with the next chunk of text.
     expect(chunks.filter((c) => c.tokens.length > 0)).toEqual([
       { text: 'é', tokens: ['é'] },
-      { text: 'b', tokens: ['_', 'b'] },
+      { text: 'b', tokens: ['~', 'b'] },
       { text: 'a', tokens: ['a'] },
     ]);
 
@@ -218,15 +219,15 @@ describe('server over a fake engine', () => {
     engine.tokenBytes = undefined;
     const ids = await client.chat.completions.create({ model: 'x', messages, logprobs: true });
     expect(ids.choices[0].logprobs!.content!.map((e) => [e.token, e.bytes, e.top_logprobs])).toEqual(
-      [...'é_ba'].map((c) => [`token_id:${c.codePointAt(0)}`, null, []]),
+      [...'é~ba'].map((c) => [`token_id:${c.codePointAt(0)}`, null, []]),
     );
   });
 
   test('completions log probabilities: tokens, log probabilities, alternatives with the token, offsets', async () => {
     const expected = (top: number) => ({
-      tokens: [...'é_ba'],
+      tokens: [...'é~ba'],
       token_logprobs: [-0.1, -0.2, -0.3, -0.4],
-      top_logprobs: [...'é_ba'].map((c, i) => {
+      top_logprobs: [...'é~ba'].map((c, i) => {
         const cp = c.codePointAt(0)!;
         const alternatives = [
           [String.fromCodePoint(cp + 1), -(i + 1) / 10 - 1],
@@ -237,14 +238,14 @@ describe('server over a fake engine', () => {
       text_offset: [0, 1, 2, 3],
     });
     for (const top of [0, 2]) {
-      const r = await client.completions.create({ model: 'x', prompt: 'ab_é', logprobs: top });
+      const r = await client.completions.create({ model: 'x', prompt: 'ab~é', logprobs: top });
       expect(r.choices[0].text).toBe('éba');
       expect(r.choices[0].logprobs).toEqual(expected(top));
     }
-    const stream = await client.completions.create({ model: 'x', prompt: 'ab_é', logprobs: 2, stream: true });
+    const stream = await client.completions.create({ model: 'x', prompt: 'ab~é', logprobs: 2, stream: true });
     const parts: NonNullable<OpenAI.Completions.CompletionChoice['logprobs']>[] = [];
     for await (const c of stream) if (c.choices[0]?.logprobs) parts.push(c.choices[0].logprobs);
-    expect(parts.map((p) => p.tokens)).toEqual([['é'], ['_', 'b'], ['a']]);
+    expect(parts.map((p) => p.tokens)).toEqual([['é'], ['~', 'b'], ['a']]);
     const joined = { tokens: [], token_logprobs: [], top_logprobs: [], text_offset: [] } as Record<string, unknown[]>;
     for (const p of parts)
       for (const key of Object.keys(joined)) joined[key].push(...(p as Record<string, unknown[]>)[key]);
@@ -267,7 +268,7 @@ describe('server over a fake engine', () => {
   });
 
   test('n choices: one generation each, seeds seed + i, usage counting the prompt once; streamed by index', async () => {
-    const messages = [{ role: 'user' as const, content: 'ab_é' }];
+    const messages = [{ role: 'user' as const, content: 'ab~é' }];
     const r = await client.chat.completions.create({ model: 'x', messages, n: 3, seed: 10, logprobs: true });
     expect(r.choices.map((c) => [c.index, c.message.content, c.finish_reason])).toEqual([
       [0, 'éba', 'stop'],
@@ -345,6 +346,109 @@ describe('server over a fake engine', () => {
       .catch((e: unknown) => e);
     expect(chat).toBeInstanceOf(OpenAI.BadRequestError);
     expect((chat as InstanceType<typeof OpenAI.BadRequestError>).param).toBe('echo');
+  });
+
+  test('tools: the calls in the text become tool_calls, streamed and not; tool turns reach the engine', async () => {
+    const calls = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich"}}\n</tool_call>';
+    // The fake answers with its prompt reversed: this prompt makes it write text, then a call.
+    const messages = [{ role: 'user' as const, content: reverse('Checking.' + calls) }];
+    const tools = [
+      {
+        type: 'function' as const,
+        function: { name: 'get_weather', parameters: { type: 'object', properties: { city: { type: 'string' } } } },
+      },
+    ];
+    const r = await client.chat.completions.create({ model: 'x', messages, tools });
+    expect(r.choices[0].finish_reason).toBe('tool_calls');
+    expect(r.choices[0].message.content).toBe('Checking.');
+    expect(r.choices[0].message.tool_calls).toEqual([
+      {
+        id: expect.stringMatching(/^call_/),
+        type: 'function',
+        function: { name: 'get_weather', arguments: '{"city":"Zürich"}' },
+      },
+    ]);
+    expect(engine.started.at(-1)!.request.tools).toEqual(tools);
+
+    const stream = await client.chat.completions.create({ model: 'x', messages, tools, stream: true });
+    let content = '';
+    const deltas: unknown[] = [];
+    let finish: string | null = null;
+    for await (const c of stream) {
+      content += c.choices[0]?.delta.content ?? '';
+      if (c.choices[0]?.delta.tool_calls) deltas.push(...c.choices[0].delta.tool_calls);
+      finish = c.choices[0]?.finish_reason ?? finish;
+    }
+    expect(content).toBe('Checking.');
+    expect(deltas).toEqual([
+      {
+        index: 0,
+        id: expect.stringMatching(/^call_/),
+        type: 'function',
+        function: { name: 'get_weather', arguments: '{"city":"Zürich"}' },
+      },
+    ]);
+    expect(finish).toBe('tool_calls');
+
+    // tool_choice 'none': no tools in the prompt, the text as it is.
+    const none = await client.chat.completions.create({ model: 'x', messages, tools, tool_choice: 'none' });
+    expect(none.choices[0].message.content).toBe('Checking.' + calls);
+    expect(none.choices[0].finish_reason).toBe('stop');
+    expect(engine.started.at(-1)!.request.tools).toBeUndefined();
+
+    // The turns of a tool conversation reach the template: arguments as objects, the tool's answer by id.
+    await client.chat.completions.create({
+      model: 'x',
+      tools,
+      messages: [
+        { role: 'user', content: 'weather?' },
+        {
+          role: 'assistant',
+          content: null,
+          tool_calls: [
+            { id: 'call_1', type: 'function', function: { name: 'get_weather', arguments: '{"city":"Bern"}' } },
+          ],
+        },
+        { role: 'tool', tool_call_id: 'call_1', content: '21 C' },
+      ],
+    });
+    expect(engine.started.at(-1)!.request.prompt).toEqual([
+      { role: 'user', content: 'weather?' },
+      {
+        role: 'assistant',
+        content: '',
+        tool_calls: [
+          { id: 'call_1', type: 'function', function: { name: 'get_weather', arguments: { city: 'Bern' } } },
+        ],
+      },
+      { role: 'tool', content: '21 C', tool_call_id: 'call_1' },
+    ]);
+
+    const before = engine.started.length;
+    for (const [patch, param] of [
+      [{ tool_choice: 'required' }, 'tool_choice'],
+      [{ tool_choice: { type: 'function', function: { name: 'get_weather' } } }, 'tool_choice'],
+      [{ tools: [{ type: 'function', function: {} }] }, 'tools[0]'],
+      [{ tools: [{ type: 'retrieval' }] }, 'tools[0]'],
+      [{ tools: 'all' }, 'tools'],
+      [
+        { messages: [{ role: 'assistant', content: null, tool_calls: [{ function: 5 }] }] },
+        'messages[0].tool_calls[0]',
+      ],
+      [{ messages: [{ role: 'tool', tool_call_id: 7, content: 'x' }] }, 'messages[0].tool_call_id'],
+    ] as const) {
+      const err = await client.chat.completions
+        .create({ model: 'x', messages, tools, ...patch } as never)
+        .catch((e: unknown) => e as InstanceType<typeof OpenAI.BadRequestError>);
+      expect(err).toBeInstanceOf(OpenAI.BadRequestError);
+      expect((err as InstanceType<typeof OpenAI.BadRequestError>).param).toBe(param);
+    }
+    // A model whose template teaches no syntax the server reads refuses tools.
+    engine.toolCallSyntax = undefined;
+    const err = await client.chat.completions.create({ model: 'x', messages, tools }).catch((e: unknown) => e);
+    expect((err as InstanceType<typeof OpenAI.BadRequestError>).param).toBe('tools');
+    expect((err as Error).message).toMatch(/tool_call/);
+    expect(engine.started.length).toBe(before);
   });
 
   test('models, health and the parameters the engine receives', async () => {

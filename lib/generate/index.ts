@@ -6,7 +6,7 @@
  * comes out of the first next().
  */
 import { MoeError, argRangeError, argTypeError } from '../errors';
-import { ChatMessage, checkMessages } from '../text/chat';
+import { ChatMessage, checkMessages, checkTools } from '../text/chat';
 import { TextTokenizer } from '../text/tokenizer';
 import { checkObject, checkSignal, describe, isRecord } from '../validate';
 import { Engine, GenerationPiece, GenerationResult, Request } from './engine';
@@ -24,6 +24,11 @@ export type Prompt = string | readonly ChatMessage[] | ArrayLike<number>;
 export interface GenerateOptions extends SamplingOptions {
   /** Tokens to generate at most; default: until the end of the context. */
   maxTokens?: number;
+  /**
+   * With messages: the tools the model may call, rendered by the chat template as its `tools`
+   * (OpenAI's `{ type: 'function', function: { name, description, parameters } }` for most templates).
+   */
+  tools?: readonly object[];
   /** Generation ends before the first of these strings (which is not part of the text). */
   stop?: string | string[];
   /** Ends the generation (finishReason 'abort'); its sequence is freed at the next step. */
@@ -99,7 +104,11 @@ function encodePrompt(
 }
 
 /** The prompt's token ids, checked; a promise where a long text is tokenized off the event loop. */
-export function promptTokens(model: GenerateModel, prompt: unknown): number[] | Promise<number[]> {
+export function promptTokens(
+  model: GenerateModel,
+  prompt: unknown,
+  tools?: readonly object[],
+): number[] | Promise<number[]> {
   const context = model.options.contextLength;
   if (typeof prompt === 'string') {
     if (!model.tokenizer) throw noTokenizer();
@@ -112,8 +121,11 @@ export function promptTokens(model: GenerateModel, prompt: unknown): number[] | 
     // The template writes the special tokens (BOS, ...) itself. A long conversation is rendered on the
     // worker thread; a short one (or a checkpoint without a template) here, so that its errors throw.
     if (messages.length < TextTokenizer.WORKER_MIN_MESSAGES || !tokenizer.chatTemplate)
-      return checkedIds(model, encodePrompt(tokenizer, tokenizer.renderChat(messages, true, NAME), false, context));
-    const text = tokenizer.renderChatAsync(messages, true, NAME);
+      return checkedIds(
+        model,
+        encodePrompt(tokenizer, tokenizer.renderChat(messages, true, NAME, tools), false, context),
+      );
+    const text = tokenizer.renderChatAsync(messages, true, NAME, tools);
     return checkedIds(
       model,
       text.then((t) => encodePrompt(tokenizer, t, false, context)),
@@ -202,7 +214,10 @@ export function generate(model: GenerateModel, engine: Engine, prompt: unknown, 
     if (!request.done) engine.submit(request);
     return request;
   };
-  const ids = promptTokens(model, prompt);
+  const tools = checkTools('options.tools', o.tools);
+  if (tools && !(Array.isArray(prompt) && prompt.length > 0 && isRecord(prompt[0])))
+    throw argTypeError('options.tools needs a prompt of messages: the chat template renders them');
+  const ids = promptTokens(model, prompt, tools);
   let request: Request | Promise<Request>;
   if (ids instanceof Promise) {
     request = ids.then(start);

@@ -27,8 +27,11 @@ export class StopMatcher {
     this.#stops = stops;
   }
 
-  /** Adds text; returns the text now safe to emit, and whether a stop string was found. */
-  push(text: string): { text: string; stopped: boolean } {
+  /**
+   * Adds text; returns the text now safe to emit, and whether a stop string was found (then `after`
+   * holds what followed it).
+   */
+  push(text: string): { text: string; stopped: boolean; after?: string } {
     const buf = this.#held + text;
     // The stop string that ends first (ties: the longer one) wins, wherever the text was cut into pieces.
     let at = -1;
@@ -39,7 +42,7 @@ export class StopMatcher {
     }
     if (at >= 0) {
       this.#held = '';
-      return { text: buf.slice(0, at), stopped: true };
+      return { text: buf.slice(0, at), stopped: true, after: buf.slice(end) };
     }
     // Hold the longest end of the text that some stop string starts with.
     let hold = 0;

@@ -4,6 +4,7 @@
  */
 import type { PromptTokenLogprobs, TokenLogprob } from '../generate/logprobs';
 import type { CompletionRequest } from './request';
+import type { ToolCallSyntax } from './tool-calls';
 
 export type FinishReason = 'stop' | 'length' | 'abort';
 
@@ -37,6 +38,11 @@ export interface GenerationEngine {
    * a token is written `token_id:<id>`.
    */
   tokenBytes?(token: number): Uint8Array | undefined;
+  /**
+   * How the model writes tool calls (its chat template's syntax); without one, a request with tools is
+   * refused.
+   */
+  readonly toolCallSyntax?: ToolCallSyntax;
   /** The text of token ids, for echoing a prompt given as ids; without it such a prompt echoes as ''. */
   detokenize?(ids: number[]): string;
   /** Tokens routed to each expert of each MoE layer since load ([layer][expert]); empty if unknown. */

@@ -6,6 +6,7 @@ import type { CompletionRequest } from './request';
 import { invalidRequest } from './api-error';
 import { messageOf } from '../errors';
 import { checkLogitBias } from '../generate/sampling';
+import { toolCallSyntaxOf } from './tool-calls';
 
 export function modelEngine(model: MoeModel): GenerationEngine {
   // Long prompts are tokenized on the tokenizer's worker thread: started now, so the first one does
@@ -13,6 +14,7 @@ export function modelEngine(model: MoeModel): GenerationEngine {
   model.tokenizer?.startWorker();
   return {
     maxSequences: model.options.maxSequences,
+    toolCallSyntax: toolCallSyntaxOf(model.tokenizer?.chatTemplate?.source),
     start(request: CompletionRequest, signal: AbortSignal): GenerationRun {
       let result: GenerationResult | undefined;
       // generate() checks everything before queueing: its errors come out of the first next().
@@ -49,6 +51,7 @@ export function modelEngine(model: MoeModel): GenerationEngine {
             logprobs: request.topLogprobs !== undefined,
             promptLogprobs: request.echo && request.topLogprobs !== undefined,
             topLogprobs: request.topLogprobs,
+            tools: request.tools,
             signal,
           },
         );

@@ -7,12 +7,10 @@
 import { invalidRequest } from './api-error';
 import { messageOf } from '../errors';
 import { checkLogitBias } from '../generate/sampling';
+import type { ChatMessage } from '../text/chat';
 import { describe, isRecord } from '../validate';
 
-export interface ChatMessage {
-  role: string;
-  content: string;
-}
+export type { ChatMessage };
 
 export interface CompletionRequest {
   endpoint: 'chat' | 'completion';
@@ -43,6 +41,8 @@ export interface CompletionRequest {
   topLogprobs?: number;
   /** Completions: the text starts with the prompt (and the log probabilities with its tokens'). */
   echo: boolean;
+  /** Chat: the tools the model may call (left out with tool_choice 'none'). */
+  tools?: object[];
 }
 
 const ROLES = ['system', 'developer', 'user', 'assistant', 'tool'];
@@ -151,8 +151,78 @@ function messages(body: Body): ChatMessage[] {
       );
     // An assistant turn with tool calls may have null content; it still renders as an empty turn.
     const content = m.content === null && m.role === 'assistant' ? '' : messageContent(m.content, `${param}.content`);
-    return { role: m.role, content };
+    const message: ChatMessage = { role: m.role, content };
+    if (m.role === 'assistant' && present(m, 'tool_calls')) message.tool_calls = toolCalls(m.tool_calls, param);
+    for (const key of ['tool_call_id', 'name'] as const)
+      if (present(m, key)) {
+        const v = m[key];
+        if (typeof v !== 'string')
+          throw invalidRequest(
+            `'${param}.${key}' must be a string, got ${describe(v)}`,
+            `${param}.${key}`,
+            'invalid_type',
+          );
+        message[key] = v;
+      }
+    return message;
   });
+}
+
+/**
+ * An assistant turn's tool_calls, for the template: OpenAI sends each call's arguments as a JSON
+ * string, templates write them with `tojson`, so a string that holds a JSON object becomes that object.
+ */
+function toolCalls(v: unknown, param: string): object[] {
+  const name = `${param}.tool_calls`;
+  if (!Array.isArray(v)) throw invalidRequest(`'${name}' must be an array, got ${describe(v)}`, name, 'invalid_type');
+  return v.map((call, i) => {
+    const f = isRecord(call) ? call.function : undefined;
+    if (!isRecord(call) || !isRecord(f) || typeof f.name !== 'string')
+      throw invalidRequest(
+        `'${name}[${i}]' must be { id, type: 'function', function: { name, arguments } }, got ${describe(call)}`,
+        `${name}[${i}]`,
+        'invalid_type',
+      );
+    let args = f.arguments;
+    if (typeof args === 'string')
+      try {
+        const parsed: unknown = JSON.parse(args);
+        if (isRecord(parsed)) args = parsed;
+      } catch {
+        // Not JSON: the template gets the string as it came.
+      }
+    return { ...call, function: { ...f, arguments: args } };
+  });
+}
+
+/** `tools` (function definitions) and `tool_choice`: the tools the template renders, if any. */
+function tools(body: Body): object[] | undefined {
+  if (!present(body, 'tools')) return undefined;
+  const v = body.tools;
+  if (!Array.isArray(v)) throw invalidRequest(`'tools' must be an array, got ${describe(v)}`, 'tools', 'invalid_type');
+  v.forEach((t, i) => {
+    const f = isRecord(t) ? t.function : undefined;
+    if (!isRecord(t) || t.type !== 'function' || !isRecord(f) || typeof f.name !== 'string' || f.name === '')
+      throw invalidRequest(
+        `'tools[${i}]' must be { type: 'function', function: { name, description?, parameters? } }, got ${describe(t)}`,
+        `tools[${i}]`,
+        'invalid_type',
+      );
+    if (present(f, 'parameters') && !isRecord(f.parameters))
+      throw invalidRequest(
+        `'tools[${i}].function.parameters' must be a JSON Schema object, got ${describe(f.parameters)}`,
+        `tools[${i}].function.parameters`,
+        'invalid_type',
+      );
+  });
+  const choice = body.tool_choice;
+  if (present(body, 'tool_choice') && choice !== 'auto' && choice !== 'none')
+    throw invalidRequest(
+      `'tool_choice' ${describe(choice)} is not supported by this server: 'auto' and 'none' are (forcing a call needs constrained decoding)`,
+      'tool_choice',
+      'unsupported_parameter',
+    );
+  return v.length === 0 || choice === 'none' ? undefined : (v as object[]);
 }
 
 function prompt(body: Body): string | number[] {
@@ -195,7 +265,8 @@ export function parseCompletionRequest(endpoint: 'chat' | 'completion', body: un
     throw invalidRequest(`'best_of' must be 1 on this server, got ${best}`, 'best_of', 'unsupported_parameter');
   if (endpoint === 'chat') notSupported(body, 'echo', (v) => v === false, 'echo is a /v1/completions field');
   notSupported(body, 'suffix', (v) => v === '', 'no insertion mode');
-  notSupported(body, 'tools', (v) => Array.isArray(v) && v.length === 0, 'no tool calling');
+  if (endpoint === 'completion')
+    notSupported(body, 'tools', (v) => Array.isArray(v) && v.length === 0, 'tools are for /v1/chat/completions');
   notSupported(body, 'functions', (v) => Array.isArray(v) && v.length === 0, 'no function calling');
   notSupported(body, 'response_format', (v) => isRecord(v) && v.type === 'text', 'text output only');
   const maxCompletion = integer(body, 'max_completion_tokens', 1);
@@ -221,6 +292,7 @@ export function parseCompletionRequest(endpoint: 'chat' | 'completion', body: un
     ignoreEos: boolean(body, 'ignore_eos'),
     topLogprobs: endpoint === 'chat' ? chatLogprobs(body) : completionLogprobs(body),
     echo: endpoint === 'completion' && boolean(body, 'echo'),
+    tools: endpoint === 'chat' ? tools(body) : undefined,
   };
 }
 

@@ -10,6 +10,7 @@ import { ApiError, invalidRequest } from './api-error';
 import { CompletionRequest, parseCompletionRequest } from './request';
 import { ServerMetrics } from './metrics';
 import { LogprobWriter } from './logprobs';
+import { ToolCallStream, parseToolCalls } from './tool-calls';
 import type { GenerationEngine, FinishReason, GeneratedToken } from './engine';
 import { MoeModel } from '../model/model';
 import { modelEngine } from './model-engine';
@@ -143,6 +144,13 @@ export function createServer(
         'loading',
         { 'Retry-After': '5' },
       );
+    if (request.tools && !ready.toolCallSyntax)
+      throw invalidRequest(
+        "'tools' needs a chat template that teaches the model a tool-call syntax this server reads " +
+          "(Hermes-style <tool_call> tags, as Qwen's); this model's does not",
+        'tools',
+        'unsupported_parameter',
+      );
     // Each choice is a sequence: n of them count as n requests against the queue.
     const capacity = ready.maxSequences + maxQueue;
     if (request.n > capacity)
@@ -215,6 +223,7 @@ export function createServer(
         tokens: 0,
         last: 0,
         logprobs: request.topLogprobs === undefined ? null : new LogprobWriter(engine.tokenBytes?.bind(engine)),
+        toolCalls: request.tools && request.stream ? new ToolCallStream() : null,
       }));
       type Choice = (typeof choices)[number];
       /** What echo puts first: the prompt as sent (token ids as their text). */
@@ -255,7 +264,7 @@ export function createServer(
           : request.endpoint === 'chat'
             ? c.logprobs.takeChat()
             : c.logprobs.takeCompletion();
-      const delta = (c: Choice, content: string, finish: FinishReason | null) =>
+      const delta = (c: Choice, content: string, finish: FinishReason | 'tool_calls' | null) =>
         request.endpoint === 'chat'
           ? {
               index: c.index,
@@ -280,9 +289,22 @@ export function createServer(
               chunk({ index: c.index, delta: { role: 'assistant', content: '' }, logprobs: null, finish_reason: null });
             if (request.echo) chunk(delta(c, echo(c), null));
             const result = await drain(c, (piece) => {
-              if (piece.text !== '') chunk(delta(c, piece.text, null));
+              const text = c.toolCalls ? c.toolCalls.push(piece.text) : piece.text;
+              if (text !== '') chunk(delta(c, text, null));
             });
-            if (result.finishReason !== 'abort') chunk(delta(c, '', result.finishReason));
+            if (result.finishReason === 'abort') return result;
+            let finish: FinishReason | 'tool_calls' = result.finishReason;
+            if (c.toolCalls) {
+              // The text held from the first <tool_call> on: the calls, whole, or content after all.
+              const end = c.toolCalls.finish();
+              if (end.content !== '') chunk(delta(c, end.content, null));
+              if (end.calls) {
+                const calls = end.calls.map((call, k) => ({ index: k, ...call }));
+                chunk({ index: c.index, delta: { tool_calls: calls }, logprobs: takeLogprobs(c), finish_reason: null });
+                if (finish === 'stop') finish = 'tool_calls';
+              }
+            }
+            chunk(delta(c, '', finish));
             return result;
           }),
         );
@@ -302,16 +324,20 @@ export function createServer(
         if (stopping) throw shuttingDown();
         return void res.destroy();
       }
-      const answers = choices.map((c, i) =>
-        request.endpoint === 'chat'
-          ? {
-              index: c.index,
-              message: { role: 'assistant', content: c.text, refusal: null },
-              logprobs: takeLogprobs(c),
-              finish_reason: results[i].finishReason,
-            }
-          : { index: c.index, text: c.text, logprobs: takeLogprobs(c), finish_reason: results[i].finishReason },
-      );
+      const answers = choices.map((c, i) => {
+        const finish = results[i].finishReason;
+        if (request.endpoint === 'completion')
+          return { index: c.index, text: c.text, logprobs: takeLogprobs(c), finish_reason: finish };
+        const called = request.tools ? parseToolCalls(c.text) : null;
+        return {
+          index: c.index,
+          message: called
+            ? { role: 'assistant', content: called.content, tool_calls: called.calls, refusal: null }
+            : { role: 'assistant', content: c.text, refusal: null },
+          logprobs: takeLogprobs(c),
+          finish_reason: called && finish === 'stop' ? 'tool_calls' : finish,
+        };
+      });
       send(res, 200, { id, object, created: createdAt, model: modelId, choices: answers, usage: usage(results) });
     } catch (err) {
       fail(res, err); // answered before `done` settles: shutdown() closes the connections once all are

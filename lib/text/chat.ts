@@ -6,6 +6,19 @@ import { describe, isRecord } from '../validate';
 export interface ChatMessage {
   role: string;
   content: string;
+  /** An assistant turn's calls of tools; this and every other field reach the template as they are. */
+  tool_calls?: readonly unknown[];
+  /** A tool turn: the id of the call it answers. */
+  tool_call_id?: string;
+  name?: string;
+}
+
+/** The `tools` of a conversation: a list of objects the template renders (OpenAI's function definitions). */
+export function checkTools(name: string, v: unknown): object[] | undefined {
+  if (v === undefined) return undefined;
+  if (!Array.isArray(v) || !v.every(isRecord))
+    throw argTypeError(`${name} must be an array of tool definitions (objects), got ${describe(v)}`);
+  return v;
 }
 
 /** A list of { role, content } messages, checked; `name` is the argument errors cite. */
@@ -37,13 +50,20 @@ export class ChatTemplate {
    * The prompt text of `messages`. A template that refuses the conversation (raise_exception, a
    * missing field) is a RangeError naming the argument and quoting the template's message.
    */
-  render(messages: readonly ChatMessage[], addGenerationPrompt: boolean, name: string): string {
+  render(
+    messages: readonly ChatMessage[],
+    addGenerationPrompt: boolean,
+    name: string,
+    tools?: readonly object[],
+  ): string {
     try {
       return this.#template.render({
         messages,
         add_generation_prompt: addGenerationPrompt,
         bos_token: this.bosToken ?? '',
         eos_token: this.eosToken ?? '',
+        // Left out rather than empty: templates test `tools is defined` as often as `tools`.
+        ...(tools ? { tools } : {}),
       });
     } catch (err) {
       throw ChatTemplate.refusal(name, messageOf(err));

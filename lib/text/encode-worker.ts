@@ -55,6 +55,7 @@ function render(m) {
   try {
     const context = { messages: m.messages, add_generation_prompt: m.addGenerationPrompt,
       bos_token: t.bosToken, eos_token: t.eosToken };
+    if (m.tools) context.tools = m.tools;
     return { id: m.id, text: template.render(context) };
   } catch (err) {
     return { id: m.id, refused: err instanceof Error ? err.message : String(err) };
@@ -131,9 +132,9 @@ export class EncodeWorker {
    * The chat template's text of `messages`, rendered on the worker thread. A template that raises
    * rejects with TemplateRefusal; messages that cannot be copied to the thread, with WorkerUnavailable.
    */
-  async render(messages: readonly object[], addGenerationPrompt: boolean): Promise<string> {
+  async render(messages: readonly object[], addGenerationPrompt: boolean, tools?: readonly object[]): Promise<string> {
     if (!this.#source.chatTemplate) throw new WorkerUnavailable('the checkpoint has no chat template');
-    const reply = await this.#call({ kind: 'render', messages, addGenerationPrompt });
+    const reply = await this.#call({ kind: 'render', messages, addGenerationPrompt, tools });
     if (typeof reply.text === 'string') return reply.text;
     if (reply.refused !== undefined) throw new TemplateRefusal(reply.refused);
     throw new WorkerUnavailable(reply.error ?? 'the tokenizer worker failed');

@@ -196,11 +196,16 @@ export class TextTokenizer {
     return piece === undefined ? new Uint8Array(0) : this.#pieceBytes(piece);
   }
 
-  /** The prompt text of a conversation, by the checkpoint's chat template. */
-  renderChat(messages: readonly ChatMessage[], addGenerationPrompt: boolean, name: string): string {
+  /** The prompt text of a conversation (and the tools it may call), by the checkpoint's chat template. */
+  renderChat(
+    messages: readonly ChatMessage[],
+    addGenerationPrompt: boolean,
+    name: string,
+    tools?: readonly object[],
+  ): string {
     if (!this.chatTemplate)
       throw argTypeError(`${name} is a list of messages, but tokenizer_config.json has no chat_template`);
-    return this.chatTemplate.render(messages, addGenerationPrompt, name);
+    return this.chatTemplate.render(messages, addGenerationPrompt, name, tools);
   }
 
   /**
@@ -208,7 +213,12 @@ export class TextTokenizer {
    * a plain object, is rendered on the worker thread (the same text, the same RangeError when the
    * template refuses it); others, or where the worker cannot serve, here.
    */
-  async renderChatAsync(messages: readonly ChatMessage[], addGenerationPrompt: boolean, name: string): Promise<string> {
+  async renderChatAsync(
+    messages: readonly ChatMessage[],
+    addGenerationPrompt: boolean,
+    name: string,
+    tools?: readonly object[],
+  ): Promise<string> {
     const worker = this.#worker;
     // Only plain objects reach the thread as they are: a class's getters or methods would not.
     const onWorker =
@@ -216,12 +226,12 @@ export class TextTokenizer {
       this.chatTemplate &&
       messages.length >= TextTokenizer.WORKER_MIN_MESSAGES &&
       messages.every((m) => Object.getPrototypeOf(m) === Object.prototype);
-    if (!onWorker) return this.renderChat(messages, addGenerationPrompt, name);
+    if (!onWorker) return this.renderChat(messages, addGenerationPrompt, name, tools);
     try {
-      return await worker.render(messages, addGenerationPrompt);
+      return await worker.render(messages, addGenerationPrompt, tools);
     } catch (err) {
       if (err instanceof TemplateRefusal) throw ChatTemplate.refusal(name, err.message);
-      if (err instanceof WorkerUnavailable) return this.renderChat(messages, addGenerationPrompt, name);
+      if (err instanceof WorkerUnavailable) return this.renderChat(messages, addGenerationPrompt, name, tools);
       throw err;
     }
   }

@@ -20,6 +20,20 @@ export const CHAT_TEMPLATE =
   "[{{ m['role'] }}] {{ m['content'] }}{{ eos_token if m['role'] == 'assistant' else '' }}\n" +
   '{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}';
 
+/**
+ * A chat template with tools in the style of Qwen's: the tool definitions as JSON in a system turn, the
+ * Hermes syntax for calls, an assistant turn's calls and a tool turn's answer.
+ */
+export const TOOLS_TEMPLATE =
+  '{%- if tools %}[system] Tools:{% for t in tools %}\n{{ t | tojson }}{% endfor %}\n' +
+  'Call one as <tool_call>{"name": ..., "arguments": ...}</tool_call>\n{% endif %}' +
+  "{% for m in messages %}{% if m.role == 'assistant' and m.tool_calls %}[assistant]" +
+  '{% for c in m.tool_calls %}<tool_call>{"name": "{{ c.function.name }}", "arguments": ' +
+  '{{ c.function.arguments | tojson }}}</tool_call>{% endfor %}\n' +
+  "{% elif m.role == 'tool' %}[tool {{ m.tool_call_id }}] {{ m.content }}\n" +
+  '{% else %}[{{ m.role }}] {{ m.content }}\n{% endif %}{% endfor %}' +
+  '{% if add_generation_prompt %}[assistant] {% endif %}';
+
 /** Text the merges are learnt from: English, accented Latin, CJK, emoji. */
 export const CORPUS = [
   'the quick brown fox jumps over the lazy dog and the cat sat on the mat',

@@ -1,0 +1,82 @@
+/**
+ * Tool calls in generated text (lib/server/tool-calls): the Hermes syntax parsed into OpenAI's
+ * tool_calls, and the same calls from text streamed in random pieces, the content before them
+ * streamed as it comes.
+ */
+import { ToolCallStream, parseToolCalls, toolCallSyntaxOf } from '../lib/server/tool-calls';
+import { rng } from './helpers/reference';
+
+const call = (name: string, args: unknown) => `<tool_call>\n${JSON.stringify({ name, arguments: args })}\n</tool_call>`;
+const strip = (calls: { function: { name: string; arguments: string } }[] | null) =>
+  calls && calls.map((c) => [c.function.name, JSON.parse(c.function.arguments) as unknown]);
+
+test('the syntax of a template: Hermes where it writes <tool_call>, none otherwise', () => {
+  expect(toolCallSyntaxOf('{% for t in tools %}{{ t | tojson }}{% endfor %}<tool_call>')).toBe('hermes');
+  expect(toolCallSyntaxOf('{{ messages }}')).toBeUndefined();
+  expect(toolCallSyntaxOf(undefined)).toBeUndefined();
+});
+
+test.each([
+  ['one call', call('get_weather', { city: 'Zürich', days: 3 }), null, [['get_weather', { city: 'Zürich', days: 3 }]]],
+  [
+    'text, then two calls',
+    'Let me check. ' + call('a', {}) + '\n' + call('b', { x: [1, 2] }),
+    'Let me check. ',
+    [
+      ['a', {}],
+      ['b', { x: [1, 2] }],
+    ],
+  ],
+  ['a call cut off by the end of the text', '<tool_call>{"name": "f", "arguments": {"q": 1}}', null, [['f', { q: 1 }]]],
+  ['no arguments', '<tool_call>{"name": "now"}</tool_call>', null, [['now', {}]]],
+])('%s', (_, text, content, calls) => {
+  const parsed = parseToolCalls(text);
+  expect(parsed?.content).toBe(content);
+  expect(strip(parsed!.calls)).toEqual(calls);
+  for (const c of parsed!.calls) {
+    expect(c.type).toBe('function');
+    expect(c.id).toMatch(/^call_[0-9a-f]{24}$/);
+  }
+  expect(new Set(parsed!.calls.map((c) => c.id)).size).toBe(parsed!.calls.length);
+});
+
+test('arguments given as a string stay that string; what is not a call is no call', () => {
+  expect(
+    parseToolCalls('<tool_call>{"name": "f", "arguments": "{\\"a\\":1}"}</tool_call>')!.calls[0].function.arguments,
+  ).toBe('{"a":1}');
+  expect(parseToolCalls('plain text, no call')).toBeNull();
+  expect(parseToolCalls('<tool_call>not json</tool_call>')).toBeNull();
+  expect(parseToolCalls('<tool_call>{"arguments": {}}</tool_call>')).toBeNull(); // no name
+  expect(parseToolCalls('<tool_call>[1, 2]</tool_call>')).toBeNull();
+  expect(parseToolCalls(call('ok', {}) + '<tool_call>{"name": broken')).toBeNull();
+});
+
+test('streamed in random pieces: the content as it comes, the calls at the end, as parsed whole', () => {
+  const rand = rng(17);
+  const texts = [
+    'Checking the weather. ' + call('get_weather', { city: 'Genève' }) + call('get_time', { tz: 'UTC+1' }),
+    call('only', { a: '<tool_call>' }),
+    'no call at all, though < and <tool are here <tool_ca',
+    'a call that does not parse <tool_call>{"name": </tool_call>',
+  ];
+  for (const text of texts)
+    for (let trial = 0; trial < 20; trial++) {
+      const stream = new ToolCallStream();
+      let content = '';
+      for (let at = 0; at < text.length;) {
+        const n = 1 + Math.floor(rand() * 6);
+        content += stream.push(text.slice(at, at + n));
+        at += n;
+      }
+      const end = stream.finish();
+      content += end.content;
+      const whole = parseToolCalls(text);
+      if (whole) {
+        expect(content).toBe(whole.content ?? '');
+        expect(strip(end.calls)).toEqual(strip(whole.calls));
+      } else {
+        expect(content).toBe(text);
+        expect(end.calls).toBeNull();
+      }
+    }
+});
