@@ -59,6 +59,11 @@ class FakeEngine implements GenerationEngine {
           release();
           return { done: true, value: undefined };
         }
+        // 'FAIL' in the prompt: an odd seed's generation fails at its third token (a model error mid-way).
+        if (source.includes('FAIL') && (request.seed ?? 0) % 2 === 1 && i === 2) {
+          release();
+          throw new Error('the step failed');
+        }
         const token = out[i].codePointAt(0)!;
         // '~' stands for a token whose text is held back (part of a character): it has none of its own.
         const piece = { token, text: out[i] === '~' ? '' : out[i] };
@@ -303,6 +308,22 @@ describe('server over a fake engine', () => {
     // Without a seed each choice draws its own.
     await client.completions.create({ model: 'x', prompt: 'q', n: 2 });
     expect(engine.started.slice(-2).map((s) => s.request.seed)).toEqual([undefined, undefined]);
+  });
+
+  test('n streamed choices, one failing mid-way: an error event ends the stream, the others are cancelled', async () => {
+    const res = await fetch(`${base}/v1/completions`, {
+      method: 'POST',
+      headers: { Authorization: `Bearer ${KEY}`, 'Content-Type': 'application/json' },
+      body: JSON.stringify({ prompt: 'FAIL' + 'x'.repeat(60), n: 2, seed: 0, stream: true }),
+    });
+    expect(res.status).toBe(200);
+    const text = await res.text();
+    expect(text).toMatch(/data: \{"error":\{"message":"the step failed","type":"server_error"/);
+    expect(text).not.toContain('[DONE]');
+    expect(engine.started.map((s) => s.signal.aborted)).toEqual([true, true]); // the other choice too
+    await waitFor(() => engine.active === 0);
+    const after = await client.completions.create({ model: 'x', prompt: 'ok' });
+    expect(after.choices[0].text).toBe('ko');
   });
 
   test('echo: the prompt first, in the text and in the log probabilities; streamed first', async () => {

@@ -206,13 +206,7 @@ export function createServer(
       const createdAt = Math.floor(Date.now() / 1000);
       // The first tokens are awaited before any header, so that a request the model refuses (a prompt
       // over the context, a template that throws) still gets a plain 400; the other choices then end.
-      let firsts: IteratorResult<GeneratedToken>[];
-      try {
-        firsts = await Promise.all(runs.map((r) => r.next()));
-      } catch (err) {
-        abort.abort();
-        throw err;
-      }
+      const firsts = await Promise.all(runs.map((r) => r.next()));
       // Cancelled by shutdown() before its first token (waiting for a sequence, or reading its prompt).
       if (stopping && firsts.some((f, i) => f.done && runs[i].result().finishReason === 'abort')) throw shuttingDown();
       const choices = runs.map((run, index) => ({
@@ -280,7 +274,8 @@ export function createServer(
           Connection: 'keep-alive',
         });
         const usageField = request.includeUsage ? { usage: null } : {};
-        const event = (data: unknown) => res.write(`data: ${JSON.stringify(data)}\n\n`);
+        // Once a choice fails the stream has ended with the error; the other choices' last pieces go nowhere.
+        const event = (data: unknown) => void (res.writableEnded || res.write(`data: ${JSON.stringify(data)}\n\n`));
         const chunk = (c: unknown) =>
           event({ id, object: chunkObject, created: createdAt, model: modelId, choices: [c], ...usageField });
         const results = await Promise.all(
@@ -340,6 +335,7 @@ export function createServer(
       });
       send(res, 200, { id, object, created: createdAt, model: modelId, choices: answers, usage: usage(results) });
     } catch (err) {
+      abort.abort(); // the other choices of the request end too
       fail(res, err); // answered before `done` settles: shutdown() closes the connections once all are
     } finally {
       res.off('close', onClose);
