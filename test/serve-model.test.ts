@@ -280,6 +280,22 @@ test('tools with a template that teaches no tool-call syntax: a 400 naming tools
   expect((err as InstanceType<typeof OpenAI.BadRequestError>).param).toBe('tools');
 });
 
+test('response_format json_object gives what model.complete gives in JSON mode: a JSON prefix', async () => {
+  const options = { temperature: 0.9, seed: 8, maxTokens: 30 };
+  const alone = await model.complete(chat, { ...options, responseFormat: 'json' });
+  const r = await client.chat.completions.create({
+    model: 'x',
+    messages: chat,
+    temperature: 0.9,
+    seed: 8,
+    max_tokens: 30,
+    response_format: { type: 'json_object' },
+  });
+  expect(r.choices[0].message.content).toBe(alone.text);
+  expect(alone.text.trimStart()[0]).toBe('{');
+  expect((await model.complete(chat, options)).text).not.toBe(alone.text);
+});
+
 test('the same seed gives the same text twice', async () => {
   const ask = () =>
     client.chat.completions

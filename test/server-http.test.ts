@@ -493,7 +493,21 @@ describe('server over a fake engine', () => {
       frequency_penalty: -0.25,
       logit_bias: { '17': -100, '3': 2.5 },
     });
-    expect(engine.started.at(-1)!.request).toMatchObject({
+    await client.chat.completions.create({ model: 'x', messages: [{ role: 'user', content: 'hi' }] });
+    expect(engine.started.at(-1)!.request.json).toBe(false);
+    await client.chat.completions.create({
+      model: 'x',
+      messages: [{ role: 'user', content: 'hi' }],
+      response_format: { type: 'json_object' },
+    });
+    expect(engine.started.at(-1)!.request.json).toBe(true);
+    await client.chat.completions.create({
+      model: 'x',
+      messages: [{ role: 'user', content: 'hi' }],
+      response_format: { type: 'text' },
+    });
+    expect(engine.started.at(-1)!.request.json).toBe(false);
+    expect(engine.started.at(-4)!.request).toMatchObject({
       presencePenalty: 0.5,
       frequencyPenalty: -0.25,
       logitBias: { '17': -100, '3': 2.5 },
@@ -529,6 +543,8 @@ describe('server over a fake engine', () => {
     [{ top_p: 1.5 }, 'top_p'],
     [{ max_tokens: 2.5 }, 'max_tokens'],
     [{ max_tokens: 0 }, 'max_tokens'],
+    [{ response_format: { type: 'json_schema', json_schema: { name: 'x', schema: {} } } }, 'response_format'],
+    [{ response_format: 'json' }, 'response_format'],
     [{ n: 0 }, 'n'],
     [{ n: 1.5 }, 'n'],
     [{ n: 4 }, 'n'],

@@ -14,6 +14,7 @@ import { type DecoderConfig, positionCost } from '../model/config';
 import type { ModelSequence, StepEntry } from '../model/model';
 import { StreamDecoder } from '../text/stream';
 import type { TextTokenizer } from '../text/tokenizer';
+import type { JsonConstraint } from './json-constraint';
 import { LogprobRequest, PromptTokenLogprobs, TokenLogprob, TokenLogprobs, tokenLogprobs } from './logprobs';
 import { Sampler, SamplingParams } from './sampling';
 import { StopMatcher } from './stop';
@@ -89,6 +90,8 @@ export class Request {
   readonly logprobs: TokenLogprobs[] | null;
   /** Entries of the prompt's tokens when their log probabilities are asked for, filled as it is fed. */
   readonly promptLogprobs: PromptTokenLogprobs[] | null;
+  /** JSON mode: the tokens that may come next. */
+  json: JsonConstraint | null = null;
   sequence: ModelSequence | null = null;
   /** Tokens of `tokens` that are in the sequence's cache or in the step running. */
   fed = 0;
@@ -200,6 +203,7 @@ export class Engine {
   /** positionCost() of the model, and the work of a TOKENS_PER_STEP-token prompt alone in those units. */
   readonly #positionCost: number;
   #stepBudget = 0;
+  #maskBuffer: Uint8Array | null = null;
   #looping = false;
 
   constructor(model: EngineModel) {
@@ -386,7 +390,10 @@ export class Engine {
 
   #advance(r: Request, logits: Float32Array): void {
     if (r.done || r.fed < r.prompt.length) return;
-    const token = r.sampler.sample(logits, r.tokens, r.generated);
+    let allowed: Uint8Array | undefined;
+    if (r.json) r.json.allowed((allowed = this.#mask(logits.length)));
+    const token = r.sampler.sample(logits, r.tokens, r.generated, allowed);
+    r.json?.advance(token);
     const scored = r.logprobs ? tokenLogprobs(logits, token, r.scoring.top) : null;
     r.generated.push(token);
     if (scored) r.logprobs!.push(scored);
@@ -423,6 +430,12 @@ export class Engine {
     }
     this.#kept.push({ sequence, tokens: r.tokens.slice(0, sequence.length) });
     while (this.#kept.length > this.#model.options.maxSequences) this.#evict();
+  }
+
+  /** The mask JSON mode fills for each of its tokens (sampling is synchronous: one serves all). */
+  #mask(vocab: number): Uint8Array {
+    if (!this.#maskBuffer || this.#maskBuffer.length !== vocab) this.#maskBuffer = new Uint8Array(vocab);
+    return this.#maskBuffer;
   }
 
   #evict(): void {

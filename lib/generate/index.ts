@@ -10,6 +10,7 @@ import { ChatMessage, checkMessages, checkTools } from '../text/chat';
 import { TextTokenizer } from '../text/tokenizer';
 import { checkObject, checkSignal, describe, isRecord } from '../validate';
 import { Engine, GenerationPiece, GenerationResult, Request } from './engine';
+import { JsonConstraint } from './json-constraint';
 import { checkLogprobs } from './logprobs';
 import { SamplingOptions, checkSampling } from './sampling';
 import { checkStop } from './stop';
@@ -24,6 +25,12 @@ export type Prompt = string | readonly ChatMessage[] | ArrayLike<number>;
 export interface GenerateOptions extends SamplingOptions {
   /** Tokens to generate at most; default: until the end of the context. */
   maxTokens?: number;
+  /**
+   * 'json': the output is a JSON object. Tokens that cannot continue one are left out of every draw,
+   * and once the object is complete only end-of-sequence tokens remain (maxTokens may still cut it);
+   * the prompt should ask for JSON too. Default 'text'.
+   */
+  responseFormat?: 'text' | 'json';
   /**
    * With messages: the tools the model may call, rendered by the chat template as its `tools`
    * (OpenAI's `{ type: 'function', function: { name, description, parameters } }` for most templates).
@@ -199,10 +206,15 @@ export function generate(model: GenerateModel, engine: Engine, prompt: unknown, 
   if (o.ignoreEos !== undefined && typeof o.ignoreEos !== 'boolean')
     throw argTypeError(`options.ignoreEos must be a boolean, got ${describe(o.ignoreEos)}`);
   const scoring = checkLogprobs('options', o);
+  if (o.responseFormat !== undefined && o.responseFormat !== 'text' && o.responseFormat !== 'json')
+    throw argTypeError(`options.responseFormat must be 'text' or 'json', got ${describe(o.responseFormat)}`);
+  const json = o.responseFormat === 'json';
+  if (json && !model.tokenizer) throw noTokenizer();
   const eos = new Set(o.ignoreEos ? [] : [...model.config.eosTokenIds, ...(model.tokenizer?.eosTokenIds ?? [])]);
 
-  const start = (ids: number[]): Request => {
+  const start = (ids: number[], constraint: JsonConstraint | null): Request => {
     const request = new Request(ids, params, maxTokens, stop, model.tokenizer, eos, scoring);
+    request.json = constraint;
     if (signal) {
       const onAbort = () => engine.cancel(request);
       if (signal.aborted) request.finish('abort');
@@ -218,11 +230,13 @@ export function generate(model: GenerateModel, engine: Engine, prompt: unknown, 
   if (tools && !(Array.isArray(prompt) && prompt.length > 0 && isRecord(prompt[0])))
     throw argTypeError('options.tools needs a prompt of messages: the chat template renders them');
   const ids = promptTokens(model, prompt, tools);
+  // The first JSON request of a tokenizer gathers its vocabulary's bytes between turns of the event loop.
+  const constraint = json ? JsonConstraint.create(model.tokenizer!, model.config.vocabSize, eos) : null;
   let request: Request | Promise<Request>;
-  if (ids instanceof Promise) {
-    request = ids.then(start);
+  if (ids instanceof Promise || constraint instanceof Promise) {
+    request = Promise.all([ids, constraint]).then(([i, c]) => start(i, c));
     request.catch(() => undefined); // a generation never read must not end the process
-  } else request = start(ids);
+  } else request = start(ids, constraint);
 
   const generation: Generation = {
     next: request instanceof Request ? request.next.bind(request) : async () => (await request).next(),

@@ -258,14 +258,19 @@ export class Sampler {
    * The next token from `logits` ([vocab]); `history` holds the tokens the repetition penalty sees (the
    * prompt and the output), `output` the tokens the presence and frequency penalties see. The counts of
    * `output` are kept between calls while it only grows (the generation's own array), so a token costs
-   * only its new entries.
+   * only its new entries. `allowed` ([vocab]), when given, leaves out every token where it holds 0.
    */
-  sample(logits: Float32Array, history: readonly number[], output: readonly number[] = []): number {
+  sample(
+    logits: Float32Array,
+    history: readonly number[],
+    output: readonly number[] = [],
+    allowed?: Uint8Array,
+  ): number {
     const V = logits.length;
     const { temperature, topK, topP, minP, repetitionPenalty } = this.#params;
     const bias = this.#params.logitBias;
     const biased = bias !== undefined && bias.size > 0;
-    if (temperature === 0 && repetitionPenalty === 1 && !this.#penalised && !biased) {
+    if (temperature === 0 && repetitionPenalty === 1 && !this.#penalised && !biased && !allowed) {
       const best = argmax(logits); // greedy: nothing to copy
       if (best < 0) throw notSampleable();
       return best;
@@ -273,6 +278,8 @@ export class Sampler {
     const sc = scratchFor(V);
     const x = sc.values;
     for (let i = 0; i < V; i++) x[i] = logits[i];
+    // A constraint's mask goes first: every filter then works among the tokens it allows.
+    if (allowed) for (let i = 0; i < V; i++) if (!allowed[i]) x[i] = -Infinity;
     if (biased) for (const [t, b] of bias) if (t < V) x[t] += b;
     if (repetitionPenalty !== 1) {
       const stamp = ++sc.stampNow;

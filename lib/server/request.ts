@@ -2,7 +2,8 @@
  * The body of `POST /v1/chat/completions` and `POST /v1/completions`, checked field by field into what
  * the generator takes. A field of the wrong type or out of range is a 400 that names it, before the
  * model sees anything. Fields this server does not know are ignored, as most OpenAI-compatible servers
- * do; known features it does not have (best_of > 1, tools, JSON output) are refused rather than dropped.
+ * do; known features it does not have (best_of > 1, forced tool calls, JSON schemas) are refused rather
+ * than dropped.
  */
 import { invalidRequest } from './api-error';
 import { messageOf } from '../errors';
@@ -41,6 +42,8 @@ export interface CompletionRequest {
   topLogprobs?: number;
   /** Completions: the text starts with the prompt (and the log probabilities with its tokens'). */
   echo: boolean;
+  /** `response_format: { type: 'json_object' }`: the output is a JSON object. */
+  json: boolean;
   /** Chat: the tools the model may call (left out with tool_choice 'none'). */
   tools?: object[];
 }
@@ -195,6 +198,24 @@ function toolCalls(v: unknown, param: string): object[] {
   });
 }
 
+/** `response_format`: text, or a JSON object (a schema would need a grammar of its own: refused). */
+function responseFormat(body: Body): boolean {
+  if (!present(body, 'response_format')) return false;
+  const v = body.response_format;
+  if (!isRecord(v) || typeof v.type !== 'string')
+    throw invalidRequest(
+      `'response_format' must be { type: 'text' | 'json_object' }, got ${describe(v)}`,
+      'response_format',
+      'invalid_type',
+    );
+  if (v.type === 'text' || v.type === 'json_object') return v.type === 'json_object';
+  throw invalidRequest(
+    `'response_format' of type ${JSON.stringify(v.type)} is not supported by this server: 'text' and 'json_object' are`,
+    'response_format',
+    'unsupported_parameter',
+  );
+}
+
 /** `tools` (function definitions) and `tool_choice`: the tools the template renders, if any. */
 function tools(body: Body): object[] | undefined {
   if (!present(body, 'tools')) return undefined;
@@ -218,7 +239,7 @@ function tools(body: Body): object[] | undefined {
   const choice = body.tool_choice;
   if (present(body, 'tool_choice') && choice !== 'auto' && choice !== 'none')
     throw invalidRequest(
-      `'tool_choice' ${describe(choice)} is not supported by this server: 'auto' and 'none' are (forcing a call needs constrained decoding)`,
+      `'tool_choice' ${describe(choice)} is not supported by this server: 'auto' and 'none' are (forcing a call needs a grammar of the call syntax)`,
       'tool_choice',
       'unsupported_parameter',
     );
@@ -268,7 +289,6 @@ export function parseCompletionRequest(endpoint: 'chat' | 'completion', body: un
   if (endpoint === 'completion')
     notSupported(body, 'tools', (v) => Array.isArray(v) && v.length === 0, 'tools are for /v1/chat/completions');
   notSupported(body, 'functions', (v) => Array.isArray(v) && v.length === 0, 'no function calling');
-  notSupported(body, 'response_format', (v) => isRecord(v) && v.type === 'text', 'text output only');
   const maxCompletion = integer(body, 'max_completion_tokens', 1);
   const maxTokens = integer(body, 'max_tokens', 1);
   return {
@@ -293,6 +313,7 @@ export function parseCompletionRequest(endpoint: 'chat' | 'completion', body: un
     topLogprobs: endpoint === 'chat' ? chatLogprobs(body) : completionLogprobs(body),
     echo: endpoint === 'completion' && boolean(body, 'echo'),
     tools: endpoint === 'chat' ? tools(body) : undefined,
+    json: responseFormat(body),
   };
 }
 

@@ -45,6 +45,8 @@ export class TextTokenizer {
   readonly chatTemplate: ChatTemplate | null;
   /** One past the largest id the tokenizer can produce. */
   readonly vocabLimit: number;
+  /** Ids of the special tokens (BOS, EOS, chat markers, ...), which decode() leaves out. */
+  readonly specialTokenIds: ReadonlySet<number>;
   /** Texts from this many UTF-16 code units on are tokenized on a worker thread by encodeAsync. */
   static readonly WORKER_MIN_CHARS = 8192;
   /**
@@ -78,7 +80,12 @@ export class TextTokenizer {
       throw checkpointError(source, `tokenizer.json cannot be read: ${messageOf(err)}`, err);
     }
     this.#pieceBytes = tokenBytesOf((tokenizerJson as Record<string, unknown>).decoder);
-    for (const [id, token] of this.#tokenizer.get_added_tokens_decoder()) this.#added.set(id, token.content);
+    const special = new Set<number>();
+    for (const [id, token] of this.#tokenizer.get_added_tokens_decoder()) {
+      this.#added.set(id, token.content);
+      if (token.special) special.add(id);
+    }
+    this.specialTokenIds = special;
     this.bosToken = tokenText(config.bos_token);
     this.eosToken = tokenText(config.eos_token);
     const eos = this.eosToken === null ? undefined : this.#tokenizer.token_to_id(this.eosToken);

@@ -1,0 +1,173 @@
+/**
+ * JSON mode: before each draw, the tokens whose bytes cannot continue a JSON object are masked out
+ * (the mask goes before every filter, so top-k and top-p choose among tokens that fit), and once the
+ * object is complete only end-of-sequence tokens remain.
+ *
+ * The mask walks the vocabulary sorted by bytes, as a trie: the automaton's state after each byte of a
+ * token is kept by depth, so a token only feeds the bytes past what it shares with the one before, and
+ * when a prefix fails, every token that starts with it is skipped by one comparison each. Inside a
+ * string, a token of plain text (no quote, backslash or control byte) needs no automaton at all.
+ */
+import { MoeError } from '../errors';
+import type { TextTokenizer } from '../text/tokenizer';
+import { JSON_START, JsonState, jsonAdvance, jsonComplete, jsonInString, jsonStep } from './json-prefix';
+
+interface VocabularyBytes {
+  bytes: Uint8Array[];
+  /** Token ids with bytes, in byte order (special and empty tokens left out). */
+  order: Int32Array;
+  /** lcp[k]: bytes token order[k] shares with order[k - 1] at its start. */
+  lcp: Uint16Array;
+  /** The longest token, in bytes. */
+  longest: number;
+  /** 1 where a token's bytes hold no '"', '\' or control byte: it stays inside a string. */
+  plain: Uint8Array;
+  /** Tokens of spaces only (what may follow a complete object when no end-of-sequence token is set). */
+  spaces: number[];
+}
+
+const vocabularies = new WeakMap<TextTokenizer, Map<number, VocabularyBytes>>();
+/** Tokens read per turn of the event loop while a vocabulary's bytes are gathered. */
+const BUILD_CHUNK = 16384;
+
+function compareBytes(a: Uint8Array, b: Uint8Array): number {
+  const n = Math.min(a.length, b.length);
+  for (let i = 0; i < n; i++) if (a[i] !== b[i]) return a[i] - b[i];
+  return a.length - b.length;
+}
+
+/** The vocabulary's bytes, gathered in chunks between turns of the event loop the first time. */
+async function buildVocabulary(tokenizer: TextTokenizer, vocab: number): Promise<VocabularyBytes> {
+  const bytes: Uint8Array[] = [];
+  const plain = new Uint8Array(vocab);
+  const spaces: number[] = [];
+  const ids: number[] = [];
+  for (let t = 0; t < vocab; t++) {
+    if (t > 0 && t % BUILD_CHUNK === 0) await new Promise((r) => setImmediate(r));
+    const b = tokenizer.specialTokenIds.has(t) ? new Uint8Array(0) : tokenizer.tokenBytes(t);
+    bytes.push(b);
+    if (b.length === 0) continue;
+    ids.push(t);
+    plain[t] = b.every((x) => x >= 0x20 && x !== 0x22 && x !== 0x5c) ? 1 : 0;
+    if (b.every((x) => x === 0x20 || x === 0x0a || x === 0x0d || x === 0x09)) spaces.push(t);
+  }
+  ids.sort((a, b) => compareBytes(bytes[a], bytes[b]) || a - b);
+  const order = Int32Array.from(ids);
+  const lcp = new Uint16Array(order.length);
+  let longest = 0;
+  for (let k = 0; k < order.length; k++) {
+    const b = bytes[order[k]];
+    longest = Math.max(longest, b.length);
+    if (k === 0) continue;
+    const p = bytes[order[k - 1]];
+    let n = 0;
+    while (n < b.length && n < p.length && n < 0xffff && b[n] === p[n]) n++;
+    lcp[k] = n;
+  }
+  return { bytes, order, lcp, longest, plain, spaces };
+}
+
+export class JsonConstraint {
+  readonly #vocab: VocabularyBytes;
+  readonly #eos: readonly number[];
+  #state: JsonState = { ...JSON_START };
+  // The automaton's state by depth along the current token (allowed()'s working memory).
+  readonly #mode: Int32Array;
+  readonly #aux: Int32Array;
+  readonly #key: Uint8Array;
+  readonly #literal: Int32Array;
+  readonly #stack: string[];
+
+  private constructor(vocab: VocabularyBytes, eos: ReadonlySet<number>, size: number) {
+    this.#vocab = vocab;
+    this.#eos = [...eos].filter((t) => t < size);
+    const depth = vocab.longest + 1;
+    [this.#mode, this.#aux, this.#literal] = [new Int32Array(depth), new Int32Array(depth), new Int32Array(depth)];
+    this.#key = new Uint8Array(depth);
+    this.#stack = new Array<string>(depth).fill('');
+  }
+
+  /** A constraint over the tokenizer's vocabulary: at once when its bytes were gathered before, else a promise. */
+  static create(
+    tokenizer: TextTokenizer,
+    vocab: number,
+    eos: ReadonlySet<number>,
+  ): JsonConstraint | Promise<JsonConstraint> {
+    let byVocab = vocabularies.get(tokenizer);
+    if (!byVocab) vocabularies.set(tokenizer, (byVocab = new Map()));
+    const known = byVocab.get(vocab);
+    if (known) return new JsonConstraint(known, eos, vocab);
+    return buildVocabulary(tokenizer, vocab).then((v) => {
+      byVocab.set(vocab, v);
+      return new JsonConstraint(v, eos, vocab);
+    });
+  }
+
+  /** Writes 1 into `mask` ([vocab]) for every token that may come next, 0 for the others. */
+  allowed(mask: Uint8Array): void {
+    mask.fill(0);
+    const s = this.#state;
+    const { bytes, order, lcp, plain, spaces } = this.#vocab;
+    let any = false;
+    if (jsonComplete(s)) {
+      const ends = this.#eos.length > 0 ? this.#eos : spaces;
+      for (const t of ends) mask[t] = 1;
+      any = ends.length > 0;
+    } else {
+      const inString = jsonInString(s);
+      const [mode, aux, key, literal, stack] = [this.#mode, this.#aux, this.#key, this.#literal, this.#stack];
+      [mode[0], aux[0], key[0], literal[0], stack[0]] = [s.mode, s.aux, s.key ? 1 : 0, s.literal, s.stack];
+      const cursor: JsonState = { ...s };
+      /** Depths 0..known hold the states along the previous token's bytes. */
+      let known = 0;
+      /** The previous token failed at a prefix of this many bytes; the tokens after it that share it fail too. */
+      let failed = 0;
+      for (let k = 0; k < order.length; k++) {
+        if (failed > 0 && lcp[k] >= failed) continue;
+        failed = 0;
+        const t = order[k];
+        if (inString && plain[t]) {
+          mask[t] = 1;
+          known = 0;
+          any = true;
+          continue;
+        }
+        const b = bytes[t];
+        let d = Math.min(lcp[k], known);
+        [cursor.mode, cursor.aux, cursor.key, cursor.literal, cursor.stack] = [
+          mode[d],
+          aux[d],
+          key[d] === 1,
+          literal[d],
+          stack[d],
+        ];
+        for (; d < b.length; d++) {
+          if (!jsonStep(cursor, b[d])) break;
+          [mode[d + 1], aux[d + 1], key[d + 1], literal[d + 1], stack[d + 1]] = [
+            cursor.mode,
+            cursor.aux,
+            cursor.key ? 1 : 0,
+            cursor.literal,
+            cursor.stack,
+          ];
+        }
+        known = d;
+        if (d === b.length) {
+          mask[t] = 1;
+          any = true;
+        } else failed = d + 1;
+      }
+    }
+    if (!any)
+      throw new MoeError(
+        'ERR_MOE_CHECKPOINT',
+        'JSON mode: no token of the vocabulary continues the JSON text here (a tokenizer without single-byte tokens?)',
+      );
+  }
+
+  /** Moves past the token chosen (one that allowed() permitted). */
+  advance(token: number): void {
+    if (jsonComplete(this.#state)) return;
+    this.#state = jsonAdvance(this.#state, this.#vocab.bytes[token]) ?? this.#state;
+  }
+}
