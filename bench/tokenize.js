@@ -19,7 +19,7 @@ const os = require('os');
 const path = require('path');
 const { TextTokenizer } = require('../dist');
 const { baseVocab, byteChars, byteLevelJson } = require('./tokenizer-file');
-const { fmt, median } = require('./util');
+const { fmt, longestGap, median } = require('./util');
 
 function arg(name, fallback) {
   const i = process.argv.indexOf(`--${name}`);
@@ -121,27 +121,6 @@ function writeTokenizer(dir, corpus, count) {
     JSON.stringify({ bos_token: '<s>', eos_token: '</s>', chat_template: CHAT_TEMPLATE }),
   );
   return merges.length;
-}
-
-/** Runs `fn` (which returns a promise) and the longest gap between two turns of the event loop meanwhile. */
-async function longestGap(fn) {
-  const now = () => performance.now();
-  let last = now(),
-    longest = 0,
-    running = true;
-  const turn = () => {
-    const t = now();
-    longest = Math.max(longest, t - last);
-    last = t;
-    if (running) setImmediate(turn);
-  };
-  setImmediate(turn);
-  const t0 = now();
-  const result = await fn();
-  const wallMs = now() - t0;
-  running = false;
-  longest = Math.max(longest, now() - last);
-  return { result, wallMs, longestMs: longest };
 }
 
 /**

@@ -85,4 +85,25 @@ function pairedBwFraction(bytes, ms, probes) {
 /** The native Isa enum's values (csrc/cpu/kernels.h), as binding.bench.fmaPeak takes them. */
 const ISA_INDEX = { scalar: 0, avx2: 1, avx512: 2, avx512bf16: 3, neon: 4 };
 
-module.exports = { fill, layerWeights, median, quantile, fmt, pct, pairedBwFraction, ISA_INDEX };
+/** Runs `fn` (which returns a promise) and the longest gap between two turns of the event loop meanwhile. */
+async function longestGap(fn) {
+  const now = () => performance.now();
+  let last = now(),
+    longest = 0,
+    running = true;
+  const turn = () => {
+    const t = now();
+    longest = Math.max(longest, t - last);
+    last = t;
+    if (running) setImmediate(turn);
+  };
+  setImmediate(turn);
+  const t0 = now();
+  const result = await fn();
+  const wallMs = now() - t0;
+  running = false;
+  longest = Math.max(longest, now() - last);
+  return { result, wallMs, longestMs: longest };
+}
+
+module.exports = { fill, layerWeights, median, quantile, fmt, pct, pairedBwFraction, ISA_INDEX, longestGap };

@@ -28,7 +28,7 @@ interface VocabularyBytes {
 
 const vocabularies = new WeakMap<TextTokenizer, Map<number, VocabularyBytes>>();
 /** Tokens read per turn of the event loop while a vocabulary's bytes are gathered. */
-const BUILD_CHUNK = 16384;
+const BUILD_CHUNK = 4096;
 
 function compareBytes(a: Uint8Array, b: Uint8Array): number {
   const n = Math.min(a.length, b.length);
@@ -51,8 +51,23 @@ async function buildVocabulary(tokenizer: TextTokenizer, vocab: number): Promise
     plain[t] = b.every((x) => x >= 0x20 && x !== 0x22 && x !== 0x5c) ? 1 : 0;
     if (b.every((x) => x === 0x20 || x === 0x0a || x === 0x0d || x === 0x09)) spaces.push(t);
   }
-  ids.sort((a, b) => compareBytes(bytes[a], bytes[b]) || a - b);
-  const order = Int32Array.from(ids);
+  // In byte order: a counting sort on the first two bytes, then each group on the rest, a chunk of
+  // tokens per turn of the event loop (one sort of 150,000 held it for a third of a second).
+  const group = (b: Uint8Array) => b[0] * 257 + (b.length > 1 ? 1 + b[1] : 0);
+  const starts = new Int32Array(256 * 257 + 1);
+  for (const t of ids) starts[group(bytes[t]) + 1]++;
+  for (let g = 1; g < starts.length; g++) starts[g] += starts[g - 1];
+  const order = new Int32Array(ids.length);
+  const fill = starts.slice(0, -1);
+  for (const t of ids) order[fill[group(bytes[t])]++] = t;
+  for (let g = 0, sorted = 0; g + 1 < starts.length; g++) {
+    const [a, b] = [starts[g], starts[g + 1]];
+    if (b - a > 1) order.subarray(a, b).sort((x, y) => compareBytes(bytes[x], bytes[y]) || x - y);
+    if ((sorted += b - a) >= BUILD_CHUNK) {
+      sorted = 0;
+      await new Promise((r) => setImmediate(r));
+    }
+  }
   const lcp = new Uint16Array(order.length);
   let longest = 0;
   for (let k = 0; k < order.length; k++) {
