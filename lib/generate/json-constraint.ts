@@ -52,7 +52,7 @@ async function buildVocabulary(tokenizer: TextTokenizer, vocab: number): Promise
     if (b.every((x) => x === 0x20 || x === 0x0a || x === 0x0d || x === 0x09)) spaces.push(t);
   }
   // In byte order: a counting sort on the first two bytes, then each group on the rest, a chunk of
-  // tokens per turn of the event loop (one sort of 150,000 held it for a third of a second).
+  // tokens per turn of the event loop (one sort of 150,000 tokens held it for about 175 ms).
   const group = (b: Uint8Array) => b[0] * 257 + (b.length > 1 ? 1 + b[1] : 0);
   const starts = new Int32Array(256 * 257 + 1);
   for (const t of ids) starts[group(bytes[t]) + 1]++;
