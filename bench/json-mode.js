@@ -16,6 +16,7 @@ const os = require('os');
 const path = require('path');
 const { TextTokenizer } = require('../dist');
 const { JsonConstraint } = require('../dist/generate/json-constraint');
+const { ANY_OBJECT } = require('../dist/generate/json-schema');
 const { Sampler } = require('../dist/generate/sampling');
 const { baseVocab, byteChars, byteLevelJson } = require('./tokenizer-file');
 const { fmt, longestGap, median, quantile } = require('./util');
@@ -125,7 +126,7 @@ async function main() {
       const longest = bytes.reduce((m, b) => Math.max(m, b.length), 0);
       const tokenizer = await TextTokenizer.load(dir);
       const eos = new Set([2]);
-      const built = await longestGap(() => JsonConstraint.create(tokenizer, V, eos));
+      const built = await longestGap(() => JsonConstraint.create(tokenizer, V, ANY_OBJECT, eos));
       const rand = lcg(7);
       const masks = [];
       const allowed = [];
@@ -133,7 +134,7 @@ async function main() {
       for (let run = 0; run < RUNS; run++)
         for (let t = 0; t < TEXTS; t++) {
           const ids = tokenize(JSON.stringify(randomObject(rand, 0), null, rand() < 0.5 ? 2 : 0), byBytes, longest);
-          const constraint = await JsonConstraint.create(tokenizer, V, eos);
+          const constraint = await JsonConstraint.create(tokenizer, V, ANY_OBJECT, eos);
           for (const id of ids) {
             const t0 = performance.now();
             constraint.allowed(mask);

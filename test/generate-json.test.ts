@@ -7,7 +7,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { MoeModel } from '../lib/index';
 import { JsonConstraint } from '../lib/generate/json-constraint';
-import { JSON_START, JsonState, jsonAdvance, jsonComplete } from '../lib/generate/json-prefix';
+import { ANY_OBJECT, JsonState, MAX_GAP, jsonAdvance, jsonComplete, jsonStart } from '../lib/generate/json-schema';
 import { TextTokenizer } from '../lib/text/tokenizer';
 import { makeTempDir, removeTempDir } from './helpers/checkpoint';
 import { writeRandomModel } from './helpers/model/random-model';
@@ -15,6 +15,7 @@ import { rng } from './helpers/reference';
 import { writeTokenizer } from './helpers/text/tokenizer-files';
 
 const bytesOf = (s: string) => new Uint8Array(Buffer.from(s, 'utf8'));
+const JSON_START = jsonStart(ANY_OBJECT);
 const run = (s: string) => jsonAdvance(JSON_START, bytesOf(s));
 
 /** A random JSON value written by JSON.stringify, with random space between tokens. */
@@ -122,6 +123,13 @@ test.each([
   expect(parsesAsObject(text)).toBe(complete);
 });
 
+test('a gap between tokens holds at most MAX_GAP space bytes', () => {
+  expect(jsonComplete(run(`{${' '.repeat(MAX_GAP)}"a":${'\n'.repeat(MAX_GAP)}1}`)!)).toBe(true);
+  expect(run(`{${' '.repeat(MAX_GAP + 1)}`)).toBeNull();
+  expect(run(`{"a": 1,${'\t'.repeat(MAX_GAP)}\n`)).toBeNull();
+  expect(run(`{"a": "${' '.repeat(3 * MAX_GAP)}"}`)).not.toBeNull(); // inside a string, space is text
+});
+
 test.each([
   ['{"a": tru', true],
   ['{"a": -', true],
@@ -157,7 +165,7 @@ describe.each(['byte-level', 'sentencepiece'] as const)('%s vocabulary', (kind) 
     for (let i = 0; i < 12; i++) {
       const text = spaced(JSON.stringify(randomObject(rand, 0)), rand);
       const ids = tokenizer.encode(text, false);
-      const constraint = await JsonConstraint.create(tokenizer, V, eos);
+      const constraint = await JsonConstraint.create(tokenizer, V, ANY_OBJECT, eos);
       let state: JsonState = JSON_START;
       const mask = new Uint8Array(V);
       for (const id of ids) {
@@ -237,7 +245,7 @@ describe('generation in JSON mode', () => {
     }
     expect(whole).toBeGreaterThan(0);
     expect(() => model.generate('x', { responseFormat: 'yaml' as never })).toThrow(
-      /options\.responseFormat must be 'text' or 'json', got the string 'yaml'/,
+      /options\.responseFormat must be 'text', 'json' or \{ schema \}, got the string 'yaml'/,
     );
   });
 });

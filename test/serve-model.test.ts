@@ -296,6 +296,26 @@ test('response_format json_object gives what model.complete gives in JSON mode: 
   expect((await model.complete(chat, options)).text).not.toBe(alone.text);
 });
 
+test('response_format json_schema gives what model.complete gives with that schema', async () => {
+  const schema = {
+    type: 'object',
+    properties: { ok: { type: 'boolean' }, tag: { enum: ['a', 'b'] } },
+    required: ['ok', 'tag'],
+    additionalProperties: false,
+  };
+  const alone = await model.complete(chat, { temperature: 0.9, seed: 3, maxTokens: 40, responseFormat: { schema } });
+  const r = await client.chat.completions.create({
+    model: 'x',
+    messages: chat,
+    temperature: 0.9,
+    seed: 3,
+    max_tokens: 40,
+    response_format: { type: 'json_schema', json_schema: { name: 'answer', schema, strict: true } },
+  });
+  expect(r.choices[0].message.content).toBe(alone.text);
+  expect(alone.text).toMatch(/^\s*\{\s*("ok"|"tag"|$)/);
+});
+
 test('the same seed gives the same text twice', async () => {
   const ask = () =>
     client.chat.completions

@@ -494,20 +494,27 @@ describe('server over a fake engine', () => {
       logit_bias: { '17': -100, '3': 2.5 },
     });
     await client.chat.completions.create({ model: 'x', messages: [{ role: 'user', content: 'hi' }] });
-    expect(engine.started.at(-1)!.request.json).toBe(false);
+    expect(engine.started.at(-1)!.request.responseFormat).toBe('text');
     await client.chat.completions.create({
       model: 'x',
       messages: [{ role: 'user', content: 'hi' }],
       response_format: { type: 'json_object' },
     });
-    expect(engine.started.at(-1)!.request.json).toBe(true);
+    expect(engine.started.at(-1)!.request.responseFormat).toBe('json');
+    const schema = { type: 'object', properties: { a: { type: 'integer' } }, required: ['a'] };
+    await client.chat.completions.create({
+      model: 'x',
+      messages: [{ role: 'user', content: 'hi' }],
+      response_format: { type: 'json_schema', json_schema: { name: 'thing', schema, strict: true } },
+    });
+    expect(engine.started.at(-1)!.request.responseFormat).toEqual({ schema });
     await client.chat.completions.create({
       model: 'x',
       messages: [{ role: 'user', content: 'hi' }],
       response_format: { type: 'text' },
     });
-    expect(engine.started.at(-1)!.request.json).toBe(false);
-    expect(engine.started.at(-4)!.request).toMatchObject({
+    expect(engine.started.at(-1)!.request.responseFormat).toBe('text');
+    expect(engine.started.at(-5)!.request).toMatchObject({
       presencePenalty: 0.5,
       frequencyPenalty: -0.25,
       logitBias: { '17': -100, '3': 2.5 },
@@ -543,7 +550,12 @@ describe('server over a fake engine', () => {
     [{ top_p: 1.5 }, 'top_p'],
     [{ max_tokens: 2.5 }, 'max_tokens'],
     [{ max_tokens: 0 }, 'max_tokens'],
-    [{ response_format: { type: 'json_schema', json_schema: { name: 'x', schema: {} } } }, 'response_format'],
+    [
+      { response_format: { type: 'json_schema', json_schema: { name: 'x', schema: { type: 'object', not: {} } } } },
+      'response_format.json_schema.schema',
+    ],
+    [{ response_format: { type: 'json_schema', json_schema: { schema: {} } } }, 'response_format.json_schema'],
+    [{ response_format: { type: 'xml' } }, 'response_format'],
     [{ response_format: 'json' }, 'response_format'],
     [{ n: 0 }, 'n'],
     [{ n: 1.5 }, 'n'],

@@ -11,6 +11,7 @@ import { TextTokenizer } from '../text/tokenizer';
 import { checkObject, checkSignal, describe, isRecord } from '../validate';
 import { Engine, GenerationPiece, GenerationResult, Request } from './engine';
 import { JsonConstraint } from './json-constraint';
+import { ANY_OBJECT, SchemaNode, compileSchema } from './json-schema';
 import { checkLogprobs } from './logprobs';
 import { SamplingOptions, checkSampling } from './sampling';
 import { checkStop } from './stop';
@@ -26,11 +27,12 @@ export interface GenerateOptions extends SamplingOptions {
   /** Tokens to generate at most; default: until the end of the context. */
   maxTokens?: number;
   /**
-   * 'json': the output is a JSON object. Tokens that cannot continue one are left out of every draw,
-   * and once the object is complete only end-of-sequence tokens remain (maxTokens may still cut it);
-   * the prompt should ask for JSON too. Default 'text'.
+   * 'json': the output is a JSON object; `{ schema }`: a JSON text of that JSON Schema (the keywords
+   * json-schema.ts follows). Tokens that cannot continue one are left out of every draw, and once the
+   * value is complete only end-of-sequence tokens remain (maxTokens may still cut it); the prompt
+   * should ask for JSON too. Default 'text'.
    */
-  responseFormat?: 'text' | 'json';
+  responseFormat?: 'text' | 'json' | { schema: object };
   /**
    * With messages: the tools the model may call, rendered by the chat template as its `tools`
    * (OpenAI's `{ type: 'function', function: { name, description, parameters } }` for most templates).
@@ -183,6 +185,15 @@ export function checkMaxTokens(name: string, v: unknown): number | undefined {
   return v;
 }
 
+/** The `responseFormat` option: null for text, else the schema the output must follow. */
+function checkResponseFormat(v: unknown): SchemaNode | null {
+  if (v === undefined || v === 'text') return null;
+  if (v === 'json') return ANY_OBJECT;
+  if (isRecord(v) && Object.keys(v).length === 1 && v.schema !== undefined)
+    return compileSchema(v.schema, 'options.responseFormat.schema');
+  throw argTypeError(`options.responseFormat must be 'text', 'json' or { schema }, got ${describe(v)}`);
+}
+
 export function noTokenizer(): MoeError {
   return new MoeError(
     'ERR_MOE_CHECKPOINT',
@@ -206,10 +217,8 @@ export function generate(model: GenerateModel, engine: Engine, prompt: unknown, 
   if (o.ignoreEos !== undefined && typeof o.ignoreEos !== 'boolean')
     throw argTypeError(`options.ignoreEos must be a boolean, got ${describe(o.ignoreEos)}`);
   const scoring = checkLogprobs('options', o);
-  if (o.responseFormat !== undefined && o.responseFormat !== 'text' && o.responseFormat !== 'json')
-    throw argTypeError(`options.responseFormat must be 'text' or 'json', got ${describe(o.responseFormat)}`);
-  const json = o.responseFormat === 'json';
-  if (json && !model.tokenizer) throw noTokenizer();
+  const schema = checkResponseFormat(o.responseFormat);
+  if (schema && !model.tokenizer) throw noTokenizer();
   const eos = new Set(o.ignoreEos ? [] : [...model.config.eosTokenIds, ...(model.tokenizer?.eosTokenIds ?? [])]);
 
   const start = (ids: number[], constraint: JsonConstraint | null): Request => {
@@ -231,7 +240,7 @@ export function generate(model: GenerateModel, engine: Engine, prompt: unknown, 
     throw argTypeError('options.tools needs a prompt of messages: the chat template renders them');
   const ids = promptTokens(model, prompt, tools);
   // The first JSON request of a tokenizer gathers its vocabulary's bytes between turns of the event loop.
-  const constraint = json ? JsonConstraint.create(model.tokenizer!, model.config.vocabSize, eos) : null;
+  const constraint = schema ? JsonConstraint.create(model.tokenizer!, model.config.vocabSize, schema, eos) : null;
   let request: Request | Promise<Request>;
   if (ids instanceof Promise || constraint instanceof Promise) {
     request = Promise.all([ids, constraint]).then(([i, c]) => start(i, c));

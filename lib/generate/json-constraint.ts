@@ -1,7 +1,8 @@
 /**
- * JSON mode: before each draw, the tokens whose bytes cannot continue a JSON object are masked out
- * (the mask goes before every filter, so top-k and top-p choose among tokens that fit), and once the
- * object is complete only end-of-sequence tokens remain.
+ * JSON mode and response schemas: before each draw, the tokens whose bytes cannot continue a JSON text
+ * of the schema (any object, in JSON mode) are masked out (the mask goes before every filter, so top-k
+ * and top-p choose among tokens that fit), and once the value is complete only end-of-sequence tokens
+ * remain.
  *
  * The mask walks the vocabulary sorted by bytes, as a trie: the automaton's state after each byte of a
  * token is kept by depth, so a token only feeds the bytes past what it shares with the one before, and
@@ -10,7 +11,16 @@
  */
 import { MoeError } from '../errors';
 import type { TextTokenizer } from '../text/tokenizer';
-import { JSON_START, JsonState, jsonAdvance, jsonComplete, jsonInString, jsonStep } from './json-prefix';
+import {
+  JsonState,
+  SchemaNode,
+  copyState,
+  jsonAdvance,
+  jsonComplete,
+  jsonTakesPlainText,
+  jsonStart,
+  jsonStep,
+} from './json-schema';
 
 interface VocabularyBytes {
   bytes: Uint8Array[];
@@ -85,36 +95,36 @@ async function buildVocabulary(tokenizer: TextTokenizer, vocab: number): Promise
 export class JsonConstraint {
   readonly #vocab: VocabularyBytes;
   readonly #eos: readonly number[];
-  #state: JsonState = { ...JSON_START };
-  // The automaton's state by depth along the current token (allowed()'s working memory).
-  readonly #mode: Int32Array;
-  readonly #aux: Int32Array;
-  readonly #key: Uint8Array;
-  readonly #literal: Int32Array;
-  readonly #stack: string[];
+  #state: JsonState;
+  /** The automaton's state by depth along the current token (allowed()'s working memory). */
+  readonly #depth: JsonState[];
+  readonly #cursor: JsonState;
 
-  private constructor(vocab: VocabularyBytes, eos: ReadonlySet<number>, size: number) {
+  private constructor(vocab: VocabularyBytes, schema: SchemaNode, eos: ReadonlySet<number>, size: number) {
     this.#vocab = vocab;
     this.#eos = [...eos].filter((t) => t < size);
-    const depth = vocab.longest + 1;
-    [this.#mode, this.#aux, this.#literal] = [new Int32Array(depth), new Int32Array(depth), new Int32Array(depth)];
-    this.#key = new Uint8Array(depth);
-    this.#stack = new Array<string>(depth).fill('');
+    this.#state = jsonStart(schema);
+    this.#depth = Array.from({ length: vocab.longest + 1 }, () => jsonStart(schema));
+    this.#cursor = jsonStart(schema);
   }
 
-  /** A constraint over the tokenizer's vocabulary: at once when its bytes were gathered before, else a promise. */
+  /**
+   * A constraint to the texts of `schema` over the tokenizer's vocabulary: at once when its bytes were
+   * gathered before, else a promise.
+   */
   static create(
     tokenizer: TextTokenizer,
     vocab: number,
+    schema: SchemaNode,
     eos: ReadonlySet<number>,
   ): JsonConstraint | Promise<JsonConstraint> {
     let byVocab = vocabularies.get(tokenizer);
     if (!byVocab) vocabularies.set(tokenizer, (byVocab = new Map()));
     const known = byVocab.get(vocab);
-    if (known) return new JsonConstraint(known, eos, vocab);
+    if (known) return new JsonConstraint(known, schema, eos, vocab);
     return buildVocabulary(tokenizer, vocab).then((v) => {
       byVocab.set(vocab, v);
-      return new JsonConstraint(v, eos, vocab);
+      return new JsonConstraint(v, schema, eos, vocab);
     });
   }
 
@@ -129,10 +139,10 @@ export class JsonConstraint {
       for (const t of ends) mask[t] = 1;
       any = ends.length > 0;
     } else {
-      const inString = jsonInString(s);
-      const [mode, aux, key, literal, stack] = [this.#mode, this.#aux, this.#key, this.#literal, this.#stack];
-      [mode[0], aux[0], key[0], literal[0], stack[0]] = [s.mode, s.aux, s.key ? 1 : 0, s.literal, s.stack];
-      const cursor: JsonState = { ...s };
+      const inString = jsonTakesPlainText(s);
+      const depth = this.#depth;
+      const cursor = this.#cursor;
+      copyState(s, depth[0]);
       /** Depths 0..known hold the states along the previous token's bytes. */
       let known = 0;
       /** The previous token failed at a prefix of this many bytes; the tokens after it that share it fail too. */
@@ -149,22 +159,10 @@ export class JsonConstraint {
         }
         const b = bytes[t];
         let d = Math.min(lcp[k], known);
-        [cursor.mode, cursor.aux, cursor.key, cursor.literal, cursor.stack] = [
-          mode[d],
-          aux[d],
-          key[d] === 1,
-          literal[d],
-          stack[d],
-        ];
+        copyState(depth[d], cursor);
         for (; d < b.length; d++) {
           if (!jsonStep(cursor, b[d])) break;
-          [mode[d + 1], aux[d + 1], key[d + 1], literal[d + 1], stack[d + 1]] = [
-            cursor.mode,
-            cursor.aux,
-            cursor.key ? 1 : 0,
-            cursor.literal,
-            cursor.stack,
-          ];
+          copyState(cursor, depth[d + 1]);
         }
         known = d;
         if (d === b.length) {
@@ -176,7 +174,7 @@ export class JsonConstraint {
     if (!any)
       throw new MoeError(
         'ERR_MOE_CHECKPOINT',
-        'JSON mode: no token of the vocabulary continues the JSON text here (a tokenizer without single-byte tokens?)',
+        'JSON mode: no token of the vocabulary continues the JSON text here (a schema no text fits, or a tokenizer without single-byte tokens?)',
       );
   }
 

@@ -52,7 +52,7 @@ export function modelEngine(model: MoeModel): GenerationEngine {
             promptLogprobs: request.echo && request.topLogprobs !== undefined,
             topLogprobs: request.topLogprobs,
             tools: request.tools,
-            responseFormat: request.json ? 'json' : 'text',
+            responseFormat: request.responseFormat,
             signal,
           },
         );

@@ -2,12 +2,12 @@
  * The body of `POST /v1/chat/completions` and `POST /v1/completions`, checked field by field into what
  * the generator takes. A field of the wrong type or out of range is a 400 that names it, before the
  * model sees anything. Fields this server does not know are ignored, as most OpenAI-compatible servers
- * do; known features it does not have (best_of > 1, forced tool calls, JSON schemas) are refused rather
- * than dropped.
+ * do; known features it does not have (best_of > 1, forced tool calls) are refused rather than dropped.
  */
 import { invalidRequest } from './api-error';
 import { messageOf } from '../errors';
 import { checkLogitBias } from '../generate/sampling';
+import { compileSchema } from '../generate/json-schema';
 import type { ChatMessage } from '../text/chat';
 import { describe, isRecord } from '../validate';
 
@@ -42,8 +42,8 @@ export interface CompletionRequest {
   topLogprobs?: number;
   /** Completions: the text starts with the prompt (and the log probabilities with its tokens'). */
   echo: boolean;
-  /** `response_format: { type: 'json_object' }`: the output is a JSON object. */
-  json: boolean;
+  /** `response_format`: text, a JSON object (json_object), or a text of a JSON Schema (json_schema). */
+  responseFormat: 'text' | 'json' | { schema: object };
   /** Chat: the tools the model may call (left out with tool_choice 'none'). */
   tools?: object[];
 }
@@ -198,22 +198,35 @@ function toolCalls(v: unknown, param: string): object[] {
   });
 }
 
-/** `response_format`: text, or a JSON object (a schema would need a grammar of its own: refused). */
-function responseFormat(body: Body): boolean {
-  if (!present(body, 'response_format')) return false;
+/**
+ * `response_format`: text, any JSON object, or a text of a JSON Schema (checked here, so that a
+ * keyword the constraint cannot follow is a 400 naming the schema).
+ */
+function responseFormat(body: Body): CompletionRequest['responseFormat'] {
+  if (!present(body, 'response_format')) return 'text';
   const v = body.response_format;
-  if (!isRecord(v) || typeof v.type !== 'string')
+  if (!isRecord(v) || !['text', 'json_object', 'json_schema'].includes(v.type as string))
     throw invalidRequest(
-      `'response_format' must be { type: 'text' | 'json_object' }, got ${describe(v)}`,
+      `'response_format' must be { type: 'text' | 'json_object' | 'json_schema' }, got ${describe(v)}`,
       'response_format',
       'invalid_type',
     );
-  if (v.type === 'text' || v.type === 'json_object') return v.type === 'json_object';
-  throw invalidRequest(
-    `'response_format' of type ${JSON.stringify(v.type)} is not supported by this server: 'text' and 'json_object' are`,
-    'response_format',
-    'unsupported_parameter',
-  );
+  if (v.type !== 'json_schema') return v.type === 'json_object' ? 'json' : 'text';
+  const param = 'response_format.json_schema';
+  const spec = v.json_schema;
+  if (!isRecord(spec) || typeof spec.name !== 'string')
+    throw invalidRequest(`'${param}' must be { name, schema?, strict? }, got ${describe(spec)}`, param, 'invalid_type');
+  const schema = spec.schema ?? {};
+  try {
+    compileSchema(schema, `${param}.schema`);
+  } catch (err) {
+    throw invalidRequest(
+      messageOf(err),
+      `${param}.schema`,
+      err instanceof TypeError ? 'invalid_type' : 'invalid_value',
+    );
+  }
+  return { schema: schema as object };
 }
 
 /** `tools` (function definitions) and `tool_choice`: the tools the template renders, if any. */
@@ -313,7 +326,7 @@ export function parseCompletionRequest(endpoint: 'chat' | 'completion', body: un
     topLogprobs: endpoint === 'chat' ? chatLogprobs(body) : completionLogprobs(body),
     echo: endpoint === 'completion' && boolean(body, 'echo'),
     tools: endpoint === 'chat' ? tools(body) : undefined,
-    json: responseFormat(body),
+    responseFormat: responseFormat(body),
   };
 }
 
