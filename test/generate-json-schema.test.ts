@@ -214,9 +214,39 @@ test.each([
   [{ anyOf: [{ type: 'object' }, { type: 'object', properties: {} }] }, /branches must start with different kinds/],
   [{ type: 'object', properties: {}, required: ['a'] }, /required names 'a', which is not in its properties/],
   [{ type: 'tuple' }, /schema\.type must be one of object, array, string/],
+  [
+    { $defs: { a: { anyOf: [{ $ref: '#/$defs/a' }] } }, $ref: '#/$defs/a' },
+    /refers to itself through anyOf or \$ref alone/,
+  ],
+  [{ $defs: { a: { $ref: '#/$defs/a' } }, $ref: '#/$defs/a' }, /"#\/\$defs\/a" refers to itself alone/],
   ['object', /schema must be a JSON Schema object/],
+  [{ enum: Array.from({ length: 1025 }, (_, i) => i) }, /schema\.enum holds 1025 values; at most 1024/],
+  [
+    { type: 'object', properties: Object.fromEntries(Array.from({ length: 1025 }, (_, i) => [`k${i}`, {}])) },
+    /properties holds more than 1024 keys/,
+  ],
 ])('refused: %j', (schema, message) => {
   expect(() => compileSchema(schema, 'schema')).toThrow(message);
+});
+
+test('schemas nest 64 levels deep at most, and hold 10,000 schemas at most', () => {
+  const nested = (n: number) => {
+    let s: object = { type: 'string' };
+    for (let i = 0; i < n; i++) s = { type: 'array', items: s };
+    return s;
+  };
+  expect(() => compileSchema(nested(64), 'schema')).not.toThrow();
+  expect(() => compileSchema(nested(65), 'schema')).toThrow(/schemas nest deeper than 64 levels/);
+  expect(() => compileSchema(nested(100000), 'schema')).toThrow(/schemas nest deeper than 64 levels/);
+  const wide = {
+    type: 'object',
+    properties: Object.fromEntries(Array.from({ length: 1000 }, (_, i) => [`k${i}`, {}])),
+  };
+  const many = {
+    type: 'object',
+    properties: Object.fromEntries(Array.from({ length: 11 }, (_, i) => [`w${i}`, wide])),
+  };
+  expect(() => compileSchema(many, 'schema')).toThrow(/schema has more than 10000 schemas in it/);
 });
 
 describe('generation with a response schema', () => {

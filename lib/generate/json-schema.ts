@@ -11,7 +11,7 @@
  * are refused. Bytes from 0x80 on are accepted inside strings (the parts of UTF-8 characters a token
  * may hold) and nowhere else.
  */
-import { argRangeError, argTypeError } from '../errors';
+import { argRangeError, argTypeError, messageOf } from '../errors';
 import { describe, isRecord } from '../validate';
 
 const TYPES = ['object', 'array', 'string', 'number', 'integer', 'boolean', 'null'] as const;
@@ -48,6 +48,16 @@ const ANY: SchemaNode = {
 
 /** Any object: what JSON mode asks for. */
 export const ANY_OBJECT: SchemaNode = { ...ANY, types: new Set(['object']) };
+
+/**
+ * Bounds on a schema's size: each byte of the mask scans the enum values or the keys of the value being
+ * written, so a request must not bring a hundred thousand of them.
+ */
+const MAX_CHOICES = 1024;
+const MAX_PROPERTIES = 1024;
+const MAX_NODES = 10000;
+/** Schemas inside schemas, at most (the compiler recurses). */
+const MAX_DEPTH = 64;
 
 /** Keywords that only bound values or describe them: accepted, not enforced. */
 const IGNORED = new Set([
@@ -93,8 +103,15 @@ const HANDLED = new Set([
 ]);
 
 /** Which value kinds start with a byte: 0 object, 1 array, 2 string, 3 number, 4 boolean, 5 null. */
-function kindsOf(node: SchemaNode): Set<number> {
-  if (node.branches) return new Set(node.branches.flatMap((b) => [...kindsOf(b)]));
+function kindsOf(node: SchemaNode, visiting = new Set<SchemaNode>()): Set<number> {
+  if (node.branches) {
+    // A branch that leads back here before any value starts would never start one.
+    if (visiting.has(node)) throw argRangeError('a schema refers to itself through anyOf or $ref alone');
+    visiting.add(node);
+    const kinds = new Set(node.branches.flatMap((b) => [...kindsOf(b, visiting)]));
+    visiting.delete(node);
+    return kinds;
+  }
   if (node.choices) return new Set(node.choices.map((c) => kindOfByte(c.charCodeAt(0))));
   const out = new Set<number>();
   for (const t of node.types)
@@ -121,7 +138,11 @@ export function compileSchema(schema: unknown, name: string): SchemaNode {
   if (!isRecord(schema)) throw argTypeError(`${name} must be a JSON Schema object, got ${describe(schema)}`);
   const root = schema;
   const defs = new Map<string, SchemaNode>();
-  const compile = (s: unknown, at: string): SchemaNode => {
+  let nodes = 0;
+  const compile = (s: unknown, at: string, depth = 0): SchemaNode => {
+    if (++nodes > MAX_NODES) throw argRangeError(`${name} has more than ${MAX_NODES} schemas in it`);
+    if (depth > MAX_DEPTH) throw argRangeError(`${at}: schemas nest deeper than ${MAX_DEPTH} levels`);
+    const inner = (v: unknown, path: string) => compile(v, path, depth + 1);
     if (s === true || (isRecord(s) && Object.keys(s).every((k) => IGNORED.has(k)))) return ANY;
     if (!isRecord(s)) throw argTypeError(`${at} must be a schema object, got ${describe(s)}`);
     for (const k of Object.keys(s))
@@ -136,7 +157,9 @@ export function compileSchema(schema: unknown, name: string): SchemaNode {
         // Placed first, filled after: a definition may refer to itself.
         node = { ...ANY };
         defs.set(s.$ref, node);
-        Object.assign(node, compile(target, `${at}.$ref`));
+        const resolved = inner(target, `${at}.$ref`);
+        if (resolved === node) throw argRangeError(`${at}.$ref: ${JSON.stringify(s.$ref)} refers to itself alone`);
+        Object.assign(node, resolved);
       }
       return node;
     }
@@ -145,7 +168,7 @@ export function compileSchema(schema: unknown, name: string): SchemaNode {
       const key = s.anyOf !== undefined ? 'anyOf' : 'oneOf';
       if (!Array.isArray(alternatives) || alternatives.length === 0)
         throw argTypeError(`${at}.${key} must be a non-empty array of schemas`);
-      const branches = alternatives.map((a, i) => compile(a, `${at}.${key}[${i}]`));
+      const branches = alternatives.map((a, i) => inner(a, `${at}.${key}[${i}]`));
       const seen = new Set<number>();
       branches.forEach((b, i) => {
         for (const k of kindsOf(b)) {
@@ -171,16 +194,20 @@ export function compileSchema(schema: unknown, name: string): SchemaNode {
     if (s.const !== undefined) choices = [latin1(JSON.stringify(s.const))];
     else if (s.enum !== undefined) {
       if (!Array.isArray(s.enum) || s.enum.length === 0) throw argTypeError(`${at}.enum must be a non-empty array`);
+      if (s.enum.length > MAX_CHOICES)
+        throw argRangeError(`${at}.enum holds ${s.enum.length} values; at most ${MAX_CHOICES} are taken`);
       choices = s.enum.map((v) => latin1(JSON.stringify(v)));
     }
     const properties = new Map<string, SchemaNode>();
     const keys: string[] = [];
     if (s.properties !== undefined) {
       if (!isRecord(s.properties)) throw argTypeError(`${at}.properties must be an object of schemas`);
+      if (Object.keys(s.properties).length > MAX_PROPERTIES)
+        throw argRangeError(`${at}.properties holds more than ${MAX_PROPERTIES} keys`);
       for (const [k, v] of Object.entries(s.properties)) {
         const written = latin1(JSON.stringify(k).slice(1, -1));
         keys.push(written);
-        properties.set(written, compile(v, `${at}.properties[${JSON.stringify(k)}]`));
+        properties.set(written, inner(v, `${at}.properties[${JSON.stringify(k)}]`));
       }
     }
     const required = new Set<string>();
@@ -196,16 +223,37 @@ export function compileSchema(schema: unknown, name: string): SchemaNode {
     }
     const extra = s.additionalProperties;
     const additional =
-      extra === false
-        ? null
-        : extra === undefined || extra === true
-          ? ANY
-          : compile(extra, `${at}.additionalProperties`);
-    const items = s.items === undefined ? ANY : compile(s.items, `${at}.items`);
+      extra === false ? null : extra === undefined || extra === true ? ANY : inner(extra, `${at}.additionalProperties`);
+    const items = s.items === undefined ? ANY : inner(s.items, `${at}.items`);
     return { types, keys, properties, required, additional, items, choices, branches: null };
   };
-  return compile(schema, name);
+  const compiled = compile(schema, name);
+  // Every anyOf, now that each $ref is filled: which kinds of value each branch starts, once.
+  const seen = new Set<SchemaNode>();
+  const visit = (node: SchemaNode | null): void => {
+    if (!node || seen.has(node)) return;
+    seen.add(node);
+    if (node.branches) {
+      try {
+        branchKinds.set(
+          node,
+          node.branches.map((b) => kindsOf(b)),
+        );
+      } catch (err) {
+        throw argRangeError(`${name}: ${messageOf(err)}`);
+      }
+      node.branches.forEach(visit);
+    }
+    node.properties.forEach(visit);
+    visit(node.additional);
+    visit(node.items);
+  };
+  visit(compiled);
+  return compiled;
 }
+
+/** The kinds of value (kindOfByte) each branch of an anyOf starts with. */
+const branchKinds = new WeakMap<SchemaNode, Set<number>[]>();
 
 /**
  * Space bytes a gap between two tokens of the text may hold: enough for indented output, few enough
@@ -330,8 +378,9 @@ function requiredDone(frame: Frame): boolean {
 function startValue(s: JsonState, node: SchemaNode, b: number): boolean {
   if (node.branches) {
     const kind = kindOfByte(b);
-    const branch = node.branches.find((x) => kindsOf(x).has(kind));
-    return branch !== undefined && startValue(s, branch, b);
+    const kinds = branchKinds.get(node)!;
+    const i = kinds.findIndex((k) => k.has(kind));
+    return i >= 0 && startValue(s, node.branches[i], b);
   }
   if (node.choices) {
     const t = String.fromCharCode(b);
