@@ -126,7 +126,9 @@ async function main() {
       const longest = bytes.reduce((m, b) => Math.max(m, b.length), 0);
       const tokenizer = await TextTokenizer.load(dir);
       const eos = new Set([2]);
-      const built = await longestGap(() => JsonConstraint.create(tokenizer, V, ANY_OBJECT, eos));
+      const built = await longestGap(() =>
+        JsonConstraint.create(tokenizer, V, { schema: ANY_OBJECT, prefix: '', suffix: '' }, eos),
+      );
       const rand = lcg(7);
       const masks = [];
       const allowed = [];
@@ -134,7 +136,12 @@ async function main() {
       for (let run = 0; run < RUNS; run++)
         for (let t = 0; t < TEXTS; t++) {
           const ids = tokenize(JSON.stringify(randomObject(rand, 0), null, rand() < 0.5 ? 2 : 0), byBytes, longest);
-          const constraint = await JsonConstraint.create(tokenizer, V, ANY_OBJECT, eos);
+          const constraint = await JsonConstraint.create(
+            tokenizer,
+            V,
+            { schema: ANY_OBJECT, prefix: '', suffix: '' },
+            eos,
+          );
           for (const id of ids) {
             const t0 = performance.now();
             constraint.allowed(mask);

@@ -229,6 +229,28 @@ test.each([
   expect(() => compileSchema(schema, 'schema')).toThrow(message);
 });
 
+test('exact text before and after the value: a tool call in the Hermes syntax', () => {
+  const root = compileSchema(
+    {
+      type: 'object',
+      properties: { name: { const: 'get_weather' }, arguments: { type: 'object' } },
+      required: ['name', 'arguments'],
+      additionalProperties: false,
+    },
+    's',
+  );
+  const wrap = { prefix: '<tool_call>\n', suffix: '\n</tool_call>' };
+  const run = (text: string) => jsonAdvance(jsonStart(root, wrap), bytesOf(text));
+  const call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Bern"}}\n</tool_call>';
+  expect(jsonComplete(run(call)!)).toBe(true);
+  expect(jsonComplete(run(call.slice(0, -1))!)).toBe(false);
+  for (let k = 0; k <= call.length; k++) expect(run(call.slice(0, k))).not.toBeNull();
+  expect(run('{"name"')).toBeNull();
+  expect(run('<tool_call>\n{"name": "other"')).toBeNull();
+  expect(run(call.replace('}\n</', '} \n</'))).toBeNull(); // the suffix is exact
+  expect(run(call + ' ')).not.toBeNull(); // space after the whole text, as after any value
+});
+
 test('schemas nest 64 levels deep at most, and hold 10,000 schemas at most', () => {
   const nested = (n: number) => {
     let s: object = { type: 'string' };

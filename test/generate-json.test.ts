@@ -165,7 +165,7 @@ describe.each(['byte-level', 'sentencepiece'] as const)('%s vocabulary', (kind) 
     for (let i = 0; i < 12; i++) {
       const text = spaced(JSON.stringify(randomObject(rand, 0)), rand);
       const ids = tokenizer.encode(text, false);
-      const constraint = await JsonConstraint.create(tokenizer, V, ANY_OBJECT, eos);
+      const constraint = await JsonConstraint.create(tokenizer, V, { schema: ANY_OBJECT, prefix: '', suffix: '' }, eos);
       let state: JsonState = JSON_START;
       const mask = new Uint8Array(V);
       for (const id of ids) {
@@ -245,7 +245,7 @@ describe('generation in JSON mode', () => {
     }
     expect(whole).toBeGreaterThan(0);
     expect(() => model.generate('x', { responseFormat: 'yaml' as never })).toThrow(
-      /options\.responseFormat must be 'text', 'json' or \{ schema \}, got the string 'yaml'/,
+      /options\.responseFormat must be 'text', 'json' or \{ schema, prefix\?, suffix\? \}, got the string 'yaml'/,
     );
   });
 });

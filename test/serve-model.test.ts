@@ -9,9 +9,10 @@ import { AddressInfo } from 'net';
 import OpenAI from 'openai';
 import { MoeModel } from '../lib/index';
 import { createServer, FusedMoeServer } from '../lib/server/server';
+import { forcedCall } from '../lib/server/tool-calls';
 import { makeTempDir, removeTempDir } from './helpers/checkpoint';
 import { writeRandomModel } from './helpers/model/random-model';
-import { writeTokenizer } from './helpers/text/tokenizer-files';
+import { TOOLS_TEMPLATE, writeTokenizer } from './helpers/text/tokenizer-files';
 
 const KEY = 'serve-key';
 let dir = '';
@@ -314,6 +315,72 @@ test('response_format json_schema gives what model.complete gives with that sche
   });
   expect(r.choices[0].message.content).toBe(alone.text);
   expect(alone.text).toMatch(/^\s*\{\s*("ok"|"tag"|$)/);
+});
+
+test('a forced tool call with a template that teaches the Hermes syntax: tool_calls whose arguments fit', async () => {
+  const hf = writeRandomModel(path.join(dir, 'tools'), { family: 'mixtral', seed: 33, gguf: false }).hfDir;
+  writeTokenizer(hf, 'byte-level', 320, { chatTemplate: TOOLS_TEMPLATE });
+  const toolModel = await MoeModel.load(hf, { maxSequences: 4, contextLength: 1024 });
+  const toolServer = createServer(toolModel);
+  await new Promise<void>((r) => toolServer.listen(0, '127.0.0.1', r));
+  try {
+    const c = new OpenAI({
+      apiKey: 'none',
+      baseURL: `http://127.0.0.1:${(toolServer.address() as AddressInfo).port}/v1`,
+      maxRetries: 0,
+    });
+    const parameters = {
+      type: 'object',
+      properties: { city: { type: 'string' }, days: { type: 'integer' } },
+      required: ['city', 'days'],
+      additionalProperties: false,
+    };
+    const tools = [
+      { type: 'function' as const, function: { name: 'get_weather', parameters } },
+      { type: 'function' as const, function: { name: 'get_time', parameters: { type: 'object' } } },
+    ];
+    const messages = [{ role: 'user' as const, content: 'weather in Bern for 3 days?' }];
+    // A bias towards '"', so that random weights close their strings.
+    const bias = { [toolModel.tokenize('"', { addSpecialTokens: false })[0]]: 3 };
+    let called = 0;
+    for (const seed of [1, 2, 3, 4]) {
+      const r = await c.chat.completions.create({
+        model: 'x',
+        messages,
+        tools,
+        tool_choice: { type: 'function', function: { name: 'get_weather' } },
+        temperature: 1,
+        seed,
+        max_tokens: 300,
+        logit_bias: bias,
+      });
+      const alone = await toolModel.complete(messages, {
+        tools,
+        temperature: 1,
+        seed,
+        maxTokens: 300,
+        logitBias: bias,
+        responseFormat: forcedCall(tools, { name: 'get_weather' }),
+      });
+      expect(alone.text).toMatch(/^<tool_call>\n\s*\{/);
+      if (r.choices[0].finish_reason !== 'tool_calls') continue;
+      called++;
+      const call = r.choices[0].message.tool_calls![0] as { function: { name: string; arguments: string } };
+      expect(call.function.name).toBe('get_weather');
+      const args = JSON.parse(call.function.arguments) as Record<string, unknown>;
+      expect(Object.keys(args).sort()).toEqual(['city', 'days']);
+      expect(typeof args.city).toBe('string');
+      expect(Number.isInteger(args.days)).toBe(true);
+      expect(JSON.parse(alone.text.slice('<tool_call>\n'.length, -'\n</tool_call>'.length))).toEqual({
+        name: 'get_weather',
+        arguments: args,
+      });
+    }
+    expect(called).toBeGreaterThan(0);
+  } finally {
+    await toolServer.shutdown(0);
+    toolModel.dispose();
+  }
 });
 
 test('the same seed gives the same text twice', async () => {

@@ -445,10 +445,30 @@ describe('server over a fake engine', () => {
       { role: 'tool', content: '21 C', tool_call_id: 'call_1' },
     ]);
 
+    // A forced call reaches the engine as such.
+    await client.chat.completions.create({ model: 'x', messages, tools, tool_choice: 'required' });
+    expect(engine.started.at(-1)!.request.toolChoice).toBe('required');
+    await client.chat.completions.create({
+      model: 'x',
+      messages,
+      tools,
+      tool_choice: { type: 'function', function: { name: 'get_weather' } },
+    });
+    expect(engine.started.at(-1)!.request.toolChoice).toEqual({ name: 'get_weather' });
+
     const before = engine.started.length;
     for (const [patch, param] of [
-      [{ tool_choice: 'required' }, 'tool_choice'],
-      [{ tool_choice: { type: 'function', function: { name: 'get_weather' } } }, 'tool_choice'],
+      [{ tool_choice: { type: 'function', function: { name: 'other' } } }, 'tool_choice'],
+      [{ tool_choice: 'always' }, 'tool_choice'],
+      [{ tools: undefined, tool_choice: 'required' }, 'tool_choice'],
+      [{ tool_choice: 'required', response_format: { type: 'json_object' } }, 'response_format'],
+      [
+        {
+          tools: [{ type: 'function', function: { name: 'f', parameters: { type: 'object', allOf: [] } } }],
+          tool_choice: 'required',
+        },
+        'tools[0].function.parameters',
+      ],
       [{ tools: [{ type: 'function', function: {} }] }, 'tools[0]'],
       [{ tools: [{ type: 'retrieval' }] }, 'tools[0]'],
       [{ tools: 'all' }, 'tools'],

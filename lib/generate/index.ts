@@ -10,8 +10,8 @@ import { ChatMessage, checkMessages, checkTools } from '../text/chat';
 import { TextTokenizer } from '../text/tokenizer';
 import { checkObject, checkSignal, describe, isRecord } from '../validate';
 import { Engine, GenerationPiece, GenerationResult, Request } from './engine';
-import { JsonConstraint } from './json-constraint';
-import { ANY_OBJECT, SchemaNode, compileSchema } from './json-schema';
+import { JsonConstraint, JsonFormat } from './json-constraint';
+import { ANY_OBJECT, compileSchema } from './json-schema';
 import { checkLogprobs } from './logprobs';
 import { SamplingOptions, checkSampling } from './sampling';
 import { checkStop } from './stop';
@@ -32,7 +32,7 @@ export interface GenerateOptions extends SamplingOptions {
    * value is complete only end-of-sequence tokens remain (maxTokens may still cut it); the prompt
    * should ask for JSON too. Default 'text'.
    */
-  responseFormat?: 'text' | 'json' | { schema: object };
+  responseFormat?: 'text' | 'json' | { schema: object; prefix?: string; suffix?: string };
   /**
    * With messages: the tools the model may call, rendered by the chat template as its `tools`
    * (OpenAI's `{ type: 'function', function: { name, description, parameters } }` for most templates).
@@ -185,13 +185,30 @@ export function checkMaxTokens(name: string, v: unknown): number | undefined {
   return v;
 }
 
-/** The `responseFormat` option: null for text, else the schema the output must follow. */
-function checkResponseFormat(v: unknown): SchemaNode | null {
+/** The `responseFormat` option: null for text, else what the output must be. */
+function checkResponseFormat(v: unknown): JsonFormat | null {
   if (v === undefined || v === 'text') return null;
-  if (v === 'json') return ANY_OBJECT;
-  if (isRecord(v) && Object.keys(v).length === 1 && v.schema !== undefined)
-    return compileSchema(v.schema, 'options.responseFormat.schema');
-  throw argTypeError(`options.responseFormat must be 'text', 'json' or { schema }, got ${describe(v)}`);
+  if (v === 'json') return { schema: ANY_OBJECT, prefix: '', suffix: '' };
+  if (
+    isRecord(v) &&
+    v.schema !== undefined &&
+    Object.keys(v).every((k) => ['schema', 'prefix', 'suffix'].includes(k))
+  ) {
+    const text = (key: 'prefix' | 'suffix') => {
+      const t = v[key] ?? '';
+      if (typeof t !== 'string')
+        throw argTypeError(`options.responseFormat.${key} must be a string, got ${describe(t)}`);
+      return Buffer.from(t, 'utf8').toString('latin1'); // the automaton reads bytes
+    };
+    return {
+      schema: compileSchema(v.schema, 'options.responseFormat.schema'),
+      prefix: text('prefix'),
+      suffix: text('suffix'),
+    };
+  }
+  throw argTypeError(
+    `options.responseFormat must be 'text', 'json' or { schema, prefix?, suffix? }, got ${describe(v)}`,
+  );
 }
 
 export function noTokenizer(): MoeError {
@@ -217,8 +234,8 @@ export function generate(model: GenerateModel, engine: Engine, prompt: unknown, 
   if (o.ignoreEos !== undefined && typeof o.ignoreEos !== 'boolean')
     throw argTypeError(`options.ignoreEos must be a boolean, got ${describe(o.ignoreEos)}`);
   const scoring = checkLogprobs('options', o);
-  const schema = checkResponseFormat(o.responseFormat);
-  if (schema && !model.tokenizer) throw noTokenizer();
+  const format = checkResponseFormat(o.responseFormat);
+  if (format && !model.tokenizer) throw noTokenizer();
   const eos = new Set(o.ignoreEos ? [] : [...model.config.eosTokenIds, ...(model.tokenizer?.eosTokenIds ?? [])]);
 
   const start = (ids: number[], constraint: JsonConstraint | null): Request => {
@@ -240,7 +257,7 @@ export function generate(model: GenerateModel, engine: Engine, prompt: unknown, 
     throw argTypeError('options.tools needs a prompt of messages: the chat template renders them');
   const ids = promptTokens(model, prompt, tools);
   // The first JSON request of a tokenizer gathers its vocabulary's bytes between turns of the event loop.
-  const constraint = schema ? JsonConstraint.create(model.tokenizer!, model.config.vocabSize, schema, eos) : null;
+  const constraint = format ? JsonConstraint.create(model.tokenizer!, model.config.vocabSize, format, eos) : null;
   let request: Request | Promise<Request>;
   if (ids instanceof Promise || constraint instanceof Promise) {
     request = Promise.all([ids, constraint]).then(([i, c]) => start(i, c));

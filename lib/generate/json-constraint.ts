@@ -22,6 +22,13 @@ import {
   jsonStep,
 } from './json-schema';
 
+/** The texts a constraint allows: `prefix`, a JSON text of `schema`, `suffix` (bytes as chars). */
+export interface JsonFormat {
+  schema: SchemaNode;
+  prefix: string;
+  suffix: string;
+}
+
 interface VocabularyBytes {
   bytes: Uint8Array[];
   /** Token ids with bytes, in byte order (special and empty tokens left out). */
@@ -100,31 +107,31 @@ export class JsonConstraint {
   readonly #depth: JsonState[];
   readonly #cursor: JsonState;
 
-  private constructor(vocab: VocabularyBytes, schema: SchemaNode, eos: ReadonlySet<number>, size: number) {
+  private constructor(vocab: VocabularyBytes, format: JsonFormat, eos: ReadonlySet<number>, size: number) {
     this.#vocab = vocab;
     this.#eos = [...eos].filter((t) => t < size);
-    this.#state = jsonStart(schema);
-    this.#depth = Array.from({ length: vocab.longest + 1 }, () => jsonStart(schema));
-    this.#cursor = jsonStart(schema);
+    this.#state = jsonStart(format.schema, format);
+    this.#depth = Array.from({ length: vocab.longest + 1 }, () => jsonStart(format.schema, format));
+    this.#cursor = jsonStart(format.schema, format);
   }
 
   /**
-   * A constraint to the texts of `schema` over the tokenizer's vocabulary: at once when its bytes were
+   * A constraint to the texts of `format` over the tokenizer's vocabulary: at once when its bytes were
    * gathered before, else a promise.
    */
   static create(
     tokenizer: TextTokenizer,
     vocab: number,
-    schema: SchemaNode,
+    format: JsonFormat,
     eos: ReadonlySet<number>,
   ): JsonConstraint | Promise<JsonConstraint> {
     let byVocab = vocabularies.get(tokenizer);
     if (!byVocab) vocabularies.set(tokenizer, (byVocab = new Map()));
     const known = byVocab.get(vocab);
-    if (known) return new JsonConstraint(known, schema, eos, vocab);
+    if (known) return new JsonConstraint(known, format, eos, vocab);
     return buildVocabulary(tokenizer, vocab).then((v) => {
       byVocab.set(vocab, v);
-      return new JsonConstraint(v, schema, eos, vocab);
+      return new JsonConstraint(v, format, eos, vocab);
     });
   }
 

@@ -284,6 +284,8 @@ const N_EXP = 17; // in the exponent digits
 const LITERAL = 18; // inside true, false or null (aux: bytes matched)
 const CHOICE = 19; // inside an enum or const value (`text`: its bytes so far)
 const DONE = 20; // the value is complete: space only
+const PREFIX = 21; // in the text before the value (aux: bytes matched)
+const SUFFIX = 22; // in the text after the value (aux: bytes matched)
 
 const LITERALS = ['true', 'false', 'null'];
 const LITERAL_OF: Record<number, number> = { 0x74: 0, 0x66: 1, 0x6e: 2 };
@@ -313,6 +315,8 @@ export interface JsonState {
   frame: Frame | null;
   /** Space bytes in the current gap between tokens of the text. */
   spaces: number;
+  /** Exact text before and after the value (one char a byte), if any. */
+  wrap: Readonly<{ prefix: string; suffix: string }> | null;
 }
 
 const isSpace = (b: number) => b === 0x20 || b === 0x0a || b === 0x0d || b === 0x09;
@@ -321,8 +325,20 @@ const isHex = (b: number) => isDigit(b) || (b >= 0x41 && b <= 0x46) || (b >= 0x6
 const isEscape = (b: number) =>
   b === 0x22 || b === 0x5c || b === 0x2f || b === 0x62 || b === 0x66 || b === 0x6e || b === 0x72 || b === 0x74;
 
-export function jsonStart(root: SchemaNode): JsonState {
-  return { mode: START, aux: 0, key: false, literal: 0, node: root, text: '', frame: null, spaces: 0 };
+/** The state before a text of `root`, with `wrap`'s exact text (bytes as chars) around the value. */
+export function jsonStart(root: SchemaNode, wrap?: { prefix: string; suffix: string }): JsonState {
+  const w = wrap && (wrap.prefix !== '' || wrap.suffix !== '') ? wrap : null;
+  return {
+    mode: w && w.prefix !== '' ? PREFIX : START,
+    aux: 0,
+    key: false,
+    literal: 0,
+    node: root,
+    text: '',
+    frame: null,
+    spaces: 0,
+    wrap: w,
+  };
 }
 
 export function copyState(from: Readonly<JsonState>, to: JsonState): void {
@@ -334,6 +350,7 @@ export function copyState(from: Readonly<JsonState>, to: JsonState): void {
   to.text = from.text;
   to.frame = from.frame;
   to.spaces = from.spaces;
+  to.wrap = from.wrap;
 }
 
 /** Whether the text so far is a whole value (only space may follow). */
@@ -350,7 +367,9 @@ export function jsonTakesPlainText(s: Readonly<JsonState>): boolean {
 }
 
 function valueDone(s: JsonState): void {
-  s.mode = s.frame === null ? DONE : AFTER;
+  if (s.frame !== null) s.mode = AFTER;
+  else if (s.wrap && s.wrap.suffix !== '') [s.mode, s.aux] = [SUFFIX, 0];
+  else s.mode = DONE;
 }
 
 /** The keys of the innermost object that may still be written (its known keys not yet written). */
@@ -509,6 +528,13 @@ export function jsonStep(s: JsonState, b: number): boolean {
         if (!s.node.choices!.includes(s.text)) return false;
         valueDone(s); // the value ended before this byte
         continue;
+      }
+      case PREFIX:
+      case SUFFIX: {
+        const text = s.mode === PREFIX ? s.wrap!.prefix : s.wrap!.suffix;
+        if (b !== text.charCodeAt(s.aux)) return false;
+        if (++s.aux === text.length) [s.mode, s.aux] = [s.mode === PREFIX ? START : DONE, 0];
+        return true;
       }
       default: // DONE
         return gap(s, b);

@@ -6,7 +6,7 @@ import type { CompletionRequest } from './request';
 import { invalidRequest } from './api-error';
 import { messageOf } from '../errors';
 import { checkLogitBias } from '../generate/sampling';
-import { toolCallSyntaxOf } from './tool-calls';
+import { forcedCall, toolCallSyntaxOf } from './tool-calls';
 
 export function modelEngine(model: MoeModel): GenerationEngine {
   // Long prompts are tokenized on the tokenizer's worker thread: started now, so the first one does
@@ -52,7 +52,9 @@ export function modelEngine(model: MoeModel): GenerationEngine {
             promptLogprobs: request.echo && request.topLogprobs !== undefined,
             topLogprobs: request.topLogprobs,
             tools: request.tools,
-            responseFormat: request.responseFormat,
+            responseFormat: request.toolChoice
+              ? forcedCall(request.tools!, request.toolChoice)
+              : request.responseFormat,
             signal,
           },
         );

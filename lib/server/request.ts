@@ -2,7 +2,7 @@
  * The body of `POST /v1/chat/completions` and `POST /v1/completions`, checked field by field into what
  * the generator takes. A field of the wrong type or out of range is a 400 that names it, before the
  * model sees anything. Fields this server does not know are ignored, as most OpenAI-compatible servers
- * do; known features it does not have (best_of > 1, forced tool calls) are refused rather than dropped.
+ * do; known features it does not have (best_of > 1, suffix) are refused rather than dropped.
  */
 import { invalidRequest } from './api-error';
 import { messageOf } from '../errors';
@@ -46,6 +46,8 @@ export interface CompletionRequest {
   responseFormat: 'text' | 'json' | { schema: object };
   /** Chat: the tools the model may call (left out with tool_choice 'none'). */
   tools?: object[];
+  /** Chat: a call is forced, of any of the tools or of the one named. */
+  toolChoice?: 'required' | { name: string };
 }
 
 const ROLES = ['system', 'developer', 'user', 'assistant', 'tool'];
@@ -249,14 +251,41 @@ function tools(body: Body): object[] | undefined {
         'invalid_type',
       );
   });
-  const choice = body.tool_choice;
-  if (present(body, 'tool_choice') && choice !== 'auto' && choice !== 'none')
+  return v.length === 0 || body.tool_choice === 'none' ? undefined : (v as object[]);
+}
+
+/**
+ * `tool_choice`: 'auto' (or left out) and 'none' ask for nothing more; 'required' and a named function
+ * force one call, whose JSON the server then constrains (the function's parameters checked here as a
+ * response schema).
+ */
+function toolChoice(body: Body, list: object[] | undefined): CompletionRequest['toolChoice'] {
+  const v = body.tool_choice;
+  if (!present(body, 'tool_choice') || v === 'auto' || v === 'none') return undefined;
+  const fn = isRecord(v) && v.type === 'function' && isRecord(v.function) ? v.function.name : undefined;
+  const named = typeof fn === 'string' ? fn : undefined;
+  if (v !== 'required' && named === undefined)
     throw invalidRequest(
-      `'tool_choice' ${describe(choice)} is not supported by this server: 'auto' and 'none' are (forcing a call needs a grammar of the call syntax)`,
+      `'tool_choice' must be 'auto', 'none', 'required' or { type: 'function', function: { name } }, got ${describe(v)}`,
       'tool_choice',
-      'unsupported_parameter',
+      'invalid_type',
     );
-  return v.length === 0 || choice === 'none' ? undefined : (v as object[]);
+  if (!list) throw invalidRequest(`'tool_choice' ${describe(v)} needs 'tools'`, 'tool_choice', 'invalid_value');
+  const functions = list.map((t) => (t as { function: { name: string; parameters?: object } }).function);
+  const index = named === undefined ? -1 : functions.findIndex((f) => f.name === named);
+  if (named !== undefined && index < 0)
+    throw invalidRequest(`'tool_choice' names '${named}', which is not in 'tools'`, 'tool_choice', 'invalid_value');
+  // Only one function's arguments are constrained by its parameters: several are told apart by name alone.
+  const checked = named !== undefined ? [index] : functions.length === 1 ? [0] : [];
+  for (const i of checked) {
+    const param = `tools[${i}].function.parameters`;
+    try {
+      compileSchema(functions[i].parameters ?? {}, param);
+    } catch (err) {
+      throw invalidRequest(messageOf(err), param, err instanceof TypeError ? 'invalid_type' : 'invalid_value');
+    }
+  }
+  return named === undefined ? 'required' : { name: named };
 }
 
 function prompt(body: Body): string | number[] {
@@ -302,6 +331,15 @@ export function parseCompletionRequest(endpoint: 'chat' | 'completion', body: un
   if (endpoint === 'completion')
     notSupported(body, 'tools', (v) => Array.isArray(v) && v.length === 0, 'tools are for /v1/chat/completions');
   notSupported(body, 'functions', (v) => Array.isArray(v) && v.length === 0, 'no function calling');
+  const chatTools = endpoint === 'chat' ? tools(body) : undefined;
+  const forced = toolChoice(body, chatTools);
+  const format = responseFormat(body);
+  if (forced && format !== 'text')
+    throw invalidRequest(
+      `'response_format' must be text when 'tool_choice' forces a call (the call has a format of its own)`,
+      'response_format',
+      'invalid_value',
+    );
   const maxCompletion = integer(body, 'max_completion_tokens', 1);
   const maxTokens = integer(body, 'max_tokens', 1);
   return {
@@ -325,8 +363,9 @@ export function parseCompletionRequest(endpoint: 'chat' | 'completion', body: un
     ignoreEos: boolean(body, 'ignore_eos'),
     topLogprobs: endpoint === 'chat' ? chatLogprobs(body) : completionLogprobs(body),
     echo: endpoint === 'completion' && boolean(body, 'echo'),
-    tools: endpoint === 'chat' ? tools(body) : undefined,
-    responseFormat: responseFormat(body),
+    tools: chatTools,
+    toolChoice: forced,
+    responseFormat: format,
   };
 }
 

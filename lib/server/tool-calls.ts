@@ -19,6 +19,37 @@ export function toolCallSyntaxOf(template: string | undefined): ToolCallSyntax |
   return template?.includes(OPEN) ? 'hermes' : undefined;
 }
 
+/**
+ * The response format that forces one call (tool_choice 'required' or a named function) in the
+ * Hermes syntax: the tags around a JSON object whose `name` is the function's (one of the tools') and
+ * whose `arguments` follow its `parameters` when there is one function to call (any object when
+ * several are allowed: the name alone tells them apart).
+ */
+export function forcedCall(
+  tools: readonly object[],
+  choice: 'required' | { name: string },
+): { schema: object; prefix: string; suffix: string } {
+  const functions = tools.map(
+    (t) => (t as { function: { name: string; parameters?: Record<string, unknown> } }).function,
+  );
+  const allowed = choice === 'required' ? functions : functions.filter((f) => f.name === choice.name);
+  const params = allowed.length === 1 ? (allowed[0].parameters ?? { type: 'object' }) : { type: 'object' };
+  // The parameters' definitions move to the top, where their '#/$defs/...' references now point.
+  const { $defs, definitions, ...args } = params as Record<string, unknown>;
+  return {
+    schema: {
+      type: 'object',
+      properties: { name: { enum: allowed.map((f) => f.name) }, arguments: args },
+      required: ['name', 'arguments'],
+      additionalProperties: false,
+      ...($defs !== undefined && { $defs }),
+      ...(definitions !== undefined && { definitions }),
+    },
+    prefix: OPEN + '\n',
+    suffix: '\n</tool_call>',
+  };
+}
+
 export interface ToolCall {
   id: string;
   type: 'function';
