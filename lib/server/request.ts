@@ -231,7 +231,7 @@ function responseFormat(body: Body): CompletionRequest['responseFormat'] {
   return { schema: schema as object };
 }
 
-/** `tools` (function definitions) and `tool_choice`: the tools the template renders, if any. */
+/** `tools` (function definitions): what the template renders, none with tool_choice 'none'. */
 function tools(body: Body): object[] | undefined {
   if (!present(body, 'tools')) return undefined;
   const v = body.tools;
