@@ -112,6 +112,11 @@ function encodePrompt(
   })();
 }
 
+/** Whether a prompt is a conversation (messages for the chat template) rather than text or ids. */
+function isMessages(prompt: unknown): boolean {
+  return Array.isArray(prompt) && prompt.length > 0 && isRecord(prompt[0]);
+}
+
 /** The prompt's token ids, checked; a promise where a long text is tokenized off the event loop. */
 export function promptTokens(
   model: GenerateModel,
@@ -123,7 +128,7 @@ export function promptTokens(
     if (!model.tokenizer) throw noTokenizer();
     return checkedIds(model, encodePrompt(model.tokenizer, prompt, true, context));
   }
-  if (Array.isArray(prompt) && prompt.length > 0 && isRecord(prompt[0])) {
+  if (isMessages(prompt)) {
     const messages = checkMessages(NAME, prompt);
     const tokenizer = model.tokenizer;
     if (!tokenizer) throw noTokenizer();
@@ -253,7 +258,7 @@ export function generate(model: GenerateModel, engine: Engine, prompt: unknown, 
     return request;
   };
   const tools = checkTools('options.tools', o.tools);
-  if (tools && !(Array.isArray(prompt) && prompt.length > 0 && isRecord(prompt[0])))
+  if (tools && !isMessages(prompt))
     throw argTypeError('options.tools needs a prompt of messages: the chat template renders them');
   const ids = promptTokens(model, prompt, tools);
   // The first JSON request of a tokenizer gathers its vocabulary's bytes between turns of the event loop.

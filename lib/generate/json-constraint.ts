@@ -43,7 +43,8 @@ interface VocabularyBytes {
   spaces: number[];
 }
 
-const vocabularies = new WeakMap<TextTokenizer, Map<number, VocabularyBytes>>();
+/** Each tokenizer's vocabulary bytes by vocabulary size; a promise while they are gathered, so requests arriving meanwhile share the one gathering. */
+const vocabularies = new WeakMap<TextTokenizer, Map<number, VocabularyBytes | Promise<VocabularyBytes>>>();
 /** Tokens read per turn of the event loop while a vocabulary's bytes are gathered. */
 const BUILD_CHUNK = 4096;
 
@@ -127,12 +128,17 @@ export class JsonConstraint {
   ): JsonConstraint | Promise<JsonConstraint> {
     let byVocab = vocabularies.get(tokenizer);
     if (!byVocab) vocabularies.set(tokenizer, (byVocab = new Map()));
-    const known = byVocab.get(vocab);
-    if (known) return new JsonConstraint(known, format, eos, vocab);
-    return buildVocabulary(tokenizer, vocab).then((v) => {
-      byVocab.set(vocab, v);
-      return new JsonConstraint(v, format, eos, vocab);
-    });
+    let known = byVocab.get(vocab);
+    if (known && !(known instanceof Promise)) return new JsonConstraint(known, format, eos, vocab);
+    if (!known) {
+      const gathering = buildVocabulary(tokenizer, vocab);
+      byVocab.set(vocab, (known = gathering));
+      gathering.then(
+        (v) => byVocab.set(vocab, v),
+        () => byVocab.delete(vocab), // a later request tries again
+      );
+    }
+    return known.then((v) => new JsonConstraint(v, format, eos, vocab));
   }
 
   /** Writes 1 into `mask` ([vocab]) for every token that may come next, 0 for the others. */

@@ -12,6 +12,7 @@ import { isRecord } from '../validate';
 export type ToolCallSyntax = 'hermes';
 
 const OPEN = '<tool_call>';
+const CLOSE = '</tool_call>';
 const CALL = /<tool_call>([\s\S]*?)(?:<\/tool_call>|$)/g;
 
 /** The syntax a chat template teaches its model for tool calls; undefined when this server reads none. */
@@ -46,7 +47,7 @@ export function forcedCall(
       ...(definitions !== undefined && { definitions }),
     },
     prefix: OPEN + '\n',
-    suffix: '\n</tool_call>',
+    suffix: '\n' + CLOSE,
   };
 }
 

@@ -9,7 +9,7 @@ import { isRecord } from '../validate';
 
 type Step = (piece: string) => string | Uint8Array;
 
-const utf8 = new TextEncoder();
+export const utf8 = new TextEncoder();
 let byteOfChar: Map<string, number> | null = null;
 
 /** GPT-2's byte-level alphabet, reversed: printable bytes stand for themselves, the others for U+0100 on. */

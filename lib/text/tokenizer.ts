@@ -11,7 +11,7 @@ import { isFile, readJson } from '../safetensors/resolve';
 import { describe, isRecord } from '../validate';
 import { ChatMessage, ChatTemplate } from './chat';
 import { EncodeWorker, TemplateRefusal, WorkerUnavailable } from './encode-worker';
-import { tokenBytesOf } from './token-bytes';
+import { tokenBytesOf, utf8 } from './token-bytes';
 
 /** Options every decode uses, so that streamed pieces and the whole decode agree. */
 const DECODE = { skip_special_tokens: true, clean_up_tokenization_spaces: false } as const;
@@ -198,7 +198,7 @@ export class TextTokenizer {
     if (!Number.isSafeInteger(id) || id < 0)
       throw argRangeError(`id must be a token id (an integer >= 0), got ${describe(id)}`);
     const added = this.#added.get(id);
-    if (added !== undefined) return new TextEncoder().encode(added);
+    if (added !== undefined) return utf8.encode(added);
     const piece = this.#tokenizer.id_to_token(id);
     return piece === undefined ? new Uint8Array(0) : this.#pieceBytes(piece);
   }
