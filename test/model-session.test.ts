@@ -164,6 +164,40 @@ describe.each(variants)('$name: the same bits however the work is batched', ({ f
     fresh.free();
     reused.free();
   });
+
+  test('a fork goes on as the whole sequence would, and so does its source, shortened or not', async () => {
+    const prefix = randomTokens(37, V, 12); // two blocks of 16 positions and 5 of a third
+    const source = model.createSequence();
+    await run(model, [{ sequence: source, tokens: prefix }]);
+    /** The rows of `more` after `before`, fed to a fresh sequence in one call. */
+    const fresh = async (before: number[], more: number[]) =>
+      (await chunked(model, [...before, ...more], [before.length + more.length])).subarray(before.length * V);
+    for (const length of [0, 16, 21, 37]) {
+      const fork = await model.forkSequence(source, length);
+      expect(fork.length).toBe(length);
+      const more = randomTokens(20, V, 13 + length);
+      const [rows] = await run(model, [{ sequence: fork, tokens: more, all: true }]);
+      expect(firstBitDifference(rows, await fresh(prefix.slice(0, length), more))).toBe(-1);
+      fork.free();
+    }
+    // The child shares the source's first two blocks; shortened to 20 positions, the source writes its
+    // next tokens into a copy of its second block, not into the child's.
+    const child = await model.forkSequence(source, 37);
+    await model.truncateSequence(source, 20);
+    const [d, e] = [randomTokens(9, V, 60), randomTokens(9, V, 61)];
+    const [sourceRows, childRows] = await run(model, [
+      { sequence: source, tokens: d, all: true },
+      { sequence: child, tokens: e, all: true },
+    ]);
+    expect(firstBitDifference(sourceRows, await fresh(prefix.slice(0, 20), d))).toBe(-1);
+    expect(firstBitDifference(childRows, await fresh(prefix, e))).toBe(-1);
+    // Shortened to a block's end: the next block is a new one.
+    await model.truncateSequence(child, 32);
+    const [rows] = await run(model, [{ sequence: child, tokens: d, all: true }]);
+    expect(firstBitDifference(rows, await fresh(prefix.slice(0, 32), d))).toBe(-1);
+    source.free();
+    child.free();
+  });
 });
 
 describe('sequences', () => {
@@ -255,4 +289,31 @@ test('stepTimes() of a disposed model throws', async () => {
   const model = await MoeModel.load(written.get('mixtral')!.hfDir, { contextLength: 16 });
   model.dispose();
   expect(() => model.stepTimes()).toThrow(/disposed/);
+});
+
+test('a fork shares its full blocks: it fits where a copy would not, and keeps them when its source goes', async () => {
+  // 48 positions in all: three blocks of 16.
+  const model = await MoeModel.load(written.get('mixtral')!.hfDir, { contextLength: 48 });
+  try {
+    const V = model.config.vocabSize;
+    const tokens = randomTokens(48, V, 70);
+    const source = model.createSequence();
+    await model.step([{ sequence: source, tokens }]);
+    const fork = await model.forkSequence(source, 32);
+    const full = model.forkSequence(source, 40);
+    await expect(full).rejects.toMatchObject({ code: 'ERR_MOE_OUT_OF_MEMORY' });
+    await expect(full).rejects.toThrow(/KV cache is full: forking sequence \d+ needs a block of 16 positions/);
+    await expect(model.step([{ sequence: fork, tokens: [tokens[32]] }])).rejects.toThrow(/KV cache is full/);
+    expect(fork.length).toBe(32);
+    await expect(model.forkSequence(source, 49)).rejects.toThrow(/length must be an integer in \[0, 48\]/);
+    source.free();
+    await expect(model.forkSequence(source, 1)).rejects.toThrow(/sequence was freed/);
+    // The third block is free again; the fork's two stay with it.
+    const [rows] = await model.step([{ sequence: fork, tokens: tokens.slice(32), all: true }]);
+    const last = rows.slice(15 * V);
+    fork.free();
+    expect(firstBitDifference(last, await model.logits(tokens))).toBe(-1);
+  } finally {
+    model.dispose();
+  }
 });

@@ -137,11 +137,16 @@ class Decoder {
   // Empty when every slot is loaded, else the first missing one ("layer 3 O", ...).
   virtual std::string missing() const = 0;
 
-  // Sequences: create one (length 0), free it (its cache blocks return to the pool), shorten it.
+  // Sequences: create one (length 0), free it (its cache blocks return to the pool), shorten it, fork it.
   virtual int64_t sequence_create() = 0;
   virtual void sequence_free(int64_t id) = 0;
   virtual int64_t sequence_length(int64_t id) const = 0;
   virtual void sequence_truncate(int64_t id, int64_t length) = 0;
+  // A new sequence holding the first `length` positions of sequence `id` (0 <= length <= its length):
+  // the full blocks among them shared, a partial last one copied. A block at or past a sequence's
+  // length is never shared, so a step writes only into blocks of its own (sequence_truncate copies a
+  // shared block it would leave partial). Needs a free block when length is not a multiple of a block.
+  virtual int64_t sequence_fork(int64_t id, int64_t length) = 0;
   virtual int64_t free_cache_positions() const = 0;
   // Tokens routed to each expert of each layer since load: counts[layers * num_experts], zero for
   // dense layers.

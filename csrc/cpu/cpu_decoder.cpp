@@ -356,15 +356,37 @@ class CpuDecoder final : public Decoder {
 
   void sequence_truncate(int64_t id, int64_t length) override {
     Sequence& s = find(id);
-    if (length < 0 || length > s.length)
-      fail(ErrorCode::Invalid, "sequence " + std::to_string(id) + ": length must be in [0, " +
-                                   std::to_string(s.length) + "], got " + std::to_string(length));
-    s.length = length;
+    check_prefix(id, s, length);
     const size_t keep = size_t((length + cfg_.block_tokens - 1) / cfg_.block_tokens);
+    // The block left partial takes the next step's positions: a shared one is copied first.
+    int32_t own = -1;
+    if (length % cfg_.block_tokens != 0 && pool_.holders(s.blocks[keep - 1]) > 1) {
+      own = copy_of_block(s.blocks[keep - 1], "shortening sequence " + std::to_string(id));
+    }
+    s.length = length;
     while (s.blocks.size() > keep) {
       pool_.release(s.blocks.back());
       s.blocks.pop_back();
     }
+    if (own >= 0) {
+      pool_.release(s.blocks[keep - 1]);
+      s.blocks[keep - 1] = own;
+    }
+  }
+
+  int64_t sequence_fork(int64_t id, int64_t length) override {
+    const Sequence& src = find(id);
+    check_prefix(id, src, length);
+    const size_t full = size_t(length / cfg_.block_tokens);
+    Sequence s;
+    s.length = length;
+    s.blocks.assign(src.blocks.begin(), src.blocks.begin() + std::ptrdiff_t(full));
+    if (length % cfg_.block_tokens != 0)
+      s.blocks.push_back(copy_of_block(src.blocks[full], "forking sequence " + std::to_string(id)));
+    for (size_t i = 0; i < full; i++) pool_.retain(s.blocks[i]);
+    const int64_t fork_id = next_id_++;
+    sequences_[fork_id] = std::move(s);
+    return fork_id;
   }
 
   int64_t free_cache_positions() const override { return pool_.free_blocks() * cfg_.block_tokens; }
@@ -403,6 +425,10 @@ class CpuDecoder final : public Decoder {
                                      std::to_string(cfg_.context));
       const int64_t need = (s.length + q.count + cfg_.block_tokens - 1) / cfg_.block_tokens;
       new_blocks += std::max<int64_t>(0, need - int64_t(s.blocks.size()));
+      // sequence_fork and sequence_truncate keep a partial last block the sequence's own.
+      if (q.count > 0 && s.length % cfg_.block_tokens != 0 &&
+          pool_.holders(s.blocks[size_t(s.length / cfg_.block_tokens)]) != 1)
+        fail(ErrorCode::Internal, "sequence " + std::to_string(q.id) + " would write into a shared cache block");
       T += q.count;
     }
     for (int64_t t = 0; t < T; t++)
@@ -449,6 +475,28 @@ class CpuDecoder final : public Decoder {
       return;
     L.moe = L.moe_builder->finish();
     L.moe_builder.reset();
+  }
+
+  void check_prefix(int64_t id, const Sequence& s, int64_t length) const {
+    if (length < 0 || length > s.length)
+      fail(ErrorCode::Invalid, "sequence " + std::to_string(id) + ": length must be in [0, " +
+                                   std::to_string(s.length) + "], got " + std::to_string(length));
+  }
+
+  // A free block holding a copy of `block`'s keys and values in every layer (OutOfMemory when none is
+  // free, naming what needed it).
+  int32_t copy_of_block(int32_t block, const std::string& what) {
+    std::vector<int32_t> fresh;
+    if (!pool_.allocate(1, fresh))
+      fail(ErrorCode::OutOfMemory, "the KV cache is full: " + what + " needs a block of " +
+                                       std::to_string(cfg_.block_tokens) + " positions of its own, none is free");
+    const size_t bytes = size_t(cfg_.kv_heads * cfg_.block_tokens * cfg_.head_dim) * dtype_size(cfg_.kv_dtype);
+    for (Layer& L : layers_)
+      for (void* cache : {L.k_cache.get(), L.v_cache.get()}) {
+        char* base = static_cast<char*>(cache);
+        std::memcpy(base + size_t(fresh[0]) * bytes, base + size_t(block) * bytes, bytes);
+      }
+    return fresh[0];
   }
 
   Sequence& find(int64_t id) {

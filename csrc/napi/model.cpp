@@ -76,7 +76,8 @@ Napi::Function NativeModel::Init(Napi::Env env) {
        InstanceMethod<&NativeModel::SequenceCreate>("sequenceCreate"),
        InstanceMethod<&NativeModel::SequenceFree>("sequenceFree"),
        InstanceMethod<&NativeModel::SequenceLength>("sequenceLength"),
-       InstanceMethod<&NativeModel::SequenceTruncate>("sequenceTruncate"), InstanceMethod<&NativeModel::Step>("step"),
+       InstanceMethod<&NativeModel::SequenceTruncate>("sequenceTruncate"),
+       InstanceMethod<&NativeModel::SequenceFork>("sequenceFork"), InstanceMethod<&NativeModel::Step>("step"),
        InstanceMethod<&NativeModel::LogitsBuffer>("logitsBuffer"), InstanceMethod<&NativeModel::Info>("info"),
        InstanceMethod<&NativeModel::RoutedTokens>("routedTokens"), InstanceMethod<&NativeModel::StepTimes>("stepTimes"),
        InstanceMethod<&NativeModel::Dispose>("dispose")});
@@ -251,6 +252,15 @@ Napi::Value NativeModel::SequenceTruncate(const Napi::CallbackInfo& info) {
   const int64_t n = info[1].As<Napi::Number>().Int64Value();
   native_call(info.Env(), "shorten a sequence", [&] { d->sequence_truncate(id, n); });
   return info.Env().Undefined();
+}
+
+Napi::Value NativeModel::SequenceFork(const Napi::CallbackInfo& info) {
+  auto d = idle(info.Env());
+  const int64_t id = sequence_id(info.Env(), info[0]);
+  if (!info[1].IsNumber()) throw Napi::TypeError::New(info.Env(), "length must be a number");
+  const int64_t n = info[1].As<Napi::Number>().Int64Value();
+  return Napi::Number::New(info.Env(),
+                           double(native_call(info.Env(), "fork a sequence", [&] { return d->sequence_fork(id, n); })));
 }
 
 // (tokens: Int32Array, seqs: Float64Array [id, count, all]*, logits: Float32Array, cancel?) -> Promise<Float32Array>

@@ -25,6 +25,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   Napi::Value SequenceFree(const Napi::CallbackInfo& info);
   Napi::Value SequenceLength(const Napi::CallbackInfo& info);
   Napi::Value SequenceTruncate(const Napi::CallbackInfo& info);
+  Napi::Value SequenceFork(const Napi::CallbackInfo& info);
   Napi::Value Step(const Napi::CallbackInfo& info);
   Napi::Value LogitsBuffer(const Napi::CallbackInfo& info);
   Napi::Value Info(const Napi::CallbackInfo& info);

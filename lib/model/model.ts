@@ -105,6 +105,7 @@ export interface NativeModel {
   sequenceFree(id: number): void;
   sequenceLength(id: number): number;
   sequenceTruncate(id: number, length: number): void;
+  sequenceFork(id: number, length: number): number;
   /** seqs: [id, count, allLogits (0/1)] per sequence. Resolves with `logits` once it is written. */
   step(tokens: Int32Array, seqs: Float64Array, logits: Float32Array, cancel?: NativeCancel): Promise<Float32Array>;
   /** A Float32Array over native memory that steps write their logits into in place (no copy after the step). */
@@ -601,6 +602,35 @@ export class MoeModel {
         const native = this.#live();
         if (seq.nativeId !== undefined) native.sequenceTruncate(seq.nativeId, length);
         seq.length = length;
+      });
+    } catch (err) {
+      return Promise.reject(err);
+    }
+  }
+
+  /**
+   * A new sequence holding the first `length` positions of `sequence`, once the steps queued before this
+   * call have run: the full cache blocks among them shared, a partial last one copied, so that each
+   * sequence then grows on its own. Rejects with ERR_MOE_OUT_OF_MEMORY when that copy finds no free
+   * block.
+   * @internal
+   */
+  forkSequence(sequence: ModelSequence, length: number): Promise<ModelSequence> {
+    try {
+      const seq = this.#sequence('sequence', sequence);
+      checkInteger('length', length, 0, seq.length);
+      return this.#exclusive(async () => {
+        const native = this.#live();
+        const fork = new ModelSequence(this);
+        if (length > 0) {
+          try {
+            fork.nativeId = native.sequenceFork(seq.nativeId!, length);
+          } catch (err) {
+            throw fromNative(err);
+          }
+          fork.length = length;
+        }
+        return fork;
       });
     } catch (err) {
       return Promise.reject(err);
