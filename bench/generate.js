@@ -14,7 +14,11 @@
 // step's roofline (stepRoofline: the read probe and the dot product's peak, both of the same run); each
 // the median of three runs, the runs of every N taking turns (1, 4, 8, 16 streams, then again).
 // Then, ours only: 8 streams run, and a 2,000-token prompt arrives; the p99 inter-token latency of the
-// 8 streams before and while that prompt is read, against the time of one prefill chunk.
+// 8 streams before and while that prompt is read, against the time of one prefill chunk. And 8
+// requests arriving at once with one 1,000-token system prompt and questions of their own (the first
+// computes the system prompt, the others wait and fork its cache), against 8 whose system prompts
+// differ (the same tokens to compute, without the sharing): time to every first token, to the end,
+// and the prompt tokens computed.
 'use strict';
 const fs = require('fs');
 const os = require('os');
@@ -197,6 +201,37 @@ async function runOurs(job) {
       modelled: work(depth) / work(0),
     };
   }
+  if (job.shared) {
+    const { requests, system, question, tokens } = job.shared;
+    const runs = { shared: [], distinct: [] };
+    for (let rep = 0; rep < 3; rep++) {
+      for (const kind of ['shared', 'distinct']) {
+        const seed = 200_000 + 1000 * rep + (kind === 'shared' ? 0 : 500);
+        const prompts = Array.from({ length: requests }, (_, i) => [
+          ...benchTokens(system, job.V, kind === 'shared' ? seed : seed + 1 + i),
+          ...benchTokens(question, job.V, seed + 100 + i),
+        ]);
+        const t0 = now();
+        const firsts = [];
+        const results = await Promise.all(
+          prompts.map(async (prompt) => {
+            const gen = model.generate(prompt, { maxTokens: tokens, temperature: 0, ignoreEos: true });
+            for (let r = await gen.next(), first = true; ; r = await gen.next(), first = false) {
+              if (r.done) return r.value;
+              if (first) firsts.push(now() - t0);
+            }
+          }),
+        );
+        runs[kind].push({
+          firstTokenMs: quantile(firsts, 0.5),
+          lastFirstTokenMs: Math.max(...firsts),
+          wallMs: now() - t0,
+          computedPromptTokens: results.reduce((a, r) => a + r.usage.promptTokens - r.usage.cachedPromptTokens, 0),
+        });
+      }
+    }
+    out.shared = { ...job.shared, runs };
+  }
   model.dispose();
   return out;
 }
@@ -274,6 +309,7 @@ const RUN = {
   reps: quick ? 1 : 3,
   longPrompt: quick ? 300 : 2000,
   chunkTokens: 256,
+  shared: { requests: 8, system: quick ? 200 : 1000, question: 24, tokens: 16 },
 };
 // Bytes one decode step reads with N streams: attention and LM head once, the experts the N tokens
 // pick (expected distinct experts: each token picks k distinct experts of E, uniformly, so an expert
@@ -331,7 +367,7 @@ for (const format of formats) {
     log(`${name} ${format} ${engine}: streams ${streams.join(', ')} ...`);
     const job = { engine, format, V: m.V, streams, context, ...RUN };
     if (engine === 'ours') Object.assign(job, { dir: files.hf, quantize: FORMATS[format].ours });
-    else Object.assign(job, { gguf: files.gguf[FORMATS[format].gguf], longPrompt: 0 });
+    else Object.assign(job, { gguf: files.gguf[FORMATS[format].gguf], longPrompt: 0, shared: null });
     const r = runChild(__filename, job);
     results.push({ format, engine, ...r });
     if (r.error) log(`  failed: ${r.error}`);
@@ -410,6 +446,15 @@ for (const format of formats) {
     const d = lp.deepChunk;
     log(
       `${format}: a ${RUN.chunkTokens}-token chunk after ${d.depth} tokens ${fmt(d.deepMs)} ms, at the start ${fmt(d.freshMs)} ms: ${fmt(d.measured)}× (the step budget's cost model: ${fmt(d.modelled)}×)`,
+    );
+  }
+  const sh = results.find((x) => x.format === format && x.engine === 'ours')?.shared;
+  if (sh) {
+    const of = (kind, key) => median(sh.runs[kind].map((r) => r[key]));
+    const line = (kind) =>
+      `every first token by ${fmt(of(kind, 'lastFirstTokenMs'))} ms (p50 ${fmt(of(kind, 'firstTokenMs'))}), all done in ${fmt(of(kind, 'wallMs'))} ms, ${fmt(of(kind, 'computedPromptTokens'))} prompt tokens computed`;
+    log(
+      `${format}: ${sh.requests} requests at once, a ${sh.system}-token system prompt and a ${sh.question}-token question each, ${sh.tokens} tokens out (medians of ${sh.runs.shared.length}): one system prompt: ${line('shared')}; distinct ones: ${line('distinct')}; first tokens ${fmt(of('distinct', 'lastFirstTokenMs') / of('shared', 'lastFirstTokenMs'))}× sooner, done ${fmt(of('distinct', 'wallMs') / of('shared', 'wallMs'))}× sooner`,
     );
   }
 }

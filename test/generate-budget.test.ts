@@ -51,8 +51,8 @@ function standIn(config: DecoderConfig, steps: Entry[][], quantize = 'none'): En
       });
     },
     freeSequence() {},
-    async truncateSequence(s: ModelSequence, n: number) {
-      s.length = n;
+    async forkSequence(_: ModelSequence, n: number) {
+      return { length: n } as ModelSequence;
     },
   };
 }

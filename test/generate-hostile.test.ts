@@ -203,8 +203,8 @@ describe('failures inside the step loop end their own request only; the process 
         });
       },
       freeSequence() {},
-      async truncateSequence(s: ModelSequence, n: number) {
-        s.length = n;
+      async forkSequence(_: ModelSequence, n: number) {
+        return { length: n } as ModelSequence;
       },
     };
     return { model, created };
@@ -236,7 +236,7 @@ describe('failures inside the step loop end their own request only; the process 
     engine.submit(poisoned);
     expect(await Promise.all([outcome(healthy), outcome(poisoned)])).toEqual(['length 7,7,7,7,7,7', 'ERR_MOE_NUMERIC']);
     expect(created.map((c) => c.poisoned)).toEqual([false, true]);
-    expect(engine.stats).toEqual({ running: 0, waiting: 0, kept: 1 }); // the failed sequence is not kept
+    expect(engine.stats).toMatchObject({ running: 0, waiting: 0, kept: 1 }); // the failed sequence is not kept
   });
 
   test('-Infinity and NaN logits are tokens that cannot be picked; a row of nothing else cannot be sampled', () => {

@@ -365,6 +365,74 @@ describe('one sequence at a time (maxSequences 1, a 64-position cache)', () => {
   });
 });
 
+describe('shared prefixes: forks of kept and running sequences', () => {
+  let model: MoeModel;
+  beforeAll(async () => {
+    model = await MoeModel.load(byteLevelDir, { maxSequences: 4, contextLength: 256 });
+  });
+  afterAll(() => model.dispose());
+  const greedy = { temperature: 0, maxTokens: 6, ignoreEos: true };
+
+  test('requests with one prompt compute it once: the others wait, fork it, and give their tokens alone', async () => {
+    const prompt = randomTokens(70, 320, 200);
+    const opts = (i: number) => ({ temperature: 1, seed: 300 + i, maxTokens: 12, ignoreEos: true });
+    const together = await Promise.all([0, 1, 2, 3].map((i) => model.complete(prompt, opts(i))));
+    expect(together.map((r) => r.usage.cachedPromptTokens)).toEqual([0, 69, 69, 69]);
+    // A prompt to score is computed whole: each reference below computes its own.
+    for (let i = 0; i < 4; i++) {
+      const alone = await model.complete(prompt, { ...opts(i), promptLogprobs: true });
+      expect(alone.usage.cachedPromptTokens).toBe(0);
+      expect(together[i].tokens).toEqual(alone.tokens);
+    }
+    expect(new Set(together.map((r) => r.tokens.join())).size).toBeGreaterThan(1);
+  });
+
+  test('requests sharing a system prompt fork it; each gives the argmax chain of its own prompt', async () => {
+    const system = randomTokens(40, 320, 210);
+    const prompts = [0, 1, 2].map((i) => [...system, ...randomTokens(5 + i, 320, 220 + i)]);
+    const results = await Promise.all(prompts.map((p) => model.complete(p, greedy)));
+    expect(results.map((r) => r.usage.cachedPromptTokens)).toEqual([0, 40, 40]);
+    for (let i = 0; i < 3; i++) expect(results[i].tokens).toEqual(await argmaxChain(model, prompts[i], 6));
+  });
+
+  test("a request sharing part of a kept conversation forks it: the conversation's next turn still finds it whole", async () => {
+    const first = randomTokens(50, 320, 230);
+    const answer = await model.complete(first, greedy);
+    const other = [...first.slice(0, 33), ...randomTokens(10, 320, 231)];
+    expect((await model.complete(other, greedy)).usage.cachedPromptTokens).toBe(33);
+    const next = [...first, ...answer.tokens, ...randomTokens(4, 320, 232)];
+    const second = await model.complete(next, greedy);
+    // Every position of the first turn but its last token, which was sampled and never fed.
+    expect(second.usage.cachedPromptTokens).toBe(first.length + answer.tokens.length - 1);
+    expect(second.tokens).toEqual(await argmaxChain(model, next, 6));
+  });
+});
+
+test("the engine's count of free cache blocks is the native pool's, through forks, kept prefixes and evictions", async () => {
+  // 8 blocks of 16 positions: kept prefixes are evicted as the rounds go.
+  const model = await MoeModel.load(byteLevelDir, { maxSequences: 2, contextLength: 64 });
+  try {
+    expect(model.generationStats.freeCachePositions).toBe(model.nativeFreeCachePositions());
+    const base = randomTokens(40, 320, 240);
+    for (let round = 0; round < 8; round++) {
+      const prompts = [0, 1, 2].map((i) => [
+        ...base.slice(0, 8 + 11 * ((round + i) % 3)),
+        ...randomTokens(3 + i, 320, 250 + 3 * round + i),
+      ]);
+      const results = await Promise.all(
+        prompts.map((p) => model.complete(p, { temperature: 0, maxTokens: 3 + round, ignoreEos: true })),
+      );
+      expect(results.map((r) => r.finishReason)).toEqual(['length', 'length', 'length']);
+      await model.logits([5]); // queued after the sequences' frees
+      expect(model.generationStats).toMatchObject({ running: 0, waiting: 0 });
+      expect(model.generationStats.freeCachePositions).toBe(model.nativeFreeCachePositions());
+    }
+    expect(model.generationStats.kept).toBeGreaterThan(0);
+  } finally {
+    model.dispose();
+  }
+});
+
 describe('sentencepiece model: conversations reuse their prefix', () => {
   test('the next turn of a chat reuses the cache and gives the tokens of a fresh model', async () => {
     const model = await MoeModel.load(sentencePieceDir, { maxSequences: 2, contextLength: 256 });

@@ -66,6 +66,8 @@ test('chat, streamed and not, gives what model.complete gives, with its usage', 
     prompt_tokens: alone.usage.promptTokens,
     completion_tokens: alone.usage.completionTokens,
     total_tokens: alone.usage.totalTokens,
+    // The prompt's cache, kept after model.complete, all of it but the token fed to get the first logits.
+    prompt_tokens_details: { cached_tokens: alone.usage.promptTokens - 1 },
   });
   const stream = await client.chat.completions.create({
     model: 'tiny-mixtral',

@@ -87,7 +87,13 @@ class FakeEngine implements GenerationEngine {
             : undefined;
         return { done: false, value: { ...piece, logprob, topLogprobs, ...(promptLogprobs && { promptLogprobs }) } };
       },
-      result: () => ({ finishReason: finish, promptTokens: [...source].length, completionTokens: i }),
+      // Half the prompt found in the cache, as far as usage and the metrics are concerned.
+      result: () => ({
+        finishReason: finish,
+        promptTokens: [...source].length,
+        completionTokens: i,
+        cachedTokens: [...source].length >> 1,
+      }),
     };
   }
   tokenBytes?: (token: number) => Uint8Array | undefined = (token) => Buffer.from(String.fromCodePoint(token));
@@ -141,7 +147,12 @@ describe('server over a fake engine', () => {
     expect(r.model).toBe('tiny-moe');
     expect(r.choices[0].message).toMatchObject({ role: 'assistant', content: reverse('héllo wörld') });
     expect(r.choices[0].finish_reason).toBe('stop');
-    expect(r.usage).toEqual({ prompt_tokens: 11, completion_tokens: 11, total_tokens: 22 });
+    expect(r.usage).toEqual({
+      prompt_tokens: 11,
+      completion_tokens: 11,
+      total_tokens: 22,
+      prompt_tokens_details: { cached_tokens: 5 },
+    });
   });
 
   test('chat completion, streamed with usage: chunks join to the text, then a usage chunk', async () => {
@@ -165,7 +176,12 @@ describe('server over a fake engine', () => {
     expect(text).toBe('hgfed');
     expect(finishes.at(-1)).toBe('length');
     expect(finishes.slice(0, -1).every((f) => f === null)).toBe(true);
-    expect(usage).toEqual({ prompt_tokens: 8, completion_tokens: 5, total_tokens: 13 });
+    expect(usage).toEqual({
+      prompt_tokens: 8,
+      completion_tokens: 5,
+      total_tokens: 13,
+      prompt_tokens_details: { cached_tokens: 4 },
+    });
   });
 
   test('completions with a string prompt and with token ids, streamed and not', async () => {
@@ -282,7 +298,12 @@ describe('server over a fake engine', () => {
     ]);
     expect(r.choices.map((c) => c.logprobs!.content!.length)).toEqual([4, 4, 4]);
     expect(engine.started.map((s) => s.request.seed)).toEqual([10, 11, 12]);
-    expect(r.usage).toEqual({ prompt_tokens: 4, completion_tokens: 12, total_tokens: 16 });
+    expect(r.usage).toEqual({
+      prompt_tokens: 4,
+      completion_tokens: 12,
+      total_tokens: 16,
+      prompt_tokens_details: { cached_tokens: 2 },
+    });
 
     const stream = await client.completions.create({
       model: 'x',
@@ -304,7 +325,12 @@ describe('server over a fake engine', () => {
     }
     expect(texts).toEqual(['zy', 'zy']);
     expect(finishes).toEqual(['length', 'length']);
-    expect(usage).toEqual({ prompt_tokens: 3, completion_tokens: 4, total_tokens: 7 });
+    expect(usage).toEqual({
+      prompt_tokens: 3,
+      completion_tokens: 4,
+      total_tokens: 7,
+      prompt_tokens_details: { cached_tokens: 1 },
+    });
     // Without a seed each choice draws its own.
     await client.completions.create({ model: 'x', prompt: 'q', n: 2 });
     expect(engine.started.slice(-2).map((s) => s.request.seed)).toEqual([undefined, undefined]);
@@ -705,6 +731,7 @@ describe('server over a fake engine', () => {
     expect(text).toContain('fused_moe_requests_total{endpoint="/v1/chat/completions",status="400"} 1');
     expect(text).toContain('fused_moe_generated_tokens_total{endpoint="/v1/chat/completions"} 4');
     expect(text).toContain('fused_moe_prompt_tokens_total{endpoint="/v1/chat/completions"} 4');
+    expect(text).toContain('fused_moe_prompt_tokens_cached_total{endpoint="/v1/chat/completions"} 2');
     expect(text).toContain('fused_moe_time_to_first_token_seconds_count{endpoint="/v1/chat/completions"} 1');
     expect(text).toContain('fused_moe_inter_token_latency_seconds_count{endpoint="/v1/chat/completions"} 3');
     expect(text).toContain('fused_moe_expert_tokens_total{layer="1",expert="1"} 4');

@@ -5,15 +5,20 @@
  * it). A long prompt thus joins in chunks and never stalls the streams already running. At most
  * maxSequences requests run; the others wait in arrival order.
  *
- * Finished sequences keep their KV cache as prefixes: a new request whose prompt starts with the
- * tokens of a kept sequence takes it over (cut back to the common prefix) and only feeds the rest, so
- * the next turn of a chat does not recompute the conversation so far. Kept prefixes are dropped least
- * recently used first when a step needs their cache blocks, and beyond maxSequences of them.
+ * Finished sequences keep their KV cache as prefixes. A new request whose prompt starts with the
+ * tokens of a kept sequence takes it over and only feeds the rest, so the next turn of a chat does not
+ * recompute the conversation so far. A prompt sharing at least a cache block's worth of leading tokens
+ * with a kept or running sequence forks it instead (MoeModel.forkSequence: the full blocks shared, not
+ * copied), so requests with one system prompt, or the `n` choices of one request, compute it once; a
+ * request whose prompt a running request is still computing waits for it rather than computing it
+ * beside it. Kept prefixes are dropped least recently used first when a step needs their cache
+ * blocks, and beyond maxSequences of them.
  */
 import { type DecoderConfig, positionCost } from '../model/config';
 import type { ModelSequence, StepEntry } from '../model/model';
 import { StreamDecoder } from '../text/stream';
 import type { TextTokenizer } from '../text/tokenizer';
+import { CacheLedger } from './cache-ledger';
 import type { JsonConstraint } from './json-constraint';
 import { LogprobRequest, PromptTokenLogprobs, TokenLogprob, TokenLogprobs, tokenLogprobs } from './logprobs';
 import { Sampler, SamplingParams } from './sampling';
@@ -75,7 +80,7 @@ export interface EngineModel {
   createSequence(): ModelSequence;
   step(batch: readonly StepEntry[], options?: { reuseLogits?: boolean }): Promise<Float32Array[]>;
   freeSequence(sequence: ModelSequence): void;
-  truncateSequence(sequence: ModelSequence, length: number): Promise<void>;
+  forkSequence(sequence: ModelSequence, length: number): Promise<ModelSequence>;
 }
 
 /** One generate() call: its prompt, sampling state, output channel. */
@@ -193,13 +198,30 @@ interface Kept {
   tokens: number[];
 }
 
+/** Where a new request's prompt can start: a kept or running sequence, and the tokens they share. */
+interface PrefixSource {
+  kept: Kept | null;
+  running: Request | null;
+  common: number;
+  /** A running request is still computing a longer part of the prompt: wait for it. */
+  wait: boolean;
+}
+
+/** How many leading tokens a and b share, at most `limit`. */
+function commonLength(a: readonly number[], b: readonly number[], limit: number): number {
+  const n = Math.min(limit, a.length, b.length);
+  let i = 0;
+  while (i < n && a[i] === b[i]) i++;
+  return i;
+}
+
 export class Engine {
   readonly #model: EngineModel;
   readonly #waiting: Request[] = [];
   readonly #running: Request[] = [];
   /** Kept prefixes, least recently used first. */
   readonly #kept: Kept[] = [];
-  readonly #totalBlocks: number;
+  readonly #ledger: CacheLedger;
   /** positionCost() of the model, and the work of a TOKENS_PER_STEP-token prompt alone in those units. */
   readonly #positionCost: number;
   #stepBudget = 0;
@@ -209,7 +231,8 @@ export class Engine {
   constructor(model: EngineModel) {
     this.#model = model;
     const { contextLength, maxSequences } = model.options;
-    this.#totalBlocks = Math.ceil(contextLength / model.cacheBlockTokens) * maxSequences;
+    const blocks = Math.ceil(contextLength / model.cacheBlockTokens) * maxSequences;
+    this.#ledger = new CacheLedger(model.cacheBlockTokens, blocks);
     this.#positionCost = positionCost(model.config, model.options.quantize);
     for (let p = 0; p < TOKENS_PER_STEP; p++) this.#stepBudget += this.#tokenCost(p);
   }
@@ -235,13 +258,21 @@ export class Engine {
    * steps already queued have run (their frees are queued before the caller's next call).
    */
   makeRoom(positions: number): void {
-    const need = this.#blocks(positions);
-    while (this.#kept.length > 0 && this.#freeBlocks() < need) this.#evict();
+    const need = this.#ledger.blocks(positions);
+    while (this.#kept.length > 0 && this.#ledger.free < need) this.#evict();
   }
 
-  /** Requests running and waiting, and prefixes kept (for tests and diagnostics). */
-  get stats(): { running: number; waiting: number; kept: number } {
-    return { running: this.#running.length, waiting: this.#waiting.length, kept: this.#kept.length };
+  /**
+   * Requests running and waiting, prefixes kept, and the cache positions no sequence holds once the
+   * steps planned have run (for tests and diagnostics).
+   */
+  get stats(): { running: number; waiting: number; kept: number; freeCachePositions: number } {
+    return {
+      running: this.#running.length,
+      waiting: this.#waiting.length,
+      kept: this.#kept.length,
+      freeCachePositions: this.#ledger.free * this.#ledger.blockTokens,
+    };
   }
 
   async #loop(): Promise<void> {
@@ -286,44 +317,77 @@ export class Engine {
     for (const r of this.#running.slice()) if (r.done) this.#end(r, null);
   }
 
-  /** Starts waiting requests, in order, while fewer than maxSequences run. */
+  /**
+   * Starts waiting requests, in order, while fewer than maxSequences run; one whose prompt a running
+   * request is still computing waits for it (the ones after it may start).
+   */
   async #admit(): Promise<void> {
-    while (this.#waiting.length > 0 && this.#running.length < this.#model.options.maxSequences) {
-      const request = this.#waiting.shift()!;
+    for (let i = 0; i < this.#waiting.length && this.#running.length < this.#model.options.maxSequences;) {
+      const request = this.#waiting[i];
+      // A prompt to score is computed whole: a kept prefix has no logits for its positions.
+      const source = request.done || request.promptLogprobs ? null : this.#longestPrefix(request.prompt);
+      if (source?.wait) {
+        i++;
+        continue;
+      }
+      this.#waiting.splice(i, 1);
       if (request.done) continue;
       try {
-        // A prompt to score is computed whole: a kept prefix has no logits for its positions.
-        const { kept, common } = request.promptLogprobs
-          ? { kept: null, common: 0 }
-          : this.#longestPrefix(request.prompt);
-        if (kept) {
-          this.#kept.splice(this.#kept.indexOf(kept), 1);
-          request.sequence = kept.sequence;
-          if (kept.sequence.length > common) await this.#model.truncateSequence(kept.sequence, common);
-          request.fed = request.cached = common;
-        } else {
-          request.sequence = this.#model.createSequence();
-        }
+        await this.#start(request, source);
         this.#running.push(request);
       } catch (err) {
-        if (request.sequence) this.#model.freeSequence(request.sequence);
+        if (request.sequence) this.#release(request.sequence);
         request.sequence = null;
         request.fail(err);
       }
     }
   }
 
-  /** The kept prefix sharing the most leading tokens with `prompt`, leaving at least one token to feed. */
-  #longestPrefix(prompt: readonly number[]): { kept: Kept | null; common: number } {
-    let best: Kept | null = null;
-    let bestCommon = 0;
-    for (const k of this.#kept) {
-      const limit = Math.min(k.tokens.length, prompt.length - 1);
-      let n = 0;
-      while (n < limit && k.tokens[n] === prompt[n]) n++;
-      if (n > bestCommon) [best, bestCommon] = [k, n];
+  /** Gives a starting request its sequence: a kept one taken over, a fork, or a new one. */
+  async #start(request: Request, source: PrefixSource | null): Promise<void> {
+    const { kept, running, common } = source ?? { kept: null, running: null, common: 0 };
+    if (kept && common === kept.tokens.length) {
+      this.#kept.splice(this.#kept.indexOf(kept), 1);
+      request.sequence = kept.sequence;
+      request.fed = request.cached = common;
+      return;
     }
-    return { kept: best, common: bestCommon };
+    const from = kept?.sequence ?? running?.sequence;
+    if (from && common >= this.#model.cacheBlockTokens) {
+      if (kept) this.#kept.push(this.#kept.splice(this.#kept.indexOf(kept), 1)[0]); // most recently used
+      // A partial last block is copied into a free one; without one, the fork stops at a block's end.
+      const partial = common % this.#model.cacheBlockTokens;
+      while (partial > 0 && this.#ledger.free < 1 && this.#kept.length > 1) this.#evict();
+      const length = partial > 0 && this.#ledger.free < 1 ? common - partial : common;
+      request.sequence = await this.#model.forkSequence(from, length);
+      this.#ledger.fork(from, request.sequence, length);
+      request.fed = request.cached = length;
+      return;
+    }
+    request.sequence = this.#model.createSequence();
+  }
+
+  /**
+   * The kept or running sequence sharing the most leading tokens with `prompt` (leaving at least one
+   * token to feed; a kept one on a tie), and whether a running request still computing its prompt
+   * would give at least a block more.
+   */
+  #longestPrefix(prompt: readonly number[]): PrefixSource {
+    const limit = prompt.length - 1;
+    const best: PrefixSource = { kept: null, running: null, common: 0, wait: false };
+    for (const k of this.#kept) {
+      const n = commonLength(k.tokens, prompt, limit);
+      if (n > best.common) Object.assign(best, { kept: k, common: n });
+    }
+    let pending = 0;
+    for (const r of this.#running) {
+      if (!r.sequence || r.done) continue;
+      const n = commonLength(r.tokens, prompt, Math.min(limit, r.sequence.length));
+      if (n > best.common) Object.assign(best, { kept: null, running: r, common: n });
+      if (r.fed < r.prompt.length) pending = Math.max(pending, commonLength(r.prompt, prompt, limit));
+    }
+    best.wait = pending >= best.common + this.#model.cacheBlockTokens;
+    return best;
   }
 
   /** The work of the token at `position` of its sequence, in units of one token's weight work. */
@@ -359,12 +423,12 @@ export class Engine {
       if (n > 0) batch.push({ request: r, tokens: r.tokens.slice(r.fed, r.fed + n), scored });
     }
     let need = 0;
+    for (const b of batch) need += this.#ledger.growth(b.request.sequence!, b.request.fed + b.tokens.length);
+    while (this.#kept.length > 0 && this.#ledger.free < need) this.#evict();
     for (const b of batch) {
-      const len = b.request.sequence!.length;
-      need += this.#blocks(len + b.tokens.length) - this.#blocks(len);
+      b.request.fed += b.tokens.length;
+      this.#ledger.grow(b.request.sequence!, b.request.fed);
     }
-    while (this.#kept.length > 0 && this.#freeBlocks() < need) this.#evict();
-    for (const b of batch) b.request.fed += b.tokens.length;
     return batch;
   }
 
@@ -425,10 +489,14 @@ export class Engine {
     else if (reason) r.finish(reason);
     if (!sequence || sequence.freed) return;
     if (reason === null || error !== undefined || sequence.length === 0) {
-      this.#model.freeSequence(sequence);
+      this.#release(sequence);
       return;
     }
-    this.#kept.push({ sequence, tokens: r.tokens.slice(0, sequence.length) });
+    const tokens = r.tokens.slice(0, sequence.length);
+    // A kept prefix of these tokens is of no more use: whatever would start from it can fork this one.
+    for (const k of this.#kept.slice())
+      if (commonLength(k.tokens, tokens, k.tokens.length) === k.tokens.length) this.#drop(k);
+    this.#kept.push({ sequence, tokens });
     while (this.#kept.length > this.#model.options.maxSequences) this.#evict();
   }
 
@@ -439,22 +507,18 @@ export class Engine {
   }
 
   #evict(): void {
-    const k = this.#kept.shift();
-    if (k) this.#model.freeSequence(k.sequence);
+    const k = this.#kept[0];
+    if (k) this.#drop(k);
   }
 
-  #blocks(positions: number): number {
-    return Math.ceil(positions / this.#model.cacheBlockTokens);
+  #drop(k: Kept): void {
+    this.#kept.splice(this.#kept.indexOf(k), 1);
+    this.#release(k.sequence);
   }
 
-  /**
-   * Blocks not held by running or kept sequences. A running request counts what it has fed, so the
-   * step in flight (or queued) is in it: makeRoom() runs while one may be.
-   */
-  #freeBlocks(): number {
-    let used = 0;
-    for (const r of this.#running) if (r.sequence) used += this.#blocks(Math.max(r.sequence.length, r.fed));
-    for (const k of this.#kept) used += this.#blocks(k.sequence.length);
-    return this.#totalBlocks - used;
+  /** Frees a sequence and gives its blocks back to the ledger (those of a step queued included). */
+  #release(sequence: ModelSequence): void {
+    this.#ledger.release(sequence);
+    this.#model.freeSequence(sequence);
   }
 }

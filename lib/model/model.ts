@@ -432,9 +432,29 @@ export class MoeModel {
     return this.#live().stepTimes(); // a fresh object from the binding at every call
   }
 
-  /** Generations running in the step loop and waiting for a sequence, and finished prefixes kept. */
-  get generationStats(): { running: number; waiting: number; kept: number } {
-    return this.#engine?.stats ?? { running: 0, waiting: 0, kept: 0 };
+  /**
+   * Generations running in the step loop and waiting for a sequence, finished prefixes kept, and the
+   * KV cache positions that neither hold (counted once the steps planned have run).
+   */
+  get generationStats(): { running: number; waiting: number; kept: number; freeCachePositions: number } {
+    return (
+      this.#engine?.stats ?? {
+        running: 0,
+        waiting: 0,
+        kept: 0,
+        freeCachePositions:
+          Math.ceil(this.options.contextLength / BLOCK_TOKENS) * BLOCK_TOKENS * this.options.maxSequences,
+      }
+    );
+  }
+
+  /**
+   * The cache positions the native pool has free (0 while a call runs): what the engine's count is
+   * checked against.
+   * @internal
+   */
+  nativeFreeCachePositions(): number {
+    return this.#live().info().freeCachePositions;
   }
 
   /** Token ids of `text`, with the special tokens the tokenizer adds (such as BOS) unless told not to. */

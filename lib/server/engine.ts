@@ -23,7 +23,13 @@ export interface GenerationRun {
   /** The next generated token and its text (empty while a UTF-8 character is incomplete). */
   next(): Promise<IteratorResult<GeneratedToken>>;
   /** Valid once next() has returned done. */
-  result(): { finishReason: FinishReason; promptTokens: number; completionTokens: number };
+  result(): {
+    finishReason: FinishReason;
+    promptTokens: number;
+    completionTokens: number;
+    /** Prompt tokens whose KV cache was reused from another request rather than computed. */
+    cachedTokens?: number;
+  };
 }
 
 export interface GenerationEngine {

@@ -23,6 +23,7 @@ export class ServerMetrics {
   readonly timeToFirstToken: Histogram<'endpoint'>;
   readonly interTokenLatency: Histogram<'endpoint'>;
   readonly promptTokens: Counter<'endpoint'>;
+  readonly cachedPromptTokens: Counter<'endpoint'>;
   readonly generatedTokens: Counter<'endpoint'>;
   /** Generation times of the recent tokens, for the tokens-per-second gauge. */
   #recent: number[] = [];
@@ -58,6 +59,12 @@ export class ServerMetrics {
     this.promptTokens = new Counter({
       name: 'fused_moe_prompt_tokens_total',
       help: 'Prompt tokens of finished requests',
+      labelNames: ['endpoint'],
+      registers,
+    });
+    this.cachedPromptTokens = new Counter({
+      name: 'fused_moe_prompt_tokens_cached_total',
+      help: 'Prompt tokens of finished requests whose KV cache was reused from another request, not computed',
       labelNames: ['endpoint'],
       registers,
     });

@@ -75,6 +75,7 @@ export function modelEngine(model: MoeModel): GenerationEngine {
             finishReason: result.finishReason,
             promptTokens: result.usage.promptTokens,
             completionTokens: result.usage.completionTokens,
+            cachedTokens: result.usage.cachedPromptTokens,
           };
         },
       };

@@ -249,6 +249,7 @@ export function createServer(
         }
         const result = c.run.result();
         metrics.promptTokens.inc({ endpoint }, result.promptTokens);
+        metrics.cachedPromptTokens.inc({ endpoint }, result.cachedTokens ?? 0);
         return result;
       };
       /** The log probabilities of the choice's tokens gathered since the last call, in the endpoint's shape. */
@@ -348,13 +349,18 @@ export function createServer(
     return new ApiError(503, 'The server is shutting down', 'server_error', null, 'shutting_down');
   }
 
-  /** Usage of a request's choices: the prompt once, the generated tokens of every choice. */
-  function usage(results: { promptTokens: number; completionTokens: number }[]) {
+  /**
+   * Usage of a request's choices: the prompt once (with the tokens of it that the first choice found
+   * in the cache), the generated tokens of every choice.
+   */
+  function usage(results: { promptTokens: number; completionTokens: number; cachedTokens?: number }[]) {
     const completion = results.reduce((sum, r) => sum + r.completionTokens, 0);
+    const cached = results[0].cachedTokens;
     return {
       prompt_tokens: results[0].promptTokens,
       completion_tokens: completion,
       total_tokens: results[0].promptTokens + completion,
+      ...(cached === undefined ? {} : { prompt_tokens_details: { cached_tokens: cached } }),
     };
   }
 
