@@ -433,6 +433,24 @@ test("the engine's count of free cache blocks is the native pool's, through fork
   }
 });
 
+test("a fork's partly filled block finds room by dropping kept prefixes that are not its source", async () => {
+  // 8 blocks of 16 positions, all held by two kept prefixes of 63 positions.
+  const model = await MoeModel.load(byteLevelDir, { maxSequences: 2, contextLength: 64 });
+  try {
+    const opts = { temperature: 0, maxTokens: 4, ignoreEos: true };
+    for (const seed of [260, 261]) await model.complete(randomTokens(60, 320, seed), opts);
+    expect(model.generationStats).toMatchObject({ kept: 2, freeCachePositions: 0 });
+    // The first takes the blocks of one kept prefix; the second, once the first computed the prompt,
+    // forks 59 positions: three blocks shared and a copy of the fourth, for which the other goes.
+    const prompt = randomTokens(60, 320, 262);
+    const [a, b] = await Promise.all([0, 1].map(() => model.complete(prompt, opts)));
+    expect([a.usage.cachedPromptTokens, b.usage.cachedPromptTokens]).toEqual([0, 59]);
+    expect(b.tokens).toEqual(a.tokens);
+  } finally {
+    model.dispose();
+  }
+});
+
 describe('sentencepiece model: conversations reuse their prefix', () => {
   test('the next turn of a chat reuses the cache and gives the tokens of a fresh model', async () => {
     const model = await MoeModel.load(sentencePieceDir, { maxSequences: 2, contextLength: 256 });

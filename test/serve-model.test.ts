@@ -257,6 +257,7 @@ test('echo with logprobs scores the prompt as an evaluation harness asks (max_to
 
 test('n choices are the generations of seeds seed + i; a refused prompt ends them all', async () => {
   const options = { temperature: 1.1, maxTokens: 10 };
+  const cachedBefore = await metric('fused_moe_prompt_tokens_cached_total');
   const r = await client.chat.completions.create({
     model: 'x',
     messages: chat,
@@ -269,6 +270,12 @@ test('n choices are the generations of seeds seed + i; a refused prompt ends the
   expect(r.choices.map((c) => c.message.content)).toEqual(alone.map((a) => a.text));
   expect(new Set(alone.map((a) => a.text)).size).toBeGreaterThan(1);
   expect(r.usage!.completion_tokens).toBe(alone.reduce((s, a) => s + a.usage.completionTokens, 0));
+  // The prompt is computed at most once: the choices after the first wait for it, then fork all of it
+  // but its last token (the first may reuse what earlier tests kept).
+  expect(r.usage!.prompt_tokens).toBeGreaterThan(16);
+  expect((await metric('fused_moe_prompt_tokens_cached_total')) - cachedBefore).toBeGreaterThanOrEqual(
+    2 * (r.usage!.prompt_tokens - 1),
+  );
   const long = 'word '.repeat(5000);
   const err = await client.completions.create({ model: 'x', prompt: long, n: 3 }).catch((e: unknown) => e);
   expect(err).toBeInstanceOf(OpenAI.BadRequestError);

@@ -357,7 +357,7 @@ export class Engine {
       if (kept) this.#kept.push(this.#kept.splice(this.#kept.indexOf(kept), 1)[0]); // most recently used
       // A partial last block is copied into a free one; without one, the fork stops at a block's end.
       const partial = common % this.#model.cacheBlockTokens;
-      while (partial > 0 && this.#ledger.free < 1 && this.#kept.length > 1) this.#evict();
+      while (partial > 0 && this.#ledger.free < 1 && this.#kept.length > (kept ? 1 : 0)) this.#evict();
       const length = partial > 0 && this.#ledger.free < 1 ? common - partial : common;
       request.sequence = await this.#model.forkSequence(from, length);
       this.#ledger.fork(from, request.sequence, length);
