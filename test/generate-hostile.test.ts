@@ -146,6 +146,35 @@ test('disposing the model under a running generation rejects it with ERR_MOE_DIS
   await expect(model.complete([5])).rejects.toMatchObject({ code: 'ERR_MOE_DISPOSED' });
 });
 
+test('aborts around a shared prompt: the waiters of an aborted request compute it themselves; nothing leaks', async () => {
+  const model = await MoeModel.load(withTokenizer, { maxSequences: 4, contextLength: 640 });
+  try {
+    const prompt = randomTokens(600, 320, 40); // read in several steps
+    const opts = { temperature: 0, maxTokens: 4, ignoreEos: true };
+    const [first, waiter] = [new AbortController(), new AbortController()];
+    const a = model.complete(prompt, { ...opts, signal: first.signal });
+    const b = model.complete(prompt, { ...opts, signal: waiter.signal });
+    const c = model.complete(prompt, opts);
+    await new Promise((resolve) => setImmediate(resolve));
+    // b and c wait for a to compute the prompt they share.
+    expect(model.generationStats).toMatchObject({ running: 1, waiting: 2 });
+    waiter.abort();
+    first.abort();
+    expect((await a).finishReason).toBe('abort');
+    expect((await b).finishReason).toBe('abort');
+    const result = await c;
+    expect(result.finishReason).toBe('length');
+    expect(result.usage.cachedPromptTokens).toBe(0); // an aborted sequence is freed, not kept
+    const alone = await model.complete(prompt, { ...opts, promptLogprobs: true });
+    expect(result.tokens).toEqual(alone.tokens);
+    await model.logits([5]); // queued after the frees
+    expect(model.generationStats).toMatchObject({ running: 0, waiting: 0 });
+    expect(model.generationStats.freeCachePositions).toBe(model.nativeFreeCachePositions());
+  } finally {
+    model.dispose();
+  }
+});
+
 test('without tokenizer.json: token ids generate (with empty text); text, messages and stop strings are refused', async () => {
   const model = await MoeModel.load(bare);
   try {
