@@ -54,6 +54,9 @@ function standIn(config: DecoderConfig, steps: Entry[][], quantize = 'none'): En
     async forkSequence(_: ModelSequence, n: number) {
       return { length: n } as ModelSequence;
     },
+    async truncateSequence(s: ModelSequence, n: number) {
+      s.length = n;
+    },
   };
 }
 

@@ -235,6 +235,9 @@ describe('failures inside the step loop end their own request only; the process 
       async forkSequence(_: ModelSequence, n: number) {
         return { length: n } as ModelSequence;
       },
+      async truncateSequence(s: ModelSequence, n: number) {
+        s.length = n;
+      },
     };
     return { model, created };
   }

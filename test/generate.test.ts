@@ -451,6 +451,47 @@ test("a fork's partly filled block finds room by dropping kept prefixes that are
   }
 });
 
+test('a cache smaller than maxSequences contexts: generations that outgrow it wait and compute their tokens anew, giving their tokens alone', async () => {
+  await expect(MoeModel.load(byteLevelDir, { contextLength: 128, cacheTokens: 100 })).rejects.toThrow(
+    /options\.cacheTokens must be an integer in \[128, \d+\], got 100/,
+  );
+  // 10 blocks of 16 positions; the four generations grow to 75-90 positions: 20-24 blocks in all.
+  const model = await MoeModel.load(byteLevelDir, { maxSequences: 4, contextLength: 128, cacheTokens: 150 });
+  try {
+    expect(model.options.cacheTokens).toBe(160);
+    const prompts = [0, 1, 2, 3].map((i) => randomTokens(30 + 5 * i, 320, 270 + i));
+    const opts = (i: number) => ({ maxTokens: 45, ignoreEos: true, ...(i % 2 ? { temperature: 0 } : { seed: i }) });
+    const together = await Promise.all(prompts.map((p, i) => model.complete(p, opts(i))));
+    expect(model.generationStats.preemptions).toBeGreaterThan(0);
+    for (let i = 0; i < 4; i++) {
+      // Alone, and computed whole (a prompt to score reuses no cache).
+      const alone = await model.complete(prompts[i], { ...opts(i), promptLogprobs: true });
+      expect(together[i].tokens).toEqual(alone.tokens);
+      expect(together[i].text).toBe(alone.text);
+    }
+    await model.logits([5]); // queued after the frees
+    expect(model.generationStats.freeCachePositions).toBe(model.nativeFreeCachePositions());
+  } finally {
+    model.dispose();
+  }
+});
+
+test('without room to fork a kept prefix beside it, a request takes it over, cut back to what they share', async () => {
+  // 4 blocks of 16 positions: the kept 47 positions hold 3; a fork of 35 for 55 tokens would need 2 more.
+  const model = await MoeModel.load(byteLevelDir, { contextLength: 64 });
+  try {
+    const opts = { temperature: 0, maxTokens: 8, ignoreEos: true };
+    const first = randomTokens(40, 320, 280);
+    await model.complete(first, opts);
+    const next = [...first.slice(0, 35), ...randomTokens(20, 320, 281)];
+    const r = await model.complete(next, opts);
+    expect(r.usage.cachedPromptTokens).toBe(35);
+    expect(r.tokens).toEqual(await argmaxChain(model, next, 8));
+  } finally {
+    model.dispose();
+  }
+});
+
 describe('sentencepiece model: conversations reuse their prefix', () => {
   test('the next turn of a chat reuses the cache and gives the tokens of a fresh model', async () => {
     const model = await MoeModel.load(sentencePieceDir, { maxSequences: 2, contextLength: 256 });

@@ -106,6 +106,11 @@ class FakeEngine implements GenerationEngine {
   activeSequences() {
     return Math.min(this.active, this.maxSequences);
   }
+  /** Counted up by each /metrics read, so the metric shows the source's latest value. */
+  preemptionReads = 0;
+  preemptions() {
+    return ++this.preemptionReads;
+  }
   expertTokens() {
     return [
       [3, 1],
@@ -736,6 +741,10 @@ describe('server over a fake engine', () => {
     expect(text).toContain('fused_moe_inter_token_latency_seconds_count{endpoint="/v1/chat/completions"} 3');
     expect(text).toContain('fused_moe_expert_tokens_total{layer="1",expert="1"} 4');
     expect(text).toMatch(/fused_moe_queue_depth 0/);
+    const again = await (await fetch(`${base}/metrics`)).text();
+    const preemptions = (t: string) => Number(/\nfused_moe_preemptions_total (\d+)\n/.exec(t)?.[1]);
+    expect(preemptions(text)).toBeGreaterThan(0);
+    expect(preemptions(again)).toBe(preemptions(text) + 1);
   });
 
   test('shutdown lets a running stream finish, then refuses connections', async () => {

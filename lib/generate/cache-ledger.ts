@@ -43,6 +43,26 @@ export class CacheLedger {
     this.grow(fork, length);
   }
 
+  /**
+   * Whether cutting `sequence` back to `length` positions copies its new last block (a partly filled
+   * block that another sequence shares: MoeModel.truncateSequence copies it before it is written).
+   */
+  truncateCopies(sequence: ModelSequence, length: number): boolean {
+    const table = this.#tables.get(sequence) ?? [];
+    return length % this.blockTokens !== 0 && (table[Math.floor(length / this.blockTokens)]?.holders ?? 0) > 1;
+  }
+
+  /** `sequence` cut back to `length` positions (a shared, partly filled last block copied). */
+  truncate(sequence: ModelSequence, length: number): void {
+    const table = this.#table(sequence);
+    const copies = this.truncateCopies(sequence, length);
+    for (const b of table.splice(this.blocks(length))) if (--b.holders === 0) this.#used--;
+    if (copies) {
+      table[table.length - 1].holders--;
+      table[table.length - 1] = this.#block();
+    }
+  }
+
   /** Gives back `sequence`'s blocks (those another sequence holds stay counted). */
   release(sequence: ModelSequence): void {
     for (const b of this.#tables.get(sequence) ?? []) if (--b.holders === 0) this.#used--;

@@ -18,6 +18,7 @@ import { type DecoderConfig, positionCost } from '../model/config';
 import type { ModelSequence, StepEntry } from '../model/model';
 import { StreamDecoder } from '../text/stream';
 import type { TextTokenizer } from '../text/tokenizer';
+import { MoeError } from '../errors';
 import { CacheLedger } from './cache-ledger';
 import type { JsonConstraint } from './json-constraint';
 import { LogprobRequest, PromptTokenLogprobs, TokenLogprob, TokenLogprobs, tokenLogprobs } from './logprobs';
@@ -75,12 +76,14 @@ export interface GenerationResult {
 /** What the engine uses of MoeModel (its internal sequence API). */
 export interface EngineModel {
   readonly config: DecoderConfig;
-  readonly options: Readonly<{ contextLength: number; maxSequences: number; quantize: string }>;
+  /** cacheTokens: positions of the KV cache (default: maxSequences full contexts). */
+  readonly options: Readonly<{ contextLength: number; maxSequences: number; quantize: string; cacheTokens?: number }>;
   readonly cacheBlockTokens: number;
   createSequence(): ModelSequence;
   step(batch: readonly StepEntry[], options?: { reuseLogits?: boolean }): Promise<Float32Array[]>;
   freeSequence(sequence: ModelSequence): void;
   forkSequence(sequence: ModelSequence, length: number): Promise<ModelSequence>;
+  truncateSequence(sequence: ModelSequence, length: number): Promise<void>;
 }
 
 /** One generate() call: its prompt, sampling state, output channel. */
@@ -100,7 +103,10 @@ export class Request {
   sequence: ModelSequence | null = null;
   /** Tokens of `tokens` that are in the sequence's cache or in the step running. */
   fed = 0;
+  /** Prompt tokens reused from another sequence's cache when the request first started. */
   cached = 0;
+  /** Whether the request has run (a preempted one waits again, to compute its tokens anew). */
+  started = false;
   text = '';
   done = false;
   readonly #pieces: GenerationPiece[] = [];
@@ -207,6 +213,16 @@ interface PrefixSource {
   wait: boolean;
 }
 
+/** Whether a request's next step decodes one token (its prompt, or its recomputed tokens, are in). */
+function decoding(r: Request): boolean {
+  return r.fed >= r.prompt.length && r.fed === r.tokens.length - 1;
+}
+
+/** Whether a request still scores prompt tokens (promptLogprobs), whose rows its chunks return. */
+function scoring(r: Request): boolean {
+  return r.promptLogprobs !== null && r.promptLogprobs.length < r.prompt.length;
+}
+
 /** How many leading tokens a and b share, at most `limit`. */
 function commonLength(a: readonly number[], b: readonly number[], limit: number): number {
   const n = Math.min(limit, a.length, b.length);
@@ -226,12 +242,16 @@ export class Engine {
   readonly #positionCost: number;
   #stepBudget = 0;
   #maskBuffer: Uint8Array | null = null;
+  #preemptions = 0;
   #looping = false;
 
   constructor(model: EngineModel) {
     this.#model = model;
-    const { contextLength, maxSequences } = model.options;
-    const blocks = Math.ceil(contextLength / model.cacheBlockTokens) * maxSequences;
+    const { contextLength, maxSequences, cacheTokens } = model.options;
+    const blocks =
+      cacheTokens !== undefined
+        ? Math.ceil(cacheTokens / model.cacheBlockTokens)
+        : Math.ceil(contextLength / model.cacheBlockTokens) * maxSequences;
     this.#ledger = new CacheLedger(model.cacheBlockTokens, blocks);
     this.#positionCost = positionCost(model.config, model.options.quantize);
     for (let p = 0; p < TOKENS_PER_STEP; p++) this.#stepBudget += this.#tokenCost(p);
@@ -266,12 +286,13 @@ export class Engine {
    * Requests running and waiting, prefixes kept, and the cache positions no sequence holds once the
    * steps planned have run (for tests and diagnostics).
    */
-  get stats(): { running: number; waiting: number; kept: number; freeCachePositions: number } {
+  get stats(): { running: number; waiting: number; kept: number; freeCachePositions: number; preemptions: number } {
     return {
       running: this.#running.length,
       waiting: this.#waiting.length,
       kept: this.#kept.length,
       freeCachePositions: this.#ledger.free * this.#ledger.blockTokens,
+      preemptions: this.#preemptions,
     };
   }
 
@@ -318,20 +339,32 @@ export class Engine {
   }
 
   /**
-   * Starts waiting requests, in order, while fewer than maxSequences run; one whose prompt a running
-   * request is still computing waits for it (the ones after it may start).
+   * Starts waiting requests, in order, while fewer than maxSequences run and the cache has room for
+   * their tokens (kept prefixes give way); one whose prompt a running request is still computing waits
+   * for it (the ones after it may start).
    */
   async #admit(): Promise<void> {
     for (let i = 0; i < this.#waiting.length && this.#running.length < this.#model.options.maxSequences;) {
       const request = this.#waiting[i];
+      if (request.done) {
+        this.#waiting.splice(i, 1);
+        continue;
+      }
       // A prompt to score is computed whole: a kept prefix has no logits for its positions.
-      const source = request.done || request.promptLogprobs ? null : this.#longestPrefix(request.prompt);
+      const source = scoring(request) ? null : this.#longestPrefix(request.tokens);
       if (source?.wait) {
         i++;
         continue;
       }
+      if (source?.kept) this.#kept.push(this.#kept.splice(this.#kept.indexOf(source.kept), 1)[0]); // most recently used
+      if (!(await this.#makeRoomFor(request, source))) {
+        if (this.#running.length > 0) break; // it waits for them, and those behind it wait too
+        // Nothing runs and it does not fit: never so with a cache of at least one context.
+        this.#waiting.splice(i, 1);
+        request.fail(new MoeError('ERR_MOE_OUT_OF_MEMORY', 'the KV cache has no room for this request'));
+        continue;
+      }
       this.#waiting.splice(i, 1);
-      if (request.done) continue;
       try {
         await this.#start(request, source);
         this.#running.push(request);
@@ -343,48 +376,75 @@ export class Engine {
     }
   }
 
+  /**
+   * Whether the cache has room for a request's tokens beside the running ones, once kept prefixes
+   * other than its source gave way. Without room beside a kept source it would fork, that source is
+   * cut back to what the two share and taken over (so with nothing running, a request always fits).
+   */
+  async #makeRoomFor(request: Request, source: PrefixSource | null): Promise<boolean> {
+    const ledger = this.#ledger;
+    const kept = source?.kept ?? null;
+    const common = source?.common ?? 0;
+    const need = () => {
+      const own =
+        kept && common === kept.tokens.length
+          ? ledger.blocks(common) // taken over
+          : common >= ledger.blockTokens
+            ? Math.floor(common / ledger.blockTokens) // forked (a partly filled block is copied)
+            : 0;
+      return ledger.blocks(request.tokens.length) - own;
+    };
+    while (ledger.free < need() && this.#kept.length > (kept ? 1 : 0)) this.#evict();
+    if (ledger.free >= need()) return true;
+    if (!kept || common === 0 || (ledger.truncateCopies(kept.sequence, common) && ledger.free < 1)) return false;
+    await this.#model.truncateSequence(kept.sequence, common);
+    ledger.truncate(kept.sequence, common);
+    kept.tokens.length = common;
+    return ledger.free >= need();
+  }
+
   /** Gives a starting request its sequence: a kept one taken over, a fork, or a new one. */
   async #start(request: Request, source: PrefixSource | null): Promise<void> {
     const { kept, running, common } = source ?? { kept: null, running: null, common: 0 };
+    let reused = 0;
     if (kept && common === kept.tokens.length) {
       this.#kept.splice(this.#kept.indexOf(kept), 1);
       request.sequence = kept.sequence;
-      request.fed = request.cached = common;
-      return;
-    }
-    const from = kept?.sequence ?? running?.sequence;
-    if (from && common >= this.#model.cacheBlockTokens) {
-      if (kept) this.#kept.push(this.#kept.splice(this.#kept.indexOf(kept), 1)[0]); // most recently used
+      reused = common;
+    } else if ((kept || running) && common >= this.#model.cacheBlockTokens) {
+      const from = kept ? kept.sequence : running!.sequence!;
       // A partial last block is copied into a free one; without one, the fork stops at a block's end.
       const partial = common % this.#model.cacheBlockTokens;
       while (partial > 0 && this.#ledger.free < 1 && this.#kept.length > (kept ? 1 : 0)) this.#evict();
-      const length = partial > 0 && this.#ledger.free < 1 ? common - partial : common;
-      request.sequence = await this.#model.forkSequence(from, length);
-      this.#ledger.fork(from, request.sequence, length);
-      request.fed = request.cached = length;
-      return;
+      reused = partial > 0 && this.#ledger.free < 1 ? common - partial : common;
+      request.sequence = await this.#model.forkSequence(from, reused);
+      this.#ledger.fork(from, request.sequence, reused);
+    } else {
+      request.sequence = this.#model.createSequence();
     }
-    request.sequence = this.#model.createSequence();
+    request.fed = reused;
+    if (!request.started) request.cached = reused;
+    request.started = true;
   }
 
   /**
-   * The kept or running sequence sharing the most leading tokens with `prompt` (leaving at least one
-   * token to feed; a kept one on a tie), and whether a running request still computing its prompt
+   * The kept or running sequence sharing the most leading tokens with `tokens` (leaving at least one
+   * token to feed; a kept one on a tie), and whether a running request still computing its tokens
    * would give at least a block more.
    */
-  #longestPrefix(prompt: readonly number[]): PrefixSource {
-    const limit = prompt.length - 1;
+  #longestPrefix(tokens: readonly number[]): PrefixSource {
+    const limit = tokens.length - 1;
     const best: PrefixSource = { kept: null, running: null, common: 0, wait: false };
     for (const k of this.#kept) {
-      const n = commonLength(k.tokens, prompt, limit);
+      const n = commonLength(k.tokens, tokens, limit);
       if (n > best.common) Object.assign(best, { kept: k, common: n });
     }
     let pending = 0;
     for (const r of this.#running) {
       if (!r.sequence || r.done) continue;
-      const n = commonLength(r.tokens, prompt, Math.min(limit, r.sequence.length));
+      const n = commonLength(r.tokens, tokens, Math.min(limit, r.sequence.length));
       if (n > best.common) Object.assign(best, { kept: null, running: r, common: n });
-      if (r.fed < r.prompt.length) pending = Math.max(pending, commonLength(r.prompt, prompt, limit));
+      if (r.tokens.length - r.fed > 1) pending = Math.max(pending, commonLength(r.tokens, tokens, limit));
     }
     best.wait = pending >= best.common + this.#model.cacheBlockTokens;
     return best;
@@ -405,16 +465,17 @@ export class Engine {
   #plan(): { request: Request; tokens: number[]; scored: boolean }[] {
     const batch: { request: Request; tokens: number[]; scored: boolean }[] = [];
     let budget = this.#stepBudget;
-    for (const r of this.#running) if (r.fed >= r.prompt.length) budget -= this.#tokenCost(r.fed);
+    for (const r of this.#running) if (decoding(r)) budget -= this.#tokenCost(r.fed);
     let minimum = MIN_PROMPT_TOKENS_PER_STEP;
     for (const r of this.#running) {
-      if (r.fed >= r.prompt.length) {
+      if (decoding(r)) {
         batch.push({ request: r, tokens: r.tokens.slice(r.fed, r.fed + 1), scored: false });
         continue;
       }
-      const scored = r.promptLogprobs !== null;
+      // A prompt, or the tokens of a preempted request computed anew.
+      const scored = scoring(r);
       let n = 0;
-      for (; r.fed + n < r.prompt.length; n++) {
+      for (; r.fed + n < r.tokens.length; n++) {
         const cost = this.#tokenCost(r.fed + n);
         if ((cost > budget && n >= minimum) || (scored && n >= SCORED_PROMPT_TOKENS_PER_STEP)) break;
         budget -= cost;
@@ -422,14 +483,32 @@ export class Engine {
       minimum = Math.max(0, minimum - n);
       if (n > 0) batch.push({ request: r, tokens: r.tokens.slice(r.fed, r.fed + n), scored });
     }
-    let need = 0;
-    for (const b of batch) need += this.#ledger.growth(b.request.sequence!, b.request.fed + b.tokens.length);
+    const growth = (b: (typeof batch)[number]) =>
+      this.#ledger.growth(b.request.sequence!, b.request.fed + b.tokens.length);
+    let need = batch.reduce((sum, b) => sum + growth(b), 0);
     while (this.#kept.length > 0 && this.#ledger.free < need) this.#evict();
+    // A cache smaller than maxSequences full contexts: the requests started last give their blocks
+    // back and wait again, to compute their tokens anew (the same bits) when there is room.
+    for (let i = batch.length - 1; i > 0 && this.#ledger.free < need; i--) {
+      if (scoring(batch[i].request)) continue; // its prompt's scores so far would be computed twice
+      need -= growth(batch[i]);
+      this.#preempt(batch.splice(i, 1)[0].request);
+    }
     for (const b of batch) {
       b.request.fed += b.tokens.length;
       this.#ledger.grow(b.request.sequence!, b.request.fed);
     }
     return batch;
+  }
+
+  /** Frees a running request's sequence and puts it first in line again. */
+  #preempt(r: Request): void {
+    this.#running.splice(this.#running.indexOf(r), 1);
+    this.#release(r.sequence!);
+    r.sequence = null;
+    r.fed = 0;
+    this.#waiting.unshift(r);
+    this.#preemptions++;
   }
 
   /**
@@ -453,7 +532,7 @@ export class Engine {
   }
 
   #advance(r: Request, logits: Float32Array): void {
-    if (r.done || r.fed < r.prompt.length) return;
+    if (r.done || r.fed < r.tokens.length) return;
     let allowed: Uint8Array | undefined;
     if (r.json) r.json.allowed((allowed = this.#mask(logits.length)));
     const token = r.sampler.sample(logits, r.tokens, r.generated, allowed);

@@ -45,8 +45,15 @@ export interface LoadOptions {
   kvCacheDtype?: KvCacheDtype;
   /** Longest sequence in positions; default min(4096, max_position_embeddings). */
   contextLength?: number;
-  /** Sequences the KV cache holds at full context at once; default 1. */
+  /** Sequences that run at once; default 1. */
   maxSequences?: number;
+  /**
+   * Positions the KV cache holds, shared by every sequence in blocks of 16: default maxSequences full
+   * contexts. Fewer save memory (sequences seldom all reach the context; forks share their prefix):
+   * when running generations outgrow it, the ones started last give their cache back and wait to
+   * compute their tokens anew. At least contextLength.
+   */
+  cacheTokens?: number;
   /** CPU threads for this model; 0 (default): every pool thread. */
   threads?: number;
   signal?: AbortSignal;
@@ -234,6 +241,7 @@ export class MoeModel {
     kvCacheDtype: KvCacheDtype;
     contextLength: number;
     maxSequences: number;
+    cacheTokens: number;
     threads: number;
   }>;
   /** The checkpoint's tokenizer (tokenizer.json), or undefined when the folder has none. */
@@ -315,18 +323,22 @@ export class MoeModel {
       1,
       1 << 24,
     );
-    if (Math.ceil(contextLength / BLOCK_TOKENS) * maxSequences > 2 ** 30)
+    const blocksPerSequence = Math.ceil(contextLength / BLOCK_TOKENS);
+    if (options.cacheTokens === undefined && blocksPerSequence * maxSequences > 2 ** 30)
       throw argRangeError(
         `options.contextLength x options.maxSequences must be at most 2^34 positions (2^30 cache blocks of ` +
-          `${BLOCK_TOKENS}), got ${contextLength} x ${maxSequences}`,
+          `${BLOCK_TOKENS}), got ${contextLength} x ${maxSequences}; a smaller options.cacheTokens shares less`,
       );
+    const cacheTokens = options.cacheTokens ?? blocksPerSequence * maxSequences * BLOCK_TOKENS;
+    const cacheBlocks = Math.ceil(
+      checkInteger('options.cacheTokens', cacheTokens, contextLength, 2 ** 34) / BLOCK_TOKENS,
+    );
     if (signal?.aborted) throw aborted();
 
     const file = await openSafetensors(dir);
     let native: NativeModel | undefined;
     try {
       const { weightDtype, embedDtype } = checkTensors(file, cfg, dir);
-      const blocksPerSequence = Math.ceil(contextLength / BLOCK_TOKENS);
       const nativeConfig = {
         vocab: cfg.vocabSize,
         hidden: cfg.hiddenSize,
@@ -354,7 +366,7 @@ export class MoeModel {
         quantGroupSize: Number(quantGroupSize),
         kvDtype: kvCacheDtype,
         blockTokens: BLOCK_TOKENS,
-        cacheBlocks: blocksPerSequence * maxSequences,
+        cacheBlocks,
         context: contextLength,
         threads,
       };
@@ -396,7 +408,15 @@ export class MoeModel {
       if (missing) throw new MoeError('ERR_MOE_INTERNAL', `the model was not fully loaded: ${missing} is missing`);
       const model = new MoeModel(
         cfg,
-        { quantize, quantGroupSize: Number(quantGroupSize), kvCacheDtype, contextLength, maxSequences, threads },
+        {
+          quantize,
+          quantGroupSize: Number(quantGroupSize),
+          kvCacheDtype,
+          contextLength,
+          maxSequences,
+          cacheTokens: cacheBlocks * BLOCK_TOKENS,
+          threads,
+        },
         native,
         tokenizer,
         samplingDefaults(gen),
@@ -433,17 +453,24 @@ export class MoeModel {
   }
 
   /**
-   * Generations running in the step loop and waiting for a sequence, finished prefixes kept, and the
-   * KV cache positions that neither hold (counted once the steps planned have run).
+   * Generations running in the step loop and waiting for a sequence, finished prefixes kept, the KV
+   * cache positions that neither hold (counted once the steps planned have run), and how many times a
+   * running generation gave its cache back to wait again (a cacheTokens below maxSequences contexts).
    */
-  get generationStats(): { running: number; waiting: number; kept: number; freeCachePositions: number } {
+  get generationStats(): {
+    running: number;
+    waiting: number;
+    kept: number;
+    freeCachePositions: number;
+    preemptions: number;
+  } {
     return (
       this.#engine?.stats ?? {
         running: 0,
         waiting: 0,
         kept: 0,
-        freeCachePositions:
-          Math.ceil(this.options.contextLength / BLOCK_TOKENS) * BLOCK_TOKENS * this.options.maxSequences,
+        freeCachePositions: this.options.cacheTokens,
+        preemptions: 0,
       }
     );
   }

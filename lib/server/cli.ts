@@ -15,6 +15,8 @@ export const SERVE_USAGE = `usage: fused-moe serve <checkpoint dir> [options]
   --quantize Q        none | int8 | int4 (default none)
   --max-sequences N   sequences decoded together (default 16)
   --context N         context length in tokens (default min(4096, the model's))
+  --cache-tokens N    KV cache positions, shared by every sequence (default: max-sequences full
+                      contexts; fewer save memory, and sequences that outgrow it wait their turn)
   --max-queue N       requests that may wait before 429 (default 64)
   --max-body BYTES    largest request body (default 1048576)
   --api-key KEY       require Authorization: Bearer KEY (default: FUSED_MOE_API_KEY if set)
@@ -41,6 +43,7 @@ export async function serveMain(argv: string[]): Promise<number> {
         quantize: { type: 'string' },
         'max-sequences': { type: 'string' },
         context: { type: 'string' },
+        'cache-tokens': { type: 'string' },
         'max-queue': { type: 'string' },
         'max-body': { type: 'string' },
         'api-key': { type: 'string' },
@@ -75,6 +78,7 @@ export async function serveMain(argv: string[]): Promise<number> {
       maxSequences: positiveInt('max-sequences', values['max-sequences'], 16)!,
       grace: positiveInt('grace', values.grace, 10)!,
       contextLength: positiveInt('context', values.context, undefined),
+      cacheTokens: positiveInt('cache-tokens', values['cache-tokens'], undefined),
       maxQueue: positiveInt('max-queue', values['max-queue'], 64),
       maxBodyBytes: positiveInt('max-body', values['max-body'], 1 << 20),
       threads: positiveInt('threads', values.threads, 0),
@@ -83,7 +87,7 @@ export async function serveMain(argv: string[]): Promise<number> {
     console.error(`fused-moe serve: ${(err as Error).message}`);
     return 2;
   }
-  const { quantize, port, maxSequences, grace, contextLength, maxQueue, maxBodyBytes, threads } = opts;
+  const { quantize, port, maxSequences, grace, contextLength, cacheTokens, maxQueue, maxBodyBytes, threads } = opts;
   const host = values.host ?? '127.0.0.1';
   const modelId = values['model-id'] ?? path.basename(dir);
   const apiKey = values['api-key'] ?? process.env.FUSED_MOE_API_KEY;
@@ -93,6 +97,7 @@ export async function serveMain(argv: string[]): Promise<number> {
     quantize,
     contextLength,
     maxSequences,
+    cacheTokens,
     threads,
     signal: loadAbort.signal,
     onProgress: progressPrinter((t) => process.stderr.write(t), process.stderr.isTTY === true),

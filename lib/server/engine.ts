@@ -53,4 +53,6 @@ export interface GenerationEngine {
   detokenize?(ids: number[]): string;
   /** Tokens routed to each expert of each MoE layer since load ([layer][expert]); empty if unknown. */
   expertTokens(): ArrayLike<ArrayLike<number>>;
+  /** Running generations that gave their KV cache back to wait again, since load. */
+  preemptions?(): number;
 }

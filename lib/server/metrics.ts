@@ -14,6 +14,8 @@ export interface MetricsSource {
   activeSequences(): number;
   /** Tokens routed to each expert of each MoE layer since load, [layer][expert]; empty when unknown. */
   expertTokens(): ArrayLike<ArrayLike<number>>;
+  /** Running generations that gave their KV cache back to wait again, since load. */
+  preemptions?(): number;
 }
 
 export class ServerMetrics {
@@ -97,6 +99,15 @@ export class ServerMetrics {
       registers,
       collect() {
         this.set(recent().length / (RATE_WINDOW_MS / 1000));
+      },
+    });
+    new Counter({
+      name: 'fused_moe_preemptions_total',
+      help: 'Running generations that gave their KV cache back to wait for room again (a cache below max-sequences contexts)',
+      registers,
+      collect() {
+        this.reset();
+        this.inc(source.preemptions?.() ?? 0);
       },
     });
     new Counter({

@@ -85,5 +85,6 @@ export function modelEngine(model: MoeModel): GenerationEngine {
     tokenBytes: (token) => model.tokenizer?.tokenBytes(token),
     detokenize: (ids) => (model.tokenizer ? model.tokenizer.decode(ids) : ''),
     expertTokens: () => model.expertTokenCounts(),
+    preemptions: () => model.generationStats.preemptions,
   };
 }

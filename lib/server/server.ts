@@ -66,6 +66,7 @@ export function createServer(
     queueDepth: () => ready?.queueDepth() ?? 0,
     activeSequences: () => ready?.activeSequences() ?? 0,
     expertTokens: () => ready?.expertTokens() ?? [],
+    preemptions: () => ready?.preemptions?.() ?? 0,
   });
 
   Promise.resolve(model).then(
