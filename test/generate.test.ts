@@ -492,6 +492,56 @@ test('without room to fork a kept prefix beside it, a request takes it over, cut
   }
 });
 
+test('a random load on a small cache: forks, preemptions and aborts leave every other request its tokens alone', async () => {
+  // 10 blocks of 16 positions for 6 sequences of up to 96.
+  const model = await MoeModel.load(byteLevelDir, { maxSequences: 6, contextLength: 96, cacheTokens: 160 });
+  try {
+    let seed = 1;
+    const rand = () => (seed = (seed * 48271) % 2147483647) / 2147483647;
+    const bases = [0, 1, 2].map((i) => randomTokens(20 + 15 * i, 320, 290 + i));
+    const jobs = Array.from({ length: 14 }, (_, i) => {
+      const base = bases[i % 3].slice(0, 5 + Math.floor(rand() * (bases[i % 3].length - 5)));
+      const prompt = [...base, ...randomTokens(1 + Math.floor(rand() * 10), 320, 300 + i)];
+      const opts = {
+        maxTokens: 5 + Math.floor(rand() * 25),
+        ignoreEos: true,
+        ...(i % 2 ? { temperature: 0 } : { seed: i }),
+      };
+      return { prompt, opts, abortAfter: i % 5 === 4 ? 1 + Math.floor(rand() * 4) : 0, delay: i < 8 ? 0 : i * 3 };
+    });
+    const results = await Promise.all(
+      jobs.map(async ({ prompt, opts, abortAfter, delay }) => {
+        await new Promise((resolve) => setTimeout(resolve, delay));
+        const abort = new AbortController();
+        const gen = model.generate(prompt, { ...opts, signal: abort.signal });
+        const tokens: number[] = [];
+        for (;;) {
+          const r = await gen.next();
+          if (r.done) return { tokens, cached: r.value.usage.cachedPromptTokens };
+          tokens.push(r.value.token);
+          if (tokens.length === abortAfter) abort.abort();
+        }
+      }),
+    );
+    expect(model.generationStats.preemptions).toBeGreaterThan(0);
+    expect(results.filter((r) => r.cached >= 16).length).toBeGreaterThan(2); // forks and kept prefixes
+    for (let i = 0; i < jobs.length; i++) {
+      const { prompt, opts, abortAfter } = jobs[i];
+      if (abortAfter) {
+        expect(results[i].tokens).toHaveLength(abortAfter);
+        continue;
+      }
+      const alone = await model.complete(prompt, { ...opts, promptLogprobs: true });
+      expect(results[i].tokens).toEqual(alone.tokens);
+    }
+    await model.logits([5]); // queued after the frees
+    expect(model.generationStats).toMatchObject({ running: 0, waiting: 0 });
+    expect(model.generationStats.freeCachePositions).toBe(model.nativeFreeCachePositions());
+  } finally {
+    model.dispose();
+  }
+});
+
 describe('sentencepiece model: conversations reuse their prefix', () => {
   test('the next turn of a chat reuses the cache and gives the tokens of a fresh model', async () => {
     const model = await MoeModel.load(sentencePieceDir, { maxSequences: 2, contextLength: 256 });
