@@ -638,21 +638,16 @@ export class MoeModel {
   }
 
   /**
-   * Shortens a sequence to its first `length` positions once the steps queued before this call have run.
+   * Shortens a sequence to its first `length` positions once the steps queued before this call have run
+   * (a partly filled last block that a fork shares is copied first: ERR_MOE_OUT_OF_MEMORY without a
+   * free block).
    * @internal
    */
   truncateSequence(sequence: ModelSequence, length: number): Promise<void> {
-    try {
-      const seq = this.#sequence('sequence', sequence);
-      checkInteger('length', length, 0, seq.length);
-      return this.#exclusive(async () => {
-        const native = this.#live();
-        if (seq.nativeId !== undefined) native.sequenceTruncate(seq.nativeId, length);
-        seq.length = length;
-      });
-    } catch (err) {
-      return Promise.reject(err);
-    }
+    return this.#withPrefix(sequence, length, (native, seq) => {
+      if (seq.nativeId !== undefined) native.sequenceTruncate(seq.nativeId, length);
+      seq.length = length;
+    });
   }
 
   /**
@@ -663,21 +658,30 @@ export class MoeModel {
    * @internal
    */
   forkSequence(sequence: ModelSequence, length: number): Promise<ModelSequence> {
+    return this.#withPrefix(sequence, length, (native, seq) => {
+      const fork = new ModelSequence(this);
+      if (length > 0) fork.nativeId = native.sequenceFork(seq.nativeId!, length);
+      fork.length = length;
+      return fork;
+    });
+  }
+
+  /** Checks `length` against a live sequence, then runs fn after the calls queued before (native errors converted). */
+  #withPrefix<T>(
+    sequence: ModelSequence,
+    length: number,
+    fn: (native: NativeModel, seq: ModelSequence) => T,
+  ): Promise<T> {
     try {
       const seq = this.#sequence('sequence', sequence);
       checkInteger('length', length, 0, seq.length);
       return this.#exclusive(async () => {
         const native = this.#live();
-        const fork = new ModelSequence(this);
-        if (length > 0) {
-          try {
-            fork.nativeId = native.sequenceFork(seq.nativeId!, length);
-          } catch (err) {
-            throw fromNative(err);
-          }
-          fork.length = length;
+        try {
+          return fn(native, seq);
+        } catch (err) {
+          throw fromNative(err);
         }
-        return fork;
       });
     } catch (err) {
       return Promise.reject(err);
