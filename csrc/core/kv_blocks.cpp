@@ -1,5 +1,7 @@
 #include "kv_blocks.h"
 
+#include <algorithm>
+#include <functional>
 #include <string>
 
 #include "error.h"
@@ -11,7 +13,7 @@ KvBlockPool::KvBlockPool(int64_t num_blocks) {
     fail(ErrorCode::Invalid, "KV cache: the number of blocks must be in [0, 2^31), got " + std::to_string(num_blocks));
   refs_.assign(size_t(num_blocks), 0);
   free_.reserve(size_t(num_blocks));
-  for (int64_t b = num_blocks - 1; b >= 0; b--) free_.push_back(int32_t(b));
+  for (int64_t b = 0; b < num_blocks; b++) free_.push_back(int32_t(b));  // ascending: already a min-heap
 }
 
 int64_t KvBlockPool::free_blocks() const {
@@ -23,6 +25,7 @@ bool KvBlockPool::allocate(int64_t n, std::vector<int32_t>& out) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (n < 0 || n > int64_t(free_.size())) return false;
   for (int64_t i = 0; i < n; i++) {
+    std::pop_heap(free_.begin(), free_.end(), std::greater<int32_t>());
     const int32_t b = free_.back();
     free_.pop_back();
     refs_[size_t(b)] = 1;
@@ -48,10 +51,8 @@ void KvBlockPool::release(int32_t block) {
   std::lock_guard<std::mutex> lock(mutex_);
   check(block, "KV cache release");
   if (--refs_[size_t(block)] > 0) return;
-  // Keep the stack ordered so the lowest free id is reused first.
-  auto it = free_.begin();
-  while (it != free_.end() && *it > block) ++it;
-  free_.insert(it, block);
+  free_.push_back(block);
+  std::push_heap(free_.begin(), free_.end(), std::greater<int32_t>());
 }
 
 int32_t KvBlockPool::holders(int32_t block) const {

@@ -26,7 +26,9 @@ class KvBlockPool {
  private:
   void check(int32_t block, const char* what) const;
   mutable std::mutex mutex_;
-  std::vector<int32_t> free_;  // a stack: the lowest free id on top
+  // A min-heap of the free ids: the lowest is reused first, and freeing a block of a large cache costs
+  // O(log n), where a list kept sorted by insertion scanned it whole.
+  std::vector<int32_t> free_;
   std::vector<int32_t> refs_;  // holders per block
 };
 

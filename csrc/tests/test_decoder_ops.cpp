@@ -82,6 +82,36 @@ static void test_kv_blocks() {
   pool.release(a[1]);
   CHECK(pool.holders(a[0]) == 1 && pool.holders(a[1]) == 0 && pool.free_blocks() == 2);
   CHECK(pool.allocate(2, c) && c[0] == 1 && c[1] == 5);  // lowest free first
+  {
+    // Random allocations, shares and releases against a reference: every allocation takes the lowest
+    // free ids, in order, and a block is free again when its last holder lets it go.
+    const int n = 300;
+    KvBlockPool big(n);
+    std::vector<int> holders(n, 0);
+    std::mt19937 rng(17);
+    for (int step = 0; step < 5000; step++) {
+      const int op = int(rng() % 3), b = int(rng() % n);
+      if (op == 0) {
+        const int64_t want = int64_t(rng() % 5);
+        std::vector<int32_t> got;
+        std::vector<int32_t> lowest;
+        for (int i = 0; i < n && int64_t(lowest.size()) < want; i++)
+          if (holders[size_t(i)] == 0) lowest.push_back(i);
+        const bool ok = big.allocate(want, got);
+        CHECK(ok == (int64_t(lowest.size()) == want));
+        if (ok) CHECK(got == lowest);
+        for (int32_t g : got) holders[size_t(g)] = 1;
+      } else if (holders[size_t(b)] > 0 && op == 1) {
+        big.retain(b);
+        holders[size_t(b)]++;
+      } else if (holders[size_t(b)] > 0) {
+        big.release(b);
+        holders[size_t(b)]--;
+      }
+      CHECK(big.holders(b) == holders[size_t(b)]);
+    }
+    CHECK(big.free_blocks() == std::count(holders.begin(), holders.end(), 0));
+  }
   bool threw = false;
   try {
     pool.release(99);
