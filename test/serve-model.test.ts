@@ -87,6 +87,28 @@ test('chat, streamed and not, gives what model.complete gives, with its usage', 
   expect(usage?.completion_tokens).toBe(alone.usage.completionTokens);
 });
 
+test("/tokenize gives the ids a request's prompt gets; /detokenize gives their text back", async () => {
+  const post = async (path: string, body: object) => {
+    const r = await fetch(`${base}${path}`, {
+      method: 'POST',
+      headers: { Authorization: `Bearer ${KEY}`, 'Content-Type': 'application/json' },
+      body: JSON.stringify(body),
+    });
+    return { status: r.status, body: (await r.json()) as Record<string, unknown> };
+  };
+  const chatIds = await post('/tokenize', { messages: chat });
+  const r = await client.chat.completions.create({ model: 'x', messages: chat, max_tokens: 1 });
+  expect(chatIds.body).toMatchObject({ count: r.usage!.prompt_tokens, max_model_len: model.options.contextLength });
+  const text = 'the café 日本 🙂';
+  const { body } = await post('/tokenize', { prompt: text });
+  expect(body.tokens).toEqual(model.tokenize(text));
+  expect((await post('/detokenize', { tokens: body.tokens as number[] })).body).toEqual({ prompt: text });
+  const V = model.config.vocabSize;
+  const out = await post('/detokenize', { tokens: [5, V] });
+  expect(out.status).toBe(400);
+  expect(JSON.stringify(out.body)).toContain(`tokens[1] must be a token id in [0, ${V})`);
+});
+
 test('completions: a text prompt and token ids; a stop string cuts the text before it', async () => {
   const prompt = 'the quick brown fox';
   const alone = await model.complete(prompt, { temperature: 0, maxTokens: 16, ignoreEos: true });

@@ -7,7 +7,7 @@ import { AddressInfo } from 'net';
 import OpenAI from 'openai';
 import { createServer, FusedMoeServer } from '../lib/server/server';
 import type { GenerationEngine, GenerationRun } from '../lib/server/engine';
-import type { CompletionRequest } from '../lib/server/request';
+import type { CompletionRequest, TokenizeRequest } from '../lib/server/request';
 
 const KEY = 'test-key-7';
 
@@ -105,6 +105,13 @@ class FakeEngine implements GenerationEngine {
   }
   activeSequences() {
     return Math.min(this.active, this.maxSequences);
+  }
+  contextLength = 4096;
+  /** One id per code point: of the text, or of the messages' contents joined by '|'. */
+  async tokenize({ prompt, tools }: TokenizeRequest) {
+    const text =
+      typeof prompt === 'string' ? prompt : prompt.map((m) => m.content).join('|') + (tools ? `|${tools.length}` : '');
+    return [...text].map((c) => c.codePointAt(0)!);
   }
   /** Counted up by each /metrics read, so the metric shows the source's latest value. */
   preemptionReads = 0;
@@ -581,6 +588,48 @@ describe('server over a fake engine', () => {
       maxTokens: 7,
       stream: false,
     });
+  });
+
+  test('/tokenize and /detokenize: the ids of a prompt or of messages, and back; a bad body is a 400 naming its field', async () => {
+    const post = (path: string, body: unknown, key = KEY) =>
+      fetch(`${base}${path}`, {
+        method: 'POST',
+        headers: { Authorization: `Bearer ${key}`, 'Content-Type': 'application/json' },
+        body: JSON.stringify(body),
+      });
+    const ids = (text: string) => [...text].map((c) => c.codePointAt(0));
+    expect(await (await post('/tokenize', { model: 'tiny-moe', prompt: 'héllo 🙂' })).json()).toEqual({
+      count: 7,
+      max_model_len: 4096,
+      tokens: ids('héllo 🙂'),
+    });
+    const tools = [{ type: 'function', function: { name: 'f' } }];
+    const chat = [
+      { role: 'system', content: 'be brief' },
+      { role: 'user', content: [{ type: 'text', text: 'hi' }] },
+    ];
+    expect(await (await post('/tokenize', { messages: chat, tools })).json()).toMatchObject({
+      tokens: ids('be brief|hi|1'),
+    });
+    expect(await (await post('/detokenize', { tokens: ids('hé') })).json()).toEqual({ prompt: 'h,é' });
+    const cases: [string, unknown, string, string][] = [
+      ['/tokenize', {}, 'prompt', 'invalid_type'],
+      ['/tokenize', { prompt: '' }, 'prompt', 'invalid_type'],
+      ['/tokenize', { prompt: 'a', messages: chat }, 'prompt', 'invalid_value'],
+      ['/tokenize', { prompt: 'a', add_special_tokens: false }, 'add_special_tokens', 'unsupported_parameter'],
+      ['/tokenize', { messages: chat, add_generation_prompt: false }, 'add_generation_prompt', 'unsupported_parameter'],
+      ['/tokenize', { messages: [{ role: 'robot', content: 'x' }] }, 'messages[0].role', 'invalid_value'],
+      ['/tokenize', { prompt: 'a', model: 5 }, 'model', 'invalid_type'],
+      ['/detokenize', { tokens: [1, 2.5] }, 'tokens', 'invalid_type'],
+      ['/detokenize', { tokens: 'abc' }, 'tokens', 'invalid_type'],
+    ];
+    for (const [path, body, param, code] of cases) {
+      const r = await post(path, body);
+      expect([path, JSON.stringify(body), r.status]).toEqual([path, JSON.stringify(body), 400]);
+      expect((await json(r)).error).toMatchObject({ type: 'invalid_request_error', param, code });
+    }
+    expect((await post('/tokenize', { prompt: 'a' }, 'wrong')).status).toBe(401);
+    expect((await fetch(`${base}/tokenize`, { headers: { Authorization: `Bearer ${KEY}` } })).status).toBe(405);
   });
 
   test('401 without the key; /health and /metrics stay open', async () => {

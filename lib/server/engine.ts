@@ -3,7 +3,7 @@
  * the metrics report. `modelEngine` adapts a MoeModel; tests may pass their own.
  */
 import type { PromptTokenLogprobs, TokenLogprob } from '../generate/logprobs';
-import type { CompletionRequest } from './request';
+import type { CompletionRequest, TokenizeRequest } from './request';
 import type { ToolCallSyntax } from './tool-calls';
 
 export type FinishReason = 'stop' | 'length' | 'abort';
@@ -55,4 +55,8 @@ export interface GenerationEngine {
   expertTokens(): ArrayLike<ArrayLike<number>>;
   /** Running generations that gave their KV cache back to wait again, since load. */
   preemptions?(): number;
+  /** The ids a request's prompt gets (for `POST /tokenize`); without it the route answers 404. */
+  tokenize?(request: TokenizeRequest): Promise<number[]>;
+  /** Longest sequence in tokens, which `POST /tokenize` reports as `max_model_len`. */
+  readonly contextLength?: number;
 }

@@ -1,8 +1,9 @@
 /** The server's engine over a MoeModel: each request is one model.generate in the model's step loop. */
 import type { MoeModel } from '../model/model';
+import { promptTokens } from '../generate/index';
 import type { Generation, GenerationResult } from '../generate/index';
 import type { GenerationEngine, GenerationRun } from './engine';
-import type { CompletionRequest } from './request';
+import type { CompletionRequest, TokenizeRequest } from './request';
 import { invalidRequest } from './api-error';
 import { messageOf } from '../errors';
 import { checkLogitBias } from '../generate/sampling';
@@ -83,8 +84,16 @@ export function modelEngine(model: MoeModel): GenerationEngine {
     queueDepth: () => model.generationStats.waiting,
     activeSequences: () => model.generationStats.running,
     tokenBytes: (token) => model.tokenizer?.tokenBytes(token),
-    detokenize: (ids) => (model.tokenizer ? model.tokenizer.decode(ids) : ''),
+    detokenize: (ids) => {
+      const V = model.config.vocabSize;
+      ids.forEach((t, i) => {
+        if (t >= V) throw new RangeError(`tokens[${i}] must be a token id in [0, ${V}), got ${t}`);
+      });
+      return model.tokenizer ? model.tokenizer.decode(ids) : '';
+    },
     expertTokens: () => model.expertTokenCounts(),
     preemptions: () => model.generationStats.preemptions,
+    tokenize: async ({ prompt, tools }: TokenizeRequest) => promptTokens(model, prompt, tools),
+    contextLength: model.options.contextLength,
   };
 }

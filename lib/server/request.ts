@@ -308,10 +308,8 @@ function prompt(body: Body): string | number[] {
 }
 
 /** Checks a parsed JSON body for one of the two generating endpoints. */
-export function parseCompletionRequest(endpoint: 'chat' | 'completion', body: unknown): CompletionRequest {
-  if (!isRecord(body)) throw invalidRequest(`the request body must be a JSON object, got ${describe(body)}`);
-  if (present(body, 'model') && typeof body.model !== 'string')
-    throw invalidRequest(`'model' must be a string, got ${describe(body.model)}`, 'model', 'invalid_type');
+export function parseCompletionRequest(endpoint: 'chat' | 'completion', raw: unknown): CompletionRequest {
+  const body = objectBody(raw);
   const stream = boolean(body, 'stream');
   let includeUsage = false;
   if (present(body, 'stream_options')) {
@@ -382,4 +380,45 @@ function chatLogprobs(body: Body): number | undefined {
 function completionLogprobs(body: Body): number | undefined {
   notSupported(body, 'top_logprobs', () => false, "on /v1/completions 'logprobs': N asks for N alternatives");
   return integer(body, 'logprobs', 0, MAX_TOP_LOGPROBS);
+}
+
+/** `POST /tokenize`: a text prompt, or chat messages (with their tools) as the chat endpoint renders them. */
+export interface TokenizeRequest {
+  prompt: ChatMessage[] | string;
+  tools?: object[];
+}
+
+/** Checks the body of `POST /tokenize` (vLLM's shape: `prompt`, or `messages` and `tools`). */
+export function parseTokenizeRequest(body: unknown): TokenizeRequest {
+  const b = objectBody(body);
+  // The ids are those a request's prompt gets: the tokenizer's special tokens for a text, the
+  // generation prompt for messages. Asking for other ones is refused rather than ignored.
+  notSupported(b, 'add_special_tokens', (v) => v === true, 'a text prompt always gets its special tokens');
+  notSupported(b, 'add_generation_prompt', (v) => v === true, 'messages always end with the generation prompt');
+  if (present(b, 'messages')) {
+    if (present(b, 'prompt')) throw invalidRequest(`give 'prompt' or 'messages', not both`, 'prompt', 'invalid_value');
+    return { prompt: messages(b), tools: tools(b) };
+  }
+  if (typeof b.prompt !== 'string' || b.prompt === '')
+    throw invalidRequest(
+      `'prompt' (a non-empty string) or 'messages' is required, got prompt ${describe(b.prompt)}`,
+      'prompt',
+      'invalid_type',
+    );
+  return { prompt: b.prompt };
+}
+
+/** Checks the body of `POST /detokenize`: `tokens`, an array of token ids. */
+export function parseDetokenizeRequest(body: unknown): number[] {
+  const t = objectBody(body).tokens;
+  if (!Array.isArray(t) || !t.every((x) => Number.isInteger(x) && x >= 0))
+    throw invalidRequest(`'tokens' must be an array of token ids, got ${describe(t)}`, 'tokens', 'invalid_type');
+  return t as number[];
+}
+
+function objectBody(body: unknown): Body {
+  if (!isRecord(body)) throw invalidRequest(`the request body must be a JSON object, got ${describe(body)}`);
+  if (present(body, 'model') && typeof body.model !== 'string')
+    throw invalidRequest(`'model' must be a string, got ${describe(body.model)}`, 'model', 'invalid_type');
+  return body;
 }

@@ -7,7 +7,7 @@
 import * as http from 'http';
 import { randomBytes, timingSafeEqual } from 'crypto';
 import { ApiError, invalidRequest } from './api-error';
-import { CompletionRequest, parseCompletionRequest } from './request';
+import { CompletionRequest, parseCompletionRequest, parseDetokenizeRequest, parseTokenizeRequest } from './request';
 import { ServerMetrics } from './metrics';
 import { LogprobWriter } from './logprobs';
 import { ToolCallStream, parseToolCalls } from './tool-calls';
@@ -125,6 +125,20 @@ export function createServer(
         );
       return send(res, 200, modelObject());
     }
+    if (url.pathname === '/tokenize' || url.pathname === '/detokenize') {
+      if (req.method !== 'POST') throw methodNotAllowed(req, 'POST');
+      const body = await readJson(req);
+      const engine = readyEngine();
+      if (url.pathname === '/detokenize') {
+        const tokens = parseDetokenizeRequest(body);
+        if (!engine.detokenize) throw noTokenizerRoute(url.pathname);
+        return send(res, 200, { prompt: engine.detokenize(tokens) });
+      }
+      const request = parseTokenizeRequest(body);
+      if (!engine.tokenize) throw noTokenizerRoute(url.pathname);
+      const tokens = await engine.tokenize(request);
+      return send(res, 200, { count: tokens.length, max_model_len: engine.contextLength ?? null, tokens });
+    }
     const kind =
       route === 'POST /v1/chat/completions' ? 'chat' : route === 'POST /v1/completions' ? 'completion' : undefined;
     if (!kind) {
@@ -134,18 +148,8 @@ export function createServer(
     }
     const body = await readJson(req);
     const request = parseCompletionRequest(kind, body);
-    if (stopping) throw shuttingDown();
-    if (loadError) throw new ApiError(503, `The model failed to load: ${messageOf(loadError)}`, 'server_error');
-    if (!ready)
-      throw new ApiError(
-        503,
-        'The model is still loading; retry when /health answers 200',
-        'server_error',
-        null,
-        'loading',
-        { 'Retry-After': '5' },
-      );
-    if (request.tools && !ready.toolCallSyntax)
+    const engine = readyEngine();
+    if (request.tools && !engine.toolCallSyntax)
       throw invalidRequest(
         "'tools' needs a chat template that teaches the model a tool-call syntax this server reads " +
           "(Hermes-style <tool_call> tags, as Qwen's); this model's does not",
@@ -153,10 +157,10 @@ export function createServer(
         'unsupported_parameter',
       );
     // Each choice is a sequence: n of them count as n requests against the queue.
-    const capacity = ready.maxSequences + maxQueue;
+    const capacity = engine.maxSequences + maxQueue;
     if (request.n > capacity)
       throw invalidRequest(
-        `'n' must be at most ${capacity} on this server (${ready.maxSequences} running and ${maxQueue} waiting), got ${request.n}`,
+        `'n' must be at most ${capacity} on this server (${engine.maxSequences} running and ${maxQueue} waiting), got ${request.n}`,
         'n',
         'invalid_value',
       );
@@ -165,13 +169,13 @@ export function createServer(
     if (inFlight + request.n > capacity)
       throw new ApiError(
         429,
-        `Too many requests: ${ready.maxSequences} running and ${maxQueue} waiting is the limit; retry later`,
+        `Too many requests: ${engine.maxSequences} running and ${maxQueue} waiting is the limit; retry later`,
         'requests',
         null,
         'rate_limit_exceeded',
         { 'Retry-After': '1' },
       );
-    await generate(ready, request, req, res, endpoint);
+    await generate(engine, request, req, res, endpoint);
   }
 
   async function generate(
@@ -346,6 +350,26 @@ export function createServer(
     }
   }
 
+  /** The model's engine, or the 503 that says why there is none yet (or any more). */
+  function readyEngine(): GenerationEngine {
+    if (stopping) throw shuttingDown();
+    if (loadError) throw new ApiError(503, `The model failed to load: ${messageOf(loadError)}`, 'server_error');
+    if (!ready)
+      throw new ApiError(
+        503,
+        'The model is still loading; retry when /health answers 200',
+        'server_error',
+        null,
+        'loading',
+        { 'Retry-After': '5' },
+      );
+    return ready;
+  }
+
+  function noTokenizerRoute(path: string): ApiError {
+    return new ApiError(404, `${path} needs a model with a tokenizer; this one has none`, 'invalid_request_error');
+  }
+
   function shuttingDown(): ApiError {
     return new ApiError(503, 'The server is shutting down', 'server_error', null, 'shutting_down');
   }
@@ -475,7 +499,15 @@ function send(res: http.ServerResponse, status: number, body: unknown, headers: 
 /** The metrics label of a request: its route, or 'other' (never the raw path, which a client picks). */
 function endpointOf(req: http.IncomingMessage): string {
   const p = (req.url ?? '').split('?')[0];
-  return ['/v1/chat/completions', '/v1/completions', '/v1/models', '/health', '/metrics'].includes(p)
+  return [
+    '/v1/chat/completions',
+    '/v1/completions',
+    '/v1/models',
+    '/health',
+    '/metrics',
+    '/tokenize',
+    '/detokenize',
+  ].includes(p)
     ? p
     : p.startsWith('/v1/models/')
       ? '/v1/models/{id}'
