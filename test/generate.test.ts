@@ -7,7 +7,7 @@
 import * as path from 'path';
 import { GenerationPiece, GenerationResult, MoeModel } from '../lib/index';
 import { makeTempDir, removeTempDir } from './helpers/checkpoint';
-import { randomTokens } from './helpers/model/compare';
+import { firstBitDifference, randomTokens } from './helpers/model/compare';
 import { writeRandomModel } from './helpers/model/random-model';
 import { Template } from '@huggingface/jinja';
 import { TOOLS_TEMPLATE, writeTokenizer } from './helpers/text/tokenizer-files';
@@ -537,6 +537,28 @@ test('a random load on a small cache: forks, preemptions and aborts leave every 
     await model.logits([5]); // queued after the frees
     expect(model.generationStats).toMatchObject({ running: 0, waiting: 0 });
     expect(model.generationStats.freeCachePositions).toBe(model.nativeFreeCachePositions());
+  } finally {
+    model.dispose();
+  }
+});
+
+test('model.logits with no room beside a running generation: the generation gives way and goes on with its tokens', async () => {
+  // One sequence of 64 positions: a 64-token logits call needs the whole cache.
+  const model = await MoeModel.load(byteLevelDir, { contextLength: 64 });
+  try {
+    const prompt = randomTokens(30, 320, 310);
+    const q = randomTokens(64, 320, 311);
+    const tokens: number[] = [];
+    const calls: Promise<Float32Array>[] = [];
+    for await (const piece of model.generate(prompt, { temperature: 0, maxTokens: 20, ignoreEos: true })) {
+      tokens.push(piece.token);
+      if (tokens.length % 6 === 1) calls.push(model.logits(q));
+    }
+    const results = await Promise.all(calls);
+    expect(model.generationStats.preemptions).toBeGreaterThanOrEqual(calls.length);
+    const alone = await model.logits(q);
+    for (const r of results) expect(firstBitDifference(r, alone)).toBe(-1);
+    expect(tokens).toEqual(await argmaxChain(model, prompt, 20));
   } finally {
     model.dispose();
   }

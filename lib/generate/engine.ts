@@ -274,12 +274,15 @@ export class Engine {
   }
 
   /**
-   * Drops kept prefixes, least recently used first, until `positions` more fit in the cache once the
-   * steps already queued have run (their frees are queued before the caller's next call).
+   * Makes room for `positions` more in the cache once the steps already queued have run (their frees
+   * are queued before the caller's next call): kept prefixes go first, least recently used first, then
+   * running generations, the ones started last first, which wait to compute their tokens anew.
    */
   makeRoom(positions: number): void {
     const need = this.#ledger.blocks(positions);
     while (this.#kept.length > 0 && this.#ledger.free < need) this.#evict();
+    for (let i = this.#running.length - 1; i >= 0 && this.#ledger.free < need; i--)
+      if (!scoring(this.#running[i])) this.#preempt(this.#running[i]);
   }
 
   /**
