@@ -13,6 +13,10 @@
  * request whose prompt a running request is still computing waits for it rather than computing it
  * beside it. Kept prefixes are dropped least recently used first when a step needs their cache
  * blocks, and beyond maxSequences of them.
+ *
+ * A cache smaller than maxSequences full contexts (cacheTokens) admits a request when its tokens fit
+ * beside the running ones; when the running ones outgrow it (or model.logits needs room), those
+ * started last give their blocks back and wait first in line, to compute their tokens anew.
  */
 import { type DecoderConfig, positionCost } from '../model/config';
 import type { ModelSequence, StepEntry } from '../model/model';
