@@ -547,6 +547,22 @@ test('fused-moe serve: ready on /health, SIGTERM lets a running request finish a
   expect(err).toContain('SIGTERM');
 });
 
+test('fused-moe serve --cache-tokens reaches the model: below the context, the load is refused naming it', async () => {
+  const { spawn } = await import('child_process');
+  const cli = path.join(__dirname, '..', 'bin', 'fused-moe.js');
+  const child = spawn(
+    process.execPath,
+    [cli, 'serve', path.join(dir, 'mixtral', 'hf'), '--port', '0', '--context', '64', '--cache-tokens', '32'],
+    { stdio: ['ignore', 'ignore', 'pipe'] },
+  );
+  let err = '';
+  child.stderr.setEncoding('utf8');
+  child.stderr.on('data', (s: string) => (err += s));
+  const code = await new Promise<number | null>((r) => child.on('exit', (c) => r(c)));
+  expect(code).toBe(1);
+  expect(err).toMatch(/failed to load: options\.cacheTokens must be an integer in \[64, \d+\], got 32/);
+});
+
 test('fused-moe serve: a SIGTERM sent on the listening line (the model still loading) exits 0', async () => {
   const { spawn } = await import('child_process');
   const cli = path.join(__dirname, '..', 'bin', 'fused-moe.js');
