@@ -37,7 +37,7 @@ interface Entry {
 function standIn(config: DecoderConfig, steps: Entry[][], quantize = 'none'): EngineModel {
   return {
     config,
-    options: { contextLength: 16384, maxSequences: 8, quantize },
+    options: { contextLength: 16384, maxSequences: 8, quantize, cacheTokens: 16384 * 8 },
     cacheBlockTokens: 16,
     createSequence: () => ({ length: 0 }) as ModelSequence,
     async step(batch: readonly StepEntry[]) {

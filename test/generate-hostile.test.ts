@@ -214,7 +214,7 @@ describe('failures inside the step loop end their own request only; the process 
     const created: Marked[] = [];
     const model: EngineModel = {
       config,
-      options: { contextLength: 256, maxSequences: 4, quantize: 'none' },
+      options: { contextLength: 256, maxSequences: 4, quantize: 'none', cacheTokens: 256 * 4 },
       cacheBlockTokens: 16,
       createSequence: () => {
         const s = { length: 0, poisoned: created.length === 1 } as Marked;

@@ -5,7 +5,7 @@
  * aborts that free their sequence; waiting in order; prefix reuse across the turns of a chat.
  */
 import * as path from 'path';
-import { GenerationPiece, GenerationResult, MoeModel } from '../lib/index';
+import { GenerationPiece, GenerationResult, LoadOptions, MoeModel } from '../lib/index';
 import { makeTempDir, removeTempDir } from './helpers/checkpoint';
 import { firstBitDifference, randomTokens } from './helpers/model/compare';
 import { writeRandomModel } from './helpers/model/random-model';
@@ -39,6 +39,16 @@ async function argmaxChain(model: MoeModel, prompt: number[], steps: number): Pr
     seq.push(best);
   }
   return out;
+}
+
+/** Runs fn on a model of the byte-level checkpoint loaded with `options`, disposed after. */
+async function withModel(options: LoadOptions, fn: (model: MoeModel) => Promise<void>): Promise<void> {
+  const model = await MoeModel.load(byteLevelDir, options);
+  try {
+    await fn(model);
+  } finally {
+    model.dispose();
+  }
 }
 
 async function collect(
@@ -410,8 +420,7 @@ describe('shared prefixes: forks of kept and running sequences', () => {
 
 test("the engine's count of free cache blocks is the native pool's, through forks, kept prefixes and evictions", async () => {
   // 8 blocks of 16 positions: kept prefixes are evicted as the rounds go.
-  const model = await MoeModel.load(byteLevelDir, { maxSequences: 2, contextLength: 64 });
-  try {
+  await withModel({ maxSequences: 2, contextLength: 64 }, async (model) => {
     expect(model.generationStats.freeCachePositions).toBe(model.nativeFreeCachePositions());
     const base = randomTokens(40, 320, 240);
     for (let round = 0; round < 8; round++) {
@@ -428,15 +437,12 @@ test("the engine's count of free cache blocks is the native pool's, through fork
       expect(model.generationStats.freeCachePositions).toBe(model.nativeFreeCachePositions());
     }
     expect(model.generationStats.kept).toBeGreaterThan(0);
-  } finally {
-    model.dispose();
-  }
+  });
 });
 
 test("a fork's partly filled block finds room by dropping kept prefixes that are not its source", async () => {
   // 8 blocks of 16 positions, all held by two kept prefixes of 63 positions.
-  const model = await MoeModel.load(byteLevelDir, { maxSequences: 2, contextLength: 64 });
-  try {
+  await withModel({ maxSequences: 2, contextLength: 64 }, async (model) => {
     const opts = { temperature: 0, maxTokens: 4, ignoreEos: true };
     for (const seed of [260, 261]) await model.complete(randomTokens(60, 320, seed), opts);
     expect(model.generationStats).toMatchObject({ kept: 2, freeCachePositions: 0 });
@@ -446,9 +452,7 @@ test("a fork's partly filled block finds room by dropping kept prefixes that are
     const [a, b] = await Promise.all([0, 1].map(() => model.complete(prompt, opts)));
     expect([a.usage.cachedPromptTokens, b.usage.cachedPromptTokens]).toEqual([0, 59]);
     expect(b.tokens).toEqual(a.tokens);
-  } finally {
-    model.dispose();
-  }
+  });
 });
 
 test('a cache smaller than maxSequences contexts: generations that outgrow it wait and compute their tokens anew, giving their tokens alone', async () => {
@@ -456,8 +460,7 @@ test('a cache smaller than maxSequences contexts: generations that outgrow it wa
     /options\.cacheTokens must be an integer in \[128, \d+\], got 100/,
   );
   // 10 blocks of 16 positions; the four generations grow to 75-90 positions: 20-24 blocks in all.
-  const model = await MoeModel.load(byteLevelDir, { maxSequences: 4, contextLength: 128, cacheTokens: 150 });
-  try {
+  await withModel({ maxSequences: 4, contextLength: 128, cacheTokens: 150 }, async (model) => {
     expect(model.options.cacheTokens).toBe(160);
     const prompts = [0, 1, 2, 3].map((i) => randomTokens(30 + 5 * i, 320, 270 + i));
     const opts = (i: number) => ({ maxTokens: 45, ignoreEos: true, ...(i % 2 ? { temperature: 0 } : { seed: i }) });
@@ -471,15 +474,12 @@ test('a cache smaller than maxSequences contexts: generations that outgrow it wa
     }
     await model.logits([5]); // queued after the frees
     expect(model.generationStats.freeCachePositions).toBe(model.nativeFreeCachePositions());
-  } finally {
-    model.dispose();
-  }
+  });
 });
 
 test('without room to fork a kept prefix beside it, a request takes it over, cut back to what they share', async () => {
   // 4 blocks of 16 positions: the kept 47 positions hold 3; a fork of 35 for 55 tokens would need 2 more.
-  const model = await MoeModel.load(byteLevelDir, { contextLength: 64 });
-  try {
+  await withModel({ contextLength: 64 }, async (model) => {
     const opts = { temperature: 0, maxTokens: 8, ignoreEos: true };
     const first = randomTokens(40, 320, 280);
     await model.complete(first, opts);
@@ -487,15 +487,12 @@ test('without room to fork a kept prefix beside it, a request takes it over, cut
     const r = await model.complete(next, opts);
     expect(r.usage.cachedPromptTokens).toBe(35);
     expect(r.tokens).toEqual(await argmaxChain(model, next, 8));
-  } finally {
-    model.dispose();
-  }
+  });
 });
 
 test('a random load on a small cache: forks, preemptions and aborts leave every other request its tokens alone', async () => {
   // 10 blocks of 16 positions for 6 sequences of up to 96.
-  const model = await MoeModel.load(byteLevelDir, { maxSequences: 6, contextLength: 96, cacheTokens: 160 });
-  try {
+  await withModel({ maxSequences: 6, contextLength: 96, cacheTokens: 160 }, async (model) => {
     let seed = 1;
     const rand = () => (seed = (seed * 48271) % 2147483647) / 2147483647;
     const bases = [0, 1, 2].map((i) => randomTokens(20 + 15 * i, 320, 290 + i));
@@ -537,15 +534,12 @@ test('a random load on a small cache: forks, preemptions and aborts leave every 
     await model.logits([5]); // queued after the frees
     expect(model.generationStats).toMatchObject({ running: 0, waiting: 0 });
     expect(model.generationStats.freeCachePositions).toBe(model.nativeFreeCachePositions());
-  } finally {
-    model.dispose();
-  }
+  });
 });
 
 test('model.logits with no room beside a running generation: the generation gives way and goes on with its tokens', async () => {
   // One sequence of 64 positions: a 64-token logits call needs the whole cache.
-  const model = await MoeModel.load(byteLevelDir, { contextLength: 64 });
-  try {
+  await withModel({ contextLength: 64 }, async (model) => {
     const prompt = randomTokens(30, 320, 310);
     const q = randomTokens(64, 320, 311);
     const tokens: number[] = [];
@@ -559,9 +553,7 @@ test('model.logits with no room beside a running generation: the generation give
     const alone = await model.logits(q);
     for (const r of results) expect(firstBitDifference(r, alone)).toBe(-1);
     expect(tokens).toEqual(await argmaxChain(model, prompt, 20));
-  } finally {
-    model.dispose();
-  }
+  });
 });
 
 describe('sentencepiece model: conversations reuse their prefix', () => {

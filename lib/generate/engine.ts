@@ -80,8 +80,8 @@ export interface GenerationResult {
 /** What the engine uses of MoeModel (its internal sequence API). */
 export interface EngineModel {
   readonly config: DecoderConfig;
-  /** cacheTokens: positions of the KV cache (default: maxSequences full contexts). */
-  readonly options: Readonly<{ contextLength: number; maxSequences: number; quantize: string; cacheTokens?: number }>;
+  /** cacheTokens: positions of the KV cache, a whole number of blocks. */
+  readonly options: Readonly<{ contextLength: number; maxSequences: number; quantize: string; cacheTokens: number }>;
   readonly cacheBlockTokens: number;
   createSequence(): ModelSequence;
   step(batch: readonly StepEntry[], options?: { reuseLogits?: boolean }): Promise<Float32Array[]>;
@@ -251,12 +251,7 @@ export class Engine {
 
   constructor(model: EngineModel) {
     this.#model = model;
-    const { contextLength, maxSequences, cacheTokens } = model.options;
-    const blocks =
-      cacheTokens !== undefined
-        ? Math.ceil(cacheTokens / model.cacheBlockTokens)
-        : Math.ceil(contextLength / model.cacheBlockTokens) * maxSequences;
-    this.#ledger = new CacheLedger(model.cacheBlockTokens, blocks);
+    this.#ledger = new CacheLedger(model.cacheBlockTokens, model.options.cacheTokens / model.cacheBlockTokens);
     this.#positionCost = positionCost(model.config, model.options.quantize);
     for (let p = 0; p < TOKENS_PER_STEP; p++) this.#stepBudget += this.#tokenCost(p);
   }
@@ -419,11 +414,9 @@ export class Engine {
       request.sequence = kept.sequence;
       reused = common;
     } else if ((kept || running) && common >= this.#model.cacheBlockTokens) {
+      // #makeRoomFor left a free block for a partly filled last one, which the fork copies.
       const from = kept ? kept.sequence : running!.sequence!;
-      // A partial last block is copied into a free one; without one, the fork stops at a block's end.
-      const partial = common % this.#model.cacheBlockTokens;
-      while (partial > 0 && this.#ledger.free < 1 && this.#kept.length > (kept ? 1 : 0)) this.#evict();
-      reused = partial > 0 && this.#ledger.free < 1 ? common - partial : common;
+      reused = common;
       request.sequence = await this.#model.forkSequence(from, reused);
       this.#ledger.fork(from, request.sequence, reused);
     } else {
