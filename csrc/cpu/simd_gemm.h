@@ -31,6 +31,7 @@ struct Shapes {
   static constexpr int kNpDecode = 8 / NMAT;
   static constexpr int kMrDecode = O::kAcc / 8 > 0 ? O::kAcc / 8 : 1;
   static constexpr int kMrDecodeMax = kMrDecode;  // rows the decode panels take in one row block
+  static constexpr int kNpOneRow = kNpDecode;     // panels of the one-row tile (sweep_streams)
 };
 // With 32 registers the integer-dot modes also hold one step's unpacked codes for the whole tile (two
 // registers per panel and matrix for int4, one for int8; micro_qdot) and a row's broadcasts, so the
@@ -60,6 +61,13 @@ struct Shapes<O, MODE, NMAT, true> {
   static constexpr int kCodeRegs = kNpDecode * NMAT * (MODE == kI4Dot ? 2 : 1);  // as micro_qdot's
   static constexpr int kMrDecodeMax = O::kDotTemps <= 1 ? (O::kRegs - kCodeRegs - 2 - O::kDotTemps) / 4 : 4;
   static constexpr int kMrFew = 8;  // spills a little, less than two passes over the codes cost
+  // One row (one token's expert) streams four panels a thread, w1/w3 pairs too: the pairs' two panels
+  // a thread read each of their streams slower than the LM head's four (27 against 32 GB/s a thread in
+  // a trace of one Qwen3 int4 step), and the one-row tile has registers for four (8 accumulators, 16
+  // code registers). `node bench/ab-model.js MODEL int4 build OLD NEW`, both orders, MoE part: Qwen3
+  // 0.946 and 0.964, Mixtral 0.916 (Qwen3 int8 0.985; the avx512 set 0.960). Two and three rows on four
+  // pairs no longer hold a step's codes in registers and ran slower (Mixtral, 16 streams: 1.033).
+  static constexpr int kNpOneRow = 4;
 };
 
 // At most this many rows per expert take the decode shape, chosen by measurement (`bench.js --switch`,
@@ -248,8 +256,10 @@ static void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t gsz,
   const int block_rows = decode ? S::kMrDecode : decode_max ? S::kMrDecodeMax : few ? S::kMrFew : S::kMrPrefill;
   const char* a = pack_act<O, MODE>(x, ldx, M, K, block_rows, gsz, epoch);
   if constexpr (is_dot(MODE)) {
-    if (decode && decode_streams().load(std::memory_order_relaxed))
+    if (decode && decode_streams().load(std::memory_order_relaxed)) {
+      if (M == 1) return sweep_streams<O, MODE, NMAT, 1, S::kNpOneRow>(a, M, K, gsz, b, pstride, p_begin, p_end, epi);
       return sweep_streams<O, MODE, NMAT, S::kMrDecode, S::kNpDecode>(a, M, K, gsz, b, pstride, p_begin, p_end, epi);
+    }
   }
   // With decode_streams() off (the layout sweep_streams is measured against): integer-dot panels
   // shorter than short_panel_bytes() (24 KiB) take the decode tile one panel at a time.
