@@ -7,7 +7,8 @@
       "csrc/core/thread_pool.cpp",
       "csrc/core/memory.cpp",
       "csrc/core/backend_factory.cpp",
-      "csrc/core/kv_blocks.cpp"
+      "csrc/core/kv_blocks.cpp",
+      "csrc/core/timeline.cpp"
     ],
     "fmoe_cpu_sources": [
       "csrc/cpu/packing.cpp",

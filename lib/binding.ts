@@ -156,6 +156,13 @@ export interface NativeBinding {
         | 'spinUs',
       value: number,
     ): number;
+    /**
+     * The pool's timeline (csrc/core/timeline.h): 'start' records its jobs, items and decode-step phases,
+     * at most `capacity` events a thread; 'stop' gives them, 6 numbers an event (t0 and t1 in
+     * steady-clock ns, kind: 0 job, 1 item, 2 phase; thread; tag; bytes), in order of t0.
+     */
+    timeline(action: 'start', capacity: number): void;
+    timeline(action: 'stop'): { events: Float64Array; dropped: number };
   };
 }
 

@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "error.h"
+#include "timeline.h"
 
 #ifdef __linux__
 #include <sched.h>
@@ -242,6 +243,12 @@ void ThreadPool::worker_loop(int index) {
 void ThreadPool::parallel_for(int64_t n, int64_t chunk, int max_threads, const RangeFn& fn) {
   if (n <= 0) return;
   if (n > int64_t(INT32_MAX)) fail(ErrorCode::Internal, "parallel_for: more than 2^31 - 1 items");
+  struct Traced {  // the job on the timeline (timeline.h), when it records: from here to its last item
+    int64_t n, t0 = timeline::recording() ? timeline::now() : -1;
+    ~Traced() {
+      if (t0 >= 0) timeline::record(timeline::Kind::Job, 0, t0, timeline::now(), 0, int(n));
+    }
+  } traced{n};
   if (chunk < 1) chunk = 1;
   int limit = size();
   if (max_threads > 0 && max_threads < limit) limit = max_threads;

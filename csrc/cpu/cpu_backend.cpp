@@ -19,6 +19,7 @@
 #include "../core/memory.h"
 #include "../core/routing.h"
 #include "../core/thread_pool.h"
+#include "../core/timeline.h"
 #include "buffers.h"
 #include "kernels.h"
 
@@ -274,11 +275,16 @@ class CpuBackend final : public Backend {
                  double(flops_per_cell);
         bytes += double(it.end - it.begin) * bytes_per_col;
       }
-      pool.parallel_for(int64_t(end - begin), 1, threads(), [&](int64_t b, int64_t e, int) {
+      const bool traced = timeline::recording();
+      pool.parallel_for(int64_t(end - begin), 1, threads(), [&](int64_t b, int64_t e, int worker) {
         for (int64_t i = b; i < e; i++) {
           const WorkItem& it = items[begin + size_t(i)];
-          const int64_t r0 = d.offsets[it.expert];
-          fn(it, r0, d.offsets[it.expert + 1] - r0, epoch);
+          const int64_t r0 = d.offsets[it.expert], rows = d.offsets[it.expert + 1] - r0;
+          const int64_t t0 = traced ? timeline::now() : 0;
+          fn(it, r0, rows, epoch);
+          if (traced)
+            timeline::record(timeline::Kind::Item, worker, t0, timeline::now(),
+                             std::llround(double(it.end - it.begin) * bytes_per_col), int(rows));
         }
       });
       begin = end;

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <map>
@@ -15,6 +14,7 @@
 #include "../core/kv_blocks.h"
 #include "../core/memory.h"
 #include "../core/thread_pool.h"
+#include "../core/timeline.h"
 #include "attention.h"
 #include "buffers.h"
 #include "decoder_ops.h"
@@ -510,14 +510,15 @@ class CpuDecoder final : public Decoder {
     if (cancel && cancel->load()) fail(ErrorCode::Aborted, "the operation was aborted");
   }
 
-  // Times the phases of one step: to(p) charges the time since the previous mark to phase p.
+  // Times the phases of one step: to(p) charges the time since the previous mark to phase p (and puts it
+  // on the timeline while that records, timeline.h).
   struct PhaseClock {
-    using Clock = std::chrono::steady_clock;
-    Clock::time_point last = Clock::now();
+    int64_t last = timeline::now();
     uint64_t ns[int(StepPhase::Count)] = {};
     void to(StepPhase p) {
-      const Clock::time_point now = Clock::now();
-      ns[int(p)] += uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(now - last).count());
+      const int64_t now = timeline::now();
+      ns[int(p)] += uint64_t(now - last);
+      timeline::record(timeline::Kind::Phase, 0, last, now, 0, int(p));
       last = now;
     }
   };

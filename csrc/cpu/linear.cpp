@@ -5,6 +5,7 @@
 
 #include "../core/error.h"
 #include "../core/thread_pool.h"
+#include "../core/timeline.h"
 
 namespace fmoe {
 
@@ -52,14 +53,19 @@ void PackedLinear::forward(const float* x, int64_t ldx, int64_t M, float* y, int
   const int64_t tiles = std::max<int64_t>(1, std::min<int64_t>((panels + U - 1) / U, 16 * nthreads));
   const int64_t per = ((panels + tiles - 1) / tiles + U - 1) / U * U;
   const ActEpoch epoch = new_activation_epoch();  // x is this call's input: no earlier packed copy serves
-  pool.parallel_for(tiles, 1, threads, [&](int64_t b, int64_t e, int) {
+  const bool traced = timeline::recording();
+  pool.parallel_for(tiles, 1, threads, [&](int64_t b, int64_t e, int worker) {
     for (int64_t t = b; t < e; t++) {
       const int64_t o0 = t * per * P, o1 = std::min(out_, (t + 1) * per * P);
       if (o0 >= o1) continue;
+      const int64_t t0 = traced ? timeline::now() : 0;
       if (q_ != Quant::None)
         kernels_->down_quant(x, ldx, M, out_, in_, packed_.get(), q_, group_, o0, o1, y, ldy, epoch);
       else
         kernels_->down(x, ldx, M, out_, in_, packed_.get(), dt_, o0, o1, y, ldy, epoch);
+      if (traced)  // whole panels, each bytes_ / panels
+        timeline::record(timeline::Kind::Item, worker, t0, timeline::now(),
+                         int64_t(bytes_ / size_t(panels)) * ((o1 - o0 + P - 1) / P), int(M));
     }
   });
 }

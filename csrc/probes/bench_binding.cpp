@@ -4,9 +4,11 @@
 #include <napi.h>
 
 #include <string>
+#include <vector>
 
 #include "../core/quant.h"
 #include "../core/thread_pool.h"
+#include "../core/timeline.h"
 #include "../cpu/attention.h"
 #include "../cpu/kernels.h"
 #include "probes.h"
@@ -101,6 +103,35 @@ static Napi::Value SetTuning(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, double(fmoe::short_panel_bytes().exchange(size_t(value))));
 }
 
+// timeline('start', capacity): records the pool's jobs, items and step phases (timeline.h), at most
+// `capacity` events a thread. timeline('stop') -> { events: Float64Array, 6 numbers an event (t0 and t1
+// in steady-clock ns, kind, thread, tag, bytes), in order of t0; dropped: events past the capacity }.
+static Napi::Value Timeline(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const std::string action = info.Length() > 0 && info[0].IsString() ? info[0].As<Napi::String>().Utf8Value() : "";
+  if (action == "start") {
+    const double capacity = info.Length() > 1 && info[1].IsNumber() ? info[1].As<Napi::Number>().DoubleValue() : -1;
+    if (!(capacity >= 1 && capacity <= 1e8 && capacity == double(int64_t(capacity))))
+      throw Napi::RangeError::New(env, "timeline: capacity must be an integer from 1 to 1e8");
+    fmoe::timeline::start(size_t(capacity));
+    return env.Undefined();
+  }
+  if (action != "stop") throw Napi::TypeError::New(env, "timeline('start', capacity) or timeline('stop')");
+  size_t dropped = 0;
+  const std::vector<fmoe::timeline::Event> events = fmoe::timeline::stop(&dropped);
+  Napi::Float64Array out = Napi::Float64Array::New(env, events.size() * 6);
+  for (size_t i = 0; i < events.size(); i++) {
+    const fmoe::timeline::Event& e = events[i];
+    const double row[6] = {double(e.t0),     double(e.t1),  double(e.kind),
+                           double(e.thread), double(e.tag), double(e.bytes)};
+    for (int j = 0; j < 6; j++) out[i * 6 + size_t(j)] = row[j];
+  }
+  Napi::Object result = Napi::Object::New(env);
+  result.Set("events", out);
+  result.Set("dropped", Napi::Number::New(env, double(dropped)));
+  return result;
+}
+
 void register_bench(Napi::Env env, Napi::Object exports) {
   Napi::Object bench = Napi::Object::New(env);
   bench.Set("readBandwidth", Napi::Function::New(env, ReadBandwidth, "readBandwidth"));
@@ -108,6 +139,7 @@ void register_bench(Napi::Env env, Napi::Object exports) {
   bench.Set("int8DotPeak", Napi::Function::New(env, Int8DotPeak, "int8DotPeak"));
   bench.Set("quantize", Napi::Function::New(env, Quantize, "quantize"));
   bench.Set("setTuning", Napi::Function::New(env, SetTuning, "setTuning"));
+  bench.Set("timeline", Napi::Function::New(env, Timeline, "timeline"));
   exports.Set("bench", bench);
 }
 
