@@ -128,23 +128,22 @@ function phaseTable(jobs, phases) {
   return rows;
 }
 
-/** The items of the MoE phase by their rows: share of the item time, bytes per ns of each. */
+/** The items of the MoE phase (w1/w3 and w2) by their rows: share of the items' time, bytes per ns. */
 function rowsTable(jobs) {
   const by = new Map();
   let total = 0;
   for (const j of jobs)
     if (j.phase && PHASES[j.phase.tag] === 'mlp')
       for (const i of j.items) {
-        const key = `${j.label} ${i.tag}`;
-        const r = by.get(key) ?? { label: j.label, rows: i.tag, ns: 0, bytes: 0 };
+        const r = by.get(i.tag) ?? { rows: i.tag, ns: 0, bytes: 0 };
         r.ns += i.t1 - i.t0;
         r.bytes += i.bytes;
         total += i.t1 - i.t0;
-        by.set(key, r);
+        by.set(i.tag, r);
       }
   return [...by.values()]
-    .sort((a, b) => a.label.localeCompare(b.label) || a.rows - b.rows)
-    .map((r) => ({ label: r.label, rows: r.rows, share: r.ns / total, itemGBs: r.bytes / r.ns }));
+    .sort((a, b) => a.rows - b.rows)
+    .map((r) => ({ rows: r.rows, share: r.ns / total, itemGBs: r.bytes / r.ns }));
 }
 
 module.exports = { eventsOf, streamingJobs, jobTable, phaseTable, rowsTable, PHASES };
@@ -216,10 +215,10 @@ if (require.main === module) {
       for (const r of phaseTable(jobs, phases))
         console.log(`| ${r.phase} | ${r.count} | ${f1(r.us)} | ${f1(r.outsideUs)} |`);
       if (byRows) {
-        console.log("\n| job | rows | share of the MoE items' time | items GB/s a thread |");
-        console.log('| --- | --- | --- | --- |');
+        console.log("\n| rows | share of the experts' item time | items GB/s a thread |");
+        console.log('| --- | --- | --- |');
         for (const r of rowsTable(jobs))
-          console.log(`| ${r.label} | ${r.rows} | ${(100 * r.share).toFixed(1)}% | ${f1(r.itemGBs)} |`);
+          console.log(`| ${r.rows} | ${(100 * r.share).toFixed(1)}% | ${f1(r.itemGBs)} |`);
       }
     } finally {
       m.dispose();
