@@ -1,9 +1,9 @@
 // A timeline of the pool's work, for profiling (`bench/timeline.js`): while recording, each thread
 // appends what it did to a buffer of its own: the jobs a caller ran on the pool, the items of the
 // weight-streaming jobs (which thread, how long, how many weight bytes, how many rows), and a decode
-// step's phases. Off, it costs one relaxed load per job and per item. bench/RESULTS.md, thirty-second
-// run, is what it was made for: how much of a short job each thread is busy, how fast its items
-// stream, the time between jobs.
+// step's phases. Off, it costs a relaxed load per job and per step phase. bench/RESULTS.md,
+// thirty-second run, is what it was made for: how much of a short job each thread is busy, how fast
+// its items stream, the time between jobs.
 #pragma once
 #include <chrono>
 #include <cstddef>
