@@ -31,7 +31,7 @@ const os = require('os');
 const path = require('path');
 const fs = require('fs');
 const { spawnSync } = require('child_process');
-const { median } = require('./util');
+const { benchModelDir, feedPrompt, median } = require('./util');
 const root = path.join(__dirname, '..');
 const binding = require('node-gyp-build')(root);
 
@@ -61,8 +61,8 @@ if (!model || !quantize || !name || a === undefined || b === undefined) {
   console.error(usage);
   process.exit(2);
 }
-const folder = fs.existsSync(cacheDir) && fs.readdirSync(cacheDir).find((d) => d.startsWith(model + '-'));
-if (!folder) {
+const modelDir = benchModelDir(cacheDir, model);
+if (!modelDir) {
   console.error(`no ${model} files in ${cacheDir}: run bench/model.js --models ${model} first`);
   process.exit(2);
 }
@@ -81,7 +81,7 @@ for (const r of roots)
 
 async function open(r) {
   const { MoeModel } = require(path.join(r, 'dist'));
-  const m = await MoeModel.load(path.join(cacheDir, folder, 'hf'), {
+  const m = await MoeModel.load(modelDir, {
     quantize,
     contextLength: Math.max(prefix + 4 * pairs, prompt) + 64,
     maxSequences: streams,
@@ -92,15 +92,7 @@ async function open(r) {
     throw new Error(`--part must be one of ${Object.keys(m.stepTimes().seconds).join(', ')}, got ${part}`);
   }
   const seqs = Array.from({ length: streams }, () => m.createSequence());
-  for (let done = 0; done < prefix; done += 256) {
-    const n = Math.min(256, prefix - done);
-    await m.step(
-      seqs.map((s, j) => ({
-        sequence: s,
-        tokens: Array.from({ length: n }, (_, i) => 100 + ((done + i + 37 * j) % 5000)),
-      })),
-    );
-  }
+  await feedPrompt(m, seqs, prefix);
   return { m, seqs };
 }
 

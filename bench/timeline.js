@@ -13,8 +13,7 @@
 'use strict';
 const os = require('os');
 const path = require('path');
-const fs = require('fs');
-const { median } = require('./util');
+const { benchModelDir, benchToken, feedPrompt, median } = require('./util');
 
 const PHASES = ['qkv', 'attention', 'output', 'mlp', 'lmHead', 'other']; // decoder.h StepPhase
 const KIND = { job: 0, item: 1, phase: 2 };
@@ -161,8 +160,8 @@ if (require.main === module) {
   const [model, quantize, stepsArg, streamsArg] = args;
   const steps = Number(stepsArg ?? 100),
     streams = Number(streamsArg ?? 1);
-  const folder = fs.existsSync(cacheDir) && fs.readdirSync(cacheDir).find((d) => d.startsWith(`${model}-`));
-  if (!model || !quantize || !folder || !(steps >= 1) || !(streams >= 1) || !(prefix >= 1)) {
+  const modelDir = benchModelDir(cacheDir, model);
+  if (!model || !quantize || !modelDir || !(steps >= 1) || !(streams >= 1) || !(prefix >= 1)) {
     console.error(
       'usage: node bench/timeline.js <mixtral | qwen3moe> <none | int8 | int4> [steps] [streams] [--rows] [--prefix N] [--cache-dir DIR]\n' +
         `(the model's files come from bench/model.js --models MODEL, in ${cacheDir})`,
@@ -175,7 +174,7 @@ if (require.main === module) {
   const f1 = (x) => (Number.isFinite(x) ? x.toFixed(1) : '-');
   const f2 = (x) => (Number.isFinite(x) ? x.toFixed(2) : '-');
   (async () => {
-    const m = await MoeModel.load(path.join(cacheDir, folder, 'hf'), {
+    const m = await MoeModel.load(modelDir, {
       quantize,
       contextLength: prefix + steps + 64,
       maxSequences: streams,
@@ -183,12 +182,10 @@ if (require.main === module) {
     });
     try {
       const seqs = Array.from({ length: streams }, () => m.createSequence());
-      const tokens = (n, j, at) => Array.from({ length: n }, (_, i) => 100 + ((at + i + 37 * j) % 5000));
-      for (let done = 0; done < prefix; done += 256)
-        await m.step(seqs.map((s, j) => ({ sequence: s, tokens: tokens(Math.min(256, prefix - done), j, done) })));
+      await feedPrompt(m, seqs, prefix);
       const step = (i) =>
         m.step(
-          seqs.map((s, j) => ({ sequence: s, tokens: tokens(1, j, 7919 * i) })),
+          seqs.map((s, j) => ({ sequence: s, tokens: [benchToken(j, 7919 * i)] })),
           { reuseLogits: true },
         );
       for (let i = 0; i < 4; i++) await step(i); // warm

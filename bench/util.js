@@ -1,5 +1,7 @@
 // Small helpers of the benchmarks.
 'use strict';
+const fs = require('fs');
+const path = require('path');
 
 // n random values in [-scale, scale] (never zero), as float32 or as bf16 bits: a 64 Ki block from a
 // seeded LCG, repeated (copyWithin) and made distinct per page, so gigabytes of weights take seconds.
@@ -106,4 +108,36 @@ async function longestGap(fn) {
   return { result, wallMs, longestMs: longest };
 }
 
-module.exports = { fill, layerWeights, median, quantile, fmt, pct, pairedBwFraction, ISA_INDEX, longestGap };
+/** The folder of bench/model.js's `model` (mixtral, qwen3moe) in cacheDir, or undefined before that wrote it. */
+function benchModelDir(cacheDir, model) {
+  const folder = fs.existsSync(cacheDir) && fs.readdirSync(cacheDir).find((d) => d.startsWith(`${model}-`));
+  return folder ? path.join(cacheDir, folder, 'hf') : undefined;
+}
+
+// The bench's token at position `at` of sequence `seq`: distinct per sequence, inside every vocabulary.
+const benchToken = (seq, at) => 100 + ((at + 37 * seq) % 5000);
+
+/** Feeds each of `seqs` (MoeModel sequences) a prompt of `length` bench tokens, 256 a step. */
+async function feedPrompt(model, seqs, length) {
+  for (let done = 0; done < length; done += 256) {
+    const n = Math.min(256, length - done);
+    await model.step(
+      seqs.map((s, j) => ({ sequence: s, tokens: Array.from({ length: n }, (_, i) => benchToken(j, done + i)) })),
+    );
+  }
+}
+
+module.exports = {
+  fill,
+  layerWeights,
+  median,
+  quantile,
+  fmt,
+  pct,
+  pairedBwFraction,
+  ISA_INDEX,
+  longestGap,
+  benchModelDir,
+  benchToken,
+  feedPrompt,
+};

@@ -61,14 +61,7 @@ void record(Kind kind, int thread, int64_t t0, int64_t t1, int64_t bytes, int ta
     b.dropped++;
     return;
   }
-  Event e;
-  e.t0 = t0;
-  e.t1 = t1;
-  e.bytes = bytes;
-  e.kind = int32_t(kind);
-  e.thread = thread;
-  e.tag = tag;
-  b.events.push_back(e);
+  b.events.push_back(Event{t0, t1, bytes, int32_t(kind), int32_t(thread), int32_t(tag)});
 }
 
 void start(size_t capacity) {
