@@ -109,6 +109,38 @@ test("/tokenize gives the ids a request's prompt gets; /detokenize gives their t
   expect(JSON.stringify(out.body)).toContain(`tokens[1] must be a token id in [0, ${V})`);
 });
 
+test('a model without tokenizer.json: /tokenize and /detokenize answer 404, token ids still generate', async () => {
+  const hf = writeRandomModel(path.join(dir, 'no-tokenizer'), { family: 'mixtral', seed: 32, gguf: false }).hfDir;
+  const bare = await MoeModel.load(hf, { maxSequences: 2 });
+  const bareServer = createServer(bare, { apiKey: KEY, modelId: 'bare' });
+  try {
+    await new Promise<void>((r) => bareServer.listen(0, '127.0.0.1', r));
+    const at = `http://127.0.0.1:${(bareServer.address() as AddressInfo).port}`;
+    const post = async (route: string, body: object) => {
+      const r = await fetch(`${at}${route}`, {
+        method: 'POST',
+        headers: { Authorization: `Bearer ${KEY}`, 'Content-Type': 'application/json' },
+        body: JSON.stringify(body),
+      });
+      return { status: r.status, text: await r.text() };
+    };
+    for (const [route, body] of [
+      ['/tokenize', { prompt: 'hello' }],
+      ['/detokenize', { tokens: [1, 2] }],
+    ] as const) {
+      const out = await post(route, body);
+      expect(out.status).toBe(404);
+      expect(out.text).toContain(`${route} needs a model with a tokenizer`);
+    }
+    const bareClient = new OpenAI({ apiKey: KEY, baseURL: `${at}/v1`, maxRetries: 0 });
+    const r = await bareClient.completions.create({ model: 'bare', prompt: [3, 4, 5], max_tokens: 3, temperature: 0 });
+    expect(r.usage).toMatchObject({ prompt_tokens: 3, completion_tokens: 3 });
+  } finally {
+    await bareServer.shutdown(0);
+    bare.dispose();
+  }
+});
+
 test('completions: a text prompt and token ids; a stop string cuts the text before it', async () => {
   const prompt = 'the quick brown fox';
   const alone = await model.complete(prompt, { temperature: 0, maxTokens: 16, ignoreEos: true });

@@ -84,16 +84,27 @@ export function modelEngine(model: MoeModel): GenerationEngine {
     queueDepth: () => model.generationStats.waiting,
     activeSequences: () => model.generationStats.running,
     tokenBytes: (token) => model.tokenizer?.tokenBytes(token),
+    expertTokens: () => model.expertTokenCounts(),
+    preemptions: () => model.generationStats.preemptions,
+    contextLength: model.options.contextLength,
+    // Without a tokenizer.json both routes are absent, which the server answers with its 404.
+    ...(model.tokenizer && textRoutes(model, model.tokenizer)),
+  };
+}
+
+/** `POST /detokenize` and `POST /tokenize` over the model's tokenizer. */
+function textRoutes(
+  model: MoeModel,
+  tokenizer: NonNullable<MoeModel['tokenizer']>,
+): Pick<GenerationEngine, 'detokenize' | 'tokenize'> {
+  return {
     detokenize: (ids) => {
       const V = model.config.vocabSize;
       ids.forEach((t, i) => {
         if (t >= V) throw new RangeError(`tokens[${i}] must be a token id in [0, ${V}), got ${t}`);
       });
-      return model.tokenizer ? model.tokenizer.decode(ids) : '';
+      return tokenizer.decode(ids);
     },
-    expertTokens: () => model.expertTokenCounts(),
-    preemptions: () => model.generationStats.preemptions,
     tokenize: async ({ prompt, tools }: TokenizeRequest) => promptTokens(model, prompt, tools),
-    contextLength: model.options.contextLength,
   };
 }
