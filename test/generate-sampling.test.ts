@@ -173,6 +173,60 @@ describe.each([33, 320, 1027])('vocabulary of %i', (V) => {
   });
 });
 
+/**
+ * Draws as the definitions give them, each from the uniform number the sampler takes: the full
+ * vocabulary sorted by a comparison (most likely first, ties lower id first), the nucleus, min-p, then
+ * a walk down that order. The sampler sorts only its candidates, and many of them by their bits.
+ */
+function referenceDraws(logits: Float32Array, p: Params): (u01: number) => number {
+  const V = logits.length;
+  let top = -Infinity;
+  for (const v of logits) top = Math.max(top, v);
+  const prob = Float64Array.from(logits, (v) => Math.exp((v - top) / p.temperature));
+  let total = 0;
+  for (const q of prob) total += q;
+  const order = Array.from({ length: V }, (_, i) => i).sort((a, b) => prob[b] - prob[a] || a - b);
+  let keep = order.length;
+  let acc = 0;
+  for (let i = 0; i < order.length; i++)
+    if ((acc += prob[order[i]]) >= p.topP * total) {
+      keep = i + 1;
+      break;
+    }
+  const kept = order.slice(0, keep).filter((i) => prob[i] >= p.minP);
+  const mass = kept.reduce((s, i) => s + prob[i], 0);
+  return (u01) => {
+    let u = u01 * mass;
+    for (const i of kept) if ((u -= prob[i]) < 0) return i;
+    return kept[kept.length - 1];
+  };
+}
+
+test.each([
+  ['a flat distribution, top-p 0.9', 0.3, { temperature: 1, topK: 0, topP: 0.9, minP: 0, repetitionPenalty: 1 }],
+  [
+    'a flat distribution, top-p 0.5 and min-p',
+    0.3,
+    { temperature: 1.2, topK: 0, topP: 0.5, minP: 0.85, repetitionPenalty: 1 },
+  ],
+  ['a peaked one, top-p 0.95', 12, { temperature: 0.8, topK: 0, topP: 0.95, minP: 0, repetitionPenalty: 1 }],
+])('top-p over 50,000 tokens, %s: each draw is the reference draw, ties included', (_, spread, params) => {
+  const V = 50_021;
+  const rand = rng(Math.round(spread * 10) + 5);
+  // Logits on a grid of 1/256: thousands of exact ties, which must keep the lower id first.
+  const logits = Float32Array.from({ length: V }, () => Math.round((rand() * 2 - 1) * spread * 256) / 256);
+  const sampler = new Sampler({ ...params, seed: 4242 });
+  const uniform = new Prng(4242);
+  const reference = referenceDraws(logits, params);
+  const drawn = new Set<number>();
+  for (let i = 0; i < 40; i++) {
+    const token = sampler.sample(logits, []);
+    expect(token).toBe(reference(uniform.next()));
+    drawn.add(token);
+  }
+  expect(drawn.size).toBeGreaterThan(30); // many tokens in play: the walk's order decides each draw
+});
+
 describe.each([1, 33, 320, 1027, 4096])('log probabilities over a vocabulary of %i', (V) => {
   /** log-softmax in float64 by its definition, and every id ranked (the lower id first on ties). */
   function reference(logits: Float32Array): { logprob: Float64Array; ranked: number[] } {

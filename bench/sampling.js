@@ -1,0 +1,49 @@
+#!/usr/bin/env node
+// How long one draw of the sampler (lib/generate/sampling.ts) holds the event loop, per token and
+// stream: every running generation samples its step's logits in JavaScript, so at 16 streams a step
+// waits for 16 of these. Logits of Mixtral's and Qwen3's vocabulary sizes, drawn from a fixed seed,
+// flat (uniform over a spread of 0.5: most of the vocabulary stays in a top-p nucleus) or peaked (a
+// spread of 16), under greedy, temperature alone, top-k 40 and top-p 0.9. Medians of --runs draws.
+//
+//   npm run build:ts && node bench/sampling.js [--runs 31]
+'use strict';
+const { Sampler } = require('../dist/generate/sampling');
+const { median } = require('./util');
+
+const i = process.argv.indexOf('--runs');
+const RUNS = i > 0 ? Number(process.argv[i + 1]) : 31;
+const BASE = { temperature: 1, topK: 0, topP: 1, minP: 0, repetitionPenalty: 1, seed: 7 };
+const SETTINGS = {
+  greedy: { temperature: 0 },
+  temperature: {},
+  'top-k 40': { topK: 40 },
+  'top-p 0.9': { topP: 0.9 },
+};
+
+function logits(V, spread, seed) {
+  let s = seed >>> 0;
+  const out = new Float32Array(V);
+  for (let t = 0; t < V; t++) out[t] = ((s = (Math.imul(s, 1103515245) + 12345) >>> 0) / 2 ** 32) * spread;
+  return out;
+}
+
+console.log('| vocabulary | logits | ' + Object.keys(SETTINGS).join(' ms | ') + ' ms |');
+console.log('| --- | --- |' + ' --- |'.repeat(Object.keys(SETTINGS).length));
+for (const V of [32000, 151936])
+  for (const [shape, spread] of [
+    ['flat', 0.5],
+    ['peaked', 16],
+  ]) {
+    const x = logits(V, spread, V + spread);
+    const cells = Object.values(SETTINGS).map((o) => {
+      const sampler = new Sampler({ ...BASE, ...o });
+      const ms = [];
+      for (let r = 0; r < RUNS; r++) {
+        const t0 = process.hrtime.bigint();
+        sampler.sample(x, []);
+        ms.push(Number(process.hrtime.bigint() - t0) / 1e6);
+      }
+      return median(ms).toFixed(2);
+    });
+    console.log(`| ${V} | ${shape} | ${cells.join(' | ')} |`);
+  }
