@@ -12,7 +12,12 @@ import { createServer, FusedMoeServer } from '../lib/server/server';
 import { forcedCall } from '../lib/server/tool-calls';
 import { makeTempDir, removeTempDir } from './helpers/checkpoint';
 import { writeRandomModel } from './helpers/model/random-model';
-import { TOOLS_TEMPLATE, writeTokenizer } from './helpers/text/tokenizer-files';
+import {
+  MISTRAL_SPECIALS,
+  MISTRAL_TOOLS_TEMPLATE,
+  TOOLS_TEMPLATE,
+  writeTokenizer,
+} from './helpers/text/tokenizer-files';
 
 const KEY = 'serve-key';
 let dir = '';
@@ -440,6 +445,85 @@ test('a forced tool call with a template that teaches the Hermes syntax: tool_ca
       });
     }
     expect(called).toBeGreaterThan(0);
+  } finally {
+    await toolServer.shutdown(0);
+    toolModel.dispose();
+  }
+});
+
+test("Mistral's syntax: a forced call, its ids taken back by the template, the special marker as text", async () => {
+  const hf = writeRandomModel(path.join(dir, 'mistral-tools'), { family: 'mixtral', seed: 34, gguf: false }).hfDir;
+  writeTokenizer(hf, 'byte-level', 320, { chatTemplate: MISTRAL_TOOLS_TEMPLATE, specials: MISTRAL_SPECIALS });
+  const toolModel = await MoeModel.load(hf, { maxSequences: 4, contextLength: 1024 });
+  const toolServer = createServer(toolModel);
+  await new Promise<void>((r) => toolServer.listen(0, '127.0.0.1', r));
+  try {
+    const c = new OpenAI({
+      apiKey: 'none',
+      baseURL: `http://127.0.0.1:${(toolServer.address() as AddressInfo).port}/v1`,
+      maxRetries: 0,
+    });
+    const parameters = {
+      type: 'object',
+      properties: { city: { type: 'string' }, days: { type: 'integer' } },
+      required: ['city', 'days'],
+      additionalProperties: false,
+    };
+    const tools = [{ type: 'function' as const, function: { name: 'get_weather', parameters } }];
+    const messages = [{ role: 'user' as const, content: 'weather in Bern for 3 days?' }];
+    const bias = { [toolModel.tokenize('"', { addSpecialTokens: false })[0]]: 3 };
+    let called = 0;
+    for (const seed of [1, 2, 3, 4]) {
+      const ask = { model: 'x', messages, tools, temperature: 1, seed, max_tokens: 300, logit_bias: bias };
+      const r = await c.chat.completions.create({ ...ask, tool_choice: 'required' });
+      const alone = await toolModel.complete(messages, {
+        tools,
+        temperature: 1,
+        seed,
+        maxTokens: 300,
+        logitBias: bias,
+        responseFormat: forcedCall(tools, 'required', 'mistral'),
+      });
+      expect(alone.text).toMatch(/^\[TOOL_CALLS\] \[\s*\{/);
+      if (r.choices[0].finish_reason !== 'tool_calls') continue;
+      called++;
+      const calls = r.choices[0].message.tool_calls! as { id: string; function: { name: string; arguments: string } }[];
+      expect(calls.length).toBe(1);
+      expect(calls[0].id).toMatch(/^[A-Za-z0-9]{9}$/);
+      const args = JSON.parse(calls[0].function.arguments) as Record<string, unknown>;
+      expect(JSON.parse(alone.text.slice('[TOOL_CALLS] ['.length, -1))).toEqual({
+        name: 'get_weather',
+        arguments: args,
+      });
+      // Streamed: the same call.
+      const stream = await c.chat.completions.create({ ...ask, tool_choice: 'required', stream: true });
+      let streamed = '';
+      for await (const chunk of stream)
+        for (const tc of chunk.choices[0]?.delta.tool_calls ?? []) streamed += tc.function?.arguments ?? '';
+      expect(JSON.parse(streamed)).toEqual(args);
+      // The next turn: the template takes the call back with its id, and the tool's answer.
+      const next = await c.chat.completions.create({
+        model: 'x',
+        messages: [
+          ...messages,
+          { role: 'assistant', content: null, tool_calls: calls.map((x) => ({ ...x, type: 'function' as const })) },
+          { role: 'tool', tool_call_id: calls[0].id, content: 'sunny' },
+        ],
+        tools,
+        max_tokens: 2,
+      });
+      expect(next.choices[0].finish_reason).toMatch(/stop|length/);
+    }
+    expect(called).toBeGreaterThan(0);
+    // [TOOL_CALLS] is a special token: decoding leaves it out, and with tools the server writes it back.
+    const marker = toolModel.tokenize('[TOOL_CALLS]', { addSpecialTokens: false });
+    expect(marker.length).toBe(1);
+    expect(toolModel.tokenizer!.specialTokenIds.has(marker[0])).toBe(true);
+    const forced = { model: 'x', messages, max_tokens: 1, logit_bias: { [marker[0]]: 100 } };
+    const plain = await c.chat.completions.create(forced);
+    expect(plain.choices[0].message.content).toBe('');
+    const withTools = await c.chat.completions.create({ ...forced, tools });
+    expect(withTools.choices[0].message.content).toBe('[TOOL_CALLS]'); // a marker alone is no call
   } finally {
     await toolServer.shutdown(0);
     toolModel.dispose();

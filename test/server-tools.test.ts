@@ -1,6 +1,6 @@
 /**
- * Tool calls in generated text (lib/server/tool-calls): the Hermes syntax parsed into OpenAI's
- * tool_calls, and the same calls from text streamed in random pieces, the content before them
+ * Tool calls in generated text (lib/server/tool-calls): the Hermes and Mistral syntaxes parsed into
+ * OpenAI's tool_calls, and the same calls from text streamed in random pieces, the content before them
  * streamed as it comes.
  */
 import { ToolCallStream, parseToolCalls, toolCallSyntaxOf } from '../lib/server/tool-calls';
@@ -10,8 +10,9 @@ const call = (name: string, args: unknown) => `<tool_call>\n${JSON.stringify({ n
 const strip = (calls: { function: { name: string; arguments: string } }[] | null) =>
   calls && calls.map((c) => [c.function.name, JSON.parse(c.function.arguments) as unknown]);
 
-test('the syntax of a template: Hermes where it writes <tool_call>, none otherwise', () => {
+test("the syntax of a template: Hermes where it writes <tool_call>, Mistral's where [TOOL_CALLS], none otherwise", () => {
   expect(toolCallSyntaxOf('{% for t in tools %}{{ t | tojson }}{% endfor %}<tool_call>')).toBe('hermes');
+  expect(toolCallSyntaxOf("{% if m.tool_calls %}{{ '[TOOL_CALLS] [' }}{% endif %}")).toBe('mistral');
   expect(toolCallSyntaxOf('{{ messages }}')).toBeUndefined();
   expect(toolCallSyntaxOf(undefined)).toBeUndefined();
 });
@@ -71,6 +72,83 @@ test('streamed in random pieces: the content as it comes, the calls at the end, 
       const end = stream.finish();
       content += end.content;
       const whole = parseToolCalls(text);
+      if (whole) {
+        expect(content).toBe(whole.content ?? '');
+        expect(strip(end.calls)).toEqual(strip(whole.calls));
+      } else {
+        expect(content).toBe(text);
+        expect(end.calls).toBeNull();
+      }
+    }
+});
+
+const mistral = (calls: [string, unknown][]) =>
+  '[TOOL_CALLS] ' + JSON.stringify(calls.map(([name, args]) => ({ name, arguments: args })));
+
+test.each([
+  [
+    'one call',
+    mistral([['get_weather', { city: 'Zürich', days: 3 }]]),
+    null,
+    [['get_weather', { city: 'Zürich', days: 3 }]],
+  ],
+  [
+    'text, then two calls in one array',
+    'Let me check.\n' +
+      mistral([
+        ['a', {}],
+        ['b', { x: [1, 2] }],
+      ]),
+    'Let me check.\n',
+    [
+      ['a', {}],
+      ['b', { x: [1, 2] }],
+    ],
+  ],
+  ['one object rather than an array', '[TOOL_CALLS]{"name": "f", "arguments": {"q": 1}}', null, [['f', { q: 1 }]]],
+  ['no arguments', '[TOOL_CALLS] [{"name": "now"}]', null, [['now', {}]]],
+])("Mistral's syntax: %s", (_, text, content, calls) => {
+  const parsed = parseToolCalls(text, 'mistral');
+  expect(parsed?.content).toBe(content);
+  expect(strip(parsed!.calls)).toEqual(calls);
+  // Mistral's templates take back only ids of 9 letters and digits.
+  for (const c of parsed!.calls) expect(c.id).toMatch(/^[A-Za-z0-9]{9}$/);
+  expect(new Set(parsed!.calls.map((c) => c.id)).size).toBe(parsed!.calls.length);
+  expect(parseToolCalls(text)).toBeNull(); // not Hermes
+});
+
+test("Mistral's syntax: what is not a call is no call", () => {
+  expect(parseToolCalls('plain text', 'mistral')).toBeNull();
+  expect(parseToolCalls('[TOOL_CALLS] [{"name": "f", "arguments": {}}', 'mistral')).toBeNull(); // cut off
+  expect(parseToolCalls('[TOOL_CALLS] [{"arguments": {}}]', 'mistral')).toBeNull(); // no name
+  expect(parseToolCalls('[TOOL_CALLS] [1]', 'mistral')).toBeNull();
+  expect(parseToolCalls('[TOOL_CALLS]', 'mistral')).toBeNull();
+});
+
+test("Mistral's syntax streamed in random pieces: the content as it comes, the calls at the end", () => {
+  const rand = rng(23);
+  const texts = [
+    'Checking. ' +
+      mistral([
+        ['get_weather', { city: 'Genève' }],
+        ['get_time', { tz: 'UTC+1' }],
+      ]),
+    mistral([['only', { a: '[TOOL_CALLS]' }]]),
+    'no call at all, though [TOOL and [TOOL_CALL are here [TOOL_CALLS',
+    'a call that does not parse [TOOL_CALLS] [{"name": ',
+  ];
+  for (const text of texts)
+    for (let trial = 0; trial < 20; trial++) {
+      const stream = new ToolCallStream('mistral');
+      let content = '';
+      for (let at = 0; at < text.length;) {
+        const n = 1 + Math.floor(rand() * 6);
+        content += stream.push(text.slice(at, at + n));
+        at += n;
+      }
+      const end = stream.finish();
+      content += end.content;
+      const whole = parseToolCalls(text, 'mistral');
       if (whole) {
         expect(content).toBe(whole.content ?? '');
         expect(strip(end.calls)).toEqual(strip(whole.calls));

@@ -7,15 +7,17 @@ import type { CompletionRequest, TokenizeRequest } from './request';
 import { invalidRequest } from './api-error';
 import { messageOf } from '../errors';
 import { checkLogitBias } from '../generate/sampling';
-import { forcedCall, toolCallSyntaxOf } from './tool-calls';
+import { forcedCall, toolCallMarker, toolCallSyntaxOf } from './tool-calls';
 
 export function modelEngine(model: MoeModel): GenerationEngine {
   // Long prompts are tokenized on the tokenizer's worker thread: started now, so the first one does
   // not wait for it to build its tokenizer.
   model.tokenizer?.startWorker();
+  const toolCallSyntax = toolCallSyntaxOf(model.tokenizer?.chatTemplate?.source);
+  const marker = toolCallSyntax && markerToken(model, toolCallMarker(toolCallSyntax));
   return {
     maxSequences: model.options.maxSequences,
-    toolCallSyntax: toolCallSyntaxOf(model.tokenizer?.chatTemplate?.source),
+    toolCallSyntax,
     start(request: CompletionRequest, signal: AbortSignal): GenerationRun {
       let result: GenerationResult | undefined;
       // generate() checks everything before queueing: its errors come out of the first next().
@@ -54,7 +56,7 @@ export function modelEngine(model: MoeModel): GenerationEngine {
             topLogprobs: request.topLogprobs,
             tools: request.tools,
             responseFormat: request.toolChoice
-              ? forcedCall(request.tools!, request.toolChoice)
+              ? forcedCall(request.tools!, request.toolChoice, toolCallSyntax)
               : request.responseFormat,
             signal,
           },
@@ -66,6 +68,9 @@ export function modelEngine(model: MoeModel): GenerationEngine {
         async next() {
           if (!generation) throw failure;
           const r = await generation.next();
+          // The calls' opening marker, which decoding leaves out, back in a request with tools.
+          if (!r.done && marker && request.tools && r.value.token === marker.id)
+            return { done: false, value: { ...r.value, text: r.value.text + marker.text } };
           if (!r.done) return r;
           result = r.value;
           return { done: true, value: undefined };
@@ -90,6 +95,16 @@ export function modelEngine(model: MoeModel): GenerationEngine {
     // Without a tokenizer.json both routes are absent, which the server answers with its 404.
     ...(model.tokenizer && textRoutes(model, model.tokenizer)),
   };
+}
+
+/**
+ * The special token that spells a syntax's opening marker (Mistral's `[TOOL_CALLS]`), whose text
+ * decoding leaves out; undefined where the marker is ordinary text (Hermes' `<tool_call>` in Qwen's
+ * tokenizers decodes as itself).
+ */
+function markerToken(model: MoeModel, text: string): { id: number; text: string } | undefined {
+  const id = model.tokenizer?.tokenId(text);
+  return id !== undefined && model.tokenizer!.specialTokenIds.has(id) ? { id, text } : undefined;
 }
 
 /** `POST /detokenize` and `POST /tokenize` over the model's tokenizer. */

@@ -152,7 +152,7 @@ export function createServer(
     if (request.tools && !engine.toolCallSyntax)
       throw invalidRequest(
         "'tools' needs a chat template that teaches the model a tool-call syntax this server reads " +
-          "(Hermes-style <tool_call> tags, as Qwen's); this model's does not",
+          "(Hermes-style <tool_call> tags, as Qwen's, or Mistral's [TOOL_CALLS]); this model's does not",
         'tools',
         'unsupported_parameter',
       );
@@ -222,7 +222,7 @@ export function createServer(
         tokens: 0,
         last: 0,
         logprobs: request.topLogprobs === undefined ? null : new LogprobWriter(engine.tokenBytes?.bind(engine)),
-        toolCalls: request.tools && request.stream ? new ToolCallStream() : null,
+        toolCalls: request.tools && request.stream ? new ToolCallStream(engine.toolCallSyntax) : null,
       }));
       type Choice = (typeof choices)[number];
       /** What echo puts first: the prompt as sent (token ids as their text). */
@@ -329,7 +329,7 @@ export function createServer(
         const finish = results[i].finishReason;
         if (request.endpoint === 'completion')
           return { index: c.index, text: c.text, logprobs: takeLogprobs(c), finish_reason: finish };
-        const called = request.tools ? parseToolCalls(c.text) : null;
+        const called = request.tools ? parseToolCalls(c.text, engine.toolCallSyntax) : null;
         return {
           index: c.index,
           message: called

@@ -185,6 +185,11 @@ export class TextTokenizer {
     return ids;
   }
 
+  /** The id of a token's text as one whole token (an added or special token among them); else undefined. */
+  tokenId(text: string): number | undefined {
+    return this.#tokenizer.token_to_id(text) ?? undefined;
+  }
+
   /** Text of `ids`, special tokens left out. */
   decode(ids: readonly number[]): string {
     return ids.length === 0 ? '' : this.#tokenizer.decode(ids as number[], DECODE);

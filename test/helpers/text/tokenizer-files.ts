@@ -34,6 +34,33 @@ export const TOOLS_TEMPLATE =
   '{% else %}[{{ m.role }}] {{ m.content }}\n{% endif %}{% endfor %}' +
   '{% if add_generation_prompt %}[assistant] {% endif %}';
 
+/**
+ * A chat template with tools in the style of Mistral's v3 templates (Mixtral-8x22B-Instruct): the tool
+ * definitions as a JSON array before the last user turn, an assistant turn's calls as `[TOOL_CALLS]` and
+ * a JSON array whose call ids must be 9 letters and digits, a tool turn's answer with its call's id.
+ */
+export const MISTRAL_TOOLS_TEMPLATE =
+  '{{ bos_token }}{% for m in messages %}' +
+  "{% if m.role == 'user' %}{% if tools and loop.last %}[AVAILABLE_TOOLS] {{ tools | tojson }}[/AVAILABLE_TOOLS]" +
+  '{% endif %}[INST] {{ m.content }}[/INST]' +
+  "{% elif m.role == 'assistant' and m.tool_calls %}[TOOL_CALLS] [{% for c in m.tool_calls %}" +
+  "{% if c.id | length != 9 %}{{ raise_exception('tool call ids must be 9 letters and digits') }}{% endif %}" +
+  '{"name": {{ c.function.name | tojson }}, "arguments": {{ c.function.arguments | tojson }}, "id": "{{ c.id }}"}' +
+  "{% if not loop.last %}, {% endif %}{% endfor %}]{{ eos_token }}{% elif m.role == 'tool' %}" +
+  '[TOOL_RESULTS] {"content": {{ m.content | tojson }}, "call_id": "{{ m.tool_call_id }}"}[/TOOL_RESULTS]' +
+  '{% else %} {{ m.content }}{{ eos_token }}{% endif %}{% endfor %}';
+
+/** Mistral's chat markers, special tokens of its v3 tokenizers. */
+export const MISTRAL_SPECIALS = [
+  '[INST]',
+  '[/INST]',
+  '[TOOL_CALLS]',
+  '[AVAILABLE_TOOLS]',
+  '[/AVAILABLE_TOOLS]',
+  '[TOOL_RESULTS]',
+  '[/TOOL_RESULTS]',
+];
+
 /** Text the merges are learnt from: English, accented Latin, CJK, emoji. */
 export const CORPUS = [
   'the quick brown fox jumps over the lazy dog and the cat sat on the mat',
@@ -201,6 +228,8 @@ export function sentencePieceTokenizer(vocabSize: number): object {
 export interface TokenizerFileOptions {
   /** The chat template written to tokenizer_config.json; null for none. */
   chatTemplate?: string | null;
+  /** More special tokens (chat markers), given the last ids of the vocabulary (byte-level only). */
+  specials?: string[];
 }
 
 /** Writes tokenizer.json and tokenizer_config.json of the given kind into a checkpoint folder. */
@@ -210,7 +239,16 @@ export function writeTokenizer(
   vocabSize: number,
   options: TokenizerFileOptions = {},
 ): void {
-  const json = kind === 'byte-level' ? byteLevelTokenizer(vocabSize) : sentencePieceTokenizer(vocabSize);
+  const specials = options.specials ?? [];
+  if (specials.length > 0 && kind !== 'byte-level') throw new Error('specials are written for byte-level only');
+  const json =
+    kind === 'byte-level' ? byteLevelTokenizer(vocabSize - specials.length) : sentencePieceTokenizer(vocabSize);
+  const { added_tokens: added, model } = json as { added_tokens: object[]; model: { vocab: Record<string, number> } };
+  specials.forEach((content, i) => {
+    const id = vocabSize - specials.length + i;
+    model.vocab[content] = id;
+    added.push({ id, content, single_word: false, lstrip: false, rstrip: false, normalized: false, special: true });
+  });
   fs.writeFileSync(path.join(dir, 'tokenizer.json'), JSON.stringify(json));
   const config: Record<string, unknown> = {
     bos_token: SPECIAL.bos,
