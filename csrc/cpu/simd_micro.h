@@ -338,8 +338,11 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
   constexpr int kAccRegs = MR * NP * NMAT * (kSplit ? 2 : 1);
   // int4: whether the whole tile's codes fit beside the accumulators and two broadcasts.
   constexpr bool kAllCodes = kAccRegs + 2 * NP * NMAT + 2 + O::kDotTemps <= O::kRegs;
-  // Bytes ahead in each panel: the set's own distance for tiles of 5 or more rows, where it has one.
-  constexpr size_t kAhead = MR >= 5 && O::kManyRowsAhead ? O::kManyRowsAhead : prefetch_code_bytes<NP>();
+  // Whether the tile fetches ahead in its own panels (prefetch_codes), and how far: the int4 tiles of 5
+  // or more rows by the set's own distance, where it has one.
+  constexpr bool kFetchOwn = (MODE == kI4Dot && kAllCodes) || (MODE == kI8Vnni && FETCH != kFetchNext);
+  constexpr size_t kAhead =
+      MODE == kI4Dot && MR >= 5 && O::kManyRowsAhead ? O::kManyRowsAhead : prefetch_code_bytes<NP>();
   // Whether c fits in registers too, beside the integer accumulators and the codes: then it is loaded
   // once per call instead of loaded and stored once per group (the same FMAs in the same order).
   constexpr int kCodeRegs = (MODE == kI4Dot ? 2 : 1) * NP * NMAT;
@@ -375,6 +378,12 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
           if constexpr (kSplit) acc_hi[m][p][q] = O::izero();
         }
     }
+    // The group's scales: a line of each panel that the steps' fetches (codes only) pass over, which
+    // the epilogue below then waited for. `bench/ab-builds.js A B CASE 30-40 32`, both orders, Zen 5, 2
+    // cores: qwen3-decode-int4 and mixtral-decode-int4 0.96-0.97, mixtral-16tok-int4 0.97,
+    // expert-5tok-int4 0.93-0.95, qwen3-decode-int8 0.97; a decode step (`bench/ab-model.js MODEL int4
+    // build`, both orders): one Qwen3 stream 0.956, 16 Mixtral streams 0.976.
+    if constexpr (kFetchOwn) prefetch_codes<sbytes, NP, kAhead>(bg, b + pstride, pstride);
     for (int64_t s = 0; s < steps; s++) {
       pf.step(pstride);
       const char* bk = bc + size_t(s) * cstep;
@@ -405,7 +414,7 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
             }
         }
       } else if constexpr (MODE == kI8Vnni) {  // k = 4s .. 4s+3: every panel's codes, then each row's broadcast
-        if constexpr (FETCH != kFetchNext) prefetch_codes<cstep, NP>(bk, b + pstride, pstride);
+        if constexpr (kFetchOwn) prefetch_codes<cstep, NP, kAhead>(bk, b + pstride, pstride);
         I u[NP][NMAT];
 #pragma GCC unroll 8
         for (int p = 0; p < NP; p++)
