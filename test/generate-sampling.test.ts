@@ -180,20 +180,23 @@ describe.each([33, 320, 1027])('vocabulary of %i', (V) => {
  */
 function referenceDraws(logits: Float32Array, p: Params): (u01: number) => number {
   const V = logits.length;
-  let top = -Infinity;
-  for (const v of logits) top = Math.max(top, v);
-  const prob = Float64Array.from(logits, (v) => Math.exp((v - top) / p.temperature));
+  let best = -Infinity;
+  for (const v of logits) best = Math.max(best, v);
+  const prob = Float64Array.from(logits, (v) => Math.exp((v - best) / p.temperature));
   let total = 0;
   for (const q of prob) total += q;
   const order = Array.from({ length: V }, (_, i) => i).sort((a, b) => prob[b] - prob[a] || a - b);
-  let keep = order.length;
+  const top = p.topK > 0 ? order.slice(0, p.topK) : order;
+  // The nucleus of the top k is taken against the top k's mass, summed most likely first.
+  const mass0 = p.topK > 0 ? top.reduce((s, i) => s + prob[i], 0) : total;
+  let keep = top.length;
   let acc = 0;
-  for (let i = 0; i < order.length; i++)
-    if ((acc += prob[order[i]]) >= p.topP * total) {
+  for (let i = 0; i < top.length; i++)
+    if ((acc += prob[top[i]]) >= p.topP * mass0) {
       keep = i + 1;
       break;
     }
-  const kept = order.slice(0, keep).filter((i) => prob[i] >= p.minP);
+  const kept = top.slice(0, keep).filter((i) => prob[i] >= p.minP);
   const mass = kept.reduce((s, i) => s + prob[i], 0);
   return (u01) => {
     let u = u01 * mass;
@@ -210,7 +213,13 @@ test.each([
     { temperature: 1.2, topK: 0, topP: 0.5, minP: 0.85, repetitionPenalty: 1 },
   ],
   ['a peaked one, top-p 0.95', 12, { temperature: 0.8, topK: 0, topP: 0.95, minP: 0, repetitionPenalty: 1 }],
-])('top-p over 50,000 tokens, %s: each draw is the reference draw, ties included', (_, spread, params) => {
+  ['a flat distribution, top-k 3000', 0.3, { temperature: 1, topK: 3000, topP: 1, minP: 0, repetitionPenalty: 1 }],
+  [
+    'a flat distribution, top-k 9000 and top-p 0.7',
+    0.3,
+    { temperature: 1, topK: 9000, topP: 0.7, minP: 0, repetitionPenalty: 1 },
+  ],
+])('top-k and top-p over 50,000 tokens, %s: each draw is the reference draw, ties included', (_, spread, params) => {
   const V = 50_021;
   const rand = rng(Math.round(spread * 10) + 5);
   // Logits on a grid of 1/256: thousands of exact ties, which must keep the lower id first.

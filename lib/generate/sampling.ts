@@ -368,7 +368,7 @@ export class Sampler {
    */
   #candidates(p: Float64Array, total: number, order: Int32Array, topK: number, topP: number): number {
     const V = p.length;
-    if (topK > 0 && topK < V) return topKOf(p, order, topK);
+    if (topK > 0 && topK < V) return topKOf(p, order, topK, scratchFor(V));
     let n = 0;
     for (let threshold = 0.1; n < V && threshold >= 1e-300; threshold *= 0.1) {
       let count = 0;
@@ -438,7 +438,7 @@ function lessLikely(p: Float64Array, a: number, b: number): boolean {
 }
 
 /** The k most likely ids into order[0..k), most likely first: a min-heap over one pass of the vocabulary. */
-function topKOf(p: Float64Array, order: Int32Array, k: number): number {
+function topKOf(p: Float64Array, order: Int32Array, k: number, sc: Scratch): number {
   const heap = order; // order[0..k) holds the heap, least likely at the root
   const down = (at: number) => {
     for (;;) {
@@ -457,8 +457,8 @@ function topKOf(p: Float64Array, order: Int32Array, k: number): number {
       heap[0] = i;
       down(0);
     }
-  const picked = Array.from(heap.subarray(0, k)).sort((a, b) => p[b] - p[a] || a - b);
-  for (let i = 0; i < k; i++) order[i] = picked[i];
+  heap.subarray(0, k).sort(); // ids in ascending order, as sortByLikelihood takes them
+  sortByLikelihood(p, order, k, sc);
   return k;
 }
 
