@@ -16,6 +16,7 @@ import {
   MISTRAL_SPECIALS,
   MISTRAL_TOOLS_TEMPLATE,
   TOOLS_TEMPLATE,
+  TokenizerFileOptions,
   writeTokenizer,
 } from './helpers/text/tokenizer-files';
 
@@ -385,26 +386,39 @@ test('response_format json_schema gives what model.complete gives with that sche
   expect(alone.text).toMatch(/^\s*\{\s*("ok"|"tag"|$)/);
 });
 
-test('a forced tool call with a template that teaches the Hermes syntax: tool_calls whose arguments fit', async () => {
-  const hf = writeRandomModel(path.join(dir, 'tools'), { family: 'mixtral', seed: 33, gguf: false }).hfDir;
-  writeTokenizer(hf, 'byte-level', 320, { chatTemplate: TOOLS_TEMPLATE });
+/** A tiny model with a tools template, served; `run` gets the model and a client, and everything closes after. */
+async function withToolServer(
+  name: string,
+  seed: number,
+  tokenizer: TokenizerFileOptions,
+  run: (toolModel: MoeModel, c: OpenAI) => Promise<void>,
+): Promise<void> {
+  const hf = writeRandomModel(path.join(dir, name), { family: 'mixtral', seed, gguf: false }).hfDir;
+  writeTokenizer(hf, 'byte-level', 320, tokenizer);
   const toolModel = await MoeModel.load(hf, { maxSequences: 4, contextLength: 1024 });
   const toolServer = createServer(toolModel);
   await new Promise<void>((r) => toolServer.listen(0, '127.0.0.1', r));
   try {
-    const c = new OpenAI({
-      apiKey: 'none',
-      baseURL: `http://127.0.0.1:${(toolServer.address() as AddressInfo).port}/v1`,
-      maxRetries: 0,
-    });
-    const parameters = {
-      type: 'object',
-      properties: { city: { type: 'string' }, days: { type: 'integer' } },
-      required: ['city', 'days'],
-      additionalProperties: false,
-    };
+    const port = (toolServer.address() as AddressInfo).port;
+    await run(toolModel, new OpenAI({ apiKey: 'none', baseURL: `http://127.0.0.1:${port}/v1`, maxRetries: 0 }));
+  } finally {
+    await toolServer.shutdown(0);
+    toolModel.dispose();
+  }
+}
+
+/** The parameters of the forced calls' function: what a call's arguments must fit. */
+const WEATHER = {
+  type: 'object',
+  properties: { city: { type: 'string' }, days: { type: 'integer' } },
+  required: ['city', 'days'],
+  additionalProperties: false,
+};
+
+test('a forced tool call with a template that teaches the Hermes syntax: tool_calls whose arguments fit', async () => {
+  await withToolServer('tools', 33, { chatTemplate: TOOLS_TEMPLATE }, async (toolModel, c) => {
     const tools = [
-      { type: 'function' as const, function: { name: 'get_weather', parameters } },
+      { type: 'function' as const, function: { name: 'get_weather', parameters: WEATHER } },
       { type: 'function' as const, function: { name: 'get_time', parameters: { type: 'object' } } },
     ];
     const messages = [{ role: 'user' as const, content: 'weather in Bern for 3 days?' }];
@@ -445,31 +459,13 @@ test('a forced tool call with a template that teaches the Hermes syntax: tool_ca
       });
     }
     expect(called).toBeGreaterThan(0);
-  } finally {
-    await toolServer.shutdown(0);
-    toolModel.dispose();
-  }
+  });
 });
 
 test("Mistral's syntax: a forced call, its ids taken back by the template, the special marker as text", async () => {
-  const hf = writeRandomModel(path.join(dir, 'mistral-tools'), { family: 'mixtral', seed: 34, gguf: false }).hfDir;
-  writeTokenizer(hf, 'byte-level', 320, { chatTemplate: MISTRAL_TOOLS_TEMPLATE, specials: MISTRAL_SPECIALS });
-  const toolModel = await MoeModel.load(hf, { maxSequences: 4, contextLength: 1024 });
-  const toolServer = createServer(toolModel);
-  await new Promise<void>((r) => toolServer.listen(0, '127.0.0.1', r));
-  try {
-    const c = new OpenAI({
-      apiKey: 'none',
-      baseURL: `http://127.0.0.1:${(toolServer.address() as AddressInfo).port}/v1`,
-      maxRetries: 0,
-    });
-    const parameters = {
-      type: 'object',
-      properties: { city: { type: 'string' }, days: { type: 'integer' } },
-      required: ['city', 'days'],
-      additionalProperties: false,
-    };
-    const tools = [{ type: 'function' as const, function: { name: 'get_weather', parameters } }];
+  const tokenizer = { chatTemplate: MISTRAL_TOOLS_TEMPLATE, specials: MISTRAL_SPECIALS };
+  await withToolServer('mistral-tools', 34, tokenizer, async (toolModel, c) => {
+    const tools = [{ type: 'function' as const, function: { name: 'get_weather', parameters: WEATHER } }];
     const messages = [{ role: 'user' as const, content: 'weather in Bern for 3 days?' }];
     const bias = { [toolModel.tokenize('"', { addSpecialTokens: false })[0]]: 3 };
     let called = 0;
@@ -524,10 +520,7 @@ test("Mistral's syntax: a forced call, its ids taken back by the template, the s
     expect(plain.choices[0].message.content).toBe('');
     const withTools = await c.chat.completions.create({ ...forced, tools });
     expect(withTools.choices[0].message.content).toBe('[TOOL_CALLS]'); // a marker alone is no call
-  } finally {
-    await toolServer.shutdown(0);
-    toolModel.dispose();
-  }
+  });
 });
 
 test('the same seed gives the same text twice', async () => {

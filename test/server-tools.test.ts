@@ -52,36 +52,6 @@ test('arguments given as a string stay that string; what is not a call is no cal
   expect(parseToolCalls(call('ok', {}) + '<tool_call>{"name": broken')).toBeNull();
 });
 
-test('streamed in random pieces: the content as it comes, the calls at the end, as parsed whole', () => {
-  const rand = rng(17);
-  const texts = [
-    'Checking the weather. ' + call('get_weather', { city: 'Genève' }) + call('get_time', { tz: 'UTC+1' }),
-    call('only', { a: '<tool_call>' }),
-    'no call at all, though < and <tool are here <tool_ca',
-    'a call that does not parse <tool_call>{"name": </tool_call>',
-  ];
-  for (const text of texts)
-    for (let trial = 0; trial < 20; trial++) {
-      const stream = new ToolCallStream();
-      let content = '';
-      for (let at = 0; at < text.length;) {
-        const n = 1 + Math.floor(rand() * 6);
-        content += stream.push(text.slice(at, at + n));
-        at += n;
-      }
-      const end = stream.finish();
-      content += end.content;
-      const whole = parseToolCalls(text);
-      if (whole) {
-        expect(content).toBe(whole.content ?? '');
-        expect(strip(end.calls)).toEqual(strip(whole.calls));
-      } else {
-        expect(content).toBe(text);
-        expect(end.calls).toBeNull();
-      }
-    }
-});
-
 const mistral = (calls: [string, unknown][]) =>
   '[TOOL_CALLS] ' + JSON.stringify(calls.map(([name, args]) => ({ name, arguments: args })));
 
@@ -125,21 +95,34 @@ test("Mistral's syntax: what is not a call is no call", () => {
   expect(parseToolCalls('[TOOL_CALLS]', 'mistral')).toBeNull();
 });
 
-test("Mistral's syntax streamed in random pieces: the content as it comes, the calls at the end", () => {
-  const rand = rng(23);
-  const texts = [
-    'Checking. ' +
-      mistral([
-        ['get_weather', { city: 'Genève' }],
-        ['get_time', { tz: 'UTC+1' }],
-      ]),
-    mistral([['only', { a: '[TOOL_CALLS]' }]]),
-    'no call at all, though [TOOL and [TOOL_CALL are here [TOOL_CALLS',
-    'a call that does not parse [TOOL_CALLS] [{"name": ',
-  ];
+test.each([
+  [
+    'hermes' as const,
+    [
+      'Checking the weather. ' + call('get_weather', { city: 'Genève' }) + call('get_time', { tz: 'UTC+1' }),
+      call('only', { a: '<tool_call>' }),
+      'no call at all, though < and <tool are here <tool_ca',
+      'a call that does not parse <tool_call>{"name": </tool_call>',
+    ],
+  ],
+  [
+    'mistral' as const,
+    [
+      'Checking. ' +
+        mistral([
+          ['get_weather', { city: 'Genève' }],
+          ['get_time', { tz: 'UTC+1' }],
+        ]),
+      mistral([['only', { a: '[TOOL_CALLS]' }]]),
+      'no call at all, though [TOOL and [TOOL_CALL are here [TOOL_CALLS',
+      'a call that does not parse [TOOL_CALLS] [{"name": ',
+    ],
+  ],
+])('%s, streamed in random pieces: the content as it comes, the calls at the end, as parsed whole', (syntax, texts) => {
+  const rand = rng(syntax.length + 12);
   for (const text of texts)
     for (let trial = 0; trial < 20; trial++) {
-      const stream = new ToolCallStream('mistral');
+      const stream = new ToolCallStream(syntax);
       let content = '';
       for (let at = 0; at < text.length;) {
         const n = 1 + Math.floor(rand() * 6);
@@ -148,7 +131,7 @@ test("Mistral's syntax streamed in random pieces: the content as it comes, the c
       }
       const end = stream.finish();
       content += end.content;
-      const whole = parseToolCalls(text, 'mistral');
+      const whole = parseToolCalls(text, syntax);
       if (whole) {
         expect(content).toBe(whole.content ?? '');
         expect(strip(end.calls)).toEqual(strip(whole.calls));
