@@ -381,7 +381,7 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
     // The group's scales: a line of each panel that the steps' fetches (codes only) pass over, which
     // the epilogue below then waited for. `bench/ab-builds.js A B CASE 30-40 32`, both orders, Zen 5, 2
     // cores: qwen3-decode-int4 and mixtral-decode-int4 0.96-0.97, mixtral-16tok-int4 0.97,
-    // expert-5tok-int4 0.93-0.95, qwen3-decode-int8 0.97; a decode step (`bench/ab-model.js MODEL int4
+    // expert-5tok-int4 0.93-0.95, qwen3-decode-int8 0.96-0.99; a decode step (`bench/ab-model.js MODEL int4
     // build`, both orders): one Qwen3 stream 0.956, 16 Mixtral streams 0.976.
     if constexpr (kFetchOwn) prefetch_codes<sbytes, NP, kAhead>(bg, b + pstride, pstride);
     for (int64_t s = 0; s < steps; s++) {
