@@ -52,12 +52,12 @@ struct NextLinesCursor {
 // asks for the start of the next tile's (the same panels NP further on, where the same thread goes next:
 // ThreadPool hands out contiguous shares), not for the rest of its own, which it already has; every tile
 // but a thread's first then starts warm: 0.91-0.99 on wide-decode-int4, whose w2 is many short panels,
-// 0.94-0.99 on qwen3-decode-int4. Hints to L2 (T1) or non-temporal ones lost 0-9%. The int8 decode
-// (kI8Vnni without kFetchNext) prefetches the same way: mixtral-decode-int8 0.94-0.96, qwen3-decode-int8
-// 0.965-0.98, but l3-decode-int8, whose codes sit in L3, 1.05; its prefill, which fetches the next block
-// instead (kFetchNext), ran 4% slower with both. The float modes fetch ahead in the few-rows tile
-// (kFetchAhead): one Mixtral expert at 4 rows (16 streams: 4 rows per expert on average) ran 13-17%
-// faster in bf16 (avx512bf16 and avx512) and float32, the 16-token Mixtral layer 7-19%
+// 0.94-0.99 on qwen3-decode-int4. Hints to L2 (T1) or non-temporal ones lost 0-9% there (but see kLocality in
+// micro_qdot). The int8 decode (kI8Vnni without kFetchNext) prefetches the same way: mixtral-decode-int8 0.94-0.96,
+// qwen3-decode-int8 0.965-0.98, but l3-decode-int8, whose codes sit in L3, 1.05; its prefill, which fetches the next
+// block instead (kFetchNext), ran 4% slower with both. The float modes fetch ahead in the few-rows tile (kFetchAhead):
+// one Mixtral expert at 4 rows (16 streams: 4 rows per expert on average) ran 13-17% faster in bf16 (avx512bf16 and
+// avx512) and float32, the 16-token Mixtral layer 7-19%
 // (`bench/ab-builds.js expert-4tok-bf16`, `expert-4tok-f32`, `mixtral-16tok-bf16`, both orders, Zen 5, 2
 // cores). Their decode tile, four or eight streams a thread, does not: mixtral-decode-bf16 lost 1-10%.
 // The VNNI set's int4 tiles of 5 or more rows (a few-rows expert at continuous batching, and prefill)
@@ -70,15 +70,16 @@ template <int NP>
 constexpr size_t prefetch_code_bytes() {
   return NP >= 2 ? 2048 : 4096;
 }
-// bk: this step's codes in the tile's first panel, which ends at panel_end.
-template <size_t CSTEP, int NP, size_t AHEAD = prefetch_code_bytes<NP>()>
+// bk: this step's codes in the tile's first panel, which ends at panel_end. LOCALITY: the hint of
+// __builtin_prefetch (3: every cache level; 0: non-temporal, for codes read once).
+template <size_t CSTEP, int NP, size_t AHEAD = prefetch_code_bytes<NP>(), int LOCALITY = 3>
 inline void prefetch_codes(const char* bk, const char* panel_end, size_t pstride) {
   const char* ahead = bk + AHEAD;
   if (ahead >= panel_end) ahead += (NP - 1) * pstride;
 #pragma GCC unroll 8
   for (int p = 0; p < NP; p++)
 #pragma GCC unroll 4
-    for (size_t l = 0; l < CSTEP; l += 64) __builtin_prefetch(ahead + p * pstride + l, 0, 3);
+    for (size_t l = 0; l < CSTEP; l += 64) __builtin_prefetch(ahead + p * pstride + l, 0, LOCALITY);
 }
 
 // The micro-kernel: MR rows x NP panels x NMAT matrices of W-wide accumulators over k in [k0, k1).
@@ -343,6 +344,13 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
   constexpr bool kFetchOwn = (MODE == kI4Dot && kAllCodes) || (MODE == kI8Vnni && FETCH != kFetchNext);
   constexpr size_t kAhead =
       MODE == kI4Dot && MR >= 5 && O::kManyRowsAhead ? O::kManyRowsAhead : prefetch_code_bytes<NP>();
+  // The decode tiles (up to 5 rows) read their codes once: fetched non-temporally, they leave the caches
+  // to what the step reads again (activations, the KV cache, the JavaScript between steps). Alone, a
+  // kernel gains nothing by it (qwen3-decode-int4 0.97-1.05, `bench/ab-builds.js`); a decode step of one
+  // Qwen3 stream ran 2-4% faster (`bench/ab-model.js qwen3moe int4 build`, five runs, both orders each:
+  // 0.956-0.983; int8 0.990), Mixtral's 1.003 and at 16 streams 0.986-0.992. The prefill and few-rows tiles,
+  // whose row blocks meet the codes again in L2, keep them cached.
+  constexpr int kLocality = MR <= 5 ? 0 : 3;
   // Whether c fits in registers too, beside the integer accumulators and the codes: then it is loaded
   // once per call instead of loaded and stored once per group (the same FMAs in the same order).
   constexpr int kCodeRegs = (MODE == kI4Dot ? 2 : 1) * NP * NMAT;
@@ -383,13 +391,13 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
     // cores: qwen3-decode-int4 and mixtral-decode-int4 0.96-0.97, mixtral-16tok-int4 0.97,
     // expert-5tok-int4 0.93-0.95, qwen3-decode-int8 0.96-0.99; a decode step (`bench/ab-model.js MODEL int4
     // build`, both orders): one Qwen3 stream 0.956, 16 Mixtral streams 0.976.
-    if constexpr (kFetchOwn) prefetch_codes<sbytes, NP, kAhead>(bg, b + pstride, pstride);
+    if constexpr (kFetchOwn) prefetch_codes<sbytes, NP, kAhead, kLocality>(bg, b + pstride, pstride);
     for (int64_t s = 0; s < steps; s++) {
       pf.step(pstride);
       const char* bk = bc + size_t(s) * cstep;
       const int32_t* x0 = aqg + s * words * MR;
       if constexpr (MODE == kI4Dot && kAllCodes) {  // k = 8s .. 8s+3 of every row (lo), then 8s+4 .. 8s+7 (hi)
-        prefetch_codes<cstep, NP, kAhead>(bk, b + pstride, pstride);
+        prefetch_codes<cstep, NP, kAhead, kLocality>(bk, b + pstride, pstride);
         I lo[NP][NMAT], hi[NP][NMAT];
 #pragma GCC unroll 8
         for (int p = 0; p < NP; p++)
@@ -414,7 +422,7 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
             }
         }
       } else if constexpr (MODE == kI8Vnni) {  // k = 4s .. 4s+3: every panel's codes, then each row's broadcast
-        if constexpr (kFetchOwn) prefetch_codes<cstep, NP, kAhead>(bk, b + pstride, pstride);
+        if constexpr (kFetchOwn) prefetch_codes<cstep, NP, kAhead, kLocality>(bk, b + pstride, pstride);
         I u[NP][NMAT];
 #pragma GCC unroll 8
         for (int p = 0; p < NP; p++)
