@@ -348,8 +348,10 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
   // to what the step reads again (activations, the KV cache, the JavaScript between steps). Alone, a
   // kernel gains nothing by it (qwen3-decode-int4 0.97-1.05, `bench/ab-builds.js`); a decode step of one
   // Qwen3 stream ran 2-4% faster (`bench/ab-model.js qwen3moe int4 build`, five runs, both orders each:
-  // 0.956-0.983; int8 0.990), Mixtral's 1.003 and at 16 streams 0.986-0.992. The prefill and few-rows tiles,
-  // whose row blocks meet the codes again in L2, keep them cached.
+  // 0.956-0.983; int8 0.990), Mixtral's 1.003 and at 16 streams 0.986-0.992. The prefill tiles (6 rows,
+  // whose row blocks meet the codes again in L2) and the few-rows tile (6 to 8 rows: non-temporal there
+  // too, 16 Mixtral streams read 1.000) keep the hint of every level; a prefill's last row block of 5 rows
+  // or fewer fetches non-temporally codes its earlier blocks already brought into L2.
   constexpr int kLocality = MR <= 5 ? 0 : 3;
   // Whether c fits in registers too, beside the integer accumulators and the codes: then it is loaded
   // once per call instead of loaded and stored once per group (the same FMAs in the same order).
