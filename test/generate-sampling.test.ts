@@ -282,6 +282,24 @@ describe.each([1, 33, 320, 1027, 4096])('log probabilities over a vocabulary of 
   });
 });
 
+test('an extreme repetition penalty saturates: no overflow, the history ordered as before', () => {
+  const logits = new Float32Array([0.5, 3, -2, 1, -3, 2]);
+  // 5e-324 divides the history's positive logits past the largest double: they tie there, the lowest
+  // id of them wins at temperature 0, and temperature 1 draws among them alone.
+  const boost = { temperature: 0, topK: 0, topP: 1, minP: 0, repetitionPenalty: 5e-324 };
+  expect(new Sampler({ ...boost, seed: 1 }).sample(logits, [5, 3, 2])).toBe(3);
+  for (let seed = 0; seed < 20; seed++)
+    expect([3, 5]).toContain(new Sampler({ ...boost, temperature: 1, seed }).sample(logits, [5, 3, 2]));
+  // 1e308 multiplies the negative logits past the lowest double; a constraint that allows only those
+  // two still gets a token (they tie: the lower id), and one the penalty left finite is above them.
+  const penalise = { ...boost, repetitionPenalty: 1e308 };
+  const only = new Uint8Array(6);
+  only[2] = only[4] = 1;
+  expect(new Sampler({ ...penalise, seed: 1 }).sample(logits, [2, 4], [], only)).toBe(2);
+  only[0] = 1;
+  expect(new Sampler({ ...penalise, seed: 1 }).sample(logits, [0, 2, 4], [], only)).toBe(0);
+});
+
 test('checkLogprobs: off, on, the number of alternatives, and what it refuses', () => {
   expect(checkLogprobs('options', {})).toEqual({ output: false, prompt: false, top: 0 });
   expect(checkLogprobs('options', { logprobs: false })).toEqual({ output: false, prompt: false, top: 0 });

@@ -289,7 +289,12 @@ export class Sampler {
       for (const t of history)
         if (sc.stamp[t] !== stamp) {
           sc.stamp[t] = stamp;
-          x[t] = x[t] < 0 ? x[t] * repetitionPenalty : x[t] / repetitionPenalty;
+          // An extreme penalty saturates at the largest double rather than overflowing: an infinite
+          // logit reads as the model's own overflow (notSampleable). A masked token stays -Infinity.
+          if (Number.isFinite(x[t])) {
+            const v = x[t] < 0 ? x[t] * repetitionPenalty : x[t] / repetitionPenalty;
+            x[t] = Math.min(Number.MAX_VALUE, Math.max(-Number.MAX_VALUE, v));
+          }
         }
     }
     if (this.#penalised) {
