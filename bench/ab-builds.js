@@ -14,6 +14,7 @@ const { fill, layerWeights, median } = require('./util');
 const MIXTRAL = { H: 4096, F: 14336, E: 8, k: 2 };
 const EXPERT = { H: 4096, F: 14336, E: 1, k: 1 };
 const L3 = { H: 1024, F: 3584, E: 2, k: 2 }; // bench.js's l3-* cases: two experts' codes fit in L3
+const L3_EXPERT = { H: 2048, F: 4096, E: 1, k: 1 };
 const MID = { H: 1024, F: 3584, E: 8, k: 2 }; // bench.js's mid-* cases
 const QWEN3_30B = { H: 2048, F: 768, E: 128, k: 8 }; // fine-grained experts, a few MiB each
 const DSV2_LITE = { H: 2048, F: 1408, E: 64, k: 6, Fs: 2816 }; // and two shared experts
@@ -36,6 +37,10 @@ const CASES = {
   'expert-8tok-int4': { ...EXPERT, quantize: 'int4', T: 8 },
   'expert-16tok-int4': { ...EXPERT, quantize: 'int4', T: 16 },
   'expert-64tok-int4': { ...EXPERT, quantize: 'int4', T: 64 },
+  // One expert with 5 or 8 rows whose codes stay in L3 (7 MiB a build): the tiles' arithmetic, not the
+  // memory's rate, as the Mixtral-sized expert-*tok cases measure when the host's memory runs slow.
+  'l3-expert-5tok-int4': { ...L3_EXPERT, quantize: 'int4', T: 5 },
+  'l3-expert-8tok-int4': { ...L3_EXPERT, quantize: 'int4', T: 8 },
   'l3-decode-int8': { ...L3, quantize: 'int8' },
   'l3-decode-int4': { ...L3, quantize: 'int4' },
   'l3-decode-bf16': { ...L3 },
