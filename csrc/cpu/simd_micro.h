@@ -475,8 +475,9 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
     // Where c stays in memory, the VNNI set reads it through a pointer the compiler cannot follow from
     // one group to the next: otherwise GCC 12 kept part of c in registers across groups, spilled them to
     // the stack and stored c too, three stores where one will do, and a 512-bit store takes an issue
-    // slot of the dot products on Zen 5. Codes in L3 (one 2048 x 8192 expert, 5 and 8 rows): 4-5% more
-    // multiply-adds a second. A decode step (`bench/ab-model.js MODEL QUANT build OLD NEW`, both orders):
+    // slot of the dot products on Zen 5. Codes in L3 (`bench/ab-builds.js`, both orders):
+    // l3-expert-5tok-int4 0.89-0.92, l3-expert-8tok-int4 0.92-1.01; from memory the decode cases read
+    // 0.99-1.05. A decode step (`bench/ab-model.js MODEL QUANT build OLD NEW`, both orders):
     // 16 Mixtral int4 streams 0.970 (MoE part 0.959), one Qwen3 int4 stream 0.967, int8 0.988, one
     // Mixtral stream 1.005. The avx512 and avx2 sets ran expert-5tok-int4 3-5% slower with it.
     float* cg = c;
