@@ -86,6 +86,24 @@ describe('broken checkpoints: MoeError ERR_MOE_CHECKPOINT naming what is wrong',
     expect(err.message).toMatch(/'model\.layers\.1\.self_attn\.k_proj\.bias' is missing/);
   });
 
+  test('a config.json that claims far more layers or experts than the files hold', async () => {
+    // Past the limits: refused as the config is read (listing a billion layers' tensors ran V8 out of
+    // memory and aborted the process).
+    for (const [key, value, range] of [
+      ['num_hidden_layers', 1e9, /'num_hidden_layers' must be an integer in \[1, 4096\], got 1000000000/],
+      ['num_experts', 2 ** 31, /'num_experts' must be an integer in \[0, 65536\], got 2147483648/],
+    ] as const) {
+      const err = await rejection(MoeModel.load(broken(`claims-${key}`, { config: (c) => (c[key] = value) })));
+      expect([err.constructor, err.code]).toEqual([MoeError, 'ERR_MOE_CHECKPOINT']);
+      expect(err.message).toMatch(range);
+    }
+    // Within them: the first tensor missing, found without listing the rest.
+    const d = broken('claims-layers', { config: (c) => (c.num_hidden_layers = 4000) });
+    const err = await rejection(MoeModel.load(d));
+    expect([err.constructor, err.code]).toEqual([MoeError, 'ERR_MOE_CHECKPOINT']);
+    expect(err.message).toMatch(/'model\.layers\.2\.input_layernorm\.weight' is missing/);
+  });
+
   test('a truncated shard', async () => {
     const d = broken('truncated', {});
     const file = path.join(d, 'model.safetensors');

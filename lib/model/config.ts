@@ -97,16 +97,23 @@ function bad(source: string, message: string): MoeError {
 
 type Json = Record<string, unknown>;
 
-function int(cfg: Json, source: string, key: string, min: number, fallback?: number): number {
+function int(cfg: Json, source: string, key: string, min: number, fallback?: number, max?: number): number {
   const v = cfg[key];
+  const expected = max === undefined ? `an integer >= ${min}` : `an integer in [${min}, ${max}]`;
   if (v === undefined || v === null) {
     if (fallback !== undefined) return fallback;
-    throw bad(source, `'${key}' is missing (an integer >= ${min} is expected)`);
+    throw bad(source, `'${key}' is missing (${expected} is expected)`);
   }
-  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min)
-    throw bad(source, `'${key}' must be an integer >= ${min}, got ${JSON.stringify(v)}`);
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min || (max !== undefined && v > max))
+    throw bad(source, `'${key}' must be ${expected}, got ${JSON.stringify(v)}`);
   return v;
 }
+
+// Counts that size per-layer and per-expert lists before any tensor is looked at: far above any
+// released model (126 layers, 512 experts), low enough that a corrupt config.json is a clear error
+// rather than an out-of-memory abort while those lists are built.
+const MAX_LAYERS = 4096;
+const MAX_EXPERTS = 65536;
 
 function num(cfg: Json, source: string, key: string, fallback: number, positive = true): number {
   const v = cfg[key];
@@ -149,7 +156,7 @@ export function parseDecoderConfig(json: unknown, source = 'config.json'): Decod
   const architecture = arch as Architecture;
 
   const hiddenSize = int(cfg, source, 'hidden_size', 1);
-  const numLayers = int(cfg, source, 'num_hidden_layers', 1);
+  const numLayers = int(cfg, source, 'num_hidden_layers', 1, undefined, MAX_LAYERS);
   const numHeads = int(cfg, source, 'num_attention_heads', 1);
   const numKvHeads = int(cfg, source, 'num_key_value_heads', 1, numHeads);
   if (numHeads % numKvHeads !== 0)
@@ -162,7 +169,7 @@ export function parseDecoderConfig(json: unknown, source = 'config.json'): Decod
   let moeLayers: boolean[];
   switch (architecture) {
     case 'MixtralForCausalLM': {
-      const numExperts = int(cfg, source, 'num_local_experts', 1);
+      const numExperts = int(cfg, source, 'num_local_experts', 1, undefined, MAX_EXPERTS);
       moe = {
         numExperts,
         topK: int(cfg, source, 'num_experts_per_tok', 1),
@@ -176,7 +183,7 @@ export function parseDecoderConfig(json: unknown, source = 'config.json'): Decod
     }
     case 'OlmoeForCausalLM': {
       moe = {
-        numExperts: int(cfg, source, 'num_experts', 1),
+        numExperts: int(cfg, source, 'num_experts', 1, undefined, MAX_EXPERTS),
         topK: int(cfg, source, 'num_experts_per_tok', 1),
         intermediateSize: int(cfg, source, 'intermediate_size', 1),
         routing: bool(cfg, source, 'norm_topk_prob', false) ? 'softmax-topk-renorm' : 'softmax-topk',
@@ -189,7 +196,7 @@ export function parseDecoderConfig(json: unknown, source = 'config.json'): Decod
     case 'Qwen3MoeForCausalLM':
     case 'Qwen2MoeForCausalLM': {
       const qwen2 = architecture === 'Qwen2MoeForCausalLM';
-      const numExperts = int(cfg, source, 'num_experts', 0);
+      const numExperts = int(cfg, source, 'num_experts', 0, undefined, MAX_EXPERTS);
       const shared = qwen2 ? int(cfg, source, 'shared_expert_intermediate_size', 0, 0) : 0;
       moe = {
         numExperts,

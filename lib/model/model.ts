@@ -199,13 +199,9 @@ function checkTensors(
 ): { weightDtype: string; embedDtype: string } {
   const { vocabSize: V, hiddenSize: H } = cfg;
   const names = tensorNames(cfg);
-  const shapes = new Map<string, number[]>([
-    [names.embedding, [V, H]],
-    [names.finalNorm, [H]],
-    [names.lmHead, [V, H]],
-  ]);
-  for (let l = 0; l < cfg.numLayers; l++) for (const [k, s] of expectedShapes(cfg, l)) shapes.set(k, s);
-  for (const [name, shape] of shapes) {
+  const q0 = names.layer(0).q;
+  let weightDtype: string | undefined;
+  const check = (name: string, shape: number[]) => {
     const t = file.tensors.get(name);
     if (!t) throw checkpointError(dir, `tensor '${name}' is missing (config.json implies it)`);
     if (t.shape.length !== shape.length || t.shape.some((d, i) => d !== shape[i]))
@@ -215,20 +211,27 @@ function checkTensors(
       );
     if (!(t.dtype in WEIGHT_DTYPES))
       throw checkpointError(dir, `tensor '${name}' is ${t.dtype}; F32, BF16 or F16 is expected`);
-  }
-  // Every projection and expert matrix shares one dtype (the packed kernels read one).
-  const q0 = names.layer(0).q;
-  const weightDtype = file.tensors.get(q0)!.dtype;
-  for (const [name, shape] of shapes)
+    // Every projection and expert matrix shares one dtype (the packed kernels read one).
     if (shape.length === 2 && name !== names.embedding && !name.endsWith('shared_expert_gate.weight')) {
-      const dt = file.tensors.get(name)!.dtype;
-      if (dt !== weightDtype)
+      weightDtype ??= t.dtype;
+      if (t.dtype !== weightDtype)
         throw checkpointError(
           dir,
-          `tensor '${name}' is ${dt} while '${q0}' is ${weightDtype}; mixed matrix dtypes are not supported`,
+          `tensor '${name}' is ${t.dtype} while '${q0}' is ${weightDtype}; mixed matrix dtypes are not supported`,
         );
     }
-  return { weightDtype, embedDtype: file.tensors.get(names.embedding)!.dtype };
+  };
+  // Layer by layer, so that a config.json that implies far more tensors than the files hold fails at
+  // the first one missing, not after listing them all.
+  check(names.embedding, [V, H]);
+  check(names.finalNorm, [H]);
+  for (let l = 0; l < cfg.numLayers; l++) {
+    const shapes = expectedShapes(cfg, l);
+    if (l === 0) check(q0, shapes.get(q0)!); // the matrices' dtype is the first projection's
+    for (const [name, shape] of shapes) check(name, shape);
+  }
+  check(names.lmHead, [V, H]);
+  return { weightDtype: weightDtype!, embedDtype: file.tensors.get(names.embedding)!.dtype };
 }
 
 export class MoeModel {
