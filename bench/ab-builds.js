@@ -37,7 +37,7 @@ const CASES = {
   'expert-8tok-int4': { ...EXPERT, quantize: 'int4', T: 8 },
   'expert-16tok-int4': { ...EXPERT, quantize: 'int4', T: 16 },
   'expert-64tok-int4': { ...EXPERT, quantize: 'int4', T: 64 },
-  // One expert with 5 or 8 rows whose codes stay in L3 (7 MiB a build): the tiles' arithmetic, not the
+  // One expert with 5 or 8 rows whose codes stay in L3 (14 MiB a build): the tiles' arithmetic, not the
   // memory's rate, as the Mixtral-sized expert-*tok cases measure when the host's memory runs slow.
   'l3-expert-5tok-int4': { ...L3_EXPERT, quantize: 'int4', T: 5 },
   'l3-expert-8tok-int4': { ...L3_EXPERT, quantize: 'int4', T: 8 },

@@ -10,6 +10,7 @@
 import * as fs from 'fs';
 import * as path from 'path';
 import { MoeModel } from '../lib/model/model';
+import { rng } from './helpers/reference';
 import { makeTempDir, removeTempDir } from './helpers/checkpoint';
 import { FAMILIES, writeRandomModel } from './helpers/model/random-model';
 
@@ -20,15 +21,6 @@ beforeAll(() => {
 afterAll(() => {
   if (dir) removeTempDir(dir);
 });
-
-/** A seeded generator. */
-function random(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
-    return s / 2 ** 32;
-  };
-}
 
 // prettier-ignore
 const VALUES: unknown[] = [
@@ -43,7 +35,7 @@ interface Header {
 }
 
 test('400 corrupted checkpoints: each loads and works or is refused with a clear error', async () => {
-  const rand = random(606);
+  const rand = rng(606);
   const int = (n: number) => Math.floor(rand() * n);
   const pick = <T>(list: T[]): T => list[int(list.length)];
   const bases = FAMILIES.map(

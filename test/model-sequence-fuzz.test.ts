@@ -8,6 +8,7 @@
  * freed early or overwritten), and freeing them all gives every position back.
  */
 import { MoeModel, ModelSequence } from '../lib/model/model';
+import { rng } from './helpers/reference';
 import { makeTempDir, removeTempDir } from './helpers/checkpoint';
 import { firstBitDifference } from './helpers/model/compare';
 import { writeRandomModel } from './helpers/model/random-model';
@@ -26,15 +27,6 @@ afterAll(() => {
   if (dir) removeTempDir(dir);
 });
 
-/** A seeded generator. */
-function random(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
-    return s / 2 ** 32;
-  };
-}
-
 interface Live {
   sequence: ModelSequence;
   tokens: number[];
@@ -42,7 +34,7 @@ interface Live {
 
 test('forks, truncations, frees and a full cache: each sequence keeps its tokens, nothing leaks', async () => {
   const V = model.config.vocabSize;
-  const rand = random(4242);
+  const rand = rng(4242);
   const int = (n: number) => Math.floor(rand() * n);
   const tokensOf = (n: number) => Array.from({ length: n }, () => int(V));
   const startFree = model.nativeFreeCachePositions();

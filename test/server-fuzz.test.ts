@@ -9,6 +9,7 @@ import * as path from 'path';
 import { AddressInfo } from 'net';
 import { MoeModel } from '../lib/index';
 import { createServer, FusedMoeServer } from '../lib/server/server';
+import { rng } from './helpers/reference';
 import { makeTempDir, removeTempDir } from './helpers/checkpoint';
 import { writeRandomModel } from './helpers/model/random-model';
 import { TOOLS_TEMPLATE, writeTokenizer } from './helpers/text/tokenizer-files';
@@ -32,15 +33,6 @@ afterAll(async () => {
   model?.dispose();
   removeTempDir(dir);
 });
-
-/** A seeded generator (an LCG is enough to pick from lists). */
-function random(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
-    return s / 2 ** 32;
-  };
-}
 
 const nested = (depth: number): unknown => (depth === 0 ? 1 : [nested(depth - 1)]);
 const schema = (s: object) => ({ type: 'json_schema', json_schema: { name: 'x', schema: s } });
@@ -78,7 +70,7 @@ const FIELDS = [
 const ROUTES = ['/v1/chat/completions', '/v1/chat/completions', '/v1/completions', '/tokenize', '/detokenize'];
 
 test('thousands of hostile bodies: 200 or a 4xx error object, never a 500; nothing left running', async () => {
-  const rand = random(20261206);
+  const rand = rng(20261206);
   const pick = <T>(list: T[]): T => list[Math.floor(rand() * list.length)];
   const bad: string[] = [];
   const statuses = new Map<number, number>();
