@@ -139,7 +139,10 @@ export interface NativeBinding {
   dropPages(view: ArrayBufferView): boolean;
   /** Benchmark and test support (csrc/probes): not part of the package API, may change at any time. */
   bench: {
+    /** GB/s of streaming reads: the fastest of a few read patterns (csrc/probes/probes.cpp). */
     readBandwidth(bytes: number, threads: number): number;
+    /** Each read pattern's GB/s: 8, 4 and 2 streams a thread, 4 fetched ahead. */
+    readPatterns(bytes: number, threads: number): Float64Array;
     fmaPeak(isa: number, threads: number): number;
     /** GFLOP/s of vpdpbusd (the avx512bf16 set's int8 and int4 kernels), 0 where that set cannot run. */
     int8DotPeak(threads: number): number;

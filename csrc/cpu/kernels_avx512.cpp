@@ -20,24 +20,43 @@ const KernelSet* kernels_avx512() { return &kAvx512; }
 // The FMA peak probe's inner loop at this width (probes.cpp times it).
 double probe_fma_loop_avx512(int64_t iters) { return simd::probe_fma_loop<OpsAvx512>(iters); }
 
-// The read-bandwidth probe's loop at this width: 64-byte loads from eight streams at once, as the decode
-// kernels read several weight panels side by side (one stream per core leaves bandwidth unused: the
-// prefetchers keep more lines in flight over several streams).
-uint64_t probe_read_avx512(const void* p, size_t bytes) {
-  constexpr int kStreams = 8;
-  const size_t per = bytes / 64 / kStreams;  // 64-byte vectors per stream
+namespace {
+// S sequential streams, each a slice of [p, p + bytes), read with 64-byte loads; AHEAD > 0: each load's
+// line AHEAD bytes on is asked for first, non-temporally (as the integer-dot decode tiles fetch).
+template <int S, size_t AHEAD>
+uint64_t read_streams(const void* p, size_t bytes) {
+  const size_t per = bytes / 64 / S;  // 64-byte vectors per stream
   const __m512i* v = static_cast<const __m512i*>(p);
-  __m512i s[kStreams];
-  for (int j = 0; j < kStreams; j++) s[j] = _mm512_setzero_si512();
+  __m512i s[S];
+  for (int j = 0; j < S; j++) s[j] = _mm512_setzero_si512();
   for (size_t i = 0; i < per; i++) {
 #pragma GCC unroll 8
-    for (int j = 0; j < kStreams; j++) s[j] = _mm512_add_epi64(s[j], _mm512_load_si512(v + j * per + i));
+    for (int j = 0; j < S; j++) {
+      if constexpr (AHEAD > 0) _mm_prefetch(reinterpret_cast<const char*>(v + j * per + i) + AHEAD, _MM_HINT_NTA);
+      s[j] = _mm512_add_epi64(s[j], _mm512_load_si512(v + j * per + i));
+    }
   }
-  for (size_t i = per * kStreams; i < bytes / 64; i++) s[0] = _mm512_add_epi64(s[0], _mm512_load_si512(v + i));
-  for (int j = 1; j < kStreams; j++) s[0] = _mm512_xor_si512(s[0], s[j]);
+  for (size_t i = per * S; i < bytes / 64; i++) s[0] = _mm512_add_epi64(s[0], _mm512_load_si512(v + i));
+  for (int j = 1; j < S; j++) s[0] = _mm512_xor_si512(s[0], s[j]);
   alignas(64) uint64_t out[8];
   _mm512_store_si512(out, s[0]);
   return out[0] ^ out[7];
+}
+}  // namespace
+
+// The read-bandwidth probe's loops at this width, one per pattern of probes.h's kReadPatterns: 8, 4 or
+// 2 streams a thread, or 4 fetched 2 KiB ahead.
+uint64_t probe_read_avx512(const void* p, size_t bytes, int pattern) {
+  switch (pattern) {
+    case 0:
+      return read_streams<8, 0>(p, bytes);
+    case 1:
+      return read_streams<4, 0>(p, bytes);
+    case 2:
+      return read_streams<2, 0>(p, bytes);
+    default:
+      return read_streams<4, 2048>(p, bytes);
+  }
 }
 
 }  // namespace fmoe
@@ -46,6 +65,6 @@ uint64_t probe_read_avx512(const void* p, size_t bytes) {
 namespace fmoe {
 const KernelSet* kernels_avx512() { return nullptr; }
 double probe_fma_loop_avx512(int64_t) { return 0; }
-uint64_t probe_read_avx512(const void*, size_t) { return 0; }
+uint64_t probe_read_avx512(const void*, size_t, int) { return 0; }
 }  // namespace fmoe
 #endif

@@ -21,6 +21,17 @@ static Napi::Value ReadBandwidth(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), fmoe::probe_read_bandwidth(size_t(bytes), threads));
 }
 
+// (bytes, threads) -> Float64Array: each read pattern's GB/s (readBandwidth gives the highest).
+static Napi::Value ReadPatterns(const Napi::CallbackInfo& info) {
+  const double bytes = info[0].As<Napi::Number>().DoubleValue();
+  const int threads = info[1].As<Napi::Number>().Int32Value();
+  std::vector<double> rates;
+  fmoe::probe_read_bandwidth(size_t(bytes), threads, &rates);
+  Napi::Float64Array out = Napi::Float64Array::New(info.Env(), rates.size());
+  for (size_t i = 0; i < rates.size(); i++) out[i] = rates[i];
+  return out;
+}
+
 static Napi::Value FmaPeak(const Napi::CallbackInfo& info) {
   const int isa = info[0].As<Napi::Number>().Int32Value();
   const int threads = info[1].As<Napi::Number>().Int32Value();
@@ -135,6 +146,7 @@ static Napi::Value Timeline(const Napi::CallbackInfo& info) {
 void register_bench(Napi::Env env, Napi::Object exports) {
   Napi::Object bench = Napi::Object::New(env);
   bench.Set("readBandwidth", Napi::Function::New(env, ReadBandwidth, "readBandwidth"));
+  bench.Set("readPatterns", Napi::Function::New(env, ReadPatterns, "readPatterns"));
   bench.Set("fmaPeak", Napi::Function::New(env, FmaPeak, "fmaPeak"));
   bench.Set("int8DotPeak", Napi::Function::New(env, Int8DotPeak, "int8DotPeak"));
   bench.Set("quantize", Napi::Function::New(env, Quantize, "quantize"));

@@ -1,12 +1,15 @@
 // Machine ceilings measured by the benchmark in the same run: read bandwidth and FMA peak. Benchmark
 // support, exported as binding.bench: not part of the package API.
 #pragma once
+#include <vector>
+
 #include "../cpu/kernels.h"
 
 namespace fmoe {
-// GB/s of streaming reads over `bytes` of memory by `threads` threads (median of a few passes). The
-// buffer is kept for the next call with the same size and threads.
-double probe_read_bandwidth(size_t bytes, int threads);
+// GB/s of streaming reads over `bytes` of memory by `threads` threads: the fastest of a few read
+// patterns (streams a thread, fetching ahead), each the median of three passes. The buffer is kept for
+// the next call with the same size and threads. per_pattern: where given, each pattern's GB/s.
+double probe_read_bandwidth(size_t bytes, int threads, std::vector<double>* per_pattern = nullptr);
 // float32 GFLOP/s (2 per FMA lane) of the given ISA's FMA units on `threads` threads; 0 if unsupported.
 // For Isa::Avx512Bf16 it is the bf16 dot-product peak instead (vdpbf16ps: 4 float operations per lane),
 // the ceiling of bf16 weights on that set.
