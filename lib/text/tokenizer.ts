@@ -33,6 +33,52 @@ function templateText(v: unknown): string | null {
   return null;
 }
 
+/**
+ * The parts of tokenizer.json whose damage the library would report as a TypeError from inside itself
+ * ("Cannot read properties of undefined"): checked first, so that the error names the key. Types of
+ * models, normalizers and the like the library checks by name itself.
+ */
+function checkTokenizerJson(json: Record<string, unknown>, source: string): void {
+  const fail = (key: string, expected: string, got: unknown): never => {
+    throw checkpointError(source, `tokenizer.json: '${key}' must be ${expected}, got ${describe(got)}`);
+  };
+  const model = json.model;
+  if (!isRecord(model)) return fail('model', 'an object', model);
+  const vocab = model.vocab;
+  if (model.type === 'Unigram') {
+    if (!Array.isArray(vocab)) fail('model.vocab', 'an array of [piece, score] pairs', vocab);
+    (vocab as unknown[]).forEach((entry, i) => {
+      if (!Array.isArray(entry) || typeof entry[0] !== 'string' || typeof entry[1] !== 'number')
+        fail(`model.vocab[${i}]`, 'a [piece, score] pair', entry);
+    });
+  } else {
+    if (!isRecord(vocab)) return fail('model.vocab', 'an object of token ids', vocab);
+    for (const [piece, id] of Object.entries(vocab))
+      if (!Number.isSafeInteger(id) || (id as number) < 0)
+        fail(`model.vocab[${JSON.stringify(piece)}]`, 'a token id (an integer >= 0)', id);
+  }
+  if (model.merges !== undefined) {
+    if (!Array.isArray(model.merges)) fail('model.merges', 'an array', model.merges);
+    (model.merges as unknown[]).forEach((m, i) => {
+      const pair = typeof m === 'string' ? m.includes(' ') : Array.isArray(m) && m.length === 2;
+      if (!pair || (Array.isArray(m) && !m.every((part) => typeof part === 'string')))
+        fail(`model.merges[${i}]`, "a merge ('a b' or ['a', 'b'])", m);
+    });
+  }
+  if (json.added_tokens !== undefined) {
+    if (!Array.isArray(json.added_tokens)) fail('added_tokens', 'an array', json.added_tokens);
+    (json.added_tokens as unknown[]).forEach((t, i) => {
+      if (!isRecord(t) || !Number.isSafeInteger(t.id) || (t.id as number) < 0 || typeof t.content !== 'string')
+        fail(`added_tokens[${i}]`, '{ id: an integer >= 0, content: a string, ... }', t);
+    });
+  }
+  for (const key of ['normalizer', 'pre_tokenizer', 'post_processor', 'decoder']) {
+    const v = json[key];
+    if (v !== undefined && v !== null && !(isRecord(v) && typeof v.type === 'string'))
+      fail(key, "null or an object with a string 'type'", v);
+  }
+}
+
 function checkText(text: unknown): void {
   if (typeof text !== 'string') throw argTypeError(`text must be a string, got ${describe(text)}`);
 }
@@ -72,27 +118,28 @@ export class TextTokenizer {
     file?: { path: string; sha256: string },
   ) {
     this.#source = source;
+    checkTokenizerJson(tokenizerJson as Record<string, unknown>, source);
+    const special = new Set<number>();
     try {
       // eslint-disable-next-line @typescript-eslint/no-require-imports -- loaded on first use: a program that reads no tokenizer does not pay for it
       const { Tokenizer: Impl } = require('@huggingface/tokenizers') as typeof import('@huggingface/tokenizers');
       this.#tokenizer = new Impl(tokenizerJson, config);
+      for (const [id, token] of this.#tokenizer.get_added_tokens_decoder()) {
+        this.#added.set(id, token.content);
+        if (token.special) special.add(id);
+      }
+      this.bosToken = tokenText(config.bos_token);
+      this.eosToken = tokenText(config.eos_token);
+      const eos = this.eosToken === null ? undefined : this.#tokenizer.token_to_id(this.eosToken);
+      this.eosTokenIds = eos === undefined ? [] : [eos];
+      let limit = 0;
+      for (const id of this.#tokenizer.get_vocab(true).values()) limit = Math.max(limit, id + 1);
+      this.vocabLimit = limit;
     } catch (err) {
       throw checkpointError(source, `tokenizer.json cannot be read: ${messageOf(err)}`, err);
     }
     this.#pieceBytes = tokenBytesOf((tokenizerJson as Record<string, unknown>).decoder);
-    const special = new Set<number>();
-    for (const [id, token] of this.#tokenizer.get_added_tokens_decoder()) {
-      this.#added.set(id, token.content);
-      if (token.special) special.add(id);
-    }
     this.specialTokenIds = special;
-    this.bosToken = tokenText(config.bos_token);
-    this.eosToken = tokenText(config.eos_token);
-    const eos = this.eosToken === null ? undefined : this.#tokenizer.token_to_id(this.eosToken);
-    this.eosTokenIds = eos === undefined ? [] : [eos];
-    let limit = 0;
-    for (const id of this.#tokenizer.get_vocab(true).values()) limit = Math.max(limit, id + 1);
-    this.vocabLimit = limit;
     const template = templateText(config.chat_template);
     try {
       this.chatTemplate = template === null ? null : new ChatTemplate(template, this.bosToken, this.eosToken);
@@ -135,7 +182,9 @@ export class TextTokenizer {
   /** Token ids of `text`; `addSpecialTokens` adds what the tokenizer's post-processor adds (BOS, ...). */
   encode(text: string, addSpecialTokens = true): number[] {
     checkText(text);
-    return this.#checked(this.#tokenizer.encode(text, { add_special_tokens: addSpecialTokens }).ids);
+    return this.#checked(
+      this.#library('encode', () => this.#tokenizer.encode(text, { add_special_tokens: addSpecialTokens }).ids),
+    );
   }
 
   /**
@@ -187,12 +236,26 @@ export class TextTokenizer {
 
   /** The id of a token's text as one whole token (an added or special token among them); else undefined. */
   tokenId(text: string): number | undefined {
-    return this.#tokenizer.token_to_id(text) ?? undefined;
+    return this.#library('encode', () => this.#tokenizer.token_to_id(text)) ?? undefined;
+  }
+
+  /**
+   * Runs a call into the tokenizer library: what it throws (a part of tokenizer.json it reads only when
+   * it encodes or decodes, such as the post-processor's templates or the decoder's steps) becomes
+   * ERR_MOE_CHECKPOINT naming the file, not a TypeError from inside the library. The model still loads
+   * and runs from token ids, as before.
+   */
+  #library<T>(what: 'encode' | 'decode', call: () => T): T {
+    try {
+      return call();
+    } catch (err) {
+      throw checkpointError(this.#source, `tokenizer.json cannot ${what}: ${messageOf(err)}`, err);
+    }
   }
 
   /** Text of `ids`, special tokens left out. */
   decode(ids: readonly number[]): string {
-    return ids.length === 0 ? '' : this.#tokenizer.decode(ids as number[], DECODE);
+    return ids.length === 0 ? '' : this.#library('decode', () => this.#tokenizer.decode(ids as number[], DECODE));
   }
 
   /**
@@ -204,7 +267,7 @@ export class TextTokenizer {
       throw argRangeError(`id must be a token id (an integer >= 0), got ${describe(id)}`);
     const added = this.#added.get(id);
     if (added !== undefined) return utf8.encode(added);
-    const piece = this.#tokenizer.id_to_token(id);
+    const piece = this.#library('decode', () => this.#tokenizer.id_to_token(id));
     return piece === undefined ? new Uint8Array(0) : this.#pieceBytes(piece);
   }
 
