@@ -63,7 +63,8 @@ uint64_t read_streams(const uint64_t* p, size_t n) {
   uint64_t s[S] = {};
   for (size_t i = 0; i < per; i++)
     for (int j = 0; j < S; j++) {
-      if constexpr (AHEAD > 0) __builtin_prefetch(p + j * per + i + AHEAD / 8, 0, 0);
+      if constexpr (AHEAD > 0)
+        if (i % 8 == 0) __builtin_prefetch(p + j * per + i + AHEAD / 8, 0, 0);  // once a line
       s[j] += p[j * per + i];
     }
   for (size_t i = per * S; i < n; i++) s[0] += p[i];
@@ -73,9 +74,10 @@ uint64_t read_streams(const uint64_t* p, size_t n) {
 }
 
 // The read patterns the probe times (probe_read_avx512 has the same): which one reads fastest depends on
-// the machine and the moment. On a 2-core Zen 5 VM, 21 rounds of each over 256 MiB: 4 streams a thread
-// read 5-7% more than 8 (the probe's one pattern before), 2 streams 0-10% more, 4 fetched ahead -3 to
-// +10%; the int8 decode's LM head had streamed at 107% of the 8-stream probe.
+// the machine and the moment. On a 2-core Zen 5 VM over 256 MiB, at a fast moment 4 streams a thread
+// read 5-7% more than 8 (the probe's one pattern before), 2 streams 0-10% more, 4 fetched ahead up to
+// 14% more, and the int8 decode's LM head had streamed at 107% of the 8-stream probe; at a slow moment
+// 8 streams read best (bench/read-probe.js; bench/RESULTS.md, thirty-fifth run).
 constexpr int kReadPatterns = 4;
 uint64_t read_pattern(const uint64_t* p, size_t n, int pattern) {
   switch (pattern) {
