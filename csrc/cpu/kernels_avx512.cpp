@@ -6,6 +6,7 @@
 #include <immintrin.h>
 
 #include "../probes/probe_loops.h"
+#include "../probes/probes.h"
 #include "kernels_simd.h"
 #include "ops_avx512.h"
 
@@ -44,19 +45,10 @@ uint64_t read_streams(const void* p, size_t bytes) {
 }
 }  // namespace
 
-// The read-bandwidth probe's loops at this width, one per pattern of probes.h's kReadPatterns: 8, 4 or
-// 2 streams a thread, or 4 fetched 2 KiB ahead.
+// The read-bandwidth probe's loop at this width, for each of probes.h's read patterns.
 uint64_t probe_read_avx512(const void* p, size_t bytes, int pattern) {
-  switch (pattern) {
-    case 0:
-      return read_streams<8, 0>(p, bytes);
-    case 1:
-      return read_streams<4, 0>(p, bytes);
-    case 2:
-      return read_streams<2, 0>(p, bytes);
-    default:
-      return read_streams<4, 2048>(p, bytes);
-  }
+  return with_read_pattern(pattern,
+                           [&](auto streams, auto ahead) { return read_streams<streams(), ahead()>(p, bytes); });
 }
 
 }  // namespace fmoe

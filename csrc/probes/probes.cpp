@@ -73,23 +73,13 @@ uint64_t read_streams(const uint64_t* p, size_t n) {
   return r;
 }
 
-// The read patterns the probe times (probe_read_avx512 has the same): which one reads fastest depends on
-// the machine and the moment. On a 2-core Zen 5 VM over 256 MiB, at a fast moment 4 streams a thread
-// read 5-7% more than 8 (the probe's one pattern before), 2 streams 0-10% more, 4 fetched ahead up to
-// 14% more, and the int8 decode's LM head had streamed at 107% of the 8-stream probe; at a slow moment
-// 8 streams read best (bench/read-probe.js; bench/RESULTS.md, thirty-fifth run).
-constexpr int kReadPatterns = 4;
+// Which of the read patterns (probes.h) reads fastest depends on the machine and the moment. On a 2-core
+// Zen 5 VM over 256 MiB, at a fast moment 4 streams a thread read 5-7% more than 8 (the probe's one
+// pattern before), 2 streams 0-10% more, 4 fetched ahead up to 14% more, and the int8 decode's LM head
+// had streamed at 107% of the 8-stream probe; at a slow moment 8 streams read best (bench/read-probe.js;
+// bench/RESULTS.md, thirty-fifth run).
 uint64_t read_pattern(const uint64_t* p, size_t n, int pattern) {
-  switch (pattern) {
-    case 0:
-      return read_streams<8, 0>(p, n);
-    case 1:
-      return read_streams<4, 0>(p, n);
-    case 2:
-      return read_streams<2, 0>(p, n);
-    default:
-      return read_streams<4, 2048>(p, n);
-  }
+  return with_read_pattern(pattern, [&](auto streams, auto ahead) { return read_streams<streams(), ahead()>(p, n); });
 }
 
 // The probe's buffer, kept from one call to the next of the same size. Allocating, first-touching and

@@ -1,11 +1,36 @@
 // Machine ceilings measured by the benchmark in the same run: read bandwidth and FMA peak. Benchmark
 // support, exported as binding.bench: not part of the package API.
 #pragma once
+#include <cstddef>
+#include <type_traits>
 #include <vector>
 
 #include "../cpu/kernels.h"
 
 namespace fmoe {
+// The read probe's patterns, 0 to kReadPatterns - 1: 8, 4 or 2 sequential streams a thread, or 4 with
+// each line asked for 2 KiB ahead. Calls fn(streams, ahead) with both as compile-time constants
+// (std::integral_constant), for each width's loop (probes.cpp, kernels_avx512.cpp).
+constexpr int kReadPatterns = 4;
+template <class Fn>
+auto with_read_pattern(int pattern, Fn&& fn) {
+  using S8 = std::integral_constant<int, 8>;
+  using S4 = std::integral_constant<int, 4>;
+  using S2 = std::integral_constant<int, 2>;
+  using None = std::integral_constant<size_t, 0>;
+  using Ahead = std::integral_constant<size_t, 2048>;
+  switch (pattern) {
+    case 0:
+      return fn(S8{}, None{});
+    case 1:
+      return fn(S4{}, None{});
+    case 2:
+      return fn(S2{}, None{});
+    default:
+      return fn(S4{}, Ahead{});
+  }
+}
+
 // GB/s of streaming reads over `bytes` of memory by `threads` threads: the fastest of a few read
 // patterns (streams a thread, fetching ahead), each the median of three passes. The buffer is kept for
 // the next call with the same size and threads. per_pattern: where given, each pattern's GB/s.
