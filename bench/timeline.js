@@ -5,11 +5,14 @@
 // token, `mlp 2` their w2), its median time and rate, how much of it each thread spent in its items,
 // how fast those items streamed, how late each thread's first item started and how long the first
 // took against the others, how long each thread waited at the end; then the time of each phase
-// outside those jobs (norms, RoPE, the attention, the router, top-k), and with --rows the experts'
-// items by their rows. Not a timed test: a tool for finding what a kernel or a schedule loses.
+// outside those jobs (norms, RoPE, the attention, the router, top-k), with --rows the experts' items by
+// their rows, and with --layout each phase as the sequence of all its pool jobs (those that stream no
+// weights too: the router, the attention, the combine) and the gaps between them. The read probe is
+// taken before and after the recording, to set the rates against. Not a timed test: a tool for finding
+// what a kernel or a schedule loses.
 //
 //   node bench/model.js --models qwen3moe --formats int4 --engines ours   (writes the model files once)
-//   node bench/timeline.js qwen3moe int4 [steps = 100] [streams = 1] [--rows] [--prefix N] [--cache-dir DIR]
+//   node bench/timeline.js qwen3moe int4 [steps = 100] [streams = 1] [--rows] [--layout] [--prefix N] [--cache-dir DIR]
 'use strict';
 const os = require('os');
 const path = require('path');
@@ -127,6 +130,45 @@ function phaseTable(jobs, phases) {
   return rows;
 }
 
+/**
+ * Each phase as the sequence of all its jobs: over the occurrences with the most common count of jobs,
+ * the median gap before each job, its time, and its items (0: a job that streams no weights).
+ */
+function layoutTable(events) {
+  const phases = events.filter((e) => e.kind === KIND.phase);
+  const jobs = events.filter((e) => e.kind === KIND.job);
+  const items = events.filter((e) => e.kind === KIND.item);
+  const rows = [];
+  for (let p = 0; p < PHASES.length; p++) {
+    const seqs = phases
+      .filter((e) => e.tag === p)
+      .map((ph) => {
+        let last = ph.t0;
+        const seq = [];
+        for (const j of jobs.filter((j) => j.t0 >= ph.t0 && j.t1 <= ph.t1)) {
+          const n = items.filter((i) => i.t0 >= j.t0 && i.t0 <= j.t1).length;
+          seq.push({ gap: j.t0 - last, us: j.t1 - j.t0, items: n });
+          last = j.t1;
+        }
+        return { seq, tail: ph.t1 - last };
+      });
+    if (seqs.length === 0) continue;
+    const counts = new Map();
+    for (const s of seqs) counts.set(s.seq.length, (counts.get(s.seq.length) ?? 0) + 1);
+    const len = [...counts].sort((a, b) => b[1] - a[1])[0][0];
+    const same = seqs.filter((s) => s.seq.length === len);
+    const cells = [];
+    for (let i = 0; i < len; i++)
+      cells.push(
+        `${(median(same.map((s) => s.seq[i].gap)) / 1e3).toFixed(1)} + ` +
+          `[${(median(same.map((s) => s.seq[i].us)) / 1e3).toFixed(1)}, ${median(same.map((s) => s.seq[i].items))}]`,
+      );
+    cells.push(`${(median(same.map((s) => s.tail)) / 1e3).toFixed(1)}`);
+    rows.push({ phase: PHASES[p], count: same.length, of: seqs.length, cells });
+  }
+  return rows;
+}
+
 /** The items of the MoE phase (w1/w3 and w2) by their rows: share of the items' time, bytes per ns. */
 function rowsTable(jobs) {
   const by = new Map();
@@ -153,8 +195,12 @@ if (require.main === module) {
     const at = args.indexOf(flag);
     return at >= 0 ? args.splice(at, 2)[1] : undefined;
   };
-  const rowsAt = args.indexOf('--rows');
-  const byRows = rowsAt >= 0 && args.splice(rowsAt, 1).length > 0;
+  const flag = (name) => {
+    const at = args.indexOf(name);
+    return at >= 0 && args.splice(at, 1).length > 0;
+  };
+  const byRows = flag('--rows');
+  const layout = flag('--layout');
   const cacheDir = take('--cache-dir') ?? path.join(os.tmpdir(), 'fused-moe-bench-models');
   const prefix = Number(take('--prefix') ?? 16);
   const [model, quantize, stepsArg, streamsArg] = args;
@@ -163,7 +209,7 @@ if (require.main === module) {
   const modelDir = benchModelDir(cacheDir, model);
   if (!model || !quantize || !modelDir || !(steps >= 1) || !(streams >= 1) || !(prefix >= 1)) {
     console.error(
-      'usage: node bench/timeline.js <mixtral | qwen3moe> <none | int8 | int4> [steps] [streams] [--rows] [--prefix N] [--cache-dir DIR]\n' +
+      'usage: node bench/timeline.js <mixtral | qwen3moe> <none | int8 | int4> [steps] [streams] [--rows] [--layout] [--prefix N] [--cache-dir DIR]\n' +
         `(the model's files come from bench/model.js --models MODEL, in ${cacheDir})`,
     );
     process.exit(2);
@@ -188,14 +234,19 @@ if (require.main === module) {
           seqs.map((s, j) => ({ sequence: s, tokens: [benchToken(j, 7919 * i)] })),
           { reuseLogits: true },
         );
+      const probe = () => binding.bench.readBandwidth(256 << 20, binding.backendInfo().cpu.threads);
+      const before = probe();
       for (let i = 0; i < 4; i++) await step(i); // warm
       binding.bench.timeline('start', 1 << 22);
       for (let i = 0; i < steps; i++) await step(4 + i);
       const { events, dropped } = binding.bench.timeline('stop');
-      const { jobs, phases } = streamingJobs(eventsOf(events));
+      const after = probe();
+      const all = eventsOf(events);
+      const { jobs, phases } = streamingJobs(all);
       console.log(
         `${model} ${quantize}, ${streams} stream(s), ${steps} steps after ${prefix} tokens; ${binding.backendInfo().cpu.isa}, ` +
-          `${binding.backendInfo().cpu.threads} threads${dropped ? `; ${dropped} events dropped` : ''}\n`,
+          `${binding.backendInfo().cpu.threads} threads; read probe ${f1(before)} GB/s before, ${f1(after)} after` +
+          `${dropped ? `; ${dropped} events dropped` : ''}\n`,
       );
       console.log(
         '| job | count | µs | MB | GB/s | thread: busy, items GB/s, first item µs late, first item / others, µs waiting at the end |',
@@ -211,6 +262,14 @@ if (require.main === module) {
       console.log('| --- | --- | --- | --- |');
       for (const r of phaseTable(jobs, phases))
         console.log(`| ${r.phase} | ${r.count} | ${f1(r.us)} | ${f1(r.outsideUs)} |`);
+      if (layout) {
+        console.log(
+          '\n| phase | occurrences | its jobs in order: µs of gap + [µs of the job, its items], then µs to its end |',
+        );
+        console.log('| --- | --- | --- |');
+        for (const r of layoutTable(all))
+          console.log(`| ${r.phase} | ${r.count} of ${r.of} | ${r.cells.join(' · ')} |`);
+      }
       if (byRows) {
         console.log("\n| rows | share of the experts' item time | items GB/s a thread |");
         console.log('| --- | --- | --- |');
