@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "dtype.h"
+#include "error.h"
 
 namespace fmoe {
 
@@ -162,6 +163,22 @@ static int64_t best_of(const double* v, const uint8_t* excluded, int64_t begin, 
   return best;
 }
 
+// The k best of [0, E) not excluded, best first, by `better` (a strict total order: no two experts
+// rank alike), into ids: one pass that keeps the best k so far in order, the same picks as k scans for
+// the best one left, with about E comparisons instead of k * E (1,024 at Qwen3's 128 experts and k = 8,
+// each token of each layer, on the calling thread). Returns how many it found (fewer than k where fewer
+// are left).
+static int64_t best_k(const double* v, const uint8_t* excluded, int64_t E, int64_t k, int32_t* ids) {
+  int64_t n = 0;
+  for (int64_t e = 0; e < E; e++) {
+    if (excluded[e] || (n == k && !better(v[e], e, v[ids[k - 1]], ids[k - 1]))) continue;
+    int64_t at = n < k ? n++ : k - 1;
+    for (; at > 0 && better(v[e], e, v[ids[at - 1]], ids[at - 1]); at--) ids[at] = ids[at - 1];
+    ids[at] = int32_t(e);
+  }
+  return n;
+}
+
 void route_topk(const float* logits, int64_t T, const RouteSpec& spec, int32_t* experts, float* weights) {
   const int64_t E = spec.num_experts, k = spec.top_k;
   const int64_t G = spec.groups.count, per_group = G > 0 ? E / G : E;
@@ -204,16 +221,12 @@ void route_topk(const float* logits, int64_t T, const RouteSpec& spec, int32_t* 
       }
       for (int64_t e = 0; e < E; e++) excluded[size_t(e)] = group_out[size_t(e / per_group)];
     }
-    // Selection by repeated scans: k is small, and this keeps the tie and NaN rules obvious.
     int32_t* ids = experts + t * k;
     float* w = weights + t * k;
+    if (best_k(choice.data(), excluded.data(), E, k, ids) < k)
+      fail(ErrorCode::Internal, "route_topk: fewer experts left than top_k");
     double picked_sum = 0;
-    for (int64_t j = 0; j < k; j++) {
-      const int64_t best = best_of(choice.data(), excluded.data(), 0, E);
-      excluded[size_t(best)] = 1;
-      ids[j] = int32_t(best);
-      picked_sum += score[size_t(best)];
-    }
+    for (int64_t j = 0; j < k; j++) picked_sum += score[size_t(ids[j])];
     // Sigmoid scores may all be tiny: the epsilon keeps the division finite, as the reference models do.
     const double denom = spec.routing == Routing::SigmoidTopkRenorm   ? picked_sum + 1e-20
                          : spec.routing == Routing::SoftmaxTopkRenorm ? picked_sum

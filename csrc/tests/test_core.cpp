@@ -61,6 +61,53 @@ static void test_routing() {
   for (int j = 0; j < 4; j++) CHECK(many[top[j]] == float(299 - j));
 }
 
+// route_topk's picks against a plain reference: every expert sorted by (a number above NaN, larger
+// score, lower index), the first k taken. Random sizes and k, logits drawn from a pool with many equal
+// values (sigmoid saturates to exactly 1 past 37, so large logits tie too), NaN and infinities, a bias
+// on half the cases.
+static void test_routing_random() {
+  std::mt19937 gen(77);
+  const float pool[] = {NAN, INFINITY, -INFINITY, 40.0f, 50.0f, 0.0f, -1.0f, 1.0f, 2.5f};
+  for (int trial = 0; trial < 400; trial++) {
+    const int64_t E = 1 + int64_t(gen() % 300), k = 1 + int64_t(gen() % uint32_t(std::min<int64_t>(E, 16)));
+    std::vector<float> l(static_cast<size_t>(E)), bias(static_cast<size_t>(E));
+    for (int64_t e = 0; e < E; e++) {
+      l[size_t(e)] = gen() % 3 == 0 ? pool[gen() % 9] : float(int(gen() % 2001) - 1000) / 100.0f;
+      bias[size_t(e)] = float(int(gen() % 5) - 2) / 4.0f;
+    }
+    RouteSpec s;
+    s.num_experts = E;
+    s.top_k = k;
+    s.routing = trial % 2 ? Routing::SigmoidTopk : Routing::SigmoidTopkRenorm;
+    s.bias = trial % 4 < 2 ? bias.data() : nullptr;
+    std::vector<int32_t> ids(static_cast<size_t>(k));
+    std::vector<float> w(static_cast<size_t>(k));
+    route_topk(l.data(), 1, s, ids.data(), w.data());
+    std::vector<double> score(static_cast<size_t>(E)), choice(static_cast<size_t>(E));
+    for (int64_t e = 0; e < E; e++) {
+      score[size_t(e)] = 1.0 / (1.0 + std::exp(-double(l[size_t(e)])));
+      choice[size_t(e)] = s.bias ? score[size_t(e)] + s.bias[e] : score[size_t(e)];
+    }
+    std::vector<int32_t> order(static_cast<size_t>(E));
+    for (int64_t e = 0; e < E; e++) order[size_t(e)] = int32_t(e);
+    std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+      const double va = choice[size_t(a)], vb = choice[size_t(b)];
+      if (std::isnan(va) != std::isnan(vb)) return std::isnan(vb);
+      if (!std::isnan(va) && va != vb) return va > vb;
+      return a < b;
+    });
+    double sum = 0;
+    for (int64_t j = 0; j < k; j++) sum += score[size_t(order[size_t(j)])];
+    for (int64_t j = 0; j < k; j++) {
+      CHECK(ids[size_t(j)] == order[size_t(j)]);
+      const double want =
+          score[size_t(order[size_t(j)])] / (s.routing == Routing::SigmoidTopkRenorm ? sum + 1e-20 : 1.0);
+      CHECK(std::isnan(want) ? std::isnan(w[size_t(j)])
+                             : std::fabs(double(w[size_t(j)]) - want) <= 1e-6 * std::fabs(want));
+    }
+  }
+}
+
 // Sigmoid scores, the bias, groups and the scale (the float64 reference of every case is in
 // test/families*.test.ts; these pin the rules).
 static void test_routing_families() {
@@ -617,6 +664,7 @@ static void test_backend(Isa isa, DType dt, int64_t H, int64_t F, int64_t E, int
 int main() {
   test_routing();
   test_routing_families();
+  test_routing_random();
   test_gate_logits();
   test_gate_logits_bf16();
   test_dispatch();
