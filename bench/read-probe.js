@@ -8,7 +8,7 @@
 //   node bench/read-probe.js [rounds = 15] [MiB = 256] [threads = all]
 'use strict';
 const path = require('path');
-const { median } = require('./util');
+const { median, quantile } = require('./util');
 
 const binding = require('node-gyp-build')(path.join(__dirname, '..'));
 const rounds = Number(process.argv[2] ?? 15);
@@ -18,7 +18,6 @@ const NAMES = ['8 streams', '4 streams', '2 streams', '4 streams, fetched ahead'
 
 const rates = NAMES.map(() => []);
 for (let r = 0; r < rounds; r++) binding.bench.readPatterns(mib << 20, threads).forEach((g, i) => rates[i].push(g));
-const quartile = (v, q) => [...v].sort((a, b) => a - b)[Math.floor((v.length - 1) * q)];
 console.log(
   `read probe patterns: ${rounds} rounds over ${mib} MiB, ${threads} threads (each round: median of 3 passes each)`,
 );
@@ -27,7 +26,7 @@ console.log('| --- | --- | --- | --- |');
 NAMES.forEach((name, i) => {
   const ratio = rates[i].map((g, r) => g / rates[0][r]);
   console.log(
-    `| ${name} | ${median(rates[i]).toFixed(1)} | ${median(ratio).toFixed(3)} | ${quartile(ratio, 0.25).toFixed(3)}-${quartile(ratio, 0.75).toFixed(3)} |`,
+    `| ${name} | ${median(rates[i]).toFixed(1)} | ${median(ratio).toFixed(3)} | ${quantile(ratio, 0.25).toFixed(3)}-${quantile(ratio, 0.75).toFixed(3)} |`,
   );
 });
 const best = rates[0].map((_, r) => Math.max(...rates.map((v) => v[r])));

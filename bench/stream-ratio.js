@@ -13,7 +13,7 @@
 'use strict';
 const os = require('os');
 const path = require('path');
-const { benchModelDir, benchToken, feedPrompt, median } = require('./util');
+const { benchModelDir, benchToken, feedPrompt, median, quantile } = require('./util');
 
 const args = process.argv.slice(2);
 const take = (flag) => {
@@ -95,8 +95,3 @@ const { MoeModel } = require(path.join(root, 'dist'));
   console.error(err);
   process.exit(1);
 });
-
-function quantile(xs, q) {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.min(s.length - 1, Math.floor(q * s.length))];
-}
