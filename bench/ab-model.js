@@ -10,7 +10,7 @@
 // one Qwen3 stream, 0.910 and 0.967 at 16 Mixtral streams; other runs within 1%), so `build` then runs
 // again in a child process with the checkouts swapped and prints the geometric mean of both orders.
 // Prints each side's median step time and the time of one part of the step (MoeModel.stepTimes(): mlp
-// unless --part names another), and the medians of the per-pair ratios B / A. Each step adds a position
+// unless --part names another; --part all: every part), and the medians of the per-pair ratios B / A. Each step adds a position
 // to every sequence: 300 pairs reach 1,216 positions (after a prefix of 16 tokens, or of --prefix N).
 //
 //   node bench/model.js --models qwen3moe --formats int4 --engines ours   (writes the model files once)
@@ -56,7 +56,7 @@ if (!Number.isInteger(prefix) || prefix < 1 || prefix > 30000) {
 }
 const [model, quantize, name, a, b, pairsArg, streamsArg] = args;
 const usage =
-  'usage: node bench/ab-model.js <mixtral | qwen3moe> <none | int8 | int4> <shortPanelBytes | decodeStreams | tilePanels | attentionPrefetch | attentionInPlace | attentionSpan | build> <A> <B> [pairs] [streams] [--part qkv | attention | output | mlp | lmHead | other] [--prefix N | --prompt T] [--cache-dir DIR]';
+  'usage: node bench/ab-model.js <mixtral | qwen3moe> <none | int8 | int4> <shortPanelBytes | decodeStreams | tilePanels | attentionPrefetch | attentionInPlace | attentionSpan | build> <A> <B> [pairs] [streams] [--part qkv | attention | output | mlp | lmHead | other | all] [--prefix N | --prompt T] [--cache-dir DIR]';
 if (!model || !quantize || !name || a === undefined || b === undefined) {
   console.error(usage);
   process.exit(2);
@@ -87,7 +87,7 @@ async function open(r) {
     maxSequences: streams,
     threads: binding.backendInfo().cpu.threads,
   });
-  if (!(part in m.stepTimes().seconds)) {
+  if (part !== 'all' && !(part in m.stepTimes().seconds)) {
     m.dispose();
     throw new Error(`--part must be one of ${Object.keys(m.stepTimes().seconds).join(', ')}, got ${part}`);
   }
@@ -117,9 +117,11 @@ async function open(r) {
     m.freeSequence(s);
   };
   const step = prompt > 0 ? promptRun : decodeStep;
-  const side = { A: { ms: [], part: [] }, B: { ms: [], part: [] } },
+  // The parts reported: one, or with --part all every part of stepTimes(), each as its own series.
+  const parts = part === 'all' ? Object.keys(of.A.m.stepTimes().seconds) : [part];
+  const side = { A: { ms: [], part: parts.map(() => []) }, B: { ms: [], part: parts.map(() => []) } },
     ratio = [],
-    partRatio = [];
+    partRatio = parts.map(() => []);
   const original = builds ? undefined : binding.bench.setTuning(name, Number(a));
   try {
     for (let i = 0; i < pairs + 2; i++) {
@@ -128,24 +130,29 @@ async function open(r) {
         if (!builds) binding.bench.setTuning(name, Number(s === 'A' ? a : b));
         const { m } = of[s];
         await step(of[s]); // settle: the same side, unmeasured
-        const before = m.stepTimes().seconds[part];
+        const before = m.stepTimes().seconds;
         const t = process.hrtime.bigint();
         await step(of[s]);
-        got[s] = { ms: Number(process.hrtime.bigint() - t) / 1e6, part: (m.stepTimes().seconds[part] - before) * 1e3 };
+        const ms = Number(process.hrtime.bigint() - t) / 1e6,
+          after = m.stepTimes().seconds;
+        got[s] = { ms, part: parts.map((p) => (after[p] - before[p]) * 1e3) };
       }
       if (i < 2) continue; // warm-up pairs
       for (const s of ['A', 'B']) {
         side[s].ms.push(got[s].ms);
-        side[s].part.push(got[s].part);
+        got[s].part.forEach((v, j) => side[s].part[j].push(v));
       }
       ratio.push(got.B.ms / got.A.ms);
-      partRatio.push(got.B.part / got.A.part);
+      parts.forEach((p, j) => partRatio[j].push(got.B.part[j] / got.A.part[j]));
     }
   } finally {
     if (!builds) binding.bench.setTuning(name, original);
     for (const o of opened) o.m.dispose();
   }
   const f = (x) => x.toFixed(3);
+  // One part's figure as it is; with --part all, an object of every part's.
+  const byPart = (fn) =>
+    parts.length === 1 && part !== 'all' ? fn(0) : Object.fromEntries(parts.map((p, j) => [p, fn(j)]));
   const result = {
     model,
     quantize,
@@ -158,9 +165,9 @@ async function open(r) {
     prompt,
     stepMs: [f(median(side.A.ms)), f(median(side.B.ms))],
     part,
-    partMs: [f(median(side.A.part)), f(median(side.B.part))],
+    partMs: byPart((j) => [f(median(side.A.part[j])), f(median(side.B.part[j]))]),
     ratioBA: f(median(ratio)),
-    partRatioBA: f(median(partRatio)),
+    partRatioBA: byPart((j) => f(median(partRatio[j]))),
   };
   console.log(JSON.stringify(result));
   if (builds && !process.env.FUSED_MOE_AB_SWAPPED) {
@@ -180,7 +187,12 @@ async function open(r) {
       JSON.stringify({
         bothOrders: true,
         ratioBA: both(result.ratioBA, swapped.ratioBA),
-        partRatioBA: both(result.partRatioBA, swapped.partRatioBA),
+        partRatioBA:
+          typeof result.partRatioBA === 'string'
+            ? both(result.partRatioBA, swapped.partRatioBA)
+            : Object.fromEntries(
+                Object.keys(result.partRatioBA).map((p) => [p, both(result.partRatioBA[p], swapped.partRatioBA[p])]),
+              ),
       }),
     );
   }
