@@ -1,7 +1,7 @@
 #!/usr/bin/env node
-// How long one draw of the sampler (lib/generate/sampling.ts) holds the event loop, per token and
-// stream: every running generation samples its step's logits in JavaScript, so at 16 streams a step
-// waits for 16 of these. Logits of Mixtral's and Qwen3's vocabulary sizes, drawn from a fixed seed,
+// How long one draw of the sampler (lib/generate/sampling.ts, its math native: csrc/cpu/sampler.h) holds
+// the event loop, per token and stream: every running generation samples its step's logits on the
+// JavaScript thread between steps, so at 16 streams a step waits for 16 of these. Logits of Mixtral's and Qwen3's vocabulary sizes, drawn from a fixed seed,
 // flat (uniform over a spread of 0.5: most of the vocabulary stays in a top-p nucleus) or peaked (a
 // spread of 16), under greedy, temperature alone, top-k 40 and top-p 0.9. Medians of --runs draws.
 //

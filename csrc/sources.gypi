@@ -17,6 +17,7 @@
       "csrc/cpu/linear.cpp",
       "csrc/cpu/attention.cpp",
       "csrc/cpu/decoder_ops.cpp",
+      "csrc/cpu/sampler.cpp",
       "csrc/cpu/cpu_decoder.cpp"
     ],
     "fmoe_cuda_host_sources": [
@@ -36,6 +37,7 @@
       "csrc/napi/model.cpp",
       "csrc/napi/addon.cpp",
       "csrc/napi/mmap.cpp",
+      "csrc/napi/sampler.cpp",
       "csrc/probes/bench_binding.cpp"
     ]
   }

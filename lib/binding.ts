@@ -112,6 +112,35 @@ export interface NativeEnums {
   groupScore: readonly string[];
 }
 
+/** A sampler's parameters as lib/generate/sampling.ts checked them (csrc/cpu/sampler.h). */
+export interface NativeSamplerParams {
+  temperature: number;
+  topK: number;
+  topP: number;
+  minP: number;
+  repetitionPenalty: number;
+  presencePenalty: number;
+  frequencyPenalty: number;
+  seed: number;
+  biasIds: Int32Array;
+  biasValues: Float64Array;
+}
+
+export interface NativeSampler {
+  /**
+   * The next token, or -1 when no token can be drawn. history and output: the tokens added since the
+   * last draw (all of them when clearHistory / clearOutput is set).
+   */
+  sample(
+    logits: Float32Array,
+    history: Int32Array,
+    clearHistory: boolean,
+    output: Int32Array,
+    clearOutput: boolean,
+    allowed?: Uint8Array,
+  ): number;
+}
+
 export interface NativeBinding {
   NativeLayer: new (
     config: NativeLayerConfig,
@@ -125,6 +154,10 @@ export interface NativeBinding {
   NativeBuilder: new (config: NativeLayerConfig) => NativeBuilder;
   /** A whole decoder (csrc/napi/model.cpp); lib/model/model.ts types and drives it. */
   NativeModel: new (config: object) => unknown;
+  /** One generation's sampler (csrc/cpu/sampler.h); lib/generate/sampling.ts drives it. */
+  NativeSampler: new (params: NativeSamplerParams) => NativeSampler;
+  /** The first index of the largest logit (NaN never), or -1 when none is above -Infinity or it is +Infinity. */
+  argmax(logits: Float32Array): number;
   backendInfo(): BackendInfo;
   limits: NativeLimits;
   enums: NativeEnums;

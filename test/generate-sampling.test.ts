@@ -6,9 +6,9 @@
  * Stop strings over text cut into random pieces.
  */
 import { checkLogprobs, tokenLogprobs } from '../lib/generate/logprobs';
-import { Prng, Sampler, checkSampling } from '../lib/generate/sampling';
+import { Sampler, checkSampling } from '../lib/generate/sampling';
 import { StopMatcher } from '../lib/generate/stop';
-import { rng } from './helpers/reference';
+import { Xoshiro128, rng } from './helpers/reference';
 
 interface Params {
   temperature: number;
@@ -171,6 +171,27 @@ describe.each([33, 320, 1027])('vocabulary of %i', (V) => {
     }
     expect(new Set(output).size).toBeGreaterThan(3); // the penalty did move the argmax around
   });
+
+  test('a history kept and grown between tokens gives what the whole history gives each time', () => {
+    // Greedy under a strong repetition penalty, and at temperature 1 (the same seed on both sides): the
+    // sampler passes only a grown array's new tokens, and starts over for another array or a shorter one.
+    const rand = rng(11 * V);
+    for (const temperature of [0, 1]) {
+      const params = { temperature, topK: 0, topP: 1, minP: 0, repetitionPenalty: 2.5, seed: 3 };
+      const kept = new Sampler(params);
+      const fresh = new Sampler(params);
+      const history: number[] = Array.from({ length: 5 }, () => Math.floor(rand() * V));
+      const base = randomLogits(V, rand, 1);
+      for (let step = 0; step < 40; step++) {
+        const logits = Float32Array.from(base, (v) => v + (rand() - 0.5) * 0.05);
+        if (step === 20) history.length = 3; // shorter: counted from scratch again
+        const token = kept.sample(logits, history);
+        expect(token).toBe(fresh.sample(logits, history.slice()));
+        if (temperature === 0) expect(token).toBe(referenceDistribution(logits, history, params).indexOf(1));
+        history.push(token);
+      }
+    }
+  });
 });
 
 /**
@@ -225,7 +246,7 @@ test.each([
   // Logits on a grid of 1/256: thousands of exact ties, which must keep the lower id first.
   const logits = Float32Array.from({ length: V }, () => Math.round((rand() * 2 - 1) * spread * 256) / 256);
   const sampler = new Sampler({ ...params, seed: 4242 });
-  const uniform = new Prng(4242);
+  const uniform = new Xoshiro128(4242);
   const reference = referenceDraws(logits, params);
   const drawn = new Set<number>();
   for (let i = 0; i < 40; i++) {
@@ -369,18 +390,23 @@ test('checkSampling: the penalties and the logit bias, and what each refuses', (
   }
 });
 
-test('the PRNG: one stream per seed, uniform in [0, 1)', () => {
-  const a = new Prng(12345);
-  const b = new Prng(12345);
-  const c = new Prng(12346);
-  const big = new Prng(2 ** 40 + 12345);
-  const xs = Array.from({ length: 10000 }, () => a.next());
-  expect(Array.from({ length: 10000 }, () => b.next())).toEqual(xs);
-  expect(c.next()).not.toBe(xs[0]);
-  expect(big.next()).not.toBe(xs[0]);
-  expect(Math.min(...xs)).toBeGreaterThanOrEqual(0);
-  expect(Math.max(...xs)).toBeLessThan(1);
-  const mean = xs.reduce((s, x) => s + x, 0) / xs.length;
+test("the sampler's PRNG: xoshiro128** from splitmix32, one stream per seed, the high part of the seed used", () => {
+  // Equal logits over 65,536 tokens at temperature 1: every weight is 1 and the mass 65,536, so each
+  // draw is the top 16 bits of the next 32-bit number (u * 65,536, walked one token at a time).
+  const V = 65_536;
+  const flat = new Float32Array(V).fill(0.25);
+  const draws = (seed: number, n: number) => {
+    const sampler = new Sampler({ temperature: 1, topK: 0, topP: 1, minP: 0, repetitionPenalty: 1, seed });
+    return Array.from({ length: n }, () => sampler.sample(flat, []));
+  };
+  for (const seed of [0, 12345, 2 ** 40 + 12345, Number.MAX_SAFE_INTEGER]) {
+    const reference = new Xoshiro128(seed);
+    expect(draws(seed, 3000)).toEqual(Array.from({ length: 3000 }, () => Math.floor(reference.next() * V)));
+  }
+  const xs = draws(12345, 10000);
+  expect(draws(12346, 8)).not.toEqual(xs.slice(0, 8));
+  expect(draws(2 ** 40 + 12345, 8)).not.toEqual(xs.slice(0, 8));
+  const mean = xs.reduce((s, x) => s + x, 0) / xs.length / V;
   expect(Math.abs(mean - 0.5)).toBeLessThan(0.01);
 });
 

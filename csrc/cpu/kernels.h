@@ -78,6 +78,10 @@ struct KernelSet {
   void (*gate_logits)(const float* x, int64_t T, int64_t H, const float* gate, int64_t E, float* logits);
   // The same from a router stored as bf16 (routing.h gate_logits_bf16), or nullptr.
   void (*gate_logits_bf16)(const float* x, int64_t T, int64_t H, const uint16_t* gate, int64_t E, float* logits);
+
+  // The sampler's weights (sampler.h): x[i] = exp((x[i] - top) * scale) in place, 0 below about 1e-307
+  // and for -inf or NaN, and their sum (vocab_exp.h).
+  double (*exp_weights)(double* x, int64_t n, double top, double scale);
 };
 
 // Kernel sets compiled into this binary; each returns nullptr when not built for this architecture.

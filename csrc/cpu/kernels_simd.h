@@ -27,6 +27,7 @@
 #include "../core/dtype.h"
 #include "simd_exp.h"
 #include "simd_gemm.h"
+#include "vocab_exp.h"
 
 namespace fmoe {
 namespace simd {
@@ -338,7 +339,8 @@ struct Kernels {
                                           : "float32",
                      I4_MODE == kI4Dot ? "int8" : "float32",
                      kGateLogits,
-                     kGateLogitsBf16};
+                     kGateLogitsBf16,
+                     exp_weights_vec<O::W / 2>};
   }
 };
 

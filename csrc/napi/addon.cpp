@@ -16,6 +16,7 @@ namespace fmoe_napi {
 // Benchmark support (csrc/probes), exported as `bench`: not part of the package API.
 void register_bench(Napi::Env env, Napi::Object exports);
 void register_mmap(Napi::Env env, Napi::Object exports);
+void register_sampler(Napi::Env env, Napi::Object exports);
 
 // -> { cpu: { isa, int8Activations, int4Activations, threads, supported, error? }, cuda: { available, reason, library,
 // driverVersion, runtimeVersion, devices } }
@@ -116,6 +117,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("enums", Enums(env));
   register_bench(env, exports);
   register_mmap(env, exports);
+  register_sampler(env, exports);
   return exports;
 }
 

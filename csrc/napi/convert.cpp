@@ -53,6 +53,10 @@ static const char* type_name(napi_typedarray_type t) {
       return "Uint16Array";
     case napi_int32_array:
       return "Int32Array";
+    case napi_uint8_array:
+      return "Uint8Array";
+    case napi_float64_array:
+      return "Float64Array";
     default:
       return "typed array";
   }
@@ -80,6 +84,13 @@ void* typed_data_mut(Napi::Value v, napi_typedarray_type type, size_t expected_l
 
 const void* typed_data(Napi::Value v, napi_typedarray_type type, size_t expected_len, const std::string& what) {
   return typed_data_mut(v, type, expected_len, what);
+}
+
+const void* typed_data_any(Napi::Value v, napi_typedarray_type type, size_t* len, const std::string& what) {
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != type)
+    throw Napi::TypeError::New(v.Env(), what + " must be a " + type_name(type));
+  *len = v.As<Napi::TypedArray>().ElementLength();
+  return typed_data(v, type, *len, what);
 }
 
 }  // namespace fmoe_napi

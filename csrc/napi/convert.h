@@ -42,5 +42,7 @@ std::string get_string(Napi::Object obj, const char* key, const std::string& fal
 // A typed array's data pointer (byteOffset applied) after checking its element type and length.
 const void* typed_data(Napi::Value v, napi_typedarray_type type, size_t expected_len, const std::string& what);
 void* typed_data_mut(Napi::Value v, napi_typedarray_type type, size_t expected_len, const std::string& what);
+// The same for a typed array of any length, which goes to *len.
+const void* typed_data_any(Napi::Value v, napi_typedarray_type type, size_t* len, const std::string& what);
 
 }  // namespace fmoe_napi

@@ -25,6 +25,7 @@
 #include "core/routing.h"
 #include "core/thread_pool.h"
 #include "cpu/kernels.h"
+#include "cpu/sampler.h"
 #include "tests/check.h"
 
 using namespace fmoe;
@@ -661,6 +662,139 @@ static void test_backend(Isa isa, DType dt, int64_t H, int64_t F, int64_t E, int
   CHECK(std::memcmp(alone.data(), y.data() + (T - 1) * H, H * sizeof(float)) == 0);
 }
 
+// The sampler's exponentials in every kernel set against std::exp in float64, at odd and round lengths
+// (the vector tail), with the values the sampler must give 0: -inf (a masked token), NaN, and weights
+// below 1e-307 of the top's; and the sum against a float64 sum of the outputs.
+static void test_exp_weights() {
+  std::mt19937_64 gen(99);
+  std::uniform_real_distribution<double> u(-40.0, 0.0);
+  for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Neon}) {
+    const KernelSet* ks = kernels_for(isa);
+    if (!ks) continue;
+    for (int64_t n : {1, 2, 3, 7, 8, 9, 17, 64, 1001, 4096}) {
+      const double top = 3.25, scale = 1.0 / 0.7;
+      std::vector<double> x(static_cast<size_t>(n)), ref(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; i++) {
+        double v = top + u(gen) / scale;
+        switch (i % 13) {
+          case 3:
+            v = -INFINITY;
+            break;
+          case 5:
+            v = NAN;
+            break;
+          case 7:
+            v = top - 800.0 / scale;
+            break;  // exp(-800): below the cut, 0
+          case 11:
+            v = top;
+            break;  // exactly 1
+          default:
+            break;
+        }
+        x[size_t(i)] = v;
+        const double z = (v - top) * scale;
+        ref[size_t(i)] = z >= -708.0 ? std::exp(z) : 0.0;  // false for NaN and -inf
+      }
+      const double total = ks->exp_weights(x.data(), n, top, scale);
+      double sum = 0, worst = 0;
+      for (int64_t i = 0; i < n; i++) {
+        const double r = ref[size_t(i)], g = x[size_t(i)];
+        if (r == 0) {
+          CHECK(g == 0);
+        } else {
+          worst = std::max(worst, std::fabs(g - r) / r);
+        }
+        sum += g;
+      }
+      CHECK(worst < 1e-15);  // a few ulps
+      CHECK(std::fabs(total - sum) <= 1e-14 * sum);
+      if (n > 11) CHECK(x[11] == 1.0);
+    }
+  }
+}
+
+// argmax_logits: the first of equal largest values, NaN never the largest, -1 for a row with nothing
+// above -inf or a +inf, at every position across the 512-value blocks it reduces, against a plain loop.
+static void test_argmax_logits() {
+  std::mt19937 gen(7);
+  std::uniform_real_distribution<float> u(-5.0f, 5.0f);
+  auto plain = [](const std::vector<float>& x) {
+    int64_t best = -1;
+    float top = -INFINITY;
+    for (size_t i = 0; i < x.size(); i++)
+      if (x[i] > top) top = x[i], best = int64_t(i);
+    return top == INFINITY ? int64_t(-1) : best;
+  };
+  for (int64_t n : {1, 2, 5, 8, 9, 511, 512, 513, 1030, 2051}) {
+    for (int rep = 0; rep < 40; rep++) {
+      std::vector<float> x(static_cast<size_t>(n));
+      for (float& v : x) v = std::round(u(gen) * 4) / 4;  // a grid: many ties
+      if (rep % 5 == 1) x[size_t(gen() % n)] = NAN;
+      if (rep % 5 == 2) x[size_t(gen() % n)] = 9.0f, x[size_t(gen() % n)] = 9.0f;
+      if (rep % 7 == 3) x[size_t(gen() % n)] = INFINITY;
+      if (rep % 11 == 4) std::fill(x.begin(), x.end(), -INFINITY);
+      if (rep % 13 == 5) std::fill(x.begin(), x.end(), NAN);
+      CHECK(argmax_logits(x.data(), n) == plain(x));
+    }
+  }
+}
+
+// TokenSampler at temperature 0 with a mask, a bias and penalties is the argmax of the adjusted logits;
+// at temperature 1 over equal logits each draw is floor(u * V) of the PRNG's stream; history and output
+// cleared and added again give the draws of a fresh sampler.
+static void test_token_sampler() {
+  const int64_t V = 1000;
+  std::vector<float> logits(static_cast<size_t>(V));
+  std::mt19937 gen(11);
+  std::uniform_real_distribution<float> u(-3.0f, 3.0f);
+  for (float& v : logits) v = u(gen);
+  SamplerParams p;
+  p.temperature = 0;
+  p.repetition_penalty = 1.7;
+  p.presence_penalty = 0.5;
+  p.frequency_penalty = 0.25;
+  p.bias = {{3, 2.0}, {5000, 7.0}};  // an id past the vocabulary is left out
+  std::vector<uint8_t> allowed(static_cast<size_t>(V), 1);
+  for (int64_t i = 0; i < V; i += 3) allowed[size_t(i)] = 0;
+  const std::vector<int32_t> history = {1, 2, 2, 4, 999, 7000}, output = {2, 2, 4, -1};
+  TokenSampler s(p);
+  s.add_history(history.data(), int64_t(history.size()));
+  s.add_output(output.data(), int64_t(output.size()));
+  std::vector<double> x(logits.begin(), logits.end());
+  for (int64_t i = 0; i < V; i++)
+    if (!allowed[size_t(i)]) x[size_t(i)] = -INFINITY;
+  x[3] += 2.0;
+  for (int32_t t : {1, 2, 4, 999})
+    if (std::isfinite(x[size_t(t)])) x[size_t(t)] = x[size_t(t)] < 0 ? x[size_t(t)] * 1.7 : x[size_t(t)] / 1.7;
+  x[2] -= 0.5 + 0.25 * 2;
+  x[4] -= 0.5 + 0.25 * 1;
+  const int64_t want = std::max_element(x.begin(), x.end()) - x.begin();
+  CHECK(s.sample(logits.data(), V, allowed.data()) == want);
+
+  SamplerParams q;
+  q.seed = 2.0 * 4294967296.0 + 5;  // the high part of the seed counts
+  TokenSampler a(q), b(q);
+  q.seed = 5;
+  TokenSampler c(q);
+  std::vector<float> flat(static_cast<size_t>(V), 0.5f);
+  Prng ref(2.0 * 4294967296.0 + 5);
+  bool differs = false;
+  for (int i = 0; i < 200; i++) {
+    const int64_t t = a.sample(flat.data(), V, nullptr);
+    CHECK(t == int64_t(std::floor(ref.next() * double(V))));
+    CHECK(b.sample(flat.data(), V, nullptr) == t);
+    differs = differs || c.sample(flat.data(), V, nullptr) != t;
+  }
+  CHECK(differs);
+
+  // A row with no finite largest logit: -1.
+  std::vector<float> bad(static_cast<size_t>(V), -INFINITY);
+  bad[7] = NAN;
+  TokenSampler d(q);
+  CHECK(d.sample(bad.data(), V, nullptr) == -1);
+}
+
 int main() {
   test_routing();
   test_routing_families();
@@ -674,6 +808,9 @@ int main() {
   test_pool();
   test_pool_pinning();
   test_quantizer();
+  test_exp_weights();
+  test_argmax_logits();
+  test_token_sampler();
   for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Neon}) test_quant_kernels(isa);
   for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Neon})
     for (DType dt : {DType::F32, DType::BF16}) {

@@ -247,3 +247,38 @@ export function makeCase(c: Case) {
 export function tolerance(dtype: Dtype): number {
   return dtype === 'float32' ? 1e-5 : 1e-2;
 }
+
+/**
+ * xoshiro128** seeded through splitmix32 from a seed of up to 53 bits: the stream the native sampler
+ * (csrc/cpu/sampler.h) draws from, written here from the algorithms' definitions, so that tests can
+ * replay a sampler's uniform numbers.
+ */
+export class Xoshiro128 {
+  readonly #s = new Uint32Array(4);
+
+  constructor(seed: number) {
+    let x = (seed >>> 0) ^ Math.imul(Math.floor(seed / 2 ** 32) >>> 0, 0x9e3779b9);
+    for (let i = 0; i < 4; i++) {
+      x = (x + 0x9e3779b9) >>> 0;
+      let z = x;
+      z = Math.imul(z ^ (z >>> 16), 0x85ebca6b) >>> 0;
+      z = Math.imul(z ^ (z >>> 13), 0xc2b2ae35) >>> 0;
+      this.#s[i] = (z ^ (z >>> 16)) >>> 0;
+    }
+  }
+
+  /** A uniform number in [0, 1), a multiple of 2^-32. */
+  next(): number {
+    const s = this.#s;
+    const rotl = (v: number, k: number) => ((v << k) | (v >>> (32 - k))) >>> 0;
+    const r = Math.imul(rotl(Math.imul(s[1], 5), 7), 9) >>> 0;
+    const t = s[1] << 9;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 11);
+    return r / 2 ** 32;
+  }
+}

@@ -1,0 +1,383 @@
+#include "sampler.h"
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "kernels.h"
+
+namespace fmoe {
+namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+inline uint32_t rotl(uint32_t x, int k) { return (x << k) | (x >> (32 - k)); }
+
+// Working memory of the draws on one thread (the JavaScript thread draws for every generation, one
+// after the other): a vocabulary of 151,936 needs about 4 MB, which each sampler would otherwise hold.
+struct Scratch {
+  std::vector<double> x, keys, spare_keys;
+  std::vector<int32_t> order, spare_ids;
+};
+
+Scratch& scratch_for(int64_t vocab) {
+  thread_local Scratch s;
+  if (int64_t(s.x.size()) < vocab) {
+    s.x.resize(size_t(vocab));
+    s.order.resize(size_t(vocab));
+  }
+  return s;
+}
+
+// 16 bytes of T (one SSE2 or NEON register at the baseline), and the mask a comparison of them gives:
+// one specialisation per type, as GCC 12 drops a vector_size that depends on a template parameter.
+template <typename T>
+struct Vec16;
+template <>
+struct Vec16<float> {
+  typedef float V __attribute__((vector_size(16)));
+  typedef int32_t M __attribute__((vector_size(16)));
+};
+template <>
+struct Vec16<double> {
+  typedef double V __attribute__((vector_size(16)));
+  typedef int64_t M __attribute__((vector_size(16)));
+};
+
+// The first index of the largest of x[0, n) (NaN never the largest) and its value, or -1 and -inf when
+// no value is above -inf. Blocks of 512 are reduced in two vectors of running maxima, then the first
+// block holding the largest is searched from its start.
+template <typename T>
+int64_t first_max(const T* x, int64_t n, T* top_out) {
+  typedef typename Vec16<T>::V vt;
+  typedef typename Vec16<T>::M vm;
+  constexpr int W = 16 / sizeof(T);
+  constexpr int64_t kBlock = 512;
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  auto larger = [](vt v, vt m) {  // v where v > m, else m: NaN in v never replaces m
+    const vm gt = v > m;
+    return (vt)(((vm)v & gt) | ((vm)m & ~gt));
+  };
+  T top = neg_inf;
+  int64_t top_block = -1;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(n, b + kBlock);
+    vt m0 = vt{} + neg_inf, m1 = m0;
+    int64_t i = b;
+    for (; i + 2 * W <= e; i += 2 * W) {
+      vt v0, v1;
+      std::memcpy(&v0, x + i, sizeof v0);
+      std::memcpy(&v1, x + i + W, sizeof v1);
+      m0 = larger(v0, m0);
+      m1 = larger(v1, m1);
+    }
+    m0 = larger(m1, m0);
+    T bm = neg_inf;
+    for (int l = 0; l < W; l++) bm = m0[l] > bm ? m0[l] : bm;
+    for (; i < e; i++) bm = x[i] > bm ? x[i] : bm;
+    if (bm > top) {  // strictly: the first block that holds the largest
+      top = bm;
+      top_block = b;
+    }
+  }
+  *top_out = top;
+  if (top_block < 0) return -1;
+  for (int64_t i = top_block;; i++)
+    if (x[i] == top) return i;
+}
+
+// Less likely first; ties: the higher id first, so that the lower id is kept.
+inline bool less_likely(const double* p, int32_t a, int32_t b) { return p[a] < p[b] || (p[a] == p[b] && a > b); }
+
+// Sorts order[0, n) (ids in ascending order on entry) most likely first, ties lower id first. Many ids
+// (a flat distribution keeps most of a vocabulary above every threshold of candidates()) go through a
+// stable radix sort of the probabilities' bits (non-negative doubles order as their bit patterns), 8
+// bits a pass, the lowest first, skipping the passes whose digit every key shares.
+void sort_by_likelihood(const double* p, int32_t* order, int64_t n, Scratch& sc) {
+  if (n < 512) {
+    std::sort(order, order + n, [p](int32_t a, int32_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+    return;
+  }
+  sc.keys.resize(size_t(n));
+  sc.spare_keys.resize(size_t(n));
+  sc.spare_ids.resize(size_t(n));
+  int32_t* ids = order;
+  int32_t* spare = sc.spare_ids.data();
+  uint64_t* keys = reinterpret_cast<uint64_t*>(sc.keys.data());
+  uint64_t* spare_keys = reinterpret_cast<uint64_t*>(sc.spare_keys.data());
+  for (int64_t i = 0; i < n; i++) std::memcpy(&keys[i], &p[ids[i]], 8);
+  int64_t counts[257];
+  for (int pass = 0; pass < 8; pass++) {
+    const int shift = 8 * pass;
+    std::fill(counts, counts + 257, 0);
+    // Bucket 255 - digit: the largest digit first, so the largest probability ends first.
+    for (int64_t i = 0; i < n; i++) counts[256 - ((keys[i] >> shift) & 0xff)]++;
+    bool trivial = false;
+    for (int b = 1; b <= 256; b++) trivial = trivial || counts[b] == n;
+    if (trivial) continue;
+    for (int b = 1; b <= 256; b++) counts[b] += counts[b - 1];
+    for (int64_t i = 0; i < n; i++) {
+      const int64_t to = counts[255 - ((keys[i] >> shift) & 0xff)]++;
+      spare[to] = ids[i];
+      spare_keys[to] = keys[i];
+    }
+    std::swap(ids, spare);
+    std::swap(keys, spare_keys);
+  }
+  if (ids != order) std::memcpy(order, ids, size_t(n) * sizeof(int32_t));
+}
+
+// The k most likely ids into order[0, k), most likely first: a min-heap over one pass of the vocabulary.
+int64_t top_k_of(const double* p, int64_t V, int32_t* order, int64_t k, Scratch& sc) {
+  int32_t* heap = order;  // order[0, k) holds the heap, the least likely at the root
+  auto down = [&](int64_t at) {
+    for (;;) {
+      const int64_t l = 2 * at + 1;
+      if (l >= k) return;
+      const int64_t c = l + 1 < k && less_likely(p, heap[l + 1], heap[l]) ? l + 1 : l;
+      if (!less_likely(p, heap[c], heap[at])) return;
+      std::swap(heap[c], heap[at]);
+      at = c;
+    }
+  };
+  for (int64_t i = 0; i < k; i++) heap[i] = int32_t(i);
+  for (int64_t i = k / 2 - 1; i >= 0; i--) down(i);
+  for (int64_t i = k; i < V; i++)
+    if (less_likely(p, heap[0], int32_t(i))) {
+      heap[0] = int32_t(i);
+      down(0);
+    }
+  std::sort(heap, heap + k);  // ids in ascending order, as sort_by_likelihood takes them
+  sort_by_likelihood(p, order, k, sc);
+  return k;
+}
+
+double mass_of(const double* p, const int32_t* order, int64_t n) {
+  double m = 0;
+  for (int64_t i = 0; i < n; i++) m += p[order[i]];
+  return m;
+}
+
+// Writes into `order`, most likely first (ties: lower id first), a set of ids that surely holds the top
+// k and the top-p nucleus: with top-k, exactly the k most likely; else those at or above a threshold
+// lowered tenfold until they hold the nucleus, so that only a few ids are sorted, not the vocabulary.
+int64_t candidates(const double* p, int64_t V, double total, int32_t* order, int64_t top_k, double top_p, Scratch& sc) {
+  if (top_k > 0 && top_k < V) return top_k_of(p, V, order, top_k, sc);
+  int64_t n = 0;
+  for (double threshold = 0.1; n < V && threshold >= 1e-300; threshold *= 0.1) {
+    int64_t count = 0;
+    double mass = 0;
+    for (int64_t i = 0; i < V; i++)
+      if (p[i] >= threshold) {
+        order[count++] = int32_t(i);
+        mass += p[i];
+      }
+    n = count;
+    if ((top_k == 0 || n >= top_k) && (top_p >= 1 || mass >= top_p * total)) break;
+  }
+  sort_by_likelihood(p, order, n, sc);
+  return n;
+}
+
+}  // namespace
+
+Prng::Prng(double seed) {
+  const uint64_t v = uint64_t(seed);
+  uint32_t x = uint32_t(v) ^ (uint32_t(v >> 32) * 0x9e3779b9u);
+  for (int i = 0; i < 4; i++) {
+    x += 0x9e3779b9u;
+    uint32_t z = x;
+    z = (z ^ (z >> 16)) * 0x85ebca6bu;
+    z = (z ^ (z >> 13)) * 0xc2b2ae35u;
+    s_[i] = z ^ (z >> 16);
+  }
+}
+
+double Prng::next() {
+  const uint32_t r = rotl(s_[1] * 5u, 7) * 9u;
+  const uint32_t t = s_[1] << 9;
+  s_[2] ^= s_[0];
+  s_[3] ^= s_[1];
+  s_[1] ^= s_[2];
+  s_[0] ^= s_[3];
+  s_[2] ^= t;
+  s_[3] = rotl(s_[3], 11);
+  return double(r) / 4294967296.0;
+}
+
+int64_t argmax_logits(const float* x, int64_t n) {
+  float top;
+  const int64_t best = first_max(x, n, &top);
+  return top == std::numeric_limits<float>::infinity() ? -1 : best;
+}
+
+TokenSampler::TokenSampler(const SamplerParams& p) : p_(p), prng_(p.seed) {}
+
+bool TokenSampler::plain_greedy() const {
+  return p_.temperature == 0 && p_.repetition_penalty == 1 && p_.presence_penalty == 0 && p_.frequency_penalty == 0 &&
+         p_.bias.empty();
+}
+
+void TokenSampler::clear_history() {
+  for (int32_t t : history_) in_history_[size_t(t)] = 0;
+  history_.clear();
+}
+
+void TokenSampler::add_history(const int32_t* tokens, int64_t n) {
+  for (int64_t i = 0; i < n; i++) {
+    const int32_t t = tokens[i];
+    if (t < 0) continue;
+    if (size_t(t) >= in_history_.size()) in_history_.resize(size_t(t) + 1, 0);
+    if (!in_history_[size_t(t)]) {
+      in_history_[size_t(t)] = 1;
+      history_.push_back(t);
+    }
+  }
+}
+
+void TokenSampler::clear_output() {
+  for (int32_t t : output_ids_) output_count_[size_t(t)] = 0;
+  output_ids_.clear();
+}
+
+void TokenSampler::add_output(const int32_t* tokens, int64_t n) {
+  for (int64_t i = 0; i < n; i++) {
+    const int32_t t = tokens[i];
+    if (t < 0) continue;
+    if (size_t(t) >= output_count_.size()) output_count_.resize(size_t(t) + 1, 0);
+    if (output_count_[size_t(t)]++ == 0) output_ids_.push_back(t);
+  }
+}
+
+int64_t TokenSampler::sample(const float* logits, int64_t V, const uint8_t* allowed) {
+  if (V <= 0) return -1;
+  if (!allowed && plain_greedy()) return argmax_logits(logits, V);  // nothing to copy
+  Scratch& sc = scratch_for(V);
+  double* x = sc.x.data();
+  for (int64_t i = 0; i < V; i++) x[i] = logits[i];
+  const bool penalised = p_.presence_penalty != 0 || p_.frequency_penalty != 0;
+  const bool adjusted = allowed || !p_.bias.empty() || p_.repetition_penalty != 1 || penalised;
+  // A constraint's mask goes first: every filter then works among the tokens it allows.
+  if (allowed)
+    for (int64_t i = 0; i < V; i++)
+      if (!allowed[i]) x[i] = -kInf;
+  for (const auto& [t, b] : p_.bias)
+    if (t >= 0 && t < V) x[t] += b;
+  if (p_.repetition_penalty != 1) {
+    const double rp = p_.repetition_penalty;
+    for (int32_t t : history_) {
+      // An extreme penalty saturates at the largest double rather than overflowing: an infinite logit
+      // reads as the model's own overflow. A masked token stays -inf.
+      if (t >= V || !std::isfinite(x[t])) continue;
+      const double v = x[t] < 0 ? x[t] * rp : x[t] / rp;
+      x[t] = std::min(DBL_MAX, std::max(-DBL_MAX, v));
+    }
+  }
+  if (penalised)
+    for (int32_t t : output_ids_)
+      if (t < V) x[t] -= p_.presence_penalty + p_.frequency_penalty * double(output_count_[size_t(t)]);
+  double top;
+  int64_t best;
+  if (adjusted) {
+    best = first_max(x, V, &top);
+  } else {  // the logits' own largest, read in floats
+    float top_f;
+    best = first_max(logits, V, &top_f);
+    top = top_f;
+  }
+  if (best < 0 || top == kInf) return -1;
+  if (p_.temperature == 0) return best;
+
+  // Probabilities relative to the most likely token (which has 1); NaN logits get 0.
+  const double total = select_kernels()->exp_weights(x, V, top, 1.0 / p_.temperature);
+  const int64_t top_k = p_.top_k;
+  const bool use_k = top_k > 0 && top_k < V;
+  if (!use_k && p_.top_p >= 1) return draw_all(x, V);
+
+  // Top-k and top-p: their candidates, most likely first.
+  int32_t* order = sc.order.data();
+  int64_t n = candidates(x, V, total, order, top_k, p_.top_p, sc);
+  if (top_k > 0) n = std::min(n, top_k);
+  if (p_.top_p < 1) {
+    const double limit = p_.top_p * (use_k ? mass_of(x, order, n) : total);
+    double mass = 0;
+    for (int64_t i = 0; i < n; i++)
+      if ((mass += x[order[i]]) >= limit) {
+        n = i + 1;
+        break;
+      }
+  }
+  // min-p keeps tokens at least min_p as likely as the best one, which has 1 here.
+  int64_t kept = 0;
+  double mass = 0;
+  for (int64_t i = 0; i < n; i++) {
+    const int32_t id = order[i];
+    if (x[id] >= p_.min_p) {
+      order[kept++] = id;
+      mass += x[id];
+    }
+  }
+  double u = prng_.next() * mass;
+  for (int64_t i = 0; i < kept; i++) {
+    u -= x[order[i]];
+    if (u < 0) return order[i];
+  }
+  return order[kept - 1];
+}
+
+int64_t TokenSampler::draw_all(double* p, int64_t V) {
+  // min-p: a token below it weighs nothing.
+  if (p_.min_p > 0)
+    for (int64_t i = 0; i < V; i++) p[i] = p[i] >= p_.min_p ? p[i] : 0.0;
+  // The walk down the vocabulary, in id order, by blocks: each block's sum (four blocks at a time, four
+  // independent chains of additions), then the walk inside the block the uniform number falls in.
+  constexpr int64_t kBlock = 64;
+  const int64_t nb = (V + kBlock - 1) / kBlock;
+  Scratch& sc = scratch_for(V);
+  sc.keys.resize(size_t(nb));
+  double* sums = sc.keys.data();
+  int64_t b = 0;
+  for (; b + 4 <= nb && (b + 4) * kBlock <= V; b += 4) {
+    const double* q = p + b * kBlock;
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (int64_t i = 0; i < kBlock; i++) {
+      s0 += q[i];
+      s1 += q[kBlock + i];
+      s2 += q[2 * kBlock + i];
+      s3 += q[3 * kBlock + i];
+    }
+    sums[b] = s0, sums[b + 1] = s1, sums[b + 2] = s2, sums[b + 3] = s3;
+  }
+  for (; b < nb; b++) {
+    double s0 = 0;
+    for (int64_t i = b * kBlock; i < std::min(V, (b + 1) * kBlock); i++) s0 += p[i];
+    sums[b] = s0;
+  }
+  double mass = 0;
+  for (int64_t j = 0; j < nb; j++) mass += sums[j];
+  double u = prng_.next() * mass;
+  int64_t last = -1;  // the last token with a weight: where a rounding lets the walk run past its block
+  for (int64_t j = 0; j < nb; j++) {
+    if (sums[j] <= 0) continue;
+    if (u >= sums[j]) {
+      u -= sums[j];
+      for (int64_t i = std::min(V, (j + 1) * kBlock) - 1; i >= j * kBlock; i--)
+        if (p[i] > 0) {
+          last = i;
+          break;
+        }
+      continue;
+    }
+    for (int64_t i = j * kBlock; i < std::min(V, (j + 1) * kBlock); i++) {
+      if (p[i] <= 0) continue;
+      last = i;
+      u -= p[i];
+      if (u < 0) return i;
+    }
+  }
+  return last;
+}
+
+}  // namespace fmoe

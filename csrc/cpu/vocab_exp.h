@@ -1,0 +1,86 @@
+// The sampler's exponentials over a whole vocabulary (sampler.cpp), in float64 vectors of W lanes: each
+// kernel set instantiates it at its own width (GCC vector extensions, which its flags compile to SSE2,
+// AVX2, AVX-512 or NEON). In an anonymous namespace: each ISA unit gets its own copy with its own flags.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+namespace fmoe {
+namespace {
+
+// W doubles and W int64 lanes as GCC vector types (a vector_size depending on a template parameter
+// inside the template is dropped by GCC 12: one specialisation per width).
+template <int W>
+struct VecF64;
+template <>
+struct VecF64<2> {
+  typedef double D __attribute__((vector_size(16)));
+  typedef int64_t I __attribute__((vector_size(16)));
+};
+template <>
+struct VecF64<4> {
+  typedef double D __attribute__((vector_size(32)));
+  typedef int64_t I __attribute__((vector_size(32)));
+};
+template <>
+struct VecF64<8> {
+  typedef double D __attribute__((vector_size(64)));
+  typedef int64_t I __attribute__((vector_size(64)));
+};
+
+// x[i] = exp((x[i] - top) * scale) for i < n, in place, and the sum of the results (W partial sums
+// added in lane order at the end: the same bits for the same n on every call). For x[i] <= top and
+// scale > 0 the argument is <= 0; where it is below -708 (a weight below 1e-307 of the top's), -inf or
+// NaN, the result is 0. Cody-Waite reduction to |r| <= ln 2 / 2 and a degree-12 Taylor polynomial:
+// within about one ulp of exp, so the draws of a float64 reference computed with Math.exp are drawn
+// alike but where the uniform number falls within about 1e-15 of a boundary.
+template <int W>
+double exp_weights_vec(double* x, int64_t n, double top, double scale) {
+  typedef typename VecF64<W>::D vd;
+  typedef typename VecF64<W>::I vi;
+  const double kLog2e = 1.4426950408889634, kMagic = 6755399441055744.0;  // 1.5 * 2^52: rounds to an integer
+  const double kLn2Hi = 0.693147180369123816490, kLn2Lo = 1.90821492927058770002e-10;
+  constexpr double kCoef[13] = {
+      1.0 / 479001600, 1.0 / 39916800, 1.0 / 3628800, 1.0 / 362880, 1.0 / 40320, 1.0 / 5040, 1.0 / 720,
+      1.0 / 120,       1.0 / 24,       1.0 / 6,       1.0 / 2,      1.0,         1.0};
+  int64_t magic_bits;
+  std::memcpy(&magic_bits, &kMagic, 8);
+  vd sum = vd{} + 0.0;
+  int64_t i = 0;
+  auto one = [&](vd v) {
+    const vd z = (v - top) * scale;
+    const vd t = z * kLog2e + kMagic;  // round(z * log2 e) in its low bits
+    const vd k = t - kMagic;
+    vd r = z - k * kLn2Hi;
+    r = r - k * kLn2Lo;
+    vd p = vd{} + kCoef[0];
+    for (int c = 1; c < 13; c++) p = p * r + kCoef[c];
+    const vi e = ((vi)t - magic_bits + 1023) << 52;  // 2^k, k in [-1022, 0] where the result is kept
+    const vd y = p * (vd)e;
+    const vi keep = z >= -708.0;  // false for NaN and -inf too
+    return (vd)((vi)y & keep);
+  };
+  for (; i + W <= n; i += W) {
+    vd v;
+    std::memcpy(&v, x + i, sizeof v);
+    const vd y = one(v);
+    std::memcpy(x + i, &y, sizeof y);
+    sum += y;
+  }
+  if (i < n) {  // the tail through one padded vector
+    double buf[W];
+    for (int l = 0; l < W; l++) buf[l] = i + l < n ? x[i + l] : -__builtin_inf();
+    vd v;
+    std::memcpy(&v, buf, sizeof v);
+    const vd y = one(v);
+    std::memcpy(buf, &y, sizeof y);
+    for (int64_t l = 0; i + l < n; l++) x[i + l] = buf[l];
+    sum += y;
+  }
+  double total = 0;
+  for (int l = 0; l < W; l++) total += sum[l];
+  return total;
+}
+
+}  // namespace
+}  // namespace fmoe
