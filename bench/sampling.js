@@ -3,11 +3,13 @@
 // the event loop, per token and stream: every running generation samples its step's logits on the
 // JavaScript thread between steps, so at 16 streams a step waits for 16 of these. Logits of Mixtral's and Qwen3's vocabulary sizes, drawn from a fixed seed,
 // flat (uniform over a spread of 0.5: most of the vocabulary stays in a top-p nucleus) or peaked (a
-// spread of 16), under greedy, temperature alone, top-k 40 and top-p 0.9. Medians of --runs draws.
+// spread of 16), under greedy, temperature alone, top-k 40 and top-p 0.9, and the log probabilities of a
+// token with its top 5 (lib/generate/logprobs.ts). Medians of --runs draws.
 //
 //   npm run build:ts && node bench/sampling.js [--runs 31]
 'use strict';
 const { Sampler } = require('../dist/generate/sampling');
+const { tokenLogprobs } = require('../dist/generate/logprobs');
 const { median } = require('./util');
 
 const i = process.argv.indexOf('--runs');
@@ -27,8 +29,8 @@ function logits(V, spread, seed) {
   return out;
 }
 
-console.log('| vocabulary | logits | ' + Object.keys(SETTINGS).join(' ms | ') + ' ms |');
-console.log('| --- | --- |' + ' --- |'.repeat(Object.keys(SETTINGS).length));
+console.log('| vocabulary | logits | ' + Object.keys(SETTINGS).join(' ms | ') + ' ms | log probabilities, top 5 ms |');
+console.log('| --- | --- |' + ' --- |'.repeat(Object.keys(SETTINGS).length + 1));
 for (const V of [32000, 151936])
   for (const [shape, spread] of [
     ['flat', 0.5],
@@ -45,5 +47,13 @@ for (const V of [32000, 151936])
       }
       return median(ms).toFixed(2);
     });
+    // What a request asking for log probabilities adds per token (and a prompt's scoring per token).
+    const ms = [];
+    for (let r = 0; r < RUNS; r++) {
+      const t0 = process.hrtime.bigint();
+      tokenLogprobs(x, r, 5);
+      ms.push(Number(process.hrtime.bigint() - t0) / 1e6);
+    }
+    cells.push(median(ms).toFixed(2));
     console.log(`| ${V} | ${shape} | ${cells.join(' | ')} |`);
   }

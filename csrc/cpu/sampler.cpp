@@ -213,6 +213,36 @@ int64_t argmax_logits(const float* x, int64_t n) {
   return top == std::numeric_limits<float>::infinity() ? -1 : best;
 }
 
+double log_sum_exp(const float* x, int64_t n) {
+  if (n <= 0) return -kInf;
+  float top_f;
+  first_max(x, n, &top_f);
+  const double top = top_f;
+  Scratch& sc = scratch_for(n);
+  double* w = sc.x.data();
+  for (int64_t i = 0; i < n; i++) w[i] = x[i];
+  // exp(x - top): 0 for NaN and -inf; with no finite largest value the sum is 0 (or NaN below).
+  const double sum = select_kernels()->exp_weights(w, n, top, 1.0);
+  return top + std::log(sum);
+}
+
+int64_t top_ids(const float* x, int64_t n, int64_t k, int32_t* ids) {
+  // Kept sorted, largest first: most values fail the first comparison with the smallest kept.
+  int64_t m = 0;
+  if (k <= 0) return 0;
+  for (int64_t i = 0; i < n; i++) {
+    const float v = x[i];
+    if (!(v >= -std::numeric_limits<float>::infinity()) || (m == k && !(v > x[ids[k - 1]]))) continue;
+    int64_t at = m == k ? k - 1 : m;
+    while (at > 0 && v > x[ids[at - 1]]) at--;  // after equal values: the lower id stays first
+    const int64_t end = m == k ? k - 1 : m;
+    for (int64_t j = end; j > at; j--) ids[j] = ids[j - 1];
+    ids[at] = int32_t(i);
+    if (m < k) m++;
+  }
+  return m;
+}
+
 TokenSampler::TokenSampler(const SamplerParams& p) : p_(p), prng_(p.seed) {}
 
 bool TokenSampler::plain_greedy() const {

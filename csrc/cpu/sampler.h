@@ -46,6 +46,14 @@ class Prng {
 // -infinity or the largest is +infinity (no token can come from such a row).
 int64_t argmax_logits(const float* x, int64_t n);
 
+// log(sum over i of exp(x[i])) in float64 for the logits x[0, n), NaN counted as -infinity: the
+// log-softmax's normaliser, for log probabilities (lib/generate/logprobs.ts).
+double log_sum_exp(const float* x, int64_t n);
+
+// The k largest of x[0, n) into ids, largest first, the lower id first among equals; NaN never listed.
+// Returns how many were written (fewer than k when fewer values are not NaN).
+int64_t top_ids(const float* x, int64_t n, int64_t k, int32_t* ids);
+
 class TokenSampler {
  public:
   explicit TokenSampler(const SamplerParams& p);

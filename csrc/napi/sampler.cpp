@@ -1,6 +1,7 @@
-// NativeSampler: the JS handle of one generation's sampler (csrc/cpu/sampler.h), and argmax(), the
-// greedy draw. Conversion only: lib/generate/sampling.ts checks the parameters first. Draws run on the
-// calling (JavaScript) thread: a fraction of a millisecond each, and the step loop needs them at once.
+// NativeSampler: the JS handle of one generation's sampler (csrc/cpu/sampler.h); argmax(), the greedy
+// draw; logSoftmaxStats(), what log probabilities need. Conversion only: lib/generate/sampling.ts checks the parameters
+// first. Draws run on the calling (JavaScript) thread: a fraction of a millisecond each, and the step loop needs them
+// at once.
 #include "../cpu/sampler.h"
 
 #include <napi.h>
@@ -96,11 +97,30 @@ Napi::Value Argmax(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), double(fmoe::argmax_logits(logits, int64_t(V))));
 }
 
+// (logits: Float32Array, top: number) -> Float64Array [log-sum-exp of the logits, then the ids of the
+// `top` largest, largest first] (sampler.h log_sum_exp, top_ids).
+Napi::Value LogSoftmaxStats(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  size_t V = 0;
+  const float* logits = static_cast<const float*>(typed_data_any(info[0], napi_float32_array, &V, "logits"));
+  if (!info[1].IsNumber()) throw Napi::TypeError::New(env, "top must be a number");
+  const double top = info[1].As<Napi::Number>().DoubleValue();
+  if (!(top >= 0 && top <= 1024 && top == std::floor(top)))
+    throw Napi::RangeError::New(env, "top must be an integer in [0, 1024]");
+  std::vector<int32_t> ids(static_cast<size_t>(top));
+  const int64_t m = fmoe::top_ids(logits, int64_t(V), int64_t(top), ids.data());
+  Napi::Float64Array out = Napi::Float64Array::New(env, size_t(m) + 1);
+  out[0] = fmoe::log_sum_exp(logits, int64_t(V));
+  for (int64_t i = 0; i < m; i++) out[size_t(i) + 1] = ids[size_t(i)];
+  return out;
+}
+
 }  // namespace
 
 void register_sampler(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeSampler", NativeSampler::Init(env));
   exports.Set("argmax", Napi::Function::New(env, Argmax, "argmax"));
+  exports.Set("logSoftmaxStats", Napi::Function::New(env, LogSoftmaxStats, "logSoftmaxStats"));
 }
 
 }  // namespace fmoe_napi

@@ -795,6 +795,42 @@ static void test_token_sampler() {
   CHECK(d.sample(bad.data(), V, nullptr) == -1);
 }
 
+// log_sum_exp and top_ids against float64 and a full sort: logits on a grid (ties keep the lower id
+// first), NaN never listed and counted as -inf, -inf listed last, k beyond the listable values.
+static void test_log_softmax_stats() {
+  std::mt19937 gen(5);
+  std::uniform_real_distribution<float> u(-8.0f, 8.0f);
+  for (int64_t n : {1, 3, 31, 512, 1027}) {
+    for (int rep = 0; rep < 20; rep++) {
+      std::vector<float> x(static_cast<size_t>(n));
+      for (float& v : x) v = std::round(u(gen) * 2) / 2;
+      if (rep % 3 == 1) x[size_t(gen() % n)] = NAN;
+      if (rep % 4 == 2) x[size_t(gen() % n)] = -INFINITY;
+      double top = -INFINITY, sum = 0;
+      for (float v : x)
+        if (v == v) top = std::max(top, double(v));
+      for (float v : x)
+        if (v == v && top > -INFINITY) sum += std::exp(double(v) - top);
+      const double ref = top + std::log(sum);
+      const double got = log_sum_exp(x.data(), n);
+      if (top == -INFINITY)  // nothing above -inf: no probability anywhere
+        CHECK(got == -INFINITY);
+      else
+        CHECK(std::fabs(got - ref) <= 1e-12 * std::max(1.0, std::fabs(ref)));
+      std::vector<int32_t> order;
+      for (int64_t i = 0; i < n; i++)
+        if (x[size_t(i)] == x[size_t(i)]) order.push_back(int32_t(i));
+      std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return x[size_t(a)] > x[size_t(b)]; });
+      for (int64_t k : {int64_t(0), int64_t(1), int64_t(5), n + 2}) {
+        std::vector<int32_t> ids(static_cast<size_t>(k) + 1, -7);
+        const int64_t m = top_ids(x.data(), n, k, ids.data());
+        CHECK(m == std::min<int64_t>(k, int64_t(order.size())));
+        for (int64_t i = 0; i < m; i++) CHECK(ids[size_t(i)] == order[size_t(i)]);
+      }
+    }
+  }
+}
+
 int main() {
   test_routing();
   test_routing_families();
@@ -811,6 +847,7 @@ int main() {
   test_exp_weights();
   test_argmax_logits();
   test_token_sampler();
+  test_log_softmax_stats();
   for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Neon}) test_quant_kernels(isa);
   for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Neon})
     for (DType dt : {DType::F32, DType::BF16}) {

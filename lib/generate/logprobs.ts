@@ -1,9 +1,9 @@
 /**
  * Log probabilities of generated tokens, when a request asks for them: the log-softmax of the model's
  * own logits (before the logit bias, the penalties and the temperature, as vLLM reports them by
- * default), for the token chosen and for the most likely tokens of the step. One pass over the
- * vocabulary a token, in float64.
+ * default), for the token chosen and for the most likely tokens of the step, in float64.
  */
+import { binding } from '../binding';
 import { argRangeError, argTypeError } from '../errors';
 import { describe } from '../validate';
 
@@ -63,28 +63,12 @@ export function checkLogprobs(name: string, o: Record<string, unknown>): Logprob
  * logit counts as -Infinity, as the sampler never draws it.
  */
 export function tokenLogprobs(logits: Float32Array, token: number, top: number): TokenLogprobs {
-  const V = logits.length;
-  let max = -Infinity;
-  for (let i = 0; i < V; i++) if (logits[i] > max) max = logits[i];
-  let sum = 0;
-  for (let i = 0; i < V; i++) {
-    const e = Math.exp(logits[i] - max);
-    if (e >= 0) sum += e;
-  }
-  const logSum = max + Math.log(sum);
+  // The normaliser and the top ids natively (csrc/cpu/sampler.h): one pass over the vocabulary each,
+  // where JavaScript took 2-3 ms over 151,936 logits, per scored token.
+  const stats = binding().logSoftmaxStats(logits, Math.min(top, logits.length));
+  const logSum = stats[0];
   const logprobOf = (t: number) => (logits[t] >= -Infinity ? logits[t] - logSum : -Infinity);
-
-  // The `top` largest, kept sorted: most values fail the first comparison with the smallest kept.
-  const ids: number[] = [];
-  const k = Math.min(top, V);
-  for (let i = 0; i < V && k > 0; i++) {
-    const v = logits[i];
-    if (!(v >= -Infinity) || (ids.length === k && !(v > logits[ids[k - 1]]))) continue;
-    let at = ids.length === k ? k - 1 : ids.length;
-    while (at > 0 && v > logits[ids[at - 1]]) at--; // after equal values: the lower id stays first
-    if (ids.length === k) ids.pop();
-    ids.splice(at, 0, i);
-  }
+  const ids = Array.from(stats.subarray(1));
   return {
     token,
     logprob: logprobOf(token),
