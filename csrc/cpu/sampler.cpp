@@ -251,34 +251,23 @@ bool TokenSampler::plain_greedy() const {
 }
 
 void TokenSampler::clear_history() {
-  for (int32_t t : history_) in_history_[size_t(t)] = 0;
+  in_history_.clear();
   history_.clear();
 }
 
 void TokenSampler::add_history(const int32_t* tokens, int64_t n) {
-  for (int64_t i = 0; i < n; i++) {
-    const int32_t t = tokens[i];
-    if (t < 0) continue;
-    if (size_t(t) >= in_history_.size()) in_history_.resize(size_t(t) + 1, 0);
-    if (!in_history_[size_t(t)]) {
-      in_history_[size_t(t)] = 1;
-      history_.push_back(t);
-    }
-  }
+  for (int64_t i = 0; i < n; i++)
+    if (tokens[i] >= 0 && in_history_.insert(tokens[i]).second) history_.push_back(tokens[i]);
 }
 
 void TokenSampler::clear_output() {
-  for (int32_t t : output_ids_) output_count_[size_t(t)] = 0;
+  output_count_.clear();
   output_ids_.clear();
 }
 
 void TokenSampler::add_output(const int32_t* tokens, int64_t n) {
-  for (int64_t i = 0; i < n; i++) {
-    const int32_t t = tokens[i];
-    if (t < 0) continue;
-    if (size_t(t) >= output_count_.size()) output_count_.resize(size_t(t) + 1, 0);
-    if (output_count_[size_t(t)]++ == 0) output_ids_.push_back(t);
-  }
+  for (int64_t i = 0; i < n; i++)
+    if (tokens[i] >= 0 && output_count_[tokens[i]]++ == 0) output_ids_.push_back(tokens[i]);
 }
 
 int64_t TokenSampler::sample(const float* logits, int64_t V, const uint8_t* allowed) {
@@ -307,7 +296,7 @@ int64_t TokenSampler::sample(const float* logits, int64_t V, const uint8_t* allo
   }
   if (penalised)
     for (int32_t t : output_ids_)
-      if (t < V) x[t] -= p_.presence_penalty + p_.frequency_penalty * double(output_count_[size_t(t)]);
+      if (t < V) x[t] -= p_.presence_penalty + p_.frequency_penalty * double(output_count_.at(t));
   double top;
   int64_t best;
   if (adjusted) {

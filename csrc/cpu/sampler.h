@@ -13,6 +13,8 @@
 // about 1e-15 of a boundary.
 #pragma once
 #include <cstdint>
+#include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -79,10 +81,12 @@ class TokenSampler {
 
   SamplerParams p_;
   Prng prng_;
-  std::vector<int32_t> history_;       // distinct ids, first seen first
-  std::vector<uint8_t> in_history_;    // by id
-  std::vector<int32_t> output_ids_;    // distinct ids of the output
-  std::vector<int32_t> output_count_;  // by id
+  // Sets, not tables by id: an id may be anything up to 2^31 - 1 (those past a draw's vocabulary are
+  // left out of it), and a table would grow to the largest.
+  std::vector<int32_t> history_;  // distinct ids, first seen first
+  std::unordered_set<int32_t> in_history_;
+  std::vector<int32_t> output_ids_;  // distinct ids of the output, first seen first
+  std::unordered_map<int32_t, int64_t> output_count_;
 };
 
 }  // namespace fmoe

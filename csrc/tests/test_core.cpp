@@ -757,7 +757,8 @@ static void test_token_sampler() {
   p.bias = {{3, 2.0}, {5000, 7.0}};  // an id past the vocabulary is left out
   std::vector<uint8_t> allowed(static_cast<size_t>(V), 1);
   for (int64_t i = 0; i < V; i += 3) allowed[size_t(i)] = 0;
-  const std::vector<int32_t> history = {1, 2, 2, 4, 999, 7000}, output = {2, 2, 4, -1};
+  // Ids past the vocabulary (up to 2^31 - 1) are left out, and hold no table of that size.
+  const std::vector<int32_t> history = {1, 2, 2, 4, 999, 7000, 2147483647}, output = {2, 2, 4, -1, 2147483000};
   TokenSampler s(p);
   s.add_history(history.data(), int64_t(history.size()));
   s.add_output(output.data(), int64_t(output.size()));
