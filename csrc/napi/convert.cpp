@@ -38,6 +38,13 @@ int64_t get_int(Napi::Object obj, const char* key, int64_t fallback) {
   return static_cast<int64_t>(d);
 }
 
+double get_number(Napi::Object obj, const char* key, double fallback, const char* prefix) {
+  Napi::Value v = obj.Get(key);
+  if (v.IsUndefined()) return fallback;
+  if (!v.IsNumber()) throw Napi::TypeError::New(obj.Env(), std::string(prefix) + key + " must be a number");
+  return v.As<Napi::Number>().DoubleValue();
+}
+
 std::string get_string(Napi::Object obj, const char* key, const std::string& fallback) {
   Napi::Value v = obj.Get(key);
   if (v.IsUndefined()) return fallback;

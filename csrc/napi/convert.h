@@ -37,6 +37,8 @@ auto native_call(Napi::Env env, const char* doing, Fn&& fn) -> decltype(fn()) {
 }
 
 int64_t get_int(Napi::Object obj, const char* key, int64_t fallback);
+// A number field, `fallback` when undefined; the error names it as prefix + key ("config.ropeTheta").
+double get_number(Napi::Object obj, const char* key, double fallback, const char* prefix = "");
 std::string get_string(Napi::Object obj, const char* key, const std::string& fallback);
 
 // A typed array's data pointer (byteOffset applied) after checking its element type and length.

@@ -15,13 +15,6 @@ using fmoe::ErrorCode;
 
 // ---- construction ------------------------------------------------------------------------------
 
-static double get_number(Napi::Object obj, const char* key, double fallback) {
-  Napi::Value v = obj.Get(key);
-  if (v.IsUndefined()) return fallback;
-  if (!v.IsNumber()) throw Napi::TypeError::New(obj.Env(), std::string(key) + " must be a number");
-  return v.As<Napi::Number>().DoubleValue();
-}
-
 static bool get_bool(Napi::Object obj, const char* key, bool fallback) {
   Napi::Value v = obj.Get(key);
   if (v.IsUndefined()) return fallback;

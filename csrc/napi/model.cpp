@@ -15,13 +15,6 @@ namespace fmoe_napi {
 
 using fmoe::ErrorCode;
 
-static double get_number(Napi::Object o, const char* key, double fallback) {
-  Napi::Value v = o.Get(key);
-  if (v.IsUndefined()) return fallback;
-  if (!v.IsNumber()) throw Napi::TypeError::New(o.Env(), std::string("config.") + key + " must be a number");
-  return v.As<Napi::Number>().DoubleValue();
-}
-
 static bool get_bool(Napi::Object o, const char* key) {
   Napi::Value v = o.Get(key);
   if (v.IsUndefined()) return false;
@@ -39,12 +32,12 @@ static fmoe::DecoderConfig parse_decoder_config(Napi::Env env, Napi::Value v) {
   d.heads = get_int(c, "heads", 0);
   d.kv_heads = get_int(c, "kvHeads", 0);
   d.head_dim = get_int(c, "headDim", 0);
-  d.rope_theta = get_number(c, "ropeTheta", 10000);
-  d.rms_eps = float(get_number(c, "rmsEps", 1e-5));
+  d.rope_theta = get_number(c, "ropeTheta", 10000, "config.");
+  d.rms_eps = float(get_number(c, "rmsEps", 1e-5, "config."));
   d.window = get_int(c, "window", 0);
   d.qk_norm = fmoe::parse_enum(fmoe::kQkNormNames, "qkNorm", get_string(c, "qkNorm", "none"));
   d.qkv_bias = get_bool(c, "qkvBias");
-  d.clip_qkv = float(get_number(c, "clipQkv", 0));
+  d.clip_qkv = float(get_number(c, "clipQkv", 0, "config."));
   d.num_experts = get_int(c, "numExperts", 0);
   d.top_k = get_int(c, "topK", 0);
   d.moe_intermediate = get_int(c, "moeIntermediate", 0);

@@ -16,13 +16,6 @@
 namespace fmoe_napi {
 namespace {
 
-double get_number(Napi::Object o, const char* key, double fallback) {
-  Napi::Value v = o.Get(key);
-  if (v.IsUndefined()) return fallback;
-  if (!v.IsNumber()) throw Napi::TypeError::New(o.Env(), std::string("params.") + key + " must be a number");
-  return v.As<Napi::Number>().DoubleValue();
-}
-
 class NativeSampler : public Napi::ObjectWrap<NativeSampler> {
  public:
   static Napi::Function Init(Napi::Env env) {
@@ -36,14 +29,14 @@ class NativeSampler : public Napi::ObjectWrap<NativeSampler> {
     if (info.Length() < 1 || !info[0].IsObject()) throw Napi::TypeError::New(env, "params must be an object");
     Napi::Object o = info[0].As<Napi::Object>();
     fmoe::SamplerParams p;
-    p.temperature = get_number(o, "temperature", 1);
+    p.temperature = get_number(o, "temperature", 1, "params.");
     p.top_k = get_int(o, "topK", 0);
-    p.top_p = get_number(o, "topP", 1);
-    p.min_p = get_number(o, "minP", 0);
-    p.repetition_penalty = get_number(o, "repetitionPenalty", 1);
-    p.presence_penalty = get_number(o, "presencePenalty", 0);
-    p.frequency_penalty = get_number(o, "frequencyPenalty", 0);
-    p.seed = get_number(o, "seed", 0);
+    p.top_p = get_number(o, "topP", 1, "params.");
+    p.min_p = get_number(o, "minP", 0, "params.");
+    p.repetition_penalty = get_number(o, "repetitionPenalty", 1, "params.");
+    p.presence_penalty = get_number(o, "presencePenalty", 0, "params.");
+    p.frequency_penalty = get_number(o, "frequencyPenalty", 0, "params.");
+    p.seed = get_number(o, "seed", 0, "params.");
     if (!(p.temperature >= 0 && std::isfinite(p.temperature)) || p.top_k < 0 || !(p.top_p > 0 && p.top_p <= 1) ||
         !(p.min_p >= 0 && p.min_p <= 1) || !(p.repetition_penalty > 0 && std::isfinite(p.repetition_penalty)) ||
         !std::isfinite(p.presence_penalty) || !std::isfinite(p.frequency_penalty) ||
