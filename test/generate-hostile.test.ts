@@ -288,6 +288,22 @@ describe('failures inside the step loop end their own request only; the process 
     }
   });
 
+  test("arrays the native sampler cannot take: an error naming them, and the sampler's history intact", () => {
+    const logits = Float32Array.from({ length: 40 }, (_, i) => Math.sin(i * 1.7) * 3);
+    const params = checkSampling('options', { temperature: 0, repetitionPenalty: 4 });
+    const sampler = new Sampler(params);
+    const history = [0, 5];
+    const first = sampler.sample(logits, history);
+    history.push(first);
+    expect(() => sampler.sample(logits, history, [], new Uint8Array(39))).toThrow(/allowed must have 40 elements/);
+    expect(() => sampler.sample(Float64Array.from(logits) as unknown as Float32Array, history)).toThrow(
+      /logits must be a Float32Array/,
+    );
+    history.push(7);
+    // What a fresh sampler makes of the whole history: the failed draws lost none of it.
+    expect(sampler.sample(logits, history)).toBe(new Sampler(params).sample(logits, history.slice()));
+  });
+
   test('next() called again before the last call settled: each gets the next piece, in order', async () => {
     const { model } = standIn(0);
     const engine = new Engine(model);

@@ -223,11 +223,17 @@ export class Sampler {
     const newHistory = idsOf(history, clearHistory ? 0 : this.#historyLength);
     const clearOutput = output !== this.#output || output.length < this.#outputLength;
     const newOutput = idsOf(output, clearOutput ? 0 : this.#outputLength);
+    let token: number;
+    try {
+      token = this.#native.sample(logits, newHistory, clearHistory, newOutput, clearOutput, allowed);
+    } catch (err) {
+      this.#history = this.#output = null; // what the native side holds is unknown: the next draw starts over
+      throw err;
+    }
     this.#history = history;
     this.#historyLength = history.length;
     this.#output = output;
     this.#outputLength = output.length;
-    const token = this.#native.sample(logits, newHistory, clearHistory, newOutput, clearOutput, allowed);
     if (token < 0) throw notSampleable();
     return token;
   }
