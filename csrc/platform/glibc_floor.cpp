@@ -1,6 +1,6 @@
 // Linked into the prebuilt binaries only (binding.gyp with FUSED_MOE_GLIBC_FLOOR=1, and the arm64 cross
 // build), so that they load on glibc 2.28. A build machine with a newer glibc binds these functions to
-// the symbol versions it introduced (dlopen and pthread_* at GLIBC_2.34, exp and pow at 2.29, fstat at
+// the symbol versions it introduced (dlopen and pthread_* at GLIBC_2.34, exp, log and pow at 2.29, fstat at
 // 2.33, arc4random at 2.36), and the static libstdc++ brings some of them in too. The linker's --wrap
 // (csrc/platform/glibc_floor.gypi) sends every reference, ours and libstdc++'s, to the __wrap_ functions
 // here, which call the architecture's first version of each function: the one every glibc exports.
@@ -45,6 +45,7 @@ FMOE_OLD_VERSION(int, pthread_key_delete, (pthread_key_t key), (key))
 FMOE_OLD_VERSION(void*, pthread_getspecific, (pthread_key_t key), (key))
 FMOE_OLD_VERSION(int, pthread_setspecific, (pthread_key_t key, const void* v), (key, v))
 FMOE_OLD_VERSION(double, exp, (double x), (x))
+FMOE_OLD_VERSION(double, log, (double x), (x))
 FMOE_OLD_VERSION(double, pow, (double x, double y), (x, y))
 
 // fstat and fstat64 became symbols in 2.33 (before, inline calls of __fxstat, whose first argument
