@@ -416,7 +416,7 @@ for (const r of results) {
     const p = r.phases[N];
     const parts = Object.entries(p.msPerStep).map(([k, ms]) => `${k} ${fmt(ms)}`);
     log(
-      `${r.format} ${N} streams: native steps ${((p.nativeMs / p.wallMs) * 100).toFixed(0)}% of the wall time; ms per step (${p.steps} steps, prompts included): ${parts.join(', ')}`,
+      `${r.format} ${N} streams: native steps ${((p.nativeMs / p.wallMs) * 100).toFixed(0)}% of the wall time (${fmt((p.wallMs - p.nativeMs) / p.steps)} ms a step outside them: the step loop, sampling, streaming); ms per step (${p.steps} steps, prompts included): ${parts.join(', ')}`,
     );
   }
 }

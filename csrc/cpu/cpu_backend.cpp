@@ -194,11 +194,7 @@ class CpuBackend final : public Backend {
   // 16 tokens. At 16 streams one chunk of 16 left the combine, 37 µs a layer, to the calling thread
   // while the others waited (`node bench/timeline.js mixtral int4 12 16 --layout`). Up to 4 tokens run
   // inline (parallel_for runs n <= chunk on the caller): less than a job's hand-off costs.
-  int64_t token_chunk(int64_t n) const {
-    const int64_t t =
-        std::max(1, threads() > 0 ? std::min(threads(), ThreadPool::instance().size()) : ThreadPool::instance().size());
-    return std::max<int64_t>(4, std::min<int64_t>(16, (n + 2 * t - 1) / (2 * t)));
-  }
+  int64_t token_chunk(int64_t n) const { return ThreadPool::instance().chunk_for(n, threads(), 4, 16); }
   RouteSpec route_spec() const { return fmoe::route_spec(cfg_, bias_.empty() ? nullptr : bias_.data()); }
 
   // Split over tokens, or at decode over experts, so that one thread does not read the whole router

@@ -532,9 +532,8 @@ class CpuDecoder final : public Decoder {
   template <class Fn>
   void over_items(int64_t n, int64_t least, const Fn& fn) const {
     ThreadPool& pool = ThreadPool::instance();
-    const int64_t t = std::max(1, cfg_.threads > 0 ? std::min(cfg_.threads, pool.size()) : pool.size());
-    const int64_t chunk = std::max(least, (n + 2 * t - 1) / (2 * t));
-    pool.parallel_for(n, chunk, cfg_.threads, [&](int64_t b, int64_t e, int) { fn(b, e - b); });
+    pool.parallel_for(n, pool.chunk_for(n, cfg_.threads, least), cfg_.threads,
+                      [&](int64_t b, int64_t e, int) { fn(b, e - b); });
   }
   template <class Fn>
   void over_tokens(int64_t T, const Fn& fn) const {

@@ -477,6 +477,12 @@ static void test_factory() {
 
 static void test_pool() {
   ThreadPool pool(3);
+  // Chunks: two a thread of those allowed, within [least, most].
+  CHECK(pool.chunk_for(60, 0, 4) == 10);
+  CHECK(pool.chunk_for(60, 2, 4) == 15);
+  CHECK(pool.chunk_for(60, 2, 4, 12) == 12);
+  CHECK(pool.chunk_for(7, 0, 4, 16) == 4);
+  CHECK(pool.chunk_for(60, 9, 1) == 10);  // more threads asked for than the pool has
   std::vector<int> hit(1000, 0);
   pool.parallel_for(1000, 7, 0, [&](int64_t b, int64_t e, int) {
     for (int64_t i = b; i < e; i++) hit[i]++;
