@@ -156,8 +156,6 @@ export interface NativeBinding {
   NativeModel: new (config: object) => unknown;
   /** One generation's sampler (csrc/cpu/sampler.h); lib/generate/sampling.ts drives it. */
   NativeSampler: new (params: NativeSamplerParams) => NativeSampler;
-  /** The first index of the largest logit (NaN never), or -1 when none is above -Infinity or it is +Infinity. */
-  argmax(logits: Float32Array): number;
   /** [log-sum-exp of the logits (NaN counted as -Infinity), then the ids of the `top` largest, largest first]. */
   logSoftmaxStats(logits: Float32Array, top: number): Float64Array;
   backendInfo(): BackendInfo;

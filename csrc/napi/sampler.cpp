@@ -1,5 +1,5 @@
-// NativeSampler: the JS handle of one generation's sampler (csrc/cpu/sampler.h); argmax(), the greedy
-// draw; logSoftmaxStats(), what log probabilities need. Conversion only: lib/generate/sampling.ts checks the parameters
+// NativeSampler: the JS handle of one generation's sampler (csrc/cpu/sampler.h; greedy draws read the
+// logits where they are); logSoftmaxStats(), what log probabilities need. Conversion only: lib/generate/sampling.ts checks the parameters
 // first. Draws run on the calling (JavaScript) thread: a fraction of a millisecond each, and the step loop needs them
 // at once.
 #include "../cpu/sampler.h"
@@ -83,13 +83,6 @@ class NativeSampler : public Napi::ObjectWrap<NativeSampler> {
   std::unique_ptr<fmoe::TokenSampler> sampler_;
 };
 
-// (logits: Float32Array) -> the first index of the largest logit, or -1 (sampler.h argmax_logits).
-Napi::Value Argmax(const Napi::CallbackInfo& info) {
-  size_t V = 0;
-  const float* logits = static_cast<const float*>(typed_data_any(info[0], napi_float32_array, &V, "logits"));
-  return Napi::Number::New(info.Env(), double(fmoe::argmax_logits(logits, int64_t(V))));
-}
-
 // (logits: Float32Array, top: number) -> Float64Array [log-sum-exp of the logits, then the ids of the
 // `top` largest, largest first] (sampler.h log_sum_exp, top_ids).
 Napi::Value LogSoftmaxStats(const Napi::CallbackInfo& info) {
@@ -112,7 +105,6 @@ Napi::Value LogSoftmaxStats(const Napi::CallbackInfo& info) {
 
 void register_sampler(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeSampler", NativeSampler::Init(env));
-  exports.Set("argmax", Napi::Function::New(env, Argmax, "argmax"));
   exports.Set("logSoftmaxStats", Napi::Function::New(env, LogSoftmaxStats, "logSoftmaxStats"));
 }
 

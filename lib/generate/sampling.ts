@@ -169,8 +169,6 @@ export function samplingDefaults(gen: Record<string, unknown> | undefined): Omit
  */
 export class Sampler {
   readonly #native: NativeSampler;
-  /** Greedy with nothing that changes the logits: the draw is their argmax, read where they are. */
-  readonly #plainGreedy: boolean;
   /**
    * The history and output arrays the native sampler has seen, and how much of each: both only grow
    * while a generation runs (its own arrays), so a draw passes only their new tokens.
@@ -194,12 +192,6 @@ export class Sampler {
       biasIds: Int32Array.from(bias, ([t]) => t),
       biasValues: Float64Array.from(bias, ([, b]) => b),
     });
-    this.#plainGreedy =
-      params.temperature === 0 &&
-      params.repetitionPenalty === 1 &&
-      (params.presencePenalty ?? 0) === 0 &&
-      (params.frequencyPenalty ?? 0) === 0 &&
-      bias.length === 0;
   }
 
   /**
@@ -214,11 +206,6 @@ export class Sampler {
     output: readonly number[] = [],
     allowed?: Uint8Array,
   ): number {
-    if (this.#plainGreedy && !allowed) {
-      const best = binding().argmax(logits);
-      if (best < 0) throw notSampleable();
-      return best;
-    }
     const clearHistory = history !== this.#history || history.length < this.#historyLength;
     const newHistory = idsOf(history, clearHistory ? 0 : this.#historyLength);
     const clearOutput = output !== this.#output || output.length < this.#outputLength;
