@@ -1,7 +1,7 @@
 // NativeSampler: the JS handle of one generation's sampler (csrc/cpu/sampler.h; greedy draws read the
-// logits where they are); logSoftmaxStats(), what log probabilities need. Conversion only: lib/generate/sampling.ts checks the parameters
-// first. Draws run on the calling (JavaScript) thread: a fraction of a millisecond each, and the step loop needs them
-// at once.
+// logits where they are); logSoftmaxStats(), what log probabilities need. Conversion only: lib/generate/sampling.ts
+// checks the parameters first. Draws run on the calling (JavaScript) thread: a fraction of a millisecond each, and the
+// step loop needs them at once.
 #include "../cpu/sampler.h"
 
 #include <napi.h>
