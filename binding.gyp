@@ -44,7 +44,7 @@
       "target_name": "fmoe_kernels_avx512bf16",
       "type": "static_library",
       "sources": ["<@(fmoe_avx512bf16_sources)"],
-      "conditions": [["target_arch=='x64'", {"cflags_cc": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vnni", "-Wno-maybe-uninitialized"]}]]
+      "conditions": [["target_arch=='x64'", {"cflags_cc": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vnni", "-mgfni", "-Wno-maybe-uninitialized"]}]]
     },
     {
       "target_name": "fmoe_kernels_neon",

@@ -58,7 +58,7 @@ bool cpu_supports(Isa isa) {
              avx512dq = b7 & (1u << 17);
   unsigned a71 = 0, b71 = 0, c71 = 0, d71 = 0;
   __cpuid_count(7, 1, a71, b71, c71, d71);
-  const bool avx512bf16 = a71 & (1u << 5), avx512vnni = c7 & (1u << 11);
+  const bool avx512bf16 = a71 & (1u << 5), avx512vnni = c7 & (1u << 11), gfni = c7 & (1u << 8);
   const bool has_avx2 = ymm_os && avx2 && fma && f16c;
   const bool has_avx512 = has_avx2 && zmm_os && avx512f && avx512bw && avx512vl && avx512dq;
   switch (isa) {
@@ -67,7 +67,7 @@ bool cpu_supports(Isa isa) {
     case Isa::Avx512:
       return has_avx512;
     case Isa::Avx512Bf16:
-      return has_avx512 && avx512bf16 && avx512vnni;
+      return has_avx512 && avx512bf16 && avx512vnni && gfni;
     default:
       return false;
   }
