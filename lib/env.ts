@@ -16,7 +16,8 @@ export interface EnvVar {
 export const ENV_VARS: readonly EnvVar[] = [
   {
     name: 'FUSED_MOE_ISA',
-    effect: 'forces the CPU kernel set: scalar, avx2, avx512, avx512bf16 or neon (one this CPU and build support)',
+    effect:
+      "forces the CPU kernel set: scalar, avx2 (AVX2, FMA, F16C), avx512 (AVX-512 F, BW, VL, DQ), avx512bf16 (avx512's and AVX-512 BF16, VNNI, GFNI: Zen 4 and later, Sapphire Rapids and later) or neon (one this CPU and build support)",
     readBy: 'native addon (csrc/cpu/isa_select.cpp)',
   },
   {
