@@ -34,7 +34,7 @@ struct OpsAvx512Bf16 : OpsAvx512 {
   static Raw load_u8(const char* p) { return _mm512_loadu_si512(p); }
   // 64 bytes of int4 code pairs (packing.h, Dot order) as two operands of dot_u8s8: the low nibbles by
   // a mask, the high ones by one GFNI affine transform (bits 4-7 of each byte to bits 0-3, the rest
-  // zero) where OpsAvx512 shifts and masks. The tiles of 4 to 16 rows spend most of their vector
+  // zero) where OpsAvx512 shifts and masks. The tiles of 4 to 16 rows spend about 40% of their vector
   // operations outside the dot products (unpacking, and per group a conversion, a multiply and an FMA
   // per accumulator); one fewer per panel and step ran a 16-stream Mixtral int4 step 4.3% faster
   // (`bench/ab-model.js mixtral int4 build OLD NEW 40 16`, both orders, Zen 5, 2 cores: every weight
