@@ -11,7 +11,8 @@
 // decode rate while all N streams run (tokens of every stream between the last first token and the
 // first last token, over that time), time to first token and inter-token latency p50/p99, and the
 // decode rate as a fraction of the same run's read bandwidth on the bytes one step reads, and of the
-// step's roofline (stepRoofline: the read probe and the dot product's peak, both of the same run); each
+// step's roofline (stepRoofline: the read probe and the multiply-add peak of the format's kernels, both
+// of the same run: for int8 and int4 the dot product's with each group's scaling beside it); each
 // the median of three runs, the runs of every N taking turns (1, 4, 8, 16 streams, then again).
 // Then, ours only: 8 streams run, and a 2,000-token prompt arrives; the p99 inter-token latency of the
 // 8 streams before and while that prompt is read, against the time of one prefill chunk. And 8
@@ -344,13 +345,16 @@ function stepRoofline(N, bpw, routerBytes, readGBs, peakGmacs) {
 const binding = require('node-gyp-build')(root);
 const readGBs = () => binding.bench.readBandwidth(quick ? 64 << 20 : 1 << 30, THREADS);
 let bw = readGBs();
-// Multiply-add peaks (GMAC/s) of the kernels each format runs: the integer dot product (vpdpbusd) for
-// int8 and int4, the bf16 dot product (or float32 FMA without it) for bf16; 0 where not measured.
+// Multiply-add peaks (GMAC/s) of the kernels each format runs: for int8 and int4 the integer dot product
+// (vpdpbusd) with the scaling of each group of 32 (a conversion, a multiply and an FMA per accumulator,
+// which take the dot products' issue slots on Zen 4 and 5: about 0.8 of the bare peak, which `intBare`
+// keeps for the log), the bf16 dot product (or float32 FMA without it) for bf16; 0 where not measured.
 const cpuInfo = binding.backendInfo().cpu;
 const fmaIsa = ['avx512bf16', 'avx512', 'avx2', 'neon'].find((i) => cpuInfo.supported.includes(i));
-const peaks = { int: 0, bf16: 0 };
+const peaks = { int: 0, intBare: 0, bf16: 0 };
 function measurePeaks() {
-  peaks.int = Math.max(peaks.int, binding.bench.int8DotPeak(THREADS) / 2);
+  peaks.int = Math.max(peaks.int, binding.bench.int8DotPeak(THREADS, 32) / 2);
+  peaks.intBare = Math.max(peaks.intBare, binding.bench.int8DotPeak(THREADS) / 2);
   if (fmaIsa) peaks.bf16 = Math.max(peaks.bf16, binding.bench.fmaPeak(ISA_INDEX[fmaIsa], THREADS) / 2);
 }
 measurePeaks();
@@ -427,7 +431,7 @@ for (const format of formats) {
     const lo = Math.min(...streams),
       hi = Math.max(...streams);
     log(
-      `${format}: the roofline (read ${fmt(bw)} GB/s, ${fmt(peak)} GMAC/s) allows ${fmt(rate(lo))} tok/s at ${lo} stream(s) and ${fmt(rate(hi))} at ${hi}: ${fmt(rate(hi) / rate(lo))}×`,
+      `${format}: the roofline (read ${fmt(bw)} GB/s, ${fmt(peak)} GMAC/s${format === 'bf16' ? '' : ` with the group scaling, ${fmt(peaks.intBare)} bare`}) allows ${fmt(rate(lo))} tok/s at ${lo} stream(s) and ${fmt(rate(hi))} at ${hi}: ${fmt(rate(hi) / rate(lo))}×`,
     );
   }
   const ours = rows.find((x) => x.format === format && x.engine === 'ours' && x.streams === Math.max(...streams));

@@ -177,8 +177,11 @@ export interface NativeBinding {
     /** Each read pattern's GB/s: 8, 4 and 2 streams a thread, 4 fetched ahead. */
     readPatterns(bytes: number, threads: number): Float64Array;
     fmaPeak(isa: number, threads: number): number;
-    /** GFLOP/s of vpdpbusd (the avx512bf16 set's int8 and int4 kernels), 0 where that set cannot run. */
-    int8DotPeak(threads: number): number;
+    /**
+     * GFLOP/s of vpdpbusd (the avx512bf16 set's int8 and int4 kernels), 0 where that set cannot run. With
+     * group 32 or 128: with each quantized group's scaling beside the dot products (the tiles' ceiling).
+     */
+    int8DotPeak(threads: number, group?: number): number;
     quantize(values: Float32Array, K: number, kind: string, group: number): { scales: Float32Array; codes: Int8Array };
     /** Sets a kernel tuning value for the whole process (csrc/cpu/kernels.h, attention.h); returns the previous one. */
     setTuning(

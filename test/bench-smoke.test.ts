@@ -55,3 +55,13 @@ test('quant-error prints a row per kernel set and format, each error in its rang
     }
   }
 });
+
+test('the int8 dot peak probe, bare and with the group scaling, where the avx512bf16 set runs', () => {
+  const b = binding();
+  const runs = b.backendInfo().cpu.supported.includes('avx512bf16');
+  for (const group of [undefined, 32, 128]) {
+    const gflops = b.bench.int8DotPeak(1, group);
+    // A positive rate where the set runs (the loops count their own operations), none elsewhere.
+    expect([group, runs ? Number.isFinite(gflops) && gflops > 0 : gflops === 0]).toEqual([group, true]);
+  }
+});

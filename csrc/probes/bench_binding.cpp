@@ -40,7 +40,8 @@ static Napi::Value FmaPeak(const Napi::CallbackInfo& info) {
 
 static Napi::Value Int8DotPeak(const Napi::CallbackInfo& info) {
   const int threads = info[0].As<Napi::Number>().Int32Value();
-  return Napi::Number::New(info.Env(), fmoe::probe_int8_dot_peak(threads));
+  const int group = info.Length() > 1 && info[1].IsNumber() ? info[1].As<Napi::Number>().Int32Value() : 0;
+  return Napi::Number::New(info.Env(), fmoe::probe_int8_dot_peak(threads, group));
 }
 
 // (values: Float32Array [rows, K], K, 'int8' | 'int4', group) -> { scales: Float32Array [rows, ceil(K/group)],

@@ -23,6 +23,8 @@ double probe_fma_loop_avx2(int64_t iters);
 double probe_fma_loop_avx512(int64_t iters);
 double probe_dot_loop_avx512bf16(int64_t iters);
 double probe_int8_dot_loop_avx512bf16(int64_t iters);
+double probe_int8_group32_loop_avx512bf16(int64_t iters);
+double probe_int8_group128_loop_avx512bf16(int64_t iters);
 double probe_fma_loop_neon(int64_t iters);
 uint64_t probe_read_avx512(const void* p, size_t bytes, int pattern);
 
@@ -210,9 +212,11 @@ double probe_fma_peak(Isa isa, int threads) {
   return peak_of(loop, threads);
 }
 
-double probe_int8_dot_peak(int threads) {
+double probe_int8_dot_peak(int threads, int group) {
   if (threads < 1) threads = 1;
   if (!cpu_supports(Isa::Avx512Bf16)) return 0;
+  if (group == 32) return peak_of(probe_int8_group32_loop_avx512bf16, threads);
+  if (group == 128) return peak_of(probe_int8_group128_loop_avx512bf16, threads);
   return peak_of(probe_int8_dot_loop_avx512bf16, threads);
 }
 

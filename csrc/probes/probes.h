@@ -41,5 +41,7 @@ double probe_read_bandwidth(size_t bytes, int threads, std::vector<double>* per_
 double probe_fma_peak(Isa isa, int threads);
 // The int8 dot-product peak (vpdpbusd) of the avx512bf16 set, whose int8 and int4 kernels run on it, in
 // GFLOP/s (2 per multiply-add, as the benchmark counts a quantized layer's work); 0 if unsupported.
-double probe_int8_dot_peak(int threads);
+// group 32 or 128: the peak with each group's scaling (a conversion, a multiply and an FMA per
+// accumulator and group), the quantized tiles' ceiling at that group size; any other value: bare.
+double probe_int8_dot_peak(int threads, int group = 0);
 }  // namespace fmoe
