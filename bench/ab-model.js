@@ -16,6 +16,7 @@
 //   node bench/model.js --models qwen3moe --formats int4 --engines ours   (writes the model files once)
 //   node bench/ab-model.js qwen3moe int4 shortPanelBytes 0 24576 [pairs = 60] [streams = 1]
 //   node bench/ab-model.js qwen3moe int4 decodeStreams 0 1
+//   node bench/ab-model.js qwen3moe none decodeStreams 0 1 60 --part all
 //   node bench/ab-model.js qwen3moe none tilePanels 4 8
 //   node bench/ab-model.js qwen3moe int4 attentionPrefetch 0 1 300 --part attention
 //   node bench/ab-model.js mixtral int4 attentionInPlace 0 1 40 16 --part attention

@@ -32,6 +32,10 @@ struct Shapes {
   static constexpr int kMrDecode = O::kAcc / 8 > 0 ? O::kAcc / 8 : 1;
   static constexpr int kMrDecodeMax = kMrDecode;  // rows the decode panels take in one row block
   static constexpr int kNpOneRow = kNpDecode;     // panels of the one-row tile (sweep_streams)
+  // The float modes' one-row tile (sweep_streams with kFetchNear, simd_micro.h): four panel-matrices,
+  // on sets with 32 registers of 16 lanes (8 accumulators and 8 weights for w1/w3 pairs).
+  static constexpr bool kFloatStreams = !is_quant(MODE) && O::kRegs >= 32 && O::W == 16;
+  static constexpr int kNpFloatOneRow = 4;
 };
 // With 32 registers the integer-dot modes also hold one step's unpacked codes for the whole tile (two
 // registers per panel and matrix for int4, one for int8; micro_qdot) and a row's broadcasts, so the
@@ -191,14 +195,15 @@ static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, 
 // 0.87-0.94 (int8 0.95, Mixtral int8 0.97, Mixtral int4 1.00); the float modes gained nothing in a trial
 // and keep sweep. Each column still sums its groups in order in one micro-kernel call, so the bits are
 // those of sweep.
-template <class O, int MODE, int NMAT, int MR, int NP, class Epi>
+template <class O, int MODE, int NMAT, int MR, int NP, int FETCH, class Epi>
 static void sweep_streams(const char* a, int64_t M, int64_t K, int64_t gsz, const char* b, size_t pstride,
                           int64_t p_begin, int64_t p_end, Epi&& epi) {
-  static_assert(is_dot(MODE), "the integer-dot modes only");
+  static_assert(is_dot(MODE) || !is_quant(MODE), "the integer-dot and the float modes");
   const int64_t q = (p_end - p_begin) / NP;
   if (q == 0)
     return sweep<O, MODE, NMAT, MR, 1, kFetchNone>(a, M, K, int64_t(1) << 40, gsz, b, pstride, p_begin, p_end, epi);
-  const size_t arow = dot_act_row_bytes<MODE>(K, gsz);
+  size_t arow = size_t(MODE == kBF16Dot ? (K + 1) / 2 : K) * 4;  // as sweep's
+  if constexpr (is_dot(MODE)) arow = dot_act_row_bytes<MODE>(K, gsz);
   static thread_local Scratch cbuf;
   float* c = static_cast<float*>(cbuf.get(size_t(MR) * NP * NMAT * O::W * sizeof(float)));
   const RowBlocks blocks(M, MR);
@@ -209,8 +214,8 @@ static void sweep_streams(const char* a, int64_t M, int64_t K, int64_t gsz, cons
       const int64_t m0 = blocks.start(r);
       const int mr = blocks.rows(r);
       // Near a panel's end micro_qdot's prefetch runs on into the next panel of each run: the next tile's.
-      micro_rows<O, MODE, NMAT, MR, NP, kFetchNone>(mr, a + size_t(m0) * arow, K, 0, K, gsz, b + size_t(pg) * pstride,
-                                                    size_t(q) * pstride, c, false, none);
+      micro_rows<O, MODE, NMAT, MR, NP, FETCH>(mr, a + size_t(m0) * arow, K, 0, K, gsz, b + size_t(pg) * pstride,
+                                               size_t(q) * pstride, c, false, none);
       epi(c, m0, mr, pg, NP, q);
     }
   }
@@ -257,9 +262,15 @@ static void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t gsz,
   const char* a = pack_act<O, MODE>(x, ldx, M, K, block_rows, gsz, epoch);
   if constexpr (is_dot(MODE)) {
     if (decode && decode_streams().load(std::memory_order_relaxed)) {
-      if (M == 1) return sweep_streams<O, MODE, NMAT, 1, S::kNpOneRow>(a, M, K, gsz, b, pstride, p_begin, p_end, epi);
-      return sweep_streams<O, MODE, NMAT, S::kMrDecode, S::kNpDecode>(a, M, K, gsz, b, pstride, p_begin, p_end, epi);
+      if (M == 1)
+        return sweep_streams<O, MODE, NMAT, 1, S::kNpOneRow, kFetchNone>(a, M, K, gsz, b, pstride, p_begin, p_end, epi);
+      return sweep_streams<O, MODE, NMAT, S::kMrDecode, S::kNpDecode, kFetchNone>(a, M, K, gsz, b, pstride, p_begin,
+                                                                                  p_end, epi);
     }
+  } else if constexpr (S::kFloatStreams) {
+    if (M == 1 && decode && decode_streams().load(std::memory_order_relaxed))
+      return sweep_streams<O, MODE, NMAT, 1, S::kNpFloatOneRow, kFetchNear>(a, M, K, gsz, b, pstride, p_begin, p_end,
+                                                                            epi);
   }
   // With decode_streams() off (the layout sweep_streams is measured against): integer-dot panels
   // shorter than short_panel_bytes() (24 KiB) take the decode tile one panel at a time.

@@ -20,8 +20,15 @@ struct NextLines {
 // panels (the prefill shape, several row blocks over each block). kFetchAhead: the lines a little ahead
 // in its own panels (prefetch_codes; the few-rows shape, one row block streaming its panels once).
 // kFetchNone: the hardware prefetchers alone, except in the integer-dot kernels, which always fetch
-// ahead when they do not fetch the next block.
-constexpr int kFetchNone = 0, kFetchNext = 1, kFetchAhead = 2;
+// ahead when they do not fetch the next block. kFetchNear: kNearBytes ahead in its own panels (the float
+// one-row tile on panels far apart, sweep_streams).
+constexpr int kFetchNone = 0, kFetchNext = 1, kFetchAhead = 2, kFetchNear = 3;
+// The float one-row tile reads four streams a thread (sweep_streams) and asks for each stream's line 1
+// KiB ahead, to every level. Against eight adjacent panels without it: one Qwen3 bf16 stream's step
+// 0.82-0.85, Mixtral's 0.86-0.87 (the LM head 0.80-0.82; `bench/ab-model.js MODEL none decodeStreams 0
+// 1`, Zen 5, 2 cores); 2 KiB ahead 0.88-0.96, 512 bytes 0.90-0.95, 1 KiB non-temporally no better than
+// to every level, to L2 only 8% slower; eight far-apart streams with 2 KiB 12% and two 9% slower than four.
+constexpr size_t kNearBytes = 1024;
 
 // Issues the next of NextLines' prefetches when its turn has come (once per k step); compiled out of
 // the calls that do not fetch the next block (ON false).
@@ -108,6 +115,7 @@ static void micro(const char* ap, int64_t K, int64_t k0, int64_t k1, const char*
       pf.step(pstride);
       const char* bk = b + size_t(k) * step;
       if constexpr (FETCH == kFetchAhead) prefetch_codes<step, NP>(bk, b + pstride, pstride);
+      if constexpr (FETCH == kFetchNear) prefetch_codes<step, NP, kNearBytes>(bk, b + pstride, pstride);
       V w[NP][NMAT];
 #pragma GCC unroll 8
       for (int p = 0; p < NP; p++)
@@ -136,6 +144,7 @@ static void micro(const char* ap, int64_t K, int64_t k0, int64_t k1, const char*
       pf.step(pstride);
       const char* bk = b + size_t(k / 2) * step;
       if constexpr (FETCH == kFetchAhead) prefetch_codes<step, NP>(bk, b + pstride, pstride);
+      if constexpr (FETCH == kFetchNear) prefetch_codes<step, NP, kNearBytes>(bk, b + pstride, pstride);
       V w[NP][NMAT];
 #pragma GCC unroll 8
       for (int p = 0; p < NP; p++)
@@ -175,6 +184,7 @@ static void micro(const char* ap, int64_t K, int64_t k0, int64_t k1, const char*
       pf.step(pstride);
       const char* bk = b + size_t(k / 2) * step;
       if constexpr (FETCH == kFetchAhead) prefetch_codes<step, NP>(bk, b + pstride, pstride);
+      if constexpr (FETCH == kFetchNear) prefetch_codes<step, NP, kNearBytes>(bk, b + pstride, pstride);
       typename O::Raw w[NP][NMAT];
 #pragma GCC unroll 8
       for (int p = 0; p < NP; p++)
