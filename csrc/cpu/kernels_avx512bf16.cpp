@@ -29,6 +29,7 @@ struct OpsAvx512Bf16 : OpsAvx512 {
   static constexpr long long kHighNibble = 0x1020408000000000LL;
   static constexpr int kDotTemps = 1;              // vpdpbusd needs only the nibble mask
   static constexpr size_t kManyRowsAhead = 16384;  // int4 tiles of 5+ rows fetch further ahead (simd_micro.h)
+  static constexpr size_t kOneRowAhead = 1024;     // the one-row tile on far-apart panels fetches less far
   static Raw load_raw(const char* p) { return _mm512_loadu_si512(p); }
   // 64 bytes of offset-binary int8 quads (packing.h, Vnni order): the operand of dot_u8s8 as they are.
   static Raw load_u8(const char* p) { return _mm512_loadu_si512(p); }

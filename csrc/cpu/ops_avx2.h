@@ -17,6 +17,7 @@ struct OpsAvx2 {
   static constexpr int kRegs = 16;             // vector registers
   static constexpr int kDotTemps = 3;          // dot-product constants and temporaries (ops_avx512.h)
   static constexpr size_t kManyRowsAhead = 0;  // int4 tiles of 5+ rows: prefetch_code_bytes (simd_micro.h)
+  static constexpr size_t kOneRowAhead = 0;    // the one-row integer tile: prefetch_code_bytes (simd_micro.h)
 
   static V zero() { return _mm256_setzero_ps(); }
   static V set1(float v) { return _mm256_set1_ps(v); }

@@ -20,6 +20,7 @@ struct OpsAvx512 {
   static constexpr int kRegs = 32;
   static constexpr int kDotTemps = 3;
   static constexpr size_t kManyRowsAhead = 0;  // int4 tiles of 5+ rows: prefetch_code_bytes (simd_micro.h)
+  static constexpr size_t kOneRowAhead = 0;    // the one-row integer tile: prefetch_code_bytes (simd_micro.h)
 
   static V zero() { return _mm512_setzero_ps(); }
   static V set1(float v) { return _mm512_set1_ps(v); }

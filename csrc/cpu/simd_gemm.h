@@ -263,7 +263,7 @@ static void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t gsz,
   if constexpr (is_dot(MODE)) {
     if (decode && decode_streams().load(std::memory_order_relaxed)) {
       if (M == 1)
-        return sweep_streams<O, MODE, NMAT, 1, S::kNpOneRow, kFetchNone>(a, M, K, gsz, b, pstride, p_begin, p_end, epi);
+        return sweep_streams<O, MODE, NMAT, 1, S::kNpOneRow, kFetchNear>(a, M, K, gsz, b, pstride, p_begin, p_end, epi);
       return sweep_streams<O, MODE, NMAT, S::kMrDecode, S::kNpDecode, kFetchNone>(a, M, K, gsz, b, pstride, p_begin,
                                                                                   p_end, epi);
     }

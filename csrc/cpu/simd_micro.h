@@ -20,8 +20,8 @@ struct NextLines {
 // panels (the prefill shape, several row blocks over each block). kFetchAhead: the lines a little ahead
 // in its own panels (prefetch_codes; the few-rows shape, one row block streaming its panels once).
 // kFetchNone: the hardware prefetchers alone, except in the integer-dot kernels, which always fetch
-// ahead when they do not fetch the next block. kFetchNear: kNearBytes ahead in its own panels (the float
-// one-row tile on panels far apart, sweep_streams).
+// ahead when they do not fetch the next block. kFetchNear: kNearBytes ahead in its own panels (the
+// one-row tiles on panels far apart, sweep_streams; the integer-dot one non-temporally, micro_qdot).
 constexpr int kFetchNone = 0, kFetchNext = 1, kFetchAhead = 2, kFetchNear = 3;
 // The float one-row tile reads four streams a thread (sweep_streams) and asks for each stream's line 1
 // KiB ahead, to every level. Against eight adjacent panels without it: one Qwen3 bf16 stream's step
@@ -352,8 +352,15 @@ __attribute__((noinline)) static void micro_qdot(const char* ap, int64_t K, int6
   // Whether the tile fetches ahead in its own panels (prefetch_codes), and how far: the int4 tiles of 5
   // or more rows by the set's own distance, where it has one.
   constexpr bool kFetchOwn = (MODE == kI4Dot && kAllCodes) || (MODE == kI8Vnni && FETCH != kFetchNext);
-  constexpr size_t kAhead =
-      MODE == kI4Dot && MR >= 5 && O::kManyRowsAhead ? O::kManyRowsAhead : prefetch_code_bytes<NP>();
+  // The VNNI set's one-row tile on panels far apart (sweep_streams, FETCH kFetchNear) asks for 1 KiB
+  // ahead (OpsAvx512Bf16::kOneRowAhead): against 2 KiB, one stream's step (a trial build's run-time
+  // switch through `bench/ab-model.js`, Zen 5, 2 cores) Qwen3 int8 0.918-1.006 over four runs, Mixtral
+  // int8 0.918, Qwen3 int4 0.962-0.998 over four, Mixtral int4 0.981-0.982; to every level instead,
+  // Qwen3 int4 1.002, int8 0.916-0.996. The avx512 set lost with it (Qwen3 int4 1.040, int8 1.013), avx2
+  // read 1.00: both keep 2 KiB.
+  constexpr size_t kAhead = FETCH == kFetchNear && O::kOneRowAhead           ? O::kOneRowAhead
+                            : MODE == kI4Dot && MR >= 5 && O::kManyRowsAhead ? O::kManyRowsAhead
+                                                                             : prefetch_code_bytes<NP>();
   // The decode tiles (up to 5 rows) read their codes once: fetched non-temporally, they leave the caches
   // to what the step reads again (activations, the KV cache, the JavaScript between steps). Alone, a
   // kernel gains nothing by it (qwen3-decode-int4 0.97-1.05, `bench/ab-builds.js`); a decode step of one
