@@ -192,9 +192,10 @@ static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, 
 // adjacent panels (one stream per thread for short panels) Qwen3's int4 LM head read 62-85% of the read
 // probe over 14 runs of `node bench/model.js --models qwen3moe --formats int4 --engines ours`, 82-102%
 // on far ones (two runs). `node bench/ab-model.js qwen3moe int4 decodeStreams 0 1`, 2 Zen 5 cores: step
-// 0.87-0.94 (int8 0.95, Mixtral int8 0.97, Mixtral int4 1.00); the float modes gained nothing in a trial
-// and keep sweep. Each column still sums its groups in order in one micro-kernel call, so the bits are
-// those of sweep.
+// 0.87-0.94 (int8 0.95, Mixtral int8 0.97, Mixtral int4 1.00). The float modes' one-row tile reads four
+// such streams too, fetching 1 KiB ahead (kFetchNear, simd_micro.h); without that fetch they gained
+// nothing, and their tiles of more rows keep sweep. Each column still sums its groups in order in one
+// micro-kernel call, so the bits are those of sweep.
 template <class O, int MODE, int NMAT, int MR, int NP, int FETCH, class Epi>
 static void sweep_streams(const char* a, int64_t M, int64_t K, int64_t gsz, const char* b, size_t pstride,
                           int64_t p_begin, int64_t p_end, Epi&& epi) {

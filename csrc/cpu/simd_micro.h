@@ -24,10 +24,11 @@ struct NextLines {
 // one-row tiles on panels far apart, sweep_streams; the integer-dot one non-temporally, micro_qdot).
 constexpr int kFetchNone = 0, kFetchNext = 1, kFetchAhead = 2, kFetchNear = 3;
 // The float one-row tile reads four streams a thread (sweep_streams) and asks for each stream's line 1
-// KiB ahead, to every level. Against eight adjacent panels without it: one Qwen3 bf16 stream's step
-// 0.82-0.85, Mixtral's 0.86-0.87 (the LM head 0.80-0.82; `bench/ab-model.js MODEL none decodeStreams 0
-// 1`, Zen 5, 2 cores); 2 KiB ahead 0.88-0.96, 512 bytes 0.90-0.95, 1 KiB non-temporally no better than
-// to every level, to L2 only 8% slower; eight far-apart streams with 2 KiB 12% and two 9% slower than four.
+// KiB ahead, to every level. Against eight adjacent panels without it (`bench/ab-model.js MODEL none
+// decodeStreams 0 1`, Zen 5, 2 cores): one Qwen3 bf16 stream's step 0.81-0.86, Mixtral's 0.86-0.94, the
+// LM head 0.80-0.83. In a trial: 2 KiB ahead 0.87-0.97, 512 bytes 0.89-0.98, nothing ahead 0.99; 1 KiB
+// non-temporally no better than to every level, to L2 only 8% slower; eight far-apart streams 12% and
+// two 9% slower than four (bench/RESULTS.md, thirty-eighth run).
 constexpr size_t kNearBytes = 1024;
 
 // Issues the next of NextLines' prefetches when its turn has come (once per k step); compiled out of
