@@ -67,7 +67,8 @@ struct NextLinesCursor {
 // one Mixtral expert at 4 rows (16 streams: 4 rows per expert on average) ran 13-17% faster in bf16 (avx512bf16 and
 // avx512) and float32, the 16-token Mixtral layer 7-19%
 // (`bench/ab-builds.js expert-4tok-bf16`, `expert-4tok-f32`, `mixtral-16tok-bf16`, both orders, Zen 5, 2
-// cores). Their decode tile, four or eight streams a thread, does not: mixtral-decode-bf16 lost 1-10%.
+// cores). Their decode tile of 2 or 3 rows (eight adjacent panels) does not: mixtral-decode-bf16 lost 1-10%;
+// their one-row tile does, on panels far apart and nearer ahead (kFetchNear above).
 // The VNNI set's int4 tiles of 5 or more rows (a few-rows expert at continuous batching, and prefill)
 // are bound by their dot products, not by the loads, and fetch further ahead: 16 KiB per panel ran
 // expert-6tok-int4 at 0.92-0.96, expert-16tok-int4 0.97 and mixtral-16tok-int4 0.93-0.98 of 2 or 4 KiB,
