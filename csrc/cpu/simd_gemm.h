@@ -102,8 +102,7 @@ static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, 
   constexpr int W = O::W;
   constexpr int kg = ModeInfo<MODE>::kg;
   const int64_t Kr = MODE == kBF16Dot ? (K + 1) / 2 * 2 : K;  // k range the loop covers
-  size_t arow = size_t(MODE == kBF16Dot ? Kr / 2 : K) * 4;    // packed activation bytes per row
-  if constexpr (is_dot(MODE)) arow = dot_act_row_bytes<MODE>(K, gsz);
+  const size_t arow = act_row_bytes<MODE>(K, gsz);            // packed activation bytes per row
   kc = imax(kg, kc / kg * kg);
   // Panel groups per column block: the block's accumulators (M rows) stay in L2 across its k blocks,
   // so each k slice of the activations is read from L2 by every group of the block, not from L3.
@@ -203,8 +202,7 @@ static void sweep_streams(const char* a, int64_t M, int64_t K, int64_t gsz, cons
   const int64_t q = (p_end - p_begin) / NP;
   if (q == 0)
     return sweep<O, MODE, NMAT, MR, 1, kFetchNone>(a, M, K, int64_t(1) << 40, gsz, b, pstride, p_begin, p_end, epi);
-  size_t arow = size_t(MODE == kBF16Dot ? (K + 1) / 2 : K) * 4;  // as sweep's
-  if constexpr (is_dot(MODE)) arow = dot_act_row_bytes<MODE>(K, gsz);
+  const size_t arow = act_row_bytes<MODE>(K, gsz);
   static thread_local Scratch cbuf;
   float* c = static_cast<float*>(cbuf.get(size_t(MR) * NP * NMAT * O::W * sizeof(float)));
   const RowBlocks blocks(M, MR);

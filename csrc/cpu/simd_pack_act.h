@@ -25,6 +25,13 @@ size_t dot_act_row_bytes(int64_t K, int64_t gsz) {
     return size_t((K + 1) / 2 + ng) * 4;
 }
 
+// Bytes per packed row in any mode: the integer-dot layout above, bf16 pairs (K padded to even), or floats.
+template <int MODE>
+size_t act_row_bytes(int64_t K, int64_t gsz) {
+  if constexpr (is_dot(MODE)) return dot_act_row_bytes<MODE>(K, gsz);
+  return size_t(MODE == kBF16Dot ? (K + 1) / 2 : K) * 4;
+}
+
 // Packs M rows of K floats (row stride ldx) into the row blocks of RowBlocks(M, MR) (see above), in a
 // per-thread buffer. kBF16Dot rounds to bf16 first and pads K to even with zeros. kI4Dot / kI8Vnni /
 // kI8Dot quantize each row's groups of gsz to int8 / int8 / int16 by quant.h's rule with a float32
