@@ -36,6 +36,10 @@ const cases: Named[] = [
   // A real width: decode (T = 3) and prefill with k blocks over H and F (T = 16: 16 rows per expert).
   { name: 'wide-f32', H: 1024, F: 3584, E: 2, k: 2, T: 3, dtype: 'float32', seed: 11, ...base },
   { name: 'wide-bf16', H: 1024, F: 3584, E: 3, k: 1, T: 3, dtype: 'bfloat16', seed: 12, ...base },
+  // Two and three rows per expert at decode (the few-row tiles on far-apart panels), at widths that
+  // fit no panel count: the split into runs leaves panels over.
+  { name: 'few-rows-f32', H: 1000, F: 1800, E: 3, k: 2, T: 3, dtype: 'float32', seed: 15, ...base },
+  { name: 'few-rows-bf16', H: 1000, F: 1800, E: 3, k: 2, T: 3, dtype: 'bfloat16', seed: 16, ...base },
   { name: 'wide-prefill-f32', H: 1024, F: 3584, E: 2, k: 2, T: 16, dtype: 'float32', seed: 13, ...base },
   { name: 'wide-prefill-f16', H: 1024, F: 3584, E: 2, k: 1, T: 16, dtype: 'float16', seed: 14, ...base },
 ];

@@ -32,10 +32,17 @@ struct Shapes {
   static constexpr int kMrDecode = O::kAcc / 8 > 0 ? O::kAcc / 8 : 1;
   static constexpr int kMrDecodeMax = kMrDecode;  // rows the decode panels take in one row block
   static constexpr int kNpOneRow = kNpDecode;     // panels of the one-row tile (sweep_streams)
-  // The float modes' one-row tile (sweep_streams with kFetchNear, simd_micro.h): four panel-matrices,
-  // on sets with 32 registers of 16 lanes (8 accumulators and 8 weights for w1/w3 pairs).
+  // The float modes' decode tiles (sweep_streams with kFetchNear, simd_micro.h), on sets with 32
+  // registers of 16 lanes: one or two rows on four panels (w1/w3 pairs at two rows: 16 accumulators and
+  // 8 weights), three rows on four panel-matrices (12 accumulators). Two and three rows read eight
+  // adjacent panel-matrices before: a Mixtral bf16 step new / old in one process (a trial switch
+  // through `bench/ab-model.js mixtral none`, Zen 5, 2 cores) 0.913 at 2 streams (Q/K/V, output and LM
+  // head 0.78-0.81), 0.919 at 4, 0.969 at 8, 1.001 at 16 (most experts then take 4 rows or more); the
+  // avx512 set 0.967 at 2, 0.942 at 4; 16 Qwen3 streams 0.993.
   static constexpr bool kFloatStreams = !is_quant(MODE) && O::kRegs >= 32 && O::W == 16;
   static constexpr int kNpFloatOneRow = 4;
+  static constexpr int kNpFloatTwoRows = 4;
+  static constexpr int kNpFloatThreeRows = 4 / NMAT;
 };
 // With 32 registers the integer-dot modes also hold one step's unpacked codes for the whole tile (two
 // registers per panel and matrix for int4, one for int8; micro_qdot) and a row's broadcasts, so the
@@ -191,10 +198,10 @@ static void sweep(const char* a, int64_t M, int64_t K, int64_t kc, int64_t gsz, 
 // adjacent panels (one stream per thread for short panels) Qwen3's int4 LM head read 62-85% of the read
 // probe over 14 runs of `node bench/model.js --models qwen3moe --formats int4 --engines ours`, 82-102%
 // on far ones (two runs). `node bench/ab-model.js qwen3moe int4 decodeStreams 0 1`, 2 Zen 5 cores: step
-// 0.87-0.94 (int8 0.95, Mixtral int8 0.97, Mixtral int4 1.00). The float modes' one-row tile reads four
-// such streams too, fetching 1 KiB ahead (kFetchNear, simd_micro.h); without that fetch they gained
-// nothing, and their tiles of more rows keep sweep. Each column still sums its groups in order in one
-// micro-kernel call, so the bits are those of sweep.
+// 0.87-0.94 (int8 0.95, Mixtral int8 0.97, Mixtral int4 1.00). The float modes' decode tiles (one to
+// three rows) read such streams too, fetching 1 KiB ahead (kFetchNear, simd_micro.h); without that
+// fetch they gained nothing. Each column still sums its groups in order in one micro-kernel call, so
+// the bits are those of sweep.
 template <class O, int MODE, int NMAT, int MR, int NP, int FETCH, class Epi>
 static void sweep_streams(const char* a, int64_t M, int64_t K, int64_t gsz, const char* b, size_t pstride,
                           int64_t p_begin, int64_t p_end, Epi&& epi) {
@@ -267,9 +274,17 @@ static void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t gsz,
                                                                                   p_end, epi);
     }
   } else if constexpr (S::kFloatStreams) {
-    if (M == 1 && decode && decode_streams().load(std::memory_order_relaxed))
-      return sweep_streams<O, MODE, NMAT, 1, S::kNpFloatOneRow, kFetchNear>(a, M, K, gsz, b, pstride, p_begin, p_end,
-                                                                            epi);
+    if (decode && decode_streams().load(std::memory_order_relaxed)) {
+      if (M == 1)
+        return sweep_streams<O, MODE, NMAT, 1, S::kNpFloatOneRow, kFetchNear>(a, M, K, gsz, b, pstride, p_begin, p_end,
+                                                                              epi);
+      if (M == 2)
+        return sweep_streams<O, MODE, NMAT, 2, S::kNpFloatTwoRows, kFetchNear>(a, M, K, gsz, b, pstride, p_begin, p_end,
+                                                                               epi);
+      if (M == 3)
+        return sweep_streams<O, MODE, NMAT, 3, S::kNpFloatThreeRows, kFetchNear>(a, M, K, gsz, b, pstride, p_begin,
+                                                                                 p_end, epi);
+    }
   }
   // With decode_streams() off (the layout sweep_streams is measured against): integer-dot panels
   // shorter than short_panel_bytes() (24 KiB) take the decode tile one panel at a time.
