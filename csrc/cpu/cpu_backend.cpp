@@ -35,6 +35,13 @@ constexpr double kJobBytes = 256.0 * (1 << 20);
 // Weight bytes per item at most: a few dozen microseconds of streaming, the longest a thread that has
 // run out of items waits at the end of a job for another thread's last one.
 constexpr double kItemBytes = 2.0 * (1 << 20);
+// Items per thread over an expert phase, at least. Only a phase of few rows over small experts has
+// fewer items than that by the bounds above (one Qwen3-30B-A3B token: 8 experts of 1.8 MB for w1/w3 and
+// 0.9 MB for w2). There each item is a few memory streams a thread starts cold, so one item an expert
+// reads faster than four: the MoE part of one Qwen3 int4 stream's step 0.961 twice (`bench/ab-model.js`
+// with a trial switch, Zen 5, 2 cores), int8 0.990; 8 a thread 0.975; two builds, both orders, 0.980
+// and 0.996 (step 0.990). It was 16.
+constexpr int64_t kItemsPerThread = 4;
 
 struct WorkItem {
   int64_t expert, begin, end;
@@ -229,13 +236,13 @@ class CpuBackend final : public Backend {
     }
   }
 
-  // Splits each expert's columns [0, cols) into tiles so every thread gets several items: at least 16 per
-  // thread over the phase, and at least 8 per thread in every bounded job (run_bounded), so the last
-  // item of a job leaves the other threads idle for a small fraction of it. An item is bounded in FLOPs
-  // and in weight bytes: at a few rows per expert the bytes take the time, and an expert that one token
-  // picked, split by its share of the rows alone, made items of tens of MiB. Tiles are multiples of
-  // tile_panels() where the columns allow (kernels.h); the activations of an expert are packed once
-  // per thread and phase, whatever the tile (kernels.h), so small tiles cost little.
+  // Splits each expert's columns [0, cols) into tiles so every thread gets several items: at least 4 per
+  // thread over the phase (kItemsPerThread), and by FLOPs at least 8 per thread in a full bounded job
+  // (run_bounded), so the last item of a job leaves the other threads idle for a small fraction of it. An item is
+  // bounded in FLOPs and in weight bytes: at a few rows per expert the bytes take the time, and an expert that one
+  // token picked, split by its share of the rows alone, made items of tens of MiB. Tiles are multiples of tile_panels()
+  // where the columns allow (kernels.h); the activations of an expert are packed once per thread and phase, whatever
+  // the tile (kernels.h), so small tiles cost little.
   std::vector<WorkItem> tile_items(const Dispatch& d, int64_t cols, int64_t total_rows, int64_t flops_per_cell,
                                    double bytes_per_col) const {
     const int64_t P = kernels_->panel;
@@ -246,7 +253,7 @@ class CpuBackend final : public Backend {
       const int64_t rows = d.offsets[e + 1] - d.offsets[e];
       if (rows == 0) continue;
       const double flops = double(rows) * double(cols) * double(flops_per_cell);
-      const int64_t want = std::max<int64_t>({1, (16 * nthreads * rows + total_rows - 1) / total_rows,
+      const int64_t want = std::max<int64_t>({1, (kItemsPerThread * nthreads * rows + total_rows - 1) / total_rows,
                                               int64_t(std::ceil(flops / item_cap)),
                                               int64_t(std::ceil(double(cols) * bytes_per_col / kItemBytes))});
       int64_t tile = (cols + want - 1) / want;
