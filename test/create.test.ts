@@ -90,19 +90,26 @@ describe('MoeLayer.create', () => {
   test('the event loop keeps turning while a large layer is packed', async () => {
     // About 200 MB of float32 experts: the constructor holds the loop for all of it.
     const m = layerOf({ H: 1024, F: 4096, E: 4, k: 2, dtype: 'float32', seed: 95 });
-    const t0 = performance.now();
-    new MoeLayer(m.config, m.weights).dispose();
-    const blocking = performance.now() - t0;
-    const h = monitorEventLoopDelay({ resolution: 1 });
-    h.enable();
-    const layer = await MoeLayer.create(m.config, m.weights, { stepMs: 5 });
-    h.disable();
-    layer.dispose();
+    const once = async () => {
+      const t0 = performance.now();
+      new MoeLayer(m.config, m.weights).dispose();
+      const blocking = performance.now() - t0;
+      const h = monitorEventLoopDelay({ resolution: 1 });
+      h.enable();
+      const layer = await MoeLayer.create(m.config, m.weights, { stepMs: 5 });
+      h.disable();
+      layer.dispose();
+      return { count: h.count, maxMs: h.max / 1e6, boundMs: Math.max(blocking / 2, 50) };
+    };
     // Here: the constructor blocks about 170 ms; create()'s longest stall is about 20 ms over ~15 turns.
     // A loop held by the build would stall for about `blocking`, timed in this run; half of it leaves
-    // room for the OS to hold a free loop back on a loaded machine (tens of ms seen on 2 busy cores).
-    expect(h.count).toBeGreaterThan(3);
-    expect(h.max / 1e6).toBeLessThan(Math.max(blocking / 2, 50));
+    // room for the OS to hold a free loop back on a loaded machine (tens of ms seen on 2 busy cores, and
+    // once 155 ms while other test files ran beside this one). A held loop fails every try; a try that
+    // another process stalled is run again.
+    let r = await once();
+    for (let i = 1; i < 3 && !(r.count > 3 && r.maxMs < r.boundMs); i++) r = await once();
+    expect(r.count).toBeGreaterThan(3);
+    expect(r.maxMs).toBeLessThan(r.boundMs);
   });
 
   test('abort: rejects with AbortError before or during the build', async () => {
