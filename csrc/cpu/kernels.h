@@ -103,8 +103,8 @@ const KernelSet* kernels_for(Isa isa);
 // explains why). A run-time value only so that a benchmark can compare two settings in one process
 // (`bench/ab-model.js`, through binding.bench.setTuning); nothing else changes it.
 std::atomic<size_t>& short_panel_bytes();
-// Whether the integer-dot decode tile, and the float modes' one-row tile, read their panels far apart
-// (simd_gemm.h sweep_streams); run-time for the same reason.
+// Whether the integer-dot decode tiles, and the float modes' decode tiles of one to three rows, read
+// their panels far apart (simd_gemm.h sweep_streams); run-time for the same reason.
 std::atomic<int>& decode_streams();
 // Column tiles (the work items of an expert phase and of a dense layer) are multiples of this many
 // panels where the columns allow: 8, the float decode tile's width, so that no tile leaves panels for

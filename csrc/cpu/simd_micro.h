@@ -21,14 +21,15 @@ struct NextLines {
 // in its own panels (prefetch_codes; the few-rows shape, one row block streaming its panels once).
 // kFetchNone: the hardware prefetchers alone, except in the integer-dot kernels, which always fetch
 // ahead when they do not fetch the next block. kFetchNear: kNearBytes ahead in its own panels (the
-// one-row tiles on panels far apart, sweep_streams; the integer-dot one non-temporally, micro_qdot).
+// tiles on panels far apart, sweep_streams: the float decode tiles of one to three rows, and the
+// integer-dot one-row tile non-temporally, micro_qdot).
 constexpr int kFetchNone = 0, kFetchNext = 1, kFetchAhead = 2, kFetchNear = 3;
 // The float one-row tile reads four streams a thread (sweep_streams) and asks for each stream's line 1
-// KiB ahead, to every level. Against eight adjacent panels without it (`bench/ab-model.js MODEL none
-// decodeStreams 0 1`, Zen 5, 2 cores): one Qwen3 bf16 stream's step 0.81-0.86, Mixtral's 0.86-0.94, the
-// LM head 0.80-0.83. In a trial: 2 KiB ahead 0.87-0.97, 512 bytes 0.89-0.98, nothing ahead 0.99; 1 KiB
-// non-temporally no better than to every level, to L2 only 8% slower; eight far-apart streams 12% and
-// two 9% slower than four (bench/RESULTS.md, thirty-eighth run).
+// KiB ahead, to every level (the tiles of two and three rows likewise: simd_gemm.h Shapes). Against eight adjacent
+// panels without it (`bench/ab-model.js MODEL none decodeStreams 0 1`, Zen 5, 2 cores): one Qwen3 bf16 stream's step
+// 0.81-0.86, Mixtral's 0.86-0.94, the LM head 0.80-0.83. In a trial: 2 KiB ahead 0.87-0.97, 512 bytes 0.89-0.98,
+// nothing ahead 0.99; 1 KiB non-temporally no better than to every level, to L2 only 8% slower; eight far-apart streams
+// 12% and two 9% slower than four (bench/RESULTS.md, thirty-eighth run).
 constexpr size_t kNearBytes = 1024;
 
 // Issues the next of NextLines' prefetches when its turn has come (once per k step); compiled out of
@@ -67,8 +68,8 @@ struct NextLinesCursor {
 // one Mixtral expert at 4 rows (16 streams: 4 rows per expert on average) ran 13-17% faster in bf16 (avx512bf16 and
 // avx512) and float32, the 16-token Mixtral layer 7-19%
 // (`bench/ab-builds.js expert-4tok-bf16`, `expert-4tok-f32`, `mixtral-16tok-bf16`, both orders, Zen 5, 2
-// cores). Their decode tile of 2 or 3 rows (eight adjacent panels) does not: mixtral-decode-bf16 lost 1-10%;
-// their one-row tile does, on panels far apart and nearer ahead (kFetchNear above).
+// cores). Their decode tiles on eight adjacent panels did not (mixtral-decode-bf16 lost 1-10%); on panels
+// far apart and nearer ahead (kFetchNear above) they do.
 // The VNNI set's int4 tiles of 5 or more rows (a few-rows expert at continuous batching, and prefill)
 // are bound by their dot products, not by the loads, and fetch further ahead: 16 KiB per panel ran
 // expert-6tok-int4 at 0.92-0.96, expert-16tok-int4 0.97 and mixtral-16tok-int4 0.93-0.98 of 2 or 4 KiB,
