@@ -1,5 +1,5 @@
-// C++ tests of the decoder's small operations (RMSNorm, rotary embeddings) against float64, and of the
-// KV cache's block bookkeeping.
+// C++ tests of the decoder's small operations (RMSNorm, rotary embeddings) against float64, of the KV
+// cache's block bookkeeping, and of the dense projection's column tiles.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -9,6 +9,7 @@
 #include "core/error.h"
 #include "core/kv_blocks.h"
 #include "cpu/decoder_ops.h"
+#include "cpu/linear.h"
 #include "tests/check.h"
 
 using namespace fmoe;
@@ -128,10 +129,53 @@ static void test_kv_blocks() {
   CHECK(threw);
 }
 
+// PackedLinear::forward cuts its columns into tiles by the pool's threads (long tiles first, short ones
+// last, linear.cpp column_tiles): every column must be computed once, whatever the sizes (panels not a
+// whole number of tile units, units not a multiple of the threads) and the threads the call may use, and
+// the bits must not depend on the threads.
+static void test_linear_tiles() {
+  const KernelSet* ks = select_kernels();
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> ud(-1.0f, 1.0f);
+  for (int64_t out : {1, 17, 300, 1000, 1190, 2053, 4099})
+    for (int64_t in : {7, 129}) {
+      std::vector<float> w(size_t(out * in));
+      for (float& v : w) v = ud(rng);
+      PackedLinear lin(ks, out, in, DType::F32, Quant::None, 128, "test");
+      lin.pack({w.data()}, {out});
+      for (int64_t M : {1, 3, 9}) {
+        std::vector<float> x(size_t(M * in));
+        for (float& v : x) v = ud(rng);
+        std::vector<float> first;
+        for (int threads : {0, 1, 2, 3}) {
+          std::vector<float> y(size_t(M * out), std::nanf(""));
+          lin.forward(x.data(), in, M, y.data(), out, threads);
+          double worst = 0;
+          for (int64_t m = 0; m < M; m++)
+            for (int64_t o = 0; o < out; o++) {
+              double ref = 0, mag = 0;
+              for (int64_t i = 0; i < in; i++) {
+                ref += double(x[size_t(m * in + i)]) * double(w[size_t(o * in + i)]);
+                mag += std::fabs(double(x[size_t(m * in + i)]) * double(w[size_t(o * in + i)]));
+              }
+              const double err = std::fabs(double(y[size_t(m * out + o)]) - ref) / (mag + 1e-30);
+              worst = std::isnan(err) ? 1.0 : std::max(worst, err);
+            }
+          CHECK(worst < 1e-5);
+          if (first.empty())
+            first = y;
+          else
+            CHECK(std::equal(first.begin(), first.end(), y.begin()));
+        }
+      }
+    }
+}
+
 int main() {
   test_rms_norm();
   test_rope();
   test_kv_blocks();
+  test_linear_tiles();
   if (failures) {
     std::fprintf(stderr, "%d decoder op check(s) failed\n", failures);
     return 1;
