@@ -8,6 +8,7 @@ import { monitorEventLoopDelay } from 'perf_hooks';
 import { Worker } from 'worker_threads';
 import { AbortError, MoeLayer } from '../lib';
 import { makeCase, randomF32, rng } from './helpers/reference';
+import { firstPassing } from './helpers/timing';
 
 const bits = (a: Float32Array) => Buffer.from(a.buffer, a.byteOffset, a.byteLength);
 const small = makeCase({ H: 64, F: 96, E: 8, k: 2, T: 3, dtype: 'float32', routing: 'softmax-topk-renorm', seed: 80 });
@@ -30,17 +31,6 @@ async function tokensFor(layer: MoeLayer, ms: number): Promise<number> {
   await layer.forward(x);
   const perToken = Math.max((performance.now() - t0) / 256, 1e-3);
   return Math.min(40000, Math.max(256, Math.ceil(ms / perToken)));
-}
-
-/**
- * Runs a timed check up to `tries` times and returns the first result that `ok` accepts, or the last.
- * On a shared machine another process can stall one try; a broken scheduler fails every try, so the
- * test still fails when the behaviour is wrong (each test asserts on the returned figures).
- */
-async function firstPassing<R>(tries: number, run: () => Promise<R>, ok: (r: R) => boolean): Promise<R> {
-  let r = await run();
-  for (let i = 1; i < tries && !ok(r); i++) r = await run();
-  return r;
 }
 
 describe('event loop and fairness', () => {

@@ -250,8 +250,7 @@ void ThreadPool::parallel_for(int64_t n, int64_t chunk, int max_threads, const R
     }
   } traced{n};
   if (chunk < 1) chunk = 1;
-  int limit = size();
-  if (max_threads > 0 && max_threads < limit) limit = max_threads;
+  const int limit = threads_for(max_threads);
   if (limit == 1 || n <= chunk) {
     fn(0, n, 0);
     return;

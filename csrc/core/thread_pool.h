@@ -58,10 +58,13 @@ class ThreadPool {
   // Whether each worker is pinned to a core of its own (ThreadPool(), FUSED_MOE_PIN_THREADS).
   bool pinned() const { return pinned_; }
 
+  // The threads a job for at most max_threads threads (0: all) runs on, and splits its items among.
+  int threads_for(int max_threads) const { return max_threads > 0 && max_threads < size() ? max_threads : size(); }
+
   // A chunk size for n items on at most max_threads threads (0: all): two chunks a thread, kept within
   // [least, most]. With n <= least, parallel_for runs them all on the caller.
   int64_t chunk_for(int64_t n, int max_threads, int64_t least, int64_t most = INT64_MAX) const {
-    const int64_t t = max_threads > 0 && max_threads < size() ? max_threads : size();
+    const int64_t t = threads_for(max_threads);
     const int64_t even = (n + 2 * t - 1) / (2 * t);
     return even < least ? least : even > most ? most : even;
   }

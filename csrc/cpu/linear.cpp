@@ -83,8 +83,9 @@ void PackedLinear::forward(const float* x, int64_t ldx, int64_t M, float* y, int
   ThreadPool& pool = ThreadPool::instance();
   const int64_t P = kernels_->panel;
   const int64_t panels = (out_ + P - 1) / P;
-  const int limit = threads > 0 && threads < pool.size() ? threads : pool.size();  // parallel_for's
-  const std::vector<int64_t> starts = column_tiles(panels, tile_panels().load(std::memory_order_relaxed), limit);
+  // Cut for the threads parallel_for splits the tiles among, so that each share is whole tiles.
+  const std::vector<int64_t> starts =
+      column_tiles(panels, tile_panels().load(std::memory_order_relaxed), pool.threads_for(threads));
   const int64_t tiles = int64_t(starts.size()) - 1;
   const ActEpoch epoch = new_activation_epoch();  // x is this call's input: no earlier packed copy serves
   const bool traced = timeline::recording();
