@@ -1,10 +1,11 @@
 #!/usr/bin/env node
 // How long one draw of the sampler (lib/generate/sampling.ts, its math native: csrc/cpu/sampler.h) holds
-// the event loop, per token and stream: every running generation samples its step's logits on the
-// JavaScript thread between steps, so at 16 streams a step waits for 16 of these. Logits of Mixtral's and Qwen3's vocabulary sizes, drawn from a fixed seed,
-// flat (uniform over a spread of 0.5: most of the vocabulary stays in a top-p nucleus) or peaked (a
-// spread of 16), under greedy, temperature alone, top-k 40 and top-p 0.9, and the log probabilities of a
-// token with its top 5 (lib/generate/logprobs.ts). Medians of --runs draws.
+// the event loop, per token and stream: every running generation draws from its step's logits between
+// steps, so a step of 16 streams waits for 16 of these (then, the second table, the 16 as one batch
+// that the pool's threads share: Sampler.sampleAll). Logits of Mixtral's and Qwen3's vocabulary sizes,
+// drawn from a fixed seed, flat (uniform over a spread of 0.5: most of the vocabulary stays in a top-p
+// nucleus) or peaked (a spread of 16), under greedy, temperature alone, top-k 40 and top-p 0.9, and the
+// log probabilities of a token with its top 5 (lib/generate/logprobs.ts). Medians of --runs draws.
 //
 //   npm run build:ts && node bench/sampling.js [--runs 31]
 'use strict';
@@ -55,5 +56,35 @@ for (const V of [32000, 151936])
       ms.push(Number(process.hrtime.bigint() - t0) / 1e6);
     }
     cells.push(median(ms).toFixed(2));
+    console.log(`| ${V} | ${shape} | ${cells.join(' | ')} |`);
+  }
+
+// A step of 16 streams draws 16 tokens: one after the other (Sampler.sample) or as one batch that the
+// pool's threads share (Sampler.sampleAll). Each stream has its own logits and seed.
+const STREAMS = 16;
+console.log(`\n${STREAMS} draws of a step (${STREAMS} streams), ms: one after the other / one batch over the pool`);
+console.log('| vocabulary | logits | ' + Object.keys(SETTINGS).join(' | ') + ' |');
+console.log('| --- | --- |' + ' --- |'.repeat(Object.keys(SETTINGS).length));
+for (const V of [32000, 151936])
+  for (const [shape, spread] of [
+    ['flat', 0.5],
+    ['peaked', 16],
+  ]) {
+    const rows = Array.from({ length: STREAMS }, (_, i) => logits(V, spread, V + spread + i));
+    const cells = Object.values(SETTINGS).map((o) => {
+      const alone = rows.map((_, i) => new Sampler({ ...BASE, ...o, seed: i }));
+      const batched = rows.map((_, i) => new Sampler({ ...BASE, ...o, seed: i }));
+      const one = [],
+        batch = [];
+      for (let r = 0; r < RUNS; r++) {
+        let t0 = process.hrtime.bigint();
+        rows.forEach((x, i) => alone[i].sample(x, []));
+        one.push(Number(process.hrtime.bigint() - t0) / 1e6);
+        t0 = process.hrtime.bigint();
+        Sampler.sampleAll(rows.map((x, i) => ({ sampler: batched[i], logits: x, history: [] })));
+        batch.push(Number(process.hrtime.bigint() - t0) / 1e6);
+      }
+      return `${median(one).toFixed(2)} / ${median(batch).toFixed(2)}`;
+    });
     console.log(`| ${V} | ${shape} | ${cells.join(' | ')} |`);
   }

@@ -141,6 +141,17 @@ export interface NativeSampler {
   ): number;
 }
 
+/** One draw of sampleBatch(): the arguments of NativeSampler.sample() after the sampler. */
+export type NativeDraw = [
+  sampler: NativeSampler,
+  logits: Float32Array,
+  history: Int32Array,
+  clearHistory: boolean,
+  output: Int32Array,
+  clearOutput: boolean,
+  allowed?: Uint8Array,
+];
+
 export interface NativeBinding {
   NativeLayer: new (
     config: NativeLayerConfig,
@@ -156,6 +167,11 @@ export interface NativeBinding {
   NativeModel: new (config: object) => unknown;
   /** One generation's sampler (csrc/cpu/sampler.h); lib/generate/sampling.ts drives it. */
   NativeSampler: new (params: NativeSamplerParams) => NativeSampler;
+  /**
+   * One draw for each entry (each sampler at most once), spread over the pool's threads when it is
+   * free: each entry's token as sample() gives it, or the error of that draw (a native error).
+   */
+  sampleBatch(draws: NativeDraw[]): (number | Error)[];
   /** [log-sum-exp of the logits (NaN counted as -Infinity), then the ids of the `top` largest, largest first]. */
   logSoftmaxStats(logits: Float32Array, top: number): Float64Array;
   backendInfo(): BackendInfo;
@@ -183,7 +199,7 @@ export interface NativeBinding {
      */
     int8DotPeak(threads: number, group?: number): number;
     quantize(values: Float32Array, K: number, kind: string, group: number): { scales: Float32Array; codes: Int8Array };
-    /** Sets a kernel tuning value for the whole process (csrc/cpu/kernels.h, attention.h); returns the previous one. */
+    /** Sets a tuning value for the whole process (csrc/cpu/kernels.h, attention.h, sampler.h); returns the previous one. */
     setTuning(
       name:
         | 'shortPanelBytes'
@@ -192,7 +208,8 @@ export interface NativeBinding {
         | 'attentionPrefetch'
         | 'attentionInPlace'
         | 'attentionSpan'
-        | 'spinUs',
+        | 'spinUs'
+        | 'spreadDraws',
       value: number,
     ): number;
     /**

@@ -303,6 +303,89 @@ describe.each([1, 33, 320, 1027, 4096])('log probabilities over a vocabulary of 
   });
 });
 
+describe('Sampler.sampleAll: a batch of draws, spread over the pool', () => {
+  // Mixed settings, greedy and sampled, some with a JSON-style mask, each sampler with its own seed and
+  // its own growing history; every round one batch against twin samplers drawing one by one.
+  const mixed: Params[] = [
+    ...settings.map(([, p]) => p),
+    { temperature: 0, topK: 0, topP: 1, minP: 0, repetitionPenalty: 1 },
+    { temperature: 0, topK: 0, topP: 1, minP: 0, repetitionPenalty: 1.7 },
+  ];
+  test.each([33, 1027, 40961])('vocabulary of %i: each draw is the one sample() makes, round after round', (V) => {
+    const rand = rng(V + 5);
+    const n = 2 * mixed.length;
+    const params = Array.from({ length: n }, (_, i) => ({ ...mixed[i % mixed.length], seed: 1000 + i }));
+    const batched = params.map((p) => new Sampler(p));
+    const alone = params.map((p) => new Sampler(p));
+    const histories = params.map(() => Array.from({ length: 7 }, () => Math.floor(rand() * V)));
+    const outputs = params.map((): number[] => []);
+    const masks = params.map((_, i) =>
+      i % 3 === 1 ? Uint8Array.from({ length: V }, () => (rand() < 0.3 ? 1 : 0)) : undefined,
+    );
+    for (const m of masks) if (m) m[Math.floor(rand() * V)] = 1; // never empty
+    for (let round = 0; round < 6; round++) {
+      const logits = params.map(() => randomLogits(V, rand, round % 2 === 0 ? 4 : 0.5));
+      const expected = params.map((_, i) =>
+        alone[i].sample(logits[i], histories[i].slice(), outputs[i].slice(), masks[i]),
+      );
+      const got = Sampler.sampleAll(
+        params.map((_, i) => ({
+          sampler: batched[i],
+          logits: logits[i],
+          history: histories[i],
+          output: outputs[i],
+          allowed: masks[i],
+        })),
+      );
+      expect(got).toEqual(expected);
+      got.forEach((t, i) => {
+        histories[i].push(t as number);
+        outputs[i].push(t as number);
+      });
+    }
+  });
+
+  test('a draw with no token to give fails alone; a bad entry or a sampler twice changes no sampler', () => {
+    const V = 4099;
+    const rand = rng(17);
+    const p = { temperature: 1, topK: 0, topP: 0.9, minP: 0, repetitionPenalty: 1.1 };
+    const [a, b, c] = [1, 2, 3].map((seed) => new Sampler({ ...p, seed }));
+    const [a2, b2, c2] = [1, 2, 3].map((seed) => new Sampler({ ...p, seed }));
+    const history = [5, 6, 7];
+    const nan = new Float32Array(V).fill(NaN);
+    const rows = [0, 1, 2].map(() => randomLogits(V, rand, 3));
+    const out = Sampler.sampleAll([
+      { sampler: a, logits: rows[0], history },
+      { sampler: b, logits: nan, history },
+      { sampler: c, logits: rows[2], history },
+    ]);
+    expect(out[0]).toBe(a2.sample(rows[0], history));
+    expect(out[1]).toBeInstanceOf(Error);
+    expect((out[1] as { code?: string }).code).toBe('ERR_MOE_NUMERIC');
+    expect(out[2]).toBe(c2.sample(rows[2], history));
+    expect(() => b2.sample(nan, history)).toThrow(/no finite largest value/);
+    // Rejected before any draw: the samplers keep their state, so the next draws match their twins'.
+    expect(() =>
+      Sampler.sampleAll([
+        { sampler: a, logits: rows[1], history },
+        { sampler: a, logits: rows[2], history },
+      ]),
+    ).toThrow(/draws at most once/);
+    expect(() =>
+      Sampler.sampleAll([
+        { sampler: b, logits: rows[1], history },
+        { sampler: c, logits: rows[2], history, allowed: new Uint8Array(V - 1) },
+      ]),
+    ).toThrow(/draws\[1\]\.allowed/);
+    const next = Sampler.sampleAll([
+      { sampler: a, logits: rows[1], history },
+      { sampler: b, logits: rows[2], history },
+      { sampler: c, logits: rows[0], history },
+    ]);
+    expect(next).toEqual([a2.sample(rows[1], history), b2.sample(rows[2], history), c2.sample(rows[0], history)]);
+  });
+});
+
 test('an extreme repetition penalty saturates: no overflow, the history ordered as before', () => {
   const logits = new Float32Array([0.5, 3, -2, 1, -3, 2]);
   // 5e-324 divides the history's positive logits past the largest double: they tie there, the lowest

@@ -240,36 +240,74 @@ void ThreadPool::worker_loop(int index) {
   }
 }
 
+class ThreadPool::Turn {
+ public:
+  // wait: stand in line for the pool; else take it only when no job holds it or waits for it.
+  Turn(ThreadPool& pool, bool wait) : p_(pool) {
+    std::unique_lock<std::mutex> lock(p_.ticket_mutex_);
+    if (!wait && p_.next_ticket_ != p_.now_serving_) return;
+    const uint64_t mine = p_.next_ticket_++;
+    p_.ticket_cv_.wait(lock, [&] { return p_.now_serving_ == mine; });
+    held_ = true;
+  }
+  ~Turn() {
+    if (!held_) return;
+    {
+      std::lock_guard<std::mutex> lock(p_.ticket_mutex_);
+      p_.now_serving_++;
+    }
+    p_.ticket_cv_.notify_all();
+  }
+  Turn(const Turn&) = delete;
+  Turn& operator=(const Turn&) = delete;
+  bool held() const { return held_; }
+
+ private:
+  ThreadPool& p_;
+  bool held_ = false;
+};
+
+namespace {
+// The job on the timeline (timeline.h), when it records: from its start to its last item.
+struct TracedJob {
+  int64_t n, t0 = timeline::recording() ? timeline::now() : -1;
+  ~TracedJob() {
+    if (t0 >= 0) timeline::record(timeline::Kind::Job, 0, t0, timeline::now(), 0, int(n));
+  }
+};
+}  // namespace
+
 void ThreadPool::parallel_for(int64_t n, int64_t chunk, int max_threads, const RangeFn& fn) {
   if (n <= 0) return;
   if (n > int64_t(INT32_MAX)) fail(ErrorCode::Internal, "parallel_for: more than 2^31 - 1 items");
-  struct Traced {  // the job on the timeline (timeline.h), when it records: from here to its last item
-    int64_t n, t0 = timeline::recording() ? timeline::now() : -1;
-    ~Traced() {
-      if (t0 >= 0) timeline::record(timeline::Kind::Job, 0, t0, timeline::now(), 0, int(n));
-    }
-  } traced{n};
+  TracedJob traced{n};
   if (chunk < 1) chunk = 1;
   const int limit = threads_for(max_threads);
   if (limit == 1 || n <= chunk) {
     fn(0, n, 0);
     return;
   }
-  struct Turn {  // waits for this job's ticket; passes the turn on when the job ends
-    ThreadPool& p;
-    explicit Turn(ThreadPool& pool) : p(pool) {
-      std::unique_lock<std::mutex> lock(p.ticket_mutex_);
-      const uint64_t mine = p.next_ticket_++;
-      p.ticket_cv_.wait(lock, [&] { return p.now_serving_ == mine; });
-    }
-    ~Turn() {
-      {
-        std::lock_guard<std::mutex> lock(p.ticket_mutex_);
-        p.now_serving_++;
-      }
-      p.ticket_cv_.notify_all();
-    }
-  } turn(*this);
+  Turn turn(*this, true);
+  run_job(n, chunk, limit, fn);
+}
+
+bool ThreadPool::try_parallel_for(int64_t n, int64_t chunk, int max_threads, const RangeFn& fn) {
+  if (n <= 0) return true;
+  if (n > int64_t(INT32_MAX)) fail(ErrorCode::Internal, "parallel_for: more than 2^31 - 1 items");
+  TracedJob traced{n};
+  if (chunk < 1) chunk = 1;
+  const int limit = threads_for(max_threads);
+  if (limit == 1 || n <= chunk) {
+    fn(0, n, 0);
+    return true;
+  }
+  Turn turn(*this, false);
+  if (!turn.held()) return false;
+  run_job(n, chunk, limit, fn);
+  return true;
+}
+
+void ThreadPool::run_job(int64_t n, int64_t chunk, int limit, const RangeFn& fn) {
   auto job = std::make_shared<Job>();
   job->fn = &fn;
   job->n = n;

@@ -72,6 +72,10 @@ class ThreadPool {
   // Runs fn over [0, n) in chunks of `chunk` items on at most max_threads threads (0: all), the caller
   // included. Returns when every item is done. Exceptions from fn are rethrown here (the first one).
   void parallel_for(int64_t n, int64_t chunk, int max_threads, const RangeFn& fn);
+  // The same when no other job is running or waiting for the pool; when one is, returns false at once
+  // without running fn, so that a thread that must not wait for a job of another layer (the JavaScript
+  // thread) does the work itself instead.
+  bool try_parallel_for(int64_t n, int64_t chunk, int max_threads, const RangeFn& fn);
 
  private:
   // One parallel_for call. Workers hold it by shared_ptr, so a worker that wakes late only ever sees
@@ -91,6 +95,11 @@ class ThreadPool {
     std::exception_ptr error;  // the first exception, under mutex_
   };
 
+  // Holds the pool for one job: takes a ticket (the next one in line, or only when the pool is free) and
+  // passes the turn on when destroyed.
+  class Turn;
+  // Runs one job over [0, n) on `limit` threads, the caller included; the caller holds the turn.
+  void run_job(int64_t n, int64_t chunk, int limit, const RangeFn& fn);
   static void pin_to(int cpu);
   void leave_caller_core(int index, int caller_cpu);
   void worker_loop(int index);

@@ -12,7 +12,9 @@
 // one ulp), so a draw may differ from a float64 reference only where the uniform number falls within
 // about 1e-15 of a boundary.
 #pragma once
+#include <atomic>
 #include <cstdint>
+#include <exception>
 #include <unordered_map>
 #include <unordered_set>
 #include <utility>
@@ -88,5 +90,25 @@ class TokenSampler {
   std::vector<int32_t> output_ids_;  // distinct ids of the output, first seen first
   std::unordered_map<int32_t, int64_t> output_count_;
 };
+
+// One draw of a batch (sample_all): the sampler, its row of logits and mask, and the result.
+struct BatchDraw {
+  TokenSampler* sampler = nullptr;
+  const float* logits = nullptr;
+  int64_t vocab = 0;
+  const uint8_t* allowed = nullptr;  // or null
+  int64_t token = -1;                // sample()'s result
+  std::exception_ptr error;          // what the draw threw, if it did (token -1 then)
+};
+
+// Each draw of draws[0, n), on the shared pool's threads when it is free (ThreadPool::try_parallel_for)
+// and the draws have enough to read, else one after the other on the calling thread. The samplers must be distinct:
+// each draw touches only its own sampler (its PRNG, its history) and its thread's working memory, so a draw is the same
+// wherever it runs.
+void sample_all(BatchDraw* draws, int64_t n);
+// Whether sample_all may spread its draws over the pool (1, the default). Run-time only so that a
+// benchmark can compare both ways in one process (`bench/sampled-generation.js`, through
+// binding.bench.setTuning('spreadDraws')); nothing else changes it.
+std::atomic<int>& spread_draws();
 
 }  // namespace fmoe

@@ -6,5 +6,6 @@ namespace fmoe_napi {
 struct AddonData {
   Napi::FunctionReference layer_ctor;
   Napi::FunctionReference cancel_ctor;
+  Napi::FunctionReference sampler_ctor;
 };
 }  // namespace fmoe_napi

@@ -1,7 +1,8 @@
 // NativeSampler: the JS handle of one generation's sampler (csrc/cpu/sampler.h; greedy draws read the
-// logits where they are); logSoftmaxStats(), what log probabilities need. Conversion only: lib/generate/sampling.ts
-// checks the parameters first. Draws run on the calling (JavaScript) thread: a fraction of a millisecond each, and the
-// step loop needs them at once.
+// logits where they are); sampleBatch(), one draw for each of several samplers (a step's streams);
+// logSoftmaxStats(), what log probabilities need. Conversion only: lib/generate/sampling.ts checks the
+// parameters first. Draws return before the call does: a fraction of a millisecond each, and the step loop needs
+// them at once (a batch spreads them over the pool's threads when it is free: sampler.h sample_all).
 #include "../cpu/sampler.h"
 
 #include <napi.h>
@@ -11,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "addon_data.h"
 #include "convert.h"
 
 namespace fmoe_napi {
@@ -57,6 +59,16 @@ class NativeSampler : public Napi::ObjectWrap<NativeSampler> {
     sampler_ = std::make_unique<fmoe::TokenSampler>(p);
   }
 
+  // The tokens added since the sampler's last draw (all of them after a clear).
+  void add_tokens(const int32_t* history, size_t nh, bool clear_history, const int32_t* output, size_t no,
+                  bool clear_output) {
+    if (clear_history) sampler_->clear_history();
+    sampler_->add_history(history, int64_t(nh));
+    if (clear_output) sampler_->clear_output();
+    sampler_->add_output(output, int64_t(no));
+  }
+  fmoe::TokenSampler* native() const { return sampler_.get(); }
+
  private:
   // (logits: Float32Array, history: Int32Array, clearHistory: boolean, output: Int32Array, clearOutput:
   // boolean, allowed?: Uint8Array) -> token, or -1 when no token can be drawn. history and output are the
@@ -72,16 +84,78 @@ class NativeSampler : public Napi::ObjectWrap<NativeSampler> {
       allowed = static_cast<const uint8_t*>(typed_data(info[5], napi_uint8_array, V, "allowed"));
     if (V == 0) throw Napi::RangeError::New(env, "logits must not be empty");
     return native_call(env, "draw a token", [&] {
-      if (info[2].ToBoolean()) sampler_->clear_history();
-      sampler_->add_history(history, int64_t(nh));
-      if (info[4].ToBoolean()) sampler_->clear_output();
-      sampler_->add_output(output, int64_t(no));
+      add_tokens(history, nh, info[2].ToBoolean(), output, no, info[4].ToBoolean());
       return Napi::Number::New(env, double(sampler_->sample(logits, int64_t(V), allowed)));
     });
   }
 
   std::unique_ptr<fmoe::TokenSampler> sampler_;
 };
+
+// (draws: [sampler: NativeSampler, logits: Float32Array, history: Int32Array, clearHistory: boolean, output:
+// Int32Array, clearOutput: boolean, allowed?: Uint8Array][]) -> (number | Error)[]: each draw's token as
+// sample() gives it (-1: no token can be drawn), or the error of that draw. Every sampler at most once.
+Napi::Value SampleBatch(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsArray()) throw Napi::TypeError::New(env, "draws must be an array");
+  Napi::Array list = info[0].As<Napi::Array>();
+  const uint32_t n = list.Length();
+  AddonData* data = env.GetInstanceData<AddonData>();
+  std::vector<fmoe::BatchDraw> draws(n);
+  struct Added {
+    NativeSampler* owner;
+    const int32_t *history, *output;
+    size_t nh, no;
+    bool clear_history, clear_output;
+  };
+  std::vector<Added> added(n);
+  // Every entry is read and checked before any sampler changes: a bad entry leaves them all as they were.
+  for (uint32_t i = 0; i < n; i++) {
+    const std::string at = "draws[" + std::to_string(i) + "]";
+    Napi::Value v = list.Get(i);
+    if (!v.IsArray() || v.As<Napi::Array>().Length() < 6)
+      throw Napi::TypeError::New(env, at + " must be [sampler, logits, history, clearHistory, output, clearOutput]");
+    Napi::Array e = v.As<Napi::Array>();
+    Napi::Value s = e.Get(0u);
+    if (!s.IsObject() || !s.As<Napi::Object>().InstanceOf(data->sampler_ctor.Value()))
+      throw Napi::TypeError::New(env, at + "[0] must be a NativeSampler");
+    Added& a = added[i];
+    a.owner = NativeSampler::Unwrap(s.As<Napi::Object>());
+    for (uint32_t j = 0; j < i; j++)
+      if (added[j].owner == a.owner) throw Napi::RangeError::New(env, at + "[0]: a sampler draws at most once a batch");
+    size_t V = 0;
+    draws[i].logits = static_cast<const float*>(typed_data_any(e.Get(1u), napi_float32_array, &V, at + ".logits"));
+    if (V == 0) throw Napi::RangeError::New(env, at + ".logits must not be empty");
+    draws[i].vocab = int64_t(V);
+    a.history = static_cast<const int32_t*>(typed_data_any(e.Get(2u), napi_int32_array, &a.nh, at + ".history"));
+    a.clear_history = e.Get(3u).ToBoolean();
+    a.output = static_cast<const int32_t*>(typed_data_any(e.Get(4u), napi_int32_array, &a.no, at + ".output"));
+    a.clear_output = e.Get(5u).ToBoolean();
+    Napi::Value allowed = e.Get(6u);
+    if (!allowed.IsUndefined())
+      draws[i].allowed = static_cast<const uint8_t*>(typed_data(allowed, napi_uint8_array, V, at + ".allowed"));
+    draws[i].sampler = a.owner->native();
+  }
+  native_call(env, "draw tokens", [&] {
+    for (const Added& a : added) a.owner->add_tokens(a.history, a.nh, a.clear_history, a.output, a.no, a.clear_output);
+    fmoe::sample_all(draws.data(), int64_t(n));
+  });
+  Napi::Array out = Napi::Array::New(env, n);
+  for (uint32_t i = 0; i < n; i++) {
+    if (!draws[i].error) {
+      out.Set(i, Napi::Number::New(env, double(draws[i].token)));
+      continue;
+    }
+    NativeFailure f;
+    try {
+      std::rethrow_exception(draws[i].error);
+    } catch (...) {
+      f = current_failure("draw a token");
+    }
+    out.Set(i, make_moe_error(env, f.code, f.message).Value());
+  }
+  return out;
+}
 
 // (logits: Float32Array, top: number) -> Float64Array [log-sum-exp of the logits, then the ids of the
 // `top` largest, largest first] (sampler.h log_sum_exp, top_ids).
@@ -104,7 +178,10 @@ Napi::Value LogSoftmaxStats(const Napi::CallbackInfo& info) {
 }  // namespace
 
 void register_sampler(Napi::Env env, Napi::Object exports) {
-  exports.Set("NativeSampler", NativeSampler::Init(env));
+  Napi::Function sampler = NativeSampler::Init(env);
+  env.GetInstanceData<AddonData>()->sampler_ctor = Napi::Persistent(sampler);
+  exports.Set("NativeSampler", sampler);
+  exports.Set("sampleBatch", Napi::Function::New(env, SampleBatch, "sampleBatch"));
   exports.Set("logSoftmaxStats", Napi::Function::New(env, LogSoftmaxStats, "logSoftmaxStats"));
 }
 

@@ -11,6 +11,7 @@
 #include "../core/timeline.h"
 #include "../cpu/attention.h"
 #include "../cpu/kernels.h"
+#include "../cpu/sampler.h"
 #include "probes.h"
 
 namespace fmoe_napi {
@@ -77,13 +78,14 @@ static Napi::Value Quantize(const Napi::CallbackInfo& info) {
 // 'decodeStreams' (0 or 1): kernels.h decode_streams(); 'tilePanels' (1 to 64): kernels.h tile_panels();
 // 'attentionPrefetch', 'attentionInPlace' (0 or 1): attention.h attention_prefetch(), attention_in_place();
 // 'attentionSpan' (1 to kMaxSpanBlocks): attention.h attention_span_blocks(); 'spinUs' (0 to 10000):
-// thread_pool.h ThreadPool::spin_setting().
+// thread_pool.h ThreadPool::spin_setting(); 'spreadDraws' (0 or 1): sampler.h spread_draws().
 static Napi::Value SetTuning(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() < 2 || !info[0].IsString() || !info[1].IsNumber())
     throw Napi::TypeError::New(env, "setTuning(name: string, value: number)");
   const std::string name = info[0].As<Napi::String>().Utf8Value();
   const double value = info[1].As<Napi::Number>().DoubleValue();
+  if (name == "spreadDraws") return Napi::Number::New(env, fmoe::spread_draws().exchange(value != 0 ? 1 : 0));
   if (name == "decodeStreams") return Napi::Number::New(env, fmoe::decode_streams().exchange(value != 0 ? 1 : 0));
   if (name == "attentionPrefetch")
     return Napi::Number::New(env, fmoe::attention_prefetch().exchange(value != 0 ? 1 : 0));
@@ -109,7 +111,7 @@ static Napi::Value SetTuning(const Napi::CallbackInfo& info) {
     throw Napi::RangeError::New(
         env,
         "setTuning: name must be 'shortPanelBytes', 'decodeStreams', 'tilePanels', 'attentionPrefetch', "
-        "'attentionInPlace', 'attentionSpan' or 'spinUs'");
+        "'attentionInPlace', 'attentionSpan', 'spinUs' or 'spreadDraws'");
   if (!(value >= 0 && value <= double(1ull << 40)))
     throw Napi::RangeError::New(env, "setTuning: value must be a byte count from 0 to 2^40");
   return Napi::Number::New(env, double(fmoe::short_panel_bytes().exchange(size_t(value))));

@@ -523,6 +523,29 @@ static void test_pool() {
     CHECK(!stuck);
     for (int v : once) CHECK(v == 1);
   }
+  // try_parallel_for runs a job when the pool is free, and refuses at once (running nothing) while
+  // another thread's job holds it.
+  std::vector<int> tried(50, 0);
+  CHECK(pool.try_parallel_for(50, 1, 0, [&](int64_t b, int64_t e, int) {
+    for (int64_t i = b; i < e; i++) tried[size_t(i)]++;
+  }));
+  for (int v : tried) CHECK(v == 1);
+  std::atomic<bool> holding{false}, release{false};
+  std::thread holder([&] {
+    pool.parallel_for(4, 1, 0, [&](int64_t b, int64_t, int) {
+      if (b != 0) return;
+      holding.store(true);
+      while (!release.load()) std::this_thread::yield();
+    });
+  });
+  while (!holding.load()) std::this_thread::yield();
+  bool ran = false;
+  CHECK(!pool.try_parallel_for(8, 1, 0, [&](int64_t, int64_t, int) { ran = true; }));
+  CHECK(!ran);
+  release.store(true);
+  holder.join();
+  CHECK(pool.try_parallel_for(8, 1, 0, [&](int64_t, int64_t, int) { ran = true; }));
+  CHECK(ran);
 }
 
 // A pool the size of the cores pins each worker to a core of its own; a larger one pins nothing and

@@ -217,6 +217,13 @@ interface PrefixSource {
   wait: boolean;
 }
 
+/** A request's draw after a step: the row of logits it draws from, and its JSON mask. */
+interface Draw {
+  request: Request;
+  logits: Float32Array;
+  allowed: Uint8Array | undefined;
+}
+
 /** Whether a request's next step decodes one token (its prompt, or its recomputed tokens, are in). */
 function decoding(r: Request): boolean {
   return r.fed >= r.prompt.length && r.fed === r.tokens.length - 1;
@@ -245,7 +252,7 @@ export class Engine {
   /** positionCost() of the model, and the work of a TOKENS_PER_STEP-token prompt alone in those units. */
   readonly #positionCost: number;
   #stepBudget = 0;
-  #maskBuffer: Uint8Array | null = null;
+  readonly #masks: Uint8Array[] = [];
   #preemptions = 0;
   #looping = false;
 
@@ -318,11 +325,44 @@ export class Engine {
         }
         // A request whose sampling or detokenizing fails (logits no token can come from, a tokenizer
         // that throws) ends with that error; the others go on.
+        const draws: Draw[] = [];
         batch.forEach((b, i) => {
           try {
-            this.#advance(b.request, b.scored ? this.#scorePrompt(b.request, logits[i], b.tokens.length) : logits[i]);
+            const row = b.scored ? this.#scorePrompt(b.request, logits[i], b.tokens.length) : logits[i];
+            const r = b.request;
+            if (r.done || r.fed < r.tokens.length) return;
+            draws.push({
+              request: r,
+              logits: row,
+              allowed: r.json ? this.#mask(draws.length, row.length, r.json) : undefined,
+            });
           } catch (err) {
             this.#end(b.request, null, err);
+          }
+        });
+        // Every request's draw at once (spread over the pool's threads), then each takes its token.
+        let tokens: (number | Error)[];
+        try {
+          tokens = Sampler.sampleAll(
+            draws.map(({ request: r, logits, allowed }) => ({
+              sampler: r.sampler,
+              logits,
+              history: r.tokens,
+              output: r.generated,
+              allowed,
+            })),
+          );
+        } catch (err) {
+          for (const d of draws) this.#end(d.request, null, err);
+          continue;
+        }
+        draws.forEach((d, i) => {
+          try {
+            const token = tokens[i];
+            if (token instanceof Error) throw token;
+            this.#advance(d.request, d.logits, token);
+          } catch (err) {
+            this.#end(d.request, null, err);
           }
         });
       }
@@ -512,11 +552,6 @@ export class Engine {
   }
 
   /**
-   * After a step: samples the next token of a request whose prompt is complete and emits it. The last
-   * piece (end-of-sequence, maxTokens, a full context) also carries what the detokenizer and the stop
-   * matcher held back; a stop string ends the request with the text before it.
-   */
-  /**
    * Scores the prompt tokens that the rows of a chunk's `count` tokens predict (row k, the token after
    * the chunk's k-th); returns the last row, the logits of the token to sample.
    */
@@ -531,11 +566,12 @@ export class Engine {
     return rows.subarray((count - 1) * V, count * V);
   }
 
-  #advance(r: Request, logits: Float32Array): void {
-    if (r.done || r.fed < r.tokens.length) return;
-    let allowed: Uint8Array | undefined;
-    if (r.json) r.json.allowed((allowed = this.#mask(logits.length)));
-    const token = r.sampler.sample(logits, r.tokens, r.generated, allowed);
+  /**
+   * After a step: takes the token drawn for a request whose prompt is complete (from `logits`) and emits
+   * it. The last piece (end-of-sequence, maxTokens, a full context) also carries what the detokenizer
+   * and the stop matcher held back; a stop string ends the request with the text before it.
+   */
+  #advance(r: Request, logits: Float32Array, token: number): void {
     r.json?.advance(token);
     const scored = r.logprobs ? tokenLogprobs(logits, token, r.scoring.top) : null;
     r.generated.push(token);
@@ -579,10 +615,12 @@ export class Engine {
     while (this.#kept.length > this.#model.options.maxSequences) this.#evict();
   }
 
-  /** The mask JSON mode fills for each of its tokens (sampling is synchronous: one serves all). */
-  #mask(vocab: number): Uint8Array {
-    if (!this.#maskBuffer || this.#maskBuffer.length !== vocab) this.#maskBuffer = new Uint8Array(vocab);
-    return this.#maskBuffer;
+  /** The k-th draw's JSON mask of a step, filled by its constraint (the buffers serve every step). */
+  #mask(k: number, vocab: number, json: JsonConstraint): Uint8Array {
+    let mask = this.#masks[k];
+    if (!mask || mask.length !== vocab) mask = this.#masks[k] = new Uint8Array(vocab);
+    json.allowed(mask);
+    return mask;
   }
 
   #evict(): void {

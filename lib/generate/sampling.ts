@@ -4,8 +4,8 @@
  * Face's generate applies them), then one draw from the request's own PRNG. A request's tokens depend
  * only on its logits, its output so far and its seed, never on what else runs.
  */
-import { binding, NativeSampler } from '../binding';
-import { argRangeError, argTypeError, MoeError } from '../errors';
+import { binding, NativeDraw, NativeSampler } from '../binding';
+import { argRangeError, argTypeError, fromNative, MoeError } from '../errors';
 import { describe } from '../validate';
 
 export interface SamplingOptions {
@@ -206,24 +206,82 @@ export class Sampler {
     output: readonly number[] = [],
     allowed?: Uint8Array,
   ): number {
-    const clearHistory = history !== this.#history || history.length < this.#historyLength;
-    const newHistory = idsOf(history, clearHistory ? 0 : this.#historyLength);
-    const clearOutput = output !== this.#output || output.length < this.#outputLength;
-    const newOutput = idsOf(output, clearOutput ? 0 : this.#outputLength);
+    const [newHistory, clearHistory, newOutput, clearOutput] = this.#added(history, output);
     let token: number;
     try {
       token = this.#native.sample(logits, newHistory, clearHistory, newOutput, clearOutput, allowed);
     } catch (err) {
-      this.#history = this.#output = null; // what the native side holds is unknown: the next draw starts over
+      this.#forget();
       throw err;
     }
+    this.#seen(history, output);
+    if (token < 0) throw notSampleable();
+    return token;
+  }
+
+  /**
+   * One draw for each entry, as sample() makes it, in one native call that spreads them over the pool's
+   * threads when it is free (a step's streams draw at once, not one after the other on the JavaScript
+   * thread). Each draw's token, or its error; a sampler may appear once.
+   */
+  static sampleAll(draws: readonly SamplerDraw[]): (number | Error)[] {
+    const calls = draws.map((d): NativeDraw => [
+      d.sampler.#native,
+      d.logits,
+      ...d.sampler.#added(d.history, d.output ?? []),
+      d.allowed,
+    ]);
+    let results: (number | Error)[];
+    try {
+      results = binding().sampleBatch(calls);
+    } catch (err) {
+      for (const d of draws) d.sampler.#forget();
+      throw fromNative(err);
+    }
+    return results.map((r, i) => {
+      const d = draws[i];
+      if (typeof r !== 'number') {
+        d.sampler.#forget();
+        return fromNative(r);
+      }
+      d.sampler.#seen(d.history, d.output ?? []);
+      return r < 0 ? notSampleable() : r;
+    });
+  }
+
+  /** The native draw's history and output arguments: the tokens added since the last draw, or all of them. */
+  #added(history: readonly number[], output: readonly number[]): [Int32Array, boolean, Int32Array, boolean] {
+    const clearHistory = history !== this.#history || history.length < this.#historyLength;
+    const clearOutput = output !== this.#output || output.length < this.#outputLength;
+    return [
+      idsOf(history, clearHistory ? 0 : this.#historyLength),
+      clearHistory,
+      idsOf(output, clearOutput ? 0 : this.#outputLength),
+      clearOutput,
+    ];
+  }
+
+  /** After a draw: the arrays the native sampler now holds. */
+  #seen(history: readonly number[], output: readonly number[]): void {
     this.#history = history;
     this.#historyLength = history.length;
     this.#output = output;
     this.#outputLength = output.length;
-    if (token < 0) throw notSampleable();
-    return token;
   }
+
+  /** After a failed draw, what the native side holds is unknown: the next draw starts over. */
+  #forget(): void {
+    this.#history = this.#output = null;
+  }
+}
+
+/** One draw of Sampler.sampleAll(): sample()'s arguments, and the sampler that draws. */
+export interface SamplerDraw {
+  sampler: Sampler;
+  logits: Float32Array;
+  history: readonly number[];
+  output?: readonly number[];
+  allowed?: Uint8Array;
 }
 
 /** ids[from..] as an Int32Array; an id that is not one (never drawn) becomes -1, which the draw skips. */
