@@ -303,6 +303,29 @@ describe.each([1, 33, 320, 1027, 4096])('log probabilities over a vocabulary of 
   });
 });
 
+test('top-k among logits with NaN: only the k largest finite ones are drawn, in the reference frequencies', () => {
+  // The top-k candidates are chosen by the logits themselves (NaN as -Infinity) before any exponential.
+  const V = 2053;
+  const rand = rng(29);
+  const logits = randomLogits(V, rand, 3);
+  for (let i = 0; i < V; i += 7) logits[i] = NaN;
+  logits[11] = Infinity - Infinity; // NaN from arithmetic too
+  const params = { temperature: 0.9, topK: 6, topP: 1, minP: 0, repetitionPenalty: 1 };
+  const finite = Float32Array.from(logits, (v) => (Number.isNaN(v) ? -Infinity : v));
+  const expected = referenceDistribution(finite, [], params);
+  const sampler = new Sampler({ ...params, seed: 5 });
+  const draws = 4000;
+  const counts = new Float64Array(V);
+  for (let i = 0; i < draws; i++) counts[sampler.sample(logits, [])]++;
+  expect(expected.filter((p) => p > 0).length).toBe(6);
+  for (let t = 0; t < V; t++) {
+    if (expected[t] === 0) expect(counts[t]).toBe(0);
+    const sd = Math.sqrt(draws * expected[t] * (1 - expected[t]));
+    expect(Math.abs(counts[t] - draws * expected[t])).toBeLessThanOrEqual(5 * sd + 1);
+  }
+  expect(() => sampler.sample(new Float32Array(V).fill(NaN), [])).toThrow(/no finite largest value/);
+});
+
 describe('Sampler.sampleAll: a batch of draws, spread over the pool', () => {
   // Mixed settings, greedy and sampled, some with a JSON-style mask, each sampler with its own seed and
   // its own growing history; every round one batch against twin samplers drawing one by one.
