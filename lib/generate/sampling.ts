@@ -225,6 +225,14 @@ export class Sampler {
    * thread). Each draw's token, or its error; a sampler may appear once.
    */
   static sampleAll(draws: readonly SamplerDraw[]): (number | Error)[] {
+    if (draws.length <= 1)
+      return draws.map((d) => {
+        try {
+          return d.sampler.sample(d.logits, d.history, d.output, d.allowed);
+        } catch (err) {
+          return fromNative(err);
+        }
+      });
     const calls = draws.map((d): NativeDraw => [
       d.sampler.#native,
       d.logits,
