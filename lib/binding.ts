@@ -172,6 +172,8 @@ export interface NativeBinding {
    * free: each entry's token as sample() gives it, or the error of that draw (a native error).
    */
   sampleBatch(draws: NativeDraw[]): (number | Error)[];
+  /** The same on a libuv thread; its samplers refuse other draws until it settles. */
+  sampleBatchAsync(draws: NativeDraw[]): Promise<(number | Error)[]>;
   /** [log-sum-exp of the logits (NaN counted as -Infinity), then the ids of the `top` largest, largest first]. */
   logSoftmaxStats(logits: Float32Array, top: number): Float64Array;
   backendInfo(): BackendInfo;

@@ -334,38 +334,69 @@ describe('Sampler.sampleAll: a batch of draws, spread over the pool', () => {
     { temperature: 0, topK: 0, topP: 1, minP: 0, repetitionPenalty: 1 },
     { temperature: 0, topK: 0, topP: 1, minP: 0, repetitionPenalty: 1.7 },
   ];
-  test.each([33, 1027, 40961])('vocabulary of %i: each draw is the one sample() makes, round after round', (V) => {
-    const rand = rng(V + 5);
-    const n = 2 * mixed.length;
-    const params = Array.from({ length: n }, (_, i) => ({ ...mixed[i % mixed.length], seed: 1000 + i }));
-    const batched = params.map((p) => new Sampler(p));
-    const alone = params.map((p) => new Sampler(p));
-    const histories = params.map(() => Array.from({ length: 7 }, () => Math.floor(rand() * V)));
-    const outputs = params.map((): number[] => []);
-    const masks = params.map((_, i) =>
-      i % 3 === 1 ? Uint8Array.from({ length: V }, () => (rand() < 0.3 ? 1 : 0)) : undefined,
-    );
-    for (const m of masks) if (m) m[Math.floor(rand() * V)] = 1; // never empty
-    for (let round = 0; round < 6; round++) {
-      const logits = params.map(() => randomLogits(V, rand, round % 2 === 0 ? 4 : 0.5));
-      const expected = params.map((_, i) =>
-        alone[i].sample(logits[i], histories[i].slice(), outputs[i].slice(), masks[i]),
+  test.each([
+    [33, false],
+    [1027, false],
+    [40961, false],
+    [1027, true],
+    [40961, true],
+  ])(
+    'vocabulary of %i (off the JavaScript thread: %s): each draw is the one sample() makes, round after round',
+    async (V, away) => {
+      const rand = rng(V + 5);
+      const n = 2 * mixed.length;
+      const params = Array.from({ length: n }, (_, i) => ({ ...mixed[i % mixed.length], seed: 1000 + i }));
+      const batched = params.map((p) => new Sampler(p));
+      const alone = params.map((p) => new Sampler(p));
+      const histories = params.map(() => Array.from({ length: 7 }, () => Math.floor(rand() * V)));
+      const outputs = params.map((): number[] => []);
+      const masks = params.map((_, i) =>
+        i % 3 === 1 ? Uint8Array.from({ length: V }, () => (rand() < 0.3 ? 1 : 0)) : undefined,
       );
-      const got = Sampler.sampleAll(
-        params.map((_, i) => ({
+      for (const m of masks) if (m) m[Math.floor(rand() * V)] = 1; // never empty
+      for (let round = 0; round < 6; round++) {
+        const logits = params.map(() => randomLogits(V, rand, round % 2 === 0 ? 4 : 0.5));
+        const expected = params.map((_, i) =>
+          alone[i].sample(logits[i], histories[i].slice(), outputs[i].slice(), masks[i]),
+        );
+        const draws = params.map((_, i) => ({
           sampler: batched[i],
           logits: logits[i],
           history: histories[i],
           output: outputs[i],
           allowed: masks[i],
-        })),
-      );
-      expect(got).toEqual(expected);
-      got.forEach((t, i) => {
-        histories[i].push(t as number);
-        outputs[i].push(t as number);
-      });
-    }
+        }));
+        const got = away ? await Sampler.sampleAllAsync(draws) : Sampler.sampleAll(draws);
+        expect(got).toEqual(expected);
+        got.forEach((t, i) => {
+          histories[i].push(t as number);
+          outputs[i].push(t as number);
+        });
+      }
+    },
+  );
+
+  test('a sampler in a batch drawing off the JavaScript thread takes no other draw until it settles', async () => {
+    const V = 40961;
+    const rand = rng(23);
+    const p = { temperature: 1, topK: 0, topP: 0.95, minP: 0, repetitionPenalty: 1 };
+    const [a, b] = [1, 2].map((seed) => new Sampler({ ...p, seed }));
+    const [a2, b2] = [1, 2].map((seed) => new Sampler({ ...p, seed }));
+    const rows = [0, 1].map(() => randomLogits(V, rand, 0.3));
+    const away = Sampler.sampleAllAsync([
+      { sampler: a, logits: rows[0], history: [] },
+      { sampler: b, logits: rows[1], history: [] },
+    ]);
+    expect(() => a.sample(rows[1], [])).toThrow(/batch that has not settled/);
+    expect(() =>
+      Sampler.sampleAll([
+        { sampler: b, logits: rows[0], history: [] },
+        { sampler: a2, logits: rows[1], history: [] },
+      ]),
+    ).toThrow(/batch that has not settled/);
+    await expect(Sampler.sampleAllAsync([{ sampler: b, logits: rows[0], history: [] }])).rejects.toThrow(/not settled/);
+    expect(await away).toEqual([a2.sample(rows[0], []), b2.sample(rows[1], [])]);
+    expect(a.sample(rows[1], [])).toBe(a2.sample(rows[1], [])); // settled: free again, its state intact
   });
 
   test('a draw with no token to give fails alone; a bad entry or a sampler twice changes no sampler', () => {

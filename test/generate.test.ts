@@ -6,6 +6,7 @@
  */
 import * as path from 'path';
 import { GenerationPiece, GenerationResult, LoadOptions, MoeModel } from '../lib/index';
+import { Engine } from '../lib/generate/engine';
 import { makeTempDir, removeTempDir } from './helpers/checkpoint';
 import { firstBitDifference, randomTokens } from './helpers/model/compare';
 import { writeRandomModel } from './helpers/model/random-model';
@@ -490,70 +491,143 @@ test('without room to fork a kept prefix beside it, a request takes it over, cut
   });
 });
 
-test('a random load on a small cache: forks, preemptions and aborts leave every other request its tokens alone', async () => {
-  // 10 blocks of 16 positions for 6 sequences of up to 96.
-  await withModel({ maxSequences: 6, contextLength: 96, cacheTokens: 160 }, async (model) => {
-    let seed = 1;
-    const rand = () => (seed = (seed * 48271) % 2147483647) / 2147483647;
-    const bases = [0, 1, 2].map((i) => randomTokens(20 + 15 * i, 320, 290 + i));
-    const jobs = Array.from({ length: 14 }, (_, i) => {
-      const base = bases[i % 3].slice(0, 5 + Math.floor(rand() * (bases[i % 3].length - 5)));
-      const prompt = [...base, ...randomTokens(1 + Math.floor(rand() * 10), 320, 300 + i)];
-      const opts = {
-        maxTokens: 5 + Math.floor(rand() * 25),
-        ignoreEos: true,
-        ...(i % 2 ? { temperature: 0 } : { seed: i }),
-      };
-      return { prompt, opts, abortAfter: i % 5 === 4 ? 1 + Math.floor(rand() * 4) : 0, delay: i < 8 ? 0 : i * 3 };
-    });
-    const results = await Promise.all(
-      jobs.map(async ({ prompt, opts, abortAfter, delay }) => {
-        await new Promise((resolve) => setTimeout(resolve, delay));
-        const abort = new AbortController();
-        const gen = model.generate(prompt, { ...opts, signal: abort.signal });
-        const tokens: number[] = [];
-        for (;;) {
-          const r = await gen.next();
-          if (r.done) return { tokens, cached: r.value.usage.cachedPromptTokens };
-          tokens.push(r.value.token);
-          if (tokens.length === abortAfter) abort.abort();
+/**
+ * Runs a test with the step's draws on the JavaScript thread (the engine's default for small batches),
+ * then with every batch of draws forced onto libuv's thread (Engine.asyncDrawLogits 0), where aborts and
+ * preemptions can land while the draws run.
+ */
+const DRAW_THREADS: [string, number][] = [
+  ['draws on the JavaScript thread', Engine.asyncDrawLogits],
+  ['every batch of draws off the JavaScript thread', 0],
+];
+async function withDrawThreshold(logits: number, fn: () => Promise<void>): Promise<void> {
+  const saved = Engine.asyncDrawLogits;
+  Engine.asyncDrawLogits = logits;
+  try {
+    await fn();
+  } finally {
+    Engine.asyncDrawLogits = saved;
+  }
+}
+
+test.each(DRAW_THREADS)(
+  'a random load on a small cache: forks, preemptions and aborts leave every other request its tokens alone (%s)',
+  async (_, threshold) => {
+    // 10 blocks of 16 positions for 6 sequences of up to 96.
+    await withDrawThreshold(threshold, () =>
+      withModel({ maxSequences: 6, contextLength: 96, cacheTokens: 160 }, async (model) => {
+        let seed = 1;
+        const rand = () => (seed = (seed * 48271) % 2147483647) / 2147483647;
+        const bases = [0, 1, 2].map((i) => randomTokens(20 + 15 * i, 320, 290 + i));
+        const jobs = Array.from({ length: 14 }, (_, i) => {
+          const base = bases[i % 3].slice(0, 5 + Math.floor(rand() * (bases[i % 3].length - 5)));
+          const prompt = [...base, ...randomTokens(1 + Math.floor(rand() * 10), 320, 300 + i)];
+          const opts = {
+            maxTokens: 5 + Math.floor(rand() * 25),
+            ignoreEos: true,
+            ...(i % 2 ? { temperature: 0 } : { seed: i }),
+          };
+          return { prompt, opts, abortAfter: i % 5 === 4 ? 1 + Math.floor(rand() * 4) : 0, delay: i < 8 ? 0 : i * 3 };
+        });
+        const results = await Promise.all(
+          jobs.map(async ({ prompt, opts, abortAfter, delay }) => {
+            await new Promise((resolve) => setTimeout(resolve, delay));
+            const abort = new AbortController();
+            const gen = model.generate(prompt, { ...opts, signal: abort.signal });
+            const tokens: number[] = [];
+            for (;;) {
+              const r = await gen.next();
+              if (r.done) return { tokens, cached: r.value.usage.cachedPromptTokens };
+              tokens.push(r.value.token);
+              if (tokens.length === abortAfter) abort.abort();
+            }
+          }),
+        );
+        expect(model.generationStats.preemptions).toBeGreaterThan(0);
+        expect(results.filter((r) => r.cached >= 16).length).toBeGreaterThan(2); // forks and kept prefixes
+        for (let i = 0; i < jobs.length; i++) {
+          const { prompt, opts, abortAfter } = jobs[i];
+          if (abortAfter) {
+            expect(results[i].tokens).toHaveLength(abortAfter);
+            continue;
+          }
+          const alone = await model.complete(prompt, { ...opts, promptLogprobs: true });
+          expect(results[i].tokens).toEqual(alone.tokens);
         }
+        await model.logits([5]); // queued after the frees
+        expect(model.generationStats).toMatchObject({ running: 0, waiting: 0 });
+        expect(model.generationStats.freeCachePositions).toBe(model.nativeFreeCachePositions());
       }),
     );
-    expect(model.generationStats.preemptions).toBeGreaterThan(0);
-    expect(results.filter((r) => r.cached >= 16).length).toBeGreaterThan(2); // forks and kept prefixes
-    for (let i = 0; i < jobs.length; i++) {
-      const { prompt, opts, abortAfter } = jobs[i];
-      if (abortAfter) {
-        expect(results[i].tokens).toHaveLength(abortAfter);
-        continue;
-      }
-      const alone = await model.complete(prompt, { ...opts, promptLogprobs: true });
-      expect(results[i].tokens).toEqual(alone.tokens);
-    }
-    await model.logits([5]); // queued after the frees
-    expect(model.generationStats).toMatchObject({ running: 0, waiting: 0 });
-    expect(model.generationStats.freeCachePositions).toBe(model.nativeFreeCachePositions());
-  });
-});
+  },
+);
 
-test('model.logits with no room beside a running generation: the generation gives way and goes on with its tokens', async () => {
-  // One sequence of 64 positions: a 64-token logits call needs the whole cache.
-  await withModel({ contextLength: 64 }, async (model) => {
-    const prompt = randomTokens(30, 320, 310);
-    const q = randomTokens(64, 320, 311);
-    const tokens: number[] = [];
-    const calls: Promise<Float32Array>[] = [];
-    for await (const piece of model.generate(prompt, { temperature: 0, maxTokens: 20, ignoreEos: true })) {
-      tokens.push(piece.token);
-      if (tokens.length % 6 === 1) calls.push(model.logits(q));
-    }
-    const results = await Promise.all(calls);
-    expect(model.generationStats.preemptions).toBeGreaterThanOrEqual(calls.length);
-    const alone = await model.logits(q);
-    for (const r of results) expect(firstBitDifference(r, alone)).toBe(-1);
-    expect(tokens).toEqual(await argmaxChain(model, prompt, 20));
-  });
+test.each(DRAW_THREADS)(
+  'model.logits with no room beside a running generation: the generation gives way and goes on with its tokens (%s)',
+  async (_, threshold) => {
+    // One sequence of 64 positions: a 64-token logits call needs the whole cache.
+    await withDrawThreshold(threshold, () =>
+      withModel({ contextLength: 64 }, async (model) => {
+        const prompt = randomTokens(30, 320, 310);
+        const q = randomTokens(64, 320, 311);
+        const tokens: number[] = [];
+        const calls: Promise<Float32Array>[] = [];
+        for await (const piece of model.generate(prompt, { temperature: 0, maxTokens: 20, ignoreEos: true })) {
+          tokens.push(piece.token);
+          if (tokens.length % 6 === 1) calls.push(model.logits(q));
+        }
+        const results = await Promise.all(calls);
+        expect(model.generationStats.preemptions).toBeGreaterThanOrEqual(calls.length);
+        const alone = await model.logits(q);
+        for (const r of results) expect(firstBitDifference(r, alone)).toBe(-1);
+        expect(tokens).toEqual(await argmaxChain(model, prompt, 20));
+      }),
+    );
+  },
+);
+
+test('a preemption and an abort that land while a batch of draws runs off the JavaScript thread', async () => {
+  await withDrawThreshold(0, () =>
+    withModel({ contextLength: 64 }, async (model) => {
+      const prompt = randomTokens(20, 320, 320);
+      const q = randomTokens(64, 320, 321);
+      // A 64-token logits call (the whole cache) made while the generation's 4th draw runs: the
+      // generation gives its cache back then, takes the token that draw gives, and computes it anew.
+      let draws = 0;
+      let call: Promise<Float32Array> | null = null;
+      Engine.onDrawsAway = () => {
+        if (++draws === 4) call = model.logits(q);
+      };
+      try {
+        const r = await model.complete(prompt, { temperature: 0, maxTokens: 12, ignoreEos: true });
+        expect(call).not.toBeNull();
+        expect(model.generationStats.preemptions).toBeGreaterThan(0);
+        const expected = await argmaxChain(model, prompt, 12);
+        expect(r.tokens.slice(0, expected.length)).toEqual(expected);
+        expect(firstBitDifference(await call!, await model.logits(q))).toBe(-1);
+        // An abort while the 3rd draw runs: the stream ends with the two tokens it had.
+        const controller = new AbortController();
+        draws = 0;
+        Engine.onDrawsAway = () => {
+          if (++draws === 3) controller.abort();
+        };
+        const aborted = await collect(
+          model.generate(prompt, { temperature: 1, seed: 3, maxTokens: 12, signal: controller.signal }),
+        );
+        expect(aborted.result.finishReason).toBe('abort');
+        expect(aborted.result.tokens).toHaveLength(2);
+        expect(aborted.pieces).toHaveLength(2);
+      } finally {
+        Engine.onDrawsAway = null;
+      }
+      // The abort lands while the draws run; the engine frees the stream's cache once they settle, which
+      // queues that free after this first call: the second runs after it.
+      await model.logits([5]);
+      await model.logits([5]);
+      expect(model.generationStats).toMatchObject({ running: 0, waiting: 0 });
+      expect(model.generationStats.freeCachePositions).toBe(model.nativeFreeCachePositions());
+    }),
+  );
 });
 
 describe('sentencepiece model: conversations reuse their prefix', () => {

@@ -1,8 +1,8 @@
 // NativeSampler: the JS handle of one generation's sampler (csrc/cpu/sampler.h; greedy draws read the
-// logits where they are); sampleBatch(), one draw for each of several samplers (a step's streams);
-// logSoftmaxStats(), what log probabilities need. Conversion only: lib/generate/sampling.ts checks the
-// parameters first. Draws return before the call does: a fraction of a millisecond each, and the step loop needs
-// them at once (a batch spreads them over the pool's threads when it is free: sampler.h sample_all).
+// logits where they are); sampleBatch(), one draw for each of several samplers (a step's streams, spread
+// over the pool's threads when it is free: sampler.h sample_all), and sampleBatchAsync(), the same off
+// the JavaScript thread for batches of milliseconds; logSoftmaxStats(), what log probabilities need.
+// Conversion only: lib/generate/sampling.ts checks the parameters first.
 #include "../cpu/sampler.h"
 
 #include <napi.h>
@@ -68,6 +68,12 @@ class NativeSampler : public Napi::ObjectWrap<NativeSampler> {
     sampler_->add_output(output, int64_t(no));
   }
   fmoe::TokenSampler* native() const { return sampler_.get(); }
+  // A sampler in a batch that draws off the JavaScript thread (sampleBatchAsync) takes no other draw
+  // until that batch settles. Only the JavaScript thread reads or sets it.
+  void set_busy(bool busy) { busy_ = busy; }
+  void check_idle(Napi::Env env) const {
+    if (busy_) throw Napi::Error::New(env, "this sampler is drawing in a batch that has not settled");
+  }
 
  private:
   // (logits: Float32Array, history: Int32Array, clearHistory: boolean, output: Int32Array, clearOutput:
@@ -83,6 +89,7 @@ class NativeSampler : public Napi::ObjectWrap<NativeSampler> {
     if (info.Length() > 5 && !info[5].IsUndefined())
       allowed = static_cast<const uint8_t*>(typed_data(info[5], napi_uint8_array, V, "allowed"));
     if (V == 0) throw Napi::RangeError::New(env, "logits must not be empty");
+    check_idle(env);
     return native_call(env, "draw a token", [&] {
       add_tokens(history, nh, info[2].ToBoolean(), output, no, info[4].ToBoolean());
       return Napi::Number::New(env, double(sampler_->sample(logits, int64_t(V), allowed)));
@@ -90,26 +97,57 @@ class NativeSampler : public Napi::ObjectWrap<NativeSampler> {
   }
 
   std::unique_ptr<fmoe::TokenSampler> sampler_;
+  bool busy_ = false;
 };
 
-// (draws: [sampler: NativeSampler, logits: Float32Array, history: Int32Array, clearHistory: boolean, output:
-// Int32Array, clearOutput: boolean, allowed?: Uint8Array][]) -> (number | Error)[]: each draw's token as
-// sample() gives it (-1: no token can be drawn), or the error of that draw. Every sampler at most once.
-Napi::Value SampleBatch(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  if (info.Length() < 1 || !info[0].IsArray()) throw Napi::TypeError::New(env, "draws must be an array");
-  Napi::Array list = info[0].As<Napi::Array>();
-  const uint32_t n = list.Length();
-  AddonData* data = env.GetInstanceData<AddonData>();
-  std::vector<fmoe::BatchDraw> draws(n);
+// A batch of draws as read from JavaScript: each draw, and what its sampler is to add before it.
+struct DrawBatch {
   struct Added {
     NativeSampler* owner;
     const int32_t *history, *output;
     size_t nh, no;
     bool clear_history, clear_output;
   };
-  std::vector<Added> added(n);
-  // Every entry is read and checked before any sampler changes: a bad entry leaves them all as they were.
+  std::vector<fmoe::BatchDraw> draws;
+  std::vector<Added> added;
+
+  // Adds each sampler's new tokens, then draws (sampler.h sample_all).
+  void run() {
+    for (const Added& a : added) a.owner->add_tokens(a.history, a.nh, a.clear_history, a.output, a.no, a.clear_output);
+    fmoe::sample_all(draws.data(), int64_t(draws.size()));
+  }
+
+  // Each draw's token, or its error.
+  Napi::Array results(Napi::Env env) const {
+    Napi::Array out = Napi::Array::New(env, draws.size());
+    for (uint32_t i = 0; i < draws.size(); i++) {
+      if (!draws[i].error) {
+        out.Set(i, Napi::Number::New(env, double(draws[i].token)));
+        continue;
+      }
+      NativeFailure f;
+      try {
+        std::rethrow_exception(draws[i].error);
+      } catch (...) {
+        f = current_failure("draw a token");
+      }
+      out.Set(i, make_moe_error(env, f.code, f.message).Value());
+    }
+    return out;
+  }
+};
+
+// Reads and checks every entry of info[0] before any sampler changes: a bad entry leaves them all as they
+// were. keep (where given) gets a reference to each value the draws read, for a draw off this thread.
+DrawBatch read_draws(const Napi::CallbackInfo& info, std::vector<Napi::Reference<Napi::Value>>* keep) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsArray()) throw Napi::TypeError::New(env, "draws must be an array");
+  Napi::Array list = info[0].As<Napi::Array>();
+  const uint32_t n = list.Length();
+  AddonData* data = env.GetInstanceData<AddonData>();
+  DrawBatch b;
+  b.draws.resize(n);
+  b.added.resize(n);
   for (uint32_t i = 0; i < n; i++) {
     const std::string at = "draws[" + std::to_string(i) + "]";
     Napi::Value v = list.Get(i);
@@ -119,42 +157,90 @@ Napi::Value SampleBatch(const Napi::CallbackInfo& info) {
     Napi::Value s = e.Get(0u);
     if (!s.IsObject() || !s.As<Napi::Object>().InstanceOf(data->sampler_ctor.Value()))
       throw Napi::TypeError::New(env, at + "[0] must be a NativeSampler");
-    Added& a = added[i];
+    DrawBatch::Added& a = b.added[i];
     a.owner = NativeSampler::Unwrap(s.As<Napi::Object>());
+    a.owner->check_idle(env);
     for (uint32_t j = 0; j < i; j++)
-      if (added[j].owner == a.owner) throw Napi::RangeError::New(env, at + "[0]: a sampler draws at most once a batch");
+      if (b.added[j].owner == a.owner)
+        throw Napi::RangeError::New(env, at + "[0]: a sampler draws at most once a batch");
+    fmoe::BatchDraw& d = b.draws[i];
     size_t V = 0;
-    draws[i].logits = static_cast<const float*>(typed_data_any(e.Get(1u), napi_float32_array, &V, at + ".logits"));
+    d.logits = static_cast<const float*>(typed_data_any(e.Get(1u), napi_float32_array, &V, at + ".logits"));
     if (V == 0) throw Napi::RangeError::New(env, at + ".logits must not be empty");
-    draws[i].vocab = int64_t(V);
+    d.vocab = int64_t(V);
     a.history = static_cast<const int32_t*>(typed_data_any(e.Get(2u), napi_int32_array, &a.nh, at + ".history"));
     a.clear_history = e.Get(3u).ToBoolean();
     a.output = static_cast<const int32_t*>(typed_data_any(e.Get(4u), napi_int32_array, &a.no, at + ".output"));
     a.clear_output = e.Get(5u).ToBoolean();
     Napi::Value allowed = e.Get(6u);
     if (!allowed.IsUndefined())
-      draws[i].allowed = static_cast<const uint8_t*>(typed_data(allowed, napi_uint8_array, V, at + ".allowed"));
-    draws[i].sampler = a.owner->native();
+      d.allowed = static_cast<const uint8_t*>(typed_data(allowed, napi_uint8_array, V, at + ".allowed"));
+    d.sampler = a.owner->native();
+    if (keep)  // the sampler and the arrays (the flags are read already)
+      for (uint32_t k : {0u, 1u, 2u, 4u, 6u})
+        if (e.Get(k).IsObject()) keep->push_back(Napi::Persistent(e.Get(k)));
   }
-  native_call(env, "draw tokens", [&] {
-    for (const Added& a : added) a.owner->add_tokens(a.history, a.nh, a.clear_history, a.output, a.no, a.clear_output);
-    fmoe::sample_all(draws.data(), int64_t(n));
-  });
-  Napi::Array out = Napi::Array::New(env, n);
-  for (uint32_t i = 0; i < n; i++) {
-    if (!draws[i].error) {
-      out.Set(i, Napi::Number::New(env, double(draws[i].token)));
-      continue;
-    }
-    NativeFailure f;
+  return b;
+}
+
+// (draws: [sampler: NativeSampler, logits: Float32Array, history: Int32Array, clearHistory: boolean, output:
+// Int32Array, clearOutput: boolean, allowed?: Uint8Array][]) -> (number | Error)[]: each draw's token as
+// sample() gives it (-1: no token can be drawn), or the error of that draw. Every sampler at most once.
+Napi::Value SampleBatch(const Napi::CallbackInfo& info) {
+  DrawBatch b = read_draws(info, nullptr);
+  native_call(info.Env(), "draw tokens", [&] { b.run(); });
+  return b.results(info.Env());
+}
+
+// sampleBatchAsync(draws) -> Promise<(number | Error)[]>: the same on a libuv thread, for batches long
+// enough to hold the event loop (milliseconds: many streams over a large vocabulary). Its samplers
+// refuse other draws until it settles; the values it reads are held until then.
+class DrawWorker : public Napi::AsyncWorker {
+ public:
+  DrawWorker(Napi::Env env, DrawBatch batch, std::vector<Napi::Reference<Napi::Value>> keep)
+      : Napi::AsyncWorker(env, "fused-moe:draw"),
+        deferred_(Napi::Promise::Deferred::New(env)),
+        batch_(std::move(batch)),
+        keep_(std::move(keep)) {
+    for (const DrawBatch::Added& a : batch_.added) a.owner->set_busy(true);
+  }
+  Napi::Promise promise() const { return deferred_.Promise(); }
+
+ protected:
+  void Execute() override {
     try {
-      std::rethrow_exception(draws[i].error);
+      batch_.run();
     } catch (...) {
-      f = current_failure("draw a token");
+      failure_ = current_failure("draw tokens");
+      SetError(failure_.message);
     }
-    out.Set(i, make_moe_error(env, f.code, f.message).Value());
   }
-  return out;
+  void OnOK() override {
+    release();
+    deferred_.Resolve(batch_.results(Env()));
+  }
+  void OnError(const Napi::Error&) override {
+    release();
+    deferred_.Reject(make_moe_error(Env(), failure_.code, failure_.message).Value());
+  }
+
+ private:
+  void release() {
+    for (const DrawBatch::Added& a : batch_.added) a.owner->set_busy(false);
+  }
+  Napi::Promise::Deferred deferred_;
+  DrawBatch batch_;
+  std::vector<Napi::Reference<Napi::Value>> keep_;
+  NativeFailure failure_{fmoe::ErrorCode::Internal, ""};
+};
+
+Napi::Value SampleBatchAsync(const Napi::CallbackInfo& info) {
+  std::vector<Napi::Reference<Napi::Value>> keep;
+  DrawBatch b = read_draws(info, &keep);
+  auto* w = new DrawWorker(info.Env(), std::move(b), std::move(keep));
+  Napi::Promise p = w->promise();
+  w->Queue();
+  return p;
 }
 
 // (logits: Float32Array, top: number) -> Float64Array [log-sum-exp of the logits, then the ids of the
@@ -182,6 +268,7 @@ void register_sampler(Napi::Env env, Napi::Object exports) {
   env.GetInstanceData<AddonData>()->sampler_ctor = Napi::Persistent(sampler);
   exports.Set("NativeSampler", sampler);
   exports.Set("sampleBatch", Napi::Function::New(env, SampleBatch, "sampleBatch"));
+  exports.Set("sampleBatchAsync", Napi::Function::New(env, SampleBatchAsync, "sampleBatchAsync"));
   exports.Set("logSoftmaxStats", Napi::Function::New(env, LogSoftmaxStats, "logSoftmaxStats"));
 }
 

@@ -255,6 +255,15 @@ export class Engine {
   readonly #masks: Uint8Array[] = [];
   #preemptions = 0;
   #looping = false;
+  /**
+   * Logits that a step's draws (those that do more than an argmax) read at least, for them to run off
+   * the JavaScript thread: about 1 ms of draws on two cores (7 streams of Qwen3's 151,936 logits with a
+   * temperature) against the ~0.1 ms a trip to libuv's thread and back costs. Tests lower it.
+   * @internal
+   */
+  static asyncDrawLogits = 1 << 20;
+  /** Called once a batch of draws has left for libuv's thread (tests: what lands while it runs). @internal */
+  static onDrawsAway: (() => void) | null = null;
 
   constructor(model: EngineModel) {
     this.#model = model;
@@ -340,23 +349,33 @@ export class Engine {
             this.#end(b.request, null, err);
           }
         });
-        // Every request's draw at once (spread over the pool's threads), then each takes its token.
+        // Every request's draw at once (spread over the pool's threads; off the JavaScript thread when
+        // they would hold it for a millisecond or more), then each takes its token.
+        const spec = draws.map(({ request: r, logits, allowed }) => ({
+          sampler: r.sampler,
+          logits,
+          history: r.tokens,
+          output: r.generated,
+          allowed,
+        }));
+        const work = draws.reduce((a, d) => a + (d.request.sampler.plainGreedy && !d.allowed ? 0 : d.logits.length), 0);
         let tokens: (number | Error)[];
         try {
-          tokens = Sampler.sampleAll(
-            draws.map(({ request: r, logits, allowed }) => ({
-              sampler: r.sampler,
-              logits,
-              history: r.tokens,
-              output: r.generated,
-              allowed,
-            })),
-          );
+          if (work >= Engine.asyncDrawLogits) {
+            const away = Sampler.sampleAllAsync(spec);
+            Engine.onDrawsAway?.();
+            tokens = await away;
+          } else {
+            tokens = Sampler.sampleAll(spec);
+          }
         } catch (err) {
           for (const d of draws) this.#end(d.request, null, err);
           continue;
         }
         draws.forEach((d, i) => {
+          // Aborted while the draws ran: nothing to take. Preempted then (its cache given back for
+          // model.logits), the token still follows from its logits, and it waits to compute it.
+          if (d.request.done) return;
           try {
             const token = tokens[i];
             if (token instanceof Error) throw token;
@@ -578,7 +597,8 @@ export class Engine {
     if (scored) r.logprobs!.push(scored);
     r.tokens.push(token);
     const eos = r.eos.has(token);
-    const last = eos || r.generated.length >= r.maxTokens || r.fed + 1 > this.#model.options.contextLength;
+    // The positions feeding the token takes (r.fed + 1, unless a preemption while the draws ran reset r.fed).
+    const last = eos || r.generated.length >= r.maxTokens || r.tokens.length > this.#model.options.contextLength;
     let text = eos || !r.decoder ? '' : r.decoder.push(token);
     if (last && r.decoder) text += r.decoder.flush();
     if (r.stop) {
@@ -598,6 +618,8 @@ export class Engine {
   #end(r: Request, reason: FinishReason | null, error?: unknown): void {
     const i = this.#running.indexOf(r);
     if (i >= 0) this.#running.splice(i, 1);
+    const w = this.#waiting.indexOf(r); // preempted while its draw ran
+    if (w >= 0) this.#waiting.splice(w, 1);
     const sequence = r.sequence;
     r.sequence = null;
     if (error !== undefined) r.fail(error);

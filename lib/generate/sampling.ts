@@ -178,7 +178,15 @@ export class Sampler {
   #output: readonly number[] | null = null;
   #outputLength = 0;
 
+  readonly #plainGreedy: boolean;
+
   constructor(params: SamplingParams) {
+    this.#plainGreedy =
+      params.temperature === 0 &&
+      params.repetitionPenalty === 1 &&
+      !params.presencePenalty &&
+      !params.frequencyPenalty &&
+      (params.logitBias?.size ?? 0) === 0;
     const bias = [...(params.logitBias ?? new Map<number, number>())].filter(([t]) => t < 2 ** 31);
     this.#native = new (binding().NativeSampler)({
       temperature: params.temperature,
@@ -233,12 +241,7 @@ export class Sampler {
           return fromNative(err);
         }
       });
-    const calls = draws.map((d): NativeDraw => [
-      d.sampler.#native,
-      d.logits,
-      ...d.sampler.#added(d.history, d.output ?? []),
-      d.allowed,
-    ]);
+    const calls = Sampler.#calls(draws);
     let results: (number | Error)[];
     try {
       results = binding().sampleBatch(calls);
@@ -246,6 +249,37 @@ export class Sampler {
       for (const d of draws) d.sampler.#forget();
       throw fromNative(err);
     }
+    return Sampler.#settle(draws, results);
+  }
+
+  /**
+   * sampleAll() on a libuv thread, for a batch long enough to hold the event loop (milliseconds); its
+   * arrays must stay as they are until it settles, and its samplers take no other draw until then.
+   */
+  static async sampleAllAsync(draws: readonly SamplerDraw[]): Promise<(number | Error)[]> {
+    if (draws.length === 0) return [];
+    const calls = Sampler.#calls(draws);
+    let results: (number | Error)[];
+    try {
+      results = await binding().sampleBatchAsync(calls);
+    } catch (err) {
+      for (const d of draws) d.sampler.#forget();
+      throw fromNative(err);
+    }
+    return Sampler.#settle(draws, results);
+  }
+
+  /** Whether a draw is the plain argmax of its logits (greedy, nothing that changes them). */
+  get plainGreedy(): boolean {
+    return this.#plainGreedy;
+  }
+
+  static #calls(draws: readonly SamplerDraw[]): NativeDraw[] {
+    return draws.map((d) => [d.sampler.#native, d.logits, ...d.sampler.#added(d.history, d.output ?? []), d.allowed]);
+  }
+
+  /** Each draw's token or error, after the samplers' bookkeeping. */
+  static #settle(draws: readonly SamplerDraw[], results: (number | Error)[]): (number | Error)[] {
     return results.map((r, i) => {
       const d = draws[i];
       if (typeof r !== 'number') {
