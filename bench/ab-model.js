@@ -28,17 +28,15 @@
 //
 // The model is one of bench/model.js's (its files in the same cache folder: --cache-dir DIR).
 'use strict';
-const os = require('os');
 const path = require('path');
 const fs = require('fs');
 const { spawnSync } = require('child_process');
-const { benchModelDir, feedPrompt, median } = require('./util');
+const { benchModelOrExit, feedPrompt, median, takeCacheDir } = require('./util');
 const root = path.join(__dirname, '..');
 const binding = require('node-gyp-build')(root);
 
 const args = process.argv.slice(2);
-const dirAt = args.indexOf('--cache-dir');
-const cacheDir = dirAt >= 0 ? args.splice(dirAt, 2)[1] : path.join(os.tmpdir(), 'fused-moe-bench-models');
+const cacheDir = takeCacheDir(args);
 const partAt = args.indexOf('--part');
 const part = partAt >= 0 ? args.splice(partAt, 2)[1] : 'mlp';
 // --prompt T: each measured unit is a fresh T-token prompt (in native steps of 512 tokens, its sequence
@@ -62,11 +60,7 @@ if (!model || !quantize || !name || a === undefined || b === undefined) {
   console.error(usage);
   process.exit(2);
 }
-const modelDir = benchModelDir(cacheDir, model);
-if (!modelDir) {
-  console.error(`no ${model} files in ${cacheDir}: run bench/model.js --models ${model} first`);
-  process.exit(2);
-}
+const modelDir = benchModelOrExit(cacheDir, model);
 const pairs = Number(pairsArg) || 60,
   streams = Number(streamsArg) || 1;
 

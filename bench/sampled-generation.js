@@ -16,17 +16,15 @@
 //   node bench/model.js --models qwen3moe --formats int4 --engines ours   (writes the model files once)
 //   node bench/sampled-generation.js [qwen3moe | mixtral] [none | int8 | int4] [streams = 16] [tokens = 32] [runs = 3] [--cache-dir DIR]
 'use strict';
-const os = require('os');
 const path = require('path');
-const { benchModelDir, median } = require('./util');
+const { benchModelOrExit, median, takeCacheDir } = require('./util');
 
 const root = path.join(__dirname, '..');
 const binding = require('node-gyp-build')(root);
 const { MoeModel } = require(path.join(root, 'dist'));
 
 const args = process.argv.slice(2);
-const dirAt = args.indexOf('--cache-dir');
-const cacheDir = dirAt >= 0 ? args.splice(dirAt, 2)[1] : path.join(os.tmpdir(), 'fused-moe-bench-models');
+const cacheDir = takeCacheDir(args);
 const [model = 'qwen3moe', quantize = 'int4', streamsArg, tokensArg, runsArg] = args;
 const streams = Number(streamsArg ?? 16),
   tokens = Number(tokensArg ?? 32),
@@ -35,11 +33,7 @@ if (![streams, tokens, runs].every((n) => Number.isInteger(n) && n >= 1) || stre
   console.error('streams (1 to 64), tokens and runs must be positive integers');
   process.exit(2);
 }
-const modelDir = benchModelDir(cacheDir, model);
-if (!modelDir) {
-  console.error(`no ${model} files in ${cacheDir}: run bench/model.js --models ${model} first`);
-  process.exit(2);
-}
+const modelDir = benchModelOrExit(cacheDir, model);
 
 const SETTINGS = {
   greedy: { temperature: 0 },

@@ -1,6 +1,7 @@
 // Small helpers of the benchmarks.
 'use strict';
 const fs = require('fs');
+const os = require('os');
 const path = require('path');
 
 // n random values in [-scale, scale] (never zero), as float32 or as bf16 bits: a 64 Ki block from a
@@ -114,6 +115,20 @@ function benchModelDir(cacheDir, model) {
   return folder ? path.join(cacheDir, folder, 'hf') : undefined;
 }
 
+/** Takes `--cache-dir DIR` out of a script's arguments (spliced): where bench/model.js keeps its models. */
+function takeCacheDir(args) {
+  const at = args.indexOf('--cache-dir');
+  return at >= 0 ? args.splice(at, 2)[1] : path.join(os.tmpdir(), 'fused-moe-bench-models');
+}
+
+/** benchModelDir(), or an exit with what to run first. */
+function benchModelOrExit(cacheDir, model) {
+  const dir = benchModelDir(cacheDir, model);
+  if (dir) return dir;
+  console.error(`no ${model} files in ${cacheDir}: run bench/model.js --models ${model} first`);
+  process.exit(2);
+}
+
 // The bench's token at position `at` of sequence `seq`: distinct per sequence, inside every vocabulary.
 const benchToken = (seq, at) => 100 + ((at + 37 * seq) % 5000);
 
@@ -138,6 +153,8 @@ module.exports = {
   ISA_INDEX,
   longestGap,
   benchModelDir,
+  takeCacheDir,
+  benchModelOrExit,
   benchToken,
   feedPrompt,
 };

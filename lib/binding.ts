@@ -126,24 +126,8 @@ export interface NativeSamplerParams {
   biasValues: Float64Array;
 }
 
-export interface NativeSampler {
-  /**
-   * The next token, or -1 when no token can be drawn. history and output: the tokens added since the
-   * last draw (all of them when clearHistory / clearOutput is set).
-   */
-  sample(
-    logits: Float32Array,
-    history: Int32Array,
-    clearHistory: boolean,
-    output: Int32Array,
-    clearOutput: boolean,
-    allowed?: Uint8Array,
-  ): number;
-}
-
-/** One draw of sampleBatch(): the arguments of NativeSampler.sample() after the sampler. */
-export type NativeDraw = [
-  sampler: NativeSampler,
+/** What a draw passes: its logits, the tokens added since the sampler's last draw, and a mask. */
+export type NativeDrawArgs = [
   logits: Float32Array,
   history: Int32Array,
   clearHistory: boolean,
@@ -151,6 +135,17 @@ export type NativeDraw = [
   clearOutput: boolean,
   allowed?: Uint8Array,
 ];
+
+export interface NativeSampler {
+  /**
+   * The next token, or -1 when no token can be drawn. history and output: the tokens added since the
+   * last draw (all of them when clearHistory / clearOutput is set).
+   */
+  sample(...args: NativeDrawArgs): number;
+}
+
+/** One draw of sampleBatch(): the sampler, then the arguments of its sample(). */
+export type NativeDraw = [sampler: NativeSampler, ...args: NativeDrawArgs];
 
 export interface NativeBinding {
   NativeLayer: new (

@@ -278,20 +278,14 @@ struct TracedJob {
 }  // namespace
 
 void ThreadPool::parallel_for(int64_t n, int64_t chunk, int max_threads, const RangeFn& fn) {
-  if (n <= 0) return;
-  if (n > int64_t(INT32_MAX)) fail(ErrorCode::Internal, "parallel_for: more than 2^31 - 1 items");
-  TracedJob traced{n};
-  if (chunk < 1) chunk = 1;
-  const int limit = threads_for(max_threads);
-  if (limit == 1 || n <= chunk) {
-    fn(0, n, 0);
-    return;
-  }
-  Turn turn(*this, true);
-  run_job(n, chunk, limit, fn);
+  submit(n, chunk, max_threads, fn, true);
 }
 
 bool ThreadPool::try_parallel_for(int64_t n, int64_t chunk, int max_threads, const RangeFn& fn) {
+  return submit(n, chunk, max_threads, fn, false);
+}
+
+bool ThreadPool::submit(int64_t n, int64_t chunk, int max_threads, const RangeFn& fn, bool wait) {
   if (n <= 0) return true;
   if (n > int64_t(INT32_MAX)) fail(ErrorCode::Internal, "parallel_for: more than 2^31 - 1 items");
   TracedJob traced{n};
@@ -301,13 +295,8 @@ bool ThreadPool::try_parallel_for(int64_t n, int64_t chunk, int max_threads, con
     fn(0, n, 0);
     return true;
   }
-  Turn turn(*this, false);
+  Turn turn(*this, wait);
   if (!turn.held()) return false;
-  run_job(n, chunk, limit, fn);
-  return true;
-}
-
-void ThreadPool::run_job(int64_t n, int64_t chunk, int limit, const RangeFn& fn) {
   auto job = std::make_shared<Job>();
   job->fn = &fn;
   job->n = n;
@@ -336,6 +325,7 @@ void ThreadPool::run_job(int64_t n, int64_t chunk, int limit, const RangeFn& fn)
     job_.reset();
   }
   if (err) std::rethrow_exception(err);
+  return true;
 }
 
 }  // namespace fmoe

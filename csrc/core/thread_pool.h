@@ -98,8 +98,8 @@ class ThreadPool {
   // Holds the pool for one job: takes a ticket (the next one in line, or only when the pool is free) and
   // passes the turn on when destroyed.
   class Turn;
-  // Runs one job over [0, n) on `limit` threads, the caller included; the caller holds the turn.
-  void run_job(int64_t n, int64_t chunk, int limit, const RangeFn& fn);
+  // parallel_for (wait: for the pool's turn) and try_parallel_for (else: only when it is free).
+  bool submit(int64_t n, int64_t chunk, int max_threads, const RangeFn& fn, bool wait);
   static void pin_to(int cpu);
   void leave_caller_core(int index, int caller_cpu);
   void worker_loop(int index);
