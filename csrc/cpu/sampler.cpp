@@ -323,8 +323,8 @@ int64_t TokenSampler::sample(const float* logits, int64_t V, const uint8_t* allo
   if (use_k && top_k < kSortedByComparison) {
     // The top-k candidates by their logits, which order them as their weights do (the exponential
     // increases), then the weights of those k alone, not of the whole vocabulary: the same weights,
-    // each computed alike wherever it lies in the array. Qwen3's 151,936 logits with top-k 40: 0.12
-    // ms a draw instead of 0.39 (`node bench/sampling.js`, Zen 5).
+    // each computed alike wherever it lies in the array. Qwen3's 151,936 logits with top-k 40: 0.18
+    // ms a draw instead of 0.25-0.39 (`node bench/sampling.js`, Zen 5).
     n = top_k_of(x, V, order, top_k, sc);
     sc.weights.resize(size_t(n));
     for (int64_t i = 0; i < n; i++) sc.weights[size_t(i)] = x[order[i]];
@@ -435,10 +435,10 @@ void sample_all(BatchDraw* draws, int64_t n) {
       }
     }
   };
-  // Only draws that do more than an argmax count (they read their logits about four times, in float64
-  // after the first): 16 greedy Qwen3 streams spread over the pool ran no faster (a step 0.984, `node
-  // bench/sampled-generation.js qwen3moe int4 16 32 4`, Zen 5, 2 cores), and below about a million
-  // values waking the pool costs about what it saves.
+  // The logits the draws read, four passes for each draw that does more than an argmax (in float64
+  // after the first): below about a million (two Qwen3 draws, eight Mixtral ones) waking the pool costs
+  // about what it saves. Greedy draws do not count: 16 greedy Qwen3 streams spread over the pool ran no
+  // faster (a step 0.984, `node bench/sampled-generation.js qwen3moe int4 16 32 4`, Zen 5, 2 cores).
   int64_t work = 0;
   for (int64_t i = 0; i < n; i++)
     if (draws[i].allowed || !draws[i].sampler->plain_greedy()) work += 4 * draws[i].vocab;
