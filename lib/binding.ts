@@ -142,6 +142,8 @@ export interface NativeSampler {
    * last draw (all of them when clearHistory / clearOutput is set).
    */
   sample(...args: NativeDrawArgs): number;
+  /** Whether a draw is the plain argmax of its logits (greedy, nothing that changes them). */
+  readonly plainGreedy: boolean;
 }
 
 /** One draw of sampleBatch(): the sampler, then the arguments of its sample(). */

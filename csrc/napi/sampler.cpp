@@ -21,7 +21,9 @@ namespace {
 class NativeSampler : public Napi::ObjectWrap<NativeSampler> {
  public:
   static Napi::Function Init(Napi::Env env) {
-    return DefineClass(env, "NativeSampler", {InstanceMethod<&NativeSampler::Sample>("sample")});
+    return DefineClass(env, "NativeSampler",
+                       {InstanceMethod<&NativeSampler::Sample>("sample"),
+                        InstanceAccessor<&NativeSampler::PlainGreedy>("plainGreedy")});
   }
 
   // (params: { temperature, topK, topP, minP, repetitionPenalty, presencePenalty, frequencyPenalty, seed,
@@ -94,6 +96,11 @@ class NativeSampler : public Napi::ObjectWrap<NativeSampler> {
       add_tokens(history, nh, info[2].ToBoolean(), output, no, info[4].ToBoolean());
       return Napi::Number::New(env, double(sampler_->sample(logits, int64_t(V), allowed)));
     });
+  }
+
+  // Whether a draw is the plain argmax of its logits (sampler.h plain_greedy).
+  Napi::Value PlainGreedy(const Napi::CallbackInfo& info) {
+    return Napi::Boolean::New(info.Env(), sampler_->plain_greedy());
   }
 
   std::unique_ptr<fmoe::TokenSampler> sampler_;

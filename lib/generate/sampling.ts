@@ -178,15 +178,7 @@ export class Sampler {
   #output: readonly number[] | null = null;
   #outputLength = 0;
 
-  readonly #plainGreedy: boolean;
-
   constructor(params: SamplingParams) {
-    this.#plainGreedy =
-      params.temperature === 0 &&
-      params.repetitionPenalty === 1 &&
-      !params.presencePenalty &&
-      !params.frequencyPenalty &&
-      (params.logitBias?.size ?? 0) === 0;
     const bias = [...(params.logitBias ?? new Map<number, number>())].filter(([t]) => t < 2 ** 31);
     this.#native = new (binding().NativeSampler)({
       temperature: params.temperature,
@@ -271,7 +263,7 @@ export class Sampler {
 
   /** Whether a draw is the plain argmax of its logits (greedy, nothing that changes them). */
   get plainGreedy(): boolean {
-    return this.#plainGreedy;
+    return this.#native.plainGreedy;
   }
 
   static #calls(draws: readonly SamplerDraw[]): NativeDraw[] {
