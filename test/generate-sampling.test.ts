@@ -303,6 +303,52 @@ describe.each([1, 33, 320, 1027, 4096])('log probabilities over a vocabulary of 
   });
 });
 
+/** 40 draws of a sampler and of the reference from the same uniform numbers: each the same token. */
+function expectReferenceDraws(logits: Float32Array, params: Params, seed: number): Set<number> {
+  const sampler = new Sampler({ ...params, seed });
+  const uniform = new Xoshiro128(seed);
+  const reference = referenceDraws(logits, params);
+  const drawn = new Set<number>();
+  for (let i = 0; i < 40; i++) {
+    const token = sampler.sample(logits, []);
+    expect(token).toBe(reference(uniform.next()));
+    drawn.add(token);
+  }
+  return drawn;
+}
+
+test('top-p 1 - 1e-10 over steep logits with masked tokens: the nucleus ends among weights below 2^-32', () => {
+  // Logits over [-12, 12]: about 7% of the tokens weigh less than 2^-32 of the best, together about
+  // 4e-10 of the total, so the nucleus ends among them; -Infinity logits (a mask) weigh nothing and
+  // are never drawn, even where the walk runs to the end.
+  const V = 30_011;
+  const rand = rng(61);
+  const logits = Float32Array.from({ length: V }, () => Math.round((rand() * 2 - 1) * 12 * 256) / 256);
+  for (let i = 3; i < V; i += 97) logits[i] = -Infinity;
+  const params = { temperature: 1, topK: 0, topP: 1 - 1e-10, minP: 0, repetitionPenalty: 1 };
+  const drawn = expectReferenceDraws(logits, params, 77);
+  expect(drawn.size).toBeGreaterThan(30);
+  for (const t of drawn) expect(logits[t]).toBeGreaterThan(-Infinity);
+});
+
+test('min-p that ends the nucleus a few tokens early: each draw is the reference draw', () => {
+  // min-p just below the weight of the nucleus's fifth least likely token: it drops the four after it.
+  const V = 50_021;
+  const logits = randomLogits(V, rng(83), 0.3); // no grid: few ties, so min-p drops about four tokens
+  const topP = 0.6;
+  let best = -Infinity;
+  for (const v of logits) best = Math.max(best, v);
+  const prob = Float64Array.from(logits, (v) => Math.exp(v - best));
+  const order = Array.from({ length: V }, (_, i) => i).sort((a, b) => prob[b] - prob[a] || a - b);
+  const total = prob.reduce((s, q) => s + q, 0);
+  let acc = 0;
+  const n = order.findIndex((i) => (acc += prob[i]) >= topP * total) + 1;
+  const minP = prob[order[n - 5]] * (1 - 1e-9);
+  const params = { temperature: 1, topK: 0, topP, minP, repetitionPenalty: 1 };
+  expect(order.slice(0, n).filter((i) => prob[i] >= minP).length).toBeLessThan(n);
+  expect(expectReferenceDraws(logits, params, 4243).size).toBeGreaterThan(30);
+});
+
 test('top-k among logits with NaN: only the k largest finite ones are drawn, in the reference frequencies', () => {
   // The top-k candidates are chosen by the logits themselves (NaN as -Infinity) before any exponential.
   const V = 2053;

@@ -9,8 +9,8 @@
 // Deterministic: the same seed, logits and tokens give the same draw on every run of one build and
 // kernel set, whatever else runs (the PRNG is the generation's own). The distribution is the
 // definitions', computed in float64; the exponentials are the kernel set's (KernelSet::exp_weights, about
-// one ulp), so a draw may differ from a float64 reference only where the uniform number falls within
-// about 1e-15 of a boundary.
+// one ulp) and a top-p nucleus is weighed by buckets (draw_nucleus), so a draw may differ from a float64
+// reference only where the uniform number or the nucleus's limit falls within about 1e-15 of a boundary.
 #pragma once
 #include <atomic>
 #include <cstdint>
@@ -80,6 +80,8 @@ class TokenSampler {
  private:
   // A draw among the whole vocabulary (no top-k or top-p) from the weights p[0, V), min-p applied.
   int64_t draw_all(double* p, int64_t V);
+  // A draw among the top-p nucleus (no top-k) of the weights p[0, V) that sum to total, min-p applied.
+  int64_t draw_nucleus(double* p, int64_t V, double total);
 
   SamplerParams p_;
   Prng prng_;
