@@ -82,6 +82,8 @@ struct KernelSet {
   // The sampler's weights (sampler.h): x[i] = exp((x[i] - top) * scale) in place, 0 below about 1e-307
   // and for -inf or NaN, and their sum (vocab_exp.h).
   double (*exp_weights)(double* x, int64_t n, double top, double scale);
+  // The same from float logits into out[0, n): the same results as exp_weights over their float64 copy.
+  double (*exp_weights_f32)(const float* x, double* out, int64_t n, double top, double scale);
 };
 
 // Kernel sets compiled into this binary; each returns nullptr when not built for this architecture.

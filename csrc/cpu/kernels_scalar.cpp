@@ -170,11 +170,27 @@ void qpack2(const void* w2, int64_t H, int64_t F, DType dt, Quant q, int64_t g, 
 }
 
 constexpr KernelSet kScalar = {
-    Isa::Scalar,    "scalar",        kPanel,         panel_w13_bytes,
-    panel_w2_bytes, pack_w13_panels, pack_w2_panels, swiglu,
-    down,           q13_bytes,       q2_bytes,       qpack13,
-    qpack2,         swiglu_q,        down_q,         "float32",
-    "float32",      nullptr,         nullptr,        exp_weights_vec<2>,
+    Isa::Scalar,
+    "scalar",
+    kPanel,
+    panel_w13_bytes,
+    panel_w2_bytes,
+    pack_w13_panels,
+    pack_w2_panels,
+    swiglu,
+    down,
+    q13_bytes,
+    q2_bytes,
+    qpack13,
+    qpack2,
+    swiglu_q,
+    down_q,
+    "float32",
+    "float32",
+    nullptr,
+    nullptr,
+    exp_weights_vec<2>,
+    exp_weights_f32_vec<2>,
 };
 
 }  // namespace

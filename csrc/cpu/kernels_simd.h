@@ -340,7 +340,8 @@ struct Kernels {
                      I4_MODE == kI4Dot ? "int8" : "float32",
                      kGateLogits,
                      kGateLogitsBf16,
-                     exp_weights_vec<O::W / 2>};
+                     exp_weights_vec<O::W / 2>,
+                     exp_weights_f32_vec<O::W / 2>};
   }
 };
 

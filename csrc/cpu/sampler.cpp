@@ -94,18 +94,32 @@ int64_t first_max(const T* x, int64_t n, T* top_out) {
 // bits of their probabilities (sort_by_likelihood).
 constexpr int64_t kSortedByComparison = 512;
 
+// p[i], NaN read as -inf (float logits read in place; the float64 copies hold -inf already).
+template <typename T>
+inline T value_at(const T* p, int32_t i) {
+  const T v = p[i];
+  return v == v ? v : -std::numeric_limits<T>::infinity();
+}
+
 // Less likely first; ties: the higher id first, so that the lower id is kept.
-inline bool less_likely(const double* p, int32_t a, int32_t b) { return p[a] < p[b] || (p[a] == p[b] && a > b); }
+template <typename T>
+inline bool less_likely(const T* p, int32_t a, int32_t b) {
+  const T va = value_at(p, a), vb = value_at(p, b);
+  return va < vb || (va == vb && a > b);
+}
+
+// Sorts order[0, n) most likely first, ties lower id first, by comparisons: any values, negative too.
+template <typename T>
+void sort_by_comparison(const T* p, int32_t* order, int64_t n) {
+  std::sort(order, order + n, [p](int32_t a, int32_t b) { return less_likely(p, b, a); });
+}
 
 // Sorts order[0, n) (ids in ascending order on entry) most likely first, ties lower id first. Many ids
 // (a top-k of thousands, a nucleus bucket of a flat distribution) go through a stable radix sort of the probabilities'
 // bits (non-negative doubles order as their bit patterns), 8 bits a pass, the lowest first, skipping the passes whose
 // digit every key shares.
 void sort_by_likelihood(const double* p, int32_t* order, int64_t n, Scratch& sc) {
-  if (n < kSortedByComparison) {
-    std::sort(order, order + n, [p](int32_t a, int32_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
-    return;
-  }
+  if (n < kSortedByComparison) return sort_by_comparison(p, order, n);
   sc.keys.resize(size_t(n));
   sc.spare_keys.resize(size_t(n));
   sc.spare_ids.resize(size_t(n));
@@ -136,7 +150,9 @@ void sort_by_likelihood(const double* p, int32_t* order, int64_t n, Scratch& sc)
 }
 
 // The k most likely ids into order[0, k), most likely first: a min-heap over one pass of the vocabulary.
-int64_t top_k_of(const double* p, int64_t V, int32_t* order, int64_t k, Scratch& sc) {
+// From float logits (NaN as -inf) for k below kSortedByComparison, whose sort is by comparisons.
+template <typename T>
+int64_t top_k_of(const T* p, int64_t V, int32_t* order, int64_t k, Scratch& sc) {
   int32_t* heap = order;  // order[0, k) holds the heap, the least likely at the root
   auto down = [&](int64_t at) {
     for (;;) {
@@ -150,13 +166,20 @@ int64_t top_k_of(const double* p, int64_t V, int32_t* order, int64_t k, Scratch&
   };
   for (int64_t i = 0; i < k; i++) heap[i] = int32_t(i);
   for (int64_t i = k / 2 - 1; i >= 0; i--) down(i);
+  // Every id in the heap is below i, so an equal value never displaces the root: only a larger one
+  // (NaN compares false, as -inf would).
+  T root = value_at(p, heap[0]);
   for (int64_t i = k; i < V; i++)
-    if (less_likely(p, heap[0], int32_t(i))) {
+    if (p[i] > root) {
       heap[0] = int32_t(i);
       down(0);
+      root = value_at(p, heap[0]);
     }
   std::sort(heap, heap + k);  // ids in ascending order, as sort_by_likelihood takes them
-  sort_by_likelihood(p, order, k, sc);
+  if constexpr (sizeof(T) == sizeof(double))
+    sort_by_likelihood(p, order, k, sc);
+  else
+    sort_by_comparison(p, order, k);
   return k;
 }
 
@@ -285,10 +308,18 @@ int64_t TokenSampler::sample(const float* logits, int64_t V, const uint8_t* allo
   if (!allowed && plain_greedy()) return argmax_logits(logits, V);  // nothing to copy
   Scratch& sc = scratch_for(V);
   double* x = sc.x.data();
-  // NaN as -inf: no weight either way, and the candidates of top-k are chosen by these values below.
-  for (int64_t i = 0; i < V; i++) x[i] = logits[i] == logits[i] ? double(logits[i]) : -kInf;
   const bool penalised = p_.presence_penalty != 0 || p_.frequency_penalty != 0;
   const bool adjusted = allowed || !p_.bias.empty() || p_.repetition_penalty != 1 || penalised;
+  const int64_t top_k = p_.top_k;
+  const bool use_k = top_k > 0 && top_k < V;
+  const bool few_k = use_k && top_k < kSortedByComparison;
+  // The logits in float64 where they change; else the draw reads the floats themselves, a pass over
+  // the vocabulary less (Qwen3's 151,936 logits: a draw with a temperature 0.16 ms instead of 0.19-0.24,
+  // `node bench/sampling.js`, Zen 5).
+  const bool copied = adjusted;
+  // NaN as -inf: no weight either way, and the candidates of top-k are chosen by these values below.
+  if (copied)
+    for (int64_t i = 0; i < V; i++) x[i] = logits[i] == logits[i] ? double(logits[i]) : -kInf;
   // A constraint's mask goes first: every filter then works among the tokens it allows.
   if (allowed)
     for (int64_t i = 0; i < V; i++)
@@ -320,23 +351,23 @@ int64_t TokenSampler::sample(const float* logits, int64_t V, const uint8_t* allo
   if (best < 0 || top == kInf) return -1;
   if (p_.temperature == 0) return best;
 
-  const int64_t top_k = p_.top_k;
-  const bool use_k = top_k > 0 && top_k < V;
   int32_t* order = sc.order.data();
   int64_t n;
-  if (use_k && top_k < kSortedByComparison) {
+  if (few_k) {
     // The top-k candidates by their logits, which order them as their weights do (the exponential
     // increases), then the weights of those k alone, not of the whole vocabulary: the same weights,
     // each computed alike wherever it lies in the array. Qwen3's 151,936 logits with top-k 40: 0.18
     // ms a draw instead of 0.25-0.39 (`node bench/sampling.js`, Zen 5).
-    n = top_k_of(x, V, order, top_k, sc);
+    n = copied ? top_k_of(x, V, order, top_k, sc) : top_k_of(logits, V, order, top_k, sc);
     sc.weights.resize(size_t(n));
-    for (int64_t i = 0; i < n; i++) sc.weights[size_t(i)] = x[order[i]];
+    for (int64_t i = 0; i < n; i++) sc.weights[size_t(i)] = copied ? x[order[i]] : value_at(logits, order[i]);
     select_kernels()->exp_weights(sc.weights.data(), n, top, 1.0 / p_.temperature);
     for (int64_t i = 0; i < n; i++) x[order[i]] = sc.weights[size_t(i)];
   } else {
     // Probabilities relative to the most likely token (which has 1); -inf logits get 0.
-    const double total = select_kernels()->exp_weights(x, V, top, 1.0 / p_.temperature);
+    const KernelSet* ks = select_kernels();
+    const double total = copied ? ks->exp_weights(x, V, top, 1.0 / p_.temperature)
+                                : ks->exp_weights_f32(logits, x, V, top, 1.0 / p_.temperature);
     if (!use_k) return p_.top_p >= 1 ? draw_all(x, V) : draw_nucleus(x, V, total);
     // Top-k of 512 or more: the k most likely, most likely first.
     n = top_k_of(x, V, order, top_k, sc);

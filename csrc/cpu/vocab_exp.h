@@ -16,28 +16,44 @@ template <>
 struct VecF64<2> {
   typedef double D __attribute__((vector_size(16)));
   typedef int64_t I __attribute__((vector_size(16)));
+  typedef float F __attribute__((vector_size(8)));
 };
 template <>
 struct VecF64<4> {
   typedef double D __attribute__((vector_size(32)));
   typedef int64_t I __attribute__((vector_size(32)));
+  typedef float F __attribute__((vector_size(16)));
 };
 template <>
 struct VecF64<8> {
   typedef double D __attribute__((vector_size(64)));
   typedef int64_t I __attribute__((vector_size(64)));
+  typedef float F __attribute__((vector_size(32)));
 };
 
-// x[i] = exp((x[i] - top) * scale) for i < n, in place, and the sum of the results (W partial sums
-// added in lane order at the end: the same bits for the same n on every call). For x[i] <= top and
+// out[i] = exp((x[i] - top) * scale) for i < n (out may be x), and the sum of the results (W partial
+// sums added in lane order at the end: the same bits for the same n on every call). For x[i] <= top and
 // scale > 0 the argument is <= 0; where it is below -708 (a weight below 1e-307 of the top's), -inf or
 // NaN, the result is 0. Cody-Waite reduction to |r| <= ln 2 / 2 and a degree-12 Taylor polynomial:
 // within about one ulp of exp, so the draws of a float64 reference computed with Math.exp are drawn
-// alike but where the uniform number falls within about 1e-15 of a boundary.
-template <int W>
-double exp_weights_vec(double* x, int64_t n, double top, double scale) {
+// alike but where the uniform number falls within about 1e-15 of a boundary. From floats (T = float)
+// each value is widened first (exactly): the same results as from a float64 copy, without the copy.
+template <int W, typename T>
+double exp_weights_from(const T* x, double* out, int64_t n, double top, double scale) {
   typedef typename VecF64<W>::D vd;
   typedef typename VecF64<W>::I vi;
+  typedef typename VecF64<W>::F vf;
+  auto load = [](const T* p) {
+    vd v;
+    if constexpr (sizeof(T) == sizeof(double)) {
+      std::memcpy(&v, p, sizeof v);
+    } else {
+      vf f;
+      std::memcpy(&f, p, sizeof f);
+      v = __builtin_convertvector(f, vd);
+    }
+    return v;
+  };
   const double kLog2e = 1.4426950408889634, kMagic = 6755399441055744.0;  // 1.5 * 2^52: rounds to an integer
   const double kLn2Hi = 0.693147180369123816490, kLn2Lo = 1.90821492927058770002e-10;
   constexpr double kCoef[13] = {
@@ -61,25 +77,33 @@ double exp_weights_vec(double* x, int64_t n, double top, double scale) {
     return (vd)((vi)y & keep);
   };
   for (; i + W <= n; i += W) {
-    vd v;
-    std::memcpy(&v, x + i, sizeof v);
-    const vd y = one(v);
-    std::memcpy(x + i, &y, sizeof y);
+    const vd y = one(load(x + i));
+    std::memcpy(out + i, &y, sizeof y);
     sum += y;
   }
   if (i < n) {  // the tail through one padded vector
     double buf[W];
-    for (int l = 0; l < W; l++) buf[l] = i + l < n ? x[i + l] : -__builtin_inf();
+    for (int l = 0; l < W; l++) buf[l] = i + l < n ? double(x[i + l]) : -__builtin_inf();
     vd v;
     std::memcpy(&v, buf, sizeof v);
     const vd y = one(v);
     std::memcpy(buf, &y, sizeof y);
-    for (int64_t l = 0; i + l < n; l++) x[i + l] = buf[l];
+    for (int64_t l = 0; i + l < n; l++) out[i + l] = buf[l];
     sum += y;
   }
   double total = 0;
   for (int l = 0; l < W; l++) total += sum[l];
   return total;
+}
+
+template <int W>
+double exp_weights_vec(double* x, int64_t n, double top, double scale) {
+  return exp_weights_from<W, double>(x, x, n, top, scale);
+}
+
+template <int W>
+double exp_weights_f32_vec(const float* x, double* out, int64_t n, double top, double scale) {
+  return exp_weights_from<W, float>(x, out, n, top, scale);
 }
 
 }  // namespace

@@ -730,6 +730,17 @@ static void test_exp_weights() {
       CHECK(worst < 1e-15);  // a few ulps
       CHECK(std::fabs(total - sum) <= 1e-14 * sum);
       if (n > 11) CHECK(x[11] == 1.0);
+      // From float logits: the same bits and sum as from their float64 copy (NaN and -inf among them).
+      std::vector<float> xf(static_cast<size_t>(n));
+      std::vector<double> copy(static_cast<size_t>(n)), out(static_cast<size_t>(n), 42.0);
+      for (int64_t i = 0; i < n; i++) {
+        xf[size_t(i)] = i % 13 == 5 ? NAN : i % 13 == 3 ? -INFINITY : float(top + u(gen) / scale);
+        copy[size_t(i)] = xf[size_t(i)];
+      }
+      const double from_copy = ks->exp_weights(copy.data(), n, top, scale);
+      const double from_floats = ks->exp_weights_f32(xf.data(), out.data(), n, top, scale);
+      CHECK(from_floats == from_copy);
+      CHECK(std::memcmp(out.data(), copy.data(), size_t(n) * sizeof(double)) == 0);
     }
   }
 }
