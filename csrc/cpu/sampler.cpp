@@ -252,10 +252,8 @@ double log_sum_exp(const float* x, int64_t n) {
   first_max(x, n, &top_f);
   const double top = top_f;
   Scratch& sc = scratch_for(n);
-  double* w = sc.x.data();
-  for (int64_t i = 0; i < n; i++) w[i] = x[i];
   // exp(x - top): 0 for NaN and -inf; with no finite largest value the sum is 0 (or NaN below).
-  const double sum = select_kernels()->exp_weights(w, n, top, 1.0);
+  const double sum = select_kernels()->exp_weights_f32(x, sc.x.data(), n, top, 1.0);
   return top + std::log(sum);
 }
 
