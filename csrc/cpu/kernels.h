@@ -84,6 +84,9 @@ struct KernelSet {
   double (*exp_weights)(double* x, int64_t n, double top, double scale);
   // The same from float logits into out[0, n): the same results as exp_weights over their float64 copy.
   double (*exp_weights_f32)(const float* x, double* out, int64_t n, double top, double scale);
+  // The first index of the largest of the float logits x[0, n) (NaN never the largest) and its value,
+  // or -1 and -inf when none is above -inf: the same at every width (vocab_exp.h first_max_vec).
+  int64_t (*first_max_f32)(const float* x, int64_t n, float* top);
 };
 
 // Kernel sets compiled into this binary; each returns nullptr when not built for this architecture.

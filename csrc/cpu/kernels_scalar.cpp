@@ -191,6 +191,7 @@ constexpr KernelSet kScalar = {
     nullptr,
     exp_weights_vec<2>,
     exp_weights_f32_vec<2>,
+    first_max_f32_vec<16>,
 };
 
 }  // namespace

@@ -341,7 +341,8 @@ struct Kernels {
                      kGateLogits,
                      kGateLogitsBf16,
                      exp_weights_vec<O::W / 2>,
-                     exp_weights_f32_vec<O::W / 2>};
+                     exp_weights_f32_vec<O::W / 2>,
+                     first_max_f32_vec<O::W * 4>};
   }
 };
 

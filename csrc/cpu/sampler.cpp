@@ -8,6 +8,7 @@
 
 #include "../core/thread_pool.h"
 #include "kernels.h"
+#include "vocab_exp.h"
 
 namespace fmoe {
 namespace {
@@ -33,61 +34,10 @@ Scratch& scratch_for(int64_t vocab) {
   return s;
 }
 
-// 16 bytes of T (one SSE2 or NEON register at the baseline), and the mask a comparison of them gives:
-// one specialisation per type, as GCC 12 drops a vector_size that depends on a template parameter.
-template <typename T>
-struct Vec16;
-template <>
-struct Vec16<float> {
-  typedef float V __attribute__((vector_size(16)));
-  typedef int32_t M __attribute__((vector_size(16)));
-};
-template <>
-struct Vec16<double> {
-  typedef double V __attribute__((vector_size(16)));
-  typedef int64_t M __attribute__((vector_size(16)));
-};
-
-// The first index of the largest of x[0, n) (NaN never the largest) and its value, or -1 and -inf when
-// no value is above -inf. Blocks of 512 are reduced in two vectors of running maxima, then the first
-// block holding the largest is searched from its start.
-template <typename T>
-int64_t first_max(const T* x, int64_t n, T* top_out) {
-  typedef typename Vec16<T>::V vt;
-  typedef typename Vec16<T>::M vm;
-  constexpr int W = 16 / sizeof(T);
-  constexpr int64_t kBlock = 512;
-  const T neg_inf = -std::numeric_limits<T>::infinity();
-  auto larger = [](vt v, vt m) {  // v where v > m, else m: NaN in v never replaces m
-    const vm gt = v > m;
-    return (vt)(((vm)v & gt) | ((vm)m & ~gt));
-  };
-  T top = neg_inf;
-  int64_t top_block = -1;
-  for (int64_t b = 0; b < n; b += kBlock) {
-    const int64_t e = std::min(n, b + kBlock);
-    vt m0 = vt{} + neg_inf, m1 = m0;
-    int64_t i = b;
-    for (; i + 2 * W <= e; i += 2 * W) {
-      vt v0, v1;
-      std::memcpy(&v0, x + i, sizeof v0);
-      std::memcpy(&v1, x + i + W, sizeof v1);
-      m0 = larger(v0, m0);
-      m1 = larger(v1, m1);
-    }
-    m0 = larger(m1, m0);
-    T bm = neg_inf;
-    for (int l = 0; l < W; l++) bm = m0[l] > bm ? m0[l] : bm;
-    for (; i < e; i++) bm = x[i] > bm ? x[i] : bm;
-    if (bm > top) {  // strictly: the first block that holds the largest
-      top = bm;
-      top_block = b;
-    }
-  }
-  *top_out = top;
-  if (top_block < 0) return -1;
-  for (int64_t i = top_block;; i++)
-    if (x[i] == top) return i;
+// The largest of float64 values (after a mask, a bias or penalties) in 16-byte vectors at the baseline;
+// float logits go through the kernel set's wider first_max_f32.
+inline int64_t first_max(const double* x, int64_t n, double* top_out) {
+  return first_max_vec<double, 16>(x, n, top_out);
 }
 
 // Fewer candidates than this are sorted by comparisons (any doubles, negative ones too), more by the
@@ -242,14 +192,14 @@ double Prng::next() {
 
 int64_t argmax_logits(const float* x, int64_t n) {
   float top;
-  const int64_t best = first_max(x, n, &top);
+  const int64_t best = select_kernels()->first_max_f32(x, n, &top);
   return top == std::numeric_limits<float>::infinity() ? -1 : best;
 }
 
 double log_sum_exp(const float* x, int64_t n) {
   if (n <= 0) return -kInf;
   float top_f;
-  first_max(x, n, &top_f);
+  select_kernels()->first_max_f32(x, n, &top_f);
   const double top = top_f;
   Scratch& sc = scratch_for(n);
   // exp(x - top): 0 for NaN and -inf; with no finite largest value the sum is 0 (or NaN below).
@@ -343,7 +293,7 @@ int64_t TokenSampler::sample(const float* logits, int64_t V, const uint8_t* allo
     best = first_max(x, V, &top);
   } else {  // the logits' own largest, read in floats
     float top_f;
-    best = first_max(logits, V, &top_f);
+    best = select_kernels()->first_max_f32(logits, V, &top_f);
     top = top_f;
   }
   if (best < 0 || top == kInf) return -1;

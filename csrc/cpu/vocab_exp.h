@@ -1,12 +1,87 @@
-// The sampler's exponentials over a whole vocabulary (sampler.cpp), in float64 vectors of W lanes: each
-// kernel set instantiates it at its own width (GCC vector extensions, which its flags compile to SSE2,
-// AVX2, AVX-512 or NEON). In an anonymous namespace: each ISA unit gets its own copy with its own flags.
+// The sampler's passes over a whole vocabulary (sampler.cpp): the largest logit and the exponentials,
+// in vectors of W lanes: each kernel set instantiates them at its own width (GCC vector extensions,
+// which its flags compile to SSE2, AVX2, AVX-512 or NEON). In an anonymous namespace: each ISA unit gets
+// its own copy with its own flags.
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 namespace fmoe {
 namespace {
+
+// Bytes of T as a GCC vector type, and the mask a comparison of them gives: one specialisation per
+// type and width (a vector_size depending on a template parameter inside the template is dropped by
+// GCC 12).
+template <typename T, int Bytes>
+struct VecMax;
+template <>
+struct VecMax<float, 16> {
+  typedef float V __attribute__((vector_size(16)));
+  typedef int32_t M __attribute__((vector_size(16)));
+};
+template <>
+struct VecMax<float, 32> {
+  typedef float V __attribute__((vector_size(32)));
+  typedef int32_t M __attribute__((vector_size(32)));
+};
+template <>
+struct VecMax<float, 64> {
+  typedef float V __attribute__((vector_size(64)));
+  typedef int32_t M __attribute__((vector_size(64)));
+};
+template <>
+struct VecMax<double, 16> {
+  typedef double V __attribute__((vector_size(16)));
+  typedef int64_t M __attribute__((vector_size(16)));
+};
+
+// The first index of the largest of x[0, n) (NaN never the largest) and its value, or -1 and -inf when
+// no value is above -inf. Blocks of 512 are reduced in two vectors of running maxima, then the first
+// block holding the largest is searched from its start: the same index and value at every width.
+template <typename T, int Bytes>
+int64_t first_max_vec(const T* x, int64_t n, T* top_out) {
+  typedef typename VecMax<T, Bytes>::V vt;
+  typedef typename VecMax<T, Bytes>::M vm;
+  constexpr int W = Bytes / sizeof(T);
+  constexpr int64_t kBlock = 512;
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  auto larger = [](vt v, vt m) {  // v where v > m, else m: NaN in v never replaces m
+    const vm gt = v > m;
+    return (vt)(((vm)v & gt) | ((vm)m & ~gt));
+  };
+  T top = neg_inf;
+  int64_t top_block = -1;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = b + kBlock < n ? b + kBlock : n;
+    vt m0 = vt{} + neg_inf, m1 = m0;
+    int64_t i = b;
+    for (; i + 2 * W <= e; i += 2 * W) {
+      vt v0, v1;
+      std::memcpy(&v0, x + i, sizeof v0);
+      std::memcpy(&v1, x + i + W, sizeof v1);
+      m0 = larger(v0, m0);
+      m1 = larger(v1, m1);
+    }
+    m0 = larger(m1, m0);
+    T bm = neg_inf;
+    for (int l = 0; l < W; l++) bm = m0[l] > bm ? m0[l] : bm;
+    for (; i < e; i++) bm = x[i] > bm ? x[i] : bm;
+    if (bm > top) {  // strictly: the first block that holds the largest
+      top = bm;
+      top_block = b;
+    }
+  }
+  *top_out = top;
+  if (top_block < 0) return -1;
+  for (int64_t i = top_block;; i++)
+    if (x[i] == top) return i;
+}
+
+template <int Bytes>
+int64_t first_max_f32_vec(const float* x, int64_t n, float* top) {
+  return first_max_vec<float, Bytes>(x, n, top);
+}
 
 // W doubles and W int64 lanes as GCC vector types (a vector_size depending on a template parameter
 // inside the template is dropped by GCC 12: one specialisation per width).

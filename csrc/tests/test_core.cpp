@@ -767,6 +767,19 @@ static void test_argmax_logits() {
       if (rep % 11 == 4) std::fill(x.begin(), x.end(), -INFINITY);
       if (rep % 13 == 5) std::fill(x.begin(), x.end(), NAN);
       CHECK(argmax_logits(x.data(), n) == plain(x));
+      // Every kernel set's first_max_f32: the same index (-1 with nothing above -inf) and value.
+      for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Neon}) {
+        const KernelSet* ks = kernels_for(isa);
+        if (!ks) continue;
+        float top = 0;
+        const int64_t got = ks->first_max_f32(x.data(), n, &top);
+        int64_t want = -1;
+        float want_top = -INFINITY;
+        for (int64_t i = 0; i < n; i++)
+          if (x[size_t(i)] > want_top) want_top = x[size_t(i)], want = i;
+        CHECK(got == want);
+        CHECK(top == want_top);
+      }
     }
   }
 }
