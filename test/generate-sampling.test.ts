@@ -226,6 +226,20 @@ function referenceDraws(logits: Float32Array, p: Params): (u01: number) => numbe
   };
 }
 
+/** 40 draws of a sampler and of the reference from the same uniform numbers: each the same token. */
+function expectReferenceDraws(logits: Float32Array, params: Params, seed: number): Set<number> {
+  const sampler = new Sampler({ ...params, seed });
+  const uniform = new Xoshiro128(seed);
+  const reference = referenceDraws(logits, params);
+  const drawn = new Set<number>();
+  for (let i = 0; i < 40; i++) {
+    const token = sampler.sample(logits, []);
+    expect(token).toBe(reference(uniform.next()));
+    drawn.add(token);
+  }
+  return drawn;
+}
+
 test.each([
   ['a flat distribution, top-p 0.9', 0.3, { temperature: 1, topK: 0, topP: 0.9, minP: 0, repetitionPenalty: 1 }],
   [
@@ -245,16 +259,8 @@ test.each([
   const rand = rng(Math.round(spread * 10) + 5);
   // Logits on a grid of 1/256: thousands of exact ties, which must keep the lower id first.
   const logits = Float32Array.from({ length: V }, () => Math.round((rand() * 2 - 1) * spread * 256) / 256);
-  const sampler = new Sampler({ ...params, seed: 4242 });
-  const uniform = new Xoshiro128(4242);
-  const reference = referenceDraws(logits, params);
-  const drawn = new Set<number>();
-  for (let i = 0; i < 40; i++) {
-    const token = sampler.sample(logits, []);
-    expect(token).toBe(reference(uniform.next()));
-    drawn.add(token);
-  }
-  expect(drawn.size).toBeGreaterThan(30); // many tokens in play: the walk's order decides each draw
+  // Many tokens in play: the walk's order decides each draw.
+  expect(expectReferenceDraws(logits, params, 4242).size).toBeGreaterThan(30);
 });
 
 describe.each([1, 33, 320, 1027, 4096])('log probabilities over a vocabulary of %i', (V) => {
@@ -302,20 +308,6 @@ describe.each([1, 33, 320, 1027, 4096])('log probabilities over a vocabulary of 
     expect(Math.abs(tokenLogprobs(logits, 1, 0).logprob - rest.logprob[0])).toBeLessThan(1e-9);
   });
 });
-
-/** 40 draws of a sampler and of the reference from the same uniform numbers: each the same token. */
-function expectReferenceDraws(logits: Float32Array, params: Params, seed: number): Set<number> {
-  const sampler = new Sampler({ ...params, seed });
-  const uniform = new Xoshiro128(seed);
-  const reference = referenceDraws(logits, params);
-  const drawn = new Set<number>();
-  for (let i = 0; i < 40; i++) {
-    const token = sampler.sample(logits, []);
-    expect(token).toBe(reference(uniform.next()));
-    drawn.add(token);
-  }
-  return drawn;
-}
 
 test('top-p 1 - 1e-10 over steep logits with masked tokens: the nucleus ends among weights below 2^-32', () => {
   // Logits over [-12, 12]: about 7% of the tokens weigh less than 2^-32 of the best, together about
