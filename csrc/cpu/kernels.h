@@ -87,6 +87,9 @@ struct KernelSet {
   // The first index of the largest of the float logits x[0, n) (NaN never the largest) and its value,
   // or -1 and -inf when none is above -inf: the same at every width (vocab_exp.h first_max_vec).
   int64_t (*first_max_f32)(const float* x, int64_t n, float* top);
+  // The same over float64 values, and the float logits widened to float64 (NaN as -inf).
+  int64_t (*first_max_f64)(const double* x, int64_t n, double* top);
+  void (*widen_logits)(const float* x, double* out, int64_t n);
 };
 
 // Kernel sets compiled into this binary; each returns nullptr when not built for this architecture.

@@ -192,6 +192,8 @@ constexpr KernelSet kScalar = {
     exp_weights_vec<2>,
     exp_weights_f32_vec<2>,
     first_max_f32_vec<16>,
+    first_max_f64_vec<16>,
+    widen_logits_vec<2>,
 };
 
 }  // namespace

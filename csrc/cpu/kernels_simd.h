@@ -342,7 +342,9 @@ struct Kernels {
                      kGateLogitsBf16,
                      exp_weights_vec<O::W / 2>,
                      exp_weights_f32_vec<O::W / 2>,
-                     first_max_f32_vec<O::W * 4>};
+                     first_max_f32_vec<O::W * 4>,
+                     first_max_f64_vec<O::W * 4>,
+                     widen_logits_vec<O::W / 2>};
   }
 };
 

@@ -8,7 +8,6 @@
 
 #include "../core/thread_pool.h"
 #include "kernels.h"
-#include "vocab_exp.h"
 
 namespace fmoe {
 namespace {
@@ -32,12 +31,6 @@ Scratch& scratch_for(int64_t vocab) {
     s.order.resize(size_t(vocab));
   }
   return s;
-}
-
-// The largest of float64 values (after a mask, a bias or penalties) in 16-byte vectors at the baseline;
-// float logits go through the kernel set's wider first_max_f32.
-inline int64_t first_max(const double* x, int64_t n, double* top_out) {
-  return first_max_vec<double, 16>(x, n, top_out);
 }
 
 // Fewer candidates than this are sorted by comparisons (any doubles, negative ones too), more by the
@@ -266,8 +259,8 @@ int64_t TokenSampler::sample(const float* logits, int64_t V, const uint8_t* allo
   // `node bench/sampling.js`, Zen 5).
   const bool copied = adjusted;
   // NaN as -inf: no weight either way, and the candidates of top-k are chosen by these values below.
-  if (copied)
-    for (int64_t i = 0; i < V; i++) x[i] = logits[i] == logits[i] ? double(logits[i]) : -kInf;
+  const KernelSet* ks = select_kernels();
+  if (copied) ks->widen_logits(logits, x, V);
   // A constraint's mask goes first: every filter then works among the tokens it allows.
   if (allowed)
     for (int64_t i = 0; i < V; i++)
@@ -290,10 +283,10 @@ int64_t TokenSampler::sample(const float* logits, int64_t V, const uint8_t* allo
   double top;
   int64_t best;
   if (adjusted) {
-    best = first_max(x, V, &top);
+    best = ks->first_max_f64(x, V, &top);
   } else {  // the logits' own largest, read in floats
     float top_f;
-    best = select_kernels()->first_max_f32(logits, V, &top_f);
+    best = ks->first_max_f32(logits, V, &top_f);
     top = top_f;
   }
   if (best < 0 || top == kInf) return -1;
@@ -309,11 +302,10 @@ int64_t TokenSampler::sample(const float* logits, int64_t V, const uint8_t* allo
     n = copied ? top_k_of(x, V, order, top_k, sc) : top_k_of(logits, V, order, top_k, sc);
     sc.weights.resize(size_t(n));
     for (int64_t i = 0; i < n; i++) sc.weights[size_t(i)] = copied ? x[order[i]] : value_at(logits, order[i]);
-    select_kernels()->exp_weights(sc.weights.data(), n, top, 1.0 / p_.temperature);
+    ks->exp_weights(sc.weights.data(), n, top, 1.0 / p_.temperature);
     for (int64_t i = 0; i < n; i++) x[order[i]] = sc.weights[size_t(i)];
   } else {
     // Probabilities relative to the most likely token (which has 1); -inf logits get 0.
-    const KernelSet* ks = select_kernels();
     const double total = copied ? ks->exp_weights(x, V, top, 1.0 / p_.temperature)
                                 : ks->exp_weights_f32(logits, x, V, top, 1.0 / p_.temperature);
     if (!use_k) return p_.top_p >= 1 ? draw_all(x, V) : draw_nucleus(x, V, total);

@@ -35,6 +35,16 @@ struct VecMax<double, 16> {
   typedef double V __attribute__((vector_size(16)));
   typedef int64_t M __attribute__((vector_size(16)));
 };
+template <>
+struct VecMax<double, 32> {
+  typedef double V __attribute__((vector_size(32)));
+  typedef int64_t M __attribute__((vector_size(32)));
+};
+template <>
+struct VecMax<double, 64> {
+  typedef double V __attribute__((vector_size(64)));
+  typedef int64_t M __attribute__((vector_size(64)));
+};
 
 // The first index of the largest of x[0, n) (NaN never the largest) and its value, or -1 and -inf when
 // no value is above -inf. Blocks of 512 are reduced in two vectors of running maxima, then the first
@@ -81,6 +91,11 @@ int64_t first_max_vec(const T* x, int64_t n, T* top_out) {
 template <int Bytes>
 int64_t first_max_f32_vec(const float* x, int64_t n, float* top) {
   return first_max_vec<float, Bytes>(x, n, top);
+}
+
+template <int Bytes>
+int64_t first_max_f64_vec(const double* x, int64_t n, double* top) {
+  return first_max_vec<double, Bytes>(x, n, top);
 }
 
 // W doubles and W int64 lanes as GCC vector types (a vector_size depending on a template parameter
@@ -169,6 +184,25 @@ double exp_weights_from(const T* x, double* out, int64_t n, double top, double s
   double total = 0;
   for (int l = 0; l < W; l++) total += sum[l];
   return total;
+}
+
+// out[i] = x[i] in float64, NaN as -inf (the sampler's copy before a mask, a bias or penalties change it).
+template <int W>
+void widen_logits_vec(const float* x, double* out, int64_t n) {
+  typedef typename VecF64<W>::D vd;
+  typedef typename VecF64<W>::I vi;
+  typedef typename VecF64<W>::F vf;
+  const vd neg_inf = vd{} - __builtin_inf();
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    vf f;
+    std::memcpy(&f, x + i, sizeof f);
+    const vd v = __builtin_convertvector(f, vd);
+    const vi ok = v == v;  // false for NaN
+    const vd y = (vd)(((vi)v & ok) | ((vi)neg_inf & ~ok));
+    std::memcpy(out + i, &y, sizeof y);
+  }
+  for (; i < n; i++) out[i] = x[i] == x[i] ? double(x[i]) : -__builtin_inf();
 }
 
 template <int W>

@@ -779,6 +779,16 @@ static void test_argmax_logits() {
           if (x[size_t(i)] > want_top) want_top = x[size_t(i)], want = i;
         CHECK(got == want);
         CHECK(top == want_top);
+        // The float64 forms: the logits widened (NaN as -inf, the rest exactly), and their largest.
+        std::vector<double> wide(static_cast<size_t>(n), 42.0);
+        ks->widen_logits(x.data(), wide.data(), n);
+        bool widened = true;
+        for (int64_t i = 0; i < n; i++)
+          widened = widened && wide[size_t(i)] == (std::isnan(x[size_t(i)]) ? -INFINITY : double(x[size_t(i)]));
+        CHECK(widened);
+        double top64 = 0;
+        CHECK(ks->first_max_f64(wide.data(), n, &top64) == want);
+        CHECK(top64 == double(want_top));
       }
     }
   }
