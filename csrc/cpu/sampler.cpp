@@ -58,9 +58,9 @@ void sort_by_comparison(const T* p, int32_t* order, int64_t n) {
 }
 
 // Sorts order[0, n) (ids in ascending order on entry) most likely first, ties lower id first. Many ids
-// (a top-k of thousands, a nucleus bucket of a flat distribution) go through a stable radix sort of the probabilities'
-// bits (non-negative doubles order as their bit patterns), 8 bits a pass, the lowest first, skipping the passes whose
-// digit every key shares.
+// (a top-k of thousands, a nucleus bucket of a flat distribution) go through a stable radix sort of
+// the probabilities' bits (non-negative doubles order as their bit patterns), 8 bits a pass, the lowest
+// first, skipping the passes whose digit every key shares.
 void sort_by_likelihood(const double* p, int32_t* order, int64_t n, Scratch& sc) {
   if (n < kSortedByComparison) return sort_by_comparison(p, order, n);
   sc.keys.resize(size_t(n));
