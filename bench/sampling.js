@@ -4,8 +4,9 @@
 // steps, so a step of 16 streams waits for 16 of these (then, the second table, the 16 as one batch
 // that the pool's threads share: Sampler.sampleAll). Logits of Mixtral's and Qwen3's vocabulary sizes,
 // drawn from a fixed seed, flat (uniform over a spread of 0.5: most of the vocabulary stays in a top-p
-// nucleus) or peaked (a spread of 16), under greedy, temperature alone, top-k 40 and top-p 0.9, and the
-// log probabilities of a token with its top 5 (lib/generate/logprobs.ts). Medians of --runs draws.
+// nucleus) or peaked (a spread of 16), under greedy, temperature alone, top-k 40, top-p 0.9 and a
+// temperature with a repetition penalty over 50 earlier tokens, and the log probabilities of a token
+// with its top 5 (lib/generate/logprobs.ts). Medians of --runs draws.
 //
 //   npm run build:ts && node bench/sampling.js [--runs 31]
 'use strict';
@@ -21,7 +22,11 @@ const SETTINGS = {
   temperature: {},
   'top-k 40': { topK: 40 },
   'top-p 0.9': { topP: 0.9 },
+  // A penalty changes the logits, so the draw works on a float64 copy of them (as with a bias or a mask).
+  'temperature, repetition penalty 1.1': { repetitionPenalty: 1.1 },
 };
+// The tokens so far of every draw (only the repetition penalty reads them).
+const HISTORY = Array.from({ length: 50 }, (_, i) => (i * 997) % 32000);
 
 function logits(V, spread, seed) {
   let s = seed >>> 0;
@@ -43,7 +48,7 @@ for (const V of [32000, 151936])
       const ms = [];
       for (let r = 0; r < RUNS; r++) {
         const t0 = process.hrtime.bigint();
-        sampler.sample(x, []);
+        sampler.sample(x, HISTORY);
         ms.push(Number(process.hrtime.bigint() - t0) / 1e6);
       }
       return median(ms).toFixed(2);
@@ -78,10 +83,10 @@ for (const V of [32000, 151936])
         batch = [];
       for (let r = 0; r < RUNS; r++) {
         let t0 = process.hrtime.bigint();
-        rows.forEach((x, i) => alone[i].sample(x, []));
+        rows.forEach((x, i) => alone[i].sample(x, HISTORY));
         one.push(Number(process.hrtime.bigint() - t0) / 1e6);
         t0 = process.hrtime.bigint();
-        Sampler.sampleAll(rows.map((x, i) => ({ sampler: batched[i], logits: x, history: [] })));
+        Sampler.sampleAll(rows.map((x, i) => ({ sampler: batched[i], logits: x, history: HISTORY })));
         batch.push(Number(process.hrtime.bigint() - t0) / 1e6);
       }
       return `${median(one).toFixed(2)} / ${median(batch).toFixed(2)}`;

@@ -254,13 +254,11 @@ int64_t TokenSampler::sample(const float* logits, int64_t V, const uint8_t* allo
   const int64_t top_k = p_.top_k;
   const bool use_k = top_k > 0 && top_k < V;
   const bool few_k = use_k && top_k < kSortedByComparison;
-  // The logits in float64 where they change; else the draw reads the floats themselves, a pass over
-  // the vocabulary less (Qwen3's 151,936 logits: a draw with a temperature 0.16 ms instead of 0.19-0.24,
-  // `node bench/sampling.js`, Zen 5).
-  const bool copied = adjusted;
-  // NaN as -inf: no weight either way, and the candidates of top-k are chosen by these values below.
+  // The logits in float64 (NaN as -inf: no weight either way) where they change; else the draw reads
+  // the floats themselves, a pass over the vocabulary less (Qwen3's 151,936 logits: a draw with a
+  // temperature 0.16 ms instead of 0.19-0.24, `node bench/sampling.js`, Zen 5).
   const KernelSet* ks = select_kernels();
-  if (copied) ks->widen_logits(logits, x, V);
+  if (adjusted) ks->widen_logits(logits, x, V);
   // A constraint's mask goes first: every filter then works among the tokens it allows.
   if (allowed)
     for (int64_t i = 0; i < V; i++)
@@ -299,15 +297,15 @@ int64_t TokenSampler::sample(const float* logits, int64_t V, const uint8_t* allo
     // increases), then the weights of those k alone, not of the whole vocabulary: the same weights,
     // each computed alike wherever it lies in the array. Qwen3's 151,936 logits with top-k 40: 0.09
     // ms a draw (its logits read in place) instead of 0.25-0.39 (`node bench/sampling.js`, Zen 5).
-    n = copied ? top_k_of(x, V, order, top_k, sc) : top_k_of(logits, V, order, top_k, sc);
+    n = adjusted ? top_k_of(x, V, order, top_k, sc) : top_k_of(logits, V, order, top_k, sc);
     sc.weights.resize(size_t(n));
-    for (int64_t i = 0; i < n; i++) sc.weights[size_t(i)] = copied ? x[order[i]] : value_at(logits, order[i]);
+    for (int64_t i = 0; i < n; i++) sc.weights[size_t(i)] = adjusted ? x[order[i]] : value_at(logits, order[i]);
     ks->exp_weights(sc.weights.data(), n, top, 1.0 / p_.temperature);
     for (int64_t i = 0; i < n; i++) x[order[i]] = sc.weights[size_t(i)];
   } else {
     // Probabilities relative to the most likely token (which has 1); -inf logits get 0.
-    const double total = copied ? ks->exp_weights(x, V, top, 1.0 / p_.temperature)
-                                : ks->exp_weights_f32(logits, x, V, top, 1.0 / p_.temperature);
+    const double total = adjusted ? ks->exp_weights(x, V, top, 1.0 / p_.temperature)
+                                  : ks->exp_weights_f32(logits, x, V, top, 1.0 / p_.temperature);
     if (!use_k) return p_.top_p >= 1 ? draw_all(x, V) : draw_nucleus(x, V, total);
     // Top-k of 512 or more: the k most likely, most likely first.
     n = top_k_of(x, V, order, top_k, sc);

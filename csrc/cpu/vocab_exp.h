@@ -14,45 +14,29 @@ namespace {
 // type and width (a vector_size depending on a template parameter inside the template is dropped by
 // GCC 12).
 template <typename T, int Bytes>
-struct VecMax;
-template <>
-struct VecMax<float, 16> {
-  typedef float V __attribute__((vector_size(16)));
-  typedef int32_t M __attribute__((vector_size(16)));
-};
-template <>
-struct VecMax<float, 32> {
-  typedef float V __attribute__((vector_size(32)));
-  typedef int32_t M __attribute__((vector_size(32)));
-};
-template <>
-struct VecMax<float, 64> {
-  typedef float V __attribute__((vector_size(64)));
-  typedef int32_t M __attribute__((vector_size(64)));
-};
-template <>
-struct VecMax<double, 16> {
-  typedef double V __attribute__((vector_size(16)));
-  typedef int64_t M __attribute__((vector_size(16)));
-};
-template <>
-struct VecMax<double, 32> {
-  typedef double V __attribute__((vector_size(32)));
-  typedef int64_t M __attribute__((vector_size(32)));
-};
-template <>
-struct VecMax<double, 64> {
-  typedef double V __attribute__((vector_size(64)));
-  typedef int64_t M __attribute__((vector_size(64)));
-};
+struct VecOf;
+#define FMOE_VEC_OF(T, M, BYTES)                        \
+  template <>                                           \
+  struct VecOf<T, BYTES> {                              \
+    typedef T V __attribute__((vector_size(BYTES)));    \
+    typedef M Mask __attribute__((vector_size(BYTES))); \
+  };
+FMOE_VEC_OF(float, int32_t, 8)
+FMOE_VEC_OF(float, int32_t, 16)
+FMOE_VEC_OF(float, int32_t, 32)
+FMOE_VEC_OF(float, int32_t, 64)
+FMOE_VEC_OF(double, int64_t, 16)
+FMOE_VEC_OF(double, int64_t, 32)
+FMOE_VEC_OF(double, int64_t, 64)
+#undef FMOE_VEC_OF
 
 // The first index of the largest of x[0, n) (NaN never the largest) and its value, or -1 and -inf when
 // no value is above -inf. Blocks of 512 are reduced in two vectors of running maxima, then the first
 // block holding the largest is searched from its start: the same index and value at every width.
 template <typename T, int Bytes>
 int64_t first_max_vec(const T* x, int64_t n, T* top_out) {
-  typedef typename VecMax<T, Bytes>::V vt;
-  typedef typename VecMax<T, Bytes>::M vm;
+  typedef typename VecOf<T, Bytes>::V vt;
+  typedef typename VecOf<T, Bytes>::Mask vm;
   constexpr int W = Bytes / sizeof(T);
   constexpr int64_t kBlock = 512;
   const T neg_inf = -std::numeric_limits<T>::infinity();
@@ -98,27 +82,12 @@ int64_t first_max_f64_vec(const double* x, int64_t n, double* top) {
   return first_max_vec<double, Bytes>(x, n, top);
 }
 
-// W doubles and W int64 lanes as GCC vector types (a vector_size depending on a template parameter
-// inside the template is dropped by GCC 12: one specialisation per width).
+// W doubles, W int64 lanes and W floats.
 template <int W>
-struct VecF64;
-template <>
-struct VecF64<2> {
-  typedef double D __attribute__((vector_size(16)));
-  typedef int64_t I __attribute__((vector_size(16)));
-  typedef float F __attribute__((vector_size(8)));
-};
-template <>
-struct VecF64<4> {
-  typedef double D __attribute__((vector_size(32)));
-  typedef int64_t I __attribute__((vector_size(32)));
-  typedef float F __attribute__((vector_size(16)));
-};
-template <>
-struct VecF64<8> {
-  typedef double D __attribute__((vector_size(64)));
-  typedef int64_t I __attribute__((vector_size(64)));
-  typedef float F __attribute__((vector_size(32)));
+struct VecF64 {
+  typedef typename VecOf<double, 8 * W>::V D;
+  typedef typename VecOf<double, 8 * W>::Mask I;
+  typedef typename VecOf<float, 4 * W>::V F;
 };
 
 // out[i] = exp((x[i] - top) * scale) for i < n (out may be x), and the sum of the results (W partial

@@ -10,6 +10,7 @@
 #include <mutex>
 #include <random>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #ifdef __linux__
@@ -750,12 +751,13 @@ static void test_exp_weights() {
 static void test_argmax_logits() {
   std::mt19937 gen(7);
   std::uniform_real_distribution<float> u(-5.0f, 5.0f);
+  // The first index of the largest (-1 with nothing above -inf) and the largest.
   auto plain = [](const std::vector<float>& x) {
     int64_t best = -1;
     float top = -INFINITY;
     for (size_t i = 0; i < x.size(); i++)
       if (x[i] > top) top = x[i], best = int64_t(i);
-    return top == INFINITY ? int64_t(-1) : best;
+    return std::make_pair(best, top);
   };
   for (int64_t n : {1, 2, 5, 8, 9, 511, 512, 513, 1030, 2051}) {
     for (int rep = 0; rep < 40; rep++) {
@@ -766,18 +768,14 @@ static void test_argmax_logits() {
       if (rep % 7 == 3) x[size_t(gen() % n)] = INFINITY;
       if (rep % 11 == 4) std::fill(x.begin(), x.end(), -INFINITY);
       if (rep % 13 == 5) std::fill(x.begin(), x.end(), NAN);
-      CHECK(argmax_logits(x.data(), n) == plain(x));
+      const auto [want, want_top] = plain(x);
+      CHECK(argmax_logits(x.data(), n) == (want_top == INFINITY ? -1 : want));
       // Every kernel set's first_max_f32: the same index (-1 with nothing above -inf) and value.
       for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Neon}) {
         const KernelSet* ks = kernels_for(isa);
         if (!ks) continue;
         float top = 0;
-        const int64_t got = ks->first_max_f32(x.data(), n, &top);
-        int64_t want = -1;
-        float want_top = -INFINITY;
-        for (int64_t i = 0; i < n; i++)
-          if (x[size_t(i)] > want_top) want_top = x[size_t(i)], want = i;
-        CHECK(got == want);
+        CHECK(ks->first_max_f32(x.data(), n, &top) == want);
         CHECK(top == want_top);
         // The float64 forms: the logits widened (NaN as -inf, the rest exactly), and their largest.
         std::vector<double> wide(static_cast<size_t>(n), 42.0);
