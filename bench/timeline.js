@@ -1,13 +1,13 @@
 #!/usr/bin/env node
 // Where a decode step's time goes, job by job: records the pool's timeline (binding.bench.timeline,
 // csrc/core/timeline.h) over decode steps of one of bench/model.js's models and prints, for each job
-// that streams weights (by phase of the step and order within it: `mlp 1` is the experts' w1/w3 at one
-// token, `mlp 2` their w2), its median time and rate, how much of it each thread spent in its items,
+// that streams weights (by phase of the step and order within it: at one token `mlp 1` is the router,
+// `mlp 2` the experts' w1/w3, `mlp 3` their w2), its median time and rate, how much of it each thread spent in its items,
 // how fast those items streamed, how late each thread's first item started and how long the first
 // took against the others, how long each thread waited at the end; then the time of each phase
-// outside those jobs (norms, RoPE, the attention, the router, top-k), with --rows the experts' items by
+// outside those jobs (norms, RoPE, the attention, top-k), with --rows the experts' items by
 // their rows, and with --layout each phase as the sequence of all its pool jobs (those that stream no
-// weights too: the router, the attention, the combine) and the gaps between them. The read probe is
+// weights too: the attention, the combine) and the gaps between them. The read probe is
 // taken before and after the recording, to set the rates against. Not a timed test: a tool for finding
 // what a kernel or a schedule loses.
 //
@@ -169,13 +169,14 @@ function layoutTable(events) {
   return rows;
 }
 
-/** The items of the MoE phase (w1/w3 and w2) by their rows: share of the items' time, bytes per ns. */
+/** The items of the MoE phase (w1/w3 and w2; not the router's, tag 0) by their rows: share of the items' time, bytes per ns. */
 function rowsTable(jobs) {
   const by = new Map();
   let total = 0;
   for (const j of jobs)
     if (j.phase && PHASES[j.phase.tag] === 'mlp')
       for (const i of j.items) {
+        if (i.tag === 0) continue;
         const r = by.get(i.tag) ?? { rows: i.tag, ns: 0, bytes: 0 };
         r.ns += i.t1 - i.t0;
         r.bytes += i.bytes;

@@ -98,6 +98,23 @@ test("one step's phases, jobs and items", async () => {
   for (const r of byPhase) expect(r.outsideUs >= 0 && r.outsideUs <= r.us).toBe(true);
 });
 
+test("one token's step streams each layer's router as items of tag 0, before the experts' items", async () => {
+  timeline()('start', 100000);
+  await model.logits(prompt.slice(0, 1)); // a one-token step
+  const { events } = timeline()('stop');
+  const { jobs: streaming } = report.streamingJobs(report.eventsOf(events));
+  const routers = streaming.filter((j) => j.label === 'mlp 1');
+  expect(routers).toHaveLength(shape.numLayers);
+  for (const j of routers) {
+    expect(j.items.every((i) => i.tag === 0)).toBe(true);
+    // Every expert's row once, bf16 (the checkpoint's router is bf16, kept so).
+    expect(j.items.reduce((s, i) => s + i.bytes, 0)).toBe(shape.numExperts * shape.hiddenSize * 2);
+  }
+  for (const label of ['mlp 2', 'mlp 3'])
+    for (const j of streaming.filter((x) => x.label === label)) expect(j.items.every((i) => i.tag === 1)).toBe(true);
+  expect(streaming.filter((j) => j.label === 'mlp 2')).toHaveLength(shape.numLayers);
+});
+
 test('a recording holds only what ran while it recorded; events past the capacity are dropped and counted', async () => {
   timeline()('start', 100000);
   timeline()('stop');

@@ -15,7 +15,8 @@ namespace timeline {
 
 enum class Kind : int32_t {
   Job = 0,    // a parallel_for call, on its caller: tag = its item count
-  Item = 1,   // a column tile of a dense projection or of an expert: bytes = its weight bytes, tag = rows
+  Item = 1,   // a column tile of a dense projection or of an expert: bytes = its weight bytes, tag = rows;
+              // or a range of the router's rows at decode: tag = 0
   Phase = 2,  // a part of a decode step (decoder.h StepPhase): tag = the phase
 };
 

@@ -206,8 +206,10 @@ class CpuBackend final : public Backend {
 
   // Split over tokens, or at decode over experts, so that one thread does not read the whole router
   // (1 MiB for 128 experts of 2048) while the others wait. At decode each thread takes two long ranges
-  // of experts, each read as four streams (gate_logits); over tokens, the kernel set's router kernel
-  // takes up to 32 tokens a call, each read of the router's rows shared by four of them.
+  // of experts, each read as four streams (one token: the kernel set's router kernel, gate_streams in
+  // kernels_simd.h; a few: gate_logits); over tokens, the kernel set's router kernel takes up to 32
+  // tokens a call, each read of the router's rows shared by four of them. The ranges are the
+  // timeline's items (timeline.h), as the router streams from memory at decode.
   void compute_logits(const float* x, int64_t T, float* logits) {
     const int64_t H = cfg_.hidden, E = cfg_.num_experts;
     ThreadPool& pool = ThreadPool::instance();
@@ -227,11 +229,19 @@ class CpuBackend final : public Backend {
       });
     } else {
       const int64_t chunk = std::max<int64_t>(16, (E + 2 * n - 1) / (2 * n));
-      pool.parallel_for(E, chunk, threads(), [&](int64_t b, int64_t e, int) {
-        if (bf16)
+      const bool traced = timeline::recording();
+      pool.parallel_for(E, chunk, threads(), [&](int64_t b, int64_t e, int worker) {
+        const int64_t t0 = traced ? timeline::now() : 0;
+        if (T == 1 && bf16 && kernels_->gate_logits_bf16)
+          kernels_->gate_logits_bf16(x, 1, H, gate_bf16_.data() + b * H, e - b, logits + b);
+        else if (T == 1 && !bf16 && kernels_->gate_logits)
+          kernels_->gate_logits(x, 1, H, gate_.data() + b * H, e - b, logits + b);
+        else if (bf16)
           gate_logits_bf16(x, T, H, gate_bf16_.data() + b * H, e - b, logits + b, E);
         else
           gate_logits(x, T, H, gate_.data() + b * H, e - b, logits + b, E);
+        if (traced)
+          timeline::record(timeline::Kind::Item, worker, t0, timeline::now(), (e - b) * H * (bf16 ? 2 : 4), 0);
       });
     }
   }

@@ -180,6 +180,11 @@ static void test_gate_logits() {
         std::vector<float> mine(size_t(T * E), -1.0f);
         ks->gate_logits(x.data(), T, H, g.data(), E, mine.data());
         CHECK(std::memcmp(whole.data(), mine.data(), whole.size() * sizeof(float)) == 0);
+        // One token (decode: four far-apart streams), over two uneven ranges of experts.
+        std::vector<float> one(size_t(E), -1.0f);
+        ks->gate_logits(x.data(), 1, H, g.data(), cut, one.data());
+        ks->gate_logits(x.data(), 1, H, g.data() + cut * H, E - cut, one.data() + cut);
+        CHECK(std::memcmp(whole.data(), one.data(), one.size() * sizeof(float)) == 0);
       }
       // float32 partial sums: a few ulps of the sum of magnitudes
       CHECK(worst_dot_error(x.data(), g.data(), whole.data(), T, E, H) < 1e-5);
@@ -216,6 +221,10 @@ static void test_gate_logits_bf16() {
         std::vector<float> set(size_t(T * E), -1.0f);
         ks->gate_logits_bf16(x.data(), T, H, gb.data(), E, set.data());
         CHECK(std::memcmp(want.data(), set.data(), want.size() * sizeof(float)) == 0);
+        std::vector<float> one(size_t(E), -1.0f);
+        ks->gate_logits_bf16(x.data(), 1, H, gb.data(), cut, one.data());
+        ks->gate_logits_bf16(x.data(), 1, H, gb.data() + cut * H, E - cut, one.data() + cut);
+        CHECK(std::memcmp(want.data(), one.data(), one.size() * sizeof(float)) == 0);
       }
     }
 }
