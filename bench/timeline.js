@@ -1,15 +1,15 @@
 #!/usr/bin/env node
 // Where a decode step's time goes, job by job: records the pool's timeline (binding.bench.timeline,
 // csrc/core/timeline.h) over decode steps of one of bench/model.js's models and prints, for each job
-// that streams weights (by phase of the step and order within it: at one token `mlp 1` is the router,
-// `mlp 2` the experts' w1/w3, `mlp 3` their w2), its median time and rate, how much of it each thread spent in its items,
-// how fast those items streamed, how late each thread's first item started and how long the first
-// took against the others, how long each thread waited at the end; then the time of each phase
-// outside those jobs (norms, RoPE, the attention, top-k), with --rows the experts' items by
-// their rows, and with --layout each phase as the sequence of all its pool jobs (those that stream no
-// weights too: the attention, the combine) and the gaps between them. The read probe is
-// taken before and after the recording, to set the rates against. Not a timed test: a tool for finding
-// what a kernel or a schedule loses.
+// that streams weights (by phase of the step and order within it: with fewer than four tokens a thread
+// `mlp 1` is the router, `mlp 2` the experts' w1/w3, `mlp 3` their w2), its median time and rate, how
+// much of it each thread spent in its items, how fast those items streamed, how late each thread's
+// first item started and how long the first took against the others, how long each thread waited at
+// the end; then the time of each phase outside those jobs (norms, RoPE, the attention, top-k), with
+// --rows the experts' items by their rows, and with --layout each phase as the sequence of all its pool
+// jobs (those that stream no weights too: the attention, the combine) and the gaps between them. The
+// read probe is taken before and after the recording, to set the rates against. Not a timed test: a
+// tool for finding what a kernel or a schedule loses.
 //
 //   node bench/model.js --models qwen3moe --formats int4 --engines ours   (writes the model files once)
 //   node bench/timeline.js qwen3moe int4 [steps = 100] [streams = 1] [--rows] [--layout] [--prefix N] [--cache-dir DIR]
