@@ -90,7 +90,7 @@ class ThreadPool {
       std::atomic<uint64_t> span{0};
     };
     std::unique_ptr<Share[]> shares;
-    std::atomic<int64_t> done{0};  // items finished (or skipped after an error)
+    std::atomic<int64_t> done{0};  // items finished (or skipped after an error), added once a thread
     std::atomic<bool> failed{false};
     std::exception_ptr error;  // the first exception, under mutex_
   };
