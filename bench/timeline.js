@@ -4,8 +4,8 @@
 // that streams weights (by phase of the step and order within it: with fewer than four tokens a thread
 // `mlp 1` is the router, `mlp 2` the experts' w1/w3, `mlp 3` their w2), its median time and rate, how
 // much of it each thread spent in its items, how fast those items streamed, how late each thread's
-// first item started and how long the first took against the others, how long each thread waited at
-// the end; then the time of each phase outside those jobs (norms, RoPE, the attention, top-k), with
+// first item started and how long the first took against the others, the median gap between two of its
+// items (the pool's hand-out and the call), how long each thread waited at the end; then the time of each phase outside those jobs (norms, RoPE, the attention, top-k), with
 // --rows the experts' items by their rows, and with --layout each phase as the sequence of all its pool
 // jobs (those that stream no weights too: the attention, the combine) and the gaps between them. The
 // read probe is taken before and after the recording, to set the rates against. Not a timed test: a
@@ -78,7 +78,8 @@ function jobTable(jobs) {
         rate = [],
         lag = [],
         wait = [],
-        first = [];
+        first = [],
+        gap = [];
       for (const j of list) {
         const mine = j.items.filter((i) => i.thread === t);
         if (mine.length === 0) continue;
@@ -87,6 +88,7 @@ function jobTable(jobs) {
         rate.push(mine.reduce((s, i) => s + i.bytes, 0) / time);
         lag.push((mine[0].t0 - j.t0) / 1e3);
         wait.push((j.t1 - mine[mine.length - 1].t1) / 1e3);
+        for (let k = 1; k < mine.length; k++) gap.push((mine[k].t0 - mine[k - 1].t1) / 1e3);
         if (mine.length >= 3) first.push((mine[0].t1 - mine[0].t0) / median(mine.slice(1).map((i) => i.t1 - i.t0)));
       }
       return {
@@ -95,6 +97,7 @@ function jobTable(jobs) {
         itemGBs: median(rate),
         startUs: median(lag),
         waitUs: median(wait),
+        gapUs: gap.length ? median(gap) : NaN,
         first: first.length ? median(first) : NaN,
       };
     });
@@ -250,12 +253,13 @@ if (require.main === module) {
           `${dropped ? `; ${dropped} events dropped` : ''}\n`,
       );
       console.log(
-        '| job | count | µs | MB | GB/s | thread: busy, items GB/s, first item µs late, first item / others, µs waiting at the end |',
+        '| job | count | µs | MB | GB/s | thread: busy, items GB/s, first item µs late, first item / others, µs between two items, µs waiting at the end |',
       );
       console.log('| --- | --- | --- | --- | --- | --- |');
       for (const r of jobTable(jobs)) {
         const t = r.threads.map(
-          (x) => `${x.thread}: ${f2(x.busy)}, ${f1(x.itemGBs)}, ${f1(x.startUs)}, ${f2(x.first)}, ${f1(x.waitUs)}`,
+          (x) =>
+            `${x.thread}: ${f2(x.busy)}, ${f1(x.itemGBs)}, ${f1(x.startUs)}, ${f2(x.first)}, ${f2(x.gapUs)}, ${f1(x.waitUs)}`,
         );
         console.log(`| ${r.label} | ${r.jobs} | ${f1(r.us)} | ${f2(r.MB)} | ${f1(r.GBs)} | ${t.join('; ')} |`);
       }

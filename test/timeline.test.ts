@@ -27,7 +27,9 @@ const report = require('../bench/timeline.js') as {
   PHASES: string[];
   eventsOf(flat: Float64Array): TimelineEvent[];
   streamingJobs(events: TimelineEvent[]): { jobs: Job[]; phases: TimelineEvent[] };
-  jobTable(jobs: Job[]): { label: string; jobs: number; MB: number; threads: { thread: number; busy: number }[] }[];
+  jobTable(
+    jobs: Job[],
+  ): { label: string; jobs: number; MB: number; threads: { thread: number; busy: number; gapUs: number }[] }[];
   phaseTable(jobs: Job[], phases: TimelineEvent[]): { phase: string; count: number; us: number; outsideUs: number }[];
 };
 
@@ -92,7 +94,12 @@ test("one step's phases, jobs and items", async () => {
   }
   const table = report.jobTable(streaming);
   expect(table.find((r) => r.label === 'lmHead 1')!.MB * 1e6).toBeCloseTo(shape.vocabSize * shape.hiddenSize * 2, 3);
-  for (const r of table) for (const t of r.threads) expect(t.busy > 0 && t.busy <= 1).toBe(true);
+  for (const r of table)
+    for (const t of r.threads) {
+      expect(t.busy > 0 && t.busy <= 1).toBe(true);
+      // A thread's items follow one another: the gap between two is never negative.
+      expect(Number.isNaN(t.gapUs) || t.gapUs >= 0).toBe(true);
+    }
   const byPhase = report.phaseTable(streaming, p);
   expect(byPhase.find((r) => r.phase === 'mlp')!.count).toBe(shape.numLayers);
   for (const r of byPhase) expect(r.outsideUs >= 0 && r.outsideUs <= r.us).toBe(true);
