@@ -39,6 +39,7 @@ FMOE_OLD_VERSION(int, pthread_create, (pthread_t * t, const pthread_attr_t* attr
 FMOE_OLD_VERSION(int, pthread_join, (pthread_t t, void** ret), (t, ret))
 FMOE_OLD_VERSION(int, pthread_detach, (pthread_t t), (t))
 FMOE_OLD_VERSION(int, pthread_once, (pthread_once_t * once, void (*fn)()), (once, fn))
+FMOE_OLD_VERSION(int, pthread_mutex_trylock, (pthread_mutex_t * m), (m))  // the pool's lock_spinning
 FMOE_OLD_VERSION(int, pthread_key_create, (pthread_key_t * key, void (*fn)(void*)), (key, fn))
 FMOE_OLD_VERSION(int, __pthread_key_create, (pthread_key_t * key, void (*fn)(void*)), (key, fn))
 FMOE_OLD_VERSION(int, pthread_key_delete, (pthread_key_t key), (key))

@@ -10,6 +10,7 @@
       "-Wl,--exclude-libs,ALL",
       "-Wl,--wrap=dlopen,--wrap=dlsym,--wrap=dladdr,--wrap=dlerror",
       "-Wl,--wrap=pthread_create,--wrap=pthread_join,--wrap=pthread_detach,--wrap=pthread_once",
+      "-Wl,--wrap=pthread_mutex_trylock",
       "-Wl,--wrap=pthread_key_create,--wrap=__pthread_key_create,--wrap=pthread_key_delete",
       "-Wl,--wrap=pthread_getspecific,--wrap=pthread_setspecific",
       "-Wl,--wrap=exp,--wrap=log,--wrap=pow,--wrap=fstat,--wrap=fstat64,--wrap=arc4random,--wrap=__libc_single_threaded"
