@@ -5,7 +5,8 @@
 // `mlp 1` is the router, `mlp 2` the experts' w1/w3, `mlp 3` their w2), its median time and rate, how
 // much of it each thread spent in its items, how fast those items streamed, how late each thread's
 // first item started and how long the first took against the others, the median gap between two of its
-// items (the pool's hand-out and the call), how long each thread waited at the end; then the time of each phase outside those jobs (norms, RoPE, the attention, top-k), with
+// items (the pool's hand-out and the call), how long each thread waited at the end; then the time of
+// each phase outside those jobs (norms, RoPE, the attention, top-k), with
 // --rows the experts' items by their rows, and with --layout each phase as the sequence of all its pool
 // jobs (those that stream no weights too: the attention, the combine) and the gaps between them. The
 // read probe is taken before and after the recording, to set the rates against. Not a timed test: a
