@@ -109,12 +109,14 @@ static bool spin_until(const Ready& ready) {
 // holding it to notify. Against lock() there (`node bench/ab-model.js qwen3moe int4 build OLD NEW 150`,
 // both orders, Zen 5, 2 cores): a decode step 0.997 and 0.990 (Q/K/V 0.982-0.987, output
 // 0.978-0.988).
-static void lock_spinning(std::unique_lock<std::mutex>& lock) {
+static std::unique_lock<std::mutex> lock_spinning(std::mutex& m) {
+  std::unique_lock<std::mutex> lock(m, std::defer_lock);
   for (int i = 0; i < 256; i++) {
-    if (lock.try_lock()) return;
+    if (lock.try_lock()) return lock;
     cpu_relax();
   }
   lock.lock();
+  return lock;
 }
 
 ThreadPool& ThreadPool::instance() {
@@ -238,8 +240,7 @@ void ThreadPool::run_chunks(Job& job, int worker) {
     finished += end - begin;
   }
   if (finished > 0 && job.done.fetch_add(finished) + finished == job.n) {
-    std::unique_lock<std::mutex> lock(mutex_, std::defer_lock);  // pairs with the caller's wait: no lost wake-up
-    lock_spinning(lock);
+    const auto lock = lock_spinning(mutex_);  // pairs with the caller's wait: no lost wake-up
     done_.notify_all();
   }
 }
@@ -250,8 +251,7 @@ void ThreadPool::worker_loop(int index) {
     spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; });
     std::shared_ptr<Job> job;
     {
-      std::unique_lock<std::mutex> lock(mutex_, std::defer_lock);
-      lock_spinning(lock);
+      auto lock = lock_spinning(mutex_);
       wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
       if (stop_) return;
       seen = generation_;
@@ -334,8 +334,7 @@ bool ThreadPool::submit(int64_t n, int64_t chunk, int max_threads, const RangeFn
     job->shares[size_t(w)].span.store((uint64_t(n * w / limit) << 32) | uint64_t(n * (w + 1) / limit),
                                       std::memory_order_relaxed);
   {
-    std::unique_lock<std::mutex> lock(mutex_, std::defer_lock);
-    lock_spinning(lock);
+    auto lock = lock_spinning(mutex_);
     job_ = job;
     generation_++;
   }
@@ -344,8 +343,7 @@ bool ThreadPool::submit(int64_t n, int64_t chunk, int max_threads, const RangeFn
   spin_until([&] { return job->done.load(std::memory_order_acquire) == n; });
   std::exception_ptr err;
   {
-    std::unique_lock<std::mutex> lock(mutex_, std::defer_lock);
-    lock_spinning(lock);
+    auto lock = lock_spinning(mutex_);
     done_.wait(lock, [&] { return job->done.load() == n; });
     err = job->error;
     job_.reset();
