@@ -10,7 +10,8 @@
 // one Qwen3 stream, 0.910 and 0.967 at 16 Mixtral streams; other runs within 1%), so `build` then runs
 // again in a child process with the checkouts swapped and prints the geometric mean of both orders.
 // Prints each side's median step time and the time of one part of the step (MoeModel.stepTimes(): mlp
-// unless --part names another; --part all: every part), and the medians of the per-pair ratios B / A. Each step adds a position
+// unless --part names another; --part all: every part), and the medians of the per-pair ratios B / A;
+// then each side's mean step time and their ratio, B / A (meanRatioBA). Each step adds a position
 // to every sequence: 300 pairs reach 1,216 positions (after a prefix of 16 tokens, or of --prefix N).
 //
 //   node bench/model.js --models qwen3moe --formats int4 --engines ours   (writes the model files once)
@@ -145,6 +146,7 @@ async function open(r) {
     for (const o of opened) o.m.dispose();
   }
   const f = (x) => x.toFixed(3);
+  const mean = (v) => v.reduce((x, y) => x + y, 0) / v.length;
   // One part's figure as it is; with --part all, an object of every part's.
   const byPart = (fn) =>
     parts.length === 1 && part !== 'all' ? fn(0) : Object.fromEntries(parts.map((p, j) => [p, fn(j)]));
@@ -159,6 +161,9 @@ async function open(r) {
     prefix,
     prompt,
     stepMs: [f(median(side.A.ms)), f(median(side.B.ms))],
+    // Means too: a few slow steps (a worker kept off its core for a step) move the mean, not the median.
+    stepMeanMs: [f(mean(side.A.ms)), f(mean(side.B.ms))],
+    meanRatioBA: f(mean(side.B.ms) / mean(side.A.ms)),
     part,
     partMs: byPart((j) => [f(median(side.A.part[j])), f(median(side.B.part[j]))]),
     ratioBA: f(median(ratio)),
@@ -182,6 +187,7 @@ async function open(r) {
       JSON.stringify({
         bothOrders: true,
         ratioBA: both(result.ratioBA, swapped.ratioBA),
+        meanRatioBA: both(result.meanRatioBA, swapped.meanRatioBA),
         partRatioBA:
           typeof result.partRatioBA === 'string'
             ? both(result.partRatioBA, swapped.partRatioBA)

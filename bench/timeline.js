@@ -5,7 +5,8 @@
 // `mlp 1` is the router, `mlp 2` the experts' w1/w3, `mlp 3` their w2), its median time and rate, how
 // much of it each thread spent in its items, how fast those items streamed, how late each thread's
 // first item started and how long the first took against the others, the median gap between two of its
-// items (the pool's hand-out and the call), how long each thread waited at the end; then the time of
+// items (the pool's hand-out and the call), how long each thread waited at the end, in what share of the
+// jobs it ran no item at all (a worker kept off a core while the caller did the whole job); then the time of
 // each phase outside those jobs (norms, RoPE, the attention, top-k), with --rows the experts' items by
 // their rows, and with --layout each phase as the sequence of all its pool jobs (those that stream no
 // weights too: the attention, the combine) and the gaps between them. The read probe is taken before
@@ -81,9 +82,13 @@ function jobTable(jobs) {
         wait = [],
         first = [],
         gap = [];
+      let absent = 0;
       for (const j of list) {
         const mine = j.items.filter((i) => i.thread === t);
-        if (mine.length === 0) continue;
+        if (mine.length === 0) {
+          absent++;
+          continue;
+        }
         const time = mine.reduce((s, i) => s + (i.t1 - i.t0), 0);
         busy.push(time / (j.t1 - j.t0));
         rate.push(mine.reduce((s, i) => s + i.bytes, 0) / time);
@@ -100,6 +105,7 @@ function jobTable(jobs) {
         waitUs: median(wait),
         gapUs: gap.length ? median(gap) : NaN,
         first: first.length ? median(first) : NaN,
+        absent: absent / list.length,
       };
     });
     rows.push({
@@ -227,6 +233,7 @@ if (require.main === module) {
   const { MoeModel } = require(path.join(root, 'dist'));
   const f1 = (x) => (Number.isFinite(x) ? x.toFixed(1) : '-');
   const f2 = (x) => (Number.isFinite(x) ? x.toFixed(2) : '-');
+  const pct = (x) => (Number.isFinite(x) ? `${(100 * x).toFixed(0)}%` : '-');
   (async () => {
     const m = await MoeModel.load(modelDir, {
       quantize,
@@ -257,13 +264,14 @@ if (require.main === module) {
           `${dropped ? `; ${dropped} events dropped` : ''}\n`,
       );
       console.log(
-        '| job | count | µs | MB | GB/s | thread: busy, items GB/s, first item µs late, first item / others, µs between two items, µs waiting at the end |',
+        '| job | count | µs | MB | GB/s | thread: busy, items GB/s, first item µs late, first item / others, µs between two items, µs waiting at the end, share of the jobs it ran no item of |',
       );
       console.log('| --- | --- | --- | --- | --- | --- |');
       for (const r of jobTable(jobs)) {
         const t = r.threads.map(
           (x) =>
-            `${x.thread}: ${f2(x.busy)}, ${f1(x.itemGBs)}, ${f1(x.startUs)}, ${f2(x.first)}, ${f2(x.gapUs)}, ${f1(x.waitUs)}`,
+            `${x.thread}: ${f2(x.busy)}, ${f1(x.itemGBs)}, ${f1(x.startUs)}, ${f2(x.first)}, ${f2(x.gapUs)}, ${f1(x.waitUs)}, ` +
+            `${pct(x.absent)}`,
         );
         console.log(`| ${r.label} | ${r.jobs} | ${f1(r.us)} | ${f2(r.MB)} | ${f1(r.GBs)} | ${t.join('; ')} |`);
       }

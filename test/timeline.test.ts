@@ -27,9 +27,12 @@ const report = require('../bench/timeline.js') as {
   PHASES: string[];
   eventsOf(flat: Float64Array): TimelineEvent[];
   streamingJobs(events: TimelineEvent[]): { jobs: Job[]; phases: TimelineEvent[] };
-  jobTable(
-    jobs: Job[],
-  ): { label: string; jobs: number; MB: number; threads: { thread: number; busy: number; gapUs: number }[] }[];
+  jobTable(jobs: Job[]): {
+    label: string;
+    jobs: number;
+    MB: number;
+    threads: { thread: number; busy: number; gapUs: number; absent: number }[];
+  }[];
   phaseTable(jobs: Job[], phases: TimelineEvent[]): { phase: string; count: number; us: number; outsideUs: number }[];
 };
 
@@ -99,7 +102,19 @@ test("one step's phases, jobs and items", async () => {
       expect(t.busy > 0 && t.busy <= 1).toBe(true);
       // A thread's items follow one another: the gap between two is never negative.
       expect(Number.isNaN(t.gapUs) || t.gapUs >= 0).toBe(true);
+      expect(t.absent >= 0 && t.absent < 1).toBe(true);
     }
+  // Of two jobs of one label, thread 1 ran items in one: absent from half of them; thread 0 from none.
+  const item = (thread: number, t0: number) => ({ t0, t1: t0 + 1000, kind: 1, thread, tag: 1, bytes: 64 });
+  const made = [
+    { t0: 0, t1: 3000, label: 'x 1', items: [item(0, 0), item(1, 0), item(0, 1000)] },
+    { t0: 5000, t1: 8000, label: 'x 1', items: [item(0, 5000), item(0, 6000), item(0, 7000)] },
+  ];
+  const row = report.jobTable(made as unknown as Parameters<typeof report.jobTable>[0])[0];
+  expect(row.threads.map((t) => [t.thread, t.absent])).toEqual([
+    [0, 0],
+    [1, 0.5],
+  ]);
   const byPhase = report.phaseTable(streaming, p);
   expect(byPhase.find((r) => r.phase === 'mlp')!.count).toBe(shape.numLayers);
   for (const r of byPhase) expect(r.outsideUs >= 0 && r.outsideUs <= r.us).toBe(true);

@@ -14,6 +14,8 @@
 
 #ifdef __linux__
 #include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace fmoe {
@@ -130,51 +132,55 @@ ThreadPool::ThreadPool(int threads) {
   const std::vector<int>& cpus = cached_core_cpus();
   pinned_ = threads > 1 && pin_requested() && size_t(threads) <= cpus.size();
   if (pinned_) home_.assign(cpus.begin(), cpus.begin() + threads);
+  tids_.reset(new std::atomic<int>[size_t(threads)]);
+  for (int i = 0; i < threads; i++) tids_[size_t(i)].store(0);
   for (int i = 1; i < threads; i++)
     workers_.emplace_back([this, i, cpu = pinned_ ? cpus[size_t(i)] : -1] {
+#ifdef __linux__
+      tids_[size_t(i)].store(int(syscall(SYS_gettid)));
+#endif
       if (cpu >= 0) pin_to(cpu);
       worker_loop(i);
     });
 }
 
-// Worker i starts on core i and stays on one core (leave_caller_core may trade it). Unpinned, the
+// Worker i starts on core i and stays on one core (move_worker_off may trade it). Unpinned, the
 // scheduler often woke a worker on the core of the caller that had just woken it after an idle spell,
 // and the phase then ran on one core until it moved one of them. The callers (the JavaScript thread,
 // libuv's threads) stay free: holding them off the workers' cores (confined, or moved at each job) did
 // not make the decode faster, and confined callers of several processes crowded one core.
-void ThreadPool::pin_to(int cpu) {
+bool ThreadPool::pin_to(int cpu, int tid) {
 #ifdef __linux__
   cpu_set_t mask;
   CPU_ZERO(&mask);
   CPU_SET(cpu, &mask);
-  sched_setaffinity(0, sizeof mask, &mask);  // 0: the calling thread; a failure leaves it unpinned
+  return sched_setaffinity(tid, sizeof mask, &mask) == 0;  // a failure leaves the thread where it was
 #else
   (void)cpu;
+  (void)tid;
+  return false;
 #endif
 }
 
 // The scheduler often leaves a caller on a worker's core after a sleep or a read probe, while the core
-// no worker holds idles: the two then share one core, and the worker ran none of the job's items. The
-// worker, not the caller, moves: to the core no worker holds, which takes the worker's old core as
-// the free one. Moving the caller instead (once per job, its mask given back at once) failed the
-// fairness test of test/server.test.ts beside other processes: a caller forced onto a busy core
-// waited there at each job, while a worker that waits only leaves its items to the caller.
-void ThreadPool::leave_caller_core(int index, int caller_cpu) {
-#ifdef __linux__
-  if (!pinned_ || caller_cpu < 0 || sched_getcpu() != caller_cpu) return;
-  int target;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (home_[size_t(index)] != caller_cpu) return;
-    target = home_[0];
-    home_[0] = caller_cpu;
-    home_[size_t(index)] = target;
+// no worker holds idles: the two then share one core, and the worker, pinned there, waits for the
+// caller to stop. The caller moves that worker, before it wakes it, to the core no worker holds, which
+// takes the worker's old core as the free one. A worker that moved itself once it ran, as before, had
+// first to wait for the caller to stop: over 1,000 decode steps of one Qwen3 int4 stream, the worker ran
+// no item of 16-20% of the jobs (`node bench/timeline.js qwen3moe int4 1000`), 0% since. Mean decode
+// step, new / old (a trial build's run-time switch, `bench/ab-model.js MODEL int4 NAME 0 1 300`, Zen 5,
+// 2 cores): one Qwen3 int4 stream 0.950, one Mixtral int4 stream 0.956; the medians moved 1-2%, as the
+// lost steps are a few. Moving the caller instead (once per job, its mask given back at once) failed
+// the fairness test of test/server.test.ts beside other processes: a caller forced onto a busy core
+// waited there at each job. Under mutex_.
+void ThreadPool::move_worker_off(int caller_cpu) {
+  if (!pinned_ || caller_cpu < 0 || home_[0] == caller_cpu) return;
+  for (size_t w = 1; w < home_.size(); w++) {
+    if (home_[w] != caller_cpu) continue;
+    const int tid = tids_[w].load();
+    if (tid > 0 && pin_to(home_[0], tid)) std::swap(home_[0], home_[w]);
+    return;
   }
-  pin_to(target);
-#else
-  (void)index;
-  (void)caller_cpu;
-#endif
 }
 
 ThreadPool::~ThreadPool() {
@@ -257,10 +263,7 @@ void ThreadPool::worker_loop(int index) {
       seen = generation_;
       job = job_;
     }
-    if (job && index < job->limit) {
-      leave_caller_core(index, job->caller_cpu);
-      run_chunks(*job, index);
-    }
+    if (job && index < job->limit) run_chunks(*job, index);
   }
 }
 
@@ -326,15 +329,16 @@ bool ThreadPool::submit(int64_t n, int64_t chunk, int max_threads, const RangeFn
   job->n = n;
   job->chunk = chunk;
   job->limit = limit;
-#ifdef __linux__
-  if (pinned_) job->caller_cpu = sched_getcpu();
-#endif
+
   job->shares.reset(new Job::Share[size_t(limit)]);
   for (int w = 0; w < limit; w++)
     job->shares[size_t(w)].span.store((uint64_t(n * w / limit) << 32) | uint64_t(n * (w + 1) / limit),
                                       std::memory_order_relaxed);
   {
     auto lock = lock_spinning(mutex_);
+#ifdef __linux__
+    if (pinned_) move_worker_off(sched_getcpu());
+#endif
     job_ = job;
     generation_++;
   }

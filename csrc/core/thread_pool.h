@@ -84,7 +84,6 @@ class ThreadPool {
     const RangeFn* fn = nullptr;
     int64_t n = 0, chunk = 1;
     int limit = 0;
-    int caller_cpu = -1;  // where the caller was when it submitted the job (-1: unknown)
     // Per thread: the items of its share not yet claimed, [front, back) packed as (front << 32) | back.
     struct alignas(64) Share {
       std::atomic<uint64_t> span{0};
@@ -100,8 +99,9 @@ class ThreadPool {
   class Turn;
   // parallel_for (wait: for the pool's turn) and try_parallel_for (else: only when it is free).
   bool submit(int64_t n, int64_t chunk, int max_threads, const RangeFn& fn, bool wait);
-  static void pin_to(int cpu);
-  void leave_caller_core(int index, int caller_cpu);
+  // Pins thread `tid` (0: the calling thread) to `cpu`; false where that failed.
+  static bool pin_to(int cpu, int tid = 0);
+  void move_worker_off(int caller_cpu);
   void worker_loop(int index);
   void run_chunks(Job& job, int worker);
   static bool claim(Job& job, int worker, int64_t& begin, int64_t& end);
@@ -119,8 +119,10 @@ class ThreadPool {
   std::shared_ptr<Job> job_;  // the current job, under mutex_
   bool pinned_ = false;
   // Pinned pools: the core of each thread's place (index 0: the caller's, held by no worker), under
-  // mutex_. A worker that finds the caller on its core trades places with index 0 (leave_caller_core).
+  // mutex_. A worker whose core the caller is on trades places with index 0 (move_worker_off).
   std::vector<int> home_;
+  // Each worker's kernel thread id (index 0 unused), 0 until the worker has started.
+  std::unique_ptr<std::atomic<int>[]> tids_;
 };
 
 }  // namespace fmoe

@@ -598,6 +598,50 @@ static void test_pool_pinning() {
 #endif
 }
 
+// A caller that runs on a worker's core still gets that worker's help at once: the worker is moved to
+// the free core before it is woken, instead of waiting, pinned, for the caller to stop (a decode step
+// then ran whole layers on the caller alone). The caller is confined to each core in turn; each job's
+// items busy-wait 20 µs, so a worker that can run takes a good share of them, and none on the caller's
+// core.
+static void test_pool_caller_on_worker_core() {
+#ifdef __linux__
+  const int cores = ThreadPool::default_threads();
+  if (cores < 2 || !ThreadPool::pin_requested() || std::getenv("FUSED_MOE_THREADS")) return;
+  cpu_set_t saved;
+  CPU_ZERO(&saved);
+  if (sched_getaffinity(0, sizeof saved, &saved) != 0) return;
+  ThreadPool pool(cores);
+  CHECK(pool.pinned());
+  int jobs = 0, helped = 0, on_caller_core = 0;
+  for (int cpu = 0; cpu < CPU_SETSIZE; cpu++) {
+    if (!CPU_ISSET(cpu, &saved)) continue;
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(cpu, &one);
+    if (sched_setaffinity(0, sizeof one, &one) != 0) continue;
+    for (int job = 0; job < 10; job++) {
+      std::atomic<int> by_workers{0}, there{0};
+      pool.parallel_for(64, 1, 0, [&](int64_t, int64_t, int w) {
+        const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(20);
+        while (std::chrono::steady_clock::now() < until) {
+        }
+        if (w > 0) {
+          by_workers++;
+          if (sched_getcpu() == cpu) there++;
+        }
+      });
+      jobs++;
+      if (by_workers.load() >= 64 / cores / 2) helped++;
+      on_caller_core += there.load();
+    }
+  }
+  sched_setaffinity(0, sizeof saved, &saved);
+  CHECK(jobs > 0);
+  CHECK(on_caller_core == 0);
+  CHECK(helped * 4 >= jobs * 3);  // three jobs in four or more: the machine may be busy with other work
+#endif
+}
+
 // Float64 reference of one token through the whole layer.
 static void reference(const MoeConfig& c, const std::vector<float>& gate, const std::vector<double>& w1,
                       const std::vector<double>& w3, const std::vector<double>& w2, const float* x, double* out) {
@@ -905,6 +949,7 @@ int main() {
   test_factory();
   test_pool();
   test_pool_pinning();
+  test_pool_caller_on_worker_core();
   test_quantizer();
   test_exp_weights();
   test_argmax_logits();
