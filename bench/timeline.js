@@ -5,13 +5,13 @@
 // `mlp 1` is the router, `mlp 2` the experts' w1/w3, `mlp 3` their w2), its median time and rate, how
 // much of it each thread spent in its items, how fast those items streamed, how late each thread's
 // first item started and how long the first took against the others, the median gap between two of its
-// items (the pool's hand-out and the call), how long each thread waited at the end, in what share of the
-// jobs it ran no item at all (a worker kept off a core while the caller did the whole job); then the time of
-// each phase outside those jobs (norms, RoPE, the attention, top-k), with --rows the experts' items by
-// their rows, and with --layout each phase as the sequence of all its pool jobs (those that stream no
-// weights too: the attention, the combine) and the gaps between them. The read probe is taken before
-// and after the recording, to set the rates against. Not a timed test: a tool for finding what a kernel
-// or a schedule loses.
+// items (the pool's hand-out and the call), how long each thread waited at the end, and in what share
+// of the jobs it ran no item at all (a worker kept off a core while the caller did the whole job); then
+// the time of each phase outside those jobs (norms, RoPE, the attention, top-k), with --rows the
+// experts' items by their rows, and with --layout each phase as the sequence of all its pool jobs (those
+// that stream no weights too: the attention, the combine) and the gaps between them. The read probe is
+// taken before and after the recording, to set the rates against. Not a timed test: a tool for finding
+// what a kernel or a schedule loses.
 //
 //   node bench/model.js --models qwen3moe --formats int4 --engines ours   (writes the model files once)
 //   node bench/timeline.js qwen3moe int4 [steps = 100] [streams = 1] [--rows] [--layout] [--prefix N] [--cache-dir DIR]

@@ -168,11 +168,11 @@ bool ThreadPool::pin_to(int cpu, int tid) {
 // takes the worker's old core as the free one. A worker that moved itself once it ran, as before, had
 // first to wait for the caller to stop: over 1,000 decode steps of one Qwen3 int4 stream, the worker ran
 // no item of 16-20% of the jobs (`node bench/timeline.js qwen3moe int4 1000`), 0% since. Mean decode
-// step, new / old (a trial build's run-time switch, `bench/ab-model.js MODEL int4 NAME 0 1 300`, Zen 5,
-// 2 cores): one Qwen3 int4 stream 0.950, one Mixtral int4 stream 0.956; the medians moved 1-2%, as the
-// lost steps are a few. Moving the caller instead (once per job, its mask given back at once) failed
-// the fairness test of test/server.test.ts beside other processes: a caller forced onto a busy core
-// waited there at each job. Under mutex_.
+// step, new / old (a trial build's run-time switch, `bench/ab-model.js MODEL int4 NAME 0 1 PAIRS --part
+// all`, Zen 5, 2 cores): one Qwen3 int4 stream 0.950 (300 pairs), one Mixtral int4 stream 0.956 (200);
+// the medians moved 1-2%, as the lost steps are a few. Moving the caller instead (once per job, its mask given back at
+// once) failed the fairness test of test/server.test.ts beside other processes: a caller forced onto a busy core waited
+// there at each job. Under mutex_.
 void ThreadPool::move_worker_off(int caller_cpu) {
   if (!pinned_ || caller_cpu < 0 || home_[0] == caller_cpu) return;
   for (size_t w = 1; w < home_.size(); w++) {
@@ -329,7 +329,6 @@ bool ThreadPool::submit(int64_t n, int64_t chunk, int max_threads, const RangeFn
   job->n = n;
   job->chunk = chunk;
   job->limit = limit;
-
   job->shares.reset(new Job::Share[size_t(limit)]);
   for (int w = 0; w < limit; w++)
     job->shares[size_t(w)].span.store((uint64_t(n * w / limit) << 32) | uint64_t(n * (w + 1) / limit),
