@@ -19,7 +19,7 @@ export const RUN_USAGE = [
   '  --chat                    chat on the terminal with the checkpoint chat template (Ctrl-C stops a reply,',
   '                            Ctrl-D leaves)',
   '  -n, --max-tokens N        tokens to generate at most (default 256)',
-  '  --temperature T           0 is greedy (default 0.7)',
+  "  --temperature T           0 is greedy (default: the checkpoint's generation_config.json, else 0.7)",
   '  --top-k K, --top-p P, --min-p P, --repetition-penalty R, --seed S',
   '  --presence-penalty P      subtracted from the logit of every token already output, -2 to 2',
   '  --frequency-penalty F     subtracted once for each time a token is already in the output, -2 to 2',
@@ -170,7 +170,7 @@ export async function run(argv: string[], io: Io = defaultIo): Promise<number> {
   try {
     const generateOptions: GenerateOptions = {
       maxTokens: number('max-tokens', values['max-tokens'] as string | undefined) ?? 256,
-      temperature: number('temperature', values.temperature as string | undefined) ?? 0.7,
+      temperature: number('temperature', values.temperature as string | undefined),
       topK: number('top-k', values['top-k'] as string | undefined),
       topP: number('top-p', values['top-p'] as string | undefined),
       minP: number('min-p', values['min-p'] as string | undefined),
@@ -190,6 +190,9 @@ export async function run(argv: string[], io: Io = defaultIo): Promise<number> {
     };
     const t0 = performance.now();
     model = await MoeModel.load(positionals[0], loadOptions);
+    // Without --temperature, the checkpoint's own (generation_config.json, greedy where do_sample is
+    // false), else 0.7: the built-in 1 of generate() rambles on a terminal.
+    generateOptions.temperature ??= model.generationDefaults.temperature ?? 0.7;
     io.err(`loaded in ${((performance.now() - t0) / 1000).toFixed(1)} s\n`);
     if (!chat) {
       const { result, firstMs, lastMs } = await stream(

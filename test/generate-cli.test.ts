@@ -49,6 +49,29 @@ test('run -p streams the text of complete() to stdout, progress and speeds to st
   }
 });
 
+test("without --temperature, run samples as the checkpoint's generation_config.json says (do_sample: false: greedy)", async () => {
+  const greedyDir = path.join(dir, 'greedy');
+  fs.cpSync(hfDir, greedyDir, { recursive: true });
+  const gen = JSON.parse(fs.readFileSync(path.join(greedyDir, 'generation_config.json'), 'utf8'));
+  fs.writeFileSync(path.join(greedyDir, 'generation_config.json'), JSON.stringify({ ...gen, do_sample: false }));
+  const model = await MoeModel.load(hfDir);
+  try {
+    const greedy = await model.complete('the café', { temperature: 0, maxTokens: 16 });
+    // run used to sample at its own 0.7 whatever the checkpoint said: 16 unseeded draws from a random
+    // model's flat distributions all matching the argmax, twice, is out of reach by chance.
+    const runs = [
+      cli(['run', greedyDir, '-p', 'the café', '-n', '16']),
+      cli(['run', greedyDir, '-p', 'the café', '-n', '16']),
+    ];
+    for (const r of runs) {
+      expect(r.status).toBe(0);
+      expect(r.stdout).toBe(greedy.text + '\n');
+    }
+  } finally {
+    model.dispose();
+  }
+});
+
 test('usage errors exit 2; a bad folder exits 1 with the reason; doctor still answers', () => {
   expect(cli(['run', '--help'])).toMatchObject({ status: 0, stdout: expect.stringMatching(/^usage: fused-moe run/) });
   expect(cli(['run', hfDir])).toMatchObject({
