@@ -55,6 +55,7 @@ const CASES = {
   'mid-prefill-int4': { ...MID, quantize: 'int4', T: 128 },
   'qwen3-prefill-f32': { ...QWEN3_30B, f32: true, T: 512 },
   'qwen3-prefill-bf16': { ...QWEN3_30B, T: 512 },
+  'mixtral-prefill-bf16': { ...MIXTRAL, T: 512 },
 };
 
 const [fileA, fileB, name, pairsArg, groupArg] = process.argv.slice(2);
