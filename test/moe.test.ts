@@ -70,6 +70,30 @@ describe(`MoeLayer on the CPU (${backendInfo().cpu.isa})`, () => {
     parts.dispose();
   });
 
+  test('a prefill of many rows an expert (items of single panels) gives each token the bits it gets alone', () => {
+    // About 700 rows an expert: one unit of 8 panels would be 128 columns x 2,080 FLOPs a cell x 700 rows,
+    // over the item cap (cpu_backend.cpp tile_items), so the items are cut in single panels; F and H are
+    // not whole panels, so the last panel of each is partial.
+    for (const dtype of ['float32', 'bfloat16'] as const) {
+      const c: Case = { ...base, H: 520, F: 1000, E: 2, k: 1, T: 1400, seed: 22, dtype };
+      const { config, weights, x } = makeCase(c);
+      const layer = new MoeLayer(config, weights);
+      try {
+        const { experts } = layer.route(x);
+        const rows = [0, 0];
+        for (const e of experts) rows[e]++;
+        expect(Math.min(...rows)).toBeGreaterThan(500);
+        const all = layer.forwardSync(x);
+        for (let t = 0; t < c.T; t += 37) {
+          const alone = layer.forwardSync(x.subarray(t * c.H, (t + 1) * c.H));
+          expect(Buffer.from(alone.buffer)).toEqual(Buffer.from(all.buffer, t * c.H * 4, c.H * 4));
+        }
+      } finally {
+        layer.dispose();
+      }
+    }
+  });
+
   test('weights are copied: the caller may overwrite its arrays after construction', () => {
     const c: Case = { ...base, H: 32, F: 48, E: 4, k: 2, T: 7, seed: 21 };
     const { config, weights, x, ref } = makeCase(c);

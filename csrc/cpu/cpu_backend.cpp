@@ -268,7 +268,14 @@ class CpuBackend final : public Backend {
                                               int64_t(std::ceil(double(cols) * bytes_per_col / kItemBytes))});
       int64_t tile = (cols + want - 1) / want;
       const int64_t U = tile_panels().load(std::memory_order_relaxed);
-      const int64_t unit = cols >= 2 * U * P ? U * P : P;
+      // Units of U panels only where one stays within item_cap: at a prefill's rows a single unit can
+      // exceed it (a Mixtral expert's w1/w3 at 128 rows: 268 MFLOP against 125), and a 2-GFLOP job then
+      // held 2 to 4 items a thread, the last of which left the other thread waiting. Single panels there:
+      // `bench/ab-builds.js OLD NEW mixtral-prefill-bf16` 0.947 (Zen 4, 2 cores); a Mixtral 512-token
+      // prompt (`bench/ab-model.js mixtral QUANT build OLD NEW 4 --prompt 512`, both orders) bf16 0.928,
+      // int4 0.973. Decode's few rows keep the wide units.
+      const bool wide = double(rows) * double(U * P) * double(flops_per_cell) <= item_cap;
+      const int64_t unit = cols >= 2 * U * P && wide ? U * P : P;
       tile = std::max<int64_t>(unit, (tile + unit - 1) / unit * unit);
       for (int64_t c = 0; c < cols; c += tile) items.push_back({e, c, std::min(cols, c + tile)});
     }
