@@ -170,9 +170,9 @@ bool ThreadPool::pin_to(int cpu, int tid) {
 // no item of 16-20% of the jobs (`node bench/timeline.js qwen3moe int4 1000`), 0% since. Mean decode
 // step, new / old (a trial build's run-time switch, `bench/ab-model.js MODEL int4 NAME 0 1 PAIRS --part
 // all`, Zen 5, 2 cores): one Qwen3 int4 stream 0.950 (300 pairs), one Mixtral int4 stream 0.956 (200);
-// the medians moved 1-2%, as the lost steps are a few. Moving the caller instead (once per job, its mask given back at
-// once) failed the fairness test of test/server.test.ts beside other processes: a caller forced onto a busy core waited
-// there at each job. Under mutex_.
+// the medians moved 1-2%, as the lost steps are a few. Moving the caller instead (once per job, its
+// mask given back at once) failed the fairness test of test/server.test.ts beside other processes: a
+// caller forced onto a busy core waited there at each job. Under mutex_.
 void ThreadPool::move_worker_off(int caller_cpu) {
   if (!pinned_ || caller_cpu < 0 || home_[0] == caller_cpu) return;
   for (size_t w = 1; w < home_.size(); w++) {

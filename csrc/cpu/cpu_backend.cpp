@@ -251,8 +251,8 @@ class CpuBackend final : public Backend {
   // (run_bounded), so the last item of a job leaves the other threads idle for a small fraction of it. An item is
   // bounded in FLOPs and in weight bytes: at a few rows per expert the bytes take the time, and an expert that one
   // token picked, split by its share of the rows alone, made items of tens of MiB. Tiles are multiples of tile_panels()
-  // where the columns allow (kernels.h); the activations of an expert are packed once per thread and phase, whatever
-  // the tile (kernels.h), so small tiles cost little.
+  // where the columns and the item cap allow (kernels.h; below); the activations of an expert are packed once per
+  // thread and phase, whatever the tile (kernels.h), so small tiles cost little.
   std::vector<WorkItem> tile_items(const Dispatch& d, int64_t cols, int64_t total_rows, int64_t flops_per_cell,
                                    double bytes_per_col) const {
     const int64_t P = kernels_->panel;
